@@ -1,0 +1,12 @@
+"""reconkit: deep-learning MRI reconstruction toolkit.
+
+Subpackages, with imports flowing one way (left imports nothing to its right)::
+
+    errors, ops, metrics  <-  data, models  <-  training, export  <-  cli, serve
+"""
+
+__version__ = "0.1.0"
+
+from reconkit.errors import ReconkitError, DataError
+
+__all__ = ["__version__", "ReconkitError", "DataError"]

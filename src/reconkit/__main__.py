@@ -1,0 +1,5 @@
+import sys
+
+from reconkit.cli.main import main
+
+sys.exit(main())

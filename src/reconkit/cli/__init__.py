@@ -1,0 +1,1 @@
+"""The ``reconkit`` command line: one module per sub-command, dispatched by :mod:`reconkit.cli.main`."""

@@ -1,0 +1,67 @@
+"""``reconkit`` entry point: dispatches to one module per sub-command.
+
+Each sub-command lives in ``reconkit/cli/<name>.py`` and exposes ``main(argv: list[str]) -> int``; its own
+``--help`` explains its options with an example. Modules are imported only when their command runs, so
+``reconkit --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# name -> (module, one-line summary). Order is the order shown in --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("reconkit.cli.simulate", "write simulated fastMRI-schema multi-coil HDF5 volumes from real MRI images"),
+    "train": ("reconkit.cli.train", "train / validate / test / predict with Lightning (LightningCLI, YAML configs)"),
+    "export": ("reconkit.cli.export", "export a checkpoint to ONNX (FFT inside the graph) or a Triton model repository"),
+    "reconstruct": ("reconkit.cli.reconstruct", "reconstruct scan files into HDF5 / NIfTI / DICOM / PNG"),
+    "evaluate": ("reconkit.cli.evaluate", "score reconstructions against targets (NMSE / PSNR / SSIM, fastMRI's numbers)"),
+    "serve": ("reconkit.cli.serve", "serve ONNX models over the KServe V2 / Open Inference Protocol"),
+    "demo": ("reconkit.cli.demo", "reconstruct a bundled scan with the bundled model and print a metrics table"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [
+        "usage: reconkit <command> [options]",
+        "",
+        "reconkit: deep-learning MRI reconstruction toolkit.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += [
+        "",
+        "Run 'reconkit <command> --help' for the options of a command, with an example.",
+        "",
+        "examples:",
+        "  reconkit simulate --output data/sim --num-volumes 8 --coils 8",
+        "  reconkit train fit --config configs/varnet_sim_small.yaml",
+        "  reconkit reconstruct scans/*.h5 --model checkpoints/varnet_small.onnx --output out --format h5 png",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if args[0] in ("-V", "--version"):
+        from reconkit import __version__
+
+        print(f"reconkit {__version__}")
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"reconkit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

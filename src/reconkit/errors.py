@@ -1,0 +1,25 @@
+"""One error type for everything reconkit reports about bad input."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+class ReconkitError(Exception):
+    """Base class for errors reconkit raises about user input (files, checkpoints, requests)."""
+
+
+class DataError(ReconkitError):
+    """A data file is corrupt, truncated, empty or does not follow the expected schema.
+
+    The message always names the file and the problem, in one line::
+
+        DataError("/data/file1000.h5", "missing dataset 'kspace'")
+        -> "/data/file1000.h5: missing dataset 'kspace'"
+    """
+
+    def __init__(self, path: Optional[os.PathLike | str], problem: str):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(problem if path is None else f"{self.path}: {problem}")

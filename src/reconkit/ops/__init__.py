@@ -1,0 +1,32 @@
+"""Numerical core: centred FFTs, complex arithmetic, coil operators and the multi-coil MRI forward model.
+
+Everything here works on fastMRI's real layout ``(..., H, W, 2)`` (last axis = real, imag) and is differentiable.
+"""
+
+from reconkit.ops.backend import resolve_backend, triton_available
+from reconkit.ops.coils import data_consistency, sens_expand, sens_reduce
+from reconkit.ops.complex import complex_abs, complex_abs_sq, complex_conj, complex_mul, rss, rss_complex
+from reconkit.ops.fft import centering_signs, current_fft_impl, fft2c, fft_impl, ifft2c
+from reconkit.ops.operators import MultiCoilMRI, conjugate_gradient, real_inner
+
+__all__ = [
+    "fft2c",
+    "ifft2c",
+    "fft_impl",
+    "current_fft_impl",
+    "centering_signs",
+    "complex_mul",
+    "complex_conj",
+    "complex_abs",
+    "complex_abs_sq",
+    "rss",
+    "rss_complex",
+    "sens_expand",
+    "sens_reduce",
+    "data_consistency",
+    "MultiCoilMRI",
+    "conjugate_gradient",
+    "real_inner",
+    "resolve_backend",
+    "triton_available",
+]

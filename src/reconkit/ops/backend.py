@@ -1,0 +1,41 @@
+"""Choice between the pure-PyTorch and the fused Triton implementation of the coil / data-consistency ops.
+
+Order of precedence: the ``backend=`` argument, then the ``RECONKIT_OPS_BACKEND`` environment variable
+(``torch`` or ``triton``), then automatic: Triton for CUDA tensors when Triton imports, PyTorch otherwise.
+With ``TRITON_INTERPRET=1`` the Triton path also accepts CPU tensors (used by the tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["resolve_backend", "triton_available"]
+
+_BACKENDS = ("torch", "triton")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether ``reconkit.ops.triton_kernels`` can be imported (Triton installed and usable)."""
+    try:
+        import reconkit.ops.triton_kernels  # noqa: F401
+    except Exception:  # ImportError, or Triton failing to initialise on this machine
+        return False
+    return True
+
+
+def resolve_backend(backend: Optional[str], *tensors: torch.Tensor) -> str:
+    """Return ``"torch"`` or ``"triton"`` for an op on ``tensors``."""
+    choice = backend or os.environ.get("RECONKIT_OPS_BACKEND") or "auto"
+    if choice == "auto":
+        on_cuda = all(t.is_cuda for t in tensors)
+        return "triton" if on_cuda and triton_available() else "torch"
+    if choice not in _BACKENDS:
+        raise ValueError(f"unknown ops backend {choice!r}; expected one of {_BACKENDS} or 'auto'")
+    if choice == "triton" and not triton_available():
+        raise RuntimeError("backend 'triton' requested but Triton is not available on this machine")
+    return choice

@@ -1,0 +1,79 @@
+"""Multi-coil operators on fastMRI's layout: coil expand / reduce and soft data consistency.
+
+Shapes: ``image`` is ``(B, 1, H, W, 2)``, ``kspace`` and ``sens_maps`` are ``(B, C, H, W, 2)``, ``mask`` broadcasts
+against k-space, e.g. ``(B, 1, 1, W, 1)`` for Cartesian line masks or ``(B, 1, H, W, 1)`` for 2D masks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from reconkit.ops.backend import resolve_backend
+from reconkit.ops.complex import complex_conj, complex_mul
+from reconkit.ops.fft import fft2c, ifft2c
+
+__all__ = ["sens_expand", "sens_reduce", "data_consistency"]
+
+
+def sens_expand(image: torch.Tensor, sens_maps: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """Coil k-space from a combined image: ``fft2c(image · S_c)``.
+
+    Args:
+        image: ``(B, 1, H, W, 2)`` combined complex image.
+        sens_maps: ``(B, C, H, W, 2)`` coil sensitivity maps.
+        backend: ``"torch"``, ``"triton"`` or ``None`` (automatic, see :mod:`reconkit.ops.backend`).
+
+    Returns:
+        ``(B, C, H, W, 2)`` coil k-space.
+    """
+    if resolve_backend(backend, image, sens_maps) == "triton":
+        from reconkit.ops import triton_kernels
+
+        return triton_kernels.sens_expand(image, sens_maps)
+    return fft2c(complex_mul(image, sens_maps))
+
+
+def sens_reduce(kspace: torch.Tensor, sens_maps: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """Coil-combined image from coil k-space: ``Σ_c conj(S_c) · ifft2c(k_c)``.
+
+    Args:
+        kspace: ``(B, C, H, W, 2)`` coil k-space.
+        sens_maps: ``(B, C, H, W, 2)`` coil sensitivity maps.
+
+    Returns:
+        ``(B, 1, H, W, 2)`` combined complex image.
+    """
+    if resolve_backend(backend, kspace, sens_maps) == "triton":
+        from reconkit.ops import triton_kernels
+
+        return triton_kernels.sens_reduce(kspace, sens_maps)
+    return complex_mul(ifft2c(kspace), complex_conj(sens_maps)).sum(dim=1, keepdim=True)
+
+
+def data_consistency(
+    kspace: torch.Tensor,
+    ref_kspace: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor | float,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Soft data consistency ``k − η · mask · (k − k₀)`` (E2E-VarNet's learned DC term).
+
+    Args:
+        kspace: ``(B, C, H, W, 2)`` current k-space estimate ``k``.
+        ref_kspace: ``(B, C, H, W, 2)`` measured k-space ``k₀`` (zero where not sampled).
+        mask: sampling mask broadcasting against ``kspace`` (bool or 0/1 float).
+        weight: DC weight ``η`` (scalar tensor, learnable in VarNet).
+
+    Returns:
+        ``(B, C, H, W, 2)`` updated k-space.
+    """
+    weight_t = torch.as_tensor(weight, dtype=kspace.dtype, device=kspace.device)
+    if resolve_backend(backend, kspace, ref_kspace) == "triton":
+        from reconkit.ops import triton_kernels
+
+        return triton_kernels.data_consistency(kspace, ref_kspace, mask, weight_t)
+    mask_f = mask.to(kspace.dtype)
+    return kspace - (kspace - ref_kspace) * mask_f * weight_t
