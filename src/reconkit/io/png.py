@@ -1,0 +1,83 @@
+"""PNG panels for a slice: zero-filled | reconstruction | reference | error map (matplotlib, no GUI)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from reconkit.io.atomic import atomic_directory, atomic_path
+
+__all__ = ["write_png_panel", "write_png_panels"]
+
+ERROR_GAIN = 5.0
+"""The error map shows ``|reconstruction − reference|`` multiplied by this gain on the same grey scale."""
+
+
+def write_png_panel(
+    path: os.PathLike | str,
+    reconstruction: np.ndarray,
+    zero_filled: Optional[np.ndarray] = None,
+    reference: Optional[np.ndarray] = None,
+    title: str = "",
+    labels: Optional[dict[str, str]] = None,
+) -> Path:
+    """Atomically write one ``(rows, cols)`` slice as a PNG panel strip.
+
+    Panels: zero-filled (when given) | reconstruction | reference and ``ERROR_GAIN × |error|`` (when a reference
+    is given), all on one grey scale from 0 to the reference's (else the reconstruction's) 99.5th percentile.
+    ``labels`` adds a line under a panel's heading, keyed by ``zero-filled`` / ``reconstruction`` / ``reference`` /
+    ``error`` (e.g. ``{"reconstruction": "PSNR 34.1 dB"}``).
+    """
+    panels: list[tuple[str, np.ndarray]] = []
+    if zero_filled is not None:
+        panels.append(("zero-filled", zero_filled))
+    panels.append(("reconstruction", reconstruction))
+    if reference is not None:
+        panels.append(("reference", reference))
+        panels.append(("error", ERROR_GAIN * np.abs(reconstruction - reference)))
+    scale_source = reference if reference is not None else reconstruction
+    vmax = float(np.percentile(scale_source, 99.5)) or 1.0
+    height, width = np.asarray(reconstruction).shape
+    fig = Figure(figsize=(3.0 * len(panels), 3.0 * height / width + 0.6), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (name, image) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.imshow(np.asarray(image), cmap="gray", vmin=0.0, vmax=vmax, interpolation="nearest")
+        heading = f"|error| × {ERROR_GAIN:g}" if name == "error" else name
+        extra = (labels or {}).get(name, "")
+        ax.set_title(f"{heading}\n{extra}" if extra else heading, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            fig.savefig(handle, format="png")
+    return Path(path)
+
+
+def write_png_panels(
+    directory: os.PathLike | str,
+    reconstruction: np.ndarray,
+    zero_filled: Optional[np.ndarray] = None,
+    reference: Optional[np.ndarray] = None,
+    name: str = "",
+) -> list[Path]:
+    """One panel PNG per slice of ``(slices, rows, cols)`` volumes, as ``directory/slice_NNN.png`` (atomic)."""
+    final = Path(directory)
+    names = [f"slice_{i:03d}.png" for i in range(reconstruction.shape[0])]
+    with atomic_directory(final) as tmp:
+        for i, file_name in enumerate(names):
+            write_png_panel(
+                tmp / file_name,
+                reconstruction[i],
+                None if zero_filled is None else zero_filled[i],
+                None if reference is None else reference[i],
+                title=f"{name} slice {i}".strip(),
+            )
+    return [final / n for n in names]

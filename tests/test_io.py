@@ -1,0 +1,166 @@
+"""Output writers: fastMRI HDF5 read by fastmri's evaluation, DICOM / NIfTI geometry, PNG panels, atomicity."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import h5py
+import matplotlib.image
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from fastmri import evaluate as fastmri_evaluate
+
+from reconkit.io import (
+    ImageGeometry,
+    geometry_from_header,
+    write_dicom_series,
+    write_fastmri_h5,
+    write_nifti,
+    write_png_panel,
+    write_png_panels,
+)
+from reconkit.io import dicom as dicom_module
+
+HEADER = (
+    '<?xml version="1.0" encoding="utf-8"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'
+    "<encodedSpace><matrixSize><x>640</x><y>368</y><z>1</z></matrixSize>"
+    "<fieldOfView_mm><x>280</x><y>161</y><z>4.5</z></fieldOfView_mm></encodedSpace>"
+    "<reconSpace><matrixSize><x>320</x><y>320</y><z>1</z></matrixSize>"
+    "<fieldOfView_mm><x>140</x><y>120</y><z>3.5</z></fieldOfView_mm></reconSpace></encoding></ismrmrdHeader>"
+)
+
+
+def _volume(rng: np.random.Generator, shape=(3, 24, 18)) -> np.ndarray:
+    return rng.random(shape).astype(np.float32) * 1e-4  # fastMRI magnitudes are ~1e-4
+
+
+def _files_in(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.rglob("*"))
+
+
+def test_geometry_from_fastmri_header():
+    geometry = geometry_from_header(HEADER)
+    assert geometry == ImageGeometry(row_spacing_mm=140 / 320, col_spacing_mm=120 / 320, slice_thickness_mm=3.5)
+    assert geometry_from_header(None) == ImageGeometry()
+    assert geometry_from_header("<not xml") == ImageGeometry()
+
+
+def test_hdf5_is_scored_by_fastmri_evaluate(tmp_path):
+    rng = np.random.default_rng(0)
+    target_dir, pred_dir = tmp_path / "target", tmp_path / "pred"
+    target_dir.mkdir()
+    targets = {}
+    for name in ("file_a.h5", "file_b.h5"):
+        target = _volume(rng, (4, 32, 32))
+        targets[name] = target
+        with h5py.File(target_dir / name, "w") as f:
+            f.create_dataset("reconstruction_rss", data=target)
+            f.attrs["acquisition"] = "CORPD_FBK"
+        write_fastmri_h5(pred_dir / name, target + 1e-5 * rng.standard_normal(target.shape), {"acquisition": "x"})
+    args = argparse.Namespace(target_path=target_dir, predictions_path=pred_dir, acquisition=None, acceleration=None)
+    metrics = fastmri_evaluate.evaluate(args, "reconstruction_rss")
+    expected = np.mean([fastmri_evaluate.nmse(t, h5py.File(pred_dir / n)["reconstruction"][()]) for n, t in targets.items()])
+    assert metrics.means()["NMSE"] == pytest.approx(expected, rel=1e-6)
+    with h5py.File(pred_dir / "file_a.h5") as f:
+        assert f["reconstruction"].dtype == np.float32 and f["reconstruction"].shape == (4, 32, 32)
+        assert f.attrs["acquisition"] == "x"
+
+
+def test_hdf5_rejects_complex_or_2d(tmp_path):
+    with pytest.raises(ValueError, match="slices, h, w"):
+        write_fastmri_h5(tmp_path / "x.h5", np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="slices, h, w"):
+        write_fastmri_h5(tmp_path / "x.h5", np.zeros((1, 4, 4), np.complex64))
+    assert _files_in(tmp_path) == []
+
+
+def test_dicom_series_geometry_pixels_and_uids(tmp_path):
+    rng = np.random.default_rng(1)
+    volume = _volume(rng, (3, 24, 18))
+    geometry = geometry_from_header(HEADER)
+    paths = write_dicom_series(tmp_path / "scan", volume, geometry, patient_id="subject7")
+    assert [p.name for p in paths] == ["slice_000.dcm", "slice_001.dcm", "slice_002.dcm"]
+    slices = [pydicom.dcmread(p) for p in paths]
+    for i, ds in enumerate(slices):
+        assert ds.SOPClassUID == pydicom.uid.MRImageStorage and ds.Modality == "MR"
+        assert (ds.Rows, ds.Columns) == (24, 18)
+        assert [float(v) for v in ds.PixelSpacing] == pytest.approx([140 / 320, 120 / 320])
+        assert float(ds.SliceThickness) == pytest.approx(3.5)
+        assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+        assert float(ds.ImagePositionPatient[2]) == pytest.approx((i - 1) * 3.5)
+        assert float(ds.SliceLocation) == pytest.approx((i - 1) * 3.5)
+        assert ds.pixel_array.dtype == np.uint16
+        restored = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        np.testing.assert_allclose(restored, volume[i], atol=float(ds.RescaleSlope))
+        assert 0 < float(ds.WindowWidth) and 0 < float(ds.WindowCenter) < volume.max()
+        assert ds.PatientID == "subject7"
+    assert len({ds.SOPInstanceUID for ds in slices}) == 3
+    assert len({ds.SeriesInstanceUID for ds in slices}) == 1
+    again = pydicom.dcmread(write_dicom_series(tmp_path / "again", volume, geometry)[0])
+    assert again.SeriesInstanceUID != slices[0].SeriesInstanceUID
+    assert again.StudyInstanceUID != slices[0].StudyInstanceUID
+
+
+def test_nifti_shape_spacing_and_affine(tmp_path):
+    rng = np.random.default_rng(2)
+    volume = _volume(rng, (5, 24, 17))
+    geometry = ImageGeometry(row_spacing_mm=0.5, col_spacing_mm=0.4, slice_thickness_mm=3.0)
+    for name in ("vol.nii.gz", "vol.nii"):
+        image = nib.load(write_nifti(tmp_path / name, volume, geometry))
+        assert image.shape == (17, 24, 5)
+        assert image.header.get_zooms() == pytest.approx((0.4, 0.5, 3.0))
+        np.testing.assert_allclose(np.asarray(image.dataobj), volume.transpose(2, 1, 0))
+        centre = image.affine @ np.array([8, 11.5, 2, 1])
+        np.testing.assert_allclose(centre[:3], 0.0, atol=1e-9)
+
+
+def test_png_panels(tmp_path):
+    rng = np.random.default_rng(3)
+    recon = _volume(rng, (2, 24, 20))
+    paths = write_png_panels(tmp_path / "png", recon, zero_filled=0.5 * recon, reference=recon * 1.1, name="f")
+    assert [p.name for p in paths] == ["slice_000.png", "slice_001.png"]
+    with_ref = matplotlib.image.imread(paths[0])
+    only = matplotlib.image.imread(write_png_panel(tmp_path / "one.png", recon[0]))
+    assert with_ref.ndim == 3 and with_ref.shape[1] > 3 * only.shape[1]  # four panels vs one
+
+
+def test_atomic_writes_leave_nothing_on_failure(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    volume = _volume(rng)
+    geometry = ImageGeometry()
+    write_dicom_series(tmp_path / "scan", volume, geometry)
+    before = {p: p.read_bytes() for p in (tmp_path / "scan").iterdir()}
+    calls = {"n": 0}
+    real_save = pydicom.Dataset.save_as
+
+    def failing_save(self, filename, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # an interrupted run
+        return real_save(self, filename, *args, **kwargs)
+
+    monkeypatch.setattr(dicom_module.pydicom.Dataset, "save_as", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        write_dicom_series(tmp_path / "scan", volume * 2, geometry)
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        write_dicom_series(tmp_path / "new_scan", volume, geometry)
+    monkeypatch.undo()
+    # the earlier complete series is untouched, the new one does not exist, no temporary files remain
+    assert {p: p.read_bytes() for p in (tmp_path / "scan").iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["scan"]
+
+    def failing_dataset(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(h5py.File, "create_dataset", failing_dataset)
+    with pytest.raises(OSError, match="disk full"):
+        write_fastmri_h5(tmp_path / "vol.h5", volume)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["scan"]
+    write_fastmri_h5(tmp_path / "vol.h5", volume)
+    assert sorted(os.listdir(tmp_path)) == ["scan", "vol.h5"]
