@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from fastmri import evaluate as fastmri_evaluate
 
+from reconkit.data.ismrmrd_header import parse_ismrmrd_header
 from reconkit.io import (
     ImageGeometry,
     geometry_from_header,
@@ -30,7 +31,9 @@ HEADER = (
     "<encodedSpace><matrixSize><x>640</x><y>368</y><z>1</z></matrixSize>"
     "<fieldOfView_mm><x>280</x><y>161</y><z>4.5</z></fieldOfView_mm></encodedSpace>"
     "<reconSpace><matrixSize><x>320</x><y>320</y><z>1</z></matrixSize>"
-    "<fieldOfView_mm><x>140</x><y>120</y><z>3.5</z></fieldOfView_mm></reconSpace></encoding></ismrmrdHeader>"
+    "<fieldOfView_mm><x>140</x><y>120</y><z>3.5</z></fieldOfView_mm></reconSpace><encodingLimits>"
+    "<kspace_encoding_step_1><minimum>0</minimum><maximum>366</maximum><center>183</center></kspace_encoding_step_1>"
+    "</encodingLimits></encoding></ismrmrdHeader>"
 )
 
 
@@ -43,10 +46,9 @@ def _files_in(directory: Path) -> list[str]:
 
 
 def test_geometry_from_fastmri_header():
-    geometry = geometry_from_header(HEADER)
+    geometry = geometry_from_header(parse_ismrmrd_header(HEADER))
     assert geometry == ImageGeometry(row_spacing_mm=140 / 320, col_spacing_mm=120 / 320, slice_thickness_mm=3.5)
     assert geometry_from_header(None) == ImageGeometry()
-    assert geometry_from_header("<not xml") == ImageGeometry()
 
 
 def test_hdf5_is_scored_by_fastmri_evaluate(tmp_path):
@@ -81,7 +83,7 @@ def test_hdf5_rejects_complex_or_2d(tmp_path):
 def test_dicom_series_geometry_pixels_and_uids(tmp_path):
     rng = np.random.default_rng(1)
     volume = _volume(rng, (3, 24, 18))
-    geometry = geometry_from_header(HEADER)
+    geometry = geometry_from_header(parse_ismrmrd_header(HEADER))
     paths = write_dicom_series(tmp_path / "scan", volume, geometry, patient_id="subject7")
     assert [p.name for p in paths] == ["slice_000.dcm", "slice_001.dcm", "slice_002.dcm"]
     slices = [pydicom.dcmread(p) for p in paths]
