@@ -1,0 +1,155 @@
+"""ISMRMRD XML header parsing: the sizes and limits fastMRI files carry in their ``ismrmrd_header`` dataset.
+
+Values are looked up exactly as ``fastmri.data.SliceDataset._retrieve_metadata`` does (first element found by a
+nested descendant search in the ISMRMRD namespace), so ``encoding_size``, ``recon_size``, ``padding_left`` and
+``padding_right`` equal fastmri's for the same file.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+from reconkit.errors import DataError
+
+__all__ = ["HeaderInfo", "parse_ismrmrd_header", "ISMRMRD_NAMESPACE"]
+
+ISMRMRD_NAMESPACE = "http://www.ismrm.org/ISMRMRD"
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """What reconkit uses from an ISMRMRD header.
+
+    Attributes:
+        encoding_size: encoded matrix ``(x, y, z)``: x = readout (with oversampling), y = phase-encode lines.
+        recon_size: reconstructed matrix ``(x, y, z)``.
+        encoding_fov_mm: encoded field of view ``(x, y, z)`` in mm.
+        recon_fov_mm: reconstructed field of view ``(x, y, z)`` in mm.
+        kspace_encoding_step_1_center: centre line index of phase-encode step 1.
+        kspace_encoding_step_1_maximum: maximum line index of phase-encode step 1 (as in the XML, not +1).
+        padding_left: first acquired column: ``encoding_size[1] // 2 − center``.
+        padding_right: one past the last acquired column: ``padding_left + maximum + 1``.
+        slice_thickness_mm: reconstructed field of view along z in mm (the slice thickness of 2D acquisitions).
+        repetition_time_ms: first ``sequenceParameters/TR`` in ms, if given.
+        echo_time_ms: first ``sequenceParameters/TE`` in ms, if given.
+        field_strength_t: ``acquisitionSystemInformation/systemFieldStrength_T`` in tesla, if given.
+    """
+
+    encoding_size: Tuple[int, int, int]
+    recon_size: Tuple[int, int, int]
+    encoding_fov_mm: Tuple[float, float, float]
+    recon_fov_mm: Tuple[float, float, float]
+    kspace_encoding_step_1_center: int
+    kspace_encoding_step_1_maximum: int
+    padding_left: int
+    padding_right: int
+    slice_thickness_mm: float
+    repetition_time_ms: Optional[float] = None
+    echo_time_ms: Optional[float] = None
+    field_strength_t: Optional[float] = None
+
+    def metadata(self) -> dict:
+        """The entries fastmri's ``SliceDataset`` puts in each sample's metadata."""
+        return {
+            "padding_left": self.padding_left,
+            "padding_right": self.padding_right,
+            "encoding_size": self.encoding_size,
+            "recon_size": self.recon_size,
+        }
+
+
+class _Reader:
+    """Descendant lookups in one parsed header; errors name ``source`` and the missing path."""
+
+    def __init__(self, root: ElementTree.Element, source: Optional[str]):
+        self.root = root
+        self.source = source
+        self.namespace = ISMRMRD_NAMESPACE if root.tag.startswith("{") else None
+
+    def text(self, path: Sequence[str]) -> Optional[str]:
+        if self.namespace:
+            query = "." + "".join(f"//ism:{name}" for name in path)
+            element = self.root.find(query, {"ism": self.namespace})
+        else:
+            element = self.root.find("." + "".join(f"//{name}" for name in path))
+        return None if element is None or element.text is None else element.text.strip()
+
+    def number(self, path: Sequence[str], kind: type, required: bool = True):
+        text = self.text(path)
+        if text is None:
+            if required:
+                raise DataError(self.source, f"ismrmrd_header lacks {'/'.join(path)}")
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise DataError(self.source, f"ismrmrd_header: {'/'.join(path)} is {text!r}, not a number") from None
+
+    def triple(self, path: Sequence[str], kind: type) -> tuple:
+        return tuple(self.number([*path, axis], kind) for axis in ("x", "y", "z"))
+
+
+def parse_ismrmrd_header(xml: str | bytes, source: Optional[os.PathLike | str] = None) -> HeaderInfo:
+    """Parse an ISMRMRD XML header.
+
+    Args:
+        xml: the XML document (``hf["ismrmrd_header"][()]`` of a fastMRI file), str or bytes.
+        source: file the header came from, used in error messages.
+
+    Returns:
+        :class:`HeaderInfo`.
+
+    Raises:
+        DataError: the XML is malformed, or lacks the encoded / recon matrix sizes, the fields of view or the
+            ``kspace_encoding_step_1`` limits.
+
+    Example:
+        >>> xml = ('<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'
+        ...        '<encodedSpace><matrixSize><x>640</x><y>368</y><z>1</z></matrixSize>'
+        ...        '<fieldOfView_mm><x>280</x><y>280</y><z>4.5</z></fieldOfView_mm></encodedSpace>'
+        ...        '<reconSpace><matrixSize><x>320</x><y>320</y><z>1</z></matrixSize>'
+        ...        '<fieldOfView_mm><x>140</x><y>140</y><z>3</z></fieldOfView_mm></reconSpace>'
+        ...        '<encodingLimits><kspace_encoding_step_1><minimum>0</minimum><maximum>366</maximum>'
+        ...        '<center>183</center></kspace_encoding_step_1></encodingLimits></encoding></ismrmrdHeader>')
+        >>> info = parse_ismrmrd_header(xml)
+        >>> info.encoding_size, info.recon_size, info.padding_left, info.padding_right
+        ((640, 368, 1), (320, 320, 1), 1, 368)
+    """
+    source_str = None if source is None else str(source)
+    if isinstance(xml, bytes):
+        if not xml.strip():
+            raise DataError(source_str, "ismrmrd_header is empty")
+    elif not isinstance(xml, str):
+        raise DataError(source_str, f"ismrmrd_header must be an XML string, got {type(xml).__name__}")
+    elif not xml.strip():
+        raise DataError(source_str, "ismrmrd_header is empty")
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError as err:
+        raise DataError(source_str, f"ismrmrd_header is not valid XML ({err})") from None
+
+    read = _Reader(root, source_str)
+    encoded, recon = ["encoding", "encodedSpace"], ["encoding", "reconSpace"]
+    limits = ["encoding", "encodingLimits", "kspace_encoding_step_1"]
+    encoding_size = read.triple([*encoded, "matrixSize"], int)
+    center = read.number([*limits, "center"], int)
+    maximum = read.number([*limits, "maximum"], int)
+    padding_left = encoding_size[1] // 2 - center
+    recon_fov = read.triple([*recon, "fieldOfView_mm"], float)
+    return HeaderInfo(
+        encoding_size=encoding_size,
+        recon_size=read.triple([*recon, "matrixSize"], int),
+        encoding_fov_mm=read.triple([*encoded, "fieldOfView_mm"], float),
+        recon_fov_mm=recon_fov,
+        kspace_encoding_step_1_center=center,
+        kspace_encoding_step_1_maximum=maximum,
+        padding_left=padding_left,
+        padding_right=padding_left + maximum + 1,
+        slice_thickness_mm=recon_fov[2],
+        repetition_time_ms=read.number(["sequenceParameters", "TR"], float, required=False),
+        echo_time_ms=read.number(["sequenceParameters", "TE"], float, required=False),
+        field_strength_t=read.number(["acquisitionSystemInformation", "systemFieldStrength_T"], float, required=False),
+    )

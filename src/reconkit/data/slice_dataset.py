@@ -1,0 +1,218 @@
+"""``SliceDataset``: one sample per k-space slice of a folder (or list) of fastMRI HDF5 files.
+
+Behaves like ``fastmri.data.SliceDataset`` (same samples in the same order, same ``sample_rate`` /
+``volume_sample_rate`` / ``num_cols`` / ``raw_sample_filter`` semantics), and adds: validation of every file while
+scanning (:mod:`reconkit.data.volume`), optional skipping of bad files, and a metadata cache that is invalidated
+when files are added, removed or changed (size or modification time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from reconkit.data.volume import open_volume, read_volume_info, target_key
+from reconkit.errors import DataError
+
+__all__ = ["SliceDataset", "RawSample", "default_cache_file", "list_volume_files"]
+
+logger = logging.getLogger(__name__)
+
+_CACHE_VERSION = 1
+_VOLUME_SUFFIXES = (".h5", ".hdf5")
+
+PathLike = Union[str, os.PathLike]
+
+
+class RawSample(NamedTuple):
+    """One slice: ``(fname, slice_ind, metadata)`` as fastmri's ``FastMRIRawDataSample``."""
+
+    fname: Path
+    slice_ind: int
+    metadata: Dict[str, Any]
+
+
+def default_cache_file() -> Path:
+    """``$XDG_CACHE_HOME/reconkit/dataset_cache.pkl`` (``~/.cache`` when unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "reconkit" / "dataset_cache.pkl"
+
+
+def list_volume_files(root: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
+    """Sorted volume files: the ``*.h5`` / ``*.hdf5`` files directly in folder ``root``, or the given list."""
+    if isinstance(root, (str, os.PathLike)):
+        folder = Path(root)
+        if not folder.is_dir():
+            raise DataError(folder, "dataset root is not a folder" if folder.exists() else "dataset root not found")
+        return sorted(p for p in folder.iterdir() if p.suffix in _VOLUME_SUFFIXES and not p.name.startswith("."))
+    return sorted(Path(p) for p in root)
+
+
+def _signature(path: Path) -> Tuple[str, int, int]:
+    """What invalidates a cached entry: resolved path, size, modification time (ns); (path, -1, -1) if missing."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return (str(path.resolve()), -1, -1)
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """fastMRI slices, read lazily (each ``__getitem__`` opens its file).
+
+    Args:
+        root: folder of ``.h5`` files, or a list of files.
+        challenge: ``"multicoil"`` or ``"singlecoil"``; selects the target (``reconstruction_rss`` /
+            ``reconstruction_esc``) and the required k-space layout.
+        transform: called as ``transform(kspace, mask, target, attrs, fname, slice_num)``; None returns that tuple.
+        use_dataset_cache: load/save per-file metadata in ``dataset_cache_file``, so re-opening does not re-read
+            headers. Entries are keyed by the files' resolved paths and reused only if size and mtime are unchanged.
+        sample_rate: fraction of slices to keep (shuffled with Python's ``random``, as fastmri).
+        volume_sample_rate: fraction of volumes to keep; not together with ``sample_rate``.
+        dataset_cache_file: the cache file (default :func:`default_cache_file`).
+        num_cols: keep only slices whose ``encoding_size[1]`` is in this collection.
+        raw_sample_filter: ``filter(raw_sample) -> bool`` applied to each :class:`RawSample`.
+        skip_bad_files: on a file that fails validation, log a warning naming it and go on (default: raise
+            :class:`DataError`).
+
+    Each item is ``(kspace, mask, target, attrs, fname, slice_num)``: ``kspace`` complex64 ``(C, H, W)`` or
+    ``(H, W)``, ``mask`` the stored ``(W,)`` mask or None, ``target`` float32 ``(h, w)`` or None, ``attrs`` the file
+    attrs plus ``padding_left``, ``padding_right``, ``encoding_size``, ``recon_size``, ``fname`` the file name.
+    """
+
+    def __init__(
+        self,
+        root: Union[PathLike, Sequence[PathLike]],
+        challenge: str = "multicoil",
+        transform: Optional[Callable] = None,
+        use_dataset_cache: bool = True,
+        sample_rate: Optional[float] = None,
+        volume_sample_rate: Optional[float] = None,
+        dataset_cache_file: Optional[PathLike] = None,
+        num_cols: Optional[Sequence[int]] = None,
+        raw_sample_filter: Optional[Callable[[RawSample], bool]] = None,
+        skip_bad_files: bool = False,
+    ):
+        self.recons_key = target_key(challenge)
+        if sample_rate is not None and volume_sample_rate is not None:
+            raise ValueError(
+                "either set sample_rate (sample by slices) or volume_sample_rate (sample by volumes) but not both"
+            )
+        self.challenge = challenge
+        self.transform = transform
+        self.skip_bad_files = skip_bad_files
+        self.dataset_cache_file = Path(dataset_cache_file) if dataset_cache_file is not None else default_cache_file()
+
+        files = list_volume_files(root)
+        entries = self._scan(files, use_dataset_cache)
+        raw_samples = [
+            RawSample(fname, slice_ind, metadata)
+            for fname, (metadata, num_slices) in entries.items()
+            for slice_ind in range(num_slices)
+        ]
+        if raw_sample_filter is not None:
+            raw_samples = [s for s in raw_samples if raw_sample_filter(s)]
+
+        if sample_rate is not None and sample_rate < 1.0:
+            random.shuffle(raw_samples)
+            raw_samples = raw_samples[: round(len(raw_samples) * sample_rate)]
+        elif volume_sample_rate is not None and volume_sample_rate < 1.0:
+            volume_names = sorted({s.fname.stem for s in raw_samples})
+            random.shuffle(volume_names)
+            kept = set(volume_names[: round(len(volume_names) * volume_sample_rate)])
+            raw_samples = [s for s in raw_samples if s.fname.stem in kept]
+        if num_cols:
+            raw_samples = [s for s in raw_samples if s.metadata["encoding_size"][1] in num_cols]
+        self.raw_samples: List[RawSample] = raw_samples
+
+    # ----------------------------------------------------------------------------------------- metadata scan
+
+    def _scan(self, files: List[Path], use_cache: bool) -> Dict[Path, Tuple[dict, int]]:
+        """``{file: (metadata, num_slices)}`` for the good files, in ``files`` order; cache read and updated."""
+        cache = self._load_cache() if use_cache else {}
+        keys = {fname: (_signature(fname), self.challenge) for fname in files}
+        current = set(keys.values())
+        scanned_paths = {signature[0] for signature, _ in current}
+        stale = [k for k in cache if k[0][0] in scanned_paths and k[1] == self.challenge and k not in current]
+        for k in stale:  # older versions of the files being scanned
+            del cache[k]
+        entries: Dict[Path, Tuple[dict, int]] = {}
+        changed = bool(stale)
+        for fname in files:
+            key = keys[fname]
+            cached = cache.get(key)
+            if cached is None:
+                try:
+                    info = read_volume_info(fname, self.challenge)
+                    cached = ("ok", (info.metadata(), info.num_slices))
+                except DataError as err:
+                    cached = ("bad", err.problem)
+                cache[key] = cached
+                changed = True
+            status, value = cached
+            if status == "ok":
+                entries[fname] = value
+            elif self.skip_bad_files:
+                logger.warning("skipping %s: %s", fname, value)
+            else:
+                if use_cache and changed:
+                    self._save_cache(cache)
+                raise DataError(fname, value)
+        if use_cache and changed:
+            self._save_cache(cache)
+        return entries
+
+    def _load_cache(self) -> dict:
+        path = self.dataset_cache_file
+        if not path.exists():
+            return {}
+        try:
+            with open(path, "rb") as f:
+                content = pickle.load(f)
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+            logger.warning("ignoring unreadable dataset cache %s (%s); rescanning", path, err)
+            return {}
+        if not isinstance(content, dict) or content.get("version") != _CACHE_VERSION:
+            logger.warning("ignoring dataset cache %s of another format; rescanning", path)
+            return {}
+        logger.info("using dataset cache %s", path)
+        return content["entries"]
+
+    def _save_cache(self, entries: dict) -> None:
+        """Write the cache atomically (temp file then ``os.replace``); failure only logs a warning."""
+        path = self.dataset_cache_file
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=path.name, delete=False) as tmp:
+                pickle.dump({"version": _CACHE_VERSION, "entries": entries}, tmp)
+            os.replace(tmp.name, path)
+            logger.info("saved dataset cache to %s", path)
+        except OSError as err:
+            logger.warning("could not write dataset cache %s (%s)", path, err)
+
+    # ----------------------------------------------------------------------------------------- samples
+
+    def __len__(self) -> int:
+        return len(self.raw_samples)
+
+    def __getitem__(self, i: int):
+        fname, slice_ind, metadata = self.raw_samples[i]
+        with open_volume(fname) as hf:
+            try:
+                kspace = hf["kspace"][slice_ind]
+                mask = np.asarray(hf["mask"]) if "mask" in hf else None
+                target = hf[self.recons_key][slice_ind] if self.recons_key in hf else None
+            except (OSError, KeyError, ValueError) as err:
+                raise DataError(fname, f"cannot read slice {slice_ind} ({err})") from None
+            attrs = dict(hf.attrs)
+        attrs.update(metadata)
+        sample = (kspace, mask, target, attrs, fname.name, slice_ind)
+        return sample if self.transform is None else self.transform(*sample)

@@ -1,0 +1,281 @@
+"""Sample transforms: from a ``SliceDataset`` tuple to model-ready tensors.
+
+``VarNetDataTransform`` and ``UnetDataTransform`` produce the same tensors as ``fastmri.data.transforms`` for the
+same inputs (same masks, crops and normalisation). Complex tensors use fastMRI's real layout ``(..., 2)``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from reconkit.data.masks import MaskFunc
+from reconkit.errors import DataError
+from reconkit.ops import complex_abs, ifft2c, rss
+
+__all__ = [
+    "to_tensor",
+    "apply_mask",
+    "center_crop",
+    "complex_center_crop",
+    "center_crop_to_smallest",
+    "normalize",
+    "normalize_instance",
+    "filename_seed",
+    "VarNetSample",
+    "VarNetDataTransform",
+    "UnetSample",
+    "UnetDataTransform",
+]
+
+
+def to_tensor(data: np.ndarray) -> torch.Tensor:
+    """numpy → torch; complex arrays become real ``(..., 2)`` (real, imag stacked last)."""
+    if np.iscomplexobj(data):
+        data = np.stack((data.real, data.imag), axis=-1)
+    return torch.from_numpy(data)
+
+
+def apply_mask(
+    data: torch.Tensor,
+    mask_func: MaskFunc,
+    offset: Optional[int] = None,
+    seed: Optional[Union[int, Tuple[int, ...]]] = None,
+    padding: Optional[Sequence[int]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Undersample k-space ``(..., H, W, 2)`` with a mask drawn from ``mask_func``.
+
+    Args:
+        data: k-space, real layout, at least 3 dims.
+        mask_func: mask function (see :mod:`reconkit.data.masks`).
+        offset: passed to ``mask_func``.
+        seed: passed to ``mask_func``.
+        padding: ``(padding_left, padding_right)``: columns outside ``[left, right)`` are zeroed in the mask
+            (zero-padded, never acquired).
+
+    Returns:
+        ``(masked_kspace, mask, num_low_frequencies)``; mask of shape ``(1, ..., 1, W, 1)`` (or ``(1, ..., H, W,
+        1)`` for 2D masks), float32.
+    """
+    shape = (1,) * len(data.shape[:-3]) + tuple(data.shape[-3:])
+    mask, num_low_frequencies = mask_func(shape, offset, seed)
+    if padding is not None:
+        mask[..., : padding[0], :] = 0
+        mask[..., padding[1] :, :] = 0
+    masked = data * mask + 0.0  # + 0.0 turns -0.0 into 0.0
+    return masked, mask, num_low_frequencies
+
+
+def _check_crop(shape: Tuple[int, int], available: Tuple[int, int], what: str) -> None:
+    if not (0 < shape[0] <= available[0] and 0 < shape[1] <= available[1]):
+        raise ValueError(f"{what}: cannot crop {available[0]}x{available[1]} to {shape[0]}x{shape[1]}")
+
+
+def center_crop(data: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
+    """Centre crop of the last two axes of a real image ``(..., H, W)`` to ``shape`` ``(h, w)``."""
+    height, width = data.shape[-2], data.shape[-1]
+    _check_crop(shape, (height, width), "center_crop")
+    top, left = (height - shape[0]) // 2, (width - shape[1]) // 2
+    return data[..., top : top + shape[0], left : left + shape[1]]
+
+
+def complex_center_crop(data: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
+    """Centre crop of axes -3, -2 of a complex image ``(..., H, W, 2)`` to ``shape`` ``(h, w)``."""
+    height, width = data.shape[-3], data.shape[-2]
+    _check_crop(shape, (height, width), "complex_center_crop")
+    top, left = (height - shape[0]) // 2, (width - shape[1]) // 2
+    return data[..., top : top + shape[0], left : left + shape[1], :]
+
+
+def center_crop_to_smallest(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Crop both real images ``(..., H, W)`` to the smaller height and the smaller width of the two."""
+    size = (min(x.shape[-2], y.shape[-2]), min(x.shape[-1], y.shape[-1]))
+    return center_crop(x, size), center_crop(y, size)
+
+
+def normalize(
+    data: torch.Tensor,
+    mean: Union[float, torch.Tensor],
+    stddev: Union[float, torch.Tensor],
+    eps: Union[float, torch.Tensor] = 0.0,
+) -> torch.Tensor:
+    """``(data − mean) / (stddev + eps)``."""
+    return (data - mean) / (stddev + eps)
+
+
+def normalize_instance(
+    data: torch.Tensor, eps: Union[float, torch.Tensor] = 0.0
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalise by the tensor's own mean and (unbiased) standard deviation; returns ``(normalised, mean, std)``."""
+    mean, std = data.mean(), data.std()
+    return normalize(data, mean, std, eps), mean, std
+
+
+def filename_seed(fname: str) -> Tuple[int, ...]:
+    """Mask seed from a file name (code points), so every slice of a volume gets the same mask, as fastmri."""
+    return tuple(map(ord, fname))
+
+
+class VarNetSample(NamedTuple):
+    """Input of k-space models (VarNet and the classical baselines).
+
+    Attributes:
+        masked_kspace: ``(C, H, W, 2)`` undersampled k-space (``(H, W, 2)`` for single-coil).
+        mask: ``(1, 1, W, 1)`` bool sampling mask (``(1, H, W, 1)`` for 2D masks).
+        num_low_frequencies: fully sampled centre lines (0 when the mask came from the file).
+        target: ``(h, w)`` target image, or a 0-dim tensor when there is none.
+        fname: file name.
+        slice_num: slice index.
+        max_value: the volume's ``max`` attr (0.0 without target), for PSNR / SSIM.
+        crop_size: ``(h, w)`` recon size to crop the model output to.
+    """
+
+    masked_kspace: torch.Tensor
+    mask: torch.Tensor
+    num_low_frequencies: Optional[int]
+    target: torch.Tensor
+    fname: str
+    slice_num: int
+    max_value: float
+    crop_size: Tuple[int, int]
+
+
+def _require_max(attrs: Dict, fname: str) -> float:
+    if "max" not in attrs:
+        raise DataError(fname, "file attrs lack 'max' (needed with a target for PSNR / SSIM)")
+    return attrs["max"]
+
+
+class VarNetDataTransform:
+    """fastmri's ``VarNetDataTransform``: undersample with ``mask_func`` (or use the file's mask), keep crop info.
+
+    Args:
+        mask_func: mask function; None uses the file's stored mask, or a fully sampled mask when there is none.
+        use_seed: seed the mask from the file name (same mask for all slices of a volume).
+
+    Call with the ``SliceDataset`` tuple ``(kspace, mask, target, attrs, fname, slice_num)``; ``attrs`` must hold
+    ``padding_left``, ``padding_right`` and ``recon_size`` (and ``max`` when there is a target).
+    """
+
+    def __init__(self, mask_func: Optional[MaskFunc] = None, use_seed: bool = True):
+        self.mask_func = mask_func
+        self.use_seed = use_seed
+
+    def __call__(
+        self,
+        kspace: np.ndarray,
+        mask: Optional[np.ndarray],
+        target: Optional[np.ndarray],
+        attrs: Dict,
+        fname: str,
+        slice_num: int,
+    ) -> VarNetSample:
+        if target is not None:
+            target_torch, max_value = to_tensor(target), _require_max(attrs, fname)
+        else:
+            target_torch, max_value = torch.tensor(0), 0.0
+        kspace_torch = to_tensor(kspace)
+        padding = (attrs["padding_left"], attrs["padding_right"])
+        crop_size = (attrs["recon_size"][0], attrs["recon_size"][1])
+
+        if self.mask_func is not None:
+            seed = filename_seed(fname) if self.use_seed else None
+            masked_kspace, mask_torch, num_low_frequencies = apply_mask(
+                kspace_torch, self.mask_func, seed=seed, padding=padding
+            )
+        else:
+            num_cols = kspace_torch.shape[-2]
+            columns = np.ones(num_cols, dtype=np.float32) if mask is None else mask
+            mask_shape = [1] * kspace_torch.ndim
+            mask_shape[-2] = num_cols
+            mask_torch = torch.from_numpy(np.asarray(columns).reshape(*mask_shape).astype(np.float32))
+            mask_torch[..., : padding[0], :] = 0
+            mask_torch[..., padding[1] :, :] = 0
+            masked_kspace, num_low_frequencies = kspace_torch, 0
+
+        return VarNetSample(
+            masked_kspace=masked_kspace,
+            mask=mask_torch.to(torch.bool),
+            num_low_frequencies=num_low_frequencies,
+            target=target_torch,
+            fname=fname,
+            slice_num=slice_num,
+            max_value=max_value,
+            crop_size=crop_size,
+        )
+
+
+class UnetSample(NamedTuple):
+    """Input of image-domain models (U-Net).
+
+    Attributes:
+        image: ``(h, w)`` normalised, clamped zero-filled magnitude (RSS over coils for multi-coil).
+        target: ``(h, w)`` target normalised with the input's mean / std, or ``tensor([0])`` without target.
+        mean, std: 0-dim tensors used for the normalisation.
+        fname, slice_num: as the dataset.
+        max_value: the volume's ``max`` attr, 0.0 if absent.
+    """
+
+    image: torch.Tensor
+    target: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    fname: str
+    slice_num: int
+    max_value: float
+
+
+class UnetDataTransform:
+    """fastmri's ``UnetDataTransform``: zero-filled magnitude image, centre-cropped and instance-normalised.
+
+    Args:
+        which_challenge: ``"singlecoil"`` or ``"multicoil"`` (RSS over coils).
+        mask_func: mask function; None keeps k-space as is.
+        use_seed: seed the mask from the file name.
+    """
+
+    def __init__(self, which_challenge: str, mask_func: Optional[MaskFunc] = None, use_seed: bool = True):
+        if which_challenge not in ("singlecoil", "multicoil"):
+            raise ValueError("Challenge should either be 'singlecoil' or 'multicoil'")
+        self.which_challenge = which_challenge
+        self.mask_func = mask_func
+        self.use_seed = use_seed
+
+    def __call__(
+        self,
+        kspace: np.ndarray,
+        mask: Optional[np.ndarray],
+        target: Optional[np.ndarray],
+        attrs: Dict,
+        fname: str,
+        slice_num: int,
+    ) -> UnetSample:
+        kspace_torch = to_tensor(kspace)
+        max_value = attrs.get("max", 0.0)
+        if self.mask_func is not None:
+            seed = filename_seed(fname) if self.use_seed else None
+            kspace_torch = apply_mask(kspace_torch, self.mask_func, seed=seed)[0]
+        image = ifft2c(kspace_torch)
+
+        if target is not None:
+            crop_size = (target.shape[-2], target.shape[-1])
+        else:
+            crop_size = (attrs["recon_size"][0], attrs["recon_size"][1])
+        if image.shape[-2] < crop_size[1]:  # k-space narrower than the recon size (fastMRI brain FLAIR 203)
+            crop_size = (image.shape[-2], image.shape[-2])
+
+        image = complex_abs(complex_center_crop(image, crop_size))
+        if self.which_challenge == "multicoil":
+            image = rss(image)
+        image, mean, std = normalize_instance(image, eps=1e-11)
+        image = image.clamp(-6, 6)
+
+        if target is not None:
+            target_torch = normalize(center_crop(to_tensor(target), crop_size), mean, std, eps=1e-11).clamp(-6, 6)
+        else:
+            target_torch = torch.Tensor([0])
+        return UnetSample(
+            image=image, target=target_torch, mean=mean, std=std, fname=fname, slice_num=slice_num, max_value=max_value
+        )

@@ -1,0 +1,211 @@
+"""Opening and validating fastMRI HDF5 volumes.
+
+Schema (see docs/architecture.md): ``kspace`` complex ``(slices, coils, H, W)`` (multi-coil) or ``(slices, H, W)``
+(single-coil); ``ismrmrd_header`` XML; target ``reconstruction_rss`` (multi-coil) or ``reconstruction_esc``
+(single-coil) real ``(slices, h, w)``, optional; ``mask`` real ``(W,)``, optional (test files); file attrs.
+
+Every problem raises :class:`reconkit.errors.DataError` naming the file. Validation reads only shapes, dtypes,
+attrs and the header, never the k-space itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+import h5py
+import numpy as np
+
+from reconkit.data.ismrmrd_header import HeaderInfo, parse_ismrmrd_header
+from reconkit.errors import DataError
+
+__all__ = ["VolumeInfo", "Volume", "open_volume", "read_volume_info", "read_volume", "target_key", "CHALLENGES"]
+
+CHALLENGES = ("multicoil", "singlecoil")
+
+
+def target_key(challenge: str) -> str:
+    """Name of the target dataset for ``challenge``: ``reconstruction_rss`` or ``reconstruction_esc``."""
+    if challenge not in CHALLENGES:
+        raise ValueError(f'challenge should be either "singlecoil" or "multicoil", got {challenge!r}')
+    return "reconstruction_esc" if challenge == "singlecoil" else "reconstruction_rss"
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """Validated description of one fastMRI file (no array data).
+
+    Attributes:
+        path: the file.
+        challenge: ``"multicoil"`` (k-space 4D) or ``"singlecoil"`` (3D).
+        kspace_shape: ``(slices, coils, H, W)`` or ``(slices, H, W)``.
+        target_key: name of the target dataset if the file has one, else None.
+        target_shape: ``(slices, h, w)`` of the target, or None.
+        mask_shape: ``(W,)`` of the stored mask (undersampled test files), or None.
+        header: parsed ISMRMRD header.
+        attrs: the file's HDF5 attributes (``acquisition``, ``max``, ``norm``, ``patient_id``, ...).
+    """
+
+    path: Path
+    challenge: str
+    kspace_shape: Tuple[int, ...]
+    target_key: Optional[str]
+    target_shape: Optional[Tuple[int, ...]]
+    mask_shape: Optional[Tuple[int, ...]]
+    header: HeaderInfo
+    attrs: dict
+
+    @property
+    def num_slices(self) -> int:
+        return self.kspace_shape[0]
+
+    @property
+    def num_coils(self) -> Optional[int]:
+        """Coil count, None for single-coil files."""
+        return self.kspace_shape[1] if self.challenge == "multicoil" else None
+
+    def metadata(self) -> dict:
+        """Per-sample metadata as fastmri's ``SliceDataset`` builds it: padding, sizes, then the file attrs."""
+        return {**self.header.metadata(), **self.attrs}
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A whole fastMRI file in memory.
+
+    Attributes:
+        kspace: complex64 ``(slices, coils, H, W)`` or ``(slices, H, W)``.
+        target: float32 ``(slices, h, w)`` or None.
+        mask: ``(W,)`` stored mask or None.
+        info: :class:`VolumeInfo`.
+    """
+
+    kspace: np.ndarray
+    target: Optional[np.ndarray]
+    mask: Optional[np.ndarray]
+    info: VolumeInfo
+
+
+@contextlib.contextmanager
+def open_volume(path: os.PathLike | str) -> Iterator[h5py.File]:
+    """Open a fastMRI file read-only, turning every way it can fail to open into a :class:`DataError`.
+
+    Reports: file not found, a directory, empty file, not an HDF5 file, truncated or corrupt HDF5 file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "file not found")
+    if path.is_dir():
+        raise DataError(path, "is a directory, not an HDF5 file")
+    if path.stat().st_size == 0:
+        raise DataError(path, "empty file (0 bytes)")
+    if not h5py.is_hdf5(path):
+        raise DataError(path, "not an HDF5 file (no HDF5 signature)")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(path, f"truncated or corrupt HDF5 file ({_first_line(err)})") from None
+    with handle:
+        yield handle
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _dataset(hf: h5py.File, key: str, path: Path) -> Optional[h5py.Dataset]:
+    if key not in hf:
+        return None
+    node = hf[key]
+    if not isinstance(node, h5py.Dataset):
+        raise DataError(path, f"'{key}' is a {type(node).__name__}, expected a dataset")
+    return node
+
+
+def _read_header(hf: h5py.File, path: Path) -> HeaderInfo:
+    node = _dataset(hf, "ismrmrd_header", path)
+    if node is None:
+        raise DataError(path, "missing dataset 'ismrmrd_header'")
+    try:
+        xml = node[()]
+    except (OSError, TypeError) as err:
+        raise DataError(path, f"cannot read 'ismrmrd_header' ({_first_line(err)})") from None
+    if isinstance(xml, np.ndarray) and xml.size == 1:
+        xml = xml.reshape(()).item()
+    return parse_ismrmrd_header(xml, source=path)
+
+
+def _validate(hf: h5py.File, path: Path, challenge: Optional[str]) -> VolumeInfo:
+    kspace = _dataset(hf, "kspace", path)
+    if kspace is None:
+        raise DataError(path, "missing dataset 'kspace'")
+    if not np.issubdtype(kspace.dtype, np.complexfloating):
+        raise DataError(path, f"'kspace' has dtype {kspace.dtype}, expected complex64")
+    if kspace.ndim not in (3, 4):
+        raise DataError(
+            path, f"'kspace' has shape {kspace.shape}, expected (slices, coils, H, W) or (slices, H, W)"
+        )
+    found = "multicoil" if kspace.ndim == 4 else "singlecoil"
+    if challenge is not None and challenge != found:
+        raise DataError(path, f"'kspace' has shape {kspace.shape}: a {found} file, but challenge is {challenge!r}")
+    if 0 in kspace.shape:
+        raise DataError(path, f"'kspace' is empty: shape {kspace.shape}")
+    header = _read_header(hf, path)
+
+    key = target_key(found)
+    target = _dataset(hf, key, path)
+    if target is not None:
+        if not np.issubdtype(target.dtype, np.floating):
+            raise DataError(path, f"'{key}' has dtype {target.dtype}, expected float32")
+        if target.ndim != 3 or target.shape[0] != kspace.shape[0]:
+            raise DataError(
+                path, f"'{key}' has shape {target.shape}, expected ({kspace.shape[0]}, h, w) to match 'kspace'"
+            )
+    mask = _dataset(hf, "mask", path)
+    if mask is not None and mask.shape != (kspace.shape[-1],):
+        raise DataError(path, f"'mask' has shape {mask.shape}, expected ({kspace.shape[-1]},) to match 'kspace'")
+    return VolumeInfo(
+        path=path,
+        challenge=found,
+        kspace_shape=tuple(kspace.shape),
+        target_key=None if target is None else key,
+        target_shape=None if target is None else tuple(target.shape),
+        mask_shape=None if mask is None else tuple(mask.shape),
+        header=header,
+        attrs=dict(hf.attrs),
+    )
+
+
+def read_volume_info(path: os.PathLike | str, challenge: Optional[str] = None) -> VolumeInfo:
+    """Open and validate a fastMRI file without reading its arrays.
+
+    Args:
+        path: the ``.h5`` file.
+        challenge: ``"multicoil"`` / ``"singlecoil"`` to require that layout, or None to accept either.
+
+    Raises:
+        DataError: the file is missing, empty, not HDF5, truncated or corrupt, or does not follow the schema
+            (missing ``kspace``, wrong dtype or number of dimensions, missing or garbled ``ismrmrd_header``,
+            target or mask whose shape does not match ``kspace``).
+    """
+    if challenge is not None:
+        target_key(challenge)  # validates the name
+    with open_volume(path) as hf:
+        return _validate(hf, Path(path), challenge)
+
+
+def read_volume(path: os.PathLike | str, challenge: Optional[str] = None) -> Volume:
+    """Read a whole fastMRI file (k-space, target, mask) after validating it; see :func:`read_volume_info`."""
+    path = Path(path)
+    with open_volume(path) as hf:
+        info = _validate(hf, path, challenge)
+        try:
+            kspace = hf["kspace"][()]
+            target = None if info.target_key is None else hf[info.target_key][()]
+            mask = None if info.mask_shape is None else hf["mask"][()]
+        except OSError as err:
+            raise DataError(path, f"cannot read data, file truncated or corrupt ({_first_line(err)})") from None
+    return Volume(kspace=kspace, target=target, mask=mask, info=info)
