@@ -1,0 +1,145 @@
+"""Masks: bit-identical to fastmri 0.3.0 for the same seed / shape / parameters; variable-density 2D masks."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from fastmri.data import subsample as fastmri_subsample
+
+from reconkit.data import masks
+
+FAMILIES = ["RandomMaskFunc", "EquiSpacedMaskFunc", "EquispacedMaskFractionFunc", "MagicMaskFunc", "MagicMaskFractionFunc"]
+PARAMS = [([0.08], [4]), ([0.04], [8]), ([0.08, 0.04], [4, 8]), ([0.1], [3]), ([0.3], [5])]
+WIDTHS = [368, 369, 372, 320, 33, 24, 25, 101]
+SEEDS = [0, 1, 123, (1, 2, 3), tuple(map(ord, "file1000001.h5"))]
+OFFSETS = [None, 0, 1, 3]
+
+
+def _pair(family, center_fractions, accelerations, **kwargs):
+    ours = getattr(masks, family)(center_fractions, accelerations, **kwargs)
+    theirs = getattr(fastmri_subsample, family)(center_fractions, accelerations, **kwargs)
+    return ours, theirs
+
+
+def _call_both(ours, theirs, shape, offset, seed):
+    """Call both; return (ours_result, theirs_result) where a result is (mask, n) or the raised exception type."""
+    results = []
+    for func in (ours, theirs):
+        try:
+            results.append(func(shape, offset, seed))
+        except ValueError as err:
+            results.append(type(err))
+    return results
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bit_identical_to_fastmri(family):
+    compared = 0
+    for (center_fractions, accelerations), width, seed, offset in itertools.product(PARAMS, WIDTHS, SEEDS, OFFSETS):
+        ours, theirs = _pair(family, center_fractions, accelerations)
+        shape = (1, 17, width, 2)
+        got, want = _call_both(ours, theirs, shape, offset, seed)
+        if not isinstance(want, tuple):
+            # fastmri fails when the centre alone reaches W / R; we return the centre-only mask instead
+            assert family in ("EquispacedMaskFractionFunc", "MagicMaskFractionFunc"), (width, seed, offset)
+            mask, num_low = got
+            assert int(mask.sum()) == num_low
+            continue
+        assert got[0].dtype == want[0].dtype == torch.float32
+        assert got[0].shape == want[0].shape == (1, 1, width, 1)
+        assert torch.equal(got[0], want[0]), (family, center_fractions, accelerations, width, seed, offset)
+        assert got[1] == want[1]
+        compared += 1
+    assert compared > 500
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unseeded_calls_follow_the_same_generator_stream(family):
+    """Constructor seed, then several calls without seed, with a seeded call in between (state restored)."""
+    ours, theirs = _pair(family, [0.08, 0.04], [4, 8], seed=42)
+    for width, seed in [(368, None), (369, None), (64, 7), (368, None), (101, None)]:
+        (m1, n1), (m2, n2) = ours((1, 8, width, 2), None, seed), theirs((1, 8, width, 2), None, seed)
+        assert torch.equal(m1, m2) and n1 == n2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_any_combination_and_higher_rank_shapes(family):
+    ours, theirs = _pair(family, [0.08, 0.04, 0.1], [4, 8], allow_any_combination=True)
+    for shape, seed in [((3, 15, 40, 320, 2), 0), ((40, 331, 2), 5), ((1, 1, 1, 64, 2), (9, 9))]:
+        (m1, n1), (m2, n2) = ours(shape, None, seed), theirs(shape, None, seed)
+        assert m1.shape == m2.shape and torch.equal(m1, m2) and n1 == n2
+
+
+def test_centre_only_when_centre_reaches_target():
+    for family in ("EquispacedMaskFractionFunc", "MagicMaskFractionFunc"):
+        mask, num_low = getattr(masks, family)([0.3], [5])((1, 8, 100, 2), seed=0)
+        columns = mask.flatten()
+        assert int(columns.sum()) == num_low
+        sampled = columns.nonzero().flatten()
+        assert torch.equal(sampled, torch.arange(sampled[0], sampled[0] + num_low))  # contiguous centre block
+
+
+def test_create_mask_for_mask_type_matches_fastmri():
+    for name in ("random", "equispaced", "equispaced_fraction", "magic", "magic_fraction"):
+        ours = masks.create_mask_for_mask_type(name, [0.08], [4])
+        theirs = fastmri_subsample.create_mask_for_mask_type(name, [0.08], [4])
+        assert type(ours).__name__ == type(theirs).__name__
+        (m1, n1), (m2, n2) = ours((1, 640, 372, 2), seed=3), theirs((1, 640, 372, 2), seed=3)
+        assert torch.equal(m1, m2) and n1 == n2
+    with pytest.raises(ValueError, match="not supported"):
+        masks.create_mask_for_mask_type("spiral", [0.08], [4])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="should match"):
+        masks.RandomMaskFunc([0.08, 0.04], [4])
+    with pytest.raises(ValueError, match="3 or more"):
+        masks.RandomMaskFunc([0.08], [4])((368, 2))
+    with pytest.raises(ValueError, match="pattern"):
+        masks.VariableDensityMaskFunc([0.08], [4], pattern="radial")
+
+
+@pytest.mark.parametrize("pattern", ["gaussian", "poisson"])
+@pytest.mark.parametrize("height,width,acceleration", [(64, 48, 4), (45, 33, 6), (32, 96, 8)])
+def test_variable_density(pattern, height, width, acceleration):
+    func = masks.VariableDensityMaskFunc([0.1], [acceleration], pattern=pattern)
+    mask, num_low = func((4, height, width, 2), seed=11)
+    assert mask.shape == (1, height, width, 1) and mask.dtype == torch.float32
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    plane = mask[0, :, :, 0]
+
+    # acceleration: gaussian is exact, poisson within 10 %
+    achieved = plane.numel() / plane.sum().item()
+    tolerance = 0.01 if pattern == "gaussian" else 0.10
+    assert abs(achieved - acceleration) / acceleration <= tolerance, achieved
+
+    # the centre block is fully sampled
+    center_h, center_w = max(round(height * 0.1), 1), max(round(width * 0.1), 1)
+    top, left = (height - center_h + 1) // 2, (width - center_w + 1) // 2
+    assert num_low == center_w
+    assert plane[top : top + center_h, left : left + center_w].all()
+
+    # variable density: the inner half (by normalised radius) is sampled more densely than the outer part
+    ky = (torch.arange(height) - height // 2) / (height / 2)
+    kx = (torch.arange(width) - width // 2) / (width / 2)
+    radius = (ky[:, None] ** 2 + kx[None, :] ** 2).sqrt()
+    assert plane[radius < 0.5].mean() > 1.5 * plane[radius > 0.8].mean()
+
+    # reproducible by seed, different for another seed, generator state restored after a seeded call
+    again, _ = func((4, height, width, 2), seed=11)
+    other, _ = func((4, height, width, 2), seed=12)
+    assert torch.equal(mask, again)
+    assert not torch.equal(mask, other)
+
+
+def test_variable_density_constructor_seed_and_many_coils_shape():
+    first = masks.VariableDensityMaskFunc([0.08], [4], seed=3)((2, 8, 40, 30, 2))[0]
+    second = masks.VariableDensityMaskFunc([0.08], [4], seed=3)((2, 8, 40, 30, 2))[0]
+    assert first.shape == (1, 1, 40, 30, 1)
+    assert torch.equal(first, second)
+    mask, _ = masks.create_mask_for_mask_type("variable_density", [0.08], [4])((1, 40, 30, 2), seed=0)
+    assert mask.shape == (1, 40, 30, 1)
+    assert np.isclose(mask.numel() / mask.sum().item(), 4, rtol=0.01)
