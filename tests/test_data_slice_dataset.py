@@ -1,0 +1,431 @@
+"""ISMRMRD header parsing, fastMRI file validation and SliceDataset, compared with fastmri 0.3.0 on tiny files."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+from pathlib import Path
+
+import h5py
+import ismrmrd.xsd as ismrmrd_xsd
+import numpy as np
+import pytest
+from fastmri.data import SliceDataset as FastmriSliceDataset
+
+from reconkit.data import SliceDataset, parse_ismrmrd_header, read_volume, read_volume_info
+from reconkit.errors import DataError
+
+
+# --------------------------------------------------------------------------------------------- test files
+
+
+def ismrmrd_xml(
+    encoded=(32, 24, 1),
+    recon=(16, 16, 1),
+    center=11,
+    maximum=21,
+    encoded_fov=(280.0, 280.0, 4.5),
+    recon_fov=(140.0, 140.0, 3.0),
+    sequence=True,
+) -> bytes:
+    """A schema-valid ISMRMRD header built with the ismrmrd package (as fastMRI stores it: ASCII bytes)."""
+    x = ismrmrd_xsd
+    header = x.ismrmrdHeader(experimentalConditions=x.experimentalConditionsType(H1resonanceFrequency_Hz=123_252_000))
+    header.acquisitionSystemInformation = x.acquisitionSystemInformationType(
+        systemVendor="SIEMENS", systemFieldStrength_T=2.89362, receiverChannels=4
+    )
+    if sequence:
+        header.sequenceParameters = x.sequenceParametersType(TR=[2750.0], TE=[27.0], TI=[100.0], flipAngle_deg=[140.0])
+
+    def space(size, fov):
+        return x.encodingSpaceType(
+            matrixSize=x.matrixSizeType(x=size[0], y=size[1], z=size[2]),
+            fieldOfView_mm=x.fieldOfViewMm(x=fov[0], y=fov[1], z=fov[2]),
+        )
+
+    limits = x.encodingLimitsType(
+        kspace_encoding_step_0=x.limitType(minimum=0, maximum=encoded[0] - 1, center=encoded[0] // 2),
+        kspace_encoding_step_1=x.limitType(minimum=0, maximum=maximum, center=center),
+        kspace_encoding_step_2=x.limitType(minimum=0, maximum=0, center=0),
+        slice=x.limitType(minimum=0, maximum=3, center=0),
+    )
+    header.encoding.append(
+        x.encodingType(
+            encodedSpace=space(encoded, encoded_fov),
+            reconSpace=space(recon, recon_fov),
+            encodingLimits=limits,
+            trajectory=x.trajectoryType("cartesian"),
+        )
+    )
+    return x.ToXML(header).encode("ascii")
+
+
+def write_volume(
+    path: Path,
+    *,
+    num_slices=3,
+    coils=4,
+    height=32,
+    width=24,
+    recon=(16, 16),
+    challenge="multicoil",
+    with_target=True,
+    with_mask=False,
+    header: bytes | None = None,
+    seed=0,
+) -> Path:
+    """A tiny fastMRI-layout file; ``coils=None`` for single-coil. Header padding follows ``width``."""
+    rng = np.random.default_rng(seed)
+    shape = (num_slices, coils, height, width) if coils else (num_slices, height, width)
+    kspace = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    if header is None:
+        header = ismrmrd_xml(encoded=(height, width, 1), recon=(*recon, 1), center=width // 2 - 1, maximum=width - 3)
+    with h5py.File(path, "w") as hf:
+        hf.create_dataset("kspace", data=kspace)
+        hf.create_dataset("ismrmrd_header", data=header)
+        if with_target:
+            key = "reconstruction_rss" if challenge == "multicoil" else "reconstruction_esc"
+            target = rng.random((num_slices, *recon)).astype(np.float32)
+            hf.create_dataset(key, data=target)
+            hf.attrs["max"] = float(target.max())
+            hf.attrs["norm"] = float(np.linalg.norm(target))
+        if with_mask:
+            hf.create_dataset("mask", data=(rng.random(width) < 0.3).astype(np.float32))
+        hf.attrs["acquisition"] = "CORPD_FBK"
+        hf.attrs["patient_id"] = f"patient-{seed}"
+    return path
+
+
+@pytest.fixture
+def multicoil_dir(tmp_path):
+    root = tmp_path / "multicoil"
+    root.mkdir()
+    write_volume(root / "file_b.h5", num_slices=3, coils=4, width=24, seed=1)
+    write_volume(root / "file_a.h5", num_slices=2, coils=3, width=25, seed=2)  # odd width, other coil count
+    write_volume(root / "file_c.h5", num_slices=4, coils=2, height=30, width=20, recon=(14, 14), seed=3, with_mask=True)
+    write_volume(root / "file_d.h5", num_slices=1, coils=4, width=24, seed=4, with_target=False)
+    return root
+
+
+@pytest.fixture
+def singlecoil_dir(tmp_path):
+    root = tmp_path / "singlecoil"
+    root.mkdir()
+    write_volume(root / "sc_1.h5", num_slices=3, coils=None, challenge="singlecoil", seed=5)
+    write_volume(root / "sc_2.h5", num_slices=2, coils=None, challenge="singlecoil", width=27, seed=6)
+    return root
+
+
+def fastmri_metadata(path: Path):
+    """fastmri's own metadata for one file (``_retrieve_metadata`` does not use instance state)."""
+    return FastmriSliceDataset._retrieve_metadata(None, path)
+
+
+def assert_same_samples(ours, theirs):
+    assert len(ours) == len(theirs)
+    for i in range(len(theirs)):
+        got, want = ours[i], theirs[i]
+        np.testing.assert_array_equal(got[0], want[0])
+        assert got[0].dtype == want[0].dtype
+        for a, b in ((got[1], want[1]), (got[2], want[2])):
+            assert (a is None) == (b is None)
+            if b is not None:
+                np.testing.assert_array_equal(a, b)
+        assert got[3].keys() == want[3].keys()
+        for key in want[3]:
+            assert np.all(got[3][key] == want[3][key]), key
+        assert got[4:] == want[4:]
+
+
+# --------------------------------------------------------------------------------------------- header
+
+
+def test_header_matches_fastmri_metadata(multicoil_dir):
+    for path in sorted(multicoil_dir.iterdir()):
+        with h5py.File(path) as hf:
+            info = parse_ismrmrd_header(hf["ismrmrd_header"][()])
+        metadata, num_slices = fastmri_metadata(path)
+        for key in ("padding_left", "padding_right", "encoding_size", "recon_size"):
+            assert info.metadata()[key] == metadata[key], (path.name, key)
+        assert read_volume_info(path).num_slices == num_slices
+
+
+def test_header_all_fields():
+    xml = ismrmrd_xml(encoded=(640, 372, 1), recon=(320, 320, 1), center=186, maximum=369)
+    info = parse_ismrmrd_header(xml.decode())  # str works as bytes do
+    assert info.encoding_size == (640, 372, 1) and info.recon_size == (320, 320, 1)
+    assert info.encoding_fov_mm == (280.0, 280.0, 4.5) and info.recon_fov_mm == (140.0, 140.0, 3.0)
+    assert (info.kspace_encoding_step_1_center, info.kspace_encoding_step_1_maximum) == (186, 369)
+    assert (info.padding_left, info.padding_right) == (0, 370)
+    assert info.slice_thickness_mm == 3.0
+    assert (info.repetition_time_ms, info.echo_time_ms, info.field_strength_t) == (2750.0, 27.0, 2.89362)
+
+    bare = parse_ismrmrd_header(ismrmrd_xml(sequence=False))
+    assert bare.repetition_time_ms is None and bare.echo_time_ms is None
+
+
+def test_header_without_namespace():
+    xml = ismrmrd_xml().decode().replace(' xmlns="http://www.ismrm.org/ISMRMRD"', "")
+    assert parse_ismrmrd_header(xml) == parse_ismrmrd_header(ismrmrd_xml())
+
+
+@pytest.mark.parametrize(
+    "xml,problem",
+    [
+        (b"", "empty"),
+        (b"<ismrmrdHeader><encoding>", "not valid XML"),
+        (b"\x89HDF garbage", "not valid XML"),
+        (ismrmrd_xml().replace(b"<center>11</center>", b""), "kspace_encoding_step_1/center"),
+        (ismrmrd_xml().replace(b"<reconSpace>", b"<reconSpaceX>").replace(b"</reconSpace>", b"</reconSpaceX>"),
+         "lacks encoding/reconSpace/"),
+        (ismrmrd_xml().replace(b"<x>32</x>", b"<x>thirty-two</x>"), "'thirty-two', not a number"),
+    ],
+)
+def test_header_errors_name_the_problem(xml, problem):
+    with pytest.raises(DataError, match=problem) as err:
+        parse_ismrmrd_header(xml, source="/data/file1.h5")
+    assert str(err.value).startswith("/data/file1.h5: ")
+
+
+# --------------------------------------------------------------------------------------------- volume validation
+
+
+def test_read_volume_and_info(multicoil_dir, singlecoil_dir):
+    info = read_volume_info(multicoil_dir / "file_a.h5")
+    assert info.challenge == "multicoil" and info.num_coils == 3 and info.kspace_shape == (2, 3, 32, 25)
+    assert info.target_key == "reconstruction_rss" and info.target_shape == (2, 16, 16) and info.mask_shape is None
+    assert info.attrs["acquisition"] == "CORPD_FBK"
+    volume = read_volume(multicoil_dir / "file_c.h5")
+    assert volume.kspace.shape == (4, 2, 30, 20) and volume.mask.shape == (20,) and volume.target.shape == (4, 14, 14)
+    single = read_volume_info(singlecoil_dir / "sc_2.h5", challenge="singlecoil")
+    assert single.num_coils is None and single.target_key == "reconstruction_esc"
+    assert read_volume(multicoil_dir / "file_d.h5").target is None
+
+
+def _rewrite(path: Path, **changes) -> Path:
+    """Copy of a good multi-coil file with datasets replaced (value) or removed (None)."""
+    write_volume(path, num_slices=2, coils=2)
+    with h5py.File(path, "a") as hf:
+        for key, value in changes.items():
+            del hf[key]
+            if value is not None:
+                hf.create_dataset(key, data=value)
+    return path
+
+
+def _bad_files(tmp: Path) -> dict:
+    """name -> (path, expected problem)."""
+    tmp.mkdir(exist_ok=True)
+    good = write_volume(tmp / "good.h5", num_slices=2, coils=2)
+    truncated = tmp / "truncated.h5"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp / "empty.h5").write_bytes(b"")
+    (tmp / "text.h5").write_text("this is not HDF5\n" * 10)
+    group = tmp / "group.h5"
+    with h5py.File(group, "w") as hf:
+        hf.create_group("kspace")
+    return {
+        "missing": (tmp / "missing.h5", "file not found"),
+        "empty": (tmp / "empty.h5", "empty file"),
+        "text": (tmp / "text.h5", "not an HDF5 file"),
+        "truncated": (truncated, "truncated or corrupt"),
+        "no_kspace": (_rewrite(tmp / "no_kspace.h5", kspace=None), "missing dataset 'kspace'"),
+        "group": (group, "'kspace' is a Group"),
+        "real_kspace": (_rewrite(tmp / "real.h5", kspace=np.zeros((2, 2, 32, 24), np.float32)), "dtype float32"),
+        "bad_ndim": (_rewrite(tmp / "ndim.h5", kspace=np.zeros((32, 24), np.complex64)), "expected (slices, coils"),
+        "zero_slices": (_rewrite(tmp / "zero.h5", kspace=np.zeros((0, 2, 32, 24), np.complex64)), "is empty"),
+        "no_header": (_rewrite(tmp / "nohdr.h5", ismrmrd_header=None), "missing dataset 'ismrmrd_header'"),
+        "garbled_header": (_rewrite(tmp / "garbled.h5", ismrmrd_header=b"<ismrmrdHeader><enc"), "not valid XML"),
+        "target_slices": (
+            _rewrite(tmp / "target.h5", reconstruction_rss=np.zeros((5, 16, 16), np.float32)),
+            "'reconstruction_rss' has shape (5, 16, 16), expected (2, h, w)",
+        ),
+        "target_dtype": (
+            _rewrite(tmp / "tdtype.h5", reconstruction_rss=np.zeros((2, 16, 16), np.complex64)), "dtype complex64"
+        ),
+        "mask_shape": (_mask_file(tmp / "mask.h5"), "'mask' has shape (23,), expected (24,)"),
+    }
+
+
+def _mask_file(path: Path) -> Path:
+    write_volume(path, num_slices=2, coils=2)
+    with h5py.File(path, "a") as hf:
+        hf.create_dataset("mask", data=np.ones(23, np.float32))
+    return path
+
+
+def test_bad_files_raise_data_error_naming_file_and_problem(tmp_path):
+    for name, (path, problem) in _bad_files(tmp_path / "bad").items():
+        with pytest.raises(DataError) as err:
+            read_volume_info(path)
+        assert err.value.path == str(path), name
+        assert problem in err.value.problem, (name, err.value.problem)
+        assert str(err.value).startswith(f"{path}: ")
+
+
+def test_challenge_mismatch(multicoil_dir, singlecoil_dir):
+    with pytest.raises(DataError, match="a multicoil file, but challenge is 'singlecoil'"):
+        read_volume_info(multicoil_dir / "file_a.h5", challenge="singlecoil")
+    with pytest.raises(DataError, match="a singlecoil file"):
+        SliceDataset(singlecoil_dir, challenge="multicoil", use_dataset_cache=False)
+
+
+# --------------------------------------------------------------------------------------------- SliceDataset
+
+
+@pytest.mark.parametrize("challenge", ["multicoil", "singlecoil"])
+def test_same_samples_as_fastmri(challenge, multicoil_dir, singlecoil_dir, tmp_path):
+    root = multicoil_dir if challenge == "multicoil" else singlecoil_dir
+    theirs = FastmriSliceDataset(root, challenge=challenge)
+    ours = SliceDataset(root, challenge=challenge, dataset_cache_file=tmp_path / "cache.pkl")
+    assert len(ours) == {"multicoil": 10, "singlecoil": 5}[challenge]
+    assert_same_samples(ours, theirs)
+    kspace, mask, target, attrs, fname, slice_num = ours[0]
+    assert kspace.dtype == np.complex64 and kspace.ndim == (3 if challenge == "multicoil" else 2)
+    assert {"encoding_size", "recon_size", "padding_left", "padding_right", "max", "acquisition"} <= attrs.keys()
+
+
+def test_transform_receives_the_sample(multicoil_dir, tmp_path):
+    ours = SliceDataset(multicoil_dir, transform=lambda *sample: sample[4:], dataset_cache_file=tmp_path / "c.pkl")
+    assert ours[0] == ("file_a.h5", 0) and ours[len(ours) - 1] == ("file_d.h5", 0)
+
+
+def test_root_may_be_a_list_of_files(multicoil_dir, tmp_path):
+    files = [multicoil_dir / "file_c.h5", multicoil_dir / "file_a.h5"]
+    ours = SliceDataset(files, dataset_cache_file=tmp_path / "c.pkl")
+    assert [(s.fname.name, s.slice_ind) for s in ours.raw_samples] == [("file_a.h5", 0), ("file_a.h5", 1)] + [
+        ("file_c.h5", i) for i in range(4)
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"sample_rate": 0.5}, {"sample_rate": 0.3}, {"volume_sample_rate": 0.5}, {"volume_sample_rate": 0.75}],
+)
+def test_sampling_like_fastmri(kwargs, multicoil_dir, tmp_path):
+    for seed in range(4):
+        random.seed(seed)
+        theirs = FastmriSliceDataset(multicoil_dir, challenge="multicoil", **kwargs)
+        random.seed(seed)
+        ours = SliceDataset(multicoil_dir, dataset_cache_file=tmp_path / "cache.pkl", **kwargs)
+        assert [(s.fname.name, s.slice_ind) for s in ours.raw_samples] == [
+            (s.fname.name, s.slice_ind) for s in theirs.raw_samples
+        ]
+        assert 0 < len(ours) < 10
+    with pytest.raises(ValueError, match="not both"):
+        SliceDataset(multicoil_dir, sample_rate=0.5, volume_sample_rate=0.5)
+
+
+def test_num_cols_and_raw_sample_filter_like_fastmri(multicoil_dir, tmp_path):
+    def only_first_two_slices(raw_sample):
+        return raw_sample.slice_ind < 2
+
+    for kwargs in ({"num_cols": (24,)}, {"num_cols": (25, 20)}, {"raw_sample_filter": only_first_two_slices}):
+        theirs = FastmriSliceDataset(multicoil_dir, challenge="multicoil", **kwargs)
+        ours = SliceDataset(multicoil_dir, dataset_cache_file=tmp_path / "cache.pkl", **kwargs)
+        assert [(s.fname.name, s.slice_ind) for s in ours.raw_samples] == [
+            (s.fname.name, s.slice_ind) for s in theirs.raw_samples
+        ]
+        assert 0 < len(ours) < 10
+
+
+class _CountingOpens:
+    """Replaces ``h5py.File``; records the files opened."""
+
+    def __init__(self, monkeypatch):
+        self.opened: list[str] = []
+        real = h5py.File
+
+        def counting(name, *args, **kwargs):
+            self.opened.append(Path(name).name)
+            return real(name, *args, **kwargs)
+
+        monkeypatch.setattr(h5py, "File", counting)
+
+
+def test_cache_is_used_on_reopen_and_invalidated_by_changes(multicoil_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "dataset_cache.pkl"
+    opens = _CountingOpens(monkeypatch)
+    first = SliceDataset(multicoil_dir, dataset_cache_file=cache)
+    assert sorted(opens.opened) == ["file_a.h5", "file_b.h5", "file_c.h5", "file_d.h5"]
+    assert cache.exists()
+
+    opens.opened.clear()
+    second = SliceDataset(multicoil_dir, dataset_cache_file=cache)
+    assert opens.opened == []  # nothing re-read
+    assert [s[:2] for s in second.raw_samples] == [s[:2] for s in first.raw_samples]
+    assert_same_samples(second, first)
+
+    # a changed file (more slices) and a new file are re-read; the others come from the cache
+    write_volume(multicoil_dir / "file_b.h5", num_slices=5, coils=4, width=24, seed=11)
+    write_volume(multicoil_dir / "file_e.h5", num_slices=2, coils=4, width=24, seed=12)
+    opens.opened.clear()
+    third = SliceDataset(multicoil_dir, dataset_cache_file=cache)
+    assert sorted(opens.opened) == ["file_b.h5", "file_e.h5"]
+    assert len(third) == 10 - 3 + 5 + 2
+
+    # a removed file disappears without any re-read
+    opens.opened.clear()
+    (multicoil_dir / "file_a.h5").unlink()
+    fourth = SliceDataset(multicoil_dir, dataset_cache_file=cache)
+    assert opens.opened == [] and len(fourth) == 14 - 2
+
+    # use_dataset_cache=False always scans
+    opens.opened.clear()
+    SliceDataset(multicoil_dir, dataset_cache_file=cache, use_dataset_cache=False)
+    assert len(opens.opened) == 4
+
+    # stale entries for rewritten files are pruned
+    with open(cache, "rb") as f:
+        entries = pickle.load(f)["entries"]
+    assert sum(Path(key[0][0]).name == "file_b.h5" for key in entries) == 1
+
+
+def test_unreadable_cache_is_rebuilt(multicoil_dir, tmp_path, caplog):
+    cache = tmp_path / "cache.pkl"
+    cache.write_bytes(b"not a pickle")
+    with caplog.at_level(logging.WARNING):
+        ours = SliceDataset(multicoil_dir, dataset_cache_file=cache)
+    assert len(ours) == 10 and "unreadable dataset cache" in caplog.text
+    assert len(SliceDataset(multicoil_dir, dataset_cache_file=cache)) == 10
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_bad_files_raise_or_are_skipped_with_a_warning(use_cache, multicoil_dir, tmp_path, caplog):
+    bad = _bad_files(tmp_path / "bad")
+    for name in ("empty", "text", "truncated", "no_kspace", "garbled_header", "target_slices"):
+        path, problem = bad[name]
+        (multicoil_dir / f"zz_{name}.h5").write_bytes(path.read_bytes())
+    cache = tmp_path / "cache.pkl"
+
+    with pytest.raises(DataError) as err:
+        SliceDataset(multicoil_dir, dataset_cache_file=cache, use_dataset_cache=use_cache)
+    assert Path(err.value.path).name.startswith("zz_")
+
+    for _ in range(2):  # second time from the cache when enabled: bad files are still reported
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            ours = SliceDataset(multicoil_dir, dataset_cache_file=cache, use_dataset_cache=use_cache, skip_bad_files=True)
+        assert len(ours) == 10
+        assert sorted({s.fname.name for s in ours.raw_samples}) == ["file_a.h5", "file_b.h5", "file_c.h5", "file_d.h5"]
+        for name in ("empty", "text", "truncated", "no_kspace", "garbled_header", "target_slices"):
+            assert f"zz_{name}.h5: " in caplog.text and bad[name][1] in caplog.text, name
+        with pytest.raises(DataError):
+            SliceDataset(multicoil_dir, dataset_cache_file=cache, use_dataset_cache=use_cache)
+
+
+def test_file_broken_after_scan_raises_data_error_on_read(multicoil_dir, tmp_path):
+    ours = SliceDataset(multicoil_dir, dataset_cache_file=tmp_path / "cache.pkl")
+    path = multicoil_dir / "file_a.h5"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(DataError, match="truncated or corrupt") as err:
+        ours[0]
+    assert err.value.path == str(path)
+
+
+def test_bad_root(tmp_path):
+    with pytest.raises(DataError, match="dataset root not found"):
+        SliceDataset(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="challenge"):
+        SliceDataset(tmp_path, challenge="dualcoil")
