@@ -1,0 +1,92 @@
+"""Structural similarity in PyTorch: the SSIM map shared by the loss, the batch metric and the volume metric.
+
+SSIM here is the one fastMRI reports: a uniform ``win_size × win_size`` window, sample (``N − 1``) covariances,
+constants ``C1 = (k1 · L)²`` and ``C2 = (k2 · L)²`` for data range ``L``, averaged over the window positions that
+lie fully inside the image. That equals ``skimage.metrics.structural_similarity`` with its defaults (which pads,
+filters and then crops the ``(win_size − 1) / 2`` border) and ``fastmri.losses.SSIMLoss``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["uniform_window", "ssim_map", "SSIMLoss"]
+
+
+def uniform_window(win_size: int, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """``(1, 1, win_size, win_size)`` averaging kernel (all entries ``1 / win_size²``)."""
+    return torch.full((1, 1, win_size, win_size), 1.0 / win_size**2, dtype=dtype, device=device)
+
+
+def ssim_map(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    data_range: torch.Tensor,
+    window: torch.Tensor,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
+    """Local SSIM at every window position fully inside the images.
+
+    Args:
+        x, y: images ``(B, 1, H, W)``, same dtype (x and y enter symmetrically).
+        data_range: ``(B,)`` dynamic range ``L`` per image (fastMRI uses the target volume's maximum).
+        window: ``(1, 1, w, w)`` averaging kernel summing to 1.
+        k1, k2: SSIM stabilisation constants.
+
+    Returns:
+        ``(B, 1, H − w + 1, W − w + 1)`` SSIM values (1 where ``x == y``).
+    """
+    win_size = window.shape[-1]
+    if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"ssim: expected two (B, 1, H, W) images of one shape; got {tuple(x.shape)} and {tuple(y.shape)}")
+    if min(x.shape[-2:]) < win_size:
+        raise ValueError(f"ssim: images {tuple(x.shape[-2:])} are smaller than the {win_size}x{win_size} window")
+    num_px = win_size**2
+    cov_norm = num_px / (num_px - 1)
+    data_range = data_range.to(x.dtype).reshape(-1, 1, 1, 1)
+    c1 = (k1 * data_range) ** 2
+    c2 = (k2 * data_range) ** 2
+    ux = F.conv2d(x, window)
+    uy = F.conv2d(y, window)
+    uxx = F.conv2d(x * x, window)
+    uyy = F.conv2d(y * y, window)
+    uxy = F.conv2d(x * y, window)
+    vx = cov_norm * (uxx - ux * ux)
+    vy = cov_norm * (uyy - uy * uy)
+    vxy = cov_norm * (uxy - ux * uy)
+    numerator = (2 * ux * uy + c1) * (2 * vxy + c2)
+    denominator = (ux**2 + uy**2 + c1) * (vx + vy + c2)
+    return numerator / denominator
+
+
+class SSIMLoss(nn.Module):
+    """``1 − SSIM``, a drop-in for ``fastmri.losses.SSIMLoss`` (same call, same numbers, same ``w`` buffer).
+
+    Args:
+        win_size: side of the uniform window.
+        k1, k2: SSIM constants.
+
+    Call ``loss(X, Y, data_range, reduced=True)`` with ``X, Y`` of shape ``(B, 1, H, W)`` and ``data_range``
+    ``(B,)``; returns a scalar (``reduced``) or the ``(B, 1, H − w + 1, W − w + 1)`` map of ``1 − SSIM``.
+
+    Example:
+        >>> x = torch.rand(2, 1, 16, 16)
+        >>> float(SSIMLoss()(x, x, torch.ones(2)))
+        0.0
+    """
+
+    w: torch.Tensor
+
+    def __init__(self, win_size: int = 7, k1: float = 0.01, k2: float = 0.03):
+        super().__init__()
+        self.win_size = win_size
+        self.k1, self.k2 = k1, k2
+        self.register_buffer("w", uniform_window(win_size, torch.float32))
+
+    def forward(self, X: torch.Tensor, Y: torch.Tensor, data_range: torch.Tensor, reduced: bool = True) -> torch.Tensor:
+        window = self.w.to(X.dtype)
+        loss = 1 - ssim_map(X, Y, data_range, window, self.k1, self.k2)
+        return loss.mean() if reduced else loss

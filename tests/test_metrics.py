@@ -1,0 +1,122 @@
+"""reconkit.metrics against the oracle: fastmri.evaluate (NMSE, PSNR, SSIM) and fastmri.losses.SSIMLoss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fastmri import evaluate as fm_evaluate
+from fastmri.losses import SSIMLoss as FastmriSSIMLoss
+from scipy.ndimage import gaussian_filter
+
+from reconkit.metrics import MetricTable, SSIMLoss, nmse, psnr, psnr_torch, ssim, ssim_torch, volume_metrics
+
+SIZES = [(3, 32, 32), (2, 41, 27), (4, 64, 48), (1, 7, 9)]
+
+
+def smooth_volume(shape: tuple[int, ...], seed: int, sigma: float = 2.0) -> np.ndarray:
+    """Non-negative smooth random magnitude volume (like an MR magnitude image), float32."""
+    rng = np.random.default_rng(seed)
+    vol = np.abs(gaussian_filter(rng.standard_normal(shape), sigma=(0, sigma, sigma)))
+    return (vol / vol.max() * 1e-4).astype(np.float32)  # fastMRI-like scale
+
+
+def degraded(gt: np.ndarray, seed: int, noise: float) -> np.ndarray:
+    """A blurred, noisy reconstruction of ``gt``."""
+    rng = np.random.default_rng(seed)
+    blurred = gaussian_filter(gt, sigma=(0, 0.8, 0.8))
+    return (blurred + noise * gt.max() * rng.standard_normal(gt.shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", SIZES)
+@pytest.mark.parametrize("noise", [0.01, 0.1])
+def test_volume_metrics_equal_fastmri(shape, noise):
+    gt = smooth_volume(shape, seed=1)
+    pred = degraded(gt, seed=2, noise=noise)
+    assert nmse(gt, pred) == pytest.approx(float(fm_evaluate.nmse(gt, pred)), rel=1e-6)
+    assert psnr(gt, pred) == pytest.approx(float(fm_evaluate.psnr(gt, pred)), abs=1e-6)
+    assert ssim(gt, pred) == pytest.approx(float(fm_evaluate.ssim(gt, pred)[0]), abs=1e-6)
+    maxval = float(gt.max()) * 1.3
+    assert psnr(gt, pred, maxval) == pytest.approx(float(fm_evaluate.psnr(gt, pred, maxval)), abs=1e-6)
+    assert ssim(gt, pred, maxval) == pytest.approx(float(fm_evaluate.ssim(gt, pred, maxval)[0]), abs=1e-6)
+
+
+def test_metrics_order_better_reconstructions():
+    gt = smooth_volume((2, 48, 40), seed=3)
+    good, bad = degraded(gt, 4, noise=0.01), degraded(gt, 4, noise=0.2)
+    assert nmse(gt, good) < nmse(gt, bad)
+    assert psnr(gt, good) > psnr(gt, bad)
+    assert ssim(gt, good) > ssim(gt, bad)
+    assert ssim(gt, gt) == pytest.approx(1.0, abs=1e-12)
+    assert nmse(gt, gt) == 0.0
+
+
+def test_metrics_reject_bad_shapes():
+    gt = smooth_volume((2, 16, 16), seed=5)
+    with pytest.raises(ValueError, match="shape"):
+        nmse(gt, gt[:, :8])
+    with pytest.raises(ValueError, match="dimensions"):
+        ssim(gt[0], gt[0])
+    with pytest.raises(ValueError, match="window"):
+        ssim(gt[:, :5, :5], gt[:, :5, :5])
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (3, 1, 37, 29)])
+def test_ssim_loss_equals_fastmri_and_gradients(shape):
+    gen = torch.Generator().manual_seed(0)
+    target = torch.from_numpy(smooth_volume((shape[0],) + shape[2:], seed=6)).unsqueeze(1)
+    output = (target + 1e-5 * torch.randn(shape, generator=gen)).requires_grad_(True)
+    data_range = target.flatten(1).amax(dim=1)
+    ours, theirs = SSIMLoss(), FastmriSSIMLoss()
+    loss = ours(output, target, data_range)
+    torch.testing.assert_close(loss, theirs(output, target, data_range), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        ours(output, target, data_range, reduced=False), theirs(output, target, data_range, reduced=False)
+    )
+    (grad,) = torch.autograd.grad(loss, output)
+    (grad_ref,) = torch.autograd.grad(theirs(output, target, data_range), output)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-5 * grad_ref.abs().max().item())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()  # checkpoints holding the loss stay loadable
+
+
+def test_ssim_loss_other_window():
+    x = torch.rand(2, 1, 24, 24, generator=torch.Generator().manual_seed(1))
+    y = x.flip(-1)
+    data_range = torch.ones(2)
+    for win_size, k1, k2 in [(5, 0.01, 0.03), (9, 0.02, 0.05)]:
+        torch.testing.assert_close(
+            SSIMLoss(win_size, k1, k2)(x, y, data_range), FastmriSSIMLoss(win_size, k1, k2)(x, y, data_range)
+        )
+
+
+def test_batch_metrics_match_volume_metrics():
+    gt = smooth_volume((3, 40, 36), seed=7)
+    pred = degraded(gt, seed=8, noise=0.05)
+    maxval = float(gt.max())
+    gt_t, pred_t = torch.from_numpy(gt).double(), torch.from_numpy(pred).double()
+    per_slice_ssim = ssim_torch(gt_t, pred_t, maxval)
+    assert per_slice_ssim.shape == (3,)
+    assert per_slice_ssim.mean().item() == pytest.approx(float(fm_evaluate.ssim(gt, pred)[0]), abs=1e-6)
+    per_slice_psnr = psnr_torch(gt_t, pred_t, maxval)
+    for i in range(3):
+        assert per_slice_psnr[i].item() == pytest.approx(psnr(gt[i : i + 1], pred[i : i + 1], maxval), abs=1e-6)
+    # default peak is each image's own maximum
+    own_peak = psnr_torch(gt_t, pred_t)
+    assert own_peak[0].item() == pytest.approx(psnr(gt[:1], pred[:1]), abs=1e-6)
+    # float32 on the batch path stays close to the float64 reference
+    assert ssim_torch(gt_t.float(), pred_t.float(), maxval).mean().item() == pytest.approx(
+        per_slice_ssim.mean().item(), abs=1e-4
+    )
+
+
+def test_metric_table_aggregates_volumes():
+    table = MetricTable()
+    gts = [smooth_volume((2, 24, 24), seed=s) for s in (10, 11, 12)]
+    for i, gt in enumerate(gts):
+        table.add(f"file{i}", volume_metrics(gt, degraded(gt, seed=20 + i, noise=0.05)))
+    summary = table.summary()
+    psnrs = [table.rows[f"file{i}"]["PSNR"] for i in range(3)]
+    assert summary["PSNR"][0] == pytest.approx(np.mean(psnrs))
+    assert summary["PSNR"][1] == pytest.approx(np.std(psnrs, ddof=1))
+    assert set(summary) == {"NMSE", "PSNR", "SSIM"}
+    assert "3 volumes" in table.format()
