@@ -1,0 +1,179 @@
+"""``reconkit evaluate``: score reconstructions against targets with fastMRI's per-volume NMSE / PSNR / SSIM.
+
+Each target file ``TARGET/<name>.h5`` is paired with ``PREDICTIONS/<name>.h5`` (fastMRI's submission layout: a
+``reconstruction`` dataset). As in ``fastmri.evaluate``, both volumes are centre-cropped to a square of the target's
+width, then NMSE, PSNR (data range = the target volume's maximum) and SSIM (mean over slices, same data range) are
+computed per volume and averaged over volumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from reconkit.data import center_crop, open_volume, target_key
+from reconkit.errors import DataError, ReconkitError
+from reconkit.io.atomic import atomic_path
+from reconkit.metrics import volume_metrics
+
+__all__ = ["VolumeScore", "score_volume", "evaluate_directories", "main"]
+
+METRICS = ("NMSE", "PSNR", "SSIM")
+
+EXAMPLE = """example:
+  reconkit reconstruct data/val --model checkpoints/varnet_small.onnx --output out --format h5
+  reconkit evaluate --target data/val --predictions out/h5 --csv out/metrics.csv
+"""
+
+
+@dataclass(frozen=True)
+class VolumeScore:
+    """fastMRI's metrics for one volume: NMSE (unitless), PSNR (dB), SSIM (unitless)."""
+
+    name: str
+    slices: int
+    nmse: float
+    psnr: float
+    ssim: float
+
+
+def _read_array(path: Path, key: str) -> np.ndarray:
+    with open_volume(path) as hf:
+        if key not in hf:
+            raise DataError(path, f"missing dataset '{key}'")
+        try:
+            data = hf[key][()]
+        except OSError as err:
+            raise DataError(path, f"cannot read '{key}', file truncated or corrupt ({err})") from None
+    if data.ndim != 3 or np.iscomplexobj(data) or not np.issubdtype(data.dtype, np.number):
+        raise DataError(path, f"'{key}' has dtype {data.dtype} shape {data.shape}, expected real (slices, h, w)")
+    if not np.isfinite(data).all():
+        raise DataError(path, f"'{key}' holds NaN or infinite values")
+    return data
+
+
+def score_volume(target_path: Path, prediction_path: Path, challenge: str = "multicoil") -> VolumeScore:
+    """Score one prediction file against one target file.
+
+    Raises:
+        DataError: a file is missing, unreadable, lacks its dataset, or the shapes cannot be compared.
+    """
+    if not prediction_path.exists():
+        raise DataError(prediction_path, f"no prediction for target {target_path.name}")
+    target = _read_array(target_path, target_key(challenge)).astype(np.float64)
+    prediction = _read_array(prediction_path, "reconstruction").astype(np.float64)
+    size = target.shape[-1]
+    if prediction.shape[0] != target.shape[0]:
+        raise DataError(prediction_path, f"{prediction.shape[0]} slices, target {target_path.name} has {target.shape[0]}")
+    try:
+        target, prediction = center_crop(target, (size, size)), center_crop(prediction, (size, size))
+    except ValueError as err:
+        raise DataError(prediction_path, f"shape {prediction.shape} does not fit target {target_path.name}: {err}") from None
+    values = volume_metrics(target, prediction)
+    return VolumeScore(target_path.name, target.shape[0], values["NMSE"], values["PSNR"], values["SSIM"])
+
+
+def evaluate_directories(
+    target_dir: Path, predictions_dir: Path, challenge: str = "multicoil"
+) -> tuple[list[VolumeScore], list[str]]:
+    """Score every ``*.h5`` in ``target_dir``; returns ``(scores, error lines)`` (one line per failed volume)."""
+    if not target_dir.is_dir():
+        raise ReconkitError(f"{target_dir}: target directory not found")
+    if not predictions_dir.is_dir():
+        raise ReconkitError(f"{predictions_dir}: predictions directory not found")
+    scores, errors = [], []
+    for target_path in sorted(target_dir.glob("*.h5")):
+        try:
+            scores.append(score_volume(target_path, predictions_dir / target_path.name, challenge))
+        except ReconkitError as err:
+            errors.append(str(err))
+    return scores, errors
+
+
+def mean_score(scores: Sequence[VolumeScore]) -> Optional[VolumeScore]:
+    """Mean over volumes (fastMRI's reported numbers), or None for no volumes."""
+    if not scores:
+        return None
+    return VolumeScore(
+        name="mean",
+        slices=sum(s.slices for s in scores),
+        nmse=float(np.mean([s.nmse for s in scores])),
+        psnr=float(np.mean([s.psnr for s in scores])),
+        ssim=float(np.mean([s.ssim for s in scores])),
+    )
+
+
+def write_csv(path: Path, scores: Sequence[VolumeScore]) -> None:
+    """Atomically write one row per volume plus a ``mean`` row: name, slices, nmse, psnr_db, ssim."""
+    rows = list(scores) + ([mean_score(scores)] if scores else [])
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["volume", "slices", "nmse", "psnr_db", "ssim"])
+            for s in rows:
+                writer.writerow([s.name, s.slices, f"{s.nmse:.8g}", f"{s.psnr:.8g}", f"{s.ssim:.8g}"])
+
+
+def print_table(scores: Sequence[VolumeScore]) -> None:
+    """Rich table of per-volume scores and the mean."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fastMRI metrics per volume")
+    for column in ("volume", "slices", "NMSE", "PSNR (dB)", "SSIM"):
+        table.add_column(column, justify="left" if column == "volume" else "right")
+    mean = mean_score(scores)
+    for s in list(scores) + ([mean] if mean else []):
+        psnr_text = f"{s.psnr:.2f}" if math.isfinite(s.psnr) else str(s.psnr)
+        table.add_row(s.name, str(s.slices), f"{s.nmse:.4g}", psnr_text, f"{s.ssim:.4f}", end_section=s is scores[-1])
+    Console().print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reconkit evaluate",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1]
+        + " Targets are fastMRI files (reconstruction_rss / _esc); predictions are fastMRI submission files.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--target", type=Path, required=True, help="directory of target .h5 files (ground truth)")
+    parser.add_argument(
+        "--predictions", type=Path, required=True, help="directory of prediction .h5 files named like the targets"
+    )
+    parser.add_argument(
+        "--challenge",
+        choices=("multicoil", "singlecoil"),
+        default="multicoil",
+        help="multicoil scores against reconstruction_rss, singlecoil against reconstruction_esc (default multicoil)",
+    )
+    parser.add_argument("--csv", type=Path, default=None, help="also write per-volume and mean rows to this CSV file")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``reconkit evaluate``; exit code 1 when any volume could not be scored, 2 on bad arguments."""
+    args = build_parser().parse_args(argv)
+    try:
+        scores, errors = evaluate_directories(args.target, args.predictions, args.challenge)
+    except ReconkitError as err:
+        print(f"reconkit evaluate: {err}", file=sys.stderr)
+        return 2
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    if not scores and not errors:
+        print(f"reconkit evaluate: {args.target}: no .h5 target files", file=sys.stderr)
+        return 1
+    if scores:
+        print_table(scores)
+    if args.csv is not None:
+        write_csv(args.csv, scores)
+        print(f"wrote {args.csv}")
+    return 1 if errors or not scores else 0

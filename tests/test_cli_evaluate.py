@@ -1,0 +1,100 @@
+"""``reconkit evaluate`` gives fastmri.evaluate's numbers, per volume and mean, and reports bad files."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+
+import h5py
+import numpy as np
+import pytest
+from fastmri import evaluate as fastmri_evaluate
+from fastmri.data.transforms import center_crop
+
+from reconkit.cli import evaluate as cli_evaluate
+from reconkit.cli.main import main as reconkit_main
+from reconkit.io import write_fastmri_h5
+
+
+def _phantom(rng: np.random.Generator, slices: int, height: int, width: int) -> np.ndarray:
+    yy, xx = np.mgrid[:height, :width]
+    disc = ((yy - height / 2) ** 2 / (0.4 * height) ** 2 + (xx - width / 2) ** 2 / (0.35 * width) ** 2) < 1
+    base = disc * (1.0 + 0.3 * np.sin(xx / 3.0))
+    return np.stack([base * (1 + 0.1 * s) + 0.05 * rng.random((height, width)) for s in range(slices)]).astype(
+        np.float32
+    ) * 1e-4
+
+
+def _make_dirs(tmp_path, rng, shapes, key="reconstruction_rss"):
+    target_dir, pred_dir = tmp_path / "target", tmp_path / "pred"
+    target_dir.mkdir()
+    for i, (slices, height, width, pred_height, pred_width) in enumerate(shapes):
+        target = _phantom(rng, slices, height, width)
+        with h5py.File(target_dir / f"file{i}.h5", "w") as f:
+            f.create_dataset(key, data=target)
+            f.attrs["acquisition"] = "CORPD_FBK"
+        prediction = _phantom(rng, slices, pred_height, pred_width) + 2e-6 * rng.standard_normal(
+            (slices, pred_height, pred_width)
+        )
+        write_fastmri_h5(pred_dir / f"file{i}.h5", prediction)
+    return target_dir, pred_dir
+
+
+def test_matches_fastmri_evaluate(tmp_path):
+    rng = np.random.default_rng(0)
+    # different slice counts; a wider prediction (cropped like fastmri does) and an odd-sized target
+    target_dir, pred_dir = _make_dirs(tmp_path, rng, [(3, 40, 32, 40, 32), (2, 36, 30, 40, 34), (4, 33, 27, 33, 27)])
+    scores, errors = cli_evaluate.evaluate_directories(target_dir, pred_dir)
+    assert errors == []
+    for score in scores:
+        with h5py.File(target_dir / score.name) as t, h5py.File(pred_dir / score.name) as p:
+            gt, pred = t["reconstruction_rss"][()], p["reconstruction"][()]
+        size = (gt.shape[-1], gt.shape[-1])
+        gt, pred = center_crop(gt, size), center_crop(pred, size)
+        assert score.nmse == pytest.approx(float(fastmri_evaluate.nmse(gt, pred)), rel=1e-5)
+        assert score.psnr == pytest.approx(float(fastmri_evaluate.psnr(gt, pred)), rel=1e-5)
+        assert score.ssim == pytest.approx(float(fastmri_evaluate.ssim(gt, pred)[0]), rel=1e-5)
+    args = argparse.Namespace(target_path=target_dir, predictions_path=pred_dir, acquisition=None, acceleration=None)
+    reference = fastmri_evaluate.evaluate(args, "reconstruction_rss").means()
+    mean = cli_evaluate.mean_score(scores)
+    assert mean.nmse == pytest.approx(reference["NMSE"], rel=1e-5)
+    assert mean.psnr == pytest.approx(reference["PSNR"], rel=1e-5)
+    assert mean.ssim == pytest.approx(reference["SSIM"], rel=1e-5)
+
+
+def test_cli_table_csv_and_bad_files(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 32, 32, 32, 32), (2, 32, 32, 32, 32), (2, 32, 32, 32, 32)])
+    (pred_dir / "file1.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 50)  # corrupt / truncated
+    (pred_dir / "file2.h5").unlink()  # missing prediction
+    csv_path = tmp_path / "metrics.csv"
+    code = reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--csv", str(csv_path)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 2
+    assert any("file1.h5" in line and "corrupt" in line for line in error_lines)
+    assert any("file2.h5" in line and "no prediction" in line for line in error_lines)
+    assert "file0.h5" in out and "mean" in out
+    with open(csv_path) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["volume"] for r in rows] == ["file0.h5", "mean"]
+    score = cli_evaluate.score_volume(target_dir / "file0.h5", pred_dir / "file0.h5")
+    assert float(rows[0]["ssim"]) == pytest.approx(score.ssim, rel=1e-6)
+    assert float(rows[1]["psnr_db"]) == pytest.approx(score.psnr, rel=1e-6)
+
+
+def test_single_coil_and_wrong_key(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 32, 32, 32, 32)], key="reconstruction_esc")
+    assert cli_evaluate.main(["--target", str(target_dir), "--predictions", str(pred_dir), "--challenge", "singlecoil"]) == 0
+    assert cli_evaluate.main(["--target", str(target_dir), "--predictions", str(pred_dir)]) == 1
+    assert "missing dataset 'reconstruction_rss'" in capsys.readouterr().err
+
+
+def test_help_has_example(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reconkit_main(["evaluate", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--predictions" in text and "--csv" in text and "example" in text and "reconkit evaluate --target" in text
