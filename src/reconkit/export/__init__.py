@@ -1,0 +1,9 @@
+"""ONNX export with the FFT inside the graph, metadata, and the Triton model repository writer.
+
+``export_onnx(model_or_checkpoint, output_path, example_shape=(coils, H, W) or [(H, W), ...])`` and
+``load_onnx_metadata(path)``; see docs/export.md.
+"""
+
+from reconkit.export.onnx_export import ExportError, export_onnx, load_onnx_metadata
+
+__all__ = ["export_onnx", "load_onnx_metadata", "ExportError"]

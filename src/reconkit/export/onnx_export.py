@@ -1,0 +1,356 @@
+"""Export a reconstruction model to ONNX with the FFT inside the graph (MatMul FFT, see ``reconkit.ops.dft_matmul``).
+
+Contract (docs/architecture.md, "ONNX contract"): inputs ``masked_kspace`` float32 ``[batch, coils, height, width,
+2]`` and ``mask`` float32 ``[batch, 1, 1, width, 1]``, output ``image`` float32 ``[batch, height, width]``;
+``reconkit.*`` metadata in ``model.metadata_props``. Batch and coil axes are dynamic.
+
+Several spatial sizes: the graph is traced once per ``(H, W)`` (the DFT matrices are constants of that size), and
+the per-size graphs become the branches of nested ``If`` nodes chosen by the input's ``(height, width)``; the
+network weights are stored once, in the main graph, and shared by all branches. See docs/export.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+from reconkit.errors import ReconkitError
+from reconkit.ops import fft_impl
+
+__all__ = ["export_onnx", "load_onnx_metadata", "ExportError", "normalise_sizes", "DEFAULT_OPSET"]
+
+DEFAULT_OPSET = 17
+INPUT_NAMES = ("masked_kspace", "mask")
+OUTPUT_NAME = "image"
+JSON_KEYS = ("reconkit.spatial_sizes", "reconkit.acceleration", "reconkit.center_fraction")
+METADATA_KEYS = (
+    "reconkit.version",
+    "reconkit.model_type",
+    "reconkit.input_layout",
+    "reconkit.normalization",
+    "reconkit.mask_family",
+    "reconkit.acceleration",
+    "reconkit.center_fraction",
+    "reconkit.spatial_sizes",
+)
+INPUT_LAYOUT = (
+    "masked_kspace float32 [batch, coils, height, width, 2] (last axis real, imag; height = readout); "
+    "mask float32 0/1 [batch, 1, 1, width, 1]; image float32 [batch, height, width] (RSS magnitude)"
+)
+
+
+class ExportError(ReconkitError):
+    """A model or checkpoint could not be exported; the message names the file and the problem."""
+
+
+def normalise_sizes(example_shape: Union[Sequence[int], Sequence[Sequence[int]]]) -> tuple[int, list[tuple[int, int]]]:
+    """``(coils, H, W)`` or a list of ``(H, W)`` / ``(coils, H, W)`` → ``(coils for tracing, [(H, W), ...])``.
+
+    >>> normalise_sizes((15, 640, 368))
+    (15, [(640, 368)])
+    >>> normalise_sizes([(32, 24), (40, 28)])
+    (4, [(32, 24), (40, 28)])
+    """
+    items = list(example_shape)
+    if items and all(isinstance(v, int) for v in items):
+        items = [tuple(items)]
+    coils, sizes = 4, []
+    for item in items:
+        item = tuple(int(v) for v in item)
+        if len(item) == 3:
+            coils, item = item[0], item[1:]
+        if len(item) != 2 or min(item) < 2 or coils < 1:
+            raise ValueError(f"example_shape: expected (coils, H, W) or a list of (H, W); got {example_shape!r}")
+        if item not in sizes:
+            sizes.append(item)
+    if not sizes:
+        raise ValueError("example_shape: no spatial size given")
+    return coils, sizes
+
+
+class _Reconstruct(torch.nn.Module):
+    """Contract-shaped wrapper: ``(masked_kspace, mask) -> image`` with the model's FFTs as MatMul FFTs."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(masked_kspace, mask)
+
+
+def _example_inputs(batch: int, coils: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic example k-space and a Cartesian line mask with a fully sampled centre (8 % of lines)."""
+    generator = torch.Generator().manual_seed(0)
+    mask = (torch.rand(width, generator=generator) < 0.3).float()
+    low = max(2, round(0.08 * width))
+    mask[width // 2 - low // 2 : width // 2 - low // 2 + low] = 1
+    mask = mask.reshape(1, 1, 1, width, 1).repeat(batch, 1, 1, 1, 1)
+    kspace = torch.randn(batch, coils, height, width, 2, generator=generator) * mask
+    return kspace, mask
+
+
+def _trace_one(model: torch.nn.Module, coils: int, height: int, width: int, opset: int, path: Path, dynamic_hw: bool):
+    """Trace the model for one spatial size into ``path`` (TorchScript exporter, MatMul FFT)."""
+    kspace, mask = _example_inputs(2, max(coils, 2), height, width)
+    hw = {2: "height", 3: "width"} if dynamic_hw else {}
+    dynamic_axes = {
+        "masked_kspace": {0: "batch", 1: "coils", **hw},
+        "mask": {0: "batch", **({3: "width"} if dynamic_hw else {})},
+        OUTPUT_NAME: {0: "batch", **({1: "height", 2: "width"} if dynamic_hw else {})},
+    }
+    with fft_impl("matmul"), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about Python ints from shapes: sizes are specialised
+        torch.onnx.export(
+            _Reconstruct(model), (kspace, mask), str(path), dynamo=False, opset_version=opset,
+            input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+        )
+
+
+def _merge_by_size(graphs: list, sizes: list[tuple[int, int]]):
+    """One ``onnx.ModelProto`` choosing among per-size graphs with nested ``If`` on the input's (height, width).
+
+    Initialisers equal (name and bytes) in every per-size graph — the network weights — move to the main graph
+    and are shared; the rest (DFT matrices, size-dependent constants) stay in their branch, renamed with a
+    per-size prefix so names stay unique across subgraphs.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    def key(init):
+        return init.name, init.SerializeToString()
+
+    shared_keys = set(key(i) for i in graphs[0].graph.initializer)
+    for model in graphs[1:]:
+        shared_keys &= set(key(i) for i in model.graph.initializer)
+    shared = [i for i in graphs[0].graph.initializer if key(i) in shared_keys]
+    shared_names = {i.name for i in shared}
+    outer = set(INPUT_NAMES) | shared_names
+
+    branches = []
+    for model, (height, width) in zip(graphs, sizes):
+        prefix = f"s{height}x{width}/"
+        graph = model.graph
+
+        def rename(name: str) -> str:
+            return name if (not name or name in outer) else prefix + name
+
+        nodes = []
+        for node in graph.node:
+            new = onnx.NodeProto()
+            new.CopyFrom(node)
+            new.name = prefix + node.name
+            new.input[:] = [rename(n) for n in node.input]
+            new.output[:] = [rename(n) for n in node.output]
+            nodes.append(new)
+        inits = []
+        for init in graph.initializer:
+            if init.name in shared_names:
+                continue
+            new = onnx.TensorProto()
+            new.CopyFrom(init)
+            new.name = rename(init.name)
+            inits.append(new)
+        out = onnx.ValueInfoProto()
+        out.CopyFrom(graph.output[0])
+        out.name = rename(out.name)
+        branches.append(helper.make_graph(nodes, f"size_{height}x{width}", [], [out], initializer=inits))
+
+    # (height, width) of the input as int64 [2], compared with each size; the innermost else is the last size
+    consts = [helper.make_tensor("hw_axes", TensorProto.INT64, [2], [2, 3])]
+    nodes = [
+        helper.make_node("Shape", ["masked_kspace"], ["input_shape"]),
+        helper.make_node("Gather", ["input_shape", "hw_axes"], ["input_hw"], axis=0),
+    ]
+    else_graph = branches[-1]
+    for index in range(len(sizes) - 2, -1, -1):
+        height, width = sizes[index]
+        consts.append(helper.make_tensor(f"size_{index}", TensorProto.INT64, [2], [height, width]))
+        cond = f"is_size_{index}"
+        test = [
+            helper.make_node("Equal", ["input_hw", f"size_{index}"], [f"{cond}_each"]),
+            helper.make_node("Cast", [f"{cond}_each"], [f"{cond}_each_int"], to=TensorProto.INT64),
+            helper.make_node("ReduceMin", [f"{cond}_each_int"], [f"{cond}_int"], keepdims=0),
+            helper.make_node("Cast", [f"{cond}_int"], [cond], to=TensorProto.BOOL),
+        ]
+        out_name = OUTPUT_NAME if index == 0 else f"image_{index}"
+        pick = helper.make_node("If", [cond], [out_name], then_branch=branches[index], else_branch=else_graph,
+                                name=f"pick_{height}x{width}")
+        if index == 0:
+            nodes += test + [pick]
+        else:
+            out = helper.make_tensor_value_info(out_name, TensorProto.FLOAT, None)
+            else_graph = helper.make_graph(test + [pick], f"pick_from_{index}", [], [out])
+    first = graphs[0].graph
+    inputs = [_dynamic_hw_input(v) for v in first.input if v.name in INPUT_NAMES]
+    output = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", "height", "width"])
+    main = helper.make_graph(nodes, "reconkit", inputs, [output], initializer=shared + consts)
+    merged = helper.make_model(main, opset_imports=graphs[0].opset_import, producer_name="reconkit")
+    merged.ir_version = graphs[0].ir_version
+    return merged
+
+
+def _dynamic_hw_input(value):
+    """Copy of a graph input with its height / width axes made symbolic."""
+    import onnx
+
+    new = onnx.ValueInfoProto()
+    new.CopyFrom(value)
+    dims = new.type.tensor_type.shape.dim
+    names = {2: "height", 3: "width"} if new.name == "masked_kspace" else {3: "width"}
+    for axis, name in names.items():
+        dims[axis].Clear()
+        dims[axis].dim_param = name
+    return new
+
+
+def _info_get(info: Any, key: str, default: Any = None) -> Any:
+    if isinstance(info, Mapping):
+        return info.get(key, default)
+    return getattr(info, key, default)
+
+
+def load_checkpoint_model(path: Union[str, os.PathLike]) -> tuple[torch.nn.Module, Any]:
+    """``reconkit.models.load_model(path)`` with every failure turned into an :class:`ExportError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise ExportError(f"{path}: checkpoint is empty")
+    try:
+        from reconkit.models import load_model
+    except ImportError as exc:
+        raise ExportError(f"{path}: cannot load checkpoints: reconkit.models.load_model is not available ({exc})")
+    try:
+        model, info = load_model(path)
+    except ReconkitError as exc:
+        if str(path) in str(exc):
+            raise
+        raise ExportError(f"{path}: {exc}") from exc
+    except Exception as exc:  # torch.load / state_dict errors come in many types; keep the reason, name the file
+        raise ExportError(f"{path}: not a loadable reconkit checkpoint ({type(exc).__name__}: {exc})") from exc
+    return model, info
+
+
+def _metadata(model: torch.nn.Module, info: Any, sizes: list[tuple[int, int]], extra: Mapping[str, Any]) -> dict:
+    from reconkit import __version__
+
+    mask = _info_get(info, "mask", None) or {}
+    values: dict[str, Any] = {
+        "reconkit.version": __version__,
+        "reconkit.model_type": _info_get(info, "model_type", None) or type(model).__name__.lower(),
+        "reconkit.input_layout": INPUT_LAYOUT,
+        "reconkit.normalization": _info_get(info, "normalization", None) or "none",
+        "reconkit.mask_family": _info_get(mask, "mask_type", None) or "unknown",
+        "reconkit.acceleration": list(_info_get(mask, "accelerations", None) or []),
+        "reconkit.center_fraction": list(_info_get(mask, "center_fractions", None) or []),
+        "reconkit.spatial_sizes": [list(s) for s in sizes],
+    }
+    for name, value in extra.items():
+        values[name if name.startswith("reconkit.") else f"reconkit.{name}"] = value
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
+
+
+def export_onnx(
+    model_or_checkpoint: Union[torch.nn.Module, str, os.PathLike],
+    output_path: Union[str, os.PathLike],
+    example_shape: Union[Sequence[int], Sequence[Sequence[int]]] = (4, 640, 368),
+    opset: int = DEFAULT_OPSET,
+    metadata: Optional[Mapping[str, Any]] = None,
+    check: bool = True,
+) -> Path:
+    """Export a model (or a reconkit checkpoint) to one ONNX file following the ONNX contract.
+
+    Args:
+        model_or_checkpoint: a ``torch.nn.Module`` called as ``model(masked_kspace, mask) -> image`` (every
+            reconkit k-space model), or the path of a checkpoint for ``reconkit.models.load_model``.
+        output_path: ``.onnx`` file to write (atomically: temporary file, then rename).
+        example_shape: ``(coils, H, W)``, or a list of ``(H, W)`` (or ``(coils, H, W)``) spatial sizes the graph
+            serves. Batch and coil counts stay dynamic; each size gets its own specialised branch.
+        opset: ONNX opset (17 or newer).
+        metadata: extra or overriding ``reconkit.*`` metadata (keys with or without the ``reconkit.`` prefix;
+            non-string values are stored as JSON), e.g. ``{"mask_family": "equispaced_fraction"}``.
+        check: run ``onnx.checker`` on the result.
+
+    Returns:
+        the written path.
+
+    Raises:
+        ExportError: unreadable / incompatible checkpoint, a model that does not trace, or a graph the checker
+            rejects; the message names the file.
+    """
+    import onnx
+
+    if opset < 17:
+        raise ValueError(f"opset must be 17 or newer; got {opset}")
+    coils, sizes = normalise_sizes(example_shape)
+    output_path = Path(output_path)
+    if isinstance(model_or_checkpoint, torch.nn.Module):
+        model, info, source = model_or_checkpoint, None, type(model_or_checkpoint).__name__
+    else:
+        model, info = load_checkpoint_model(model_or_checkpoint)
+        source = str(model_or_checkpoint)
+    was_training = model.training
+    model.eval()
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=output_path.parent, prefix=".export-") as tmp:
+            graphs = []
+            for height, width in sizes:
+                traced = Path(tmp) / f"{height}x{width}.onnx"
+                try:
+                    _trace_one(model, coils, height, width, opset, traced, dynamic_hw=False)
+                except Exception as exc:
+                    raise ExportError(f"{source}: export failed at size {height}x{width}: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+                graphs.append(onnx.load(str(traced)))
+            proto = graphs[0] if len(graphs) == 1 else _merge_by_size(graphs, sizes)
+            for key, value in _metadata(model, info, sizes, metadata or {}).items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, value
+            if check:
+                try:
+                    onnx.checker.check_model(proto)
+                except onnx.checker.ValidationError as exc:
+                    raise ExportError(f"{output_path}: exported graph fails onnx.checker: {exc}") from exc
+            staged = Path(tmp) / "model.onnx"
+            onnx.save(proto, str(staged))
+            os.replace(staged, output_path)
+    finally:
+        model.train(was_training)
+    return output_path
+
+
+def load_onnx_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """The ``reconkit.*`` metadata of an exported model; JSON-valued keys (sizes, acceleration, centre fraction)
+    are decoded, e.g. ``{"reconkit.model_type": "varnet", "reconkit.spatial_sizes": [[640, 368]], ...}``.
+
+    Raises:
+        ExportError: the file is missing or not an ONNX model.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: ONNX model not found")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ExportError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
+    metadata: dict[str, Any] = {}
+    for entry in proto.metadata_props:
+        value: Any = entry.value
+        if entry.key in JSON_KEYS and value != "dynamic":
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ExportError(f"{path}: metadata {entry.key!r} is not JSON: {value!r}") from exc
+        metadata[entry.key] = value
+    return metadata
