@@ -235,8 +235,11 @@ class VariableDensityMaskFunc(MaskFunc):
       the centre normalised to 1 at the edge; gives exactly ``round(H · W / R)`` samples (or the centre alone if
       it is bigger).
     * ``"poisson"``: variable-density Poisson disc: points are visited in random order and kept when no kept
-      point is closer than ``ρ · (1 + r · density_slope)``; ``ρ`` is bisected so the count is within ~5 % of the
-      target.
+      point is closer than ``ρ · (1 + r · density_slope)``; ``ρ`` is tuned so the count is within 5 % of the
+      target. Pure Python: about 0.01 s for 45 × 33 and 2–3 s for 640 × 368 on one CPU core, so prefer
+      ``"gaussian"`` (under 0.1 s) for masks drawn per sample during training.
+
+    ``offset`` is ignored (there are no equispaced lines).
 
     Args:
         center_fractions, accelerations, allow_any_combination, seed: as :class:`MaskFunc`.
@@ -306,40 +309,55 @@ class VariableDensityMaskFunc(MaskFunc):
         return outer
 
     def _poisson(self, radius: np.ndarray, center: np.ndarray, target: int) -> np.ndarray:
-        order = self.rng.permutation(radius.size)
-        outer_target = target - int(center.sum())
-        if outer_target <= 0:
+        """Poisson-disc points outside ``center``, about ``target − |center|`` of them (within 5 %).
+
+        The count falls roughly as ``1 / ρ²``, so ``ρ`` is updated by ``ρ · sqrt(count / wanted)`` (a few
+        iterations), kept inside a bisection bracket so it always converges.
+        """
+        wanted = target - int(center.sum())
+        if wanted <= 0:
             return np.zeros_like(center)
+        order = self.rng.permutation(radius.size)
+        # random sequential packing of discs with centre distance d holds about 0.7 / d² points per unit area
+        rho = float(np.sqrt(0.7 * np.sum((1 + radius[~center] * self.density_slope) ** -2.0) / wanted))
         low, high = 0.0, float(max(radius.shape))
-        best = self._poisson_disc(radius, center, order, low)
+        best = None
         for _ in range(30):
-            rho = (low + high) / 2
             outer = self._poisson_disc(radius, center, order, rho)
             count = int(outer.sum())
-            if abs(count - outer_target) < abs(int(best.sum()) - outer_target):
+            if best is None or abs(count - wanted) < abs(int(best.sum()) - wanted):
                 best = outer
-            if abs(count - outer_target) <= 0.05 * outer_target:
+            if abs(count - wanted) <= 0.05 * wanted:
                 break
-            low, high = (rho, high) if count > outer_target else (low, rho)
+            low, high = (rho, high) if count > wanted else (low, rho)
+            proposal = rho * np.sqrt(count / wanted) if count else (low + high) / 2
+            rho = proposal if low < proposal < high else (low + high) / 2
         return best
 
     def _poisson_disc(self, radius: np.ndarray, center: np.ndarray, order: np.ndarray, rho: float) -> np.ndarray:
-        """Greedy dart throwing in ``order``: keep a point unless a kept point blocked it; outside ``center``."""
+        """Greedy dart throwing in ``order``: keep a point unless a kept point blocked it; outside ``center``.
+
+        A kept point at normalised radius ``r`` blocks the disc of radius ``ρ · (1 + r · density_slope)`` around it.
+        """
         height, width = radius.shape
         blocked = center.copy()
+        blocked_flat = blocked.reshape(-1)
         kept = np.zeros_like(center)
-        ys, xs = np.divmod(order, width)
-        for y, x in zip(ys.tolist(), xs.tolist()):
-            if blocked[y, x]:
-                continue
-            kept[y, x] = True
-            r = rho * (1 + radius[y, x] * self.density_slope)
-            reach = int(np.floor(r))
-            y0, y1, x0, x1 = max(y - reach, 0), min(y + reach + 1, height), max(x - reach, 0), min(x + reach + 1, width)
-            dy = np.arange(y0, y1)[:, None] - y
-            dx = np.arange(x0, x1)[None, :] - x
-            blocked[y0:y1, x0:x1] |= dy**2 + dx**2 < r**2
-            blocked[y, x] = True
+        for start in range(0, order.size, 4096):  # drop already-blocked points in bulk, then visit the rest
+            chunk = order[start : start + 4096]
+            for index in chunk[~blocked_flat[chunk]].tolist():
+                if blocked_flat[index]:
+                    continue
+                y, x = divmod(index, width)
+                kept[y, x] = True
+                r = rho * (1 + radius[y, x] * self.density_slope)
+                reach = int(r)
+                y0, y1 = max(y - reach, 0), min(y + reach + 1, height)
+                x0, x1 = max(x - reach, 0), min(x + reach + 1, width)
+                dy = np.arange(y0, y1)[:, None] - y
+                dx = np.arange(x0, x1)[None, :] - x
+                blocked[y0:y1, x0:x1] |= dy**2 + dx**2 < r**2
+                blocked_flat[index] = True
         return kept
 
 
