@@ -5,8 +5,17 @@ Everything here works on fastMRI's real layout ``(..., H, W, 2)`` (last axis = r
 
 from reconkit.ops.backend import resolve_backend, triton_available
 from reconkit.ops.coils import data_consistency, sens_expand, sens_reduce
-from reconkit.ops.complex import complex_abs, complex_abs_sq, complex_conj, complex_mul, rss, rss_complex
-from reconkit.ops.fft import centering_signs, current_fft_impl, fft2c, fft_impl, ifft2c
+from reconkit.ops.complex import (
+    as_complex,
+    complex_abs,
+    complex_abs_sq,
+    complex_conj,
+    complex_mul,
+    native_complex_ok,
+    rss,
+    rss_complex,
+)
+from reconkit.ops.fft import centering_modulation, centering_signs, current_fft_impl, fft2c, fft_impl, ifft2c
 from reconkit.ops.operators import MultiCoilMRI, conjugate_gradient, real_inner
 
 __all__ = [
@@ -15,6 +24,9 @@ __all__ = [
     "fft_impl",
     "current_fft_impl",
     "centering_signs",
+    "centering_modulation",
+    "as_complex",
+    "native_complex_ok",
     "complex_mul",
     "complex_conj",
     "complex_abs",

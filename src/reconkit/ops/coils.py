@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 from reconkit.ops.backend import resolve_backend
-from reconkit.ops.complex import complex_conj, complex_mul
-from reconkit.ops.fft import fft2c, ifft2c
+from reconkit.ops.complex import as_complex, complex_conj, complex_mul, native_complex_ok
+from reconkit.ops.fft import centering_modulation, fft2c, ifft2c
 
 __all__ = ["sens_expand", "sens_reduce", "data_consistency"]
 
@@ -32,7 +32,15 @@ def sens_expand(image: torch.Tensor, sens_maps: torch.Tensor, backend: Optional[
         from reconkit.ops import triton_kernels
 
         return triton_kernels.sens_expand(image, sens_maps)
-    return fft2c(complex_mul(image, sens_maps))
+    height, width = sens_maps.shape[-3], sens_maps.shape[-2]
+    if not (native_complex_ok(image, sens_maps) and height % 2 == 0 and width % 2 == 0):
+        return fft2c(complex_mul(image, sens_maps))
+    # fft2c(x) = post · FFT(pre · x): the pre-modulation goes onto the one-coil image before the coil product,
+    # and the post-modulation is done in place on the FFT's output, so the C-coil data are written twice only.
+    z_image, z_sens = as_complex(image), as_complex(sens_maps)
+    pre, post = centering_modulation(height, width, z_sens.device, z_sens.dtype)
+    kspace = torch.fft.fft2((z_image * pre) * z_sens, dim=(-2, -1), norm="ortho").mul_(post)
+    return torch.view_as_real(kspace)
 
 
 def sens_reduce(kspace: torch.Tensor, sens_maps: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
@@ -49,7 +57,16 @@ def sens_reduce(kspace: torch.Tensor, sens_maps: torch.Tensor, backend: Optional
         from reconkit.ops import triton_kernels
 
         return triton_kernels.sens_reduce(kspace, sens_maps)
-    return complex_mul(ifft2c(kspace), complex_conj(sens_maps)).sum(dim=1, keepdim=True)
+    height, width = kspace.shape[-3], kspace.shape[-2]
+    if not (native_complex_ok(kspace, sens_maps) and height % 2 == 0 and width % 2 == 0):
+        return complex_mul(ifft2c(kspace), complex_conj(sens_maps)).sum(dim=1, keepdim=True)
+    # ifft2c(k) = post · IFFT(pre · k); the post-modulation commutes with the coil sum, so it is applied to the
+    # one-coil result. vecdot computes Σ_c conj(S_c) · x_c in one pass without a C-coil temporary.
+    z_kspace, z_sens = as_complex(kspace), as_complex(sens_maps)
+    pre, post = centering_modulation(height, width, z_sens.device, z_sens.dtype)
+    coil_images = torch.fft.ifft2(z_kspace * pre, dim=(-2, -1), norm="ortho")
+    image = torch.linalg.vecdot(z_sens, coil_images, dim=1).unsqueeze(1) * post
+    return torch.view_as_real(image)
 
 
 def data_consistency(

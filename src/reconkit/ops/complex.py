@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["complex_mul", "complex_conj", "complex_abs", "complex_abs_sq", "rss", "rss_complex"]
+from reconkit.ops.fft import current_fft_impl
+
+__all__ = ["as_complex", "native_complex_ok", "complex_mul", "complex_conj", "complex_abs", "complex_abs_sq", "rss", "rss_complex"]
 
 
 def _check_layout(x: torch.Tensor, name: str) -> None:
@@ -12,10 +14,36 @@ def _check_layout(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: last axis must have size 2 (real, imag); got shape {tuple(x.shape)}")
 
 
+def native_complex_ok(*tensors: torch.Tensor) -> bool:
+    """Whether ``tensors`` (real layout ``(..., 2)``) may be computed on as native complex tensors.
+
+    True for float32 / float64 tensors of one dtype while the ``torch`` FFT implementation is selected. Under
+    ``fft_impl("matmul")`` (ONNX export, which has no complex type) and for half precision, ops keep to real
+    arithmetic.
+    """
+    dtype = tensors[0].dtype
+    return (
+        dtype in (torch.float32, torch.float64)
+        and all(t.dtype == dtype for t in tensors)
+        and current_fft_impl() == "torch"
+        and not torch.jit.is_tracing()
+    )
+
+
+def as_complex(x: torch.Tensor) -> torch.Tensor:
+    """Complex view ``(...)`` of a real ``(..., 2)`` tensor; copies only when its strides forbid a view."""
+    _check_layout(x, "as_complex")
+    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(s % 2 for s in x.stride()[:-1]):
+        x = x.contiguous()
+    return torch.view_as_complex(x)
+
+
 def complex_mul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Elementwise complex product of ``(..., 2)`` tensors (broadcasting)."""
     _check_layout(x, "complex_mul")
     _check_layout(y, "complex_mul")
+    if native_complex_ok(x, y):
+        return torch.view_as_real(as_complex(x) * as_complex(y))
     re = x[..., 0] * y[..., 0] - x[..., 1] * y[..., 1]
     im = x[..., 0] * y[..., 1] + x[..., 1] * y[..., 0]
     return torch.stack((re, im), dim=-1)

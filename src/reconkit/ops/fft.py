@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["fft2c", "ifft2c", "fft_impl", "current_fft_impl", "centering_signs"]
+__all__ = ["fft2c", "ifft2c", "fft_impl", "current_fft_impl", "centering_signs", "centering_modulation"]
 
 _FFT_IMPL: contextvars.ContextVar[str] = contextvars.ContextVar("reconkit_fft_impl", default="torch")
 
@@ -66,8 +66,14 @@ def _cached_signs(height: int, width: int, device: torch.device, dtype: torch.dt
     return pre, post
 
 
-def _signs(height: int, width: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pre, post) modulation; cached in eager mode, built from ops while tracing or compiling."""
+def centering_modulation(
+    height: int, width: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pre, post)`` sign patterns ``(H, W)`` with ``fft2c(x) = post · FFT(pre · x)`` for even ``H`` and ``W``.
+
+    ``dtype`` should be the dtype of the tensor they multiply (complex for complex data), so that no conversion
+    happens per call. Cached in eager mode, built from ops while tracing or compiling.
+    """
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return _cached_signs.__wrapped__(height, width, device, dtype)
     return _cached_signs(height, width, device, dtype)
@@ -81,7 +87,7 @@ def _centred_fft_complex(z: torch.Tensor, inverse: bool) -> torch.Tensor:
         z = torch.fft.ifftshift(z, dim=(-2, -1))
         z = transform(z, dim=(-2, -1), norm="ortho")
         return torch.fft.fftshift(z, dim=(-2, -1))
-    pre, post = _signs(height, width, z.device, z.real.dtype)
+    pre, post = centering_modulation(height, width, z.device, z.dtype)
     # the FFT's backward does not need its output, so modulating it in place is autograd-safe
     return transform(z * pre, dim=(-2, -1), norm="ortho").mul_(post)
 

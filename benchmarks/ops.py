@@ -1,0 +1,108 @@
+"""Side-by-side timing of reconkit.ops against fastmri: fft2c, ifft2c, sens_expand, sens_reduce.
+
+Ours and fastmri's run alternately inside one loop (which one goes first alternates too), so allocator state,
+caches and machine load hit both alike. Prints a Markdown table: medians over repeats in milliseconds, the ratio
+fastmri / ours (> 1 means ours is faster) and the maximum relative error of ours against fastmri.
+
+    .venv/bin/python benchmarks/ops.py                       # 15 coils x 640 x 368, fp32, CPU
+    .venv/bin/python benchmarks/ops.py --coils 4 --height 64 --width 48 --repeats 5   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from typing import Callable
+
+import fastmri
+import torch
+from fastmri.models.varnet import VarNetBlock
+
+from reconkit.ops import fft2c, ifft2c, sens_expand, sens_reduce
+
+Op = Callable[[], torch.Tensor]
+
+
+def _time_once(fn: Op, device: torch.device) -> tuple[float, torch.Tensor]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def compare(ours: Op, theirs: Op, repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Interleaved timing of two implementations of one op; returns medians (ms), ratio and max relative error."""
+    for _ in range(warmup):
+        ours()
+        theirs()
+    t_ours, t_theirs = [], []
+    for i in range(repeats):
+        pair = ((ours, t_ours), (theirs, t_theirs))
+        for fn, times in pair if i % 2 == 0 else pair[::-1]:
+            elapsed, _ = _time_once(fn, device)
+            times.append(elapsed)
+    ref, out = theirs(), ours()
+    rel_err = ((out - ref).abs().max() / ref.abs().max()).item()
+    med_ours, med_theirs = statistics.median(t_ours) * 1e3, statistics.median(t_theirs) * 1e3
+    return {"ours_ms": med_ours, "fastmri_ms": med_theirs, "ratio": med_theirs / med_ours, "max_rel_err": rel_err}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--coils", type=int, default=15)
+    parser.add_argument("--height", type=int, default=640)
+    parser.add_argument("--width", type=int, default=368)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    shape = (args.batch, args.coils, args.height, args.width, 2)
+    kspace = torch.randn(shape, generator=gen).to(device)
+    sens_maps = torch.randn(shape, generator=gen).to(device)
+    image = torch.randn((args.batch, 1, args.height, args.width, 2), generator=gen).to(device)
+    block = VarNetBlock(torch.nn.Identity())  # fastmri's sens_expand / sens_reduce are methods of this block
+
+    cases = {
+        "fft2c": (lambda: fft2c(kspace), lambda: fastmri.fft2c(kspace)),
+        "ifft2c": (lambda: ifft2c(kspace), lambda: fastmri.ifft2c(kspace)),
+        "sens_expand": (
+            lambda: sens_expand(image, sens_maps, backend="torch"),
+            lambda: block.sens_expand(image, sens_maps),
+        ),
+        "sens_reduce": (
+            lambda: sens_reduce(kspace, sens_maps, backend="torch"),
+            lambda: block.sens_reduce(kspace, sens_maps),
+        ),
+    }
+    print(
+        f"shape {tuple(shape)} float32, device {device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"median of {args.repeats} interleaved repeats"
+    )
+    print()
+    print("| op | reconkit (ms) | fastmri (ms) | speed-up (fastmri / reconkit) | max rel. error |")
+    print("|---|---:|---:|---:|---:|")
+    with torch.no_grad():
+        for name, (ours, theirs) in cases.items():
+            row = compare(ours, theirs, args.repeats, args.warmup, device)
+            print(
+                f"| {name} | {row['ours_ms']:.2f} | {row['fastmri_ms']:.2f} | {row['ratio']:.2f}x "
+                f"| {row['max_rel_err']:.1e} |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

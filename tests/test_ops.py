@@ -1,0 +1,280 @@
+"""reconkit.ops against the oracle (fastmri's fftc, math, coil_combine and VarNet formulas) and operator identities."""
+
+from __future__ import annotations
+
+import fastmri
+import pytest
+import torch
+from fastmri.models.varnet import VarNetBlock
+
+from reconkit.ops import (
+    MultiCoilMRI,
+    as_complex,
+    complex_abs,
+    complex_abs_sq,
+    complex_conj,
+    complex_mul,
+    current_fft_impl,
+    data_consistency,
+    fft2c,
+    fft_impl,
+    ifft2c,
+    real_inner,
+    resolve_backend,
+    rss,
+    rss_complex,
+    sens_expand,
+    sens_reduce,
+)
+
+# (H, W): both divisible by 4, both ≡ 2 mod 4, mixed, odd, odd × even, fastMRI-like
+SIZES = [(8, 12), (6, 10), (6, 12), (7, 5), (9, 8), (40, 30)]
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+class ZeroModel(torch.nn.Module):
+    """Regulariser that returns zeros, so a fastmri VarNetBlock reduces to its soft data-consistency term."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def fastmri_block(dc_weight: float = 1.0) -> VarNetBlock:
+    block = VarNetBlock(ZeroModel())
+    with torch.no_grad():
+        block.dc_weight.fill_(dc_weight)
+    return block
+
+
+# ---------------------------------------------------------------------------------------------------- centred FFTs
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("batch", [(), (3,), (2, 4)])
+def test_fft2c_ifft2c_equal_fastmri_real_layout(size, batch):
+    x = torch.randn(*batch, *size, 2, generator=gen())
+    assert rel_err(fft2c(x), fastmri.fft2c(x)) <= 1e-5
+    assert rel_err(ifft2c(x), fastmri.ifft2c(x)) <= 1e-5
+    assert fft2c(x).shape == x.shape and fft2c(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_fft2c_complex_tensors_match_real_layout(size):
+    x = torch.randn(2, 3, *size, 2, generator=gen(1))
+    z = torch.view_as_complex(x)
+    out = fft2c(z)
+    assert out.is_complex() and out.shape == z.shape
+    assert rel_err(torch.view_as_real(out), fastmri.fft2c(x)) <= 1e-5
+    assert rel_err(torch.view_as_real(ifft2c(z)), fastmri.ifft2c(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_fft2c_roundtrip_and_parseval(size):
+    x = torch.randn(2, *size, 2, generator=gen(2), dtype=torch.float64)
+    k = fft2c(x)
+    assert k.dtype == torch.float64
+    torch.testing.assert_close(ifft2c(k), x)
+    torch.testing.assert_close((k**2).sum(), (x**2).sum())  # orthonormal
+
+
+def test_fft2c_non_contiguous_and_half_inputs():
+    x = torch.randn(4, 10, 12, 2, generator=gen(3))
+    strided = x[::2]  # non-contiguous batch slice
+    torch.testing.assert_close(fft2c(strided), fastmri.fft2c(strided.contiguous()))
+    transposed = x.transpose(1, 2)  # spatial axes swapped: a non-contiguous (…, W, H, 2) input
+    torch.testing.assert_close(fft2c(transposed), fastmri.fft2c(transposed.contiguous()))
+    half = fft2c(x.half())
+    assert half.dtype == torch.float32  # promoted: FFTs stay in full precision
+    torch.testing.assert_close(half, fastmri.fft2c(x.half().float()))
+
+
+def test_fft2c_rejects_bad_layout():
+    with pytest.raises(ValueError, match="shape"):
+        fft2c(torch.randn(4, 6, 3))
+    with pytest.raises(ValueError, match="shape"):
+        ifft2c(torch.randn(6, 2))
+
+
+@pytest.mark.parametrize("size", [(6, 8), (5, 7)])
+def test_fft_gradcheck(size):
+    x = torch.randn(2, *size, 2, dtype=torch.float64, generator=gen(4), requires_grad=True)
+    assert torch.autograd.gradcheck(fft2c, (x,))
+    assert torch.autograd.gradcheck(ifft2c, (x,))
+
+
+def test_fft_impl_context_and_unknown_name():
+    assert current_fft_impl() == "torch"
+    with pytest.raises(ValueError, match="unknown FFT implementation 'cufft'"):
+        with fft_impl("cufft"):
+            pass
+    with fft_impl("torch"):
+        assert current_fft_impl() == "torch"
+    assert current_fft_impl() == "torch"
+
+
+# ------------------------------------------------------------------------------------------------- complex helpers
+
+
+def test_complex_helpers_equal_fastmri():
+    x = torch.randn(2, 3, 5, 7, 2, generator=gen(5))
+    y = torch.randn(2, 1, 5, 7, 2, generator=gen(6))  # broadcast over coils
+    torch.testing.assert_close(complex_mul(x, y), fastmri.complex_mul(x, y))
+    torch.testing.assert_close(complex_conj(x), fastmri.complex_conj(x))
+    torch.testing.assert_close(complex_abs(x), fastmri.complex_abs(x))
+    torch.testing.assert_close(complex_abs_sq(x), fastmri.complex_abs_sq(x))
+    torch.testing.assert_close(rss(x[..., 0], dim=1), fastmri.rss(x[..., 0], dim=1))
+    torch.testing.assert_close(rss_complex(x, dim=1), fastmri.rss_complex(x, dim=1))
+
+
+def test_complex_mul_strided_half_and_real_arithmetic_paths():
+    x = torch.randn(3, 6, 4, generator=gen(7))
+    pairs = x[..., :2], x[..., 2:]  # odd storage offset / stride-4 rows: no complex view possible without a copy
+    torch.testing.assert_close(complex_mul(*pairs), fastmri.complex_mul(pairs[0].contiguous(), pairs[1].contiguous()))
+    torch.testing.assert_close(torch.view_as_real(as_complex(pairs[1])), pairs[1])
+    a, b = torch.randn(4, 5, 2, generator=gen(8)), torch.randn(4, 5, 2, generator=gen(9))
+    torch.testing.assert_close(complex_mul(a.half(), b.half()).float(), fastmri.complex_mul(a, b), atol=2e-2, rtol=1e-2)
+    with fft_impl("matmul"):  # the ONNX export path: real arithmetic only (no complex view)
+        torch.testing.assert_close(complex_mul(a, b), fastmri.complex_mul(a, b))
+
+
+def test_complex_layout_errors_name_the_op():
+    with pytest.raises(ValueError, match="complex_mul: last axis must have size 2"):
+        complex_mul(torch.randn(3, 3), torch.randn(3, 2))
+    with pytest.raises(ValueError, match="complex_abs_sq"):
+        complex_abs(torch.randn(4, 3))
+
+
+def test_complex_mul_gradcheck():
+    a = torch.randn(3, 4, 2, dtype=torch.float64, generator=gen(10), requires_grad=True)
+    b = torch.randn(1, 4, 2, dtype=torch.float64, generator=gen(11), requires_grad=True)
+    assert torch.autograd.gradcheck(complex_mul, (a, b))
+
+
+# ------------------------------------------------------------------------------------------------------ coil ops
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("coils", [1, 3])
+def test_sens_expand_reduce_equal_fastmri_varnet(size, coils):
+    image = torch.randn(2, 1, *size, 2, generator=gen(12))
+    sens_maps = torch.randn(2, coils, *size, 2, generator=gen(13))
+    kspace = torch.randn(2, coils, *size, 2, generator=gen(14))
+    block = fastmri_block()
+    assert rel_err(sens_expand(image, sens_maps), block.sens_expand(image, sens_maps)) <= 1e-5
+    assert rel_err(sens_reduce(kspace, sens_maps), block.sens_reduce(kspace, sens_maps)) <= 1e-5
+    assert sens_reduce(kspace, sens_maps).shape == image.shape
+    # explicit backend and float64 give the same
+    assert rel_err(sens_expand(image, sens_maps, backend="torch"), block.sens_expand(image, sens_maps)) <= 1e-5
+    k64 = sens_expand(image.double(), sens_maps.double())
+    assert k64.dtype == torch.float64
+    assert rel_err(k64, block.sens_expand(image.double(), sens_maps.double())) <= 1e-12
+
+
+def test_coil_ops_real_arithmetic_path_equal_fast_path():
+    """Half precision and mismatched dtypes take the unfused path; its result equals the fused one."""
+    image = torch.randn(1, 1, 8, 6, 2, generator=gen(15))
+    sens_maps = torch.randn(1, 4, 8, 6, 2, generator=gen(16))
+    fused = sens_expand(image.double(), sens_maps.double())
+    torch.testing.assert_close(sens_expand(image.double(), sens_maps), fused)
+    torch.testing.assert_close(sens_reduce(fused, sens_maps), sens_reduce(fused, sens_maps.double()))
+
+
+@pytest.mark.parametrize("size", [(6, 8), (5, 7)])
+def test_coil_ops_gradcheck(size):
+    image = torch.randn(1, 1, *size, 2, dtype=torch.float64, generator=gen(17), requires_grad=True)
+    sens_maps = torch.randn(1, 2, *size, 2, dtype=torch.float64, generator=gen(18), requires_grad=True)
+    kspace = torch.randn(1, 2, *size, 2, dtype=torch.float64, generator=gen(19), requires_grad=True)
+    assert torch.autograd.gradcheck(sens_expand, (image, sens_maps))
+    assert torch.autograd.gradcheck(sens_reduce, (kspace, sens_maps))
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 10, 1), (2, 1, 8, 10, 1)])
+def test_data_consistency_equals_fastmri_soft_dc(mask_shape):
+    current = torch.randn(2, 3, 8, 10, 2, generator=gen(20))
+    ref = torch.randn(2, 3, 8, 10, 2, generator=gen(21))
+    mask = torch.rand(mask_shape, generator=gen(22)) > 0.5
+    sens_maps = torch.randn(2, 3, 8, 10, 2, generator=gen(23))
+    expected = fastmri_block(0.37)(current, ref, mask, sens_maps)
+    torch.testing.assert_close(data_consistency(current, ref, mask, torch.tensor([0.37])), expected)
+    torch.testing.assert_close(data_consistency(current, ref, mask.float(), 0.37, backend="torch"), expected)
+
+
+def test_data_consistency_weight_gets_gradient():
+    current, ref = torch.randn(1, 2, 4, 6, 2, generator=gen(24)), torch.randn(1, 2, 4, 6, 2, generator=gen(25))
+    mask = torch.zeros(1, 1, 1, 6, 1)
+    mask[..., 2:4, :] = 1
+    weight = torch.tensor(0.5, requires_grad=True)
+    data_consistency(current, ref, mask, weight).sum().backward()
+    assert weight.grad is not None
+    torch.testing.assert_close(weight.grad, -((current - ref) * mask).sum())
+
+
+# ------------------------------------------------------------------------------------------------------ backends
+
+
+def test_backend_argument_and_environment(monkeypatch):
+    image, sens_maps = torch.randn(1, 1, 4, 4, 2), torch.randn(1, 2, 4, 4, 2)
+    monkeypatch.delenv("RECONKIT_OPS_BACKEND", raising=False)
+    assert resolve_backend(None, image) == "torch"  # automatic choice on CPU tensors
+    assert resolve_backend("torch", image) == "torch"
+    with pytest.raises(ValueError, match="unknown ops backend 'cuda'"):
+        sens_expand(image, sens_maps, backend="cuda")
+    with pytest.raises(ValueError, match="unknown ops backend"):
+        data_consistency(sens_maps, sens_maps, torch.ones(1, 1, 1, 4, 1), 1.0, backend="fast")
+    monkeypatch.setenv("RECONKIT_OPS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown ops backend 'bogus'"):
+        sens_reduce(sens_maps, sens_maps)
+    monkeypatch.setenv("RECONKIT_OPS_BACKEND", "torch")
+    torch.testing.assert_close(sens_expand(image, sens_maps), fastmri_block().sens_expand(image, sens_maps))
+    # the argument wins over the environment
+    assert resolve_backend("torch", image) == "torch"
+    monkeypatch.setenv("RECONKIT_OPS_BACKEND", "bogus")
+    assert resolve_backend("torch", image) == "torch"
+
+
+# ------------------------------------------------------------------------------------------------- MultiCoilMRI
+
+
+def random_operator(size=(12, 10), coils=4, acceleration=2, dtype=torch.float64, seed=30) -> MultiCoilMRI:
+    g = gen(seed)
+    sens_maps = torch.randn(2, coils, *size, 2, dtype=dtype, generator=g)
+    mask = torch.zeros(2, 1, 1, size[1], 1, dtype=dtype)
+    mask[..., ::acceleration, :] = 1
+    return MultiCoilMRI(mask, sens_maps)
+
+
+@pytest.mark.parametrize("size", [(12, 10), (9, 7)])
+def test_multicoil_adjoint_identity(size):
+    op = random_operator(size)
+    x = torch.randn(2, 1, *size, 2, dtype=torch.float64, generator=gen(31))
+    y = torch.randn(2, 4, *size, 2, dtype=torch.float64, generator=gen(32))
+    torch.testing.assert_close(real_inner(op.A(x), y), real_inner(x, op.A_adjoint(y)), rtol=1e-12, atol=1e-12)
+    # the normal operator is self-adjoint and positive semi-definite
+    z = torch.randn_like(x)
+    torch.testing.assert_close(real_inner(op.normal(x), z), real_inner(x, op.normal(z)), rtol=1e-12, atol=1e-12)
+    assert (real_inner(op.normal(x), x) >= 0).all()
+
+
+def test_a_dagger_recovers_image_from_consistent_data():
+    op = random_operator(acceleration=2, coils=6)  # 6 random coils at R = 2: A is injective
+    x_true = torch.randn(2, 1, 12, 10, 2, dtype=torch.float64, generator=gen(33))
+    kspace = op.A(x_true)
+    errors = [rel_err(op.A_dagger(kspace, max_iter=n, tol=0.0), x_true) for n in (2, 10, 60)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-6
+
+
+def test_a_dagger_with_l2_reg_solves_regularised_normal_equations():
+    op = random_operator(acceleration=3, coils=2, seed=34)  # under-determined: regularisation needed
+    kspace = op.A(torch.randn(2, 1, 12, 10, 2, dtype=torch.float64, generator=gen(35)))
+    lam = 0.1
+    x = op.A_dagger(kspace, max_iter=100, tol=1e-12, l2_reg=lam)
+    residual = op.normal(x) + lam * x - op.A_adjoint(kspace)
+    assert (residual.abs().max() / op.A_adjoint(kspace).abs().max()).item() < 1e-8
