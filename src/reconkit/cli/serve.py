@@ -1,0 +1,68 @@
+"""``reconkit serve``: serve ONNX models over the KServe V2 / Open Inference Protocol (REST)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from reconkit.errors import ReconkitError
+
+_EXAMPLE = """example:
+  reconkit export --checkpoint checkpoints/varnet_small.ckpt --triton-repository models --name varnet
+  RECONKIT_SERVE_TOKEN=secret reconkit serve --model-repository models --host 0.0.0.0 --port 8000
+
+The repository uses Triton's layout (models/<name>/<version>/model.onnx, optional config.pbtxt whose
+max_batch_size / dynamic_batching / instance_group override the batching options below). Send SIGTERM for a
+graceful shutdown: accepted requests are answered before the process exits.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reconkit serve", description=__doc__, epilog=_EXAMPLE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-repository", type=Path, required=True, help="Triton-layout model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="ONNX Runtime execution provider: auto = CUDA when available (default auto)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="largest batch per run (default 8; 0 = no batching)")
+    p.add_argument("--max-queue-delay-ms", type=float, default=0.0,
+                   help="how long a request may wait for others to join its batch (default 0)")
+    p.add_argument("--max-queue-size", type=int, default=64, help="queued requests per model before 503 (default 64)")
+    p.add_argument("--instances", type=int, default=1, help="concurrent model executions per model (default 1)")
+    p.add_argument("--request-timeout-s", type=float, default=30.0, help="per-request timeout, 504 after (default 30)")
+    p.add_argument("--max-request-mb", type=float, default=512.0, help="largest request body, 413 above (default 512)")
+    p.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per session (0 = default)")
+    p.add_argument("--auth-token-env", default="RECONKIT_SERVE_TOKEN",
+                   help="environment variable holding the bearer token; unset or empty = no auth "
+                        "(default RECONKIT_SERVE_TOKEN)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from reconkit.serve import BatchingConfig, ServerConfig, serve
+    from reconkit.serve.logs import configure_logging
+
+    configure_logging(args.log_level)
+    numbers = (args.max_batch_size, args.max_queue_size - 1, args.instances - 1, args.max_queue_delay_ms,
+               args.request_timeout_s, args.max_request_mb, args.intra_op_threads)
+    if min(numbers) < 0 or args.request_timeout_s == 0 or args.max_request_mb == 0:
+        print("reconkit serve: sizes, counts and times must be positive (max-batch-size and delays may be 0)",
+              file=sys.stderr)
+        return 2
+    batching = BatchingConfig(args.max_batch_size, args.max_batch_size > 0, args.max_queue_delay_ms / 1e3,
+                              args.max_queue_size, args.instances)
+    config = ServerConfig(args.model_repository, batching, args.request_timeout_s,
+                          int(args.max_request_mb * 2**20), os.environ.get(args.auth_token_env) or None,
+                          args.device, args.intra_op_threads)
+    try:
+        serve(config, args.host, args.port)
+    except ReconkitError as exc:
+        print(f"reconkit serve: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,207 @@
+"""Open Inference Protocol (KServe V2) inference requests and responses, JSON and binary tensor data.
+
+Binary tensor data extension (what ``tritonclient.http`` sends): the body is a JSON header of
+``Inference-Header-Content-Length`` bytes followed by the raw little-endian tensors, in the order of the inputs
+whose ``parameters.binary_data_size`` is set. Outputs are returned the same way when the request asks for it
+(``outputs[i].parameters.binary_data`` or the request parameter ``binary_data_output``).
+
+Every problem with a request raises :class:`RequestError` with the HTTP status and a message naming the tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from reconkit.errors import ReconkitError
+from reconkit.serve.model import V2_DATATYPES, OnnxModel, TensorSpec
+
+__all__ = ["RequestError", "InferRequest", "decode_infer_request", "encode_infer_response", "HEADER_LENGTH"]
+
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class RequestError(ReconkitError):
+    """A request the server refuses: ``status`` is the HTTP status, ``headers`` extra response headers."""
+
+    def __init__(self, status: int, message: str, headers: Optional[Mapping[str, str]] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+@dataclasses.dataclass
+class InferRequest:
+    """A decoded inference request.
+
+    inputs: input name -> array with the model's dtype and the request's shape (batch first).
+    outputs: output name -> whether to return it as binary data, in the order to return them.
+    timeout_s: the request's own timeout (``parameters.timeout``, microseconds on the wire), or None.
+    """
+
+    id: Optional[str]
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, bool]
+    timeout_s: Optional[float]
+
+    @property
+    def batch_size(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError(400, message)
+
+
+def _split_body(body: bytes, header_length: Optional[str]) -> tuple[dict, memoryview]:
+    if header_length is None:
+        json_part, binary = body, memoryview(b"")
+    else:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise _bad(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
+        if not 0 < length <= len(body):
+            raise _bad(f"Inference-Header-Content-Length {length} does not fit the {len(body)}-byte body")
+        json_part, binary = body[:length], memoryview(body)[length:]
+    try:
+        header = json.loads(json_part)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(f"request header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise _bad("request header must be a JSON object")
+    return header, binary
+
+
+def _parameters(obj: dict, where: str) -> dict:
+    params = obj.get("parameters", {})
+    if not isinstance(params, dict):
+        raise _bad(f"{where}: 'parameters' must be a JSON object")
+    return params
+
+
+def _check_shape(spec: TensorSpec, shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise _bad(f"input '{spec.name}': shape must be a list of non-negative integers, got {shape!r}")
+    if len(shape) != len(spec.shape):
+        raise _bad(f"input '{spec.name}': shape {shape} has {len(shape)} dimensions, model expects {list(spec.shape)}")
+    for axis, (got, want) in enumerate(zip(shape, spec.shape)):
+        if want >= 0 and got != want:
+            raise _bad(f"input '{spec.name}': shape {shape} has size {got} on axis {axis}, model expects {list(spec.shape)}")
+    return tuple(shape)
+
+
+def _tensor(spec: TensorSpec, item: dict, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
+    """Decode one input; returns the array and the new offset into the binary section."""
+    datatype = item.get("datatype")
+    if datatype != spec.datatype:
+        raise _bad(f"input '{spec.name}': datatype {datatype!r} not accepted, model expects {spec.datatype}")
+    shape = _check_shape(spec, item.get("shape"))
+    count = math.prod(shape)
+    nbytes = count * spec.dtype.itemsize
+    size = _parameters(item, f"input '{spec.name}'").get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size != nbytes:
+            raise _bad(f"input '{spec.name}': binary_data_size {size!r} bytes, but shape {list(shape)} of "
+                       f"{spec.datatype} needs {nbytes}")
+        if offset + size > len(binary):
+            raise _bad(f"input '{spec.name}': binary data ends after {len(binary) - offset} of {size} bytes")
+        array = np.frombuffer(binary[offset:offset + size], dtype=spec.dtype).reshape(shape)
+        return array, offset + size
+    if "data" not in item:
+        raise _bad(f"input '{spec.name}': neither 'data' nor parameters.binary_data_size given")
+    try:
+        array = np.asarray(item["data"], dtype=spec.dtype)
+    except (TypeError, ValueError) as exc:
+        raise _bad(f"input '{spec.name}': 'data' is not a list of {spec.datatype} numbers: {exc}") from None
+    if array.size != count:
+        raise _bad(f"input '{spec.name}': 'data' holds {array.size} values, shape {list(shape)} needs {count}")
+    return array.reshape(shape), offset
+
+
+def _requested_outputs(header: dict, model: OnnxModel) -> dict[str, bool]:
+    default_binary = bool(_parameters(header, "request").get("binary_data_output", False))
+    requested = header.get("outputs")
+    if requested is None:
+        return {spec.name: default_binary for spec in model.outputs}
+    if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
+        raise _bad("'outputs' must be a list of objects")
+    known = {spec.name for spec in model.outputs}
+    outputs: dict[str, bool] = {}
+    for item in requested:
+        name = item.get("name")
+        if name not in known:
+            raise _bad(f"unknown output tensor {name!r}; model outputs are {sorted(known)}")
+        outputs[name] = bool(_parameters(item, f"output '{name}'").get("binary_data", default_binary))
+    return outputs
+
+
+def _timeout(header: dict) -> Optional[float]:
+    timeout = _parameters(header, "request").get("timeout")
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+        raise _bad(f"request parameter 'timeout' must be a positive number of microseconds, got {timeout!r}")
+    return timeout / 1e6
+
+
+def decode_infer_request(body: bytes, header_length: Optional[str], model: OnnxModel) -> InferRequest:
+    """Decode and check a request against ``model``'s inputs (names, datatypes, shapes, byte lengths)."""
+    header, binary = _split_body(body, header_length)
+    items = header.get("inputs")
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+        raise _bad("'inputs' must be a non-empty list of tensor objects")
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for item in items:
+        name = item.get("name")
+        spec = model.input(name) if isinstance(name, str) else None
+        if spec is None:
+            raise _bad(f"unknown input tensor {name!r}; model expects {[s.name for s in model.inputs]}")
+        if name in inputs:
+            raise _bad(f"input '{name}' given more than once")
+        inputs[name], offset = _tensor(spec, item, binary, offset)
+    missing = [spec.name for spec in model.inputs if spec.name not in inputs]
+    if missing:
+        raise _bad(f"missing input tensor(s) {missing}; model expects {[s.name for s in model.inputs]}")
+    if offset != len(binary):
+        raise _bad(f"request carries {len(binary)} bytes of binary data but the inputs use {offset}")
+    request_id = header.get("id")
+    return InferRequest(None if request_id is None else str(request_id), inputs, _requested_outputs(header, model),
+                        _timeout(header))
+
+
+def _datatype(array: np.ndarray) -> str:
+    for datatype, dtype in V2_DATATYPES.items():
+        if array.dtype == dtype:
+            return datatype
+    raise ReconkitError(f"output dtype {array.dtype} has no KServe V2 datatype")
+
+
+def encode_infer_response(model_name: str, version: str, request: InferRequest,
+                          results: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """Response body and headers; binary outputs follow the JSON header (``Inference-Header-Content-Length``)."""
+    outputs, chunks = [], []
+    for name, as_binary in request.outputs.items():
+        array = np.ascontiguousarray(results[name])
+        entry: dict[str, Any] = {"name": name, "datatype": _datatype(array), "shape": list(array.shape)}
+        if as_binary:
+            data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = array.ravel().tolist()
+        outputs.append(entry)
+    response: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": outputs}
+    if request.id is not None:
+        response["id"] = request.id
+    header = json.dumps(response, separators=(",", ":")).encode()
+    if not chunks:
+        return header, {"content-type": "application/json"}
+    return b"".join([header, *chunks]), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+

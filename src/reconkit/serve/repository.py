@@ -1,0 +1,106 @@
+"""Discovery of a Triton-layout model repository: ``DIR/<name>/<version>/model.onnx`` (+ ``DIR/<name>/config.pbtxt``).
+
+Only directories whose names pass :data:`MODEL_NAME` / numeric versions are served, and only what is found at
+start-up: names and versions from request URLs are looked up in the table built here and never touch the
+filesystem. ``config.pbtxt`` (optional) is read for the fields the server uses, with Triton's meanings:
+
+* ``max_batch_size`` (absent = 0 = requests run one by one, no batching),
+* ``dynamic_batching { max_queue_delay_microseconds, default_queue_policy { max_queue_size } }``
+  (batching happens only when the block is present),
+* ``instance_group [ { count } ]`` (number of concurrent executions per model).
+
+Without ``config.pbtxt`` the server's defaults (:class:`BatchingConfig` from the CLI) apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from pathlib import Path
+
+from reconkit.errors import DataError, ReconkitError
+from reconkit.serve.pbtxt import PbtxtError, first, parse_pbtxt
+
+__all__ = ["MODEL_NAME", "BatchingConfig", "ModelEntry", "discover_models"]
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
+_log = logging.getLogger("reconkit.serve")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingConfig:
+    """How requests for one model are queued and batched.
+
+    max_batch_size: largest batch run at once (0: no batching, each request runs alone).
+    dynamic: whether concurrent requests with equal non-batch shapes are merged into one batch.
+    max_queue_delay_s: how long the first queued request may wait for others to join its batch (seconds).
+    max_queue_size: requests waiting at most; more are refused with 503.
+    instances: executions of the model that may run at the same time.
+    """
+
+    max_batch_size: int = 8
+    dynamic: bool = True
+    max_queue_delay_s: float = 0.0
+    max_queue_size: int = 64
+    instances: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    """One servable model version found in the repository."""
+
+    name: str
+    version: str
+    onnx_path: Path
+    batching: BatchingConfig
+
+
+def _batching_from_config(path: Path, name: str, defaults: BatchingConfig) -> BatchingConfig:
+    try:
+        config = parse_pbtxt(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, PbtxtError) as exc:
+        raise DataError(path, f"cannot read Triton model configuration: {exc}") from exc
+    declared = first(config, "name")
+    if declared is not None and declared != name:
+        raise DataError(path, f"config names model {declared!r} but its directory is {name!r}")
+    max_batch_size = first(config, "max_batch_size", 0)
+    dynamic = first(config, "dynamic_batching")
+    groups = config.get("instance_group", [])
+    instances = sum(int(first(group, "count", 1)) for group in groups) if groups else 1
+    queue_delay_s, queue_size = defaults.max_queue_delay_s, defaults.max_queue_size
+    if dynamic is not None:
+        queue_delay_s = first(dynamic, "max_queue_delay_microseconds", 0) / 1e6
+        policy = first(dynamic, "default_queue_policy", {})
+        queue_size = first(policy, "max_queue_size", 0) or defaults.max_queue_size  # Triton: 0 = unbounded
+    values = (max_batch_size, queue_size, instances)
+    if not all(isinstance(v, int) and v >= 0 for v in values) or queue_delay_s < 0 or instances < 1:
+        raise DataError(path, "max_batch_size, max_queue_size, instance counts and delays must be non-negative integers")
+    return BatchingConfig(max_batch_size, dynamic is not None and max_batch_size > 0, queue_delay_s, queue_size, instances)
+
+
+def discover_models(repository: Path | str, defaults: BatchingConfig = BatchingConfig()) -> list[ModelEntry]:
+    """Every ``<name>/<version>/model.onnx`` under ``repository``, sorted by name then version.
+
+    Raises ``ReconkitError`` when the directory is missing or holds no servable model, and ``DataError`` for a
+    malformed ``config.pbtxt``. Directories with invalid names are skipped with a warning.
+    """
+    root = Path(repository)
+    if not root.is_dir():
+        raise ReconkitError(f"{root}: model repository is not a directory")
+    entries = []
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not MODEL_NAME.match(model_dir.name):
+            _log.warning("skipping model directory with an invalid name", extra={"path": str(model_dir)})
+            continue
+        config_path = model_dir / "config.pbtxt"
+        batching = _batching_from_config(config_path, model_dir.name, defaults) if config_path.is_file() else defaults
+        versions = sorted((p for p in model_dir.iterdir() if _VERSION.match(p.name)), key=lambda p: int(p.name))
+        for version_dir in versions:
+            onnx_path = version_dir / "model.onnx"
+            if onnx_path.is_file():
+                entries.append(ModelEntry(model_dir.name, version_dir.name, onnx_path, batching))
+    if not entries:
+        raise ReconkitError(f"{root}: no model found; expected the layout <name>/<version>/model.onnx")
+    return entries

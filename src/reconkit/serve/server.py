@@ -1,0 +1,42 @@
+"""Run the app with uvicorn; SIGTERM / SIGINT shut down gracefully.
+
+On the signal the server stops accepting connections, reports not-ready, answers every request it already
+accepted (queued and running inferences included), then stops the batchers and exits.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import uvicorn
+
+from reconkit.serve.app import ServerConfig, create_app
+
+__all__ = ["ReconServer", "build_server", "serve"]
+
+
+class ReconServer(uvicorn.Server):
+    """uvicorn server that reports not-ready from the first SIGTERM / SIGINT and drains before exiting."""
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # Unlike uvicorn's own handler, the signal is not re-raised after the drain: a graceful stop exits 0.
+        self.config.app.state.serve.shutting_down = True
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # second Ctrl-C: stop without waiting
+        self.should_exit = True
+
+
+def build_server(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> ReconServer:
+    """Load the models and return the (not yet started) server; ``server.run()`` blocks until shut down."""
+    app = create_app(config)
+    uv_config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
+        timeout_graceful_shutdown=config.request_timeout_s + 5.0,
+        limit_concurrency=None, timeout_keep_alive=30,
+    )
+    return ReconServer(uv_config)
+
+
+def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve until SIGTERM / SIGINT."""
+    build_server(config, host, port).run()

@@ -1,0 +1,39 @@
+"""Checks on decoded inputs beyond names, datatypes and shapes: batch sizes, finiteness, the ONNX contract.
+
+The reconkit ONNX contract (docs/architecture.md): ``masked_kspace`` float32 ``[batch, coils, height, width, 2]``
+and ``mask`` float32 ``[batch, 1, 1, width, 1]``; the mask's width must equal the k-space width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reconkit.serve.protocol import InferRequest, RequestError
+
+__all__ = ["check_inputs"]
+
+
+def check_inputs(request: InferRequest, max_batch_size: int) -> None:
+    """Raise ``RequestError(400)`` naming the tensor when the inputs cannot form a valid batch.
+
+    max_batch_size: the model's largest batch (0: no limit, requests run one by one).
+    """
+    inputs = request.inputs
+    batches = {name: array.shape[0] for name, array in inputs.items() if array.ndim}
+    if len(set(batches.values())) > 1:
+        raise RequestError(400, f"inputs disagree on the batch size (first axis): {batches}")
+    for name, batch in batches.items():
+        if batch < 1:
+            raise RequestError(400, f"input '{name}': batch size (first axis) must be at least 1")
+        if max_batch_size and batch > max_batch_size:
+            raise RequestError(400, f"input '{name}': batch size {batch} exceeds the model's max_batch_size "
+                                    f"{max_batch_size}")
+    for name, array in inputs.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise RequestError(400, f"input '{name}': {bad} value(s) are NaN or infinite")
+    kspace, mask = inputs.get("masked_kspace"), inputs.get("mask")
+    if kspace is not None and mask is not None and kspace.ndim == 5 and mask.ndim == 5:
+        if mask.shape[3] != kspace.shape[3]:
+            raise RequestError(400, f"input 'mask': width {mask.shape[3]} (axis 3) does not match "
+                                    f"'masked_kspace' width {kspace.shape[3]}")

@@ -1,0 +1,424 @@
+"""KServe V2 server: tritonclient round trips equal ONNX Runtime, every error path, batching, metrics, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+tritonclient_http = pytest.importorskip("tritonclient.http")  # listed in the `test` extra: present in CI
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from reconkit.export.triton_repository import write_triton_repository  # noqa: E402
+from reconkit.serve import BatchingConfig, ServerConfig, build_server  # noqa: E402
+
+COILS, HEIGHT, WIDTH = 3, 10, 7  # odd width on purpose
+
+
+class MaskedMagnitude(torch.nn.Module):
+    """Contract-shaped stand-in model: root-sum-of-squares over coils and real/imag of the masked k-space."""
+
+    def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        kspace = masked_kspace * mask
+        return torch.sqrt((kspace**2).sum(dim=(1, 4)) + 1.0)
+
+
+def export_contract_model(path: Path) -> Path:
+    """ONNX contract (docs/architecture.md): masked_kspace [b, c, h, w, 2], mask [b, 1, 1, w, 1] -> image [b, h, w]."""
+    torch.onnx.export(
+        MaskedMagnitude(), (torch.randn(1, 2, 4, 6, 2), torch.ones(1, 1, 1, 6, 1)), str(path),
+        input_names=["masked_kspace", "mask"], output_names=["image"], dynamo=False,
+        dynamic_axes={"masked_kspace": {0: "batch", 1: "coils", 2: "height", 3: "width"},
+                      "mask": {0: "batch", 3: "width"}, "image": {0: "batch", 1: "height", 2: "width"}},
+    )
+    return path
+
+
+def sample(batch: int = 1, width: int = WIDTH, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    kspace = rng.standard_normal((batch, COILS, HEIGHT, width, 2)).astype(np.float32)
+    mask = (rng.random((batch, 1, 1, width, 1)) < 0.5).astype(np.float32)
+    return kspace, mask
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(repository: Path, **config):
+    """Run the server in a thread on a free 127.0.0.1 port; yields (url, app state); stops it at the end."""
+    port = free_port()
+    server = build_server(ServerConfig(repository, **config), "127.0.0.1", port)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield url, server.config.app.state.serve
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def post(url: str, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection(url, timeout=30)
+    try:
+        conn.request("POST", path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def get(url: str, path: str, headers: dict | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(url, timeout=30)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def json_request(kspace: np.ndarray, mask: np.ndarray, **overrides) -> dict:
+    inputs = [
+        {"name": "masked_kspace", "datatype": "FP32", "shape": list(kspace.shape), "data": kspace.ravel().tolist()},
+        {"name": "mask", "datatype": "FP32", "shape": list(mask.shape), "data": mask.ravel().tolist()},
+    ]
+    return {"inputs": inputs, **overrides}
+
+
+def error_of(status_body: tuple) -> tuple[int, str]:
+    status, _, body = status_body
+    return status, json.loads(body)["error"]
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    onnx_path = export_contract_model(root / "recon.onnx")
+    write_triton_repository(onnx_path, root / "models", "recon", version=1, max_batch_size=8)
+    write_triton_repository(onnx_path, root / "models", "recon", version=2, max_batch_size=8)
+    return root / "models"
+
+
+@pytest.fixture(scope="module")
+def plain_repository(repository) -> Path:
+    """The same model without config.pbtxt, so the server's BatchingConfig applies (config.pbtxt would win)."""
+    version_dir = repository.parent / "plain" / "recon" / "1"
+    version_dir.mkdir(parents=True)
+    (version_dir / "model.onnx").write_bytes((repository / "recon" / "1" / "model.onnx").read_bytes())
+    return repository.parent / "plain"
+
+
+@pytest.fixture(scope="module")
+def direct(repository) -> ort.InferenceSession:
+    return ort.InferenceSession(str(repository / "recon" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    with running_server(repository, batching=BatchingConfig(max_queue_delay_s=0.0)) as (url, state):
+        yield url, state
+
+
+def triton_infer(url: str, kspace: np.ndarray, mask: np.ndarray, binary: bool, **kwargs):
+    client = tritonclient_http.InferenceServerClient(url)
+    inputs = [tritonclient_http.InferInput("masked_kspace", list(kspace.shape), "FP32"),
+              tritonclient_http.InferInput("mask", list(mask.shape), "FP32")]
+    inputs[0].set_data_from_numpy(kspace, binary_data=binary)
+    inputs[1].set_data_from_numpy(mask, binary_data=binary)
+    outputs = [tritonclient_http.InferRequestedOutput("image", binary_data=binary)]
+    try:
+        return client.infer("recon", inputs, outputs=outputs, **kwargs)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("batch,width", [(1, WIDTH), (3, 8)])
+def test_tritonclient_equals_direct_onnxruntime(server, direct, binary, batch, width):
+    url, _ = server
+    kspace, mask = sample(batch, width, seed=batch)
+    result = triton_infer(url, kspace, mask, binary, model_version="2", request_id="r1")
+    expected = direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0]
+    np.testing.assert_array_equal(result.as_numpy("image"), expected)
+    assert result.get_response()["model_version"] == "2" and result.get_response()["id"] == "r1"
+
+
+def test_metadata_health_and_readiness(server):
+    url, _ = server
+    client = tritonclient_http.InferenceServerClient(url)
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("recon") and client.is_model_ready("recon", "1")
+        assert not client.is_model_ready("missing")
+        meta = client.get_model_metadata("recon")
+        assert meta["versions"] == ["1", "2"]
+        assert meta["inputs"] == [{"name": "masked_kspace", "datatype": "FP32", "shape": [-1, -1, -1, -1, 2]},
+                                  {"name": "mask", "datatype": "FP32", "shape": [-1, 1, 1, -1, 1]}]
+        assert meta["outputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, -1, -1]}]
+        assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+        assert client.get_model_config("recon")["max_batch_size"] == 8
+    finally:
+        client.close()
+
+
+def test_default_outputs_and_request_level_binary_flag(server, direct):
+    url, _ = server
+    kspace, mask = sample()
+    expected = direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0]
+    status, headers, body = post(url, "/v2/models/recon/infer", json.dumps(json_request(kspace, mask)).encode())
+    assert status == 200
+    output = json.loads(body)["outputs"][0]
+    np.testing.assert_array_equal(np.asarray(output["data"], np.float32).reshape(output["shape"]), expected)
+    request = json_request(kspace, mask, parameters={"binary_data_output": True})
+    status, headers, body = post(url, "/v2/models/recon/infer", json.dumps(request).encode())
+    length = int(headers["inference-header-content-length"])
+    assert status == 200 and json.loads(body[:length])["outputs"][0]["parameters"]["binary_data_size"] == expected.nbytes
+    np.testing.assert_array_equal(np.frombuffer(body[length:], np.float32).reshape(expected.shape), expected)
+
+
+def binary_body(kspace: np.ndarray, mask: np.ndarray, kspace_size: int | None = None) -> tuple[bytes, dict]:
+    header = {"inputs": [
+        {"name": "masked_kspace", "datatype": "FP32", "shape": list(kspace.shape),
+         "parameters": {"binary_data_size": kspace.nbytes if kspace_size is None else kspace_size}},
+        {"name": "mask", "datatype": "FP32", "shape": list(mask.shape), "parameters": {"binary_data_size": mask.nbytes}},
+    ], "outputs": [{"name": "image", "parameters": {"binary_data": True}}]}
+    head = json.dumps(header).encode()
+    return head + kspace.tobytes() + mask.tobytes(), {"Inference-Header-Content-Length": str(len(head))}
+
+
+def _bad_requests() -> list[tuple[str, object, str]]:
+    kspace, mask = sample()
+    good = json_request(kspace, mask)
+    nan_kspace = kspace.copy()
+    nan_kspace[0, 0, 0, 0, 0] = np.nan
+    inf_mask = mask.copy()
+    inf_mask[0, 0, 0, 1, 0] = np.inf
+    _, wide_mask = sample(width=WIDTH + 1)
+    unknown = json.loads(json.dumps(good))
+    unknown["inputs"].append({"name": "extra", "datatype": "FP32", "shape": [1], "data": [0.0]})
+    missing = {"inputs": good["inputs"][:1]}
+    bad_dtype = json.loads(json.dumps(good))
+    bad_dtype["inputs"][1]["datatype"] = "INT32"
+    bad_rank = json.loads(json.dumps(good))
+    bad_rank["inputs"][1]["shape"] = [1, WIDTH]
+    bad_static = json.loads(json.dumps(good))
+    bad_static["inputs"][0]["shape"] = [1, COILS, HEIGHT, WIDTH, 3]
+    short_data = json.loads(json.dumps(good))
+    short_data["inputs"][1]["data"] = short_data["inputs"][1]["data"][:-1]
+    strings = json.loads(json.dumps(good))
+    strings["inputs"][1]["data"] = ["a"] * WIDTH
+    big_batch = json_request(*sample(batch=9))
+    batch_mismatch = json_request(kspace, sample(batch=2)[1])
+    return [
+        ("not json", b"{", "not valid JSON"),
+        ("no inputs", {"inputs": []}, "'inputs' must be a non-empty list"),
+        ("unknown tensor", unknown, "unknown input tensor 'extra'"),
+        ("missing tensor", missing, "missing input tensor(s) ['mask']"),
+        ("dtype", bad_dtype, "input 'mask': datatype 'INT32' not accepted, model expects FP32"),
+        ("rank", bad_rank, "input 'mask': shape [1, 7] has 2 dimensions"),
+        ("static dim", bad_static, "input 'masked_kspace': shape [1, 3, 10, 7, 3] has size 3 on axis 4"),
+        ("data length", short_data, "input 'mask': 'data' holds 6 values, shape [1, 1, 1, 7, 1] needs 7"),
+        ("data type", strings, "input 'mask': 'data' is not a list of FP32 numbers"),
+        ("nan", json_request(nan_kspace, mask), "input 'masked_kspace': 1 value(s) are NaN or infinite"),
+        ("inf", json_request(kspace, inf_mask), "input 'mask': 1 value(s) are NaN or infinite"),
+        ("mask width", json_request(kspace, wide_mask), "input 'mask': width 8 (axis 3) does not match 'masked_kspace' width 7"),
+        ("batch limit", big_batch, "batch size 9 exceeds the model's max_batch_size 8"),
+        ("batch mismatch", batch_mismatch, "inputs disagree on the batch size"),
+        ("unknown output", json_request(kspace, mask, outputs=[{"name": "kspace"}]), "unknown output tensor 'kspace'"),
+        ("bad timeout", json_request(kspace, mask, parameters={"timeout": -5}), "'timeout' must be a positive number"),
+    ]
+
+
+@pytest.mark.parametrize("name,request_body,message", _bad_requests(), ids=[c[0] for c in _bad_requests()])
+def test_json_input_validation_is_400_naming_the_problem(server, name, request_body, message):
+    url, _ = server
+    body = request_body if isinstance(request_body, bytes) else json.dumps(request_body).encode()
+    status, error = error_of(post(url, "/v2/models/recon/infer", body))
+    assert status == 400 and message in error, error
+
+
+def test_binary_byte_lengths_are_checked(server):
+    url, _ = server
+    kspace, mask = sample()
+    body, headers = binary_body(kspace, mask, kspace_size=kspace.nbytes - 4)
+    status, error = error_of(post(url, "/v2/models/recon/infer", body, headers))
+    assert status == 400 and f"input 'masked_kspace': binary_data_size {kspace.nbytes - 4} bytes" in error
+    body, headers = binary_body(kspace, mask)
+    status, error = error_of(post(url, "/v2/models/recon/infer", body[:-4], headers))
+    assert status == 400 and "input 'mask': binary data ends after" in error
+    status, error = error_of(post(url, "/v2/models/recon/infer", body + b"xxxx", headers))
+    assert status == 400 and "binary data but the inputs use" in error
+    status, error = error_of(post(url, "/v2/models/recon/infer", body, {"Inference-Header-Content-Length": "9" * 12}))
+    assert status == 400 and "does not fit" in error
+    status, _, _ = post(url, "/v2/models/recon/infer", body, headers)
+    assert status == 200  # the same server still answers good requests after all the bad ones
+
+
+@pytest.mark.parametrize("path", ["/v2/models/nope/infer", "/v2/models/recon/versions/3/infer",
+                                  "/v2/models/..%2F..%2Fetc/infer", "/v2/models/recon/versions/..%2F1/infer"])
+def test_unknown_model_or_version_is_404(server, path):
+    url, _ = server
+    kspace, mask = sample()
+    status, error = error_of(post(url, path, json.dumps(json_request(kspace, mask)).encode()))
+    assert status == 404 and any(m in error for m in ("unknown model", "has no version", "no such endpoint"))
+
+
+def test_concurrent_requests_are_batched_by_shape(plain_repository, direct):
+    """8 concurrent requests of two widths within a 300 ms window: fewer runs than requests, right answers."""
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_s=0.3)
+    with running_server(plain_repository, batching=batching) as (url, state):
+        samples = [sample(1, WIDTH if i % 2 else WIDTH + 1, seed=i) for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda s: triton_infer(url, *s, binary=True).as_numpy("image"), samples))
+        for (kspace, mask), result in zip(samples, results):
+            expected = direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0]
+            np.testing.assert_allclose(result, expected, rtol=1e-6)
+        runs = state.metrics.batch_size.labels("recon").collect()[0].samples
+        count = next(s.value for s in runs if s.name.endswith("_count"))
+        total = next(s.value for s in runs if s.name.endswith("_sum"))
+        assert total == 8 and 2 <= count < 8  # two shapes never share a batch; at least one batch merged requests
+
+
+def test_queue_full_503_and_timeout_504(plain_repository):
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_s=1.5, max_queue_size=1)
+    with running_server(plain_repository, batching=batching) as (url, state):
+        body = json.dumps(json_request(*sample())).encode()
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, url, "/v2/models/recon/infer", body)
+            deadline = time.monotonic() + 10
+            while state.models["recon"]["1"].batcher.queue_depth < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            status, headers, raw = post(url, "/v2/models/recon/infer", body)
+            assert status == 503 and headers["retry-after"] == "1" and "queue is full" in json.loads(raw)["error"]
+            assert first.result()[0] == 200  # the queued request still completes
+        timed = json.dumps(json_request(*sample(), parameters={"timeout": 100_000})).encode()  # 0.1 s, microseconds
+        status, error = error_of(post(url, "/v2/models/recon/infer", timed))
+        assert status == 504 and "no result within 0.1 s" in error
+        assert state.models["recon"]["1"].batcher.queue_depth == 0  # the timed-out request left the queue
+
+
+def test_server_timeout_504(plain_repository):
+    with running_server(plain_repository, batching=BatchingConfig(max_queue_delay_s=2.0), request_timeout_s=0.2) as (url, _):
+        kspace, mask = sample()
+        with pytest.raises(InferenceServerException, match="no result within 0.2 s"):
+            triton_infer(url, kspace, mask, binary=True)
+
+
+def test_request_size_limit_413(repository):
+    kspace, mask = sample()
+    body, headers = binary_body(kspace, mask)
+    with running_server(repository, max_request_bytes=len(body) - 1) as (url, _):
+        status, error = error_of(post(url, "/v2/models/recon/infer", body, headers))
+        assert status == 413 and "exceeds the limit" in error
+        small_kspace, small_mask = kspace[:, :1], mask
+        body, headers = binary_body(np.ascontiguousarray(small_kspace), small_mask)
+        assert post(url, "/v2/models/recon/infer", body, headers)[0] == 200
+
+
+def test_bearer_token_auth_401(repository):
+    with running_server(repository, auth_token="s3cret") as (url, _):
+        kspace, mask = sample()
+        with pytest.raises(InferenceServerException, match="missing or wrong bearer token"):
+            triton_infer(url, kspace, mask, binary=True)
+        with pytest.raises(InferenceServerException, match="missing or wrong bearer token"):
+            triton_infer(url, kspace, mask, binary=True, headers={"Authorization": "Bearer wrong"})
+        assert get(url, "/metrics")[0] == 401 and get(url, "/v2/models/recon")[0] == 401
+        assert get(url, "/v2/health/ready")[0] == 200  # probes need no token
+        result = triton_infer(url, kspace, mask, binary=True, headers={"Authorization": "Bearer s3cret"})
+        assert result.as_numpy("image").shape == (1, HEIGHT, WIDTH)
+
+
+def test_metrics_count_requests_errors_and_batches(repository):
+    with running_server(repository) as (url, _):
+        kspace, mask = sample()
+        for _ in range(3):
+            triton_infer(url, kspace, mask, binary=True)
+        post(url, "/v2/models/recon/infer", b"{")
+        post(url, "/v2/models/nope/infer", b"{}")
+        status, body = get(url, "/metrics")
+        text = body.decode()
+    assert status == 200
+    assert 'reconkit_serve_requests_total{code="200",endpoint="infer"} 3.0' in text
+    assert 'reconkit_serve_errors_total{code="400",endpoint="infer"} 1.0' in text
+    assert 'reconkit_serve_errors_total{code="404",endpoint="infer"} 1.0' in text
+    assert 'reconkit_serve_request_latency_seconds_count{endpoint="infer"} 5.0' in text
+    assert 'reconkit_serve_batch_size_count{model="recon"} 3.0' in text
+    assert 'reconkit_serve_queue_depth{model="recon"} 0.0' in text
+
+
+def test_sigterm_mid_load_answers_every_accepted_request(repository, tmp_path):
+    """40 requests, 4 concurrent, SIGTERM after 10 answers: each request either got a complete, correct 200 or was
+    refused before the server accepted it (connection refused / reset, no response bytes); the process exits 0."""
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "reconkit", "serve", "--model-repository", str(repository), "--port", str(port),
+           "--max-queue-delay-ms", "150", "--max-batch-size", "8"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            with contextlib.suppress(OSError):
+                if get(url, "/v2/health/ready")[0] == 200:
+                    break
+            time.sleep(0.1)
+        kspace, mask = sample()
+        expected = np.sqrt(((kspace * mask) ** 2).sum(axis=(1, 4)) + 1.0)
+        body, headers = binary_body(kspace, mask)
+        answered_at: list[float] = []
+        sigterm_at: list[float] = []
+
+        def one(_: int) -> str:
+            try:
+                status, response_headers, raw = post(url, "/v2/models/recon/infer", body, headers)
+            except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected):
+                return "refused"
+            if status != 200:
+                return f"status {status}: {raw[:200]!r}"
+            length = int(response_headers["inference-header-content-length"])
+            image = np.frombuffer(raw[length:], np.float32).reshape(expected.shape)
+            np.testing.assert_allclose(image, expected, rtol=1e-5)
+            answered_at.append(time.monotonic())
+            if len(answered_at) == 10:
+                sigterm_at.append(time.monotonic())
+                process.send_signal(signal.SIGTERM)
+            return "ok"
+
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(one, range(40)))
+        assert process.wait(60) == 0, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert set(outcomes) <= {"ok", "refused"}, outcomes
+    assert outcomes.count("ok") >= 11
+    assert any(t > sigterm_at[0] for t in answered_at[10:])  # requests in flight at SIGTERM were answered
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    assert any(entry.get("message") == "request" and entry.get("status") == 200 for entry in lines)
