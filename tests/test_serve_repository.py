@@ -1,0 +1,171 @@
+"""Triton model repository: config.pbtxt reading, model discovery, write_triton_repository, `reconkit serve` errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from reconkit.cli.serve import main as serve_main
+from reconkit.errors import DataError, ReconkitError
+from reconkit.export.triton_repository import write_triton_repository
+from reconkit.serve.pbtxt import PbtxtError, parse_pbtxt
+from reconkit.serve.repository import BatchingConfig, discover_models
+
+
+def contract_graph(path, batch="batch", external_data: bool = False):
+    """ONNX contract-shaped graph (image = sum over coils of masked_kspace * mask), built with onnx.helper."""
+    kspace = helper.make_tensor_value_info("masked_kspace", TensorProto.FLOAT, [batch, "coils", "height", "width", 2])
+    mask = helper.make_tensor_value_info("mask", TensorProto.FLOAT, [batch, 1, 1, "width", 1])
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, "height", "width"])
+    axes = numpy_helper.from_array(np.array([1, 4], np.int64), "axes")  # raw_data: can move to external data
+    scale = numpy_helper.from_array(np.ones(64, np.float32), "scale")
+    nodes = [helper.make_node("Mul", ["masked_kspace", "mask"], ["masked"]),
+             helper.make_node("ReduceSum", ["masked", "axes"], ["image"], keepdims=0)]
+    graph = helper.make_graph(nodes, "contract", [kspace, mask], [image], initializer=[axes, scale])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if external_data:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location="weights.bin", size_threshold=0)
+    else:
+        onnx.save(model, str(path))
+    return path
+
+
+def test_parse_pbtxt_triton_config():
+    config = parse_pbtxt("""
+        name: "varnet"  # comment
+        platform: "onnxruntime_onnx"
+        max_batch_size: 4
+        input [ { name: "masked_kspace" data_type: TYPE_FP32 dims: [ -1, -1, -1, 2 ] },
+                { name: "mask", data_type: TYPE_FP32, dims: [1, 1, -1, 1] } ]
+        dynamic_batching { max_queue_delay_microseconds: 500 preferred_batch_size: [ 2, 4 ]
+                           default_queue_policy { max_queue_size: 16 } }
+        instance_group [ { count: 2 kind: KIND_CPU } ]
+        parameters { key: "x" value: { string_value: "a\\"b" } }
+        optimization { execution_accelerators { gpu_execution_accelerator: [] } }
+    """)
+    assert config["name"] == ["varnet"] and config["max_batch_size"] == [4]
+    assert config["input"][0]["dims"] == [-1, -1, -1, 2] and config["input"][1]["data_type"] == ["TYPE_FP32"]
+    assert config["dynamic_batching"][0]["preferred_batch_size"] == [2, 4]
+    assert config["instance_group"][0]["kind"] == ["KIND_CPU"]
+    assert config["parameters"][0]["value"][0]["string_value"] == ['a"b']
+
+
+@pytest.mark.parametrize("text", ["max_batch_size: ", "input [ { name: 'a' ", "a: }", "x: @"])
+def test_parse_pbtxt_rejects_malformed_text(text):
+    with pytest.raises(PbtxtError):
+        parse_pbtxt(text)
+
+
+def test_write_triton_repository_layout_and_config(tmp_path):
+    onnx_path = contract_graph(tmp_path / "m.onnx")
+    model_dir = write_triton_repository(onnx_path, tmp_path / "repo", "varnet-small_v1.0", version=3, max_batch_size=4)
+    assert model_dir == tmp_path / "repo" / "varnet-small_v1.0"
+    assert (model_dir / "3" / "model.onnx").read_bytes() == onnx_path.read_bytes()
+    config = parse_pbtxt((model_dir / "config.pbtxt").read_text())
+    assert config["name"] == ["varnet-small_v1.0"] and config["backend"] == ["onnxruntime"]
+    assert config["max_batch_size"] == [4]
+    inputs = {i["name"][0]: (i["data_type"][0], i["dims"]) for i in config["input"]}
+    assert inputs == {"masked_kspace": ("TYPE_FP32", [-1, -1, -1, 2]), "mask": ("TYPE_FP32", [1, 1, -1, 1])}
+    assert config["output"][0]["name"] == ["image"] and config["output"][0]["dims"] == [-1, -1]
+    assert config["dynamic_batching"][0]["max_queue_delay_microseconds"] == [0]
+    (entry,) = discover_models(tmp_path / "repo")
+    assert (entry.name, entry.version, entry.batching.max_batch_size, entry.batching.dynamic) == \
+           ("varnet-small_v1.0", "3", 4, True)
+    assert not list(model_dir.rglob("*.tmp"))
+
+
+def test_write_triton_repository_without_batching_keeps_full_dims(tmp_path):
+    onnx_path = contract_graph(tmp_path / "m.onnx", batch=1)
+    model_dir = write_triton_repository(onnx_path, tmp_path / "repo", "fixed", max_batch_size=0)
+    config = parse_pbtxt((model_dir / "config.pbtxt").read_text())
+    assert config["input"][1]["dims"] == [1, 1, 1, -1, 1] and "dynamic_batching" not in config
+    with pytest.raises(ReconkitError, match="no dynamic batch axis"):
+        write_triton_repository(onnx_path, tmp_path / "repo", "fixed", max_batch_size=8)
+
+
+def test_write_triton_repository_copies_external_data(tmp_path):
+    onnx_path = contract_graph(tmp_path / "m.onnx", external_data=True)
+    model_dir = write_triton_repository(onnx_path, tmp_path / "repo", "ext")
+    assert (model_dir / "1" / "weights.bin").read_bytes() == (tmp_path / "weights.bin").read_bytes()
+    onnx.checker.check_model(str(model_dir / "1" / "model.onnx"))
+
+
+@pytest.mark.parametrize("name,version", [("../evil", 1), ("a/b", 1), ("", 1), ("ok", 0), ("ok", "1")])
+def test_write_triton_repository_rejects_bad_names_and_versions(tmp_path, name, version):
+    onnx_path = contract_graph(tmp_path / "m.onnx")
+    with pytest.raises(ReconkitError, match="invalid model"):
+        write_triton_repository(onnx_path, tmp_path / "repo", name, version=version)
+    assert not (tmp_path / "evil").exists()
+
+
+def test_write_triton_repository_unreadable_onnx(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ReconkitError, match="bad.onnx: cannot read ONNX model"):
+        write_triton_repository(bad, tmp_path / "repo", "m")
+
+
+def test_discover_models_versions_defaults_and_skips(tmp_path):
+    onnx_path = contract_graph(tmp_path / "m.onnx")
+    repo = tmp_path / "repo"
+    for version in ("1", "10", "2"):
+        (repo / "plain" / version).mkdir(parents=True)
+        (repo / "plain" / version / "model.onnx").write_bytes(onnx_path.read_bytes())
+    (repo / "plain" / "latest").mkdir()  # not a version: ignored
+    (repo / "plain" / "3").mkdir()  # no model.onnx: ignored
+    (repo / "bad name!" / "1").mkdir(parents=True)
+    (repo / "bad name!" / "1" / "model.onnx").write_bytes(onnx_path.read_bytes())
+    defaults = BatchingConfig(max_batch_size=5, max_queue_delay_s=0.002, max_queue_size=7)
+    entries = discover_models(repo, defaults)
+    assert [(e.name, e.version) for e in entries] == [("plain", "1"), ("plain", "2"), ("plain", "10")]
+    assert all(e.batching == defaults for e in entries)
+
+
+def test_discover_models_reads_config_pbtxt(tmp_path):
+    onnx_path = contract_graph(tmp_path / "m.onnx")
+    model_dir = write_triton_repository(onnx_path, tmp_path / "repo", "m")
+    (model_dir / "config.pbtxt").write_text(
+        'name: "m" max_batch_size: 2 dynamic_batching { max_queue_delay_microseconds: 2500 '
+        'default_queue_policy { max_queue_size: 3 } } instance_group [ { count: 2 }, { count: 1 } ]')
+    (entry,) = discover_models(tmp_path / "repo", BatchingConfig(max_queue_size=99))
+    assert entry.batching == BatchingConfig(max_batch_size=2, dynamic=True, max_queue_delay_s=0.0025,
+                                            max_queue_size=3, instances=3)
+    (model_dir / "config.pbtxt").write_text('name: "m" max_batch_size: 4')  # Triton: no block = no batching
+    (entry,) = discover_models(tmp_path / "repo", BatchingConfig(max_queue_size=99))
+    assert entry.batching == BatchingConfig(max_batch_size=4, dynamic=False, max_queue_delay_s=0.0,
+                                            max_queue_size=99, instances=1)
+
+
+@pytest.mark.parametrize("text,problem", [
+    ('name: "other"', "config names model 'other' but its directory is 'm'"),
+    ("max_batch_size: [", "cannot read Triton model configuration"),
+    ("max_batch_size: -1", "must be non-negative"),
+])
+def test_discover_models_bad_config_names_the_file(tmp_path, text, problem):
+    model_dir = write_triton_repository(contract_graph(tmp_path / "m.onnx"), tmp_path / "repo", "m")
+    (model_dir / "config.pbtxt").write_text(text)
+    with pytest.raises(DataError, match=problem) as info:
+        discover_models(tmp_path / "repo")
+    assert info.value.path == str(model_dir / "config.pbtxt")
+
+
+def test_discover_models_missing_or_empty_repository(tmp_path):
+    with pytest.raises(ReconkitError, match="is not a directory"):
+        discover_models(tmp_path / "nope")
+    with pytest.raises(ReconkitError, match="no model found"):
+        discover_models(tmp_path)
+
+
+def test_cli_serve_reports_bad_repository_and_options(tmp_path, capsys):
+    assert serve_main(["--model-repository", str(tmp_path)]) == 1
+    assert "no model found" in capsys.readouterr().err
+    bad = tmp_path / "m" / "1"
+    bad.mkdir(parents=True)
+    (bad / "model.onnx").write_bytes(b"garbage")
+    assert serve_main(["--model-repository", str(tmp_path)]) == 1
+    assert "model.onnx: cannot load ONNX model" in capsys.readouterr().err
+    assert serve_main(["--model-repository", str(tmp_path), "--max-queue-size", "0"]) == 2
+    assert serve_main(["--model-repository", str(tmp_path), "--device", "cpu", "--request-timeout-s", "0"]) == 2
