@@ -1,0 +1,32 @@
+"""Reconstruction models: E2E-VarNet and U-Nets (state_dict-compatible with ``fastmri.models``) and the registry.
+
+``build_model(model_type, **model_kwargs)`` is the one registry of model types; ``load_model(path)`` rebuilds a
+model from a checkpoint (see "Checkpoints" in docs/architecture.md).
+"""
+
+from reconkit.models.registry import (
+    MODEL_TYPES,
+    CheckpointError,
+    ModelConfigError,
+    build_model,
+    load_model,
+    save_model,
+)
+from reconkit.models.unet import NormUnet, Unet, instance_norm_leaky_relu
+from reconkit.models.varnet import SensitivityModel, VarNet, VarNetBlock, low_frequency_window
+
+__all__ = [
+    "VarNet",
+    "VarNetBlock",
+    "SensitivityModel",
+    "NormUnet",
+    "Unet",
+    "instance_norm_leaky_relu",
+    "low_frequency_window",
+    "MODEL_TYPES",
+    "build_model",
+    "load_model",
+    "save_model",
+    "CheckpointError",
+    "ModelConfigError",
+]

@@ -1,0 +1,176 @@
+"""The one registry of model types, and checkpoint loading without the training code.
+
+Checkpoint contract (see docs/architecture.md): a dict (a Lightning ``.ckpt`` is one) holding
+
+* ``"reconkit"``: ``{"model_type": str, "model_kwargs": dict, "mask": {...}, "normalization": str}``;
+* ``"state_dict"``: model weights under the prefix ``model.`` (other keys, e.g. a loss's buffers, are ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from reconkit.errors import ReconkitError
+from reconkit.models.unet import Unet
+from reconkit.models.varnet import VarNet
+
+__all__ = ["MODEL_TYPES", "ModelConfigError", "CheckpointError", "build_model", "load_model", "save_model"]
+
+MODEL_TYPES: dict[str, Callable[..., nn.Module]] = {
+    "varnet": VarNet,
+    "unet": Unet,
+}
+
+_STATE_PREFIX = "model."
+
+
+class ModelConfigError(ReconkitError):
+    """Unknown model type or hyper-parameters the model does not accept."""
+
+
+class CheckpointError(ReconkitError):
+    """A checkpoint file is missing, corrupt, or does not match the model it describes.
+
+    Message: ``"<path>: <problem>"``.
+    """
+
+    def __init__(self, path: os.PathLike | str, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def build_model(model_type: str, **model_kwargs: Any) -> nn.Module:
+    """Instantiate a registered model type (``"varnet"``, ``"unet"``) with its hyper-parameters.
+
+    Example:
+        >>> build_model("unet", in_chans=1, out_chans=1, chans=4, num_pool_layers=2).chans
+        4
+    """
+    if model_type not in MODEL_TYPES:
+        raise ModelConfigError(f"unknown model_type {model_type!r}; registered: {sorted(MODEL_TYPES)}")
+    try:
+        return MODEL_TYPES[model_type](**model_kwargs)
+    except TypeError as exc:  # unexpected / missing keyword arguments
+        raise ModelConfigError(f"model_type {model_type!r}: bad model_kwargs {model_kwargs}: {exc}") from exc
+
+
+def save_model(
+    path: os.PathLike | str,
+    model: nn.Module,
+    model_type: str,
+    model_kwargs: dict,
+    mask: Optional[dict] = None,
+    normalization: Optional[str] = None,
+) -> Path:
+    """Write a minimal checkpoint following the contract (atomically: temp file, then ``os.replace``).
+
+    Training writes Lightning checkpoints instead; this is for models built outside Lightning (tests, demos).
+    """
+    path = Path(path)
+    checkpoint = {
+        "reconkit": {"model_type": model_type, "model_kwargs": dict(model_kwargs), "mask": mask,
+                     "normalization": normalization},
+        "state_dict": {_STATE_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(path, "file not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(path, f"holds objects other than weights and plain data, refusing to unpickle "
+                                    f"them ({first_line})") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(path, f"not a readable PyTorch checkpoint (corrupt or truncated?): {exc}") from exc
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(path, f"expected a dict checkpoint, found {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def _check_entry(path: Path, checkpoint: dict) -> dict:
+    entry = checkpoint.get("reconkit")
+    if not isinstance(entry, dict):
+        raise CheckpointError(path, "missing the 'reconkit' entry (model_type, model_kwargs): not a reconkit "
+                                    "checkpoint")
+    if not isinstance(entry.get("model_type"), str):
+        raise CheckpointError(path, "'reconkit' entry lacks a string 'model_type'")
+    if not isinstance(entry.get("model_kwargs"), dict):
+        raise CheckpointError(path, "'reconkit' entry lacks a dict 'model_kwargs'")
+    return entry
+
+
+def _model_state(path: Path, checkpoint: dict) -> dict[str, torch.Tensor]:
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(path, "missing 'state_dict'")
+    weights = {k[len(_STATE_PREFIX):]: v for k, v in state.items() if k.startswith(_STATE_PREFIX)}
+    if not weights:
+        raise CheckpointError(path, f"'state_dict' has no weights under the prefix {_STATE_PREFIX!r}")
+    for name, value in weights.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(path, f"weight {name!r} is a {type(value).__name__}, not a tensor")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(path, f"weight {name!r} holds NaN or Inf values")
+    return weights
+
+
+def _summarise(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_model(path: os.PathLike | str) -> tuple[nn.Module, dict]:
+    """Rebuild a model from a checkpoint file without the training code; returns ``(model, info)``.
+
+    ``model`` is on the CPU in eval mode. ``info`` is the checkpoint's ``"reconkit"`` entry (``model_type``,
+    ``model_kwargs``, ``mask``, ``normalization``; the last two ``None`` when absent) plus ``"path"``, and
+    ``"epoch"`` / ``"global_step"`` when the checkpoint records them.
+
+    Raises:
+        CheckpointError: missing / corrupt file, missing entries, unknown model type, bad hyper-parameters,
+            weights that do not fit the model (names or shapes), non-finite weights. The message names the file.
+    """
+    path = Path(path)
+    checkpoint = _read_checkpoint(path)
+    entry = _check_entry(path, checkpoint)
+    weights = _model_state(path, checkpoint)
+    try:
+        model = build_model(entry["model_type"], **entry["model_kwargs"])
+    except ModelConfigError as exc:
+        raise CheckpointError(path, str(exc)) from exc
+
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        parts = ([f"missing weights {_summarise(missing)}"] if missing else []) + (
+            [f"unexpected weights {_summarise(unexpected)}"] if unexpected else [])
+        raise CheckpointError(path, f"weights do not fit model_type {entry['model_type']!r} with "
+                                    f"{entry['model_kwargs']}: " + "; ".join(parts))
+    wrong = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if weights[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(path, f"weight shapes do not fit the model (checkpoint vs model): {_summarise(wrong)}")
+    model.load_state_dict(weights)
+    model.eval()
+
+    info = {"mask": None, "normalization": None, **entry, "path": str(path)}
+    for key in ("epoch", "global_step"):
+        if isinstance(checkpoint.get(key), int):
+            info[key] = checkpoint[key]
+    return model, info

@@ -1,0 +1,252 @@
+"""U-Net and normalised U-Net (the E2E-VarNet regulariser), state_dict-compatible with ``fastmri.models``.
+
+Parameter names equal fastmri's (``down_sample_layers.0.layers.0.weight``, ``up_conv.3.1.bias``, ...), so a
+state_dict saved from ``fastmri.models.Unet`` / ``NormUnet`` loads unchanged and gives the same output.
+
+Where the forward pass differs from fastmri's (same arithmetic, fewer memory passes):
+
+* instance norm + LeakyReLU run as one autograd function (:class:`InstanceNormLeakyReLU`) that keeps only its
+  output and the per-channel ``1/std`` for the backward pass; the normalised input is recomputed from the output
+  (LeakyReLU is invertible), so one activation per convolution is stored instead of two;
+* the concatenation of upsampled and skip features before each decoder convolution is replaced by two
+  convolutions on the halves of the weight, summed (no concatenated copy kept for backward);
+* padding for odd sizes is decided from static shapes (Python ints), so tracing/export sees no data-dependent
+  control flow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["Unet", "NormUnet", "ConvBlock", "TransposeConvBlock", "instance_norm_leaky_relu"]
+
+
+class InstanceNormLeakyReLU(torch.autograd.Function):
+    """``leaky_relu(instance_norm(x))`` (no affine) storing only the output and ``1/std`` for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float, negative_slope: float) -> torch.Tensor:
+        b, c, h, w = x.shape
+        out, _, invstd = torch.native_batch_norm(x.reshape(1, b * c, h, w), None, None, None, None, True, 0.0, eps)
+        out = F.leaky_relu_(out.view(b, c, h, w), negative_slope)
+        ctx.save_for_backward(out, invstd)
+        ctx.negative_slope = negative_slope
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        out, invstd = ctx.saved_tensors
+        b, c, h, w = out.shape
+        slope = ctx.negative_slope
+        grad_normed = torch.ops.aten.leaky_relu_backward(grad_out, out, slope, True)
+        normed = F.leaky_relu(out, 1.0 / slope)  # inverse of LeakyReLU: the normalised input
+        grad_in = torch.ops.aten.native_batch_norm_backward(
+            grad_normed.reshape(1, b * c, h, w),
+            normed.reshape(1, b * c, h, w),
+            None,
+            None,
+            None,
+            torch.zeros_like(invstd),
+            torch.ones_like(invstd),
+            True,
+            ctx.eps,
+            [True, False, False],
+        )[0]
+        return grad_in.view(b, c, h, w).mul_(invstd.view(b, c, 1, 1).to(grad_in.dtype)), None, None
+
+
+def instance_norm_leaky_relu(x: torch.Tensor, eps: float = 1e-5, negative_slope: float = 0.2) -> torch.Tensor:
+    """Instance norm (no affine, biased variance) followed by LeakyReLU on ``(N, C, H, W)``.
+
+    Equal to ``nn.LeakyReLU(negative_slope)(nn.InstanceNorm2d(C, eps=eps)(x))``. With autograd active it uses
+    :class:`InstanceNormLeakyReLU` (half the saved activations); otherwise plain traceable ops.
+
+    Example:
+        >>> x = torch.randn(2, 3, 5, 4)
+        >>> ref = F.leaky_relu(F.instance_norm(x), 0.2)
+        >>> bool(torch.allclose(instance_norm_leaky_relu(x), ref, atol=1e-6))
+        True
+    """
+    if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
+        return InstanceNormLeakyReLU.apply(x, eps, negative_slope)
+    return F.leaky_relu_(F.instance_norm(x, eps=eps), negative_slope)
+
+
+class ConvBlock(nn.Module):
+    """Two (3×3 conv → instance norm → LeakyReLU(0.2) → Dropout2d) stages; ``(N, in, H, W) → (N, out, H, W)``.
+
+    ``layers`` holds the same modules as fastmri's ``ConvBlock`` (so parameter names match); the forward pass
+    reads eps / slope from them and runs norm + activation fused.
+    """
+
+    def __init__(self, in_chans: int, out_chans: int, drop_prob: float):
+        super().__init__()
+        self.in_chans = in_chans
+        self.out_chans = out_chans
+        self.drop_prob = drop_prob
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            nn.InstanceNorm2d(out_chans),
+            nn.LeakyReLU(negative_slope=0.2, inplace=True),
+            nn.Dropout2d(drop_prob),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            nn.InstanceNorm2d(out_chans),
+            nn.LeakyReLU(negative_slope=0.2, inplace=True),
+            nn.Dropout2d(drop_prob),
+        )
+
+    def _stage(self, x: torch.Tensor, first: int) -> torch.Tensor:
+        """Norm + activation + dropout of the stage whose convolution output is ``x``."""
+        norm, act, drop = self.layers[first + 1], self.layers[first + 2], self.layers[first + 3]
+        return drop(instance_norm_leaky_relu(x, norm.eps, act.negative_slope))
+
+    def forward(self, image: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the block; with ``skip`` given, the input is the channel concatenation ``[image, skip]``.
+
+        The concatenation is never built: the first convolution runs on each part with its slice of the weight.
+        """
+        conv = self.layers[0]
+        if skip is None:
+            x = conv(image)
+        else:
+            split = image.shape[1]
+            x = F.conv2d(image, conv.weight[:, :split], padding=1) + F.conv2d(skip, conv.weight[:, split:], padding=1)
+        x = self._stage(x, 0)
+        return self._stage(self.layers[4](x), 4)
+
+
+class TransposeConvBlock(nn.Module):
+    """2×2 stride-2 transposed conv → instance norm → LeakyReLU(0.2); ``(N, in, H, W) → (N, out, 2H, 2W)``."""
+
+    def __init__(self, in_chans: int, out_chans: int):
+        super().__init__()
+        self.in_chans = in_chans
+        self.out_chans = out_chans
+        self.layers = nn.Sequential(
+            nn.ConvTranspose2d(in_chans, out_chans, kernel_size=2, stride=2, bias=False),
+            nn.InstanceNorm2d(out_chans),
+            nn.LeakyReLU(negative_slope=0.2, inplace=True),
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        conv, norm, act = self.layers
+        return instance_norm_leaky_relu(conv(image), norm.eps, act.negative_slope)
+
+
+class Unet(nn.Module):
+    """U-Net (Ronneberger et al. 2015) as in fastMRI: ``(N, in_chans, H, W) → (N, out_chans, H, W)``.
+
+    Args:
+        in_chans: input channels.
+        out_chans: output channels.
+        chans: channels of the first convolution (doubled at each pooling level).
+        num_pool_layers: number of 2× down-/up-sampling levels.
+        drop_prob: Dropout2d probability.
+
+    Any H, W ≥ 2**num_pool_layers works; odd sizes are handled as fastmri does (reflect pad of the upsampled
+    features by one pixel on the right / bottom).
+
+    Example:
+        >>> net = Unet(1, 1, chans=4, num_pool_layers=2)
+        >>> net(torch.randn(2, 1, 13, 10)).shape
+        torch.Size([2, 1, 13, 10])
+    """
+
+    def __init__(self, in_chans: int, out_chans: int, chans: int = 32, num_pool_layers: int = 4, drop_prob: float = 0.0):
+        super().__init__()
+        self.in_chans = in_chans
+        self.out_chans = out_chans
+        self.chans = chans
+        self.num_pool_layers = num_pool_layers
+        self.drop_prob = drop_prob
+
+        self.down_sample_layers = nn.ModuleList([ConvBlock(in_chans, chans, drop_prob)])
+        ch = chans
+        for _ in range(num_pool_layers - 1):
+            self.down_sample_layers.append(ConvBlock(ch, ch * 2, drop_prob))
+            ch *= 2
+        self.conv = ConvBlock(ch, ch * 2, drop_prob)
+
+        self.up_conv = nn.ModuleList()
+        self.up_transpose_conv = nn.ModuleList()
+        for _ in range(num_pool_layers - 1):
+            self.up_transpose_conv.append(TransposeConvBlock(ch * 2, ch))
+            self.up_conv.append(ConvBlock(ch * 2, ch, drop_prob))
+            ch //= 2
+        self.up_transpose_conv.append(TransposeConvBlock(ch * 2, ch))
+        self.up_conv.append(
+            nn.Sequential(ConvBlock(ch * 2, ch, drop_prob), nn.Conv2d(ch, out_chans, kernel_size=1, stride=1))
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``(N, in_chans, H, W)`` → ``(N, out_chans, H, W)``."""
+        stack = []
+        output = image
+        for layer in self.down_sample_layers:
+            output = layer(output)
+            stack.append(output)
+            output = F.avg_pool2d(output, kernel_size=2, stride=2, padding=0)
+        output = self.conv(output)
+
+        for transpose_conv, conv in zip(self.up_transpose_conv, self.up_conv):
+            skip = stack.pop()
+            output = transpose_conv(output)
+            pad_right = skip.shape[-1] - output.shape[-1]
+            pad_bottom = skip.shape[-2] - output.shape[-2]
+            if pad_right or pad_bottom:  # static shapes: odd input sizes only
+                output = F.pad(output, [0, pad_right, 0, pad_bottom], "reflect")
+            if isinstance(conv, ConvBlock):
+                output = conv(output, skip)
+            else:  # last level: ConvBlock then the 1×1 output convolution
+                output = conv[1](conv[0](output, skip))
+        return output
+
+
+class NormUnet(nn.Module):
+    """U-Net on complex images with per-sample normalisation and padding to multiples of 16, as fastmri's.
+
+    Input / output ``(B, C, H, W, 2)`` with ``2·C == in_chans``. Real and imaginary parts are stacked along the
+    channel axis, normalised by the mean / (unbiased) std of all real resp. all imaginary values of each sample,
+    zero-padded to multiples of 16, passed through :class:`Unet`, cropped and de-normalised.
+
+    Example:
+        >>> net = NormUnet(chans=4, num_pools=2)
+        >>> net(torch.randn(1, 1, 21, 18, 2)).shape
+        torch.Size([1, 1, 21, 18, 2])
+    """
+
+    def __init__(self, chans: int, num_pools: int, in_chans: int = 2, out_chans: int = 2, drop_prob: float = 0.0):
+        super().__init__()
+        self.unet = Unet(in_chans=in_chans, out_chans=out_chans, chans=chans, num_pool_layers=num_pools,
+                         drop_prob=drop_prob)
+
+    @staticmethod
+    def _pads(size: int) -> tuple[int, int]:
+        """(before, after) zero padding bringing ``size`` to the next multiple of 16."""
+        total = (((size - 1) | 15) + 1) - size
+        return math.floor(total / 2), math.ceil(total / 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W, 2)`` complex images → same shape."""
+        if x.ndim != 5 or x.shape[-1] != 2:
+            raise ValueError(f"NormUnet: expected (B, C, H, W, 2) complex images; got shape {tuple(x.shape)}")
+        b, c, h, w, _ = x.shape
+        x = x.permute(0, 4, 1, 2, 3).reshape(b, 2 * c, h, w)
+
+        grouped = x.reshape(b, 2, c * h * w)
+        std, mean = torch.std_mean(grouped, dim=2)
+        mean, std = mean.view(b, 2, 1, 1, 1), std.view(b, 2, 1, 1, 1)
+        x = ((x.view(b, 2, c, h, w) - mean) / std).view(b, 2 * c, h, w)
+
+        (top, bottom), (left, right) = self._pads(h), self._pads(w)
+        x = self.unet(F.pad(x, [left, right, top, bottom]))
+        x = x[..., top : top + h, left : left + w]
+
+        x = x.reshape(b, 2, c, h, w) * std + mean
+        return x.permute(0, 2, 3, 4, 1).contiguous()

@@ -1,0 +1,189 @@
+"""End-to-end variational network (Sriram et al. 2020), state_dict-compatible with ``fastmri.models.VarNet``.
+
+Parameter names equal fastmri's (``sens_net.norm_unet.unet.*``, ``cascades.<i>.model.unet.*``,
+``cascades.<i>.dc_weight``): a fastmri state_dict loads unchanged and, with the same hyper-parameters, gives the
+same image. The forward pass is export-friendly: the low-frequency (ACS) width is computed from the mask with
+tensor ops only, all padding comes from static shapes, no complex dtypes are used, and every FFT / coil operation
+goes through :mod:`reconkit.ops` (so ``with reconkit.ops.fft_impl("matmul")`` swaps the FFT).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from reconkit.models.unet import NormUnet
+from reconkit.ops import data_consistency, ifft2c, rss_complex, sens_expand, sens_reduce
+
+__all__ = ["VarNet", "VarNetBlock", "SensitivityModel", "low_frequency_window"]
+
+
+def _leading_ones(mask_lines: torch.Tensor) -> torch.Tensor:
+    """Per row of a ``(B, N)`` 0/1 tensor, the number of consecutive ones from index 0, or 0 if all are ones.
+
+    The "0 if all ones" case reproduces fastmri's ``argmin`` (which returns index 0 for an all-ones row).
+    Computed with a cumulative sum, no argmin / data-dependent branching.
+    """
+    count = (torch.cumsum(1 - mask_lines, dim=1) == 0).sum(dim=1)
+    return torch.where(count == mask_lines.shape[1], torch.zeros_like(count), count)
+
+
+def low_frequency_window(
+    mask: torch.Tensor, num_low_frequencies: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start column and width of the fully sampled centre (ACS) of a line mask, per batch item.
+
+    Args:
+        mask: ``(B, 1, 1, W, 1)`` (or ``(B, 1, H, W, 1)``: its first row is used, as fastmri does) 0/1 or bool.
+        num_low_frequencies: known ACS width; ``None`` or 0 measures it: twice the shorter run of sampled lines
+            going out from column ``W // 2`` (at least 1), exactly as ``fastmri.models.varnet.SensitivityModel``.
+
+    Returns:
+        ``(pad, num_low_freqs)``, both ``(B,)`` int64; the window is columns ``[pad, pad + num_low_freqs)``.
+
+    Example:
+        >>> mask = torch.zeros(1, 1, 1, 10, 1); mask[..., 3:8, :] = 1; mask[..., 0, :] = 1
+        >>> low_frequency_window(mask)
+        (tensor([3]), tensor([4]))
+    """
+    width = mask.shape[-2]
+    if num_low_frequencies:
+        num_low = torch.full((mask.shape[0],), int(num_low_frequencies), dtype=torch.long, device=mask.device)
+    else:
+        lines = (mask[:, 0, 0, :, 0] != 0).to(torch.int32)
+        cent = width // 2
+        left = _leading_ones(lines[:, :cent].flip(1))
+        right = _leading_ones(lines[:, cent:])
+        num_low = torch.clamp(2 * torch.minimum(left, right), min=1).to(torch.long)
+    return (width - num_low + 1) // 2, num_low
+
+
+class SensitivityModel(nn.Module):
+    """Learned coil sensitivities: centre of k-space → per-coil image → :class:`NormUnet` → divide by RSS.
+
+    Args:
+        chans, num_pools, in_chans, out_chans, drop_prob: of the :class:`NormUnet` (applied coil by coil).
+        mask_center: keep only the low-frequency window of k-space before estimating (fastmri's default).
+    """
+
+    def __init__(
+        self,
+        chans: int,
+        num_pools: int,
+        in_chans: int = 2,
+        out_chans: int = 2,
+        drop_prob: float = 0.0,
+        mask_center: bool = True,
+    ):
+        super().__init__()
+        self.mask_center = mask_center
+        self.norm_unet = NormUnet(chans, num_pools, in_chans=in_chans, out_chans=out_chans, drop_prob=drop_prob)
+
+    def forward(
+        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: Optional[int] = None
+    ) -> torch.Tensor:
+        """``(B, C, H, W, 2)`` k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, C, H, W, 2)`` maps with unit RSS."""
+        if self.mask_center:
+            pad, num_low = low_frequency_window(mask, num_low_frequencies)
+            columns = torch.arange(masked_kspace.shape[-2], device=masked_kspace.device)
+            keep = (columns >= pad[:, None]) & (columns < (pad + num_low)[:, None])  # (B, W)
+            masked_kspace = masked_kspace * keep[:, None, None, :, None].to(masked_kspace.dtype)
+
+        images = ifft2c(masked_kspace)
+        b, c, h, w, _ = images.shape
+        sens_maps = self.norm_unet(images.reshape(b * c, 1, h, w, 2)).reshape(b, c, h, w, 2)
+        return sens_maps / rss_complex(sens_maps, dim=1)[:, None, :, :, None]
+
+
+class VarNetBlock(nn.Module):
+    """One cascade: ``k − η·M(k − k₀) − E(R(Eᴴ k))`` with E = sens_expand, R the regulariser.
+
+    Args:
+        model: image-domain regulariser ``(B, 1, H, W, 2) → (B, 1, H, W, 2)`` (a :class:`NormUnet`).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.dc_weight = nn.Parameter(torch.ones(1))
+
+    def forward(
+        self, current_kspace: torch.Tensor, ref_kspace: torch.Tensor, mask: torch.Tensor, sens_maps: torch.Tensor
+    ) -> torch.Tensor:
+        """All k-space / maps ``(B, C, H, W, 2)``, mask ``(B, 1, 1, W, 1)`` → updated ``(B, C, H, W, 2)``."""
+        model_term = sens_expand(self.model(sens_reduce(current_kspace, sens_maps)), sens_maps)
+        return data_consistency(current_kspace, ref_kspace, mask, self.dc_weight) - model_term
+
+
+class VarNet(nn.Module):
+    """E2E-VarNet: learned sensitivities, then ``num_cascades`` unrolled :class:`VarNetBlock` s.
+
+    Args:
+        num_cascades: number of unrolled cascades.
+        sens_chans, sens_pools: U-Net channels / pooling levels of the sensitivity network.
+        chans, pools: U-Net channels / pooling levels of each cascade's regulariser.
+        mask_center: restrict the sensitivity estimate to the low-frequency window (as fastmri).
+        drop_prob: Dropout2d probability inside all U-Nets (fastmri: 0).
+        checkpoint_cascades: in training, recompute each cascade's activations in the backward pass instead of
+            storing them (activation checkpointing; less memory, about one extra forward pass of compute).
+        init_scale: multiplies the initial weights and bias of each cascade U-Net's final 1×1 convolution, so a
+            value < 1 starts training closer to plain data consistency; 1.0 leaves PyTorch's default init
+            (as fastmri). Only affects initialisation, not loading.
+
+    ``forward(masked_kspace (B, C, H, W, 2), mask (B, 1, 1, W, 1), num_low_frequencies=None) -> (B, H, W)``:
+    root-sum-of-squares magnitude at the full encoded size. ``mask`` may be bool or float 0/1.
+
+    Example:
+        >>> net = VarNet(num_cascades=2, sens_chans=2, sens_pools=2, chans=2, pools=2)
+        >>> mask = torch.zeros(1, 1, 1, 24, 1); mask[..., 8:16, :] = 1
+        >>> net(torch.randn(1, 3, 20, 24, 2) * mask, mask).shape
+        torch.Size([1, 20, 24])
+    """
+
+    def __init__(
+        self,
+        num_cascades: int = 12,
+        sens_chans: int = 8,
+        sens_pools: int = 4,
+        chans: int = 18,
+        pools: int = 4,
+        mask_center: bool = True,
+        drop_prob: float = 0.0,
+        checkpoint_cascades: bool = False,
+        init_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.checkpoint_cascades = checkpoint_cascades
+        self.sens_net = SensitivityModel(chans=sens_chans, num_pools=sens_pools, drop_prob=drop_prob,
+                                         mask_center=mask_center)
+        self.cascades = nn.ModuleList(
+            [VarNetBlock(NormUnet(chans, pools, drop_prob=drop_prob)) for _ in range(num_cascades)]
+        )
+        if init_scale != 1.0:
+            with torch.no_grad():
+                for cascade in self.cascades:
+                    final_conv = cascade.model.unet.up_conv[-1][1]
+                    final_conv.weight.mul_(init_scale)
+                    final_conv.bias.mul_(init_scale)
+
+    def forward(
+        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: Optional[int] = None
+    ) -> torch.Tensor:
+        """``(B, C, H, W, 2)`` undersampled k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, H, W)`` image."""
+        if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
+            raise ValueError(f"VarNet: masked_kspace must be (B, C, H, W, 2); got shape {tuple(masked_kspace.shape)}")
+        if mask.ndim != 5:
+            raise ValueError(f"VarNet: mask must be (B, 1, 1, W, 1) or (B, 1, H, W, 1); got shape {tuple(mask.shape)}")
+        mask = mask.to(masked_kspace.dtype)
+        sens_maps = self.sens_net(masked_kspace, mask, num_low_frequencies)
+        use_checkpoint = self.checkpoint_cascades and self.training and torch.is_grad_enabled()
+        kspace_pred = masked_kspace
+        for cascade in self.cascades:
+            if use_checkpoint:
+                kspace_pred = checkpoint(cascade, kspace_pred, masked_kspace, mask, sens_maps, use_reentrant=False)
+            else:
+                kspace_pred = cascade(kspace_pred, masked_kspace, mask, sens_maps)
+        return rss_complex(ifft2c(kspace_pred), dim=1)
