@@ -25,7 +25,9 @@ import torch
 tritonclient_http = pytest.importorskip("tritonclient.http")  # listed in the `test` extra: present in CI
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from reconkit.export import export_onnx  # noqa: E402
 from reconkit.export.triton_repository import write_triton_repository  # noqa: E402
+from reconkit.ops import ifft2c, rss_complex  # noqa: E402
 from reconkit.serve import BatchingConfig, ServerConfig, build_server  # noqa: E402
 
 COILS, HEIGHT, WIDTH = 3, 10, 7  # odd width on purpose
@@ -166,6 +168,40 @@ def test_tritonclient_equals_direct_onnxruntime(server, direct, binary, batch, w
     expected = direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0]
     np.testing.assert_array_equal(result.as_numpy("image"), expected)
     assert result.get_response()["model_version"] == "2" and result.get_response()["id"] == "r1"
+
+
+class ZeroFilled(torch.nn.Module):
+    """Zero-filled reconstruction through reconkit.ops: RSS over coils of the centred inverse FFT."""
+
+    def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return rss_complex(ifft2c(masked_kspace * mask), dim=1)
+
+
+def test_exported_zero_filled_model_served_equals_onnxruntime_and_torch(tmp_path):
+    """reconkit.export.export_onnx (MatMul FFT in the graph, odd width) -> Triton repository -> server."""
+    onnx_path = export_onnx(ZeroFilled(), tmp_path / "zf.onnx", example_shape=(COILS, 12, 9))
+    repository = tmp_path / "models"
+    write_triton_repository(onnx_path, repository, "zero_filled", max_batch_size=4)
+    kspace = np.random.default_rng(5).standard_normal((2, 5, 12, 9, 2)).astype(np.float32)  # other coil count
+    mask = np.zeros((2, 1, 1, 9, 1), np.float32)
+    mask[..., 2:7, :] = 1
+    direct = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    expected = direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0]
+    with running_server(repository) as (url, _):
+        client = tritonclient_http.InferenceServerClient(url)
+        try:
+            meta = client.get_model_metadata("zero_filled")
+            inputs = [tritonclient_http.InferInput("masked_kspace", list(kspace.shape), "FP32"),
+                      tritonclient_http.InferInput("mask", list(mask.shape), "FP32")]
+            inputs[0].set_data_from_numpy(kspace)
+            inputs[1].set_data_from_numpy(mask)
+            served = client.infer("zero_filled", inputs).as_numpy("image")
+        finally:
+            client.close()
+    assert meta["inputs"][1] == {"name": "mask", "datatype": "FP32", "shape": [-1, 1, 1, 9, 1]}
+    np.testing.assert_array_equal(served, expected)
+    eager = ZeroFilled()(torch.from_numpy(kspace), torch.from_numpy(mask)).numpy()
+    np.testing.assert_allclose(served, eager, rtol=1e-4, atol=1e-5)
 
 
 def test_metadata_health_and_readiness(server):
