@@ -1,0 +1,259 @@
+"""``reconkit reconstruct`` on fastMRI-layout files written with the fastmri package, bad files, all formats."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+import fastmri
+from fastmri import evaluate as fastmri_evaluate
+from fastmri.data import subsample as fastmri_subsample
+from fastmri.data import transforms as fastmri_transforms
+
+from reconkit.cli import reconstruct as cli_reconstruct
+from reconkit.cli.main import main as reconkit_main
+
+
+def fastmri_header(height: int, width: int, recon: tuple[int, int], lines: int, fov_mm=(200.0, 160.0, 3.0)) -> str:
+    """ISMRMRD header as fastMRI files carry it: encoded (H, W), recon size, acquired lines centred in W."""
+    padding_left = (width - lines) // 2
+    center = width // 2 - padding_left
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>\n<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'
+        f"<encodedSpace><matrixSize><x>{height}</x><y>{width}</y><z>1</z></matrixSize>"
+        f"<fieldOfView_mm><x>{2 * fov_mm[0]}</x><y>{fov_mm[1]}</y><z>{fov_mm[2]}</z></fieldOfView_mm></encodedSpace>"
+        f"<reconSpace><matrixSize><x>{recon[0]}</x><y>{recon[1]}</y><z>1</z></matrixSize>"
+        f"<fieldOfView_mm><x>{fov_mm[0]}</x><y>{fov_mm[0] * recon[1] / recon[0]}</y><z>{fov_mm[2]}</z>"
+        "</fieldOfView_mm></reconSpace><encodingLimits><kspace_encoding_step_1><minimum>0</minimum>"
+        f"<maximum>{lines - 1}</maximum><center>{center}</center></kspace_encoding_step_1></encodingLimits>"
+        "</encoding></ismrmrdHeader>"
+    )
+
+
+def phantom_coil_images(rng: np.random.Generator, slices: int, coils: int, height: int, width: int) -> np.ndarray:
+    """Complex coil images ``(slices, coils, H, W)``: ellipses times smooth Gaussian coil sensitivities."""
+    yy, xx = np.mgrid[:height, :width] / np.array([height, width])[:, None, None] - 0.5
+    images = []
+    for s in range(slices):
+        body = ((yy / 0.22) ** 2 + (xx / 0.35) ** 2 < 1) * (1.0 + 0.1 * s)
+        body = body + 0.6 * ((yy / 0.08) ** 2 + ((xx - 0.1) / 0.12) ** 2 < 1) + 0.05 * rng.random((height, width))
+        phase = np.exp(1j * (2.0 * xx + rng.normal() * yy))
+        angles = 2 * np.pi * np.arange(coils) / coils
+        sens = np.stack([np.exp(-((yy - 0.4 * np.sin(a)) ** 2 + (xx - 0.4 * np.cos(a)) ** 2) / 0.1) for a in angles])
+        images.append(sens * body * phase)
+    return np.asarray(images, dtype=np.complex64) * 1e-3
+
+
+def write_fastmri_file(
+    path: Path,
+    rng: np.random.Generator,
+    slices: int = 2,
+    coils: int = 4,
+    height: int = 64,
+    width: int = 48,
+    recon: tuple[int, int] = (32, 32),
+    lines: int | None = None,
+    single_coil: bool = False,
+) -> None:
+    """A fastMRI-layout file made with fastmri's own functions (``fft2c``, ``rss``, ``center_crop``) and h5py."""
+    lines = width if lines is None else lines
+    images = phantom_coil_images(rng, slices, 1 if single_coil else coils, height, width)
+    kspace = fastmri.fft2c(fastmri_transforms.to_tensor(images))
+    left = (width - lines) // 2
+    kspace[..., :left, :] = 0
+    kspace[..., left + lines :, :] = 0
+    coil_images = fastmri.ifft2c(kspace)
+    target = fastmri.rss(fastmri.complex_abs(coil_images), dim=1)
+    target = fastmri_transforms.center_crop(target, recon).numpy()
+    kspace_np = torch.view_as_complex(kspace.contiguous()).numpy()
+    with h5py.File(path, "w") as f:
+        f.create_dataset("kspace", data=kspace_np[:, 0] if single_coil else kspace_np)
+        f.create_dataset("reconstruction_esc" if single_coil else "reconstruction_rss", data=target)
+        f.create_dataset("ismrmrd_header", data=fastmri_header(height, width, recon, lines))
+        f.attrs.update({"acquisition": "CORPD_FBK", "max": float(target.max()), "norm": 1.0, "patient_id": "p01"})
+
+
+def fastmri_zero_filled(path: Path, acceleration: int = 4, center_fraction: float = 0.08) -> np.ndarray:
+    """fastmri's zero-filled reconstruction with its own equispaced-fraction mask seeded by the file name."""
+    with h5py.File(path) as f:
+        kspace = fastmri_transforms.to_tensor(f["kspace"][()])
+        recon = f["reconstruction_rss"].shape[-2:]
+    mask_func = fastmri_subsample.EquispacedMaskFractionFunc([center_fraction], [acceleration])
+    masked, _, _ = fastmri_transforms.apply_mask(kspace, mask_func, seed=tuple(map(ord, path.name)))
+    image = fastmri.rss(fastmri.complex_abs(fastmri.ifft2c(masked)), dim=1)
+    return fastmri_transforms.center_crop(image, recon).numpy()
+
+
+def _run(capsys, *args: str) -> tuple[int, str, str]:
+    code = reconkit_main(["reconstruct", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_fastmri_file_zero_filled_matches_fastmri_and_is_scored_by_fastmri(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(2):
+        write_fastmri_file(scans / f"file100{i}.h5", rng)
+    code, out, err = _run(capsys, str(scans), "--model", "zero-filled", "--output", str(tmp_path / "out"))
+    assert code == 0, err
+    assert "file1000.h5" in out and "file1001.h5" in out
+    for i in range(2):
+        with h5py.File(tmp_path / "out" / "h5" / f"file100{i}.h5") as f:
+            ours = f["reconstruction"][()]
+            assert f["reconstruction"].dtype == np.float32
+        np.testing.assert_allclose(ours, fastmri_zero_filled(scans / f"file100{i}.h5"), rtol=1e-4, atol=1e-9)
+    args = argparse.Namespace(
+        target_path=scans, predictions_path=tmp_path / "out" / "h5", acquisition=None, acceleration=None
+    )
+    metrics = fastmri_evaluate.evaluate(args, "reconstruction_rss").means()
+    assert 0.0 < metrics["NMSE"] < 0.5 and metrics["SSIM"] > 0.3
+
+
+def test_cg_sense_all_formats_with_header_geometry(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    scan = tmp_path / "knee.h5"
+    write_fastmri_file(scan, rng, slices=3, coils=6, lines=40)  # zero-padded columns outside the acquired window
+    code, _, err = _run(
+        capsys, str(scan), "--model", "cg-sense", "--output", str(tmp_path / "out"),
+        "--format", "h5", "nifti", "dicom", "png", "--batch-size", "2", "--acceleration", "2",
+    )
+    assert code == 0, err
+    with h5py.File(tmp_path / "out" / "h5" / "knee.h5") as f:
+        cg = f["reconstruction"][()]
+    with h5py.File(scan) as f:
+        target = f["reconstruction_rss"][()]
+    zero_filled = fastmri_zero_filled(scan, acceleration=2)
+    assert cg.shape == target.shape == (3, 32, 32)
+    assert fastmri_evaluate.nmse(target, cg) < fastmri_evaluate.nmse(target, zero_filled)
+    nifti = nib.load(tmp_path / "out" / "nifti" / "knee.nii.gz")
+    assert nifti.shape == (32, 32, 3)
+    assert nifti.header.get_zooms() == pytest.approx((200.0 / 32, 200.0 / 32, 3.0))
+    slices = sorted((tmp_path / "out" / "dicom" / "knee").iterdir())
+    assert [p.name for p in slices] == ["slice_000.dcm", "slice_001.dcm", "slice_002.dcm"]
+    ds = pydicom.dcmread(slices[1])
+    assert [float(v) for v in ds.PixelSpacing] == pytest.approx([200.0 / 32, 200.0 / 32])
+    assert float(ds.SliceThickness) == pytest.approx(3.0) and ds.PatientID == "p01"
+    np.testing.assert_allclose(ds.pixel_array * float(ds.RescaleSlope), cg[1], atol=float(ds.RescaleSlope))
+    assert len(list((tmp_path / "out" / "png" / "knee").glob("slice_*.png"))) == 3
+
+
+def test_already_undersampled_input_is_used_as_is(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    full = tmp_path / "full.h5"
+    write_fastmri_file(full, rng)
+    columns = np.zeros(48, np.float32)
+    columns[::3] = 1
+    columns[20:28] = 1
+    for name, store_mask in (("with_mask.h5", True), ("zero_columns.h5", False)):
+        with h5py.File(full) as src, h5py.File(tmp_path / name, "w") as dst:
+            dst.create_dataset("kspace", data=src["kspace"][()] * columns)
+            dst.create_dataset("ismrmrd_header", data=src["ismrmrd_header"][()])
+            if store_mask:
+                dst.create_dataset("mask", data=columns)
+            dst.attrs.update(dict(src.attrs))
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, str(tmp_path / "with_mask.h5"), str(tmp_path / "zero_columns.h5"),
+                        "--model", "zero-filled", "--output", str(out), "--acceleration", "8")
+    assert code == 0, err
+    with h5py.File(full) as f:
+        masked = fastmri_transforms.to_tensor(f["kspace"][()] * columns)
+    expected = fastmri_transforms.center_crop(fastmri.rss(fastmri.complex_abs(fastmri.ifft2c(masked)), dim=1), (32, 32))
+    for name in ("with_mask.h5", "zero_columns.h5"):
+        with h5py.File(out / "h5" / name) as f:
+            np.testing.assert_allclose(f["reconstruction"][()], expected.numpy(), rtol=1e-4, atol=1e-9)
+
+
+def test_bad_inputs_one_line_each_others_written(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_fastmri_file(scans / "good.h5", rng)
+    write_fastmri_file(scans / "truncated.h5", rng)
+    data = (scans / "truncated.h5").read_bytes()
+    (scans / "truncated.h5").write_bytes(data[: len(data) // 2])
+    (scans / "empty.h5").write_bytes(b"")
+    (scans / "corrupt.h5").write_bytes(b"this is not an HDF5 file at all" * 10)
+    with h5py.File(scans / "schema.h5", "w") as f:
+        f.create_dataset("image", data=np.zeros((2, 8, 8), np.float32))
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, str(scans), str(tmp_path / "missing.h5"), "--model", "zero-filled",
+                             "--output", str(out), "--format", "h5", "nifti", "dicom", "png")
+    assert code == 1
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 5, err
+    for name, problem in (("truncated.h5", "truncated"), ("empty.h5", "empty"), ("corrupt.h5", "not an HDF5"),
+                          ("schema.h5", "kspace"), ("missing.h5", "not found")):
+        assert sum(name in line and problem in line for line in error_lines) == 1, (name, error_lines)
+    assert "good.h5" in stdout and "1 of 6 file(s) written" in stdout
+    # the good file is complete in every format; nothing else (no temporary or partial files) was written
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["dicom/good/slice_000.dcm", "dicom/good/slice_001.dcm", "h5/good.h5", "nifti/good.nii.gz",
+                       "png/good/slice_000.png", "png/good/slice_001.png"]
+
+
+def test_single_coil_and_odd_sizes(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    write_fastmri_file(tmp_path / "single.h5", rng, single_coil=True, height=40, width=36, recon=(20, 20))
+    write_fastmri_file(tmp_path / "odd.h5", rng, coils=3, height=45, width=37, recon=(21, 19))
+    code, _, err = _run(capsys, str(tmp_path / "single.h5"), str(tmp_path / "odd.h5"), "--model", "cg-sense",
+                        "--output", str(tmp_path / "out"))
+    assert code == 0, err
+    with h5py.File(tmp_path / "out" / "h5" / "single.h5") as f:
+        assert f["reconstruction"].shape == (2, 20, 20)
+    with h5py.File(tmp_path / "out" / "h5" / "odd.h5") as f:
+        assert f["reconstruction"].shape == (2, 21, 19) and np.isfinite(f["reconstruction"][()]).all()
+
+
+def test_bad_model_and_help(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    write_fastmri_file(tmp_path / "a.h5", rng)
+    code, _, err = _run(capsys, str(tmp_path / "a.h5"), "--model", str(tmp_path / "nope.ckpt"), "--output", "o")
+    assert code == 2 and "nope.ckpt" in err and "not found" in err
+    with pytest.raises(SystemExit) as exit_info:
+        reconkit_main(["reconstruct", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model", "--output", "--format", "--backend", "--device", "--batch-size", "--mask-type",
+                   "--acceleration", "--center-fraction", "--seed", "zero-filled", "cg-sense"):
+        assert option in text
+    assert "reconkit reconstruct scans/" in text
+
+
+def test_tiny_varnet_checkpoint_torch_and_onnx_agree(tmp_path, capsys):
+    from reconkit.export import export_onnx
+    from reconkit.models import build_model, save_model
+
+    rng = np.random.default_rng(6)
+    write_fastmri_file(tmp_path / "scan.h5", rng, slices=3, coils=3, height=32, width=24, recon=(16, 16))
+    kwargs = dict(num_cascades=2, sens_chans=2, sens_pools=1, chans=2, pools=1)
+    torch.manual_seed(0)
+    mask_info = {"mask_type": "equispaced_fraction", "center_fractions": [0.16], "accelerations": [2]}
+    checkpoint = save_model(tmp_path / "tiny.ckpt", build_model("varnet", **kwargs), "varnet", kwargs, mask_info)
+    onnx_path = export_onnx(checkpoint, tmp_path / "tiny.onnx", example_shape=(3, 32, 24))
+    outputs = {}
+    for model, backend in ((checkpoint, "torch"), (onnx_path, "onnx")):
+        code, out, err = _run(capsys, str(tmp_path / "scan.h5"), "--model", str(model), "--output",
+                              str(tmp_path / backend), "--batch-size", "2")
+        assert code == 0, err
+        assert f"({backend})" in out
+        with h5py.File(tmp_path / backend / "h5" / "scan.h5") as f:
+            outputs[backend] = f["reconstruction"][()]
+    assert outputs["torch"].shape == (3, 16, 16)
+    np.testing.assert_allclose(outputs["onnx"], outputs["torch"], rtol=1e-3, atol=1e-4 * outputs["torch"].max())
+    # the training mask recorded in the checkpoint is the default: 2x here, so more columns than the 4x default
+    reconstructor = cli_reconstruct.load_reconstructor(str(checkpoint))
+    assert reconstructor.mask_defaults == {"mask_type": "equispaced_fraction", "acceleration": 2, "center_fraction": 0.16}
+    # a k-space size the ONNX graph was not specialised for is one clear error line
+    write_fastmri_file(tmp_path / "other.h5", rng, slices=1, coils=3, height=40, width=24, recon=(16, 16))
+    code, _, err = _run(capsys, str(tmp_path / "other.h5"), "--model", str(onnx_path), "--output", str(tmp_path / "x"))
+    assert code == 1 and "other.h5" in err and "40x24" in err and "32x24" in err
