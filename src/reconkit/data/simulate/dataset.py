@@ -1,0 +1,118 @@
+"""``simulate_dataset``: many volumes with varied coils / SNR / contrast, split by volume into train/val/test."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from reconkit.data.simulate.volume import simulate_volume, write_volume
+from reconkit.io.atomic import atomic_path
+
+__all__ = ["simulate_dataset", "split_assignment", "volume_seed"]
+
+SPLITS = ("train", "val", "test")
+
+
+def volume_seed(seed: int, index: int) -> int:
+    """Seed of volume ``index`` of a dataset with ``seed`` (independent of the dataset size)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def split_assignment(num_volumes: int, fractions: Sequence[float], seed: int) -> list[str]:
+    """Assign each volume index to ``"train"``, ``"val"`` or ``"test"``.
+
+    Counts are ``round(fraction · N)`` for val and test (at least one each when its fraction is positive and
+    ``N ≥ 3``), the rest train; which volumes go where is a permutation drawn from ``seed``.
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(f"split needs three non-negative fractions (train val test), got {list(fractions)}")
+    total = float(sum(fractions))
+    counts = [0, 0, 0]
+    for k in (1, 2):
+        counts[k] = int(round(fractions[k] / total * num_volumes))
+        if fractions[k] > 0 and counts[k] == 0 and num_volumes >= 3:
+            counts[k] = 1
+    counts[2] = min(counts[2], num_volumes - counts[1])
+    counts[0] = num_volumes - counts[1] - counts[2]
+    if fractions[0] == 0 and counts[0] > 0:  # no train split wanted: the rest goes to test (or val)
+        counts[2 if fractions[2] > 0 else 1] += counts[0]
+        counts[0] = 0
+    labels = [name for name, count in zip(SPLITS, counts) for _ in range(count)]
+    order = np.random.default_rng([int(seed), 0x5B11]).permutation(num_volumes)
+    return [labels[int(position)] for position in np.argsort(order)]
+
+
+def _choices(value: Union[float, Sequence[float]]) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def simulate_dataset(
+    output_dir: os.PathLike | str,
+    num_volumes: int,
+    coils: Union[int, Sequence[int]] = 8,
+    *,
+    snr_db: Union[float, Sequence[float]] = 30.0,
+    slices: int = 16,
+    encoded_size: tuple[int, int] = (640, 368),
+    recon_size: tuple[int, int] = (320, 320),
+    contrast: str = "mixed",
+    orientation: str = "mixed",
+    source: str = "mni152",
+    split: Sequence[float] = (0.7, 0.15, 0.15),
+    noise_correlation: float = 0.5,
+    field_strength_t: Optional[float] = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Write ``num_volumes`` simulated volumes to ``output_dir/{train,val,test}/`` and ``output_dir/manifest.json``.
+
+    Volume ``i`` has seed :func:`volume_seed` ``(seed, i)``; its coil count and SNR are drawn from ``coils`` /
+    ``snr_db`` when those are sequences (a training set with variety), so a dataset is reproducible volume by
+    volume. Files are named ``<source>_s<seed>_<i:04d>.h5`` and written atomically.
+
+    Args:
+        output_dir: destination folder (created).
+        num_volumes: number of volumes ``N ≥ 1``.
+        coils: coil count, or a sequence of counts to draw from per volume.
+        snr_db: SNR in dB (``inf`` for none), or a sequence to draw from per volume.
+        slices, encoded_size, recon_size, contrast, orientation, source, noise_correlation, field_strength_t:
+            as for :func:`reconkit.data.simulate.simulate_volume`.
+        split: train / val / test fractions (by volume; see :func:`split_assignment`).
+        seed: dataset seed.
+        progress: show a progress bar.
+
+    Returns:
+        The manifest: ``{"seed", "options", "volumes": [{"file", "split", "seed", "params"}, ...]}``.
+    """
+    if num_volumes < 1:
+        raise ValueError(f"num_volumes must be at least 1, got {num_volumes}")
+    output = Path(output_dir)
+    labels = split_assignment(num_volumes, split, seed)
+    coil_choices, snr_choices = [int(c) for c in _choices(coils)], [float(s) for s in _choices(snr_db)]
+    options = {
+        "coils": coil_choices, "snr_db": snr_choices, "slices": slices, "encoded_size": list(encoded_size),
+        "recon_size": list(recon_size), "contrast": contrast, "orientation": orientation, "source": source,
+        "split": list(split), "noise_correlation": noise_correlation, "field_strength_t": field_strength_t,
+    }  # fmt: skip
+    entries = []
+    for index in tqdm(range(num_volumes), desc=f"simulate {source}", unit="vol", disable=not progress):
+        vseed = volume_seed(seed, index)
+        pick = np.random.default_rng(vseed)
+        volume = simulate_volume(
+            vseed, source=source, coils=coil_choices[int(pick.integers(len(coil_choices)))],
+            snr_db=snr_choices[int(pick.integers(len(snr_choices)))], slices=slices, encoded_size=encoded_size,
+            recon_size=recon_size, contrast=contrast, orientation=orientation, field_strength_t=field_strength_t,
+            noise_correlation=noise_correlation,
+        )  # fmt: skip
+        name = f"{labels[index]}/{source}_s{seed}_{index:04d}.h5"
+        write_volume(volume, output / name)
+        entries.append({"file": name, "split": labels[index], "seed": vseed, "params": volume.params})
+    manifest = {"seed": int(seed), "num_volumes": int(num_volumes), "options": options, "volumes": entries}
+    with atomic_path(output / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, allow_nan=True))
+    return manifest

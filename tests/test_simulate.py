@@ -1,0 +1,240 @@
+"""Tests of the k-space simulator (reconkit.data.simulate) against fastmri, ismrmrd and the physics it claims."""
+
+from __future__ import annotations
+
+import json
+
+import fastmri
+import h5py
+import ismrmrd.xsd
+import numpy as np
+import pytest
+import torch
+from fastmri.data import SliceDataset
+from fastmri.data.transforms import center_crop as fastmri_center_crop
+
+from reconkit.data.simulate import SOURCES, simulate_dataset, simulate_volume, write_volume
+from reconkit.data.simulate.contrast import choose_protocol, tissue_signals
+from reconkit.data.simulate.dataset import split_assignment
+
+SMALL = dict(encoded_size=(96, 64), recon_size=(48, 48), slices=3, coils=4)
+
+
+def fastmri_rss_target(kspace: np.ndarray, recon_size) -> np.ndarray:
+    """fastMRI's definition: RSS over coils of fastmri.ifft2c(kspace), fastmri's centre crop."""
+    images = fastmri.ifft2c(torch.view_as_real(torch.from_numpy(kspace)))
+    return fastmri_center_crop(fastmri.rss(fastmri.complex_abs(images), dim=1), recon_size).numpy()
+
+
+@pytest.fixture(scope="module")
+def noisy_and_clean():
+    kwargs = dict(encoded_size=(128, 80), recon_size=(64, 64), slices=4, coils=8, noise_correlation=0.5)
+    return simulate_volume(11, snr_db=20.0, **kwargs), simulate_volume(11, snr_db=float("inf"), **kwargs)
+
+
+@pytest.mark.parametrize("snr_db", [float("inf"), 15.0])
+@pytest.mark.parametrize("sizes", [((96, 64), (48, 48)), ((66, 42), (33, 27))])
+def test_reconstruction_rss_is_fastmri_rss_of_kspace(snr_db, sizes):
+    encoded, recon = sizes
+    vol = simulate_volume(3, coils=5, slices=2, encoded_size=encoded, recon_size=recon, snr_db=snr_db)
+    assert vol.kspace.dtype == np.complex64 and vol.kspace.shape == (2, 5, *encoded)
+    assert vol.reconstruction_rss.dtype == np.float32 and vol.reconstruction_rss.shape == (2, *recon)
+    np.testing.assert_allclose(vol.reconstruction_rss, fastmri_rss_target(vol.kspace, recon), rtol=1e-4, atol=1e-9)
+
+
+def test_noise_free_kspace_images_the_object_in_fastmri_orientation(noisy_and_clean):
+    """ifft2c of the noise-free k-space is the object times the coils (up to phase-encode truncation)."""
+    _, clean = noisy_and_clean
+    images = fastmri.ifft2c(torch.view_as_real(torch.from_numpy(clean.kspace)))
+    rss = fastmri.rss(fastmri.complex_abs(images), dim=1).numpy()
+    expected = np.abs(clean.image) * np.sqrt((np.abs(clean.sens_maps) ** 2).sum(axis=1))
+    error = np.linalg.norm(rss - expected) / np.linalg.norm(expected)
+    assert error < 0.1, f"relative error {error:.3f}"
+    # Not flipped or transposed: the object's own mirror image is far off.
+    flipped = np.linalg.norm(rss - expected[:, ::-1, ::-1]) / np.linalg.norm(expected)
+    assert flipped > 3 * error
+
+
+def test_fastmri_slice_dataset_reads_files_unchanged(tmp_path):
+    manifest = simulate_dataset(tmp_path, 3, 4, snr_db=25.0, split=(1, 0, 0), seed=5, progress=False,
+                                slices=2, encoded_size=(64, 48), recon_size=(32, 32))  # fmt: skip
+    dataset = SliceDataset(tmp_path / "train", challenge="multicoil", dataset_cache_file=tmp_path / "cache.pkl")
+    assert len(dataset) == 6
+    by_name = {entry["file"].split("/")[-1]: entry for entry in manifest["volumes"]}
+    for kspace, mask, target, attrs, fname, slice_num in dataset:
+        params = by_name[fname]["params"]
+        assert kspace.shape == (4, 64, 48) and kspace.dtype == np.complex64 and mask is None
+        assert attrs["encoding_size"] == (64, 48, 1) and attrs["recon_size"] == (32, 32, 1)
+        assert (attrs["padding_left"], attrs["padding_right"]) == (params["padding_left"], params["padding_right"])
+        left, right = attrs["padding_left"], attrs["padding_right"]
+        assert not kspace[..., :left].any() and not kspace[..., right:].any()
+        assert np.all(np.abs(kspace[..., left:right]).sum(axis=(0, 1)) > 0)
+        assert target.shape == (32, 32) and np.isclose(attrs["max"], params_max(tmp_path / "train" / fname))
+        assert attrs["acquisition"] == params["acquisition"] and attrs["patient_id"] == "mni152"
+
+
+def params_max(path) -> float:
+    with h5py.File(path, "r") as f:
+        return float(f["reconstruction_rss"][()].max())
+
+
+def test_file_schema_and_ismrmrd_header(tmp_path):
+    vol = simulate_volume(2, **SMALL)
+    path = write_volume(vol, tmp_path / "vol.h5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vol.h5"]  # atomic: no temporary left behind
+    with h5py.File(path, "r") as f:
+        assert f["kspace"].dtype == np.complex64 and f["reconstruction_rss"].dtype == np.float32
+        header = ismrmrd.xsd.CreateFromDocument(f["ismrmrd_header"][()])
+        assert set(f.attrs) >= {"acquisition", "max", "norm", "patient_id"}
+        np.testing.assert_allclose(f.attrs["norm"], np.linalg.norm(f["reconstruction_rss"][()]), rtol=1e-5)
+        assert json.loads(f.attrs["simulation"])["seed"] == 2
+    encoding = header.encoding[0]
+    assert (encoding.encodedSpace.matrixSize.x, encoding.encodedSpace.matrixSize.y) == (96, 64)
+    assert (encoding.reconSpace.matrixSize.x, encoding.reconSpace.matrixSize.y) == (48, 48)
+    limits = encoding.encodingLimits.kspace_encoding_step_1
+    assert 64 // 2 - limits.center == vol.padding[0] and vol.padding[0] + limits.maximum + 1 == vol.padding[1]
+    assert header.acquisitionSystemInformation.receiverChannels == 4
+    assert encoding.encodedSpace.fieldOfView_mm.x == pytest.approx(2 * encoding.reconSpace.fieldOfView_mm.x)
+
+
+@pytest.mark.parametrize("num_coils", [1, 4, 15, 20])
+def test_sensitivities_normalised_and_smooth(num_coils):
+    vol = simulate_volume(4, coils=num_coils, slices=2, encoded_size=(128, 80), recon_size=(64, 64))
+    assert vol.sens_maps.shape == (2, num_coils, 128, 80)
+    support = np.abs(vol.image) > 0.05 * np.abs(vol.image).max()
+    rss = np.sqrt((np.abs(vol.sens_maps) ** 2).sum(axis=1))
+    assert rss[support].max() == pytest.approx(1.0, rel=1e-4)
+    assert rss[support].min() > 0.02  # every part of the object is seen by some coil
+    # Smooth: inside the object the maps change by under 4 % per mm (they vary over centimetres, not pixels).
+    pixel_mm = vol.params["fov_mm"][1] / 64
+    step = np.abs(np.diff(vol.sens_maps, axis=-1)) / pixel_mm
+    inside = np.broadcast_to(support[:, None, :, 1:] & support[:, None, :, :-1], step.shape)
+    level = np.abs(vol.sens_maps)[np.broadcast_to(support[:, None], vol.sens_maps.shape)].mean()
+    assert step[inside].mean() < 0.04 * level
+    # Realistic shading: each coil is bright near its side, so coil images differ a lot.
+    if num_coils > 1:
+        per_coil = np.abs(vol.sens_maps[0])[:, support[0]]
+        assert (per_coil.max(axis=1) / per_coil.mean(axis=1)).min() > 1.5
+
+
+def test_noise_covariance_and_snr(noisy_and_clean):
+    noisy, clean = noisy_and_clean
+    left, right = noisy.padding
+    noise = (noisy.kspace - clean.kspace)[..., left:right]
+    assert not noisy.kspace[..., :left].any() and not noisy.kspace[..., right:].any()
+    samples = noise.transpose(1, 0, 2, 3).reshape(noise.shape[1], -1).astype(np.complex128)
+    measured = samples @ samples.conj().T / samples.shape[1]
+    expected = noisy.noise_covariance
+    assert np.allclose(expected, expected.conj().T) and np.all(np.linalg.eigvalsh(expected) > 0)
+    assert np.linalg.norm(measured - expected) / np.linalg.norm(expected) < 0.03
+    std = np.sqrt(np.diag(expected).real)
+    correlation = np.abs(expected) / np.outer(std, std)
+    assert correlation[~np.eye(len(std), dtype=bool)].max() > 0.1  # coils share noise
+    # SNR: 20 log10(mean object RSS / noise std) is the requested 20 dB.
+    support = np.abs(clean.image) > 0.05 * np.abs(clean.image).max()
+    signal = (np.abs(clean.image) * np.sqrt((np.abs(clean.sens_maps) ** 2).sum(axis=1)))[support].mean()
+    snr = 20 * np.log10(signal / np.sqrt(np.trace(measured).real / len(std)))
+    assert snr == pytest.approx(20.0, abs=0.1)
+
+
+def test_uncorrelated_noise_option():
+    vol = simulate_volume(1, noise_correlation=0.0, **SMALL)
+    offdiag = vol.noise_covariance[~np.eye(4, dtype=bool)]
+    assert np.all(offdiag == 0)
+
+
+def test_reproducible_by_seed_and_streams_independent():
+    a, b = simulate_volume(9, **SMALL), simulate_volume(9, **SMALL)
+    np.testing.assert_array_equal(a.kspace, b.kspace)
+    assert a.header == b.header and a.params == b.params
+    c = simulate_volume(10, **SMALL)
+    assert not np.array_equal(a.image, c.image)
+    more_coils = simulate_volume(9, **{**SMALL, "coils": 8})
+    np.testing.assert_array_equal(a.image, more_coils.image)  # same anatomy, contrast and phase
+
+
+def test_contrast_weightings_follow_the_literature():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        t1 = tissue_signals(choose_protocol("t1", rng), rng)
+        t2 = tissue_signals(choose_protocol("t2", rng), rng)
+        pd = tissue_signals(choose_protocol("pd", rng), rng)
+        assert t1["wm"] > t1["gm"] > t1["csf"] and t1["fat"] > t1["wm"]
+        assert t2["csf"] > t2["gm"] > t2["wm"]
+        assert pd["gm"] > pd["wm"]
+
+
+def test_held_out_sources_are_real_images_of_other_subjects():
+    assert set(SOURCES) == {"mni152", "dipy_b0", "pydicom_mr"}
+    b0 = simulate_volume(0, source="dipy_b0", coils=4, slices=12, encoded_size=(128, 96), recon_size=(64, 64))
+    assert b0.kspace.shape[0] == 10 and b0.attrs["patient_id"] == "dipy_b0"  # the file has 10 slices
+    single = simulate_volume(0, source="pydicom_mr", **SMALL)
+    assert single.kspace.shape[0] == 1 and single.attrs["patient_id"] == "pydicom_mr"
+    for vol in (b0, single):
+        assert vol.reconstruction_rss.max() > 0 and np.isfinite(vol.kspace).all()
+    with pytest.raises(ValueError, match="axial"):
+        simulate_volume(0, source="dipy_b0", orientation="coronal", **SMALL)
+
+
+def test_mni152_files_are_nilearns_templates():
+    from nilearn import datasets
+
+    from reconkit.data.simulate.anatomy import load_source
+
+    source = load_source("mni152")
+    gm = datasets.load_mni152_gm_template(resolution=1)
+    assert source.maps.shape[1:] == gm.shape and np.allclose(source.affine, gm.affine)
+    brain = datasets.load_mni152_brain_mask(resolution=1).get_fdata() > 0.5
+    tissue = source.maps[:3].sum(axis=0)
+    assert tissue[brain].mean() > 0.9 and source.maps[3:].sum(axis=0)[brain].max() == 0  # fat/muscle outside
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"encoded_size": (63, 40)}, "even"), ({"recon_size": (80, 20)}, "fit"), ({"coils": 0}, "coils"),
+     ({"contrast": "flair"}, "contrast"), ({"source": "knee"}, "source"), ({"noise_correlation": 1.0}, "correlation")],
+)  # fmt: skip
+def test_bad_options_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        simulate_volume(0, **{**dict(encoded_size=(64, 40), recon_size=(32, 32), slices=1, coils=2), **kwargs})
+
+
+def test_split_disjoint_reproducible_and_sized():
+    labels = split_assignment(20, (0.7, 0.15, 0.15), seed=1)
+    assert labels == split_assignment(20, (0.7, 0.15, 0.15), seed=1)
+    assert labels != split_assignment(20, (0.7, 0.15, 0.15), seed=2)
+    assert [labels.count(s) for s in ("train", "val", "test")] == [14, 3, 3]
+    assert split_assignment(3, (0.7, 0.15, 0.15), seed=0).count("test") == 1
+    assert set(split_assignment(4, (0, 0, 1), seed=0)) == {"test"}
+    with pytest.raises(ValueError, match="split"):
+        split_assignment(4, (1, -1, 1), seed=0)
+
+
+def test_simulate_dataset_reproducible_with_variety(tmp_path):
+    options = dict(coils=(2, 6), snr_db=(10.0, 40.0), slices=1, encoded_size=(48, 40), recon_size=(24, 24),
+                   seed=3, progress=False)  # fmt: skip
+    first = simulate_dataset(tmp_path / "a", 6, **options)
+    second = simulate_dataset(tmp_path / "b", 6, **options)
+    assert first == second
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text()) == first
+    files = [entry["file"] for entry in first["volumes"]]
+    assert len(set(files)) == 6 and all(f.startswith(entry["split"] + "/") for f, entry in zip(files, first["volumes"]))
+    for name in files:
+        with h5py.File(tmp_path / "a" / name, "r") as fa, h5py.File(tmp_path / "b" / name, "r") as fb:
+            np.testing.assert_array_equal(fa["kspace"][()], fb["kspace"][()])
+    assert {v["params"]["coils"] for v in first["volumes"]} == {2, 6}
+    assert {v["params"]["snr_db"] for v in first["volumes"]} == {10.0, 40.0}
+
+
+def test_cli_writes_dataset_and_reports_bad_options(tmp_path, capsys):
+    from reconkit.cli.main import main
+
+    args = ["simulate", "--output", str(tmp_path / "out"), "--num-volumes", "3", "--coils", "3",
+            "--encoded-size", "48", "40", "--recon-size", "24", "24", "--slices", "1", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert sorted(p.parent.name for p in (tmp_path / "out").rglob("*.h5")) == ["test", "train", "val"]
+    assert main(args[:-1] + ["--encoded-size", "47", "40"]) == 2
+    assert "even" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--help"])
+    assert exit_info.value.code == 0 and "examples:" in capsys.readouterr().out
