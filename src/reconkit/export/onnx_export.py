@@ -21,9 +21,18 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 
 from reconkit.errors import ReconkitError
-from reconkit.ops import fft_impl
+from reconkit.ops import fft_impl, ifft2c, rss_complex
 
-__all__ = ["export_onnx", "load_onnx_metadata", "ExportError", "normalise_sizes", "DEFAULT_OPSET"]
+__all__ = [
+    "export_onnx",
+    "load_onnx_metadata",
+    "load_checkpoint_model",
+    "contract_model",
+    "ZeroFilledFrontEnd",
+    "ExportError",
+    "normalise_sizes",
+    "DEFAULT_OPSET",
+]
 
 DEFAULT_OPSET = 17
 INPUT_NAMES = ("masked_kspace", "mask")
@@ -74,8 +83,32 @@ def normalise_sizes(example_shape: Union[Sequence[int], Sequence[Sequence[int]]]
     return coils, sizes
 
 
+class ZeroFilledFrontEnd(torch.nn.Module):
+    """Contract call ``(masked_kspace, mask) -> image`` for an image-domain model such as the U-Net.
+
+    As ``reconkit.data.UnetDataTransform`` (and fastmri's): zero-filled RSS image, normalised per batch item by its
+    mean and unbiased standard deviation (eps 1e-11), clamped to ±6, through the model, de-normalised. Unlike the
+    transform it works on the full encoded size (the contract crops outside the model), so the statistics come
+    from the whole image rather than the recon-size crop.
+
+    Shapes: ``masked_kspace (B, C, H, W, 2)``, ``mask (B, 1, 1, W, 1)`` → ``(B, H, W)``. The mask is applied
+    once more (a no-op on masked k-space), which also keeps it an input of the exported graph as the contract says.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        image = rss_complex(ifft2c(masked_kspace * mask), dim=1)
+        mean = image.mean(dim=(1, 2), keepdim=True)
+        std = image.std(dim=(1, 2), keepdim=True)
+        normalised = ((image - mean) / (std + 1e-11)).clamp(-6, 6)
+        return self.model(normalised.unsqueeze(1)).squeeze(1) * std + mean
+
+
 class _Reconstruct(torch.nn.Module):
-    """Contract-shaped wrapper: ``(masked_kspace, mask) -> image`` with the model's FFTs as MatMul FFTs."""
+    """Contract-shaped wrapper ``(masked_kspace, mask) -> image`` traced by the exporter."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -83,6 +116,13 @@ class _Reconstruct(torch.nn.Module):
 
     def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(masked_kspace, mask)
+
+
+def contract_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself for k-space models; image-domain U-Nets get the :class:`ZeroFilledFrontEnd`."""
+    from reconkit.models import Unet
+
+    return ZeroFilledFrontEnd(model) if isinstance(model, Unet) else model
 
 
 def _example_inputs(batch: int, coils: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,15 +136,10 @@ def _example_inputs(batch: int, coils: int, height: int, width: int) -> tuple[to
     return kspace, mask
 
 
-def _trace_one(model: torch.nn.Module, coils: int, height: int, width: int, opset: int, path: Path, dynamic_hw: bool):
-    """Trace the model for one spatial size into ``path`` (TorchScript exporter, MatMul FFT)."""
+def _trace_one(model: torch.nn.Module, coils: int, height: int, width: int, opset: int, path: Path) -> None:
+    """Trace the model for one spatial size into ``path`` (TorchScript exporter, MatMul FFT, dynamic batch/coils)."""
     kspace, mask = _example_inputs(2, max(coils, 2), height, width)
-    hw = {2: "height", 3: "width"} if dynamic_hw else {}
-    dynamic_axes = {
-        "masked_kspace": {0: "batch", 1: "coils", **hw},
-        "mask": {0: "batch", **({3: "width"} if dynamic_hw else {})},
-        OUTPUT_NAME: {0: "batch", **({1: "height", 2: "width"} if dynamic_hw else {})},
-    }
+    dynamic_axes = {"masked_kspace": {0: "batch", 1: "coils"}, "mask": {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
     with fft_impl("matmul"), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about Python ints from shapes: sizes are specialised
         torch.onnx.export(
@@ -247,7 +282,8 @@ def _metadata(model: torch.nn.Module, info: Any, sizes: list[tuple[int, int]], e
         "reconkit.version": __version__,
         "reconkit.model_type": _info_get(info, "model_type", None) or type(model).__name__.lower(),
         "reconkit.input_layout": INPUT_LAYOUT,
-        "reconkit.normalization": _info_get(info, "normalization", None) or "none",
+        "reconkit.normalization": _info_get(info, "normalization", None)
+        or ("instance" if isinstance(contract_model(model), ZeroFilledFrontEnd) else "none"),
         "reconkit.mask_family": _info_get(mask, "mask_type", None) or "unknown",
         "reconkit.acceleration": list(_info_get(mask, "accelerations", None) or []),
         "reconkit.center_fraction": list(_info_get(mask, "center_fractions", None) or []),
@@ -306,7 +342,7 @@ def export_onnx(
             for height, width in sizes:
                 traced = Path(tmp) / f"{height}x{width}.onnx"
                 try:
-                    _trace_one(model, coils, height, width, opset, traced, dynamic_hw=False)
+                    _trace_one(contract_model(model), coils, height, width, opset, traced)
                 except Exception as exc:
                     raise ExportError(f"{source}: export failed at size {height}x{width}: "
                                       f"{type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,69 @@
+"""``reconkit export``: checkpoint → ONNX (MatMul FFT inside the graph), optionally into a Triton model repository."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from reconkit.errors import ReconkitError
+
+__all__ = ["main", "build_parser"]
+
+EXAMPLE = """examples:
+  reconkit export --checkpoint checkpoints/varnet_small.ckpt --output varnet.onnx --size 640 368 --size 640 372
+  reconkit export --checkpoint checkpoints/varnet_small.ckpt --output varnet.onnx --size 320 320 \\
+      --triton-repository models --model-name varnet
+
+One graph branch is traced per --size (height = readout, width = phase-encode); the file picks the branch from the
+input's shape. Batch and coil counts stay dynamic. See docs/export.md.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reconkit export", description=__doc__.split("\n")[0].split(": ", 1)[1], epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint readable by reconkit.models.load_model")
+    parser.add_argument("--output", required=True, type=Path, help="ONNX file to write")
+    parser.add_argument("--size", nargs=2, type=int, action="append", metavar=("H", "W"),
+                        help="spatial size the graph serves; repeat for several (default: 640 368)")
+    parser.add_argument("--coils", type=int, default=4, help="coil count used for tracing (the graph accepts any)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
+    parser.add_argument("--triton-repository", type=Path, help="also write a Triton model repository here")
+    parser.add_argument("--model-name", "--name", dest="model_name",
+                        help="model name in the Triton repository (default: the output file's stem)")
+    parser.add_argument("--version", type=int, default=1, help="model version in the Triton repository")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="Triton max_batch_size (default 8)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from reconkit.export import export_onnx, load_onnx_metadata
+
+    sizes = [tuple(s) for s in (args.size or [(640, 368)])]
+    try:
+        path = export_onnx(args.checkpoint, args.output, [(args.coils, h, w) for h, w in sizes], opset=args.opset)
+        meta = load_onnx_metadata(path)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {meta['reconkit.model_type']}, "
+              f"sizes {meta['reconkit.spatial_sizes']}, opset {args.opset}")
+        if args.triton_repository is not None:
+            try:
+                from reconkit.export.triton_repository import write_triton_repository
+            except ImportError as exc:
+                raise ReconkitError(f"{args.triton_repository}: Triton repository writer not available ({exc})")
+            name = args.model_name or path.stem
+            written = write_triton_repository(path, args.triton_repository, name, version=args.version,
+                                              max_batch_size=args.max_batch_size)
+            print(f"wrote Triton model {name!r} version {args.version} under {written}")
+    except (ReconkitError, ValueError) as exc:
+        print(f"reconkit export: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""MatMul FFT (reconkit.ops.dft_matmul): equal to fft2c / ifft2c and fastmri on many sizes, ONNX-exportable."""
+
+from __future__ import annotations
+
+import io
+
+import fastmri
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from reconkit.ops import fft2c, fft_impl, ifft2c
+from reconkit.ops.dft_matmul import axis_plan, centred_fft_matmul, radices
+
+FASTMRI_SIZES = [(640, 368), (640, 372), (640, 320), (768, 396), (640, 272)]
+OTHER_SIZES = [(32, 24), (30, 22), (96, 70), (7, 9), (45, 33), (1, 5), (13, 2), (4100, 6)]
+ALLOWED_OPS = {"MatMul", "Reshape", "Transpose", "Mul", "Add", "Sub", "Constant", "Gather", "Split", "Slice",
+               "Squeeze", "Unsqueeze", "Concat", "Shape", "Cast"}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("height,width", FASTMRI_SIZES + OTHER_SIZES)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_equals_fft2c(height: int, width: int, inverse: bool) -> None:
+    x = torch.randn(2, height, width, 2, generator=torch.Generator().manual_seed(height * width))
+    reference = ifft2c(x) if inverse else fft2c(x)
+    result = centred_fft_matmul(x, inverse)
+    assert result.shape == x.shape and result.dtype == torch.float32
+    assert relative_error(result, reference) <= 1e-5
+    assert float((result - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+
+
+@pytest.mark.parametrize("height,width", [(640, 368), (30, 22), (45, 33)])
+def test_equals_fastmri(height: int, width: int) -> None:
+    x = torch.randn(3, 1, height, width, 2, generator=torch.Generator().manual_seed(1))
+    with fft_impl("matmul"):
+        forward, inverse = fft2c(x), ifft2c(x)
+    assert relative_error(forward, fastmri.fft2c(x)) <= 1e-5
+    assert relative_error(inverse, fastmri.ifft2c(x)) <= 1e-5
+
+
+def test_round_trip_and_leading_dims() -> None:
+    x = torch.randn(2, 3, 1, 40, 28, 2)
+    y = centred_fft_matmul(centred_fft_matmul(x, False), True)
+    assert y.shape == x.shape
+    assert relative_error(y, x) <= 1e-5
+
+
+def test_radices_multiply_to_length() -> None:
+    for length in list(range(1, 300)) + [320, 368, 372, 396, 640, 768, 4100, 8191]:
+        factors = radices(length)
+        assert int(np.prod(factors)) == length
+        assert len(factors) == 1 or max(factors) <= 64 or length % max(factors) == 0
+
+
+def test_plan_is_unitary() -> None:
+    """Each stage matrix is unitary (the 1/sqrt(f) normalisation and the centring phases are folded in)."""
+    plan = axis_plan(368, inverse=False)
+    for pair in plan.matrices:
+        matrix = torch.complex(pair[0].double(), pair[1].double())
+        identity = matrix @ matrix.conj().T
+        assert torch.allclose(identity, torch.eye(len(matrix), dtype=identity.dtype), atol=1e-6)
+
+
+def test_rejects_bad_layout() -> None:
+    with pytest.raises(ValueError, match=r"\(\.\.\., H, W, 2\)"):
+        centred_fft_matmul(torch.randn(4, 6, 3), False)
+
+
+class _FFT(torch.nn.Module):
+    def __init__(self, inverse: bool):
+        super().__init__()
+        self.inverse = inverse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ifft2c(x) if self.inverse else fft2c(x)
+
+
+@pytest.mark.parametrize("height,width,inverse", [(96, 70, False), (45, 33, True)])
+def test_onnx_graph_has_only_matmul_ops_and_matches(height: int, width: int, inverse: bool) -> None:
+    x = torch.randn(2, 3, height, width, 2)
+    buffer = io.BytesIO()
+    with fft_impl("matmul"):
+        torch.onnx.export(_FFT(inverse), (x,), buffer, dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "batch", 1: "coils"}})
+    model = onnx.load_from_string(buffer.getvalue())
+    onnx.checker.check_model(model)
+    ops = {node.op_type for node in model.graph.node}
+    assert "MatMul" in ops and ops <= ALLOWED_OPS, ops - ALLOWED_OPS
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    other = torch.randn(1, 5, height, width, 2)  # batch and coil counts other than the traced ones
+    for data in (x, other):
+        (result,) = session.run(None, {"x": data.numpy()})
+        expected = (ifft2c(data) if inverse else fft2c(data)).numpy()
+        assert np.linalg.norm(result - expected) <= 1e-5 * np.linalg.norm(expected)

@@ -1,0 +1,168 @@
+"""ONNX export (reconkit.export): ORT vs torch parity, dynamic batch / coils, several sizes, metadata, CLI, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from reconkit.cli.export import main as export_main
+from reconkit.errors import ReconkitError
+from reconkit.export import ExportError, export_onnx, load_onnx_metadata
+from reconkit.export.onnx_export import ZeroFilledFrontEnd
+from reconkit.models import build_model, save_model
+
+VARNET_KWARGS = dict(num_cascades=2, sens_chans=2, sens_pools=1, chans=4, pools=2)
+UNET_KWARGS = dict(in_chans=1, out_chans=1, chans=4, num_pool_layers=2)
+MASK_INFO = {"mask_type": "equispaced_fraction", "center_fractions": [0.08], "accelerations": [4]}
+
+
+def sample(batch: int, coils: int, height: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Masked k-space and a line mask with a fully sampled centre, as numpy float32."""
+    rng = np.random.default_rng(seed)
+    mask = (rng.random(width) < 0.3).astype(np.float32)
+    mask[width // 2 - 3 : width // 2 + 3] = 1
+    mask = np.broadcast_to(mask.reshape(1, 1, 1, width, 1), (batch, 1, 1, width, 1)).copy()
+    kspace = rng.standard_normal((batch, coils, height, width, 2)).astype(np.float32) * mask
+    return kspace, mask
+
+
+def assert_parity(session: ort.InferenceSession, model: torch.nn.Module, kspace: np.ndarray, mask: np.ndarray):
+    (image,) = session.run(None, {"masked_kspace": kspace, "mask": mask})
+    with torch.no_grad():
+        expected = model(torch.from_numpy(kspace), torch.from_numpy(mask)).numpy()
+    assert image.shape == expected.shape == (kspace.shape[0],) + kspace.shape[2:4]
+    assert np.linalg.norm(image - expected) <= 1e-4 * np.linalg.norm(expected)
+    assert np.abs(image - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+@pytest.fixture(scope="module")
+def varnet_export(tmp_path_factory) -> tuple[torch.nn.Module, Path, ort.InferenceSession]:
+    torch.manual_seed(0)
+    model = build_model("varnet", **VARNET_KWARGS).eval()
+    path = tmp_path_factory.mktemp("varnet") / "varnet.onnx"
+    export_onnx(model, path, [(32, 24), (40, 30)], metadata={"mask_family": "random", "acceleration": [4, 8]})
+    return model, path, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("batch,coils,height,width", [(1, 3, 32, 24), (3, 5, 40, 30), (2, 1, 32, 24)])
+def test_varnet_parity_on_every_size_batch_and_coil_count(varnet_export, batch, coils, height, width) -> None:
+    model, _, session = varnet_export
+    assert_parity(session, model, *sample(batch, coils, height, width, seed=batch * coils))
+
+
+def test_varnet_graph_follows_the_contract(varnet_export) -> None:
+    _, path, _ = varnet_export
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    inputs = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
+    assert inputs == {"masked_kspace": ["batch", "coils", "height", "width", 2], "mask": ["batch", 1, 1, "width", 1]}
+    assert [v.name for v in model.graph.output] == ["image"]
+    ops = {n.op_type for n in model.graph.node} | {
+        n.op_type for node in model.graph.node for attr in node.attribute if attr.g for n in attr.g.node}
+    assert "If" in ops and "MatMul" in ops and "DFT" not in ops
+    # weights are stored once, in the main graph, and shared by the size branches
+    conv_weights = [i for i in model.graph.initializer if len(i.dims) == 4]
+    assert conv_weights and all(len(i.dims) != 4 for n in model.graph.node for a in n.attribute if a.g
+                                for i in a.g.initializer)
+
+
+def test_varnet_metadata_round_trip(varnet_export) -> None:
+    _, path, session = varnet_export
+    meta = load_onnx_metadata(path)
+    assert meta["reconkit.model_type"] == "varnet"
+    assert meta["reconkit.spatial_sizes"] == [[32, 24], [40, 30]]
+    assert meta["reconkit.mask_family"] == "random"
+    assert meta["reconkit.acceleration"] == [4, 8]
+    assert meta["reconkit.normalization"] == "none"
+    assert set(meta) >= {"reconkit.version", "reconkit.input_layout", "reconkit.center_fraction"}
+    assert session.get_modelmeta().custom_metadata_map["reconkit.spatial_sizes"] == "[[32, 24], [40, 30]]"
+
+
+def test_size_not_exported_is_refused(varnet_export) -> None:
+    _, _, session = varnet_export
+    kspace, mask = sample(1, 2, 36, 28, seed=3)
+    with pytest.raises(Exception):
+        session.run(None, {"masked_kspace": kspace, "mask": mask})
+
+
+@pytest.fixture(scope="module")
+def unet_checkpoint(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    torch.manual_seed(1)
+    model = build_model("unet", **UNET_KWARGS).eval()
+    path = tmp_path_factory.mktemp("unet") / "unet.ckpt"
+    save_model(path, model, "unet", UNET_KWARGS, mask=MASK_INFO, normalization="instance")
+    return model, path
+
+
+def test_unet_checkpoint_export_parity_and_metadata(unet_checkpoint, tmp_path) -> None:
+    model, checkpoint = unet_checkpoint
+    path = export_onnx(checkpoint, tmp_path / "unet.onnx", (3, 72, 66))  # 72 = 8·9, 66 = 6·11: two-stage FFTs
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, coils in ((1, 3), (2, 4)):
+        assert_parity(session, ZeroFilledFrontEnd(model), *sample(batch, coils, 72, 66, seed=coils))
+    meta = load_onnx_metadata(path)
+    assert meta["reconkit.model_type"] == "unet"
+    assert meta["reconkit.normalization"] == "instance"
+    assert meta["reconkit.mask_family"] == "equispaced_fraction"
+    assert meta["reconkit.acceleration"] == [4] and meta["reconkit.center_fraction"] == [0.08]
+    assert meta["reconkit.spatial_sizes"] == [[72, 66]]
+
+
+def test_cli_export_with_triton_repository(unet_checkpoint, tmp_path, capsys) -> None:
+    _, checkpoint = unet_checkpoint
+    output = tmp_path / "out" / "unet.onnx"
+    code = export_main(["--checkpoint", str(checkpoint), "--output", str(output), "--size", "32", "24",
+                        "--triton-repository", str(tmp_path / "repo"), "--model-name", "unet_small"])
+    assert code == 0, capsys.readouterr().err
+    assert load_onnx_metadata(output)["reconkit.spatial_sizes"] == [[32, 24]]
+    assert (tmp_path / "repo" / "unet_small" / "1" / "model.onnx").read_bytes() == output.read_bytes()
+    assert 'name: "unet_small"' in (tmp_path / "repo" / "unet_small" / "config.pbtxt").read_text()
+
+
+def _bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    mismatched = tmp_path / "mismatched.ckpt"
+    save_model(mismatched, build_model("unet", **UNET_KWARGS), "unet", dict(UNET_KWARGS, chans=8))
+    no_entry = tmp_path / "no_entry.ckpt"
+    torch.save({"state_dict": {}}, no_entry)
+    return {"missing": tmp_path / "missing.ckpt", "empty": empty, "garbage": garbage, "mismatched": mismatched,
+            "no_entry": no_entry}
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path) -> None:
+    for kind, checkpoint in _bad_checkpoints(tmp_path).items():
+        output = tmp_path / f"{kind}.onnx"
+        with pytest.raises(ReconkitError) as info:
+            export_onnx(checkpoint, output, (2, 32, 24))
+        assert str(checkpoint) in str(info.value), kind
+        assert not output.exists(), kind
+
+
+def test_cli_reports_bad_checkpoint(tmp_path, capsys) -> None:
+    checkpoint = _bad_checkpoints(tmp_path)["garbage"]
+    code = export_main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "x.onnx"), "--size", "32", "24"])
+    err = capsys.readouterr().err
+    assert code == 1 and str(checkpoint) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_load_onnx_metadata_errors(tmp_path) -> None:
+    with pytest.raises(ExportError, match="not found"):
+        load_onnx_metadata(tmp_path / "none.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ExportError, match=str(bad)):
+        load_onnx_metadata(bad)
+
+
+def test_bad_example_shape() -> None:
+    with pytest.raises(ValueError, match="example_shape"):
+        export_onnx(torch.nn.Identity(), "unused.onnx", [(32,)])
