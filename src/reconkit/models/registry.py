@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -92,11 +91,13 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(path, f"holds objects other than weights and plain data, refusing to unpickle "
-                                    f"them ({first_line})") from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(path, f"not a readable PyTorch checkpoint (corrupt or truncated?): {exc}") from exc
+        reasons = [line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
+        detail = f" ({reasons[0]})" if reasons else ""
+        raise CheckpointError(path, "cannot be read as weights and plain data only; refusing to unpickle other "
+                                    f"objects{detail}") from exc
+    except Exception as exc:  # torch.load fails in many ways on damaged files (EOFError, IndexError, ...)
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CheckpointError(path, f"not a readable PyTorch checkpoint (corrupt or truncated?): {detail}") from exc
     if not isinstance(checkpoint, dict):
         raise CheckpointError(path, f"expected a dict checkpoint, found {type(checkpoint).__name__}")
     return checkpoint

@@ -1,0 +1,126 @@
+"""reconkit.models.build_model / load_model: the checkpoint contract and clear errors for bad files."""
+
+import pickle
+
+import pytest
+import torch
+
+from reconkit.errors import ReconkitError
+from reconkit.models import CheckpointError, ModelConfigError, VarNet, build_model, load_model, save_model
+
+KWARGS = dict(num_cascades=1, sens_chans=2, sens_pools=1, chans=2, pools=1)
+MASK = {"mask_type": "equispaced_fraction", "center_fractions": [0.08], "accelerations": [4]}
+
+
+def _lightning_style(model, **reconkit_overrides) -> dict:
+    """What the training module writes: Lightning's keys, our entry, weights under ``model.`` plus other keys."""
+    entry = {"model_type": "varnet", "model_kwargs": dict(KWARGS), "mask": MASK, "normalization": "max",
+             **reconkit_overrides}
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state["loss.w"] = torch.ones(3)  # a non-model buffer of the LightningModule: ignored
+    return {"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.6.6", "state_dict": state,
+            "optimizer_states": [], "reconkit": entry}
+
+
+def _inputs():
+    mask = torch.zeros(1, 1, 1, 16, 1)
+    mask[..., 6:10, :] = 1
+    return torch.randn(1, 2, 16, 16, 2) * mask, mask
+
+
+def test_build_model_registry():
+    net = build_model("varnet", **KWARGS)
+    assert isinstance(net, VarNet) and len(net.cascades) == 1
+    with pytest.raises(ModelConfigError, match="unknown model_type 'resnet'"):
+        build_model("resnet")
+    with pytest.raises(ModelConfigError, match="bad model_kwargs"):
+        build_model("varnet", num_cascade=3)
+
+
+def test_lightning_style_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("varnet", **KWARGS)
+    path = tmp_path / "epoch=3.ckpt"
+    torch.save(_lightning_style(model), path)
+
+    loaded, info = load_model(path)
+    assert not loaded.training
+    assert info["model_type"] == "varnet" and info["model_kwargs"] == KWARGS
+    assert info["mask"] == MASK and info["normalization"] == "max"
+    assert info["path"] == str(path) and info["epoch"] == 3 and info["global_step"] == 120
+    kspace, mask = _inputs()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(kspace, mask), model(kspace, mask))
+
+
+def test_save_model_round_trip(tmp_path):
+    torch.manual_seed(1)
+    model = build_model("unet", in_chans=1, out_chans=1, chans=4, num_pool_layers=2)
+    path = save_model(tmp_path / "unet.pt", model, "unet", dict(in_chans=1, out_chans=1, chans=4, num_pool_layers=2))
+    assert [p.name for p in tmp_path.iterdir()] == ["unet.pt"]  # no temp file left behind
+    loaded, info = load_model(path)
+    assert info["mask"] is None and info["normalization"] is None
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+def _write(tmp_path, name, payload) -> str:
+    path = tmp_path / name
+    torch.save(payload, path)
+    return str(path)
+
+
+class _NotWeights:
+    pass
+
+
+def _bad_checkpoints(tmp_path):
+    torch.manual_seed(2)
+    good = _lightning_style(build_model("varnet", **KWARGS))
+    other = _lightning_style(build_model("varnet", **{**KWARGS, "chans": 3}))
+    nan_state = dict(good["state_dict"])
+    nan_state["model.cascades.0.dc_weight"] = torch.tensor([float("nan")])
+    truncated = tmp_path / "truncated.ckpt"
+    torch.save(good, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"this is not a checkpoint at all")
+    yield str(tmp_path / "absent.ckpt"), "file not found"
+    yield str(truncated), "not a readable PyTorch checkpoint"
+    yield str(garbage), "not a readable PyTorch checkpoint"
+    yield _write(tmp_path, "list.ckpt", [1, 2]), "expected a dict checkpoint"
+    yield _write(tmp_path, "noentry.ckpt", {"state_dict": good["state_dict"]}), "missing the 'reconkit' entry"
+    yield _write(tmp_path, "notype.ckpt", {**good, "reconkit": {"model_kwargs": {}}}), "model_type"
+    yield _write(tmp_path, "unknown.ckpt", {**good, "reconkit": {**good["reconkit"], "model_type": "gan"}}), \
+        "unknown model_type 'gan'"
+    yield _write(tmp_path, "badkw.ckpt", {**good, "reconkit": {**good["reconkit"], "model_kwargs": {"depth": 3}}}), \
+        "bad model_kwargs"
+    yield _write(tmp_path, "nostate.ckpt", {"reconkit": good["reconkit"]}), "missing 'state_dict'"
+    yield _write(tmp_path, "noprefix.ckpt", {**good, "state_dict": {"w": torch.ones(1)}}), "no weights under"
+    yield _write(tmp_path, "shapes.ckpt", {**other, "reconkit": good["reconkit"]}), "weight shapes do not fit"
+    yield _write(tmp_path, "missing.ckpt", {**good, "reconkit": {**good["reconkit"],
+                                                                 "model_kwargs": {**KWARGS, "num_cascades": 2}}}), \
+        "missing weights cascades.1"
+    yield _write(tmp_path, "extra.ckpt", {**good, "reconkit": {**good["reconkit"],
+                                                               "model_kwargs": {**KWARGS, "num_cascades": 0}}}), \
+        "unexpected weights cascades.0"
+    yield _write(tmp_path, "nan.ckpt", {**good, "state_dict": nan_state}), "NaN or Inf"
+    yield _write(tmp_path, "object.ckpt", {**good, "extra": _NotWeights()}), "refusing to unpickle"
+    plain_pickle = tmp_path / "pickle.ckpt"
+    plain_pickle.write_bytes(pickle.dumps({"reconkit": good["reconkit"]}))
+    yield str(plain_pickle), "refusing to unpickle"
+
+
+def test_bad_checkpoints_raise_checkpoint_error_naming_file_and_problem(tmp_path):
+    cases = list(_bad_checkpoints(tmp_path))
+    assert len(cases) == 16
+    for path, problem in cases:
+        with pytest.raises(CheckpointError) as excinfo:
+            load_model(path)
+        message = str(excinfo.value)
+        assert isinstance(excinfo.value, ReconkitError)
+        assert message.startswith(f"{path}: "), message
+        assert problem in message, (path, message)
+        assert "\n" not in message, message

@@ -1,0 +1,164 @@
+"""reconkit.models.VarNet against fastmri.models.VarNet (the oracle), plus checkpointing, AMP and tracing."""
+
+import fastmri.models
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from fastmri.models.varnet import SensitivityModel as FastmriSensitivityModel
+
+from reconkit.models import VarNet, low_frequency_window
+from reconkit.ops import fft_impl
+
+SMALL = dict(num_cascades=2, sens_chans=3, sens_pools=2, chans=4, pools=2)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm())
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    """Relative closeness that also holds for two zero tensors (e.g. the first cascade's dc_weight gradient)."""
+    return bool((a - b).norm() <= tol * b.norm())
+
+
+def _line_mask(batch: int, width: int, centres: list[int], every: int, seed: int = 0) -> torch.Tensor:
+    """(B, 1, 1, W, 1) float mask: a centred block of ``centres[b]`` lines plus every ``every``-th line (offset)."""
+    gen = np.random.default_rng(seed)
+    mask = torch.zeros(batch, 1, 1, width, 1)
+    for b in range(batch):
+        start = (width - centres[b] + 1) // 2
+        mask[b, 0, 0, start : start + centres[b], 0] = 1
+        mask[b, 0, 0, int(gen.integers(every)) :: every, 0] = 1
+    return mask
+
+
+def _pair(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    kwargs = {**SMALL, **overrides}
+    ref = fastmri.models.VarNet(**kwargs)
+    ours = VarNet(**kwargs)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@pytest.mark.parametrize(
+    "batch, coils, height, width, centres",
+    [(1, 4, 32, 24, [6]), (2, 3, 33, 27, [4, 8]), (1, 2, 20, 17, [5]), (1, 5, 48, 40, [10])],
+)
+@pytest.mark.parametrize("num_low_frequencies", [None, 4])
+def test_varnet_matches_fastmri_with_its_weights(batch, coils, height, width, centres, num_low_frequencies):
+    ref, ours = _pair(seed=batch + coils)
+    mask = _line_mask(batch, width, centres, every=4, seed=coils)
+    kspace = torch.randn(batch, coils, height, width, 2) * mask
+
+    out_ref = ref(kspace, mask.bool(), num_low_frequencies)
+    out = ours(kspace, mask, num_low_frequencies)
+    assert out.shape == (batch, height, width)
+    assert _rel(out, out_ref) < 1e-4
+
+
+def test_varnet_gradients_match_fastmri():
+    ref, ours = _pair(seed=7)
+    mask = _line_mask(1, 24, [6], every=3)
+    kspace = torch.randn(1, 3, 28, 24, 2) * mask
+    target = torch.rand(1, 28, 24)
+    for model, m in ((ref, mask.bool()), (ours, mask)):
+        ((model(kspace, m) - target) ** 2).mean().backward()
+    grads_ref = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert _close(p.grad, grads_ref[name].grad, 1e-3), name
+
+
+def test_bool_and_float_masks_agree():
+    _, ours = _pair()
+    mask = _line_mask(1, 24, [6], every=4)
+    kspace = torch.randn(1, 3, 16, 24, 2) * mask
+    assert torch.allclose(ours(kspace, mask.bool()), ours(kspace, mask), atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [16, 17, 24])
+def test_low_frequency_window_matches_fastmri(width):
+    gen = torch.Generator().manual_seed(width)
+    masks = [(torch.rand(3, 1, 1, width, 1, generator=gen) < p).float() for p in (0.3, 0.6, 0.9)]
+    masks.append(_line_mask(3, width, [2, 5, 8], every=5))
+    masks.append(torch.ones(2, 1, 1, width, 1))  # fully sampled: fastmri's argmin gives 1 low frequency
+    masks.append(torch.zeros(2, 1, 1, width, 1))
+    sens = FastmriSensitivityModel(2, 1)
+    for mask in masks:
+        pad_ref, num_ref = sens.get_pad_and_num_low_freqs(mask.bool())
+        pad, num = low_frequency_window(mask)
+        assert torch.equal(pad, pad_ref) and torch.equal(num, num_ref), mask.flatten(1)
+    pad, num = low_frequency_window(masks[0], num_low_frequencies=6)
+    assert num.tolist() == [6, 6, 6] and pad.tolist() == [(width - 5) // 2] * 3
+
+
+def test_checkpoint_cascades_gives_same_output_and_gradients():
+    torch.manual_seed(3)
+    plain = VarNet(**SMALL)
+    ckpt = VarNet(**SMALL, checkpoint_cascades=True)
+    ckpt.load_state_dict(plain.state_dict())
+    mask = _line_mask(1, 24, [6], every=4)
+    kspace = torch.randn(1, 3, 32, 24, 2) * mask
+    out_plain, out_ckpt = plain(kspace, mask), ckpt(kspace, mask)
+    assert torch.equal(out_plain, out_ckpt)
+    out_plain.sum().backward()
+    out_ckpt.sum().backward()
+    ckpt_params = dict(ckpt.named_parameters())
+    for name, p in plain.named_parameters():
+        assert _close(ckpt_params[name].grad, p.grad, 1e-5), name
+
+
+def test_bf16_autocast_forward_backward():
+    torch.manual_seed(4)
+    net = VarNet(**SMALL)
+    mask = _line_mask(1, 32, [8], every=4)
+    kspace = torch.randn(1, 3, 32, 32, 2) * mask
+    reference = net(kspace, mask).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(kspace, mask)
+    assert out.dtype == torch.float32  # FFTs and the RSS run in float32
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+    assert _rel(out, reference) < 0.05
+
+
+def test_init_scale_scales_final_convolution_only():
+    torch.manual_seed(5)
+    base = VarNet(**SMALL)
+    torch.manual_seed(5)
+    scaled = VarNet(**SMALL, init_scale=0.1)
+    base_state, scaled_state = base.state_dict(), scaled.state_dict()
+    final = {f"cascades.{i}.model.unet.up_conv.{SMALL['pools'] - 1}.1.{w}" for i in range(2) for w in ("weight", "bias")}
+    for name, value in base_state.items():
+        expected = value * 0.1 if name in final else value
+        assert torch.allclose(scaled_state[name], expected), name
+
+
+def test_varnet_rejects_bad_shapes():
+    net = VarNet(**SMALL)
+    with pytest.raises(ValueError, match="masked_kspace"):
+        net(torch.randn(1, 3, 16, 16), torch.ones(1, 1, 1, 16, 1))
+    with pytest.raises(ValueError, match="mask"):
+        net(torch.randn(1, 3, 16, 16, 2), torch.ones(16))
+
+
+def test_varnet_traces_to_onnx_with_matmul_fft(tmp_path):
+    """The model is traceable (no data-dependent control flow, no complex dtypes with the MatMul FFT)."""
+    torch.manual_seed(6)
+    net = VarNet(**SMALL).eval()
+    mask = _line_mask(1, 24, [6], every=3)
+    kspace = torch.randn(1, 3, 32, 24, 2) * mask
+    path = tmp_path / "varnet.onnx"
+    with fft_impl("matmul"):
+        torch.onnx.export(net, (kspace, mask), str(path), dynamo=False,
+                          input_names=["masked_kspace", "mask"], output_names=["image"])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    other_mask = _line_mask(1, 24, [8], every=5, seed=3)  # a different ACS width: computed in-graph
+    for m in (mask, other_mask):
+        k = torch.randn(1, 3, 32, 24, 2) * m
+        (image,) = session.run(None, {"masked_kspace": k.numpy(), "mask": m.numpy()})
+        with torch.no_grad():
+            assert _rel(torch.from_numpy(image), net(k, m)) < 1e-4
