@@ -1,0 +1,25 @@
+"""``reconkit train``: Lightning fit / validate / test / predict from YAML configs (see ``--help``)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from reconkit.errors import ReconkitError
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run ``reconkit train <subcommand> [options]``; returns the exit status.
+
+    Example: ``reconkit train fit --config configs/varnet_sim_small.yaml --data.data_path data/sim_small``.
+    """
+    from reconkit.training.cli import run_cli  # Lightning is imported only when training runs
+
+    try:
+        run_cli(list(argv))
+    except ReconkitError as err:
+        print(f"reconkit train: {err}", file=sys.stderr)
+        return 1
+    except SystemExit as exit_:  # --help, or an argument error already printed by the parser
+        return exit_.code if isinstance(exit_.code, int) else 1
+    return 0

@@ -1,0 +1,7 @@
+"""Lightning 2 training: one base module, per-model subclasses, the fastMRI data module and the CLI wiring."""
+
+from reconkit.training.base import Images, ReconModule
+from reconkit.training.datamodule import FastMriDataModule
+from reconkit.training.modules import KspaceModule, UnetModule, VarNetModule
+
+__all__ = ["ReconModule", "Images", "KspaceModule", "VarNetModule", "UnetModule", "FastMriDataModule"]

@@ -1,0 +1,212 @@
+"""``ReconModule``: the one Lightning 2 base for every reconstruction model reconkit trains.
+
+A subclass builds ``self.model`` (through :func:`reconkit.models.build_model`, so the checkpoint can be rebuilt
+without this code) and implements :meth:`ReconModule.images`, which turns a batch into magnitude images in the
+target's units, cropped to the target's recon size. Everything else lives here once:
+
+* loss: SSIM loss (``reconkit.metrics.SSIMLoss``, data range = the volume's ``max``) or L1 scaled by ``max``;
+* Adam with a step (per epoch) or cosine (per optimizer step) learning-rate schedule;
+* validation / test: per-slice statistics keyed by ``(fname, slice_num)``, gathered across ranks, combined
+  into **per-volume** NMSE / PSNR / SSIM (:mod:`reconkit.training.volume_metrics`) and logged as
+  ``val_nmse`` / ``val_psnr`` / ``val_ssim`` (``test_*`` for the test loop);
+* a few target / reconstruction / error images to TensorBoard;
+* ``checkpoint["reconkit"]`` (the checkpoint contract in ``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from reconkit.metrics import SSIMLoss
+from reconkit.training.volume_metrics import (
+    SliceStats,
+    gather_slice_stats,
+    mean_over_volumes,
+    slice_stats,
+    volume_metrics,
+)
+
+LOSSES = ("ssim", "l1")
+LR_SCHEDULERS = ("step", "cosine", "none")
+
+
+class Images(NamedTuple):
+    """A batch reduced to magnitude images in target units, cropped to the target's recon size.
+
+    output: ``(B, h, w)`` reconstruction; target: ``(B, h, w)`` reference or ``None`` when the split has no
+    targets; max_value: ``(B,)`` each slice's volume maximum (data range); fname: ``B`` file names;
+    slice_num: ``(B,)`` slice indices.
+    """
+
+    output: torch.Tensor
+    target: Optional[torch.Tensor]
+    max_value: torch.Tensor
+    fname: list[str]
+    slice_num: torch.Tensor
+
+
+class ReconModule(LightningModule):
+    """Base Lightning module: loss, optimiser, per-volume evaluation, image logging, checkpoint metadata.
+
+    Subclasses set ``self.model``, ``self.model_type``, ``self.model_kwargs`` and ``self.normalization`` and
+    implement :meth:`images`.
+    """
+
+    model: torch.nn.Module
+    model_type: str
+    model_kwargs: dict[str, Any]
+    normalization: str
+    # constructor arguments a subclass fills in for its parent: left out of hparams so that
+    # ``load_from_checkpoint`` calls the subclass with its own signature only
+    derived_hparams: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        loss: str = "ssim",
+        lr: float = 3e-4,
+        lr_scheduler: str = "step",
+        lr_step_size: int = 40,
+        lr_gamma: float = 0.1,
+        weight_decay: float = 0.0,
+        num_log_images: int = 4,
+    ):
+        """
+        Args:
+            loss: ``"ssim"`` (1 - SSIM, fastMRI's VarNet loss) or ``"l1"`` (mean |output - target| / max).
+            lr: Adam learning rate.
+            lr_scheduler: ``"step"`` (multiply by ``lr_gamma`` every ``lr_step_size`` epochs), ``"cosine"``
+                (cosine decay to 0 over all optimizer steps of the run) or ``"none"``.
+            lr_step_size: epochs between step decays.
+            lr_gamma: step decay factor.
+            weight_decay: Adam weight decay.
+            num_log_images: validation slices (first slice of the first batches) logged to TensorBoard.
+        """
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {lr_scheduler!r}")
+        self.save_hyperparameters(ignore=list(self.derived_hparams))
+        self.ssim_loss = SSIMLoss()
+        self._slice_records: list[SliceStats] = []
+        self.last_volume_metrics: dict[str, dict[str, float]] = {}
+
+    # --- subclass hook -------------------------------------------------------------------------------------
+    def images(self, batch: Any) -> Images:
+        """Run the model on ``batch`` and return cropped magnitude images in target units."""
+        raise NotImplementedError
+
+    # --- loss ------------------------------------------------------------------------------------------------
+    def compute_loss(self, images: Images) -> torch.Tensor:
+        """Scalar loss between ``images.output`` and ``images.target`` (both ``(B, h, w)``)."""
+        if images.target is None:
+            raise ValueError("this batch has no target images; training and validation need fully sampled data")
+        max_value = images.max_value.to(images.output)
+        if self.hparams.loss == "ssim":
+            return self.ssim_loss(images.output.unsqueeze(1), images.target.unsqueeze(1), data_range=max_value)
+        scale = max_value.view(-1, 1, 1)
+        return torch.nn.functional.l1_loss(images.output / scale, images.target / scale)
+
+    # --- loops -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = self.images(batch)
+        loss = self.compute_loss(images)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(images.fname))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, batch_idx, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """Reconstructions ``(B, h, w)`` with their ``fname`` and ``slice_num`` (targets not needed)."""
+        images = self.images(batch)
+        return {"fname": list(images.fname), "slice_num": images.slice_num.cpu(), "output": images.output.cpu()}
+
+    def on_validation_epoch_start(self) -> None:
+        self._slice_records = []
+
+    def on_test_epoch_start(self) -> None:
+        self._slice_records = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_volume_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_volume_metrics("test")
+
+    def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> None:
+        images = self.images(batch)
+        if images.target is None:
+            raise ValueError(f"the {stage} split has no target images; use `reconkit train predict` for "
+                             "undersampled test files")
+        loss = self.compute_loss(images)
+        self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=len(images.fname))
+        for i, fname in enumerate(images.fname):
+            self._slice_records.append(
+                slice_stats(images.output[i], images.target[i], float(images.max_value[i]), fname,
+                            int(images.slice_num[i]))
+            )
+        if stage == "val" and batch_idx < self.hparams.num_log_images:
+            self._log_images(images)
+
+    def _log_volume_metrics(self, stage: str) -> None:
+        records = gather_slice_stats(self._slice_records)
+        self._slice_records = []
+        if self.trainer.sanity_checking:
+            return
+        self.last_volume_metrics = volume_metrics(records)
+        for name, value in mean_over_volumes(self.last_volume_metrics).items():
+            # every rank holds the same gathered numbers; sync_dist only silences Lightning's DDP warning
+            self.log(f"{stage}_{name}", value, sync_dist=True, prog_bar=name == "ssim")
+        self.log(f"{stage}_volumes", float(len(self.last_volume_metrics)), sync_dist=True)
+
+    def _log_images(self, images: Images) -> None:
+        tensorboard = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if tensorboard is None or images.target is None:
+            return
+        target, output = images.target[0].detach(), images.output[0].detach()
+        error = (target - output).abs()
+        key = f"val_images/{images.fname[0]}_slice{int(images.slice_num[0])}"
+        for name, image in (("target", target), ("reconstruction", output), ("error", error)):
+            scaled = (image / image.max().clamp_min(1e-12)).clamp(0, 1).unsqueeze(0).float().cpu()
+            tensorboard.experiment.add_image(f"{key}/{name}", scaled, global_step=self.global_step)
+
+    # --- optimisation ----------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.lr_scheduler == "none":
+            return optimizer
+        if self.hparams.lr_scheduler == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, self.hparams.lr_step_size, self.hparams.lr_gamma)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise ValueError("lr_scheduler='cosine' needs a finite run: set trainer.max_epochs or max_steps")
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(total_steps), 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoint contract ---------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["reconkit"] = {
+            "model_type": self.model_type,
+            "model_kwargs": dict(self.model_kwargs),
+            "mask": self._mask_info(),
+            "normalization": self.normalization,
+        }
+
+    def _mask_info(self) -> dict[str, Any]:
+        """The training data's mask settings (from the attached datamodule; ``None`` values without one)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        info = {}
+        for key in ("mask_type", "center_fractions", "accelerations"):
+            value = getattr(datamodule, key, None)
+            info[key] = list(value) if isinstance(value, (list, tuple)) else value
+        return info

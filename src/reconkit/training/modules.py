@@ -1,0 +1,128 @@
+"""Per-model Lightning modules: every k-space model (VarNet, classical baselines) and the image-domain U-Net.
+
+Each module builds ``self.model`` with :func:`reconkit.models.build_model` from plain keyword arguments and
+records ``model_type`` / ``model_kwargs`` so ``reconkit.models.load_model`` can rebuild it from the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from reconkit.data.transforms import center_crop
+from reconkit.models import build_model
+from reconkit.training.base import Images, ReconModule
+
+
+class KspaceModule(ReconModule):
+    """Any model with the k-space call ``model(masked_kspace (B,C,H,W,2), mask (B,1,1,W,1), num_low_frequencies)
+    -> image (B, H, W)`` on ``VarNetDataTransform`` samples; the output is cropped to the target (or the
+    header's recon size when there is no target).
+
+    Use it directly to evaluate a registry model that has no trainable weights (``zero_filled``, ``cg_sense``):
+    ``reconkit train test --config configs/varnet_sim_small.yaml --model reconkit.training.KspaceModule
+    --model.model_type zero_filled``.
+    """
+
+    normalization = "none"
+
+    def __init__(self, model_type: str = "varnet", model_kwargs: Optional[dict[str, Any]] = None, **kwargs: Any):
+        """
+        Args:
+            model_type: a name in ``reconkit.models``' registry.
+            model_kwargs: keyword arguments for ``build_model(model_type, **model_kwargs)``.
+            **kwargs: :class:`ReconModule` arguments (loss, lr, lr_scheduler, ...).
+        """
+        super().__init__(**kwargs)
+        self.model_type = model_type
+        self.model_kwargs = dict(model_kwargs or {})
+        self.model = build_model(model_type, **self.model_kwargs)
+
+    def forward(self, masked_kspace, mask, num_low_frequencies=None):
+        """``(B, C, H, W, 2)`` k-space and ``(B, 1, 1, W, 1)`` mask -> ``(B, H, W)`` magnitude image."""
+        return self.model(masked_kspace, mask, num_low_frequencies)
+
+    def images(self, batch: Any) -> Images:
+        output = self(batch.masked_kspace, batch.mask, batch.num_low_frequencies)
+        has_target = batch.target is not None and batch.target.ndim == 3
+        if has_target:
+            crop = tuple(batch.target.shape[-2:])
+        else:
+            crop = (int(batch.crop_size[0][0]), int(batch.crop_size[1][0]))
+        crop = (min(crop[0], output.shape[-2]), min(crop[1], output.shape[-1]))  # FLAIR 203: recon > encoded
+        return Images(
+            output=center_crop(output, crop),
+            target=center_crop(batch.target, crop) if has_target else None,
+            max_value=batch.max_value,
+            fname=list(batch.fname),
+            slice_num=batch.slice_num,
+        )
+
+
+class VarNetModule(KspaceModule):
+    """End-to-end VarNet (Sriram et al., MICCAI 2020) with fastMRI's defaults."""
+
+    derived_hparams = ("model_type", "model_kwargs")
+
+    def __init__(
+        self,
+        num_cascades: int = 12,
+        chans: int = 18,
+        pools: int = 4,
+        sens_chans: int = 8,
+        sens_pools: int = 4,
+        checkpoint_cascades: bool = False,
+        **kwargs: Any,
+    ):
+        """
+        Args:
+            num_cascades: unrolled cascades (data consistency + refinement U-Net).
+            chans: first-level channels of each cascade's U-Net.
+            pools: down/up-sampling levels of each cascade's U-Net.
+            sens_chans: first-level channels of the sensitivity-map U-Net.
+            sens_pools: levels of the sensitivity-map U-Net.
+            checkpoint_cascades: recompute cascade activations in the backward pass (activation checkpointing;
+                less memory, ~30% more compute).
+            **kwargs: :class:`ReconModule` arguments (loss, lr, lr_scheduler, ...).
+        """
+        model_kwargs = dict(num_cascades=num_cascades, chans=chans, pools=pools, sens_chans=sens_chans,
+                            sens_pools=sens_pools)
+        if checkpoint_cascades:
+            model_kwargs["checkpoint_cascades"] = True
+        super().__init__(model_type="varnet", model_kwargs=model_kwargs, **kwargs)
+
+
+class UnetModule(ReconModule):
+    """Image-domain U-Net (Ronneberger et al.) on ``UnetDataTransform`` samples: the zero-filled RSS image,
+    instance-normalised; outputs are de-normalised (``* std + mean``) before loss and metrics."""
+
+    normalization = "instance"
+
+    def __init__(self, in_chans: int = 1, out_chans: int = 1, chans: int = 32, num_pool_layers: int = 4,
+                 drop_prob: float = 0.0, **kwargs: Any):
+        """
+        Args:
+            in_chans / out_chans: image channels (1 for magnitude).
+            chans: first-level channels; num_pool_layers: down/up-sampling levels; drop_prob: dropout.
+            **kwargs: :class:`ReconModule` arguments (loss, lr, lr_scheduler, ...).
+        """
+        super().__init__(**kwargs)
+        self.model_type = "unet"
+        self.model_kwargs = dict(in_chans=in_chans, out_chans=out_chans, chans=chans,
+                                 num_pool_layers=num_pool_layers, drop_prob=drop_prob)
+        self.model = build_model(self.model_type, **self.model_kwargs)
+
+    def forward(self, image):
+        """``(B, h, w)`` normalised image -> ``(B, h, w)`` normalised reconstruction."""
+        return self.model(image.unsqueeze(1)).squeeze(1)
+
+    def images(self, batch: Any) -> Images:
+        mean = batch.mean.view(-1, 1, 1)
+        std = batch.std.view(-1, 1, 1)
+        has_target = batch.target is not None and batch.target.ndim == 3
+        return Images(
+            output=self(batch.image) * std + mean,
+            target=batch.target * std + mean if has_target else None,
+            max_value=batch.max_value,
+            fname=list(batch.fname),
+            slice_num=batch.slice_num,
+        )
