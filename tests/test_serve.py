@@ -178,8 +178,8 @@ class ZeroFilled(torch.nn.Module):
 
 
 def test_exported_zero_filled_model_served_equals_onnxruntime_and_torch(tmp_path):
-    """reconkit.export.export_onnx (MatMul FFT in the graph, odd width) -> Triton repository -> server."""
-    onnx_path = export_onnx(ZeroFilled(), tmp_path / "zf.onnx", example_shape=(COILS, 12, 9))
+    """reconkit.export.export_onnx (MatMul FFT in the graph, two sizes, odd width) -> Triton repository -> server."""
+    onnx_path = export_onnx(ZeroFilled(), tmp_path / "zf.onnx", example_shape=[(COILS, 12, 9), (COILS, 10, 8)])
     repository = tmp_path / "models"
     write_triton_repository(onnx_path, repository, "zero_filled", max_batch_size=4)
     kspace = np.random.default_rng(5).standard_normal((2, 5, 12, 9, 2)).astype(np.float32)  # other coil count
@@ -198,10 +198,13 @@ def test_exported_zero_filled_model_served_equals_onnxruntime_and_torch(tmp_path
             served = client.infer("zero_filled", inputs).as_numpy("image")
         finally:
             client.close()
-    assert meta["inputs"][1] == {"name": "mask", "datatype": "FP32", "shape": [-1, 1, 1, 9, 1]}
+        other_size = json_request(np.zeros((1, 2, 12, 8, 2), np.float32), np.ones((1, 1, 1, 8, 1), np.float32))
+        status, error = error_of(post(url, "/v2/models/zero_filled/infer", json.dumps(other_size).encode()))
+    assert meta["inputs"][0] == {"name": "masked_kspace", "datatype": "FP32", "shape": [-1, -1, -1, -1, 2]}
     np.testing.assert_array_equal(served, expected)
     eager = ZeroFilled()(torch.from_numpy(kspace), torch.from_numpy(mask)).numpy()
     np.testing.assert_allclose(served, eager, rtol=1e-4, atol=1e-5)
+    assert status == 400 and "height x width 12x8 is not a size the model was exported for (12x9, 10x8)" in error
 
 
 def test_metadata_health_and_readiness(server):

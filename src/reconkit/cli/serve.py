@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 from reconkit.errors import ReconkitError
 
 _EXAMPLE = """example:
-  reconkit export --checkpoint checkpoints/varnet_small.ckpt --triton-repository models --name varnet
+  reconkit export --checkpoint checkpoints/varnet_small.ckpt --output varnet.onnx --size 640 368 \
+      --triton-repository models --model-name varnet
   RECONKIT_SERVE_TOKEN=secret reconkit serve --model-repository models --host 0.0.0.0 --port 8000
 
 The repository uses Triton's layout (models/<name>/<version>/model.onnx, optional config.pbtxt whose
@@ -21,7 +22,9 @@ graceful shutdown: accepted requests are answered before the process exits.
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reconkit serve", description=__doc__, epilog=_EXAMPLE,
+    p = argparse.ArgumentParser(prog="reconkit serve", epilog=_EXAMPLE,
+                                description="Serve ONNX models on ONNX Runtime over the KServe V2 / Open Inference "
+                                            "Protocol REST API (tritonclient.http works unchanged).",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", type=Path, required=True, help="Triton-layout model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

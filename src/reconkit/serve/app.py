@@ -202,7 +202,7 @@ def _routes(state: _State) -> list[Route]:
             raise RequestError(503, "server is not started yet", {"Retry-After": "1"})
         body = await _read_body(request, state.config.max_request_bytes)
         infer_request = decode_infer_request(body, request.headers.get(HEADER_LENGTH), s.model)
-        check_inputs(infer_request, s.entry.batching.max_batch_size)
+        check_inputs(infer_request, s.entry.batching.max_batch_size, s.model.spatial_sizes)
         timeout = min(state.config.request_timeout_s, infer_request.timeout_s or float("inf"))
         try:
             results = await asyncio.wait_for(s.batcher.submit(infer_request), timeout)

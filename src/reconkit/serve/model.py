@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -50,6 +51,15 @@ def _spec(node) -> TensorSpec:
     return TensorSpec(node.name, _ORT_TYPES[node.type][0], shape)
 
 
+def _spatial_sizes(value: str | None) -> list[tuple[int, int]] | None:
+    """``reconkit.spatial_sizes`` metadata (JSON list of ``[H, W]``) -> sizes; None when absent or "dynamic"."""
+    try:
+        sizes = json.loads(value) if value else None
+        return [(int(h), int(w)) for h, w in sizes] if isinstance(sizes, list) else None
+    except (ValueError, TypeError):
+        return None
+
+
 def select_providers(device: str) -> list[str]:
     """ONNX Runtime execution providers for ``device`` (``"cpu"``, ``"cuda"`` or ``"auto"``: CUDA when present)."""
     import onnxruntime as ort
@@ -66,6 +76,8 @@ def select_providers(device: str) -> list[str]:
 
 class OnnxModel:
     """One ONNX Runtime session with its input/output specs and ``reconkit.*`` metadata.
+
+    ``spatial_sizes``: the ``(H, W)`` sizes the graph was exported for (``reconkit.spatial_sizes``), or None.
 
     ``run`` is thread-safe (ONNX Runtime sessions are) and releases the GIL while the graph runs.
     """
@@ -87,6 +99,7 @@ class OnnxModel:
         self.outputs = [_spec(node) for node in self.session.get_outputs()]
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.providers: list[str] = self.session.get_providers()
+        self.spatial_sizes = _spatial_sizes(self.metadata.get("reconkit.spatial_sizes"))
 
     def input(self, name: str) -> TensorSpec | None:
         return next((spec for spec in self.inputs if spec.name == name), None)

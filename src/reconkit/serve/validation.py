@@ -1,10 +1,13 @@
 """Checks on decoded inputs beyond names, datatypes and shapes: batch sizes, finiteness, the ONNX contract.
 
 The reconkit ONNX contract (docs/architecture.md): ``masked_kspace`` float32 ``[batch, coils, height, width, 2]``
-and ``mask`` float32 ``[batch, 1, 1, width, 1]``; the mask's width must equal the k-space width.
+and ``mask`` float32 ``[batch, 1, 1, width, 1]``; the mask's width must equal the k-space width, and
+``(height, width)`` must be one of the graph's ``reconkit.spatial_sizes`` when the metadata lists them.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -13,10 +16,12 @@ from reconkit.serve.protocol import InferRequest, RequestError
 __all__ = ["check_inputs"]
 
 
-def check_inputs(request: InferRequest, max_batch_size: int) -> None:
+def check_inputs(request: InferRequest, max_batch_size: int,
+                 spatial_sizes: Optional[Sequence[tuple[int, int]]] = None) -> None:
     """Raise ``RequestError(400)`` naming the tensor when the inputs cannot form a valid batch.
 
     max_batch_size: the model's largest batch (0: no limit, requests run one by one).
+    spatial_sizes: the ``(H, W)`` of ``masked_kspace`` the graph was exported for (None: any).
     """
     inputs = request.inputs
     batches = {name: array.shape[0] for name, array in inputs.items() if array.ndim}
@@ -37,3 +42,7 @@ def check_inputs(request: InferRequest, max_batch_size: int) -> None:
         if mask.shape[3] != kspace.shape[3]:
             raise RequestError(400, f"input 'mask': width {mask.shape[3]} (axis 3) does not match "
                                     f"'masked_kspace' width {kspace.shape[3]}")
+    if kspace is not None and kspace.ndim == 5 and spatial_sizes and tuple(kspace.shape[2:4]) not in spatial_sizes:
+        sizes = ", ".join(f"{h}x{w}" for h, w in spatial_sizes)
+        raise RequestError(400, f"input 'masked_kspace': height x width {kspace.shape[2]}x{kspace.shape[3]} is not "
+                                f"a size the model was exported for ({sizes})")
