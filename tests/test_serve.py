@@ -275,6 +275,8 @@ def _bad_requests() -> list[tuple[str, object, str]]:
     batch_mismatch = json_request(kspace, sample(batch=2)[1])
     return [
         ("not json", b"{", "not valid JSON"),
+        ("deep json", b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        ("not an object", b"[1, 2]", "must be a JSON object"),
         ("no inputs", {"inputs": []}, "'inputs' must be a non-empty list"),
         ("unknown tensor", unknown, "unknown input tensor 'extra'"),
         ("missing tensor", missing, "missing input tensor(s) ['mask']"),
@@ -416,7 +418,7 @@ def test_sigterm_mid_load_answers_every_accepted_request(repository, tmp_path):
     port = free_port()
     log_path = tmp_path / "server.log"
     cmd = [sys.executable, "-m", "reconkit", "serve", "--model-repository", str(repository), "--port", str(port),
-           "--max-queue-delay-ms", "150", "--max-batch-size", "8"]
+           "--max-queue-delay-ms", "300", "--max-batch-size", "8"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"127.0.0.1:{port}"

@@ -71,8 +71,8 @@ def _split_body(body: bytes, header_length: Optional[str]) -> tuple[dict, memory
         json_part, binary = body[:length], memoryview(body)[length:]
     try:
         header = json.loads(json_part)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"request header is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise _bad(f"request header is not valid JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
         raise _bad("request header must be a JSON object")
     return header, binary
@@ -117,7 +117,7 @@ def _tensor(spec: TensorSpec, item: dict, binary: memoryview, offset: int) -> tu
         raise _bad(f"input '{spec.name}': neither 'data' nor parameters.binary_data_size given")
     try:
         array = np.asarray(item["data"], dtype=spec.dtype)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise _bad(f"input '{spec.name}': 'data' is not a list of {spec.datatype} numbers: {exc}") from None
     if array.size != count:
         raise _bad(f"input '{spec.name}': 'data' holds {array.size} values, shape {list(shape)} needs {count}")
