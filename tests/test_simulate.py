@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from fastmri.data import SliceDataset
+from fastmri.data.subsample import create_mask_for_mask_type
+from fastmri.data.transforms import VarNetDataTransform
 from fastmri.data.transforms import center_crop as fastmri_center_crop
 
 from reconkit.data.simulate import SOURCES, simulate_dataset, simulate_volume, write_volume
@@ -71,6 +73,12 @@ def test_fastmri_slice_dataset_reads_files_unchanged(tmp_path):
         assert np.all(np.abs(kspace[..., left:right]).sum(axis=(0, 1)) > 0)
         assert target.shape == (32, 32) and np.isclose(attrs["max"], params_max(tmp_path / "train" / fname))
         assert attrs["acquisition"] == params["acquisition"] and attrs["patient_id"] == "mni152"
+    # fastmri's own VarNet transform takes the samples as they come (masking honours the padding).
+    transform = VarNetDataTransform(create_mask_for_mask_type("equispaced_fraction", [0.08], [4]), use_seed=True)
+    sample = transform(*dataset[0])
+    assert tuple(sample.masked_kspace.shape) == (4, 64, 48, 2) and tuple(sample.target.shape) == (32, 32)
+    left, right = dataset.raw_samples[0].metadata["padding_left"], dataset.raw_samples[0].metadata["padding_right"]
+    assert not sample.mask[..., :left, :].any() and not sample.mask[..., right:, :].any()
 
 
 def params_max(path) -> float:

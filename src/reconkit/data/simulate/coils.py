@@ -122,20 +122,22 @@ def sensitivity_maps(array: CoilArray, points_mm: np.ndarray, support: np.ndarra
     )  # (C, N, 3)
     receive = (fields[..., 0] - 1j * fields[..., 1]) * np.exp(1j * array.phases)[:, None]
     receive = receive.reshape(array.num_coils, slices, len(rows), len(cols)).transpose(1, 0, 2, 3)
-    maps = _upsample(receive, rows, cols, height, width)
-    rss = np.sqrt((np.abs(maps) ** 2).sum(axis=1))
-    peak = rss[support].max() if support.any() else rss.max()
-    return (maps / peak).astype(np.complex64)
+    maps = _upsample(receive, height, width)
+    rss = maps.abs().square().sum(dim=1).sqrt_()
+    mask = torch.from_numpy(support)
+    peak = rss[mask].max() if bool(mask.any()) else rss.max()
+    return maps.div_(peak).numpy()
 
 
-def _upsample(coarse: np.ndarray, rows: np.ndarray, cols: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bicubic upsampling of ``(S, C, h, w)`` complex samples at evenly spaced ``rows``/``cols`` to ``(H, W)``."""
+def _upsample(coarse: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """Bicubic upsampling of ``(S, C, h, w)`` complex samples, evenly spaced from the first to the last pixel
+    (i.e. ``align_corners=True``), to a complex64 tensor ``(S, C, H, W)``."""
     slices, coils = coarse.shape[:2]
-    parts = torch.from_numpy(np.stack([coarse.real, coarse.imag], axis=2).reshape(slices, 2 * coils, *coarse.shape[2:]))
-    # The coarse samples are evenly spaced from the first to the last pixel, i.e. align_corners=True.
-    up = F.interpolate(parts.float(), size=(height, width), mode="bicubic", align_corners=True).numpy()
+    parts = np.stack([coarse.real, coarse.imag], axis=2).astype(np.float32)
+    parts = torch.from_numpy(parts.reshape(slices, 2 * coils, *coarse.shape[2:]))
+    up = F.interpolate(parts, size=(height, width), mode="bicubic", align_corners=True)
     up = up.reshape(slices, coils, 2, height, width)
-    return up[:, :, 0] + 1j * up[:, :, 1]
+    return torch.complex(up[:, :, 0], up[:, :, 1])
 
 
 def noise_covariance(array: CoilArray, sigma: float, correlation: float, rng: np.random.Generator) -> np.ndarray:
