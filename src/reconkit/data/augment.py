@@ -1,0 +1,301 @@
+"""Physics-aware data augmentation for k-space training (MRAugment; Fabian, Heckel & Soltanolkotabi, ICML 2021).
+
+The fully sampled k-space of a slice is taken to the image domain (complex coil images ``(C, H, W, 2)``), the
+same geometric transform is applied to every coil image (real and imaginary parts interpolated separately, so
+complex data stays complex), and from the augmented coil images everything is recomputed:
+
+* k-space = ``fft2c(augmented coil images)``, then undersampled with the usual mask (so the input obeys the
+  forward model of the augmented object);
+* target = RSS of the augmented coil images, centre-cropped to the recon size.
+
+Augmentations (each applied independently with probability ``weight * p``, ``p`` the overall probability at the
+current point of training): horizontal / vertical flip, 90° rotations (exact), arbitrary rotation, translation,
+isotropic and anisotropic scaling, shearing. The affine ones are combined into one resampling with
+``torch.nn.functional.grid_sample`` (bilinear or bicubic, reflection or zero padding, as MRAugment).
+
+``p`` follows a schedule over training (:func:`augmentation_probability`): constant, linear ramp or
+exponential ramp, in epochs or optimiser steps. Every random draw comes from a generator seeded by
+``(seed, epoch, fname, slice_num)``, so a sample's augmentation is reproducible and independent of data-loader
+workers.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from reconkit.data.masks import MaskFunc, create_mask_for_mask_type
+from reconkit.data.transforms import VarNetDataTransform, VarNetSample, center_crop, to_tensor
+from reconkit.ops import fft2c, ifft2c, rss_complex
+
+__all__ = [
+    "AugmentConfig",
+    "AugmentParams",
+    "augmentation_probability",
+    "sample_augmentation",
+    "augment_coil_images",
+    "AugmentedVarNetTransform",
+]
+
+SCHEDULES = ("constant", "linear", "exp")
+SCHEDULE_UNITS = ("epoch", "step")
+INTERPOLATIONS = ("bilinear", "bicubic")
+PADDINGS = ("reflection", "zeros")
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation settings (MRAugment's defaults where it has them).
+
+    Attributes:
+        probability: overall augmentation probability ``p`` at the end of the ramp (0 turns augmentation off).
+        schedule: ``"constant"`` (``p`` from the start), ``"linear"`` (``p · t / T``) or ``"exp"``
+            (``p · (1 − e^(−c·t/T)) / (1 − e^(−c))``), ``t`` the epoch or step, ``T = ramp_length``.
+        schedule_unit: ``"epoch"`` or ``"step"`` (what ``t`` counts).
+        ramp_length: ``T``, epochs or steps to reach ``probability``.
+        exp_rate: ``c`` of the exponential ramp.
+        weights: per-augmentation weight (probability of each = ``weight · p``, clipped to 1); keys ``fliph``,
+            ``flipv``, ``rot90``, ``rotation``, ``translation``, ``scaling_iso``, ``scaling_aniso``, ``shearing``.
+        max_rotation: degrees, arbitrary rotation drawn from ``U(−max, max)``.
+        max_translation: ``(y, x)`` fractions of the image height / width.
+        max_scaling: scale factors drawn from ``U(1 − max, 1 + max)``.
+        max_shearing: degrees, shear angles (x and y) drawn from ``U(−max, max)``.
+        interpolation: ``"bilinear"`` or ``"bicubic"``.
+        padding: ``"reflection"`` or ``"zeros"`` (what fills the field of view outside the moved image).
+    """
+
+    probability: float = 0.55
+    schedule: str = "exp"
+    schedule_unit: str = "epoch"
+    ramp_length: float = 10.0
+    exp_rate: float = 5.0
+    weights: Dict[str, float] = field(default_factory=lambda: {
+        "fliph": 0.5, "flipv": 0.5, "rot90": 0.5, "rotation": 0.5, "translation": 1.0, "scaling_iso": 1.0,
+        "scaling_aniso": 1.0, "shearing": 0.5,
+    })  # fmt: skip
+    max_rotation: float = 180.0
+    max_translation: Sequence[float] = (0.125, 0.08)
+    max_scaling: float = 0.25
+    max_shearing: float = 15.0
+    interpolation: str = "bilinear"
+    padding: str = "reflection"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"augmentation probability must be in [0, 1], got {self.probability}")
+        for name, value, allowed in (("schedule", self.schedule, SCHEDULES),
+                                     ("schedule_unit", self.schedule_unit, SCHEDULE_UNITS),
+                                     ("interpolation", self.interpolation, INTERPOLATIONS),
+                                     ("padding", self.padding, PADDINGS)):  # fmt: skip
+            if value not in allowed:
+                raise ValueError(f"augmentation {name} must be one of {allowed}, got {value!r}")
+        unknown = set(self.weights) - set(AugmentParams.KINDS)
+        if unknown:
+            raise ValueError(f"unknown augmentation weights {sorted(unknown)}; known: {list(AugmentParams.KINDS)}")
+        if any(w < 0 for w in self.weights.values()):
+            raise ValueError(f"augmentation weights must be >= 0, got {self.weights}")
+        if self.ramp_length <= 0:
+            raise ValueError(f"ramp_length must be > 0, got {self.ramp_length}")
+
+
+@dataclass
+class AugmentParams:
+    """One drawn augmentation. Angles in degrees; translation in pixels ``(dy, dx)``; scale ``(sy, sx)``."""
+
+    KINDS = ("fliph", "flipv", "rot90", "rotation", "translation", "scaling_iso", "scaling_aniso", "shearing")
+
+    fliph: bool = False
+    flipv: bool = False
+    rot90: int = 0
+    rotation: float = 0.0
+    translation: tuple[float, float] = (0.0, 0.0)
+    scale: tuple[float, float] = (1.0, 1.0)
+    shear: tuple[float, float] = (0.0, 0.0)
+
+    def is_affine_identity(self) -> bool:
+        return (self.rotation == 0.0 and self.translation == (0.0, 0.0) and self.scale == (1.0, 1.0)
+                and self.shear == (0.0, 0.0))  # fmt: skip
+
+
+def augmentation_probability(config: AugmentConfig, progress: float) -> float:
+    """Overall probability ``p`` after ``progress`` epochs or steps (``config.schedule_unit``)."""
+    ramp = min(max(progress / config.ramp_length, 0.0), 1.0)
+    if config.schedule == "constant":
+        return config.probability
+    if config.schedule == "linear":
+        return config.probability * ramp
+    c = config.exp_rate
+    return config.probability * (1.0 - math.exp(-c * ramp)) / (1.0 - math.exp(-c))
+
+
+def sample_augmentation(config: AugmentConfig, p: float, rng: np.random.Generator, shape: tuple[int, int]
+                        ) -> AugmentParams:
+    """Draw which augmentations apply (each with probability ``min(weight · p, 1)``) and their parameters.
+
+    ``shape`` is the image ``(H, W)`` (for translations in pixels). Draws are made for every augmentation in a
+    fixed order, applied or not, so one choice does not shift the random stream of the others.
+    """
+    def chosen(kind: str) -> bool:
+        return bool(rng.uniform() < min(config.weights.get(kind, 0.0) * p, 1.0))
+
+    params = AugmentParams()
+    apply = {kind: chosen(kind) for kind in AugmentParams.KINDS}
+    k = int(rng.integers(1, 4))
+    angle = float(rng.uniform(-config.max_rotation, config.max_rotation))
+    shift = (float(rng.uniform(-1, 1)) * config.max_translation[0] * shape[0],
+             float(rng.uniform(-1, 1)) * config.max_translation[1] * shape[1])  # fmt: skip
+    iso = float(rng.uniform(1 - config.max_scaling, 1 + config.max_scaling))
+    aniso = (float(rng.uniform(1 - config.max_scaling, 1 + config.max_scaling)),
+             float(rng.uniform(1 - config.max_scaling, 1 + config.max_scaling)))  # fmt: skip
+    shear = (float(rng.uniform(-config.max_shearing, config.max_shearing)),
+             float(rng.uniform(-config.max_shearing, config.max_shearing)))  # fmt: skip
+    params.fliph, params.flipv = apply["fliph"], apply["flipv"]
+    params.rot90 = k if apply["rot90"] else 0
+    params.rotation = angle if apply["rotation"] else 0.0
+    params.translation = shift if apply["translation"] else (0.0, 0.0)
+    scale = (iso, iso) if apply["scaling_iso"] else (1.0, 1.0)
+    if apply["scaling_aniso"]:
+        scale = (scale[0] * aniso[0], scale[1] * aniso[1])
+    params.scale = scale
+    params.shear = shear if apply["shearing"] else (0.0, 0.0)
+    return params
+
+
+def _fit_to_shape(images: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Centre-crop or zero-pad ``(..., h, w, 2)`` to ``shape`` ``(H, W)`` (after a 90° turn of a non-square FOV)."""
+    for axis, size in ((-3, shape[0]), (-2, shape[1])):
+        current = images.shape[axis]
+        if current > size:
+            start = (current - size) // 2
+            images = images.narrow(axis, start, size)
+        elif current < size:
+            before = (size - current) // 2
+            pad = [0, 0] * 3  # F.pad order: last axis first
+            pad_index = 2 * (-axis - 1)
+            pad[pad_index], pad[pad_index + 1] = before, size - current - before
+            images = F.pad(images, pad)
+    return images
+
+
+def _affine_matrix(params: AugmentParams, shape: tuple[int, int]) -> torch.Tensor:
+    """``(2, 3)`` matrix for ``F.affine_grid`` (maps output to input normalised coordinates ``(x, y)``).
+
+    The forward transform (in pixel units about the image centre) is ``T · R · Sh · S``; the grid needs its
+    inverse, expressed in the normalised coordinates of ``align_corners=False`` (``x_n = x_px / (W / 2)``).
+    """
+    height, width = shape
+    theta = math.radians(params.rotation)
+    rotation = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]],
+                            dtype=torch.float64)
+    shear = torch.tensor([[1.0, math.tan(math.radians(params.shear[1]))],
+                          [math.tan(math.radians(params.shear[0])), 1.0]], dtype=torch.float64)
+    scale = torch.diag(torch.tensor([params.scale[1], params.scale[0]], dtype=torch.float64))  # (x, y)
+    forward = rotation @ shear @ scale
+    shift = torch.tensor([params.translation[1], params.translation[0]], dtype=torch.float64)  # (dx, dy)
+    inverse = torch.linalg.inv(forward)
+    to_norm = torch.diag(torch.tensor([2.0 / width, 2.0 / height], dtype=torch.float64))
+    linear = to_norm @ inverse @ torch.linalg.inv(to_norm)
+    offset = -(to_norm @ inverse @ shift)
+    return torch.cat([linear, offset[:, None]], dim=1).to(torch.float32)
+
+
+def augment_coil_images(images: torch.Tensor, params: AugmentParams, interpolation: str = "bilinear",
+                        padding: str = "reflection") -> torch.Tensor:
+    """Apply ``params`` to complex coil images ``(C, H, W, 2)``; returns ``(C, H, W, 2)`` (same size).
+
+    Flips and 90° turns are exact index operations (a turn of a non-square image is centre-cropped / zero-padded
+    back to ``(H, W)``); rotation, translation, scaling and shearing are one ``grid_sample`` over real and
+    imaginary parts as separate channels.
+    """
+    if images.ndim != 4 or images.shape[-1] != 2:
+        raise ValueError(f"augment_coil_images: images must be (C, H, W, 2), got {tuple(images.shape)}")
+    shape = (images.shape[-3], images.shape[-2])
+    if params.fliph:
+        images = images.flip(-2)
+    if params.flipv:
+        images = images.flip(-3)
+    if params.rot90:
+        images = _fit_to_shape(torch.rot90(images, params.rot90, dims=(-3, -2)), shape)
+    if params.is_affine_identity():
+        return images
+    coils = images.shape[0]
+    channels = images.permute(0, 3, 1, 2).reshape(1, coils * 2, *shape)  # (1, 2C, H, W)
+    grid = F.affine_grid(_affine_matrix(params, shape)[None].to(images), [1, coils * 2, *shape],
+                         align_corners=False)
+    moved = F.grid_sample(channels, grid, mode=interpolation, padding_mode=padding, align_corners=False)
+    return moved.reshape(coils, 2, *shape).permute(0, 2, 3, 1).contiguous()
+
+
+class AugmentedVarNetTransform:
+    """``VarNetDataTransform`` with MRAugment applied to the fully sampled data before undersampling.
+
+    Use it as the training transform (``FastMriDataModule(train_transform=...)`` or in YAML under
+    ``data.train_transform``). Validation / test keep the plain transform.
+
+    Args:
+        mask_type, center_fractions, accelerations: the training mask family (as the data module's).
+        config: augmentation settings (:class:`AugmentConfig`; a dict is accepted for YAML).
+        seed: base seed of the per-sample augmentation draws.
+        use_seed: seed masks by file name (fixed mask per volume) instead of drawing them.
+
+    The sample equals ``VarNetDataTransform``'s; with ``p = 0`` it is exactly what that transform gives. The
+    schedule position is set with :meth:`set_epoch` (called by the data module every epoch) or
+    :meth:`set_step`.
+    """
+
+    def __init__(
+        self,
+        mask_type: str = "equispaced_fraction",
+        center_fractions: Sequence[float] = (0.08,),
+        accelerations: Sequence[int] = (4,),
+        config: Optional[AugmentConfig | dict] = None,
+        seed: int = 0,
+        use_seed: bool = False,
+    ):
+        self.config = config if isinstance(config, AugmentConfig) else AugmentConfig(**(config or {}))
+        self.mask_func: MaskFunc = create_mask_for_mask_type(mask_type, list(center_fractions), list(accelerations))
+        self.plain = VarNetDataTransform(mask_func=self.mask_func, use_seed=use_seed)
+        self.seed = seed
+        self.epoch = 0
+        self.step = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    def probability(self) -> float:
+        """Overall augmentation probability now (from the schedule)."""
+        progress = self.epoch if self.config.schedule_unit == "epoch" else self.step
+        return augmentation_probability(self.config, progress)
+
+    def rng(self, fname: str, slice_num: int) -> np.random.Generator:
+        """The generator of this sample's draws: seeded by ``(seed, epoch, fname, slice_num)``."""
+        key = f"augment:{self.seed}:{self.epoch}:{fname}:{slice_num}".encode()
+        return np.random.default_rng(zlib.crc32(key))
+
+    def __call__(self, kspace: np.ndarray, mask: Optional[np.ndarray], target: Optional[np.ndarray], attrs: Dict,
+                 fname: str, slice_num: int) -> VarNetSample:
+        p = self.probability()
+        if p > 0 and target is not None:
+            kspace, target = self.augment(kspace, target, fname, slice_num, p)
+        return self.plain(kspace, mask, target, attrs, fname, slice_num)
+
+    def augment(self, kspace: np.ndarray, target: np.ndarray, fname: str, slice_num: int, p: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Fully sampled ``(C, H, W)`` complex k-space → augmented k-space and its ``(h, w)`` RSS target."""
+        if kspace.ndim != 3:
+            raise ValueError(f"{fname}: augmentation needs multi-coil k-space (C, H, W), got {kspace.shape}")
+        images = ifft2c(to_tensor(kspace))
+        params = sample_augmentation(self.config, p, self.rng(fname, slice_num), (images.shape[-3], images.shape[-2]))
+        images = augment_coil_images(images, params, self.config.interpolation, self.config.padding)
+        new_kspace = fft2c(images)
+        new_target = center_crop(rss_complex(images, dim=0), (target.shape[-2], target.shape[-1]))
+        return torch.view_as_complex(new_kspace.contiguous()).numpy(), new_target.numpy()

@@ -1,0 +1,185 @@
+"""MRAugment-style augmentation (reconkit.data.augment): physics consistency, geometry, seeding, schedule, wiring."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reconkit.data import VarNetDataTransform, create_mask_for_mask_type
+from reconkit.data.augment import (
+    AugmentConfig,
+    AugmentedVarNetTransform,
+    AugmentParams,
+    augment_coil_images,
+    augmentation_probability,
+    sample_augmentation,
+)
+from reconkit.data.simulate import simulate_dataset
+from reconkit.data.transforms import center_crop, to_tensor
+from reconkit.ops import fft2c, ifft2c, rss_complex
+from reconkit.training import FastMriDataModule
+
+ALWAYS = dict(probability=1.0, schedule="constant")
+
+
+def fake_slice(coils: int = 3, height: int = 24, width: int = 17, crop: tuple[int, int] = (12, 11), seed: int = 0):
+    """A fully sampled slice as SliceDataset returns it: smooth object × coil phases, odd width."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:height, :width]
+    obj = np.exp(-(((y - height / 2) / (height / 4)) ** 2 + ((x - width / 2) / (width / 3)) ** 2))
+    coil_images = obj * np.exp(1j * rng.uniform(0, 2 * np.pi, (coils, 1, 1))) * (1 + 0.3 * rng.standard_normal((coils, height, width)))
+    kspace = fft2c(to_tensor(coil_images.astype(np.complex64)))
+    kspace = torch.view_as_complex(kspace.contiguous()).numpy()
+    target = center_crop(rss_complex(ifft2c(to_tensor(kspace)), dim=0), crop).numpy()
+    attrs = {"padding_left": 0, "padding_right": width, "recon_size": (crop[0], crop[1], 1), "max": float(target.max())}
+    return kspace, None, target, attrs, "vol_a.h5", 3
+
+
+def test_augmented_target_is_rss_of_augmented_coil_images_and_kspace_their_fft():
+    kspace, mask, target, attrs, fname, slice_num = fake_slice()
+    transform = AugmentedVarNetTransform(config=ALWAYS, seed=5)
+    new_kspace, new_target = transform.augment(kspace, target, fname, slice_num, p=1.0)
+    # redo the augmentation independently from the same draw
+    params = sample_augmentation(transform.config, 1.0, transform.rng(fname, slice_num), kspace.shape[-2:])
+    assert params != AugmentParams()  # something was applied
+    images = augment_coil_images(ifft2c(to_tensor(kspace)), params)
+    torch.testing.assert_close(to_tensor(new_kspace), fft2c(images), rtol=1e-5, atol=1e-6)
+    augmented_images = ifft2c(to_tensor(new_kspace))
+    torch.testing.assert_close(to_tensor(new_target), center_crop(rss_complex(augmented_images, dim=0), target.shape),
+                               rtol=1e-4, atol=1e-6)
+    assert not np.allclose(new_target, target, atol=1e-3)
+
+    sample = transform(kspace, mask, target, attrs, fname, slice_num)  # the undersampled model input
+    torch.testing.assert_close(sample.masked_kspace, to_tensor(new_kspace) * sample.mask, rtol=0, atol=0)
+    torch.testing.assert_close(sample.target, to_tensor(new_target), rtol=0, atol=0)
+    assert sample.mask.sum() < sample.mask.numel()  # really undersampled
+
+
+def test_probability_zero_is_the_plain_transform():
+    kspace, mask, target, attrs, fname, slice_num = fake_slice()
+    for config in (dict(probability=0.0), dict(probability=0.55, schedule="linear", ramp_length=10)):  # epoch 0
+        transform = AugmentedVarNetTransform(config=config, seed=1, use_seed=True)
+        plain = VarNetDataTransform(create_mask_for_mask_type("equispaced_fraction", [0.08], [4]), use_seed=True)
+        ours, theirs = transform(kspace, mask, target, attrs, fname, slice_num), plain(kspace, mask, target, attrs,
+                                                                                        fname, slice_num)
+        for a, b in zip(ours, theirs):
+            if torch.is_tensor(a):
+                assert torch.equal(a, b)
+            else:
+                assert a == b
+
+
+def test_deterministic_given_seed_and_changes_with_epoch_and_seed():
+    kspace, mask, target, attrs, fname, slice_num = fake_slice()
+
+    def run(seed: int, epoch: int):
+        transform = AugmentedVarNetTransform(config=ALWAYS, seed=seed, use_seed=True)
+        transform.set_epoch(epoch)
+        return transform(kspace, mask, target, attrs, fname, slice_num).target
+
+    assert torch.equal(run(3, 0), run(3, 0))
+    assert not torch.equal(run(3, 0), run(3, 1))
+    assert not torch.equal(run(3, 0), run(4, 0))
+
+
+def test_exact_geometry_flips_turns_and_affine_against_index_operations():
+    images = torch.randn(2, 6, 10, 2)  # non-square
+    assert torch.equal(augment_coil_images(images, AugmentParams(fliph=True)), images.flip(-2))
+    assert torch.equal(augment_coil_images(images, AugmentParams(flipv=True)), images.flip(-3))
+    assert torch.equal(augment_coil_images(images, AugmentParams(rot90=2)), torch.rot90(images, 2, dims=(-3, -2)))
+    # a 90° turn of a non-square field of view is centre-cropped / zero-padded back to (H, W)
+    turned = augment_coil_images(images, AugmentParams(rot90=1))
+    assert turned.shape == images.shape
+    torch.testing.assert_close(turned[:, :, 2:8], torch.rot90(images, 1, dims=(-3, -2))[:, 2:8])
+    assert torch.equal(turned[:, :, :2], torch.zeros_like(turned[:, :, :2]))
+    # affine path: pixel-exact cases (aspect ratio handled: 180° of a non-square image is a double flip)
+    torch.testing.assert_close(augment_coil_images(images, AugmentParams(rotation=180.0)), images.flip(-2).flip(-3))
+    square = torch.randn(2, 8, 8, 2)
+    torch.testing.assert_close(augment_coil_images(square, AugmentParams(rotation=90.0)),
+                               torch.rot90(square, 3, dims=(-3, -2)))
+    shifted = augment_coil_images(images, AugmentParams(translation=(1.0, 2.0)), padding="zeros")
+    torch.testing.assert_close(shifted[:, 1:, 2:], images[:, :-1, :-2])
+    torch.testing.assert_close(shifted[:, :1], torch.zeros_like(shifted[:, :1]), rtol=0, atol=1e-6)
+    zoomed = augment_coil_images(square, AugmentParams(scale=(2.0, 2.0)))
+    assert zoomed.shape == square.shape and not torch.allclose(zoomed, square)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_interpolation_keeps_complex_phase(interpolation):
+    magnitude = torch.zeros(1, 16, 15)
+    magnitude[:, 4:12, 4:11] = 1.0
+    phase = 0.7
+    images = torch.stack([magnitude * math.cos(phase), magnitude * math.sin(phase)], dim=-1)
+    params = AugmentParams(rotation=23.0, scale=(1.1, 0.9), shear=(5.0, -3.0), translation=(0.5, -1.2))
+    out = augment_coil_images(images, params, interpolation=interpolation, padding="zeros")
+    inside = out.norm(dim=-1) > 0.2
+    assert inside.sum() > 20
+    angles = torch.atan2(out[..., 1], out[..., 0])[inside]
+    torch.testing.assert_close(angles, torch.full_like(angles, phase), rtol=0, atol=1e-4)
+
+
+def test_schedules_and_weights():
+    constant = AugmentConfig(probability=0.5, schedule="constant")
+    linear = AugmentConfig(probability=0.5, schedule="linear", ramp_length=10)
+    exp = AugmentConfig(probability=0.5, schedule="exp", ramp_length=10, exp_rate=5.0)
+    assert augmentation_probability(constant, 0) == 0.5
+    assert [augmentation_probability(linear, t) for t in (0, 5, 10, 20)] == [0.0, 0.25, 0.5, 0.5]
+    assert augmentation_probability(exp, 0) == 0.0 and augmentation_probability(exp, 10) == pytest.approx(0.5)
+    assert augmentation_probability(exp, 5) == pytest.approx(0.5 * (1 - math.exp(-2.5)) / (1 - math.exp(-5)))
+    step = AugmentedVarNetTransform(config=dict(probability=0.5, schedule="linear", schedule_unit="step",
+                                                ramp_length=100))
+    step.set_step(50)
+    assert step.probability() == pytest.approx(0.25)
+    # a zero weight never fires; weight 1 with p = 1 always fires
+    config = AugmentConfig(probability=1.0, schedule="constant", weights={"fliph": 1.0})
+    rng = np.random.default_rng(0)
+    draws = [sample_augmentation(config, 1.0, rng, (8, 8)) for _ in range(50)]
+    assert all(d.fliph for d in draws) and not any(d.flipv or d.rot90 or d.rotation for d in draws)
+    # frequency follows weight · p
+    config = AugmentConfig(probability=1.0, weights={"flipv": 0.5})
+    hits = sum(sample_augmentation(config, 0.6, rng, (8, 8)).flipv for _ in range(4000))
+    assert abs(hits / 4000 - 0.3) < 0.03
+
+
+def test_bad_configuration_is_rejected():
+    with pytest.raises(ValueError, match="probability"):
+        AugmentConfig(probability=1.5)
+    with pytest.raises(ValueError, match="schedule"):
+        AugmentConfig(schedule="cosine")
+    with pytest.raises(ValueError, match="unknown augmentation weights"):
+        AugmentConfig(weights={"elastic": 1.0})
+    with pytest.raises(ValueError, match="images must be"):
+        augment_coil_images(torch.zeros(4, 4, 2), AugmentParams())
+    kspace, mask, target, attrs, fname, slice_num = fake_slice()
+    with pytest.raises(ValueError, match="vol_a.h5: augmentation needs multi-coil"):
+        AugmentedVarNetTransform(config=ALWAYS).augment(kspace[0], target, fname, slice_num, 1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("augment_data")
+    simulate_dataset(root, num_volumes=3, coils=3, slices=2, encoded_size=(48, 36), recon_size=(24, 24),
+                     split=(2, 1, 0), seed=1, progress=False)
+    return root
+
+
+def test_datamodule_hook_sets_epoch_and_subsets_are_reproducible(tiny_data):
+    transform = AugmentedVarNetTransform(config=dict(probability=1.0, schedule="linear", ramp_length=4), seed=2)
+    module = FastMriDataModule(tiny_data, num_workers=0, train_transform=transform, fraction=0.5, seed=7)
+    loader = module.train_dataloader()
+    assert len(loader.dataset) == 2  # one of two volumes, both its slices
+    loader.sampler.set_epoch(0)
+    first = [batch.target.clone() for batch in loader]
+    loader.sampler.set_epoch(2)
+    assert transform.epoch == 2 and transform.probability() == pytest.approx(0.5)
+    later = [batch.target.clone() for batch in loader]
+    loader.sampler.set_epoch(0)
+    again = [batch.target.clone() for batch in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # reproducible per epoch
+    again_names = [b.fname[0] for b in FastMriDataModule(tiny_data, num_workers=0, fraction=0.5,
+                                                         seed=7).train_dataloader()]
+    assert len(set(again_names)) == 1
+    assert not all(torch.equal(a, b) for a, b in zip(first, later))
