@@ -1,0 +1,180 @@
+"""ONNX export benchmark: ONNX Runtime (CPU EP) vs torch eager, and the in-graph MatMul FFT vs ORT's DFT vs torch.fft.
+
+Both sides of every comparison run alternately inside one loop (which goes first alternates too), so machine load
+hits them alike. Prints Markdown tables: medians over repeats in milliseconds, ratios, and errors of the ONNX
+result against torch eager (max |diff| / max |ref| and relative L2).
+
+    .venv/bin/python benchmarks/export.py            # VarNet 12 cascades, chans 18, 15 coils; fastMRI sizes
+    .venv/bin/python benchmarks/export.py --small    # tiny VarNet, 4 coils, small sizes: a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper
+
+from reconkit.export import export_onnx
+from reconkit.models import VarNet
+from reconkit.ops import centering_signs, fft2c, fft_impl
+
+FASTMRI_SIZES = [(640, 368), (640, 372), (640, 320), (768, 396), (640, 272)]
+SMALL_SIZES = [(64, 46), (72, 66)]
+
+
+def interleaved(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds of two callables timed alternately (after one warm-up call each)."""
+    first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(repeats):
+        order = ((first, times[0]), (second, times[1]))
+        for fn, store in order if i % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            fn()
+            store.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def errors(result: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(max |diff| / max |ref|, ||diff|| / ||ref||)."""
+    diff = result - reference
+    return float(np.abs(diff).max() / np.abs(reference).max()), float(np.linalg.norm(diff) / np.linalg.norm(reference))
+
+
+def session(model: bytes | str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    # ORT's idle worker threads spin by default and would steal the CPU from the torch run timed right after
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+class _FFT(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fft2c(x)
+
+
+def matmul_fft_graph(shape: tuple[int, ...]) -> bytes:
+    """ONNX graph of reconkit's in-graph FFT (``fft2c`` traced under ``fft_impl("matmul")``)."""
+    with tempfile.TemporaryDirectory() as tmp, fft_impl("matmul"):
+        path = Path(tmp) / "fft.onnx"
+        torch.onnx.export(_FFT(), (torch.zeros(shape),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"])
+        return path.read_bytes()
+
+
+def ort_dft_graph(shape: tuple[int, ...]) -> bytes:
+    """Centred 2D FFT from two ONNX ``DFT`` nodes (opset 20) with the checkerboard sign modulation (even H, W)."""
+    height, width = shape[-3], shape[-2]
+    pre = centering_signs(height, width).numpy()
+    post = pre * (-1.0) ** (height // 2 + width // 2)
+    inits = [
+        helper.make_tensor("pre", TensorProto.FLOAT, [height, width, 1], pre.ravel()),
+        helper.make_tensor("post", TensorProto.FLOAT, [height, width, 1], post.ravel()),
+        helper.make_tensor("axis_h", TensorProto.INT64, [], [len(shape) - 3]),
+        helper.make_tensor("axis_w", TensorProto.INT64, [], [len(shape) - 2]),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["x", "pre"], ["xm"]),
+        helper.make_node("DFT", ["xm", "", "axis_h"], ["fh"]),
+        helper.make_node("DFT", ["fh", "", "axis_w"], ["fhw"]),
+        helper.make_node("Mul", ["fhw", "post"], ["fs"]),
+        helper.make_node("Mul", ["fs", "scale"], ["y"]),
+    ]
+    inits.append(helper.make_tensor("scale", TensorProto.FLOAT, [], [1.0 / np.sqrt(height * width)]))
+    graph = helper.make_graph(nodes, "ort_dft", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def bench_fft(coils: int, height: int, width: int, repeats: int, threads: int) -> list[str]:
+    shape = (1, coils, height, width, 2)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    xn = x.numpy()
+    reference = fft2c(x).numpy()
+    ours = session(matmul_fft_graph(shape), threads)
+    dft = session(ort_dft_graph(shape), threads)
+    t_ours, t_torch = interleaved(lambda: ours.run(None, {"x": xn}), lambda: fft2c(x), repeats)
+    t_ours2, t_dft = interleaved(lambda: ours.run(None, {"x": xn}), lambda: dft.run(None, {"x": xn}), repeats)
+    e_ours = errors(ours.run(None, {"x": xn})[0], reference)
+    e_dft = errors(dft.run(None, {"x": xn})[0], reference)
+    size = f"{coils}×{height}×{width}"
+    return [
+        f"| {size} | torch.fft (eager) | {t_torch * 1e3:.1f} | 1.00 | – | – |",
+        f"| {size} | ORT, reconkit MatMul FFT | {t_ours * 1e3:.1f} | {t_ours / t_torch:.2f} | {e_ours[0]:.1e} | "
+        f"{e_ours[1]:.1e} |",
+        f"| {size} | ORT, ONNX DFT op | {t_dft * 1e3:.1f} | {t_dft / t_torch:.2f} | {e_dft[0]:.1e} | {e_dft[1]:.1e} |",
+        f"| {size} | → DFT / MatMul FFT (same loop) | | **{t_dft / t_ours2:.1f}×** | | |",
+    ]
+
+
+def bench_varnet(model: VarNet, coils: int, height: int, width: int, repeats: int, threads: int) -> str:
+    generator = torch.Generator().manual_seed(height + width)
+    mask = (torch.rand(width, generator=generator) < 0.2).float()
+    low = round(0.08 * width)
+    mask[width // 2 - low // 2 : width // 2 - low // 2 + low] = 1
+    mask = mask.reshape(1, 1, 1, width, 1)
+    kspace = torch.randn(1, coils, height, width, 2, generator=generator) * mask
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = export_onnx(model, Path(tmp) / "varnet.onnx", (coils, height, width))
+        export_s = time.perf_counter() - start
+        sess = session(str(path), threads)
+    feeds = {"masked_kspace": kspace.numpy(), "mask": mask.numpy()}
+
+    def eager() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(kspace, mask)
+
+    t_ort, t_torch = interleaved(lambda: sess.run(None, feeds), eager, repeats)
+    err = errors(sess.run(None, feeds)[0], eager().numpy())
+    return (f"| {height}×{width} | {coils} | {t_torch * 1e3:.0f} | {t_ort * 1e3:.0f} | **{t_torch / t_ort:.2f}×** | "
+            f"{err[0]:.1e} | {err[1]:.1e} | {export_s:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny VarNet, 4 coils, small sizes (quick check)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for torch and ORT")
+    parser.add_argument("--skip-varnet", action="store_true", help="only the FFT comparison")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    coils = 4 if args.small else 15
+    sizes = SMALL_SIZES if args.small else FASTMRI_SIZES
+    repeats = args.repeats or (5 if args.small else 3)
+    kwargs = (dict(num_cascades=2, chans=4, pools=2, sens_chans=2, sens_pools=2) if args.small
+              else dict(num_cascades=12, chans=18, pools=4, sens_chans=8, sens_pools=4))
+
+    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads; torch {torch.__version__}, "
+          f"onnxruntime {ort.__version__} (CPUExecutionProvider), onnx {onnx.__version__}\n")
+    fft_h, fft_w = sizes[0]
+    print(f"FFT alone (centred 2D FFT, fp32), median of {max(repeats, 7)} interleaved repeats:\n")
+    print("| input | implementation | ms | / torch.fft | max err | rel L2 err |\n|---|---|---|---|---|---|")
+    for line in bench_fft(coils, fft_h, fft_w, max(repeats, 7), args.threads):
+        print(line)
+    if args.skip_varnet:
+        return
+    torch.manual_seed(0)
+    model = VarNet(**kwargs).eval()
+    print(f"\nVarNet {kwargs}, random weights, batch 1; median of {repeats} interleaved repeats:\n")
+    print("| size | coils | torch eager ms | ORT ms | speed-up (torch / ORT) | max err | rel L2 err | export s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for height, width in sizes:
+        print(bench_varnet(model, coils, height, width, repeats, args.threads), flush=True)
+
+
+if __name__ == "__main__":
+    main()
