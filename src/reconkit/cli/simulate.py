@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from reconkit.errors import ReconkitError
 
@@ -35,37 +35,87 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", required=True, help="destination folder (created)")
     parser.add_argument("--num-volumes", type=int, required=True, help="number of volumes (files) to write")
-    parser.add_argument("--coils", type=int, nargs="+", default=[8],
-                        help="receive coil count; several values = one drawn per volume (default: 8)")
-    parser.add_argument("--encoded-size", type=int, nargs=2, default=[640, 368], metavar=("H", "W"),
-                        help="k-space size: readout H (oversampled) x phase-encode W, both even (default: 640 368)")
-    parser.add_argument("--recon-size", type=int, nargs=2, default=[320, 320], metavar=("h", "w"),
-                        help="reconstruction_rss size, the centre crop (default: 320 320)")
-    parser.add_argument("--slices", type=int, default=16,
-                        help="slices per volume (dipy_b0 has at most 10, pydicom_mr 1; default: 16)")
-    parser.add_argument("--snr-db", type=float, nargs="+", default=[30.0],
-                        help="SNR in dB (mean object RSS / noise std per coil), 'inf' for no noise; several values "
-                        "= one drawn per volume (default: 30)")
-    parser.add_argument("--noise-correlation", type=float, default=0.5,
-                        help="noise coupling strength rho in [0, 1): coils d mm apart correlate by about "
-                        "rho*exp(-d/loop diameter), neighbours ~rho/e (default: 0.5)")
-    parser.add_argument("--contrast", choices=["t1", "t2", "pd", "mixed"], default="mixed",
-                        help="weighting synthesised from tissue maps (mni152 only; default: mixed)")
-    parser.add_argument("--orientation", choices=["axial", "coronal", "sagittal", "mixed"], default="mixed",
-                        help="slice orientation (dipy_b0 / pydicom_mr: axial only; default: mixed)")
-    parser.add_argument("--field-strength", type=float, choices=[1.5, 3.0], default=None,
-                        help="B0 in tesla for the relaxation times (default: drawn per volume)")
-    parser.add_argument("--source", choices=list(SOURCES), default="mni152",
-                        help="source images: mni152 = training subject (nilearn template), dipy_b0 / pydicom_mr = "
-                        "real images of other subjects for held-out tests (default: mni152)")
-    parser.add_argument("--split", type=float, nargs=3, default=[0.7, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"),
-                        help="fractions of volumes per split (default: 0.7 0.15 0.15)")
+    parser.add_argument(
+        "--coils",
+        type=int,
+        nargs="+",
+        default=[8],
+        help="receive coil count; several values = one drawn per volume (default: 8)",
+    )
+    parser.add_argument(
+        "--encoded-size",
+        type=int,
+        nargs=2,
+        default=[640, 368],
+        metavar=("H", "W"),
+        help="k-space size: readout H (oversampled) x phase-encode W, both even (default: 640 368)",
+    )
+    parser.add_argument(
+        "--recon-size",
+        type=int,
+        nargs=2,
+        default=[320, 320],
+        metavar=("h", "w"),
+        help="reconstruction_rss size, the centre crop (default: 320 320)",
+    )
+    parser.add_argument(
+        "--slices", type=int, default=16, help="slices per volume (dipy_b0 has at most 10, pydicom_mr 1; default: 16)"
+    )
+    parser.add_argument(
+        "--snr-db",
+        type=float,
+        nargs="+",
+        default=[30.0],
+        help="SNR in dB (mean object RSS / noise std per coil), 'inf' for no noise; several values "
+        "= one drawn per volume (default: 30)",
+    )
+    parser.add_argument(
+        "--noise-correlation",
+        type=float,
+        default=0.5,
+        help="noise coupling strength rho in [0, 1): coils d mm apart correlate by about "
+        "rho*exp(-d/loop diameter), neighbours ~rho/e (default: 0.5)",
+    )
+    parser.add_argument(
+        "--contrast",
+        choices=["t1", "t2", "pd", "mixed"],
+        default="mixed",
+        help="weighting synthesised from tissue maps (mni152 only; default: mixed)",
+    )
+    parser.add_argument(
+        "--orientation",
+        choices=["axial", "coronal", "sagittal", "mixed"],
+        default="mixed",
+        help="slice orientation (dipy_b0 / pydicom_mr: axial only; default: mixed)",
+    )
+    parser.add_argument(
+        "--field-strength",
+        type=float,
+        choices=[1.5, 3.0],
+        default=None,
+        help="B0 in tesla for the relaxation times (default: drawn per volume)",
+    )
+    parser.add_argument(
+        "--source",
+        choices=list(SOURCES),
+        default="mni152",
+        help="source images: mni152 = training subject (nilearn template), dipy_b0 / pydicom_mr = "
+        "real images of other subjects for held-out tests (default: mni152)",
+    )
+    parser.add_argument(
+        "--split",
+        type=float,
+        nargs=3,
+        default=[0.7, 0.15, 0.15],
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="fractions of volumes per split (default: 0.7 0.15 0.15)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="dataset seed; same seed, same files (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     from reconkit.data.simulate import simulate_dataset
@@ -82,8 +132,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"reconkit simulate: error: {error}", file=sys.stderr)
         return 2
     counts = {name: sum(v["split"] == name for v in manifest["volumes"]) for name in ("train", "val", "test")}
-    print(f"wrote {len(manifest['volumes'])} volumes to {args.output} "
-          f"(train {counts['train']}, val {counts['val']}, test {counts['test']}); manifest.json lists them")
+    print(
+        f"wrote {len(manifest['volumes'])} volumes to {args.output} "
+        f"(train {counts['train']}, val {counts['val']}, test {counts['test']}); manifest.json lists them"
+    )
     return 0
 
 

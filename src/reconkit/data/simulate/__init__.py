@@ -21,4 +21,4 @@ from reconkit.data.simulate.anatomy import SOURCES
 from reconkit.data.simulate.dataset import simulate_dataset
 from reconkit.data.simulate.volume import SimulatedVolume, simulate_volume, write_volume
 
-__all__ = ["SOURCES", "SimulatedVolume", "simulate_volume", "simulate_dataset", "write_volume"]
+__all__ = ["SOURCES", "SimulatedVolume", "simulate_dataset", "simulate_volume", "write_volume"]

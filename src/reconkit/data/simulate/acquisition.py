@@ -15,7 +15,7 @@ import torch
 
 from reconkit.ops import fft2c, ifft2c
 
-__all__ = ["image_phase", "phase_encode_limits", "encode", "add_correlated_noise", "rss_target", "center_crop"]
+__all__ = ["add_correlated_noise", "center_crop", "encode", "image_phase", "phase_encode_limits", "rss_target"]
 
 
 def image_phase(points_mm: np.ndarray, te_ms: float, spin_echo: bool, rng: np.random.Generator) -> np.ndarray:

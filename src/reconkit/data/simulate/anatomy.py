@@ -23,12 +23,20 @@ import importlib.resources
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["SOURCES", "SourceVolume", "SliceGeometry", "load_source", "mni152_file", "choose_geometry", "slice_points", "sample"]
+__all__ = [
+    "SOURCES",
+    "SliceGeometry",
+    "SourceVolume",
+    "choose_geometry",
+    "load_source",
+    "mni152_file",
+    "sample",
+    "slice_points",
+]
 
 SOURCES = ("mni152", "dipy_b0", "pydicom_mr")
 ORIENTATIONS = ("axial", "coronal", "sagittal")
@@ -62,14 +70,9 @@ class SourceVolume:
     maps: np.ndarray
     affine: np.ndarray
     orientations: tuple[str, ...]
-    native_contrast: Optional[str]
+    native_contrast: str | None
     center_mm: np.ndarray
     radius_mm: float
-
-    @property
-    def support(self) -> np.ndarray:
-        """``(X, Y, Z)`` bool: voxels holding tissue."""
-        return self.maps.sum(axis=0) > 0.05
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,10 @@ def _load_pydicom_mr() -> SourceVolume:
     return _fixed_contrast_source("pydicom_mr", image, (3.0, 3.0, 3.0), "t2")
 
 
-def _fixed_contrast_source(name: str, image: np.ndarray, voxel_mm: tuple[float, float, float], contrast: str):
+def _fixed_contrast_source(
+    name: str, image: np.ndarray, voxel_mm: tuple[float, float, float], contrast: str
+) -> SourceVolume:
+    """A single-image source: ``image`` ``(X, Y, Z)`` scaled to its 99.5th percentile, axial slices only."""
     image = np.clip(image, 0, None)
     image = image / max(float(np.percentile(image, 99.5)), 1e-6)
     maps = np.clip(image, 0, 1.2)[None].astype(np.float32)
@@ -215,7 +221,7 @@ def choose_geometry(
     rng: np.random.Generator,
     num_slices: int,
     orientation: str = "mixed",
-    fov_mm: Optional[float] = None,
+    fov_mm: float | None = None,
 ) -> SliceGeometry:
     """Draw a slice stack through the anatomy: orientation, position, spacing, in-plane rotation, flips, FOV.
 
@@ -232,9 +238,7 @@ def choose_geometry(
     """
     options = source.orientations if orientation == "mixed" else (orientation,)
     if orientation != "mixed" and orientation not in source.orientations:
-        raise ValueError(
-            f"source {source.name!r} can be cut only {'/'.join(source.orientations)}, not {orientation!r}"
-        )
+        raise ValueError(f"source {source.name!r} can be cut only {'/'.join(source.orientations)}, not {orientation!r}")
     chosen = options[int(rng.integers(len(options)))]
     u, v, n = (np.array(a) for a in _AXES[chosen])
     angle = float(rng.uniform(-10, 10)) if source.native_contrast is None else float(rng.uniform(-5, 5))
@@ -260,8 +264,16 @@ def choose_geometry(
         z = source.affine[2, 2] * np.arange(first, first + count) + source.affine[2, 3]
         offsets = z - source.center_mm[2]
     return SliceGeometry(
-        chosen, u, v, n, np.asarray(offsets, dtype=np.float64), (fov_mm, fov_mm), source.center_mm.copy(),
-        angle, flip_rows, flip_cols,
+        chosen,
+        u,
+        v,
+        n,
+        np.asarray(offsets, dtype=np.float64),
+        (fov_mm, fov_mm),
+        source.center_mm.copy(),
+        angle,
+        flip_rows,
+        flip_cols,
     )
 
 

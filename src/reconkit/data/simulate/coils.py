@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CoilArray", "make_coil_array", "biot_savart_loop", "sensitivity_maps", "noise_covariance"]
+__all__ = ["CoilArray", "biot_savart_loop", "make_coil_array", "noise_covariance", "sensitivity_maps"]
 
 WIRE_RADIUS_MM = 5.0
 SEGMENTS = 32

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CONTRASTS", "TISSUE_PARAMETERS", "Protocol", "choose_protocol", "tissue_signals", "signal_equation"]
+__all__ = ["CONTRASTS", "TISSUE_PARAMETERS", "Protocol", "choose_protocol", "signal_equation", "tissue_signals"]
 
 CONTRASTS = ("t1", "t2", "pd")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -47,16 +47,16 @@ def split_assignment(num_volumes: int, fractions: Sequence[float], seed: int) ->
     return [labels[int(position)] for position in np.argsort(order)]
 
 
-def _choices(value: Union[float, Sequence[float]]) -> list:
+def _choices(value: float | Sequence[float]) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def simulate_dataset(
     output_dir: os.PathLike | str,
     num_volumes: int,
-    coils: Union[int, Sequence[int]] = 8,
+    coils: int | Sequence[int] = 8,
     *,
-    snr_db: Union[float, Sequence[float]] = 30.0,
+    snr_db: float | Sequence[float] = 30.0,
     slices: int = 16,
     encoded_size: tuple[int, int] = (640, 368),
     recon_size: tuple[int, int] = (320, 320),
@@ -65,7 +65,7 @@ def simulate_dataset(
     source: str = "mni152",
     split: Sequence[float] = (0.7, 0.15, 0.15),
     noise_correlation: float = 0.5,
-    field_strength_t: Optional[float] = None,
+    field_strength_t: float | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:

@@ -7,7 +7,6 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import h5py
 import numpy as np
@@ -65,7 +64,7 @@ def simulate_volume(
     snr_db: float = 30.0,
     contrast: str = "mixed",
     orientation: str = "mixed",
-    field_strength_t: Optional[float] = None,
+    field_strength_t: float | None = None,
     noise_correlation: float = 0.5,
 ) -> SimulatedVolume:
     """Simulate one multi-coil Cartesian scan; everything random follows from ``seed``.
@@ -123,8 +122,9 @@ def simulate_volume(
     pe_fraction = float(anatomy_rng.uniform(0.85, 1.0))
     scale = float(10 ** anatomy_rng.uniform(-4.5, -3.0))  # fastMRI-like absolute k-space scale
 
-    array = coil_model.make_coil_array(int(coils), geometry.center_mm + geometry.offsets_mm.mean() * geometry.normal,
-                                  subject.radius_mm, coil_rng)
+    array = coil_model.make_coil_array(
+        int(coils), geometry.center_mm + geometry.offsets_mm.mean() * geometry.normal, subject.radius_mm, coil_rng
+    )
     sens = coil_model.sensitivity_maps(array, points, support)
     phase = acquisition.image_phase(points, protocol.te_ms, protocol.sequence == "spin_echo", phase_rng)
     image = (scale * magnitude * np.exp(1j * phase)).astype(np.complex64)
@@ -191,11 +191,10 @@ def _check_sizes(encoded_size, recon_size, num_coils: int, num_slices: int) -> N
 def write_volume(volume: SimulatedVolume, path: os.PathLike | str) -> Path:
     """Atomically write ``volume`` as a fastMRI multi-coil HDF5 file (``kspace``, ``reconstruction_rss``,
     ``ismrmrd_header``, attrs); returns the path."""
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("kspace", data=volume.kspace.astype(np.complex64))
-            f.create_dataset("reconstruction_rss", data=volume.reconstruction_rss.astype(np.float32))
-            f.create_dataset("ismrmrd_header", data=volume.header)
-            for key, value in volume.attrs.items():
-                f.attrs[key] = value
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("kspace", data=volume.kspace.astype(np.complex64))
+        f.create_dataset("reconstruction_rss", data=volume.reconstruction_rss.astype(np.float32))
+        f.create_dataset("ismrmrd_header", data=volume.header)
+        for key, value in volume.attrs.items():
+            f.attrs[key] = value
     return Path(path)
