@@ -109,7 +109,7 @@ def _mask_defaults(mask_type: Optional[str], accelerations, center_fractions) ->
     return defaults
 
 
-def _onnx_reconstructor(path: Path, device: str) -> Reconstructor:
+def _onnx_reconstructor(path: Path, device: str, threads: Optional[int]) -> Reconstructor:
     import onnxruntime as ort
 
     from reconkit.export import load_onnx_metadata
@@ -121,7 +121,10 @@ def _onnx_reconstructor(path: Path, device: str) -> Reconstructor:
             raise ReconkitError(f"{path}: --device cuda, but this onnxruntime has no CUDAExecutionProvider")
         providers.insert(0, "CUDAExecutionProvider")
     try:
-        session = ort.InferenceSession(str(path), providers=providers)
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types for unreadable models
         raise ReconkitError(f"{path}: cannot load ONNX model ({str(err).splitlines()[0]})") from None
     declared = metadata.get("reconkit.spatial_sizes", "dynamic")
@@ -143,7 +146,9 @@ def _onnx_reconstructor(path: Path, device: str) -> Reconstructor:
     )
 
 
-def load_reconstructor(model: str, backend: Optional[str] = None, device: str = "cpu") -> Reconstructor:
+def load_reconstructor(
+    model: str, backend: Optional[str] = None, device: str = "cpu", threads: Optional[int] = None
+) -> Reconstructor:
     """Build the model named by ``model``.
 
     Args:
@@ -151,6 +156,7 @@ def load_reconstructor(model: str, backend: Optional[str] = None, device: str = 
             checkpoint (``reconkit.models.load_model``).
         backend: ``"torch"`` / ``"onnx"``; None infers it from the file extension.
         device: ``"cpu"`` or ``"cuda"``.
+        threads: ONNX Runtime intra-op threads (None: its default); torch models use ``torch.set_num_threads``.
 
     Raises:
         ReconkitError: unknown name, missing or unreadable model file, unavailable device or backend mismatch.
@@ -172,7 +178,7 @@ def load_reconstructor(model: str, backend: Optional[str] = None, device: str = 
     if chosen == "onnx":
         if path.suffix != ".onnx":
             raise ReconkitError(f"{path}: --backend onnx needs an .onnx file; export it with 'reconkit export'")
-        return _onnx_reconstructor(path, device)
+        return _onnx_reconstructor(path, device, threads)
     if path.suffix == ".onnx":
         raise ReconkitError(f"{path}: an ONNX file runs with --backend onnx, not torch")
     net, info = load_model(path)
