@@ -210,7 +210,8 @@ def main(argv=None) -> int:
     print(f"\nmodel {args.model}, input {args.coils}x{args.height}x{args.width} ({kspace.nbytes / 2**20:.1f} MiB / "
           f"request), {args.requests} requests per level, median of {args.repeats} repeats, max_batch_size "
           f"{args.max_batch_size}, max_queue_delay {args.max_queue_delay_us} us; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, onnxruntime {ort.__version__} CPU EP\n")
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end, onnxruntime {ort.__version__} "
+          f"CPU EP, intra-op threads {args.threads or 'default'}\n")
     batched_s = float(np.median(direct_batched))
     print(f"direct session.run, batch 1: p50 {direct_p50 * 1e3:.2f} ms, {1 / direct_p50:.1f} req/s; "
           f"batch {args.max_batch_size}: {batched_s * 1e3:.2f} ms, {args.max_batch_size / batched_s:.1f} samples/s "

@@ -339,7 +339,7 @@ def test_concurrent_requests_are_batched_by_shape(plain_repository, direct):
         for (kspace, mask), result in zip(samples, results):
             expected = direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0]
             np.testing.assert_allclose(result, expected, rtol=1e-6)
-        runs = state.metrics.batch_size.labels("recon").collect()[0].samples
+        runs = state.metrics.batch_size.labels("recon", "1").collect()[0].samples
         count = next(s.value for s in runs if s.name.endswith("_count"))
         total = next(s.value for s in runs if s.name.endswith("_sum"))
         assert total == 8 and 2 <= count < 8  # two shapes never share a batch; at least one batch merged requests
@@ -408,8 +408,8 @@ def test_metrics_count_requests_errors_and_batches(repository):
     assert 'reconkit_serve_errors_total{code="400",endpoint="infer"} 1.0' in text
     assert 'reconkit_serve_errors_total{code="404",endpoint="infer"} 1.0' in text
     assert 'reconkit_serve_request_latency_seconds_count{endpoint="infer"} 5.0' in text
-    assert 'reconkit_serve_batch_size_count{model="recon"} 3.0' in text
-    assert 'reconkit_serve_queue_depth{model="recon"} 0.0' in text
+    assert 'reconkit_serve_batch_size_count{model="recon",version="2"} 3.0' in text
+    assert 'reconkit_serve_queue_depth{model="recon",version="2"} 0.0' in text
 
 
 def test_sigterm_mid_load_answers_every_accepted_request(repository, tmp_path):

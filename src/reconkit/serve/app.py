@@ -20,7 +20,7 @@ from typing import Awaitable, Callable, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -98,8 +98,8 @@ class _State:
             for served in versions.values():
                 served.batcher = DynamicBatcher(
                     name, served.model, served.entry.batching,
-                    on_queue_depth=self.metrics.queue_depth.labels(name).set,
-                    on_batch=self.metrics.batch_size.labels(name).observe,
+                    on_queue_depth=self.metrics.queue_depth.labels(name, served.entry.version).set,
+                    on_batch=self.metrics.batch_size.labels(name, served.entry.version).observe,
                 )
         self.ready = True
 
@@ -114,20 +114,24 @@ def _endpoint(state: _State, kind: str, handler: Handler, public: bool = False) 
 
     async def wrapped(request: Request) -> Response:
         start = time.perf_counter()
+        error = None
         try:
             if token and not public and not _authorized(request, token):
                 raise RequestError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
             response = await handler(request)
         except RequestError as exc:
-            response = JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
+            error = exc.message
+            response = JSONResponse({"error": error}, exc.status, headers=exc.headers)
         except Exception as exc:  # never let one request take the server down
             _log.exception("unhandled error", extra={"path": request.url.path})
-            response = JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+            error = f"internal error: {type(exc).__name__}: {exc}"
+            response = JSONResponse({"error": error}, 500)
         seconds = time.perf_counter() - start
         state.metrics.observe_request(kind, response.status_code, seconds)
-        if kind != "health":
-            _log.info("request", extra={"method": request.method, "path": request.url.path,
-                                        "status": response.status_code, "latency_ms": round(seconds * 1e3, 3)})
+        if kind != "health" or error is not None:
+            fields = {"method": request.method, "path": request.url.path[:200], "status": response.status_code,
+                      "latency_ms": round(seconds * 1e3, 3)}
+            _log.info("request", extra=fields if error is None else {**fields, "error": error})
         return response
 
     return wrapped
@@ -145,11 +149,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if request.headers.get("content-encoding", "identity").lower() != "identity":
         raise RequestError(400, "compressed request bodies (Content-Encoding) are not supported")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise RequestError(499, "client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 

@@ -16,7 +16,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 class ServeMetrics:
     """requests: every HTTP request by endpoint and status code; errors: the ones answered with status >= 400;
     latency: seconds from request received to response ready, per endpoint; queue_depth: requests waiting per
-    model; batch_size: samples per ONNX Runtime call per model."""
+    model version; batch_size: samples per ONNX Runtime call per model version."""
 
     registry: CollectorRegistry
     requests: Counter
@@ -36,9 +36,9 @@ class ServeMetrics:
                            ["endpoint", "code"], registry=registry),
             latency=Histogram("reconkit_serve_request_latency_seconds", "time to answer a request",
                               ["endpoint"], buckets=_LATENCY_BUCKETS, registry=registry),
-            queue_depth=Gauge("reconkit_serve_queue_depth", "inference requests waiting for a batch", ["model"],
-                              registry=registry),
-            batch_size=Histogram("reconkit_serve_batch_size", "samples per ONNX Runtime call", ["model"],
+            queue_depth=Gauge("reconkit_serve_queue_depth", "inference requests waiting for a batch",
+                              ["model", "version"], registry=registry),
+            batch_size=Histogram("reconkit_serve_batch_size", "samples per ONNX Runtime call", ["model", "version"],
                                  buckets=_BATCH_BUCKETS, registry=registry),
         )
 
