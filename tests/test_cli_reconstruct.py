@@ -257,3 +257,34 @@ def test_tiny_varnet_checkpoint_torch_and_onnx_agree(tmp_path, capsys):
     write_fastmri_file(tmp_path / "other.h5", rng, slices=1, coils=3, height=40, width=24, recon=(16, 16))
     code, _, err = _run(capsys, str(tmp_path / "other.h5"), "--model", str(onnx_path), "--output", str(tmp_path / "x"))
     assert code == 1 and "other.h5" in err and "40x24" in err and "32x24" in err
+
+
+def test_ismrmrd_raw_file_is_reconstructed(tmp_path, capsys):
+    import ismrmrd
+
+    rng = np.random.default_rng(7)
+    write_fastmri_file(tmp_path / "ref.h5", rng, slices=2, coils=4, height=64, width=48, lines=44)
+    with h5py.File(tmp_path / "ref.h5") as f:
+        kspace, header = f["kspace"][()], f["ismrmrd_header"][()]
+    left = (48 - 44) // 2
+    columns = np.zeros(48, np.float32)
+    columns[left:left + 44:2] = 1
+    columns[20:28] = 1
+    raw = ismrmrd.Dataset(str(tmp_path / "raw.h5"), "dataset", create_if_needed=True)
+    raw.write_xml_header(header.decode() if isinstance(header, bytes) else header)
+    noise = ismrmrd.Acquisition.from_array(rng.standard_normal((4, 64)).astype(np.complex64))
+    noise.set_flag(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+    raw.append_acquisition(noise)
+    for s in range(2):
+        for column in np.flatnonzero(columns):
+            acquisition = ismrmrd.Acquisition.from_array(np.ascontiguousarray(kspace[s, :, :, column]))
+            acquisition.idx.kspace_encode_step_1 = int(column - left)
+            acquisition.idx.slice = s
+            raw.append_acquisition(acquisition)
+    raw.close()
+    code, out, err = _run(capsys, str(tmp_path / "raw.h5"), "--model", "zero-filled", "--output", str(tmp_path / "out"))
+    assert code == 0, err
+    masked = fastmri_transforms.to_tensor(kspace * columns)
+    expected = fastmri_transforms.center_crop(fastmri.rss(fastmri.complex_abs(fastmri.ifft2c(masked)), dim=1), (32, 32))
+    with h5py.File(tmp_path / "out" / "h5" / "raw.h5") as f:
+        np.testing.assert_allclose(f["reconstruction"][()], expected.numpy(), rtol=1e-4, atol=1e-9)

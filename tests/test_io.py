@@ -166,3 +166,22 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["scan"]
     write_fastmri_h5(tmp_path / "vol.h5", volume)
     assert sorted(os.listdir(tmp_path)) == ["scan", "vol.h5"]
+
+
+def test_ismrmrd_raw_without_imaging_data_is_a_data_error(tmp_path):
+    import ismrmrd
+
+    from reconkit.errors import DataError
+    from reconkit.io import is_ismrmrd_raw, read_ismrmrd_raw
+
+    raw = ismrmrd.Dataset(str(tmp_path / "noise_only.h5"), "dataset", create_if_needed=True)
+    raw.write_xml_header(HEADER)
+    noise = ismrmrd.Acquisition.from_array(np.ones((2, 16), np.complex64))
+    noise.set_flag(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+    raw.append_acquisition(noise)
+    raw.close()
+    assert is_ismrmrd_raw(tmp_path / "noise_only.h5")
+    with pytest.raises(DataError, match="noise_only.h5: ISMRMRD file holds no imaging acquisitions"):
+        read_ismrmrd_raw(tmp_path / "noise_only.h5")
+    (tmp_path / "junk.h5").write_bytes(b"junk")
+    assert not is_ismrmrd_raw(tmp_path / "junk.h5")

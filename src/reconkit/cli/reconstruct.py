@@ -23,6 +23,8 @@ from reconkit.data.slice_dataset import list_volume_files
 from reconkit.errors import DataError, ReconkitError
 from reconkit.io import (
     geometry_from_header,
+    is_ismrmrd_raw,
+    read_ismrmrd_raw,
     write_dicom_series,
     write_fastmri_h5,
     write_nifti,
@@ -435,7 +437,7 @@ def run(args: argparse.Namespace) -> list[FileReport]:
             report = FileReport(path)
             slices_task = progress.add_task(f"  {path.name}", total=None)
             try:
-                volume = read_volume(path)
+                volume = read_ismrmrd_raw(path) if is_ismrmrd_raw(path) else read_volume(path)
                 progress.update(slices_task, total=volume.kspace.shape[0])
                 mask, _ = volume_mask(volume, mask_options["mask_type"], mask_options["acceleration"],
                                       mask_options["center_fraction"], args.seed)
