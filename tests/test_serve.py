@@ -394,6 +394,29 @@ def test_bearer_token_auth_401(repository):
         assert result.as_numpy("image").shape == (1, HEIGHT, WIDTH)
 
 
+def test_onnxruntime_failure_is_500_and_server_carries_on(tmp_path):
+    """A graph that fails at run time for some sizes (Reshape to [-1, 10, 7]): 500 naming it, next request works."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    kspace = helper.make_tensor_value_info("masked_kspace", TensorProto.FLOAT, ["b", "c", "h", "w", 2])
+    mask = helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["b", 1, 1, "w", 1])
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["b", "h", "w"])
+    nodes = [helper.make_node("Mul", ["masked_kspace", "mask"], ["masked"]),
+             helper.make_node("ReduceSum", ["masked", "axes"], ["summed"], keepdims=0),
+             helper.make_node("Reshape", ["summed", "shape"], ["image"])]
+    constants = [numpy_helper.from_array(np.array([1, 4], np.int64), "axes"),
+                 numpy_helper.from_array(np.array([-1, 10, 7], np.int64), "shape")]
+    graph = helper.make_graph(nodes, "fragile", [kspace, mask], [image], initializer=constants)
+    (tmp_path / "fragile" / "1").mkdir(parents=True)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "fragile/1/model.onnx"))
+    with running_server(tmp_path) as (url, _):
+        bad = json_request(*sample(width=6))
+        status, error = error_of(post(url, "/v2/models/fragile/infer", json.dumps(bad).encode()))
+        assert status == 500 and "inference failed" in error and "Reshape" in error
+        status, _, body = post(url, "/v2/models/fragile/infer", json.dumps(json_request(*sample())).encode())
+        assert status == 200 and json.loads(body)["outputs"][0]["shape"] == [1, HEIGHT, WIDTH]
+
+
 def test_metrics_count_requests_errors_and_batches(repository):
     with running_server(repository) as (url, _):
         kspace, mask = sample()
