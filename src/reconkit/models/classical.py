@@ -1,0 +1,310 @@
+"""Classical reconstructions with no learned weights, behind the same call as the networks.
+
+``model(masked_kspace (B, C, H, W, 2), mask (B, 1, 1, W, 1)) -> image (B, H, W)`` (magnitude, full encoded size):
+
+* :class:`ZeroFilled`: root-sum-of-squares of the inverse FFT of the zero-filled k-space.
+* :class:`CGSense`: ``argmin_x ‖M F S x − y‖² + λ‖x‖²`` by conjugate gradient (``MultiCoilMRI.A_dagger``) with coil
+  sensitivities ``S`` estimated from the fully sampled centre lines (the ACS lines) of the same k-space, by
+  :func:`estimate_sens_maps_acs` (low-pass coil images ÷ their RSS) or :func:`estimate_sens_maps_espirit`.
+
+Both maps estimators return maps normalised to unit root-sum-of-squares, so CG-SENSE's magnitude is on the scale
+of the fully sampled RSS image (the fastMRI target).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reconkit.errors import ReconkitError
+from reconkit.ops import MultiCoilMRI, as_complex, complex_abs, ifft2c, rss_complex
+
+__all__ = [
+    "acs_lines",
+    "estimate_sens_maps_acs",
+    "estimate_sens_maps_espirit",
+    "zero_filled",
+    "cg_sense",
+    "ZeroFilled",
+    "CGSense",
+]
+
+
+def _check_inputs(masked_kspace: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+    if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
+        raise ReconkitError(f"masked_kspace: expected shape (B, C, H, W, 2); got {tuple(masked_kspace.shape)}")
+    if mask is None:
+        return
+    batch, _, height, width, _ = masked_kspace.shape
+    if mask.ndim != 5 or mask.shape[-2] != width or mask.shape[0] not in (1, batch) or mask.shape[-3] not in (1, height):
+        raise ReconkitError(
+            f"mask: expected shape (B, 1, 1, W, 1) or (B, 1, H, W, 1) with W = {width}; got {tuple(mask.shape)}"
+        )
+
+
+def acs_lines(mask: torch.Tensor, num_low_frequencies: Optional[int] = None) -> torch.Tensor:
+    """The auto-calibration (ACS) phase-encode lines: the run of fully sampled lines around the centre ``W // 2``.
+
+    A line counts as sampled when the mask is non-zero along the whole readout (so 2D masks work where their
+    centre is fully sampled). Computed with cumulative products, no loop over the data.
+
+    Args:
+        mask: ``(B, 1, 1, W, 1)`` or ``(B, 1, H, W, 1)`` sampling mask (bool or 0/1 float).
+        num_low_frequencies: if given, use exactly this many centre lines instead of reading them off the mask
+            (fastmri's centre convention: lines ``[(W − n + 1) // 2, (W − n + 1) // 2 + n)``).
+
+    Returns:
+        ``(B, W)`` bool, True on the ACS lines.
+
+    Raises:
+        ReconkitError: the centre line is not sampled (no ACS region to calibrate from).
+    """
+    batch, width = mask.shape[0], mask.shape[-2]
+    index = torch.arange(width, device=mask.device)
+    if num_low_frequencies is not None:
+        start = (width - num_low_frequencies + 1) // 2
+        return ((index >= start) & (index < start + num_low_frequencies)).expand(batch, width)
+    sampled = (mask != 0).reshape(batch, -1, width).all(dim=1).to(torch.int32)
+    centre = width // 2
+    right = sampled[:, centre:].cumprod(dim=1).sum(dim=1)  # run length from the centre rightwards, centre included
+    left = sampled[:, : centre + 1].flip(1).cumprod(dim=1).sum(dim=1)  # ... and leftwards
+    if bool((right == 0).any()):
+        raise ReconkitError(
+            "mask: the centre phase-encode line is not fully sampled, so there are no ACS lines to estimate "
+            "sensitivity maps from"
+        )
+    return (index >= (centre - left + 1).unsqueeze(1)) & (index <= (centre + right - 1).unsqueeze(1))
+
+
+def _hann_centred(distance: torch.Tensor, half_width: torch.Tensor) -> torch.Tensor:
+    """Hann taper ``cos²(π d / 2a)`` for ``|d| < a``, 0 beyond; symmetric about the k-space centre, so the
+    low-pass point-spread function is real and coil images get no phase ramp."""
+    ratio = (distance.abs() / half_width).clamp(max=1)
+    return torch.cos(0.5 * math.pi * ratio) ** 2
+
+
+def _lowpass_acs_kspace(
+    masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: Optional[int]
+) -> torch.Tensor:
+    """ACS k-space ``(B, C, H, W, 2)`` under a separable Hann window centred on the k-space centre: along the
+    phase-encode axis as wide as the ACS run allows on both sides of the centre, along the readout axis over the
+    same fraction of k-space (equally smooth coil images in both directions); zero elsewhere."""
+    height, width = masked_kspace.shape[-3], masked_kspace.shape[-2]
+    lines = acs_lines(mask, num_low_frequencies)
+    centre = width // 2
+    # sampled lines on each side of the centre, centre included; the window reaches up to the shorter side
+    half_cols = torch.minimum(lines[:, : centre + 1].sum(dim=1), lines[:, centre:].sum(dim=1)).to(torch.float32)
+    half_rows = (half_cols * height / width).clamp_min(1)
+    device = masked_kspace.device
+    col_window = _hann_centred(torch.arange(width, device=device) - centre, half_cols[:, None])  # (B, W)
+    row_window = _hann_centred(torch.arange(height, device=device) - height // 2, half_rows[:, None])  # (B, H)
+    window = (row_window[:, :, None] * col_window[:, None, :]).to(masked_kspace.dtype)
+    return masked_kspace * window[:, None, :, :, None]
+
+
+def _divide_by_rss(coil_images: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(B, C, H, W, 2)`` coil images divided by their root-sum-of-squares over coils (``eps`` relative to its max)."""
+    rss = rss_complex(coil_images, dim=1)[:, None, :, :, None]
+    return coil_images / (rss + eps * rss.amax(dim=(2, 3), keepdim=True))
+
+
+def estimate_sens_maps_acs(
+    masked_kspace: torch.Tensor,
+    mask: torch.Tensor,
+    num_low_frequencies: Optional[int] = None,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Sensitivity maps from the ACS lines: Hann-windowed low-pass coil images divided by their RSS.
+
+    The window spans the ACS lines along the phase-encode axis and the same fraction of the readout axis. The
+    maps carry the phase of the low-pass object image (common to all coils; SENSE absorbs it into the image).
+    Accurate where the object is smooth on the scale of the ACS resolution; near sharp edges the low-pass object
+    leaks into the maps (use :func:`estimate_sens_maps_espirit` there).
+
+    Args:
+        masked_kspace: ``(B, C, H, W, 2)`` undersampled k-space.
+        mask: ``(B, 1, 1, W, 1)`` mask (see :func:`acs_lines`).
+        num_low_frequencies: ACS width override.
+        eps: added to the RSS before dividing (relative to the RSS maximum), for the empty background.
+
+    Returns:
+        ``(B, C, H, W, 2)`` maps with unit root-sum-of-squares over coils (0 where the coil images vanish).
+    """
+    _check_inputs(masked_kspace, mask)
+    return _divide_by_rss(ifft2c(_lowpass_acs_kspace(masked_kspace, mask, num_low_frequencies)), eps)
+
+
+def _centre_crop_kspace(kspace: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Central ``rows × cols`` block of ``(..., H, W, 2)`` k-space (centre index ``N // 2`` kept at ``n // 2``)."""
+    height, width = kspace.shape[-3], kspace.shape[-2]
+    top, left = height // 2 - rows // 2, width // 2 - cols // 2
+    return kspace[..., top : top + rows, left : left + cols, :]
+
+
+def _upsample_centred(coarse: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear interpolation of ``(B, K, h, w)`` samples on a centred-FFT grid of the same field of view to
+    ``(B, K, height, width)``: coarse pixel ``n`` lies at full-resolution index ``(n − h // 2) · height / h +
+    height // 2`` (clamped at the border)."""
+    batch, _, coarse_h, coarse_w = coarse.shape
+
+    def coordinate(size: int, coarse_size: int) -> torch.Tensor:
+        full = torch.arange(size, dtype=coarse.dtype, device=coarse.device)
+        position = (full - size // 2) * coarse_size / size + coarse_size // 2
+        return 2 * position / max(coarse_size - 1, 1) - 1
+
+    grid_y, grid_x = torch.meshgrid(coordinate(height, coarse_h), coordinate(width, coarse_w), indexing="ij")
+    grid = torch.stack((grid_x, grid_y), dim=-1).expand(batch, height, width, 2)
+    return F.grid_sample(coarse, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _calibration_region(masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: Optional[int]):
+    """Central block ``(B, C, rows, cols)`` (complex) of fully sampled k-space: the narrowest ACS run in the batch
+    wide, twice that many readout lines high (at most ``H``)."""
+    height, width = masked_kspace.shape[-3], masked_kspace.shape[-2]
+    lines = acs_lines(mask, num_low_frequencies)
+    # columns sampled in every batch item around the centre; one size for the whole batch keeps the SVD batched
+    common = lines.all(dim=0)
+    centre = width // 2
+    right = common[centre:].to(torch.int32).cumprod(0).sum()
+    left = common[: centre + 1].flip(0).to(torch.int32).cumprod(0).sum()
+    col_start, cols = int(centre - left + 1), int(left + right - 1)
+    rows = min(height, 2 * cols)
+    row_start = height // 2 - rows // 2
+    block = masked_kspace[:, :, row_start : row_start + rows, col_start : col_start + cols]
+    return as_complex(block)
+
+
+def estimate_sens_maps_espirit(
+    masked_kspace: torch.Tensor,
+    mask: torch.Tensor,
+    num_low_frequencies: Optional[int] = None,
+    kernel_size: int = 6,
+    threshold: float = 0.02,
+    crop: float = 0.8,
+    grid_size: int = 64,
+) -> torch.Tensor:
+    """ESPIRiT-style sensitivity maps (Uecker et al. 2014), one set of maps, computed on a coarse grid.
+
+    1. Calibration matrix of all ``kernel_size²`` patches (all coils) of the fully sampled centre block.
+    2. SVD; the right singular vectors with singular value above ``threshold · σ_max`` span the signal subspace.
+    3. Those k-space kernels, taken to the image domain, give at each pixel ``x`` a ``C × C`` Hermitian matrix
+       ``G(x) = Σ_r v_r(x) v_r(x)ᴴ`` whose top eigenvector (eigenvalue ≈ 1 inside the object) is the coil
+       sensitivity vector. Each eigenvector's arbitrary phase is aligned to the low-resolution ACS maps
+       (:func:`estimate_sens_maps_acs`), so both estimators share one phase convention.
+    4. Maps are smooth, so step 3's eigen-decompositions run on a coarse grid of ``grid_size`` points per axis
+       (at most the image size) spanning the same field of view, and the maps are bilinearly interpolated to
+       ``H × W``; pixels with eigenvalue ``< crop`` are set to 0 (background).
+
+    Cost: one eigen-decomposition of a ``(C · kernel_size²)²`` Gram matrix per slice plus ``grid_size²``
+    eigen-decompositions of ``C × C`` matrices, independent of ``H × W`` apart from the final interpolation.
+
+    Args:
+        masked_kspace: ``(B, C, H, W, 2)`` undersampled k-space.
+        mask: ``(B, 1, 1, W, 1)`` mask; the ACS run must be at least ``kernel_size`` lines wide.
+        num_low_frequencies: ACS width override.
+        kernel_size: calibration kernel side (k-space points).
+        threshold: relative singular value threshold.
+        crop: eigenvalue threshold below which maps are zeroed (0 disables cropping).
+        grid_size: coarse grid points per axis for the eigen-decompositions.
+
+    Returns:
+        ``(B, C, H, W, 2)`` maps, unit norm over coils where not cropped.
+    """
+    _check_inputs(masked_kspace, mask)
+    batch, coils, height, width, _ = masked_kspace.shape
+    calib = _calibration_region(masked_kspace, mask, num_low_frequencies)
+    if min(calib.shape[-2:]) < kernel_size:
+        raise ReconkitError(
+            f"mask: {calib.shape[-1]} ACS lines are fewer than the ESPIRiT kernel size {kernel_size}; lower "
+            "kernel_size or use estimate_sens_maps_acs"
+        )
+    # 1. calibration matrix (B, patches, C · k · k)
+    patches = calib.unfold(2, kernel_size, 1).unfold(3, kernel_size, 1)  # (B, C, pr, pc, k, k)
+    calib_matrix = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, -1, coils * kernel_size**2)
+    # 2. signal subspace from the eigen-decomposition of the (C·k², C·k²) Gram matrix (singular values² and right
+    # singular vectors of the calibration matrix; much cheaper than its SVD); strongest first. A common number of
+    # kernels for the batch keeps it batched, weaker ones are zeroed per item.
+    eigenvalues, right_vectors = torch.linalg.eigh(calib_matrix.mH @ calib_matrix)
+    eigenvalues, right_vectors = eigenvalues.flip(-1), right_vectors.flip(-1)
+    keep = eigenvalues > threshold**2 * eigenvalues[:, :1]
+    num_kernels = int(keep.sum(dim=1).max())
+    kernels = (right_vectors[..., :num_kernels].mH * keep[:, :num_kernels, None]).reshape(
+        batch, num_kernels, coils, kernel_size, kernel_size
+    )
+    # 3. image-domain kernels on the coarse grid and per-pixel top eigenvectors
+    grid_h, grid_w = min(grid_size, height), min(grid_size, width)
+    pad_h, pad_w = grid_h - kernel_size, grid_w - kernel_size
+    padded = F.pad(kernels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    image_kernels = ifft2c(padded) * (math.sqrt(grid_h * grid_w) / kernel_size)  # (B, r, C, gh, gw)
+    vectors = image_kernels.permute(0, 3, 4, 2, 1).contiguous()  # (B, gh, gw, C, r); contiguous for a fast matmul
+    eigenvalues, eigenvectors = torch.linalg.eigh(vectors @ vectors.mH)  # per pixel C × C
+    maps, top = eigenvectors[..., -1], eigenvalues[..., -1]  # (B, gh, gw, C), (B, gh, gw)
+    # eigenvectors have an arbitrary phase per pixel: align each to the low-resolution ACS maps on the same grid
+    lowpass = _lowpass_acs_kspace(masked_kspace, mask, num_low_frequencies)
+    reference = as_complex(ifft2c(_centre_crop_kspace(lowpass, grid_h, grid_w))).permute(0, 2, 3, 1)
+    overlap = (reference.conj() * maps).sum(dim=-1, keepdim=True)
+    maps = maps * (overlap.conj() / overlap.abs().clamp_min(torch.finfo(top.dtype).tiny))
+    maps = maps * (top > crop).unsqueeze(-1)
+    # 4. interpolate (real and imaginary parts) to the full image size, renormalise to unit RSS
+    coarse = torch.view_as_real(maps).permute(0, 3, 4, 1, 2).reshape(batch, coils * 2, grid_h, grid_w)
+    full = _upsample_centred(coarse, height, width).reshape(batch, coils, 2, height, width).permute(0, 1, 3, 4, 2)
+    return _divide_by_rss(full.contiguous(), eps=1e-6).to(masked_kspace.dtype)
+
+
+def zero_filled(masked_kspace: torch.Tensor) -> torch.Tensor:
+    """RSS of the coil images of zero-filled k-space: ``(B, C, H, W, 2)`` → ``(B, H, W)``."""
+    _check_inputs(masked_kspace)
+    return rss_complex(ifft2c(masked_kspace), dim=1)
+
+
+def cg_sense(
+    masked_kspace: torch.Tensor,
+    mask: torch.Tensor,
+    sens_maps: torch.Tensor,
+    num_iters: int = 10,
+    l2_reg: float = 0.0,
+) -> torch.Tensor:
+    """CG-SENSE magnitude ``|argmin ‖M F S x − y‖² + λ‖x‖²|`` → ``(B, H, W)``.
+
+    ``λ = l2_reg`` is relative to the largest eigenvalue of ``AᴴA`` for unit-RSS maps (1 at full sampling), so
+    it does not depend on the k-space scale.
+    """
+    _check_inputs(masked_kspace, mask)
+    image = MultiCoilMRI(mask, sens_maps).A_dagger(masked_kspace, max_iter=num_iters, l2_reg=l2_reg)
+    return complex_abs(image[:, 0])
+
+
+class ZeroFilled(nn.Module):
+    """Zero-filled RSS reconstruction (the classical lower baseline); see :func:`zero_filled`."""
+
+    def forward(
+        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: Optional[int] = None
+    ) -> torch.Tensor:
+        return zero_filled(masked_kspace)
+
+
+class CGSense(nn.Module):
+    """CG-SENSE with sensitivity maps estimated from the ACS lines of the input itself.
+
+    Args:
+        num_iters: conjugate-gradient iterations.
+        l2_reg: Tikhonov weight ``λ`` (see :func:`cg_sense`).
+        sens_method: ``"acs"`` (:func:`estimate_sens_maps_acs`) or ``"espirit"`` (:func:`estimate_sens_maps_espirit`).
+    """
+
+    def __init__(self, num_iters: int = 10, l2_reg: float = 0.0, sens_method: Literal["acs", "espirit"] = "acs"):
+        super().__init__()
+        if sens_method not in ("acs", "espirit"):
+            raise ValueError(f"unknown sens_method {sens_method!r}; expected 'acs' or 'espirit'")
+        self.num_iters, self.l2_reg, self.sens_method = num_iters, l2_reg, sens_method
+
+    def forward(
+        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: Optional[int] = None
+    ) -> torch.Tensor:
+        estimate = estimate_sens_maps_espirit if self.sens_method == "espirit" else estimate_sens_maps_acs
+        sens_maps = estimate(masked_kspace, mask, num_low_frequencies)
+        return cg_sense(masked_kspace, mask, sens_maps, self.num_iters, self.l2_reg)

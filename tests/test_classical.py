@@ -1,0 +1,176 @@
+"""Classical baselines (zero-filled, CG-SENSE, ACS and ESPIRiT-style sensitivity maps) on simulated multi-coil data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reconkit.errors import ReconkitError
+from reconkit.metrics import nmse, ssim
+from reconkit.models.classical import (
+    CGSense,
+    ZeroFilled,
+    acs_lines,
+    cg_sense,
+    estimate_sens_maps_acs,
+    estimate_sens_maps_espirit,
+    zero_filled,
+)
+from reconkit.ops import complex_abs, fft2c, rss_complex
+
+
+def phantom(height: int, width: int) -> torch.Tensor:
+    """Smooth real phantom ``(H, W)``: a soft-edged ellipse with two inner blobs of other intensity."""
+    y = torch.linspace(-1, 1, height).unsqueeze(1)
+    x = torch.linspace(-1, 1, width).unsqueeze(0)
+
+    def soft_ellipse(cy, cx, ry, rx, sharpness=12.0):
+        r = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2
+        return torch.sigmoid(sharpness * (1 - r))
+
+    return soft_ellipse(0, 0, 0.8, 0.7) + 0.5 * soft_ellipse(0.25, -0.2, 0.25, 0.2) - 0.4 * soft_ellipse(-0.3, 0.25, 0.2, 0.25)
+
+
+def coil_maps(coils: int, height: int, width: int) -> torch.Tensor:
+    """Smooth complex sensitivities ``(C, H, W, 2)``: Gaussian profiles from coils on a ring, each with a phase ramp."""
+    y = torch.linspace(-1, 1, height).unsqueeze(1)
+    x = torch.linspace(-1, 1, width).unsqueeze(0)
+    maps = []
+    for c in range(coils):
+        angle = 2 * math.pi * c / coils
+        cy, cx = 1.3 * math.sin(angle), 1.3 * math.cos(angle)
+        magnitude = torch.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 1.5)
+        phase = 0.8 * (math.cos(angle) * y - math.sin(angle) * x) + angle
+        maps.append(torch.stack((magnitude * torch.cos(phase), magnitude * torch.sin(phase)), dim=-1))
+    return torch.stack(maps)
+
+
+def equispaced_mask(width: int, acceleration: int, num_low_frequencies: int) -> torch.Tensor:
+    """``(1, 1, 1, W, 1)`` float mask: every ``acceleration``-th line plus a fully sampled centre."""
+    mask = torch.zeros(width)
+    mask[::acceleration] = 1
+    start = (width - num_low_frequencies + 1) // 2
+    mask[start : start + num_low_frequencies] = 1
+    return mask.view(1, 1, 1, width, 1)
+
+
+def simulate(coils=8, height=64, width=48, acceleration=4, num_low_frequencies=12, batch=1):
+    """(masked_kspace, mask, target RSS, true maps, object support) for a noise-free acquisition."""
+    maps = coil_maps(coils, height, width).unsqueeze(0)
+    image = phantom(height, width)
+    coil_images = maps * image[None, None, :, :, None]
+    kspace = fft2c(coil_images).expand(batch, -1, -1, -1, -1)
+    mask = equispaced_mask(width, acceleration, num_low_frequencies).expand(batch, -1, -1, -1, -1)
+    target = rss_complex(coil_images, dim=1).expand(batch, -1, -1)
+    return kspace * mask, mask, target, maps, image > 0.3
+
+
+def phase_aligned_error(estimate: torch.Tensor, truth: torch.Tensor, support: torch.Tensor) -> float:
+    """Relative error of maps ``(C, H, W, 2)`` inside ``support`` after removing the best common phase."""
+    est = torch.view_as_complex(estimate.contiguous())[:, support]
+    ref = torch.view_as_complex(truth.contiguous())[:, support]
+    phase = torch.sum(ref * est.conj())
+    est = est * phase / phase.abs()
+    return (torch.linalg.norm(est - ref) / torch.linalg.norm(ref)).item()
+
+
+def interior(support: torch.Tensor, margin: int = 3) -> torch.Tensor:
+    """``support`` shrunk by ``margin`` pixels (where low-resolution estimates are not blurred by the edge)."""
+    outside = (~support).float()[None, None]
+    return ~torch.nn.functional.max_pool2d(outside, 2 * margin + 1, stride=1, padding=margin)[0, 0].bool()
+
+
+def normalised(maps: torch.Tensor) -> torch.Tensor:
+    return maps / rss_complex(maps, dim=0)[None, :, :, None]
+
+
+def test_acs_lines_from_mask_and_override():
+    mask = equispaced_mask(40, 4, 10)
+    lines = acs_lines(mask)
+    expected = torch.zeros(40, dtype=torch.bool)
+    expected[15:25] = True  # 12 and 24 are also sampled by the equispaced part: the run is [15, 25)
+    expected[12:13] = False
+    assert torch.equal(lines[0], expected)
+    assert torch.equal(acs_lines(mask, num_low_frequencies=6)[0], torch.arange(40).ge(17) & torch.arange(40).lt(23))
+    # per batch item, from a 2D mask too
+    two = torch.cat([equispaced_mask(41, 3, 7), equispaced_mask(41, 3, 13)]).expand(2, 1, 5, 41, 1)
+    assert acs_lines(two).sum(dim=1).tolist() == [8, 14]  # the equispaced lines at 24 and 27 extend both runs by one
+
+
+def test_acs_lines_rejects_unsampled_centre():
+    mask = torch.zeros(1, 1, 1, 16, 1)
+    mask[..., ::4, :] = 1  # centre line 8 is sampled by equispacing, 9 is not: shift so 8 is empty
+    mask = mask.roll(1, dims=3)
+    with pytest.raises(ReconkitError, match="mask: the centre phase-encode line is not fully sampled"):
+        acs_lines(mask)
+
+
+def test_bad_shapes_name_the_tensor():
+    kspace, mask, *_ = simulate(coils=2, height=16, width=12)
+    with pytest.raises(ReconkitError, match="masked_kspace"):
+        ZeroFilled()(kspace[0], mask)
+    with pytest.raises(ReconkitError, match="mask: expected shape"):
+        CGSense()(kspace, mask[..., :-1, :])
+
+
+@pytest.mark.parametrize("size", [(64, 48), (63, 45)])
+def test_acs_maps_close_to_truth_in_object(size):
+    kspace, mask, _, maps, support = simulate(coils=8, height=size[0], width=size[1], num_low_frequencies=16)
+    estimate = estimate_sens_maps_acs(kspace, mask)
+    assert estimate.shape == kspace.shape
+    torch.testing.assert_close(rss_complex(estimate[0], dim=0)[support], torch.ones(int(support.sum())))
+    truth = normalised(maps[0])
+    assert phase_aligned_error(estimate[0], truth, support) < 0.05
+    assert phase_aligned_error(estimate[0], truth, interior(support)) < 0.02
+    # a narrower ACS region gives blurrier, less accurate maps
+    narrow = estimate_sens_maps_acs(kspace, mask, num_low_frequencies=8)
+    assert phase_aligned_error(narrow[0], truth, support) > phase_aligned_error(estimate[0], truth, support)
+
+
+@pytest.mark.parametrize("coils,size", [(8, (64, 48)), (12, (63, 45))])
+def test_espirit_maps_close_to_truth_in_object(coils, size):
+    kspace, mask, _, maps, support = simulate(coils=coils, height=size[0], width=size[1], num_low_frequencies=16)
+    estimate = estimate_sens_maps_espirit(kspace, mask, grid_size=32)
+    assert estimate.shape == kspace.shape
+    truth = normalised(maps[0])
+    assert phase_aligned_error(estimate[0], truth, support) < 0.02
+    # better than the ACS estimate near edges
+    acs_error = phase_aligned_error(estimate_sens_maps_acs(kspace, mask)[0], truth, support)
+    assert phase_aligned_error(estimate[0], truth, support) < acs_error
+    # background far from the object is cropped away
+    assert complex_abs(estimate[0, :, 0, 0]).max() == 0
+
+
+def test_espirit_needs_enough_acs_lines():
+    kspace, mask, *_ = simulate(coils=4, height=32, width=24, num_low_frequencies=4)
+    with pytest.raises(ReconkitError, match="fewer than the ESPIRiT kernel size"):
+        estimate_sens_maps_espirit(kspace, mask)
+
+
+@pytest.mark.parametrize("sens_method", ["acs", "espirit"])
+def test_cg_sense_beats_zero_filled(sens_method):
+    kspace, mask, target, *_ = simulate(coils=8, height=64, width=48, acceleration=4, num_low_frequencies=12, batch=2)
+    zf = ZeroFilled()(kspace, mask)
+    cg = CGSense(num_iters=15, l2_reg=1e-3, sens_method=sens_method)(kspace, mask)
+    assert zf.shape == cg.shape == target.shape
+    gt, zf_np, cg_np = target.numpy(), zf.numpy(), cg.numpy()
+    assert nmse(gt, cg_np) < 0.5 * nmse(gt, zf_np)
+    assert ssim(gt, cg_np) > ssim(gt, zf_np)
+    assert nmse(gt, cg_np) < 0.02
+
+
+def test_cg_sense_with_true_maps_is_exact_and_scale_free():
+    kspace, mask, target, maps, _ = simulate(coils=8, height=32, width=24, acceleration=2, num_low_frequencies=6)
+    unit_maps = normalised(maps[0]).unsqueeze(0)
+    image = cg_sense(kspace, mask, unit_maps, num_iters=40)
+    assert nmse(target.numpy(), image.numpy()) < 1e-8
+    torch.testing.assert_close(cg_sense(1e-4 * kspace, mask, unit_maps, num_iters=40), 1e-4 * image)
+
+
+def test_zero_filled_fully_sampled_is_target():
+    kspace, _, target, *_ = simulate(coils=4, height=20, width=17, acceleration=1)
+    torch.testing.assert_close(zero_filled(kspace), target, rtol=1e-5, atol=1e-6)
+    assert not list(ZeroFilled().parameters()) and not list(CGSense().parameters())
