@@ -174,3 +174,12 @@ def test_zero_filled_fully_sampled_is_target():
     kspace, _, target, *_ = simulate(coils=4, height=20, width=17, acceleration=1)
     torch.testing.assert_close(zero_filled(kspace), target, rtol=1e-5, atol=1e-6)
     assert not list(ZeroFilled().parameters()) and not list(CGSense().parameters())
+
+
+def test_maps_per_batch_item_with_different_acs_widths():
+    kspace, _, _, maps, support = simulate(coils=8, height=64, width=48, batch=2)
+    mask = torch.cat([equispaced_mask(48, 4, 16), equispaced_mask(48, 3, 22)])
+    truth = normalised(maps[0])
+    for estimate in (estimate_sens_maps_acs(kspace * mask, mask), estimate_sens_maps_espirit(kspace * mask, mask)):
+        for item in range(2):
+            assert phase_aligned_error(estimate[item], truth, support) < 0.05

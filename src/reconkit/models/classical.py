@@ -161,17 +161,15 @@ def _upsample_centred(coarse: torch.Tensor, height: int, width: int) -> torch.Te
     return F.grid_sample(coarse, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def _calibration_region(masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: Optional[int]):
-    """Central block ``(B, C, rows, cols)`` (complex) of fully sampled k-space: the narrowest ACS run in the batch
-    wide, twice that many readout lines high (at most ``H``)."""
-    height, width = masked_kspace.shape[-3], masked_kspace.shape[-2]
-    lines = acs_lines(mask, num_low_frequencies)
-    # columns sampled in every batch item around the centre; one size for the whole batch keeps the SVD batched
-    common = lines.all(dim=0)
-    centre = width // 2
-    right = common[centre:].to(torch.int32).cumprod(0).sum()
-    left = common[: centre + 1].flip(0).to(torch.int32).cumprod(0).sum()
-    col_start, cols = int(centre - left + 1), int(left + right - 1)
+def _calibration_region(
+    masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: Optional[int]
+) -> torch.Tensor:
+    """Central block ``(B, C, rows, cols)`` (complex) of fully sampled k-space: the ACS lines common to the whole
+    batch wide (one size keeps the decomposition batched), twice that many readout lines high (at most ``H``)."""
+    height = masked_kspace.shape[-3]
+    # every item's ACS lines are one run around the centre, so their intersection is one too
+    common = acs_lines(mask, num_low_frequencies).all(dim=0)
+    col_start, cols = int(common.to(torch.int32).argmax()), int(common.sum())
     rows = min(height, 2 * cols)
     row_start = height // 2 - rows // 2
     block = masked_kspace[:, :, row_start : row_start + rows, col_start : col_start + cols]
@@ -190,7 +188,8 @@ def estimate_sens_maps_espirit(
     """ESPIRiT-style sensitivity maps (Uecker et al. 2014), one set of maps, computed on a coarse grid.
 
     1. Calibration matrix of all ``kernel_size²`` patches (all coils) of the fully sampled centre block.
-    2. SVD; the right singular vectors with singular value above ``threshold · σ_max`` span the signal subspace.
+    2. Its right singular vectors with singular value above ``threshold · σ_max`` span the signal subspace
+       (found by eigen-decomposition of the matrix's Gram matrix).
     3. Those k-space kernels, taken to the image domain, give at each pixel ``x`` a ``C × C`` Hermitian matrix
        ``G(x) = Σ_r v_r(x) v_r(x)ᴴ`` whose top eigenvector (eigenvalue ≈ 1 inside the object) is the coil
        sensitivity vector. Each eigenvector's arbitrary phase is aligned to the low-resolution ACS maps
