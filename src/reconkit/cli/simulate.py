@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             noise_correlation=args.noise_correlation, field_strength_t=args.field_strength, seed=args.seed,
             progress=not args.no_progress,
         )  # fmt: skip
-    except (ValueError, ReconkitError) as error:
+    except (ValueError, OSError, ReconkitError) as error:
         print(f"reconkit simulate: error: {error}", file=sys.stderr)
         return 2
     counts = {name: sum(v["split"] == name for v in manifest["volumes"]) for name in ("train", "val", "test")}

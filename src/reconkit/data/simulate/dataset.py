@@ -92,6 +92,7 @@ def simulate_dataset(
     if num_volumes < 1:
         raise ValueError(f"num_volumes must be at least 1, got {num_volumes}")
     output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)  # fails now, not after the first volume, if it cannot be a folder
     labels = split_assignment(num_volumes, split, seed)
     coil_choices, snr_choices = [int(c) for c in _choices(coils)], [float(s) for s in _choices(snr_db)]
     options = {
