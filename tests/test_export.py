@@ -86,7 +86,7 @@ def test_varnet_metadata_round_trip(varnet_export) -> None:
 def test_size_not_exported_is_refused(varnet_export) -> None:
     _, _, session = varnet_export
     kspace, mask = sample(1, 2, 36, 28, seed=3)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match=r"not exported; this model serves 32x24, 40x30"):
         session.run(None, {"masked_kspace": kspace, "mask": mask})
 
 

@@ -6,4 +6,4 @@
 
 from reconkit.export.onnx_export import ExportError, export_onnx, load_onnx_metadata
 
-__all__ = ["export_onnx", "load_onnx_metadata", "ExportError"]
+__all__ = ["ExportError", "export_onnx", "load_onnx_metadata"]

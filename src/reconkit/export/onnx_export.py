@@ -15,8 +15,9 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -24,14 +25,14 @@ from reconkit.errors import ReconkitError
 from reconkit.ops import fft_impl, ifft2c, rss_complex
 
 __all__ = [
-    "export_onnx",
-    "load_onnx_metadata",
-    "load_checkpoint_model",
-    "contract_model",
-    "ZeroFilledFrontEnd",
-    "ExportError",
-    "normalise_sizes",
     "DEFAULT_OPSET",
+    "ExportError",
+    "ZeroFilledFrontEnd",
+    "contract_model",
+    "export_onnx",
+    "load_checkpoint_model",
+    "load_onnx_metadata",
+    "normalise_sizes",
 ]
 
 DEFAULT_OPSET = 17
@@ -58,7 +59,7 @@ class ExportError(ReconkitError):
     """A model or checkpoint could not be exported; the message names the file and the problem."""
 
 
-def normalise_sizes(example_shape: Union[Sequence[int], Sequence[Sequence[int]]]) -> tuple[int, list[tuple[int, int]]]:
+def normalise_sizes(example_shape: Sequence[int] | Sequence[Sequence[int]]) -> tuple[int, list[tuple[int, int]]]:
     """``(coils, H, W)`` or a list of ``(H, W)`` / ``(coils, H, W)`` → ``(coils for tracing, [(H, W), ...])``.
 
     >>> normalise_sizes((15, 640, 368))
@@ -162,9 +163,9 @@ def _merge_by_size(graphs: list, sizes: list[tuple[int, int]]):
     def key(init):
         return init.name, init.SerializeToString()
 
-    shared_keys = set(key(i) for i in graphs[0].graph.initializer)
+    shared_keys = {key(i) for i in graphs[0].graph.initializer}
     for model in graphs[1:]:
-        shared_keys &= set(key(i) for i in model.graph.initializer)
+        shared_keys &= {key(i) for i in model.graph.initializer}
     shared = [i for i in graphs[0].graph.initializer if key(i) in shared_keys]
     shared_names = {i.name for i in shared}
     outer = set(INPUT_NAMES) | shared_names
@@ -174,7 +175,7 @@ def _merge_by_size(graphs: list, sizes: list[tuple[int, int]]):
         prefix = f"s{height}x{width}/"
         graph = model.graph
 
-        def rename(name: str) -> str:
+        def rename(name: str, prefix: str = prefix) -> str:
             return name if (not name or name in outer) else prefix + name
 
         nodes = []
@@ -198,14 +199,26 @@ def _merge_by_size(graphs: list, sizes: list[tuple[int, int]]):
         out.name = rename(out.name)
         branches.append(helper.make_graph(nodes, f"size_{height}x{width}", [], [out], initializer=inits))
 
-    # (height, width) of the input as int64 [2], compared with each size; the innermost else is the last size
+    # (height, width) of the input as int64 [2], compared with each size in turn. The innermost else-branch
+    # fails on purpose (ONNX has no "raise"): a Reshape to zero elements, whose node name ONNX Runtime quotes.
     consts = [helper.make_tensor("hw_axes", TensorProto.INT64, [2], [2, 3])]
     nodes = [
         helper.make_node("Shape", ["masked_kspace"], ["input_shape"]),
         helper.make_node("Gather", ["input_shape", "hw_axes"], ["input_hw"], axis=0),
     ]
-    else_graph = branches[-1]
-    for index in range(len(sizes) - 2, -1, -1):
+    served = ", ".join(f"{h}x{w}" for h, w in sizes)
+    # the zero shape is computed from the input, so that load-time shape inference cannot reject the branch
+    consts += [helper.make_tensor("bhw_axes", TensorProto.INT64, [3], [0, 2, 3]),
+               helper.make_tensor("zero", TensorProto.INT64, [], [0])]
+    refuse = [
+        helper.make_node("Gather", ["input_shape", "bhw_axes"], ["input_bhw"], axis=0),
+        helper.make_node("Mul", ["input_bhw", "zero"], ["zero_shape"]),
+        helper.make_node("Reshape", ["masked_kspace", "zero_shape"], ["refused"], allowzero=1,
+                         name=f"input height x width not exported; this model serves {served}"),
+    ]
+    refused = helper.make_tensor_value_info("refused", TensorProto.FLOAT, None)
+    else_graph = helper.make_graph(refuse, "refuse", [], [refused])
+    for index in range(len(sizes) - 1, -1, -1):
         height, width = sizes[index]
         consts.append(helper.make_tensor(f"size_{index}", TensorProto.INT64, [2], [height, width]))
         cond = f"is_size_{index}"
@@ -252,7 +265,7 @@ def _info_get(info: Any, key: str, default: Any = None) -> Any:
     return getattr(info, key, default)
 
 
-def load_checkpoint_model(path: Union[str, os.PathLike]) -> tuple[torch.nn.Module, Any]:
+def load_checkpoint_model(path: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
     """``reconkit.models.load_model(path)`` with every failure turned into an :class:`ExportError` naming the file."""
     path = Path(path)
     if not path.is_file():
@@ -295,11 +308,11 @@ def _metadata(model: torch.nn.Module, info: Any, sizes: list[tuple[int, int]], e
 
 
 def export_onnx(
-    model_or_checkpoint: Union[torch.nn.Module, str, os.PathLike],
-    output_path: Union[str, os.PathLike],
-    example_shape: Union[Sequence[int], Sequence[Sequence[int]]] = (4, 640, 368),
+    model_or_checkpoint: torch.nn.Module | str | os.PathLike,
+    output_path: str | os.PathLike,
+    example_shape: Sequence[int] | Sequence[Sequence[int]] = (4, 640, 368),
     opset: int = DEFAULT_OPSET,
-    metadata: Optional[Mapping[str, Any]] = None,
+    metadata: Mapping[str, Any] | None = None,
     check: bool = True,
 ) -> Path:
     """Export a model (or a reconkit checkpoint) to one ONNX file following the ONNX contract.
@@ -364,7 +377,7 @@ def export_onnx(
     return output_path
 
 
-def load_onnx_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
+def load_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``reconkit.*`` metadata of an exported model; JSON-valued keys (sizes, acceleration, centre fraction)
     are decoded, e.g. ``{"reconkit.model_type": "varnet", "reconkit.spatial_sizes": [[640, 368]], ...}``.
 

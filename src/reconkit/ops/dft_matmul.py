@@ -11,10 +11,10 @@ Cooley–Tukey four-step recursion::
 
     X[k_1 + f_1 k'] = Σ_q W_{N/f_1}^{q k'} · W_N^{q k_1} · Σ_{n_1} W_{f_1}^{n_1 k_1} x[(N/f_1) n_1 + q]
 
-i.e. a dense ``f_1 × f_1`` DFT along digit ``n_1`` (one batched MatMul, done in place on that tensor axis), a
-twiddle product ``W_N^{q k_1}`` (Mul), and the same algorithm on the remaining ``N/f_1`` points. Every digit is
-transformed in place, so the only data movement is one Transpose at the end that reverses the digit order (the
-output index has its digits in the opposite order).
+i.e. a dense ``f_1 × f_1`` DFT along digit ``n_1`` (one batched MatMul on that tensor axis), a twiddle product
+``W_N^{q k_1}`` (Mul), and the same algorithm on the remaining ``N/f_1`` points. The output index has its digits
+in the opposite order; see :func:`centred_fft_matmul` for how the stages are laid out so that this costs one
+block Transpose at the end.
 
 **Centring** (``fftshift ∘ FFT ∘ ifftshift``) costs nothing extra: with ``h = N // 2`` the centred transform is
 ``Y[k] = W^{h²}/√N · Σ_n x[n] · W^{-h n} · W^{-h k} · W^{n k}``, valid for odd N too. The input modulation
@@ -31,12 +31,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
 
-__all__ = ["centred_fft_matmul", "radices", "AxisPlan", "axis_plan"]
+__all__ = ["AxisPlan", "axis_plan", "centred_fft_matmul", "radices"]
 
 MAX_RADIX = 64
 
@@ -68,7 +67,7 @@ def radices(length: int, max_radix: int = MAX_RADIX) -> list[int]:
 
 @dataclass(frozen=True)
 class AxisPlan:
-    """Stage constants of a centred 1D DFT along one axis of length ``sum(factors)``-digit form.
+    """Stage constants of the centred orthonormal 1D DFT of ``length = prod(factors)`` points.
 
     ``matrices[i]``: ``(2, f_i, f_i)`` float32 (real, imag) stage matrix applied as ``out = M @ in`` along digit i.
     ``twiddles[i]``: ``(2, f_i, N_i / f_i)`` float32 twiddle after stage i (``N_i`` = length still to transform),
@@ -97,8 +96,7 @@ def axis_plan(length: int, inverse: bool) -> AxisPlan:
     out_slope = -h  # output modulation W_{N_i}^{out_slope · k} of the sub-transform
     for i, f in enumerate(factors):
         rest = remaining // f
-        n1 = np.arange(f)
-        k1 = np.arange(f)
+        n1 = k1 = np.arange(f)
         # DFT_f with the digit-n_1 part of the input modulation (W_{N_i}^{u·rest·n_1} = W_f^{u·n_1}) and the
         # digit-k_1 part of the output modulation (W_{N_i}^{v·k_1}), orthonormal
         phase = (np.outer(k1, n1) + in_slope * n1[None, :]) / f + out_slope * k1[:, None] / remaining
