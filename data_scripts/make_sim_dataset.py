@@ -52,7 +52,7 @@ def example_png(path: Path) -> None:
     from reconkit.ops import ifft2c
 
     rows = [
-        ("mni152, T1", simulate_volume(7, coils=8, slices=5, contrast="t1", orientation="axial", snr_db=30, **SMALL)),
+        ("mni152, T1", simulate_volume(14, coils=8, slices=5, contrast="t1", orientation="axial", snr_db=30, **SMALL)),
         ("mni152, T2", simulate_volume(8, coils=8, slices=5, contrast="t2", orientation="sagittal", snr_db=30,
                                        **SMALL)),
         ("dipy_b0 (held out)", simulate_volume(1, coils=8, slices=5, source="dipy_b0", snr_db=30, **SMALL)),

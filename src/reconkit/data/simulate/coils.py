@@ -57,8 +57,8 @@ def make_coil_array(
 ) -> CoilArray:
     """Place ``num_coils`` loops on a cylinder 15–30 mm outside a head of radius ``head_radius_mm``.
 
-    Rings are centred on ``center_mm`` (the slice stack's centre) along z; the array is rotated by a random
-    angle, each loop is jittered by a few mm, and each coil gets a uniform random phase.
+    The cylinder's axis runs along z through ``center_mm`` and the rings are centred on its height; the array is
+    rotated by a random angle, each loop is jittered by a few mm, and each coil gets a uniform random phase.
     """
     if num_coils < 1:
         raise ValueError(f"coils must be at least 1, got {num_coils}")

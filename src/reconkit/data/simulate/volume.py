@@ -122,9 +122,9 @@ def simulate_volume(
     pe_fraction = float(anatomy_rng.uniform(0.85, 1.0))
     scale = float(10 ** anatomy_rng.uniform(-4.5, -3.0))  # fastMRI-like absolute k-space scale
 
-    array = coil_model.make_coil_array(
-        int(coils), geometry.center_mm + geometry.offsets_mm.mean() * geometry.normal, subject.radius_mm, coil_rng
-    )
+    # The array surrounds the head (axis z through its centre); its rings sit at the height of the slice stack.
+    array_center = geometry.center_mm + np.array([0.0, 0.0, geometry.offsets_mm.mean() * geometry.normal[2]])
+    array = coil_model.make_coil_array(int(coils), array_center, subject.radius_mm, coil_rng)
     sens = coil_model.sensitivity_maps(array, points, support)
     phase = acquisition.image_phase(points, protocol.te_ms, protocol.sequence == "spin_echo", phase_rng)
     image = (scale * magnitude * np.exp(1j * phase)).astype(np.complex64)
