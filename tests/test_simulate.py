@@ -232,6 +232,7 @@ def test_simulate_dataset_reproducible_with_variety(tmp_path):
             np.testing.assert_array_equal(fa["kspace"][()], fb["kspace"][()])
     assert {v["params"]["coils"] for v in first["volumes"]} == {2, 6}
     assert {v["params"]["snr_db"] for v in first["volumes"]} == {10.0, 40.0}
+    assert len({v["params"]["acquisition"] for v in first["volumes"]}) >= 3  # mixed orientation and contrast
 
 
 def test_cli_writes_dataset_and_reports_bad_options(tmp_path, capsys):
