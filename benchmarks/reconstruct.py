@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths = [write_volume(simulate_volume(300 + i, **SCAN), Path(tmp) / f"held_out_{i}.h5")
-                 for i in range(args.volumes + 1)]
+        paths = [
+            write_volume(simulate_volume(300 + i, **SCAN), Path(tmp) / f"held_out_{i}.h5")
+            for i in range(args.volumes + 1)
+        ]
         tuning, volumes = read_volume(paths[0]), [read_volume(p) for p in paths[1:]]
     masks = [volume_mask(v, *MASK, seed=None)[0] for v in volumes]
     methods = {
@@ -127,11 +129,17 @@ def main(argv: list[str] | None = None) -> int:
             metrics.append(volume_metrics(volume.target, image))
             seconds.append(per_slice)
         rows[f"BART pics (ESPIRiT + L1-wavelet, λ={lam:g})"] = (
-            {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}, float(np.mean(seconds)))
-        bart_note = "BART λ tuned on a separate scan (PSNR): " + ", ".join(f"{k:g} → {v:.2f} dB" for k, v in scores.items())
+            {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]},
+            float(np.mean(seconds)),
+        )
+        bart_note = "BART λ tuned on a separate scan (PSNR): " + ", ".join(
+            f"{k:g} → {v:.2f} dB" for k, v in scores.items()
+        )
 
-    print(f"\nheld-out dipy_b0, {args.volumes} volume(s) × {SCAN['slices']} slices, {SCAN['coils']} coils, "
-          f"{SCAN['encoded_size'][0]}×{SCAN['encoded_size'][1]} k-space, 4× equispaced, {args.threads} thread(s)\n")
+    print(
+        f"\nheld-out dipy_b0, {args.volumes} volume(s) × {SCAN['slices']} slices, {SCAN['coils']} coils, "
+        f"{SCAN['encoded_size'][0]}×{SCAN['encoded_size'][1]} k-space, 4× equispaced, {args.threads} thread(s)\n"
+    )
     print("| method | NMSE | PSNR (dB) | SSIM | s / slice |")
     print("|---|---:|---:|---:|---:|")
     for label, (m, seconds) in rows.items():

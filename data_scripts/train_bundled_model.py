@@ -39,12 +39,14 @@ def simulate(data: Path, num_volumes: int) -> dict:
     """Training / validation / test volumes of the training subject and held-out volumes of another subject."""
     from reconkit.data.simulate import simulate_dataset, simulate_volume, write_volume
 
-    manifest = simulate_dataset(data, num_volumes, encoded_size=ENCODED, recon_size=RECON, seed=7,
-                                split=(0.85, 0.0, 0.15), **TRAIN_SIM)
+    manifest = simulate_dataset(
+        data, num_volumes, encoded_size=ENCODED, recon_size=RECON, seed=7, split=(0.85, 0.0, 0.15), **TRAIN_SIM
+    )
     held_out = data / "held_out"
     for seed in (101, 102):
-        write_volume(simulate_volume(seed, encoded_size=ENCODED, recon_size=RECON, **HELD_OUT),
-                     held_out / f"dipy_b0_{seed}.h5")
+        write_volume(
+            simulate_volume(seed, encoded_size=ENCODED, recon_size=RECON, **HELD_OUT), held_out / f"dipy_b0_{seed}.h5"
+        )
     return manifest
 
 
@@ -56,16 +58,35 @@ def train(data: Path, minutes: float, work: Path) -> Path:
 
     seed_everything(0, workers=True)
     (data / "val").mkdir(exist_ok=True)
-    datamodule = FastMriDataModule(data, mask_type=MASK["mask_type"], center_fractions=MASK["center_fractions"],
-                                   accelerations=MASK["accelerations"], batch_size=1, num_workers=0, seed=0)
+    datamodule = FastMriDataModule(
+        data,
+        mask_type=MASK["mask_type"],
+        center_fractions=MASK["center_fractions"],
+        accelerations=MASK["accelerations"],
+        batch_size=1,
+        num_workers=0,
+        seed=0,
+    )
     module = KspaceModule(model_type="varnet", model_kwargs=MODEL, loss="ssim", lr=1e-3, lr_scheduler="none")
-    trainer = Trainer(accelerator="cpu", devices=1, max_time={"minutes": minutes}, max_epochs=1000,
-                      limit_val_batches=0, logger=False, enable_checkpointing=False, default_root_dir=work,
-                      log_every_n_steps=10, enable_progress_bar=True, num_sanity_val_steps=0)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_time={"minutes": minutes},
+        max_epochs=1000,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=work,
+        log_every_n_steps=10,
+        enable_progress_bar=True,
+        num_sanity_val_steps=0,
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
-    print(f"trained {trainer.global_step} steps ({trainer.current_epoch} epochs) in "
-          f"{(time.perf_counter() - start) / 60:.1f} min")
+    print(
+        f"trained {trainer.global_step} steps ({trainer.current_epoch} epochs) in "
+        f"{(time.perf_counter() - start) / 60:.1f} min"
+    )
     path = work / "varnet_small.ckpt"
     trainer.save_checkpoint(path, weights_only=True)
     return path
@@ -96,8 +117,9 @@ def model_card(out: Path, manifest: dict, steps_info: str, metrics: dict, onnx_g
     def table(section: dict) -> str:
         lines = ["| method | NMSE | PSNR (dB) | SSIM | s / slice |", "|---|---:|---:|---:|---:|"]
         for label, m in section.items():
-            lines.append(f"| {label} | {m['NMSE']:.4f} | {m['PSNR']:.2f} | {m['SSIM']:.4f} | "
-                         f"{m['seconds_per_slice']:.3f} |")
+            lines.append(
+                f"| {label} | {m['NMSE']:.4f} | {m['PSNR']:.2f} | {m['SSIM']:.4f} | {m['seconds_per_slice']:.3f} |"
+            )
         return "\n".join(lines)
 
     train_files = [v for v in manifest["volumes"] if v["split"] == "train"]
@@ -122,7 +144,8 @@ weights; the last convolution of each cascade initialised ×{MODEL["init_scale"]
 plain data consistency). Output: RSS magnitude at the encoded size; crop to the header's recon size.
 
 ## Training
-* Trainer: `reconkit.training.KspaceModule` (model_type `varnet`) + `FastMriDataModule` with Lightning ({steps_info}); SSIM loss,
+* Trainer: `reconkit.training.KspaceModule` (model_type `varnet`) + `FastMriDataModule` with Lightning
+  ({steps_info}); SSIM loss,
   Adam lr 1e-3, batch 1, CPU, one thread, on a shared 2-core machine.
 * Data: {len(train_files)} simulated volumes × {TRAIN_SIM["slices"]} slices from `reconkit.data.simulate`, source
   `mni152` (the MNI152 template with synthesised T1 / T2 / PD contrast — one subject, many slice positions and
@@ -184,14 +207,21 @@ def main(argv: list[str] | None = None) -> int:
     steps_info = f"{info.get('global_step', '?')} optimizer steps, {minutes:.1f} min"
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copy(checkpoint, args.out / "varnet_small.ckpt")
-    onnx_path = export_onnx(args.out / "varnet_small.ckpt", args.out / "varnet_small.onnx",
-                            example_shape=[(8, *hw) for hw in EXPORT_SIZES],
-                            metadata={"mask_family": MASK["mask_type"], "acceleration": 4, "center_fraction": 0.08})
+    onnx_path = export_onnx(
+        args.out / "varnet_small.ckpt",
+        args.out / "varnet_small.onnx",
+        example_shape=[(8, *hw) for hw in EXPORT_SIZES],
+        metadata={"mask_family": MASK["mask_type"], "acceleration": 4, "center_fraction": 0.08},
+    )
 
     held_out = sorted((args.data / "held_out").glob("*.h5"))
     test = sorted((args.data / "test").glob("*.h5"))
-    models = {"zero-filled": "zero-filled", "CG-SENSE": "cg-sense", "VarNet (torch)": str(args.out / "varnet_small.ckpt"),
-              "VarNet (ONNX Runtime)": str(onnx_path)}
+    models = {
+        "zero-filled": "zero-filled",
+        "CG-SENSE": "cg-sense",
+        "VarNet (torch)": str(args.out / "varnet_small.ckpt"),
+        "VarNet (ONNX Runtime)": str(onnx_path),
+    }
     metrics = {"held_out": evaluate(held_out, models), "test": evaluate(test, models)}
     onnx_gap = onnx_vs_torch(held_out[0], args.out)
     (args.out / "MODEL_CARD.md").write_text(model_card(args.out, manifest, steps_info, metrics, onnx_gap))
@@ -206,8 +236,10 @@ def onnx_vs_torch(path: Path, out: Path) -> float:
 
     volume = read_volume(path)
     mask, _ = volume_mask(volume, "equispaced_fraction", 4, 0.08, seed=None)
-    images = [reconstruct_volume(volume, load_reconstructor(str(out / name)), mask).reconstruction
-              for name in ("varnet_small.ckpt", "varnet_small.onnx")]
+    images = [
+        reconstruct_volume(volume, load_reconstructor(str(out / name)), mask).reconstruction
+        for name in ("varnet_small.ckpt", "varnet_small.onnx")
+    ]
     return float(np.abs(images[0] - images[1]).max() / images[0].max())
 
 

@@ -20,9 +20,10 @@ def _phantom(rng: np.random.Generator, slices: int, height: int, width: int) -> 
     yy, xx = np.mgrid[:height, :width]
     disc = ((yy - height / 2) ** 2 / (0.4 * height) ** 2 + (xx - width / 2) ** 2 / (0.35 * width) ** 2) < 1
     base = disc * (1.0 + 0.3 * np.sin(xx / 3.0))
-    return np.stack([base * (1 + 0.1 * s) + 0.05 * rng.random((height, width)) for s in range(slices)]).astype(
-        np.float32
-    ) * 1e-4
+    return (
+        np.stack([base * (1 + 0.1 * s) + 0.05 * rng.random((height, width)) for s in range(slices)]).astype(np.float32)
+        * 1e-4
+    )
 
 
 def _make_dirs(tmp_path, rng, shapes, key="reconstruction_rss"):
@@ -68,7 +69,9 @@ def test_cli_table_csv_and_bad_files(tmp_path, capsys):
     (pred_dir / "file1.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 50)  # corrupt / truncated
     (pred_dir / "file2.h5").unlink()  # missing prediction
     csv_path = tmp_path / "metrics.csv"
-    code = reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--csv", str(csv_path)])
+    code = reconkit_main(
+        ["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--csv", str(csv_path)]
+    )
     out, err = capsys.readouterr()
     assert code == 1
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -87,7 +90,10 @@ def test_cli_table_csv_and_bad_files(tmp_path, capsys):
 def test_single_coil_and_wrong_key(tmp_path, capsys):
     rng = np.random.default_rng(2)
     target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 32, 32, 32, 32)], key="reconstruction_esc")
-    assert cli_evaluate.main(["--target", str(target_dir), "--predictions", str(pred_dir), "--challenge", "singlecoil"]) == 0
+    assert (
+        cli_evaluate.main(["--target", str(target_dir), "--predictions", str(pred_dir), "--challenge", "singlecoil"])
+        == 0
+    )
     assert cli_evaluate.main(["--target", str(target_dir), "--predictions", str(pred_dir)]) == 1
     assert "missing dataset 'reconstruction_rss'" in capsys.readouterr().err
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import h5py
@@ -124,8 +123,21 @@ def test_cg_sense_all_formats_with_header_geometry(tmp_path, capsys):
     scan = tmp_path / "knee.h5"
     write_fastmri_file(scan, rng, slices=3, coils=6, lines=40)  # zero-padded columns outside the acquired window
     code, _, err = _run(
-        capsys, str(scan), "--model", "cg-sense", "--output", str(tmp_path / "out"),
-        "--format", "h5", "nifti", "dicom", "png", "--batch-size", "2", "--acceleration", "2",
+        capsys,
+        str(scan),
+        "--model",
+        "cg-sense",
+        "--output",
+        str(tmp_path / "out"),
+        "--format",
+        "h5",
+        "nifti",
+        "dicom",
+        "png",
+        "--batch-size",
+        "2",
+        "--acceleration",
+        "2",
     )
     assert code == 0, err
     with h5py.File(tmp_path / "out" / "h5" / "knee.h5") as f:
@@ -162,8 +174,17 @@ def test_already_undersampled_input_is_used_as_is(tmp_path, capsys):
                 dst.create_dataset("mask", data=columns)
             dst.attrs.update(dict(src.attrs))
     out = tmp_path / "out"
-    code, _, err = _run(capsys, str(tmp_path / "with_mask.h5"), str(tmp_path / "zero_columns.h5"),
-                        "--model", "zero-filled", "--output", str(out), "--acceleration", "8")
+    code, _, err = _run(
+        capsys,
+        str(tmp_path / "with_mask.h5"),
+        str(tmp_path / "zero_columns.h5"),
+        "--model",
+        "zero-filled",
+        "--output",
+        str(out),
+        "--acceleration",
+        "8",
+    )
     assert code == 0, err
     with h5py.File(full) as f:
         masked = fastmri_transforms.to_tensor(f["kspace"][()] * columns)
@@ -186,27 +207,57 @@ def test_bad_inputs_one_line_each_others_written(tmp_path, capsys):
     with h5py.File(scans / "schema.h5", "w") as f:
         f.create_dataset("image", data=np.zeros((2, 8, 8), np.float32))
     out = tmp_path / "out"
-    code, stdout, err = _run(capsys, str(scans), str(tmp_path / "missing.h5"), "--model", "zero-filled",
-                             "--output", str(out), "--format", "h5", "nifti", "dicom", "png")
+    code, stdout, err = _run(
+        capsys,
+        str(scans),
+        str(tmp_path / "missing.h5"),
+        "--model",
+        "zero-filled",
+        "--output",
+        str(out),
+        "--format",
+        "h5",
+        "nifti",
+        "dicom",
+        "png",
+    )
     assert code == 1
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 5, err
-    for name, problem in (("truncated.h5", "truncated"), ("empty.h5", "empty"), ("corrupt.h5", "not an HDF5"),
-                          ("schema.h5", "kspace"), ("missing.h5", "not found")):
+    for name, problem in (
+        ("truncated.h5", "truncated"),
+        ("empty.h5", "empty"),
+        ("corrupt.h5", "not an HDF5"),
+        ("schema.h5", "kspace"),
+        ("missing.h5", "not found"),
+    ):
         assert sum(name in line and problem in line for line in error_lines) == 1, (name, error_lines)
     assert "good.h5" in stdout and "1 of 6 file(s) written" in stdout
     # the good file is complete in every format; nothing else (no temporary or partial files) was written
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert written == ["dicom/good/slice_000.dcm", "dicom/good/slice_001.dcm", "h5/good.h5", "nifti/good.nii.gz",
-                       "png/good/slice_000.png", "png/good/slice_001.png"]
+    assert written == [
+        "dicom/good/slice_000.dcm",
+        "dicom/good/slice_001.dcm",
+        "h5/good.h5",
+        "nifti/good.nii.gz",
+        "png/good/slice_000.png",
+        "png/good/slice_001.png",
+    ]
 
 
 def test_single_coil_and_odd_sizes(tmp_path, capsys):
     rng = np.random.default_rng(4)
     write_fastmri_file(tmp_path / "single.h5", rng, single_coil=True, height=40, width=36, recon=(20, 20))
     write_fastmri_file(tmp_path / "odd.h5", rng, coils=3, height=45, width=37, recon=(21, 19))
-    code, _, err = _run(capsys, str(tmp_path / "single.h5"), str(tmp_path / "odd.h5"), "--model", "cg-sense",
-                        "--output", str(tmp_path / "out"))
+    code, _, err = _run(
+        capsys,
+        str(tmp_path / "single.h5"),
+        str(tmp_path / "odd.h5"),
+        "--model",
+        "cg-sense",
+        "--output",
+        str(tmp_path / "out"),
+    )
     assert code == 0, err
     with h5py.File(tmp_path / "out" / "h5" / "single.h5") as f:
         assert f["reconstruction"].shape == (2, 20, 20)
@@ -223,8 +274,20 @@ def test_bad_model_and_help(tmp_path, capsys):
         reconkit_main(["reconstruct", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--model", "--output", "--format", "--backend", "--device", "--batch-size", "--mask-type",
-                   "--acceleration", "--center-fraction", "--seed", "zero-filled", "cg-sense"):
+    for option in (
+        "--model",
+        "--output",
+        "--format",
+        "--backend",
+        "--device",
+        "--batch-size",
+        "--mask-type",
+        "--acceleration",
+        "--center-fraction",
+        "--seed",
+        "zero-filled",
+        "cg-sense",
+    ):
         assert option in text
     assert "reconkit reconstruct scans/" in text
 
@@ -242,8 +305,16 @@ def test_tiny_varnet_checkpoint_torch_and_onnx_agree(tmp_path, capsys):
     onnx_path = export_onnx(checkpoint, tmp_path / "tiny.onnx", example_shape=(3, 32, 24))
     outputs = {}
     for model, backend in ((checkpoint, "torch"), (onnx_path, "onnx")):
-        code, out, err = _run(capsys, str(tmp_path / "scan.h5"), "--model", str(model), "--output",
-                              str(tmp_path / backend), "--batch-size", "2")
+        code, out, err = _run(
+            capsys,
+            str(tmp_path / "scan.h5"),
+            "--model",
+            str(model),
+            "--output",
+            str(tmp_path / backend),
+            "--batch-size",
+            "2",
+        )
         assert code == 0, err
         assert f"({backend})" in out
         with h5py.File(tmp_path / backend / "h5" / "scan.h5") as f:
@@ -252,7 +323,11 @@ def test_tiny_varnet_checkpoint_torch_and_onnx_agree(tmp_path, capsys):
     np.testing.assert_allclose(outputs["onnx"], outputs["torch"], rtol=1e-3, atol=1e-4 * outputs["torch"].max())
     # the training mask recorded in the checkpoint is the default: 2x here, so more columns than the 4x default
     reconstructor = cli_reconstruct.load_reconstructor(str(checkpoint))
-    assert reconstructor.mask_defaults == {"mask_type": "equispaced_fraction", "acceleration": 2, "center_fraction": 0.16}
+    assert reconstructor.mask_defaults == {
+        "mask_type": "equispaced_fraction",
+        "acceleration": 2,
+        "center_fraction": 0.16,
+    }
     # a k-space size the ONNX graph was not specialised for is one clear error line
     write_fastmri_file(tmp_path / "other.h5", rng, slices=1, coils=3, height=40, width=24, recon=(16, 16))
     code, _, err = _run(capsys, str(tmp_path / "other.h5"), "--model", str(onnx_path), "--output", str(tmp_path / "x"))
@@ -268,7 +343,7 @@ def test_ismrmrd_raw_file_is_reconstructed(tmp_path, capsys):
         kspace, header = f["kspace"][()], f["ismrmrd_header"][()]
     left = (48 - 44) // 2
     columns = np.zeros(48, np.float32)
-    columns[left:left + 44:2] = 1
+    columns[left : left + 44 : 2] = 1
     columns[20:28] = 1
     raw = ismrmrd.Dataset(str(tmp_path / "raw.h5"), "dataset", create_if_needed=True)
     raw.write_xml_header(header.decode() if isinstance(header, bytes) else header)

@@ -65,7 +65,9 @@ def test_hdf5_is_scored_by_fastmri_evaluate(tmp_path):
         write_fastmri_h5(pred_dir / name, target + 1e-5 * rng.standard_normal(target.shape), {"acquisition": "x"})
     args = argparse.Namespace(target_path=target_dir, predictions_path=pred_dir, acquisition=None, acceleration=None)
     metrics = fastmri_evaluate.evaluate(args, "reconstruction_rss")
-    expected = np.mean([fastmri_evaluate.nmse(t, h5py.File(pred_dir / n)["reconstruction"][()]) for n, t in targets.items()])
+    expected = np.mean(
+        [fastmri_evaluate.nmse(t, h5py.File(pred_dir / n)["reconstruction"][()]) for n, t in targets.items()]
+    )
     assert metrics.means()["NMSE"] == pytest.approx(expected, rel=1e-6)
     with h5py.File(pred_dir / "file_a.h5") as f:
         assert f["reconstruction"].dtype == np.float32 and f["reconstruction"].shape == (4, 32, 32)

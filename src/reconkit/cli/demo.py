@@ -84,7 +84,9 @@ def print_table(rows: Sequence[DemoRow], output: Path) -> None:
     console = Console()
     console.print(table)
     console.print(f"PNG panels (zero-filled | VarNet | reference | error): {output / 'png'}/")
-    console.print(f"scan: {output / 'scan' / 'demo_scan.h5'}; reconstructions: {output}/{{zero-filled,cg-sense,varnet}}/h5/")
+    console.print(
+        f"scan: {output / 'scan' / 'demo_scan.h5'}; reconstructions: {output}/{{zero-filled,cg-sense,varnet}}/h5/"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--output", type=Path, default=Path("demo_output"), help="output directory (default demo_output)")
-    parser.add_argument("--model", type=Path, default=BUNDLED_ONNX, help=f"ONNX model (default: {BUNDLED_ONNX.name} bundled)")
+    parser.add_argument(
+        "--output", type=Path, default=Path("demo_output"), help="output directory (default demo_output)"
+    )
+    parser.add_argument(
+        "--model", type=Path, default=BUNDLED_ONNX, help=f"ONNX model (default: {BUNDLED_ONNX.name} bundled)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="simulation seed: which slices / coils / noise (default 0)")
     return parser
 

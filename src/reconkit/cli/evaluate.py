@@ -71,11 +71,15 @@ def score_volume(target_path: Path, prediction_path: Path, challenge: str = "mul
     prediction = _read_array(prediction_path, "reconstruction").astype(np.float64)
     size = target.shape[-1]
     if prediction.shape[0] != target.shape[0]:
-        raise DataError(prediction_path, f"{prediction.shape[0]} slices, target {target_path.name} has {target.shape[0]}")
+        raise DataError(
+            prediction_path, f"{prediction.shape[0]} slices, target {target_path.name} has {target.shape[0]}"
+        )
     try:
         target, prediction = center_crop(target, (size, size)), center_crop(prediction, (size, size))
     except ValueError as err:
-        raise DataError(prediction_path, f"shape {prediction.shape} does not fit target {target_path.name}: {err}") from None
+        raise DataError(
+            prediction_path, f"shape {prediction.shape} does not fit target {target_path.name}: {err}"
+        ) from None
     values = volume_metrics(target, prediction)
     return VolumeScore(target_path.name, target.shape[0], values["NMSE"], values["PSNR"], values["SSIM"])
 

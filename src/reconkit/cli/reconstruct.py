@@ -250,8 +250,9 @@ def volume_mask(
         return columns.astype(np.float32).reshape(1, 1, 1, width, 1), False
     mask_func = create_mask_for_mask_type(mask_type, [center_fraction], [acceleration])
     probe = torch.zeros(1, 1, 1, width, 2)  # mask functions only look at the shape
-    _, mask, _ = apply_mask(probe, mask_func, seed=filename_seed(volume.info.path.name) if seed is None else seed,
-                            padding=(left, right))
+    _, mask, _ = apply_mask(
+        probe, mask_func, seed=filename_seed(volume.info.path.name) if seed is None else seed, padding=(left, right)
+    )
     if mask.shape[-3] != 1:
         raise ReconkitError(f"mask type {mask_type!r} gives a 2D mask; reconstruct takes Cartesian line masks")
     return mask.reshape(1, 1, 1, width, 1).numpy().astype(np.float32), True
@@ -287,9 +288,12 @@ def reconstruct_volume(
         image = reconstructor.run(masked, batch_mask)
         seconds += time.perf_counter() - start
         if image.shape != (masked.shape[0], height, width) or not np.isfinite(image).all():
-            raise DataError(volume.info.path, f"model {reconstructor.name} returned {image.shape} "
-                            f"{'with NaN/inf ' if not np.isfinite(image).all() else ''}for slices {batch.start}-"
-                            f"{batch.stop - 1}")
+            raise DataError(
+                volume.info.path,
+                f"model {reconstructor.name} returned {image.shape} "
+                f"{'with NaN/inf ' if not np.isfinite(image).all() else ''}for slices {batch.start}-"
+                f"{batch.stop - 1}",
+            )
         outputs.append(center_crop(image, crop))
         zero_filled.append(center_crop(rss_complex(ifft2c(torch.from_numpy(masked)), dim=1).numpy(), crop))
         if on_slices is not None:
@@ -376,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         required=True,
-        help="reconkit checkpoint (.ckpt/.pt), exported .onnx file, or 'zero-filled' / 'cg-sense' (classical baselines)",
+        help="reconkit checkpoint (.ckpt/.pt), exported .onnx file, or 'zero-filled' / 'cg-sense' (baselines)",
     )
     parser.add_argument("--output", type=Path, required=True, help="output directory (created if missing)")
     parser.add_argument(
@@ -391,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         "retrospective undersampling (fully sampled input only; default: the model's training mask, else "
         "equispaced_fraction, 4x, 0.08)"
     )
-    mask.add_argument("--mask-type", default=None, help="random, equispaced, equispaced_fraction, magic, magic_fraction")
+    mask.add_argument(
+        "--mask-type", default=None, help="random, equispaced, equispaced_fraction, magic, magic_fraction"
+    )
     mask.add_argument("--acceleration", type=int, default=None, help="undersampling factor, e.g. 4 or 8")
     mask.add_argument("--center-fraction", type=float, default=None, help="fully sampled centre fraction, e.g. 0.08")
     mask.add_argument("--seed", type=int, default=None, help="mask seed (default: from the file name, as fastMRI)")
@@ -439,10 +445,18 @@ def run(args: argparse.Namespace) -> list[FileReport]:
             try:
                 volume = read_ismrmrd_raw(path) if is_ismrmrd_raw(path) else read_volume(path)
                 progress.update(slices_task, total=volume.kspace.shape[0])
-                mask, _ = volume_mask(volume, mask_options["mask_type"], mask_options["acceleration"],
-                                      mask_options["center_fraction"], args.seed)
+                mask, _ = volume_mask(
+                    volume,
+                    mask_options["mask_type"],
+                    mask_options["acceleration"],
+                    mask_options["center_fraction"],
+                    args.seed,
+                )
                 result = reconstruct_volume(
-                    volume, reconstructor, mask, args.batch_size,
+                    volume,
+                    reconstructor,
+                    mask,
+                    args.batch_size,
                     on_slices=lambda n, task=slices_task: progress.advance(task, n),
                 )
                 write_outputs(volume, result, args.output, args.format, reconstructor.name)

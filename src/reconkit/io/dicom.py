@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pydicom

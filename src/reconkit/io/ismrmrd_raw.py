@@ -78,8 +78,10 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
     for acquisition in imaging:
         column = acquisition.idx.kspace_encode_step_1 + header.padding_left
         if not 0 <= column < width:
-            raise DataError(path, f"phase-encode step {acquisition.idx.kspace_encode_step_1} falls outside the "
-                                  f"{width} encoded columns")
+            raise DataError(
+                path,
+                f"phase-encode step {acquisition.idx.kspace_encode_step_1} falls outside the {width} encoded columns",
+            )
         kspace[acquisition.idx.slice, :, :, column] += acquisition.data
         counts[acquisition.idx.slice, column] += 1
     kspace /= np.maximum(counts, 1)[:, None, None, :]
