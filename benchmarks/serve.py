@@ -83,8 +83,8 @@ def batch_stats(url: str) -> tuple[float, float]:
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
-    total = re.search(r"^reconkit_serve_batch_size_sum\{[^}]*\} (\S+)$", text, re.M)
-    count = re.search(r"^reconkit_serve_batch_size_count\{[^}]*\} (\S+)$", text, re.M)
+    total = re.search(r"^reconkit_serve_batch_size_sum\{[^}]*\} (\S+)$", text, re.MULTILINE)
+    count = re.search(r"^reconkit_serve_batch_size_count\{[^}]*\} (\S+)$", text, re.MULTILINE)
     return (float(total.group(1)), float(count.group(1))) if total and count else (0.0, 0.0)
 
 

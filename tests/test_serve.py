@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,12 +20,12 @@ import pytest
 import torch
 
 tritonclient_http = pytest.importorskip("tritonclient.http")  # listed in the `test` extra: present in CI
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from tritonclient.utils import InferenceServerException
 
-from reconkit.export import export_onnx  # noqa: E402
-from reconkit.export.triton_repository import write_triton_repository  # noqa: E402
-from reconkit.ops import ifft2c, rss_complex  # noqa: E402
-from reconkit.serve import BatchingConfig, ServerConfig, build_server  # noqa: E402
+from reconkit.export import export_onnx
+from reconkit.export.triton_repository import write_triton_repository
+from reconkit.ops import ifft2c, rss_complex
+from reconkit.serve import BatchingConfig, ServerConfig, build_server
 
 COILS, HEIGHT, WIDTH = 3, 10, 7  # odd width on purpose
 

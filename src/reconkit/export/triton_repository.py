@@ -16,7 +16,7 @@ from pathlib import Path
 
 from reconkit.errors import ReconkitError
 
-__all__ = ["write_triton_repository", "triton_config"]
+__all__ = ["triton_config", "write_triton_repository"]
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # same rule as reconkit.serve.repository
 _TRITON_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 2: "TYPE_UINT8", 3: "TYPE_INT8",

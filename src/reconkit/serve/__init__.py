@@ -7,4 +7,4 @@ from reconkit.serve.app import ServerConfig, create_app
 from reconkit.serve.repository import BatchingConfig, discover_models
 from reconkit.serve.server import build_server, serve
 
-__all__ = ["ServerConfig", "BatchingConfig", "create_app", "build_server", "serve", "discover_models"]
+__all__ = ["BatchingConfig", "ServerConfig", "build_server", "create_app", "discover_models", "serve"]

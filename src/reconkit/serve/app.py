@@ -15,8 +15,8 @@ import dataclasses
 import hmac
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -52,10 +52,10 @@ class ServerConfig:
     """
 
     model_repository: Path
-    batching: BatchingConfig = BatchingConfig()
+    batching: BatchingConfig = dataclasses.field(default_factory=BatchingConfig)
     request_timeout_s: float = 30.0
     max_request_bytes: int = 512 * 2**20
-    auth_token: Optional[str] = None
+    auth_token: str | None = None
     device: str = "auto"
     intra_op_threads: int = 0
 
@@ -64,7 +64,7 @@ class ServerConfig:
 class _Served:
     entry: ModelEntry
     model: OnnxModel
-    batcher: Optional[DynamicBatcher] = None
+    batcher: DynamicBatcher | None = None
 
 
 class _State:
@@ -83,7 +83,7 @@ class _State:
         self.ready = False
         self.shutting_down = False
 
-    def served(self, name: str, version: Optional[str]) -> _Served:
+    def served(self, name: str, version: str | None) -> _Served:
         versions = self.models.get(name)
         if versions is None:
             raise RequestError(404, f"unknown model {name[:100]!r}; served models: {sorted(self.models)}")
@@ -122,7 +122,7 @@ def _endpoint(state: _State, kind: str, handler: Handler, public: bool = False) 
         except RequestError as exc:
             error = exc.message
             response = JSONResponse({"error": error}, exc.status, headers=exc.headers)
-        except Exception as exc:  # never let one request take the server down
+        except Exception as exc:  # noqa: BLE001  (never let one request take the server down)
             _log.exception("unhandled error", extra={"path": request.url.path})
             error = f"internal error: {type(exc).__name__}: {exc}"
             response = JSONResponse({"error": error}, 500)

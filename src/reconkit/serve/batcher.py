@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -45,7 +46,7 @@ def _run_batch(model: OnnxModel, batch: list[_Pending]) -> list[dict[str, np.nda
     feeds = {name: np.concatenate([p.request.inputs[name] for p in batch]) for name in batch[0].request.inputs}
     outputs = model.run(feeds, names)
     bounds = np.cumsum([0] + [p.request.batch_size for p in batch])
-    return [{name: out[start:stop] for name, out in outputs.items()} for start, stop in zip(bounds[:-1], bounds[1:])]
+    return [{name: out[start:stop] for name, out in outputs.items()} for start, stop in itertools.pairwise(bounds)]
 
 
 class DynamicBatcher:
@@ -140,7 +141,7 @@ class DynamicBatcher:
         self._on_queue_depth(self.queue_depth)
         return batch
 
-    async def _wait(self, timeout: Optional[float]) -> None:
+    async def _wait(self, timeout: float | None) -> None:
         self._wakeup.clear()
         try:
             await asyncio.wait_for(self._wakeup.wait(), timeout)
@@ -154,7 +155,7 @@ class DynamicBatcher:
             try:
                 self._on_batch(sum(p.request.batch_size for p in batch))
                 results = await loop.run_in_executor(self._executor, _run_batch, self.model, batch)
-            except Exception as exc:  # an ONNX Runtime failure fails this batch's requests, never the server
+            except Exception as exc:  # noqa: BLE001  (an ONNX Runtime failure fails this batch, never the server)
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(RequestError(500, f"inference failed: {exc}"))

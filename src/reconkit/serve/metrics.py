@@ -26,7 +26,7 @@ class ServeMetrics:
     batch_size: Histogram
 
     @classmethod
-    def create(cls) -> "ServeMetrics":
+    def create(cls) -> ServeMetrics:
         registry = CollectorRegistry()
         return cls(
             registry=registry,

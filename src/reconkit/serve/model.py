@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
 from reconkit.errors import ReconkitError
 
-__all__ = ["TensorSpec", "OnnxModel", "select_providers", "V2_DATATYPES"]
+__all__ = ["V2_DATATYPES", "OnnxModel", "TensorSpec", "select_providers"]
 
 # ONNX Runtime type string -> (KServe V2 datatype, numpy dtype)
 _ORT_TYPES: dict[str, tuple[str, np.dtype]] = {

@@ -10,12 +10,12 @@ Only the syntax is parsed (no schema): scalars, strings, enums, nested messages 
 from __future__ import annotations
 
 import re
-from typing import Any, Union
+from typing import Any
 
-__all__ = ["PbtxtError", "parse_pbtxt", "first"]
+__all__ = ["PbtxtError", "first", "parse_pbtxt"]
 
 Message = dict[str, list[Any]]
-Value = Union[int, float, str, bool, Message, list[Any]]
+Value = int | float | str | bool | Message | list[Any]
 
 _TOKEN = re.compile(
     r"""\s+|\#[^\n]*                         # whitespace, comments

@@ -13,14 +13,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from reconkit.errors import ReconkitError
 from reconkit.serve.model import V2_DATATYPES, OnnxModel, TensorSpec
 
-__all__ = ["RequestError", "InferRequest", "decode_infer_request", "encode_infer_response", "HEADER_LENGTH"]
+__all__ = ["HEADER_LENGTH", "InferRequest", "RequestError", "decode_infer_request", "encode_infer_response"]
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -28,7 +29,7 @@ HEADER_LENGTH = "inference-header-content-length"
 class RequestError(ReconkitError):
     """A request the server refuses: ``status`` is the HTTP status, ``headers`` extra response headers."""
 
-    def __init__(self, status: int, message: str, headers: Optional[Mapping[str, str]] = None):
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -44,10 +45,10 @@ class InferRequest:
     timeout_s: the request's own timeout (``parameters.timeout``, microseconds on the wire), or None.
     """
 
-    id: Optional[str]
+    id: str | None
     inputs: dict[str, np.ndarray]
     outputs: dict[str, bool]
-    timeout_s: Optional[float]
+    timeout_s: float | None
 
     @property
     def batch_size(self) -> int:
@@ -58,7 +59,7 @@ def _bad(message: str) -> RequestError:
     return RequestError(400, message)
 
 
-def _split_body(body: bytes, header_length: Optional[str]) -> tuple[dict, memoryview]:
+def _split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
     if header_length is None:
         json_part, binary = body, memoryview(b"")
     else:
@@ -141,7 +142,7 @@ def _requested_outputs(header: dict, model: OnnxModel) -> dict[str, bool]:
     return outputs
 
 
-def _timeout(header: dict) -> Optional[float]:
+def _timeout(header: dict) -> float | None:
     timeout = _parameters(header, "request").get("timeout")
     if timeout is None:
         return None
@@ -150,7 +151,7 @@ def _timeout(header: dict) -> Optional[float]:
     return timeout / 1e6
 
 
-def decode_infer_request(body: bytes, header_length: Optional[str], model: OnnxModel) -> InferRequest:
+def decode_infer_request(body: bytes, header_length: str | None, model: OnnxModel) -> InferRequest:
     """Decode and check a request against ``model``'s inputs (names, datatypes, shapes, byte lengths)."""
     header, binary = _split_body(body, header_length)
     items = header.get("inputs")

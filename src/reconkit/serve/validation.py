@@ -7,7 +7,7 @@ and ``mask`` float32 ``[batch, 1, 1, width, 1]``; the mask's width must equal th
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,7 +17,7 @@ __all__ = ["check_inputs"]
 
 
 def check_inputs(request: InferRequest, max_batch_size: int,
-                 spatial_sizes: Optional[Sequence[tuple[int, int]]] = None) -> None:
+                 spatial_sizes: Sequence[tuple[int, int]] | None = None) -> None:
     """Raise ``RequestError(400)`` naming the tensor when the inputs cannot form a valid batch.
 
     max_batch_size: the model's largest batch (0: no limit, requests run one by one).
@@ -38,10 +38,10 @@ def check_inputs(request: InferRequest, max_batch_size: int,
             bad = int(array.size - np.isfinite(array).sum())
             raise RequestError(400, f"input '{name}': {bad} value(s) are NaN or infinite")
     kspace, mask = inputs.get("masked_kspace"), inputs.get("mask")
-    if kspace is not None and mask is not None and kspace.ndim == 5 and mask.ndim == 5:
-        if mask.shape[3] != kspace.shape[3]:
-            raise RequestError(400, f"input 'mask': width {mask.shape[3]} (axis 3) does not match "
-                                    f"'masked_kspace' width {kspace.shape[3]}")
+    contract = kspace is not None and mask is not None and kspace.ndim == 5 and mask.ndim == 5
+    if contract and mask.shape[3] != kspace.shape[3]:
+        raise RequestError(400, f"input 'mask': width {mask.shape[3]} (axis 3) does not match "
+                                f"'masked_kspace' width {kspace.shape[3]}")
     if kspace is not None and kspace.ndim == 5 and spatial_sizes and tuple(kspace.shape[2:4]) not in spatial_sizes:
         sizes = ", ".join(f"{h}x{w}" for h, w in spatial_sizes)
         raise RequestError(400, f"input 'masked_kspace': height x width {kspace.shape[2]}x{kspace.shape[3]} is not "
