@@ -27,7 +27,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.mark.parametrize("height,width", FASTMRI_SIZES + OTHER_SIZES)
 @pytest.mark.parametrize("inverse", [False, True])
 def test_equals_fft2c(height: int, width: int, inverse: bool) -> None:
-    x = torch.randn(2, height, width, 2, generator=torch.Generator().manual_seed(height * width))
+    batch = 1 if height * width > 50_000 else 2
+    x = torch.randn(batch, height, width, 2, generator=torch.Generator().manual_seed(height * width))
     reference = ifft2c(x) if inverse else fft2c(x)
     result = centred_fft_matmul(x, inverse)
     assert result.shape == x.shape and result.dtype == torch.float32
@@ -37,7 +38,7 @@ def test_equals_fft2c(height: int, width: int, inverse: bool) -> None:
 
 @pytest.mark.parametrize("height,width", [(640, 368), (30, 22), (45, 33)])
 def test_equals_fastmri(height: int, width: int) -> None:
-    x = torch.randn(3, 1, height, width, 2, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 1, height, width, 2, generator=torch.Generator().manual_seed(1))
     with fft_impl("matmul"):
         forward, inverse = fft2c(x), ifft2c(x)
     assert relative_error(forward, fastmri.fft2c(x)) <= 1e-5

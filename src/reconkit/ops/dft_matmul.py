@@ -72,15 +72,19 @@ class AxisPlan:
     ``matrices[i]``: ``(2, f_i, f_i)`` float32 (real, imag) stage matrix applied as ``out = M @ in`` along digit i.
     ``twiddles[i]``: ``(2, f_i, N_i / f_i)`` float32 twiddle after stage i (``N_i`` = length still to transform),
     absent (one fewer than matrices) after the last stage.
+    ``folded``: for two radices, ``(2, f_1, f_2, f_2)``: the second stage matrix with the twiddle folded into its
+    columns, one matrix per first-stage output digit ``k_1`` (``M_2 · diag(twiddle[k_1, :])``); else ``None``.
     """
 
     length: int
     factors: tuple[int, ...]
     matrices: tuple[torch.Tensor, ...]
     twiddles: tuple[torch.Tensor, ...]
+    folded: torch.Tensor | None
 
 
 def _as_pair(z: np.ndarray) -> torch.Tensor:
+    """Complex array → float32 tensor with a leading (real, imag) axis of size 2."""
     return torch.from_numpy(np.stack((z.real, z.imag)).astype(np.float32))
 
 
@@ -90,7 +94,7 @@ def axis_plan(length: int, inverse: bool) -> AxisPlan:
     sign = 1.0 if inverse else -1.0
     h = length // 2
     factors = radices(length)
-    matrices, twiddles = [], []
+    matrices, twiddles, complex_stages = [], [], []
     remaining = length  # N_i: length of the sub-transform stage i starts
     in_slope = -h  # input modulation W_{N_i}^{in_slope · n}; only the first stage has one
     out_slope = -h  # output modulation W_{N_i}^{out_slope · k} of the sub-transform
@@ -104,23 +108,30 @@ def axis_plan(length: int, inverse: bool) -> AxisPlan:
         if i == 0:
             matrix = matrix * np.exp(sign * 2j * np.pi * (h * h % length) / length)
         matrices.append(_as_pair(matrix))
+        complex_stages.append(matrix)
         if rest > 1:
             q = np.arange(rest)
             # twiddle W_{N_i}^{q·k_1} times the digit-q part of the input modulation W_{N_i}^{u·q}
             tw = np.exp(sign * 2j * np.pi * (np.outer(k1, q) + in_slope * q[None, :]) / remaining)
             twiddles.append(_as_pair(tw))
+            complex_stages.append(tw)
         # the sub-transform keeps the k' part of the output modulation: W_{N_i}^{v·f·k'} = W_{rest}^{v·k'}
         out_slope = out_slope % rest if rest > 1 else 0
         in_slope = 0
         remaining = rest
-    return AxisPlan(length, tuple(factors), tuple(matrices), tuple(twiddles))
+    folded = None
+    if len(factors) == 2:
+        _, first_twiddle, second = complex_stages
+        folded = _as_pair(second[None, :, :] * first_twiddle[:, None, :])
+    return AxisPlan(length, tuple(factors), tuple(matrices), tuple(twiddles), folded)
 
 
 @functools.lru_cache(maxsize=128)
-def _constants(length: int, inverse: bool, device: torch.device) -> tuple[tuple, tuple]:
+def _constants(length: int, inverse: bool, device: torch.device) -> tuple[tuple, tuple, torch.Tensor | None]:
     """Stage constants on ``device`` (cached; a tracer records them as graph constants)."""
     plan = axis_plan(length, inverse)
-    return tuple(m.to(device) for m in plan.matrices), tuple(t.to(device) for t in plan.twiddles)
+    folded = None if plan.folded is None else plan.folded.to(device)
+    return tuple(m.to(device) for m in plan.matrices), tuple(t.to(device) for t in plan.twiddles), folded
 
 
 def _complex_matmul(
@@ -182,9 +193,9 @@ def centred_fft_matmul(data: torch.Tensor, inverse: bool) -> torch.Tensor:
 
     Layout of the work: the input ``(B, H, W, 2)`` is viewed as ``(B, h_1, …, h_m, w_1, …, w_n)`` digit axes
     (real and imaginary parts as two tensors). H stages run in place (batched MatMuls whose rows are the whole
-    W extent); the first W stage moves its digit to the end and the next ones run in place, so for n ≤ 2 the
-    W digits come out in order and the one final Transpose only swaps H digits (blocks of W·2 contiguous
-    floats).
+    W extent; with two H radices the twiddle is folded into the second stage's per-``k_1`` matrices); the first
+    W stage moves its digit to the end and the next ones run in place, so for n ≤ 2 the W digits come out in
+    order and the one final Transpose only swaps H digits (blocks of W·2 contiguous floats).
 
     Args:
         data: float tensor ``(..., H, W, 2)`` (last axis = real, imag); any H, W ≥ 1.
@@ -200,17 +211,24 @@ def centred_fft_matmul(data: torch.Tensor, inverse: bool) -> torch.Tensor:
     height, width = int(data.shape[-3]), int(data.shape[-2])
     lead = data.shape[:-3]
     h_plan, w_plan = axis_plan(height, inverse), axis_plan(width, inverse)
-    h_mats, h_tws = _constants(height, inverse, data.device)
-    w_mats, w_tws = _constants(width, inverse, data.device)
+    h_mats, h_tws, h_folded = _constants(height, inverse, data.device)
+    w_mats, w_tws, _ = _constants(width, inverse, data.device)
     h_n, w_n = len(h_plan.factors), len(w_plan.factors)
     shape = list(h_plan.factors + w_plan.factors)  # digit axes, most significant first; axis i + 1 of the tensor
 
     x = data.reshape([-1] + shape + [2])
     re, im = x[..., 0], x[..., 1]
-    for i in range(h_n):
-        re, im, shape = _stage(re, im, h_mats[i], shape, 1 + i, to_end=False)
-        if i < len(h_tws):
-            re, im = _twiddle(re, im, h_tws[i], shape, 2 + i, h_n - i - 1, last=False)
+    if h_folded is not None:
+        # two H radices: the twiddle rides in the second stage, one (f_2, f_2) matrix per k_1 (broadcast MatMul)
+        re, im, shape = _stage(re, im, h_mats[0], shape, 1, to_end=False)
+        grouped = [-1, shape[0], shape[1], math.prod(shape[2:])]
+        re, im = _complex_matmul(re.reshape(grouped), im.reshape(grouped), h_folded[0], h_folded[1], left=True)
+        re, im = re.reshape([-1] + shape), im.reshape([-1] + shape)
+    else:
+        for i in range(h_n):
+            re, im, shape = _stage(re, im, h_mats[i], shape, 1 + i, to_end=False)
+            if i < len(h_tws):
+                re, im = _twiddle(re, im, h_tws[i], shape, 2 + i, h_n - i - 1, last=False)
     for i in range(w_n):
         # the first W digit moves to the end; the later ones then sit at axis 1 + h_n onwards
         re, im, shape = _stage(re, im, w_mats[i], shape, 1 + h_n + (i > 0) * (i - 1), to_end=(i == 0))
