@@ -99,6 +99,8 @@ def train(method: str, fraction: float, data: Path, steps: int, lr: float, seed:
             optimizer.step()
             scheduler.step()
             step += 1
+            if step % 50 == 0:
+                print(f"  {method} {fraction:.0%}: step {step}/{steps}, loss {loss.item():.4f}", flush=True)
         epoch += 1
     return model, time.perf_counter() - start, len(loader.dataset)
 
@@ -229,7 +231,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "data_efficiency")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2, 1.0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

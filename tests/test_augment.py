@@ -183,3 +183,18 @@ def test_datamodule_hook_sets_epoch_and_subsets_are_reproducible(tiny_data):
                                                          seed=7).train_dataloader()]
     assert len(set(again_names)) == 1
     assert not all(torch.equal(a, b) for a, b in zip(first, later))
+
+
+def test_yaml_config_builds_the_augmented_training_transform(tiny_data, tmp_path):
+    from pathlib import Path
+
+    from reconkit.training.cli import run_cli
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "varnet_sim_small_augment.yaml"
+    cli = run_cli(["--config", str(config), "--data.data_path", str(tiny_data),
+                   "--trainer.default_root_dir", str(tmp_path)], run=False)
+    transform = cli.datamodule.transform_overrides["train"]
+    assert isinstance(transform, AugmentedVarNetTransform)
+    assert transform.config.schedule == "exp" and transform.config.probability == 0.55
+    assert transform.config.weights["translation"] == 1.0 and transform.mask_func.accelerations == [4]
+    assert cli.datamodule.transform_overrides["val"] is None  # validation stays un-augmented
