@@ -327,8 +327,8 @@ def test_unknown_model_or_version_is_404(server, path):
 
 
 def test_concurrent_requests_are_batched_by_shape(plain_repository, direct):
-    """8 concurrent requests of two widths within a 300 ms window: fewer runs than requests, right answers."""
-    batching = BatchingConfig(max_batch_size=8, max_queue_delay_s=0.3)
+    """8 concurrent requests of two widths within a 1 s window: fewer runs than requests, right answers."""
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_s=1.0)
     with running_server(plain_repository, batching=batching) as (url, state):
         samples = [sample(1, WIDTH if i % 2 else WIDTH + 1, seed=i) for i in range(8)]
         with ThreadPoolExecutor(8) as pool:
@@ -432,13 +432,14 @@ def test_metrics_count_requests_errors_and_batches(repository):
     assert 'reconkit_serve_queue_depth{model="recon",version="2"} 0.0' in text
 
 
-def test_sigterm_mid_load_answers_every_accepted_request(repository, tmp_path):
-    """40 requests, 4 concurrent, SIGTERM after 10 answers: each request either got a complete, correct 200 or was
-    refused before the server accepted it (connection refused / reset, no response bytes); the process exits 0."""
+def test_sigterm_mid_load_answers_every_accepted_request(plain_repository, tmp_path):
+    """40 requests, 4 concurrent; SIGTERM once 10 are answered and a request has waited >= 50 ms in the server's
+    300 ms batching window. Every request in flight then must get a complete, correct 200; every other request
+    either got one or was refused before the server accepted it (no response bytes at all); the process exits 0."""
     port = free_port()
     log_path = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "reconkit", "serve", "--model-repository", str(repository), "--port", str(port),
-           "--max-queue-delay-ms", "300", "--max-batch-size", "8"]
+    cmd = [sys.executable, "-m", "reconkit", "serve", "--model-repository", str(plain_repository),
+           "--port", str(port), "--max-queue-delay-ms", "300", "--max-batch-size", "8"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"127.0.0.1:{port}"
@@ -453,33 +454,42 @@ def test_sigterm_mid_load_answers_every_accepted_request(repository, tmp_path):
         kspace, mask = sample()
         expected = np.sqrt(((kspace * mask) ** 2).sum(axis=(1, 4)) + 1.0)
         body, headers = binary_body(kspace, mask)
-        answered_at: list[float] = []
-        sigterm_at: list[float] = []
+        sent_at: dict[int, float] = {}  # requests sent and not yet finished
+        outcomes: dict[int, str] = {}
 
-        def one(_: int) -> str:
+        def one(i: int) -> None:
+            sent_at[i] = time.monotonic()
             try:
                 status, response_headers, raw = post(url, "/v2/models/recon/infer", body, headers)
             except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected):
-                return "refused"
+                outcomes[i] = "refused"
+                return
+            finally:
+                sent_at.pop(i)
             if status != 200:
-                return f"status {status}: {raw[:200]!r}"
-            length = int(response_headers["inference-header-content-length"])
+                outcomes[i] = f"status {status}: {raw[:200]!r}"
+                return
+            length = int(response_headers["inference-header-content-length"])  # IncompleteRead would fail the test
             image = np.frombuffer(raw[length:], np.float32).reshape(expected.shape)
-            np.testing.assert_allclose(image, expected, rtol=1e-5)
-            answered_at.append(time.monotonic())
-            if len(answered_at) == 10:
-                sigterm_at.append(time.monotonic())
-                process.send_signal(signal.SIGTERM)
-            return "ok"
+            outcomes[i] = "ok" if np.allclose(image, expected, rtol=1e-5) else "wrong result"
 
         with ThreadPoolExecutor(4) as pool:
-            outcomes = list(pool.map(one, range(40)))
+            futures = [pool.submit(one, i) for i in range(40)]
+            while True:
+                now = time.monotonic()
+                waiting = [i for i, t in list(sent_at.items()) if now - t >= 0.05]
+                if len(outcomes) >= 10 and waiting:
+                    process.send_signal(signal.SIGTERM)
+                    break
+                assert len(outcomes) < 40, "load finished before SIGTERM could be sent"
+                time.sleep(0.005)
+            for future in futures:
+                future.result()
         assert process.wait(60) == 0, log_path.read_text()
     finally:
         if process.poll() is None:
             process.kill()
-    assert set(outcomes) <= {"ok", "refused"}, outcomes
-    assert outcomes.count("ok") >= 11
-    assert any(t > sigterm_at[0] for t in answered_at[10:])  # requests in flight at SIGTERM were answered
+    assert all(outcomes[i] == "ok" for i in waiting), (waiting, outcomes)
+    assert set(outcomes.values()) <= {"ok", "refused"}, outcomes
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     assert any(entry.get("message") == "request" and entry.get("status") == 200 for entry in lines)
