@@ -10,6 +10,7 @@ Where the forward pass differs from fastmri's (same arithmetic, fewer memory pas
   (LeakyReLU is invertible), so one activation per convolution is stored instead of two;
 * the concatenation of upsampled and skip features before each decoder convolution is replaced by two
   convolutions on the halves of the weight, summed (no concatenated copy kept for backward);
+* activations are channels-last (NHWC), the faster layout for oneDNN convolutions on CPU;
 * padding for odd sizes is decided from static shapes (Python ints), so tracing/export sees no data-dependent
   control flow.
 """
@@ -26,13 +27,24 @@ __all__ = ["Unet", "NormUnet", "ConvBlock", "TransposeConvBlock", "instance_norm
 
 
 class InstanceNormLeakyReLU(torch.autograd.Function):
-    """``leaky_relu(instance_norm(x))`` (no affine) storing only the output and ``1/std`` for backward."""
+    """``leaky_relu(instance_norm(x))`` (no affine) storing only the output and ``1/std`` for backward.
+
+    Works in any memory format (channels-last included) without copies. For a batch of one, instance norm is a
+    batch norm over the channels and runs as PyTorch's fused batch-norm kernels; larger batches use reductions.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float, negative_slope: float) -> torch.Tensor:
-        b, c, h, w = x.shape
-        out, _, invstd = torch.native_batch_norm(x.reshape(1, b * c, h, w), None, None, None, None, True, 0.0, eps)
-        out = F.leaky_relu_(out.view(b, c, h, w), negative_slope)
+        channels = x.shape[1]
+        if x.shape[0] == 1:
+            out, _, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+            invstd = invstd.view(1, channels, 1, 1)
+        else:
+            var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+            stats_dtype = torch.promote_types(x.dtype, torch.float32)
+            invstd = torch.rsqrt(var.to(stats_dtype) + eps)  # (N, C, 1, 1)
+            out = torch.addcmul((-mean.to(stats_dtype) * invstd).to(x.dtype), x, invstd.to(x.dtype))
+        out = F.leaky_relu_(out, negative_slope)
         ctx.save_for_backward(out, invstd)
         ctx.negative_slope = negative_slope
         ctx.eps = eps
@@ -42,30 +54,27 @@ class InstanceNormLeakyReLU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         out, invstd = ctx.saved_tensors
-        b, c, h, w = out.shape
         slope = ctx.negative_slope
         grad_normed = torch.ops.aten.leaky_relu_backward(grad_out, out, slope, True)
-        normed = F.leaky_relu(out, 1.0 / slope)  # inverse of LeakyReLU: the normalised input
-        grad_in = torch.ops.aten.native_batch_norm_backward(
-            grad_normed.reshape(1, b * c, h, w),
-            normed.reshape(1, b * c, h, w),
-            None,
-            None,
-            None,
-            torch.zeros_like(invstd),
-            torch.ones_like(invstd),
-            True,
-            ctx.eps,
-            [True, False, False],
-        )[0]
-        return grad_in.view(b, c, h, w).mul_(invstd.view(b, c, 1, 1).to(grad_in.dtype)), None, None
+        normed = F.leaky_relu(out, 1.0 / slope)  # LeakyReLU is invertible: the normalised input
+        # d/dx of (x - mean) * invstd:  invstd * (g - mean(g) - normed * mean(g * normed))
+        if out.shape[0] == 1:  # batch-norm backward of `normed` with mean 0, invstd 1 gives the bracket
+            unit = torch.ones(out.shape[1], dtype=invstd.dtype, device=out.device)
+            grad_in = torch.ops.aten.native_batch_norm_backward(
+                grad_normed, normed, None, None, None, torch.zeros_like(unit), unit, True, ctx.eps, [True, False, False]
+            )[0]
+        else:
+            mean_grad = grad_normed.mean(dim=(2, 3), keepdim=True)
+            mean_grad_normed = (grad_normed * normed).mean(dim=(2, 3), keepdim=True)
+            grad_in = grad_normed.sub_(mean_grad).addcmul_(normed, mean_grad_normed, value=-1)
+        return grad_in.mul_(invstd.to(grad_in.dtype)), None, None
 
 
 def instance_norm_leaky_relu(x: torch.Tensor, eps: float = 1e-5, negative_slope: float = 0.2) -> torch.Tensor:
     """Instance norm (no affine, biased variance) followed by LeakyReLU on ``(N, C, H, W)``.
 
-    Equal to ``nn.LeakyReLU(negative_slope)(nn.InstanceNorm2d(C, eps=eps)(x))``. With autograd active it uses
-    :class:`InstanceNormLeakyReLU` (half the saved activations); otherwise plain traceable ops.
+    Equal to ``nn.LeakyReLU(negative_slope)(nn.InstanceNorm2d(C, eps=eps)(x))``. Eager mode uses
+    :class:`InstanceNormLeakyReLU` (half the saved activations, any memory format); tracing uses the plain ops.
 
     Example:
         >>> x = torch.randn(2, 3, 5, 4)
@@ -73,9 +82,9 @@ def instance_norm_leaky_relu(x: torch.Tensor, eps: float = 1e-5, negative_slope:
         >>> bool(torch.allclose(instance_norm_leaky_relu(x), ref, atol=1e-6))
         True
     """
-    if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
-        return InstanceNormLeakyReLU.apply(x, eps, negative_slope)
-    return F.leaky_relu_(F.instance_norm(x, eps=eps), negative_slope)
+    if torch.jit.is_tracing():  # export: ONNX InstanceNormalization + LeakyRelu
+        return F.leaky_relu_(F.instance_norm(x, eps=eps), negative_slope)
+    return InstanceNormLeakyReLU.apply(x, eps, negative_slope)
 
 
 class ConvBlock(nn.Module):
@@ -187,7 +196,7 @@ class Unet(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """``(N, in_chans, H, W)`` → ``(N, out_chans, H, W)``."""
         stack = []
-        output = image
+        output = image.contiguous(memory_format=torch.channels_last)  # oneDNN convolutions are faster in NHWC
         for layer in self.down_sample_layers:
             output = layer(output)
             stack.append(output)

@@ -94,7 +94,12 @@ class SensitivityModel(nn.Module):
 
         images = ifft2c(masked_kspace)
         b, c, h, w, _ = images.shape
-        sens_maps = self.norm_unet(images.reshape(b * c, 1, h, w, 2)).reshape(b, c, h, w, 2)
+        coil_images = images.reshape(b * c, 1, h, w, 2)
+        if torch.jit.is_tracing():  # export: one batched U-Net call (the coil count stays a graph dimension)
+            sens_maps = self.norm_unet(coil_images)
+        else:  # eager: coil by coil (identical result; smaller tensors and batch-of-one norm kernels, faster)
+            sens_maps = torch.cat([self.norm_unet(image) for image in coil_images.split(1)])
+        sens_maps = sens_maps.reshape(b, c, h, w, 2)
         return sens_maps / rss_complex(sens_maps, dim=1)[:, None, :, :, None]
 
 
