@@ -150,6 +150,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for torch and ORT")
     parser.add_argument("--sizes", nargs="+", metavar="HxW", help="spatial sizes (default: the fastMRI sizes)")
+    parser.add_argument("--cascades", type=int, help="override the VarNet cascade count (e.g. a quicker parity pass)")
+    parser.add_argument("--chans", type=int, help="override the VarNet cascade U-Net channels")
     parser.add_argument("--skip-varnet", action="store_true", help="only the FFT comparison")
     parser.add_argument("--skip-fft", action="store_true", help="only the VarNet comparison")
     args = parser.parse_args()
@@ -161,6 +163,10 @@ def main() -> None:
     repeats = args.repeats or (5 if args.small else 3)
     kwargs = (dict(num_cascades=2, chans=4, pools=2, sens_chans=2, sens_pools=2) if args.small
               else dict(num_cascades=12, chans=18, pools=4, sens_chans=8, sens_pools=4))
+    if args.cascades:
+        kwargs["num_cascades"] = args.cascades
+    if args.chans:
+        kwargs["chans"] = args.chans
 
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads; torch {torch.__version__}, "
           f"onnxruntime {ort.__version__} (CPUExecutionProvider), onnx {onnx.__version__}\n")

@@ -39,16 +39,6 @@ DEFAULT_OPSET = 17
 INPUT_NAMES = ("masked_kspace", "mask")
 OUTPUT_NAME = "image"
 JSON_KEYS = ("reconkit.spatial_sizes", "reconkit.acceleration", "reconkit.center_fraction")
-METADATA_KEYS = (
-    "reconkit.version",
-    "reconkit.model_type",
-    "reconkit.input_layout",
-    "reconkit.normalization",
-    "reconkit.mask_family",
-    "reconkit.acceleration",
-    "reconkit.center_fraction",
-    "reconkit.spatial_sizes",
-)
 INPUT_LAYOUT = (
     "masked_kspace float32 [batch, coils, height, width, 2] (last axis real, imag; height = readout); "
     "mask float32 0/1 [batch, 1, 1, width, 1]; image float32 [batch, height, width] (RSS magnitude)"
