@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -75,6 +78,34 @@ def test_write_triton_repository_layout_and_config(tmp_path):
     assert (entry.name, entry.version, entry.batching.max_batch_size, entry.batching.dynamic) == \
            ("varnet-small_v1.0", "3", 4, True)
     assert not list(model_dir.rglob("*.tmp"))
+
+
+def triton_model_config_pb2():
+    """Triton's own model_config protobuf module (ModelConfig, DataType), shipped in the tritonclient wheel."""
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:  # grpc extra not installed: the generated module itself only needs protobuf
+        origin = Path(importlib.util.find_spec("tritonclient").origin).parent / "grpc" / "model_config_pb2.py"
+        spec = importlib.util.spec_from_file_location("model_config_pb2", origin)
+        model_config_pb2 = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(model_config_pb2)
+    return model_config_pb2
+
+
+@pytest.mark.parametrize("max_batch_size", [0, 4])
+def test_written_config_is_a_valid_triton_model_config(tmp_path, max_batch_size):
+    """config.pbtxt parses as Triton's ModelConfig (field names, enums, nesting), so Triton can load the repository."""
+    from google.protobuf import text_format
+
+    onnx_path = contract_graph(tmp_path / "m.onnx", batch="batch" if max_batch_size else 1)
+    model_dir = write_triton_repository(onnx_path, tmp_path / "repo", "varnet", max_batch_size=max_batch_size)
+    pb2 = triton_model_config_pb2()
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), pb2.ModelConfig())
+    assert config.name == "varnet" and config.backend == "onnxruntime" and config.max_batch_size == max_batch_size
+    kspace = [list(t.dims) for t in config.input if t.name == "masked_kspace"]
+    assert kspace == ([[-1, -1, -1, 2]] if max_batch_size else [[1, -1, -1, -1, 2]])
+    assert {t.data_type for t in [*config.input, *config.output]} == {pb2.TYPE_FP32}
+    assert config.HasField("dynamic_batching") == bool(max_batch_size)
 
 
 def test_write_triton_repository_without_batching_keeps_full_dims(tmp_path):
