@@ -18,8 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
-tritonclient_http = pytest.importorskip("tritonclient.http")  # listed in the `test` extra: present in CI
+import tritonclient.http as tritonclient_http
 from tritonclient.utils import InferenceServerException
 
 from reconkit.export import export_onnx
