@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -31,7 +30,8 @@ def phantom(height: int, width: int) -> torch.Tensor:
         r = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2
         return torch.sigmoid(sharpness * (1 - r))
 
-    return soft_ellipse(0, 0, 0.8, 0.7) + 0.5 * soft_ellipse(0.25, -0.2, 0.25, 0.2) - 0.4 * soft_ellipse(-0.3, 0.25, 0.2, 0.25)
+    body = soft_ellipse(0, 0, 0.8, 0.7)
+    return body + 0.5 * soft_ellipse(0.25, -0.2, 0.25, 0.2) - 0.4 * soft_ellipse(-0.3, 0.25, 0.2, 0.25)
 
 
 def coil_maps(coils: int, height: int, width: int) -> torch.Tensor:

@@ -111,9 +111,8 @@ def test_fft_gradcheck(size):
 
 def test_fft_impl_context_and_unknown_name():
     assert current_fft_impl() == "torch"
-    with pytest.raises(ValueError, match="unknown FFT implementation 'cufft'"):
-        with fft_impl("cufft"):
-            pass
+    with pytest.raises(ValueError, match="unknown FFT implementation 'cufft'"), fft_impl("cufft"):
+        pass
     with fft_impl("torch"):
         assert current_fft_impl() == "torch"
     assert current_fft_impl() == "torch"

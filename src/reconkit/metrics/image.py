@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from reconkit.metrics.losses import uniform_window, ssim_map
+from reconkit.metrics.losses import ssim_map, uniform_window
 
 __all__ = ["nmse", "psnr", "ssim", "psnr_torch", "ssim_torch", "volume_metrics", "MetricTable"]
 
@@ -67,7 +67,10 @@ def _per_image_peak(gt: torch.Tensor, maxval: Optional[torch.Tensor | float]) ->
 
 
 def psnr_torch(gt: torch.Tensor, pred: torch.Tensor, maxval: Optional[torch.Tensor | float] = None) -> torch.Tensor:
-    """PSNR in dB per image of ``(B, H, W)`` batches → ``(B,)``; ``maxval`` scalar or ``(B,)``, default per-image max."""
+    """PSNR in dB per image of ``(B, H, W)`` batches → ``(B,)``.
+
+    ``maxval`` is a scalar or ``(B,)``; by default each ground-truth image's maximum.
+    """
     if gt.shape != pred.shape:
         raise ValueError(f"psnr_torch: shapes {tuple(gt.shape)} and {tuple(pred.shape)} differ")
     mse = ((gt - pred) ** 2).flatten(1).mean(dim=1)
@@ -83,7 +86,9 @@ def ssim_torch(
     :func:`ssim` of the volume (up to float32 rounding).
     """
     if gt.shape != pred.shape or gt.ndim != 3:
-        raise ValueError(f"ssim_torch: expected two (B, H, W) batches of one shape; got {tuple(gt.shape)}, {tuple(pred.shape)}")
+        raise ValueError(
+            f"ssim_torch: expected two (B, H, W) batches of one shape; got {tuple(gt.shape)}, {tuple(pred.shape)}"
+        )
     window = uniform_window(win_size, gt.dtype, gt.device)
     data_range = _per_image_peak(gt, maxval)
     return ssim_map(gt.unsqueeze(1), pred.unsqueeze(1), data_range, window).mean(dim=(1, 2, 3))
@@ -130,4 +135,5 @@ class MetricTable:
     def format(self) -> str:
         """One line per metric: ``NAME = mean +/- std`` over ``n`` volumes."""
         n = len(self.rows)
-        return "\n".join(f"{key} = {mean:.4g} +/- {std:.4g} ({n} volumes)" for key, (mean, std) in self.summary().items())
+        lines = (f"{key} = {mean:.4g} +/- {std:.4g} ({n} volumes)" for key, (mean, std) in self.summary().items())
+        return "\n".join(lines)

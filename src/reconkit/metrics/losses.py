@@ -41,7 +41,9 @@ def ssim_map(
     """
     win_size = window.shape[-1]
     if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"ssim: expected two (B, 1, H, W) images of one shape; got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"ssim: expected two (B, 1, H, W) images of one shape; got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if min(x.shape[-2:]) < win_size:
         raise ValueError(f"ssim: images {tuple(x.shape[-2:])} are smaller than the {win_size}x{win_size} window")
     num_px = win_size**2

@@ -40,7 +40,8 @@ def _check_inputs(masked_kspace: torch.Tensor, mask: Optional[torch.Tensor] = No
     if mask is None:
         return
     batch, _, height, width, _ = masked_kspace.shape
-    if mask.ndim != 5 or mask.shape[-2] != width or mask.shape[0] not in (1, batch) or mask.shape[-3] not in (1, height):
+    line_or_2d = mask.ndim == 5 and mask.shape[-2] == width and mask.shape[-3] in (1, height)
+    if not line_or_2d or mask.shape[0] not in (1, batch):
         raise ReconkitError(
             f"mask: expected shape (B, 1, 1, W, 1) or (B, 1, H, W, 1) with W = {width}; got {tuple(mask.shape)}"
         )

@@ -6,7 +6,16 @@ import torch
 
 from reconkit.ops.fft import current_fft_impl
 
-__all__ = ["as_complex", "native_complex_ok", "complex_mul", "complex_conj", "complex_abs", "complex_abs_sq", "rss", "rss_complex"]
+__all__ = [
+    "as_complex",
+    "native_complex_ok",
+    "complex_mul",
+    "complex_conj",
+    "complex_abs",
+    "complex_abs_sq",
+    "rss",
+    "rss_complex",
+]
 
 
 def _check_layout(x: torch.Tensor, name: str) -> None:
