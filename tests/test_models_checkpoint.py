@@ -37,6 +37,15 @@ def test_build_model_registry():
         build_model("varnet", num_cascade=3)
 
 
+def test_classical_baselines_are_registered(tmp_path):
+    kspace, mask = _inputs()
+    zero_filled = build_model("zero_filled")
+    assert zero_filled(kspace, mask).shape == (1, 16, 16)
+    path = save_model(tmp_path / "cg.pt", build_model("cg_sense", num_iters=3), "cg_sense", {"num_iters": 3})
+    model, info = load_model(path)
+    assert info["model_type"] == "cg_sense" and model.num_iters == 3
+
+
 def test_lightning_style_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = build_model("varnet", **KWARGS)

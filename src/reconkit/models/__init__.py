@@ -1,4 +1,5 @@
-"""Reconstruction models: E2E-VarNet and U-Nets (state_dict-compatible with ``fastmri.models``) and the registry.
+"""Reconstruction models: E2E-VarNet and U-Nets (state_dict-compatible with ``fastmri.models``) and the registry
+(which also builds the classical baselines of ``reconkit.models.classical``: ``zero_filled``, ``cg_sense``).
 
 ``build_model(model_type, **model_kwargs)`` is the one registry of model types; ``load_model(path)`` rebuilds a
 model from a checkpoint (see "Checkpoints" in docs/architecture.md).

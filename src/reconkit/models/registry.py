@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from reconkit.errors import ReconkitError
+from reconkit.models.classical import CGSense, ZeroFilled
 from reconkit.models.unet import Unet
 from reconkit.models.varnet import VarNet
 
@@ -25,6 +26,8 @@ __all__ = ["MODEL_TYPES", "ModelConfigError", "CheckpointError", "build_model", 
 MODEL_TYPES: dict[str, Callable[..., nn.Module]] = {
     "varnet": VarNet,
     "unet": Unet,
+    "zero_filled": ZeroFilled,
+    "cg_sense": CGSense,
 }
 
 _STATE_PREFIX = "model."
@@ -47,7 +50,7 @@ class CheckpointError(ReconkitError):
 
 
 def build_model(model_type: str, **model_kwargs: Any) -> nn.Module:
-    """Instantiate a registered model type (``"varnet"``, ``"unet"``) with its hyper-parameters.
+    """Instantiate a registered model type (``"varnet"``, ``"unet"``, ``"zero_filled"``, ``"cg_sense"``).
 
     Example:
         >>> build_model("unet", in_chans=1, out_chans=1, chans=4, num_pool_layers=2).chans
@@ -120,8 +123,6 @@ def _model_state(path: Path, checkpoint: dict) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise CheckpointError(path, "missing 'state_dict'")
     weights = {k[len(_STATE_PREFIX):]: v for k, v in state.items() if k.startswith(_STATE_PREFIX)}
-    if not weights:
-        raise CheckpointError(path, f"'state_dict' has no weights under the prefix {_STATE_PREFIX!r}")
     for name, value in weights.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(path, f"weight {name!r} is a {type(value).__name__}, not a tensor")
@@ -156,6 +157,8 @@ def load_model(path: os.PathLike | str) -> tuple[nn.Module, dict]:
         raise CheckpointError(path, str(exc)) from exc
 
     expected = model.state_dict()
+    if expected and not weights:
+        raise CheckpointError(path, f"'state_dict' has no weights under the prefix {_STATE_PREFIX!r}")
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
