@@ -1,8 +1,8 @@
 """``FastMriDataModule``: fastMRI-layout folders (``train/``, ``val/``, ``test/``) as Lightning dataloaders.
 
 Training masks are random (a fresh draw per slice and epoch, like fastmri's ``use_seed=False``) but
-*reproducible*: each sample's mask seed is derived from ``(seed, epoch, fname, slice_num)``, so a resumed run,
-a run with more dataloader workers and a DDP run see the same masks. Validation / test masks are fixed per
+*reproducible*: each sample's mask seed is derived from ``(seed, epoch, fname, slice_num)``, the epoch travelling
+with the sample index, so a resumed run, a run with more dataloader workers and a DDP run see the same masks. Validation / test masks are fixed per
 volume (seeded by the file name, fastmri's ``use_seed=True``). The training shuffle is seeded by
 ``(seed, epoch)`` through a :class:`~torch.utils.data.DistributedSampler` (one replica without DDP), which is
 what makes ``--ckpt_path last`` resume exactly at an epoch boundary.
@@ -52,7 +52,7 @@ def select_volumes(fnames: Sequence[str], fraction: Optional[float], num_volumes
 class EpochSeededMasks:
     """Wraps a training transform whose ``mask_func`` draws from its own generator: reseeds that generator for
     every sample from ``(seed, epoch, fname, slice_num)`` so masks change with the epoch but not with workers,
-    ranks or restarts. ``epoch`` is set by :class:`EpochSampler` before each epoch's workers start."""
+    ranks or restarts. ``epoch`` is set by :class:`EpochTaggedDataset` from the index it is asked for."""
 
     def __init__(self, transform: Callable, seed: int):
         self.transform = transform
@@ -67,22 +67,46 @@ class EpochSeededMasks:
         return self.transform(kspace, mask, target, attrs, fname, slice_num)
 
 
-class EpochSampler(DistributedSampler):
-    """``DistributedSampler`` (shuffle seeded by ``seed + epoch``) that also tells the training transform the
-    epoch. Lightning calls ``set_epoch`` before every training epoch."""
+class EpochTaggedDataset(Dataset):
+    """Training dataset whose indices carry the epoch: index ``epoch * len + i`` is sample ``i`` of ``epoch``.
 
-    def __init__(self, dataset: Dataset, transforms: Sequence[EpochSeededMasks], **kwargs: Any):
-        super().__init__(dataset, **kwargs)
+    The epoch travels with each index into the dataloader workers (which are forked before or after Lightning
+    calls ``set_epoch``, depending on the loop's state), so the per-epoch masks do not depend on timing.
+    """
+
+    def __init__(self, dataset: Dataset, transforms: Sequence[EpochSeededMasks]):
+        self.dataset = dataset
         self.transforms = list(transforms)
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, tagged_index: int):
+        epoch, index = divmod(int(tagged_index), len(self.dataset))
         for transform in self.transforms:
             transform.epoch = epoch
-            # data-efficiency hook (augmentation schedule, SSDU splits): inner transforms that track the epoch
-            inner_set_epoch = getattr(transform.transform, "set_epoch", None)
-            if inner_set_epoch is not None:
-                inner_set_epoch(epoch)
+        return self.dataset[index]
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffle seeded by ``seed + epoch``; one replica without DDP) that tags each index
+    with the epoch for :class:`EpochTaggedDataset`.
+
+    The epoch is read from ``epoch_source`` when iteration starts (the fit loop's count of processed epochs, the
+    number Lightning itself passes to ``set_epoch``): on resume
+    Lightning creates the first epoch's iterator *before* calling ``set_epoch``, and dataloader workers prefetch
+    indices at once, so relying on ``set_epoch`` alone would replay epoch 0's order and masks.
+    """
+
+    def __init__(self, dataset: Dataset, epoch_source: Optional[Callable[[], int]] = None, **kwargs: Any):
+        super().__init__(dataset, **kwargs)
+        self.epoch_source = epoch_source
+
+    def __iter__(self):
+        if self.epoch_source is not None:
+            self.set_epoch(self.epoch_source())
+        offset = self.epoch * len(self.dataset)
+        return (offset + index for index in super().__iter__())
 
 
 class FastMriDataModule(LightningDataModule):
@@ -161,6 +185,20 @@ class FastMriDataModule(LightningDataModule):
         self.seed = seed
         self.test_split = test_split
         self.transform_overrides = {"train": train_transform, "val": val_transform, "test": test_transform}
+        self._restored_epochs = 0
+
+    # --- resume state --------------------------------------------------------------------------------------
+    def training_epoch(self) -> int:
+        """Index of the training epoch about to run: epochs the fit loop has processed (what Lightning passes
+        to ``set_epoch``), or the count stored in the checkpoint being resumed if the loop is not restored yet."""
+        return max(self.trainer.fit_loop.epoch_progress.current.processed, self._restored_epochs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints; restored before Lightning builds the first dataloader iterator."""
+        return {"epochs_processed": self.trainer.fit_loop.epoch_progress.current.processed} if self.trainer else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_epochs = int(state_dict.get("epochs_processed", 0))
 
     # --- transforms and datasets ---------------------------------------------------------------------------
     def default_transform(self, split: str) -> Callable:
@@ -188,8 +226,8 @@ class FastMriDataModule(LightningDataModule):
             volume_sample_rate=volume_sample_rate,
         )
 
-    def train_dataset(self) -> tuple[Dataset, list[EpochSeededMasks]]:
-        """The training dataset (subset and combined with val as configured) and its epoch-seeded transforms."""
+    def train_dataset(self) -> EpochTaggedDataset:
+        """The training dataset: subset and combined with val as configured, with epoch-seeded masks."""
         splits = ["train", "val"] if self.combine_train_val else ["train"]
         parts, transforms = [], []
         for split in splits:
@@ -202,7 +240,7 @@ class FastMriDataModule(LightningDataModule):
         keep = select_volumes(fnames, self.fraction, self.num_volumes, self.seed)
         if len(keep) < len(set(fnames)):
             dataset = Subset(dataset, [i for i, name in enumerate(fnames) if name in keep])
-        return dataset, transforms
+        return EpochTaggedDataset(dataset, transforms)
 
     @staticmethod
     def _slice_fnames(dataset: SliceDataset) -> list[str]:
@@ -216,10 +254,16 @@ class FastMriDataModule(LightningDataModule):
 
     # --- dataloaders ---------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        dataset, transforms = self.train_dataset()
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler = EpochSampler(dataset, transforms, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
+        dataset = self.train_dataset()
+        trainer = self.trainer
+        sampler = EpochSampler(
+            dataset,
+            epoch_source=None if trainer is None else self.training_epoch,
+            num_replicas=1 if trainer is None else trainer.world_size,
+            rank=0 if trainer is None else trainer.global_rank,
+            shuffle=True,
+            seed=self.seed,
+        )
         return self._loader(dataset, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:

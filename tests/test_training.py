@@ -1,0 +1,227 @@
+"""reconkit.training on tiny simulated data: CLI fit, checkpoint contract, per-volume metrics vs fastmri.evaluate,
+exact resume, U-Net module, data subsets and reproducible training masks, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+from fastmri import evaluate
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from reconkit.cli.train import main
+from reconkit.data.simulate import simulate_dataset
+from reconkit.models import load_model
+from reconkit.training import FastMriDataModule, UnetModule, VarNetModule
+from reconkit.training.datamodule import select_volumes
+
+TINY_VARNET = {"num_cascades": 2, "chans": 4, "pools": 2, "sens_chans": 2, "sens_pools": 1}
+
+
+@pytest.fixture(scope="module")
+def sim_root(tmp_path_factory) -> Path:
+    """6 volumes (3 train / 2 val / 1 test), 3 or 4 coils, 3 slices, 48x32 k-space, 24x20 recon size."""
+    root = tmp_path_factory.mktemp("sim")
+    simulate_dataset(root, num_volumes=6, coils=(3, 4), slices=3, encoded_size=(48, 32), recon_size=(24, 20),
+                     split=(0.5, 0.34, 0.16), seed=0, progress=False)
+    return root
+
+
+def _datamodule(root: Path, **kwargs) -> FastMriDataModule:
+    return FastMriDataModule(root, batch_size=1, num_workers=0, **kwargs)
+
+
+def _trainer(root_dir: Path, max_epochs: int, callbacks=(), **kwargs) -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, default_root_dir=root_dir, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks), **kwargs)
+
+
+def _csv_rows(root_dir: Path) -> list[dict[str, str]]:
+    (metrics,) = sorted(root_dir.glob("csv/version_*/metrics.csv"))
+    with open(metrics) as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------- CLI and checkpoint
+
+
+def test_cli_fit_writes_best_and_last_checkpoints_that_load_without_training_code(sim_root, tmp_path):
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_epochs": 2, "default_root_dir": str(tmp_path / "run"),
+                    "log_every_n_steps": 1},
+        "model": {"class_path": "reconkit.training.VarNetModule", "init_args": {**TINY_VARNET, "lr": 1e-3}},
+        "data": {"data_path": "unused", "mask_type": "equispaced_fraction", "center_fractions": [0.25],
+                 "accelerations": [2], "num_workers": 0},
+    }
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(config_path), "--data.data_path", str(sim_root)]) == 0
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file()
+    assert len(list(checkpoints.glob("best-epoch*-val_ssim*.ckpt"))) == 1
+    rows = [r for r in _csv_rows(tmp_path / "run") if r.get("val_ssim")]
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert all(float(r["val_volumes"]) == 2 for r in rows)  # per-volume: the two validation files
+    assert all(math.isfinite(float(r[k])) for r in rows for k in ("val_ssim", "val_psnr", "val_nmse"))
+    assert list((tmp_path / "run" / "tensorboard").glob("version_0/events.*"))
+
+    checkpoint = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == 1  # last.ckpt follows the latest epoch even when SSIM did not improve
+    assert checkpoint["reconkit"] == {
+        "model_type": "varnet",
+        "model_kwargs": TINY_VARNET,
+        "mask": {"mask_type": "equispaced_fraction", "center_fractions": [0.25], "accelerations": [2]},
+        "normalization": "none",
+    }
+    module = VarNetModule.load_from_checkpoint(checkpoints / "last.ckpt", map_location="cpu").eval()
+    model, _ = load_model(checkpoints / "last.ckpt")
+    kspace, mask = torch.randn(1, 3, 48, 32, 2), torch.zeros(1, 1, 1, 32, 1)
+    mask[..., 12:20, :] = 1
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(kspace * mask, mask), module.model(kspace * mask, mask))
+
+
+def test_cli_reports_missing_split_folder_in_one_line(tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    code = main(["fit", "--data.data_path", str(tmp_path), "--model", "reconkit.training.VarNetModule",
+                 "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--data.num_workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"{tmp_path / 'val'}: missing the 'val' folder" in err
+
+
+def test_cli_help_shows_examples(capsys):
+    assert main(["--help"]) == 0
+    assert "reconkit train fit --config configs/varnet_sim_small.yaml" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------- metrics oracle
+
+
+def test_validation_metrics_are_per_volume_and_equal_fastmri_evaluate(sim_root, tmp_path):
+    seed_everything(0)
+    module = VarNetModule(**TINY_VARNET)
+    datamodule = _datamodule(sim_root, test_split="val")
+    trainer = _trainer(tmp_path, 1)
+    (logged,) = trainer.validate(module, datamodule=datamodule)
+    predictions = trainer.predict(module, datamodule=datamodule)
+
+    outputs: dict[str, dict[int, np.ndarray]] = {}
+    for batch in predictions:
+        for fname, slice_num, image in zip(batch["fname"], batch["slice_num"], batch["output"]):
+            outputs.setdefault(fname, {})[int(slice_num)] = image.numpy()
+    expected = []
+    for fname, slices in outputs.items():
+        with h5py.File(sim_root / "val" / fname) as f:
+            target, maxval = f["reconstruction_rss"][()], float(f.attrs["max"])
+        output = np.stack([slices[i] for i in sorted(slices)])
+        assert output.shape == target.shape  # cropped to the recon size
+        mine = module.last_volume_metrics[fname]
+        assert mine["nmse"] == pytest.approx(evaluate.nmse(target, output), rel=1e-4)
+        assert mine["psnr"] == pytest.approx(evaluate.psnr(target, output, maxval=maxval), rel=1e-4)
+        assert mine["ssim"] == pytest.approx(evaluate.ssim(target, output, maxval=maxval), rel=1e-4, abs=1e-6)
+        expected.append(evaluate.ssim(target, output, maxval=maxval))
+    assert len(outputs) == 2
+    assert logged["val_ssim"] == pytest.approx(np.mean(expected), rel=1e-4, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+class _StopAfterFirstEpoch(Callback):
+    """Simulates a job killed after epoch 0 (its checkpoint written) with the same config as the full run."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def _resumable_run(root_dir: Path, sim_root: Path, interrupt: bool, num_workers: int, ckpt_path=None) -> VarNetModule:
+    seed_everything(0)
+    module = VarNetModule(**TINY_VARNET, lr=3e-3, lr_scheduler="cosine")
+    callbacks = [ModelCheckpoint(dirpath=root_dir, filename="last", save_top_k=1, enable_version_counter=False)]
+    if interrupt:
+        callbacks.append(_StopAfterFirstEpoch())
+    # a random mask family: masks must come out the same after resume and with or without a worker process
+    datamodule = FastMriDataModule(sim_root, mask_type="random", center_fractions=[0.25], accelerations=[3],
+                                   batch_size=1, num_workers=num_workers, seed=5)
+    trainer = _trainer(root_dir, 2, callbacks, deterministic=True, limit_train_batches=4)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return module
+
+
+def test_resume_from_last_checkpoint_is_exact(sim_root, tmp_path):
+    straight = _resumable_run(tmp_path / "straight", sim_root, interrupt=False, num_workers=0)
+    _resumable_run(tmp_path / "resumed", sim_root, interrupt=True, num_workers=1)
+    interrupted = torch.load(tmp_path / "resumed" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert interrupted["epoch"] == 0
+    resumed = _resumable_run(tmp_path / "resumed", sim_root, interrupt=False, num_workers=1, ckpt_path="last")
+    assert resumed.global_step == straight.global_step == 8
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert resumed.last_volume_metrics == pytest.approx(straight.last_volume_metrics)
+    # and training did change the weights (the comparison above is not trivially true)
+    first_conv = "model.sens_net.norm_unet.unet.down_sample_layers.0.layers.0.weight"
+    assert not torch.equal(interrupted["state_dict"][first_conv], resumed.state_dict()[first_conv])
+
+
+# ----------------------------------------------------------------------------------------------- U-Net
+
+
+def test_unet_module_trains_and_writes_its_checkpoint_entry(sim_root, tmp_path):
+    seed_everything(0)
+    module = UnetModule(chans=4, num_pool_layers=2, loss="l1", lr=1e-3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="unet")
+    trainer = _trainer(tmp_path, 1, [checkpoint], limit_train_batches=3)
+    trainer.fit(module, datamodule=_datamodule(sim_root, transform="unet"))
+    assert set(module.last_volume_metrics) == {p.name for p in (sim_root / "val").glob("*.h5")}
+    assert all(0 < v["ssim"] <= 1 and v["psnr"] > 0 for v in module.last_volume_metrics.values())
+    entry = torch.load(tmp_path / "unet.ckpt", map_location="cpu", weights_only=False)["reconkit"]
+    assert entry["model_type"] == "unet" and entry["normalization"] == "instance"
+    model, _ = load_model(tmp_path / "unet.ckpt")
+    image = torch.randn(1, 1, 24, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(image), module.model.eval()(image))
+
+
+# ----------------------------------------------------------------------------------------------- data module
+
+
+def test_volume_subsets_are_reproducible_nested_and_sized():
+    names = [f"file{i:02d}.h5" for i in range(20)]
+    quarter, half = select_volumes(names, 0.25, None, seed=3), select_volumes(names, 0.5, None, seed=3)
+    assert len(quarter) == 5 and len(half) == 10 and quarter < half
+    assert select_volumes(names, 0.25, None, seed=3) == quarter
+    assert select_volumes(names, 0.25, None, seed=4) != quarter
+    assert len(select_volumes(names, None, 7, seed=0)) == 7
+    assert select_volumes(names, None, None, seed=0) == set(names)
+    with pytest.raises(ValueError, match="not both"):
+        select_volumes(names, 0.5, 3, seed=0)
+    with pytest.raises(ValueError, match="fraction"):
+        select_volumes(names, 0.0, None, seed=0)
+
+
+def test_datamodule_num_volumes_keeps_whole_volumes(sim_root):
+    full = _datamodule(sim_root).train_dataset()
+    subset = _datamodule(sim_root, num_volumes=1, seed=1).train_dataset()
+    assert len(full) == 9 and len(subset) == 3  # 3 volumes x 3 slices; one whole volume kept
+    assert len({subset[i].fname for i in range(len(subset))}) == 1
+
+
+def test_training_masks_change_with_epoch_but_repeat_for_the_same_epoch(sim_root):
+    dataset = _datamodule(sim_root, mask_type="random", center_fractions=[0.1], accelerations=[4]).train_dataset()
+    n = len(dataset)
+    first = dataset[0].mask.clone()
+    assert torch.equal(dataset[0].mask, first)  # same epoch, same sample: same mask (any worker, any rank)
+    assert not torch.equal(dataset[n].mask, first)  # index n = sample 0 of epoch 1
+    assert dataset[n].fname == dataset[0].fname and dataset[n].slice_num == dataset[0].slice_num
+    assert torch.equal(dataset[0].mask, first)
