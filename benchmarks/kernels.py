@@ -120,8 +120,7 @@ def with_backward(forward: Step) -> Step:
     return step
 
 
-def gpu_benchmark(args: argparse.Namespace) -> None:
-    device = torch.device("cuda")
+def gpu_benchmark(args: argparse.Namespace, device: torch.device) -> None:
     peak = args.peak_gbps or copy_bandwidth_gbps(device)
     peak_source = "given" if args.peak_gbps else "measured device-to-device copy"
     print(
@@ -254,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         correctness_checks()
         return 0
     if torch.cuda.is_available():
-        gpu_benchmark(args)
+        gpu_benchmark(args, torch.device("cuda"))
         return 0
     print("No CUDA device on this machine: GPU timings NOT measured. Running the correctness checks only, with")
     print("the kernels on CPU under Triton's interpreter (TRITON_INTERPRET=1), maximum absolute errors:")
