@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "bundled", help="simulated data folder")
     parser.add_argument("--out", type=Path, default=ROOT / "checkpoints", help="where the model files go")
     parser.add_argument("--reuse-data", action="store_true", help="use already simulated data in --data")
+    parser.add_argument(
+        "--reuse-checkpoint", action="store_true", help="skip training if --data/work holds a trained checkpoint"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -200,11 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         manifest = simulate(args.data, args.volumes)
     work = args.data / "work"
     work.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    checkpoint = train(args.data, args.minutes, work)
-    minutes = (time.perf_counter() - start) / 60
-    info = torch.load(checkpoint, weights_only=True)
-    steps_info = f"{info.get('global_step', '?')} optimizer steps, {minutes:.1f} min"
+    checkpoint, info_path = work / "varnet_small.ckpt", work / "train_info.json"
+    if not (args.reuse_checkpoint and checkpoint.is_file() and info_path.is_file()):
+        start = time.perf_counter()
+        checkpoint = train(args.data, args.minutes, work)
+        steps = torch.load(checkpoint, weights_only=True).get("global_step", "?")
+        info_path.write_text(json.dumps({"steps": steps, "minutes": (time.perf_counter() - start) / 60}))
+    trained = json.loads(info_path.read_text())
+    steps_info = f"{trained['steps']} optimizer steps, {trained['minutes']:.1f} min"
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copy(checkpoint, args.out / "varnet_small.ckpt")
     onnx_path = export_onnx(
