@@ -88,6 +88,8 @@ def train(method: str, fraction: float, data: Path, steps: int, lr: float, seed:
     model.train()
     while step < steps:
         loader.sampler.set_epoch(epoch)  # what Lightning does: new masks / augmentations / splits per epoch
+        if transform is not None:
+            transform.set_epoch(epoch)  # also done per sample by the data module's hook; explicit here
         for batch in loader:
             if step == steps:
                 break

@@ -174,8 +174,8 @@ def test_datamodule_hook_sets_epoch_and_subsets_are_reproducible(tiny_data):
     loader.sampler.set_epoch(0)
     first = [batch.target.clone() for batch in loader]
     loader.sampler.set_epoch(2)
-    assert transform.epoch == 2 and transform.probability() == pytest.approx(0.5)
     later = [batch.target.clone() for batch in loader]
+    assert transform.epoch == 2 and transform.probability() == pytest.approx(0.5)  # the data module's hook
     loader.sampler.set_epoch(0)
     again = [batch.target.clone() for batch in loader]
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # reproducible per epoch
