@@ -70,7 +70,7 @@ def worker(config: str, args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    hparams = dict(num_cascades=args.cascades, chans=args.chans, sens_chans=args.sens_chans)
+    hparams = {"num_cascades": args.cascades, "chans": args.chans, "sens_chans": args.sens_chans}
     model = _build(config, hparams, device)
     kspace, mask = _inputs(args.coils, args.height, args.width, device)
     model_mask = mask.bool() if config == "fastmri" else mask  # fastmri's VarNetBlock needs a bool mask
@@ -100,7 +100,7 @@ def worker(config: str, args: argparse.Namespace) -> dict:
 
 def _run_config(config: str, argv: list[str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", config]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{config} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -111,13 +111,14 @@ def _table(results: list[dict], device: str) -> str:
     ref_time, ref_peak = statistics.median(ref["times"]), ref["peak_bytes"]
     mem_label = "peak GPU memory (GB)" if device.startswith("cuda") else "peak RSS (GB)"
     ref_cpu = statistics.median(ref["cpu_times"])
-    lines = [f"| model | step median (s) | min–max (s) | speed-up vs fastmri | CPU time median (s) | CPU-time "
-             f"speed-up | {mem_label} | memory vs fastmri |", "|---|---|---|---|---|---|---|---|"]
+    lines = [(f"| model | step median (s) | min–max (s) | speed-up vs fastmri | CPU time median (s) | CPU-time "
+             f"speed-up | {mem_label} | memory vs fastmri |"), "|---|---|---|---|---|---|---|---|"]
     for r in results:
         med = statistics.median(r["times"])
         lines.append(f"| {CONFIGS[r['config']]} | {med:.2f} | {min(r['times']):.2f}–{max(r['times']):.2f} | "
                      f"{ref_time / med:.2f}× | {statistics.median(r['cpu_times']):.2f} | "
-                     f"{ref_cpu / statistics.median(r['cpu_times']):.2f}× | {r['peak_bytes'] / 1e9:.2f} | {r['peak_bytes'] / ref_peak:.2f} |")
+                     f"{ref_cpu / statistics.median(r['cpu_times']):.2f}× | {r['peak_bytes'] / 1e9:.2f} | "
+                     f"{r['peak_bytes'] / ref_peak:.2f} |")
     return "\n".join(lines)
 
 

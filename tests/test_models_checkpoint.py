@@ -8,7 +8,7 @@ import torch
 from reconkit.errors import ReconkitError
 from reconkit.models import CheckpointError, ModelConfigError, VarNet, build_model, load_model, save_model
 
-KWARGS = dict(num_cascades=1, sens_chans=2, sens_pools=1, chans=2, pools=1)
+KWARGS = {"num_cascades": 1, "sens_chans": 2, "sens_pools": 1, "chans": 2, "pools": 1}
 MASK = {"mask_type": "equispaced_fraction", "center_fractions": [0.08], "accelerations": [4]}
 
 
@@ -65,8 +65,9 @@ def test_lightning_style_checkpoint_round_trip(tmp_path):
 
 def test_save_model_round_trip(tmp_path):
     torch.manual_seed(1)
-    model = build_model("unet", in_chans=1, out_chans=1, chans=4, num_pool_layers=2)
-    path = save_model(tmp_path / "unet.pt", model, "unet", dict(in_chans=1, out_chans=1, chans=4, num_pool_layers=2))
+    kwargs = {"in_chans": 1, "out_chans": 1, "chans": 4, "num_pool_layers": 2}
+    model = build_model("unet", **kwargs)
+    path = save_model(tmp_path / "unet.pt", model, "unet", kwargs)
     assert [p.name for p in tmp_path.iterdir()] == ["unet.pt"]  # no temp file left behind
     loaded, info = load_model(path)
     assert info["mask"] is None and info["normalization"] is None
@@ -122,6 +123,7 @@ def _bad_checkpoints(tmp_path):
     yield str(plain_pickle), "refusing to unpickle"
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # from the plain-pickle case
 def test_bad_checkpoints_raise_checkpoint_error_naming_file_and_problem(tmp_path):
     cases = list(_bad_checkpoints(tmp_path))
     assert len(cases) == 16

@@ -10,7 +10,7 @@ from fastmri.models.varnet import SensitivityModel as FastmriSensitivityModel
 from reconkit.models import VarNet, low_frequency_window
 from reconkit.ops import fft_impl
 
-SMALL = dict(num_cascades=2, sens_chans=3, sens_pools=2, chans=4, pools=2)
+SMALL = {"num_cascades": 2, "sens_chans": 3, "sens_pools": 2, "chans": 4, "pools": 2}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -131,7 +131,8 @@ def test_init_scale_scales_final_convolution_only():
     torch.manual_seed(5)
     scaled = VarNet(**SMALL, init_scale=0.1)
     base_state, scaled_state = base.state_dict(), scaled.state_dict()
-    final = {f"cascades.{i}.model.unet.up_conv.{SMALL['pools'] - 1}.1.{w}" for i in range(2) for w in ("weight", "bias")}
+    last_level = SMALL["pools"] - 1
+    final = {f"cascades.{i}.model.unet.up_conv.{last_level}.1.{w}" for i in range(2) for w in ("weight", "bias")}
     for name, value in base_state.items():
         expected = value * 0.1 if name in final else value
         assert torch.allclose(scaled_state[name], expected), name

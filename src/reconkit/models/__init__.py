@@ -17,17 +17,17 @@ from reconkit.models.unet import NormUnet, Unet, instance_norm_leaky_relu
 from reconkit.models.varnet import SensitivityModel, VarNet, VarNetBlock, low_frequency_window
 
 __all__ = [
-    "VarNet",
-    "VarNetBlock",
-    "SensitivityModel",
-    "NormUnet",
-    "Unet",
-    "instance_norm_leaky_relu",
-    "low_frequency_window",
     "MODEL_TYPES",
-    "build_model",
-    "load_model",
-    "save_model",
     "CheckpointError",
     "ModelConfigError",
+    "NormUnet",
+    "SensitivityModel",
+    "Unet",
+    "VarNet",
+    "VarNetBlock",
+    "build_model",
+    "instance_norm_leaky_relu",
+    "load_model",
+    "low_frequency_window",
+    "save_model",
 ]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from reconkit.models.classical import CGSense, ZeroFilled
 from reconkit.models.unet import Unet
 from reconkit.models.varnet import VarNet
 
-__all__ = ["MODEL_TYPES", "ModelConfigError", "CheckpointError", "build_model", "load_model", "save_model"]
+__all__ = ["MODEL_TYPES", "CheckpointError", "ModelConfigError", "build_model", "load_model", "save_model"]
 
 MODEL_TYPES: dict[str, Callable[..., nn.Module]] = {
     "varnet": VarNet,
@@ -69,8 +70,8 @@ def save_model(
     model: nn.Module,
     model_type: str,
     model_kwargs: dict,
-    mask: Optional[dict] = None,
-    normalization: Optional[str] = None,
+    mask: dict | None = None,
+    normalization: str | None = None,
 ) -> Path:
     """Write a minimal checkpoint following the contract (atomically: temp file, then ``os.replace``).
 

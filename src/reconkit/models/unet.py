@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Unet", "NormUnet", "ConvBlock", "TransposeConvBlock", "instance_norm_leaky_relu"]
+__all__ = ["ConvBlock", "NormUnet", "TransposeConvBlock", "Unet", "instance_norm_leaky_relu"]
 
 
 class InstanceNormLeakyReLU(torch.autograd.Function):
@@ -167,7 +167,9 @@ class Unet(nn.Module):
         torch.Size([2, 1, 13, 10])
     """
 
-    def __init__(self, in_chans: int, out_chans: int, chans: int = 32, num_pool_layers: int = 4, drop_prob: float = 0.0):
+    def __init__(
+        self, in_chans: int, out_chans: int, chans: int = 32, num_pool_layers: int = 4, drop_prob: float = 0.0
+    ):
         super().__init__()
         self.in_chans = in_chans
         self.out_chans = out_chans

@@ -9,8 +9,6 @@ goes through :mod:`reconkit.ops` (so ``with reconkit.ops.fft_impl("matmul")`` sw
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -18,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from reconkit.models.unet import NormUnet
 from reconkit.ops import data_consistency, ifft2c, rss_complex, sens_expand, sens_reduce
 
-__all__ = ["VarNet", "VarNetBlock", "SensitivityModel", "low_frequency_window"]
+__all__ = ["SensitivityModel", "VarNet", "VarNetBlock", "low_frequency_window"]
 
 
 def _leading_ones(mask_lines: torch.Tensor) -> torch.Tensor:
@@ -32,7 +30,7 @@ def _leading_ones(mask_lines: torch.Tensor) -> torch.Tensor:
 
 
 def low_frequency_window(
-    mask: torch.Tensor, num_low_frequencies: Optional[int] = None
+    mask: torch.Tensor, num_low_frequencies: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Start column and width of the fully sampled centre (ACS) of a line mask, per batch item.
 
@@ -83,7 +81,7 @@ class SensitivityModel(nn.Module):
         self.norm_unet = NormUnet(chans, num_pools, in_chans=in_chans, out_chans=out_chans, drop_prob=drop_prob)
 
     def forward(
-        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: Optional[int] = None
+        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None = None
     ) -> torch.Tensor:
         """``(B, C, H, W, 2)`` k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, C, H, W, 2)`` maps with unit RSS."""
         if self.mask_center:
@@ -175,7 +173,7 @@ class VarNet(nn.Module):
                     final_conv.bias.mul_(init_scale)
 
     def forward(
-        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: Optional[int] = None
+        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None = None
     ) -> torch.Tensor:
         """``(B, C, H, W, 2)`` undersampled k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, H, W)`` image."""
         if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
