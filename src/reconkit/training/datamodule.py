@@ -2,8 +2,8 @@
 
 Training masks are random (a fresh draw per slice and epoch, like fastmri's ``use_seed=False``) but
 *reproducible*: each sample's mask seed is derived from ``(seed, epoch, fname, slice_num)``, the epoch travelling
-with the sample index, so a resumed run, a run with more dataloader workers and a DDP run see the same masks. Validation / test masks are fixed per
-volume (seeded by the file name, fastmri's ``use_seed=True``). The training shuffle is seeded by
+with the sample index, so a resumed run, a run with more dataloader workers and a DDP run see the same masks.
+Validation / test masks are fixed per volume (seeded by the file name, fastmri's ``use_seed=True``). The training shuffle is seeded by
 ``(seed, epoch)`` through a :class:`~torch.utils.data.DistributedSampler` (one replica without DDP), which is
 what makes ``--ckpt_path last`` resume exactly at an epoch boundary.
 
@@ -60,6 +60,10 @@ class EpochSeededMasks:
         self.epoch = 0
 
     def __call__(self, kspace, mask, target, attrs, fname, slice_num):
+        # data-efficiency hook: transforms that follow the epoch (augmentation schedule, SSDU splits) get it here
+        set_epoch = getattr(self.transform, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(self.epoch)
         mask_func = getattr(self.transform, "mask_func", None)
         if mask_func is not None:
             key = f"{self.seed}:{self.epoch}:{fname}:{slice_num}".encode()
@@ -92,10 +96,10 @@ class EpochSampler(DistributedSampler):
     """``DistributedSampler`` (shuffle seeded by ``seed + epoch``; one replica without DDP) that tags each index
     with the epoch for :class:`EpochTaggedDataset`.
 
-    The epoch is read from ``epoch_source`` when iteration starts (the fit loop's count of processed epochs, the
-    number Lightning itself passes to ``set_epoch``): on resume
-    Lightning creates the first epoch's iterator *before* calling ``set_epoch``, and dataloader workers prefetch
-    indices at once, so relying on ``set_epoch`` alone would replay epoch 0's order and masks.
+    The epoch is read from ``epoch_source`` when iteration starts: on resume Lightning may create the first
+    epoch's iterator before it restores its loops and calls ``set_epoch`` (e.g. when the cosine schedule asks for
+    the number of steps), and dataloader workers prefetch indices at once, so ``set_epoch`` alone would replay
+    epoch 0's order and masks (see :meth:`FastMriDataModule.training_epoch`).
     """
 
     def __init__(self, dataset: Dataset, epoch_source: Optional[Callable[[], int]] = None, **kwargs: Any):

@@ -71,6 +71,7 @@ class VarNetModule(KspaceModule):
         sens_chans: int = 8,
         sens_pools: int = 4,
         checkpoint_cascades: bool = False,
+        init_scale: float = 1.0,
         **kwargs: Any,
     ):
         """
@@ -82,12 +83,16 @@ class VarNetModule(KspaceModule):
             sens_pools: levels of the sensitivity-map U-Net.
             checkpoint_cascades: recompute cascade activations in the backward pass (activation checkpointing;
                 less memory, ~30% more compute).
+            init_scale: scale of each cascade's last convolution at initialisation (0.1 starts training close
+                to plain data consistency, which helps short CPU runs; 1.0 is fastMRI's initialisation).
             **kwargs: :class:`ReconModule` arguments (loss, lr, lr_scheduler, ...).
         """
         model_kwargs = dict(num_cascades=num_cascades, chans=chans, pools=pools, sens_chans=sens_chans,
                             sens_pools=sens_pools)
         if checkpoint_cascades:
             model_kwargs["checkpoint_cascades"] = True
+        if init_scale != 1.0:  # only matters when the weights are initialised, kept for the record
+            model_kwargs["init_scale"] = init_scale
         super().__init__(model_type="varnet", model_kwargs=model_kwargs, **kwargs)
 
 
