@@ -70,11 +70,17 @@ class InstanceNormLeakyReLU(torch.autograd.Function):
         return grad_in.mul_(invstd.to(grad_in.dtype)), None, None
 
 
+def tracing() -> bool:
+    """Whether the model is being traced or compiled (ONNX export, ``torch.compile``) rather than run eagerly."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def instance_norm_leaky_relu(x: torch.Tensor, eps: float = 1e-5, negative_slope: float = 0.2) -> torch.Tensor:
     """Instance norm (no affine, biased variance) followed by LeakyReLU on ``(N, C, H, W)``.
 
     Equal to ``nn.LeakyReLU(negative_slope)(nn.InstanceNorm2d(C, eps=eps)(x))``. Eager mode uses
-    :class:`InstanceNormLeakyReLU` (half the saved activations, any memory format); tracing uses the plain ops.
+    :class:`InstanceNormLeakyReLU` (half the saved activations, any memory format); tracing / compiling uses the
+    plain ops.
 
     Example:
         >>> x = torch.randn(2, 3, 5, 4)
@@ -82,7 +88,7 @@ def instance_norm_leaky_relu(x: torch.Tensor, eps: float = 1e-5, negative_slope:
         >>> bool(torch.allclose(instance_norm_leaky_relu(x), ref, atol=1e-6))
         True
     """
-    if torch.jit.is_tracing():  # export: ONNX InstanceNormalization + LeakyRelu
+    if tracing():  # export / compile: plain ops (ONNX InstanceNormalization + LeakyRelu)
         return F.leaky_relu_(F.instance_norm(x, eps=eps), negative_slope)
     return InstanceNormLeakyReLU.apply(x, eps, negative_slope)
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from reconkit.models.unet import NormUnet
+from reconkit.models.unet import NormUnet, tracing
 from reconkit.ops import data_consistency, ifft2c, rss_complex, sens_expand, sens_reduce
 
 __all__ = ["SensitivityModel", "VarNet", "VarNetBlock", "low_frequency_window"]
@@ -93,7 +93,7 @@ class SensitivityModel(nn.Module):
         images = ifft2c(masked_kspace)
         b, c, h, w, _ = images.shape
         coil_images = images.reshape(b * c, 1, h, w, 2)
-        if torch.jit.is_tracing():  # export: one batched U-Net call (the coil count stays a graph dimension)
+        if tracing():  # export / compile: one batched U-Net call (the coil count stays a graph dimension)
             sens_maps = self.norm_unet(coil_images)
         else:  # eager: coil by coil (identical result; smaller tensors and batch-of-one norm kernels, faster)
             sens_maps = torch.cat([self.norm_unet(image) for image in coil_images.split(1)])
