@@ -207,9 +207,12 @@ def test_bad_inputs_one_line_each_others_written(tmp_path, capsys):
     with h5py.File(scans / "schema.h5", "w") as f:
         f.create_dataset("image", data=np.zeros((2, 8, 8), np.float32))
     out = tmp_path / "out"
+    (tmp_path / "other").mkdir()
+    write_fastmri_file(tmp_path / "other" / "good.h5", rng)  # same name as scans/good.h5
     code, stdout, err = _run(
         capsys,
         str(scans),
+        str(tmp_path / "other" / "good.h5"),
         str(tmp_path / "missing.h5"),
         "--model",
         "zero-filled",
@@ -223,7 +226,8 @@ def test_bad_inputs_one_line_each_others_written(tmp_path, capsys):
     )
     assert code == 1
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 5, err
+    assert len(error_lines) == 6, err
+    assert sum("other/good.h5" in line and "same file name" in line for line in error_lines) == 1
     for name, problem in (
         ("truncated.h5", "truncated"),
         ("empty.h5", "empty"),
@@ -232,7 +236,7 @@ def test_bad_inputs_one_line_each_others_written(tmp_path, capsys):
         ("missing.h5", "not found"),
     ):
         assert sum(name in line and problem in line for line in error_lines) == 1, (name, error_lines)
-    assert "good.h5" in stdout and "1 of 6 file(s) written" in stdout
+    assert "good.h5" in stdout and "1 of 7 file(s) written" in stdout
     # the good file is complete in every format; nothing else (no temporary or partial files) was written
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert written == [

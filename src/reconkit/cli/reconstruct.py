@@ -354,8 +354,13 @@ class FileReport:
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[FileReport]]:
-    """Files named directly plus the ``*.h5`` / ``*.hdf5`` files of named directories; bad names become reports."""
-    files, failures = [], []
+    """Files named directly plus the ``*.h5`` / ``*.hdf5`` files of named directories; bad names become reports.
+
+    Outputs are named after the input file, so a second input with the same name (from another directory) is
+    reported instead of overwriting the first one's outputs.
+    """
+    files: dict[str, Path] = {}
+    failures = []
     for item in inputs:
         path = Path(item)
         try:
@@ -365,8 +370,13 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[FileReport]]:
             continue
         if path.is_dir() and not found:
             failures.append(FileReport(path, status=f"{path}: directory holds no .h5 / .hdf5 files"))
-        files.extend(found)
-    return files, failures
+        for file in found:
+            if file.name in files and files[file.name].resolve() != file.resolve():
+                clash = f"{file}: same file name as {files[file.name]}; its outputs would overwrite that one's"
+                failures.append(FileReport(file, status=clash))
+            else:
+                files.setdefault(file.name, file)
+    return list(files.values()), failures
 
 
 def build_parser() -> argparse.ArgumentParser:
