@@ -45,10 +45,15 @@ def _pair(seed: int = 0, **overrides):
 
 
 @pytest.mark.parametrize(
-    "batch, coils, height, width, centres",
-    [(1, 4, 32, 24, [6]), (2, 3, 33, 27, [4, 8]), (1, 2, 20, 17, [5]), (1, 5, 48, 40, [10])],
+    "batch, coils, height, width, centres, num_low_frequencies",
+    [
+        (1, 4, 32, 24, [6], None),
+        (2, 3, 33, 27, [4, 8], None),
+        (2, 3, 33, 27, [4, 8], 4),
+        (1, 2, 20, 17, [5], 4),
+        (1, 5, 48, 40, [10], None),
+    ],
 )
-@pytest.mark.parametrize("num_low_frequencies", [None, 4])
 def test_varnet_matches_fastmri_with_its_weights(batch, coils, height, width, centres, num_low_frequencies):
     ref, ours = _pair(seed=batch + coils)
     mask = _line_mask(batch, width, centres, every=4, seed=coils)
