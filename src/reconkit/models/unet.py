@@ -10,7 +10,6 @@ Where the forward pass differs from fastmri's (same arithmetic, fewer memory pas
   (LeakyReLU is invertible), so one activation per convolution is stored instead of two;
 * the concatenation of upsampled and skip features before each decoder convolution is replaced by two
   convolutions on the halves of the weight, summed (no concatenated copy kept for backward);
-* activations are channels-last (NHWC), the faster layout for oneDNN convolutions on CPU;
 * padding for odd sizes is decided from static shapes (Python ints), so tracing/export sees no data-dependent
   control flow.
 """
@@ -204,7 +203,7 @@ class Unet(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """``(N, in_chans, H, W)`` → ``(N, out_chans, H, W)``."""
         stack = []
-        output = image.contiguous(memory_format=torch.channels_last)  # oneDNN convolutions are faster in NHWC
+        output = image
         for layer in self.down_sample_layers:
             output = layer(output)
             stack.append(output)
