@@ -34,7 +34,7 @@ from reconkit.data.transforms import center_crop
 from reconkit.metrics import SSIMLoss
 from reconkit.metrics.image import volume_metrics
 from reconkit.models import VarNet
-from reconkit.models.classical import CGSense
+from reconkit.models.classical import CGSense, ZeroFilled
 from reconkit.training import FastMriDataModule
 from reconkit.training.self_supervised import ssdu_loss
 
@@ -176,6 +176,9 @@ def markdown(rows: list[dict], extra: dict, args: argparse.Namespace) -> str:
             cells.append(f"{r['ssim']:.4f} / {r['psnr']:.2f}" if r else "–")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines.append(f"| cg_sense (no training) | " + " | ".join(f"{cg['ssim']:.4f} / {cg['psnr']:.2f}" for _ in fractions) + " |")
+    zf = extra["zero_filled"]
+    lines.append(f"| zero-filled (context, not in the JSON) | " + " | ".join(f"{zf['ssim']:.4f} / {zf['psnr']:.2f}"
+                                                                          for _ in fractions) + " |")
     lines += ["", "Training time per run (s, same step budget): " + ", ".join(
         f"{m} {f:.0%}: {extra['seconds'][(m, f)]:.0f}" for m in METHODS for f in fractions if (m, f) in extra["seconds"]),
         "", "![SSIM vs training fraction](images/data_efficiency.png)", "", "Targets:"]
@@ -246,6 +249,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows, seconds, slices = [], {}, {}
     cg_scores = {l2: evaluate(CGSense(num_iters=10, l2_reg=l2), batches) for l2 in CG_L2}
     best_l2 = max(cg_scores, key=lambda l2: cg_scores[l2]["ssim"])
+    zero_filled = evaluate(ZeroFilled(), batches)
     print(f"cg_sense: {cg_scores}")
     for fraction in args.fractions:
         for method in args.methods:
@@ -261,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     extra = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()), "platform": f"{platform.machine()} CPU, torch {torch.__version__}",
-        "cg_l2": best_l2, "seconds": seconds, "slices": slices,
+        "cg_l2": best_l2, "zero_filled": zero_filled, "seconds": seconds, "slices": slices,
         "caveat": (f"One seed and a small step budget ({args.steps} steps) on a small simulated set: differences of "
                    "a few 0.001 SSIM are within run-to-run noise; the budget is what 2 shared CPU cores allowed, so "
                    "the models are not trained to convergence (the full-data model sees each slice only a few times)."),
