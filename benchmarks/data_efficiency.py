@@ -136,7 +136,8 @@ def evaluate(model: torch.nn.Module, batches: list) -> dict[str, float]:
 def gap_recovered(rows: list[dict], fraction: float) -> Optional[float]:
     """Share of the SSIM gap (supervised at ``fraction`` → supervised at 100 %) that augmentation closes."""
     score = {(r["method"], r["fraction"]): r["ssim"] for r in rows}
-    low, full, aug = score.get(("supervised", fraction)), score.get(("supervised", 1.0)), score.get(("augmented", fraction))
+    low, full = score.get(("supervised", fraction)), score.get(("supervised", 1.0))
+    aug = score.get(("augmented", fraction))
     if None in (low, full, aug) or full <= low:
         return None
     return (aug - low) / (full - low)
@@ -175,12 +176,14 @@ def markdown(rows: list[dict], extra: dict, args: argparse.Namespace) -> str:
             r = score.get((method, f))
             cells.append(f"{r['ssim']:.4f} / {r['psnr']:.2f}" if r else "–")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines.append(f"| cg_sense (no training) | " + " | ".join(f"{cg['ssim']:.4f} / {cg['psnr']:.2f}" for _ in fractions) + " |")
+    lines.append("| cg_sense (no training) | " + " | ".join(f"{cg['ssim']:.4f} / {cg['psnr']:.2f}"
+                                                          for _ in fractions) + " |")
     zf = extra["zero_filled"]
-    lines.append(f"| zero-filled (context, not in the JSON) | " + " | ".join(f"{zf['ssim']:.4f} / {zf['psnr']:.2f}"
+    lines.append("| zero-filled (context, not in the JSON) | " + " | ".join(f"{zf['ssim']:.4f} / {zf['psnr']:.2f}"
                                                                           for _ in fractions) + " |")
     lines += ["", "Training time per run (s, same step budget): " + ", ".join(
-        f"{m} {f:.0%}: {extra['seconds'][(m, f)]:.0f}" for m in METHODS for f in fractions if (m, f) in extra["seconds"]),
+        f"{m} {f:.0%}: {extra['seconds'][(m, f)]:.0f}"
+        for m in METHODS for f in fractions if (m, f) in extra["seconds"]),
         "", "![SSIM vs training fraction](images/data_efficiency.png)", "", "Targets:"]
     for f in (x for x in fractions if x <= 0.2):
         share = gap_recovered(rows, f)
@@ -264,7 +267,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import platform
 
     extra = {
-        "date": time.strftime("%Y-%m-%d", time.gmtime()), "platform": f"{platform.machine()} CPU, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "platform": f"{platform.machine()} CPU, torch {torch.__version__}",
         "cg_l2": best_l2, "zero_filled": zero_filled, "seconds": seconds, "slices": slices,
         "caveat": (f"One seed and a small step budget ({args.steps} steps) on a small simulated set: differences of "
                    "a few 0.001 SSIM are within run-to-run noise; the budget is what 2 shared CPU cores allowed, so "

@@ -19,6 +19,7 @@ from reconkit.data.augment import (
 )
 from reconkit.data.simulate import simulate_dataset
 from reconkit.data.transforms import center_crop, to_tensor
+from reconkit.errors import DataError
 from reconkit.ops import fft2c, ifft2c, rss_complex
 from reconkit.training import FastMriDataModule
 
@@ -30,7 +31,8 @@ def fake_slice(coils: int = 3, height: int = 24, width: int = 17, crop: tuple[in
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[:height, :width]
     obj = np.exp(-(((y - height / 2) / (height / 4)) ** 2 + ((x - width / 2) / (width / 3)) ** 2))
-    coil_images = obj * np.exp(1j * rng.uniform(0, 2 * np.pi, (coils, 1, 1))) * (1 + 0.3 * rng.standard_normal((coils, height, width)))
+    phases = np.exp(1j * rng.uniform(0, 2 * np.pi, (coils, 1, 1)))
+    coil_images = obj * phases * (1 + 0.3 * rng.standard_normal((coils, height, width)))
     kspace = fft2c(to_tensor(coil_images.astype(np.complex64)))
     kspace = torch.view_as_complex(kspace.contiguous()).numpy()
     target = center_crop(rss_complex(ifft2c(to_tensor(kspace)), dim=0), crop).numpy()
@@ -153,8 +155,8 @@ def test_bad_configuration_is_rejected():
         AugmentConfig(weights={"elastic": 1.0})
     with pytest.raises(ValueError, match="images must be"):
         augment_coil_images(torch.zeros(4, 4, 2), AugmentParams())
-    kspace, mask, target, attrs, fname, slice_num = fake_slice()
-    with pytest.raises(ValueError, match="vol_a.h5: augmentation needs multi-coil"):
+    kspace, _, target, _, fname, slice_num = fake_slice()
+    with pytest.raises(DataError, match="vol_a.h5: augmentation needs multi-coil"):
         AugmentedVarNetTransform(config=ALWAYS).augment(kspace[0], target, fname, slice_num, 1.0)
 
 

@@ -33,8 +33,7 @@ def line_mask(width: int, acs: int, every: int) -> tuple[np.ndarray, np.ndarray]
 @pytest.mark.parametrize("selection", ["uniform", "gaussian"])
 @pytest.mark.parametrize("shape,rho", [((32, 24), 0.4), ((33, 27), 0.25), ((20, 15), 0.3)])
 def test_split_is_a_disjoint_cover_with_acs_in_theta_and_the_asked_ratio(selection, shape, rho):
-    height, width = shape
-    lines, acs = line_mask(width, acs=4, every=3)
+    lines, acs = line_mask(shape[1], acs=4, every=3)
     acquired = np.broadcast_to(lines, shape)
     theta, lam = ssdu_split(acquired, acs, rho, selection, np.random.default_rng(0))
     assert theta.shape == lam.shape == shape

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from reconkit.data.masks import MaskFunc, create_mask_for_mask_type
 from reconkit.data.transforms import VarNetDataTransform, VarNetSample, center_crop, to_tensor
+from reconkit.errors import DataError
 from reconkit.ops import fft2c, ifft2c, rss_complex
 
 __all__ = [
@@ -292,7 +293,7 @@ class AugmentedVarNetTransform:
                 ) -> tuple[np.ndarray, np.ndarray]:
         """Fully sampled ``(C, H, W)`` complex k-space → augmented k-space and its ``(h, w)`` RSS target."""
         if kspace.ndim != 3:
-            raise ValueError(f"{fname}: augmentation needs multi-coil k-space (C, H, W), got {kspace.shape}")
+            raise DataError(fname, f"augmentation needs multi-coil k-space (C, H, W), got shape {kspace.shape}")
         images = ifft2c(to_tensor(kspace))
         params = sample_augmentation(self.config, p, self.rng(fname, slice_num), (images.shape[-3], images.shape[-2]))
         images = augment_coil_images(images, params, self.config.interpolation, self.config.padding)

@@ -56,7 +56,7 @@ def ssdu_loss(model: VarNet, batch: SsduSample) -> torch.Tensor:
     batch of ``B · K``.
     """
     kspace = batch.masked_kspace
-    b, k = batch.theta_mask.shape[:2]
+    k = batch.theta_mask.shape[1]
     theta = batch.theta_mask.flatten(0, 1).to(kspace)  # (B·K, 1, H, W, 1)
     lam = batch.lambda_mask.flatten(0, 1).to(kspace)
     repeated = kspace.repeat_interleave(k, dim=0)  # (B·K, C, H, W, 2), split-major within each slice
