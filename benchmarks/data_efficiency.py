@@ -270,9 +270,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "platform": f"{platform.machine()} CPU, torch {torch.__version__}",
         "cg_l2": best_l2, "zero_filled": zero_filled, "seconds": seconds, "slices": slices,
-        "caveat": (f"One seed and a small step budget ({args.steps} steps) on a small simulated set: differences of "
-                   "a few 0.001 SSIM are within run-to-run noise; the budget is what 2 shared CPU cores allowed, so "
-                   "the models are not trained to convergence (the full-data model sees each slice only a few times)."),
+        "caveat": (f"Caveat: one seed per run and a small step budget ({args.steps} steps) on a small simulated set, "
+                   "what 2 shared CPU cores allowed; the models are far from converged (the full-data model sees "
+                   "each slice a few times) and single runs differ by several 0.01 SSIM for reasons other than the "
+                   "method (compare neighbouring rows, e.g. supervised at 20 % vs 100 %, before reading a "
+                   "difference as real)."),
     }  # fmt: skip
     section = markdown(rows, extra, args)
     print(section)
