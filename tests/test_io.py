@@ -174,7 +174,7 @@ def test_ismrmrd_raw_without_imaging_data_is_a_data_error(tmp_path):
     import ismrmrd
 
     from reconkit.errors import DataError
-    from reconkit.io import is_ismrmrd_raw, read_ismrmrd_raw
+    from reconkit.data.ismrmrd_raw import is_ismrmrd_raw, read_ismrmrd_raw
 
     raw = ismrmrd.Dataset(str(tmp_path / "noise_only.h5"), "dataset", create_if_needed=True)
     raw.write_xml_header(HEADER)

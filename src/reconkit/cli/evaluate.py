@@ -20,7 +20,7 @@ import numpy as np
 
 from reconkit.data import center_crop, open_volume, target_key
 from reconkit.errors import DataError, ReconkitError
-from reconkit.io.atomic import atomic_path
+from reconkit.atomic import atomic_path
 from reconkit.metrics import volume_metrics
 
 __all__ = ["VolumeScore", "score_volume", "evaluate_directories", "main"]

@@ -19,12 +19,11 @@ import numpy as np
 import torch
 
 from reconkit.data import Volume, apply_mask, center_crop, create_mask_for_mask_type, filename_seed, read_volume
+from reconkit.data.ismrmrd_raw import is_ismrmrd_raw, read_ismrmrd_raw
 from reconkit.data.slice_dataset import list_volume_files
 from reconkit.errors import DataError, ReconkitError
 from reconkit.io import (
     geometry_from_header,
-    is_ismrmrd_raw,
-    read_ismrmrd_raw,
     write_dicom_series,
     write_fastmri_h5,
     write_nifti,

@@ -12,13 +12,13 @@ import logging
 import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from reconkit.atomic import atomic_path
 from reconkit.data.volume import open_volume, read_volume_info, target_key
 from reconkit.errors import DataError
 
@@ -190,10 +190,8 @@ class SliceDataset(torch.utils.data.Dataset):
         """Write the cache atomically (temp file then ``os.replace``); failure only logs a warning."""
         path = self.dataset_cache_file
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=path.name, delete=False) as tmp:
-                pickle.dump({"version": _CACHE_VERSION, "entries": entries}, tmp)
-            os.replace(tmp.name, path)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                pickle.dump({"version": _CACHE_VERSION, "entries": entries}, f)
             logger.info("saved dataset cache to %s", path)
         except OSError as err:
             logger.warning("could not write dataset cache %s (%s)", path, err)

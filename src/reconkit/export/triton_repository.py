@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
+from reconkit.atomic import atomic_path
 from reconkit.errors import ReconkitError
 
 __all__ = ["triton_config", "write_triton_repository"]
@@ -65,14 +65,8 @@ def triton_config(model, onnx_path: Path, model_name: str, max_batch_size: int) 
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def write_triton_repository(onnx_path: os.PathLike | str, repository: os.PathLike | str, model_name: str,

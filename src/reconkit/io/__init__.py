@@ -1,24 +1,19 @@
-"""Output writers, all atomic (temporary file in the destination directory, then ``os.replace``).
+"""Output writers, all atomic (:func:`reconkit.atomic.atomic_path`: temporary file in the destination directory,
+then ``os.replace``).
 
 * :func:`write_fastmri_h5` – fastMRI submission layout (``reconstruction`` float32 ``(slices, h, w)``)
 * :func:`write_nifti` – NIfTI-1 with an affine from pixel spacing and slice thickness
 * :func:`write_dicom_series` – DICOM MR Image Storage, one file per slice
 * :func:`write_png_panel` / :func:`write_png_panels` – zero-filled | reconstruction | reference | error panels
-
-and one reader, :func:`read_ismrmrd_raw` (Cartesian ISMRMRD raw data as a fastMRI-layout volume).
 """
 
-from reconkit.io.atomic import atomic_directory, atomic_path
 from reconkit.io.dicom import write_dicom_series
 from reconkit.io.geometry import ImageGeometry, geometry_from_header
 from reconkit.io.hdf5 import write_fastmri_h5
-from reconkit.io.ismrmrd_raw import is_ismrmrd_raw, read_ismrmrd_raw
 from reconkit.io.nifti import nifti_affine, write_nifti
 from reconkit.io.png import write_png_panel, write_png_panels
 
 __all__ = [
-    "atomic_path",
-    "atomic_directory",
     "ImageGeometry",
     "geometry_from_header",
     "write_fastmri_h5",
@@ -27,6 +22,4 @@ __all__ = [
     "write_dicom_series",
     "write_png_panel",
     "write_png_panels",
-    "is_ismrmrd_raw",
-    "read_ismrmrd_raw",
 ]

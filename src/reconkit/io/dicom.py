@@ -16,7 +16,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from reconkit.io.atomic import atomic_directory
+from reconkit.atomic import atomic_directory
 from reconkit.io.geometry import ImageGeometry
 
 __all__ = ["write_dicom_series"]

@@ -13,7 +13,7 @@ from typing import Mapping, Optional
 import h5py
 import numpy as np
 
-from reconkit.io.atomic import atomic_path
+from reconkit.atomic import atomic_path
 
 __all__ = ["write_fastmri_h5"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from reconkit.io.atomic import atomic_path
+from reconkit.atomic import atomic_path
 from reconkit.io.geometry import ImageGeometry
 
 __all__ = ["write_nifti", "nifti_affine"]

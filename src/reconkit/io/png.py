@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from reconkit.io.atomic import atomic_directory, atomic_path
+from reconkit.atomic import atomic_directory, atomic_path
 
 __all__ = ["write_png_panel", "write_png_panels"]
 

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from reconkit.data.simulate.volume import simulate_volume, write_volume
-from reconkit.io.atomic import atomic_path
+from reconkit.atomic import atomic_path
 
 __all__ = ["simulate_dataset", "split_assignment", "volume_seed"]
 

@@ -15,7 +15,7 @@ from reconkit.data.simulate import acquisition, anatomy
 from reconkit.data.simulate import coils as coil_model
 from reconkit.data.simulate import contrast as contrast_model
 from reconkit.data.simulate.header import HeaderFields, ismrmrd_header
-from reconkit.io.atomic import atomic_path
+from reconkit.atomic import atomic_path
 
 __all__ = ["SimulatedVolume", "simulate_volume", "write_volume"]
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from reconkit.data import HeaderInfo, Volume, VolumeInfo, parse_ismrmrd_header
+from reconkit.data.ismrmrd_header import HeaderInfo, parse_ismrmrd_header
+from reconkit.data.volume import Volume, VolumeInfo
 from reconkit.errors import DataError
 
 __all__ = ["is_ismrmrd_raw", "read_ismrmrd_raw"]
