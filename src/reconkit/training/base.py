@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from reconkit.errors import ReconkitError
 from reconkit.metrics import SSIMLoss
 from reconkit.training.volume_metrics import (
     SliceStats,
@@ -105,7 +106,7 @@ class ReconModule(LightningModule):
     def compute_loss(self, images: Images) -> torch.Tensor:
         """Scalar loss between ``images.output`` and ``images.target`` (both ``(B, h, w)``)."""
         if images.target is None:
-            raise ValueError("this batch has no target images; training and validation need fully sampled data")
+            raise ReconkitError("this batch has no target images; training and validation need fully sampled data")
         max_value = images.max_value.to(images.output)
         if self.hparams.loss == "ssim":
             return self.ssim_loss(images.output.unsqueeze(1), images.target.unsqueeze(1), data_range=max_value)
@@ -145,8 +146,8 @@ class ReconModule(LightningModule):
     def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> None:
         images = self.images(batch)
         if images.target is None:
-            raise ValueError(f"the {stage} split has no target images; use `reconkit train predict` for "
-                             "undersampled test files")
+            raise ReconkitError(f"the {stage} split has no target images; use `reconkit train predict` for "
+                                "undersampled test files")
         loss = self.compute_loss(images)
         self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=len(images.fname))
         for i, fname in enumerate(images.fname):

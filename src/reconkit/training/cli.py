@@ -64,7 +64,8 @@ class ReconLightningCLI(LightningCLI):
             config.last_checkpoint.dirpath = config.checkpoint.dirpath
         if config.trainer.logger in (None, True):
             config.trainer.logger = [
-                Namespace(class_path=cls, init_args=Namespace(save_dir=root, name=name)) for cls, name in LOGGERS.items()
+                Namespace(class_path=cls, init_args=Namespace(save_dir=root, name=name))
+                for cls, name in LOGGERS.items()
             ]
 
 

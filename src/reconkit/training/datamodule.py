@@ -3,9 +3,9 @@
 Training masks are random (a fresh draw per slice and epoch, like fastmri's ``use_seed=False``) but
 *reproducible*: each sample's mask seed is derived from ``(seed, epoch, fname, slice_num)``, the epoch travelling
 with the sample index, so a resumed run, a run with more dataloader workers and a DDP run see the same masks.
-Validation / test masks are fixed per volume (seeded by the file name, fastmri's ``use_seed=True``). The training shuffle is seeded by
-``(seed, epoch)`` through a :class:`~torch.utils.data.DistributedSampler` (one replica without DDP), which is
-what makes ``--ckpt_path last`` resume exactly at an epoch boundary.
+Validation / test masks are fixed per volume (seeded by the file name, fastmri's ``use_seed=True``). The
+training shuffle is seeded by ``(seed, epoch)`` through a :class:`~torch.utils.data.DistributedSampler` (one
+replica without DDP), which is what makes ``--ckpt_path last`` resume exactly at an epoch boundary.
 
 Hooks for later features: ``train_transform`` / ``val_transform`` / ``test_transform`` replace the default
 transforms (augmentation, SSDU self-supervision); ``fraction`` / ``num_volumes`` select a reproducible subset of
@@ -235,7 +235,8 @@ class FastMriDataModule(LightningDataModule):
         splits = ["train", "val"] if self.combine_train_val else ["train"]
         parts, transforms = [], []
         for split in splits:
-            transform = EpochSeededMasks(self.transform_overrides["train"] or self.default_transform("train"), self.seed)
+            base_transform = self.transform_overrides["train"] or self.default_transform("train")
+            transform = EpochSeededMasks(base_transform, self.seed)
             dataset = self.slice_dataset(split, transform, self.sample_rate, self.volume_sample_rate)
             parts.append(dataset)
             transforms.append(transform)

@@ -8,9 +8,19 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from reconkit.data.transforms import center_crop
 from reconkit.models import build_model
 from reconkit.training.base import Images, ReconModule
+
+
+def batch_num_low_frequencies(num_low_frequencies: Any) -> Optional[int]:
+    """The collated ``num_low_frequencies`` of a batch as the model takes it: one int when every slice has the
+    same count, else ``None`` (the model then finds each slice's ACS width from its mask)."""
+    if not isinstance(num_low_frequencies, torch.Tensor):
+        return num_low_frequencies
+    values = num_low_frequencies.flatten().tolist()
+    return int(values[0]) if values and all(v == values[0] for v in values) else None
 
 
 class KspaceModule(ReconModule):
@@ -42,7 +52,7 @@ class KspaceModule(ReconModule):
         return self.model(masked_kspace, mask, num_low_frequencies)
 
     def images(self, batch: Any) -> Images:
-        output = self(batch.masked_kspace, batch.mask, batch.num_low_frequencies)
+        output = self(batch.masked_kspace, batch.mask, batch_num_low_frequencies(batch.num_low_frequencies))
         has_target = batch.target is not None and batch.target.ndim == 3
         if has_target:
             crop = tuple(batch.target.shape[-2:])
