@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from reconkit.atomic import atomic_path
 from reconkit.errors import ReconkitError
 from reconkit.models.classical import CGSense, ZeroFilled
 from reconkit.models.unet import Unet
@@ -83,9 +84,8 @@ def save_model(
                      "normalization": normalization},
         "state_dict": {_STATE_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
     return path
 
 
