@@ -100,6 +100,22 @@ def test_low_frequency_window_matches_fastmri(width):
     assert num.tolist() == [6, 6, 6] and pad.tolist() == [(width - 5) // 2] * 3
 
 
+def test_per_item_low_frequency_tensor_equals_per_item_calls():
+    """A batch with one known ACS width per item (0 = measure) equals running each item on its own."""
+    mask = _line_mask(3, 24, [2, 5, 8], every=5)
+    widths = torch.tensor([4, 0, 6])
+    pad, num = low_frequency_window(mask, widths)
+    for i, width in enumerate(widths.tolist()):
+        pad_i, num_i = low_frequency_window(mask[i : i + 1], width or None)
+        assert (pad[i], num[i]) == (pad_i[0], num_i[0])
+    model = VarNet(num_cascades=1, sens_chans=2, sens_pools=1, chans=2, pools=1).eval()
+    kspace = torch.randn(3, 2, 12, 24, 2) * mask
+    with torch.no_grad():
+        batched = model(kspace, mask, widths)
+        single = [model(kspace[i : i + 1], mask[i : i + 1], int(w) or None) for i, w in enumerate(widths)]
+    torch.testing.assert_close(batched, torch.cat(single), rtol=1e-5, atol=1e-6)
+
+
 def test_checkpoint_cascades_gives_same_output_and_gradients():
     torch.manual_seed(3)
     plain = VarNet(**SMALL)

@@ -30,33 +30,44 @@ def _leading_ones(mask_lines: torch.Tensor) -> torch.Tensor:
 
 
 def low_frequency_window(
-    mask: torch.Tensor, num_low_frequencies: int | None = None
+    mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Start column and width of the fully sampled centre (ACS) of a line mask, per batch item.
 
     Args:
         mask: ``(B, 1, 1, W, 1)`` (or ``(B, 1, H, W, 1)``: its first row is used, as fastmri does) 0/1 or bool.
-        num_low_frequencies: known ACS width; ``None`` or 0 measures it: twice the shorter run of sampled lines
-            going out from column ``W // 2`` (at least 1), exactly as ``fastmri.models.varnet.SensitivityModel``.
+        num_low_frequencies: known ACS width — an int, or a tensor of one width per batch item ``(B,)`` (a 0
+            entry is measured); ``None`` or 0 measures it: twice the shorter run of sampled lines going out from
+            column ``W // 2`` (at least 1), exactly as ``fastmri.models.varnet.SensitivityModel``.
 
     Returns:
         ``(pad, num_low_freqs)``, both ``(B,)`` int64; the window is columns ``[pad, pad + num_low_freqs)``.
 
     Example:
-        >>> mask = torch.zeros(1, 1, 1, 10, 1); mask[..., 3:8, :] = 1; mask[..., 0, :] = 1
+        >>> mask = torch.zeros(2, 1, 1, 10, 1); mask[..., 3:8, :] = 1; mask[..., 0, :] = 1
         >>> low_frequency_window(mask)
-        (tensor([3]), tensor([4]))
+        (tensor([3, 3]), tensor([4, 4]))
+        >>> low_frequency_window(mask, torch.tensor([2, 0]))
+        (tensor([4, 3]), tensor([2, 4]))
     """
     width = mask.shape[-2]
-    if num_low_frequencies:
+    if isinstance(num_low_frequencies, torch.Tensor):
+        given = num_low_frequencies.to(device=mask.device, dtype=torch.long).reshape(-1).expand(mask.shape[0])
+        num_low = torch.where(given > 0, given, _measured_low_frequencies(mask))
+    elif num_low_frequencies:
         num_low = torch.full((mask.shape[0],), int(num_low_frequencies), dtype=torch.long, device=mask.device)
     else:
-        lines = (mask[:, 0, 0, :, 0] != 0).to(torch.int32)
-        cent = width // 2
-        left = _leading_ones(lines[:, :cent].flip(1))
-        right = _leading_ones(lines[:, cent:])
-        num_low = torch.clamp(2 * torch.minimum(left, right), min=1).to(torch.long)
+        num_low = _measured_low_frequencies(mask)
     return (width - num_low + 1) // 2, num_low
+
+
+def _measured_low_frequencies(mask: torch.Tensor) -> torch.Tensor:
+    """ACS width ``(B,)`` measured from a line mask as fastmri does (see :func:`low_frequency_window`)."""
+    lines = (mask[:, 0, 0, :, 0] != 0).to(torch.int32)
+    cent = mask.shape[-2] // 2
+    left = _leading_ones(lines[:, :cent].flip(1))
+    right = _leading_ones(lines[:, cent:])
+    return torch.clamp(2 * torch.minimum(left, right), min=1).to(torch.long)
 
 
 class SensitivityModel(nn.Module):
@@ -81,7 +92,7 @@ class SensitivityModel(nn.Module):
         self.norm_unet = NormUnet(chans, num_pools, in_chans=in_chans, out_chans=out_chans, drop_prob=drop_prob)
 
     def forward(
-        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None = None
+        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
     ) -> torch.Tensor:
         """``(B, C, H, W, 2)`` k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, C, H, W, 2)`` maps with unit RSS."""
         if self.mask_center:
@@ -173,7 +184,7 @@ class VarNet(nn.Module):
                     final_conv.bias.mul_(init_scale)
 
     def forward(
-        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None = None
+        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
     ) -> torch.Tensor:
         """``(B, C, H, W, 2)`` undersampled k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, H, W)`` image."""
         if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
