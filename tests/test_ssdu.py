@@ -16,7 +16,7 @@ from reconkit.data.ssdu import SsduSample, SsduVarNetTransform, acs_columns, ssd
 from reconkit.data.transforms import to_tensor
 from reconkit.models import VarNet
 from reconkit.training.cli import run_cli
-from reconkit.training.self_supervised import SsduVarNetModule, normalized_l1_l2_loss, ssdu_loss, varnet_kspace
+from reconkit.training.self_supervised import SsduVarNetModule, normalized_l1_l2_loss, ssdu_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(num_cascades=1, chans=2, pools=1, sens_chans=2, sens_pools=1)
@@ -113,7 +113,7 @@ def test_normalized_l1_l2_loss_values():
     assert normalized_l1_l2_loss(prediction, reference) == pytest.approx(5 / 5 + 5 / 7)
 
 
-def test_varnet_kspace_is_what_varnet_forward_takes_the_rss_of():
+def test_predict_kspace_is_what_varnet_forward_takes_the_rss_of():
     torch.manual_seed(0)
     model = VarNet(**TINY_MODEL).eval()
     mask = torch.zeros(1, 1, 1, 20, 1)
@@ -123,7 +123,7 @@ def test_varnet_kspace_is_what_varnet_forward_takes_the_rss_of():
     from reconkit.ops import ifft2c, rss_complex
 
     with torch.no_grad():
-        torch.testing.assert_close(rss_complex(ifft2c(varnet_kspace(model, kspace, mask)), dim=1), model(kspace, mask))
+        torch.testing.assert_close(rss_complex(ifft2c(model.predict_kspace(kspace, mask)), dim=1), model(kspace, mask))
 
 
 def test_ssdu_loss_reads_only_undersampled_data_and_trains():

@@ -187,6 +187,13 @@ class VarNet(nn.Module):
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
     ) -> torch.Tensor:
         """``(B, C, H, W, 2)`` undersampled k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, H, W)`` image."""
+        return rss_complex(ifft2c(self.predict_kspace(masked_kspace, mask, num_low_frequencies)), dim=1)
+
+    def predict_kspace(
+        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The cascades' multi-coil k-space prediction ``(B, C, H, W, 2)`` (what :meth:`forward` takes the RSS image
+        of); self-supervised losses score it directly in k-space. Arguments as :meth:`forward`."""
         if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
             raise ValueError(f"VarNet: masked_kspace must be (B, C, H, W, 2); got shape {tuple(masked_kspace.shape)}")
         if mask.ndim != 5:
@@ -200,4 +207,4 @@ class VarNet(nn.Module):
                 kspace_pred = checkpoint(cascade, kspace_pred, masked_kspace, mask, sens_maps, use_reentrant=False)
             else:
                 kspace_pred = cascade(kspace_pred, masked_kspace, mask, sens_maps)
-        return rss_complex(ifft2c(kspace_pred), dim=1)
+        return kspace_pred

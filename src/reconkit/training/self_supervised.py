@@ -20,7 +20,7 @@ from reconkit.data.ssdu import SsduSample
 from reconkit.models import VarNet
 from reconkit.training.modules import VarNetModule
 
-__all__ = ["normalized_l1_l2_loss", "varnet_kspace", "ssdu_loss", "SsduVarNetModule"]
+__all__ = ["normalized_l1_l2_loss", "ssdu_loss", "SsduVarNetModule"]
 
 
 def normalized_l1_l2_loss(prediction: torch.Tensor, reference: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -34,18 +34,6 @@ def normalized_l1_l2_loss(prediction: torch.Tensor, reference: torch.Tensor, eps
     l2 = diff.norm(dim=1) / ref.norm(dim=1).clamp_min(eps)
     l1 = diff.abs().sum(dim=1) / ref.abs().sum(dim=1).clamp_min(eps)
     return (l2 + l1).mean()
-
-
-def varnet_kspace(model: VarNet, masked_kspace: torch.Tensor, mask: torch.Tensor,
-                  num_low_frequencies: Optional[int] = None) -> torch.Tensor:
-    """VarNet's multi-coil k-space prediction ``(B, C, H, W, 2)`` (what ``VarNet.forward`` takes the RSS image
-    of): sensitivity estimate, then the cascades. ``mask`` ``(B, 1, 1, W, 1)`` or 2D ``(B, 1, H, W, 1)``."""
-    mask = mask.to(masked_kspace.dtype)
-    sens_maps = model.sens_net(masked_kspace, mask, num_low_frequencies)
-    kspace_pred = masked_kspace
-    for cascade in model.cascades:
-        kspace_pred = cascade(kspace_pred, masked_kspace, mask, sens_maps)
-    return kspace_pred
 
 
 def ssdu_loss(model: VarNet, batch: SsduSample) -> torch.Tensor:
@@ -62,8 +50,8 @@ def ssdu_loss(model: VarNet, batch: SsduSample) -> torch.Tensor:
     repeated = kspace.repeat_interleave(k, dim=0)  # (B·K, C, H, W, 2), split-major within each slice
     num_low = batch.num_low_frequencies
     if torch.is_tensor(num_low):
-        num_low = int(num_low.max()) if bool((num_low == num_low.max()).all()) else None
-    prediction = varnet_kspace(model, repeated * theta, theta, num_low)
+        num_low = num_low.reshape(-1).expand(kspace.shape[0]).repeat_interleave(k)  # one ACS width per split
+    prediction = model.predict_kspace(repeated * theta, theta, num_low)
     return normalized_l1_l2_loss(prediction * lam, repeated * lam)
 
 
