@@ -8,9 +8,11 @@ model by per-volume validation SSIM plus ``last.ckpt``, which ``--ckpt_path last
 
 from __future__ import annotations
 
+import argparse
+import warnings
 from typing import Optional, Sequence
 
-from jsonargparse import Namespace
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -30,6 +32,10 @@ examples:
 
 # logger class -> folder under default_root_dir (separate folders, so both number their versions alike)
 LOGGERS = {"lightning.pytorch.loggers.TensorBoardLogger": "tensorboard", "lightning.pytorch.loggers.CSVLogger": "csv"}
+
+
+class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help formatter that keeps the description's line breaks (the examples)."""
 
 
 class ReconLightningCLI(LightningCLI):
@@ -71,6 +77,9 @@ class ReconLightningCLI(LightningCLI):
 
 def run_cli(args: Optional[Sequence[str]] = None, run: bool = True) -> ReconLightningCLI:
     """Build (and with ``run`` execute) the CLI on ``args`` (``sys.argv`` when ``None``)."""
+    # `reconkit train ...` passes its own arguments while sys.argv still holds the whole command line, which DDP's
+    # launcher re-runs in the child processes, so sys.argv stays as it is and Lightning's warning about it is muted
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     return ReconLightningCLI(
         ReconModule,
         FastMriDataModule,
@@ -78,7 +87,7 @@ def run_cli(args: Optional[Sequence[str]] = None, run: bool = True) -> ReconLigh
         seed_everything_default=0,
         # always present, not configurable: progress bar and learning-rate logging
         trainer_defaults={"callbacks": [RichProgressBar(), LearningRateMonitor(logging_interval="step")]},
-        parser_kwargs={"description": DESCRIPTION, "prog": "reconkit train"},
+        parser_kwargs={"description": DESCRIPTION, "prog": "reconkit train", "formatter_class": _HelpFormatter},
         args=None if args is None else list(args),
         run=run,
     )
