@@ -1,6 +1,6 @@
 """Train the bundled small VarNet on simulated data, export it to ONNX and write ``checkpoints/`` + its model card.
 
-    .venv/bin/python data_scripts/train_bundled_model.py [--minutes 18] [--data data/bundled] [--out checkpoints]
+    .venv/bin/python data_scripts/train_bundled_model.py [--minutes 22] [--data data/bundled] [--out checkpoints]
 
 1. Simulates a varied training set from the training subject (``mni152``: many slice positions, axial / coronal /
    sagittal, T1 / T2 / PD at 1.5 and 3 T, 4 / 8 / 12 coils, SNR 22–40 dB) at 192 × 112 encoded k-space (2×
@@ -183,7 +183,7 @@ Machine: {platform.machine()} / {platform.processor() or "cpu"}, torch {torch.__
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=18.0, help="training wall-clock budget")
+    parser.add_argument("--minutes", type=float, default=22.0, help="training wall-clock budget")
     parser.add_argument("--volumes", type=int, default=36, help="simulated volumes of the training subject")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "bundled", help="simulated data folder")
     parser.add_argument("--out", type=Path, default=ROOT / "checkpoints", help="where the model files go")
