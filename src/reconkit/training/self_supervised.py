@@ -12,7 +12,7 @@ all acquired locations (Θ ∪ Λ), as in the paper.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
