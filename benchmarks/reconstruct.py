@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reconkit.cli.reconstruct import load_reconstructor, reconstruct_volume, volume_mask
 from reconkit.data import Volume, center_crop, read_volume
 from reconkit.data.simulate import simulate_volume, write_volume
+from reconkit.inference import load_reconstructor, reconstruct_volume, volume_mask
 from reconkit.metrics import volume_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

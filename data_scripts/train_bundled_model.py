@@ -94,8 +94,8 @@ def train(data: Path, minutes: float, work: Path) -> Path:
 
 def evaluate(files: list[Path], models: dict[str, str]) -> dict[str, dict[str, float]]:
     """Mean per-volume NMSE / PSNR / SSIM and seconds per slice of each model on ``files`` (4× equispaced)."""
-    from reconkit.cli.reconstruct import load_reconstructor, reconstruct_volume, volume_mask
     from reconkit.data import read_volume
+    from reconkit.inference import load_reconstructor, reconstruct_volume, volume_mask
     from reconkit.metrics import volume_metrics
 
     results = {}
@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def onnx_vs_torch(path: Path, out: Path) -> float:
     """Largest |ONNX − torch| over one held-out volume, relative to the image maximum."""
-    from reconkit.cli.reconstruct import load_reconstructor, reconstruct_volume, volume_mask
     from reconkit.data import read_volume
+    from reconkit.inference import load_reconstructor, reconstruct_volume, volume_mask
 
     volume = read_volume(path)
     mask, _ = volume_mask(volume, "equispaced_fraction", 4, 0.08, seed=None)

@@ -5,20 +5,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import fastmri
 import h5py
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 import torch
-
-import fastmri
 from fastmri import evaluate as fastmri_evaluate
 from fastmri.data import subsample as fastmri_subsample
 from fastmri.data import transforms as fastmri_transforms
 
-from reconkit.cli import reconstruct as cli_reconstruct
 from reconkit.cli.main import main as reconkit_main
+from reconkit.inference import load_reconstructor
 
 
 def fastmri_header(height: int, width: int, recon: tuple[int, int], lines: int, fov_mm=(200.0, 160.0, 3.0)) -> str:
@@ -326,7 +325,7 @@ def test_tiny_varnet_checkpoint_torch_and_onnx_agree(tmp_path, capsys):
     assert outputs["torch"].shape == (3, 16, 16)
     np.testing.assert_allclose(outputs["onnx"], outputs["torch"], rtol=1e-3, atol=1e-4 * outputs["torch"].max())
     # the training mask recorded in the checkpoint is the default: 2x here, so more columns than the 4x default
-    reconstructor = cli_reconstruct.load_reconstructor(str(checkpoint))
+    reconstructor = load_reconstructor(str(checkpoint))
     assert reconstructor.mask_defaults == {
         "mask_type": "equispaced_fraction",
         "acceleration": 2,

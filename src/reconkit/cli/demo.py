@@ -45,9 +45,10 @@ class DemoRow:
 
 def run_demo(output: Path, model: Path, seed: int = 0) -> list[DemoRow]:
     """Simulate, reconstruct and write everything under ``output``; returns the table rows."""
-    from reconkit.cli.reconstruct import load_reconstructor, reconstruct_volume, volume_mask, write_outputs
+    from reconkit.cli.reconstruct import write_outputs
     from reconkit.data import read_volume
     from reconkit.data.simulate.volume import simulate_volume, write_volume
+    from reconkit.inference import load_reconstructor, reconstruct_volume, volume_mask
     from reconkit.io import write_png_panels
     from reconkit.metrics import volume_metrics
 

@@ -1,0 +1,21 @@
+"""Inference: run a trained model (checkpoint or ONNX) or a classical baseline on fastMRI-layout volumes."""
+
+from reconkit.inference.engine import (
+    CLASSICAL,
+    DEFAULT_MASK,
+    Reconstructor,
+    VolumeResult,
+    load_reconstructor,
+    reconstruct_volume,
+    volume_mask,
+)
+
+__all__ = [
+    "CLASSICAL",
+    "DEFAULT_MASK",
+    "Reconstructor",
+    "load_reconstructor",
+    "VolumeResult",
+    "reconstruct_volume",
+    "volume_mask",
+]

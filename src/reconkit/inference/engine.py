@@ -1,0 +1,287 @@
+"""Reconstruction engine shared by ``reconkit reconstruct``, ``reconkit demo``, the benchmarks and the data scripts.
+
+:func:`load_reconstructor` turns a model reference (a reconkit checkpoint, an exported ONNX file, or the classical
+baselines ``zero-filled`` / ``cg-sense``) into a :class:`Reconstructor`; :func:`volume_mask` picks the mask of a
+volume (stored, detected from empty columns, or retrospective and seeded from the file name as fastMRI does);
+:func:`reconstruct_volume` runs a volume through it slice batch by slice batch and crops to the recon size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from reconkit.data import Volume, apply_mask, center_crop, create_mask_for_mask_type, filename_seed
+from reconkit.errors import DataError, ReconkitError
+from reconkit.ops import ifft2c, rss_complex
+
+__all__ = [
+    "CLASSICAL",
+    "DEFAULT_MASK",
+    "Reconstructor",
+    "load_reconstructor",
+    "VolumeResult",
+    "reconstruct_volume",
+    "volume_mask",
+]
+
+CLASSICAL = ("zero-filled", "cg-sense")
+DEFAULT_MASK = {"mask_type": "equispaced_fraction", "acceleration": 4, "center_fraction": 0.08}
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class Reconstructor:
+    """A k-space model behind one call, whatever runs it.
+
+    ``run(masked_kspace (B, C, H, W, 2) float32, mask (B, 1, 1, W, 1) float32) -> (B, H, W) float32`` (numpy),
+    the RSS magnitude at the full encoded size.
+
+    Attributes:
+        name: what the summary prints (file name or baseline name).
+        backend: ``"torch"`` or ``"onnx"``.
+        mask_defaults: ``mask_type`` / ``acceleration`` / ``center_fraction`` the model was trained with, if known.
+        spatial_sizes: k-space ``(H, W)`` an ONNX graph was specialised for; None when any size works.
+    """
+
+    name: str
+    backend: str
+    run: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    mask_defaults: dict = field(default_factory=dict)
+    spatial_sizes: Optional[list[tuple[int, int]]] = None
+
+    def check_size(self, path: Path, height: int, width: int) -> None:
+        """Raise :class:`DataError` if an ONNX graph cannot take k-space of ``height × width``."""
+        if self.spatial_sizes is not None and (height, width) not in self.spatial_sizes:
+            sizes = ", ".join(f"{h}x{w}" for h, w in self.spatial_sizes)
+            raise DataError(path, f"k-space is {height}x{width} but the ONNX model {self.name} only takes {sizes}")
+
+
+def _torch_runner(model: torch.nn.Module, device: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    model = model.to(device).eval()
+
+    def run(masked_kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            image = model(torch.from_numpy(masked_kspace).to(device), torch.from_numpy(mask).to(device))
+        return image.float().cpu().numpy()
+
+    return run
+
+
+def _mask_defaults(mask_type: Optional[str], accelerations, center_fractions) -> dict:
+    """The model's training mask as CLI defaults (first acceleration / centre fraction)."""
+    defaults = {}
+    if mask_type:
+        defaults["mask_type"] = str(mask_type)
+    if accelerations:
+        defaults["acceleration"] = int(float(list(np.atleast_1d(accelerations))[0]))
+    if center_fractions:
+        defaults["center_fraction"] = float(list(np.atleast_1d(center_fractions))[0])
+    return defaults
+
+
+def _onnx_reconstructor(path: Path, device: str, threads: Optional[int]) -> Reconstructor:
+    import onnxruntime as ort
+
+    from reconkit.export import load_onnx_metadata
+
+    metadata = load_onnx_metadata(path)
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ReconkitError(f"{path}: --device cuda, but this onnxruntime has no CUDAExecutionProvider")
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own exception types for unreadable models
+        raise ReconkitError(f"{path}: cannot load ONNX model ({str(err).splitlines()[0]})") from None
+    declared = metadata.get("reconkit.spatial_sizes", "dynamic")
+    sizes = None if declared == "dynamic" else [(int(h), int(w)) for h, w in declared]
+
+    def run(masked_kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return session.run(["image"], {"masked_kspace": masked_kspace, "mask": mask})[0]
+
+    return Reconstructor(
+        name=path.name,
+        backend="onnx",
+        run=run,
+        mask_defaults=_mask_defaults(
+            metadata.get("reconkit.mask_family"),
+            metadata.get("reconkit.acceleration"),
+            metadata.get("reconkit.center_fraction"),
+        ),
+        spatial_sizes=sizes,
+    )
+
+
+def load_reconstructor(
+    model: str, backend: Optional[str] = None, device: str = "cpu", threads: Optional[int] = None
+) -> Reconstructor:
+    """Build the model named by ``model``.
+
+    Args:
+        model: ``zero-filled`` / ``cg-sense`` (classical baselines), a ``.onnx`` file (ONNX Runtime) or a reconkit
+            checkpoint (``reconkit.models.load_model``).
+        backend: ``"torch"`` / ``"onnx"``; None infers it from the file extension.
+        device: ``"cpu"`` or ``"cuda"``.
+        threads: ONNX Runtime intra-op threads (None: its default); torch models use ``torch.set_num_threads``.
+
+    Raises:
+        ReconkitError: unknown name, missing or unreadable model file, unavailable device or backend mismatch.
+    """
+    from reconkit.models import load_model
+    from reconkit.models.classical import CGSense, ZeroFilled
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ReconkitError("--device cuda, but no CUDA device is available")
+    if model in CLASSICAL:
+        if backend == "onnx":
+            raise ReconkitError(f"{model}: classical baselines run with the torch backend only")
+        baseline = ZeroFilled() if model == "zero-filled" else CGSense()
+        return Reconstructor(name=model, backend="torch", run=_torch_runner(baseline, device))
+    path = Path(model)
+    if not path.is_file():
+        raise ReconkitError(f"{path}: model file not found (or use 'zero-filled' / 'cg-sense')")
+    chosen = backend or ("onnx" if path.suffix == ".onnx" else "torch")
+    if chosen == "onnx":
+        if path.suffix != ".onnx":
+            raise ReconkitError(f"{path}: --backend onnx needs an .onnx file; export it with 'reconkit export'")
+        return _onnx_reconstructor(path, device, threads)
+    if path.suffix == ".onnx":
+        raise ReconkitError(f"{path}: an ONNX file runs with --backend onnx, not torch")
+    net, info = load_model(path)
+    mask_info = (info or {}).get("mask", {}) if isinstance(info, dict) else {}
+    return Reconstructor(
+        name=path.name,
+        backend="torch",
+        run=_torch_runner(net, device),
+        mask_defaults=_mask_defaults(
+            mask_info.get("mask_type"), mask_info.get("accelerations"), mask_info.get("center_fractions")
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- volumes
+
+
+@dataclass
+class VolumeResult:
+    """One reconstructed volume, all images ``(slices, h, w)`` float32 cropped to the header's recon size.
+
+    Attributes:
+        reconstruction: the model's output.
+        zero_filled: RSS of the inverse FFT of the masked k-space (the input the model saw).
+        target: the file's reference image, cropped alike, or None.
+        acceleration: acquired columns / sampled columns.
+        seconds: wall time of the model calls.
+    """
+
+    reconstruction: np.ndarray
+    zero_filled: np.ndarray
+    target: Optional[np.ndarray]
+    acceleration: float
+    seconds: float
+
+
+def _coil_kspace(volume: Volume) -> np.ndarray:
+    """k-space as ``(slices, coils, H, W)`` complex (single-coil files get one coil)."""
+    return volume.kspace[:, None] if volume.kspace.ndim == 3 else volume.kspace
+
+
+def volume_mask(
+    volume: Volume, mask_type: str, acceleration: int, center_fraction: float, seed: Optional[int]
+) -> tuple[np.ndarray, bool]:
+    """The ``(1, 1, 1, W, 1)`` float32 column mask for ``volume`` and whether it was made here (retrospective).
+
+    A stored ``mask`` dataset wins; otherwise, if some column inside the acquired window
+    ``[padding_left, padding_right)`` holds no data, the file is already undersampled and the non-empty columns
+    are the mask; otherwise a mask is drawn from ``mask_type`` with the file-name seed (or ``seed``), zeroed
+    outside the acquired window as fastMRI does.
+    """
+    kspace = _coil_kspace(volume)
+    width = kspace.shape[-1]
+    left, right = volume.info.header.padding_left, volume.info.header.padding_right
+    left, right = max(0, min(left, width)), max(0, min(right, width))
+    if right <= left:
+        left, right = 0, width
+    if volume.mask is not None:
+        columns = np.asarray(volume.mask, dtype=np.float32) != 0
+        retrospective = False
+    else:
+        columns = np.abs(kspace).reshape(-1, width).max(axis=0) > 0
+        retrospective = bool(columns[left:right].all())
+    if not retrospective:
+        if not columns.any():
+            raise DataError(volume.info.path, "k-space holds no data (every column is zero)")
+        return columns.astype(np.float32).reshape(1, 1, 1, width, 1), False
+    mask_func = create_mask_for_mask_type(mask_type, [center_fraction], [acceleration])
+    probe = torch.zeros(1, 1, 1, width, 2)  # mask functions only look at the shape
+    _, mask, _ = apply_mask(
+        probe, mask_func, seed=filename_seed(volume.info.path.name) if seed is None else seed, padding=(left, right)
+    )
+    if mask.shape[-3] != 1:
+        raise ReconkitError(f"mask type {mask_type!r} gives a 2D mask; reconstruct takes Cartesian line masks")
+    return mask.reshape(1, 1, 1, width, 1).numpy().astype(np.float32), True
+
+
+def _batches(num_slices: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, num_slices, batch_size):
+        yield slice(start, min(start + batch_size, num_slices))
+
+
+def reconstruct_volume(
+    volume: Volume,
+    reconstructor: Reconstructor,
+    mask: np.ndarray,
+    batch_size: int = 4,
+    on_slices: Optional[Callable[[int], None]] = None,
+) -> VolumeResult:
+    """Run ``reconstructor`` over all slices of ``volume`` with column ``mask`` ``(1, 1, 1, W, 1)``.
+
+    ``on_slices(n)`` is called after every batch of ``n`` slices (progress bars).
+    """
+    kspace = _coil_kspace(volume)
+    num_slices, _, height, width = kspace.shape
+    reconstructor.check_size(volume.info.path, height, width)
+    recon_x, recon_y = volume.info.header.recon_size[:2]
+    crop = (min(recon_x, height), min(recon_y, width))
+    outputs, zero_filled, seconds = [], [], 0.0
+    for batch in _batches(num_slices, max(1, batch_size)):
+        stacked = np.stack((kspace[batch].real, kspace[batch].imag), axis=-1).astype(np.float32)
+        masked = (stacked * mask + 0.0).astype(np.float32)
+        batch_mask = np.repeat(mask, masked.shape[0], axis=0)
+        start = time.perf_counter()
+        image = reconstructor.run(masked, batch_mask)
+        seconds += time.perf_counter() - start
+        if image.shape != (masked.shape[0], height, width) or not np.isfinite(image).all():
+            raise DataError(
+                volume.info.path,
+                f"model {reconstructor.name} returned {image.shape} "
+                f"{'with NaN/inf ' if not np.isfinite(image).all() else ''}for slices {batch.start}-"
+                f"{batch.stop - 1}",
+            )
+        outputs.append(center_crop(image, crop))
+        zero_filled.append(center_crop(rss_complex(ifft2c(torch.from_numpy(masked)), dim=1).numpy(), crop))
+        if on_slices is not None:
+            on_slices(masked.shape[0])
+    target = volume.target
+    if target is not None:
+        target = center_crop(target, (min(crop[0], target.shape[-2]), min(crop[1], target.shape[-1])))
+    acquired = max(1, volume.info.header.padding_right - volume.info.header.padding_left)
+    return VolumeResult(
+        reconstruction=np.concatenate(outputs).astype(np.float32),
+        zero_filled=np.concatenate(zero_filled).astype(np.float32),
+        target=None if target is None else np.asarray(target, dtype=np.float32),
+        acceleration=min(width, acquired) / max(1.0, float(mask.sum())),
+        seconds=seconds,
+    )
