@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,21 +27,16 @@ from reconkit.export import export_onnx
 from reconkit.models import VarNet
 from reconkit.ops import centering_signs, fft2c, fft_impl
 
+from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
+
 FASTMRI_SIZES = [(640, 368), (640, 372), (640, 320), (768, 396), (640, 272)]
 SMALL_SIZES = [(64, 46), (72, 66)]
 
 
 def interleaved(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
     """Median seconds of two callables timed alternately (after one warm-up call each)."""
-    first(), second()
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(repeats):
-        order = ((first, times[0]), (second, times[1]))
-        for fn, store in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            fn()
-            store.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    med = interleaved_medians({"first": first, "second": second}, repeats, warmup=1)
+    return med["first"], med["second"]
 
 
 def errors(result: np.ndarray, reference: np.ndarray) -> tuple[float, float]:

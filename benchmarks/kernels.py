@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -32,6 +30,8 @@ from fastmri.models.varnet import VarNetBlock
 
 from reconkit.models import VarNet
 from reconkit.ops import data_consistency, sens_expand, sens_reduce, triton_available
+
+from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 Step = Callable[[], object]
 IMPLS = ("triton", "torch", "fastmri")
@@ -42,28 +42,11 @@ def fastmri_dc(kspace: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, weig
     return kspace - torch.where(mask, kspace - ref, torch.zeros_like(kspace)) * weight
 
 
-def interleaved_medians(steps: dict[str, Step], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step; the steps run in turn within each repeat, the starting one rotating."""
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names[i % len(names):] + names[: i % len(names)]:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            steps[name]()
-            torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth (read + write) in GB/s: the attainable peak for streaming ops."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    seconds = interleaved_medians({"copy": lambda: dst.copy_(src)}, repeats=20, warmup=3)["copy"]
+    seconds = interleaved_medians({"copy": lambda: dst.copy_(src)}, 20, 3, torch.cuda.synchronize)["copy"]
     return 2 * nbytes / seconds / 1e9
 
 
@@ -135,10 +118,12 @@ def gpu_benchmark(args: argparse.Namespace, device: torch.device) -> None:
         for label in ("forward", "fwd+bwd"):
             if label == "forward":
                 with torch.no_grad():
-                    med = interleaved_medians(steps, args.repeats, args.warmup)
+                    med = interleaved_medians(steps, args.repeats, args.warmup, torch.cuda.synchronize)
                 nbytes = fwd_bytes
             else:
-                med = interleaved_medians({k: with_backward(v) for k, v in steps.items()}, args.repeats, args.warmup)
+                med = interleaved_medians(
+                    {k: with_backward(v) for k, v in steps.items()}, args.repeats, args.warmup, torch.cuda.synchronize
+                )
                 nbytes = fwd_bwd_bytes
             gbps = nbytes / med["triton"] / 1e9
             print(
@@ -171,7 +156,9 @@ def varnet_step_table(args: argparse.Namespace, device: torch.device) -> None:
 
     previous = os.environ.get("RECONKIT_OPS_BACKEND")
     try:
-        med = interleaved_medians({b: step_with(b) for b in ("triton", "torch")}, args.step_repeats, args.warmup)
+        med = interleaved_medians(
+            {b: step_with(b) for b in ("triton", "torch")}, args.step_repeats, args.warmup, torch.cuda.synchronize
+        )
     finally:
         os.environ.pop("RECONKIT_OPS_BACKEND", None)
         if previous is not None:

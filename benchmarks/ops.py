@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from typing import Callable
 
 import fastmri
@@ -22,33 +20,18 @@ from fastmri.models.varnet import VarNetBlock
 
 from reconkit.ops import fft2c, ifft2c, sens_expand, sens_reduce
 
+from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
+
 Op = Callable[[], torch.Tensor]
-
-
-def _time_once(fn: Op, device: torch.device) -> tuple[float, torch.Tensor]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, out
 
 
 def compare(ours: Op, theirs: Op, repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
     """Interleaved timing of two implementations of one op; returns medians (ms), ratio and max relative error."""
-    for _ in range(warmup):
-        ours()
-        theirs()
-    t_ours, t_theirs = [], []
-    for i in range(repeats):
-        pair = ((ours, t_ours), (theirs, t_theirs))
-        for fn, times in pair if i % 2 == 0 else pair[::-1]:
-            elapsed, _ = _time_once(fn, device)
-            times.append(elapsed)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    med = interleaved_medians({"ours": ours, "theirs": theirs}, repeats, warmup, sync)
     ref, out = theirs(), ours()
     rel_err = ((out - ref).abs().max() / ref.abs().max()).item()
-    med_ours, med_theirs = statistics.median(t_ours) * 1e3, statistics.median(t_theirs) * 1e3
+    med_ours, med_theirs = med["ours"] * 1e3, med["theirs"] * 1e3
     return {"ours_ms": med_ours, "fastmri_ms": med_theirs, "ratio": med_theirs / med_ours, "max_rel_err": rel_err}
 
 
