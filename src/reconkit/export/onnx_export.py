@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from reconkit.errors import ReconkitError
-from reconkit.ops import fft_impl, ifft2c, rss_complex
+from reconkit.models.classical import zero_filled
+from reconkit.ops import fft_impl
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -91,7 +92,7 @@ class ZeroFilledFrontEnd(torch.nn.Module):
         self.model = model
 
     def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        image = rss_complex(ifft2c(masked_kspace * mask), dim=1)
+        image = zero_filled(masked_kspace * mask)
         mean = image.mean(dim=(1, 2), keepdim=True)
         std = image.std(dim=(1, 2), keepdim=True)
         normalised = ((image - mean) / (std + 1e-11)).clamp(-6, 6)

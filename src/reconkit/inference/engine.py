@@ -18,7 +18,7 @@ import torch
 
 from reconkit.data import Volume, apply_mask, center_crop, create_mask_for_mask_type, filename_seed
 from reconkit.errors import DataError, ReconkitError
-from reconkit.ops import ifft2c, rss_complex
+from reconkit.models.classical import zero_filled as zero_filled_image
 
 __all__ = [
     "CLASSICAL",
@@ -271,7 +271,7 @@ def reconstruct_volume(
                 f"{batch.stop - 1}",
             )
         outputs.append(center_crop(image, crop))
-        zero_filled.append(center_crop(rss_complex(ifft2c(torch.from_numpy(masked)), dim=1).numpy(), crop))
+        zero_filled.append(center_crop(zero_filled_image(torch.from_numpy(masked)).numpy(), crop))
         if on_slices is not None:
             on_slices(masked.shape[0])
     target = volume.target
