@@ -63,6 +63,31 @@ def test_matches_fastmri_evaluate(tmp_path):
     assert mean.ssim == pytest.approx(reference["SSIM"], rel=1e-5)
 
 
+def test_acquisition_and_acceleration_filters_match_fastmri(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 32, 24, 32, 24)] * 4)
+    for i, (acquisition, acceleration) in enumerate([("CORPD_FBK", 4), ("CORPDFS_FBK", 4), ("CORPD_FBK", 8),
+                                                     ("AXT2", 4)]):  # fmt: skip
+        with h5py.File(target_dir / f"file{i}.h5", "a") as f:
+            f.attrs["acquisition"], f.attrs["acceleration"] = acquisition, acceleration
+    for acquisition, acceleration, expected in [("CORPD_FBK", None, {0, 2}), (None, 4, {0, 1, 3}),
+                                                ("CORPD_FBK", 8, {2}), ("AXFLAIR", None, set())]:  # fmt: skip
+        scores, errors = cli_evaluate.evaluate_directories(target_dir, pred_dir, acquisition=acquisition,
+                                                           acceleration=acceleration)  # fmt: skip
+        assert errors == [] and {s.name for s in scores} == {f"file{i}.h5" for i in expected}
+        if expected:
+            args = argparse.Namespace(target_path=target_dir, predictions_path=pred_dir, acquisition=acquisition,
+                                      acceleration=acceleration)  # fmt: skip
+            reference = fastmri_evaluate.evaluate(args, "reconstruction_rss").means()
+            assert cli_evaluate.mean_score(scores).ssim == pytest.approx(reference["SSIM"], rel=1e-5)
+            assert cli_evaluate.mean_score(scores).psnr == pytest.approx(reference["PSNR"], rel=1e-5)
+    code = reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir),
+                          "--acquisition", "AXFLAIR"])  # fmt: skip
+    assert code == 1 and "no .h5 target files match the filters" in capsys.readouterr().err
+    assert reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir),
+                          "--acquisition", "CORPD_FBK", "--acceleration", "4"]) == 0  # fmt: skip
+
+
 def test_cli_table_csv_and_bad_files(tmp_path, capsys):
     rng = np.random.default_rng(1)
     target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 32, 32, 32, 32), (2, 32, 32, 32, 32), (2, 32, 32, 32, 32)])

@@ -3,7 +3,8 @@
 Each target file ``TARGET/<name>.h5`` is paired with ``PREDICTIONS/<name>.h5`` (fastMRI's submission layout: a
 ``reconstruction`` dataset). As in ``fastmri.evaluate``, both volumes are centre-cropped to a square of the target's
 width, then NMSE, PSNR (data range = the target volume's maximum) and SSIM (mean over slices, same data range) are
-computed per volume and averaged over volumes.
+computed per volume and averaged over volumes. ``--acquisition`` / ``--acceleration`` keep only the targets whose
+``acquisition`` / ``acceleration`` attrs match, as fastmri's evaluation script does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from reconkit.errors import DataError, ReconkitError
 from reconkit.atomic import atomic_path
 from reconkit.metrics import volume_metrics
 
-__all__ = ["VolumeScore", "score_volume", "evaluate_directories", "main"]
+__all__ = ["VolumeScore", "score_volume", "target_matches", "evaluate_directories", "main"]
 
 METRICS = ("NMSE", "PSNR", "SSIM")
 
@@ -84,10 +85,36 @@ def score_volume(target_path: Path, prediction_path: Path, challenge: str = "mul
     return VolumeScore(target_path.name, target.shape[0], values["NMSE"], values["PSNR"], values["SSIM"])
 
 
+def target_matches(target_path: Path, acquisition: Optional[str], acceleration: Optional[int]) -> bool:
+    """True when the target file's ``acquisition`` / ``acceleration`` attrs equal the requested ones (a filter
+    left as None always matches; a file without the attr does not match a set filter).
+
+    Raises:
+        DataError: the target file cannot be opened.
+    """
+    if acquisition is None and acceleration is None:
+        return True
+    with open_volume(target_path) as hf:
+        attrs = dict(hf.attrs)
+    if acquisition is not None and str(attrs.get("acquisition", "")) != acquisition:
+        return False
+    if acceleration is not None:
+        try:
+            return int(attrs["acceleration"]) == acceleration
+        except (KeyError, TypeError, ValueError):
+            return False
+    return True
+
+
 def evaluate_directories(
-    target_dir: Path, predictions_dir: Path, challenge: str = "multicoil"
+    target_dir: Path,
+    predictions_dir: Path,
+    challenge: str = "multicoil",
+    acquisition: Optional[str] = None,
+    acceleration: Optional[int] = None,
 ) -> tuple[list[VolumeScore], list[str]]:
-    """Score every ``*.h5`` in ``target_dir``; returns ``(scores, error lines)`` (one line per failed volume)."""
+    """Score every ``*.h5`` in ``target_dir`` that passes the attr filters (see :func:`target_matches`);
+    returns ``(scores, error lines)`` (one line per failed volume)."""
     if not target_dir.is_dir():
         raise ReconkitError(f"{target_dir}: target directory not found")
     if not predictions_dir.is_dir():
@@ -95,7 +122,8 @@ def evaluate_directories(
     scores, errors = [], []
     for target_path in sorted(target_dir.glob("*.h5")):
         try:
-            scores.append(score_volume(target_path, predictions_dir / target_path.name, challenge))
+            if target_matches(target_path, acquisition, acceleration):
+                scores.append(score_volume(target_path, predictions_dir / target_path.name, challenge))
         except ReconkitError as err:
             errors.append(str(err))
     return scores, errors
@@ -158,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="multicoil",
         help="multicoil scores against reconstruction_rss, singlecoil against reconstruction_esc (default multicoil)",
     )
+    parser.add_argument(
+        "--acquisition",
+        default=None,
+        metavar="NAME",
+        help="only targets whose 'acquisition' attr is NAME (e.g. CORPD_FBK, CORPDFS_FBK, AXT1, AXT1PRE, AXT1POST, "
+        "AXT2, AXFLAIR), as fastmri's evaluation script",
+    )
+    parser.add_argument(
+        "--acceleration", type=int, default=None, help="only targets whose 'acceleration' attr equals this"
+    )
     parser.add_argument("--csv", type=Path, default=None, help="also write per-volume and mean rows to this CSV file")
     return parser
 
@@ -166,14 +204,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``reconkit evaluate``; exit code 1 when any volume could not be scored, 2 on bad arguments."""
     args = build_parser().parse_args(argv)
     try:
-        scores, errors = evaluate_directories(args.target, args.predictions, args.challenge)
+        scores, errors = evaluate_directories(
+            args.target, args.predictions, args.challenge, args.acquisition, args.acceleration
+        )
     except ReconkitError as err:
         print(f"reconkit evaluate: {err}", file=sys.stderr)
         return 2
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
     if not scores and not errors:
-        print(f"reconkit evaluate: {args.target}: no .h5 target files", file=sys.stderr)
+        filters = args.acquisition is not None or args.acceleration is not None
+        print(f"reconkit evaluate: {args.target}: no .h5 target files" + (" match the filters" if filters else ""),
+              file=sys.stderr)  # fmt: skip
         return 1
     if scores:
         print_table(scores)
