@@ -1,5 +1,6 @@
-"""DDP on 2 CPU processes (gloo): validation metrics are per volume and equal the single-process run, although
-each volume's slices are split over the two ranks (and the distributed sampler pads with a repeated slice)."""
+"""DDP on 2 CPU processes (gloo), launched by Lightning and by torchrun: validation metrics are per volume and
+equal the single-process run, although each volume's slices are split over the two ranks (and the distributed
+sampler pads with a repeated slice)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from reconkit.data.simulate import simulate_dataset
 TINY_VARNET = {"num_cascades": 1, "chans": 4, "pools": 2, "sens_chans": 2, "sens_pools": 1}
 
 
-def _validate(config: Path, root_dir: Path, devices: int) -> dict[str, float]:
-    """``reconkit train validate`` of the seeded (seed_everything: 0) model in a fresh process."""
-    command = [sys.executable, "-m", "reconkit", "train", "validate", "--config", str(config),
-               "--trainer.devices", str(devices), "--trainer.default_root_dir", str(root_dir)]
+def _validate(config: Path, root_dir: Path, devices: int, torchrun: bool = False) -> dict[str, float]:
+    """``reconkit train validate`` of the seeded (seed_everything: 0) model in a fresh process (``torchrun``:
+    started by torchrun, one process per device, as the README's multi-GPU command; else Lightning launches)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(devices)]
+    command = [*(launcher if torchrun else [sys.executable]), "-m", "reconkit", "train", "validate", "--config",
+               str(config), "--trainer.devices", str(devices), "--trainer.default_root_dir", str(root_dir)]
     if devices > 1:
         command += ["--trainer.strategy", "ddp"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=400)
@@ -47,6 +50,8 @@ def test_ddp_two_cpu_processes_give_the_single_process_metrics(tmp_path):
     }))
     single = _validate(config, tmp_path / "single", devices=1)
     ddp = _validate(config, tmp_path / "ddp", devices=2)
-    assert single["val_volumes"] == ddp["val_volumes"] == 3
+    torchrun = _validate(config, tmp_path / "torchrun", devices=2, torchrun=True)
+    assert single["val_volumes"] == ddp["val_volumes"] == torchrun["val_volumes"] == 3
     for name in ("val_nmse", "val_psnr", "val_ssim"):
         assert ddp[name] == pytest.approx(single[name], rel=1e-5), name
+        assert torchrun[name] == pytest.approx(single[name], rel=1e-5), name
