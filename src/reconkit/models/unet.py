@@ -11,7 +11,11 @@ Where the forward pass differs from fastmri's (same arithmetic, fewer memory pas
 * the concatenation of upsampled and skip features before each decoder convolution is replaced by two
   convolutions on the halves of the weight, summed (no concatenated copy kept for backward);
 * padding for odd sizes is decided from static shapes (Python ints), so tracing/export sees no data-dependent
-  control flow.
+  control flow;
+* on the CPU (eager) the activations are channels-last: oneDNN's NCHW convolution kernels pad the channel axis to
+  blocks of 16, so fastMRI's 18 / 36 channels cost as much as 32 / 48, while its channels-last kernels do not
+  (about 1.6× faster U-Net forward + backward at 18 channels, 640 × 368). Instance-norm statistics are then taken
+  in two passes, because PyTorch's channels-last batch-norm statistics lose ~1e-5 relative accuracy.
 """
 
 from __future__ import annotations
@@ -35,9 +39,17 @@ class InstanceNormLeakyReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float, negative_slope: float) -> torch.Tensor:
         channels = x.shape[1]
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 and x.is_contiguous():
             out, _, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
             invstd = invstd.view(1, channels, 1, 1)
+        elif x.shape[0] == 1:
+            # channels-last: PyTorch's CPU batch-norm statistics lose ~1e-5 relative accuracy in this layout, so
+            # the statistics come from var_mean and only the normalisation runs as the (inference) batch-norm kernel
+            # (two passes: var_mean's Welford reduction is slow in this layout)
+            mean = x.mean(dim=(0, 2, 3))
+            var = torch.sub(x, mean.view(1, channels, 1, 1)).square_().mean(dim=(0, 2, 3))
+            out = torch.native_batch_norm(x, None, None, mean, var, False, 0.0, eps)[0]
+            invstd = torch.rsqrt(var.to(torch.promote_types(x.dtype, torch.float32)) + eps).view(1, channels, 1, 1)
         else:
             var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
             stats_dtype = torch.promote_types(x.dtype, torch.float32)
@@ -201,9 +213,14 @@ class Unet(nn.Module):
         )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """``(N, in_chans, H, W)`` → ``(N, out_chans, H, W)``."""
+        """``(N, in_chans, H, W)`` → ``(N, out_chans, H, W)`` (contiguous).
+
+        Eagerly on the CPU the activations run channels-last: oneDNN's NCHW kernels pad the channel axis to
+        blocks of 16 (18 channels cost as much as 32), its channels-last kernels do not.
+        """
         stack = []
-        output = image
+        channels_last = image.device.type == "cpu" and not tracing()
+        output = image.contiguous(memory_format=torch.channels_last) if channels_last else image
         for layer in self.down_sample_layers:
             output = layer(output)
             stack.append(output)
@@ -221,7 +238,7 @@ class Unet(nn.Module):
                 output = conv(output, skip)
             else:  # last level: ConvBlock then the 1×1 output convolution
                 output = conv[1](conv[0](output, skip))
-        return output
+        return output.contiguous() if channels_last else output
 
 
 class NormUnet(nn.Module):
