@@ -10,7 +10,7 @@ with a few Tikhonov weights on the same test slices and reported at its best, so
 Writes ``docs/data_efficiency.json`` (rows ``{"method", "fraction", "ssim", "psnr"}``), the plot
 ``docs/images/data_efficiency.png`` and the data-efficiency section of ``docs/results.md`` (between its markers).
 
-    .venv/bin/python benchmarks/data_efficiency.py                  # the documented run (~40 min on 2 busy cores)
+    .venv/bin/python benchmarks/data_efficiency.py                  # the documented run (~70 min on 2 busy cores)
     .venv/bin/python benchmarks/data_efficiency.py --steps 5 --no-docs --fractions 0.05   # smoke run
 """
 
@@ -41,7 +41,7 @@ from reconkit.training.self_supervised import ssdu_loss
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("supervised", "augmented", "self_supervised")
 MASK = dict(mask_type="equispaced_fraction", center_fractions=[0.08], accelerations=[4])
-MODEL = dict(num_cascades=3, chans=8, pools=2, sens_chans=4, sens_pools=2)
+MODEL = dict(num_cascades=3, chans=8, pools=2, sens_chans=4, sens_pools=2, init_scale=0.1)
 DATA = dict(num_volumes=26, coils=(4, 6), snr_db=(30.0,), slices=4, encoded_size=(160, 96), recon_size=(80, 80),
             split=(20, 0, 6), seed=9)
 CG_L2 = (0.0, 0.01, 0.05)
@@ -158,7 +158,8 @@ def markdown(rows: list[dict], extra: dict, args: argparse.Namespace) -> str:
         f"{DATA['slices']} slices each, {'/'.join(map(str, DATA['coils']))} coils, encoded "
         f"{DATA['encoded_size'][0]}×{DATA['encoded_size'][1]}, recon {DATA['recon_size'][0]}×{DATA['recon_size'][1]}, "
         f"SNR {DATA['snr_db'][0]:g} dB; equispaced 4× masks with 8 % centre. E2E-VarNet "
-        f"({MODEL['num_cascades']} cascades, chans {MODEL['chans']}, pools {MODEL['pools']}), Adam lr {args.lr:g} "
+        f"({MODEL['num_cascades']} cascades, chans {MODEL['chans']}, pools {MODEL['pools']}, init_scale "
+        f"{MODEL['init_scale']:g}), Adam lr {args.lr:g} "
         f"with cosine decay, **{args.steps} steps of batch 1 for every run**, seed {args.seed}. Supervised: SSIM loss "
         "on fresh random masks each epoch. Augmented: the same plus MRAugment (`AugmentedVarNetTransform`, "
         "default weights, p = 0.55 reached by an exponential ramp over the steps). Self-supervised: SSDU "
@@ -239,7 +240,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "data_efficiency")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2, 1.0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -271,9 +272,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "platform": f"{platform.machine()} CPU, torch {torch.__version__}",
         "cg_l2": best_l2, "zero_filled": zero_filled, "seconds": seconds, "slices": slices,
         "caveat": (f"Caveat: one seed per run and a small step budget ({args.steps} steps) on a small simulated set, "
-                   "what 2 shared CPU cores allowed; the models are far from converged (the full-data model sees "
-                   "each slice a few times) and single runs differ by several 0.01 SSIM for reasons other than the "
-                   "method (compare neighbouring rows, e.g. supervised at 20 % vs 100 %, before reading a "
+                   "what 2 shared CPU cores allowed; the models are not converged and single runs differ by "
+                   "several 0.01 SSIM for reasons other than the "
+                   "method (compare neighbouring rows, e.g. augmented at 20 % vs 100 %, before reading a "
                    "difference as real)."),
     }  # fmt: skip
     section = markdown(rows, extra, args)
