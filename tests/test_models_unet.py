@@ -84,6 +84,40 @@ def test_fused_instance_norm_leaky_relu_gradients():
     assert torch.allclose(instance_norm_leaky_relu(x * 1.0), ref, atol=1e-12)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_norm_single_image_is_accurate_in_both_memory_formats(memory_format):
+    """Batch of one (the VarNet case): NCHW takes the fused batch-norm kernel, channels-last two-pass statistics;
+    both must stay at float32 round-off against float64 on a large image with an offset mean (where PyTorch's
+    channels-last batch-norm statistics are off by ~1e-5)."""
+    torch.manual_seed(3)
+    x = (torch.randn(1, 18, 320, 184) * 3 + 1).contiguous(memory_format=memory_format).requires_grad_(True)
+    g = torch.randn(1, 18, 320, 184)
+    y = instance_norm_leaky_relu(x)
+    y.backward(g)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = F.leaky_relu(F.instance_norm(x64, eps=1e-5), 0.2)
+    ref.backward(g.double())
+    assert y.is_contiguous(memory_format=memory_format)
+    assert _rel(y.double(), ref) < 1e-6
+    assert _rel(x.grad.double(), x64.grad) < 1e-6
+
+
+def test_unet_runs_channels_last_on_cpu_and_returns_contiguous():
+    """Eager CPU U-Nets run their activations channels-last (also for the permuted complex-to-channel view a
+    NormUnet passes in) and hand back an NCHW-contiguous tensor."""
+    torch.manual_seed(4)
+    net = Unet(2, 2, chans=4, num_pool_layers=2)
+    formats = []
+    hook = net.down_sample_layers[0].layers[0].register_forward_hook(
+        lambda module, inputs, output: formats.append(output.is_contiguous(memory_format=torch.channels_last))
+    )
+    view = torch.randn(1, 1, 32, 24, 2).permute(0, 4, 1, 2, 3).reshape(1, 2, 32, 24)  # as NormUnet builds it
+    out = net(view)
+    hook.remove()
+    assert formats == [True] and out.is_contiguous()
+    assert torch.equal(out, net(view.contiguous()))
+
+
 def test_fused_norm_keeps_one_activation_per_convolution():
     """The fused op saves its output (shared with the next conv) and 1/std only, not the conv output."""
     x = torch.randn(1, 4, 32, 32, requires_grad=True)

@@ -220,7 +220,10 @@ class Unet(nn.Module):
         """
         stack = []
         channels_last = image.device.type == "cpu" and not tracing()
-        output = image.contiguous(memory_format=torch.channels_last) if channels_last else image
+        output = image
+        if channels_last:  # a copy with channels-last strides (a permuted view may only look channels-last when
+            # its batch stride is ambiguous, and convolutions then fall back to NCHW)
+            output = torch.empty_like(image, memory_format=torch.channels_last).copy_(image)
         for layer in self.down_sample_layers:
             output = layer(output)
             stack.append(output)
