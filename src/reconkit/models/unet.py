@@ -44,8 +44,8 @@ class InstanceNormLeakyReLU(torch.autograd.Function):
             invstd = invstd.view(1, channels, 1, 1)
         elif x.shape[0] == 1:
             # channels-last: PyTorch's CPU batch-norm statistics lose ~1e-5 relative accuracy in this layout, so
-            # the statistics come from var_mean and only the normalisation runs as the (inference) batch-norm kernel
-            # (two passes: var_mean's Welford reduction is slow in this layout)
+            # mean and variance come from two plain reductions (var_mean's Welford reduction is slow in this layout)
+            # and only the normalisation runs as the (inference) batch-norm kernel
             mean = x.mean(dim=(0, 2, 3))
             var = torch.sub(x, mean.view(1, channels, 1, 1)).square_().mean(dim=(0, 2, 3))
             out = torch.native_batch_norm(x, None, None, mean, var, False, 0.0, eps)[0]
