@@ -96,7 +96,10 @@ def target_matches(target_path: Path, acquisition: Optional[str], acceleration: 
         return True
     with open_volume(target_path) as hf:
         attrs = dict(hf.attrs)
-    if acquisition is not None and str(attrs.get("acquisition", "")) != acquisition:
+    stored = attrs.get("acquisition", "")
+    if isinstance(stored, bytes):  # fixed-length HDF5 strings come back as bytes
+        stored = stored.decode("utf-8", "replace")
+    if acquisition is not None and str(stored) != acquisition:
         return False
     if acceleration is not None:
         try:
