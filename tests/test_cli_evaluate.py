@@ -118,6 +118,19 @@ def test_cli_table_csv_and_bad_files(tmp_path, capsys):
     assert float(rows[1]["psnr_db"]) == pytest.approx(score.psnr, rel=1e-6)
 
 
+def test_filters_on_bad_or_unlabelled_targets(tmp_path):
+    """With a filter set the target is opened for its attrs: a corrupt target is one error line naming the file
+    (the other volumes are still scored) and a target without the attr is left out, not an error."""
+    rng = np.random.default_rng(3)
+    target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 32, 32, 32, 32)] * 3)  # acquisition CORPD_FBK, no accel.
+    (target_dir / "file1.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 50)  # corrupt target
+    scores, errors = cli_evaluate.evaluate_directories(target_dir, pred_dir, acquisition="CORPD_FBK")
+    assert {s.name for s in scores} == {"file0.h5", "file2.h5"}
+    assert len(errors) == 1 and "file1.h5" in errors[0]
+    scores, errors = cli_evaluate.evaluate_directories(target_dir, pred_dir, acceleration=4)
+    assert scores == [] and len(errors) == 1 and "file1.h5" in errors[0]
+
+
 def test_single_coil_and_wrong_key(tmp_path, capsys):
     rng = np.random.default_rng(2)
     target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 32, 32, 32, 32)], key="reconstruction_esc")
