@@ -1,9 +1,10 @@
 """Train the bundled small VarNet on simulated data, export it to ONNX and write ``checkpoints/`` + its model card.
 
-    .venv/bin/python data_scripts/train_bundled_model.py [--steps 4000] [--minutes 95] [--data data/bundled] [--out checkpoints]
+    .venv/bin/python data_scripts/train_bundled_model.py [--steps 5000] [--minutes 95] [--data data/bundled] [--out checkpoints]
 
-1. Simulates a varied training set from the training subject (``mni152``: many slice positions, axial / coronal /
-   sagittal, T1 / T2 / PD at 1.5 and 3 T, 4 / 8 / 12 coils, SNR 22–40 dB) at 192 × 112 encoded k-space (2×
+1. Simulates a varied training set from three real sources (``mni152`` template brain: many slice positions, axial /
+   coronal / sagittal, T1 / T2 / PD at 1.5 and 3 T; ``nibabel_epi`` real EPI brain; ``pydicom_abdomen`` real
+   abdominal slice; 4 / 8 / 12 coils, SNR 22–40 dB) at 192 × 112 encoded k-space (2×
    readout oversampling, 96 × 96 recon), plus held-out scans of a different, real subject (``dipy_b0``).
 2. Trains a VarNet with ``reconkit.training.KspaceModule`` and Lightning (L1 loss, Adam, cosine decay over
    ``--steps`` optimizer steps) on 4× and 8× equispaced masks on the CPU (one thread: on a shared 2-core machine
@@ -21,6 +22,7 @@ import platform
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,13 @@ EXPORT_SIZES = [ENCODED, (320, 184)]
 MODEL = dict(num_cascades=8, chans=12, pools=3, sens_chans=6, sens_pools=2, init_scale=0.1)
 LOSS, LR = "l1", 1e-3  # L1: the held-out target is PSNR against classical CS; SSIM is checked, not optimised
 MASK = dict(mask_type="equispaced_fraction", center_fractions=[0.08, 0.08, 0.04], accelerations=[4, 4, 8])
-TRAIN_SIM = dict(coils=(4, 8, 12), snr_db=(22.0, 28.0, 34.0, 40.0), slices=8, contrast="mixed", orientation="mixed")
+# Training subjects, drawn per volume (a repeated name weighs double): the MNI152 template with synthesised
+# contrasts, a real EPI brain and a real abdominal slice — none from dipy, the held-out subject's package.
+TRAIN_SOURCES = ("mni152", "mni152", "nibabel_epi", "nibabel_epi", "pydicom_abdomen")
+TRAIN_SIM = dict(
+    source=TRAIN_SOURCES, coils=(4, 8, 12), snr_db=(22.0, 28.0, 34.0, 40.0), slices=8, contrast="mixed",
+    orientation="mixed",
+)
 HELD_OUT = dict(source="dipy_b0", coils=8, slices=10, snr_db=32.0)
 
 
@@ -129,6 +137,7 @@ def model_card(out: Path, manifest: dict, steps_info: str, metrics: dict, onnx_g
     orientations = sorted({v["params"]["orientation"] for v in train_files})
     coils = sorted({v["params"]["coils"] for v in train_files})
     snrs = sorted({v["params"]["snr_db"] for v in train_files})
+    sources = dict(Counter(v["params"]["source"] for v in train_files))
     size_ckpt = (out / "varnet_small.ckpt").stat().st_size / 2**20
     size_onnx = (out / "varnet_small.onnx").stat().st_size / 2**20
     return f"""# Model card: `varnet_small` (bundled)
@@ -149,10 +158,12 @@ plain data consistency). Output: RSS magnitude at the encoded size; crop to the 
 * Trainer: `reconkit.training.KspaceModule` (model_type `varnet`) + `FastMriDataModule` with Lightning
   ({steps_info}); {LOSS.upper()} loss,
   Adam lr {LR:g} with cosine decay, batch 1, CPU, one thread, on a shared 2-core machine.
-* Data: {len(train_files)} simulated volumes × {TRAIN_SIM["slices"]} slices from `reconkit.data.simulate`, source
-  `mni152` (the MNI152 template with synthesised T1 / T2 / PD contrast — one subject, many slice positions and
-  in-plane rotations), contrasts {contrasts}, orientations {orientations}, coils {coils}, SNR {snrs} dB,
-  k-space {ENCODED[0]}×{ENCODED[1]} (2× readout oversampling), recon {RECON[0]}×{RECON[1]}.
+* Data: {len(train_files)} simulated volumes (up to {TRAIN_SIM["slices"]} slices each) from `reconkit.data.simulate`,
+  sources {sources} (volumes per source): the MNI152 template with synthesised T1 / T2 / PD contrast, a real
+  T2*-weighted EPI brain (nibabel's example) and a real T1 abdominal slice (pydicom's example) — many slice
+  positions, in-plane rotations, flips and fields of view; contrasts {contrasts}, orientations {orientations},
+  coils {coils}, SNR {snrs} dB, k-space {ENCODED[0]}×{ENCODED[1]} (2× readout oversampling), recon
+  {RECON[0]}×{RECON[1]}. No training image comes from dipy, the package of the held-out subject.
 * Masks: `{MASK["mask_type"]}`, (centre fraction, acceleration) drawn from
   {list(zip(MASK["center_fractions"], MASK["accelerations"]))} per slice and epoch.
 
@@ -163,7 +174,7 @@ volumes; seconds per slice on this CPU (shared, one thread for torch):
 
 {table(metrics["held_out"])}
 
-Test split of the training subject (other slice positions / contrasts / coil counts than training):
+Test split of the training sources (other slice positions / contrasts / coil counts than training):
 
 {table(metrics["test"])}
 
@@ -172,8 +183,8 @@ ONNX Runtime vs torch on the held-out scans: max |difference| / max image = {onn
 ## Limits
 * Trained for minutes on a CPU: far from converged; a full-size VarNet trained on real fastMRI data is much
   better. Use it for demos, smoke tests and as a starting point, not for diagnosis.
-* One training subject (a template brain); never trained on knee or real raw k-space; the held-out subject is
-  real but its coils, noise and k-space are simulated.
+* Three training images (a template brain, one real EPI brain, one real abdominal slice); never trained on knee
+  or real raw k-space; the held-out subject is real but its coils, noise and k-space are simulated.
 * Only {ENCODED[0]}×{ENCODED[1]}-like k-space (about 2 mm pixels) was seen; the ONNX graph accepts only the sizes
   listed above (use the checkpoint with `--backend torch` for other sizes, quality not guaranteed).
 * Cartesian line masks at 4× / 8×; other accelerations or 2D masks are out of distribution.
@@ -185,9 +196,9 @@ Machine: {platform.machine()} / {platform.processor() or "cpu"}, torch {torch.__
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps (the cosine schedule's length)")
+    parser.add_argument("--steps", type=int, default=5000, help="optimizer steps (the cosine schedule's length)")
     parser.add_argument("--minutes", type=float, default=95.0, help="wall-clock safety stop for training")
-    parser.add_argument("--volumes", type=int, default=36, help="simulated volumes of the training subject")
+    parser.add_argument("--volumes", type=int, default=48, help="simulated training / test volumes")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "bundled", help="simulated data folder")
     parser.add_argument("--out", type=Path, default=ROOT / "checkpoints", help="where the model files go")
     parser.add_argument("--reuse-data", action="store_true", help="use already simulated data in --data")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import fastmri
 import h5py
@@ -173,7 +174,7 @@ def test_contrast_weightings_follow_the_literature():
 
 
 def test_held_out_sources_are_real_images_of_other_subjects():
-    assert set(SOURCES) == {"mni152", "dipy_b0", "pydicom_mr"}
+    assert set(SOURCES) == {"mni152", "dipy_b0", "pydicom_mr", "nibabel_epi", "pydicom_abdomen"}
     b0 = simulate_volume(0, source="dipy_b0", coils=4, slices=12, encoded_size=(128, 96), recon_size=(64, 64))
     assert b0.kspace.shape[0] == 10 and b0.attrs["patient_id"] == "dipy_b0"  # the file has 10 slices
     single = simulate_volume(0, source="pydicom_mr", **SMALL)
@@ -182,6 +183,51 @@ def test_held_out_sources_are_real_images_of_other_subjects():
         assert vol.reconstruction_rss.max() > 0 and np.isfinite(vol.kspace).all()
     with pytest.raises(ValueError, match="axial"):
         simulate_volume(0, source="dipy_b0", orientation="coronal", **SMALL)
+
+
+def test_real_training_sources_are_the_package_images():
+    import nibabel
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from reconkit.data.simulate.anatomy import load_source
+
+    epi = load_source("nibabel_epi")
+    path = Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz"
+    frame = np.asarray(nibabel.load(path).dataobj[..., 0], dtype=np.float32)
+    assert epi.maps.shape == (1, *frame.shape) and np.allclose(np.diag(epi.affine)[:3], (2.0, 2.0, 2.2))
+    # Same image up to the 99.5th-percentile scaling and the clip at 1.2.
+    scale = np.percentile(frame, 99.5)
+    np.testing.assert_allclose(epi.maps[0], np.clip(frame / scale, 0, 1.2), rtol=1e-5, atol=1e-6)
+    abdomen = load_source("pydicom_abdomen")
+    pixels = pydicom.dcmread(get_testdata_file("examples_overlay.dcm")).pixel_array
+    assert abdomen.maps.shape == (1, pixels.shape[1], pixels.shape[0], 1)
+    assert np.isclose(abdomen.affine[0, 0], 0.72314, atol=1e-4)
+    centre = abdomen.maps[0, 100:-100, 100:-100, 0]  # inside the edge taper: the image itself, scaled
+    pixels_xy = pixels.T[:, ::-1].astype(np.float32)[100:-100, 100:-100]
+    ratio = centre[pixels_xy > 100] / pixels_xy[pixels_xy > 100]
+    assert np.allclose(ratio, ratio[0], rtol=1e-4)
+    epi_volume = simulate_volume(0, source="nibabel_epi", coils=4, slices=30, encoded_size=(128, 96), recon_size=(64, 64))
+    assert epi_volume.kspace.shape[0] == 24 and epi_volume.attrs["patient_id"] == "nibabel_epi"
+    body = simulate_volume(0, source="pydicom_abdomen", **SMALL)
+    assert body.kspace.shape[0] == 1 and body.params["protocol"]["contrast"] == "t1"
+
+
+def test_dataset_draws_sources_per_volume(tmp_path):
+    options = dict(coils=4, slices=1, encoded_size=(48, 40), recon_size=(24, 24), seed=3, progress=False)
+    mixed = simulate_dataset(tmp_path / "mixed", 8, source=("mni152", "nibabel_epi", "pydicom_abdomen"), **options)
+    sources = [v["params"]["source"] for v in mixed["volumes"]]
+    assert len(set(sources)) >= 2 and set(sources) <= {"mni152", "nibabel_epi", "pydicom_abdomen"}
+    for entry, source in zip(mixed["volumes"], sources):
+        assert Path(entry["file"]).name.startswith(f"{source}_s3_")
+        with h5py.File(tmp_path / "mixed" / entry["file"], "r") as f:
+            assert f.attrs["patient_id"] == source
+    # A single source keeps the per-volume draws (coils, SNR) of a dataset without the source draw.
+    single = simulate_dataset(tmp_path / "single", 3, source=["mni152"], **options)
+    plain = simulate_dataset(tmp_path / "plain", 3, source="mni152", **options)
+    assert single["volumes"] == plain["volumes"]
+    with pytest.raises(ValueError, match="source"):
+        simulate_dataset(tmp_path / "none", 2, source=[], **options)
 
 
 def test_mni152_files_are_nilearns_templates():
@@ -242,6 +288,10 @@ def test_cli_writes_dataset_and_reports_bad_options(tmp_path, capsys):
             "--encoded-size", "48", "40", "--recon-size", "24", "24", "--slices", "1", "--no-progress"]  # fmt: skip
     assert main(args) == 0
     assert sorted(p.parent.name for p in (tmp_path / "out").rglob("*.h5")) == ["test", "train", "val"]
+    assert main([*args[:2], str(tmp_path / "mixed"), *args[3:], "--source", "nibabel_epi", "pydicom_abdomen"]) == 0
+    manifest = json.loads((tmp_path / "mixed" / "manifest.json").read_text())
+    assert manifest["options"]["source"] == ["nibabel_epi", "pydicom_abdomen"]
+    assert {v["params"]["source"] for v in manifest["volumes"]} <= {"nibabel_epi", "pydicom_abdomen"}
     assert main(args[:-1] + ["--encoded-size", "47", "40"]) == 2
     assert "even" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("not a folder")

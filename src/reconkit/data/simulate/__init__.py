@@ -13,8 +13,9 @@ Public API::
                                 encoded_size=(320, 184), recon_size=(160, 160))
     # data/sim/{train,val,test}/*.h5 and data/sim/manifest.json
 
-Sources: ``"mni152"`` (training subject, T1/T2/PD synthesised from tissue maps) and the real fixed-contrast
-images ``"dipy_b0"`` / ``"pydicom_mr"`` of other subjects for held-out tests.
+Sources: ``"mni152"`` (template brain, T1/T2/PD synthesised from tissue maps), the real fixed-contrast training
+images ``"nibabel_epi"`` (EPI brain) / ``"pydicom_abdomen"`` (abdomen), and the real fixed-contrast images
+``"dipy_b0"`` / ``"pydicom_mr"`` of other subjects for held-out tests.
 """
 
 from reconkit.data.simulate.anatomy import SOURCES

@@ -11,6 +11,14 @@ Sources (all read from package files on disk, never downloaded):
   human brain, 128 × 128 at 2 mm. Its contrast is fixed. Use it as the **held-out** subject.
 * ``"pydicom_mr"`` — pydicom's ``MR_small.dcm``: one real 64 × 64 MR slice (T2-weighted, TR 4000 ms, TE 240 ms).
   Its contrast is fixed; a volume from it has one slice.
+* ``"nibabel_epi"`` — nibabel's ``example4d.nii.gz`` (first frame): 24 real axial T2*-weighted EPI slices of
+  another human brain, 128 × 96 at 2 mm, 2.2 mm apart. Fixed contrast; a **training** source that is not a
+  template.
+* ``"pydicom_abdomen"`` — pydicom's ``examples_overlay.dcm``: one real axial abdominal slice (Siemens 1.5 T, T1
+  gradient echo, 300 × 484 at 0.72 mm). Fixed contrast, one slice; other anatomy than the brain for training.
+
+None of the training sources (mni152, nibabel_epi, pydicom_abdomen) comes from dipy, the package of the held-out
+subject, so no training image can be a view of the held-out scan.
 
 World coordinates are RAS millimetres with B0 along +z (head–foot). Image rows (H, the readout direction of the
 encoded k-space) and columns (W, phase-encode) are placed in world space by :class:`SliceGeometry`.
@@ -38,7 +46,7 @@ __all__ = [
     "slice_points",
 ]
 
-SOURCES = ("mni152", "dipy_b0", "pydicom_mr")
+SOURCES = ("mni152", "dipy_b0", "pydicom_mr", "nibabel_epi", "pydicom_abdomen")
 ORIENTATIONS = ("axial", "coronal", "sagittal")
 TISSUES = ("wm", "gm", "csf", "fat", "muscle")
 
@@ -188,6 +196,33 @@ def _load_pydicom_mr() -> SourceVolume:
     return _fixed_contrast_source("pydicom_mr", image, (3.0, 3.0, 3.0), "t2")
 
 
+@functools.lru_cache(maxsize=1)
+def _load_nibabel_epi() -> SourceVolume:
+    import nibabel
+
+    path = importlib.resources.files("nibabel.tests").joinpath("data", "example4d.nii.gz")
+    image = np.asarray(nibabel.load(str(path)).dataobj[..., 0], dtype=np.float32)  # (128, 96, 24), LAS
+    return _fixed_contrast_source("nibabel_epi", image, (2.0, 2.0, 2.2), "t2")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_pydicom_abdomen() -> SourceVolume:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    dataset = pydicom.dcmread(get_testdata_file("examples_overlay.dcm"))
+    image = dataset.pixel_array.astype(np.float32).T[:, ::-1, None]  # (x, y, 1) as for MR_small
+    # The scan's field of view cuts through the arms and flanks; a 12 mm cosine taper at the frame's edges keeps
+    # that cut from becoming a bright straight edge that no real acquisition of the whole body would have.
+    for axis in (0, 1):
+        n, edge = image.shape[axis], 16
+        ramp = np.ones(n, dtype=np.float32)
+        ramp[:edge] = ramp[-edge:][::-1] = 0.5 - 0.5 * np.cos(np.pi * (np.arange(edge) + 0.5) / edge)
+        image *= ramp.reshape([-1 if a == axis else 1 for a in range(3)])
+    spacing = float(dataset.PixelSpacing[0])
+    return _fixed_contrast_source("pydicom_abdomen", image, (spacing, spacing, float(dataset.SliceThickness)), "t1")
+
+
 def _fixed_contrast_source(
     name: str, image: np.ndarray, voxel_mm: tuple[float, float, float], contrast: str
 ) -> SourceVolume:
@@ -204,7 +239,13 @@ def _fixed_contrast_source(
     return SourceVolume(name, maps, affine, ("axial",), contrast, center, radius)
 
 
-_LOADERS = {"mni152": _load_mni152, "dipy_b0": _load_dipy_b0, "pydicom_mr": _load_pydicom_mr}
+_LOADERS = {
+    "mni152": _load_mni152,
+    "dipy_b0": _load_dipy_b0,
+    "pydicom_mr": _load_pydicom_mr,
+    "nibabel_epi": _load_nibabel_epi,
+    "pydicom_abdomen": _load_pydicom_abdomen,
+}
 
 
 def _extent(support: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, float]:

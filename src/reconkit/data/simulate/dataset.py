@@ -62,7 +62,7 @@ def simulate_dataset(
     recon_size: tuple[int, int] = (320, 320),
     contrast: str = "mixed",
     orientation: str = "mixed",
-    source: str = "mni152",
+    source: str | Sequence[str] = "mni152",
     split: Sequence[float] = (0.7, 0.15, 0.15),
     noise_correlation: float = 0.5,
     field_strength_t: float | None = None,
@@ -72,15 +72,17 @@ def simulate_dataset(
     """Write ``num_volumes`` simulated volumes to ``output_dir/{train,val,test}/`` and ``output_dir/manifest.json``.
 
     Volume ``i`` has seed :func:`volume_seed` ``(seed, i)``; its coil count and SNR are drawn from ``coils`` /
-    ``snr_db`` when those are sequences (a training set with variety), so a dataset is reproducible volume by
-    volume. Files are named ``<source>_s<seed>_<i:04d>.h5`` and written atomically.
+    ``snr_db`` when those are sequences (a training set with variety), and so is its source subject when ``source``
+    is a sequence (repeat a name to weight it), so a dataset is reproducible volume by volume. Files are named
+    ``<source>_s<seed>_<i:04d>.h5`` and written atomically.
 
     Args:
         output_dir: destination folder (created).
         num_volumes: number of volumes ``N ≥ 1``.
         coils: coil count, or a sequence of counts to draw from per volume.
         snr_db: SNR in dB (``inf`` for none), or a sequence to draw from per volume.
-        slices, encoded_size, recon_size, contrast, orientation, source, noise_correlation, field_strength_t:
+        source: a source name (see :data:`reconkit.data.simulate.SOURCES`), or a sequence to draw from per volume.
+        slices, encoded_size, recon_size, contrast, orientation, noise_correlation, field_strength_t:
             as for :func:`reconkit.data.simulate.simulate_volume`.
         split: train / val / test fractions (by volume; see :func:`split_assignment`).
         seed: dataset seed.
@@ -95,22 +97,29 @@ def simulate_dataset(
     output.mkdir(parents=True, exist_ok=True)  # fails now, not after the first volume, if it cannot be a folder
     labels = split_assignment(num_volumes, split, seed)
     coil_choices, snr_choices = [int(c) for c in _choices(coils)], [float(s) for s in _choices(snr_db)]
+    source_choices = [source] if isinstance(source, str) else [str(s) for s in source]
+    if not source_choices:
+        raise ValueError("source needs at least one name")
     options = {
         "coils": coil_choices, "snr_db": snr_choices, "slices": slices, "encoded_size": list(encoded_size),
-        "recon_size": list(recon_size), "contrast": contrast, "orientation": orientation, "source": source,
+        "recon_size": list(recon_size), "contrast": contrast, "orientation": orientation, "source": source_choices,
         "split": list(split), "noise_correlation": noise_correlation, "field_strength_t": field_strength_t,
     }  # fmt: skip
     entries = []
-    for index in tqdm(range(num_volumes), desc=f"simulate {source}", unit="vol", disable=not progress):
+    desc = f"simulate {'+'.join(dict.fromkeys(source_choices))}"
+    for index in tqdm(range(num_volumes), desc=desc, unit="vol", disable=not progress):
         vseed = volume_seed(seed, index)
         pick = np.random.default_rng(vseed)
+        coil_index, snr_index = int(pick.integers(len(coil_choices))), int(pick.integers(len(snr_choices)))
+        # drawn after coils and SNR so a single-source dataset stays the one earlier versions wrote
+        volume_source = source_choices[int(pick.integers(len(source_choices))) if len(source_choices) > 1 else 0]
         volume = simulate_volume(
-            vseed, source=source, coils=coil_choices[int(pick.integers(len(coil_choices)))],
-            snr_db=snr_choices[int(pick.integers(len(snr_choices)))], slices=slices, encoded_size=encoded_size,
+            vseed, source=volume_source, coils=coil_choices[coil_index],
+            snr_db=snr_choices[snr_index], slices=slices, encoded_size=encoded_size,
             recon_size=recon_size, contrast=contrast, orientation=orientation, field_strength_t=field_strength_t,
             noise_correlation=noise_correlation,
         )  # fmt: skip
-        name = f"{labels[index]}/{source}_s{seed}_{index:04d}.h5"
+        name = f"{labels[index]}/{volume_source}_s{seed}_{index:04d}.h5"
         write_volume(volume, output / name)
         entries.append({"file": name, "split": labels[index], "seed": vseed, "params": volume.params})
     manifest = {"seed": int(seed), "num_volumes": int(num_volumes), "options": options, "volumes": entries}

@@ -75,10 +75,12 @@ def simulate_volume(
 
     Args:
         seed: integer seed.
-        source: ``"mni152"`` (training subject, any contrast), ``"dipy_b0"`` or ``"pydicom_mr"`` (real
+        source: ``"mni152"`` (training subject, any contrast), ``"nibabel_epi"`` / ``"pydicom_abdomen"`` (real
+            fixed-contrast training images of other subjects), ``"dipy_b0"`` or ``"pydicom_mr"`` (real
             fixed-contrast images of other subjects, for held-out tests); see :mod:`.anatomy`.
         coils: number of receive coils ``C ≥ 1``.
-        slices: number of slices ``S`` (a fixed-contrast source gives at most as many as it has: 10 / 1).
+        slices: number of slices ``S`` (a fixed-contrast source gives at most as many as it has: dipy_b0 10,
+            nibabel_epi 24, pydicom_mr / pydicom_abdomen 1).
         encoded_size: ``(H, W)`` k-space size, both even; ``H`` covers the readout field of view
             ``H / h`` times (2× oversampling for the default 640 / 320).
         recon_size: ``(h, w)`` reconstructed size, ``h ≤ H``, ``w ≤ W``.
@@ -171,7 +173,8 @@ def _protocol(subject, contrast_name: str, field_strength_t, rng) -> contrast_mo
     if subject.native_contrast is None:
         return contrast_model.choose_protocol(contrast_name, rng, field_strength_t)
     field = 1.5 if field_strength_t is None else float(field_strength_t)
-    return contrast_model.Protocol(subject.native_contrast, "spin_echo", field, 4000.0, 100.0, 90.0)
+    tr_ms, te_ms = (500.0, 12.0) if subject.native_contrast == "t1" else (4000.0, 100.0)
+    return contrast_model.Protocol(subject.native_contrast, "spin_echo", field, tr_ms, te_ms, 90.0)
 
 
 def _check_sizes(encoded_size, recon_size, num_coils: int, num_slices: int) -> None:
