@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from reconkit.ops import fft2c, fft_impl, ifft2c
-from reconkit.ops.dft_matmul import axis_plan, centred_fft_matmul, radices
+from reconkit.ops import data_consistency, fft2c, fft_impl, ifft2c, pair_factor, sens_expand, sens_reduce
+from reconkit.ops.dft_matmul import axis_plan, centred_fft_matmul, centred_fft_matmul_planar, radices
 
 FASTMRI_SIZES = [(640, 368), (640, 372), (640, 320), (768, 396), (640, 272)]
 OTHER_SIZES = [(32, 24), (30, 22), (96, 70), (7, 9), (45, 33), (1, 5), (13, 2), (4100, 6)]
@@ -34,6 +34,33 @@ def test_equals_fft2c(height: int, width: int, inverse: bool) -> None:
     assert result.shape == x.shape and result.dtype == torch.float32
     assert relative_error(result, reference) <= 1e-5
     assert float((result - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+
+
+@pytest.mark.parametrize("height,width", [(640, 368), (30, 22), (45, 33)])
+def test_planar_form_equals_fft2c(height: int, width: int) -> None:
+    x = torch.randn(3, 1, height, width, 2, generator=torch.Generator().manual_seed(2))
+    for inverse, reference in ((False, fft2c(x)), (True, ifft2c(x))):
+        re, im = centred_fft_matmul_planar(x[..., 0], x[..., 1], inverse)
+        assert re.shape == im.shape == x.shape[:-1]
+        assert relative_error(torch.stack((re, im), dim=-1), reference) <= 1e-5
+    with pytest.raises(ValueError, match="one shape"):
+        centred_fft_matmul_planar(x[..., 0], x[:1, ..., 1], False)
+
+
+@pytest.mark.parametrize("height,width", [(64, 46), (45, 33)])
+def test_export_path_coil_ops_equal_the_eager_ones(height: int, width: int) -> None:
+    """sens_expand / sens_reduce / data_consistency under fft_impl("matmul") (planar FFT, expanded factors)."""
+    g = torch.Generator().manual_seed(3)
+    image, maps = torch.randn(2, 1, height, width, 2, generator=g), torch.randn(2, 4, height, width, 2, generator=g)
+    kspace, ref = torch.randn(2, 4, height, width, 2, generator=g), torch.randn(2, 4, height, width, 2, generator=g)
+    mask = (torch.rand(2, 1, 1, width, 1, generator=g) < 0.4).float()
+    eager = sens_expand(image, maps), sens_reduce(kspace, maps), data_consistency(kspace, ref, mask, 0.7)
+    assert pair_factor(mask).shape == mask.shape  # eager: unchanged
+    with fft_impl("matmul"):
+        exported = sens_expand(image, maps), sens_reduce(kspace, maps), data_consistency(kspace, ref, mask, 0.7)
+        assert pair_factor(mask).shape == (2, 1, 1, width, 2) and pair_factor(kspace).shape == kspace.shape
+    for actual, expected in zip(exported, eager):
+        assert actual.shape == expected.shape and relative_error(actual, expected) <= 1e-5
 
 
 @pytest.mark.parametrize("height,width", [(640, 368), (30, 22), (45, 33)])

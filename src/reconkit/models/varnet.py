@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from reconkit.models.unet import NormUnet, tracing
-from reconkit.ops import data_consistency, ifft2c, rss_complex, sens_expand, sens_reduce
+from reconkit.ops import data_consistency, ifft2c, pair_factor, rss_complex, sens_expand, sens_reduce
 
 __all__ = ["SensitivityModel", "VarNet", "VarNetBlock", "low_frequency_window"]
 
@@ -99,7 +99,7 @@ class SensitivityModel(nn.Module):
             pad, num_low = low_frequency_window(mask, num_low_frequencies)
             columns = torch.arange(masked_kspace.shape[-2], device=masked_kspace.device)
             keep = (columns >= pad[:, None]) & (columns < (pad + num_low)[:, None])  # (B, W)
-            masked_kspace = masked_kspace * keep[:, None, None, :, None].to(masked_kspace.dtype)
+            masked_kspace = masked_kspace * pair_factor(keep[:, None, None, :, None].to(masked_kspace.dtype))
 
         images = ifft2c(masked_kspace)
         b, c, h, w, _ = images.shape
@@ -109,7 +109,7 @@ class SensitivityModel(nn.Module):
         else:  # eager: coil by coil (identical result; smaller tensors and batch-of-one norm kernels, faster)
             sens_maps = torch.cat([self.norm_unet(image) for image in coil_images.split(1)])
         sens_maps = sens_maps.reshape(b, c, h, w, 2)
-        return sens_maps / rss_complex(sens_maps, dim=1)[:, None, :, :, None]
+        return sens_maps / pair_factor(rss_complex(sens_maps, dim=1)[:, None, :, :, None])
 
 
 class VarNetBlock(nn.Module):

@@ -12,6 +12,7 @@ from reconkit.ops.complex import (
     complex_conj,
     complex_mul,
     native_complex_ok,
+    pair_factor,
     rss,
     rss_complex,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "centering_modulation",
     "as_complex",
     "native_complex_ok",
+    "pair_factor",
     "complex_mul",
     "complex_conj",
     "complex_abs",

@@ -11,8 +11,9 @@ from typing import Optional
 import torch
 
 from reconkit.ops.backend import resolve_backend
-from reconkit.ops.complex import as_complex, complex_conj, complex_mul, native_complex_ok
-from reconkit.ops.fft import centering_modulation, fft2c, ifft2c
+from reconkit.ops.complex import as_complex, complex_conj, complex_mul, native_complex_ok, pair_factor
+from reconkit.ops.dft_matmul import centred_fft_matmul_planar
+from reconkit.ops.fft import centering_modulation, current_fft_impl, fft2c, ifft2c
 
 __all__ = ["sens_expand", "sens_reduce", "data_consistency"]
 
@@ -32,6 +33,8 @@ def sens_expand(image: torch.Tensor, sens_maps: torch.Tensor, backend: Optional[
         from reconkit.ops import triton_kernels
 
         return triton_kernels.sens_expand(image, sens_maps)
+    if current_fft_impl() == "matmul":
+        return _sens_expand_planar(image, sens_maps)
     height, width = sens_maps.shape[-3], sens_maps.shape[-2]
     if not (native_complex_ok(image, sens_maps) and height % 2 == 0 and width % 2 == 0):
         return fft2c(complex_mul(image, sens_maps))
@@ -57,6 +60,8 @@ def sens_reduce(kspace: torch.Tensor, sens_maps: torch.Tensor, backend: Optional
         from reconkit.ops import triton_kernels
 
         return triton_kernels.sens_reduce(kspace, sens_maps)
+    if current_fft_impl() == "matmul":
+        return _sens_reduce_planar(kspace, sens_maps)
     height, width = kspace.shape[-3], kspace.shape[-2]
     if not (native_complex_ok(kspace, sens_maps) and height % 2 == 0 and width % 2 == 0):
         return complex_mul(ifft2c(kspace), complex_conj(sens_maps)).sum(dim=1, keepdim=True)
@@ -67,6 +72,23 @@ def sens_reduce(kspace: torch.Tensor, sens_maps: torch.Tensor, backend: Optional
     coil_images = torch.fft.ifft2(z_kspace * pre, dim=(-2, -1), norm="ortho")
     image = torch.linalg.vecdot(z_sens, coil_images, dim=1).unsqueeze(1) * post
     return torch.view_as_real(image)
+
+
+def _sens_expand_planar(image: torch.Tensor, sens_maps: torch.Tensor) -> torch.Tensor:
+    """Export path (``fft_impl("matmul")``): the coil product and the MatMul FFT on planar real / imaginary parts,
+    so the C-coil (real, imag) axis is built once, at the end (see ``centred_fft_matmul_planar``)."""
+    x_re, x_im, s_re, s_im = image[..., 0], image[..., 1], sens_maps[..., 0], sens_maps[..., 1]
+    re, im = centred_fft_matmul_planar(x_re * s_re - x_im * s_im, x_re * s_im + x_im * s_re, inverse=False)
+    return torch.stack((re, im), dim=-1)
+
+
+def _sens_reduce_planar(kspace: torch.Tensor, sens_maps: torch.Tensor) -> torch.Tensor:
+    """Export path: ``Σ_c conj(S_c) · ifft2c(k_c)`` with the MatMul FFT on planar parts (no C-coil stack)."""
+    re, im = centred_fft_matmul_planar(kspace[..., 0], kspace[..., 1], inverse=True)
+    s_re, s_im = sens_maps[..., 0], sens_maps[..., 1]
+    image_re = (re * s_re + im * s_im).sum(dim=1, keepdim=True)
+    image_im = (im * s_re - re * s_im).sum(dim=1, keepdim=True)
+    return torch.stack((image_re, image_im), dim=-1)
 
 
 def data_consistency(
@@ -92,5 +114,4 @@ def data_consistency(
         from reconkit.ops import triton_kernels
 
         return triton_kernels.data_consistency(kspace, ref_kspace, mask, weight_t)
-    mask_f = mask.to(kspace.dtype)
-    return kspace - (kspace - ref_kspace) * mask_f * weight_t
+    return kspace - (kspace - ref_kspace) * pair_factor(mask.to(kspace.dtype) * weight_t)

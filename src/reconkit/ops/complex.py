@@ -10,6 +10,7 @@ __all__ = [
     "as_complex",
     "native_complex_ok",
     "complex_mul",
+    "pair_factor",
     "complex_conj",
     "complex_abs",
     "complex_abs_sq",
@@ -45,6 +46,18 @@ def as_complex(x: torch.Tensor) -> torch.Tensor:
     if x.stride(-1) != 1 or x.storage_offset() % 2 or any(s % 2 for s in x.stride()[:-1]):
         x = x.contiguous()
     return torch.view_as_complex(x)
+
+
+def pair_factor(factor: torch.Tensor) -> torch.Tensor:
+    """A real factor ``(..., 1)`` that multiplies (or divides) data in the ``(..., 2)`` layout, ready to broadcast.
+
+    On the export path (``fft_impl("matmul")``) it is expanded to ``(..., 2)``: ONNX Runtime broadcasts a
+    size-1 innermost axis against pairs of floats one pair at a time (a mask Mul on 15-coil k-space cost as much
+    as a FFT stage), but whole rows when the trailing axes match. Eager PyTorch gets the factor unchanged.
+    """
+    if factor.shape[-1] == 1 and current_fft_impl() == "matmul":
+        return factor.expand(*factor.shape[:-1], 2)
+    return factor
 
 
 def complex_mul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["AxisPlan", "axis_plan", "centred_fft_matmul", "radices"]
+__all__ = ["AxisPlan", "axis_plan", "centred_fft_matmul", "centred_fft_matmul_planar", "radices"]
 
 MAX_RADIX = 64
 
@@ -190,12 +190,7 @@ def centred_fft_matmul(data: torch.Tensor, inverse: bool) -> torch.Tensor:
     """Centred orthonormal 2D FFT (``inverse=False``) or inverse FFT of a real-layout tensor, from MatMuls.
 
     Equal to :func:`reconkit.ops.fft2c` / :func:`reconkit.ops.ifft2c` (float32 round-off, ~3e-7 relative).
-
-    Layout of the work: the input ``(B, H, W, 2)`` is viewed as ``(B, h_1, …, h_m, w_1, …, w_n)`` digit axes
-    (real and imaginary parts as two tensors). H stages run in place (batched MatMuls whose rows are the whole
-    W extent; with two H radices the twiddle is folded into the second stage's per-``k_1`` matrices); the first
-    W stage moves its digit to the end and the next ones run in place, so for n ≤ 2 the W digits come out in
-    order and the one final Transpose only swaps H digits (blocks of W·2 contiguous floats).
+    See :func:`centred_fft_matmul_planar` for the layout of the work.
 
     Args:
         data: float tensor ``(..., H, W, 2)`` (last axis = real, imag); any H, W ≥ 1.
@@ -206,18 +201,48 @@ def centred_fft_matmul(data: torch.Tensor, inverse: bool) -> torch.Tensor:
     """
     if data.ndim < 3 or data.shape[-1] != 2:
         raise ValueError(f"centred_fft_matmul: expected a real tensor (..., H, W, 2); got shape {tuple(data.shape)}")
-    if data.dtype != torch.float32:
-        data = data.float()
-    height, width = int(data.shape[-3]), int(data.shape[-2])
-    lead = data.shape[:-3]
+    re, im = centred_fft_matmul_planar(data[..., 0], data[..., 1], inverse)
+    return torch.stack((re, im), dim=-1)
+
+
+def centred_fft_matmul_planar(
+    re: torch.Tensor, im: torch.Tensor, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`centred_fft_matmul` on planar data: real and imaginary parts as two ``(..., H, W)`` tensors.
+
+    Operators that multiply by coil maps right before or after the transform (``sens_expand`` / ``sens_reduce``
+    on the export path) use this form, so that the 2-float (real, imag) axis is never built and taken apart again
+    around the FFT: in ONNX Runtime those Concat / Gather copies of C-coil tensors cost as much as a FFT stage.
+
+    Layout of the work: ``(B, H, W)`` is viewed as ``(B, h_1, …, h_m, w_1, …, w_n)`` digit axes. H stages run in
+    place (batched MatMuls whose rows are the whole W extent; with two H radices the twiddle is folded into the
+    second stage's per-``k_1`` matrices); the first W stage moves its digit to the end and the next ones run in
+    place, so for n ≤ 2 the W digits come out in order and the one final Transpose (per part) only swaps H digits
+    (blocks of W contiguous floats).
+
+    Args:
+        re, im: float tensors ``(..., H, W)`` of one shape; any H, W ≥ 1.
+        inverse: compute the inverse transform.
+
+    Returns:
+        ``(re, im)``, float32 tensors ``(..., H, W)``.
+    """
+    if re.ndim < 2 or re.shape != im.shape:
+        raise ValueError(
+            f"centred_fft_matmul_planar: expected two (..., H, W) tensors of one shape; got {tuple(re.shape)} "
+            f"and {tuple(im.shape)}"
+        )
+    if re.dtype != torch.float32 or im.dtype != torch.float32:
+        re, im = re.float(), im.float()
+    height, width = int(re.shape[-2]), int(re.shape[-1])
+    lead = re.shape[:-2]
     h_plan, w_plan = axis_plan(height, inverse), axis_plan(width, inverse)
-    h_mats, h_tws, h_folded = _constants(height, inverse, data.device)
-    w_mats, w_tws, _ = _constants(width, inverse, data.device)
+    h_mats, h_tws, h_folded = _constants(height, inverse, re.device)
+    w_mats, w_tws, _ = _constants(width, inverse, re.device)
     h_n, w_n = len(h_plan.factors), len(w_plan.factors)
     shape = list(h_plan.factors + w_plan.factors)  # digit axes, most significant first; axis i + 1 of the tensor
 
-    x = data.reshape([-1] + shape + [2])
-    re, im = x[..., 0], x[..., 1]
+    re, im = re.reshape([-1] + shape), im.reshape([-1] + shape)
     if h_folded is not None:
         # two H radices: the twiddle rides in the second stage, one (f_2, f_2) matrix per k_1 (broadcast MatMul)
         re, im, shape = _stage(re, im, h_mats[0], shape, 1, to_end=False)
@@ -236,10 +261,9 @@ def centred_fft_matmul(data: torch.Tensor, inverse: bool) -> torch.Tensor:
             re, im = _twiddle(re, im, w_tws[i], shape, 1 + h_n + i, w_n - i - 1, last=(i == 0))
 
     # output index k = k_1 + f_1·(k_2 + …): H digits are stored (k_1, …, k_m) and W digits (k_2, …, k_n, k_1)
-    out = torch.stack((re, im), dim=-1)
     h_axes = list(range(1, 1 + h_n))[::-1]
     w_axes = list(range(1 + h_n, h_n + w_n))[::-1] + [h_n + w_n]
-    order = [0] + h_axes + w_axes + [1 + h_n + w_n]
+    order = [0] + h_axes + w_axes
     if order != sorted(order):
-        out = out.permute(order)
-    return out.reshape(tuple(lead) + (height, width, 2))
+        re, im = re.permute(order), im.permute(order)
+    return re.reshape(tuple(lead) + (height, width)), im.reshape(tuple(lead) + (height, width))
