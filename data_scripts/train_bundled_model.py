@@ -1,6 +1,7 @@
 """Train the bundled small VarNet on simulated data, export it to ONNX and write ``checkpoints/`` + its model card.
 
-    .venv/bin/python data_scripts/train_bundled_model.py [--steps 5000] [--minutes 95] [--data data/bundled] [--out checkpoints]
+    .venv/bin/python data_scripts/train_bundled_model.py [--steps 5000] [--minutes 95] [--data data/bundled] \
+        [--out checkpoints]
 
 1. Simulates a varied training set from three real sources (``mni152`` template brain: many slice positions, axial /
    coronal / sagittal, T1 / T2 / PD at 1.5 and 3 T; ``nibabel_epi`` real EPI brain; ``pydicom_abdomen`` real
@@ -45,7 +46,7 @@ HELD_OUT = dict(source="dipy_b0", coils=8, slices=10, snr_db=32.0)
 
 
 def simulate(data: Path, num_volumes: int) -> dict:
-    """Training / validation / test volumes of the training subject and held-out volumes of another subject."""
+    """Training / test volumes of the training sources and held-out volumes of another subject (dipy_b0)."""
     from reconkit.data.simulate import simulate_dataset, simulate_volume, write_volume
 
     manifest = simulate_dataset(

@@ -207,7 +207,9 @@ def test_real_training_sources_are_the_package_images():
     pixels_xy = pixels.T[:, ::-1].astype(np.float32)[100:-100, 100:-100]
     ratio = centre[pixels_xy > 100] / pixels_xy[pixels_xy > 100]
     assert np.allclose(ratio, ratio[0], rtol=1e-4)
-    epi_volume = simulate_volume(0, source="nibabel_epi", coils=4, slices=30, encoded_size=(128, 96), recon_size=(64, 64))
+    epi_volume = simulate_volume(
+        0, source="nibabel_epi", coils=4, slices=30, encoded_size=(128, 96), recon_size=(64, 64)
+    )
     assert epi_volume.kspace.shape[0] == 24 and epi_volume.attrs["patient_id"] == "nibabel_epi"
     body = simulate_volume(0, source="pydicom_abdomen", **SMALL)
     assert body.kspace.shape[0] == 1 and body.params["protocol"]["contrast"] == "t1"
