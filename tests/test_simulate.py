@@ -215,6 +215,27 @@ def test_real_training_sources_are_the_package_images():
     assert body.kspace.shape[0] == 1 and body.params["protocol"]["contrast"] == "t1"
 
 
+def test_missing_package_image_is_a_clear_error_not_a_download(monkeypatch):
+    import pydicom.data
+
+    from reconkit.data.simulate import anatomy
+
+    calls = []
+
+    def offline(name, read=False, download=True):
+        calls.append(download)
+        return None
+
+    monkeypatch.setattr(pydicom.data, "get_testdata_file", offline)
+    anatomy._load_pydicom_abdomen.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match="examples_overlay.dcm.*never downloads"):
+            anatomy.load_source("pydicom_abdomen")
+    finally:
+        anatomy._load_pydicom_abdomen.cache_clear()
+    assert calls == [False]
+
+
 def test_dataset_draws_sources_per_volume(tmp_path):
     options = dict(coils=4, slices=1, encoded_size=(48, 40), recon_size=(24, 24), seed=3, progress=False)
     mixed = simulate_dataset(tmp_path / "mixed", 8, source=("mni152", "nibabel_epi", "pydicom_abdomen"), **options)

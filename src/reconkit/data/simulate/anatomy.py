@@ -188,9 +188,8 @@ def _load_dipy_b0() -> SourceVolume:
 @functools.lru_cache(maxsize=1)
 def _load_pydicom_mr() -> SourceVolume:
     import pydicom
-    from pydicom.data import get_testdata_file
 
-    dataset = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    dataset = pydicom.dcmread(_pydicom_test_file("MR_small.dcm"))
     image = dataset.pixel_array.astype(np.float32).T[:, ::-1, None]  # (x, y, 1), rows of the DICOM run along -y
     # The stored pixel spacing (0.31 mm) describes a 2 cm crop; it is stretched to head size (3 mm pixels).
     return _fixed_contrast_source("pydicom_mr", image, (3.0, 3.0, 3.0), "t2")
@@ -201,6 +200,8 @@ def _load_nibabel_epi() -> SourceVolume:
     import nibabel
 
     path = importlib.resources.files("nibabel.tests").joinpath("data", "example4d.nii.gz")
+    if not path.is_file():
+        raise FileNotFoundError(f"the 'nibabel_epi' source needs nibabel's bundled test image {path}; not installed")
     image = np.asarray(nibabel.load(str(path)).dataobj[..., 0], dtype=np.float32)  # (128, 96, 24), LAS
     return _fixed_contrast_source("nibabel_epi", image, (2.0, 2.0, 2.2), "t2")
 
@@ -208,9 +209,8 @@ def _load_nibabel_epi() -> SourceVolume:
 @functools.lru_cache(maxsize=1)
 def _load_pydicom_abdomen() -> SourceVolume:
     import pydicom
-    from pydicom.data import get_testdata_file
 
-    dataset = pydicom.dcmread(get_testdata_file("examples_overlay.dcm"))
+    dataset = pydicom.dcmread(_pydicom_test_file("examples_overlay.dcm"))
     image = dataset.pixel_array.astype(np.float32).T[:, ::-1, None]  # (x, y, 1) as for MR_small
     # The scan's field of view cuts through the arms and flanks; a 12 mm cosine taper at the frame's edges keeps
     # that cut from becoming a bright straight edge that no real acquisition of the whole body would have.
@@ -221,6 +221,16 @@ def _load_pydicom_abdomen() -> SourceVolume:
         image *= ramp.reshape([-1 if a == axis else 1 for a in range(3)])
     spacing = float(dataset.PixelSpacing[0])
     return _fixed_contrast_source("pydicom_abdomen", image, (spacing, spacing, float(dataset.SliceThickness)), "t1")
+
+
+def _pydicom_test_file(name: str) -> str:
+    """Path of one of pydicom's bundled test files; never downloads (pydicom would fetch missing ones)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        raise FileNotFoundError(f"pydicom's bundled test file {name!r} is not installed (reconkit never downloads it)")
+    return str(path)
 
 
 def _fixed_contrast_source(
