@@ -249,8 +249,10 @@ def test_dataset_draws_sources_per_volume(tmp_path):
     single = simulate_dataset(tmp_path / "single", 3, source=["mni152"], **options)
     plain = simulate_dataset(tmp_path / "plain", 3, source="mni152", **options)
     assert single["volumes"] == plain["volumes"]
-    with pytest.raises(ValueError, match="source"):
-        simulate_dataset(tmp_path / "none", 2, source=[], **options)
+    for bad in ([], ["mni152", "mni153"]):
+        with pytest.raises(ValueError, match="source needs names from"):
+            simulate_dataset(tmp_path / "bad", 2, source=bad, **options)
+    assert not (tmp_path / "bad").exists()  # checked before anything is written
 
 
 def test_mni152_files_are_nilearns_templates():

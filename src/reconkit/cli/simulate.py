@@ -100,10 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(SOURCES),
         default="mni152",
         nargs="+",
-        help="source images, one drawn per volume when several are given (repeat one to weigh it double): "
-        "mni152 = template brain with synthesised contrasts (nilearn), nibabel_epi / pydicom_abdomen = real "
-        "EPI brain / abdominal images for training, dipy_b0 / pydicom_mr = real images of other subjects for "
-        "held-out tests (default: mni152)",
+        metavar="SOURCE",
+        help="source images (" + ", ".join(SOURCES) + "), one drawn per volume when several are given "
+        "(repeat one to weigh it double): mni152 = template brain with synthesised contrasts (nilearn), "
+        "nibabel_epi / pydicom_abdomen = real EPI brain / abdominal images for training, "
+        "dipy_b0 / pydicom_mr = real images of other subjects for held-out tests (default: mni152)",
     )
     parser.add_argument(
         "--split",

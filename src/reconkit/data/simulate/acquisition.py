@@ -49,7 +49,8 @@ def phase_encode_limits(width: int, fraction: float) -> tuple[int, int, int]:
 
 
 def encode(coil_images: np.ndarray, padding_left: int, lines: int) -> np.ndarray:
-    """``(S, C, H, W)`` complex coil images -> k-space, zero outside columns ``[padding_left, padding_left + lines)``."""
+    """``(S, C, H, W)`` complex coil images -> k-space, zero outside columns ``[padding_left, padding_left + lines)``.
+    """
     kspace = fft2c(torch.from_numpy(np.ascontiguousarray(coil_images, dtype=np.complex64))).numpy()
     kspace[..., :padding_left] = 0
     kspace[..., padding_left + lines :] = 0

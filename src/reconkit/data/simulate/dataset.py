@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from reconkit.data.simulate.anatomy import SOURCES
 from reconkit.data.simulate.volume import simulate_volume, write_volume
 from reconkit.atomic import atomic_path
 
@@ -93,13 +94,14 @@ def simulate_dataset(
     """
     if num_volumes < 1:
         raise ValueError(f"num_volumes must be at least 1, got {num_volumes}")
+    source_choices = [source] if isinstance(source, str) else [str(s) for s in source]
+    unknown = sorted(set(source_choices) - set(SOURCES))
+    if not source_choices or unknown:
+        raise ValueError(f"source needs names from {', '.join(SOURCES)}; got {source_choices}")
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)  # fails now, not after the first volume, if it cannot be a folder
     labels = split_assignment(num_volumes, split, seed)
     coil_choices, snr_choices = [int(c) for c in _choices(coils)], [float(s) for s in _choices(snr_db)]
-    source_choices = [source] if isinstance(source, str) else [str(s) for s in source]
-    if not source_choices:
-        raise ValueError("source needs at least one name")
     options = {
         "coils": coil_choices, "snr_db": snr_choices, "slices": slices, "encoded_size": list(encoded_size),
         "recon_size": list(recon_size), "contrast": contrast, "orientation": orientation, "source": source_choices,
