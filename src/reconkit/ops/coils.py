@@ -12,7 +12,7 @@ import torch
 
 from reconkit.ops.backend import resolve_backend
 from reconkit.ops.complex import as_complex, complex_conj, complex_mul, native_complex_ok, pair_factor
-from reconkit.ops.dft_matmul import centred_fft_matmul_planar
+from reconkit.ops.dft_matmul import centred_fft_matmul_planar, planar_mul
 from reconkit.ops.fft import centering_modulation, current_fft_impl, fft2c, ifft2c
 
 __all__ = ["sens_expand", "sens_reduce", "data_consistency"]
@@ -77,18 +77,16 @@ def sens_reduce(kspace: torch.Tensor, sens_maps: torch.Tensor, backend: Optional
 def _sens_expand_planar(image: torch.Tensor, sens_maps: torch.Tensor) -> torch.Tensor:
     """Export path (``fft_impl("matmul")``): the coil product and the MatMul FFT on planar real / imaginary parts,
     so the C-coil (real, imag) axis is built once, at the end (see ``centred_fft_matmul_planar``)."""
-    x_re, x_im, s_re, s_im = image[..., 0], image[..., 1], sens_maps[..., 0], sens_maps[..., 1]
-    re, im = centred_fft_matmul_planar(x_re * s_re - x_im * s_im, x_re * s_im + x_im * s_re, inverse=False)
+    coil_re, coil_im = planar_mul(image[..., 0], image[..., 1], sens_maps[..., 0], sens_maps[..., 1])
+    re, im = centred_fft_matmul_planar(coil_re, coil_im, inverse=False)
     return torch.stack((re, im), dim=-1)
 
 
 def _sens_reduce_planar(kspace: torch.Tensor, sens_maps: torch.Tensor) -> torch.Tensor:
     """Export path: ``Σ_c conj(S_c) · ifft2c(k_c)`` with the MatMul FFT on planar parts (no C-coil stack)."""
     re, im = centred_fft_matmul_planar(kspace[..., 0], kspace[..., 1], inverse=True)
-    s_re, s_im = sens_maps[..., 0], sens_maps[..., 1]
-    image_re = (re * s_re + im * s_im).sum(dim=1, keepdim=True)
-    image_im = (im * s_re - re * s_im).sum(dim=1, keepdim=True)
-    return torch.stack((image_re, image_im), dim=-1)
+    re, im = planar_mul(re, im, sens_maps[..., 0], sens_maps[..., 1], conj_b=True)
+    return torch.stack((re.sum(dim=1, keepdim=True), im.sum(dim=1, keepdim=True)), dim=-1)
 
 
 def data_consistency(

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["AxisPlan", "axis_plan", "centred_fft_matmul", "centred_fft_matmul_planar", "radices"]
+__all__ = ["AxisPlan", "axis_plan", "centred_fft_matmul", "centred_fft_matmul_planar", "planar_mul", "radices"]
 
 MAX_RADIX = 64
 
@@ -183,7 +183,16 @@ def _twiddle(
         tw = tw.reshape([2] + [1] * (first - 1) + digits + [1] * (len(shape) - first - count) + [f])
     else:
         tw = twiddle.reshape([2] + [1] * (first - 2) + [f] + digits + [1] * (len(shape) - first + 1 - count))
-    return re * tw[0] - im * tw[1], re * tw[1] + im * tw[0]
+    return planar_mul(re, im, tw[0], tw[1])
+
+
+def planar_mul(
+    a_re: torch.Tensor, a_im: torch.Tensor, b_re: torch.Tensor, b_im: torch.Tensor, conj_b: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise complex product ``a · b`` (``a · conj(b)`` with ``conj_b``) of planar (real, imag) pairs."""
+    if conj_b:
+        return a_re * b_re + a_im * b_im, a_im * b_re - a_re * b_im
+    return a_re * b_re - a_im * b_im, a_re * b_im + a_im * b_re
 
 
 def centred_fft_matmul(data: torch.Tensor, inverse: bool) -> torch.Tensor:

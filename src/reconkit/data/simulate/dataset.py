@@ -48,7 +48,8 @@ def split_assignment(num_volumes: int, fractions: Sequence[float], seed: int) ->
     return [labels[int(position)] for position in np.argsort(order)]
 
 
-def _choices(value: float | Sequence[float]) -> list:
+def _choices(value: object) -> list:
+    """A list / tuple of per-volume choices as a list; one value (a number or a name) as a one-item list."""
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
@@ -94,7 +95,7 @@ def simulate_dataset(
     """
     if num_volumes < 1:
         raise ValueError(f"num_volumes must be at least 1, got {num_volumes}")
-    source_choices = [source] if isinstance(source, str) else [str(s) for s in source]
+    source_choices = [str(s) for s in _choices(source)]
     unknown = sorted(set(source_choices) - set(SOURCES))
     if not source_choices or unknown:
         raise ValueError(f"source needs names from {', '.join(SOURCES)}; got {source_choices}")
