@@ -17,7 +17,7 @@ from fastmri.data.transforms import VarNetDataTransform
 from fastmri.data.transforms import center_crop as fastmri_center_crop
 
 from reconkit.data.simulate import SOURCES, simulate_dataset, simulate_volume, write_volume
-from reconkit.data.simulate.contrast import choose_protocol, tissue_signals
+from reconkit.data.simulate.contrast import RANDOM_SIGNAL_RANGE, choose_protocol, randomise_signals, tissue_signals
 from reconkit.data.simulate.dataset import split_assignment
 
 SMALL = dict(encoded_size=(96, 64), recon_size=(48, 48), slices=3, coils=4)
@@ -173,6 +173,41 @@ def test_contrast_weightings_follow_the_literature():
         assert pd["gm"] > pd["wm"]
 
 
+def test_contrast_randomisation_draws_tissue_intensities_only_when_asked():
+    rng = np.random.default_rng(1)
+    physical = tissue_signals(choose_protocol("t2", rng), rng)
+    state = rng.bit_generator.state
+    assert randomise_signals(physical, rng, 0.0) == (physical, False)
+    assert rng.bit_generator.state == state  # probability 0 draws nothing: old datasets are reproduced exactly
+    draws = [randomise_signals(physical, rng, 1.0) for _ in range(50)]
+    assert all(flag for _, flag in draws)
+    values = np.array([[signals[t] for t in physical] for signals, _ in draws])
+    assert values.min() >= RANDOM_SIGNAL_RANGE[0] and values.max() <= RANDOM_SIGNAL_RANGE[1]
+    assert (np.argsort(values, axis=1) != np.argsort(values[0])).any(axis=1).mean() > 0.5  # tissue orders vary
+    half = [randomise_signals(physical, np.random.default_rng(s), 0.5)[1] for s in range(200)]
+    assert 0.35 < np.mean(half) < 0.65
+    with pytest.raises(ValueError, match="probability"):
+        randomise_signals(physical, rng, 1.5)
+
+
+def test_random_contrast_changes_only_the_tissue_intensities():
+    plain = simulate_volume(4, **SMALL)
+    same = simulate_volume(4, random_contrast=0.0, **SMALL)
+    randomised = simulate_volume(4, random_contrast=1.0, **SMALL)
+    np.testing.assert_array_equal(plain.kspace, same.kspace)
+    assert "contrast_randomised" not in plain.params  # files without randomisation are as before
+    assert randomised.params["contrast_randomised"] and randomised.params["random_contrast"] == 1.0
+    for key in ("orientation", "rotation_deg", "fov_mm", "slice_offsets_mm", "protocol"):
+        assert randomised.params[key] == plain.params[key]
+    np.testing.assert_array_equal(randomised.sens_maps, plain.sens_maps)
+    assert not np.allclose(np.abs(randomised.image), np.abs(plain.image))
+    # a fixed-contrast real image is not randomised
+    epi = dict(SMALL, source="nibabel_epi")
+    np.testing.assert_array_equal(
+        simulate_volume(4, **epi).kspace, simulate_volume(4, random_contrast=1.0, **epi).kspace
+    )
+
+
 def test_held_out_sources_are_real_images_of_other_subjects():
     assert set(SOURCES) == {"mni152", "dipy_b0", "pydicom_mr", "nibabel_epi", "pydicom_abdomen"}
     b0 = simulate_volume(0, source="dipy_b0", coils=4, slices=12, encoded_size=(128, 96), recon_size=(64, 64))
@@ -252,6 +287,8 @@ def test_dataset_draws_sources_per_volume(tmp_path):
     for bad in ([], ["mni152", "mni153"]):
         with pytest.raises(ValueError, match="source needs names from"):
             simulate_dataset(tmp_path / "bad", 2, source=bad, **options)
+    with pytest.raises(ValueError, match="probability"):
+        simulate_dataset(tmp_path / "bad", 2, random_contrast=2.0, **options)
     assert not (tmp_path / "bad").exists()  # checked before anything is written
 
 
@@ -271,7 +308,8 @@ def test_mni152_files_are_nilearns_templates():
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"encoded_size": (63, 40)}, "even"), ({"recon_size": (80, 20)}, "fit"), ({"coils": 0}, "coils"),
-     ({"contrast": "flair"}, "contrast"), ({"source": "knee"}, "source"), ({"noise_correlation": 1.0}, "correlation")],
+     ({"contrast": "flair"}, "contrast"), ({"source": "knee"}, "source"), ({"noise_correlation": 1.0}, "correlation"),
+     ({"random_contrast": -0.1}, "probability")],
 )  # fmt: skip
 def test_bad_options_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -317,6 +355,10 @@ def test_cli_writes_dataset_and_reports_bad_options(tmp_path, capsys):
     manifest = json.loads((tmp_path / "mixed" / "manifest.json").read_text())
     assert manifest["options"]["source"] == ["nibabel_epi", "pydicom_abdomen"]
     assert {v["params"]["source"] for v in manifest["volumes"]} <= {"nibabel_epi", "pydicom_abdomen"}
+    assert main([*args[:2], str(tmp_path / "random"), *args[3:], "--random-contrast", "1"]) == 0
+    manifest = json.loads((tmp_path / "random" / "manifest.json").read_text())
+    assert manifest["options"]["random_contrast"] == 1.0
+    assert all(v["params"]["contrast_randomised"] for v in manifest["volumes"])
     assert main(args[:-1] + ["--encoded-size", "47", "40"]) == 2
     assert "even" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("not a folder")

@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="weighting synthesised from tissue maps (mni152 only; default: mixed)",
     )
     parser.add_argument(
+        "--random-contrast",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="contrast randomisation for training sets: probability that an mni152 volume gets random tissue "
+        "intensities instead of its protocol's (SynthSeg-style domain randomisation; default: 0)",
+    )
+    parser.add_argument(
         "--orientation",
         choices=["axial", "coronal", "sagittal", "mixed"],
         default="mixed",
@@ -129,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.output, args.num_volumes, args.coils, snr_db=args.snr_db, slices=args.slices,
             encoded_size=tuple(args.encoded_size), recon_size=tuple(args.recon_size), contrast=args.contrast,
             orientation=args.orientation, source=args.source, split=args.split,
-            noise_correlation=args.noise_correlation, field_strength_t=args.field_strength, seed=args.seed,
+            noise_correlation=args.noise_correlation, field_strength_t=args.field_strength,
+            random_contrast=args.random_contrast, seed=args.seed,
             progress=not args.no_progress,
         )  # fmt: skip
     except (ValueError, OSError, ReconkitError) as error:

@@ -7,7 +7,10 @@ usual T1 ≈ 4 s, T2 ≈ 2 s; proton densities WM 0.70, GM 0.82. T2* is taken as
 fixed fraction of T2 (brain parenchyma ~0.6–0.7), which is enough for the weighting of a gradient echo.
 
 Each volume draws a protocol (sequence, TR, TE, flip angle) for its weighting and jitters every tissue value by a
-few per cent, so no two volumes have exactly the same contrast.
+few per cent, so no two volumes have exactly the same contrast. For training data there is also *contrast
+randomisation* (:func:`randomise_signals`): with a chosen probability every tissue gets an independent random
+intensity instead, the domain randomisation of SynthSeg (Billot et al., Med. Image Anal. 86:102789, 2023), so a
+network sees tissue boundaries at contrasts no protocol list covers.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CONTRASTS", "TISSUE_PARAMETERS", "Protocol", "choose_protocol", "signal_equation", "tissue_signals"]
+__all__ = [
+    "CONTRASTS", "RANDOM_SIGNAL_RANGE", "TISSUE_PARAMETERS", "Protocol", "choose_protocol", "randomise_signals",
+    "signal_equation", "tissue_signals",
+]  # fmt: skip
 
 CONTRASTS = ("t1", "t2", "pd")
 
@@ -92,3 +98,21 @@ def tissue_signals(protocol: Protocol, rng: np.random.Generator, jitter: float =
         t1, t2, pd = (value * (1 + jitter * rng.standard_normal()) for value in by_field[protocol.field_strength_t])
         signals[tissue] = float(signal_equation(protocol, np.float64(t1), np.float64(t2), np.float64(pd)))
     return signals
+
+
+RANDOM_SIGNAL_RANGE = (0.03, 1.0)
+
+
+def randomise_signals(
+    signals: dict[str, float], rng: np.random.Generator, probability: float
+) -> tuple[dict[str, float], bool]:
+    """Contrast randomisation: with ``probability`` replace every tissue's signal by an independent uniform draw
+    from :data:`RANDOM_SIGNAL_RANGE`; returns ``(signals, randomised)``.
+
+    ``probability=0`` draws no random numbers at all, so datasets made without randomisation stay as they were.
+    """
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"random_contrast must be a probability in [0, 1], got {probability}")
+    if probability == 0 or rng.random() >= probability:
+        return signals, False
+    return {tissue: float(rng.uniform(*RANDOM_SIGNAL_RANGE)) for tissue in signals}, True

@@ -68,6 +68,7 @@ def simulate_dataset(
     split: Sequence[float] = (0.7, 0.15, 0.15),
     noise_correlation: float = 0.5,
     field_strength_t: float | None = None,
+    random_contrast: float = 0.0,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
@@ -84,7 +85,7 @@ def simulate_dataset(
         coils: coil count, or a sequence of counts to draw from per volume.
         snr_db: SNR in dB (``inf`` for none), or a sequence to draw from per volume.
         source: a source name (see :data:`reconkit.data.simulate.SOURCES`), or a sequence to draw from per volume.
-        slices, encoded_size, recon_size, contrast, orientation, noise_correlation, field_strength_t:
+        slices, encoded_size, recon_size, contrast, orientation, noise_correlation, field_strength_t, random_contrast:
             as for :func:`reconkit.data.simulate.simulate_volume`.
         split: train / val / test fractions (by volume; see :func:`split_assignment`).
         seed: dataset seed.
@@ -99,6 +100,8 @@ def simulate_dataset(
     unknown = sorted(set(source_choices) - set(SOURCES))
     if not source_choices or unknown:
         raise ValueError(f"source needs names from {', '.join(SOURCES)}; got {source_choices}")
+    if not 0.0 <= random_contrast <= 1.0:
+        raise ValueError(f"random_contrast must be a probability in [0, 1], got {random_contrast}")
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)  # fails now, not after the first volume, if it cannot be a folder
     labels = split_assignment(num_volumes, split, seed)
@@ -107,6 +110,7 @@ def simulate_dataset(
         "coils": coil_choices, "snr_db": snr_choices, "slices": slices, "encoded_size": list(encoded_size),
         "recon_size": list(recon_size), "contrast": contrast, "orientation": orientation, "source": source_choices,
         "split": list(split), "noise_correlation": noise_correlation, "field_strength_t": field_strength_t,
+        "random_contrast": random_contrast,
     }  # fmt: skip
     entries = []
     desc = f"simulate {'+'.join(dict.fromkeys(source_choices))}"
@@ -120,7 +124,7 @@ def simulate_dataset(
             vseed, source=volume_source, coils=coil_choices[coil_index],
             snr_db=snr_choices[snr_index], slices=slices, encoded_size=encoded_size,
             recon_size=recon_size, contrast=contrast, orientation=orientation, field_strength_t=field_strength_t,
-            noise_correlation=noise_correlation,
+            noise_correlation=noise_correlation, random_contrast=random_contrast,
         )  # fmt: skip
         name = f"{labels[index]}/{volume_source}_s{seed}_{index:04d}.h5"
         write_volume(volume, output / name)

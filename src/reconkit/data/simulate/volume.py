@@ -66,6 +66,7 @@ def simulate_volume(
     orientation: str = "mixed",
     field_strength_t: float | None = None,
     noise_correlation: float = 0.5,
+    random_contrast: float = 0.0,
 ) -> SimulatedVolume:
     """Simulate one multi-coil Cartesian scan; everything random follows from ``seed``.
 
@@ -90,6 +91,9 @@ def simulate_volume(
         field_strength_t: 1.5 or 3.0 T; ``None`` draws one.
         noise_correlation: ``ρ`` in ``[0, 1)``, the noise coupling of the coils; neighbours correlate by about
             ``ρ / e`` (see :mod:`.coils`).
+        random_contrast: probability in ``[0, 1]`` that a tissue-map source (mni152) gets random tissue intensities
+            instead of the protocol's (contrast randomisation for training, see :mod:`.contrast`; the header still
+            names the drawn protocol). Ignored by fixed-contrast sources.
 
     Returns:
         A :class:`SimulatedVolume`.
@@ -100,6 +104,8 @@ def simulate_volume(
         ((2, 4, 64, 40), (2, 32, 32))
     """
     _check_sizes(encoded_size, recon_size, coils, slices)
+    if not 0.0 <= random_contrast <= 1.0:
+        raise ValueError(f"random_contrast must be a probability in [0, 1], got {random_contrast}")
     height, width = (int(n) for n in encoded_size)
     recon = (int(recon_size[0]), int(recon_size[1]))
     anatomy_rng, coil_rng, phase_rng, noise_rng = (
@@ -112,11 +118,12 @@ def simulate_volume(
     protocol = _protocol(subject, contrast, field_strength_t, anatomy_rng)
     if subject.native_contrast is None:
         signals = contrast_model.tissue_signals(protocol, anatomy_rng)
+        signals, randomised = contrast_model.randomise_signals(signals, anatomy_rng, random_contrast)
         weights = np.array([signals[t] for t in anatomy.TISSUES], dtype=np.float32)
         volume = np.tensordot(weights, subject.maps, axes=1)
         gamma = 1.0
     else:
-        volume = subject.maps[0]
+        volume, randomised = subject.maps[0], False
         gamma = float(anatomy_rng.uniform(0.8, 1.25))  # contrast variation of a fixed-contrast image
     magnitude = anatomy.sample(subject, volume, points) ** gamma
     magnitude /= max(float(magnitude.max()), 1e-12)
@@ -139,6 +146,7 @@ def simulate_volume(
     if sigma > 0:
         acquisition.add_correlated_noise(kspace, covariance, noise_rng, slice(padding_left, padding_left + lines))
     target = acquisition.rss_target(kspace, recon)
+    randomisation = {"random_contrast": float(random_contrast), "contrast_randomised": randomised}
 
     acquisition_name = _ORIENTATION_CODE[geometry.orientation] + protocol.contrast.upper()
     params = {
@@ -151,6 +159,7 @@ def simulate_volume(
         "flip_rows": geometry.flip_rows, "flip_cols": geometry.flip_cols, "fov_mm": list(geometry.fov_mm),
         "slice_offsets_mm": [round(float(o), 3) for o in geometry.offsets_mm],
         "pe_lines": lines, "padding_left": padding_left, "padding_right": padding_left + lines,
+        **(randomisation if random_contrast > 0 else {}),  # absent without randomisation, as in earlier files
     }  # fmt: skip
     header = ismrmrd_header(HeaderFields(
         encoded_size=(height, width), recon_size=recon, fov_mm=geometry.fov_mm,
