@@ -334,7 +334,7 @@ def test_tiny_varnet_checkpoint_torch_and_onnx_agree(tmp_path, capsys):
     # a k-space size the ONNX graph was not specialised for is one clear error line
     write_fastmri_file(tmp_path / "other.h5", rng, slices=1, coils=3, height=40, width=24, recon=(16, 16))
     code, _, err = _run(capsys, str(tmp_path / "other.h5"), "--model", str(onnx_path), "--output", str(tmp_path / "x"))
-    assert code == 1 and "other.h5" in err and "40x24" in err and "32x24" in err
+    assert code == 1 and "other.h5" in err and "40x24" in err and "32x24" in err and "--size 40 24" in err
 
 
 def test_ismrmrd_raw_file_is_reconstructed(tmp_path, capsys):

@@ -61,7 +61,11 @@ class Reconstructor:
         """Raise :class:`DataError` if an ONNX graph cannot take k-space of ``height × width``."""
         if self.spatial_sizes is not None and (height, width) not in self.spatial_sizes:
             sizes = ", ".join(f"{h}x{w}" for h, w in self.spatial_sizes)
-            raise DataError(path, f"k-space is {height}x{width} but the ONNX model {self.name} only takes {sizes}")
+            raise DataError(
+                path,
+                f"k-space is {height}x{width} but the ONNX model {self.name} only takes {sizes} (re-export with "
+                f"`reconkit export --size {height} {width}`, or run the checkpoint with --backend torch)",
+            )
 
 
 def _torch_runner(model: torch.nn.Module, device: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
