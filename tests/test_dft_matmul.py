@@ -11,7 +11,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from reconkit.ops import data_consistency, fft2c, fft_impl, ifft2c, pair_factor, sens_expand, sens_reduce
+from reconkit.ops import (
+    data_consistency,
+    fft2c,
+    fft_impl,
+    fftc,
+    ifft2c,
+    ifftc,
+    pair_factor,
+    sens_expand,
+    sens_reduce,
+)
 from reconkit.ops.dft_matmul import axis_plan, centred_fft_matmul, centred_fft_matmul_planar, radices
 
 FASTMRI_SIZES = [(640, 368), (640, 372), (640, 320), (768, 396), (640, 272)]
@@ -45,6 +55,30 @@ def test_planar_form_equals_fft2c(height: int, width: int) -> None:
         assert relative_error(torch.stack((re, im), dim=-1), reference) <= 1e-5
     with pytest.raises(ValueError, match="one shape"):
         centred_fft_matmul_planar(x[..., 0], x[:1, ..., 1], False)
+
+
+@pytest.mark.parametrize("height,width", [(640, 368), (30, 22), (45, 33), (7, 1)])
+@pytest.mark.parametrize("dims", [(-2,), (-1,)])
+def test_single_axis_equals_fftc(height: int, width: int, dims: tuple[int, ...]) -> None:
+    x = torch.randn(2, height, width, 2, generator=torch.Generator().manual_seed(5))
+    for inverse, reference in ((False, fftc(x, dims)), (True, ifftc(x, dims))):
+        assert relative_error(centred_fft_matmul(x, inverse, dims), reference) <= 1e-5
+        re, im = centred_fft_matmul_planar(x[..., 0], x[..., 1], inverse, dims)
+        assert relative_error(torch.stack((re, im), dim=-1), reference) <= 1e-5
+    with pytest.raises(ValueError, match="dims"):
+        centred_fft_matmul_planar(x[..., 0], x[..., 1], False, (0,))
+
+
+@pytest.mark.parametrize("height,width", [(64, 46), (45, 33)])
+def test_export_path_hybrid_coil_ops_equal_the_eager_ones(height: int, width: int) -> None:
+    g = torch.Generator().manual_seed(4)
+    image, maps = torch.randn(2, 1, height, width, 2, generator=g), torch.randn(2, 3, height, width, 2, generator=g)
+    hybrid = torch.randn(2, 3, height, width, 2, generator=g)
+    eager = sens_expand(image, maps, hybrid=True), sens_reduce(hybrid, maps, hybrid=True)
+    with fft_impl("matmul"):
+        exported = sens_expand(image, maps, hybrid=True), sens_reduce(hybrid, maps, hybrid=True)
+    for actual, expected in zip(exported, eager):
+        assert actual.shape == expected.shape and relative_error(actual, expected) <= 1e-5
 
 
 @pytest.mark.parametrize("height,width", [(64, 46), (45, 33)])

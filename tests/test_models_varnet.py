@@ -77,6 +77,25 @@ def test_varnet_gradients_match_fastmri():
         assert _close(p.grad, grads_ref[name].grad, 1e-3), name
 
 
+@pytest.mark.parametrize("height, width", [(32, 24), (33, 27)])
+def test_line_masks_run_in_hybrid_space_with_the_kspace_result(height, width):
+    """A line mask (B,1,1,W,1) takes the hybrid-space cascades (1D FFTs along W); the same mask broadcast to 2D
+    (B,1,H,W,1) takes the k-space cascades. Output, k-space prediction and gradients agree."""
+    _, ours = _pair(seed=3)
+    mask = _line_mask(2, width, [6, 4], every=3)
+    full_mask = mask.expand(2, 1, height, width, 1).contiguous()
+    kspace = torch.randn(2, 3, height, width, 2) * mask
+    assert _rel(ours(kspace, mask), ours(kspace, full_mask)) < 1e-5
+    assert _rel(ours.predict_kspace(kspace, mask), ours.predict_kspace(kspace, full_mask)) < 1e-5
+    grads = []
+    for m in (mask, full_mask):
+        ours.zero_grad()
+        ours(kspace, m).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in ours.named_parameters()})
+    for name, grad in grads[0].items():
+        assert _close(grad, grads[1][name], 1e-4), name
+
+
 def test_bool_and_float_masks_agree():
     _, ours = _pair()
     mask = _line_mask(1, 24, [6], every=4)

@@ -18,7 +18,9 @@ from reconkit.ops import (
     data_consistency,
     fft2c,
     fft_impl,
+    fftc,
     ifft2c,
+    ifftc,
     real_inner,
     resolve_backend,
     rss,
@@ -160,6 +162,39 @@ def test_complex_mul_gradcheck():
 
 
 @pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dims", [(-2,), (-1,), (-2, -1)])
+def test_fftc_along_chosen_axes_equals_numpy(size, dims):
+    import numpy as np
+
+    x = torch.randn(2, *size, 2, dtype=torch.float64, generator=gen(30))
+    z = x[..., 0].numpy() + 1j * x[..., 1].numpy()
+    for ours, transform in ((fftc, np.fft.fftn), (ifftc, np.fft.ifftn)):
+        expected = np.fft.fftshift(transform(np.fft.ifftshift(z, axes=dims), axes=dims, norm="ortho"), axes=dims)
+        result = ours(x, dims)
+        assert result.shape == x.shape
+        assert np.abs(result[..., 0].numpy() + 1j * result[..., 1].numpy() - expected).max() <= 1e-12
+        assert torch.allclose(ours(torch.view_as_complex(x.contiguous()), dims), torch.view_as_complex(result))
+    torch.testing.assert_close(fftc(fftc(x, (-1,)), (-2,)), fft2c(x))
+    with pytest.raises(ValueError, match="dims"):
+        fftc(x, (-3,))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_hybrid_space_coil_ops_equal_the_kspace_ones(size):
+    """Hybrid space = k-space after ifftc along H: sens_expand / sens_reduce there use 1D FFTs along W only."""
+    image = torch.randn(2, 1, *size, 2, generator=gen(31))
+    sens_maps = torch.randn(2, 3, *size, 2, generator=gen(32))
+    kspace = torch.randn(2, 3, *size, 2, generator=gen(33))
+    expanded = sens_expand(image, sens_maps, hybrid=True)
+    assert rel_err(expanded, ifftc(sens_expand(image, sens_maps), (-2,))) <= 1e-5
+    reduced = sens_reduce(ifftc(kspace, (-2,)), sens_maps, hybrid=True)
+    assert rel_err(reduced, sens_reduce(kspace, sens_maps)) <= 1e-5
+    # mismatched dtypes take the unfused path (complex_mul, then the FFT); it agrees too
+    half = sens_reduce(ifftc(kspace, (-2,)).double(), sens_maps, hybrid=True)
+    assert rel_err(half.float(), sens_reduce(kspace, sens_maps)) <= 1e-5
+
+
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("coils", [1, 3])
 def test_sens_expand_reduce_equal_fastmri_varnet(size, coils):
     image = torch.randn(2, 1, *size, 2, generator=gen(12))
@@ -192,6 +227,8 @@ def test_coil_ops_gradcheck(size):
     kspace = torch.randn(1, 2, *size, 2, dtype=torch.float64, generator=gen(19), requires_grad=True)
     assert torch.autograd.gradcheck(sens_expand, (image, sens_maps))
     assert torch.autograd.gradcheck(sens_reduce, (kspace, sens_maps))
+    assert torch.autograd.gradcheck(lambda x, s: sens_expand(x, s, hybrid=True), (image, sens_maps))
+    assert torch.autograd.gradcheck(lambda k, s: sens_reduce(k, s, hybrid=True), (kspace, sens_maps))
 
 
 @pytest.mark.parametrize("mask_shape", [(2, 1, 1, 10, 1), (2, 1, 8, 10, 1)])

@@ -5,6 +5,11 @@ Parameter names equal fastmri's (``sens_net.norm_unet.unet.*``, ``cascades.<i>.m
 same image. The forward pass is export-friendly: the low-frequency (ACS) width is computed from the mask with
 tensor ops only, all padding comes from static shapes, no complex dtypes are used, and every FFT / coil operation
 goes through :mod:`reconkit.ops` (so ``with reconkit.ops.fft_impl("matmul")`` swaps the FFT).
+
+For Cartesian line masks ``(B, 1, 1, W, 1)`` the cascades run in hybrid space (k-space after the inverse FFT along
+the readout H, see :mod:`reconkit.ops.coils`): the mask is constant along H, so every cascade is the same operator
+with 1D FFTs along W instead of 2D FFTs, half the FFT work. 2D masks, and the fused Triton kernels on GPU (which
+work in k-space), keep the k-space form. Both give the same result up to float round-off.
 """
 
 from __future__ import annotations
@@ -14,7 +19,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from reconkit.models.unet import NormUnet, tracing
-from reconkit.ops import data_consistency, ifft2c, pair_factor, rss_complex, sens_expand, sens_reduce
+from reconkit.ops import (
+    data_consistency,
+    fftc,
+    ifft2c,
+    ifftc,
+    pair_factor,
+    resolve_backend,
+    rss_complex,
+    sens_expand,
+    sens_reduce,
+)
 
 __all__ = ["SensitivityModel", "VarNet", "VarNetBlock", "low_frequency_window"]
 
@@ -125,10 +140,19 @@ class VarNetBlock(nn.Module):
         self.dc_weight = nn.Parameter(torch.ones(1))
 
     def forward(
-        self, current_kspace: torch.Tensor, ref_kspace: torch.Tensor, mask: torch.Tensor, sens_maps: torch.Tensor
+        self,
+        current_kspace: torch.Tensor,
+        ref_kspace: torch.Tensor,
+        mask: torch.Tensor,
+        sens_maps: torch.Tensor,
+        hybrid: bool = False,
     ) -> torch.Tensor:
-        """All k-space / maps ``(B, C, H, W, 2)``, mask ``(B, 1, 1, W, 1)`` → updated ``(B, C, H, W, 2)``."""
-        model_term = sens_expand(self.model(sens_reduce(current_kspace, sens_maps)), sens_maps)
+        """All k-space / maps ``(B, C, H, W, 2)``, mask ``(B, 1, 1, W, 1)`` → updated ``(B, C, H, W, 2)``.
+
+        ``hybrid=True``: ``current_kspace`` / ``ref_kspace`` / the result are in hybrid space (line masks only).
+        """
+        image = sens_reduce(current_kspace, sens_maps, hybrid=hybrid)
+        model_term = sens_expand(self.model(image), sens_maps, hybrid=hybrid)
         return data_consistency(current_kspace, ref_kspace, mask, self.dc_weight) - model_term
 
 
@@ -187,24 +211,36 @@ class VarNet(nn.Module):
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
     ) -> torch.Tensor:
         """``(B, C, H, W, 2)`` undersampled k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, H, W)`` image."""
-        return rss_complex(ifft2c(self.predict_kspace(masked_kspace, mask, num_low_frequencies)), dim=1)
+        prediction, hybrid = self._cascades(masked_kspace, mask, num_low_frequencies)
+        coil_images = ifftc(prediction, (-1,)) if hybrid else ifft2c(prediction)
+        return rss_complex(coil_images, dim=1)
 
     def predict_kspace(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
     ) -> torch.Tensor:
         """The cascades' multi-coil k-space prediction ``(B, C, H, W, 2)`` (what :meth:`forward` takes the RSS image
         of); self-supervised losses score it directly in k-space. Arguments as :meth:`forward`."""
+        prediction, hybrid = self._cascades(masked_kspace, mask, num_low_frequencies)
+        return fftc(prediction, (-2,)) if hybrid else prediction
+
+    def _cascades(
+        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None
+    ) -> tuple[torch.Tensor, bool]:
+        """Sensitivities, then the cascades: ``(prediction (B, C, H, W, 2), hybrid)``, the prediction in hybrid
+        space when ``hybrid`` (line mask, torch backend), else in k-space."""
         if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
             raise ValueError(f"VarNet: masked_kspace must be (B, C, H, W, 2); got shape {tuple(masked_kspace.shape)}")
         if mask.ndim != 5:
             raise ValueError(f"VarNet: mask must be (B, 1, 1, W, 1) or (B, 1, H, W, 1); got shape {tuple(mask.shape)}")
         mask = mask.to(masked_kspace.dtype)
         sens_maps = self.sens_net(masked_kspace, mask, num_low_frequencies)
+        hybrid = mask.shape[-3] == 1 and resolve_backend(None, masked_kspace, sens_maps) == "torch"
+        reference = ifftc(masked_kspace, (-2,)) if hybrid else masked_kspace
         use_checkpoint = self.checkpoint_cascades and self.training and torch.is_grad_enabled()
-        kspace_pred = masked_kspace
+        prediction = reference
         for cascade in self.cascades:
             if use_checkpoint:
-                kspace_pred = checkpoint(cascade, kspace_pred, masked_kspace, mask, sens_maps, use_reentrant=False)
+                prediction = checkpoint(cascade, prediction, reference, mask, sens_maps, hybrid, use_reentrant=False)
             else:
-                kspace_pred = cascade(kspace_pred, masked_kspace, mask, sens_maps)
-        return kspace_pred
+                prediction = cascade(prediction, reference, mask, sens_maps, hybrid)
+        return prediction, hybrid

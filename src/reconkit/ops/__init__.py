@@ -16,12 +16,23 @@ from reconkit.ops.complex import (
     rss,
     rss_complex,
 )
-from reconkit.ops.fft import centering_modulation, centering_signs, current_fft_impl, fft2c, fft_impl, ifft2c
+from reconkit.ops.fft import (
+    centering_modulation,
+    centering_signs,
+    current_fft_impl,
+    fft2c,
+    fft_impl,
+    fftc,
+    ifft2c,
+    ifftc,
+)
 from reconkit.ops.operators import MultiCoilMRI, conjugate_gradient, real_inner
 
 __all__ = [
     "fft2c",
     "ifft2c",
+    "fftc",
+    "ifftc",
     "fft_impl",
     "current_fft_impl",
     "centering_signs",

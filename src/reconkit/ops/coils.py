@@ -2,6 +2,11 @@
 
 Shapes: ``image`` is ``(B, 1, H, W, 2)``, ``kspace`` and ``sens_maps`` are ``(B, C, H, W, 2)``, ``mask`` broadcasts
 against k-space, e.g. ``(B, 1, 1, W, 1)`` for Cartesian line masks or ``(B, 1, H, W, 1)`` for 2D masks.
+
+**Hybrid space.** With ``hybrid=True`` the coil data are in hybrid space ``(x, k_y)``: k-space after the inverse FFT
+along the readout ``H`` (``ifftc(kspace, (-2,))``). A Cartesian line mask is constant along ``H``, so masking and
+data consistency are the same there, and the coil operators need only 1D FFTs along the phase-encode ``W``: half the
+FFT work of the k-space form, with the same result (VarNet uses it for line masks, see ``reconkit.models.varnet``).
 """
 
 from __future__ import annotations
@@ -13,78 +18,93 @@ import torch
 from reconkit.ops.backend import resolve_backend
 from reconkit.ops.complex import as_complex, complex_conj, complex_mul, native_complex_ok, pair_factor
 from reconkit.ops.dft_matmul import centred_fft_matmul_planar, planar_mul
-from reconkit.ops.fft import centering_modulation, current_fft_impl, fft2c, ifft2c
+from reconkit.ops.fft import centering_modulation, current_fft_impl, fftc, ifftc
 
 __all__ = ["sens_expand", "sens_reduce", "data_consistency"]
 
 
-def sens_expand(image: torch.Tensor, sens_maps: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-    """Coil k-space from a combined image: ``fft2c(image · S_c)``.
+def _fft_dims(hybrid: bool) -> tuple[int, ...]:
+    """Axes the coil operators transform: W only from / to hybrid space, else both."""
+    return (-1,) if hybrid else (-2, -1)
+
+
+def sens_expand(
+    image: torch.Tensor, sens_maps: torch.Tensor, backend: Optional[str] = None, hybrid: bool = False
+) -> torch.Tensor:
+    """Coil k-space from a combined image: ``fft2c(image · S_c)`` (hybrid space ``fftc(image · S_c, W)``).
 
     Args:
         image: ``(B, 1, H, W, 2)`` combined complex image.
         sens_maps: ``(B, C, H, W, 2)`` coil sensitivity maps.
-        backend: ``"torch"``, ``"triton"`` or ``None`` (automatic, see :mod:`reconkit.ops.backend`).
+        backend: ``"torch"``, ``"triton"`` or ``None`` (automatic, see :mod:`reconkit.ops.backend`). The Triton
+            kernels work in k-space; ``hybrid=True`` always runs the torch path.
+        hybrid: return hybrid-space coil data (module docstring) instead of k-space.
 
     Returns:
-        ``(B, C, H, W, 2)`` coil k-space.
+        ``(B, C, H, W, 2)`` coil k-space (hybrid space with ``hybrid=True``).
     """
-    if resolve_backend(backend, image, sens_maps) == "triton":
+    if not hybrid and resolve_backend(backend, image, sens_maps) == "triton":
         from reconkit.ops import triton_kernels
 
         return triton_kernels.sens_expand(image, sens_maps)
+    dims = _fft_dims(hybrid)
     if current_fft_impl() == "matmul":
-        return _sens_expand_planar(image, sens_maps)
+        return _sens_expand_planar(image, sens_maps, dims)
     height, width = sens_maps.shape[-3], sens_maps.shape[-2]
     if not (native_complex_ok(image, sens_maps) and height % 2 == 0 and width % 2 == 0):
-        return fft2c(complex_mul(image, sens_maps))
-    # fft2c(x) = post · FFT(pre · x): the pre-modulation goes onto the one-coil image before the coil product,
+        return fftc(complex_mul(image, sens_maps), dims)
+    # fftc(x) = post · FFT(pre · x): the pre-modulation goes onto the one-coil image before the coil product,
     # and the post-modulation is done in place on the FFT's output, so the C-coil data are written twice only.
     z_image, z_sens = as_complex(image), as_complex(sens_maps)
-    pre, post = centering_modulation(height, width, z_sens.device, z_sens.dtype)
-    kspace = torch.fft.fft2((z_image * pre) * z_sens, dim=(-2, -1), norm="ortho").mul_(post)
+    pre, post = centering_modulation(height, width, z_sens.device, z_sens.dtype, dims)
+    kspace = torch.fft.fftn((z_image * pre) * z_sens, dim=dims, norm="ortho").mul_(post)
     return torch.view_as_real(kspace)
 
 
-def sens_reduce(kspace: torch.Tensor, sens_maps: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-    """Coil-combined image from coil k-space: ``Σ_c conj(S_c) · ifft2c(k_c)``.
+def sens_reduce(
+    kspace: torch.Tensor, sens_maps: torch.Tensor, backend: Optional[str] = None, hybrid: bool = False
+) -> torch.Tensor:
+    """Coil-combined image from coil k-space: ``Σ_c conj(S_c) · ifft2c(k_c)`` (from hybrid space: ``ifftc`` along W).
 
     Args:
-        kspace: ``(B, C, H, W, 2)`` coil k-space.
+        kspace: ``(B, C, H, W, 2)`` coil k-space (hybrid space with ``hybrid=True``).
         sens_maps: ``(B, C, H, W, 2)`` coil sensitivity maps.
+        backend: as :func:`sens_expand`.
+        hybrid: the input is hybrid-space coil data (module docstring).
 
     Returns:
         ``(B, 1, H, W, 2)`` combined complex image.
     """
-    if resolve_backend(backend, kspace, sens_maps) == "triton":
+    if not hybrid and resolve_backend(backend, kspace, sens_maps) == "triton":
         from reconkit.ops import triton_kernels
 
         return triton_kernels.sens_reduce(kspace, sens_maps)
+    dims = _fft_dims(hybrid)
     if current_fft_impl() == "matmul":
-        return _sens_reduce_planar(kspace, sens_maps)
+        return _sens_reduce_planar(kspace, sens_maps, dims)
     height, width = kspace.shape[-3], kspace.shape[-2]
     if not (native_complex_ok(kspace, sens_maps) and height % 2 == 0 and width % 2 == 0):
-        return complex_mul(ifft2c(kspace), complex_conj(sens_maps)).sum(dim=1, keepdim=True)
-    # ifft2c(k) = post · IFFT(pre · k); the post-modulation commutes with the coil sum, so it is applied to the
+        return complex_mul(ifftc(kspace, dims), complex_conj(sens_maps)).sum(dim=1, keepdim=True)
+    # ifftc(k) = post · IFFT(pre · k); the post-modulation commutes with the coil sum, so it is applied to the
     # one-coil result. vecdot computes Σ_c conj(S_c) · x_c in one pass without a C-coil temporary.
     z_kspace, z_sens = as_complex(kspace), as_complex(sens_maps)
-    pre, post = centering_modulation(height, width, z_sens.device, z_sens.dtype)
-    coil_images = torch.fft.ifft2(z_kspace * pre, dim=(-2, -1), norm="ortho")
+    pre, post = centering_modulation(height, width, z_sens.device, z_sens.dtype, dims)
+    coil_images = torch.fft.ifftn(z_kspace * pre, dim=dims, norm="ortho")
     image = torch.linalg.vecdot(z_sens, coil_images, dim=1).unsqueeze(1) * post
     return torch.view_as_real(image)
 
 
-def _sens_expand_planar(image: torch.Tensor, sens_maps: torch.Tensor) -> torch.Tensor:
+def _sens_expand_planar(image: torch.Tensor, sens_maps: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Export path (``fft_impl("matmul")``): the coil product and the MatMul FFT on planar real / imaginary parts,
     so the C-coil (real, imag) axis is built once, at the end (see ``centred_fft_matmul_planar``)."""
     coil_re, coil_im = planar_mul(image[..., 0], image[..., 1], sens_maps[..., 0], sens_maps[..., 1])
-    re, im = centred_fft_matmul_planar(coil_re, coil_im, inverse=False)
+    re, im = centred_fft_matmul_planar(coil_re, coil_im, inverse=False, dims=dims)
     return torch.stack((re, im), dim=-1)
 
 
-def _sens_reduce_planar(kspace: torch.Tensor, sens_maps: torch.Tensor) -> torch.Tensor:
-    """Export path: ``Σ_c conj(S_c) · ifft2c(k_c)`` with the MatMul FFT on planar parts (no C-coil stack)."""
-    re, im = centred_fft_matmul_planar(kspace[..., 0], kspace[..., 1], inverse=True)
+def _sens_reduce_planar(kspace: torch.Tensor, sens_maps: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Export path: ``Σ_c conj(S_c) · ifftc(k_c)`` with the MatMul FFT on planar parts (no C-coil stack)."""
+    re, im = centred_fft_matmul_planar(kspace[..., 0], kspace[..., 1], inverse=True, dims=dims)
     re, im = planar_mul(re, im, sens_maps[..., 0], sens_maps[..., 1], conj_b=True)
     return torch.stack((re.sum(dim=1, keepdim=True), im.sum(dim=1, keepdim=True)), dim=-1)
 

@@ -195,27 +195,28 @@ def planar_mul(
     return a_re * b_re - a_im * b_im, a_re * b_im + a_im * b_re
 
 
-def centred_fft_matmul(data: torch.Tensor, inverse: bool) -> torch.Tensor:
+def centred_fft_matmul(data: torch.Tensor, inverse: bool, dims: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
     """Centred orthonormal 2D FFT (``inverse=False``) or inverse FFT of a real-layout tensor, from MatMuls.
 
-    Equal to :func:`reconkit.ops.fft2c` / :func:`reconkit.ops.ifft2c` (float32 round-off, ~3e-7 relative).
-    See :func:`centred_fft_matmul_planar` for the layout of the work.
+    Equal to :func:`reconkit.ops.fft2c` / :func:`reconkit.ops.ifft2c` (float32 round-off, ~3e-7 relative), or to
+    :func:`reconkit.ops.fftc` along ``dims``. See :func:`centred_fft_matmul_planar` for the layout of the work.
 
     Args:
         data: float tensor ``(..., H, W, 2)`` (last axis = real, imag); any H, W ≥ 1.
         inverse: compute the inverse transform.
+        dims: ``(-2, -1)`` (both axes), ``(-2,)`` (H only) or ``(-1,)`` (W only), as :func:`reconkit.ops.fftc`.
 
     Returns:
         float32 tensor ``(..., H, W, 2)``.
     """
     if data.ndim < 3 or data.shape[-1] != 2:
         raise ValueError(f"centred_fft_matmul: expected a real tensor (..., H, W, 2); got shape {tuple(data.shape)}")
-    re, im = centred_fft_matmul_planar(data[..., 0], data[..., 1], inverse)
+    re, im = centred_fft_matmul_planar(data[..., 0], data[..., 1], inverse, dims)
     return torch.stack((re, im), dim=-1)
 
 
 def centred_fft_matmul_planar(
-    re: torch.Tensor, im: torch.Tensor, inverse: bool
+    re: torch.Tensor, im: torch.Tensor, inverse: bool, dims: tuple[int, ...] = (-2, -1)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`centred_fft_matmul` on planar data: real and imaginary parts as two ``(..., H, W)`` tensors.
 
@@ -227,11 +228,12 @@ def centred_fft_matmul_planar(
     place (batched MatMuls whose rows are the whole W extent; with two H radices the twiddle is folded into the
     second stage's per-``k_1`` matrices); the first W stage moves its digit to the end and the next ones run in
     place, so for n ≤ 2 the W digits come out in order and the one final Transpose (per part) only swaps H digits
-    (blocks of W contiguous floats).
+    (blocks of W contiguous floats). An axis left out of ``dims`` is one untouched digit axis of full length.
 
     Args:
         re, im: float tensors ``(..., H, W)`` of one shape; any H, W ≥ 1.
         inverse: compute the inverse transform.
+        dims: the axes to transform: ``(-2, -1)``, ``(-2,)`` (H) or ``(-1,)`` (W).
 
     Returns:
         ``(re, im)``, float32 tensors ``(..., H, W)``.
@@ -243,13 +245,18 @@ def centred_fft_matmul_planar(
         )
     if re.dtype != torch.float32 or im.dtype != torch.float32:
         re, im = re.float(), im.float()
+    dims = tuple(sorted(dims))
+    if dims not in ((-2,), (-1,), (-2, -1)):
+        raise ValueError(f"centred_fft_matmul_planar: dims must be (-2,), (-1,) or (-2, -1); got {dims}")
     height, width = int(re.shape[-2]), int(re.shape[-1])
     lead = re.shape[:-2]
-    h_plan, w_plan = axis_plan(height, inverse), axis_plan(width, inverse)
-    h_mats, h_tws, h_folded = _constants(height, inverse, re.device)
-    w_mats, w_tws, _ = _constants(width, inverse, re.device)
-    h_n, w_n = len(h_plan.factors), len(w_plan.factors)
-    shape = list(h_plan.factors + w_plan.factors)  # digit axes, most significant first; axis i + 1 of the tensor
+    # an axis that is not transformed stays one digit axis with no stages
+    h_factors = axis_plan(height, inverse).factors if -2 in dims else (height,)
+    w_factors = axis_plan(width, inverse).factors if -1 in dims else (width,)
+    h_mats, h_tws, h_folded = _constants(height, inverse, re.device) if -2 in dims else ((), (), None)
+    w_mats, w_tws, _ = _constants(width, inverse, re.device) if -1 in dims else ((), (), None)
+    h_n, w_n = len(h_factors), len(w_factors)
+    shape = list(h_factors + w_factors)  # digit axes, most significant first; axis i + 1 of the tensor
 
     re, im = re.reshape([-1] + shape), im.reshape([-1] + shape)
     if h_folded is not None:
@@ -259,11 +266,11 @@ def centred_fft_matmul_planar(
         re, im = _complex_matmul(re.reshape(grouped), im.reshape(grouped), h_folded[0], h_folded[1], left=True)
         re, im = re.reshape([-1] + shape), im.reshape([-1] + shape)
     else:
-        for i in range(h_n):
+        for i in range(len(h_mats)):
             re, im, shape = _stage(re, im, h_mats[i], shape, 1 + i, to_end=False)
             if i < len(h_tws):
                 re, im = _twiddle(re, im, h_tws[i], shape, 2 + i, h_n - i - 1, last=False)
-    for i in range(w_n):
+    for i in range(len(w_mats)):
         # the first W digit moves to the end; the later ones then sit at axis 1 + h_n onwards
         re, im, shape = _stage(re, im, w_mats[i], shape, 1 + h_n + (i > 0) * (i - 1), to_end=(i == 0))
         if i < len(w_tws):

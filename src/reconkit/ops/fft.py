@@ -1,4 +1,4 @@
-"""Centred, orthonormal 2D FFTs on fastMRI's real layout ``(..., H, W, 2)`` and on complex tensors.
+"""Centred, orthonormal 2D (and 1D) FFTs on fastMRI's real layout ``(..., H, W, 2)`` and on complex tensors.
 
 The centred transform is ``fftshift ∘ FFT ∘ ifftshift`` over the last two spatial axes. For an even length N,
 ``ifftshift`` and ``fftshift`` are rolls by N/2, and rolling by N/2 in one domain is a multiplication by
@@ -8,7 +8,8 @@ The centred transform is ``fftshift ∘ FFT ∘ ifftshift`` over the last two sp
 
 so for even H and W the centring is a checkerboard sign ``(-1)^(x+y)`` before and after the FFT, with a global
 sign ``(-1)^(H/2 + W/2)`` (1 when both are divisible by 4). No ``roll`` copies are made. Odd sizes fall back to
-rolls. The inverse has the same form.
+rolls. The inverse has the same form. :func:`fftc` / :func:`ifftc` transform a chosen subset of the two axes (the
+1D transforms along the readout ``H`` or the phase-encode ``W`` that hybrid-space operators use).
 
 Computation is done in float32 (half / bfloat16 inputs are promoted), so mixed-precision models keep their FFTs
 in full precision.
@@ -26,7 +27,11 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["fft2c", "ifft2c", "fft_impl", "current_fft_impl", "centering_signs", "centering_modulation"]
+__all__ = [
+    "fft2c", "ifft2c", "fftc", "ifftc", "fft_impl", "current_fft_impl", "centering_signs", "centering_modulation",
+]  # fmt: skip
+
+SPATIAL_DIMS = (-2, -1)  # (H, W) of a complex (..., H, W) tensor; -3 / -2 of the real layout (..., H, W, 2)
 
 _FFT_IMPL: contextvars.ContextVar[str] = contextvars.ContextVar("reconkit_fft_impl", default="torch")
 
@@ -60,43 +65,61 @@ def centering_signs(height: int, width: int, device=None, dtype=torch.float32) -
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_signs(height: int, width: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    pre = centering_signs(height, width, device=device, dtype=dtype)
-    post = -pre if (height // 2 + width // 2) % 2 else pre
+def _cached_signs(
+    height: int, width: int, device: torch.device, dtype: torch.dtype, dims: tuple[int, ...] = SPATIAL_DIMS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if dims == SPATIAL_DIMS:
+        pre = centering_signs(height, width, device=device, dtype=dtype)
+    else:  # one axis: (-1)^y as (H, 1) or (-1)^x as (W,)
+        length = height if dims == (-2,) else width
+        pre = (1 - 2 * (torch.arange(length, device=device) % 2)).to(dtype)
+        pre = pre.unsqueeze(1) if dims == (-2,) else pre
+    half_sum = (height // 2 if -2 in dims else 0) + (width // 2 if -1 in dims else 0)
+    post = -pre if half_sum % 2 else pre
     return pre, post
 
 
 def centering_modulation(
-    height: int, width: int, device: torch.device, dtype: torch.dtype
+    height: int, width: int, device: torch.device, dtype: torch.dtype, dims: tuple[int, ...] = SPATIAL_DIMS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pre, post)`` sign patterns ``(H, W)`` with ``fft2c(x) = post · FFT(pre · x)`` for even ``H`` and ``W``.
+    """``(pre, post)`` sign patterns with ``fftc(x, dims) = post · FFT(pre · x)`` along ``dims``, whose lengths
+    must be even: ``(H, W)`` for both axes, ``(H, 1)`` for ``dims=(-2,)``, ``(W,)`` for ``dims=(-1,)``.
 
     ``dtype`` should be the dtype of the tensor they multiply (complex for complex data), so that no conversion
     happens per call. Cached in eager mode, built from ops while tracing or compiling.
     """
+    dims = _check_dims(dims)
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return _cached_signs.__wrapped__(height, width, device, dtype)
-    return _cached_signs(height, width, device, dtype)
+        return _cached_signs.__wrapped__(height, width, device, dtype, dims)
+    return _cached_signs(height, width, device, dtype, dims)
 
 
-def _centred_fft_complex(z: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """Centred orthonormal 2D (i)FFT of a complex tensor ``(..., H, W)``."""
+def _check_dims(dims) -> tuple[int, ...]:
+    dims = tuple(sorted(int(d) for d in dims))
+    if dims not in ((-2,), (-1,), (-2, -1)):
+        raise ValueError(f"FFT dims must be (-2,) (H), (-1,) (W) or (-2, -1) of (..., H, W); got {dims}")
+    return dims
+
+
+def _centred_fft_complex(z: torch.Tensor, inverse: bool, dims: tuple[int, ...] = SPATIAL_DIMS) -> torch.Tensor:
+    """Centred orthonormal (i)FFT of a complex tensor ``(..., H, W)`` along ``dims``."""
     height, width = z.shape[-2], z.shape[-1]
-    transform = torch.fft.ifft2 if inverse else torch.fft.fft2
-    if height % 2 or width % 2:
-        z = torch.fft.ifftshift(z, dim=(-2, -1))
-        z = transform(z, dim=(-2, -1), norm="ortho")
-        return torch.fft.fftshift(z, dim=(-2, -1))
-    pre, post = centering_modulation(height, width, z.device, z.dtype)
+    transform = torch.fft.ifftn if inverse else torch.fft.fftn
+    if any(z.shape[d] % 2 for d in dims):
+        z = torch.fft.ifftshift(z, dim=dims)
+        z = transform(z, dim=dims, norm="ortho")
+        return torch.fft.fftshift(z, dim=dims)
+    pre, post = centering_modulation(height, width, z.device, z.dtype, dims)
     # the FFT's backward does not need its output, so modulating it in place is autograd-safe
-    return transform(z * pre, dim=(-2, -1), norm="ortho").mul_(post)
+    return transform(z * pre, dim=dims, norm="ortho").mul_(post)
 
 
-def _centred_fft(data: torch.Tensor, inverse: bool) -> torch.Tensor:
+def _centred_fft(data: torch.Tensor, inverse: bool, dims: tuple[int, ...] = SPATIAL_DIMS) -> torch.Tensor:
+    dims = _check_dims(dims)
     if data.is_complex():
         if data.dtype != torch.complex64 and data.dtype != torch.complex128:
             data = data.to(torch.complex64)
-        return _centred_fft_complex(data, inverse)
+        return _centred_fft_complex(data, inverse, dims)
     if data.ndim < 3 or data.shape[-1] != 2:
         raise ValueError(f"expected a complex tensor or a real tensor (..., H, W, 2); got shape {tuple(data.shape)}")
     if data.dtype in (torch.float16, torch.bfloat16):
@@ -104,9 +127,9 @@ def _centred_fft(data: torch.Tensor, inverse: bool) -> torch.Tensor:
     if _FFT_IMPL.get() == "matmul":
         from reconkit.ops.dft_matmul import centred_fft_matmul
 
-        return centred_fft_matmul(data, inverse)
+        return centred_fft_matmul(data, inverse, dims)
     z = torch.view_as_complex(data.contiguous())
-    return torch.view_as_real(_centred_fft_complex(z, inverse))
+    return torch.view_as_real(_centred_fft_complex(z, inverse, dims))
 
 
 def fft2c(data: torch.Tensor) -> torch.Tensor:
@@ -130,3 +153,21 @@ def fft2c(data: torch.Tensor) -> torch.Tensor:
 def ifft2c(data: torch.Tensor) -> torch.Tensor:
     """Centred orthonormal 2D inverse FFT; layout as :func:`fft2c`."""
     return _centred_fft(data, inverse=True)
+
+
+def fftc(data: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Centred orthonormal FFT along ``dims`` of the spatial axes: ``(-2,)`` the readout H, ``(-1,)`` the
+    phase-encode W, ``(-2, -1)`` both (= :func:`fft2c`). Counted on the complex layout ``(..., H, W)``, so for the
+    real layout ``(..., H, W, 2)`` the same numbers name the same axes. Layout and dtypes as :func:`fft2c`.
+
+    Example:
+        >>> x = torch.randn(3, 8, 6, 2)
+        >>> torch.allclose(fftc(fftc(x, (-2,)), (-1,)), fft2c(x), atol=1e-5)
+        True
+    """
+    return _centred_fft(data, inverse=False, dims=dims)
+
+
+def ifftc(data: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Centred orthonormal inverse FFT along ``dims``; see :func:`fftc`."""
+    return _centred_fft(data, inverse=True, dims=dims)
