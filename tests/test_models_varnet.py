@@ -96,6 +96,19 @@ def test_line_masks_run_in_hybrid_space_with_the_kspace_result(height, width):
         assert _close(grad, grads[1][name], 1e-4), name
 
 
+def test_export_path_keeps_planar_parts_and_equals_eager():
+    """Under fft_impl("matmul") the cascades carry (real, imag) parts and the MatMul FFT; line and 2D masks."""
+    _, ours = _pair(seed=5)
+    mask = _line_mask(2, 27, [6, 4], every=3)
+    kspace = torch.randn(2, 3, 33, 27, 2) * mask
+    with torch.no_grad():
+        for m in (mask, mask.expand(2, 1, 33, 27, 1)):
+            eager = ours(kspace, m)
+            with fft_impl("matmul"):
+                exported = ours(kspace, m)
+            assert exported.shape == eager.shape and _rel(exported, eager) < 1e-5
+
+
 def test_bool_and_float_masks_agree():
     _, ours = _pair()
     mask = _line_mask(1, 24, [6], every=4)

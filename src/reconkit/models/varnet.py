@@ -20,16 +20,20 @@ from torch.utils.checkpoint import checkpoint
 
 from reconkit.models.unet import NormUnet, tracing
 from reconkit.ops import (
+    current_fft_impl,
     data_consistency,
     fftc,
     ifft2c,
     ifftc,
     pair_factor,
+    planar_sens_expand,
+    planar_sens_reduce,
     resolve_backend,
     rss_complex,
     sens_expand,
     sens_reduce,
 )
+from reconkit.ops.dft_matmul import centred_fft_matmul_planar
 
 __all__ = ["SensitivityModel", "VarNet", "VarNetBlock", "low_frequency_window"]
 
@@ -155,6 +159,23 @@ class VarNetBlock(nn.Module):
         model_term = sens_expand(self.model(image), sens_maps, hybrid=hybrid)
         return data_consistency(current_kspace, ref_kspace, mask, self.dc_weight) - model_term
 
+    def forward_planar(
+        self,
+        parts: tuple[torch.Tensor, torch.Tensor],
+        ref_parts: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        map_parts: tuple[torch.Tensor, torch.Tensor],
+        dims: tuple[int, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Export path: the same cascade on planar (real, imag) parts, each ``(B, C, H, W)``; ``mask``
+        ``(B, 1, 1, W)`` or ``(B, 1, H, W)``; FFTs along ``dims`` (``(-1,)`` in hybrid space). MatMul FFT only."""
+        image_re, image_im = planar_sens_reduce(*parts, *map_parts, dims)
+        refined = self.model(torch.stack((image_re, image_im), dim=-1))  # one-coil image: cheap to pair
+        model_re, model_im = planar_sens_expand(refined[..., 0], refined[..., 1], *map_parts, dims)
+        weight = mask * self.dc_weight
+        (re, im), (ref_re, ref_im) = parts, ref_parts
+        return re - (re - ref_re) * weight - model_re, im - (im - ref_im) * weight - model_im
+
 
 class VarNet(nn.Module):
     """E2E-VarNet: learned sensitivities, then ``num_cascades`` unrolled :class:`VarNetBlock` s.
@@ -211,6 +232,8 @@ class VarNet(nn.Module):
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
     ) -> torch.Tensor:
         """``(B, C, H, W, 2)`` undersampled k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, H, W)`` image."""
+        if current_fft_impl() == "matmul":
+            return self._export_forward(masked_kspace, mask, num_low_frequencies)
         prediction, hybrid = self._cascades(masked_kspace, mask, num_low_frequencies)
         coil_images = ifftc(prediction, (-1,)) if hybrid else ifft2c(prediction)
         return rss_complex(coil_images, dim=1)
@@ -223,11 +246,11 @@ class VarNet(nn.Module):
         prediction, hybrid = self._cascades(masked_kspace, mask, num_low_frequencies)
         return fftc(prediction, (-2,)) if hybrid else prediction
 
-    def _cascades(
+    def _sensitivities(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None
-    ) -> tuple[torch.Tensor, bool]:
-        """Sensitivities, then the cascades: ``(prediction (B, C, H, W, 2), hybrid)``, the prediction in hybrid
-        space when ``hybrid`` (line mask, torch backend), else in k-space."""
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Checked inputs → ``(mask as data dtype, sens_maps (B, C, H, W, 2), hybrid)``; ``hybrid``: the cascades
+        run in hybrid space (line mask, torch backend)."""
         if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
             raise ValueError(f"VarNet: masked_kspace must be (B, C, H, W, 2); got shape {tuple(masked_kspace.shape)}")
         if mask.ndim != 5:
@@ -235,6 +258,30 @@ class VarNet(nn.Module):
         mask = mask.to(masked_kspace.dtype)
         sens_maps = self.sens_net(masked_kspace, mask, num_low_frequencies)
         hybrid = mask.shape[-3] == 1 and resolve_backend(None, masked_kspace, sens_maps) == "torch"
+        return mask, sens_maps, hybrid
+
+    def _export_forward(
+        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None
+    ) -> torch.Tensor:
+        """:meth:`forward` on the export path (``fft_impl("matmul")``): the coil data stay planar (real, imag) from
+        the first FFT to the RSS, so ONNX Runtime never pairs / unpairs a C-coil tensor between cascades."""
+        mask, sens_maps, hybrid = self._sensitivities(masked_kspace, mask, num_low_frequencies)
+        dims = (-1,) if hybrid else (-2, -1)
+        parts = masked_kspace[..., 0], masked_kspace[..., 1]
+        if hybrid:
+            parts = centred_fft_matmul_planar(*parts, inverse=True, dims=(-2,))
+        reference, map_parts = parts, (sens_maps[..., 0], sens_maps[..., 1])
+        for cascade in self.cascades:
+            parts = cascade.forward_planar(parts, reference, mask[..., 0], map_parts, dims)
+        re, im = centred_fft_matmul_planar(*parts, inverse=True, dims=dims)
+        return torch.sqrt((re * re + im * im).sum(dim=1))
+
+    def _cascades(
+        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None
+    ) -> tuple[torch.Tensor, bool]:
+        """Sensitivities, then the cascades: ``(prediction (B, C, H, W, 2), hybrid)``, the prediction in hybrid
+        space when ``hybrid`` (line mask, torch backend), else in k-space."""
+        mask, sens_maps, hybrid = self._sensitivities(masked_kspace, mask, num_low_frequencies)
         reference = ifftc(masked_kspace, (-2,)) if hybrid else masked_kspace
         use_checkpoint = self.checkpoint_cascades and self.training and torch.is_grad_enabled()
         prediction = reference

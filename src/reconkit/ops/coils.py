@@ -20,7 +20,7 @@ from reconkit.ops.complex import as_complex, complex_conj, complex_mul, native_c
 from reconkit.ops.dft_matmul import centred_fft_matmul_planar, planar_mul
 from reconkit.ops.fft import centering_modulation, current_fft_impl, fftc, ifftc
 
-__all__ = ["sens_expand", "sens_reduce", "data_consistency"]
+__all__ = ["sens_expand", "sens_reduce", "data_consistency", "planar_sens_expand", "planar_sens_reduce"]
 
 
 def _fft_dims(hybrid: bool) -> tuple[int, ...]:
@@ -94,19 +94,38 @@ def sens_reduce(
     return torch.view_as_real(image)
 
 
+def planar_sens_expand(
+    re: torch.Tensor, im: torch.Tensor, maps_re: torch.Tensor, maps_im: torch.Tensor, dims: tuple[int, ...] = (-2, -1)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Export path: :func:`sens_expand` on planar data with the MatMul FFT along ``dims`` (``(-1,)``: to hybrid space).
+
+    ``re, im``: ``(B, 1, H, W)`` image parts; ``maps_re, maps_im``: ``(B, C, H, W)``. Returns ``(B, C, H, W)`` parts.
+    No ``(..., 2)`` axis is built, so ONNX Runtime copies no C-coil tensor to pair or unpair the parts.
+    """
+    coil_re, coil_im = planar_mul(re, im, maps_re, maps_im)
+    return centred_fft_matmul_planar(coil_re, coil_im, inverse=False, dims=dims)
+
+
+def planar_sens_reduce(
+    re: torch.Tensor, im: torch.Tensor, maps_re: torch.Tensor, maps_im: torch.Tensor, dims: tuple[int, ...] = (-2, -1)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Export path: :func:`sens_reduce` on planar ``(B, C, H, W)`` parts → ``(B, 1, H, W)`` parts (MatMul FFT)."""
+    re, im = centred_fft_matmul_planar(re, im, inverse=True, dims=dims)
+    re, im = planar_mul(re, im, maps_re, maps_im, conj_b=True)
+    return re.sum(dim=1, keepdim=True), im.sum(dim=1, keepdim=True)
+
+
 def _sens_expand_planar(image: torch.Tensor, sens_maps: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """Export path (``fft_impl("matmul")``): the coil product and the MatMul FFT on planar real / imaginary parts,
-    so the C-coil (real, imag) axis is built once, at the end (see ``centred_fft_matmul_planar``)."""
-    coil_re, coil_im = planar_mul(image[..., 0], image[..., 1], sens_maps[..., 0], sens_maps[..., 1])
-    re, im = centred_fft_matmul_planar(coil_re, coil_im, inverse=False, dims=dims)
-    return torch.stack((re, im), dim=-1)
+    """Export path (``fft_impl("matmul")``) of :func:`sens_expand`: planar inside, the C-coil (real, imag) axis is
+    built once, at the end."""
+    parts = planar_sens_expand(image[..., 0], image[..., 1], sens_maps[..., 0], sens_maps[..., 1], dims)
+    return torch.stack(parts, dim=-1)
 
 
 def _sens_reduce_planar(kspace: torch.Tensor, sens_maps: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """Export path: ``Σ_c conj(S_c) · ifftc(k_c)`` with the MatMul FFT on planar parts (no C-coil stack)."""
-    re, im = centred_fft_matmul_planar(kspace[..., 0], kspace[..., 1], inverse=True, dims=dims)
-    re, im = planar_mul(re, im, sens_maps[..., 0], sens_maps[..., 1], conj_b=True)
-    return torch.stack((re.sum(dim=1, keepdim=True), im.sum(dim=1, keepdim=True)), dim=-1)
+    """Export path of :func:`sens_reduce`: planar inside (no C-coil stack)."""
+    parts = planar_sens_reduce(kspace[..., 0], kspace[..., 1], sens_maps[..., 0], sens_maps[..., 1], dims)
+    return torch.stack(parts, dim=-1)
 
 
 def data_consistency(
