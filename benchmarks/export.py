@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 
 from reconkit.export import export_onnx
 from reconkit.models import VarNet
-from reconkit.ops import centering_signs, fft2c, fft_impl
+from reconkit.ops import centering_signs, fft2c, fft_impl, fftc
 
 from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
 
@@ -54,15 +54,19 @@ def session(model: bytes | str, threads: int) -> ort.InferenceSession:
 
 
 class _FFT(torch.nn.Module):
+    def __init__(self, dims: tuple[int, ...] = (-2, -1)):
+        super().__init__()
+        self.dims = dims
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fft2c(x)
+        return fftc(x, self.dims)
 
 
-def matmul_fft_graph(shape: tuple[int, ...]) -> bytes:
-    """ONNX graph of reconkit's in-graph FFT (``fft2c`` traced under ``fft_impl("matmul")``)."""
+def matmul_fft_graph(shape: tuple[int, ...], dims: tuple[int, ...] = (-2, -1)) -> bytes:
+    """ONNX graph of reconkit's in-graph FFT (``fftc`` along ``dims`` traced under ``fft_impl("matmul")``)."""
     with tempfile.TemporaryDirectory() as tmp, fft_impl("matmul"):
         path = Path(tmp) / "fft.onnx"
-        torch.onnx.export(_FFT(), (torch.zeros(shape),), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(_FFT(dims), (torch.zeros(shape),), str(path), dynamo=False, opset_version=17,
                           input_names=["x"], output_names=["y"])
         return path.read_bytes()
 
@@ -104,6 +108,10 @@ def bench_fft(coils: int, height: int, width: int, repeats: int, threads: int) -
     t_ours2, t_dft = interleaved(lambda: ours.run(None, {"x": xn}), lambda: dft.run(None, {"x": xn}), repeats)
     e_ours = errors(ours.run(None, {"x": xn})[0], reference)
     e_dft = errors(dft.run(None, {"x": xn})[0], reference)
+    # the 1D transform along W that VarNet's hybrid-space cascades use (line masks)
+    ours_w = session(matmul_fft_graph(shape, (-1,)), threads)
+    t_ours_w, t_torch_w = interleaved(lambda: ours_w.run(None, {"x": xn}), lambda: fftc(x, (-1,)), repeats)
+    e_ours_w = errors(ours_w.run(None, {"x": xn})[0], fftc(x, (-1,)).numpy())
     size = f"{coils}×{height}×{width}"
     return [
         f"| {size} | torch.fft (eager) | {t_torch * 1e3:.1f} | 1.00 | – | – |",
@@ -111,6 +119,9 @@ def bench_fft(coils: int, height: int, width: int, repeats: int, threads: int) -
          f"{e_ours[1]:.1e} |"),
         f"| {size} | ORT, ONNX DFT op | {t_dft * 1e3:.1f} | {t_dft / t_torch:.2f} | {e_dft[0]:.1e} | {e_dft[1]:.1e} |",
         f"| {size} | → DFT / MatMul FFT (same loop) | | **{t_dft / t_ours2:.1f}×** | | |",
+        f"| {size}, 1D along W | torch.fft (eager) | {t_torch_w * 1e3:.1f} | 1.00 | – | – |",
+        (f"| {size}, 1D along W | ORT, reconkit MatMul FFT | {t_ours_w * 1e3:.1f} | {t_ours_w / t_torch_w:.2f} | "
+         f"{e_ours_w[0]:.1e} | {e_ours_w[1]:.1e} |"),
     ]
 
 
@@ -138,6 +149,26 @@ def bench_varnet(model: VarNet, coils: int, height: int, width: int, repeats: in
             f"{err[0]:.1e} | {err[1]:.1e} | {export_s:.0f} |")
 
 
+def bench_eager_forms(model: VarNet, coils: int, height: int, width: int, repeats: int) -> str:
+    """Eager VarNet with a line mask (hybrid-space cascades) vs the same mask broadcast to 2D (k-space cascades)."""
+    generator = torch.Generator().manual_seed(height + width)
+    mask = (torch.rand(1, 1, 1, width, 1, generator=generator) < 0.25).float()
+    kspace = torch.randn(1, coils, height, width, 2, generator=generator) * mask
+    full_mask = mask.expand(1, 1, height, width, 1).contiguous()
+
+    def run(m: torch.Tensor) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            with torch.inference_mode():
+                return model(kspace, m)
+
+        return call
+
+    med = interleaved_medians({"hybrid": run(mask), "kspace": run(full_mask)}, repeats, warmup=1)
+    err = errors(run(mask)().numpy(), run(full_mask)().numpy())
+    return (f"| {height}×{width} | {coils} | {med['kspace'] * 1e3:.0f} | {med['hybrid'] * 1e3:.0f} | "
+            f"**{med['kspace'] / med['hybrid']:.2f}×** | {err[1]:.1e} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny VarNet, 4 coils, small sizes (quick check)")
@@ -148,6 +179,8 @@ def main() -> None:
     parser.add_argument("--chans", type=int, help="override the VarNet cascade U-Net channels")
     parser.add_argument("--skip-varnet", action="store_true", help="only the FFT comparison")
     parser.add_argument("--skip-fft", action="store_true", help="only the VarNet comparison")
+    parser.add_argument("--eager-forms", action="store_true",
+                        help="also time eager VarNet in hybrid space (line mask) vs k-space (the mask broadcast to 2D)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     coils = 4 if args.small else 15
@@ -179,6 +212,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for height, width in sizes:
         print(bench_varnet(model, coils, height, width, repeats, args.threads), flush=True)
+    if args.eager_forms:
+        print(f"\nEager VarNet, hybrid-space vs k-space cascades (same weights and data), median of {repeats}:\n")
+        print("| size | coils | k-space ms | hybrid ms | speed-up | rel L2 difference |\n|---|---|---|---|---|---|")
+        for height, width in sizes:
+            print(bench_eager_forms(model, coils, height, width, repeats), flush=True)
 
 
 if __name__ == "__main__":
