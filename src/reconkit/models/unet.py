@@ -273,16 +273,19 @@ class NormUnet(nn.Module):
         if x.ndim != 5 or x.shape[-1] != 2:
             raise ValueError(f"NormUnet: expected (B, C, H, W, 2) complex images; got shape {tuple(x.shape)}")
         b, c, h, w, _ = x.shape
-        x = x.permute(0, 4, 1, 2, 3).reshape(b, 2 * c, h, w)
+        x = self.forward_channels(x.permute(0, 4, 1, 2, 3).reshape(b, 2 * c, h, w))
+        return x.reshape(b, 2, c, h, w).permute(0, 2, 3, 4, 1).contiguous()
 
-        grouped = x.reshape(b, 2, c * h * w)
+    def forward_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """The same on the channel layout ``(B, 2·C, H, W)`` (C real channels, then C imaginary ones) → same shape;
+        for callers that hold real and imaginary parts apart (the export path)."""
+        b, channels, h, w = x.shape
+        grouped = x.reshape(b, 2, channels // 2 * h * w)
         std, mean = torch.std_mean(grouped, dim=2)
         mean, std = mean.view(b, 2, 1, 1, 1), std.view(b, 2, 1, 1, 1)
-        x = ((x.view(b, 2, c, h, w) - mean) / std).view(b, 2 * c, h, w)
+        x = ((x.view(b, 2, channels // 2, h, w) - mean) / std).view(b, channels, h, w)
 
         (top, bottom), (left, right) = self._pads(h), self._pads(w)
         x = self.unet(F.pad(x, [left, right, top, bottom]))
         x = x[..., top : top + h, left : left + w]
-
-        x = x.reshape(b, 2, c, h, w) * std + mean
-        return x.permute(0, 2, 3, 4, 1).contiguous()
+        return (x.reshape(b, 2, channels // 2, h, w) * std + mean).reshape(b, channels, h, w)

@@ -110,14 +110,18 @@ class SensitivityModel(nn.Module):
         self.mask_center = mask_center
         self.norm_unet = NormUnet(chans, num_pools, in_chans=in_chans, out_chans=out_chans, drop_prob=drop_prob)
 
+    def _acs_window(self, mask: torch.Tensor, num_low_frequencies, width: int) -> torch.Tensor:
+        """``(B, W)`` bool: the columns of the low-frequency (ACS) window of ``mask``."""
+        pad, num_low = low_frequency_window(mask, num_low_frequencies)
+        columns = torch.arange(width, device=mask.device)
+        return (columns >= pad[:, None]) & (columns < (pad + num_low)[:, None])
+
     def forward(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
     ) -> torch.Tensor:
         """``(B, C, H, W, 2)`` k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, C, H, W, 2)`` maps with unit RSS."""
         if self.mask_center:
-            pad, num_low = low_frequency_window(mask, num_low_frequencies)
-            columns = torch.arange(masked_kspace.shape[-2], device=masked_kspace.device)
-            keep = (columns >= pad[:, None]) & (columns < (pad + num_low)[:, None])  # (B, W)
+            keep = self._acs_window(mask, num_low_frequencies, masked_kspace.shape[-2])
             masked_kspace = masked_kspace * pair_factor(keep[:, None, None, :, None].to(masked_kspace.dtype))
 
         images = ifft2c(masked_kspace)
@@ -129,6 +133,33 @@ class SensitivityModel(nn.Module):
             sens_maps = torch.cat([self.norm_unet(image) for image in coil_images.split(1)])
         sens_maps = sens_maps.reshape(b, c, h, w, 2)
         return sens_maps / pair_factor(rss_complex(sens_maps, dim=1)[:, None, :, :, None])
+
+    def forward_planar(
+        self,
+        parts: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        num_low_frequencies: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Export path: :meth:`forward` on planar k-space parts ``(B, C, H, W)`` (MatMul FFT, one batched U-Net
+        call) → planar map parts; no ``(..., 2)`` pairing of C-coil tensors."""
+        re, im = parts
+        b, c, h, w = re.shape
+        if self.mask_center:
+            keep = self._acs_window(mask, num_low_frequencies, w)[:, None, None, :].to(re.dtype)
+            re, im = re * keep, im * keep
+        re, im = centred_fft_matmul_planar(re, im, inverse=True)
+        channels = torch.stack((re, im), dim=2).reshape(b * c, 2, h, w)  # each coil: (real, imag) channels
+        maps = self.norm_unet.forward_channels(channels).reshape(b, c, 2, h, w)
+        re, im = maps[:, :, 0], maps[:, :, 1]
+        rss = torch.sqrt((re * re + im * im).sum(dim=1, keepdim=True))
+        return re / rss, im / rss
+
+
+def _check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor) -> None:
+    if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
+        raise ValueError(f"VarNet: masked_kspace must be (B, C, H, W, 2); got shape {tuple(masked_kspace.shape)}")
+    if mask.ndim != 5:
+        raise ValueError(f"VarNet: mask must be (B, 1, 1, W, 1) or (B, 1, H, W, 1); got shape {tuple(mask.shape)}")
 
 
 class VarNetBlock(nn.Module):
@@ -246,31 +277,20 @@ class VarNet(nn.Module):
         prediction, hybrid = self._cascades(masked_kspace, mask, num_low_frequencies)
         return fftc(prediction, (-2,)) if hybrid else prediction
 
-    def _sensitivities(
-        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Checked inputs → ``(mask as data dtype, sens_maps (B, C, H, W, 2), hybrid)``; ``hybrid``: the cascades
-        run in hybrid space (line mask, torch backend)."""
-        if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
-            raise ValueError(f"VarNet: masked_kspace must be (B, C, H, W, 2); got shape {tuple(masked_kspace.shape)}")
-        if mask.ndim != 5:
-            raise ValueError(f"VarNet: mask must be (B, 1, 1, W, 1) or (B, 1, H, W, 1); got shape {tuple(mask.shape)}")
-        mask = mask.to(masked_kspace.dtype)
-        sens_maps = self.sens_net(masked_kspace, mask, num_low_frequencies)
-        hybrid = mask.shape[-3] == 1 and resolve_backend(None, masked_kspace, sens_maps) == "torch"
-        return mask, sens_maps, hybrid
-
     def _export_forward(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None
     ) -> torch.Tensor:
         """:meth:`forward` on the export path (``fft_impl("matmul")``): the coil data stay planar (real, imag) from
         the first FFT to the RSS, so ONNX Runtime never pairs / unpairs a C-coil tensor between cascades."""
-        mask, sens_maps, hybrid = self._sensitivities(masked_kspace, mask, num_low_frequencies)
-        dims = (-1,) if hybrid else (-2, -1)
+        _check_inputs(masked_kspace, mask)
+        mask = mask.to(masked_kspace.dtype)
         parts = masked_kspace[..., 0], masked_kspace[..., 1]
+        map_parts = self.sens_net.forward_planar(parts, mask, num_low_frequencies)
+        hybrid = mask.shape[-3] == 1
+        dims = (-1,) if hybrid else (-2, -1)
         if hybrid:
             parts = centred_fft_matmul_planar(*parts, inverse=True, dims=(-2,))
-        reference, map_parts = parts, (sens_maps[..., 0], sens_maps[..., 1])
+        reference = parts
         for cascade in self.cascades:
             parts = cascade.forward_planar(parts, reference, mask[..., 0], map_parts, dims)
         re, im = centred_fft_matmul_planar(*parts, inverse=True, dims=dims)
@@ -281,7 +301,10 @@ class VarNet(nn.Module):
     ) -> tuple[torch.Tensor, bool]:
         """Sensitivities, then the cascades: ``(prediction (B, C, H, W, 2), hybrid)``, the prediction in hybrid
         space when ``hybrid`` (line mask, torch backend), else in k-space."""
-        mask, sens_maps, hybrid = self._sensitivities(masked_kspace, mask, num_low_frequencies)
+        _check_inputs(masked_kspace, mask)
+        mask = mask.to(masked_kspace.dtype)
+        sens_maps = self.sens_net(masked_kspace, mask, num_low_frequencies)
+        hybrid = mask.shape[-3] == 1 and resolve_backend(None, masked_kspace, sens_maps) == "torch"
         reference = ifftc(masked_kspace, (-2,)) if hybrid else masked_kspace
         use_checkpoint = self.checkpoint_cascades and self.training and torch.is_grad_enabled()
         prediction = reference
