@@ -314,3 +314,16 @@ def test_a_dagger_with_l2_reg_solves_regularised_normal_equations():
     x = op.A_dagger(kspace, max_iter=100, tol=1e-12, l2_reg=lam)
     residual = op.normal(x) + lam * x - op.A_adjoint(kspace)
     assert (residual.abs().max() / op.A_adjoint(kspace).abs().max()).item() < 1e-8
+
+
+def test_cached_centring_signs_first_built_in_inference_mode_still_support_autograd():
+    """The sign patterns are cached; built first under inference_mode they must still be usable with autograd."""
+    size = (14, 22)  # a size no other test uses, so the cache entry is new here
+    image = torch.randn(1, 1, *size, 2, generator=gen(40))
+    sens_maps = torch.randn(1, 2, *size, 2, generator=gen(41))
+    with torch.inference_mode():
+        sens_expand(image, sens_maps, hybrid=True)
+        fftc(image, (-1,))
+    image.requires_grad_(True)
+    sens_expand(image, sens_maps, hybrid=True).square().sum().backward()
+    assert image.grad is not None and torch.isfinite(image.grad).all()

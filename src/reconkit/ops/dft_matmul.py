@@ -128,10 +128,12 @@ def axis_plan(length: int, inverse: bool) -> AxisPlan:
 
 @functools.lru_cache(maxsize=128)
 def _constants(length: int, inverse: bool, device: torch.device) -> tuple[tuple, tuple, torch.Tensor | None]:
-    """Stage constants on ``device`` (cached; a tracer records them as graph constants)."""
+    """Stage constants on ``device`` (cached; a tracer records them as graph constants). Built as normal tensors
+    even under ``torch.inference_mode()``, so a later autograd call can save them for backward."""
     plan = axis_plan(length, inverse)
-    folded = None if plan.folded is None else plan.folded.to(device)
-    return tuple(m.to(device) for m in plan.matrices), tuple(t.to(device) for t in plan.twiddles), folded
+    with torch.inference_mode(False):
+        folded = None if plan.folded is None else plan.folded.to(device)
+        return tuple(m.to(device) for m in plan.matrices), tuple(t.to(device) for t in plan.twiddles), folded
 
 
 def _complex_matmul(

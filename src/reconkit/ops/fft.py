@@ -91,7 +91,10 @@ def centering_modulation(
     dims = _check_dims(dims)
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return _cached_signs.__wrapped__(height, width, device, dtype, dims)
-    return _cached_signs(height, width, device, dtype, dims)
+    # built as normal tensors even when first asked for under torch.inference_mode(): a cached inference tensor
+    # could not be saved for backward by a later autograd call
+    with torch.inference_mode(False):
+        return _cached_signs(height, width, device, dtype, dims)
 
 
 def _check_dims(dims) -> tuple[int, ...]:
