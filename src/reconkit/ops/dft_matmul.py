@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from reconkit.ops.fft import check_fft_dims
+
 __all__ = ["AxisPlan", "axis_plan", "centred_fft_matmul", "centred_fft_matmul_planar", "planar_mul", "radices"]
 
 MAX_RADIX = 64
@@ -247,9 +249,7 @@ def centred_fft_matmul_planar(
         )
     if re.dtype != torch.float32 or im.dtype != torch.float32:
         re, im = re.float(), im.float()
-    dims = tuple(sorted(dims))
-    if dims not in ((-2,), (-1,), (-2, -1)):
-        raise ValueError(f"centred_fft_matmul_planar: dims must be (-2,), (-1,) or (-2, -1); got {dims}")
+    dims = check_fft_dims(dims)
     height, width = int(re.shape[-2]), int(re.shape[-1])
     lead = re.shape[:-2]
     # an axis that is not transformed stays one digit axis with no stages

@@ -66,7 +66,16 @@ def centering_signs(height: int, width: int, device=None, dtype=torch.float32) -
 
 @functools.lru_cache(maxsize=32)
 def _cached_signs(
-    height: int, width: int, device: torch.device, dtype: torch.dtype, dims: tuple[int, ...] = SPATIAL_DIMS
+    height: int, width: int, device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # normal tensors even when first built under torch.inference_mode(): a cached inference tensor could not be
+    # saved for backward by a later autograd call
+    with torch.inference_mode(False):
+        return _sign_patterns(height, width, device, dtype, dims)
+
+
+def _sign_patterns(
+    height: int, width: int, device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if dims == SPATIAL_DIMS:
         pre = centering_signs(height, width, device=device, dtype=dtype)
@@ -88,16 +97,14 @@ def centering_modulation(
     ``dtype`` should be the dtype of the tensor they multiply (complex for complex data), so that no conversion
     happens per call. Cached in eager mode, built from ops while tracing or compiling.
     """
-    dims = _check_dims(dims)
+    dims = check_fft_dims(dims)
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return _cached_signs.__wrapped__(height, width, device, dtype, dims)
-    # built as normal tensors even when first asked for under torch.inference_mode(): a cached inference tensor
-    # could not be saved for backward by a later autograd call
-    with torch.inference_mode(False):
-        return _cached_signs(height, width, device, dtype, dims)
+        return _sign_patterns(height, width, device, dtype, dims)
+    return _cached_signs(height, width, device, dtype, dims)
 
 
-def _check_dims(dims) -> tuple[int, ...]:
+def check_fft_dims(dims) -> tuple[int, ...]:
+    """``dims`` as a sorted tuple, checked to be ``(-2,)`` (H), ``(-1,)`` (W) or ``(-2, -1)`` (both)."""
     dims = tuple(sorted(int(d) for d in dims))
     if dims not in ((-2,), (-1,), (-2, -1)):
         raise ValueError(f"FFT dims must be (-2,) (H), (-1,) (W) or (-2, -1) of (..., H, W); got {dims}")
@@ -118,7 +125,7 @@ def _centred_fft_complex(z: torch.Tensor, inverse: bool, dims: tuple[int, ...] =
 
 
 def _centred_fft(data: torch.Tensor, inverse: bool, dims: tuple[int, ...] = SPATIAL_DIMS) -> torch.Tensor:
-    dims = _check_dims(dims)
+    dims = check_fft_dims(dims)
     if data.is_complex():
         if data.dtype != torch.complex64 and data.dtype != torch.complex128:
             data = data.to(torch.complex64)
