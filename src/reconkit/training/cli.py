@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
+import torch.distributed
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -75,12 +76,12 @@ class ReconLightningCLI(LightningCLI):
             ]
 
 
-def run_cli(args: Optional[Sequence[str]] = None, run: bool = True) -> ReconLightningCLI:
+def run_cli(args: Sequence[str] | None = None, run: bool = True) -> ReconLightningCLI:
     """Build (and with ``run`` execute) the CLI on ``args`` (``sys.argv`` when ``None``)."""
     # `reconkit train ...` passes its own arguments while sys.argv still holds the whole command line, which DDP's
     # launcher re-runs in the child processes, so sys.argv stays as it is and Lightning's warning about it is muted
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-    return ReconLightningCLI(
+    cli = ReconLightningCLI(
         ReconModule,
         FastMriDataModule,
         subclass_mode_model=True,
@@ -91,3 +92,18 @@ def run_cli(args: Optional[Sequence[str]] = None, run: bool = True) -> ReconLigh
         args=None if args is None else list(args),
         run=run,
     )
+    if run:
+        _destroy_process_group()
+    return cli
+
+
+def _destroy_process_group() -> None:
+    """Shut down this process's distributed process group after a finished run (DDP, gloo or NCCL).
+
+    Lightning destroys it at exit only for NCCL; a gloo group left to interpreter finalisation can abort the process
+    ("terminate called without an active exception", SIGABRT: pytorch/pytorch#190489), which turned a successful
+    torchrun validation into a failed one. Called only after success: on an error other ranks may still be inside a
+    collective, and destroying the group then can hang.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
