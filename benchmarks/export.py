@@ -26,6 +26,7 @@ from onnx import TensorProto, helper
 from reconkit.export import export_onnx
 from reconkit.models import VarNet
 from reconkit.ops import centering_signs, fft2c, fft_impl, fftc
+from reconkit.ops.dft_matmul import centred_fft_matmul_planar
 
 from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
 
@@ -53,6 +54,17 @@ def session(model: bytes | str, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+class _PlanarFFT(torch.nn.Module):
+    """The export path's form: planar (real, imag) parts in and out, as ``VarNetBlock.forward_planar`` runs it."""
+
+    def __init__(self, dims: tuple[int, ...]):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, re: torch.Tensor, im: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return centred_fft_matmul_planar(re, im, False, self.dims)
+
+
 class _FFT(torch.nn.Module):
     def __init__(self, dims: tuple[int, ...] = (-2, -1)):
         super().__init__()
@@ -68,6 +80,15 @@ def matmul_fft_graph(shape: tuple[int, ...], dims: tuple[int, ...] = (-2, -1)) -
         path = Path(tmp) / "fft.onnx"
         torch.onnx.export(_FFT(dims), (torch.zeros(shape),), str(path), dynamo=False, opset_version=17,
                           input_names=["x"], output_names=["y"])
+        return path.read_bytes()
+
+
+def planar_fft_graph(shape: tuple[int, ...], dims: tuple[int, ...]) -> bytes:
+    """ONNX graph of the planar MatMul FFT along ``dims`` on two ``shape`` (..., H, W) inputs ``re``, ``im``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fft.onnx"
+        torch.onnx.export(_PlanarFFT(dims), (torch.zeros(shape), torch.zeros(shape)), str(path), dynamo=False,
+                          opset_version=17, input_names=["re", "im"], output_names=["y_re", "y_im"])
         return path.read_bytes()
 
 
@@ -112,6 +133,11 @@ def bench_fft(coils: int, height: int, width: int, repeats: int, threads: int) -
     ours_w = session(matmul_fft_graph(shape, (-1,)), threads)
     t_ours_w, t_torch_w = interleaved(lambda: ours_w.run(None, {"x": xn}), lambda: fftc(x, (-1,)), repeats)
     e_ours_w = errors(ours_w.run(None, {"x": xn})[0], fftc(x, (-1,)).numpy())
+    # the same transform in the planar form the export path runs (no (..., 2) axis to build and take apart)
+    planar = session(planar_fft_graph(shape[:-1], (-1,)), threads)
+    feeds = {"re": xn[..., 0].copy(), "im": xn[..., 1].copy()}
+    t_planar, t_torch_w2 = interleaved(lambda: planar.run(None, feeds), lambda: fftc(x, (-1,)), repeats)
+    e_planar = errors(np.stack(planar.run(None, feeds), -1), fftc(x, (-1,)).numpy())
     size = f"{coils}×{height}×{width}"
     return [
         f"| {size} | torch.fft (eager) | {t_torch * 1e3:.1f} | 1.00 | – | – |",
@@ -122,6 +148,9 @@ def bench_fft(coils: int, height: int, width: int, repeats: int, threads: int) -
         f"| {size}, 1D along W | torch.fft (eager) | {t_torch_w * 1e3:.1f} | 1.00 | – | – |",
         (f"| {size}, 1D along W | ORT, reconkit MatMul FFT | {t_ours_w * 1e3:.1f} | {t_ours_w / t_torch_w:.2f} | "
          f"{e_ours_w[0]:.1e} | {e_ours_w[1]:.1e} |"),
+        f"| {size}, 1D along W | torch.fft (eager), same loop as the next row | {t_torch_w2 * 1e3:.1f} | 1.00 | – | – |",
+        (f"| {size}, 1D along W | ORT, reconkit MatMul FFT, planar (re, im) as in the exported VarNet | "
+         f"{t_planar * 1e3:.1f} | {t_planar / t_torch_w2:.2f} | {e_planar[0]:.1e} | {e_planar[1]:.1e} |"),
     ]
 
 
@@ -147,6 +176,54 @@ def bench_varnet(model: VarNet, coils: int, height: int, width: int, repeats: in
     err = errors(sess.run(None, feeds)[0], eager().numpy())
     return (f"| {height}×{width} | {coils} | {t_torch * 1e3:.0f} | {t_ort * 1e3:.0f} | **{t_torch / t_ort:.2f}×** | "
             f"{err[0]:.1e} | {err[1]:.1e} | {export_s:.0f} |")
+
+
+CONV_CHAIN = 4  # convolutions per timed chain: ORT's NCHWc layout reorders at its ends are shared, as in a U-Net
+
+
+def conv_graph(batch: int, chans: int, height: int, width: int, weights: list[np.ndarray]) -> bytes:
+    """A chain of 3×3 ``Conv`` nodes (padding 1, ``chans`` → ``chans``), one per weight, as in VarNet's U-Nets."""
+    names = ["x"] + [f"y{i}" for i in range(len(weights))]
+    nodes = [helper.make_node("Conv", [names[i], f"w{i}"], [names[i + 1]], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+             for i in range(len(weights))]
+    shape = [batch, chans, height, width]
+    graph = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, shape)],
+                              initializer=[helper.make_tensor(f"w{i}", TensorProto.FLOAT, w.shape, w.ravel())
+                                           for i, w in enumerate(weights)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def bench_conv_layers(kwargs: dict, coils: int, height: int, width: int, repeats: int, threads: int) -> list[str]:
+    """The 3×3 convolutions of each U-Net level, ORT (MLAS) vs torch eager (oneDNN), per convolution of a chain
+    of :data:`CONV_CHAIN`: the cascade U-Net (batch 1, ``chans·2^level`` channels) and the sensitivity U-Net
+    (batch = coils), at the padded image size."""
+
+    def pad(n: int) -> int:  # NormUnet pads H and W to multiples of 16
+        return (n + 15) // 16 * 16
+
+    rows = []
+    for net, batch, chans, pools in (("cascade", 1, kwargs["chans"], kwargs["pools"]),
+                                     ("sensitivity", coils, kwargs["sens_chans"], kwargs["sens_pools"])):
+        for level in range(pools + 1):
+            c, h, w = chans * 2**level, pad(height) >> level, pad(width) >> level
+            rng = np.random.default_rng(level)
+            weights = [rng.standard_normal((c, c, 3, 3), dtype=np.float32) / (3 * c**0.5) for _ in range(CONV_CHAIN)]
+            x = torch.randn(batch, c, h, w)
+            sess, xn = session(conv_graph(batch, c, h, w, weights), threads), x.numpy()
+
+            def eager(x: torch.Tensor = x, wts: tuple = tuple(torch.from_numpy(w) for w in weights)) -> torch.Tensor:
+                with torch.inference_mode():
+                    for wt in wts:
+                        x = torch.nn.functional.conv2d(x, wt, padding=1)
+                    return x
+
+            t_ort, t_torch = interleaved(lambda sess=sess, xn=xn: sess.run(None, {"x": xn}), eager, repeats)
+            rows.append(f"| {net} | {level} | {batch}×{c}×{h}×{w} | {t_torch / CONV_CHAIN * 1e3:.1f} | "
+                        f"{t_ort / CONV_CHAIN * 1e3:.1f} | **{t_torch / t_ort:.2f}×** |")
+    return rows
 
 
 def bench_eager_forms(model: VarNet, coils: int, height: int, width: int, repeats: int) -> str:
@@ -179,6 +256,8 @@ def main() -> None:
     parser.add_argument("--chans", type=int, help="override the VarNet cascade U-Net channels")
     parser.add_argument("--skip-varnet", action="store_true", help="only the FFT comparison")
     parser.add_argument("--skip-fft", action="store_true", help="only the VarNet comparison")
+    parser.add_argument("--conv-layers", action="store_true",
+                        help="also time each U-Net level's 3x3 convolutions in torch and ORT (first size)")
     parser.add_argument("--eager-forms", action="store_true",
                         help="also time eager VarNet in hybrid space (line mask) vs k-space (the mask broadcast to 2D)")
     args = parser.parse_args()
@@ -212,6 +291,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for height, width in sizes:
         print(bench_varnet(model, coils, height, width, repeats, args.threads), flush=True)
+    if args.conv_layers:
+        height, width = sizes[0]
+        print(f"\n3×3 convolutions of each U-Net level (chains of {CONV_CHAIN}, ms per convolution), {height}×{width} "
+              f"padded to multiples of 16, median of {max(repeats, 9)}:\n")
+        print("| U-Net | level | input | torch eager ms | ORT ms | speed-up (torch / ORT) |\n|---|---|---|---|---|---|")
+        for line in bench_conv_layers(kwargs, coils, height, width, max(repeats, 9), args.threads):
+            print(line, flush=True)
     if args.eager_forms:
         print(f"\nEager VarNet, hybrid-space vs k-space cascades (same weights and data), median of {repeats}:\n")
         print("| size | coils | k-space ms | hybrid ms | speed-up | rel L2 difference |\n|---|---|---|---|---|---|")
