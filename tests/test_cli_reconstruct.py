@@ -128,10 +128,10 @@ def test_cg_sense_all_formats_with_header_geometry(tmp_path, capsys):
         "cg-sense",
         "--output",
         str(tmp_path / "out"),
-        "--format",
-        "h5",
-        "nifti",
-        "dicom",
+        "--format",  # aliases and any case: written under out/h5, out/nifti, out/dicom, out/png
+        "hdf5",
+        "nii",
+        "DICOM",
         "png",
         "--batch-size",
         "2",
@@ -205,6 +205,11 @@ def test_bad_inputs_one_line_each_others_written(tmp_path, capsys):
     (scans / "corrupt.h5").write_bytes(b"this is not an HDF5 file at all" * 10)
     with h5py.File(scans / "schema.h5", "w") as f:
         f.create_dataset("image", data=np.zeros((2, 8, 8), np.float32))
+    write_fastmri_file(scans / "nonfinite.h5", rng)  # one NaN sample: a clear input error, not a NaN image
+    with h5py.File(scans / "nonfinite.h5", "r+") as f:
+        kspace = f["kspace"][()]
+        kspace[1, 0, 3, 5] = np.nan
+        f["kspace"][...] = kspace
     out = tmp_path / "out"
     (tmp_path / "other").mkdir()
     write_fastmri_file(tmp_path / "other" / "good.h5", rng)  # same name as scans/good.h5
@@ -225,7 +230,7 @@ def test_bad_inputs_one_line_each_others_written(tmp_path, capsys):
     )
     assert code == 1
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 6, err
+    assert len(error_lines) == 7, err
     assert sum("other/good.h5" in line and "same file name" in line for line in error_lines) == 1
     for name, problem in (
         ("truncated.h5", "truncated"),
@@ -233,9 +238,10 @@ def test_bad_inputs_one_line_each_others_written(tmp_path, capsys):
         ("corrupt.h5", "not an HDF5"),
         ("schema.h5", "kspace"),
         ("missing.h5", "not found"),
+        ("nonfinite.h5", "1 NaN / inf values (first at index (1, 0, 3, 5))"),
     ):
         assert sum(name in line and problem in line for line in error_lines) == 1, (name, error_lines)
-    assert "good.h5" in stdout and "1 of 7 file(s) written" in stdout
+    assert "good.h5" in stdout and "1 of 8 file(s) written" in stdout
     # the good file is complete in every format; nothing else (no temporary or partial files) was written
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert written == [

@@ -37,6 +37,14 @@ from reconkit.io import (
 __all__ = ["write_outputs", "expand_inputs", "run", "main"]
 
 FORMATS = ("h5", "nifti", "dicom", "png")
+FORMAT_ALIASES = {"hdf5": "h5", "nii": "nifti", "dcm": "dicom"}
+
+
+def _format_name(name: str) -> str:
+    """``--format`` value, case-insensitive, with the common aliases (hdf5, nii, dcm) mapped to :data:`FORMATS`."""
+    name = name.lower()
+    return FORMAT_ALIASES.get(name, name)
+
 
 EXAMPLE = """examples:
   reconkit reconstruct scans/file1000.h5 --model checkpoints/varnet_small.onnx --output out
@@ -134,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", type=Path, required=True, help="output directory (created if missing)")
     parser.add_argument(
-        "--format", nargs="+", choices=FORMATS, default=["h5"], help="one or more output formats (default: h5)"
+        "--format",
+        nargs="+",
+        type=_format_name,
+        choices=FORMATS,
+        default=["h5"],
+        help="one or more output formats: h5 (alias hdf5), nifti (nii), dicom (dcm), png (default: h5)",
     )
     parser.add_argument(
         "--backend", choices=("torch", "onnx"), default=None, help="default: onnx for .onnx files, else torch"

@@ -198,7 +198,11 @@ def read_volume_info(path: os.PathLike | str, challenge: Optional[str] = None) -
 
 
 def read_volume(path: os.PathLike | str, challenge: Optional[str] = None) -> Volume:
-    """Read a whole fastMRI file (k-space, target, mask) after validating it; see :func:`read_volume_info`."""
+    """Read a whole fastMRI file (k-space, target, mask) after validating it; see :func:`read_volume_info`.
+
+    Raises:
+        DataError: as :func:`read_volume_info`, or the data cannot be read, or ``kspace`` holds NaN / inf values.
+    """
     path = Path(path)
     with open_volume(path) as hf:
         info = _validate(hf, path, challenge)
@@ -208,4 +212,10 @@ def read_volume(path: os.PathLike | str, challenge: Optional[str] = None) -> Vol
             mask = None if info.mask_shape is None else hf["mask"][()]
         except OSError as err:
             raise DataError(path, f"cannot read data, file truncated or corrupt ({_first_line(err)})") from None
+    finite = np.isfinite(kspace)
+    if not finite.all():
+        first = np.unravel_index(int(np.argmin(finite)), kspace.shape)
+        raise DataError(
+            path, f"'kspace' holds {kspace.size - int(finite.sum())} NaN / inf values (first at index {tuple(map(int, first))})"
+        )
     return Volume(kspace=kspace, target=target, mask=mask, info=info)
