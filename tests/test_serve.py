@@ -267,6 +267,8 @@ def _bad_requests() -> list[tuple[str, object, str]]:
     short_data["inputs"][1]["data"] = short_data["inputs"][1]["data"][:-1]
     strings = json.loads(json.dumps(good))
     strings["inputs"][1]["data"] = ["a"] * WIDTH
+    empty_second = sample(batch=2)[0]
+    empty_second[1] = 0.0
     big_batch = json_request(*sample(batch=9))
     batch_mismatch = json_request(kspace, sample(batch=2)[1])
     return [
@@ -283,6 +285,9 @@ def _bad_requests() -> list[tuple[str, object, str]]:
         ("data type", strings, "input 'mask': 'data' is not a list of FP32 numbers"),
         ("nan", json_request(nan_kspace, mask), "input 'masked_kspace': 1 value(s) are NaN or infinite"),
         ("inf", json_request(kspace, inf_mask), "input 'mask': 1 value(s) are NaN or infinite"),
+        ("zero kspace", json_request(empty_second, sample(batch=2)[1]),
+         "input 'masked_kspace': sample 1 is all zero (no acquired data)"),
+        ("zero mask", json_request(kspace, np.zeros_like(mask)), "input 'mask': sample 0 selects no k-space column"),
         ("mask width", json_request(kspace, wide_mask), "input 'mask': width 8 (axis 3) does not match 'masked_kspace' width 7"),
         ("batch limit", big_batch, "batch size 9 exceeds the model's max_batch_size 8"),
         ("batch mismatch", batch_mismatch, "inputs disagree on the batch size"),
@@ -411,6 +416,32 @@ def test_onnxruntime_failure_is_500_and_server_carries_on(tmp_path):
         assert status == 500 and "inference failed" in error and "Reshape" in error
         status, _, body = post(url, "/v2/models/fragile/infer", json.dumps(json_request(*sample())).encode())
         assert status == 200 and json.loads(body)["outputs"][0]["shape"] == [1, HEIGHT, WIDTH]
+
+
+def test_non_finite_output_is_422_never_nan_in_json(tmp_path):
+    """A model that returns NaN for some inputs (sqrt of a signed sum): 422 naming the output, not a 200 whose JSON
+    holds NaN (not JSON at all for strict parsers); the next request is answered."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    kspace = helper.make_tensor_value_info("masked_kspace", TensorProto.FLOAT, ["b", "c", "h", "w", 2])
+    mask = helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["b", 1, 1, "w", 1])
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["b", "h", "w"])
+    nodes = [helper.make_node("Mul", ["masked_kspace", "mask"], ["masked"]),
+             helper.make_node("ReduceSum", ["masked", "axes"], ["summed"], keepdims=0),
+             helper.make_node("Sqrt", ["summed"], ["image"])]
+    graph = helper.make_graph(nodes, "signed_sqrt", [kspace, mask], [image],
+                              initializer=[numpy_helper.from_array(np.array([1, 4], np.int64), "axes")])
+    (tmp_path / "signed_sqrt" / "1").mkdir(parents=True)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "signed_sqrt/1/model.onnx"))
+    with running_server(tmp_path) as (url, _):
+        kspace_in, mask_in = sample()
+        for binary in (False, True):  # binary outputs would carry NaN bytes just as well
+            body = json_request(-np.abs(kspace_in), mask_in, parameters={"binary_data_output": binary})
+            status, error = error_of(post(url, "/v2/models/signed_sqrt/infer", json.dumps(body).encode()))
+            assert status == 422, error
+            assert "output 'image' holds" in error and "NaN / inf" in error
+        status, _, body = post(url, "/v2/models/signed_sqrt/infer", json.dumps(json_request(np.abs(kspace_in), mask_in)).encode())
+        assert status == 200 and np.isfinite(json.loads(body)["outputs"][0]["data"]).all()
 
 
 def test_metrics_count_requests_errors_and_batches(repository):

@@ -30,7 +30,7 @@ from reconkit.serve.metrics import ServeMetrics
 from reconkit.serve.model import OnnxModel, select_providers
 from reconkit.serve.protocol import HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response
 from reconkit.serve.repository import BatchingConfig, ModelEntry, discover_models
-from reconkit.serve.validation import check_inputs
+from reconkit.serve.validation import check_inputs, check_outputs
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -215,6 +215,7 @@ def _routes(state: _State) -> list[Route]:
             results = await asyncio.wait_for(s.batcher.submit(infer_request), timeout)
         except asyncio.TimeoutError:
             raise RequestError(504, f"model '{s.entry.name}': no result within {timeout:g} s") from None
+        check_outputs(results, s.entry.name)
         content, headers = encode_infer_response(s.entry.name, s.entry.version, infer_request, results)
         return Response(content, 200, headers=headers)
 

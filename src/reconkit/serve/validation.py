@@ -13,7 +13,7 @@ import numpy as np
 
 from reconkit.serve.protocol import InferRequest, RequestError
 
-__all__ = ["check_inputs"]
+__all__ = ["check_inputs", "check_outputs"]
 
 
 def check_inputs(request: InferRequest, max_batch_size: int,
@@ -46,3 +46,20 @@ def check_inputs(request: InferRequest, max_batch_size: int,
         sizes = ", ".join(f"{h}x{w}" for h, w in spatial_sizes)
         raise RequestError(400, f"input 'masked_kspace': height x width {kspace.shape[2]}x{kspace.shape[3]} is not "
                                 f"a size the model was exported for ({sizes})")
+    if contract:
+        # nothing to reconstruct: the VarNet's per-sample normalisation would divide 0 by 0 and return NaN
+        for name, array, problem in (("masked_kspace", kspace, "is all zero (no acquired data)"),
+                                     ("mask", mask, "selects no k-space column (all zero)")):
+            empty = np.flatnonzero(~array.reshape(array.shape[0], -1).any(axis=1))
+            if empty.size:
+                raise RequestError(400, f"input '{name}': sample {int(empty[0])} {problem}")
+
+
+def check_outputs(results: dict[str, np.ndarray], model_name: str) -> None:
+    """Raise ``RequestError(422)`` when an output holds NaN / inf: the request was well formed, but the model cannot
+    reconstruct this input (and JSON has no NaN, so such a response would not even parse in strict clients)."""
+    for name, array in results.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise RequestError(422, f"model '{model_name}': output '{name}' holds {bad} NaN / inf value(s) for "
+                                    f"this input")
