@@ -20,7 +20,9 @@ from reconkit.cli.train import main
 from reconkit.data.simulate import simulate_dataset
 from reconkit.models import load_model
 from reconkit.training import FastMriDataModule, UnetModule, VarNetModule
-from reconkit.training.datamodule import select_volumes
+from reconkit.data.transforms import VarNetSample
+from reconkit.errors import ReconkitError
+from reconkit.training.datamodule import collate_slices, select_volumes
 
 TINY_VARNET = {"num_cascades": 2, "chans": 4, "pools": 2, "sens_chans": 2, "sens_pools": 1}
 
@@ -195,6 +197,18 @@ def test_unet_module_trains_and_writes_its_checkpoint_entry(sim_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- data module
+
+
+def test_batches_of_mixed_coil_counts_fail_with_a_clear_error():
+    def varnet_sample(coils: int, fname: str) -> VarNetSample:
+        return VarNetSample(torch.zeros(coils, 8, 6, 2), torch.ones(1, 1, 6, 1, dtype=torch.bool), 2,
+                            torch.zeros(4, 4), fname, 1, 1.0, (4, 4))
+
+    batch = collate_slices([varnet_sample(4, "a.h5"), varnet_sample(4, "b.h5")])
+    assert batch.masked_kspace.shape == (2, 4, 8, 6, 2) and list(batch.fname) == ["a.h5", "b.h5"]
+    with pytest.raises(ReconkitError, match=r"cannot batch slices a\.h5\[1\], c\.h5\[1\]: .*\[4, 8, 6, 2\].*"
+                                            r"\[8, 8, 6, 2\].*--data.batch_size 1"):
+        collate_slices([varnet_sample(4, "a.h5"), varnet_sample(8, "c.h5")])
 
 
 def test_volume_subsets_are_reproducible_nested_and_sized():

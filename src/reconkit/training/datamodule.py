@@ -20,12 +20,30 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
 from reconkit.data import SliceDataset, UnetDataTransform, VarNetDataTransform, create_mask_for_mask_type
-from reconkit.errors import DataError
+from reconkit.errors import DataError, ReconkitError
 
 TRANSFORMS = ("varnet", "unet")
+
+
+def collate_slices(samples: list) -> Any:
+    """``default_collate``, except that slices whose tensors differ in shape (a dataset mixing coil counts or
+    matrix sizes, batched with ``batch_size > 1``) raise a :class:`ReconkitError` naming the slices and the fix,
+    instead of ``torch.stack``'s bare size error."""
+    try:
+        return default_collate(samples)
+    except RuntimeError as err:
+        if "equal size" not in str(err):
+            raise
+        names = [f"{getattr(s, 'fname', '?')}[{getattr(s, 'slice_num', '?')}]" for s in samples]
+        raise ReconkitError(
+            f"cannot batch slices {', '.join(names)}: their tensors differ in shape ({str(err).split(', but ')[-1]}); "
+            f"this dataset mixes coil counts or matrix sizes, so train k-space models with --data.batch_size 1 "
+            f"(as fastMRI's VarNet) or split the data by shape"
+        ) from None
+
 
 
 def select_volumes(fnames: Sequence[str], fraction: Optional[float], num_volumes: Optional[int], seed: int) -> set[str]:
@@ -283,4 +301,4 @@ class FastMriDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset, sampler: Optional[torch.utils.data.Sampler] = None) -> DataLoader:
         # val/test: Lightning adds a DistributedSampler under DDP; per-volume metrics are gathered across ranks
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
-                          num_workers=self.num_workers, persistent_workers=False)
+                          num_workers=self.num_workers, persistent_workers=False, collate_fn=collate_slices)
