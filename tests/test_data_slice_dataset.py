@@ -402,6 +402,10 @@ def test_bad_files_raise_or_are_skipped_with_a_warning(use_cache, multicoil_dir,
     with pytest.raises(DataError) as err:
         SliceDataset(multicoil_dir, dataset_cache_file=cache, use_dataset_cache=use_cache)
     assert Path(err.value.path).name.startswith("zz_")
+    # one error names every bad file with its problem, so one run finds them all
+    assert "and 5 more bad file(s)" in str(err.value) and "skip_bad_files" in str(err.value)
+    for name in ("empty", "text", "truncated", "no_kspace", "garbled_header", "target_slices"):
+        assert f"zz_{name}.h5: " in str(err.value) and bad[name][1] in str(err.value), name
 
     for _ in range(2):  # second time from the cache when enabled: bad files are still reported
         caplog.clear()

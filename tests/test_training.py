@@ -21,7 +21,7 @@ from reconkit.data.simulate import simulate_dataset
 from reconkit.models import load_model
 from reconkit.training import FastMriDataModule, UnetModule, VarNetModule
 from reconkit.data.transforms import VarNetSample
-from reconkit.errors import ReconkitError
+from reconkit.errors import DataError, ReconkitError
 from reconkit.training.datamodule import collate_slices, select_volumes
 
 TINY_VARNET = {"num_cascades": 2, "chans": 4, "pools": 2, "sens_chans": 2, "sens_pools": 1}
@@ -223,6 +223,18 @@ def test_volume_subsets_are_reproducible_nested_and_sized():
         select_volumes(names, 0.5, 3, seed=0)
     with pytest.raises(ValueError, match="fraction"):
         select_volumes(names, 0.0, None, seed=0)
+
+
+def test_datamodule_skip_bad_files(sim_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(sim_root, root, ignore=shutil.ignore_patterns("*.pkl"))
+    (root / "train" / "broken.h5").write_bytes(b"")
+    (root / "train" / "text.h5").write_text("not hdf5")
+    with pytest.raises(DataError, match=r"broken\.h5: empty file .*and 1 more bad file\(s\): .*text\.h5: not an HDF5"):
+        _datamodule(root).train_dataset()
+    assert len(_datamodule(root, skip_bad_files=True).train_dataset()) == 9  # the 3 good volumes x 3 slices
 
 
 def test_datamodule_num_volumes_keeps_whole_volumes(sim_root):

@@ -145,6 +145,7 @@ class SliceDataset(torch.utils.data.Dataset):
         for k in stale:  # older versions of the files being scanned
             del cache[k]
         entries: Dict[Path, Tuple[dict, int]] = {}
+        bad: List[Tuple[Path, str]] = []
         changed = bool(stale)
         for fname in files:
             key = keys[fname]
@@ -163,11 +164,13 @@ class SliceDataset(torch.utils.data.Dataset):
             elif self.skip_bad_files:
                 logger.warning("skipping %s: %s", fname, value)
             else:
-                if use_cache and changed:
-                    self._save_cache(cache)
-                raise DataError(fname, value)
+                bad.append((fname, value))
         if use_cache and changed:
             self._save_cache(cache)
+        if bad:  # every bad file in one error, so one run finds them all
+            more = "; ".join(f"{path}: {problem}" for path, problem in bad[1:])
+            raise DataError(bad[0][0], bad[0][1] + (f" (and {len(bad) - 1} more bad file(s): {more})" if more else "")
+                            + "; skip_bad_files leaves bad files out with a warning")
         return entries
 
     def _load_cache(self) -> dict:

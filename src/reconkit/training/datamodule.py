@@ -154,6 +154,7 @@ class FastMriDataModule(LightningDataModule):
         val_sample_rate: Optional[float] = None,
         val_volume_sample_rate: Optional[float] = None,
         use_dataset_cache: bool = False,
+        skip_bad_files: bool = False,
         combine_train_val: bool = False,
         fraction: Optional[float] = None,
         num_volumes: Optional[int] = None,
@@ -174,6 +175,8 @@ class FastMriDataModule(LightningDataModule):
             sample_rate / volume_sample_rate: fraction of training slices / volumes (as ``SliceDataset``).
             val_sample_rate / val_volume_sample_rate: the same for validation and test.
             use_dataset_cache: cache the per-file slice index (``SliceDataset``'s cache file).
+            skip_bad_files: leave out files that fail validation (corrupt, truncated, wrong schema) with a warning
+                naming each; default: stop with an error listing them.
             combine_train_val: train on train + val (for a final model); validation still runs on val.
             fraction / num_volumes: reproducible subset of training volumes (``select_volumes``), seeded by seed.
             seed: seed for the training subset, shuffle order and training masks.
@@ -201,6 +204,7 @@ class FastMriDataModule(LightningDataModule):
         self.val_sample_rate = val_sample_rate
         self.val_volume_sample_rate = val_volume_sample_rate
         self.use_dataset_cache = use_dataset_cache
+        self.skip_bad_files = skip_bad_files
         self.combine_train_val = combine_train_val
         self.fraction = fraction
         self.num_volumes = num_volumes
@@ -244,6 +248,7 @@ class FastMriDataModule(LightningDataModule):
             challenge=self.challenge,
             transform=transform,
             use_dataset_cache=self.use_dataset_cache,
+            skip_bad_files=self.skip_bad_files,
             sample_rate=sample_rate,
             volume_sample_rate=volume_sample_rate,
         )
