@@ -2,6 +2,8 @@
 
 import pickle
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -99,7 +101,14 @@ def _bad_checkpoints(tmp_path):
     garbage.write_bytes(b"this is not a checkpoint at all")
     yield str(tmp_path / "absent.ckpt"), "file not found"
     yield str(truncated), "not a readable PyTorch checkpoint"
-    yield str(garbage), "not a readable PyTorch checkpoint"
+    yield str(garbage), "not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)"
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    yield str(tmp_path / "empty.ckpt"), "empty file (0 bytes)"
+    with h5py.File(tmp_path / "scan.h5", "w") as f:
+        f["kspace"] = np.zeros((1, 2, 4, 4), np.complex64)
+    yield str(tmp_path / "scan.h5"), "is an HDF5 file (a scan?), not a model checkpoint"
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x08\x12\x07pytorch")  # the opening bytes of an ONNX ModelProto
+    yield str(tmp_path / "model.onnx"), "looks like an ONNX graph, not a checkpoint"
     yield _write(tmp_path, "list.ckpt", [1, 2]), "expected a dict checkpoint"
     yield _write(tmp_path, "noentry.ckpt", {"state_dict": good["state_dict"]}), "missing the 'reconkit' entry"
     yield _write(tmp_path, "notype.ckpt", {**good, "reconkit": {"model_kwargs": {}}}), "model_type"
@@ -117,7 +126,7 @@ def _bad_checkpoints(tmp_path):
                                                                "model_kwargs": {**KWARGS, "num_cascades": 0}}}), \
         "unexpected weights cascades.0"
     yield _write(tmp_path, "nan.ckpt", {**good, "state_dict": nan_state}), "NaN or Inf"
-    yield _write(tmp_path, "object.ckpt", {**good, "extra": _NotWeights()}), "refusing to unpickle"
+    yield _write(tmp_path, "object.ckpt", {**good, "extra": _NotWeights()}), "refusing to unpickle other objects (Unsupported global"
     plain_pickle = tmp_path / "pickle.ckpt"
     plain_pickle.write_bytes(pickle.dumps({"reconkit": good["reconkit"]}))
     yield str(plain_pickle), "refusing to unpickle"
@@ -126,7 +135,7 @@ def _bad_checkpoints(tmp_path):
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # from the plain-pickle case
 def test_bad_checkpoints_raise_checkpoint_error_naming_file_and_problem(tmp_path):
     cases = list(_bad_checkpoints(tmp_path))
-    assert len(cases) == 16
+    assert len(cases) == 19
     for path, problem in cases:
         with pytest.raises(CheckpointError) as excinfo:
             load_model(path)

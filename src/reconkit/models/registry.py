@@ -89,14 +89,33 @@ def save_model(
     return path
 
 
+def _check_file_kind(path: Path) -> None:
+    """Name what ``path`` is when it cannot be a ``torch.save`` file: empty, an HDF5 scan, an ONNX graph, or
+    anything that starts neither like torch.save's zip archive nor like a pickle."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    if not head:
+        raise CheckpointError(path, "empty file (0 bytes)")
+    if head.startswith(b"\x89HDF"):
+        raise CheckpointError(path, "is an HDF5 file (a scan?), not a model checkpoint")
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return
+    if path.suffix.lower() == ".onnx" or head[:1] == b"\x08":  # ONNX: a protobuf ModelProto, field 1 ir_version
+        raise CheckpointError(path, "looks like an ONNX graph, not a checkpoint (reconstruct and serve take .onnx "
+                                    "files as they are; export needs the training checkpoint)")
+    raise CheckpointError(path, "not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
+
+
 def _read_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(path, "file not found")
+    _check_file_kind(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reasons = [line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
-        detail = f" ({reasons[0]})" if reasons else ""
+        # torch's message: "Weights only load failed. ... WeightsUnpickler error: <reason> ..."
+        reason = " ".join(str(exc).partition("WeightsUnpickler error:")[2].split())[:160]
+        detail = f" ({reason})" if reason else ""
         raise CheckpointError(path, "cannot be read as weights and plain data only; refusing to unpickle other "
                                     f"objects{detail}") from exc
     except Exception as exc:  # torch.load fails in many ways on damaged files (EOFError, IndexError, ...)
