@@ -99,6 +99,7 @@ def test_cli_table_csv_and_bad_files(tmp_path, capsys):
     target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 32, 32, 32, 32), (2, 32, 32, 32, 32), (2, 32, 32, 32, 32)])
     (pred_dir / "file1.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 50)  # corrupt / truncated
     (pred_dir / "file2.h5").unlink()  # missing prediction
+    (pred_dir / "extra.h5").write_bytes((pred_dir / "file0.h5").read_bytes())  # a prediction without a target
     csv_path = tmp_path / "metrics.csv"
     code = reconkit_main(
         ["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--csv", str(csv_path)]
@@ -109,6 +110,8 @@ def test_cli_table_csv_and_bad_files(tmp_path, capsys):
     assert len(error_lines) == 2
     assert any("file1.h5" in line and "corrupt" in line for line in error_lines)
     assert any("file2.h5" in line and "no prediction" in line for line in error_lines)
+    assert "scored 1 of 3 volume(s); 2 failed" in err
+    assert "note: 1 prediction file(s) without a target, not scored: extra.h5" in err
     assert "file0.h5" in out and "mean" in out
     with open(csv_path) as handle:
         rows = list(csv.DictReader(handle))

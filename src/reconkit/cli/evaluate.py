@@ -215,6 +215,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
+    if errors:
+        print(f"scored {len(scores)} of {len(scores) + len(errors)} volume(s); {len(errors)} failed", file=sys.stderr)
+    orphans = sorted({p.name for p in args.predictions.glob("*.h5")} - {p.name for p in args.target.glob("*.h5")})
+    if orphans:
+        shown = ", ".join(orphans[:5]) + (", ..." if len(orphans) > 5 else "")
+        print(f"note: {len(orphans)} prediction file(s) without a target, not scored: {shown}", file=sys.stderr)
     if not scores and not errors:
         filters = args.acquisition is not None or args.acceleration is not None
         print(f"reconkit evaluate: {args.target}: no .h5 target files" + (" match the filters" if filters else ""),
