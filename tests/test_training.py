@@ -16,7 +16,7 @@ from fastmri import evaluate
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from reconkit.cli.train import main
+from reconkit.cli.train import main, one_line
 from reconkit.data.simulate import simulate_dataset
 from reconkit.models import load_model
 from reconkit.training import FastMriDataModule, UnetModule, VarNetModule
@@ -206,9 +206,16 @@ def test_batches_of_mixed_coil_counts_fail_with_a_clear_error():
 
     batch = collate_slices([varnet_sample(4, "a.h5"), varnet_sample(4, "b.h5")])
     assert batch.masked_kspace.shape == (2, 4, 8, 6, 2) and list(batch.fname) == ["a.h5", "b.h5"]
-    with pytest.raises(ReconkitError, match=r"cannot batch slices a\.h5\[1\], c\.h5\[1\]: .*\[4, 8, 6, 2\].*"
-                                            r"\[8, 8, 6, 2\].*--data.batch_size 1"):
+    with pytest.raises(ReconkitError, match=r"cannot batch slices a\.h5\[1\] and c\.h5\[1\]: their masked_kspace "
+                                            r"shapes differ \(\[4, 8, 6, 2\] vs \[8, 8, 6, 2\]\).*--data.batch_size 1"):
         collate_slices([varnet_sample(4, "a.h5"), varnet_sample(8, "c.h5")])
+    # in a worker process: the loader re-raises with the worker's traceback in the message; the CLI prints one line
+    loader = torch.utils.data.DataLoader([varnet_sample(4, "a.h5"), varnet_sample(8, "c.h5")], batch_size=2,
+                                         num_workers=1, collate_fn=collate_slices)
+    with pytest.raises(ReconkitError) as err:
+        next(iter(loader))
+    assert "Original Traceback" in str(err.value)
+    assert one_line(err.value).startswith("cannot batch slices a.h5[1] and c.h5[1]: their masked_kspace shapes")
 
 
 def test_volume_subsets_are_reproducible_nested_and_sized():

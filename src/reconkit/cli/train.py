@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Sequence
 
@@ -18,8 +19,17 @@ def main(argv: Sequence[str]) -> int:
     try:
         run_cli(list(argv))
     except ReconkitError as err:
-        print(f"reconkit train: {err}", file=sys.stderr)
+        print(f"reconkit train: {one_line(err)}", file=sys.stderr)
         return 1
     except SystemExit as exit_:  # --help, or an argument error already printed by the parser
         return exit_.code if isinstance(exit_.code, int) else 1
     return 0
+
+
+def one_line(err: ReconkitError) -> str:
+    """The message of ``err``; for one raised in a DataLoader worker process, which the loader re-raises with the
+    worker's whole traceback in the message, the original one-line message at its end."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    return re.sub(r"^[\w.]*(Error|Exception): ", "", text.strip().splitlines()[-1])

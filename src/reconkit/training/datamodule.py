@@ -31,18 +31,26 @@ TRANSFORMS = ("varnet", "unet")
 def collate_slices(samples: list) -> Any:
     """``default_collate``, except that slices whose tensors differ in shape (a dataset mixing coil counts or
     matrix sizes, batched with ``batch_size > 1``) raise a :class:`ReconkitError` naming the slices and the fix,
-    instead of ``torch.stack``'s bare size error."""
-    try:
-        return default_collate(samples)
-    except RuntimeError as err:
-        if "equal size" not in str(err):
-            raise
-        names = [f"{getattr(s, 'fname', '?')}[{getattr(s, 'slice_num', '?')}]" for s in samples]
-        raise ReconkitError(
-            f"cannot batch slices {', '.join(names)}: their tensors differ in shape ({str(err).split(', but ')[-1]}); "
-            f"this dataset mixes coil counts or matrix sizes, so train k-space models with --data.batch_size 1 "
-            f"(as fastMRI's VarNet) or split the data by shape"
-        ) from None
+    instead of torch's size error (or, in a worker process, its shared-memory resize error)."""
+    first = samples[0]
+    if isinstance(first, tuple):  # the NamedTuple samples of the transforms
+        for i, value in enumerate(first):
+            if not isinstance(value, torch.Tensor):
+                continue
+            for other in samples[1:]:
+                if isinstance(other[i], torch.Tensor) and other[i].shape != value.shape:
+                    field = first._fields[i] if hasattr(first, "_fields") else f"field {i}"
+                    raise ReconkitError(
+                        f"cannot batch slices {_slice_name(first)} and {_slice_name(other)}: their {field} shapes "
+                        f"differ ({list(value.shape)} vs {list(other[i].shape)}); this dataset mixes coil counts or "
+                        f"matrix sizes, so train k-space models with --data.batch_size 1 (as fastMRI's VarNet) or "
+                        f"split the data by shape"
+                    )
+    return default_collate(samples)
+
+
+def _slice_name(sample: Any) -> str:
+    return f"{getattr(sample, 'fname', '?')}[{getattr(sample, 'slice_num', '?')}]"
 
 
 
