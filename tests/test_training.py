@@ -218,6 +218,21 @@ def test_batches_of_mixed_coil_counts_fail_with_a_clear_error():
     assert one_line(err.value).startswith("cannot batch slices a.h5[1] and c.h5[1]: their masked_kspace shapes")
 
 
+class _UnreadableSlices(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int):
+        raise DataError("/data/file1.h5", f"cannot read slice {i} (corrupt chunk)")
+
+
+def test_data_error_in_a_dataloader_worker_stays_a_data_error():
+    loader = torch.utils.data.DataLoader(_UnreadableSlices(), num_workers=1)
+    with pytest.raises(DataError) as err:
+        next(iter(loader))
+    assert one_line(err.value) == "/data/file1.h5: cannot read slice 0 (corrupt chunk)"
+
+
 def test_volume_subsets_are_reproducible_nested_and_sized():
     names = [f"file{i:02d}.h5" for i in range(20)]
     quarter, half = select_volumes(names, 0.25, None, seed=3), select_volumes(names, 0.5, None, seed=3)

@@ -19,7 +19,11 @@ class DataError(ReconkitError):
         -> "/data/file1000.h5: missing dataset 'kspace'"
     """
 
-    def __init__(self, path: Optional[os.PathLike | str], problem: str):
+    def __init__(self, path: Optional[os.PathLike | str], problem: Optional[str] = None):
+        if problem is None:
+            # one argument: a whole message, as a DataLoader re-raises a worker's exception (exc_type(message));
+            # without this form it would re-raise a plain RuntimeError
+            path, problem = None, str(path)
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(problem if path is None else f"{self.path}: {problem}")
