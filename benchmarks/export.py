@@ -197,9 +197,10 @@ def conv_graph(batch: int, chans: int, height: int, width: int, weights: list[np
 
 
 def bench_conv_layers(kwargs: dict, coils: int, height: int, width: int, repeats: int, threads: int) -> list[str]:
-    """The 3×3 convolutions of each U-Net level, ORT (MLAS) vs torch eager (oneDNN), per convolution of a chain
-    of :data:`CONV_CHAIN`: the cascade U-Net (batch 1, ``chans·2^level`` channels) and the sensitivity U-Net
-    (batch = coils), at the padded image size."""
+    """The 3×3 convolutions of each U-Net level, ORT (MLAS) vs torch eager (oneDNN, channels-last as
+    :class:`reconkit.models.Unet` runs on the CPU), per convolution of a chain of :data:`CONV_CHAIN`: the cascade
+    U-Net (batch 1, ``chans·2^level`` channels) and the sensitivity U-Net (batch = coils), at the padded image
+    size."""
 
     def pad(n: int) -> int:  # NormUnet pads H and W to multiples of 16
         return (n + 15) // 16 * 16
@@ -213,6 +214,7 @@ def bench_conv_layers(kwargs: dict, coils: int, height: int, width: int, repeats
             weights = [rng.standard_normal((c, c, 3, 3), dtype=np.float32) / (3 * c**0.5) for _ in range(CONV_CHAIN)]
             x = torch.randn(batch, c, h, w)
             sess, xn = session(conv_graph(batch, c, h, w, weights), threads), x.numpy()
+            x = x.contiguous(memory_format=torch.channels_last)  # as reconkit's eager U-Net runs on the CPU
 
             def eager(x: torch.Tensor = x, wts: tuple = tuple(torch.from_numpy(w) for w in weights)) -> torch.Tensor:
                 with torch.inference_mode():

@@ -1,18 +1,23 @@
 """Train the bundled small VarNet on simulated data, export it to ONNX and write ``checkpoints/`` + its model card.
 
-    .venv/bin/python data_scripts/train_bundled_model.py [--steps 5000] [--minutes 95] [--data data/bundled] \
-        [--out checkpoints]
+    .venv/bin/python data_scripts/train_bundled_model.py [--steps 5000] [--finetune-steps 1100] [--threads 1] \
+        [--init CKPT] [--minutes 95] [--data data/bundled] [--out checkpoints]
 
 1. Simulates a varied training set from three real sources (``mni152`` template brain: many slice positions, axial /
    coronal / sagittal, T1 / T2 / PD at 1.5 and 3 T; ``nibabel_epi`` real EPI brain; ``pydicom_abdomen`` real
-   abdominal slice; 4 / 8 / 12 coils, SNR 22–40 dB) at 192 × 112 encoded k-space (2×
-   readout oversampling, 96 × 96 recon), plus held-out scans of a different, real subject (``dipy_b0``).
-2. Trains a VarNet with ``reconkit.training.KspaceModule`` and Lightning (L1 loss, Adam, cosine decay over
-   ``--steps`` optimizer steps) on 4× and 8× equispaced masks on the CPU (one thread: on a shared 2-core machine
-   more threads only contend); ``--minutes`` is a wall-clock safety stop.
-3. Exports ``checkpoints/varnet_small.onnx`` with ``reconkit.export.export_onnx`` (graph specialised for 192 × 112
-   and 320 × 184 k-space), checks ONNX Runtime against torch, measures NMSE / PSNR / SSIM on the held-out scans
-   (zero-filled, CG-SENSE, VarNet) and writes ``checkpoints/MODEL_CARD.md`` from those measurements.
+   abdominal slice; 4 / 8 / 12 coils, SNR 22–40 dB) at 192 × 112 encoded k-space (2× readout oversampling,
+   96 × 96 recon) and the same sources at two larger matrices (320 × 184 and 640 × 368, about 1.2 and 0.6 mm
+   pixels), plus held-out scans of a different, real subject (``dipy_b0``) at all three sizes.
+2. Trains a VarNet with ``reconkit.training.KspaceModule`` and Lightning (L1 loss, Adam, cosine decay) on 4× and 8×
+   equispaced masks on the CPU in two stages: stage 1, ``--steps`` optimizer steps from scratch at 192 × 112;
+   stage 2, ``--finetune-steps`` more at a lower learning rate on all three matrix sizes (a model trained at one
+   size only loses to CG-SENSE at the larger ones: the aliased copies of a 4× scan lie further apart, in pixels,
+   than its U-Nets had learned). ``--init CKPT`` takes a stage-1 checkpoint instead of training one;
+   ``--minutes`` is a wall-clock safety stop per stage.
+3. Exports ``checkpoints/varnet_small.onnx`` with ``reconkit.export.export_onnx`` (one graph branch per k-space size
+   of :data:`EXPORT_SIZES`: the training sizes and the five fastMRI sizes), checks ONNX Runtime against torch,
+   measures NMSE / PSNR / SSIM on the held-out scans (zero-filled, CG-SENSE, VarNet) and writes
+   ``checkpoints/MODEL_CARD.md`` from those measurements.
 """
 
 from __future__ import annotations
@@ -31,9 +36,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODED, RECON = (192, 112), (96, 96)
-EXPORT_SIZES = [ENCODED, (320, 184)]
+# Stage 2's larger matrices: (encoded, recon, volumes, slices per volume); fewer slices where a step costs more
+LARGER = (((320, 184), (160, 160), 24, 8), ((640, 368), (320, 320), 8, 6))
+FASTMRI_SIZES = [(640, 368), (640, 372), (640, 320), (768, 396), (640, 272)]  # knee and brain k-space sizes
+EXPORT_SIZES = [ENCODED, (320, 184), *FASTMRI_SIZES]
 MODEL = dict(num_cascades=8, chans=12, pools=3, sens_chans=6, sens_pools=2, init_scale=0.1)
 LOSS, LR = "l1", 1e-3  # L1: the held-out target is PSNR against classical CS; SSIM is checked, not optimised
+FINETUNE_LR = 3e-4  # stage 2 (all matrix sizes), from the stage-1 weights
 MASK = dict(mask_type="equispaced_fraction", center_fractions=[0.08, 0.08, 0.04], accelerations=[4, 4, 8])
 # Training subjects, drawn per volume (a repeated name weighs double): the MNI152 template with synthesised
 # contrasts, a real EPI brain and a real abdominal slice — none from dipy, the held-out subject's package.
@@ -46,31 +55,59 @@ HELD_OUT = dict(source="dipy_b0", coils=8, slices=10, snr_db=32.0)
 
 
 def simulate(data: Path, num_volumes: int) -> dict:
-    """Training / test volumes of the training sources and held-out volumes of another subject (dipy_b0)."""
+    """Training / test volumes of the training sources at 192 × 112 (``data/{train,test}``) and at the
+    :data:`LARGER` sizes (``data/larger/{train,test}``), and held-out volumes of another subject (dipy_b0) at every
+    size (``data/held_out``, ``data/held_out_larger``). Returns the 192 × 112 manifest with a ``"larger"`` entry
+    holding the larger sizes' manifests."""
     from reconkit.data.simulate import simulate_dataset, simulate_volume, write_volume
 
     manifest = simulate_dataset(
         data, num_volumes, encoded_size=ENCODED, recon_size=RECON, seed=7, split=(0.85, 0.0, 0.15), **TRAIN_SIM
     )
-    held_out = data / "held_out"
     for seed in (101, 102):
         write_volume(
-            simulate_volume(seed, encoded_size=ENCODED, recon_size=RECON, **HELD_OUT), held_out / f"dipy_b0_{seed}.h5"
+            simulate_volume(seed, encoded_size=ENCODED, recon_size=RECON, **HELD_OUT),
+            data / "held_out" / f"dipy_b0_{seed}.h5",
         )
+    manifest["larger"] = []
+    for index, (encoded, recon, volumes, slices) in enumerate(LARGER):
+        options = {**TRAIN_SIM, "slices": slices}
+        manifest["larger"].append(simulate_dataset(
+            data / "larger", volumes, encoded_size=encoded, recon_size=recon, seed=8 + index, split=(0.85, 0.0, 0.15),
+            **options,
+        ))  # fmt: skip
+        write_volume(
+            simulate_volume(101, encoded_size=encoded, recon_size=recon, **HELD_OUT),
+            data / "held_out_larger" / f"dipy_b0_101_{encoded[0]}x{encoded[1]}.h5",
+        )
+    (data / "manifest.json").write_text(json.dumps(manifest, indent=1, allow_nan=True))
     return manifest
 
 
-def train(data: Path, steps: int, minutes: float, work: Path) -> Path:
-    """Lightning training for ``steps`` optimizer steps (at most ``minutes`` of wall clock); returns the
-    weights-only checkpoint path."""
+def stage2_root(data: Path) -> Path:
+    """``data/stage2/train``: links to the training files of every size (stage 2's data module root)."""
+    root = data / "stage2"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "train").mkdir(parents=True)
+    (root / "val").mkdir()
+    for folder in (data / "train", data / "larger" / "train"):
+        for path in sorted(folder.glob("*.h5")):
+            (root / "train" / path.name).symlink_to(path.resolve())
+    return root
+
+
+def train(root: Path, steps: int, minutes: float, work: Path, name: str, lr: float, init: Path | None = None) -> Path:
+    """Lightning training on ``root/train`` for ``steps`` optimizer steps (at most ``minutes`` of wall clock),
+    from the weights of checkpoint ``init`` if given, else from scratch; returns the weights-only checkpoint
+    ``work/name``."""
     from lightning.pytorch import Trainer, seed_everything
 
     from reconkit.training import FastMriDataModule, KspaceModule
 
     seed_everything(0, workers=True)
-    (data / "val").mkdir(exist_ok=True)
+    (root / "val").mkdir(exist_ok=True)
     datamodule = FastMriDataModule(
-        data,
+        root,
         mask_type=MASK["mask_type"],
         center_fractions=MASK["center_fractions"],
         accelerations=MASK["accelerations"],
@@ -78,7 +115,9 @@ def train(data: Path, steps: int, minutes: float, work: Path) -> Path:
         num_workers=0,
         seed=0,
     )
-    module = KspaceModule(model_type="varnet", model_kwargs=MODEL, loss=LOSS, lr=LR, lr_scheduler="cosine")
+    module = KspaceModule(model_type="varnet", model_kwargs=MODEL, loss=LOSS, lr=lr, lr_scheduler="cosine")
+    if init is not None:
+        module.load_state_dict(torch.load(init, weights_only=True)["state_dict"])
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
@@ -95,10 +134,10 @@ def train(data: Path, steps: int, minutes: float, work: Path) -> Path:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     print(
-        f"trained {trainer.global_step} steps ({trainer.current_epoch} epochs) in "
+        f"{name}: trained {trainer.global_step} steps ({trainer.current_epoch} epochs) in "
         f"{(time.perf_counter() - start) / 60:.1f} min"
     )
-    path = work / "varnet_small.ckpt"
+    path = work / name
     trainer.save_checkpoint(path, weights_only=True)
     return path
 
@@ -124,7 +163,7 @@ def evaluate(files: list[Path], models: dict[str, str]) -> dict[str, dict[str, f
     return results
 
 
-def model_card(out: Path, manifest: dict, steps_info: str, metrics: dict, onnx_gap: float) -> str:
+def model_card(out: Path, manifest: dict, trained: dict, metrics: dict, onnx_gap: float) -> str:
     def table(section: dict) -> str:
         lines = ["| method | NMSE | PSNR (dB) | SSIM | s / slice |", "|---|---:|---:|---:|---:|"]
         for label, m in section.items():
@@ -133,14 +172,30 @@ def model_card(out: Path, manifest: dict, steps_info: str, metrics: dict, onnx_g
             )
         return "\n".join(lines)
 
-    train_files = [v for v in manifest["volumes"] if v["split"] == "train"]
+    def larger_table(sections: dict) -> str:
+        lines = ["| k-space | method | NMSE | PSNR (dB) | SSIM | s / slice |", "|---|---|---:|---:|---:|---:|"]
+        for size, section in sections.items():
+            for label, m in section.items():
+                lines.append(f"| {size} | {label} | {m['NMSE']:.4f} | {m['PSNR']:.2f} | {m['SSIM']:.4f} | "
+                             f"{m['seconds_per_slice']:.3f} |")
+        return "\n".join(lines)
+
+    larger = [v for m in manifest.get("larger", []) for v in m["volumes"]]
+    train_files = [v for v in manifest["volumes"] + larger if v["split"] == "train"]
     contrasts = sorted({v["params"]["protocol"]["contrast"] for v in train_files})
     orientations = sorted({v["params"]["orientation"] for v in train_files})
     coils = sorted({v["params"]["coils"] for v in train_files})
     snrs = sorted({v["params"]["snr_db"] for v in train_files})
     sources = dict(Counter(v["params"]["source"] for v in train_files))
+    sizes = dict(Counter("×".join(map(str, v["params"]["encoded_size"])) for v in train_files))
     size_ckpt = (out / "varnet_small.ckpt").stat().st_size / 2**20
     size_onnx = (out / "varnet_small.onnx").stat().st_size / 2**20
+    stage1, stage2 = trained["stage1"], trained.get("stage2")
+    stage1_text = (f"{stage1['steps']} steps, {stage1['minutes']:.1f} min" if "minutes" in stage1
+                   else f"{stage1['steps']} steps (the checkpoint `{Path(stage1['init']).name}` given by `--init`, "
+                        f"trained earlier by stage 1 with the default `--steps`)")
+    stage2_text = (f"{stage2['steps']} more steps, {stage2['minutes']:.1f} min, lr {FINETUNE_LR:g} with cosine decay, "
+                   f"on all three matrix sizes" if stage2 else "none")
     return f"""# Model card: `varnet_small` (bundled)
 
 Files: `varnet_small.ckpt` ({size_ckpt:.1f} MiB, reconkit checkpoint contract, `reconkit.models.load_model`) and
@@ -156,38 +211,49 @@ weights; the last convolution of each cascade initialised ×{MODEL["init_scale"]
 plain data consistency). Output: RSS magnitude at the encoded size; crop to the header's recon size.
 
 ## Training
-* Trainer: `reconkit.training.KspaceModule` (model_type `varnet`) + `FastMriDataModule` with Lightning
-  ({steps_info}); {LOSS.upper()} loss,
-  Adam lr {LR:g} with cosine decay, batch 1, CPU, one thread, on a shared 2-core machine.
-* Data: {len(train_files)} simulated volumes (up to {TRAIN_SIM["slices"]} slices each) from `reconkit.data.simulate`,
-  sources {sources} (volumes per source): the MNI152 template with synthesised T1 / T2 / PD contrast, a real
-  T2*-weighted EPI brain (nibabel's example) and a real T1 abdominal slice (pydicom's example) — many slice
-  positions, in-plane rotations, flips and fields of view; contrasts {contrasts}, orientations {orientations},
-  coils {coils}, SNR {snrs} dB, k-space {ENCODED[0]}×{ENCODED[1]} (2× readout oversampling), recon
-  {RECON[0]}×{RECON[1]}. No training image comes from dipy, the package of the held-out subject.
+* Trainer: `reconkit.training.KspaceModule` (model_type `varnet`) + `FastMriDataModule` with Lightning;
+  {LOSS.upper()} loss, Adam, batch 1, CPU ({trained.get("threads", 1)} thread(s)) on a shared 2-core machine.
+  Stage 1, from scratch at {ENCODED[0]}×{ENCODED[1]} only, lr {LR:g} with cosine decay: {stage1_text}.
+  Stage 2: {stage2_text}.
+* Data: {len(train_files)} simulated training volumes from `reconkit.data.simulate`, k-space sizes {sizes}
+  (volumes per size; 2× readout oversampling, recon {RECON[0]}×{RECON[1]} / 160×160 / 320×320, i.e. about 2, 1.2
+  and 0.6 mm pixels), sources {sources} (volumes per source): the MNI152 template with synthesised T1 / T2 / PD
+  contrast, a real T2*-weighted EPI brain (nibabel's example) and a real T1 abdominal slice (pydicom's example) —
+  many slice positions, in-plane rotations, flips and fields of view; contrasts {contrasts}, orientations
+  {orientations}, coils {coils}, SNR {snrs} dB. No training image comes from dipy, the package of the held-out
+  subject.
 * Masks: `{MASK["mask_type"]}`, (centre fraction, acceleration) drawn from
   {list(zip(MASK["center_fractions"], MASK["accelerations"]))} per slice and epoch.
 
 ## Held-out evaluation (4× equispaced, 8 % centre, one mask per volume seeded by the file name)
 Real subject never seen in training (`dipy_b0`: dipy's real T2-weighted b = 0 brain slices, 8 coils simulated,
-2 volumes × {HELD_OUT["slices"]} slices, SNR {HELD_OUT["snr_db"]} dB); per-volume fastMRI metrics, mean over
-volumes; seconds per slice on this CPU (shared, one thread for torch):
+{HELD_OUT["slices"]} slices a volume, SNR {HELD_OUT["snr_db"]} dB); per-volume fastMRI metrics, mean over
+volumes; seconds per slice on this CPU (shared). 2 volumes at {ENCODED[0]}×{ENCODED[1]}:
 
 {table(metrics["held_out"])}
 
-Test split of the training sources (other slice positions / contrasts / coil counts than training):
+One volume at each larger matrix size (the 640×368 volume is a fastMRI knee-sized k-space):
+
+{larger_table(metrics["held_out_larger"])}
+
+Test split of the training sources (other slice positions / contrasts / coil counts than training), at
+{ENCODED[0]}×{ENCODED[1]}:
 
 {table(metrics["test"])}
+
+and at the larger sizes (320×184 and 640×368 volumes together):
+
+{table(metrics["test_larger"])}
 
 ONNX Runtime vs torch on the held-out scans: max |difference| / max image = {onnx_gap:.2e}.
 
 ## Limits
-* Trained for minutes on a CPU: far from converged; a full-size VarNet trained on real fastMRI data is much
+* Trained for about an hour on a CPU: far from converged; a full-size VarNet trained on real fastMRI data is much
   better. Use it for demos, smoke tests and as a starting point, not for diagnosis.
 * Three training images (a template brain, one real EPI brain, one real abdominal slice); never trained on knee
   or real raw k-space; the held-out subject is real but its coils, noise and k-space are simulated.
-* Only {ENCODED[0]}×{ENCODED[1]}-like k-space (about 2 mm pixels) was seen; the ONNX graph accepts only the sizes
-  listed above (use the checkpoint with `--backend torch` for other sizes, quality not guaranteed).
+* Trained on k-space of {", ".join(sizes)}; the ONNX graph accepts only the sizes listed above (use the checkpoint
+  with `--backend torch` for other sizes).
 * Cartesian line masks at 4× / 8×; other accelerations or 2D masks are out of distribution.
 
 Machine: {platform.machine()} / {platform.processor() or "cpu"}, torch {torch.__version__}, Python
@@ -197,9 +263,13 @@ Machine: {platform.machine()} / {platform.processor() or "cpu"}, torch {torch.__
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=5000, help="optimizer steps (the cosine schedule's length)")
-    parser.add_argument("--minutes", type=float, default=95.0, help="wall-clock safety stop for training")
-    parser.add_argument("--volumes", type=int, default=48, help="simulated training / test volumes")
+    parser.add_argument("--steps", type=int, default=5000, help="stage-1 optimizer steps at 192x112 (cosine schedule)")
+    parser.add_argument("--finetune-steps", type=int, default=1100,
+                        help="stage-2 optimizer steps on all matrix sizes (0: none)")
+    parser.add_argument("--init", type=Path, help="a stage-1 checkpoint to start stage 2 from (skips stage 1)")
+    parser.add_argument("--minutes", type=float, default=95.0, help="wall-clock safety stop for each training stage")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    parser.add_argument("--volumes", type=int, default=48, help="simulated 192x112 training / test volumes")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "bundled", help="simulated data folder")
     parser.add_argument("--out", type=Path, default=ROOT / "checkpoints", help="where the model files go")
     parser.add_argument("--reuse-data", action="store_true", help="use already simulated data in --data")
@@ -207,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "--reuse-checkpoint", action="store_true", help="skip training if --data/work holds a trained checkpoint"
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
 
     from reconkit.export import export_onnx
 
@@ -220,12 +290,26 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     checkpoint, info_path = work / "varnet_small.ckpt", work / "train_info.json"
     if not (args.reuse_checkpoint and checkpoint.is_file() and info_path.is_file()):
+        info = {}
         start = time.perf_counter()
-        checkpoint = train(args.data, args.steps, args.minutes, work)
-        steps = torch.load(checkpoint, weights_only=True).get("global_step", "?")
-        info_path.write_text(json.dumps({"steps": steps, "minutes": (time.perf_counter() - start) / 60}))
+        if args.init is None:
+            stage1 = train(args.data, args.steps, args.minutes, work, "stage1.ckpt", LR)
+            info["stage1"] = {"steps": torch.load(stage1, weights_only=True).get("global_step", "?"),
+                              "minutes": (time.perf_counter() - start) / 60}
+        else:
+            stage1 = args.init
+            info["stage1"] = {"steps": torch.load(stage1, weights_only=True).get("global_step", "?"),
+                              "init": str(args.init)}
+        if args.finetune_steps > 0:
+            start = time.perf_counter()
+            checkpoint = train(stage2_root(args.data), args.finetune_steps, args.minutes, work, checkpoint.name,
+                               FINETUNE_LR, init=stage1)
+            info["stage2"] = {"steps": torch.load(checkpoint, weights_only=True).get("global_step", "?"),
+                              "minutes": (time.perf_counter() - start) / 60}
+        else:
+            shutil.copy(stage1, checkpoint)
+        info_path.write_text(json.dumps({**info, "threads": args.threads}))
     trained = json.loads(info_path.read_text())
-    steps_info = f"{trained['steps']} optimizer steps, {trained['minutes']:.1f} min"
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copy(checkpoint, args.out / "varnet_small.ckpt")
     onnx_path = export_onnx(
@@ -235,17 +319,22 @@ def main(argv: list[str] | None = None) -> int:
         metadata={"mask_family": MASK["mask_type"], "acceleration": 4, "center_fraction": 0.08},
     )
 
-    held_out = sorted((args.data / "held_out").glob("*.h5"))
-    test = sorted((args.data / "test").glob("*.h5"))
     models = {
         "zero-filled": "zero-filled",
         "CG-SENSE": "cg-sense",
         "VarNet (torch)": str(args.out / "varnet_small.ckpt"),
         "VarNet (ONNX Runtime)": str(onnx_path),
     }
-    metrics = {"held_out": evaluate(held_out, models), "test": evaluate(test, models)}
+    held_out = sorted((args.data / "held_out").glob("*.h5"))
+    metrics = {
+        "held_out": evaluate(held_out, models),
+        "held_out_larger": {path.stem.rsplit("_", 1)[-1].replace("x", "×"): evaluate([path], models)
+                            for path in sorted((args.data / "held_out_larger").glob("*.h5"))},
+        "test": evaluate(sorted((args.data / "test").glob("*.h5")), models),
+        "test_larger": evaluate(sorted((args.data / "larger" / "test").glob("*.h5")), models),
+    }
     onnx_gap = onnx_vs_torch(held_out[0], args.out)
-    (args.out / "MODEL_CARD.md").write_text(model_card(args.out, manifest, steps_info, metrics, onnx_gap))
+    (args.out / "MODEL_CARD.md").write_text(model_card(args.out, manifest, trained, metrics, onnx_gap))
     print(json.dumps(metrics, indent=1))
     return 0
 
