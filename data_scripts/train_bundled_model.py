@@ -188,6 +188,7 @@ def model_card(out: Path, manifest: dict, trained: dict, metrics: dict, onnx_gap
     snrs = sorted({v["params"]["snr_db"] for v in train_files})
     sources = dict(Counter(v["params"]["source"] for v in train_files))
     sizes = dict(Counter("×".join(map(str, v["params"]["encoded_size"])) for v in train_files))
+    recons = " / ".join(f"{h}×{w}" for h, w in [RECON] + [recon for _, recon, _, _ in LARGER])
     size_ckpt = (out / "varnet_small.ckpt").stat().st_size / 2**20
     size_onnx = (out / "varnet_small.onnx").stat().st_size / 2**20
     stage1, stage2 = trained["stage1"], trained.get("stage2")
@@ -216,7 +217,7 @@ plain data consistency). Output: RSS magnitude at the encoded size; crop to the 
   Stage 1, from scratch at {ENCODED[0]}×{ENCODED[1]} only, lr {LR:g} with cosine decay: {stage1_text}.
   Stage 2: {stage2_text}.
 * Data: {len(train_files)} simulated training volumes from `reconkit.data.simulate`, k-space sizes {sizes}
-  (volumes per size; 2× readout oversampling, recon {RECON[0]}×{RECON[1]} / 160×160 / 320×320, i.e. about 2, 1.2
+  (volumes per size; 2× readout oversampling, recon {recons}, i.e. about 2, 1.2
   and 0.6 mm pixels), sources {sources} (volumes per source): the MNI152 template with synthesised T1 / T2 / PD
   contrast, a real T2*-weighted EPI brain (nibabel's example) and a real T1 abdominal slice (pydicom's example) —
   many slice positions, in-plane rotations, flips and fields of view; contrasts {contrasts}, orientations
@@ -290,22 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     checkpoint, info_path = work / "varnet_small.ckpt", work / "train_info.json"
     if not (args.reuse_checkpoint and checkpoint.is_file() and info_path.is_file()):
-        info = {}
+        def steps(path: Path) -> int | str:
+            return torch.load(path, weights_only=True).get("global_step", "?")
+
         start = time.perf_counter()
         if args.init is None:
             stage1 = train(args.data, args.steps, args.minutes, work, "stage1.ckpt", LR)
-            info["stage1"] = {"steps": torch.load(stage1, weights_only=True).get("global_step", "?"),
-                              "minutes": (time.perf_counter() - start) / 60}
+            info = {"stage1": {"steps": steps(stage1), "minutes": (time.perf_counter() - start) / 60}}
         else:
             stage1 = args.init
-            info["stage1"] = {"steps": torch.load(stage1, weights_only=True).get("global_step", "?"),
-                              "init": str(args.init)}
+            info = {"stage1": {"steps": steps(stage1), "init": str(args.init)}}
         if args.finetune_steps > 0:
             start = time.perf_counter()
             checkpoint = train(stage2_root(args.data), args.finetune_steps, args.minutes, work, checkpoint.name,
                                FINETUNE_LR, init=stage1)
-            info["stage2"] = {"steps": torch.load(checkpoint, weights_only=True).get("global_step", "?"),
-                              "minutes": (time.perf_counter() - start) / 60}
+            info["stage2"] = {"steps": steps(checkpoint), "minutes": (time.perf_counter() - start) / 60}
         else:
             shutil.copy(stage1, checkpoint)
         info_path.write_text(json.dumps({**info, "threads": args.threads}))

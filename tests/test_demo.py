@@ -75,7 +75,7 @@ def test_bundled_onnx_serves_fastmri_sizes_and_reconstructs_a_knee_sized_scan(tm
     volume = read_volume(write_volume(scan, tmp_path / "knee_sized.h5"))
     mask, _ = volume_mask(volume, "equispaced_fraction", 4, 0.08, seed=None)
     models = {"onnx": str(demo.BUNDLED_ONNX), "torch": str(demo.BUNDLED_ONNX.with_suffix(".ckpt")),
-              "zero-filled": "zero-filled", "cg-sense": "cg-sense"}
+              "zero-filled": "zero-filled"}
     results = {name: reconstruct_volume(volume, load_reconstructor(model), mask, batch_size=1)
                for name, model in models.items()}
     scores = {name: volume_metrics(result.target, result.reconstruction) for name, result in results.items()}
