@@ -1,16 +1,18 @@
 """Train the bundled small VarNet on simulated data, export it to ONNX and write ``checkpoints/`` + its model card.
 
-    .venv/bin/python data_scripts/train_bundled_model.py [--steps 5000] [--finetune-steps 1100] [--threads 1] \
+    .venv/bin/python data_scripts/train_bundled_model.py [--steps 5000] [--finetune-steps 2000] [--threads 1] \
         [--init CKPT] [--minutes 95] [--data data/bundled] [--out checkpoints]
 
 1. Simulates a varied training set from three real sources (``mni152`` template brain: many slice positions, axial /
    coronal / sagittal, T1 / T2 / PD at 1.5 and 3 T; ``nibabel_epi`` real EPI brain; ``pydicom_abdomen`` real
    abdominal slice; 4 / 8 / 12 coils, SNR 22–40 dB) at 192 × 112 encoded k-space (2× readout oversampling,
-   96 × 96 recon) and the same sources at two larger matrices (320 × 184 and 640 × 368, about 1.2 and 0.6 mm
-   pixels), plus held-out scans of a different, real subject (``dipy_b0``) at all three sizes.
+   96 × 96 recon); for stage 2, two larger matrices (320 × 184 and 640 × 368, about 1.2 and 0.6 mm pixels) of
+   these and two more real images from pydicom-data (``pydicom_liver`` abdomen, ``pydicom_shoulder``), and more
+   192 × 112 volumes of the pydicom images; plus held-out scans of a different, real subject (``dipy_b0``) at all
+   three sizes.
 2. Trains a VarNet with ``reconkit.training.KspaceModule`` and Lightning (L1 loss, Adam, cosine decay) on 4× and 8×
    equispaced masks on the CPU in two stages: stage 1, ``--steps`` optimizer steps from scratch at 192 × 112;
-   stage 2, ``--finetune-steps`` more at a lower learning rate on all three matrix sizes (a model trained at one
+   stage 2, ``--finetune-steps`` more at a lower learning rate on all three matrix sizes and five sources (a model trained at one
    size only loses to CG-SENSE at the larger ones: the aliased copies of a 4× scan lie further apart, in pixels,
    than its U-Nets had learned). ``--init CKPT`` takes a stage-1 checkpoint instead of training one;
    ``--minutes`` is a wall-clock safety stop per stage.
@@ -47,6 +49,10 @@ MASK = dict(mask_type="equispaced_fraction", center_fractions=[0.08, 0.08, 0.04]
 # Training subjects, drawn per volume (a repeated name weighs double): the MNI152 template with synthesised
 # contrasts, a real EPI brain and a real abdominal slice — none from dipy, the held-out subject's package.
 TRAIN_SOURCES = ("mni152", "mni152", "nibabel_epi", "nibabel_epi", "pydicom_abdomen")
+# Stage 2 adds two more real slices from pydicom-data (a contrast-enhanced abdomen and a coronal shoulder): its
+# larger matrices draw from all of them, and STAGE2_EXTRA more 192 x 112 volumes come from the pydicom images only.
+STAGE2_SOURCES = (*TRAIN_SOURCES, "pydicom_liver", "pydicom_shoulder")
+STAGE2_EXTRA = dict(volumes=24, source=("pydicom_abdomen", "pydicom_liver", "pydicom_shoulder", "pydicom_shoulder"))
 TRAIN_SIM = dict(
     source=TRAIN_SOURCES, coils=(4, 8, 12), snr_db=(22.0, 28.0, 34.0, 40.0), slices=8, contrast="mixed",
     orientation="mixed",
@@ -56,9 +62,10 @@ HELD_OUT = dict(source="dipy_b0", coils=8, slices=10, snr_db=32.0)
 
 def simulate(data: Path, num_volumes: int) -> dict:
     """Training / test volumes of the training sources at 192 × 112 (``data/{train,test}``) and at the
-    :data:`LARGER` sizes (``data/larger/{train,test}``), and held-out volumes of another subject (dipy_b0) at every
+    :data:`LARGER` sizes (``data/larger/{train,test}``, sources :data:`STAGE2_SOURCES`), stage 2's extra
+    192 × 112 volumes (``data/extra/{train,test}``), and held-out volumes of another subject (dipy_b0) at every
     size (``data/held_out``, ``data/held_out_larger``). Returns the 192 × 112 manifest with a ``"larger"`` entry
-    holding the larger sizes' manifests."""
+    holding the larger sizes' manifests and an ``"extra"`` entry."""
     from reconkit.data.simulate import simulate_dataset, simulate_volume, write_volume
 
     manifest = simulate_dataset(
@@ -69,9 +76,14 @@ def simulate(data: Path, num_volumes: int) -> dict:
             simulate_volume(seed, encoded_size=ENCODED, recon_size=RECON, **HELD_OUT),
             data / "held_out" / f"dipy_b0_{seed}.h5",
         )
+    extra = {**TRAIN_SIM, "source": STAGE2_EXTRA["source"]}
+    manifest["extra"] = simulate_dataset(
+        data / "extra", STAGE2_EXTRA["volumes"], encoded_size=ENCODED, recon_size=RECON, seed=11,
+        split=(0.85, 0.0, 0.15), **extra,
+    )  # fmt: skip
     manifest["larger"] = []
     for index, (encoded, recon, volumes, slices) in enumerate(LARGER):
-        options = {**TRAIN_SIM, "slices": slices}
+        options = {**TRAIN_SIM, "source": STAGE2_SOURCES, "slices": slices}
         manifest["larger"].append(simulate_dataset(
             data / "larger", volumes, encoded_size=encoded, recon_size=recon, seed=8 + index, split=(0.85, 0.0, 0.15),
             **options,
@@ -90,7 +102,7 @@ def stage2_root(data: Path) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     (root / "train").mkdir(parents=True)
     (root / "val").mkdir()
-    for folder in (data / "train", data / "larger" / "train"):
+    for folder in (data / "train", data / "extra" / "train", data / "larger" / "train"):
         for path in sorted(folder.glob("*.h5")):
             (root / "train" / path.name).symlink_to(path.resolve())
     return root
@@ -180,7 +192,8 @@ def model_card(out: Path, manifest: dict, trained: dict, metrics: dict, onnx_gap
                              f"{m['seconds_per_slice']:.3f} |")
         return "\n".join(lines)
 
-    larger = [v for m in manifest.get("larger", []) for v in m["volumes"]]
+    stage2_sets = [*manifest.get("larger", []), manifest.get("extra", {"volumes": []})]
+    larger = [v for m in stage2_sets for v in m["volumes"]]
     train_files = [v for v in manifest["volumes"] + larger if v["split"] == "train"]
     contrasts = sorted({v["params"]["protocol"]["contrast"] for v in train_files})
     orientations = sorted({v["params"]["orientation"] for v in train_files})
@@ -219,9 +232,9 @@ plain data consistency). Output: RSS magnitude at the encoded size; crop to the 
 * Data: {len(train_files)} simulated training volumes from `reconkit.data.simulate`, k-space sizes {sizes}
   (volumes per size; 2× readout oversampling, recon {recons}, i.e. about 2, 1.2
   and 0.6 mm pixels), sources {sources} (volumes per source): the MNI152 template with synthesised T1 / T2 / PD
-  contrast, a real T2*-weighted EPI brain (nibabel's example) and a real T1 abdominal slice (pydicom's example) —
-  many slice positions, in-plane rotations, flips and fields of view; contrasts {contrasts}, orientations
-  {orientations}, coils {coils}, SNR {snrs} dB. No training image comes from dipy, the package of the held-out
+  contrast, a real T2*-weighted EPI brain (nibabel's example), a real T1 abdominal slice (pydicom's example) and,
+  in stage 2 only, a contrast-enhanced T1 abdomen and a coronal shoulder (pydicom-data) — many slice positions,
+  in-plane rotations, flips and fields of view; contrasts {contrasts}, orientations {orientations}, coils {coils}, SNR {snrs} dB. No training image comes from dipy, the package of the held-out
   subject.
 * Masks: `{MASK["mask_type"]}`, (centre fraction, acceleration) drawn from
   {list(zip(MASK["center_fractions"], MASK["accelerations"]))} per slice and epoch.
@@ -237,7 +250,8 @@ One volume at each larger matrix size (the 640×368 volume is a fastMRI knee-siz
 
 {larger_table(metrics["held_out_larger"])}
 
-Test split of the training sources (other slice positions / contrasts / coil counts than training), at
+Test split of the training sources (other slice positions / contrasts / coil counts than training; stage 2's
+extra pydicom volumes included), at
 {ENCODED[0]}×{ENCODED[1]}:
 
 {table(metrics["test"])}
@@ -251,8 +265,8 @@ ONNX Runtime vs torch on the held-out scans: max |difference| / max image = {onn
 ## Limits
 * Trained for about an hour on a CPU: far from converged; a full-size VarNet trained on real fastMRI data is much
   better. Use it for demos, smoke tests and as a starting point, not for diagnosis.
-* Three training images (a template brain, one real EPI brain, one real abdominal slice); never trained on knee
-  or real raw k-space; the held-out subject is real but its coils, noise and k-space are simulated.
+* Five training images (a template brain, one real EPI brain, two real abdominal slices, one shoulder); never trained
+  on knee or real raw k-space; the held-out subject is real but its coils, noise and k-space are simulated.
 * Trained on k-space of {", ".join(sizes)}; the ONNX graph accepts only the sizes listed above (use the checkpoint
   with `--backend torch` for other sizes).
 * Cartesian line masks at 4× / 8×; other accelerations or 2D masks are out of distribution.
@@ -265,7 +279,7 @@ Machine: {platform.machine()} / {platform.processor() or "cpu"}, torch {torch.__
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5000, help="stage-1 optimizer steps at 192x112 (cosine schedule)")
-    parser.add_argument("--finetune-steps", type=int, default=1100,
+    parser.add_argument("--finetune-steps", type=int, default=2000,
                         help="stage-2 optimizer steps on all matrix sizes (0: none)")
     parser.add_argument("--init", type=Path, help="a stage-1 checkpoint to start stage 2 from (skips stage 1)")
     parser.add_argument("--minutes", type=float, default=95.0, help="wall-clock safety stop for each training stage")
@@ -326,11 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         "VarNet (ONNX Runtime)": str(onnx_path),
     }
     held_out = sorted((args.data / "held_out").glob("*.h5"))
+    test = [*sorted((args.data / "test").glob("*.h5")), *sorted((args.data / "extra" / "test").glob("*.h5"))]
     metrics = {
         "held_out": evaluate(held_out, models),
         "held_out_larger": {path.stem.rsplit("_", 1)[-1].replace("x", "×"): evaluate([path], models)
                             for path in sorted((args.data / "held_out_larger").glob("*.h5"))},
-        "test": evaluate(sorted((args.data / "test").glob("*.h5")), models),
+        "test": evaluate(test, models),
         "test_larger": evaluate(sorted((args.data / "larger" / "test").glob("*.h5")), models),
     }
     onnx_gap = onnx_vs_torch(held_out[0], args.out)

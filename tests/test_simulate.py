@@ -209,7 +209,9 @@ def test_random_contrast_changes_only_the_tissue_intensities():
 
 
 def test_held_out_sources_are_real_images_of_other_subjects():
-    assert set(SOURCES) == {"mni152", "dipy_b0", "pydicom_mr", "nibabel_epi", "pydicom_abdomen"}
+    assert set(SOURCES) == {
+        "mni152", "dipy_b0", "pydicom_mr", "nibabel_epi", "pydicom_abdomen", "pydicom_liver", "pydicom_shoulder"
+    }
     b0 = simulate_volume(0, source="dipy_b0", coils=4, slices=12, encoded_size=(128, 96), recon_size=(64, 64))
     assert b0.kspace.shape[0] == 10 and b0.attrs["patient_id"] == "dipy_b0"  # the file has 10 slices
     single = simulate_volume(0, source="pydicom_mr", **SMALL)
@@ -248,6 +250,32 @@ def test_real_training_sources_are_the_package_images():
     assert epi_volume.kspace.shape[0] == 24 and epi_volume.attrs["patient_id"] == "nibabel_epi"
     body = simulate_volume(0, source="pydicom_abdomen", **SMALL)
     assert body.kspace.shape[0] == 1 and body.params["protocol"]["contrast"] == "t1"
+
+
+def test_pydicom_data_sources_are_its_images_binned_and_tapered():
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from reconkit.data.simulate.anatomy import load_source
+
+    for name, filename, binning in (("pydicom_liver", "MR-SIEMENS-DICOM-WithOverlays.dcm", 1),
+                                    ("pydicom_shoulder", "MR2_UNCR.dcm", 2)):  # fmt: skip
+        dataset = pydicom.dcmread(get_testdata_file(filename, download=False))
+        pixels = dataset.pixel_array.astype(np.float32)
+        rows, cols = pixels.shape[0] // binning, pixels.shape[1] // binning
+        binned = pixels[: rows * binning, : cols * binning].reshape(rows, binning, cols, binning).mean(axis=(1, 3))
+        source = load_source(name)
+        assert source.maps.shape == (1, cols, rows, 1)
+        assert np.isclose(source.affine[0, 0], float(dataset.PixelSpacing[0]) * binning, rtol=1e-6)
+        centre = source.maps[0, 40:-40, 40:-40, 0]  # inside the edge taper: the binned image, scaled (< the clip)
+        binned_xy = binned.T[:, ::-1][40:-40, 40:-40]
+        keep = (binned_xy > np.percentile(binned_xy, 50)) & (centre < 1.19)
+        ratio = centre[keep] / binned_xy[keep]
+        assert keep.sum() > 1000 and np.allclose(ratio, ratio[0], rtol=1e-4)
+        assert source.maps[0, 0, :, 0].max() < 0.05 * source.maps.max()  # the frame's edge is tapered to ~0
+        volume = simulate_volume(0, source=name, **SMALL)
+        assert volume.kspace.shape[0] == 1 and volume.attrs["patient_id"] == name
+        assert np.isfinite(volume.kspace).all() and volume.reconstruction_rss.max() > 0
 
 
 def test_missing_package_image_is_a_clear_error_not_a_download(monkeypatch):

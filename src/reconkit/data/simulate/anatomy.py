@@ -16,8 +16,12 @@ Sources (all read from package files on disk, never downloaded):
   template.
 * ``"pydicom_abdomen"`` — pydicom's ``examples_overlay.dcm``: one real axial abdominal slice (Siemens 1.5 T, T1
   gradient echo, 300 × 484 at 0.72 mm). Fixed contrast, one slice; other anatomy than the brain for training.
+* ``"pydicom_liver"`` / ``"pydicom_shoulder"`` — two real slices from the ``pydicom-data`` package (pydicom's
+  test-file store): a contrast-enhanced T1 abdominal MPR with a liver lesion (Siemens, 484 × 484 at 0.72 mm,
+  ``MR-SIEMENS-DICOM-WithOverlays.dcm``) and a coronal shoulder (Philips, 1024 × 1024 at 0.195 mm, binned 2 × 2,
+  ``MR2_UNCR.dcm``). Fixed contrast, one slice each; musculoskeletal and more body anatomy for training.
 
-None of the training sources (mni152, nibabel_epi, pydicom_abdomen) comes from dipy, the package of the held-out
+None of the training sources (mni152, nibabel_epi and the pydicom images) comes from dipy, the package of the held-out
 subject, so no training image can be a view of the held-out scan.
 
 World coordinates are RAS millimetres with B0 along +z (head–foot). Image rows (H, the readout direction of the
@@ -46,7 +50,7 @@ __all__ = [
     "slice_points",
 ]
 
-SOURCES = ("mni152", "dipy_b0", "pydicom_mr", "nibabel_epi", "pydicom_abdomen")
+SOURCES = ("mni152", "dipy_b0", "pydicom_mr", "nibabel_epi", "pydicom_abdomen", "pydicom_liver", "pydicom_shoulder")
 ORIENTATIONS = ("axial", "coronal", "sagittal")
 TISSUES = ("wm", "gm", "csf", "fat", "muscle")
 
@@ -206,21 +210,44 @@ def _load_nibabel_epi() -> SourceVolume:
     return _fixed_contrast_source("nibabel_epi", image, (2.0, 2.0, 2.2), "t2")
 
 
-@functools.lru_cache(maxsize=1)
-def _load_pydicom_abdomen() -> SourceVolume:
+def _pydicom_slice(name: str, filename: str, contrast: str, binning: int = 1) -> SourceVolume:
+    """One real DICOM slice as a fixed-contrast source, ``binning`` × ``binning`` pixels averaged.
+
+    These scans' fields of view cut through the body (arms, flanks, shoulder girdle); a 12 mm-ish cosine taper
+    (16 pixels) at the frame's edges keeps that cut from becoming a bright straight edge that no real acquisition
+    of the whole body would have."""
     import pydicom
 
-    dataset = pydicom.dcmread(_pydicom_test_file("examples_overlay.dcm"))
-    image = dataset.pixel_array.astype(np.float32).T[:, ::-1, None]  # (x, y, 1) as for MR_small
-    # The scan's field of view cuts through the arms and flanks; a 12 mm cosine taper at the frame's edges keeps
-    # that cut from becoming a bright straight edge that no real acquisition of the whole body would have.
+    dataset = pydicom.dcmread(_pydicom_test_file(filename))
+    image = dataset.pixel_array.astype(np.float32)
+    if binning > 1:
+        rows, cols = (n // binning * binning for n in image.shape)
+        image = image[:rows, :cols].reshape(rows // binning, binning, cols // binning, binning).mean(axis=(1, 3))
+    image = image.T[:, ::-1, None]  # (x, y, 1) as for MR_small
     for axis in (0, 1):
         n, edge = image.shape[axis], 16
         ramp = np.ones(n, dtype=np.float32)
         ramp[:edge] = ramp[-edge:][::-1] = 0.5 - 0.5 * np.cos(np.pi * (np.arange(edge) + 0.5) / edge)
         image *= ramp.reshape([-1 if a == axis else 1 for a in range(3)])
-    spacing = float(dataset.PixelSpacing[0])
-    return _fixed_contrast_source("pydicom_abdomen", image, (spacing, spacing, float(dataset.SliceThickness)), "t1")
+    spacing = float(dataset.PixelSpacing[0]) * binning
+    return _fixed_contrast_source(name, image, (spacing, spacing, float(dataset.SliceThickness)), contrast)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_pydicom_abdomen() -> SourceVolume:
+    return _pydicom_slice("pydicom_abdomen", "examples_overlay.dcm", "t1")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_pydicom_liver() -> SourceVolume:
+    # An MPR of a contrast-enhanced T1 abdomen (liver lesion, kidneys), 484 x 484 at 0.72 mm: pydicom-data.
+    return _pydicom_slice("pydicom_liver", "MR-SIEMENS-DICOM-WithOverlays.dcm", "t1")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_pydicom_shoulder() -> SourceVolume:
+    # A coronal shoulder (Philips), 1024 x 1024 at 0.195 mm, binned to 512 x 512 at 0.39 mm: pydicom-data.
+    return _pydicom_slice("pydicom_shoulder", "MR2_UNCR.dcm", "pd", binning=2)
 
 
 def _pydicom_test_file(name: str) -> str:
@@ -255,6 +282,8 @@ _LOADERS = {
     "pydicom_mr": _load_pydicom_mr,
     "nibabel_epi": _load_nibabel_epi,
     "pydicom_abdomen": _load_pydicom_abdomen,
+    "pydicom_liver": _load_pydicom_liver,
+    "pydicom_shoulder": _load_pydicom_shoulder,
 }
 
 
