@@ -12,9 +12,9 @@
    three sizes.
 2. Trains a VarNet with ``reconkit.training.KspaceModule`` and Lightning (L1 loss, Adam, cosine decay) on 4× and 8×
    equispaced masks on the CPU in two stages: stage 1, ``--steps`` optimizer steps from scratch at 192 × 112;
-   stage 2, ``--finetune-steps`` more at a lower learning rate on all three matrix sizes and five sources (a model trained at one
-   size only loses to CG-SENSE at the larger ones: the aliased copies of a 4× scan lie further apart, in pixels,
-   than its U-Nets had learned). ``--init CKPT`` takes a stage-1 checkpoint instead of training one;
+   stage 2, ``--finetune-steps`` more at a lower learning rate on all three matrix sizes and five sources (a model
+   trained at one size only loses to CG-SENSE at the larger ones: the aliased copies of a 4× scan lie further
+   apart, in pixels, than its U-Nets had learned). ``--init CKPT`` takes a stage-1 checkpoint instead of training one;
    ``--minutes`` is a wall-clock safety stop per stage.
 3. Exports ``checkpoints/varnet_small.onnx`` with ``reconkit.export.export_onnx`` (one graph branch per k-space size
    of :data:`EXPORT_SIZES`: the training sizes and the five fastMRI sizes), checks ONNX Runtime against torch,
