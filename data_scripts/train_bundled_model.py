@@ -234,8 +234,8 @@ plain data consistency). Output: RSS magnitude at the encoded size; crop to the 
   and 0.6 mm pixels), sources {sources} (volumes per source): the MNI152 template with synthesised T1 / T2 / PD
   contrast, a real T2*-weighted EPI brain (nibabel's example), a real T1 abdominal slice (pydicom's example) and,
   in stage 2 only, a contrast-enhanced T1 abdomen and a coronal shoulder (pydicom-data) — many slice positions,
-  in-plane rotations, flips and fields of view; contrasts {contrasts}, orientations {orientations}, coils {coils}, SNR {snrs} dB. No training image comes from dipy, the package of the held-out
-  subject.
+  in-plane rotations, flips and fields of view; contrasts {contrasts}, orientations {orientations}, coils
+  {coils}, SNR {snrs} dB. No training image comes from dipy, the package of the held-out subject.
 * Masks: `{MASK["mask_type"]}`, (centre fraction, acceleration) drawn from
   {list(zip(MASK["center_fractions"], MASK["accelerations"]))} per slice and epoch.
 
@@ -263,7 +263,7 @@ and at the larger sizes (320×184 and 640×368 volumes together):
 ONNX Runtime vs torch on the held-out scans: max |difference| / max image = {onnx_gap:.2e}.
 
 ## Limits
-* Trained for about an hour on a CPU: far from converged; a full-size VarNet trained on real fastMRI data is much
+* Trained for under two hours on a CPU: far from converged; a full-size VarNet trained on real fastMRI data is much
   better. Use it for demos, smoke tests and as a starting point, not for diagnosis.
 * Five training images (a template brain, one real EPI brain, two real abdominal slices, one shoulder); never trained
   on knee or real raw k-space; the held-out subject is real but its coils, noise and k-space are simulated.
