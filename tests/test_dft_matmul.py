@@ -22,7 +22,16 @@ from reconkit.ops import (
     sens_expand,
     sens_reduce,
 )
-from reconkit.ops.dft_matmul import axis_plan, centred_fft_matmul, centred_fft_matmul_planar, radices
+from reconkit.ops.dft_matmul import (
+    axis_plan,
+    centred_fft_matmul,
+    centred_fft_matmul_planar,
+    radices,
+    stacked_factors,
+    stacked_fft_w,
+    stacked_ifft_w,
+    to_stacked_kspace,
+)
 
 FASTMRI_SIZES = [(640, 368), (640, 372), (640, 320), (768, 396), (640, 272)]
 OTHER_SIZES = [(32, 24), (30, 22), (96, 70), (7, 9), (45, 33), (1, 5), (13, 2), (4100, 6)]
@@ -67,6 +76,33 @@ def test_single_axis_equals_fftc(height: int, width: int, dims: tuple[int, ...])
         assert relative_error(torch.stack((re, im), dim=-1), reference) <= 1e-5
     with pytest.raises(ValueError, match="dims"):
         centred_fft_matmul_planar(x[..., 0], x[..., 1], False, (0,))
+
+
+@pytest.mark.parametrize("width", [368, 372, 320, 396, 272, 24, 37, 134, 2])
+def test_stacked_w_transform_equals_fftc(width: int) -> None:
+    """The stacked W-major form (export cascades): fftc along W, output in the stated (k₁, part, k₂) order, and its
+    inverse returns the input; one radix (24, 37), two (fastMRI widths), a large prime second radix (134 = 2·67)."""
+    f1, f2 = stacked_factors(width)
+    assert f1 * f2 == width
+    x = torch.randn(2, 3, 5, width, 2, generator=torch.Generator().manual_seed(width))
+    stacked = torch.stack((x[..., 0], x[..., 1])).permute(0, 4, 1, 2, 3)  # (2, W, 2, 3, 5)
+    kspace = stacked_fft_w(stacked)
+    assert kspace.shape == (f1, 2, f2, 2, 3, 5)
+    reference = fftc(x, (-1,))
+    expected = to_stacked_kspace(torch.stack((reference[..., 0], reference[..., 1])))
+    assert relative_error(kspace, expected) <= 1e-5
+    # the layout: element (k₁, part, k₂) is frequency k = k₁ + f₁·k₂
+    k1, k2 = f1 - 1, f2 // 2
+    assert torch.allclose(kspace[k1, 1, k2], reference[..., k1 + f1 * k2, 1], atol=1e-5)
+    assert relative_error(stacked_ifft_w(kspace), stacked) <= 1e-5
+
+
+def test_stacked_layout_needs_at_most_two_radices() -> None:
+    assert len(radices(8192)) == 3 and stacked_factors(8192) is None
+    with pytest.raises(ValueError, match="two radices"):
+        stacked_fft_w(torch.zeros(2, 8192, 1))
+    with pytest.raises(ValueError, match="stacked layout"):
+        stacked_ifft_w(torch.zeros(3, 2, 8, 1))
 
 
 @pytest.mark.parametrize("height,width", [(64, 46), (45, 33)])

@@ -96,13 +96,15 @@ def test_line_masks_run_in_hybrid_space_with_the_kspace_result(height, width):
         assert _close(grad, grads[1][name], 1e-4), name
 
 
-def test_export_path_keeps_planar_parts_and_equals_eager():
-    """Under fft_impl("matmul") the cascades carry (real, imag) parts and the MatMul FFT; line and 2D masks."""
+@pytest.mark.parametrize("width", [27, 96])
+def test_export_path_equals_eager(width):
+    """Under fft_impl("matmul"): line masks take the stacked W-major cascades (one W radix at 27, two at 96), 2D
+    masks the planar k-space ones; both equal eager."""
     _, ours = _pair(seed=5)
-    mask = _line_mask(2, 27, [6, 4], every=3)
-    kspace = torch.randn(2, 3, 33, 27, 2) * mask
+    mask = _line_mask(2, width, [6, 4], every=3)
+    kspace = torch.randn(2, 3, 33, width, 2) * mask
     with torch.no_grad():
-        for m in (mask, mask.expand(2, 1, 33, 27, 1)):
+        for m in (mask, mask.expand(2, 1, 33, width, 1)):
             eager = ours(kspace, m)
             with fft_impl("matmul"):
                 exported = ours(kspace, m)

@@ -33,7 +33,7 @@ from reconkit.ops import (
     sens_expand,
     sens_reduce,
 )
-from reconkit.ops.dft_matmul import centred_fft_matmul_planar
+from reconkit.ops.dft_matmul import centred_fft_matmul_planar, stacked_factors, stacked_fft_w, stacked_ifft_w, to_stacked_kspace
 
 __all__ = ["SensitivityModel", "VarNet", "VarNetBlock", "low_frequency_window"]
 
@@ -207,6 +207,27 @@ class VarNetBlock(nn.Module):
         (re, im), (ref_re, ref_im) = parts, ref_parts
         return re - (re - ref_re) * weight - model_re, im - (im - ref_im) * weight - model_im
 
+    def forward_stacked(
+        self, kspace: torch.Tensor, masked_ref: torch.Tensor, mask: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """Export path, line masks: the cascade in hybrid space on the stacked W-major layout
+        (:func:`reconkit.ops.dft_matmul.stacked_fft_w`).
+
+        Args:
+            kspace: ``(f₁, 2, f₂, B, C, H)`` hybrid-space coil data, stacked k layout.
+            masked_ref: ``mask · reference`` in the same layout (the measured data, hence ``k − η·M(k − k₀) =
+                k·(1 − η·M) + η·M·k₀``).
+            mask: ``(f₁, 1, f₂, B, 1, 1)`` line mask in the same order.
+            maps: ``(2, W, B, C, H)`` stacked sensitivities ``[S_re; S_im]`` and ``[−S_im; S_re]``.
+        """
+        maps_a, maps_b = maps
+        coils = stacked_ifft_w(kspace)  # (2, W, B, C, H)
+        image = torch.stack(((coils * maps_a).sum(dim=(0, 3)), (coils * maps_b).sum(dim=(0, 3))))  # Σ_c conj(S)·x
+        refined = self.model.forward_channels(image.permute(2, 0, 3, 1))  # (B, 2, H, W): one coil, cheap to move
+        refined = refined.permute(1, 3, 0, 2).unsqueeze(3)  # (2, W, B, 1, H)
+        model_term = stacked_fft_w(refined[:1] * maps_a + refined[1:] * maps_b)  # F(S·x)
+        return kspace * (1 - self.dc_weight * mask) + self.dc_weight * masked_ref - model_term
+
 
 class VarNet(nn.Module):
     """E2E-VarNet: learned sensitivities, then ``num_cascades`` unrolled :class:`VarNetBlock` s.
@@ -290,11 +311,29 @@ class VarNet(nn.Module):
         dims = (-1,) if hybrid else (-2, -1)
         if hybrid:
             parts = centred_fft_matmul_planar(*parts, inverse=True, dims=(-2,))
+            if stacked_factors(int(masked_kspace.shape[-2])) is not None:
+                return self._stacked_cascades(parts, mask, map_parts)
         reference = parts
         for cascade in self.cascades:
             parts = cascade.forward_planar(parts, reference, mask[..., 0], map_parts, dims)
         re, im = centred_fft_matmul_planar(*parts, inverse=True, dims=dims)
         return torch.sqrt((re * re + im * im).sum(dim=1))
+
+    def _stacked_cascades(
+        self, parts: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, map_parts: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """Export path, line mask: hybrid-space planar parts ``(B, C, H, W)`` → RSS image ``(B, H, W)`` with the
+        cascades on the stacked W-major layout (each W transform two large real MatMuls; docs/export.md)."""
+        reference = to_stacked_kspace(torch.stack(parts))  # (f₁, 2, f₂, B, C, H)
+        line = to_stacked_kspace(mask[:, 0, 0, :, 0][None])[..., None, None]  # (f₁, 1, f₂, B, 1, 1)
+        maps_re, maps_im = (part.permute(3, 0, 1, 2) for part in map_parts)  # (W, B, C, H)
+        maps = torch.stack((maps_re, maps_im)), torch.stack((-maps_im, maps_re))
+        masked_ref = reference * line
+        kspace = reference
+        for cascade in self.cascades:
+            kspace = cascade.forward_stacked(kspace, masked_ref, line, maps)
+        coils = stacked_ifft_w(kspace)  # (2, W, B, C, H)
+        return torch.sqrt((coils * coils).sum(dim=(0, 3))).permute(1, 2, 0)
 
     def _cascades(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None

@@ -37,7 +37,10 @@ import torch
 
 from reconkit.ops.fft import check_fft_dims
 
-__all__ = ["AxisPlan", "axis_plan", "centred_fft_matmul", "centred_fft_matmul_planar", "planar_mul", "radices"]
+__all__ = [
+    "AxisPlan", "axis_plan", "centred_fft_matmul", "centred_fft_matmul_planar", "planar_mul", "radices",
+    "stacked_factors", "stacked_fft_w", "stacked_ifft_w", "to_stacked_kspace",
+]
 
 MAX_RADIX = 64
 
@@ -285,3 +288,104 @@ def centred_fft_matmul_planar(
     if order != sorted(order):
         re, im = re.permute(order), im.permute(order)
     return re.reshape(tuple(lead) + (height, width)), im.reshape(tuple(lead) + (height, width))
+
+
+# ---- stacked, W-major layout: the hybrid-space cascades of the exported VarNet --------------------------------------
+#
+# In hybrid space the cascades transform along W only. With W as the *leading* axis and the (real, imag) parts
+# stacked next to the transformed digit, each stage of the W transform is one real MatMul of a (2f, 2f) matrix with a
+# (2f, rows) operand: large GEMMs, no twiddle pass (folded into the second stage's per-k₁ matrices) and no
+# complex-combine Add / Sub. The k-space side keeps the output digits in the order the stages produce them
+# (``k = k₁ + f₁·k₂`` stored as ``(k₁, part, k₂)``); elementwise work (mask, data consistency) does not care, as
+# long as the mask and reference are in the same order (:func:`to_stacked_kspace`).
+
+
+def stacked_factors(width: int) -> tuple[int, int] | None:
+    """``(f₁, f₂)`` with ``f₁·f₂ = width`` for the stacked W transform (``f₁ = 1``: one dense stage), or ``None``
+    when the plan of ``width`` has more than two radices (widths above 4096; the planar form serves those).
+
+    >>> stacked_factors(368), stacked_factors(24), stacked_factors(134)
+    ((16, 23), (1, 24), (2, 67))
+    """
+    factors = axis_plan(width, False).factors
+    if len(factors) > 2:
+        return None
+    return (1, factors[0]) if len(factors) == 1 else (factors[0], factors[1])
+
+
+def _real_form(matrix: np.ndarray) -> np.ndarray:
+    """Complex ``(a, b)`` → real ``(2a, 2b)``: rows (part, a), columns (part, b); acts on stacked [re; im]."""
+    return np.block([[matrix.real, -matrix.imag], [matrix.imag, matrix.real]])
+
+
+@functools.lru_cache(maxsize=64)
+def _stacked_constants(width: int, inverse: bool, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Stage matrices of the stacked centred FFT along W (forward) or its inverse (the transposes: the real form
+    of a unitary matrix is orthogonal).
+
+    Forward: ``first (2f₁, 2f₁)`` with rows (k₁, part) and columns (part, n₁) (``None`` when f₁ = 1), then
+    ``second (f₁, 2f₂, 2f₂)``: per k₁, rows (part, k₂), columns (part, n₂), the twiddle folded in.
+    """
+    plan = axis_plan(width, False)
+    f1, f2 = stacked_factors(width)
+    if f1 == 1:
+        first, second = None, _real_form(_complex(plan.matrices[0]))[None]
+    else:
+        first = _real_form(_complex(plan.matrices[0])).reshape(2, f1, 2 * f1).transpose(1, 0, 2).reshape(2 * f1, -1)
+        folded = _complex(plan.folded)
+        second = np.stack([_real_form(folded[k1]) for k1 in range(f1)])
+    if inverse:
+        first = None if first is None else first.T
+        second = second.transpose(0, 2, 1)
+    with torch.inference_mode(False):
+        to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)  # noqa: E731
+        return (None if first is None else to_tensor(first)), to_tensor(second)
+
+
+def _complex(pair: torch.Tensor) -> np.ndarray:
+    """(2, ...) float (real, imag) tensor → complex128 array."""
+    z = pair.double().numpy()
+    return z[0] + 1j * z[1]
+
+
+def stacked_fft_w(x: torch.Tensor) -> torch.Tensor:
+    """Centred orthonormal FFT along W in the stacked layout: ``(2, W, *rest)`` (part, natural W) →
+    ``(f₁, 2, f₂, *rest)`` (k₁, part, k₂), ``(f₁, f₂) = stacked_factors(W)``. Equal to
+    :func:`reconkit.ops.fftc` along W up to float32 round-off and the stated order of the output index."""
+    width, rest = int(x.shape[1]), x.shape[2:]
+    f1, f2 = _checked_factors(width)
+    first, second = _stacked_constants(width, False, x.device)
+    x = x.reshape(2 * f1, -1)
+    if first is not None:
+        x = first @ x
+    return (second @ x.reshape(f1, 2 * f2, -1)).reshape((f1, 2, f2) + tuple(rest))
+
+
+def stacked_ifft_w(k: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`stacked_fft_w`: ``(f₁, 2, f₂, *rest)`` → ``(2, W, *rest)``."""
+    f1, f2, rest = int(k.shape[0]), int(k.shape[2]), k.shape[3:]
+    width = f1 * f2
+    if _checked_factors(width) != (f1, f2):
+        raise ValueError(f"stacked_ifft_w: axes ({f1}, 2, {f2}) are not the stacked layout of W = {width}")
+    first, second = _stacked_constants(width, True, k.device)
+    y = second @ k.reshape(f1, 2 * f2, -1)
+    y = y.reshape(2 * f1, -1)
+    if first is not None:
+        y = first @ y
+    return y.reshape((2, width) + tuple(rest))
+
+
+def to_stacked_kspace(x: torch.Tensor) -> torch.Tensor:
+    """``(P, *lead, W)`` with W in natural k order → the stacked k layout ``(f₁, P, f₂, *lead)``: P = 2 for data
+    (real, imag), P = 1 for a real factor that broadcasts against it (a line mask)."""
+    f1, f2 = _checked_factors(int(x.shape[-1]))
+    lead = list(range(1, x.ndim - 1))
+    x = x.reshape(tuple(x.shape[:-1]) + (f2, f1))  # k = k₁ + f₁·k₂: k₂ is the slower digit
+    return x.permute([x.ndim - 1, 0, x.ndim - 2] + lead)
+
+
+def _checked_factors(width: int) -> tuple[int, int]:
+    factors = stacked_factors(width)
+    if factors is None:
+        raise ValueError(f"stacked W transform: W = {width} needs more than two radices; use the planar form")
+    return factors
