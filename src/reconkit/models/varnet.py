@@ -154,6 +154,24 @@ class SensitivityModel(nn.Module):
         rss = torch.sqrt((re * re + im * im).sum(dim=1, keepdim=True))
         return re / rss, im / rss
 
+    def forward_stacked(
+        self, hybrid: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Export path, line masks: hybrid-space coil data in the stacked k layout ``(f₁, 2, f₂, B, C, H)`` (see
+        :func:`reconkit.ops.dft_matmul.stacked_fft_w`) → the stacked maps ``[S_re; S_im]`` and ``[−S_im; S_re]``,
+        each ``(2, W, B, C, H)``. The ACS window acts along W only, so ``ifft2c(k·window)`` is the W transform of
+        the hybrid data times the window: no second H transform."""
+        f1, _, f2, b, c, h = hybrid.shape
+        width = f1 * f2
+        if self.mask_center:
+            keep = self._acs_window(mask, num_low_frequencies, width).to(hybrid.dtype)
+            hybrid = hybrid * to_stacked_kspace(keep[None])[..., None, None]
+        images = stacked_ifft_w(hybrid)  # (2, W, B, C, H)
+        channels = images.permute(2, 3, 0, 4, 1).reshape(b * c, 2, h, width)  # each coil: (real, imag) channels
+        maps = self.norm_unet.forward_channels(channels).reshape(b, c, 2, h, width).permute(2, 4, 0, 1, 3)
+        maps = maps / torch.sqrt((maps * maps).sum(dim=(0, 3), keepdim=True))
+        return maps, torch.stack((-maps[1], maps[0]))
+
 
 def _check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor) -> None:
     if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
@@ -306,28 +324,30 @@ class VarNet(nn.Module):
         _check_inputs(masked_kspace, mask)
         mask = mask.to(masked_kspace.dtype)
         parts = masked_kspace[..., 0], masked_kspace[..., 1]
-        map_parts = self.sens_net.forward_planar(parts, mask, num_low_frequencies)
         hybrid = mask.shape[-3] == 1
+        if hybrid and stacked_factors(int(masked_kspace.shape[-2])) is not None:
+            hybrid_parts = centred_fft_matmul_planar(*parts, inverse=True, dims=(-2,))
+            return self._stacked_forward(hybrid_parts, mask, num_low_frequencies)
+        map_parts = self.sens_net.forward_planar(parts, mask, num_low_frequencies)
         dims = (-1,) if hybrid else (-2, -1)
         if hybrid:
             parts = centred_fft_matmul_planar(*parts, inverse=True, dims=(-2,))
-            if stacked_factors(int(masked_kspace.shape[-2])) is not None:
-                return self._stacked_cascades(parts, mask, map_parts)
         reference = parts
         for cascade in self.cascades:
             parts = cascade.forward_planar(parts, reference, mask[..., 0], map_parts, dims)
         re, im = centred_fft_matmul_planar(*parts, inverse=True, dims=dims)
         return torch.sqrt((re * re + im * im).sum(dim=1))
 
-    def _stacked_cascades(
-        self, parts: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, map_parts: tuple[torch.Tensor, torch.Tensor]
+    def _stacked_forward(
+        self, parts: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+        num_low_frequencies: int | torch.Tensor | None,
     ) -> torch.Tensor:
-        """Export path, line mask: hybrid-space planar parts ``(B, C, H, W)`` → RSS image ``(B, H, W)`` with the
-        cascades on the stacked W-major layout (each W transform two large real MatMuls; docs/export.md)."""
+        """Export path, line mask: hybrid-space planar parts ``(B, C, H, W)`` → RSS image ``(B, H, W)``, the
+        sensitivities and cascades on the stacked W-major layout (each W transform two large real MatMuls;
+        docs/export.md)."""
         reference = to_stacked_kspace(torch.stack(parts))  # (f₁, 2, f₂, B, C, H)
+        maps = self.sens_net.forward_stacked(reference, mask, num_low_frequencies)
         line = to_stacked_kspace(mask[:, 0, 0, :, 0][None])[..., None, None]  # (f₁, 1, f₂, B, 1, 1)
-        maps_re, maps_im = (part.permute(3, 0, 1, 2) for part in map_parts)  # (W, B, C, H)
-        maps = torch.stack((maps_re, maps_im)), torch.stack((-maps_im, maps_re))
         masked_ref = reference * line
         kspace = reference
         for cascade in self.cascades:

@@ -379,9 +379,11 @@ def to_stacked_kspace(x: torch.Tensor) -> torch.Tensor:
     """``(P, *lead, W)`` with W in natural k order → the stacked k layout ``(f₁, P, f₂, *lead)``: P = 2 for data
     (real, imag), P = 1 for a real factor that broadcasts against it (a line mask)."""
     f1, f2 = _checked_factors(int(x.shape[-1]))
-    lead = list(range(1, x.ndim - 1))
-    x = x.reshape(tuple(x.shape[:-1]) + (f2, f1))  # k = k₁ + f₁·k₂: k₂ is the slower digit
-    return x.permute([x.ndim - 1, 0, x.ndim - 2] + lead)
+    parts, lead = int(x.shape[0]), tuple(x.shape[1:-1])
+    # two moves, both fast in ONNX Runtime (one 6-D permutation with 16-float blocks is ~20× slower): W to the
+    # front, then the digits k = k₁ + f₁·k₂ (k₂ the slower one) to (k₁, part, k₂) in blocks of the other axes
+    x = x.permute([x.ndim - 1] + list(range(x.ndim - 1)))  # (W, P, *lead)
+    return x.reshape((f2, f1, parts) + lead).transpose(0, 1).transpose(1, 2)
 
 
 def _checked_factors(width: int) -> tuple[int, int]:
