@@ -45,11 +45,12 @@ def varnet_export(tmp_path_factory) -> tuple[torch.nn.Module, Path, ort.Inferenc
     torch.manual_seed(0)
     model = build_model("varnet", **VARNET_KWARGS).eval()
     path = tmp_path_factory.mktemp("varnet") / "varnet.onnx"
-    export_onnx(model, path, [(32, 24), (40, 30)], metadata={"mask_family": "random", "acceleration": [4, 8]})
+    export_onnx(model, path, [(32, 24), (40, 30), (24, 72)],
+                metadata={"mask_family": "random", "acceleration": [4, 8]})
     return model, path, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("batch,coils,height,width", [(1, 3, 32, 24), (3, 5, 40, 30), (2, 1, 32, 24)])
+@pytest.mark.parametrize("batch,coils,height,width", [(1, 3, 32, 24), (3, 5, 40, 30), (2, 1, 32, 24), (2, 4, 24, 72)])
 def test_varnet_parity_on_every_size_batch_and_coil_count(varnet_export, batch, coils, height, width) -> None:
     model, _, session = varnet_export
     assert_parity(session, model, *sample(batch, coils, height, width, seed=batch * coils))
@@ -69,18 +70,25 @@ def test_varnet_graph_follows_the_contract(varnet_export) -> None:
     conv_weights = [i for i in model.graph.initializer if len(i.dims) == 4]
     assert conv_weights and all(len(i.dims) != 4 for n in model.graph.node for a in n.attribute if a.g
                                 for i in a.g.initializer)
+    # each size branch holds each DFT matrix once, though every cascade uses it
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.g:
+                tensors = [n.attribute[0].t.raw_data for n in attr.g.node
+                           if n.op_type == "Constant" and len(n.attribute[0].t.raw_data) > 1024]
+                assert len(tensors) == len(set(tensors))
 
 
 def test_varnet_metadata_round_trip(varnet_export) -> None:
     _, path, session = varnet_export
     meta = load_onnx_metadata(path)
     assert meta["reconkit.model_type"] == "varnet"
-    assert meta["reconkit.spatial_sizes"] == [[32, 24], [40, 30]]
+    assert meta["reconkit.spatial_sizes"] == [[32, 24], [40, 30], [24, 72]]
     assert meta["reconkit.mask_family"] == "random"
     assert meta["reconkit.acceleration"] == [4, 8]
     assert meta["reconkit.normalization"] == "none"
     assert set(meta) >= {"reconkit.version", "reconkit.input_layout", "reconkit.center_fraction"}
-    assert session.get_modelmeta().custom_metadata_map["reconkit.spatial_sizes"] == "[[32, 24], [40, 30]]"
+    assert session.get_modelmeta().custom_metadata_map["reconkit.spatial_sizes"] == "[[32, 24], [40, 30], [24, 72]]"
 
 
 def test_size_not_exported_is_refused(varnet_export) -> None:

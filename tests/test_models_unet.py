@@ -48,13 +48,15 @@ def test_unet_matches_fastmri_with_its_weights(shape, chans, pools):
 
 @pytest.mark.parametrize("shape", [(2, 1, 30, 24, 2), (3, 1, 17, 33, 2)])
 def test_norm_unet_matches_fastmri(shape):
-    """fastmri's NormUnet only broadcasts for one complex channel (in_chans=2), the VarNet case."""
+    """fastmri's NormUnet only broadcasts for one complex channel (in_chans=2), the VarNet case. The oracle runs
+    in float64: fastmri's own float32 input gradient is off by up to ~2e-2 relative on some CPUs (AVX2 oneDNN
+    kernels; ours stays within 1e-6 of the float64 oracle there)."""
     torch.manual_seed(1)
     ref = fastmri.models.varnet.NormUnet(4, 2)
     ours = NormUnet(4, 2)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(shape) * 3 + 0.5
-    y_ref, gx_ref, _ = _forward_backward(ref, x)
+    y_ref, gx_ref, _ = _forward_backward(ref.double(), x.double())
     y, gx, _ = _forward_backward(ours, x)
     assert y.shape == shape
     assert _rel(y, y_ref) < 1e-5
