@@ -79,6 +79,17 @@ def test_varnet_graph_follows_the_contract(varnet_export) -> None:
                 assert len(tensors) == len(set(tensors))
 
 
+def test_single_size_export_stores_each_dft_matrix_once(tmp_path) -> None:
+    torch.manual_seed(2)
+    model = build_model("varnet", **VARNET_KWARGS).eval()
+    path = export_onnx(model, tmp_path / "one.onnx", (3, 24, 72))
+    tensors = [n.attribute[0].t.raw_data for n in onnx.load(str(path)).graph.node
+               if n.op_type == "Constant" and len(n.attribute[0].t.raw_data) > 1024]
+    assert tensors and len(tensors) == len(set(tensors))
+    assert_parity(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), model,
+                  *sample(2, 3, 24, 72, seed=7))
+
+
 def test_varnet_metadata_round_trip(varnet_export) -> None:
     _, path, session = varnet_export
     meta = load_onnx_metadata(path)

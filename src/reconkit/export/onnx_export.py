@@ -141,15 +141,15 @@ def _trace_one(model: torch.nn.Module, coils: int, height: int, width: int, opse
         )
 
 
-def _dedupe_constants(nodes) -> list:
-    """The nodes with repeated ``Constant`` tensors folded into their first occurrence (the tracer records the DFT
-    matrices once per use: every cascade would carry its own copy), later inputs pointing at it."""
+def _dedupe_constants(model) -> None:
+    """Fold repeated ``Constant`` tensors of ``model``'s graph into their first occurrence, in place, later inputs
+    pointing at it (the tracer records the DFT matrices once per use: every cascade would carry its own copy)."""
     import onnx
 
     first: dict[bytes, str] = {}
     alias: dict[str, str] = {}
     kept = []
-    for node in nodes:
+    for node in model.graph.node:
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             tensor = onnx.TensorProto()
             tensor.CopyFrom(node.attribute[0].t)
@@ -159,12 +159,12 @@ def _dedupe_constants(nodes) -> list:
                 alias[node.output[0]] = first[blob]
                 continue
             first[blob] = node.output[0]
-        if alias and any(name in alias for name in node.input):
-            node = onnx.NodeProto(name=node.name, op_type=node.op_type, domain=node.domain,
-                                  input=[alias.get(name, name) for name in node.input], output=node.output,
-                                  attribute=node.attribute, doc_string=node.doc_string)
-        kept.append(node)
-    return kept
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        new.input[:] = [alias.get(name, name) for name in node.input]
+        kept.append(new)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
 
 
 def _merge_by_size(graphs: list, sizes: list[tuple[int, int]]):
@@ -196,7 +196,7 @@ def _merge_by_size(graphs: list, sizes: list[tuple[int, int]]):
             return name if (not name or name in outer) else prefix + name
 
         nodes = []
-        for node in _dedupe_constants(graph.node):
+        for node in graph.node:
             new = onnx.NodeProto()
             new.CopyFrom(node)
             new.name = prefix + node.name
@@ -377,13 +377,8 @@ def export_onnx(
                     raise ExportError(f"{source}: export failed at size {height}x{width}: "
                                       f"{type(exc).__name__}: {exc}") from exc
                 graphs.append(onnx.load(str(traced)))
-            if len(graphs) == 1:
-                proto = graphs[0]
-                nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in _dedupe_constants(proto.graph.node)]
-                del proto.graph.node[:]
-                proto.graph.node.extend(nodes)
-            else:
-                proto = _merge_by_size(graphs, sizes)
+                _dedupe_constants(graphs[-1])
+            proto = graphs[0] if len(graphs) == 1 else _merge_by_size(graphs, sizes)
             for key, value in _metadata(model, info, sizes, metadata or {}).items():
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = key, value

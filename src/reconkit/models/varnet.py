@@ -33,7 +33,13 @@ from reconkit.ops import (
     sens_expand,
     sens_reduce,
 )
-from reconkit.ops.dft_matmul import centred_fft_matmul_planar, stacked_factors, stacked_fft_w, stacked_ifft_w, to_stacked_kspace
+from reconkit.ops.dft_matmul import (
+    centred_fft_matmul_planar,
+    stacked_factors,
+    stacked_fft_w,
+    stacked_ifft_w,
+    to_stacked_kspace,
+)
 
 __all__ = ["SensitivityModel", "VarNet", "VarNetBlock", "low_frequency_window"]
 
@@ -325,13 +331,14 @@ class VarNet(nn.Module):
         mask = mask.to(masked_kspace.dtype)
         parts = masked_kspace[..., 0], masked_kspace[..., 1]
         hybrid = mask.shape[-3] == 1
-        if hybrid and stacked_factors(int(masked_kspace.shape[-2])) is not None:
+        if hybrid:
             hybrid_parts = centred_fft_matmul_planar(*parts, inverse=True, dims=(-2,))
-            return self._stacked_forward(hybrid_parts, mask, num_low_frequencies)
+            if stacked_factors(int(masked_kspace.shape[-2])) is not None:
+                return self._stacked_forward(hybrid_parts, mask, num_low_frequencies)
         map_parts = self.sens_net.forward_planar(parts, mask, num_low_frequencies)
         dims = (-1,) if hybrid else (-2, -1)
         if hybrid:
-            parts = centred_fft_matmul_planar(*parts, inverse=True, dims=(-2,))
+            parts = hybrid_parts
         reference = parts
         for cascade in self.cascades:
             parts = cascade.forward_planar(parts, reference, mask[..., 0], map_parts, dims)
