@@ -1,4 +1,5 @@
-"""KServe V2 server: tritonclient round trips equal ONNX Runtime, every error path, batching, metrics, SIGTERM."""
+"""KServe V2 server, REST and gRPC: tritonclient round trips equal ONNX Runtime, every error path, batching, metrics,
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,17 +15,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import tritonclient.grpc as tritonclient_grpc
 import tritonclient.http as tritonclient_http
 from tritonclient.utils import InferenceServerException
 
 from reconkit.export import export_onnx
 from reconkit.export.triton_repository import write_triton_repository
 from reconkit.ops import ifft2c, rss_complex
-from reconkit.serve import BatchingConfig, ServerConfig, build_server
+from reconkit.errors import ReconkitError
+from reconkit.serve import BatchingConfig, ServerConfig, build_server, serve
+from reconkit.serve.grpc_schema import MESSAGES, METHODS, SERVICE
 
 COILS, HEIGHT, WIDTH = 3, 10, 7  # odd width on purpose
 
@@ -523,3 +528,175 @@ def test_sigterm_mid_load_answers_every_accepted_request(plain_repository, tmp_p
     assert set(outcomes.values()) <= {"ok", "refused"}, outcomes
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     assert any(entry.get("message") == "request" and entry.get("status") == 200 for entry in lines)
+
+
+# ---- gRPC endpoint (ServerConfig.grpc_address / reconkit serve --grpc-port) ----------------------------------------
+
+def grpc_call(address: str, rpc: str, message, metadata=None, timeout: float = 30.0):
+    """One unary call with reconkit's own message classes (no tritonclient): the raw protocol, typed contents."""
+    request_type, response_type = METHODS[rpc]
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(f"/{SERVICE}/{rpc}", request_serializer=MESSAGES[request_type].SerializeToString,
+                                   response_deserializer=MESSAGES[response_type].FromString)
+        return call(message, metadata=metadata, timeout=timeout)
+
+
+def grpc_request(body: dict, model: str = "recon", version: str = ""):
+    """The JSON request ``body`` as a ModelInferRequest with typed contents (fp32_contents / int_contents)."""
+    message = MESSAGES["ModelInferRequest"](model_name=model, model_version=version)
+    for item in body["inputs"]:
+        tensor = message.inputs.add(name=item["name"], datatype=item["datatype"], shape=item["shape"])
+        if item["datatype"] == "FP32":
+            tensor.contents.fp32_contents.extend(item["data"])
+        else:
+            tensor.contents.int_contents.extend(int(v) for v in item["data"])
+    for item in body.get("outputs", []):
+        message.outputs.add(name=item["name"])
+    for key, value in body.get("parameters", {}).items():
+        message.parameters[key].int64_param = value
+    return message
+
+
+@pytest.fixture(scope="module")
+def grpc_server(repository):
+    with running_server(repository, batching=BatchingConfig(max_queue_delay_s=0.0),
+                        grpc_address="127.0.0.1:0") as (url, state):
+        yield url, f"127.0.0.1:{state.grpc_port}"
+
+
+@pytest.mark.parametrize("batch,width", [(1, WIDTH), (3, 8)])
+def test_grpc_tritonclient_equals_direct_onnxruntime(grpc_server, direct, batch, width):
+    _, address = grpc_server
+    kspace, mask = sample(batch, width, seed=batch)
+    client = tritonclient_grpc.InferenceServerClient(address)
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("recon", "1")
+        meta = client.get_model_metadata("recon", as_json=True)
+        inputs = [tritonclient_grpc.InferInput("masked_kspace", list(kspace.shape), "FP32"),
+                  tritonclient_grpc.InferInput("mask", list(mask.shape), "FP32")]
+        inputs[0].set_data_from_numpy(kspace)
+        inputs[1].set_data_from_numpy(mask)
+        result = client.infer("recon", inputs, model_version="2", request_id="g1",
+                              outputs=[tritonclient_grpc.InferRequestedOutput("image")])
+        with pytest.raises(InferenceServerException, match="unknown model 'missing'"):
+            client.is_model_ready("missing")
+    finally:
+        client.close()
+    assert meta["versions"] == ["1", "2"] and meta["platform"] == "onnxruntime_onnx"
+    assert meta["inputs"][0] == {"name": "masked_kspace", "datatype": "FP32", "shape": ["-1", "-1", "-1", "-1", "2"]}
+    expected = direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0]
+    np.testing.assert_array_equal(result.as_numpy("image"), expected)
+    response = result.get_response(as_json=True)
+    assert response["model_version"] == "2" and response["id"] == "g1"
+
+
+def test_grpc_typed_contents_equal_rest(grpc_server, direct):
+    """A KServe-style client that sends typed fp32_contents: same image as the REST JSON request and ORT."""
+    url, address = grpc_server
+    kspace, mask = sample(2, seed=4)
+    response = grpc_call(address, "ModelInfer", grpc_request(json_request(kspace, mask)))
+    (output,) = response.outputs
+    image = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(list(output.shape))
+    status, _, body = post(url, "/v2/models/recon/infer", json.dumps(json_request(kspace, mask)).encode())
+    rest = json.loads(body)["outputs"][0]
+    np.testing.assert_array_equal(image, direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0])
+    np.testing.assert_array_equal(image, np.asarray(rest["data"], np.float32).reshape(rest["shape"]))
+    assert output.name == "image" and output.datatype == "FP32" and response.model_version == "2"
+    assert grpc_call(address, "ServerMetadata", MESSAGES["ServerMetadataRequest"]()).name == "reconkit"
+
+
+_JSON_ONLY = {"not json", "deep json", "not an object", "data type"}  # no gRPC counterpart
+_GRPC_MESSAGES = {"data length": "input 'mask': contents.fp32_contents holds 6 values, shape [1, 1, 1, 7, 1] needs 7"}
+_GRPC_CASES = [c for c in _bad_requests() if c[0] not in _JSON_ONLY]
+
+
+@pytest.mark.parametrize("name,request_body,message", _GRPC_CASES, ids=[c[0] for c in _GRPC_CASES])
+def test_grpc_bad_input_is_invalid_argument_with_the_rest_message(grpc_server, name, request_body, message):
+    _, address = grpc_server
+    with pytest.raises(grpc.RpcError) as caught:
+        grpc_call(address, "ModelInfer", grpc_request(request_body))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _GRPC_MESSAGES.get(name, message) in caught.value.details(), caught.value.details()
+
+
+def test_grpc_raw_contents_checks_and_unknown_models(grpc_server):
+    _, address = grpc_server
+    kspace, mask = sample()
+    raw = grpc_request(json_request(kspace, mask))
+    for tensor in raw.inputs:
+        tensor.ClearField("contents")
+    cases = [([kspace.tobytes()], grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents has 1 buffers for 2 inputs"),
+             ([kspace.tobytes()[:-4], mask.tobytes()], grpc.StatusCode.INVALID_ARGUMENT,
+              f"input 'masked_kspace': raw_input_contents holds {kspace.nbytes - 4} bytes"),
+             ([kspace.tobytes(), mask.tobytes()], None, "")]
+    for buffers, code, message in cases:
+        request = MESSAGES["ModelInferRequest"]()
+        request.CopyFrom(raw)
+        request.raw_input_contents.extend(buffers)
+        if code is None:
+            assert grpc_call(address, "ModelInfer", request).outputs[0].shape == [1, HEIGHT, WIDTH]
+            continue
+        with pytest.raises(grpc.RpcError) as caught:
+            grpc_call(address, "ModelInfer", request)
+        assert caught.value.code() == code and message in caught.value.details()
+    both = grpc_request(json_request(kspace, mask))
+    both.raw_input_contents.extend([kspace.tobytes(), mask.tobytes()])
+    with pytest.raises(grpc.RpcError, match="both raw_input_contents and contents given"):
+        grpc_call(address, "ModelInfer", both)
+    for model, version, message in (("nope", "", "unknown model 'nope'"), ("recon", "3", "has no version '3'")):
+        with pytest.raises(grpc.RpcError) as caught:
+            grpc_call(address, "ModelInfer", grpc_request(json_request(kspace, mask), model, version))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND and message in caught.value.details()
+
+
+def test_grpc_size_limit_auth_queue_and_timeouts(plain_repository):
+    kspace, mask = sample()
+    request = grpc_request(json_request(kspace, mask))
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_s=1.5, max_queue_size=1)
+    with running_server(plain_repository, batching=batching, grpc_address="127.0.0.1:0", auth_token="s3cret",
+                        max_request_bytes=request.ByteSize() + 64) as (url, state):
+        address = f"127.0.0.1:{state.grpc_port}"
+        token = [("authorization", "Bearer s3cret")]
+        assert grpc_call(address, "ServerReady", MESSAGES["ServerReadyRequest"]()).ready  # probes need no token
+        for metadata in (None, [("authorization", "Bearer wrong")]):
+            with pytest.raises(grpc.RpcError) as caught:
+                grpc_call(address, "ModelInfer", request, metadata)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        big = grpc_request(json_request(*sample(batch=2)))
+        with pytest.raises(grpc.RpcError) as caught:
+            grpc_call(address, "ModelInfer", big, token)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with ThreadPoolExecutor(1) as pool:  # one request waits 1.5 s for a batch: the queue (size 1) is full
+            first = pool.submit(grpc_call, address, "ModelInfer", request, token)
+            deadline = time.monotonic() + 10
+            while state.models["recon"]["1"].batcher.queue_depth < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as caught:
+                grpc_call(address, "ModelInfer", request, token)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "queue is full" in caught.value.details()
+            assert first.result().outputs[0].shape == [1, HEIGHT, WIDTH]  # the queued request still completes
+        timed = MESSAGES["ModelInferRequest"]()
+        timed.CopyFrom(request)
+        timed.parameters["timeout"].int64_param = 100_000  # 0.1 s, microseconds
+        with pytest.raises(grpc.RpcError) as caught:
+            grpc_call(address, "ModelInfer", timed, token)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "no result within 0.1 s" in caught.value.details()
+        with pytest.raises(grpc.RpcError) as caught:  # the client's own deadline: the server stops waiting too
+            grpc_call(address, "ModelInfer", request, token, timeout=0.2)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.3)
+        assert state.models["recon"]["1"].batcher.queue_depth == 0  # timed-out requests left the queue
+        status, body = get(url, "/metrics", {"Authorization": "Bearer s3cret"})
+    text = body.decode()
+    assert 'reconkit_serve_errors_total{code="401",endpoint="grpc_infer"} 2.0' in text
+    assert 'reconkit_serve_errors_total{code="503",endpoint="grpc_infer"} 1.0' in text
+    assert 'reconkit_serve_requests_total{code="200",endpoint="grpc_infer"} 1.0' in text
+
+
+def test_grpc_address_in_use_is_a_clear_error(repository):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        with pytest.raises(ReconkitError, match=f"gRPC: cannot bind {address}"):
+            serve(ServerConfig(repository, grpc_address=address), "127.0.0.1", free_port())

@@ -1,4 +1,4 @@
-"""``reconkit serve``: serve ONNX models over the KServe V2 / Open Inference Protocol (REST)."""
+"""``reconkit serve``: serve ONNX models over the KServe V2 / Open Inference Protocol (REST, optionally gRPC)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ _EXAMPLE = """example:
   reconkit export --checkpoint checkpoints/varnet_small.ckpt --output varnet.onnx --size 640 368 \
       --triton-repository models --model-name varnet
   RECONKIT_SERVE_TOKEN=secret reconkit serve --model-repository models --host 0.0.0.0 --port 8000
+  reconkit serve --model-repository models --port 8000 --grpc-port 8001     # REST and gRPC, as Triton
 
 The repository uses Triton's layout (models/<name>/<version>/model.onnx, optional config.pbtxt whose
 max_batch_size / dynamic_batching / instance_group override the batching options below). Send SIGTERM for a
@@ -24,11 +25,16 @@ graceful shutdown: accepted requests are answered before the process exits.
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reconkit serve", epilog=_EXAMPLE,
                                 description="Serve ONNX models on ONNX Runtime over the KServe V2 / Open Inference "
-                                            "Protocol REST API (tritonclient.http works unchanged).",
+                                            "Protocol: REST, and gRPC with --grpc-port (tritonclient.http / "
+                                            "tritonclient.grpc and KServe clients work unchanged).",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", type=Path, required=True, help="Triton-layout model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="REST port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve the protocol's gRPC API on this port, same host (Triton uses 8001; default: off)")
+    p.add_argument("--grpc-max-concurrency", type=int, default=256,
+                   help="gRPC calls handled at once, more are refused with RESOURCE_EXHAUSTED (default 256)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="ONNX Runtime execution provider: auto = CUDA when available (default auto)")
     p.add_argument("--max-batch-size", type=int, default=8, help="largest batch per run (default 8; 0 = no batching)")
@@ -46,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _grpc_address(host: str, port: int | None) -> str | None:
+    if port is None:
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 literals need brackets in gRPC
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from reconkit.serve import BatchingConfig, ServerConfig, serve
@@ -53,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(args.log_level)
     numbers = (args.max_batch_size, args.max_queue_size - 1, args.instances - 1, args.max_queue_delay_ms,
-               args.request_timeout_s, args.max_request_mb, args.intra_op_threads)
+               args.request_timeout_s, args.max_request_mb, args.intra_op_threads, args.grpc_max_concurrency - 1,
+               0 if args.grpc_port is None else args.grpc_port)
     if min(numbers) < 0 or args.request_timeout_s == 0 or args.max_request_mb == 0:
         print("reconkit serve: sizes, counts and times must be positive (max-batch-size and delays may be 0)",
               file=sys.stderr)
@@ -62,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               args.max_queue_size, args.instances)
     config = ServerConfig(args.model_repository, batching, args.request_timeout_s,
                           int(args.max_request_mb * 2**20), os.environ.get(args.auth_token_env) or None,
-                          args.device, args.intra_op_threads)
+                          args.device, args.intra_op_threads,
+                          _grpc_address(args.host, args.grpc_port), args.grpc_max_concurrency)
     try:
         serve(config, args.host, args.port)
     except ReconkitError as exc:

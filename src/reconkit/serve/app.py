@@ -9,14 +9,11 @@ Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
 import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -25,12 +22,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import reconkit
-from reconkit.serve.batcher import DynamicBatcher
-from reconkit.serve.metrics import ServeMetrics
-from reconkit.serve.model import OnnxModel, select_providers
+from reconkit.errors import ReconkitError
 from reconkit.serve.protocol import HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response
-from reconkit.serve.repository import BatchingConfig, ModelEntry, discover_models
-from reconkit.serve.validation import check_inputs, check_outputs
+from reconkit.serve.state import ServedModel, ServerConfig, ServerState
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -38,77 +32,7 @@ _log = logging.getLogger("reconkit.serve")
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-@dataclasses.dataclass(frozen=True)
-class ServerConfig:
-    """Server settings.
-
-    model_repository: Triton-layout directory ``<name>/<version>/model.onnx``.
-    batching: defaults for models without ``config.pbtxt``.
-    request_timeout_s: longest an inference request may take, queueing included (seconds); 504 after.
-    max_request_bytes: largest request body accepted; 413 above.
-    auth_token: when set, every endpoint but health needs ``Authorization: Bearer <auth_token>``.
-    device: ``"auto"`` (CUDA execution provider when ONNX Runtime has it), ``"cpu"`` or ``"cuda"``.
-    intra_op_threads: ONNX Runtime threads per session (0: its default).
-    """
-
-    model_repository: Path
-    batching: BatchingConfig = dataclasses.field(default_factory=BatchingConfig)
-    request_timeout_s: float = 30.0
-    max_request_bytes: int = 512 * 2**20
-    auth_token: str | None = None
-    device: str = "auto"
-    intra_op_threads: int = 0
-
-
-@dataclasses.dataclass
-class _Served:
-    entry: ModelEntry
-    model: OnnxModel
-    batcher: DynamicBatcher | None = None
-
-
-class _State:
-    """Everything the handlers share: loaded models (name -> version -> model), metrics, flags."""
-
-    def __init__(self, config: ServerConfig):
-        self.config = config
-        self.metrics = ServeMetrics.create()
-        providers = select_providers(config.device)
-        self.models: dict[str, dict[str, _Served]] = {}
-        for entry in discover_models(config.model_repository, config.batching):
-            model = OnnxModel(entry.onnx_path, providers, config.intra_op_threads)
-            self.models.setdefault(entry.name, {})[entry.version] = _Served(entry, model)
-            _log.info("loaded model", extra={"model": entry.name, "version": entry.version,
-                                             "providers": model.providers, "batching": dataclasses.asdict(entry.batching)})
-        self.ready = False
-        self.shutting_down = False
-
-    def served(self, name: str, version: str | None) -> _Served:
-        versions = self.models.get(name)
-        if versions is None:
-            raise RequestError(404, f"unknown model {name[:100]!r}; served models: {sorted(self.models)}")
-        if version is None:
-            return versions[max(versions, key=int)]
-        if version not in versions:
-            raise RequestError(404, f"model '{name}' has no version {version[:20]!r}; versions: {sorted(versions, key=int)}")
-        return versions[version]
-
-    async def start(self) -> None:
-        for name, versions in self.models.items():
-            for served in versions.values():
-                served.batcher = DynamicBatcher(
-                    name, served.model, served.entry.batching,
-                    on_queue_depth=self.metrics.queue_depth.labels(name, served.entry.version).set,
-                    on_batch=self.metrics.batch_size.labels(name, served.entry.version).observe,
-                )
-        self.ready = True
-
-    async def stop(self) -> None:
-        self.ready = False
-        await asyncio.gather(*(s.batcher.close() for v in self.models.values() for s in v.values() if s.batcher))
-
-
-def _endpoint(state: _State, kind: str, handler: Handler, public: bool = False) -> Handler:
+def _endpoint(state: ServerState, kind: str, handler: Handler, public: bool = False) -> Handler:
     """Wrap ``handler`` with auth, error mapping, metrics and one JSON log line per request."""
     token = state.config.auth_token
 
@@ -160,8 +84,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _routes(state: _State) -> list[Route]:
-    def served(request: Request) -> _Served:
+def _routes(state: ServerState) -> list[Route]:
+    def served(request: Request) -> ServedModel:
         return state.served(request.path_params["name"], request.path_params.get("version"))
 
     async def server_metadata(request: Request) -> Response:
@@ -205,17 +129,9 @@ def _routes(state: _State) -> list[Route]:
 
     async def infer(request: Request) -> Response:
         s = served(request)
-        if s.batcher is None:
-            raise RequestError(503, "server is not started yet", {"Retry-After": "1"})
         body = await _read_body(request, state.config.max_request_bytes)
         infer_request = decode_infer_request(body, request.headers.get(HEADER_LENGTH), s.model)
-        check_inputs(infer_request, s.entry.batching.max_batch_size, s.model.spatial_sizes)
-        timeout = min(state.config.request_timeout_s, infer_request.timeout_s or float("inf"))
-        try:
-            results = await asyncio.wait_for(s.batcher.submit(infer_request), timeout)
-        except asyncio.TimeoutError:
-            raise RequestError(504, f"model '{s.entry.name}': no result within {timeout:g} s") from None
-        check_outputs(results, s.entry.name)
+        results = await state.infer(s, infer_request)
         content, headers = encode_infer_response(s.entry.name, s.entry.version, infer_request, results)
         return Response(content, 200, headers=headers)
 
@@ -243,13 +159,27 @@ def create_app(config: ServerConfig) -> Starlette:
     Raises ``ReconkitError`` for a missing / empty repository or a model that ONNX Runtime cannot load.
     ``app.state.serve`` is the shared state (``shutting_down`` is set by the server on SIGTERM).
     """
-    state = _State(config)
+    state = ServerState(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         await state.start()
-        yield
-        await state.stop()
+        grpc_server = None
+        if config.grpc_address is not None:
+            from reconkit.serve.grpc_api import start_grpc_server  # loads grpcio only when asked for
+
+            try:
+                grpc_server = await start_grpc_server(state)
+            except ReconkitError as exc:
+                state.startup_error = exc  # uvicorn only logs a failed startup; build_server's caller re-raises it
+                await state.stop()
+                raise
+        try:
+            yield
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(config.request_timeout_s + 5.0)  # answers the calls already accepted
+            await state.stop()
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"no such endpoint: {request.method} {request.url.path[:200]}"}, 404)

@@ -21,7 +21,8 @@ import numpy as np
 from reconkit.errors import ReconkitError
 from reconkit.serve.model import V2_DATATYPES, OnnxModel, TensorSpec
 
-__all__ = ["HEADER_LENGTH", "InferRequest", "RequestError", "decode_infer_request", "encode_infer_response"]
+__all__ = ["HEADER_LENGTH", "InferRequest", "RequestError", "check_shape", "decode_infer_request", "encode_infer_response",
+           "parse_timeout", "v2_datatype"]
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -86,7 +87,8 @@ def _parameters(obj: dict, where: str) -> dict:
     return params
 
 
-def _check_shape(spec: TensorSpec, shape: Any) -> tuple[int, ...]:
+def check_shape(spec: TensorSpec, shape: Any) -> tuple[int, ...]:
+    """``shape`` as a tuple when it is a list of non-negative ints that fits ``spec``; RequestError(400) otherwise."""
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise _bad(f"input '{spec.name}': shape must be a list of non-negative integers, got {shape!r}")
     if len(shape) != len(spec.shape):
@@ -102,7 +104,7 @@ def _tensor(spec: TensorSpec, item: dict, binary: memoryview, offset: int) -> tu
     datatype = item.get("datatype")
     if datatype != spec.datatype:
         raise _bad(f"input '{spec.name}': datatype {datatype!r} not accepted, model expects {spec.datatype}")
-    shape = _check_shape(spec, item.get("shape"))
+    shape = check_shape(spec, item.get("shape"))
     count = math.prod(shape)
     nbytes = count * spec.dtype.itemsize
     size = _parameters(item, f"input '{spec.name}'").get("binary_data_size")
@@ -142,8 +144,8 @@ def _requested_outputs(header: dict, model: OnnxModel) -> dict[str, bool]:
     return outputs
 
 
-def _timeout(header: dict) -> float | None:
-    timeout = _parameters(header, "request").get("timeout")
+def parse_timeout(timeout: Any) -> float | None:
+    """The request parameter ``timeout`` (microseconds on the wire) in seconds; None when not given."""
     if timeout is None:
         return None
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
@@ -174,10 +176,11 @@ def decode_infer_request(body: bytes, header_length: str | None, model: OnnxMode
         raise _bad(f"request carries {len(binary)} bytes of binary data but the inputs use {offset}")
     request_id = header.get("id")
     return InferRequest(None if request_id is None else str(request_id), inputs, _requested_outputs(header, model),
-                        _timeout(header))
+                        parse_timeout(_parameters(header, "request").get("timeout")))
 
 
-def _datatype(array: np.ndarray) -> str:
+def v2_datatype(array: np.ndarray) -> str:
+    """The KServe V2 datatype name of ``array``'s dtype (``"FP32"``...)."""
     for datatype, dtype in V2_DATATYPES.items():
         if array.dtype == dtype:
             return datatype
@@ -190,7 +193,7 @@ def encode_infer_response(model_name: str, version: str, request: InferRequest,
     outputs, chunks = [], []
     for name, as_binary in request.outputs.items():
         array = np.ascontiguousarray(results[name])
-        entry: dict[str, Any] = {"name": name, "datatype": _datatype(array), "shape": list(array.shape)}
+        entry: dict[str, Any] = {"name": name, "datatype": v2_datatype(array), "shape": list(array.shape)}
         if as_binary:
             data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}

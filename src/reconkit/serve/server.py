@@ -38,5 +38,12 @@ def build_server(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000
 
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until SIGTERM / SIGINT."""
-    build_server(config, host, port).run()
+    """Serve until SIGTERM / SIGINT; raises ReconkitError when the gRPC endpoint could not start (e.g. port in use)."""
+    server = build_server(config, host, port)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits on a failed startup; say why instead
+        error = server.config.app.state.serve.startup_error
+        if error is None:
+            raise
+        raise error from None

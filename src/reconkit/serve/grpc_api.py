@@ -1,0 +1,225 @@
+"""The Open Inference Protocol (KServe V2) gRPC endpoint, served next to the REST app on the same models.
+
+``ServerConfig.grpc_address`` (``reconkit serve --grpc-port``) starts it inside the app's event loop, so the two
+front ends share the models, batchers (requests from both join the same batches), limits and metrics. Clients:
+``tritonclient.grpc`` and KServe's gRPC clients, unchanged (schema: :mod:`reconkit.serve.grpc_schema`).
+
+Tensor data: ``raw_input_contents`` (one little-endian buffer per input, in input order; what tritonclient sends)
+or the typed ``contents`` of each input (``fp32_contents``...). Outputs are always returned as
+``raw_output_contents``. Request parameter ``timeout`` (int64, microseconds) and the call's gRPC deadline both
+bound the wait. Errors: the REST status maps to a gRPC code (400 INVALID_ARGUMENT, 401 UNAUTHENTICATED,
+404 NOT_FOUND, 413 RESOURCE_EXHAUSTED, 422 FAILED_PRECONDITION, 503 UNAVAILABLE, 504 DEADLINE_EXCEEDED,
+500 INTERNAL) with the same message. Messages over ``max_request_bytes`` are refused by gRPC itself
+(RESOURCE_EXHAUSTED) before they are read; more than ``grpc_max_concurrent_rpcs`` calls at once likewise.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+import numpy as np
+
+import reconkit
+from reconkit.errors import ReconkitError
+from reconkit.serve.grpc_schema import MESSAGES, METHODS, SERVICE
+from reconkit.serve.model import TensorSpec
+from reconkit.serve.protocol import InferRequest, RequestError, check_shape, parse_timeout, v2_datatype
+from reconkit.serve.state import ServedModel, ServerState
+
+__all__ = ["decode_grpc_request", "encode_grpc_response", "start_grpc_server"]
+
+_log = logging.getLogger("reconkit.serve")
+
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
+          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 422: grpc.StatusCode.FAILED_PRECONDITION,
+          499: grpc.StatusCode.CANCELLED, 500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE,
+          504: grpc.StatusCode.DEADLINE_EXCEEDED}
+# V2 datatype -> the typed-contents field that may carry it (FP16 only travels raw)
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+             "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
+_HEALTH = {"ServerLive", "ServerReady", "ModelReady"}  # answered without a token, as the REST health endpoints
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError(400, message)
+
+
+def _tensor(spec: TensorSpec, item, raw: bytes | None) -> np.ndarray:
+    if item.datatype != spec.datatype:
+        raise _bad(f"input '{spec.name}': datatype {item.datatype!r} not accepted, model expects {spec.datatype}")
+    shape = check_shape(spec, list(item.shape))
+    count = int(np.prod(shape, dtype=np.int64))
+    if raw is not None:
+        if item.HasField("contents"):
+            raise _bad(f"input '{spec.name}': both raw_input_contents and contents given")
+        nbytes = count * spec.dtype.itemsize
+        if len(raw) != nbytes:
+            raise _bad(f"input '{spec.name}': raw_input_contents holds {len(raw)} bytes, but shape {list(shape)} "
+                       f"of {spec.datatype} needs {nbytes}")
+        return np.frombuffer(raw, dtype=spec.dtype).reshape(shape)
+    field = _CONTENTS.get(spec.datatype)
+    if field is None:
+        raise _bad(f"input '{spec.name}': {spec.datatype} data must be sent in raw_input_contents")
+    values = getattr(item.contents, field)
+    if len(values) != count:
+        raise _bad(f"input '{spec.name}': contents.{field} holds {len(values)} values, shape {list(shape)} "
+                   f"needs {count}")
+    return np.asarray(values, dtype=spec.dtype).reshape(shape)
+
+
+def _parameter(parameters, key: str):
+    if key not in parameters:
+        return None
+    choice = parameters[key].WhichOneof("parameter_choice")
+    return None if choice is None else getattr(parameters[key], choice)
+
+
+def decode_grpc_request(message, served: ServedModel) -> InferRequest:
+    """Decode and check a ``ModelInferRequest`` against the model's inputs; RequestError(400) naming the tensor."""
+    model = served.model
+    if not message.inputs:
+        raise _bad("'inputs' must be a non-empty list of tensors")
+    raw = list(message.raw_input_contents)
+    if raw and len(raw) != len(message.inputs):
+        raise _bad(f"raw_input_contents has {len(raw)} buffers for {len(message.inputs)} inputs")
+    inputs: dict[str, np.ndarray] = {}
+    for index, item in enumerate(message.inputs):
+        spec = model.input(item.name)
+        if spec is None:
+            raise _bad(f"unknown input tensor {item.name!r}; model expects {[s.name for s in model.inputs]}")
+        if item.name in inputs:
+            raise _bad(f"input '{item.name}' given more than once")
+        inputs[item.name] = _tensor(spec, item, raw[index] if raw else None)
+    missing = [spec.name for spec in model.inputs if spec.name not in inputs]
+    if missing:
+        raise _bad(f"missing input tensor(s) {missing}; model expects {[s.name for s in model.inputs]}")
+    known = [spec.name for spec in model.outputs]
+    requested = [item.name for item in message.outputs] or known
+    unknown = [name for name in requested if name not in known]
+    if unknown:
+        raise _bad(f"unknown output tensor {unknown[0]!r}; model outputs are {sorted(known)}")
+    timeout = parse_timeout(_parameter(message.parameters, "timeout"))
+    return InferRequest(message.id or None, inputs, dict.fromkeys(requested, True), timeout)
+
+
+def encode_grpc_response(served: ServedModel, request: InferRequest, results: dict[str, np.ndarray]):
+    """``ModelInferResponse`` with every requested output in ``raw_output_contents`` (little-endian, row-major)."""
+    response = MESSAGES["ModelInferResponse"](model_name=served.entry.name, model_version=served.entry.version,
+                                              id=request.id or "")
+    for name in request.outputs:
+        array = np.ascontiguousarray(results[name])
+        response.outputs.add(name=name, datatype=v2_datatype(array), shape=list(array.shape))
+        response.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    return response
+
+
+def _tensor_metadata(spec: TensorSpec):
+    return MESSAGES["ModelMetadataResponse.TensorMetadata"](name=spec.name, datatype=spec.datatype,
+                                                            shape=list(spec.shape))
+
+
+class _Servicer:
+    """One coroutine per rpc of :data:`reconkit.serve.grpc_schema.METHODS`; problems raise RequestError."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    async def ServerLive(self, request, context):
+        return MESSAGES["ServerLiveResponse"](live=True)
+
+    async def ServerReady(self, request, context):
+        return MESSAGES["ServerReadyResponse"](ready=self.state.accepting)
+
+    async def ModelReady(self, request, context):
+        self.state.served(request.name, request.version)
+        return MESSAGES["ModelReadyResponse"](ready=self.state.accepting)
+
+    async def ServerMetadata(self, request, context):
+        return MESSAGES["ServerMetadataResponse"](name="reconkit", version=reconkit.__version__, extensions=[])
+
+    async def ModelMetadata(self, request, context):
+        served = self.state.served(request.name, request.version)
+        return MESSAGES["ModelMetadataResponse"](
+            name=served.entry.name, versions=sorted(self.state.models[served.entry.name], key=int),
+            platform="onnxruntime_onnx", inputs=[_tensor_metadata(s) for s in served.model.inputs],
+            outputs=[_tensor_metadata(s) for s in served.model.outputs])
+
+    async def ModelInfer(self, request, context):
+        if self.state.shutting_down:
+            raise RequestError(503, "server is shutting down")
+        served = self.state.served(request.model_name, request.model_version)
+        infer_request = decode_grpc_request(request, served)
+        results = await self.state.infer(served, infer_request, context.time_remaining())
+        return encode_grpc_response(served, infer_request, results)
+
+
+def _authorized(context, token: str) -> bool:
+    given = dict(context.invocation_metadata() or ()).get("authorization", "")
+    scheme, _, value = given.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+def _wrap(state: ServerState, rpc: str, handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+    """Auth, RequestError -> gRPC status, metrics (endpoint ``grpc_<kind>``, the REST status) and one log line."""
+    kind = "health" if rpc in _HEALTH else "infer" if rpc == "ModelInfer" else "metadata"
+    token = state.config.auth_token
+
+    async def wrapped(request, context):
+        start = time.perf_counter()
+        status, error, response = 200, None, None
+        try:
+            if token and rpc not in _HEALTH and not _authorized(context, token):
+                raise RequestError(401, "missing or wrong bearer token")
+            response = await handler(request, context)
+        except RequestError as exc:
+            status, error = exc.status, exc.message
+        except Exception as exc:  # noqa: BLE001  (never let one call take the server down)
+            _log.exception("unhandled error", extra={"rpc": rpc})
+            status, error = 500, f"internal error: {type(exc).__name__}: {exc}"
+        seconds = time.perf_counter() - start
+        state.metrics.observe_request(f"grpc_{kind}", status, seconds)
+        if kind != "health" or error is not None:
+            fields = {"rpc": rpc, "status": status, "latency_ms": round(seconds * 1e3, 3)}
+            _log.info("request", extra=fields if error is None else {**fields, "error": error})
+        if error is not None:
+            await context.abort(_CODES.get(status, grpc.StatusCode.UNKNOWN), error)
+        return response
+
+    return wrapped
+
+
+async def start_grpc_server(state: ServerState) -> grpc.aio.Server:
+    """Bind ``state.config.grpc_address``, start serving (in the running event loop) and set ``state.grpc_port``.
+
+    Raises ReconkitError when the address cannot be bound. Stop it with ``await server.stop(grace_seconds)``.
+    """
+    config = state.config
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", config.max_request_bytes),
+                 ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=config.grpc_max_concurrent_rpcs,
+    )
+    servicer = _Servicer(state)
+    handlers = {
+        rpc: grpc.unary_unary_rpc_method_handler(
+            _wrap(state, rpc, getattr(servicer, rpc)),
+            request_deserializer=MESSAGES[request].FromString,
+            response_serializer=MESSAGES[response].SerializeToString)
+        for rpc, (request, response) in METHODS.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    try:
+        port = server.add_insecure_port(config.grpc_address)
+    except RuntimeError as exc:
+        raise ReconkitError(f"gRPC: cannot bind {config.grpc_address}: {exc}") from None
+    if port == 0:
+        raise ReconkitError(f"gRPC: cannot bind {config.grpc_address}")
+    await server.start()
+    state.grpc_port = port
+    _log.info("gRPC endpoint started", extra={"address": config.grpc_address, "port": port})
+    return server

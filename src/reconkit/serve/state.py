@@ -1,0 +1,136 @@
+"""What the REST and gRPC front ends share: settings, the loaded models and their batchers, and one inference path.
+
+Both protocols decode a request into an :class:`~reconkit.serve.protocol.InferRequest` and call
+:meth:`ServerState.infer`, so validation, batching, timeouts and output checks are the same whichever one a client
+speaks. Problems are :class:`~reconkit.serve.protocol.RequestError` with an HTTP status; the gRPC front end maps
+it to a gRPC status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from reconkit.serve.batcher import DynamicBatcher
+from reconkit.serve.metrics import ServeMetrics
+from reconkit.serve.model import OnnxModel, select_providers
+from reconkit.serve.protocol import InferRequest, RequestError
+from reconkit.serve.repository import BatchingConfig, ModelEntry, discover_models
+from reconkit.serve.validation import check_inputs, check_outputs
+
+__all__ = ["ServedModel", "ServerConfig", "ServerState"]
+
+_log = logging.getLogger("reconkit.serve")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Server settings.
+
+    model_repository: Triton-layout directory ``<name>/<version>/model.onnx``.
+    batching: defaults for models without ``config.pbtxt``.
+    request_timeout_s: longest an inference request may take, queueing included (seconds); 504 after.
+    max_request_bytes: largest request body (REST) or message (gRPC) accepted; 413 / RESOURCE_EXHAUSTED above.
+    auth_token: when set, every endpoint but health needs ``Authorization: Bearer <auth_token>`` (gRPC: the
+        ``authorization`` metadata key).
+    device: ``"auto"`` (CUDA execution provider when ONNX Runtime has it), ``"cpu"`` or ``"cuda"``.
+    intra_op_threads: ONNX Runtime threads per session (0: its default).
+    grpc_address: ``"host:port"`` for the gRPC endpoint (port 0: any free port), or None for REST only.
+    grpc_max_concurrent_rpcs: gRPC calls handled at once (health and metadata included); more are refused with
+        RESOURCE_EXHAUSTED before they are read.
+    """
+
+    model_repository: Path
+    batching: BatchingConfig = dataclasses.field(default_factory=BatchingConfig)
+    request_timeout_s: float = 30.0
+    max_request_bytes: int = 512 * 2**20
+    auth_token: str | None = None
+    device: str = "auto"
+    intra_op_threads: int = 0
+    grpc_address: str | None = None
+    grpc_max_concurrent_rpcs: int = 256
+
+
+@dataclasses.dataclass
+class ServedModel:
+    """One model version: its repository entry, ONNX Runtime session and (once started) batcher."""
+
+    entry: ModelEntry
+    model: OnnxModel
+    batcher: DynamicBatcher | None = None
+
+
+class ServerState:
+    """Everything the handlers share: loaded models (name -> version -> model), metrics, flags.
+
+    ``grpc_port`` is the bound gRPC port once the gRPC endpoint runs (None otherwise); ``startup_error`` what stopped
+    the server from starting (e.g. a gRPC address that cannot be bound).
+    """
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.metrics = ServeMetrics.create()
+        providers = select_providers(config.device)
+        self.models: dict[str, dict[str, ServedModel]] = {}
+        for entry in discover_models(config.model_repository, config.batching):
+            model = OnnxModel(entry.onnx_path, providers, config.intra_op_threads)
+            self.models.setdefault(entry.name, {})[entry.version] = ServedModel(entry, model)
+            _log.info("loaded model", extra={"model": entry.name, "version": entry.version,
+                                             "providers": model.providers, "batching": dataclasses.asdict(entry.batching)})
+        self.ready = False
+        self.shutting_down = False
+        self.grpc_port: int | None = None
+        self.startup_error: Exception | None = None
+
+    @property
+    def accepting(self) -> bool:
+        """Ready for inference: started and not draining."""
+        return self.ready and not self.shutting_down
+
+    def served(self, name: str, version: str | None) -> ServedModel:
+        """The model version a request names (None or "": the highest version); RequestError(404) otherwise."""
+        versions = self.models.get(name)
+        if versions is None:
+            raise RequestError(404, f"unknown model {name[:100]!r}; served models: {sorted(self.models)}")
+        if not version:
+            return versions[max(versions, key=int)]
+        if version not in versions:
+            raise RequestError(404, f"model '{name}' has no version {version[:20]!r}; versions: {sorted(versions, key=int)}")
+        return versions[version]
+
+    async def infer(self, served: ServedModel, request: InferRequest,
+                    deadline_s: float | None = None) -> dict[str, np.ndarray]:
+        """Validate, queue for a batch, run and check one decoded request; the outputs by name.
+
+        deadline_s: the transport's own time limit (gRPC deadline), on top of the server's and the request's.
+        Raises RequestError: 400 bad inputs, 503 not started / queue full / draining, 504 past the timeout,
+        422 non-finite outputs, 500 when ONNX Runtime fails.
+        """
+        if served.batcher is None:
+            raise RequestError(503, "server is not started yet", {"Retry-After": "1"})
+        check_inputs(request, served.entry.batching.max_batch_size, served.model.spatial_sizes)
+        timeout = min(self.config.request_timeout_s, request.timeout_s or float("inf"), deadline_s or float("inf"))
+        try:
+            results = await asyncio.wait_for(served.batcher.submit(request), timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"model '{served.entry.name}': no result within {timeout:g} s") from None
+        check_outputs(results, served.entry.name)
+        return results
+
+    async def start(self) -> None:
+        for name, versions in self.models.items():
+            for served in versions.values():
+                served.batcher = DynamicBatcher(
+                    name, served.model, served.entry.batching,
+                    on_queue_depth=self.metrics.queue_depth.labels(name, served.entry.version).set,
+                    on_batch=self.metrics.batch_size.labels(name, served.entry.version).observe,
+                )
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await asyncio.gather(*(s.batcher.close() for v in self.models.values() for s in v.values() if s.batcher))
