@@ -1,9 +1,9 @@
-"""Serving benchmark: KServe V2 server (`reconkit serve`) vs calling the ONNX Runtime session directly.
+"""Serving benchmark: KServe V2 server (`reconkit serve`, REST and gRPC) vs calling the ONNX Runtime session directly.
 
 Bounded load on 127.0.0.1 only. A contract-shaped model is exported with ``reconkit.export.export_onnx`` (MatMul FFT
-in the graph), written to a Triton repository, and served by ``reconkit serve`` in a subprocess. Clients are
-threads with one keep-alive HTTP connection each, sending pre-built binary-tensor requests (client-side
-serialisation is not timed). For every concurrency level: p50 / p99 latency, throughput, errors and the mean batch
+in the graph), written to a Triton repository, and served by ``reconkit serve`` in a subprocess (REST and gRPC endpoints). Clients are
+threads with one keep-alive HTTP connection (binary-tensor requests) or one gRPC channel (raw_input_contents)
+each, sending pre-built requests (client-side serialisation is not timed). For every concurrency level: p50 / p99 latency, throughput, errors and the mean batch
 size the server ran (from /metrics); medians over ``--repeats``. The direct baseline is ``session.run`` on the
 same inputs, batch 1 (and batch max_batch_size, the ceiling for batching), with the server's ONNX Runtime session
 options, in this process.
@@ -32,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -39,6 +40,7 @@ import torch
 from reconkit.export import export_onnx
 from reconkit.export.triton_repository import write_triton_repository
 from reconkit.ops import ifft2c, rss_complex
+from reconkit.serve.grpc_schema import MESSAGES, SERVICE
 from reconkit.serve.model import OnnxModel
 
 
@@ -88,32 +90,74 @@ def batch_stats(url: str) -> tuple[float, float]:
     return (float(total.group(1)), float(count.group(1))) if total and count else (0.0, 0.0)
 
 
-def load(url: str, body: bytes, headers: dict, expected: np.ndarray, requests: int, concurrency: int) -> dict:
-    """Send ``requests`` requests from ``concurrency`` threads; latencies in seconds, errors counted."""
+class HttpClient:
+    """One keep-alive REST connection sending the pre-built binary-tensor request; ``infer`` returns the image."""
+
+    def __init__(self, url: str, body: bytes, headers: dict, shape: tuple[int, ...]):
+        self.url, self.body, self.headers, self.shape = url, body, headers, shape
+        self.conn = http.client.HTTPConnection(url, timeout=120)
+
+    def infer(self) -> np.ndarray | None:
+        try:
+            self.conn.request("POST", "/v2/models/bench/infer", body=self.body, headers=self.headers)
+            response = self.conn.getresponse()
+            raw = response.read()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()
+            self.conn = http.client.HTTPConnection(self.url, timeout=120)
+            return None
+        if response.status != 200:
+            return None
+        length = int(response.getheader("Inference-Header-Content-Length"))
+        return np.frombuffer(raw[length:], np.float32).reshape(self.shape)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class GrpcClient:
+    """One gRPC channel sending the pre-serialised ModelInferRequest (raw_input_contents, as tritonclient.grpc)."""
+
+    def __init__(self, address: str, payload: bytes, shape: tuple[int, ...]):
+        self.payload, self.shape = payload, shape
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)])
+        self.call = self.channel.unary_unary(f"/{SERVICE}/ModelInfer", request_serializer=None,
+                                             response_deserializer=MESSAGES["ModelInferResponse"].FromString)
+
+    def infer(self) -> np.ndarray | None:
+        try:
+            response = self.call(self.payload, timeout=120)
+        except grpc.RpcError:
+            return None
+        return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(self.shape)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def grpc_payload(kspace: np.ndarray, mask: np.ndarray) -> bytes:
+    request = MESSAGES["ModelInferRequest"](model_name="bench")
+    for name, array in (("masked_kspace", kspace), ("mask", mask)):
+        request.inputs.add(name=name, datatype="FP32", shape=list(array.shape))
+        request.raw_input_contents.append(array.tobytes())
+    request.outputs.add(name="image")
+    return request.SerializeToString()
+
+
+def load(url: str, make_client, expected: np.ndarray, requests: int, concurrency: int) -> dict:
+    """Send ``requests`` requests from ``concurrency`` threads, one client each; latencies in seconds, errors
+    (failed calls and wrong images) counted. ``url``: the REST address, for the server's batch metrics."""
     per_thread = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
 
     def worker(count: int) -> tuple[list[float], int]:
-        conn = http.client.HTTPConnection(url, timeout=120)
+        client = make_client()
         latencies, errors = [], 0
         for _ in range(count):
             start = time.perf_counter()
-            try:
-                conn.request("POST", "/v2/models/bench/infer", body=body, headers=headers)
-                response = conn.getresponse()
-                raw = response.read()
-            except (OSError, http.client.HTTPException):
-                errors += 1
-                conn.close()
-                conn = http.client.HTTPConnection(url, timeout=120)
-                continue
+            image = client.infer()
             latencies.append(time.perf_counter() - start)
-            if response.status != 200:
-                errors += 1
-                continue
-            length = int(response.getheader("Inference-Header-Content-Length"))
-            image = np.frombuffer(raw[length:], np.float32).reshape(expected.shape)
-            errors += not np.allclose(image, expected, rtol=1e-5, atol=1e-6)
-        conn.close()
+            errors += image is None or not np.allclose(image, expected, rtol=1e-5, atol=1e-6)
+        client.close()
         return latencies, errors
 
     before = batch_stats(url)
@@ -140,10 +184,11 @@ def direct_latencies(session: ort.InferenceSession, feeds: dict, repeats: int) -
 
 @contextlib.contextmanager
 def serve_subprocess(repository: Path, args: argparse.Namespace):
-    port = free_port()
+    """Yields (REST address, gRPC address) of a ``reconkit serve`` subprocess with both endpoints."""
+    port, grpc_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "reconkit", "serve", "--model-repository", str(repository), "--port", str(port),
-           "--device", "cpu", "--log-level", "warning", "--intra-op-threads", str(args.threads),
-           "--max-queue-size", "256"]
+           "--grpc-port", str(grpc_port), "--device", "cpu", "--log-level", "warning",
+           "--intra-op-threads", str(args.threads), "--max-queue-size", "256"]
     process = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     url = f"127.0.0.1:{port}"
     try:
@@ -157,7 +202,7 @@ def serve_subprocess(repository: Path, args: argparse.Namespace):
                 if conn.getresponse().status == 200:
                     break
             time.sleep(0.2)
-        yield url
+        yield url, f"127.0.0.1:{grpc_port}"
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
@@ -171,6 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=320)
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--protocol", choices=("http", "grpc"), nargs="+", default=["http", "grpc"],
+                   help="client protocols to load the server with (default both, same server, interleaved)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-queue-delay-us", type=int, default=0, help="written into config.pbtxt")
@@ -194,17 +241,21 @@ def main(argv=None) -> int:
         batched = {name: np.concatenate([a] * args.max_batch_size) for name, a in feeds.items()}
         expected = session.run(["image"], feeds)[0]
         body, headers = request_body(kspace, mask)
-        rows = {c: [] for c in args.concurrency}
+        payload = grpc_payload(kspace, mask)
+        rows = {(proto, c): [] for proto in args.protocol for c in args.concurrency}
         direct, direct_batched = [], []
-        with serve_subprocess(Path(tmp) / "models", args) as url:
-            load(url, body, headers, expected, 10, 1)  # warm-up
+        with serve_subprocess(Path(tmp) / "models", args) as (url, grpc_address):
+            clients = {"http": lambda: HttpClient(url, body, headers, expected.shape),
+                       "grpc": lambda: GrpcClient(grpc_address, payload, expected.shape)}
+            for proto in args.protocol:
+                load(url, clients[proto], expected, 10, 1)  # warm-up
             direct_latencies(session, feeds, 5)
             for _ in range(args.repeats):
                 # direct and served measured back to back in every repeat, so machine noise hits both alike
                 direct.append(float(np.median(direct_latencies(session, feeds, max(20, args.requests // 4)))))
                 direct_batched.append(float(np.median(direct_latencies(session, batched, 5))))
-                for c in args.concurrency:
-                    rows[c].append(load(url, body, headers, expected, args.requests, c))
+                for proto, c in rows:
+                    rows[proto, c].append(load(url, clients[proto], expected, args.requests, c))
 
     direct_p50 = float(np.median(direct))
     print(f"\nmodel {args.model}, input {args.coils}x{args.height}x{args.width} ({kspace.nbytes / 2**20:.1f} MiB / "
@@ -216,12 +267,13 @@ def main(argv=None) -> int:
     print(f"direct session.run, batch 1: p50 {direct_p50 * 1e3:.2f} ms, {1 / direct_p50:.1f} req/s; "
           f"batch {args.max_batch_size}: {batched_s * 1e3:.2f} ms, {args.max_batch_size / batched_s:.1f} samples/s "
           f"(the ceiling for batched serving)\n")
-    print("| concurrency | p50 ms | p99 ms | throughput req/s | mean batch | errors | p50 / direct p50 | throughput / direct |")
-    print("|---|---|---|---|---|---|---|---|")
-    for c, runs in rows.items():
+    print("| protocol | concurrency | p50 ms | p99 ms | throughput req/s | mean batch | errors | p50 / direct p50 | "
+          "throughput / direct |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (proto, c), runs in rows.items():
         med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
         errors = sum(r["errors"] for r in runs)
-        print(f"| {c} | {med['p50'] * 1e3:.2f} | {med['p99'] * 1e3:.2f} | {med['throughput']:.1f} | "
+        print(f"| {proto} | {c} | {med['p50'] * 1e3:.2f} | {med['p99'] * 1e3:.2f} | {med['throughput']:.1f} | "
               f"{med['mean_batch']:.2f} | {errors} | {med['p50'] / direct_p50:.2f}x | {med['throughput'] * direct_p50:.2f}x |")
     return 0
 
