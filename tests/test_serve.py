@@ -700,3 +700,42 @@ def test_grpc_address_in_use_is_a_clear_error(repository):
         address = f"127.0.0.1:{busy.getsockname()[1]}"
         with pytest.raises(ReconkitError, match=f"gRPC: cannot bind {address}"):
             serve(ServerConfig(repository, grpc_address=address), "127.0.0.1", free_port())
+
+
+def test_grpc_concurrency_bound_refuses_extra_calls_and_recovers(plain_repository):
+    """grpc_max_concurrent_rpcs=1: while one call waits in its 1 s batching window, a second is RESOURCE_EXHAUSTED;
+    after it the server answers again."""
+    request = grpc_request(json_request(*sample()))
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_s=1.0)
+    with running_server(plain_repository, batching=batching, grpc_address="127.0.0.1:0",
+                        grpc_max_concurrent_rpcs=1) as (_, state):
+        address = f"127.0.0.1:{state.grpc_port}"
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(grpc_call, address, "ModelInfer", request)
+            deadline = time.monotonic() + 10
+            while state.models["recon"]["1"].batcher.queue_depth < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as caught:
+                grpc_call(address, "ModelInfer", request)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert first.result().outputs[0].shape == [1, HEIGHT, WIDTH]
+        assert grpc_call(address, "ModelInfer", request).outputs[0].shape == [1, HEIGHT, WIDTH]
+
+
+def test_grpc_draining_refuses_new_calls_and_answers_accepted_ones(plain_repository):
+    """What SIGTERM sets (state.shutting_down): not ready, new ModelInfer UNAVAILABLE, the queued call still answered."""
+    request = grpc_request(json_request(*sample()))
+    with running_server(plain_repository, batching=BatchingConfig(max_queue_delay_s=1.0),
+                        grpc_address="127.0.0.1:0") as (_, state):
+        address = f"127.0.0.1:{state.grpc_port}"
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(grpc_call, address, "ModelInfer", request)
+            deadline = time.monotonic() + 10
+            while state.models["recon"]["1"].batcher.queue_depth < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            state.shutting_down = True
+            assert not grpc_call(address, "ServerReady", MESSAGES["ServerReadyRequest"]()).ready
+            with pytest.raises(grpc.RpcError) as caught:
+                grpc_call(address, "ModelInfer", request)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in caught.value.details()
+            assert first.result().outputs[0].shape == [1, HEIGHT, WIDTH]
