@@ -113,7 +113,8 @@ class ServerState:
         if served.batcher is None:
             raise RequestError(503, "server is not started yet", {"Retry-After": "1"})
         check_inputs(request, served.entry.batching.max_batch_size, served.model.spatial_sizes)
-        timeout = min(self.config.request_timeout_s, request.timeout_s or float("inf"), deadline_s or float("inf"))
+        limits = [self.config.request_timeout_s, request.timeout_s, deadline_s]
+        timeout = max(0.0, min(t for t in limits if t is not None))
         try:
             results = await asyncio.wait_for(served.batcher.submit(request), timeout)
         except asyncio.TimeoutError:
