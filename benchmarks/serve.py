@@ -254,8 +254,8 @@ def main(argv=None) -> int:
                 # direct and served measured back to back in every repeat, so machine noise hits both alike
                 direct.append(float(np.median(direct_latencies(session, feeds, max(20, args.requests // 4)))))
                 direct_batched.append(float(np.median(direct_latencies(session, batched, 5))))
-                for proto, c in rows:
-                    rows[proto, c].append(load(url, clients[proto], expected, args.requests, c))
+                for (proto, c), runs in rows.items():
+                    runs.append(load(url, clients[proto], expected, args.requests, c))
 
     direct_p50 = float(np.median(direct))
     print(f"\nmodel {args.model}, input {args.coils}x{args.height}x{args.width} ({kspace.nbytes / 2**20:.1f} MiB / "
