@@ -24,10 +24,10 @@ import tritonclient.grpc as tritonclient_grpc
 import tritonclient.http as tritonclient_http
 from tritonclient.utils import InferenceServerException
 
+from reconkit.errors import ReconkitError
 from reconkit.export import export_onnx
 from reconkit.export.triton_repository import write_triton_repository
 from reconkit.ops import ifft2c, rss_complex
-from reconkit.errors import ReconkitError
 from reconkit.serve import BatchingConfig, ServerConfig, build_server, serve
 from reconkit.serve.grpc_schema import MESSAGES, METHODS, SERVICE
 
