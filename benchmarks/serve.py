@@ -10,6 +10,7 @@ options, in this process.
 
     python benchmarks/serve.py                       # zero-filled model, 8 coils, 320 x 320, 200 requests
     python benchmarks/serve.py --model varnet --requests 60 --concurrency 1 4
+    python benchmarks/serve.py --protocol grpc        # gRPC clients only (default: REST and gRPC, one server)
 
 Prints a Markdown table; figures are ratios measured side by side in one run (see docs/benchmarks.md).
 """
