@@ -8,6 +8,7 @@ import http.client
 import json
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ import pytest
 import torch
 import tritonclient.grpc as tritonclient_grpc
 import tritonclient.http as tritonclient_http
+import trustme
 from tritonclient.utils import InferenceServerException
 
 from reconkit.errors import ReconkitError
@@ -739,3 +741,61 @@ def test_grpc_draining_refuses_new_calls_and_answers_accepted_ones(plain_reposit
                 grpc_call(address, "ModelInfer", request)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in caught.value.details()
             assert first.result().outputs[0].shape == [1, HEIGHT, WIDTH]
+
+
+# ---- TLS (ServerConfig.tls_cert / tls_key, reconkit serve --tls-cert / --tls-key) ------------------------------------
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(certificate chain, private key, CA certificate) for 127.0.0.1, from a throw-away CA."""
+    root = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    issued.private_key_pem.write_to_path(root / "server.key")
+    (root / "server.pem").write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    ca.cert_pem.write_to_path(root / "ca.pem")
+    return root / "server.pem", root / "server.key", root / "ca.pem"
+
+
+def test_tls_serves_https_and_grpc_and_refuses_plain_clients(repository, direct, tls_files):
+    cert, key, ca = tls_files
+    kspace, mask = sample()
+    expected = direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0]
+    with running_server(repository, grpc_address="127.0.0.1:0", tls_cert=cert, tls_key=key) as (url, state):
+        host, port = url.split(":")
+        context = ssl.create_default_context(cafile=str(ca))
+        conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+        try:
+            conn.request("POST", "/v2/models/recon/infer", body=json.dumps(json_request(kspace, mask)).encode())
+            response = conn.getresponse()
+            output = json.loads(response.read())["outputs"][0]
+        finally:
+            conn.close()
+        assert response.status == 200
+        np.testing.assert_array_equal(np.asarray(output["data"], np.float32).reshape(output["shape"]), expected)
+        with pytest.raises((ConnectionError, http.client.HTTPException)):
+            get(url, "/v2/health/ready")  # plain HTTP to the HTTPS port gets no answer
+        address = f"127.0.0.1:{state.grpc_port}"
+        client = tritonclient_grpc.InferenceServerClient(address, ssl=True, root_certificates=str(ca))
+        try:
+            inputs = [tritonclient_grpc.InferInput("masked_kspace", list(kspace.shape), "FP32"),
+                      tritonclient_grpc.InferInput("mask", list(mask.shape), "FP32")]
+            inputs[0].set_data_from_numpy(kspace)
+            inputs[1].set_data_from_numpy(mask)
+            np.testing.assert_array_equal(client.infer("recon", inputs).as_numpy("image"), expected)
+        finally:
+            client.close()
+        with pytest.raises(grpc.RpcError) as caught:  # a plain channel cannot talk to the TLS port
+            grpc_call(address, "ServerLive", MESSAGES["ServerLiveRequest"](), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_bad_tls_files_are_clear_errors_before_models_load(repository, tls_files, tmp_path):
+    cert, key, _ = tls_files
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    cases = [({"tls_cert": cert}, "TLS needs both a certificate"),
+             ({"tls_cert": cert, "tls_key": tmp_path / "missing.key"}, "missing.key: cannot read TLS file"),
+             ({"tls_cert": tmp_path / "junk.pem", "tls_key": key}, "not a PEM certificate chain and its private key")]
+    for tls, message in cases:
+        with pytest.raises(ReconkitError, match=message):
+            build_server(ServerConfig(repository, **tls), "127.0.0.1", free_port())

@@ -15,6 +15,7 @@ _EXAMPLE = """example:
       --triton-repository models --model-name varnet
   RECONKIT_SERVE_TOKEN=secret reconkit serve --model-repository models --host 0.0.0.0 --port 8000
   reconkit serve --model-repository models --port 8000 --grpc-port 8001     # REST and gRPC, as Triton
+  reconkit serve --model-repository models --grpc-port 8001 --tls-cert server.pem --tls-key server.key   # TLS
 
 The repository uses Triton's layout (models/<name>/<version>/model.onnx, optional config.pbtxt whose
 max_batch_size / dynamic_batching / instance_group override the batching options below). Send SIGTERM for a
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout-s", type=float, default=30.0, help="per-request timeout, 504 after (default 30)")
     p.add_argument("--max-request-mb", type=float, default=512.0, help="largest request body, 413 above (default 512)")
     p.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per session (0 = default)")
+    p.add_argument("--tls-cert", type=Path, default=None,
+                   help="PEM certificate chain: serve REST over HTTPS and gRPC over TLS (with --tls-key; default: plain)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     p.add_argument("--auth-token-env", default="RECONKIT_SERVE_TOKEN",
                    help="environment variable holding the bearer token; unset or empty = no auth "
                         "(default RECONKIT_SERVE_TOKEN)")
@@ -76,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = ServerConfig(args.model_repository, batching, args.request_timeout_s,
                           int(args.max_request_mb * 2**20), os.environ.get(args.auth_token_env) or None,
                           args.device, args.intra_op_threads,
-                          _grpc_address(args.host, args.grpc_port), args.grpc_max_concurrency)
+                          _grpc_address(args.host, args.grpc_port), args.grpc_max_concurrency, args.tls_cert,
+                          args.tls_key)
     try:
         serve(config, args.host, args.port)
     except ReconkitError as exc:

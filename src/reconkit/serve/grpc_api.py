@@ -194,7 +194,8 @@ def _wrap(state: ServerState, rpc: str, handler: Callable[..., Awaitable]) -> Ca
 
 
 async def start_grpc_server(state: ServerState) -> grpc.aio.Server:
-    """Bind ``state.config.grpc_address``, start serving (in the running event loop) and set ``state.grpc_port``.
+    """Bind ``state.config.grpc_address`` (TLS with the config's certificate, if any), start serving (in the running
+    event loop) and set ``state.grpc_port``.
 
     Raises ReconkitError when the address cannot be bound. Stop it with ``await server.stop(grace_seconds)``.
     """
@@ -214,7 +215,11 @@ async def start_grpc_server(state: ServerState) -> grpc.aio.Server:
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     try:
-        port = server.add_insecure_port(config.grpc_address)
+        tls = config.tls_pair()
+        if tls is None:
+            port = server.add_insecure_port(config.grpc_address)
+        else:
+            port = server.add_secure_port(config.grpc_address, grpc.ssl_server_credentials([tls]))
     except RuntimeError as exc:
         raise ReconkitError(f"gRPC: cannot bind {config.grpc_address}: {exc}") from None
     if port == 0:

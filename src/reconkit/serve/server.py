@@ -28,11 +28,13 @@ class ReconServer(uvicorn.Server):
 
 def build_server(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> ReconServer:
     """Load the models and return the (not yet started) server; ``server.run()`` blocks until shut down."""
+    config.tls_pair()  # a bad certificate / key fails here, naming the file, before any model is loaded
     app = create_app(config)
     uv_config = uvicorn.Config(
         app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
         timeout_graceful_shutdown=config.request_timeout_s + 5.0,
         limit_concurrency=None, timeout_keep_alive=30,
+        ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
     )
     return ReconServer(uv_config)
 

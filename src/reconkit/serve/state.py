@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import ssl
 from pathlib import Path
 
 import numpy as np
 
+from reconkit.errors import ReconkitError
 from reconkit.serve.batcher import DynamicBatcher
 from reconkit.serve.metrics import ServeMetrics
 from reconkit.serve.model import OnnxModel, select_providers
@@ -42,6 +44,8 @@ class ServerConfig:
     grpc_address: ``"host:port"`` for the gRPC endpoint (port 0: any free port), or None for REST only.
     grpc_max_concurrent_rpcs: gRPC calls handled at once (health and metadata included); more are refused with
         RESOURCE_EXHAUSTED before they are read.
+    tls_cert, tls_key: PEM certificate chain and private key; when both are set REST is served over HTTPS and gRPC
+        over TLS (clients check the certificate against their CA), otherwise both are plain.
     """
 
     model_repository: Path
@@ -53,6 +57,30 @@ class ServerConfig:
     intra_op_threads: int = 0
     grpc_address: str | None = None
     grpc_max_concurrent_rpcs: int = 256
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def tls_pair(self) -> tuple[bytes, bytes] | None:
+        """``(key PEM, certificate chain PEM)`` after checking that they load as a pair; None without TLS.
+
+        Raises ReconkitError naming the file when one of the two is missing, unreadable or they do not match.
+        """
+        if self.tls_cert is None and self.tls_key is None:
+            return None
+        if self.tls_cert is None or self.tls_key is None:
+            raise ReconkitError("TLS needs both a certificate (tls_cert) and its private key (tls_key)")
+        pems = []
+        for path in (self.tls_key, self.tls_cert):
+            try:
+                pems.append(Path(path).read_bytes())
+            except OSError as exc:
+                raise ReconkitError(f"{path}: cannot read TLS file: {exc.strerror or exc}") from None
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.tls_cert, self.tls_key)
+        except ssl.SSLError as exc:
+            raise ReconkitError(f"{self.tls_cert}, {self.tls_key}: not a PEM certificate chain and its private key: "
+                                f"{exc.reason or exc}") from None
+        return pems[0], pems[1]
 
 
 @dataclasses.dataclass
