@@ -773,6 +773,11 @@ def test_tls_serves_https_and_grpc_and_refuses_plain_clients(repository, direct,
             conn.close()
         assert response.status == 200
         np.testing.assert_array_equal(np.asarray(output["data"], np.float32).reshape(output["shape"]), expected)
+        client = tritonclient_http.InferenceServerClient(url, ssl=True, ssl_options={"ca_certs": str(ca)})
+        try:
+            assert client.is_server_ready()
+        finally:
+            client.close()
         with pytest.raises((ConnectionError, http.client.HTTPException)):
             get(url, "/v2/health/ready")  # plain HTTP to the HTTPS port gets no answer
         address = f"127.0.0.1:{state.grpc_port}"
