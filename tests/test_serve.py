@@ -87,6 +87,13 @@ def running_server(repository: Path, **config):
         thread.join(30)
 
 
+def wait_until_queued(state, timeout_s: float = 10.0) -> None:
+    """Wait until a request waits in the queue of model 'recon' version 1 (sent from another thread)."""
+    deadline = time.monotonic() + timeout_s
+    while state.models["recon"]["1"].batcher.queue_depth < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def post(url: str, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, bytes]:
     conn = http.client.HTTPConnection(url, timeout=30)
     try:
@@ -359,9 +366,7 @@ def test_queue_full_503_and_timeout_504(plain_repository):
         body = json.dumps(json_request(*sample())).encode()
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(post, url, "/v2/models/recon/infer", body)
-            deadline = time.monotonic() + 10
-            while state.models["recon"]["1"].batcher.queue_depth < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until_queued(state)
             status, headers, raw = post(url, "/v2/models/recon/infer", body)
             assert status == 503 and headers["retry-after"] == "1" and "queue is full" in json.loads(raw)["error"]
             assert first.result()[0] == 200  # the queued request still completes
@@ -670,9 +675,7 @@ def test_grpc_size_limit_auth_queue_and_timeouts(plain_repository):
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         with ThreadPoolExecutor(1) as pool:  # one request waits 1.5 s for a batch: the queue (size 1) is full
             first = pool.submit(grpc_call, address, "ModelInfer", request, token)
-            deadline = time.monotonic() + 10
-            while state.models["recon"]["1"].batcher.queue_depth < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until_queued(state)
             with pytest.raises(grpc.RpcError) as caught:
                 grpc_call(address, "ModelInfer", request, token)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "queue is full" in caught.value.details()
@@ -714,9 +717,7 @@ def test_grpc_concurrency_bound_refuses_extra_calls_and_recovers(plain_repositor
         address = f"127.0.0.1:{state.grpc_port}"
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(grpc_call, address, "ModelInfer", request)
-            deadline = time.monotonic() + 10
-            while state.models["recon"]["1"].batcher.queue_depth < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until_queued(state)
             with pytest.raises(grpc.RpcError) as caught:
                 grpc_call(address, "ModelInfer", request)
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -732,9 +733,7 @@ def test_grpc_draining_refuses_new_calls_and_answers_accepted_ones(plain_reposit
         address = f"127.0.0.1:{state.grpc_port}"
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(grpc_call, address, "ModelInfer", request)
-            deadline = time.monotonic() + 10
-            while state.models["recon"]["1"].batcher.queue_depth < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until_queued(state)
             state.shutting_down = True
             assert not grpc_call(address, "ServerReady", MESSAGES["ServerReadyRequest"]()).ready
             with pytest.raises(grpc.RpcError) as caught:
