@@ -10,7 +10,6 @@ Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,7 @@ from starlette.routing import Route
 import reconkit
 from reconkit.errors import ReconkitError
 from reconkit.serve.protocol import HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response
-from reconkit.serve.state import ServedModel, ServerConfig, ServerState
+from reconkit.serve.state import ServedModel, ServerConfig, ServerState, bearer_token_ok
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -40,7 +39,7 @@ def _endpoint(state: ServerState, kind: str, handler: Handler, public: bool = Fa
         start = time.perf_counter()
         error = None
         try:
-            if token and not public and not _authorized(request, token):
+            if token and not public and not bearer_token_ok(request.headers.get("authorization", ""), token):
                 raise RequestError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
             response = await handler(request)
         except RequestError as exc:
@@ -50,20 +49,12 @@ def _endpoint(state: ServerState, kind: str, handler: Handler, public: bool = Fa
             _log.exception("unhandled error", extra={"path": request.url.path})
             error = f"internal error: {type(exc).__name__}: {exc}"
             response = JSONResponse({"error": error}, 500)
-        seconds = time.perf_counter() - start
-        state.metrics.observe_request(kind, response.status_code, seconds)
-        if kind != "health" or error is not None:
-            fields = {"method": request.method, "path": request.url.path[:200], "status": response.status_code,
-                      "latency_ms": round(seconds * 1e3, 3)}
-            _log.info("request", extra=fields if error is None else {**fields, "error": error})
+        state.record_request(kind, response.status_code, time.perf_counter() - start,
+                             {"method": request.method, "path": request.url.path[:200]}, error,
+                             log_success=kind != "health")
         return response
 
     return wrapped
-
-
-def _authorized(request: Request, token: str) -> bool:
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -95,24 +86,15 @@ def _routes(state: ServerState) -> list[Route]:
         return JSONResponse({"live": True})
 
     async def ready(request: Request) -> Response:
-        is_ready = state.ready and not state.shutting_down
-        return JSONResponse({"ready": is_ready}, 200 if is_ready else 503)
+        return JSONResponse({"ready": state.accepting}, 200 if state.accepting else 503)
 
     async def model_metadata(request: Request) -> Response:
-        s = served(request)
-        return JSONResponse({
-            "name": s.entry.name,
-            "versions": sorted(state.models[s.entry.name], key=int),
-            "platform": "onnxruntime_onnx",
-            "inputs": [spec.as_metadata() for spec in s.model.inputs],
-            "outputs": [spec.as_metadata() for spec in s.model.outputs],
-        })
+        return JSONResponse(state.model_metadata(served(request)))
 
     async def model_ready(request: Request) -> Response:
         s = served(request)
-        is_ready = state.ready and not state.shutting_down
-        return JSONResponse({"name": s.entry.name, "version": s.entry.version, "ready": is_ready},
-                            200 if is_ready else 503)
+        return JSONResponse({"name": s.entry.name, "version": s.entry.version, "ready": state.accepting},
+                            200 if state.accepting else 503)
 
     async def model_config(request: Request) -> Response:
         s = served(request)

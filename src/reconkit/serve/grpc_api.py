@@ -15,7 +15,6 @@ bound the wait. Errors: the REST status maps to a gRPC code (400 INVALID_ARGUMEN
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,8 +26,18 @@ import reconkit
 from reconkit.errors import ReconkitError
 from reconkit.serve.grpc_schema import MESSAGES, METHODS, SERVICE
 from reconkit.serve.model import TensorSpec
-from reconkit.serve.protocol import InferRequest, RequestError, check_shape, parse_timeout, v2_datatype
-from reconkit.serve.state import ServedModel, ServerState
+from reconkit.serve.protocol import (
+    InferRequest,
+    RequestError,
+    check_all_inputs,
+    check_output_name,
+    input_spec,
+    little_endian_bytes,
+    parse_timeout,
+    tensor_shape,
+    v2_datatype,
+)
+from reconkit.serve.state import ServedModel, ServerState, bearer_token_ok
 
 __all__ = ["decode_grpc_request", "encode_grpc_response", "start_grpc_server"]
 
@@ -50,9 +59,7 @@ def _bad(message: str) -> RequestError:
 
 
 def _tensor(spec: TensorSpec, item, raw: bytes | None) -> np.ndarray:
-    if item.datatype != spec.datatype:
-        raise _bad(f"input '{spec.name}': datatype {item.datatype!r} not accepted, model expects {spec.datatype}")
-    shape = check_shape(spec, list(item.shape))
+    shape = tensor_shape(spec, item.datatype, list(item.shape))
     count = int(np.prod(shape, dtype=np.int64))
     if raw is not None:
         if item.HasField("contents"):
@@ -89,20 +96,12 @@ def decode_grpc_request(message, served: ServedModel) -> InferRequest:
         raise _bad(f"raw_input_contents has {len(raw)} buffers for {len(message.inputs)} inputs")
     inputs: dict[str, np.ndarray] = {}
     for index, item in enumerate(message.inputs):
-        spec = model.input(item.name)
-        if spec is None:
-            raise _bad(f"unknown input tensor {item.name!r}; model expects {[s.name for s in model.inputs]}")
-        if item.name in inputs:
-            raise _bad(f"input '{item.name}' given more than once")
-        inputs[item.name] = _tensor(spec, item, raw[index] if raw else None)
-    missing = [spec.name for spec in model.inputs if spec.name not in inputs]
-    if missing:
-        raise _bad(f"missing input tensor(s) {missing}; model expects {[s.name for s in model.inputs]}")
-    known = [spec.name for spec in model.outputs]
-    requested = [item.name for item in message.outputs] or known
-    unknown = [name for name in requested if name not in known]
-    if unknown:
-        raise _bad(f"unknown output tensor {unknown[0]!r}; model outputs are {sorted(known)}")
+        spec = input_spec(model, item.name, inputs)
+        inputs[spec.name] = _tensor(spec, item, raw[index] if raw else None)
+    check_all_inputs(model, inputs)
+    requested = [item.name for item in message.outputs] or [spec.name for spec in model.outputs]
+    for name in requested:
+        check_output_name(model, name)
     timeout = parse_timeout(_parameter(message.parameters, "timeout"))
     return InferRequest(message.id or None, inputs, dict.fromkeys(requested, True), timeout)
 
@@ -112,15 +111,10 @@ def encode_grpc_response(served: ServedModel, request: InferRequest, results: di
     response = MESSAGES["ModelInferResponse"](model_name=served.entry.name, model_version=served.entry.version,
                                               id=request.id or "")
     for name in request.outputs:
-        array = np.ascontiguousarray(results[name])
+        array = results[name]
         response.outputs.add(name=name, datatype=v2_datatype(array), shape=list(array.shape))
-        response.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        response.raw_output_contents.append(little_endian_bytes(array))
     return response
-
-
-def _tensor_metadata(spec: TensorSpec):
-    return MESSAGES["ModelMetadataResponse.TensorMetadata"](name=spec.name, datatype=spec.datatype,
-                                                            shape=list(spec.shape))
 
 
 class _Servicer:
@@ -144,10 +138,7 @@ class _Servicer:
 
     async def ModelMetadata(self, request, context):
         served = self.state.served(request.name, request.version)
-        return MESSAGES["ModelMetadataResponse"](
-            name=served.entry.name, versions=sorted(self.state.models[served.entry.name], key=int),
-            platform="onnxruntime_onnx", inputs=[_tensor_metadata(s) for s in served.model.inputs],
-            outputs=[_tensor_metadata(s) for s in served.model.outputs])
+        return MESSAGES["ModelMetadataResponse"](**self.state.model_metadata(served))
 
     async def ModelInfer(self, request, context):
         if self.state.shutting_down:
@@ -156,12 +147,6 @@ class _Servicer:
         infer_request = decode_grpc_request(request, served)
         results = await self.state.infer(served, infer_request, context.time_remaining())
         return encode_grpc_response(served, infer_request, results)
-
-
-def _authorized(context, token: str) -> bool:
-    given = dict(context.invocation_metadata() or ()).get("authorization", "")
-    scheme, _, value = given.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
 
 
 def _wrap(state: ServerState, rpc: str, handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
@@ -173,7 +158,8 @@ def _wrap(state: ServerState, rpc: str, handler: Callable[..., Awaitable]) -> Ca
         start = time.perf_counter()
         status, error, response = 200, None, None
         try:
-            if token and rpc not in _HEALTH and not _authorized(context, token):
+            authorization = dict(context.invocation_metadata() or ()).get("authorization", "")
+            if token and rpc not in _HEALTH and not bearer_token_ok(authorization, token):
                 raise RequestError(401, "missing or wrong bearer token")
             response = await handler(request, context)
         except RequestError as exc:
@@ -181,11 +167,8 @@ def _wrap(state: ServerState, rpc: str, handler: Callable[..., Awaitable]) -> Ca
         except Exception as exc:  # noqa: BLE001  (never let one call take the server down)
             _log.exception("unhandled error", extra={"rpc": rpc})
             status, error = 500, f"internal error: {type(exc).__name__}: {exc}"
-        seconds = time.perf_counter() - start
-        state.metrics.observe_request(f"grpc_{kind}", status, seconds)
-        if kind != "health" or error is not None:
-            fields = {"rpc": rpc, "status": status, "latency_ms": round(seconds * 1e3, 3)}
-            _log.info("request", extra=fields if error is None else {**fields, "error": error})
+        state.record_request(f"grpc_{kind}", status, time.perf_counter() - start, {"rpc": rpc}, error,
+                             log_success=kind != "health")
         if error is not None:
             await context.abort(_CODES.get(status, grpc.StatusCode.UNKNOWN), error)
         return response
@@ -215,11 +198,10 @@ async def start_grpc_server(state: ServerState) -> grpc.aio.Server:
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     try:
-        tls = config.tls_pair()
-        if tls is None:
+        if state.tls is None:
             port = server.add_insecure_port(config.grpc_address)
         else:
-            port = server.add_secure_port(config.grpc_address, grpc.ssl_server_credentials([tls]))
+            port = server.add_secure_port(config.grpc_address, grpc.ssl_server_credentials([state.tls]))
     except RuntimeError as exc:
         raise ReconkitError(f"gRPC: cannot bind {config.grpc_address}: {exc}") from None
     if port == 0:

@@ -33,7 +33,12 @@ _F = descriptor_pb2.FieldDescriptorProto
 _SCALARS = {"bool": _F.TYPE_BOOL, "string": _F.TYPE_STRING, "bytes": _F.TYPE_BYTES, "int32": _F.TYPE_INT32,
             "int64": _F.TYPE_INT64, "uint32": _F.TYPE_UINT32, "uint64": _F.TYPE_UINT64, "float": _F.TYPE_FLOAT,
             "double": _F.TYPE_DOUBLE}
-_PARAMETERS = ("parameters", "map", "InferParameter")  # map<string, InferParameter>
+
+
+def _parameters(number: int) -> tuple:
+    """The protocol's ``map<string, InferParameter> parameters`` field."""
+    return ("parameters", number, "map", "InferParameter")
+
 
 # message -> fields (name, number, type[, "repeated"]) or (name, number, "map", value type); ".Nested" types are
 # messages nested in the owner
@@ -52,16 +57,16 @@ _SCHEMA: dict[str, list[tuple]] = {
                               ("outputs", 5, ".TensorMetadata", "repeated")],
     "ModelMetadataResponse.TensorMetadata": _TENSOR,
     "ModelInferRequest": [("model_name", 1, "string"), ("model_version", 2, "string"), ("id", 3, "string"),
-                          (_PARAMETERS[0], 4, *_PARAMETERS[1:]), ("inputs", 5, ".InferInputTensor", "repeated"),
+                          _parameters(4), ("inputs", 5, ".InferInputTensor", "repeated"),
                           ("outputs", 6, ".InferRequestedOutputTensor", "repeated"),
                           ("raw_input_contents", 7, "bytes", "repeated")],
-    "ModelInferRequest.InferInputTensor": [*_TENSOR, (_PARAMETERS[0], 4, *_PARAMETERS[1:]),
+    "ModelInferRequest.InferInputTensor": [*_TENSOR, _parameters(4),
                                            ("contents", 5, "InferTensorContents")],
-    "ModelInferRequest.InferRequestedOutputTensor": [("name", 1, "string"), (_PARAMETERS[0], 2, *_PARAMETERS[1:])],
+    "ModelInferRequest.InferRequestedOutputTensor": [("name", 1, "string"), _parameters(2)],
     "ModelInferResponse": [("model_name", 1, "string"), ("model_version", 2, "string"), ("id", 3, "string"),
-                           (_PARAMETERS[0], 4, *_PARAMETERS[1:]), ("outputs", 5, ".InferOutputTensor", "repeated"),
+                           _parameters(4), ("outputs", 5, ".InferOutputTensor", "repeated"),
                            ("raw_output_contents", 6, "bytes", "repeated")],
-    "ModelInferResponse.InferOutputTensor": [*_TENSOR, (_PARAMETERS[0], 4, *_PARAMETERS[1:]),
+    "ModelInferResponse.InferOutputTensor": [*_TENSOR, _parameters(4),
                                              ("contents", 5, "InferTensorContents")],
     "InferParameter": [("bool_param", 1, "bool"), ("int64_param", 2, "int64"), ("string_param", 3, "string")],
     "InferTensorContents": [("bool_contents", 1, "bool", "repeated"), ("int_contents", 2, "int32", "repeated"),

@@ -21,8 +21,8 @@ import numpy as np
 from reconkit.errors import ReconkitError
 from reconkit.serve.model import V2_DATATYPES, OnnxModel, TensorSpec
 
-__all__ = ["HEADER_LENGTH", "InferRequest", "RequestError", "check_shape", "decode_infer_request", "encode_infer_response",
-           "parse_timeout", "v2_datatype"]
+__all__ = ["HEADER_LENGTH", "InferRequest", "RequestError", "check_all_inputs", "check_output_name", "decode_infer_request",
+           "encode_infer_response", "input_spec", "little_endian_bytes", "parse_timeout", "tensor_shape", "v2_datatype"]
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -87,8 +87,38 @@ def _parameters(obj: dict, where: str) -> dict:
     return params
 
 
-def check_shape(spec: TensorSpec, shape: Any) -> tuple[int, ...]:
-    """``shape`` as a tuple when it is a list of non-negative ints that fits ``spec``; RequestError(400) otherwise."""
+def input_spec(model: OnnxModel, name: Any, seen: Mapping[str, Any]) -> TensorSpec:
+    """The model input an input tensor names; RequestError(400) when the name is unknown or already in ``seen``."""
+    spec = model.input(name) if isinstance(name, str) else None
+    if spec is None:
+        raise _bad(f"unknown input tensor {name!r}; model expects {[s.name for s in model.inputs]}")
+    if name in seen:
+        raise _bad(f"input '{name}' given more than once")
+    return spec
+
+
+def check_all_inputs(model: OnnxModel, inputs: Mapping[str, Any]) -> None:
+    """RequestError(400) listing the model inputs the request left out."""
+    missing = [spec.name for spec in model.inputs if spec.name not in inputs]
+    if missing:
+        raise _bad(f"missing input tensor(s) {missing}; model expects {[s.name for s in model.inputs]}")
+
+
+def check_output_name(model: OnnxModel, name: Any) -> None:
+    """RequestError(400) when a requested output is not one of the model's."""
+    known = {spec.name for spec in model.outputs}
+    if name not in known:
+        raise _bad(f"unknown output tensor {name!r}; model outputs are {sorted(known)}")
+
+
+def tensor_shape(spec: TensorSpec, datatype: Any, shape: Any) -> tuple[int, ...]:
+    """An input tensor's shape after checking its datatype and shape against ``spec``; RequestError(400) otherwise."""
+    if datatype != spec.datatype:
+        raise _bad(f"input '{spec.name}': datatype {datatype!r} not accepted, model expects {spec.datatype}")
+    return _check_shape(spec, shape)
+
+
+def _check_shape(spec: TensorSpec, shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise _bad(f"input '{spec.name}': shape must be a list of non-negative integers, got {shape!r}")
     if len(shape) != len(spec.shape):
@@ -101,10 +131,7 @@ def check_shape(spec: TensorSpec, shape: Any) -> tuple[int, ...]:
 
 def _tensor(spec: TensorSpec, item: dict, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
     """Decode one input; returns the array and the new offset into the binary section."""
-    datatype = item.get("datatype")
-    if datatype != spec.datatype:
-        raise _bad(f"input '{spec.name}': datatype {datatype!r} not accepted, model expects {spec.datatype}")
-    shape = check_shape(spec, item.get("shape"))
+    shape = tensor_shape(spec, item.get("datatype"), item.get("shape"))
     count = math.prod(shape)
     nbytes = count * spec.dtype.itemsize
     size = _parameters(item, f"input '{spec.name}'").get("binary_data_size")
@@ -134,12 +161,10 @@ def _requested_outputs(header: dict, model: OnnxModel) -> dict[str, bool]:
         return {spec.name: default_binary for spec in model.outputs}
     if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
         raise _bad("'outputs' must be a list of objects")
-    known = {spec.name for spec in model.outputs}
     outputs: dict[str, bool] = {}
     for item in requested:
         name = item.get("name")
-        if name not in known:
-            raise _bad(f"unknown output tensor {name!r}; model outputs are {sorted(known)}")
+        check_output_name(model, name)
         outputs[name] = bool(_parameters(item, f"output '{name}'").get("binary_data", default_binary))
     return outputs
 
@@ -162,16 +187,9 @@ def decode_infer_request(body: bytes, header_length: str | None, model: OnnxMode
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for item in items:
-        name = item.get("name")
-        spec = model.input(name) if isinstance(name, str) else None
-        if spec is None:
-            raise _bad(f"unknown input tensor {name!r}; model expects {[s.name for s in model.inputs]}")
-        if name in inputs:
-            raise _bad(f"input '{name}' given more than once")
-        inputs[name], offset = _tensor(spec, item, binary, offset)
-    missing = [spec.name for spec in model.inputs if spec.name not in inputs]
-    if missing:
-        raise _bad(f"missing input tensor(s) {missing}; model expects {[s.name for s in model.inputs]}")
+        spec = input_spec(model, item.get("name"), inputs)
+        inputs[spec.name], offset = _tensor(spec, item, binary, offset)
+    check_all_inputs(model, inputs)
     if offset != len(binary):
         raise _bad(f"request carries {len(binary)} bytes of binary data but the inputs use {offset}")
     request_id = header.get("id")
@@ -187,15 +205,20 @@ def v2_datatype(array: np.ndarray) -> str:
     raise ReconkitError(f"output dtype {array.dtype} has no KServe V2 datatype")
 
 
+def little_endian_bytes(array: np.ndarray) -> bytes:
+    """The raw little-endian, row-major bytes of ``array`` (the protocol's binary tensor layout)."""
+    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
 def encode_infer_response(model_name: str, version: str, request: InferRequest,
                           results: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
     """Response body and headers; binary outputs follow the JSON header (``Inference-Header-Content-Length``)."""
     outputs, chunks = [], []
     for name, as_binary in request.outputs.items():
-        array = np.ascontiguousarray(results[name])
+        array = results[name]
         entry: dict[str, Any] = {"name": name, "datatype": v2_datatype(array), "shape": list(array.shape)}
         if as_binary:
-            data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            data = little_endian_bytes(array)
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:

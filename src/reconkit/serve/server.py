@@ -28,7 +28,6 @@ class ReconServer(uvicorn.Server):
 
 def build_server(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> ReconServer:
     """Load the models and return the (not yet started) server; ``server.run()`` blocks until shut down."""
-    config.tls_pair()  # a bad certificate / key fails here, naming the file, before any model is loaded
     app = create_app(config)
     uv_config = uvicorn.Config(
         app, host=host, port=port, log_config=None, access_log=False, lifespan="on",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import logging
 import ssl
 from pathlib import Path
@@ -24,7 +25,7 @@ from reconkit.serve.protocol import InferRequest, RequestError
 from reconkit.serve.repository import BatchingConfig, ModelEntry, discover_models
 from reconkit.serve.validation import check_inputs, check_outputs
 
-__all__ = ["ServedModel", "ServerConfig", "ServerState"]
+__all__ = ["ServedModel", "ServerConfig", "ServerState", "bearer_token_ok"]
 
 _log = logging.getLogger("reconkit.serve")
 
@@ -83,6 +84,12 @@ class ServerConfig:
         return pems[0], pems[1]
 
 
+def bearer_token_ok(authorization: str, token: str) -> bool:
+    """Whether an ``Authorization`` value (HTTP header or gRPC metadata) is ``Bearer <token>`` (constant-time)."""
+    scheme, _, given = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
 @dataclasses.dataclass
 class ServedModel:
     """One model version: its repository entry, ONNX Runtime session and (once started) batcher."""
@@ -95,12 +102,14 @@ class ServedModel:
 class ServerState:
     """Everything the handlers share: loaded models (name -> version -> model), metrics, flags.
 
-    ``grpc_port`` is the bound gRPC port once the gRPC endpoint runs (None otherwise); ``startup_error`` what stopped
-    the server from starting (e.g. a gRPC address that cannot be bound).
+    ``tls`` is the loaded ``(key, certificate chain)`` PEM pair or None; ``grpc_port`` the bound gRPC port once the
+    gRPC endpoint runs (None otherwise); ``startup_error`` what stopped the server from starting (e.g. a gRPC
+    address that cannot be bound).
     """
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.tls = config.tls_pair()  # first: a bad certificate / key fails, naming the file, before models load
         self.metrics = ServeMetrics.create()
         providers = select_providers(config.device)
         self.models: dict[str, dict[str, ServedModel]] = {}
@@ -129,6 +138,25 @@ class ServerState:
         if version not in versions:
             raise RequestError(404, f"model '{name}' has no version {version[:20]!r}; versions: {sorted(versions, key=int)}")
         return versions[version]
+
+    def model_metadata(self, served: ServedModel) -> dict:
+        """The protocol's model metadata (name, versions, platform, inputs / outputs with -1 for dynamic axes)."""
+        return {
+            "name": served.entry.name,
+            "versions": sorted(self.models[served.entry.name], key=int),
+            "platform": "onnxruntime_onnx",
+            "inputs": [spec.as_metadata() for spec in served.model.inputs],
+            "outputs": [spec.as_metadata() for spec in served.model.outputs],
+        }
+
+    def record_request(self, endpoint: str, status: int, seconds: float, fields: dict, error: str | None = None,
+                       log_success: bool = True) -> None:
+        """Count one request in the metrics and log it as one JSON line (``fields`` name it; refused ones always,
+        answered ones when ``log_success``: health probes are not logged)."""
+        self.metrics.observe_request(endpoint, status, seconds)
+        if log_success or error is not None:
+            fields = {**fields, "status": status, "latency_ms": round(seconds * 1e3, 3)}
+            _log.info("request", extra=fields if error is None else {**fields, "error": error})
 
     async def infer(self, served: ServedModel, request: InferRequest,
                     deadline_s: float | None = None) -> dict[str, np.ndarray]:
