@@ -605,6 +605,7 @@ def test_grpc_typed_contents_equal_rest(grpc_server, direct):
     (output,) = response.outputs
     image = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(list(output.shape))
     status, _, body = post(url, "/v2/models/recon/infer", json.dumps(json_request(kspace, mask)).encode())
+    assert status == 200
     rest = json.loads(body)["outputs"][0]
     np.testing.assert_array_equal(image, direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0])
     np.testing.assert_array_equal(image, np.asarray(rest["data"], np.float32).reshape(rest["shape"]))
@@ -692,6 +693,7 @@ def test_grpc_size_limit_auth_queue_and_timeouts(plain_repository):
         time.sleep(0.3)
         assert state.models["recon"]["1"].batcher.queue_depth == 0  # timed-out requests left the queue
         status, body = get(url, "/metrics", {"Authorization": "Bearer s3cret"})
+    assert status == 200
     text = body.decode()
     assert 'reconkit_serve_errors_total{code="401",endpoint="grpc_infer"} 2.0' in text
     assert 'reconkit_serve_errors_total{code="503",endpoint="grpc_infer"} 1.0' in text
