@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = {}
     for label, model in methods.items():
-        reconstructor = load_reconstructor(model, threads=args.threads)
+        reconstructor = load_reconstructor(model, threads=args.threads, torch_fallback=False)
         metrics, times = [], []
         for repeat in range(args.repeats):
             seconds = slices = 0

@@ -337,10 +337,23 @@ def test_tiny_varnet_checkpoint_torch_and_onnx_agree(tmp_path, capsys):
         "acceleration": 2,
         "center_fraction": 0.16,
     }
-    # a k-space size the ONNX graph was not specialised for is one clear error line
-    write_fastmri_file(tmp_path / "other.h5", rng, slices=1, coils=3, height=40, width=24, recon=(16, 16))
-    code, _, err = _run(capsys, str(tmp_path / "other.h5"), "--model", str(onnx_path), "--output", str(tmp_path / "x"))
+    # a k-space size the ONNX graph was not specialised for runs the file's own weights in PyTorch, said so in
+    # the summary; the image is the checkpoint's
+    write_fastmri_file(tmp_path / "other.h5", rng, slices=2, coils=3, height=40, width=24, recon=(16, 16))
+    for model, name in ((onnx_path, "fallback"), (checkpoint, "checkpoint")):
+        code, out, err = _run(capsys, str(tmp_path / "other.h5"), "--model", str(model), "--output",
+                              str(tmp_path / name))
+        assert code == 0, err
+        with h5py.File(tmp_path / name / "h5" / "other.h5") as f:
+            outputs[name] = f["reconstruction"][()]
+        assert ("ran in PyTorch: 40x24 is not a size of the ONNX graph (32x24)" in err) == (name == "fallback")
+        assert ("ok (ran in PyTorch)" in out) == (name == "fallback")
+    np.testing.assert_array_equal(outputs["fallback"], outputs["checkpoint"])
+    # with --no-torch-fallback (or an ONNX file without the model's hyper-parameters) it is one clear error line
+    code, _, err = _run(capsys, str(tmp_path / "other.h5"), "--model", str(onnx_path), "--output", str(tmp_path / "x"),
+                        "--no-torch-fallback")
     assert code == 1 and "other.h5" in err and "40x24" in err and "32x24" in err and "--size 40 24" in err
+    assert not (tmp_path / "x" / "h5" / "other.h5").exists()
 
 
 def test_ismrmrd_raw_file_is_reconstructed(tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch
 
 from reconkit.cli.export import main as export_main
 from reconkit.errors import ReconkitError
-from reconkit.export import ExportError, export_onnx, load_onnx_metadata
+from reconkit.export import ExportError, export_onnx, load_onnx_as_torch, load_onnx_metadata
 from reconkit.export.onnx_export import ZeroFilledFrontEnd
 from reconkit.models import build_model, save_model
 
@@ -130,6 +130,61 @@ def test_unet_checkpoint_export_parity_and_metadata(unet_checkpoint, tmp_path) -
     assert meta["reconkit.mask_family"] == "equispaced_fraction"
     assert meta["reconkit.acceleration"] == [4] and meta["reconkit.center_fraction"] == [0.08]
     assert meta["reconkit.spatial_sizes"] == [[72, 66]]
+
+
+def test_onnx_file_rebuilds_its_torch_model_for_sizes_it_lacks(unet_checkpoint, tmp_path) -> None:
+    torch.manual_seed(3)
+    varnet = build_model("varnet", **VARNET_KWARGS).eval()  # both cascades' dc_weight are 1.0: merged on export
+    checkpoint = save_model(tmp_path / "varnet.ckpt", varnet, "varnet", VARNET_KWARGS, mask=MASK_INFO)
+    path = export_onnx(checkpoint, tmp_path / "varnet.onnx", [(32, 24), (40, 30)])
+    meta = load_onnx_metadata(path)
+    assert meta["reconkit.model_kwargs"] == VARNET_KWARGS
+    assert meta["reconkit.weight_aliases"] == {"cascades.1.dc_weight": "cascades.0.dc_weight"}
+    rebuilt = load_onnx_as_torch(path)
+    assert not rebuilt.training
+    expected = varnet.state_dict()
+    assert rebuilt.state_dict().keys() == expected.keys()
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in expected.items())
+    kspace, mask = (torch.from_numpy(a) for a in sample(2, 3, 36, 28, seed=4))  # a size the graph lacks
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(kspace, mask), varnet(kspace, mask), rtol=0, atol=0)
+
+    unet, unet_ckpt = unet_checkpoint
+    rebuilt = load_onnx_as_torch(export_onnx(unet_ckpt, tmp_path / "unet.onnx", (2, 24, 20)))
+    assert isinstance(rebuilt, ZeroFilledFrontEnd)
+    kspace, mask = (torch.from_numpy(a) for a in sample(1, 2, 30, 26, seed=5))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(kspace, mask), ZeroFilledFrontEnd(unet)(kspace, mask), rtol=0, atol=0)
+
+
+def test_onnx_file_that_cannot_be_rebuilt_says_why(varnet_export, tmp_path) -> None:
+    _, module_export, _ = varnet_export  # exported from a bare module: no hyper-parameters recorded
+    with pytest.raises(ExportError, match=r"varnet.onnx: no 'reconkit.model_kwargs' metadata"):
+        load_onnx_as_torch(module_export)
+    torch.manual_seed(4)
+    checkpoint = save_model(tmp_path / "v.ckpt", build_model("varnet", **VARNET_KWARGS), "varnet", VARNET_KWARGS)
+    proto = onnx.load(str(export_onnx(checkpoint, tmp_path / "v.onnx", (2, 32, 24))))
+    edits = {
+        "wrong_kwargs": lambda p: _set_metadata(p, "reconkit.model_kwargs", '{"num_cascades": 2, "chans": 6, '
+                                                '"sens_chans": 2, "sens_pools": 1, "pools": 2}'),
+        "unknown_type": lambda p: _set_metadata(p, "reconkit.model_type", "transformer9000"),
+        "missing_weight": lambda p: p.graph.initializer.remove(
+            next(i for i in p.graph.initializer if i.name == "model.sens_net.norm_unet.unet.conv.layers.0.weight")),
+    }
+    messages = {"wrong_kwargs": r"shapes differ: cascades\.0\.model\.unet", "unknown_type": "unknown model_type",
+                "missing_weight": r"1 weights missing \(e\.g\. sens_net\.norm_unet\.unet\.conv"}
+    for name, edit in edits.items():
+        broken = onnx.ModelProto()
+        broken.CopyFrom(proto)
+        edit(broken)
+        target = tmp_path / f"{name}.onnx"
+        onnx.save(broken, str(target))
+        with pytest.raises(ExportError, match=rf"{name}\.onnx: .*{messages[name]}"):
+            load_onnx_as_torch(target)
+
+
+def _set_metadata(proto, key: str, value: str) -> None:
+    next(entry for entry in proto.metadata_props if entry.key == key).value = value
 
 
 def test_cli_export_with_triton_repository(unet_checkpoint, tmp_path, capsys) -> None:

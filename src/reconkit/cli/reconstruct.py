@@ -89,12 +89,13 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
 
 @dataclass
 class FileReport:
-    """One row of the summary table."""
+    """One row of the summary table (``fell_back``: an ONNX model ran this file's size in PyTorch)."""
 
     path: Path
     slices: int = 0
     seconds: float = 0.0
     status: str = "ok"
+    fell_back: bool = False
 
     @property
     def ok(self) -> bool:
@@ -154,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
     parser.add_argument("--batch-size", type=int, default=4, help="slices per model call (default 4)")
+    parser.add_argument(
+        "--no-torch-fallback",
+        dest="torch_fallback",
+        action="store_false",
+        help="an ONNX model fails on k-space sizes its graph was not exported for, instead of running the file's "
+        "own weights in PyTorch for them (the default, noted in the summary)",
+    )
     mask = parser.add_argument_group(
         "retrospective undersampling (fully sampled input only; default: the model's training mask, else "
         "equispaced_fraction, 4x, 0.08)"
@@ -184,6 +192,8 @@ def _print_summary(reports: Sequence[FileReport], model_name: str, backend: str)
         table.add_column(column, justify="right" if column in ("slices", "seconds") else "left")
     for report in reports:
         status = report.status if report.ok else f"[red]error[/red]: {report.status}"
+        if report.ok and report.fell_back:
+            status += " (ran in PyTorch)"
         table.add_row(report.path.name or str(report.path), str(report.slices), f"{report.seconds:.2f}", status)
     Console(stderr=False).print(table)
 
@@ -193,7 +203,7 @@ def run(args: argparse.Namespace) -> list[FileReport]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    reconstructor = load_reconstructor(args.model, args.backend, args.device)
+    reconstructor = load_reconstructor(args.model, args.backend, args.device, torch_fallback=args.torch_fallback)
     mask_options = _mask_options(args, reconstructor)
     files, reports = expand_inputs(args.inputs)
     err_console = Console(stderr=True)
@@ -224,6 +234,9 @@ def run(args: argparse.Namespace) -> list[FileReport]:
                 )
                 write_outputs(volume, result, args.output, args.format, reconstructor.name)
                 report.slices, report.seconds = result.reconstruction.shape[0], result.seconds
+                report.fell_back = result.note is not None
+                if result.note:
+                    print(f"note: {path}: {result.note}", file=sys.stderr)
             except ReconkitError as err:
                 report.status = str(err)
             except (OSError, ValueError, RuntimeError) as err:

@@ -39,7 +39,9 @@ __all__ = [
 DEFAULT_OPSET = 17
 INPUT_NAMES = ("masked_kspace", "mask")
 OUTPUT_NAME = "image"
-JSON_KEYS = ("reconkit.spatial_sizes", "reconkit.acceleration", "reconkit.center_fraction")
+JSON_KEYS = ("reconkit.spatial_sizes", "reconkit.acceleration", "reconkit.center_fraction", "reconkit.model_kwargs",
+             "reconkit.weight_aliases")
+WEIGHT_PREFIX = "model."  # the traced wrapper holds the contract model as ``model``: initialisers "model.<key>"
 INPUT_LAYOUT = (
     "masked_kspace float32 [batch, coils, height, width, 2] (last axis real, imag; height = readout); "
     "mask float32 0/1 [batch, 1, 1, width, 1]; image float32 [batch, height, width] (RSS magnitude)"
@@ -276,6 +278,27 @@ def _dynamic_hw_input(value):
     return new
 
 
+def _weight_aliases(module: torch.nn.Module, proto) -> dict[str, str]:
+    """``{state_dict key: key}`` for weights the exporter stored under another weight's name.
+
+    The TorchScript exporter merges initialisers of equal bytes into the first one (two cascades whose
+    data-consistency weights are both still 1.0 become one), so such a weight has no initialiser of its own; the
+    alias names the one holding the same values, for :func:`reconkit.export.load_onnx_as_torch`.
+    """
+    stored = {init.name for init in proto.graph.initializer}
+    state = module.state_dict()
+    aliases = {}
+    for key, value in state.items():
+        if WEIGHT_PREFIX + key in stored:
+            continue
+        for other, candidate in state.items():
+            if (WEIGHT_PREFIX + other in stored and candidate.shape == value.shape and candidate.dtype == value.dtype
+                    and torch.equal(candidate, value)):
+                aliases[key] = other
+                break
+    return aliases
+
+
 def _info_get(info: Any, key: str, default: Any = None) -> Any:
     if isinstance(info, Mapping):
         return info.get(key, default)
@@ -319,6 +342,11 @@ def _metadata(model: torch.nn.Module, info: Any, sizes: list[tuple[int, int]], e
         "reconkit.center_fraction": list(_info_get(mask, "center_fractions", None) or []),
         "reconkit.spatial_sizes": [list(s) for s in sizes],
     }
+    model_kwargs = _info_get(info, "model_kwargs", None)
+    if isinstance(model_kwargs, Mapping):
+        # with the weights (initialisers named "model.<state_dict key>") this rebuilds the PyTorch model from the
+        # file alone, for sizes the graph was not exported for (reconkit.export.load_onnx_as_torch)
+        values["reconkit.model_kwargs"] = dict(model_kwargs)
     for name, value in extra.items():
         values[name if name.startswith("reconkit.") else f"reconkit.{name}"] = value
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
@@ -379,7 +407,8 @@ def export_onnx(
                 graphs.append(onnx.load(str(traced)))
                 _dedupe_constants(graphs[-1])
             proto = graphs[0] if len(graphs) == 1 else _merge_by_size(graphs, sizes)
-            for key, value in _metadata(model, info, sizes, metadata or {}).items():
+            extra = {"weight_aliases": _weight_aliases(contract_model(model), proto), **(metadata or {})}
+            for key, value in _metadata(model, info, sizes, extra).items():
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = key, value
             if check:
@@ -396,8 +425,8 @@ def export_onnx(
 
 
 def load_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``reconkit.*`` metadata of an exported model; JSON-valued keys (sizes, acceleration, centre fraction)
-    are decoded, e.g. ``{"reconkit.model_type": "varnet", "reconkit.spatial_sizes": [[640, 368]], ...}``.
+    """The ``reconkit.*`` metadata of an exported model; JSON-valued keys (sizes, acceleration, centre fraction,
+    model kwargs) are decoded, e.g. ``{"reconkit.model_type": "varnet", "reconkit.spatial_sizes": [[640, 368]], ...}``.
 
     Raises:
         ExportError: the file is missing or not an ONNX model.

@@ -49,6 +49,9 @@ class Reconstructor:
         backend: ``"torch"`` or ``"onnx"``.
         mask_defaults: ``mask_type`` / ``acceleration`` / ``center_fraction`` the model was trained with, if known.
         spatial_sizes: k-space ``(H, W)`` an ONNX graph was specialised for; None when any size works.
+        fallback: builds the same model's PyTorch ``run`` for the sizes outside ``spatial_sizes`` (from the ONNX
+            file's own weights); None when there is none (then those sizes are an error). Built once, when first
+            needed.
     """
 
     name: str
@@ -56,16 +59,34 @@ class Reconstructor:
     run: Callable[[np.ndarray, np.ndarray], np.ndarray]
     mask_defaults: dict = field(default_factory=dict)
     spatial_sizes: Optional[list[tuple[int, int]]] = None
+    fallback: Optional[Callable[[], Callable[[np.ndarray, np.ndarray], np.ndarray]]] = None
+    _fallback_run: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = field(
+        default=None, init=False, repr=False
+    )
 
-    def check_size(self, path: Path, height: int, width: int) -> None:
-        """Raise :class:`DataError` if an ONNX graph cannot take k-space of ``height × width``."""
-        if self.spatial_sizes is not None and (height, width) not in self.spatial_sizes:
-            sizes = ", ".join(f"{h}x{w}" for h, w in self.spatial_sizes)
+    def runner_for(
+        self, path: Path, height: int, width: int
+    ) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], Optional[str]]:
+        """The call for k-space of ``height × width``, and a note when it is not the model's own backend.
+
+        Raises:
+            DataError: the ONNX graph lacks this size and there is no PyTorch fallback.
+        """
+        if self.spatial_sizes is None or (height, width) in self.spatial_sizes:
+            return self.run, None
+        sizes = ", ".join(f"{h}x{w}" for h, w in self.spatial_sizes)
+        if self.fallback is None:
             raise DataError(
                 path,
                 f"k-space is {height}x{width} but the ONNX model {self.name} only takes {sizes} (re-export with "
                 f"`reconkit export --size {height} {width}`, or run the checkpoint with --backend torch)",
             )
+        if self._fallback_run is None:
+            self._fallback_run = self.fallback()
+        return self._fallback_run, (
+            f"ran in PyTorch: {height}x{width} is not a size of the ONNX graph ({sizes}); "
+            f"`reconkit export --size {height} {width}` adds it"
+        )
 
 
 def _torch_runner(model: torch.nn.Module, device: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -91,10 +112,10 @@ def _mask_defaults(mask_type: Optional[str], accelerations, center_fractions) ->
     return defaults
 
 
-def _onnx_reconstructor(path: Path, device: str, threads: Optional[int]) -> Reconstructor:
+def _onnx_reconstructor(path: Path, device: str, threads: Optional[int], torch_fallback: bool) -> Reconstructor:
     import onnxruntime as ort
 
-    from reconkit.export import load_onnx_metadata
+    from reconkit.export import load_onnx_as_torch, load_onnx_metadata
 
     metadata = load_onnx_metadata(path)
     providers = ["CPUExecutionProvider"]
@@ -115,6 +136,11 @@ def _onnx_reconstructor(path: Path, device: str, threads: Optional[int]) -> Reco
     def run(masked_kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return session.run(["image"], {"masked_kspace": masked_kspace, "mask": mask})[0]
 
+    def torch_run() -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        return _torch_runner(load_onnx_as_torch(path), device)
+
+    rebuildable = torch_fallback and sizes is not None and "reconkit.model_kwargs" in metadata
+
     return Reconstructor(
         name=path.name,
         backend="onnx",
@@ -125,11 +151,16 @@ def _onnx_reconstructor(path: Path, device: str, threads: Optional[int]) -> Reco
             metadata.get("reconkit.center_fraction"),
         ),
         spatial_sizes=sizes,
+        fallback=torch_run if rebuildable else None,
     )
 
 
 def load_reconstructor(
-    model: str, backend: Optional[str] = None, device: str = "cpu", threads: Optional[int] = None
+    model: str,
+    backend: Optional[str] = None,
+    device: str = "cpu",
+    threads: Optional[int] = None,
+    torch_fallback: bool = True,
 ) -> Reconstructor:
     """Build the model named by ``model``.
 
@@ -139,6 +170,8 @@ def load_reconstructor(
         backend: ``"torch"`` / ``"onnx"``; None infers it from the file extension.
         device: ``"cpu"`` or ``"cuda"``.
         threads: ONNX Runtime intra-op threads (None: its default); torch models use ``torch.set_num_threads``.
+        torch_fallback: for an ONNX file exported from a checkpoint, run k-space sizes its graph lacks with the
+            file's own weights in PyTorch (:func:`reconkit.export.load_onnx_as_torch`) instead of failing.
 
     Raises:
         ReconkitError: unknown name, missing or unreadable model file, unavailable device or backend mismatch.
@@ -160,7 +193,7 @@ def load_reconstructor(
     if chosen == "onnx":
         if path.suffix != ".onnx":
             raise ReconkitError(f"{path}: --backend onnx needs an .onnx file; export it with 'reconkit export'")
-        return _onnx_reconstructor(path, device, threads)
+        return _onnx_reconstructor(path, device, threads, torch_fallback)
     if path.suffix == ".onnx":
         raise ReconkitError(f"{path}: an ONNX file runs with --backend onnx, not torch")
     net, info = load_model(path)
@@ -188,6 +221,7 @@ class VolumeResult:
         target: the file's reference image, cropped alike, or None.
         acceleration: acquired columns / sampled columns.
         seconds: wall time of the model calls.
+        note: set when the volume ran on another backend than the model's own (a size the ONNX graph lacks).
     """
 
     reconstruction: np.ndarray
@@ -195,6 +229,7 @@ class VolumeResult:
     target: Optional[np.ndarray]
     acceleration: float
     seconds: float
+    note: Optional[str] = None
 
 
 def _coil_kspace(volume: Volume) -> np.ndarray:
@@ -256,7 +291,7 @@ def reconstruct_volume(
     """
     kspace = _coil_kspace(volume)
     num_slices, _, height, width = kspace.shape
-    reconstructor.check_size(volume.info.path, height, width)
+    run, note = reconstructor.runner_for(volume.info.path, height, width)
     recon_x, recon_y = volume.info.header.recon_size[:2]
     crop = (min(recon_x, height), min(recon_y, width))
     outputs, zero_filled, seconds = [], [], 0.0
@@ -265,7 +300,7 @@ def reconstruct_volume(
         masked = (stacked * mask + 0.0).astype(np.float32)
         batch_mask = np.repeat(mask, masked.shape[0], axis=0)
         start = time.perf_counter()
-        image = reconstructor.run(masked, batch_mask)
+        image = run(masked, batch_mask)
         seconds += time.perf_counter() - start
         if image.shape != (masked.shape[0], height, width) or not np.isfinite(image).all():
             raise DataError(
@@ -288,4 +323,5 @@ def reconstruct_volume(
         target=None if target is None else np.asarray(target, dtype=np.float32),
         acceleration=min(width, acquired) / max(1.0, float(mask.sum())),
         seconds=seconds,
+        note=note,
     )
