@@ -356,6 +356,30 @@ def test_tiny_varnet_checkpoint_torch_and_onnx_agree(tmp_path, capsys):
     assert not (tmp_path / "x" / "h5" / "other.h5").exists()
 
 
+def test_slice_without_data_is_written_as_zeros_and_the_others_as_usual(tmp_path, capsys):
+    from reconkit.models import build_model, save_model
+
+    rng = np.random.default_rng(8)
+    write_fastmri_file(tmp_path / "full.h5", rng, slices=3, coils=3, height=32, width=24, recon=(16, 16))
+    kwargs = dict(num_cascades=1, sens_chans=2, sens_pools=1, chans=2, pools=1)
+    torch.manual_seed(1)
+    checkpoint = save_model(tmp_path / "tiny.ckpt", build_model("varnet", **kwargs), "varnet", kwargs)
+    with h5py.File(tmp_path / "full.h5") as f, h5py.File(tmp_path / "gap.h5", "w") as g:
+        for key in f:
+            g.create_dataset(key, data=f[key][()])
+        g.attrs.update(f.attrs)
+        g["kspace"][1] = 0  # e.g. a padded slice of a converted volume
+    for name in ("full", "gap"):
+        code, _, err = _run(capsys, str(tmp_path / f"{name}.h5"), "--model", str(checkpoint), "--output",
+                            str(tmp_path / "out"), "--batch-size", "3", "--seed", "3")  # one mask for both
+        assert code == 0, err
+        assert ("gap.h5: slice(s) 1 hold no k-space data; written as zeros" in err) == (name == "gap")
+    with h5py.File(tmp_path / "out" / "h5" / "full.h5") as f, h5py.File(tmp_path / "out" / "h5" / "gap.h5") as g:
+        full, gap = f["reconstruction"][()], g["reconstruction"][()]
+    assert np.isfinite(gap).all() and not gap[1].any() and full[1].any()
+    np.testing.assert_allclose(gap[[0, 2]], full[[0, 2]], rtol=1e-5, atol=1e-6 * full.max())
+
+
 def test_ismrmrd_raw_file_is_reconstructed(tmp_path, capsys):
     import ismrmrd
 

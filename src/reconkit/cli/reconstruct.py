@@ -237,6 +237,9 @@ def run(args: argparse.Namespace) -> list[FileReport]:
                 report.fell_back = result.note is not None
                 if result.note:
                     print(f"note: {path}: {result.note}", file=sys.stderr)
+                if result.empty_slices:
+                    print(f"note: {path}: slice(s) {', '.join(map(str, result.empty_slices))} hold no k-space data; "
+                          "written as zeros", file=sys.stderr)
             except ReconkitError as err:
                 report.status = str(err)
             except (OSError, ValueError, RuntimeError) as err:

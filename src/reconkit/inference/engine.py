@@ -197,7 +197,7 @@ def load_reconstructor(
     if path.suffix == ".onnx":
         raise ReconkitError(f"{path}: an ONNX file runs with --backend onnx, not torch")
     net, info = load_model(path)
-    mask_info = (info or {}).get("mask", {}) if isinstance(info, dict) else {}
+    mask_info = (info.get("mask") if isinstance(info, dict) else None) or {}  # None: saved without a mask
     return Reconstructor(
         name=path.name,
         backend="torch",
@@ -222,6 +222,8 @@ class VolumeResult:
         acceleration: acquired columns / sampled columns.
         seconds: wall time of the model calls.
         note: set when the volume ran on another backend than the model's own (a size the ONNX graph lacks).
+        empty_slices: indices of slices whose masked k-space is all zero: not run through the model (a VarNet's
+            normalisation would divide by zero), their reconstruction is zero like their zero-filled image.
     """
 
     reconstruction: np.ndarray
@@ -230,6 +232,7 @@ class VolumeResult:
     acceleration: float
     seconds: float
     note: Optional[str] = None
+    empty_slices: list[int] = field(default_factory=list)
 
 
 def _coil_kspace(volume: Volume) -> np.ndarray:
@@ -294,21 +297,25 @@ def reconstruct_volume(
     run, note = reconstructor.runner_for(volume.info.path, height, width)
     recon_x, recon_y = volume.info.header.recon_size[:2]
     crop = (min(recon_x, height), min(recon_y, width))
-    outputs, zero_filled, seconds = [], [], 0.0
+    outputs, zero_filled, seconds, empty_slices = [], [], 0.0, []
     for batch in _batches(num_slices, max(1, batch_size)):
         stacked = np.stack((kspace[batch].real, kspace[batch].imag), axis=-1).astype(np.float32)
         masked = (stacked * mask + 0.0).astype(np.float32)
-        batch_mask = np.repeat(mask, masked.shape[0], axis=0)
-        start = time.perf_counter()
-        image = run(masked, batch_mask)
-        seconds += time.perf_counter() - start
-        if image.shape != (masked.shape[0], height, width) or not np.isfinite(image).all():
-            raise DataError(
-                volume.info.path,
-                f"model {reconstructor.name} returned {image.shape} "
-                f"{'with NaN/inf ' if not np.isfinite(image).all() else ''}for slices {batch.start}-"
-                f"{batch.stop - 1}",
-            )
+        holds_data = masked.reshape(masked.shape[0], -1).any(axis=1)
+        empty_slices += [batch.start + i for i in np.flatnonzero(~holds_data)]
+        image = np.zeros((masked.shape[0], height, width), dtype=np.float32)
+        if holds_data.any():
+            start = time.perf_counter()
+            ran = run(np.ascontiguousarray(masked[holds_data]), np.repeat(mask, int(holds_data.sum()), axis=0))
+            seconds += time.perf_counter() - start
+            if ran.shape != (int(holds_data.sum()), height, width) or not np.isfinite(ran).all():
+                raise DataError(
+                    volume.info.path,
+                    f"model {reconstructor.name} returned {ran.shape} "
+                    f"{'with NaN/inf ' if not np.isfinite(ran).all() else ''}for slices {batch.start}-"
+                    f"{batch.stop - 1}",
+                )
+            image[holds_data] = ran
         outputs.append(center_crop(image, crop))
         zero_filled.append(center_crop(zero_filled_image(torch.from_numpy(masked)).numpy(), crop))
         if on_slices is not None:
@@ -324,4 +331,5 @@ def reconstruct_volume(
         acceleration=min(width, acquired) / max(1.0, float(mask.sum())),
         seconds=seconds,
         note=note,
+        empty_slices=empty_slices,
     )
