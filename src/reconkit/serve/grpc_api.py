@@ -93,7 +93,8 @@ def decode_grpc_request(message, served: ServedModel) -> InferRequest:
         raise _bad("'inputs' must be a non-empty list of tensors")
     raw = list(message.raw_input_contents)
     if raw and len(raw) != len(message.inputs):
-        raise _bad(f"raw_input_contents has {len(raw)} buffers for {len(message.inputs)} inputs")
+        raise _bad(f"raw_input_contents has {len(raw)} buffers for {len(message.inputs)} inputs: give every input "
+                   "as a raw buffer or every input as typed contents (the protocol does not allow a mix)")
     inputs: dict[str, np.ndarray] = {}
     for index, item in enumerate(message.inputs):
         spec = input_spec(model, item.name, inputs)
