@@ -4,6 +4,7 @@ SIGTERM."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import http.client
 import json
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -392,6 +394,43 @@ def test_request_size_limit_413(repository):
         small_kspace, small_mask = kspace[:, :1], mask
         body, headers = binary_body(np.ascontiguousarray(small_kspace), small_mask)
         assert post(url, "/v2/models/recon/infer", body, headers)[0] == 200
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_request_bodies_equal_plain_ones(server, direct, algorithm):
+    url, _ = server
+    kspace, mask = sample(2, seed=5)
+    kspace = kspace * mask  # masked k-space: mostly zeros, what compression is for
+    for binary in (True, False):
+        result = triton_infer(url, kspace, mask, binary, request_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(result.as_numpy("image"),
+                                      direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0])
+
+
+def test_compressed_bodies_are_bounded_and_checked(repository):
+    kspace, mask = sample()
+    body, headers = binary_body(kspace, mask)
+    with running_server(repository, max_request_bytes=4 * len(body)) as (url, _):
+        # small on the wire, over the limit once inflated: refused without inflating it all
+        bomb = gzip.compress(body + bytes(1000 * len(body)))
+        assert len(bomb) < 2 * len(body)
+        status, error = error_of(post(url, "/v2/models/recon/infer", bomb, {**headers, "Content-Encoding": "gzip"}))
+        assert status == 413 and "decompressed request body exceeds the limit" in error
+        small, small_headers = binary_body(np.ascontiguousarray(kspace[:, :1]), mask)
+        cases = [
+            ("gzip", small[:-1], "is not valid gzip data"),
+            ("gzip", gzip.compress(small)[:-12], "truncated gzip data"),
+            ("deflate", zlib.compress(small) + b"extra", "5 bytes after its deflate data"),
+            ("br", small, "Content-Encoding 'br' is not supported (identity, gzip, deflate)"),
+        ]
+        for encoding, payload, message in cases:
+            status, error = error_of(post(url, "/v2/models/recon/infer", payload,
+                                          {**small_headers, "Content-Encoding": encoding}))
+            assert status == 400 and message in error, (encoding, error)
+        for encoding, payload in (("gzip", gzip.compress(small)), ("deflate", zlib.compress(small)),
+                                  ("identity", small)):
+            assert post(url, "/v2/models/recon/infer", payload,
+                        {**small_headers, "Content-Encoding": encoding})[0] == 200, encoding
 
 
 def test_bearer_token_auth_401(repository):

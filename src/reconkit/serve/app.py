@@ -3,15 +3,18 @@
 Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
 ``.../ready``, ``.../config``, ``POST .../infer`` and ``GET /metrics`` (Prometheus). Errors are JSON
 ``{"error": "..."}`` with the status: 400 bad input (naming the tensor), 401 missing / wrong bearer token,
-404 unknown model or version, 413 body over the size limit, 503 queue full or shutting down (``Retry-After``),
+404 unknown model or version, 413 body over the size limit (before or after decompressing a ``gzip`` /
+``deflate`` body), 503 queue full or shutting down (``Retry-After``),
 504 request timeout, 500 inference failure. Health endpoints need no token (for orchestrator probes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -57,12 +60,36 @@ def _endpoint(state: ServerState, kind: str, handler: Handler, public: bool = Fa
     return wrapped
 
 
+# Content-Encoding of request bodies -> zlib window bits (tritonclient's request_compression_algorithm sends
+# gzip, or deflate as zlib.compress writes it; HTTP's "deflate" is the zlib format)
+_ENCODINGS = {"identity": None, "gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+_INFLATE_IN_THREAD = 1 << 20  # compressed bytes above which inflating leaves the event loop
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """Decompress a ``gzip`` / ``deflate`` body; at most ``limit`` bytes come out (413 beyond: no zip bombs)."""
+    inflater = zlib.decompressobj(_ENCODINGS[encoding])
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise RequestError(400, f"request body is not valid {encoding} data ({exc})") from None
+    if len(data) > limit:
+        raise RequestError(413, f"decompressed request body exceeds the limit of {limit} bytes")
+    if not inflater.eof:
+        raise RequestError(400, f"request body is truncated {encoding} data")
+    if inflater.unused_data:
+        raise RequestError(400, f"request body has {len(inflater.unused_data)} bytes after its {encoding} data")
+    return data
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, decompressed; ``limit`` bounds both what is read and what decompression gives."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    if request.headers.get("content-encoding", "identity").lower() != "identity":
-        raise RequestError(400, "compressed request bodies (Content-Encoding) are not supported")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower() or "identity"
+    if encoding not in _ENCODINGS:
+        raise RequestError(400, f"request Content-Encoding {encoding!r} is not supported (identity, gzip, deflate)")
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -72,7 +99,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
             chunks.append(chunk)
     except ClientDisconnect:
         raise RequestError(499, "client disconnected before sending the whole body") from None
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    if encoding == "identity":
+        return body
+    if len(body) > _INFLATE_IN_THREAD:
+        return await asyncio.to_thread(_inflate, body, encoding, limit)
+    return _inflate(body, encoding, limit)
 
 
 def _routes(state: ServerState) -> list[Route]:
