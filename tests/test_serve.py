@@ -578,13 +578,13 @@ def test_sigterm_mid_load_answers_every_accepted_request(plain_repository, tmp_p
 
 # ---- gRPC endpoint (ServerConfig.grpc_address / reconkit serve --grpc-port) ----------------------------------------
 
-def grpc_call(address: str, rpc: str, message, metadata=None, timeout: float = 30.0):
+def grpc_call(address: str, rpc: str, message, metadata=None, timeout: float = 30.0, compression=None):
     """One unary call with reconkit's own message classes (no tritonclient): the raw protocol, typed contents."""
     request_type, response_type = METHODS[rpc]
     with grpc.insecure_channel(address) as channel:
         call = channel.unary_unary(f"/{SERVICE}/{rpc}", request_serializer=MESSAGES[request_type].SerializeToString,
                                    response_deserializer=MESSAGES[response_type].FromString)
-        return call(message, metadata=metadata, timeout=timeout)
+        return call(message, metadata=metadata, timeout=timeout, compression=compression)
 
 
 def grpc_request(body: dict, model: str = "recon", version: str = ""):
@@ -624,6 +624,8 @@ def test_grpc_tritonclient_equals_direct_onnxruntime(grpc_server, direct, batch,
         inputs[1].set_data_from_numpy(mask)
         result = client.infer("recon", inputs, model_version="2", request_id="g1",
                               outputs=[tritonclient_grpc.InferRequestedOutput("image")])
+        compressed = [client.infer("recon", inputs, compression_algorithm=algorithm).as_numpy("image")
+                      for algorithm in ("gzip", "deflate")]  # gRPC's own message compression
         with pytest.raises(InferenceServerException, match="unknown model 'missing'"):
             client.is_model_ready("missing")
     finally:
@@ -632,6 +634,8 @@ def test_grpc_tritonclient_equals_direct_onnxruntime(grpc_server, direct, batch,
     assert meta["inputs"][0] == {"name": "masked_kspace", "datatype": "FP32", "shape": ["-1", "-1", "-1", "-1", "2"]}
     expected = direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0]
     np.testing.assert_array_equal(result.as_numpy("image"), expected)
+    for image in compressed:
+        np.testing.assert_array_equal(image, expected)
     response = result.get_response(as_json=True)
     assert response["model_version"] == "2" and response["id"] == "g1"
 
@@ -713,6 +717,10 @@ def test_grpc_size_limit_auth_queue_and_timeouts(plain_repository):
         with pytest.raises(grpc.RpcError) as caught:
             grpc_call(address, "ModelInfer", big, token)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        zeros = grpc_request(json_request(np.zeros_like(sample(batch=2)[0]), sample(batch=2)[1]))
+        with pytest.raises(grpc.RpcError) as caught:  # small once compressed, too big once inflated
+            grpc_call(address, "ModelInfer", zeros, token, compression=grpc.Compression.Gzip)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "Decompressed" in caught.value.details()
         with ThreadPoolExecutor(1) as pool:  # one request waits 1.5 s for a batch: the queue (size 1) is full
             first = pool.submit(grpc_call, address, "ModelInfer", request, token)
             wait_until_queued(state)
