@@ -795,12 +795,15 @@ def test_grpc_draining_refuses_new_calls_and_answers_accepted_ones(plain_reposit
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(certificate chain, private key, CA certificate) for 127.0.0.1, from a throw-away CA."""
+    """(certificate chain, private key, CA certificate) for 127.0.0.1, from a throw-away CA; the same folder also
+    holds client.pem / client.key from that CA and stranger.pem / stranger.key from another one."""
     root = tmp_path_factory.mktemp("tls")
     ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1", "localhost")
-    issued.private_key_pem.write_to_path(root / "server.key")
-    (root / "server.pem").write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    for name, issuer, identity in (("server", ca, "127.0.0.1"), ("client", ca, "client@example.org"),
+                                   ("stranger", trustme.CA(), "stranger@example.org")):
+        issued = issuer.issue_cert(identity, "localhost") if name == "server" else issuer.issue_cert(identity)
+        issued.private_key_pem.write_to_path(root / f"{name}.key")
+        (root / f"{name}.pem").write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
     ca.cert_pem.write_to_path(root / "ca.pem")
     return root / "server.pem", root / "server.key", root / "ca.pem"
 
@@ -843,12 +846,61 @@ def test_tls_serves_https_and_grpc_and_refuses_plain_clients(repository, direct,
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_mutual_tls_accepts_only_clients_with_a_certificate_from_the_ca(repository, direct, tls_files):
+    cert, key, ca = tls_files
+    folder = cert.parent
+    kspace, mask = sample()
+    expected = direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0]
+
+    def https_ready(url: str, client: str | None) -> int:
+        host, port = url.split(":")
+        context = ssl.create_default_context(cafile=str(ca))
+        if client is not None:
+            context.load_cert_chain(folder / f"{client}.pem", folder / f"{client}.key")
+        conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+        try:
+            conn.request("GET", "/v2/health/ready")
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    def grpc_infer(address: str, client: str | None) -> np.ndarray:
+        credentials = {} if client is None else {"private_key": str(folder / f"{client}.key"),
+                                                 "certificate_chain": str(folder / f"{client}.pem")}
+        triton = tritonclient_grpc.InferenceServerClient(address, ssl=True, root_certificates=str(ca), **credentials)
+        try:
+            inputs = [tritonclient_grpc.InferInput("masked_kspace", list(kspace.shape), "FP32"),
+                      tritonclient_grpc.InferInput("mask", list(mask.shape), "FP32")]
+            inputs[0].set_data_from_numpy(kspace)
+            inputs[1].set_data_from_numpy(mask)
+            return triton.infer("recon", inputs, client_timeout=10).as_numpy("image")
+        finally:
+            triton.close()
+
+    with running_server(repository, grpc_address="127.0.0.1:0", tls_cert=cert, tls_key=key,
+                        tls_client_ca=ca) as (url, state):
+        address = f"127.0.0.1:{state.grpc_port}"
+        assert https_ready(url, "client") == 200
+        np.testing.assert_array_equal(grpc_infer(address, "client"), expected)
+        for client in (None, "stranger"):  # no certificate, or one from another CA: the handshake fails
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                https_ready(url, client)
+            with pytest.raises(InferenceServerException):
+                grpc_infer(address, client)
+        assert https_ready(url, "client") == 200  # and the server carries on
+
+
 def test_bad_tls_files_are_clear_errors_before_models_load(repository, tls_files, tmp_path):
     cert, key, _ = tls_files
     (tmp_path / "junk.pem").write_text("not a certificate")
     cases = [({"tls_cert": cert}, "TLS needs both a certificate"),
              ({"tls_cert": cert, "tls_key": tmp_path / "missing.key"}, "missing.key: cannot read TLS file"),
-             ({"tls_cert": tmp_path / "junk.pem", "tls_key": key}, "not a PEM certificate chain and its private key")]
+             ({"tls_cert": tmp_path / "junk.pem", "tls_key": key}, "not a PEM certificate chain and its private key"),
+             ({"tls_client_ca": cert.parent / "ca.pem"}, "mutual TLS .* needs the server's own certificate"),
+             ({"tls_cert": cert, "tls_key": key, "tls_client_ca": tmp_path / "junk.pem"},
+              "junk.pem: not a PEM CA certificate"),
+             ({"tls_cert": cert, "tls_key": key, "tls_client_ca": tmp_path / "none.pem"},
+              "none.pem: cannot read TLS file")]
     for tls, message in cases:
         with pytest.raises(ReconkitError, match=message):
             build_server(ServerConfig(repository, **tls), "127.0.0.1", free_port())

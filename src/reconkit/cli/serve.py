@@ -16,6 +16,7 @@ _EXAMPLE = """example:
   RECONKIT_SERVE_TOKEN=secret reconkit serve --model-repository models --host 0.0.0.0 --port 8000
   reconkit serve --model-repository models --port 8000 --grpc-port 8001     # REST and gRPC, as Triton
   reconkit serve --model-repository models --grpc-port 8001 --tls-cert server.pem --tls-key server.key   # TLS
+  reconkit serve --model-repository models --tls-cert server.pem --tls-key server.key --tls-client-ca ca.pem  # mTLS
 
 The repository uses Triton's layout (models/<name>/<version>/model.onnx, optional config.pbtxt whose
 max_batch_size / dynamic_batching / instance_group override the batching options below). Send SIGTERM for a
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path, default=None,
                    help="PEM certificate chain: serve REST over HTTPS and gRPC over TLS (with --tls-key; default: plain)")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, default=None,
+                   help="PEM CA certificate(s): mutual TLS, both endpoints accept only clients whose certificate it "
+                        "signed (with --tls-cert / --tls-key; default: any client)")
     p.add_argument("--auth-token-env", default="RECONKIT_SERVE_TOKEN",
                    help="environment variable holding the bearer token; unset or empty = no auth "
                         "(default RECONKIT_SERVE_TOKEN)")
@@ -81,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           int(args.max_request_mb * 2**20), os.environ.get(args.auth_token_env) or None,
                           args.device, args.intra_op_threads,
                           _grpc_address(args.host, args.grpc_port), args.grpc_max_concurrency, args.tls_cert,
-                          args.tls_key)
+                          args.tls_key, args.tls_client_ca)
     try:
         serve(config, args.host, args.port)
     except ReconkitError as exc:

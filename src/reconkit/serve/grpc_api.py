@@ -202,7 +202,9 @@ async def start_grpc_server(state: ServerState) -> grpc.aio.Server:
         if state.tls is None:
             port = server.add_insecure_port(config.grpc_address)
         else:
-            port = server.add_secure_port(config.grpc_address, grpc.ssl_server_credentials([state.tls]))
+            credentials = grpc.ssl_server_credentials([state.tls], root_certificates=state.tls_client_ca,
+                                                      require_client_auth=state.tls_client_ca is not None)
+            port = server.add_secure_port(config.grpc_address, credentials)
     except RuntimeError as exc:
         raise ReconkitError(f"gRPC: cannot bind {config.grpc_address}: {exc}") from None
     if port == 0:

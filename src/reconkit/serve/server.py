@@ -7,6 +7,7 @@ accepted (queued and running inferences included), then stops the batchers and e
 from __future__ import annotations
 
 import signal
+import ssl
 
 import uvicorn
 
@@ -34,6 +35,8 @@ def build_server(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000
         timeout_graceful_shutdown=config.request_timeout_s + 5.0,
         limit_concurrency=None, timeout_keep_alive=30,
         ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
+        ssl_ca_certs=None if config.tls_client_ca is None else str(config.tls_client_ca),
+        ssl_cert_reqs=ssl.CERT_NONE if config.tls_client_ca is None else ssl.CERT_REQUIRED,
     )
     return ReconServer(uv_config)
 

@@ -47,6 +47,8 @@ class ServerConfig:
         RESOURCE_EXHAUSTED before they are read.
     tls_cert, tls_key: PEM certificate chain and private key; when both are set REST is served over HTTPS and gRPC
         over TLS (clients check the certificate against their CA), otherwise both are plain.
+    tls_client_ca: PEM CA certificate(s) for mutual TLS: with it, both endpoints accept only clients presenting a
+        certificate signed by one of them (needs ``tls_cert`` / ``tls_key``).
     """
 
     model_repository: Path
@@ -60,6 +62,7 @@ class ServerConfig:
     grpc_max_concurrent_rpcs: int = 256
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     def tls_pair(self) -> tuple[bytes, bytes] | None:
         """``(key PEM, certificate chain PEM)`` after checking that they load as a pair; None without TLS.
@@ -83,6 +86,28 @@ class ServerConfig:
                                 f"{exc.reason or exc}") from None
         return pems[0], pems[1]
 
+    def client_ca(self) -> bytes | None:
+        """The ``tls_client_ca`` PEM after checking that it loads as CA certificates; None without mutual TLS.
+
+        Raises ReconkitError naming the file when it is unreadable or holds no certificate, or when the server
+        itself has no certificate.
+        """
+        if self.tls_client_ca is None:
+            return None
+        if self.tls_cert is None or self.tls_key is None:
+            raise ReconkitError("mutual TLS (tls_client_ca) needs the server's own certificate and key "
+                                "(tls_cert, tls_key)")
+        path = Path(self.tls_client_ca)
+        try:
+            pem = path.read_bytes()
+        except OSError as exc:
+            raise ReconkitError(f"{path}: cannot read TLS file: {exc.strerror or exc}") from None
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_verify_locations(cadata=pem.decode("ascii"))
+        except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
+            raise ReconkitError(f"{path}: not a PEM CA certificate: {getattr(exc, 'reason', None) or exc}") from None
+        return pem
+
 
 def bearer_token_ok(authorization: str, token: str) -> bool:
     """Whether an ``Authorization`` value (HTTP header or gRPC metadata) is ``Bearer <token>`` (constant-time)."""
@@ -102,7 +127,8 @@ class ServedModel:
 class ServerState:
     """Everything the handlers share: loaded models (name -> version -> model), metrics, flags.
 
-    ``tls`` is the loaded ``(key, certificate chain)`` PEM pair or None; ``grpc_port`` the bound gRPC port once the
+    ``tls`` is the loaded ``(key, certificate chain)`` PEM pair or None, ``tls_client_ca`` the CA PEM that client
+    certificates must chain to (mutual TLS) or None; ``grpc_port`` the bound gRPC port once the
     gRPC endpoint runs (None otherwise); ``startup_error`` what stopped the server from starting (e.g. a gRPC
     address that cannot be bound).
     """
@@ -110,6 +136,7 @@ class ServerState:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.tls = config.tls_pair()  # first: a bad certificate / key fails, naming the file, before models load
+        self.tls_client_ca = config.client_ca()
         self.metrics = ServeMetrics.create()
         providers = select_providers(config.device)
         self.models: dict[str, dict[str, ServedModel]] = {}
