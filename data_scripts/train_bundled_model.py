@@ -43,6 +43,9 @@ LARGER = (((320, 184), (160, 160), 24, 8), ((640, 368), (320, 320), 8, 6))
 FASTMRI_SIZES = [(640, 368), (640, 372), (640, 320), (768, 396), (768, 392), (640, 272)]  # knee and brain k-space sizes
 EXPORT_SIZES = [ENCODED, (320, 184), *FASTMRI_SIZES]
 MODEL = dict(num_cascades=8, chans=12, pools=3, sens_chans=6, sens_pools=2, init_scale=0.1)
+# the SENSE data-consistency step after the cascades (no weights; switched on after training): ρ chosen on the
+# training sources by data_scripts/choose_final_dc_prior.py, never on the held-out subject
+FINAL_DC = dict(final_dc_iters=10, final_dc_prior=0.05)
 LOSS, LR = "l1", 1e-3  # L1: the held-out target is PSNR against classical CS; SSIM is checked, not optimised
 FINETUNE_LR = 3e-4  # stage 2 (all matrix sizes), from the stage-1 weights
 MASK = dict(mask_type="equispaced_fraction", center_fractions=[0.08, 0.08, 0.04], accelerations=[4, 4, 8])
@@ -154,6 +157,16 @@ def train(root: Path, steps: int, minutes: float, work: Path, name: str, lr: flo
     return path
 
 
+def switch_on_final_dc(path: Path) -> None:
+    """Add :data:`FINAL_DC` to the checkpoint's model hyper-parameters (its ``"reconkit"`` entry, which
+    ``load_model`` reads, and Lightning's ``hyper_parameters``); the weights are unchanged."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for entry in (checkpoint["reconkit"], checkpoint.get("hyper_parameters", {})):
+        if "model_kwargs" in entry:
+            entry["model_kwargs"] = {**entry["model_kwargs"], **FINAL_DC}
+    torch.save(checkpoint, path)
+
+
 def evaluate(files: list[Path], models: dict[str, str]) -> dict[str, dict[str, float]]:
     """Mean per-volume NMSE / PSNR / SSIM and seconds per slice of each model on ``files`` (4× equispaced)."""
     from reconkit.data import read_volume
@@ -222,7 +235,10 @@ E2E-VarNet (`reconkit.models.VarNet`): {MODEL["num_cascades"]} cascades, U-Net c
 {MODEL["pools"]} pooling levels, sensitivity U-Net channels {MODEL["sens_chans"]} with {MODEL["sens_pools"]} levels
 ({sum(p.numel() for p in torch.load(out / "varnet_small.ckpt", weights_only=True)["state_dict"].values()):,}
 weights; the last convolution of each cascade initialised ×{MODEL["init_scale"]}, so training starts close to
-plain data consistency). Output: RSS magnitude at the encoded size; crop to the header's recon size.
+plain data consistency). After the cascades, a SENSE data-consistency step without weights
+(`reconkit.models.sense_refine`: {FINAL_DC["final_dc_iters"]} conjugate-gradient iterations with ACS maps, noise-adaptive
+weight, ρ = {FINAL_DC["final_dc_prior"]} chosen on the training sources by `data_scripts/choose_final_dc_prior.py`), switched on
+after training. Output: RSS magnitude at the encoded size; crop to the header's recon size.
 
 ## Training
 * Trainer: `reconkit.training.KspaceModule` (model_type `varnet`) + `FastMriDataModule` with Lightning;
@@ -326,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = json.loads(info_path.read_text())
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copy(checkpoint, args.out / "varnet_small.ckpt")
+    switch_on_final_dc(args.out / "varnet_small.ckpt")
     onnx_path = export_onnx(
         args.out / "varnet_small.ckpt",
         args.out / "varnet_small.onnx",

@@ -79,6 +79,15 @@ def test_varnet_graph_follows_the_contract(varnet_export) -> None:
                 assert len(tensors) == len(set(tensors))
 
 
+def test_varnet_with_final_sense_step_exports_with_parity(tmp_path) -> None:
+    torch.manual_seed(5)
+    model = build_model("varnet", **VARNET_KWARGS, final_dc_iters=6, final_dc_prior=0.05).eval()
+    path = export_onnx(model, tmp_path / "dc.onnx", [(32, 24), (24, 72)])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, coils, height, width in ((2, 3, 32, 24), (1, 4, 24, 72)):
+        assert_parity(session, model, *sample(batch, coils, height, width, seed=width))
+
+
 def test_single_size_export_stores_each_dft_matrix_once(tmp_path) -> None:
     torch.manual_seed(2)
     model = build_model("varnet", **VARNET_KWARGS).eval()

@@ -231,3 +231,69 @@ def test_varnet_under_torch_compile_matches_eager():
     assert _rel(out, net(kspace, mask)) < 1e-5
     out.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def _final_dc_pair(seed: int = 5, prior: float = 0.05) -> tuple[VarNet, VarNet]:
+    """The same weights without and with the SENSE data-consistency step."""
+    torch.manual_seed(seed)
+    plain = VarNet(**SMALL).eval()
+    refined = VarNet(**SMALL, final_dc_iters=8, final_dc_prior=prior).eval()
+    refined.load_state_dict(plain.state_dict())  # the step has no weights
+    return plain, refined
+
+
+def _multicoil_scan(batch: int, coils: int, height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth object × smooth coil maps + a little noise, fully sampled ``(B, C, H, W, 2)`` k-space."""
+    from reconkit.ops import fft2c
+
+    gen = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+    obj = ((x / 0.7) ** 2 + (y / 0.8) ** 2 < 1).float() * (1 + 0.5 * torch.cos(3 * x + 2 * y))
+    angles = torch.arange(coils) * 2 * np.pi / coils
+    maps = torch.stack([torch.exp(-((x - 0.9 * torch.cos(a)) ** 2 + (y - 0.9 * torch.sin(a)) ** 2)) for a in angles])
+    phase = torch.stack((torch.cos(2 * x + y), torch.sin(2 * x + y)), -1)
+    images = (obj * maps)[..., None] * phase  # (C, H, W, 2)
+    kspace = fft2c(images).expand(batch, -1, -1, -1, -1)
+    return kspace + 0.002 * torch.randn(kspace.shape, generator=gen), torch.ones(1)
+
+
+def test_final_dc_step_moves_towards_the_data_and_vanishes_for_a_tiny_prior():
+    kspace, _ = _multicoil_scan(2, 6, 40, 32, seed=1)
+    mask = _line_mask(2, 32, [6, 8], every=3, seed=2)
+    masked = kspace * mask
+    plain, refined = _final_dc_pair()
+    with torch.no_grad():
+        net_k, hybrid, reference = plain._cascades(masked, mask, None)
+        from reconkit.models.sense_refine import refine_kspace
+
+        maps = plain._acs_maps(masked, mask, None)
+        refined_k = refine_kspace(net_k, reference, mask, maps, hybrid, iters=8, prior=0.05)
+        # the data misfit on the measured lines drops; the unmeasured lines change too (the coils fill them)
+        assert ((refined_k - reference) * mask).norm() < 0.9 * ((net_k - reference) * mask).norm()
+        assert ((refined_k - net_k) * (1 - mask)).norm() > 0
+        # a tiny prior (huge λ: trust the network) leaves the network's image
+        trusting = VarNet(**SMALL, final_dc_iters=8, final_dc_prior=1e-9).eval()
+        trusting.load_state_dict(plain.state_dict())
+        torch.testing.assert_close(trusting(masked, mask), plain(masked, mask), rtol=1e-4, atol=1e-5)
+        assert _rel(refined(masked, mask), plain(masked, mask)) > 1e-3
+
+
+def test_final_dc_step_same_in_kspace_and_hybrid_space_and_on_the_export_path():
+    kspace, _ = _multicoil_scan(1, 4, 32, 24, seed=3)
+    line = _line_mask(1, 24, [6], every=3, seed=4)
+    _, refined = _final_dc_pair(seed=6)
+    with torch.no_grad():
+        hybrid = refined(kspace * line, line)  # line mask: hybrid space
+        full = line.expand(1, 1, 32, 24, 1).contiguous()  # the same lines as a 2D mask: k-space form
+        torch.testing.assert_close(refined(kspace * full, full), hybrid, rtol=1e-4, atol=1e-5)
+        with fft_impl("matmul"):
+            stacked = refined(kspace * line, line)  # export path, stacked layout
+            planar = refined(kspace * full, full)  # export path, planar layout (2D masks)
+    assert _rel(stacked, hybrid) < 1e-5 and _rel(planar, hybrid) < 1e-5
+
+
+def test_final_dc_settings_are_checked():
+    with pytest.raises(ValueError, match="final_dc_prior > 0"):
+        VarNet(**SMALL, final_dc_iters=5, final_dc_prior=0.0)
+    with pytest.raises(ValueError, match="final_dc_iters must be >= 0"):
+        VarNet(**SMALL, final_dc_iters=-1)

@@ -51,7 +51,7 @@ def acs_lines(mask: torch.Tensor, num_low_frequencies: Optional[int] = None) -> 
     """The auto-calibration (ACS) phase-encode lines: the run of fully sampled lines around the centre ``W // 2``.
 
     A line counts as sampled when the mask is non-zero along the whole readout (so 2D masks work where their
-    centre is fully sampled). Computed with cumulative products, no loop over the data.
+    centre is fully sampled). Computed with cumulative sums, no loop over the data, so it exports to ONNX.
 
     Args:
         mask: ``(B, 1, 1, W, 1)`` or ``(B, 1, H, W, 1)`` sampling mask (bool or 0/1 float).
@@ -71,9 +71,11 @@ def acs_lines(mask: torch.Tensor, num_low_frequencies: Optional[int] = None) -> 
         return ((index >= start) & (index < start + num_low_frequencies)).expand(batch, width)
     sampled = (mask != 0).reshape(batch, -1, width).all(dim=1).to(torch.int32)
     centre = width // 2
-    right = sampled[:, centre:].cumprod(dim=1).sum(dim=1)  # run length from the centre rightwards, centre included
-    left = sampled[:, : centre + 1].flip(1).cumprod(dim=1).sum(dim=1)  # ... and leftwards
-    if bool((right == 0).any()):
+    # run lengths of sampled lines from the centre rightwards and leftwards, centre included: the leading ones, as
+    # the count of positions before the first zero (cumulative sums export to ONNX, cumulative products do not)
+    right = (torch.cumsum(1 - sampled[:, centre:], dim=1) == 0).sum(dim=1)
+    left = (torch.cumsum(1 - sampled[:, : centre + 1].flip(1), dim=1) == 0).sum(dim=1)
+    if not torch.jit.is_tracing() and bool((right == 0).any()):
         raise ReconkitError(
             "mask: the centre phase-encode line is not fully sampled, so there are no ACS lines to estimate "
             "sensitivity maps from"

@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from reconkit.models.unet import NormUnet, tracing
+from reconkit.models.classical import estimate_sens_maps_acs
+from reconkit.models.sense_refine import refine_kspace, refine_planar, refine_stacked
 from reconkit.ops import (
     current_fft_impl,
     data_consistency,
@@ -32,6 +34,8 @@ from reconkit.ops import (
     rss_complex,
     sens_expand,
     sens_reduce,
+    stacked_sens_expand,
+    stacked_sens_reduce,
 )
 from reconkit.ops.dft_matmul import (
     centred_fft_matmul_planar,
@@ -244,12 +248,9 @@ class VarNetBlock(nn.Module):
             mask: ``(f₁, 1, f₂, B, 1, 1)`` line mask in the same order.
             maps: ``(2, W, B, C, H)`` stacked sensitivities ``[S_re; S_im]`` and ``[−S_im; S_re]``.
         """
-        maps_a, maps_b = maps
-        coils = stacked_ifft_w(kspace)  # (2, W, B, C, H)
-        image = torch.stack(((coils * maps_a).sum(dim=(0, 3)), (coils * maps_b).sum(dim=(0, 3))))  # Σ_c conj(S)·x
+        image = stacked_sens_reduce(kspace, maps)  # (2, W, B, H)
         refined = self.model.forward_channels(image.permute(2, 0, 3, 1))  # (B, 2, H, W): one coil, cheap to move
-        refined = refined.permute(1, 3, 0, 2).unsqueeze(3)  # (2, W, B, 1, H)
-        model_term = stacked_fft_w(refined[:1] * maps_a + refined[1:] * maps_b)  # F(S·x)
+        model_term = stacked_sens_expand(refined.permute(1, 3, 0, 2).unsqueeze(3), maps)  # F(S·x)
         return kspace * (1 - self.dc_weight * mask) + self.dc_weight * masked_ref - model_term
 
 
@@ -267,6 +268,12 @@ class VarNet(nn.Module):
         init_scale: multiplies the initial weights and bias of each cascade U-Net's final 1×1 convolution, so a
             value < 1 starts training closer to plain data consistency; 1.0 leaves PyTorch's default init
             (as fastmri). Only affects initialisation, not loading.
+        final_dc_iters: after the cascades, this many conjugate-gradient iterations of a SENSE data-consistency
+            step with ACS maps and a noise-adaptive weight (:mod:`reconkit.models.sense_refine`): the cascades'
+            k-space, corrected towards the measured data where the coils determine it. 0 (the default, as
+            fastmri): off. It has no weights, so it can be switched on for a trained model.
+        final_dc_prior: ``ρ`` of that step, the network image's relative error variance: smaller trusts the data
+            more.
 
     ``forward(masked_kspace (B, C, H, W, 2), mask (B, 1, 1, W, 1), num_low_frequencies=None) -> (B, H, W)``:
     root-sum-of-squares magnitude at the full encoded size. ``mask`` may be bool or float 0/1.
@@ -289,9 +296,15 @@ class VarNet(nn.Module):
         drop_prob: float = 0.0,
         checkpoint_cascades: bool = False,
         init_scale: float = 1.0,
+        final_dc_iters: int = 0,
+        final_dc_prior: float = 0.05,
     ):
         super().__init__()
+        if final_dc_iters < 0 or final_dc_prior <= 0:
+            raise ValueError(f"VarNet: final_dc_iters must be >= 0 and final_dc_prior > 0; got {final_dc_iters}, "
+                             f"{final_dc_prior}")
         self.checkpoint_cascades = checkpoint_cascades
+        self.final_dc_iters, self.final_dc_prior = int(final_dc_iters), float(final_dc_prior)
         self.sens_net = SensitivityModel(chans=sens_chans, num_pools=sens_pools, drop_prob=drop_prob,
                                          mask_center=mask_center)
         self.cascades = nn.ModuleList(
@@ -310,16 +323,27 @@ class VarNet(nn.Module):
         """``(B, C, H, W, 2)`` undersampled k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, H, W)`` image."""
         if current_fft_impl() == "matmul":
             return self._export_forward(masked_kspace, mask, num_low_frequencies)
-        prediction, hybrid = self._cascades(masked_kspace, mask, num_low_frequencies)
+        prediction, hybrid, reference = self._cascades(masked_kspace, mask, num_low_frequencies)
+        if self.final_dc_iters:
+            maps = self._acs_maps(masked_kspace, mask, num_low_frequencies)
+            prediction = refine_kspace(prediction, reference, mask.to(prediction.dtype), maps, hybrid,
+                                       self.final_dc_iters, self.final_dc_prior)
         coil_images = ifftc(prediction, (-1,)) if hybrid else ifft2c(prediction)
         return rss_complex(coil_images, dim=1)
+
+    @staticmethod
+    def _acs_maps(masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies) -> torch.Tensor:
+        """ACS sensitivity maps ``(B, C, H, W, 2)`` for the ``final_dc_iters`` step (as CG-SENSE's)."""
+        given = num_low_frequencies if isinstance(num_low_frequencies, int) and num_low_frequencies > 0 else None
+        return estimate_sens_maps_acs(masked_kspace, mask.to(masked_kspace.dtype), given)
 
     def predict_kspace(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
     ) -> torch.Tensor:
         """The cascades' multi-coil k-space prediction ``(B, C, H, W, 2)`` (what :meth:`forward` takes the RSS image
-        of); self-supervised losses score it directly in k-space. Arguments as :meth:`forward`."""
-        prediction, hybrid = self._cascades(masked_kspace, mask, num_low_frequencies)
+        of, before any ``final_dc_iters`` step); self-supervised losses score it directly in k-space. Arguments as
+        :meth:`forward`."""
+        prediction, hybrid, _ = self._cascades(masked_kspace, mask, num_low_frequencies)
         return fftc(prediction, (-2,)) if hybrid else prediction
 
     def _export_forward(
@@ -334,7 +358,7 @@ class VarNet(nn.Module):
         if hybrid:
             hybrid_parts = centred_fft_matmul_planar(*parts, inverse=True, dims=(-2,))
             if stacked_factors(int(masked_kspace.shape[-2])) is not None:
-                return self._stacked_forward(hybrid_parts, mask, num_low_frequencies)
+                return self._stacked_forward(masked_kspace, hybrid_parts, mask, num_low_frequencies)
         map_parts = self.sens_net.forward_planar(parts, mask, num_low_frequencies)
         dims = (-1,) if hybrid else (-2, -1)
         if hybrid:
@@ -342,11 +366,15 @@ class VarNet(nn.Module):
         reference = parts
         for cascade in self.cascades:
             parts = cascade.forward_planar(parts, reference, mask[..., 0], map_parts, dims)
+        if self.final_dc_iters:
+            maps = self._acs_maps(masked_kspace, mask, num_low_frequencies)
+            parts = refine_planar(parts, reference, mask[..., 0], (maps[..., 0], maps[..., 1]), dims,
+                                  self.final_dc_iters, self.final_dc_prior)
         re, im = centred_fft_matmul_planar(*parts, inverse=True, dims=dims)
         return torch.sqrt((re * re + im * im).sum(dim=1))
 
     def _stacked_forward(
-        self, parts: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+        self, masked_kspace: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
         num_low_frequencies: int | torch.Tensor | None,
     ) -> torch.Tensor:
         """Export path, line mask: hybrid-space planar parts ``(B, C, H, W)`` → RSS image ``(B, H, W)``, the
@@ -359,14 +387,19 @@ class VarNet(nn.Module):
         kspace = reference
         for cascade in self.cascades:
             kspace = cascade.forward_stacked(kspace, masked_ref, line, maps)
+        if self.final_dc_iters:
+            acs = self._acs_maps(masked_kspace, mask, num_low_frequencies).permute(4, 3, 0, 1, 2)  # (2, W, B, C, H)
+            kspace = refine_stacked(kspace, masked_ref, line, (acs, torch.stack((-acs[1], acs[0]))),
+                                    self.final_dc_iters, self.final_dc_prior)
         coils = stacked_ifft_w(kspace)  # (2, W, B, C, H)
         return torch.sqrt((coils * coils).sum(dim=(0, 3))).permute(1, 2, 0)
 
     def _cascades(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None
-    ) -> tuple[torch.Tensor, bool]:
-        """Sensitivities, then the cascades: ``(prediction (B, C, H, W, 2), hybrid)``, the prediction in hybrid
-        space when ``hybrid`` (line mask, torch backend), else in k-space."""
+    ) -> tuple[torch.Tensor, bool, torch.Tensor]:
+        """Sensitivities, then the cascades: ``(prediction (B, C, H, W, 2), hybrid, reference)``, the
+        prediction and the measured data ``reference`` in hybrid space when ``hybrid`` (line mask, torch backend),
+        else in k-space."""
         _check_inputs(masked_kspace, mask)
         mask = mask.to(masked_kspace.dtype)
         sens_maps = self.sens_net(masked_kspace, mask, num_low_frequencies)
@@ -379,4 +412,4 @@ class VarNet(nn.Module):
                 prediction = checkpoint(cascade, prediction, reference, mask, sens_maps, hybrid, use_reentrant=False)
             else:
                 prediction = cascade(prediction, reference, mask, sens_maps, hybrid)
-        return prediction, hybrid
+        return prediction, hybrid, reference

@@ -4,7 +4,15 @@ Everything here works on fastMRI's real layout ``(..., H, W, 2)`` (last axis = r
 """
 
 from reconkit.ops.backend import resolve_backend, triton_available
-from reconkit.ops.coils import data_consistency, planar_sens_expand, planar_sens_reduce, sens_expand, sens_reduce
+from reconkit.ops.coils import (
+    data_consistency,
+    planar_sens_expand,
+    planar_sens_reduce,
+    sens_expand,
+    sens_reduce,
+    stacked_sens_expand,
+    stacked_sens_reduce,
+)
 from reconkit.ops.complex import (
     as_complex,
     complex_abs,
@@ -48,6 +56,8 @@ __all__ = [
     "rss_complex",
     "sens_expand",
     "sens_reduce",
+    "stacked_sens_expand",
+    "stacked_sens_reduce",
     "planar_sens_expand",
     "planar_sens_reduce",
     "data_consistency",

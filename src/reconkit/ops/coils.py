@@ -17,10 +17,13 @@ import torch
 
 from reconkit.ops.backend import resolve_backend
 from reconkit.ops.complex import as_complex, complex_conj, complex_mul, native_complex_ok, pair_factor
-from reconkit.ops.dft_matmul import centred_fft_matmul_planar, planar_mul
+from reconkit.ops.dft_matmul import centred_fft_matmul_planar, planar_mul, stacked_fft_w, stacked_ifft_w
 from reconkit.ops.fft import centering_modulation, current_fft_impl, fftc, ifftc
 
-__all__ = ["sens_expand", "sens_reduce", "data_consistency", "planar_sens_expand", "planar_sens_reduce"]
+__all__ = [
+    "sens_expand", "sens_reduce", "data_consistency", "planar_sens_expand", "planar_sens_reduce", "stacked_sens_expand",
+    "stacked_sens_reduce",
+]
 
 
 def _fft_dims(hybrid: bool) -> tuple[int, ...]:
@@ -152,3 +155,16 @@ def data_consistency(
 
         return triton_kernels.data_consistency(kspace, ref_kspace, mask, weight_t)
     return kspace - (kspace - ref_kspace) * pair_factor(mask.to(kspace.dtype) * weight_t)
+
+
+def stacked_sens_reduce(kspace: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Export path, stacked W-major layout (:func:`reconkit.ops.dft_matmul.stacked_fft_w`): ``Σ_c conj(S_c)·F_Wᴴ k_c``
+    of ``(f₁, 2, f₂, B, C, H)`` hybrid k → ``(2, W, B, H)``; ``maps`` are ``[S_re; S_im]`` and ``[−S_im; S_re]``,
+    each ``(2, W, B, C, H)``."""
+    coils = stacked_ifft_w(kspace)  # (2, W, B, C, H)
+    return torch.stack(((coils * maps[0]).sum(dim=(0, 3)), (coils * maps[1]).sum(dim=(0, 3))))
+
+
+def stacked_sens_expand(image: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Export path, stacked layout: ``F_W(S_c·x)`` of a ``(2, W, B, 1, H)`` image → ``(f₁, 2, f₂, B, C, H)``."""
+    return stacked_fft_w(image[:1] * maps[0] + image[1:] * maps[1])

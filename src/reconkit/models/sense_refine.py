@@ -1,0 +1,150 @@
+"""A SENSE data-consistency step after an unrolled network: the cascades' k-space, corrected towards the data.
+
+The cascades of a VarNet enforce the measured data softly, coil by coil. On data unlike its training data (other
+anatomy, more coils, higher SNR) a small network leaves part of the coil redundancy unused: CG-SENSE then beats it.
+This step solves, per slice, the regularised SENSE problem around the network's image (MoDL's data-consistency
+block, here with a noise-adaptive weight and no learned weights)::
+
+    x = argmin_x ‖M F S x − y‖² + λ ‖x − x₀‖²,     x₀ = Sᴴ F⁻¹ k_net,
+
+by conjugate gradient from ``x₀`` with ``S`` the ACS sensitivity maps (:func:`reconkit.models.classical
+.estimate_sens_maps_acs`, as CG-SENSE). It returns ``k_net + F S (x − x₀)``: the network's coil k-space plus the
+SENSE-consistent correction. So for λ → ∞ the output is the network's own, and the coil-specific part of the
+network's k-space (what ``S x`` cannot express) is kept. The caller takes the RSS image as before.
+
+``λ = σ̂² / (ρ · P)`` per slice is the MAP weight for data noise of variance ``σ̂²`` and a network error of
+variance ``ρ · P``:
+
+* ``σ̂²`` is the mean ``|k_net − y|²`` on the measured samples, the cascades' misfit to the data: mostly noise,
+  because they denoise.
+* ``P`` is the mean ``|x₀|²`` over the image.
+* ``ρ`` (``prior``, the network's relative error variance) is the one setting.
+
+So noisy scans trust the network and clean ones the data, with no knowledge of the noise level.
+
+Three layouts, one algorithm: :func:`refine_kspace` (eager, ``(B, C, H, W, 2)``, k-space or hybrid space) and
+the export path's :func:`refine_planar` / :func:`refine_stacked` (docs/export.md). In hybrid space ``AᴴA =
+Sᴴ F_Wᴴ M F_W S``: the readout transform cancels, so every iteration needs 1D FFTs along W only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reconkit.ops import (
+    conjugate_gradient,
+    planar_sens_expand,
+    planar_sens_reduce,
+    sens_expand,
+    sens_reduce,
+    stacked_sens_expand,
+    stacked_sens_reduce,
+)
+
+__all__ = ["noise_adaptive_weight", "refine_kspace", "refine_planar", "refine_stacked"]
+
+
+def noise_adaptive_weight(
+    residual_sq: torch.Tensor, samples: torch.Tensor, image_sq: torch.Tensor, pixels: int, prior: float
+) -> torch.Tensor:
+    """``λ = σ̂² / (ρ · P)`` per batch item: ``residual_sq`` ``(B,)`` summed ``|k_net − y|²`` over ``samples``
+    measured complex samples, ``image_sq`` ``(B,)`` summed ``|x₀|²`` over ``pixels`` pixels, ``ρ = prior``."""
+    tiny = torch.finfo(residual_sq.dtype).tiny
+    noise = residual_sq / samples.clamp_min(1)
+    power = image_sq / pixels
+    return noise / (prior * power).clamp_min(tiny)
+
+
+def refine_kspace(
+    prediction: torch.Tensor,
+    reference: torch.Tensor,
+    mask: torch.Tensor,
+    sens_maps: torch.Tensor,
+    hybrid: bool,
+    iters: int,
+    prior: float,
+) -> torch.Tensor:
+    """The step on ``(B, C, H, W, 2)`` network k-space ``prediction`` and measured ``reference`` (hybrid space when
+    ``hybrid``), ``mask (B, 1, 1, W, 1)`` or ``(B, 1, H, W, 1)``, maps ``(B, C, H, W, 2)`` → corrected k-space."""
+    batch, coils, height, width, _ = prediction.shape
+    start = sens_reduce(prediction, sens_maps, hybrid=hybrid)  # (B, 1, H, W, 2)
+    samples = mask.expand(batch, 1, height, width, 1).sum(dim=(1, 2, 3, 4)) * coils
+    residual = (((prediction - reference) * mask) ** 2).sum(dim=(1, 2, 3, 4))
+    weight = noise_adaptive_weight(residual, samples, (start**2).sum(dim=(1, 2, 3, 4)), height * width, prior)
+    weight = weight.view(-1, 1, 1, 1, 1)
+
+    def normal(image: torch.Tensor) -> torch.Tensor:
+        return sens_reduce(sens_expand(image, sens_maps, hybrid=hybrid) * mask, sens_maps, hybrid=hybrid) \
+            + weight * image
+
+    rhs = sens_reduce(reference * mask, sens_maps, hybrid=hybrid) + weight * start
+    image = conjugate_gradient(normal, rhs, x0=start, max_iter=iters)
+    return prediction + sens_expand(image - start, sens_maps, hybrid=hybrid)
+
+
+def refine_planar(
+    parts: tuple[torch.Tensor, torch.Tensor],
+    reference: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    map_parts: tuple[torch.Tensor, torch.Tensor],
+    dims: tuple[int, ...],
+    iters: int,
+    prior: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Export path: :func:`refine_kspace` on planar ``(B, C, H, W)`` parts with the MatMul FFT along ``dims``;
+    ``mask (B, 1, 1, W)`` or ``(B, 1, H, W)``; the image iterates as ``(B, 2, H, W)``."""
+    (re, im), (ref_re, ref_im) = parts, reference
+    batch, coils, height, width = re.shape
+
+    def reduce(k_re: torch.Tensor, k_im: torch.Tensor) -> torch.Tensor:
+        return torch.cat(planar_sens_reduce(k_re, k_im, *map_parts, dims), dim=1)
+
+    def expand(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return planar_sens_expand(image[:, :1], image[:, 1:], *map_parts, dims)
+
+    start = reduce(re, im)
+    samples = mask.expand(batch, 1, height, width).sum(dim=(1, 2, 3)) * coils
+    residual = (((re - ref_re) * mask) ** 2 + ((im - ref_im) * mask) ** 2).sum(dim=(1, 2, 3))
+    weight = noise_adaptive_weight(residual, samples, (start**2).sum(dim=(1, 2, 3)), height * width, prior)
+    weight = weight.view(-1, 1, 1, 1)
+
+    def normal(image: torch.Tensor) -> torch.Tensor:
+        k_re, k_im = expand(image)
+        return reduce(k_re * mask, k_im * mask) + weight * image
+
+    image = conjugate_gradient(normal, reduce(ref_re * mask, ref_im * mask) + weight * start, x0=start,
+                               max_iter=iters)
+    d_re, d_im = expand(image - start)
+    return re + d_re, im + d_im
+
+
+def refine_stacked(
+    kspace: torch.Tensor,
+    masked_ref: torch.Tensor,
+    line: torch.Tensor,
+    maps: tuple[torch.Tensor, torch.Tensor],
+    iters: int,
+    prior: float,
+) -> torch.Tensor:
+    """Export path, line masks: :func:`refine_kspace` on the stacked W-major layout (``VarNetBlock.forward_stacked``):
+    ``kspace`` / ``masked_ref`` ``(f₁, 2, f₂, B, C, H)``, ``line (f₁, 1, f₂, B, 1, 1)``, maps ``(2, W, B, C, H)``
+    as ``[S_re; S_im]`` and ``[−S_im; S_re]``. The image iterates batch first as ``(B, 2, W, 1, H)``."""
+    f1, _, f2, batch, coils, height = kspace.shape
+
+    def reduce(k: torch.Tensor) -> torch.Tensor:  # → (B, 2, W, 1, H)
+        return stacked_sens_reduce(k, maps).permute(2, 0, 1, 3).unsqueeze(3)
+
+    def expand(image: torch.Tensor) -> torch.Tensor:  # (B, 2, W, 1, H) → (f₁, 2, f₂, B, C, H)
+        return stacked_sens_expand(image.permute(1, 2, 0, 3, 4), maps)
+
+    start = reduce(kspace)
+    samples = line.sum(dim=(0, 1, 2, 4, 5)) * coils * height
+    residual = (((kspace - masked_ref) * line) ** 2).sum(dim=(0, 1, 2, 4, 5))
+    weight = noise_adaptive_weight(residual, samples, (start**2).sum(dim=(1, 2, 3, 4)), f1 * f2 * height, prior)
+    weight = weight.view(-1, 1, 1, 1, 1)
+
+    def normal(image: torch.Tensor) -> torch.Tensor:
+        return reduce(expand(image) * line) + weight * image
+
+    image = conjugate_gradient(normal, reduce(masked_ref) + weight * start, x0=start, max_iter=iters)
+    return kspace + expand(image - start)
