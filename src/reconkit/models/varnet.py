@@ -40,7 +40,6 @@ from reconkit.ops import (
 from reconkit.ops.dft_matmul import (
     centred_fft_matmul_planar,
     stacked_factors,
-    stacked_fft_w,
     stacked_ifft_w,
     to_stacked_kspace,
 )
