@@ -274,3 +274,13 @@ def test_training_masks_change_with_epoch_but_repeat_for_the_same_epoch(sim_root
     assert not torch.equal(dataset[n].mask, first)  # index n = sample 0 of epoch 1
     assert dataset[n].fname == dataset[0].fname and dataset[n].slice_num == dataset[0].slice_num
     assert torch.equal(dataset[0].mask, first)
+
+
+def test_varnet_module_passes_the_sense_step_to_the_model_and_checkpoint():
+    module = VarNetModule(num_cascades=1, chans=2, pools=1, sens_chans=2, sens_pools=1, final_dc_iters=3,
+                          final_dc_prior=0.1)
+    assert (module.model.final_dc_iters, module.model.final_dc_prior) == (3, 0.1)
+    assert module.model_kwargs["final_dc_iters"] == 3 and module.hparams.final_dc_iters == 3  # checkpoint entry
+    plain = VarNetModule(num_cascades=1, chans=2, pools=1, sens_chans=2, sens_pools=1)
+    assert plain.model.final_dc_iters == 0 and "final_dc_iters" not in plain.model_kwargs
+    assert module.model.state_dict().keys() == plain.model.state_dict().keys()  # the step has no weights

@@ -82,6 +82,8 @@ class VarNetModule(KspaceModule):
         sens_pools: int = 4,
         checkpoint_cascades: bool = False,
         init_scale: float = 1.0,
+        final_dc_iters: int = 0,
+        final_dc_prior: float = 0.05,
         **kwargs: Any,
     ):
         """
@@ -95,6 +97,8 @@ class VarNetModule(KspaceModule):
                 less memory, ~30% more compute).
             init_scale: scale of each cascade's last convolution at initialisation (0.1 starts training close
                 to plain data consistency, which helps short CPU runs; 1.0 is fastMRI's initialisation).
+            final_dc_iters, final_dc_prior: the SENSE data-consistency step after the cascades
+                (:mod:`reconkit.models.sense_refine`; 0 iterations: off, as fastMRI). Trained through when on.
             **kwargs: :class:`ReconModule` arguments (loss, lr, lr_scheduler, ...).
         """
         model_kwargs = dict(num_cascades=num_cascades, chans=chans, pools=pools, sens_chans=sens_chans,
@@ -103,6 +107,8 @@ class VarNetModule(KspaceModule):
             model_kwargs["checkpoint_cascades"] = True
         if init_scale != 1.0:  # only matters when the weights are initialised, kept for the record
             model_kwargs["init_scale"] = init_scale
+        if final_dc_iters:
+            model_kwargs.update(final_dc_iters=final_dc_iters, final_dc_prior=final_dc_prior)
         super().__init__(model_type="varnet", model_kwargs=model_kwargs, **kwargs)
 
 
