@@ -73,12 +73,7 @@ class ServerConfig:
             return None
         if self.tls_cert is None or self.tls_key is None:
             raise ReconkitError("TLS needs both a certificate (tls_cert) and its private key (tls_key)")
-        pems = []
-        for path in (self.tls_key, self.tls_cert):
-            try:
-                pems.append(Path(path).read_bytes())
-            except OSError as exc:
-                raise ReconkitError(f"{path}: cannot read TLS file: {exc.strerror or exc}") from None
+        pems = [_read_tls_file(path) for path in (self.tls_key, self.tls_cert)]
         try:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.tls_cert, self.tls_key)
         except ssl.SSLError as exc:
@@ -98,15 +93,20 @@ class ServerConfig:
             raise ReconkitError("mutual TLS (tls_client_ca) needs the server's own certificate and key "
                                 "(tls_cert, tls_key)")
         path = Path(self.tls_client_ca)
-        try:
-            pem = path.read_bytes()
-        except OSError as exc:
-            raise ReconkitError(f"{path}: cannot read TLS file: {exc.strerror or exc}") from None
+        pem = _read_tls_file(path)
         try:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_verify_locations(cadata=pem.decode("ascii"))
         except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
             raise ReconkitError(f"{path}: not a PEM CA certificate: {getattr(exc, 'reason', None) or exc}") from None
         return pem
+
+
+def _read_tls_file(path: Path | str) -> bytes:
+    """The bytes of a PEM file; ReconkitError naming it when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ReconkitError(f"{path}: cannot read TLS file: {exc.strerror or exc}") from None
 
 
 def bearer_token_ok(authorization: str, token: str) -> bool:
