@@ -62,8 +62,7 @@ def run_demo(output: Path, model: Path, seed: int = 0) -> list[DemoRow]:
     mask, _ = volume_mask(volume, MASK["mask_type"], MASK["acceleration"], MASK["center_fraction"], seed=None)
     rows, results = [], {}
     for method, name in (("zero-filled", "zero-filled"), ("CG-SENSE", "cg-sense"), ("VarNet (ONNX)", str(model))):
-        onnx = name == str(model)
-        reconstructor = load_reconstructor(name, backend="onnx" if onnx else None, torch_fallback=False)
+        reconstructor = load_reconstructor(name, backend="onnx" if name == str(model) else None, torch_fallback=False)
         result = reconstruct_volume(volume, reconstructor, mask, batch_size=2)
         results[method] = result
         write_outputs(volume, result, output / method.split(" ")[0].lower(), ["h5"], reconstructor.name)

@@ -8,6 +8,7 @@ volume (stored, detected from empty columns, or retrospective and seeded from th
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +50,9 @@ class Reconstructor:
         backend: ``"torch"`` or ``"onnx"``.
         mask_defaults: ``mask_type`` / ``acceleration`` / ``center_fraction`` the model was trained with, if known.
         spatial_sizes: k-space ``(H, W)`` an ONNX graph was specialised for; None when any size works.
-        fallback: builds the same model's PyTorch ``run`` for the sizes outside ``spatial_sizes`` (from the ONNX
-            file's own weights); None when there is none (then those sizes are an error). Built once, when first
-            needed.
+        fallback: returns the same model's PyTorch ``run`` for the sizes outside ``spatial_sizes`` (from the ONNX
+            file's own weights, built on the first call and cached); None when there is none (then those sizes
+            are an error).
     """
 
     name: str
@@ -60,9 +61,6 @@ class Reconstructor:
     mask_defaults: dict = field(default_factory=dict)
     spatial_sizes: Optional[list[tuple[int, int]]] = None
     fallback: Optional[Callable[[], Callable[[np.ndarray, np.ndarray], np.ndarray]]] = None
-    _fallback_run: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = field(
-        default=None, init=False, repr=False
-    )
 
     def runner_for(
         self, path: Path, height: int, width: int
@@ -81,9 +79,7 @@ class Reconstructor:
                 f"k-space is {height}x{width} but the ONNX model {self.name} only takes {sizes} (re-export with "
                 f"`reconkit export --size {height} {width}`, or run the checkpoint with --backend torch)",
             )
-        if self._fallback_run is None:
-            self._fallback_run = self.fallback()
-        return self._fallback_run, (
+        return self.fallback(), (
             f"ran in PyTorch: {height}x{width} is not a size of the ONNX graph ({sizes}); "
             f"`reconkit export --size {height} {width}` adds it"
         )
@@ -136,6 +132,7 @@ def _onnx_reconstructor(path: Path, device: str, threads: Optional[int], torch_f
     def run(masked_kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return session.run(["image"], {"masked_kspace": masked_kspace, "mask": mask})[0]
 
+    @functools.cache  # the model is rebuilt once, when a size outside the graph first comes
     def torch_run() -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         return _torch_runner(load_onnx_as_torch(path), device)
 
