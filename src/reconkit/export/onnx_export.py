@@ -431,15 +431,24 @@ def load_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         ExportError: the file is missing or not an ONNX model.
     """
+    path = Path(path)
+    return _decoded_metadata(_read_onnx(path, load_external_data=False), path)
+
+
+def _read_onnx(path: Path, load_external_data: bool = True):
+    """The ``onnx.ModelProto`` of ``path``; ExportError naming the file when it is missing or not ONNX."""
     import onnx
 
-    path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: ONNX model not found")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:
         raise ExportError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
+
+
+def _decoded_metadata(proto, path: Path) -> dict[str, Any]:
+    """:func:`load_onnx_metadata` of an already read ``proto`` (``path`` names it in errors)."""
     metadata: dict[str, Any] = {}
     for entry in proto.metadata_props:
         value: Any = entry.value

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reconkit.export.onnx_export import WEIGHT_PREFIX, ExportError, contract_model, load_onnx_metadata
+from reconkit.export.onnx_export import WEIGHT_PREFIX, ExportError, _decoded_metadata, _read_onnx, contract_model
 
 __all__ = ["load_onnx_as_torch"]
 
@@ -32,14 +32,14 @@ def load_onnx_as_torch(path: str | os.PathLike) -> torch.nn.Module:
             this key existed), names an unknown model type, or its initialisers do not hold every weight of that
             model with the right shape. The message names the file.
     """
-    import onnx
     from onnx import numpy_helper
 
     from reconkit.models import build_model
     from reconkit.models.registry import ModelConfigError
 
     path = Path(path)
-    metadata = load_onnx_metadata(path)
+    proto = _read_onnx(path)  # read once: the metadata and the weights
+    metadata = _decoded_metadata(proto, path)
     model_type, model_kwargs = metadata.get("reconkit.model_type"), metadata.get("reconkit.model_kwargs")
     if not isinstance(model_kwargs, dict):
         raise ExportError(f"{path}: no 'reconkit.model_kwargs' metadata, so its weights cannot be rebuilt in PyTorch "
@@ -49,7 +49,7 @@ def load_onnx_as_torch(path: str | os.PathLike) -> torch.nn.Module:
     except ModelConfigError as exc:
         raise ExportError(f"{path}: {exc}") from exc
     aliases = metadata.get("reconkit.weight_aliases") or {}
-    initialisers = {init.name: init for init in onnx.load(str(path)).graph.initializer}
+    initialisers = {init.name: init for init in proto.graph.initializer}
     state, missing, wrong = {}, [], []
     for key, expected in module.state_dict().items():
         init = initialisers.get(WEIGHT_PREFIX + str(aliases.get(key, key)))
