@@ -1,4 +1,5 @@
-"""Classical baselines (zero-filled, CG-SENSE, ACS and ESPIRiT-style sensitivity maps) on simulated multi-coil data."""
+"""Classical baselines (zero-filled, CG-SENSE, ACS and ESPIRiT-style sensitivity maps, ESPIRiT from MatMuls) on
+simulated multi-coil data."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from reconkit.models.classical import (
     estimate_sens_maps_espirit,
     zero_filled,
 )
+from reconkit.models.espirit_poly import estimate_sens_maps_espirit_poly
 from reconkit.ops import complex_abs, fft2c, rss_complex
 
 
@@ -183,3 +185,45 @@ def test_maps_per_batch_item_with_different_acs_widths():
     for estimate in (estimate_sens_maps_acs(kspace * mask, mask), estimate_sens_maps_espirit(kspace * mask, mask)):
         for item in range(2):
             assert phase_aligned_error(estimate[item], truth, support) < 0.05
+
+
+# ---- ESPIRiT from MatMuls (reconkit.models.espirit_poly) ----
+
+
+@pytest.mark.parametrize("coils,size,acs", [(8, (64, 48), 16), (12, (63, 45), 12), (4, (48, 64), 12)])
+def test_espirit_poly_maps_close_to_truth_and_to_the_eigen_version(coils, size, acs):
+    kspace, mask, _, maps, support = simulate(coils=coils, height=size[0], width=size[1], num_low_frequencies=acs)
+    estimate = estimate_sens_maps_espirit_poly(kspace, mask, grid_size=32)
+    assert estimate.shape == kspace.shape
+    torch.testing.assert_close(rss_complex(estimate[0], dim=0), torch.ones(size), rtol=1e-4, atol=1e-4)
+    truth = normalised(maps[0])
+    error = phase_aligned_error(estimate[0], truth, support)
+    assert error < 0.02
+    assert error < phase_aligned_error(estimate_sens_maps_acs(kspace, mask)[0], truth, support)
+    eigen = estimate_sens_maps_espirit(kspace, mask, grid_size=32, crop=0)
+    assert phase_aligned_error(estimate[0], eigen[0], support) < 0.02
+
+
+def test_espirit_poly_calibrates_each_batch_item_on_its_own_acs_lines():
+    kspace, _, _, maps, support = simulate(coils=8, height=64, width=48, batch=2)
+    # item 0 has 8 ACS lines, item 1 has 20: the fixed calibration block holds non-ACS lines for both
+    mask = torch.cat([equispaced_mask(48, 4, 8), equispaced_mask(48, 3, 20)])
+    together = estimate_sens_maps_espirit_poly(kspace * mask, mask)
+    truth = normalised(maps[0])
+    for item in range(2):
+        alone = estimate_sens_maps_espirit_poly(kspace[item : item + 1] * mask[item : item + 1], mask[item : item + 1])
+        torch.testing.assert_close(together[item], alone[0], rtol=1e-4, atol=1e-5)
+        assert phase_aligned_error(together[item], truth, support) < 0.05
+
+
+def test_espirit_poly_falls_back_to_acs_maps_for_a_narrow_acs_run_and_refuses_tiny_kspace():
+    kspace, _, _, maps, support = simulate(coils=6, height=48, width=40, batch=2)
+    mask = torch.cat([equispaced_mask(40, 4, 4), equispaced_mask(40, 4, 12)])  # item 0: 4 ACS lines < kernel 6
+    estimate = estimate_sens_maps_espirit_poly(kspace * mask, mask)
+    assert torch.isfinite(estimate).all()
+    torch.testing.assert_close(estimate[0], estimate_sens_maps_acs(kspace[:1] * mask[:1], mask[:1])[0])
+    alone = estimate_sens_maps_espirit_poly(kspace[1:] * mask[1:], mask[1:])
+    torch.testing.assert_close(estimate[1], alone[0], rtol=1e-4, atol=1e-5)
+    kspace, mask, *_ = simulate(coils=2, height=5, width=24, num_low_frequencies=8)
+    with pytest.raises(ReconkitError, match="smaller than the ESPIRiT kernel"):
+        estimate_sens_maps_espirit_poly(kspace, mask)

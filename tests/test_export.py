@@ -79,9 +79,11 @@ def test_varnet_graph_follows_the_contract(varnet_export) -> None:
                 assert len(tensors) == len(set(tensors))
 
 
-def test_varnet_with_final_sense_step_exports_with_parity(tmp_path) -> None:
+@pytest.mark.parametrize("step", [{"final_dc_iters": 6}, {"final_dc_iters": 4, "final_dc_maps": "espirit",
+                                                           "final_dc_wavelet": 0.3}])
+def test_varnet_with_final_sense_step_exports_with_parity(tmp_path, step) -> None:
     torch.manual_seed(5)
-    model = build_model("varnet", **VARNET_KWARGS, final_dc_iters=6, final_dc_prior=0.05).eval()
+    model = build_model("varnet", **VARNET_KWARGS, final_dc_prior=0.05, **step).eval()
     path = export_onnx(model, tmp_path / "dc.onnx", [(32, 24), (24, 72)])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch, coils, height, width in ((2, 3, 32, 24), (1, 4, 24, 72)):

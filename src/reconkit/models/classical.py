@@ -13,9 +13,11 @@ of the fully sampled RSS image (the fastMRI target).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -148,20 +150,28 @@ def _centre_crop_kspace(kspace: torch.Tensor, rows: int, cols: int) -> torch.Ten
     return kspace[..., top : top + rows, left : left + cols, :]
 
 
+@functools.lru_cache(maxsize=64)
+def _linear_interpolation(size: int, coarse_size: int) -> torch.Tensor:
+    """``(size, coarse_size)`` float32 matrix of linear interpolation weights: full-resolution index ``f`` lies
+    at coarse position ``(f − size // 2) · coarse_size / size + coarse_size // 2``, clamped to the end samples."""
+    position = (np.arange(size) - size // 2) * coarse_size / size + coarse_size // 2
+    position = np.clip(position, 0, coarse_size - 1)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, coarse_size - 1)
+    weights = np.zeros((size, coarse_size))
+    np.add.at(weights, (np.arange(size), low), 1 - (position - low))
+    np.add.at(weights, (np.arange(size), high), position - low)
+    return torch.from_numpy(weights.astype(np.float32))
+
+
 def _upsample_centred(coarse: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bilinear interpolation of ``(B, K, h, w)`` samples on a centred-FFT grid of the same field of view to
     ``(B, K, height, width)``: coarse pixel ``n`` lies at full-resolution index ``(n − h // 2) · height / h +
-    height // 2`` (clamped at the border)."""
-    batch, _, coarse_h, coarse_w = coarse.shape
-
-    def coordinate(size: int, coarse_size: int) -> torch.Tensor:
-        full = torch.arange(size, dtype=coarse.dtype, device=coarse.device)
-        position = (full - size // 2) * coarse_size / size + coarse_size // 2
-        return 2 * position / max(coarse_size - 1, 1) - 1
-
-    grid_y, grid_x = torch.meshgrid(coordinate(height, coarse_h), coordinate(width, coarse_w), indexing="ij")
-    grid = torch.stack((grid_x, grid_y), dim=-1).expand(batch, height, width, 2)
-    return F.grid_sample(coarse, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    height // 2`` (clamped at the border). Separable: two MatMuls with constant weight matrices (cheaper than a
+    grid sample in ONNX Runtime)."""
+    rows = _linear_interpolation(height, int(coarse.shape[-2])).to(coarse)
+    cols = _linear_interpolation(width, int(coarse.shape[-1])).to(coarse)
+    return rows @ coarse @ cols.t()
 
 
 def _calibration_region(

@@ -31,28 +31,67 @@ from __future__ import annotations
 
 import torch
 
+from collections.abc import Callable
+
 from reconkit.ops import (
     conjugate_gradient,
+    fista,
+    haar_soft_threshold,
     planar_sens_expand,
     planar_sens_reduce,
     sens_expand,
     sens_reduce,
     stacked_sens_expand,
     stacked_sens_reduce,
+    wavelet_shifts,
 )
 
-__all__ = ["noise_adaptive_weight", "refine_kspace", "refine_planar", "refine_stacked"]
+__all__ = ["WAVELET_LEVELS", "noise_adaptive_weight", "refine_kspace", "refine_planar", "refine_stacked"]
+
+WAVELET_LEVELS = 4  # Haar levels of the optional L1-wavelet term
 
 
 def noise_adaptive_weight(
     residual_sq: torch.Tensor, samples: torch.Tensor, image_sq: torch.Tensor, pixels: int, prior: float
-) -> torch.Tensor:
-    """``λ = σ̂² / (ρ · P)`` per batch item: ``residual_sq`` ``(B,)`` summed ``|k_net − y|²`` over ``samples``
-    measured complex samples, ``image_sq`` ``(B,)`` summed ``|x₀|²`` over ``pixels`` pixels, ``ρ = prior``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(λ, σ̂²)`` per batch item, ``λ = σ̂² / (ρ · P)``: ``residual_sq`` ``(B,)`` summed ``|k_net − y|²`` over
+    ``samples`` measured complex samples (``σ̂²`` its mean), ``image_sq`` ``(B,)`` summed ``|x₀|²`` over ``pixels``
+    pixels, ``ρ = prior``."""
     tiny = torch.finfo(residual_sq.dtype).tiny
     noise = residual_sq / samples.clamp_min(1)
     power = image_sq / pixels
-    return noise / (prior * power).clamp_min(tiny)
+    return noise / (prior * power).clamp_min(tiny), noise
+
+
+def _solve(
+    normal: Callable[[torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor,
+    start: torch.Tensor,
+    weight: torch.Tensor,
+    noise: torch.Tensor,
+    iters: int,
+    wavelet: float,
+    split: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    join: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    w_first: bool = False,
+) -> torch.Tensor:
+    """The step's image: CG on ``normal(x) = rhs`` (``wavelet = 0``), else FISTA with the L1-Haar term, threshold
+    ``κ · σ̂`` (``κ = wavelet``) per unit step. ``weight`` / ``noise`` ``(B, 1, …)`` broadcast against the image;
+    ``split`` gives its ``(re, im)`` parts with (H, W) as the last two axes (``w_first``: (W, H); the Haar
+    transform is the same up to the order of its bands, so only the cyclic shift is swapped), ``join`` the
+    inverse."""
+    if not wavelet:
+        return conjugate_gradient(normal, rhs, x0=start, max_iter=iters)
+    step = 1 / (1 + weight)  # 1 / ‖AᴴA + λ‖: unit-RSS maps and a 0/1 mask give ‖A‖ ≤ 1
+    threshold = step * wavelet * torch.sqrt(noise)
+
+    def prox(image: torch.Tensor, iteration: int) -> torch.Tensor:
+        re, im = split(image)
+        tau = threshold.reshape((-1,) + (1,) * (re.ndim - 1))
+        shift = wavelet_shifts(iteration)
+        return join(*haar_soft_threshold(re, im, tau, WAVELET_LEVELS, shift[::-1] if w_first else shift))
+
+    return fista(normal, rhs, start, step, prox, max_iter=iters)
 
 
 def refine_kspace(
@@ -63,22 +102,25 @@ def refine_kspace(
     hybrid: bool,
     iters: int,
     prior: float,
+    wavelet: float = 0.0,
 ) -> torch.Tensor:
     """The step on ``(B, C, H, W, 2)`` network k-space ``prediction`` and measured ``reference`` (hybrid space when
-    ``hybrid``), ``mask (B, 1, 1, W, 1)`` or ``(B, 1, H, W, 1)``, maps ``(B, C, H, W, 2)`` → corrected k-space."""
+    ``hybrid``), ``mask (B, 1, 1, W, 1)`` or ``(B, 1, H, W, 1)``, maps ``(B, C, H, W, 2)`` → corrected k-space.
+    ``wavelet`` ``κ > 0`` adds the L1-Haar term (solved by FISTA instead of CG)."""
     batch, coils, height, width, _ = prediction.shape
     start = sens_reduce(prediction, sens_maps, hybrid=hybrid)  # (B, 1, H, W, 2)
     samples = mask.expand(batch, 1, height, width, 1).sum(dim=(1, 2, 3, 4)) * coils
     residual = (((prediction - reference) * mask) ** 2).sum(dim=(1, 2, 3, 4))
-    weight = noise_adaptive_weight(residual, samples, (start**2).sum(dim=(1, 2, 3, 4)), height * width, prior)
-    weight = weight.view(-1, 1, 1, 1, 1)
+    weight, noise = noise_adaptive_weight(residual, samples, (start**2).sum(dim=(1, 2, 3, 4)), height * width, prior)
+    weight, noise = weight.view(-1, 1, 1, 1, 1), noise.view(-1, 1, 1, 1, 1)
 
     def normal(image: torch.Tensor) -> torch.Tensor:
         return sens_reduce(sens_expand(image, sens_maps, hybrid=hybrid) * mask, sens_maps, hybrid=hybrid) \
             + weight * image
 
     rhs = sens_reduce(reference * mask, sens_maps, hybrid=hybrid) + weight * start
-    image = conjugate_gradient(normal, rhs, x0=start, max_iter=iters)
+    image = _solve(normal, rhs, start, weight, noise, iters, wavelet, lambda x: (x[..., 0], x[..., 1]),
+                   lambda re, im: torch.stack((re, im), dim=-1))
     return prediction + sens_expand(image - start, sens_maps, hybrid=hybrid)
 
 
@@ -90,6 +132,7 @@ def refine_planar(
     dims: tuple[int, ...],
     iters: int,
     prior: float,
+    wavelet: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Export path: :func:`refine_kspace` on planar ``(B, C, H, W)`` parts with the MatMul FFT along ``dims``;
     ``mask (B, 1, 1, W)`` or ``(B, 1, H, W)``; the image iterates as ``(B, 2, H, W)``."""
@@ -105,15 +148,15 @@ def refine_planar(
     start = reduce(re, im)
     samples = mask.expand(batch, 1, height, width).sum(dim=(1, 2, 3)) * coils
     residual = (((re - ref_re) * mask) ** 2 + ((im - ref_im) * mask) ** 2).sum(dim=(1, 2, 3))
-    weight = noise_adaptive_weight(residual, samples, (start**2).sum(dim=(1, 2, 3)), height * width, prior)
-    weight = weight.view(-1, 1, 1, 1)
+    weight, noise = noise_adaptive_weight(residual, samples, (start**2).sum(dim=(1, 2, 3)), height * width, prior)
+    weight, noise = weight.view(-1, 1, 1, 1), noise.view(-1, 1, 1, 1)
 
     def normal(image: torch.Tensor) -> torch.Tensor:
         k_re, k_im = expand(image)
         return reduce(k_re * mask, k_im * mask) + weight * image
 
-    image = conjugate_gradient(normal, reduce(ref_re * mask, ref_im * mask) + weight * start, x0=start,
-                               max_iter=iters)
+    image = _solve(normal, reduce(ref_re * mask, ref_im * mask) + weight * start, start, weight, noise, iters,
+                   wavelet, lambda x: (x[:, :1], x[:, 1:]), lambda re, im: torch.cat((re, im), dim=1))
     d_re, d_im = expand(image - start)
     return re + d_re, im + d_im
 
@@ -125,6 +168,7 @@ def refine_stacked(
     maps: tuple[torch.Tensor, torch.Tensor],
     iters: int,
     prior: float,
+    wavelet: float = 0.0,
 ) -> torch.Tensor:
     """Export path, line masks: :func:`refine_kspace` on the stacked W-major layout (``VarNetBlock.forward_stacked``):
     ``kspace`` / ``masked_ref`` ``(f₁, 2, f₂, B, C, H)``, ``line (f₁, 1, f₂, B, 1, 1)``, maps ``(2, W, B, C, H)``
@@ -140,11 +184,19 @@ def refine_stacked(
     start = reduce(kspace)
     samples = line.sum(dim=(0, 1, 2, 4, 5)) * coils * height
     residual = (((kspace - masked_ref) * line) ** 2).sum(dim=(0, 1, 2, 4, 5))
-    weight = noise_adaptive_weight(residual, samples, (start**2).sum(dim=(1, 2, 3, 4)), f1 * f2 * height, prior)
-    weight = weight.view(-1, 1, 1, 1, 1)
+    weight, noise = noise_adaptive_weight(residual, samples, (start**2).sum(dim=(1, 2, 3, 4)), f1 * f2 * height,
+                                          prior)
+    weight, noise = weight.view(-1, 1, 1, 1, 1), noise.view(-1, 1, 1, 1, 1)
 
     def normal(image: torch.Tensor) -> torch.Tensor:
         return reduce(expand(image) * line) + weight * image
 
-    image = conjugate_gradient(normal, reduce(masked_ref) + weight * start, x0=start, max_iter=iters)
+    def split(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, 2, W, 1, H) → (B, 1, W, H) ×2
+        return image[:, :1, :, 0], image[:, 1:, :, 0]
+
+    def join(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+        return torch.cat((re, im), dim=1).unsqueeze(3)
+
+    image = _solve(normal, reduce(masked_ref) + weight * start, start, weight, noise, iters, wavelet, split, join,
+                   w_first=True)
     return kspace + expand(image - start)

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from reconkit.models.unet import NormUnet, tracing
 from reconkit.models.classical import estimate_sens_maps_acs
+from reconkit.models.espirit_poly import estimate_sens_maps_espirit_poly
 from reconkit.models.sense_refine import refine_kspace, refine_planar, refine_stacked
 from reconkit.ops import (
     current_fft_impl,
@@ -44,7 +45,10 @@ from reconkit.ops.dft_matmul import (
     to_stacked_kspace,
 )
 
-__all__ = ["SensitivityModel", "VarNet", "VarNetBlock", "low_frequency_window"]
+__all__ = ["STEP_MAPS", "SensitivityModel", "VarNet", "VarNetBlock", "low_frequency_window"]
+
+# sensitivity-map estimators the SENSE step after the cascades can use (VarNet(final_dc_maps=...))
+STEP_MAPS = {"acs": estimate_sens_maps_acs, "espirit": estimate_sens_maps_espirit_poly}
 
 
 def _leading_ones(mask_lines: torch.Tensor) -> torch.Tensor:
@@ -273,6 +277,13 @@ class VarNet(nn.Module):
             fastmri): off. It has no weights, so it can be switched on for a trained model.
         final_dc_prior: ``ρ`` of that step, the network image's relative error variance: smaller trusts the data
             more.
+        final_dc_maps: the step's sensitivity maps: ``"acs"`` (low-pass ACS coil images over their RSS, as
+            CG-SENSE) or ``"espirit"`` (:func:`reconkit.models.espirit_poly.estimate_sens_maps_espirit_poly`,
+            ESPIRiT from MatMuls, exportable; far more accurate where the object has edges, about 0.07 s per slice
+            at 8 coils).
+        final_dc_wavelet: ``κ`` of an optional L1 term on the step's image in an orthonormal 4-level Haar basis
+            (cycle-spun), threshold ``κ · σ̂`` with ``σ̂`` the noise level the step estimates; the step then runs
+            ``final_dc_iters`` FISTA iterations instead of CG. 0 (the default): no such term.
 
     ``forward(masked_kspace (B, C, H, W, 2), mask (B, 1, 1, W, 1), num_low_frequencies=None) -> (B, H, W)``:
     root-sum-of-squares magnitude at the full encoded size. ``mask`` may be bool or float 0/1.
@@ -297,13 +308,18 @@ class VarNet(nn.Module):
         init_scale: float = 1.0,
         final_dc_iters: int = 0,
         final_dc_prior: float = 0.05,
+        final_dc_maps: str = "acs",
+        final_dc_wavelet: float = 0.0,
     ):
         super().__init__()
-        if final_dc_iters < 0 or final_dc_prior <= 0:
-            raise ValueError(f"VarNet: final_dc_iters must be >= 0 and final_dc_prior > 0; got {final_dc_iters}, "
-                             f"{final_dc_prior}")
+        if final_dc_iters < 0 or final_dc_prior <= 0 or final_dc_wavelet < 0:
+            raise ValueError(f"VarNet: final_dc_iters must be >= 0, final_dc_prior > 0 and final_dc_wavelet >= 0; "
+                             f"got {final_dc_iters}, {final_dc_prior}, {final_dc_wavelet}")
+        if final_dc_maps not in STEP_MAPS:
+            raise ValueError(f"VarNet: final_dc_maps must be one of {sorted(STEP_MAPS)}; got {final_dc_maps!r}")
         self.checkpoint_cascades = checkpoint_cascades
         self.final_dc_iters, self.final_dc_prior = int(final_dc_iters), float(final_dc_prior)
+        self.final_dc_maps, self.final_dc_wavelet = final_dc_maps, float(final_dc_wavelet)
         self.sens_net = SensitivityModel(chans=sens_chans, num_pools=sens_pools, drop_prob=drop_prob,
                                          mask_center=mask_center)
         self.cascades = nn.ModuleList(
@@ -324,17 +340,16 @@ class VarNet(nn.Module):
             return self._export_forward(masked_kspace, mask, num_low_frequencies)
         prediction, hybrid, reference = self._cascades(masked_kspace, mask, num_low_frequencies)
         if self.final_dc_iters:
-            maps = self._acs_maps(masked_kspace, mask, num_low_frequencies)
+            maps = self._step_maps(masked_kspace, mask, num_low_frequencies)
             prediction = refine_kspace(prediction, reference, mask.to(prediction.dtype), maps, hybrid,
-                                       self.final_dc_iters, self.final_dc_prior)
+                                       self.final_dc_iters, self.final_dc_prior, self.final_dc_wavelet)
         coil_images = ifftc(prediction, (-1,)) if hybrid else ifft2c(prediction)
         return rss_complex(coil_images, dim=1)
 
-    @staticmethod
-    def _acs_maps(masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies) -> torch.Tensor:
-        """ACS sensitivity maps ``(B, C, H, W, 2)`` for the ``final_dc_iters`` step (as CG-SENSE's)."""
+    def _step_maps(self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies) -> torch.Tensor:
+        """Sensitivity maps ``(B, C, H, W, 2)`` for the ``final_dc_iters`` step (``final_dc_maps``)."""
         given = num_low_frequencies if isinstance(num_low_frequencies, int) and num_low_frequencies > 0 else None
-        return estimate_sens_maps_acs(masked_kspace, mask.to(masked_kspace.dtype), given)
+        return STEP_MAPS[self.final_dc_maps](masked_kspace, mask.to(masked_kspace.dtype), given)
 
     def predict_kspace(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
@@ -366,9 +381,9 @@ class VarNet(nn.Module):
         for cascade in self.cascades:
             parts = cascade.forward_planar(parts, reference, mask[..., 0], map_parts, dims)
         if self.final_dc_iters:
-            maps = self._acs_maps(masked_kspace, mask, num_low_frequencies)
+            maps = self._step_maps(masked_kspace, mask, num_low_frequencies)
             parts = refine_planar(parts, reference, mask[..., 0], (maps[..., 0], maps[..., 1]), dims,
-                                  self.final_dc_iters, self.final_dc_prior)
+                                  self.final_dc_iters, self.final_dc_prior, self.final_dc_wavelet)
         re, im = centred_fft_matmul_planar(*parts, inverse=True, dims=dims)
         return torch.sqrt((re * re + im * im).sum(dim=1))
 
@@ -387,9 +402,9 @@ class VarNet(nn.Module):
         for cascade in self.cascades:
             kspace = cascade.forward_stacked(kspace, masked_ref, line, maps)
         if self.final_dc_iters:
-            acs = self._acs_maps(masked_kspace, mask, num_low_frequencies).permute(4, 3, 0, 1, 2)  # (2, W, B, C, H)
-            kspace = refine_stacked(kspace, masked_ref, line, (acs, torch.stack((-acs[1], acs[0]))),
-                                    self.final_dc_iters, self.final_dc_prior)
+            maps = self._step_maps(masked_kspace, mask, num_low_frequencies).permute(4, 3, 0, 1, 2)  # (2, W, B, C, H)
+            kspace = refine_stacked(kspace, masked_ref, line, (maps, torch.stack((-maps[1], maps[0]))),
+                                    self.final_dc_iters, self.final_dc_prior, self.final_dc_wavelet)
         coils = stacked_ifft_w(kspace)  # (2, W, B, C, H)
         return torch.sqrt((coils * coils).sum(dim=(0, 3))).permute(1, 2, 0)
 

@@ -34,7 +34,8 @@ from reconkit.ops.fft import (
     ifft2c,
     ifftc,
 )
-from reconkit.ops.operators import MultiCoilMRI, conjugate_gradient, real_inner
+from reconkit.ops.operators import MultiCoilMRI, conjugate_gradient, fista, real_inner
+from reconkit.ops.wavelet import haar_soft_threshold, wavelet_shifts
 
 __all__ = [
     "fft2c",
@@ -63,6 +64,9 @@ __all__ = [
     "data_consistency",
     "MultiCoilMRI",
     "conjugate_gradient",
+    "fista",
+    "haar_soft_threshold",
+    "wavelet_shifts",
     "real_inner",
     "resolve_backend",
     "triton_available",

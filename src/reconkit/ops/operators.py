@@ -5,14 +5,15 @@ A forward call never changes stored state: an operator holds its mask and sensit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from reconkit.ops.coils import sens_expand, sens_reduce
 
-__all__ = ["MultiCoilMRI", "conjugate_gradient", "real_inner"]
+__all__ = ["MultiCoilMRI", "conjugate_gradient", "fista", "real_inner"]
 
 
 def real_inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -48,6 +49,37 @@ def conjugate_gradient(
         beta = torch.where(active, rs_new / rs_old.clamp_min(torch.finfo(rhs.dtype).tiny), 0.0)
         p = r + beta.view(shape) * p
         rs_old = rs_new
+    return x
+
+
+
+def fista(
+    normal_op: Callable[[torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor,
+    x0: torch.Tensor,
+    step: torch.Tensor,
+    prox: Callable[[torch.Tensor, int], torch.Tensor],
+    max_iter: int = 30,
+) -> torch.Tensor:
+    """FISTA (Beck & Teboulle 2009) for ``min ½⟨x, N x⟩ − ⟨rhs, x⟩ + g(x)``: the quadratic of
+    :func:`conjugate_gradient` (gradient ``N x − rhs``) plus a term ``g`` given by its proximal step.
+
+    Args:
+        normal_op: ``N``, Hermitian positive semi-definite, ``(B, ...)`` → ``(B, ...)``.
+        rhs: ``(B, ...)``.
+        x0: starting point ``(B, ...)``.
+        step: gradient step per batch item, broadcastable (e.g. ``(B, 1, ...)``); at most ``1 / ‖N‖``.
+        prox: ``prox(v, iteration)``, the proximal step of ``step · g`` at ``v`` (it may vary with the iteration,
+            e.g. a cyclic shift of a wavelet).
+        max_iter: iteration count (fixed, so the loop is traceable).
+    """
+    x = z = x0
+    momentum = 1.0
+    for iteration in range(max_iter):
+        x_next = prox(z - step * (normal_op(z) - rhs), iteration)
+        momentum_next = (1 + math.sqrt(1 + 4 * momentum * momentum)) / 2
+        z = x_next + ((momentum - 1) / momentum_next) * (x_next - x)
+        x, momentum = x_next, momentum_next
     return x
 
 

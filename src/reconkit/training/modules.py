@@ -84,6 +84,8 @@ class VarNetModule(KspaceModule):
         init_scale: float = 1.0,
         final_dc_iters: int = 0,
         final_dc_prior: float = 0.05,
+        final_dc_maps: str = "acs",
+        final_dc_wavelet: float = 0.0,
         **kwargs: Any,
     ):
         """
@@ -97,8 +99,9 @@ class VarNetModule(KspaceModule):
                 less memory, ~30% more compute).
             init_scale: scale of each cascade's last convolution at initialisation (0.1 starts training close
                 to plain data consistency, which helps short CPU runs; 1.0 is fastMRI's initialisation).
-            final_dc_iters, final_dc_prior: the SENSE data-consistency step after the cascades
-                (:mod:`reconkit.models.sense_refine`; 0 iterations: off, as fastMRI). Trained through when on.
+            final_dc_iters, final_dc_prior, final_dc_maps, final_dc_wavelet: the SENSE data-consistency step
+                after the cascades (:mod:`reconkit.models.sense_refine`; 0 iterations: off, as fastMRI; maps
+                ``"acs"`` or ``"espirit"``; an optional L1-Haar term). Trained through when on.
             **kwargs: :class:`ReconModule` arguments (loss, lr, lr_scheduler, ...).
         """
         model_kwargs = dict(num_cascades=num_cascades, chans=chans, pools=pools, sens_chans=sens_chans,
@@ -108,7 +111,8 @@ class VarNetModule(KspaceModule):
         if init_scale != 1.0:  # only matters when the weights are initialised, kept for the record
             model_kwargs["init_scale"] = init_scale
         if final_dc_iters:
-            model_kwargs.update(final_dc_iters=final_dc_iters, final_dc_prior=final_dc_prior)
+            model_kwargs.update(final_dc_iters=final_dc_iters, final_dc_prior=final_dc_prior,
+                                final_dc_maps=final_dc_maps, final_dc_wavelet=final_dc_wavelet)
         super().__init__(model_type="varnet", model_kwargs=model_kwargs, **kwargs)
 
 

@@ -1,0 +1,170 @@
+"""ESPIRiT sensitivity maps from matrix products only: the estimator the exported SENSE step runs in ONNX.
+
+:func:`reconkit.models.classical.estimate_sens_maps_espirit` needs two eigen-decompositions, which ONNX has no
+operator for. This estimator follows the same three ESPIRiT steps (Uecker et al. 2014) with the two
+decompositions replaced by iterations of matrix products, so one code path runs in eager PyTorch and, traced, in
+ONNX Runtime (plain float32 arithmetic, no complex dtypes: real and imaginary parts travel as pairs).
+
+1. **Calibration.** All ``k × k`` patches (all coils) of a fixed central block of k-space, ``calib_rows ×
+   calib_cols`` (static shapes, so one graph serves every mask). Patches that reach outside the ACS lines of the
+   item's own mask get weight 0, so the block may be wider than the ACS run. Gram matrix ``G = Σ_q a_q a_qᴴ``,
+   ``(C·k²) × (C·k²)``.
+2. **Signal subspace, as a polynomial filter.** Instead of keeping the eigenvectors with ``σ > t · σ_max``, the
+   projection is ``P = I − (I − α G)^(2^n)`` (``n`` squarings, ``α = 1 / ‖G‖_F``): eigenvalue ``λ`` passes with
+   weight ``1 − (1 − αλ)^(2^n)``, a smooth step that is ½ at ``αλ ≈ t²`` (``2^n ≈ ln 2 / t²``).
+3. **Per-pixel maps.** ``P`` in the image domain is one ``C × C`` matrix per pixel,
+   ``G(x) = Σ_{p, p'} e^{2πi (p − p')·x} P[(c, p), (c', p')]`` (one small complex MatMul per axis). Its
+   top eigenvector (the coil sensitivities) comes from power iteration, started from the low-resolution ACS coil
+   images, whose phase it is also aligned to (the convention of :func:`estimate_sens_maps_acs`). As in the
+   eigen-decomposition version, this runs on a coarse grid of the full field of view and the maps are
+   interpolated bilinearly to ``H × W``; no eigenvalue crop (the SENSE step needs maps in the background too).
+
+Cost per slice: ``n`` products of ``(C·k²)²`` matrices (3 real GEMMs each; about 15 ms at 8 coils and 0.1 s at
+15 coils on 2 CPU cores), the rest is small.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from reconkit.errors import ReconkitError
+from reconkit.models.classical import (
+    _centre_crop_kspace,
+    _check_inputs,
+    _divide_by_rss,
+    _lowpass_acs_kspace,
+    _upsample_centred,
+    acs_lines,
+)
+from reconkit.ops import ifft2c
+
+__all__ = ["estimate_sens_maps_espirit_poly"]
+
+
+def _pair_matmul(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
+    """Complex ``a @ b`` of (real, imag) pairs: four real MatMuls."""
+    return a[0] @ b[0] - a[1] @ b[1], a[0] @ b[1] + a[1] @ b[0]
+
+
+@functools.lru_cache(maxsize=32)
+def _pair_phases(grid: int, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``e^{2πi (p − p') (x − grid // 2) / grid}`` as ``(k², grid)`` (real, imag): rows the kernel index pairs
+    ``(p, p')`` of one axis, columns the coarse-grid pixels ``x``."""
+    k = np.arange(kernel_size)
+    offset = (k[:, None] - k[None, :]).reshape(-1)
+    phase = 2 * np.pi * np.outer(offset, np.arange(grid) - grid // 2) / grid
+    return torch.from_numpy(np.cos(phase).astype(np.float32)), torch.from_numpy(np.sin(phase).astype(np.float32))
+
+
+def estimate_sens_maps_espirit_poly(
+    masked_kspace: torch.Tensor,
+    mask: torch.Tensor,
+    num_low_frequencies: int | None = None,
+    kernel_size: int = 6,
+    threshold: float = 0.02,
+    calib_cols: int = 32,
+    calib_rows: int = 64,
+    grid_size: int = 64,
+    power_iters: int = 20,
+) -> torch.Tensor:
+    """ESPIRiT sensitivity maps from MatMuls (module docstring), exportable to ONNX.
+
+    Args:
+        masked_kspace: ``(B, C, H, W, 2)`` undersampled k-space (float32).
+        mask: ``(B, 1, 1, W, 1)`` or ``(B, 1, H, W, 1)`` mask. Items whose ACS run (within the calibration block)
+            is narrower than ``kernel_size`` get the ACS maps of
+            :func:`reconkit.models.classical.estimate_sens_maps_acs` instead.
+        num_low_frequencies: ACS width override.
+        kernel_size: calibration kernel side ``k`` (k-space points).
+        threshold: relative singular value ``t`` at which the subspace filter passes half.
+        calib_cols, calib_rows: the central calibration block (clipped to ``W``, ``H``).
+        grid_size: coarse grid points per axis for the per-pixel eigenvectors (clipped to ``H``, ``W``).
+        power_iters: power iterations per pixel.
+
+    Returns:
+        ``(B, C, H, W, 2)`` maps with unit root-sum-of-squares over coils.
+    """
+    _check_inputs(masked_kspace, mask)
+    batch, coils = masked_kspace.shape[:2]  # dynamic axes of an exported graph
+    height, width = int(masked_kspace.shape[-3]), int(masked_kspace.shape[-2])  # static per exported size
+    k = kernel_size
+    cols, rows = min(width, calib_cols), min(height, calib_rows)
+    if min(cols, rows) < k:
+        raise ReconkitError(f"masked_kspace: {height} × {width} k-space is smaller than the ESPIRiT kernel ({k})")
+    dtype, device = masked_kspace.dtype, masked_kspace.device
+    lines = acs_lines(mask, num_low_frequencies)  # (B, W)
+
+    # 1. calibration patches of the central block, weighted 0 where a patch leaves the ACS run
+    col0, row0 = width // 2 - cols // 2, height // 2 - rows // 2
+    block = masked_kspace[:, :, row0 : row0 + rows, col0 : col0 + cols]  # (B, C, rows, cols, 2)
+    block_lines = lines[:, col0 : col0 + cols].to(dtype)
+    patch_rows, patch_cols = rows - k + 1, cols - k + 1
+    valid = block_lines[:, 0:patch_cols]
+    for t in range(1, k):
+        valid = valid * block_lines[:, t : t + patch_cols]
+
+    def patches(part: torch.Tensor) -> torch.Tensor:  # (B, C, rows, cols) → (B, C·k², patches), weighted
+        shifted = [part[:, :, dy : dy + patch_rows, dx : dx + patch_cols] for dy in range(k) for dx in range(k)]
+        stacked = torch.stack(shifted, dim=2) * valid[:, None, None, None, :]  # (B, C, k², pr, pc)
+        return stacked.reshape(batch, coils * k * k, patch_rows * patch_cols)
+
+    a_re, a_im = patches(block[..., 0]), patches(block[..., 1])
+    # A Aᴴ (B, N, N): real part symmetric, imaginary part antisymmetric, so three real MatMuls
+    cross = a_im @ a_re.transpose(1, 2)
+    gram = (a_re @ a_re.transpose(1, 2) + a_im @ a_im.transpose(1, 2), cross - cross.transpose(1, 2))
+
+    # 2. soft projection onto the signal subspace: P = I − (I − αG)^(2^n)
+    squarings = max(1, round(math.log2(math.log(2) / threshold**2)))
+    scale = torch.sqrt((gram[0] * gram[0] + gram[1] * gram[1]).sum(dim=(1, 2), keepdim=True)).clamp_min(torch.finfo(dtype).tiny)
+    eye = torch.eye(coils * k * k, dtype=dtype, device=device)
+    q_re, q_im = eye - gram[0] / scale, -gram[1] / scale
+    for _ in range(squarings):
+        # Hermitian Q: Q_re symmetric, Q_im antisymmetric, so Q_im Q_re = −(Q_re Q_im)ᵀ
+        cross = q_re @ q_im
+        q_re, q_im = q_re @ q_re - q_im @ q_im, cross - cross.transpose(1, 2)
+    p_re, p_im = eye - q_re, -q_im
+
+    # 3. per-pixel C × C matrices on the coarse grid: G(x) = Σ_{p, p'} e^{2πi (p − p')·x} P[(c, p), (c', p')],
+    # one small complex MatMul per axis over the kernel index pairs
+    grid_h, grid_w = min(grid_size, height), min(grid_size, width)
+
+    def by_pairs(part: torch.Tensor) -> torch.Tensor:  # (B, N, N) → (B, C, C, (p_y, p_y'), (p_x, p_x'))
+        part = part.reshape(batch, coils, k, k, coils, k, k).permute(0, 1, 4, 2, 5, 3, 6)
+        return part.reshape(batch, coils, coils, k * k, k * k)
+
+    phases_x = tuple(t.to(device=device, dtype=dtype) for t in _pair_phases(grid_w, k))  # (k², gw)
+    phases_y = tuple(t.to(device=device, dtype=dtype) for t in _pair_phases(grid_h, k))  # (k², gh)
+    q = _pair_matmul((by_pairs(p_re), by_pairs(p_im)), phases_x)  # (B, C, C, k², gw)
+    q = _pair_matmul((q[0].transpose(-1, -2), q[1].transpose(-1, -2)), phases_y)  # (B, C, C, gw, gh)
+    g_re, g_im = (part.permute(0, 4, 3, 1, 2) for part in q)  # (B, gh, gw, C, C)
+    g_real = torch.cat((torch.cat((g_re, -g_im), dim=-1), torch.cat((g_im, g_re), dim=-1)), dim=-2)  # (.., 2C, 2C)
+
+    # power iteration from the low-resolution ACS coil images, then their phase
+    lowpass = _lowpass_acs_kspace(masked_kspace, mask, num_low_frequencies)
+    reference = ifft2c(_centre_crop_kspace(lowpass, grid_h, grid_w)).permute(0, 2, 3, 4, 1)  # (B, gh, gw, 2, C)
+    reference = reference.reshape(batch, grid_h, grid_w, 2 * coils, 1)
+    tiny = torch.finfo(dtype).tiny
+    vector = reference
+    for iteration in range(power_iters):
+        vector = g_real @ vector
+        if iteration % 5 == 4 or iteration == power_iters - 1:  # G's eigenvalues are ≤ k²: no overflow in between
+            vector = vector / torch.sqrt((vector * vector).sum(dim=-2, keepdim=True)).clamp_min(tiny)
+    v_re, v_im = vector[..., :coils, 0], vector[..., coils:, 0]
+    ref_re, ref_im = reference[..., :coils, 0], reference[..., coils:, 0]
+    # overlap o = Σ conj(ref) v; multiply v by conj(o) / |o|
+    o_re = (ref_re * v_re + ref_im * v_im).sum(-1, keepdim=True)
+    o_im = (ref_re * v_im - ref_im * v_re).sum(-1, keepdim=True)
+    o_abs = torch.sqrt(o_re * o_re + o_im * o_im).clamp_min(tiny)
+    maps_re, maps_im = (v_re * o_re + v_im * o_im) / o_abs, (v_im * o_re - v_re * o_im) / o_abs
+
+    # 4. interpolate to the full image size, unit RSS
+    coarse = torch.stack((maps_re, maps_im), dim=-1).permute(0, 3, 4, 1, 2).reshape(batch, coils * 2, grid_h, grid_w)
+    full = _upsample_centred(coarse, height, width).reshape(batch, coils, 2, height, width).permute(0, 1, 3, 4, 2)
+    # an ACS run narrower than the kernel has no complete patch to calibrate from: those items get the ACS maps
+    # (the low-pass coil images, over their RSS as well)
+    calibrated = (valid.sum(dim=1) > 0).view(-1, 1, 1, 1, 1)
+    return _divide_by_rss(torch.where(calibrated, full, ifft2c(lowpass)).contiguous(), eps=1e-6)
