@@ -227,3 +227,12 @@ def test_espirit_poly_falls_back_to_acs_maps_for_a_narrow_acs_run_and_refuses_ti
     kspace, mask, *_ = simulate(coils=2, height=5, width=24, num_low_frequencies=8)
     with pytest.raises(ReconkitError, match="smaller than the ESPIRiT kernel"):
         estimate_sens_maps_espirit_poly(kspace, mask)
+
+
+def test_espirit_poly_stays_float32_under_autocast():
+    kspace, mask, *_ = simulate(coils=6, height=48, width=40, num_low_frequencies=12)
+    reference = estimate_sens_maps_espirit_poly(kspace, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = estimate_sens_maps_espirit_poly(kspace, mask)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference)

@@ -86,9 +86,20 @@ def estimate_sens_maps_espirit_poly(
         power_iters: power iterations per pixel.
 
     Returns:
-        ``(B, C, H, W, 2)`` maps with unit root-sum-of-squares over coils.
+        ``(B, C, H, W, 2)`` maps with unit root-sum-of-squares over coils, float32 (also under autocast: 2048th
+        powers need float32, so mixed-precision training leaves this function in float32).
     """
     _check_inputs(masked_kspace, mask)
+    with torch.autocast(device_type=masked_kspace.device.type, enabled=False):
+        return _espirit_poly(masked_kspace.float(), mask.float(), num_low_frequencies, kernel_size, threshold,
+                             calib_cols, calib_rows, grid_size, power_iters)
+
+
+def _espirit_poly(
+    masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None, kernel_size: int,
+    threshold: float, calib_cols: int, calib_rows: int, grid_size: int, power_iters: int,
+) -> torch.Tensor:
+    """:func:`estimate_sens_maps_espirit_poly` in float32, autocast off."""
     batch, coils = masked_kspace.shape[:2]  # dynamic axes of an exported graph
     height, width = int(masked_kspace.shape[-3]), int(masked_kspace.shape[-2])  # static per exported size
     k = kernel_size
