@@ -99,9 +99,12 @@ class VarNetModule(KspaceModule):
                 less memory, ~30% more compute).
             init_scale: scale of each cascade's last convolution at initialisation (0.1 starts training close
                 to plain data consistency, which helps short CPU runs; 1.0 is fastMRI's initialisation).
-            final_dc_iters, final_dc_prior, final_dc_maps, final_dc_wavelet: the SENSE data-consistency step
-                after the cascades (:mod:`reconkit.models.sense_refine`; 0 iterations: off, as fastMRI; maps
-                ``"acs"`` or ``"espirit"``; an optional L1-Haar term). Trained through when on.
+            final_dc_iters: iterations of the SENSE data-consistency step after the cascades
+                (:mod:`reconkit.models.sense_refine`); 0: off, as fastMRI. Trained through when on.
+            final_dc_prior: that step's ρ, the network image's relative error variance (smaller trusts the data
+                more).
+            final_dc_maps: that step's sensitivity maps, ``"acs"`` or ``"espirit"`` (ESPIRiT from MatMuls).
+            final_dc_wavelet: κ of an L1-Haar term in that step (0: none; above 0 the step runs FISTA).
             **kwargs: :class:`ReconModule` arguments (loss, lr, lr_scheduler, ...).
         """
         model_kwargs = dict(num_cascades=num_cascades, chans=chans, pools=pools, sens_chans=sens_chans,
