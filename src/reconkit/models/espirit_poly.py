@@ -42,13 +42,16 @@ from reconkit.models.classical import (
     acs_lines,
 )
 from reconkit.ops import ifft2c
+from reconkit.ops.dft_matmul import planar_matmul
 
 __all__ = ["estimate_sens_maps_espirit_poly"]
 
 
-def _pair_matmul(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
-    """Complex ``a @ b`` of (real, imag) pairs: four real MatMuls."""
-    return a[0] @ b[0] - a[1] @ b[1], a[0] @ b[1] + a[1] @ b[0]
+def _times_own_adjoint(m_re: torch.Tensor, m_im: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``M Mᴴ`` of a batched complex matrix ``M = m_re + i·m_im`` ``(B, N, K)``: its real part is symmetric and its
+    imaginary part antisymmetric, so three real MatMuls. For a Hermitian ``M`` this is ``M²``."""
+    cross = m_im @ m_re.transpose(1, 2)
+    return m_re @ m_re.transpose(1, 2) + m_im @ m_im.transpose(1, 2), cross - cross.transpose(1, 2)
 
 
 @functools.lru_cache(maxsize=32)
@@ -124,20 +127,16 @@ def _espirit_poly(
         stacked = torch.stack(shifted, dim=2) * valid[:, None, None, None, :]  # (B, C, k², pr, pc)
         return stacked.reshape(batch, coils * k * k, patch_rows * patch_cols)
 
-    a_re, a_im = patches(block[..., 0]), patches(block[..., 1])
-    # A Aᴴ (B, N, N): real part symmetric, imaginary part antisymmetric, so three real MatMuls
-    cross = a_im @ a_re.transpose(1, 2)
-    gram = (a_re @ a_re.transpose(1, 2) + a_im @ a_im.transpose(1, 2), cross - cross.transpose(1, 2))
+    gram = _times_own_adjoint(patches(block[..., 0]), patches(block[..., 1]))  # A Aᴴ, (B, N, N)
 
     # 2. soft projection onto the signal subspace: P = I − (I − αG)^(2^n)
     squarings = max(1, round(math.log2(math.log(2) / threshold**2)))
-    scale = torch.sqrt((gram[0] * gram[0] + gram[1] * gram[1]).sum(dim=(1, 2), keepdim=True)).clamp_min(torch.finfo(dtype).tiny)
+    tiny = torch.finfo(dtype).tiny
+    scale = torch.sqrt((gram[0] * gram[0] + gram[1] * gram[1]).sum(dim=(1, 2), keepdim=True)).clamp_min(tiny)
     eye = torch.eye(coils * k * k, dtype=dtype, device=device)
     q_re, q_im = eye - gram[0] / scale, -gram[1] / scale
-    for _ in range(squarings):
-        # Hermitian Q: Q_re symmetric, Q_im antisymmetric, so Q_im Q_re = −(Q_re Q_im)ᵀ
-        cross = q_re @ q_im
-        q_re, q_im = q_re @ q_re - q_im @ q_im, cross - cross.transpose(1, 2)
+    for _ in range(squarings):  # Q is Hermitian: Q² = Q Qᴴ
+        q_re, q_im = _times_own_adjoint(q_re, q_im)
     p_re, p_im = eye - q_re, -q_im
 
     # 3. per-pixel C × C matrices on the coarse grid: G(x) = Σ_{p, p'} e^{2πi (p − p')·x} P[(c, p), (c', p')],
@@ -150,8 +149,8 @@ def _espirit_poly(
 
     phases_x = tuple(t.to(device=device, dtype=dtype) for t in _pair_phases(grid_w, k))  # (k², gw)
     phases_y = tuple(t.to(device=device, dtype=dtype) for t in _pair_phases(grid_h, k))  # (k², gh)
-    q = _pair_matmul((by_pairs(p_re), by_pairs(p_im)), phases_x)  # (B, C, C, k², gw)
-    q = _pair_matmul((q[0].transpose(-1, -2), q[1].transpose(-1, -2)), phases_y)  # (B, C, C, gw, gh)
+    q = planar_matmul(by_pairs(p_re), by_pairs(p_im), *phases_x)  # (B, C, C, k², gw)
+    q = planar_matmul(q[0].transpose(-1, -2), q[1].transpose(-1, -2), *phases_y)  # (B, C, C, gw, gh)
     g_re, g_im = (part.permute(0, 4, 3, 1, 2) for part in q)  # (B, gh, gw, C, C)
     g_real = torch.cat((torch.cat((g_re, -g_im), dim=-1), torch.cat((g_im, g_re), dim=-1)), dim=-2)  # (.., 2C, 2C)
 
@@ -159,7 +158,6 @@ def _espirit_poly(
     lowpass = _lowpass_acs_kspace(masked_kspace, mask, num_low_frequencies)
     reference = ifft2c(_centre_crop_kspace(lowpass, grid_h, grid_w)).permute(0, 2, 3, 4, 1)  # (B, gh, gw, 2, C)
     reference = reference.reshape(batch, grid_h, grid_w, 2 * coils, 1)
-    tiny = torch.finfo(dtype).tiny
     vector = reference
     for iteration in range(power_iters):
         vector = g_real @ vector

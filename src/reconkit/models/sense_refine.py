@@ -7,9 +7,11 @@ block, here with a noise-adaptive weight and no learned weights)::
 
     x = argmin_x ‖M F S x − y‖² + λ ‖x − x₀‖²,     x₀ = Sᴴ F⁻¹ k_net,
 
-by conjugate gradient from ``x₀`` with ``S`` the ACS sensitivity maps (:func:`reconkit.models.classical
-.estimate_sens_maps_acs`, as CG-SENSE). It returns ``k_net + F S (x − x₀)``: the network's coil k-space plus the
-SENSE-consistent correction. So for λ → ∞ the output is the network's own, and the coil-specific part of the
+by conjugate gradient from ``x₀``, with ``S`` the ACS sensitivity maps of CG-SENSE
+(:func:`reconkit.models.classical.estimate_sens_maps_acs`) or ESPIRiT maps
+(:func:`reconkit.models.espirit_poly.estimate_sens_maps_espirit_poly`), as the caller passes. With a wavelet weight
+``κ > 0`` the problem gains ``+ κ σ̂ ‖Ψ x‖₁`` (``Ψ`` an orthonormal Haar basis, cycle-spun) and is solved by FISTA
+instead. It returns ``k_net + F S (x − x₀)``: the network's coil k-space plus the SENSE-consistent correction. So for λ → ∞ the output is the network's own, and the coil-specific part of the
 network's k-space (what ``S x`` cannot express) is kept. The caller takes the RSS image as before.
 
 ``λ = σ̂² / (ρ · P)`` per slice is the MAP weight for data noise of variance ``σ̂²`` and a network error of
@@ -18,7 +20,7 @@ variance ``ρ · P``:
 * ``σ̂²`` is the mean ``|k_net − y|²`` on the measured samples, the cascades' misfit to the data: mostly noise,
   because they denoise.
 * ``P`` is the mean ``|x₀|²`` over the image.
-* ``ρ`` (``prior``, the network's relative error variance) is the one setting.
+* ``ρ`` (``prior``, the network's relative error variance) sets the weight; ``κ`` (``wavelet``) the L1 term.
 
 So noisy scans trust the network and clean ones the data, with no knowledge of the noise level.
 
@@ -29,9 +31,9 @@ Sᴴ F_Wᴴ M F_W S``: the readout transform cancels, so every iteration needs 1
 
 from __future__ import annotations
 
-import torch
-
 from collections.abc import Callable
+
+import torch
 
 from reconkit.ops import (
     conjugate_gradient,
@@ -173,7 +175,7 @@ def refine_stacked(
     """Export path, line masks: :func:`refine_kspace` on the stacked W-major layout (``VarNetBlock.forward_stacked``):
     ``kspace`` / ``masked_ref`` ``(f₁, 2, f₂, B, C, H)``, ``line (f₁, 1, f₂, B, 1, 1)``, maps ``(2, W, B, C, H)``
     as ``[S_re; S_im]`` and ``[−S_im; S_re]``. The image iterates batch first as ``(B, 2, W, 1, H)``."""
-    f1, _, f2, batch, coils, height = kspace.shape
+    f1, _, f2, _, coils, height = kspace.shape
 
     def reduce(k: torch.Tensor) -> torch.Tensor:  # → (B, 2, W, 1, H)
         return stacked_sens_reduce(k, maps).permute(2, 0, 1, 3).unsqueeze(3)

@@ -271,9 +271,10 @@ class VarNet(nn.Module):
         init_scale: multiplies the initial weights and bias of each cascade U-Net's final 1×1 convolution, so a
             value < 1 starts training closer to plain data consistency; 1.0 leaves PyTorch's default init
             (as fastmri). Only affects initialisation, not loading.
-        final_dc_iters: after the cascades, this many conjugate-gradient iterations of a SENSE data-consistency
-            step with ACS maps and a noise-adaptive weight (:mod:`reconkit.models.sense_refine`): the cascades'
-            k-space, corrected towards the measured data where the coils determine it. 0 (the default, as
+        final_dc_iters: after the cascades, this many iterations (conjugate gradient, or FISTA with
+            ``final_dc_wavelet``) of a SENSE data-consistency step with a noise-adaptive weight
+            (:mod:`reconkit.models.sense_refine`): the cascades' k-space, corrected towards the measured data where
+            the coils determine it. 0 (the default, as
             fastmri): off. It has no weights, so it can be switched on for a trained model.
         final_dc_prior: ``ρ`` of that step, the network image's relative error variance: smaller trusts the data
             more.

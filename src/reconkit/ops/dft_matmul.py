@@ -38,7 +38,8 @@ import torch
 from reconkit.ops.fft import check_fft_dims
 
 __all__ = [
-    "AxisPlan", "axis_plan", "centred_fft_matmul", "centred_fft_matmul_planar", "planar_mul", "radices",
+    "AxisPlan", "axis_plan", "centred_fft_matmul", "centred_fft_matmul_planar", "planar_matmul", "planar_mul",
+    "radices",
     "stacked_factors", "stacked_fft_w", "stacked_ifft_w", "to_stacked_kspace",
 ]
 
@@ -141,8 +142,8 @@ def _constants(length: int, inverse: bool, device: torch.device) -> tuple[tuple,
         return tuple(m.to(device) for m in plan.matrices), tuple(t.to(device) for t in plan.twiddles), folded
 
 
-def _complex_matmul(
-    re: torch.Tensor, im: torch.Tensor, m_re: torch.Tensor, m_im: torch.Tensor, left: bool
+def planar_matmul(
+    re: torch.Tensor, im: torch.Tensor, m_re: torch.Tensor, m_im: torch.Tensor, left: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``M @ x`` (``left``) or ``x @ M`` for x = re + i·im and M = m_re + i·m_im: four real MatMuls."""
     if left:
@@ -169,10 +170,10 @@ def _stage(
             x_re, x_im = x_re.reshape(-1, f), im.reshape(-1, f)
         else:
             x_re, x_im = x_re.transpose(1, 2), x_im.transpose(1, 2)
-        y_re, y_im = _complex_matmul(x_re, x_im, matrix[0].t(), matrix[1].t(), left=False)
+        y_re, y_im = planar_matmul(x_re, x_im, matrix[0].t(), matrix[1].t(), left=False)
         shape = shape[: axis - 1] + shape[axis:] + [f]
     else:
-        y_re, y_im = _complex_matmul(re.reshape(-1, f, post), im.reshape(-1, f, post), matrix[0], matrix[1], True)
+        y_re, y_im = planar_matmul(re.reshape(-1, f, post), im.reshape(-1, f, post), matrix[0], matrix[1], True)
     return y_re.reshape([-1] + shape), y_im.reshape([-1] + shape), shape
 
 
@@ -268,7 +269,7 @@ def centred_fft_matmul_planar(
         # two H radices: the twiddle rides in the second stage, one (f_2, f_2) matrix per k_1 (broadcast MatMul)
         re, im, shape = _stage(re, im, h_mats[0], shape, 1, to_end=False)
         grouped = [-1, shape[0], shape[1], math.prod(shape[2:])]
-        re, im = _complex_matmul(re.reshape(grouped), im.reshape(grouped), h_folded[0], h_folded[1], left=True)
+        re, im = planar_matmul(re.reshape(grouped), im.reshape(grouped), h_folded[0], h_folded[1], left=True)
         re, im = re.reshape([-1] + shape), im.reshape([-1] + shape)
     else:
         for i in range(len(h_mats)):

@@ -6,8 +6,9 @@ A forward call never changes stored state: an operator holds its mask and sensit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -50,7 +51,6 @@ def conjugate_gradient(
         p = r + beta.view(shape) * p
         rs_old = rs_new
     return x
-
 
 
 def fista(

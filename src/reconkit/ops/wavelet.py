@@ -1,7 +1,7 @@
 """Orthonormal 2D Haar wavelets and the complex soft-threshold (the proximal step of an L1-wavelet prior).
 
-Pure slicing, stacking and arithmetic on planar (real, imag) pairs, so it traces to plain ONNX ops (Slice, Concat,
-Pad, Mul / Add) and runs the same in eager PyTorch and in an exported graph.
+Reshapes, transposes, a 4 × 4 MatMul per level and arithmetic on planar (real, imag) pairs, so it traces to plain
+ONNX ops and runs the same in eager PyTorch and in an exported graph.
 
 For an orthonormal transform ``Ψ`` the proximal operator of ``τ‖Ψx‖₁`` (detail bands only) is ``Ψᴴ soft(Ψx, τ)``
 with the complex soft-threshold ``soft(c, τ) = c · max(0, 1 − τ / |c|)``. Shifting the image cyclically before the
