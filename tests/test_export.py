@@ -120,6 +120,22 @@ def test_size_not_exported_is_refused(varnet_export) -> None:
         session.run(None, {"masked_kspace": kspace, "mask": mask})
 
 
+@pytest.mark.parametrize("model_type", ["zero_filled", "cg_sense"])
+@pytest.mark.parametrize("sizes", [(3, 32, 24), [(32, 24), (24, 72)]])
+def test_classical_baselines_export_with_the_contract_inputs(tmp_path, model_type, sizes) -> None:
+    """Every shipped model type exports; the zero-filled baseline never reads the mask, yet its graph still takes
+    both contract inputs, so a client feeding them (the CLI, the service) is not refused."""
+    model = build_model(model_type).eval()
+    path = export_onnx(model, tmp_path / f"{model_type}.onnx", sizes)
+    graph = onnx.load(str(path)).graph
+    assert [v.name for v in graph.input] == ["masked_kspace", "mask"]
+    mask_dims = [d.dim_param or d.dim_value for d in graph.input[1].type.tensor_type.shape.dim]
+    assert mask_dims[:3] == ["batch", 1, 1] and mask_dims[4] == 1
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["masked_kspace", "mask"]
+    assert_parity(session, model, *sample(2, 3, 32, 24, seed=11))
+
+
 @pytest.fixture(scope="module")
 def unet_checkpoint(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(1)

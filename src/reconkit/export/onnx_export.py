@@ -143,6 +143,24 @@ def _trace_one(model: torch.nn.Module, coils: int, height: int, width: int, opse
         )
 
 
+def _add_unused_contract_inputs(model, height: int, width: int) -> None:
+    """Give ``model``'s graph every contract input, in contract order, in place.
+
+    The tracer drops an input the model never reads. The zero-filled baseline ignores ``mask``, for example, and
+    a client that feeds the contract's two inputs would then be refused ("Invalid input name: mask"). An unused
+    graph input is valid ONNX, so the missing ones are declared with the contract's shape.
+    """
+    from onnx import TensorProto, helper
+
+    shapes = {"masked_kspace": ["batch", "coils", height, width, 2], "mask": ["batch", 1, 1, width, 1]}
+    present = {value.name: value for value in model.graph.input}
+    inputs = [present.get(name) or helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name])
+              for name in INPUT_NAMES]
+    extra = [value for value in model.graph.input if value.name not in INPUT_NAMES]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs + extra)
+
+
 def _dedupe_constants(model) -> None:
     """Fold repeated ``Constant`` tensors of ``model``'s graph into their first occurrence, in place, later inputs
     pointing at it (the tracer records the DFT matrices once per use: every cascade would carry its own copy)."""
@@ -405,6 +423,7 @@ def export_onnx(
                     raise ExportError(f"{source}: export failed at size {height}x{width}: "
                                       f"{type(exc).__name__}: {exc}") from exc
                 graphs.append(onnx.load(str(traced)))
+                _add_unused_contract_inputs(graphs[-1], height, width)
                 _dedupe_constants(graphs[-1])
             proto = graphs[0] if len(graphs) == 1 else _merge_by_size(graphs, sizes)
             extra = {"weight_aliases": _weight_aliases(contract_model(model), proto), **(metadata or {})}
