@@ -117,6 +117,26 @@ def test_fastmri_file_zero_filled_matches_fastmri_and_is_scored_by_fastmri(tmp_p
     assert 0.0 < metrics["NMSE"] < 0.5 and metrics["SSIM"] > 0.3
 
 
+def test_onnx_of_a_bare_module_runs_with_the_cli_mask_defaults(tmp_path, capsys):
+    """An ONNX file exported from a module (no checkpoint: mask family "unknown" in its metadata, and a graph that
+    never reads the mask) reconstructs with the CLI's default mask, equal to the built-in baseline."""
+    from reconkit.export import export_onnx, load_onnx_metadata
+    from reconkit.models import build_model
+
+    write_fastmri_file(tmp_path / "scan.h5", np.random.default_rng(8), slices=2, coils=3, height=32, width=24,
+                       recon=(16, 16))
+    onnx_path = export_onnx(build_model("zero_filled"), tmp_path / "zf.onnx", (3, 32, 24))
+    assert load_onnx_metadata(onnx_path)["reconkit.mask_family"] == "unknown"
+    assert load_reconstructor(str(onnx_path)).mask_defaults == {}
+    outputs = {}
+    for model, name in ((str(onnx_path), "onnx"), ("zero-filled", "builtin")):
+        code, _, err = _run(capsys, str(tmp_path / "scan.h5"), "--model", model, "--output", str(tmp_path / name))
+        assert code == 0, err
+        with h5py.File(tmp_path / name / "h5" / "scan.h5") as f:
+            outputs[name] = f["reconstruction"][()]
+    np.testing.assert_allclose(outputs["onnx"], outputs["builtin"], rtol=1e-4, atol=1e-5 * outputs["builtin"].max())
+
+
 def test_cg_sense_all_formats_with_header_geometry(tmp_path, capsys):
     rng = np.random.default_rng(1)
     scan = tmp_path / "knee.h5"

@@ -97,9 +97,10 @@ def _torch_runner(model: torch.nn.Module, device: str) -> Callable[[np.ndarray, 
 
 
 def _mask_defaults(mask_type: Optional[str], accelerations, center_fractions) -> dict:
-    """The model's training mask as CLI defaults (first acceleration / centre fraction)."""
+    """The model's training mask as CLI defaults (first acceleration / centre fraction). A mask type of
+    ``"unknown"`` (what the exporter records for a bare module) is no default: the CLI's own applies."""
     defaults = {}
-    if mask_type:
+    if mask_type and mask_type != "unknown":
         defaults["mask_type"] = str(mask_type)
     if accelerations:
         defaults["acceleration"] = int(float(list(np.atleast_1d(accelerations))[0]))
