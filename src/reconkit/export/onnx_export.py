@@ -39,6 +39,7 @@ __all__ = [
 DEFAULT_OPSET = 17
 INPUT_NAMES = ("masked_kspace", "mask")
 OUTPUT_NAME = "image"
+UNKNOWN_MASK_FAMILY = "unknown"  # reconkit.mask_family of a model exported without mask info
 JSON_KEYS = ("reconkit.spatial_sizes", "reconkit.acceleration", "reconkit.center_fraction", "reconkit.model_kwargs",
              "reconkit.weight_aliases")
 WEIGHT_PREFIX = "model."  # the traced wrapper holds the contract model as ``model``: initialisers "model.<key>"
@@ -355,7 +356,7 @@ def _metadata(model: torch.nn.Module, info: Any, sizes: list[tuple[int, int]], e
         "reconkit.input_layout": INPUT_LAYOUT,
         "reconkit.normalization": _info_get(info, "normalization", None)
         or ("instance" if isinstance(contract_model(model), ZeroFilledFrontEnd) else "none"),
-        "reconkit.mask_family": _info_get(mask, "mask_type", None) or "unknown",
+        "reconkit.mask_family": _info_get(mask, "mask_type", None) or UNKNOWN_MASK_FAMILY,
         "reconkit.acceleration": list(_info_get(mask, "accelerations", None) or []),
         "reconkit.center_fraction": list(_info_get(mask, "center_fractions", None) or []),
         "reconkit.spatial_sizes": [list(s) for s in sizes],

@@ -97,10 +97,9 @@ def _torch_runner(model: torch.nn.Module, device: str) -> Callable[[np.ndarray, 
 
 
 def _mask_defaults(mask_type: Optional[str], accelerations, center_fractions) -> dict:
-    """The model's training mask as CLI defaults (first acceleration / centre fraction). A mask type of
-    ``"unknown"`` (what the exporter records for a bare module) is no default: the CLI's own applies."""
+    """The model's training mask as CLI defaults (first acceleration / centre fraction)."""
     defaults = {}
-    if mask_type and mask_type != "unknown":
+    if mask_type:
         defaults["mask_type"] = str(mask_type)
     if accelerations:
         defaults["acceleration"] = int(float(list(np.atleast_1d(accelerations))[0]))
@@ -113,6 +112,7 @@ def _onnx_reconstructor(path: Path, device: str, threads: Optional[int], torch_f
     import onnxruntime as ort
 
     from reconkit.export import load_onnx_as_torch, load_onnx_metadata
+    from reconkit.export.onnx_export import UNKNOWN_MASK_FAMILY
 
     metadata = load_onnx_metadata(path)
     providers = ["CPUExecutionProvider"]
@@ -139,12 +139,13 @@ def _onnx_reconstructor(path: Path, device: str, threads: Optional[int], torch_f
 
     rebuildable = torch_fallback and sizes is not None and "reconkit.model_kwargs" in metadata
 
+    family = metadata.get("reconkit.mask_family")
     return Reconstructor(
         name=path.name,
         backend="onnx",
         run=run,
-        mask_defaults=_mask_defaults(
-            metadata.get("reconkit.mask_family"),
+        mask_defaults=_mask_defaults(  # a bare module's file knows no mask family: the CLI's default applies
+            None if family == UNKNOWN_MASK_FAMILY else family,
             metadata.get("reconkit.acceleration"),
             metadata.get("reconkit.center_fraction"),
         ),
