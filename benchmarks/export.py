@@ -6,6 +6,7 @@ result against torch eager (max |diff| / max |ref| and relative L2).
 
     .venv/bin/python benchmarks/export.py            # VarNet 12 cascades, chans 18, 15 coils; fastMRI sizes
     .venv/bin/python benchmarks/export.py --small    # tiny VarNet, 4 coils, small sizes: a quick check
+    .venv/bin/python benchmarks/export.py --skip-varnet --stage-costs   # the FFT tables, and the floor of the 2D one
 """
 
 from __future__ import annotations
@@ -152,6 +153,62 @@ def bench_fft(coils: int, height: int, width: int, repeats: int, threads: int) -
     ]
 
 
+def stage_graph(radix: int, points: int) -> bytes:
+    """One real-form FFT stage on ``points`` complex values: ``(points / radix, 2·radix) @ (2·radix, 2·radix)``, the
+    GEMM every MatMul FFT stage of that radix costs at least (the right-multiplication, MLAS's faster form)."""
+    k = 2 * radix
+    rng = np.random.default_rng(radix)
+    weight = helper.make_tensor("m", TensorProto.FLOAT, [k, k], rng.standard_normal(k * k).astype(np.float32))
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "m"], ["y"])], "stage",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [points // radix, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [points // radix, k])],
+                              initializer=[weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def cheapest_plan(length: int, cost: dict[int, float]) -> tuple[float, list[int]]:
+    """Radices (each with a measured ``cost``) whose product is ``length`` and whose summed cost is least."""
+    if length == 1:
+        return 0.0, []
+    best = (float("inf"), [])
+    for radix in cost:
+        if length % radix == 0:
+            rest, plan = cheapest_plan(length // radix, cost)
+            best = min(best, (cost[radix] + rest, [radix] + plan))
+    return best
+
+
+def bench_stage_costs(coils: int, height: int, width: int, repeats: int, threads: int) -> list[str]:
+    """What the GEMM stages of any MatMul 2D FFT cost at least, next to torch.fft in the same loop: each radix
+    (2..64) dividing H or W timed as one real-form stage over all the points, the cheapest plan per axis summed.
+    Layout moves (de-interleaving, transposes between the axes) come on top."""
+    points = coils * height * width
+    radices = {r for n in (height, width) for r in range(2, 65) if n % r == 0}
+    for n in (height, width):  # prime factors above 64 are one dense stage each, as in reconkit.ops.dft_matmul
+        for r in range(2, 65):
+            while n % r == 0:
+                n //= r
+        radices |= {p for p in range(67, n + 1) if n % p == 0 and all(p % q for q in range(2, int(p**0.5) + 1))}
+    radices = sorted(radices)
+    x = torch.randn(1, coils, height, width, 2, generator=torch.Generator().manual_seed(0))
+    steps: dict[str, Callable[[], object]] = {"torch": lambda: fft2c(x)}
+    for radix in radices:
+        sess = session(stage_graph(radix, points), threads)
+        feeds = {"x": np.random.default_rng(radix).standard_normal((points // radix, 2 * radix), dtype=np.float32)}
+        steps[str(radix)] = lambda sess=sess, feeds=feeds: sess.run(None, feeds)
+    med = interleaved_medians(steps, repeats, warmup=1)
+    cost = {radix: med[str(radix)] for radix in radices}
+    rows = [f"| radix {radix} | {cost[radix] * 1e3:.1f} | |" for radix in radices]
+    (h_cost, h_plan), (w_cost, w_plan) = cheapest_plan(height, cost), cheapest_plan(width, cost)
+    bound = h_cost + w_cost
+    plans = f"H {'·'.join(map(str, h_plan))} + W {'·'.join(map(str, w_plan))}"
+    rows += [f"| torch.fft 2D (same loop) | {med['torch'] * 1e3:.1f} | 1.00 |",
+             f"| cheapest stages, {plans} | {bound * 1e3:.1f} | **{bound / med['torch']:.2f}** |"]
+    return rows
+
+
 def bench_varnet(model: VarNet, coils: int, height: int, width: int, repeats: int, threads: int) -> str:
     generator = torch.Generator().manual_seed(height + width)
     mask = (torch.rand(width, generator=generator) < 0.2).float()
@@ -258,6 +315,9 @@ def main() -> None:
     parser.add_argument("--skip-fft", action="store_true", help="only the VarNet comparison")
     parser.add_argument("--conv-layers", action="store_true",
                         help="also time each U-Net level's 3x3 convolutions in torch and ORT (first size)")
+    parser.add_argument("--stage-costs", action="store_true",
+                        help="also time one real-form MatMul FFT stage per radix and the cheapest 2D plan's stages "
+                             "against torch.fft (first size): the floor of any MatMul 2D FFT")
     parser.add_argument("--eager-forms", action="store_true",
                         help="also time eager VarNet in hybrid space (line mask) vs k-space (the mask broadcast to 2D)")
     args = parser.parse_args()
@@ -282,6 +342,12 @@ def main() -> None:
         print("| input | implementation | ms | / torch.fft | max err | rel L2 err |\n|---|---|---|---|---|---|")
         for line in bench_fft(coils, fft_h, fft_w, max(repeats, 7), args.threads):
             print(line, flush=True)
+        if args.stage_costs:
+            print(f"\nMatMul FFT stages alone, {coils}×{fft_h}×{fft_w} points, ms per stage (one real GEMM each), "
+                  f"median of {max(repeats, 7)} interleaved repeats:\n")
+            print("| stage | ms | / torch.fft |\n|---|---|---|")
+            for line in bench_stage_costs(coils, fft_h, fft_w, max(repeats, 7), args.threads):
+                print(line, flush=True)
     if args.skip_varnet:
         return
     torch.manual_seed(0)
