@@ -173,10 +173,10 @@ def cheapest_plan(length: int, cost: dict[int, float]) -> tuple[float, list[int]
     if length == 1:
         return 0.0, []
     best = (float("inf"), [])
-    for radix in cost:
+    for radix, seconds in cost.items():
         if length % radix == 0:
             rest, plan = cheapest_plan(length // radix, cost)
-            best = min(best, (cost[radix] + rest, [radix] + plan))
+            best = min(best, (seconds + rest, [radix] + plan))
     return best
 
 
