@@ -27,7 +27,8 @@ from onnx import TensorProto, helper
 from reconkit.export import export_onnx
 from reconkit.models import VarNet
 from reconkit.ops import centering_signs, fft2c, fft_impl, fftc
-from reconkit.ops.dft_matmul import stacked_fft_w, to_stacked_kspace
+from reconkit.ops.dft_matmul import MAX_RADIX, stacked_fft_w, to_stacked_kspace
+from reconkit.ops.dft_matmul import radices as axis_radices
 
 from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
 
@@ -182,16 +183,12 @@ def cheapest_plan(length: int, cost: dict[int, float]) -> tuple[float, list[int]
 
 def bench_stage_costs(coils: int, height: int, width: int, repeats: int, threads: int) -> list[str]:
     """What the GEMM stages of any MatMul 2D FFT cost at least, next to torch.fft in the same loop: each radix
-    (2..64) dividing H or W timed as one real-form stage over all the points, the cheapest plan per axis summed.
+    (2..64, and any larger dense stage of reconkit's plan) dividing H or W timed as one real-form stage over all the points, the cheapest plan per axis summed.
     Layout moves (de-interleaving, transposes between the axes) come on top."""
     points = coils * height * width
-    radices = {r for n in (height, width) for r in range(2, 65) if n % r == 0}
-    for n in (height, width):  # prime factors above 64 are one dense stage each, as in reconkit.ops.dft_matmul
-        for r in range(2, 65):
-            while n % r == 0:
-                n //= r
-        radices |= {p for p in range(67, n + 1) if n % p == 0 and all(p % q for q in range(2, int(p**0.5) + 1))}
-    radices = sorted(radices)
+    # every radix up to 64 that divides H or W, plus the dense stage reconkit's own plan takes for a larger factor
+    radices = sorted({r for n in (height, width) for r in range(2, MAX_RADIX + 1) if n % r == 0}
+                     | {f for n in (height, width) for f in axis_radices(n) if f > MAX_RADIX})
     x = torch.randn(1, coils, height, width, 2, generator=torch.Generator().manual_seed(0))
     steps: dict[str, Callable[[], object]] = {"torch": lambda: fft2c(x)}
     for radix in radices:
