@@ -72,13 +72,18 @@ class _FFT(torch.nn.Module):
         return fftc(x, self.dims)
 
 
-def matmul_fft_graph(shape: tuple[int, ...], dims: tuple[int, ...] = (-2, -1)) -> bytes:
-    """ONNX graph of reconkit's in-graph FFT (``fftc`` along ``dims`` traced under ``fft_impl("matmul")``)."""
+def traced_graph(module: torch.nn.Module, shape: tuple[int, ...]) -> onnx.ModelProto:
+    """``module`` traced on one ``shape`` input ``x`` (output ``y``), opset 17, under ``fft_impl("matmul")``."""
     with tempfile.TemporaryDirectory() as tmp, fft_impl("matmul"):
         path = Path(tmp) / "fft.onnx"
-        torch.onnx.export(_FFT(dims), (torch.zeros(shape),), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(module, (torch.zeros(shape),), str(path), dynamo=False, opset_version=17,
                           input_names=["x"], output_names=["y"])
-        return path.read_bytes()
+        return onnx.load(str(path))
+
+
+def matmul_fft_graph(shape: tuple[int, ...], dims: tuple[int, ...] = (-2, -1)) -> bytes:
+    """ONNX graph of reconkit's in-graph FFT (``fftc`` along ``dims`` traced under ``fft_impl("matmul")``)."""
+    return traced_graph(_FFT(dims), shape).SerializeToString()
 
 
 def stacked_fft_graph(shape: tuple[int, ...]) -> bytes:
@@ -88,11 +93,7 @@ def stacked_fft_graph(shape: tuple[int, ...]) -> bytes:
     order. The trailing Reshape to ``(f₁, 2, f₂, *rest)`` is dropped: inside the exported VarNet ONNX Runtime runs
     it as a view, but on a graph output it copies the whole tensor (≈ 5 ms at 15 × 640 × 368), which the model
     never pays."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "fft.onnx"
-        torch.onnx.export(_StackedFFT(), (torch.zeros(shape),), str(path), dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"])
-        model = onnx.load(str(path))
+    model = traced_graph(_StackedFFT(), shape)
     reshape = model.graph.node[-1]
     if reshape.op_type != "Reshape" or reshape.output[0] != "y":
         raise RuntimeError(f"stacked_fft_graph: expected the graph to end in a Reshape to 'y'; got {reshape.op_type}")
@@ -198,8 +199,9 @@ def cheapest_plan(length: int, cost: dict[int, float]) -> tuple[float, list[int]
 
 def bench_stage_costs(coils: int, height: int, width: int, repeats: int, threads: int) -> list[str]:
     """What the GEMM stages of any MatMul 2D FFT cost at least, next to torch.fft in the same loop: each radix
-    (2..64, and any larger dense stage of reconkit's plan) dividing H or W timed as one real-form stage over all the points, the cheapest plan per axis summed.
-    Layout moves (de-interleaving, transposes between the axes) come on top."""
+    (2..64, and any larger dense stage of reconkit's plan) dividing H or W timed as one real-form stage over all the
+    points, the cheapest plan per axis summed. Layout moves (de-interleaving, transposes between the axes) come on
+    top."""
     points = coils * height * width
     # every radix up to 64 that divides H or W, plus the dense stage reconkit's own plan takes for a larger factor
     radices = sorted({r for n in (height, width) for r in range(2, MAX_RADIX + 1) if n % r == 0}
