@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from typing import Callable, Optional
@@ -13,16 +14,19 @@ def interleaved_medians(
     warmup: int = 1,
     sync: Optional[Callable[[], object]] = None,
 ) -> dict[str, float]:
-    """Median seconds per step. Within each repeat every step runs once, the starting one rotating (with two
-    steps: alternating), so allocator state, caches and machine load hit all alike. ``sync`` (e.g.
+    """Median seconds per step. Within each repeat every step runs once, so machine load hits all alike. With two
+    steps they alternate; with more, each repeat takes them in a new random order (seeded), so that no step always
+    runs right after the same one: a step timed after torch pays for what torch's run leaves behind (freed pages,
+    evicted caches), 5–8 ms on a 30 ms ONNX Runtime FFT (2026-12-06, docs/benchmarks.md). ``sync`` (e.g.
     ``torch.cuda.synchronize``) runs before and after each timed call."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
             steps[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    order = random.Random(0)
     for i in range(repeats):
-        for name in names[i % len(names):] + names[: i % len(names)]:
+        for name in names[i % 2:] + names[: i % 2] if len(names) == 2 else order.sample(names, len(names)):
             if sync is not None:
                 sync()
             start = time.perf_counter()

@@ -7,6 +7,7 @@ result against torch eager (max |diff| / max |ref| and relative L2).
     .venv/bin/python benchmarks/export.py            # VarNet 12 cascades, chans 18, 15 coils; fastMRI sizes
     .venv/bin/python benchmarks/export.py --small    # tiny VarNet, 4 coils, small sizes: a quick check
     .venv/bin/python benchmarks/export.py --skip-varnet --stage-costs   # the FFT tables, and the floor of the 2D one
+    .venv/bin/python benchmarks/export.py --skip-varnet --stacked-plans # and the model's W radices vs other splits
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from onnx import TensorProto, helper
 from reconkit.export import export_onnx
 from reconkit.models import VarNet
 from reconkit.ops import centering_signs, fft2c, fft_impl, fftc
-from reconkit.ops.dft_matmul import MAX_RADIX, stacked_factors, stacked_fft_w, to_stacked_kspace
+from reconkit.ops.dft_matmul import (
+    MAX_RADIX,
+    STAGE_PASS_COST,
+    stacked_fft_w,
+    stacked_radices,
+    to_stacked_kspace,
+)
 from reconkit.ops.dft_matmul import radices as axis_radices
 
 from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
@@ -57,10 +64,15 @@ def session(model: bytes | str, threads: int) -> ort.InferenceSession:
 
 
 class _StackedFFT(torch.nn.Module):
-    """The exported VarNet cascades' form: stacked W-major ``(2, W, *rest)`` in, ``(f₁, 2, f₂, *rest)`` out."""
+    """The exported VarNet cascades' form: stacked W-major ``(2, W, *rest)`` in, ``(P, 2, f_m, *rest)`` out;
+    ``factors`` another split of W than the model's."""
+
+    def __init__(self, factors: tuple[int, ...] | None = None):
+        super().__init__()
+        self.factors = factors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return stacked_fft_w(x)
+        return stacked_fft_w(x, self.factors)
 
 
 class _FFT(torch.nn.Module):
@@ -86,21 +98,22 @@ def matmul_fft_graph(shape: tuple[int, ...], dims: tuple[int, ...] = (-2, -1)) -
     return traced_graph(_FFT(dims), shape).SerializeToString()
 
 
-def stacked_fft_graph(shape: tuple[int, ...]) -> bytes:
+def stacked_fft_graph(shape: tuple[int, ...], factors: tuple[int, ...] | None = None) -> bytes:
     """ONNX graph of the stacked W-major MatMul FFT on one ``shape`` ``(2, W, *rest)`` input ``x``.
 
-    Its output ``y`` is the last MatMul's ``(f₁, 2·f₂, prod(rest))`` result: the stacked k-space's bytes in its
+    Its output ``y`` is the last MatMul's ``(P, 2·f_m, prod(rest))`` result: the stacked k-space's bytes in its
     order. The trailing Reshape to ``(f₁, 2, f₂, *rest)`` is dropped: inside the exported VarNet ONNX Runtime runs
     it as a view, but on a graph output it copies the whole tensor (≈ 5 ms at 15 × 640 × 368), which the model
     never pays."""
-    model = traced_graph(_StackedFFT(), shape)
+    model = traced_graph(_StackedFFT(factors), shape)
     reshape = model.graph.node[-1]
     if reshape.op_type != "Reshape" or reshape.output[0] != "y":
         raise RuntimeError(f"stacked_fft_graph: expected the graph to end in a Reshape to 'y'; got {reshape.op_type}")
     for node in [n for n in model.graph.node if n is reshape or list(n.output) == [reshape.input[1]]]:
         model.graph.node.remove(node)  # the Reshape and the Constant holding its target shape
-    f1, f2 = stacked_factors(shape[1])
-    flat = [f1, 2 * f2, int(np.prod(shape[2:]))]
+    last = (factors or stacked_radices(shape[1]))[-1]
+    outer = shape[1] // last
+    flat = ([outer] if outer > 1 else []) + [2 * last, int(np.prod(shape[2:]))]  # one stage: a plain GEMM
     model.graph.output[0].CopyFrom(helper.make_tensor_value_info(reshape.input[0], TensorProto.FLOAT, flat))
     onnx.checker.check_model(model)
     return model.SerializeToString()
@@ -168,6 +181,44 @@ def bench_fft(coils: int, height: int, width: int, repeats: int, threads: int) -
         (f"| {size}, 1D along W | ORT, reconkit MatMul FFT, stacked W-major as in the exported VarNet | "
          f"{t_stacked * 1e3:.1f} | {t_stacked / t_torch_w2:.2f} | {e_stacked[0]:.1e} | {e_stacked[1]:.1e} |"),
     ]
+
+
+def stacked_order(factors: tuple[int, ...]) -> np.ndarray:
+    """``(P, f_m)`` natural frequency index of each (flattened earlier digits, last digit) slot of the stacked k
+    layout of the split ``factors`` (``k = k₁ + f₁·k₂ + …``, ``k₁`` major in the flattened axis)."""
+    earlier = np.indices(factors[:-1]).reshape(len(factors) - 1, -1)
+    k_before = sum((earlier[t] * int(np.prod(factors[:t])) for t in range(len(factors) - 1)),
+                   np.zeros(earlier.shape[1], dtype=np.int64))
+    return k_before[:, None] + k_before.size * np.arange(factors[-1])[None, :]
+
+
+def bench_stacked_plans(coils: int, sizes: list[tuple[int, int]], repeats: int, threads: int) -> list[str]:
+    """The stacked W transform with the model's radices (:func:`reconkit.ops.dft_matmul.stacked_radices`) against
+    the two-radix split of the planar plan (the model's until 2026-12-06) and the model's radices in the reverse
+    order, with torch.fft along W in the same loop, per size: what ``STAGE_PASS_COST`` trades."""
+    rows = []
+    for height, width in sizes:
+        x = torch.randn(1, coils, height, width, 2, generator=torch.Generator().manual_seed(width))
+        stacked_x = x.permute(4, 3, 0, 1, 2).contiguous()  # (2, W, 1, C, H)
+        reference = fftc(x, (-1,)).permute(4, 3, 0, 1, 2).numpy()  # (2, W, 1, C, H), natural k
+        plans = {"model": stacked_radices(width), "two radices (until 2026-12-06)": tuple(axis_radices(width)),
+                 "model, reversed": stacked_radices(width)[::-1]}
+        plans = {name: plan for i, (name, plan) in enumerate(plans.items()) if plan not in list(plans.values())[:i]}
+        steps: dict[str, Callable[[], object]] = {"torch": lambda x=x: fftc(x, (-1,))}
+        errs = {}
+        for name, plan in plans.items():
+            sess, feeds = session(stacked_fft_graph(tuple(stacked_x.shape), plan), threads), {"x": stacked_x.numpy()}
+            steps[name] = lambda sess=sess, feeds=feeds: sess.run(None, feeds)
+            out = sess.run(None, feeds)[0].reshape((-1, 2, plan[-1]) + reference.shape[2:])
+            errs[name] = errors(out, reference[:, stacked_order(plan)].transpose(1, 0, 2, 3, 4, 5))
+        med = interleaved_medians(steps, repeats, warmup=1)
+        size = f"{coils}×{height}×{width}"
+        rows.append(f"| {size} | torch.fft (eager) | – | – | {med['torch'] * 1e3:.1f} | 1.00 | – |")
+        for name, plan in plans.items():
+            cost = sum(f + STAGE_PASS_COST for f in plan)
+            rows.append(f"| {size} | {name} | {'·'.join(map(str, plan))} | {cost:.1f} | {med[name] * 1e3:.1f} | "
+                        f"{med[name] / med['torch']:.2f} | {errs[name][1]:.1e} |")
+    return rows
 
 
 def stage_graph(radix: int, points: int) -> bytes:
@@ -332,6 +383,9 @@ def main() -> None:
     parser.add_argument("--stage-costs", action="store_true",
                         help="also time one real-form MatMul FFT stage per radix and the cheapest 2D plan's stages "
                              "against torch.fft (first size): the floor of any MatMul 2D FFT")
+    parser.add_argument("--stacked-plans", action="store_true",
+                        help="also time the stacked W transform with the model's radices against other splits of W, "
+                             "every size (what STAGE_PASS_COST trades)")
     parser.add_argument("--eager-forms", action="store_true",
                         help="also time eager VarNet in hybrid space (line mask) vs k-space (the mask broadcast to 2D)")
     args = parser.parse_args()
@@ -361,6 +415,12 @@ def main() -> None:
                   f"median of {max(repeats, 7)} interleaved repeats:\n")
             print("| stage | ms | / torch.fft |\n|---|---|---|")
             for line in bench_stage_costs(coils, fft_h, fft_w, max(repeats, 7), args.threads):
+                print(line, flush=True)
+        if args.stacked_plans:
+            print(f"\nStacked W transform (the exported VarNet's cascades), {coils} coils, by split of W, median of "
+                  f"{max(repeats, 7)} interleaved repeats; cost = Σ (radix + {STAGE_PASS_COST}):\n")
+            print("| input | plan | radices | cost | ms | / torch.fft | rel L2 err |\n|---|---|---|---|---|---|---|")
+            for line in bench_stacked_plans(coils, sizes, max(repeats, 7), args.threads):
                 print(line, flush=True)
     if args.skip_varnet:
         return

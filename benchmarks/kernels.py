@@ -1,6 +1,6 @@
 """Fused Triton kernels (reconkit.ops.triton_kernels) against reconkit's torch path and fastmri's ops.
 
-On a CUDA machine, side by side in one run (the three implementations interleaved, the order rotating per
+On a CUDA machine, side by side in one run (the three implementations interleaved, in a new random order each
 repeat; medians over repeats):
 
 * per op (sens_expand, sens_reduce, data_consistency), forward and forward+backward: time in ms, achieved

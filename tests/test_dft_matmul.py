@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import fastmri
 import numpy as np
@@ -23,6 +24,7 @@ from reconkit.ops import (
     sens_reduce,
 )
 from reconkit.ops.dft_matmul import (
+    STAGE_PASS_COST,
     axis_plan,
     centred_fft_matmul,
     centred_fft_matmul_planar,
@@ -30,6 +32,7 @@ from reconkit.ops.dft_matmul import (
     stacked_factors,
     stacked_fft_w,
     stacked_ifft_w,
+    stacked_radices,
     to_stacked_kspace,
 )
 
@@ -78,31 +81,58 @@ def test_single_axis_equals_fftc(height: int, width: int, dims: tuple[int, ...])
         centred_fft_matmul_planar(x[..., 0], x[..., 1], False, (0,))
 
 
-@pytest.mark.parametrize("width", [368, 372, 320, 396, 272, 24, 37, 134, 2])
+@pytest.mark.parametrize("width", [368, 372, 320, 396, 272, 24, 37, 134, 2, 1, 8192])
 def test_stacked_w_transform_equals_fftc(width: int) -> None:
-    """The stacked W-major form (export cascades): fftc along W, output in the stated (k₁, part, k₂) order, and its
-    inverse returns the input; one radix (24, 37), two (fastMRI widths), a large prime second radix (134 = 2·67)."""
-    f1, f2 = stacked_factors(width)
-    assert f1 * f2 == width
-    x = torch.randn(2, 3, 5, width, 2, generator=torch.Generator().manual_seed(width))
-    stacked = torch.stack((x[..., 0], x[..., 1])).permute(0, 4, 1, 2, 3)  # (2, W, 2, 3, 5)
+    """The stacked W-major form (export cascades): fftc along W, output in the stated (k₁…k_{m-1}, part, k_m) order,
+    and its inverse returns the input; one radix (37), two (134 = 67·2), three and more (fastMRI widths, 8192)."""
+    factors = stacked_radices(width)
+    outer, last = stacked_factors(width)
+    assert math.prod(factors) == width and outer * last == width and last == factors[-1]
+    rest = (1, 2, 3) if width > 1000 else (2, 3, 5)
+    x = torch.randn(*rest, width, 2, generator=torch.Generator().manual_seed(width))
+    stacked = torch.stack((x[..., 0], x[..., 1])).permute(0, 4, 1, 2, 3)  # (2, W, *rest)
     kspace = stacked_fft_w(stacked)
-    assert kspace.shape == (f1, 2, f2, 2, 3, 5)
+    assert kspace.shape == (outer, 2, last) + rest
     reference = fftc(x, (-1,))
     expected = to_stacked_kspace(torch.stack((reference[..., 0], reference[..., 1])))
     assert relative_error(kspace, expected) <= 1e-5
-    # the layout: element (k₁, part, k₂) is frequency k = k₁ + f₁·k₂
-    k1, k2 = f1 - 1, f2 // 2
-    assert torch.allclose(kspace[k1, 1, k2], reference[..., k1 + f1 * k2, 1], atol=1e-5)
+    # the layout: element (b, part, k_m), b = (k₁, …, k_{m-1}) with k₁ major, is frequency k = Σ k_s·f₁⋯f_{s-1}
+    b, k_m = outer - 1 - outer // 3, last // 2
+    digits = np.unravel_index(b, factors[:-1]) if len(factors) > 1 else ()
+    k = sum(int(d) * math.prod(factors[:s]) for s, d in enumerate(digits)) + outer * k_m
+    assert torch.allclose(kspace[b, 1, k_m], reference[..., k, 1], atol=1e-5)
     assert relative_error(stacked_ifft_w(kspace), stacked) <= 1e-5
 
 
-def test_stacked_layout_needs_at_most_two_radices() -> None:
-    assert len(radices(8192)) == 3 and stacked_factors(8192) is None
-    with pytest.raises(ValueError, match="two radices"):
-        stacked_fft_w(torch.zeros(2, 8192, 1))
+def test_stacked_radices_trade_multiply_adds_for_passes() -> None:
+    """Radices minimise Σ (f + STAGE_PASS_COST): small radices for smooth widths, a prime alone."""
+    for width in range(2, 700):
+        factors = stacked_radices(width)
+        assert math.prod(factors) == width and list(factors) == sorted(factors, reverse=True)
+        cost = sum(f + STAGE_PASS_COST for f in factors)
+        for f in (d for d in range(2, width) if width % d == 0):  # one stage more or less never helps
+            assert cost <= f + STAGE_PASS_COST + sum(g + STAGE_PASS_COST for g in stacked_radices(width // f)) + 1e-9
+    assert stacked_radices(1031) == (1031,) and stacked_radices(368) == (23, 4, 4)
     with pytest.raises(ValueError, match="stacked layout"):
         stacked_ifft_w(torch.zeros(3, 2, 8, 1))
+    with pytest.raises(ValueError, match="stacked layout"):
+        stacked_ifft_w(torch.zeros(92, 3, 4, 1))
+    with pytest.raises(ValueError, match="do not multiply"):
+        stacked_fft_w(torch.zeros(2, 12, 1), (5, 2))
+
+
+def test_stacked_transform_with_another_split() -> None:
+    """``factors`` (the benchmark's alternative splits): the same transform, output in that split's digit order."""
+    x = torch.randn(2, 48, 7, generator=torch.Generator().manual_seed(7))  # (part, W, rest)
+    natural = fftc(x.permute(2, 1, 0), (-1,)).permute(2, 1, 0)  # (part, k, rest), k natural
+    for factors in ((16, 3), (3, 16), (2, 2, 2, 2, 3), stacked_radices(48)):
+        out = stacked_fft_w(x, factors)
+        p = 48 // factors[-1]
+        assert out.shape == (p, 2, factors[-1], 7)
+        digits = np.indices(factors[:-1]).reshape(len(factors) - 1, -1)  # k₁ major
+        k_before = sum(digits[t] * math.prod(factors[:t]) for t in range(len(factors) - 1))
+        index = torch.as_tensor(k_before[:, None] + p * np.arange(factors[-1])[None, :])  # (P, f_m) → k
+        assert relative_error(out, natural[:, index].permute(1, 0, 2, 3)) <= 1e-5
 
 
 @pytest.mark.parametrize("height,width", [(64, 46), (45, 33)])

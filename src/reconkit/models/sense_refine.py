@@ -173,14 +173,14 @@ def refine_stacked(
     wavelet: float = 0.0,
 ) -> torch.Tensor:
     """Export path, line masks: :func:`refine_kspace` on the stacked W-major layout (``VarNetBlock.forward_stacked``):
-    ``kspace`` / ``masked_ref`` ``(f₁, 2, f₂, B, C, H)``, ``line (f₁, 1, f₂, B, 1, 1)``, maps ``(2, W, B, C, H)``
+    ``kspace`` / ``masked_ref`` ``(P, 2, f_m, B, C, H)``, ``line (P, 1, f_m, B, 1, 1)``, maps ``(2, W, B, C, H)``
     as ``[S_re; S_im]`` and ``[−S_im; S_re]``. The image iterates batch first as ``(B, 2, W, 1, H)``."""
     f1, _, f2, _, coils, height = kspace.shape
 
     def reduce(k: torch.Tensor) -> torch.Tensor:  # → (B, 2, W, 1, H)
         return stacked_sens_reduce(k, maps).permute(2, 0, 1, 3).unsqueeze(3)
 
-    def expand(image: torch.Tensor) -> torch.Tensor:  # (B, 2, W, 1, H) → (f₁, 2, f₂, B, C, H)
+    def expand(image: torch.Tensor) -> torch.Tensor:  # (B, 2, W, 1, H) → (P, 2, f_m, B, C, H)
         return stacked_sens_expand(image.permute(1, 2, 0, 3, 4), maps)
 
     start = reduce(kspace)

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from reconkit.models.unet import NormUnet, tracing
 from reconkit.models.classical import estimate_sens_maps_acs
 from reconkit.models.espirit_poly import estimate_sens_maps_espirit_poly
 from reconkit.models.sense_refine import refine_kspace, refine_planar, refine_stacked
+from reconkit.models.unet import NormUnet, tracing
 from reconkit.ops import (
     current_fft_impl,
     data_consistency,
@@ -40,7 +40,6 @@ from reconkit.ops import (
 )
 from reconkit.ops.dft_matmul import (
     centred_fft_matmul_planar,
-    stacked_factors,
     stacked_ifft_w,
     to_stacked_kspace,
 )
@@ -170,12 +169,12 @@ class SensitivityModel(nn.Module):
     def forward_stacked(
         self, hybrid: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Export path, line masks: hybrid-space coil data in the stacked k layout ``(f₁, 2, f₂, B, C, H)`` (see
+        """Export path, line masks: hybrid-space coil data in the stacked k layout ``(P, 2, f_m, B, C, H)`` (see
         :func:`reconkit.ops.dft_matmul.stacked_fft_w`) → the stacked maps ``[S_re; S_im]`` and ``[−S_im; S_re]``,
         each ``(2, W, B, C, H)``. The ACS window acts along W only, so ``ifft2c(k·window)`` is the W transform of
         the hybrid data times the window: no second H transform."""
-        f1, _, f2, b, c, h = hybrid.shape
-        width = f1 * f2
+        outer, _, last, b, c, h = hybrid.shape
+        width = outer * last
         if self.mask_center:
             keep = self._acs_window(mask, num_low_frequencies, width).to(hybrid.dtype)
             hybrid = hybrid * to_stacked_kspace(keep[None])[..., None, None]
@@ -245,10 +244,10 @@ class VarNetBlock(nn.Module):
         (:func:`reconkit.ops.dft_matmul.stacked_fft_w`).
 
         Args:
-            kspace: ``(f₁, 2, f₂, B, C, H)`` hybrid-space coil data, stacked k layout.
+            kspace: ``(P, 2, f_m, B, C, H)`` hybrid-space coil data, stacked k layout.
             masked_ref: ``mask · reference`` in the same layout (the measured data, hence ``k − η·M(k − k₀) =
                 k·(1 − η·M) + η·M·k₀``).
-            mask: ``(f₁, 1, f₂, B, 1, 1)`` line mask in the same order.
+            mask: ``(P, 1, f_m, B, 1, 1)`` line mask in the same order.
             maps: ``(2, W, B, C, H)`` stacked sensitivities ``[S_re; S_im]`` and ``[−S_im; S_re]``.
         """
         image = stacked_sens_reduce(kspace, maps)  # (2, W, B, H)
@@ -369,23 +368,18 @@ class VarNet(nn.Module):
         _check_inputs(masked_kspace, mask)
         mask = mask.to(masked_kspace.dtype)
         parts = masked_kspace[..., 0], masked_kspace[..., 1]
-        hybrid = mask.shape[-3] == 1
-        if hybrid:
+        if mask.shape[-3] == 1:  # line mask: hybrid space, the stacked W-major cascades
             hybrid_parts = centred_fft_matmul_planar(*parts, inverse=True, dims=(-2,))
-            if stacked_factors(int(masked_kspace.shape[-2])) is not None:
-                return self._stacked_forward(masked_kspace, hybrid_parts, mask, num_low_frequencies)
+            return self._stacked_forward(masked_kspace, hybrid_parts, mask, num_low_frequencies)
         map_parts = self.sens_net.forward_planar(parts, mask, num_low_frequencies)
-        dims = (-1,) if hybrid else (-2, -1)
-        if hybrid:
-            parts = hybrid_parts
         reference = parts
         for cascade in self.cascades:
-            parts = cascade.forward_planar(parts, reference, mask[..., 0], map_parts, dims)
+            parts = cascade.forward_planar(parts, reference, mask[..., 0], map_parts, (-2, -1))
         if self.final_dc_iters:
             maps = self._step_maps(masked_kspace, mask, num_low_frequencies)
-            parts = refine_planar(parts, reference, mask[..., 0], (maps[..., 0], maps[..., 1]), dims,
+            parts = refine_planar(parts, reference, mask[..., 0], (maps[..., 0], maps[..., 1]), (-2, -1),
                                   self.final_dc_iters, self.final_dc_prior, self.final_dc_wavelet)
-        re, im = centred_fft_matmul_planar(*parts, inverse=True, dims=dims)
+        re, im = centred_fft_matmul_planar(*parts, inverse=True)
         return torch.sqrt((re * re + im * im).sum(dim=1))
 
     def _stacked_forward(
@@ -395,9 +389,9 @@ class VarNet(nn.Module):
         """Export path, line mask: hybrid-space planar parts ``(B, C, H, W)`` → RSS image ``(B, H, W)``, the
         sensitivities and cascades on the stacked W-major layout (each W transform two large real MatMuls;
         docs/export.md)."""
-        reference = to_stacked_kspace(torch.stack(parts))  # (f₁, 2, f₂, B, C, H)
+        reference = to_stacked_kspace(torch.stack(parts))  # (P, 2, f_m, B, C, H)
         maps = self.sens_net.forward_stacked(reference, mask, num_low_frequencies)
-        line = to_stacked_kspace(mask[:, 0, 0, :, 0][None])[..., None, None]  # (f₁, 1, f₂, B, 1, 1)
+        line = to_stacked_kspace(mask[:, 0, 0, :, 0][None])[..., None, None]  # (P, 1, f_m, B, 1, 1)
         masked_ref = reference * line
         kspace = reference
         for cascade in self.cascades:

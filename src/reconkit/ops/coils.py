@@ -159,12 +159,12 @@ def data_consistency(
 
 def stacked_sens_reduce(kspace: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Export path, stacked W-major layout (:func:`reconkit.ops.dft_matmul.stacked_fft_w`): ``Σ_c conj(S_c)·F_Wᴴ k_c``
-    of ``(f₁, 2, f₂, B, C, H)`` hybrid k → ``(2, W, B, H)``; ``maps`` are ``[S_re; S_im]`` and ``[−S_im; S_re]``,
+    of ``(P, 2, f_m, B, C, H)`` hybrid k → ``(2, W, B, H)``; ``maps`` are ``[S_re; S_im]`` and ``[−S_im; S_re]``,
     each ``(2, W, B, C, H)``."""
     coils = stacked_ifft_w(kspace)  # (2, W, B, C, H)
     return torch.stack(((coils * maps[0]).sum(dim=(0, 3)), (coils * maps[1]).sum(dim=(0, 3))))
 
 
 def stacked_sens_expand(image: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Export path, stacked layout: ``F_W(S_c·x)`` of a ``(2, W, B, 1, H)`` image → ``(f₁, 2, f₂, B, C, H)``."""
+    """Export path, stacked layout: ``F_W(S_c·x)`` of a ``(2, W, B, 1, H)`` image → ``(P, 2, f_m, B, C, H)``."""
     return stacked_fft_w(image[:1] * maps[0] + image[1:] * maps[1])

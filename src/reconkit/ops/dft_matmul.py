@@ -38,9 +38,9 @@ import torch
 from reconkit.ops.fft import check_fft_dims
 
 __all__ = [
-    "AxisPlan", "axis_plan", "centred_fft_matmul", "centred_fft_matmul_planar", "planar_matmul", "planar_mul",
-    "radices",
-    "stacked_factors", "stacked_fft_w", "stacked_ifft_w", "to_stacked_kspace",
+    "STAGE_PASS_COST", "AxisPlan", "axis_plan", "centred_fft_matmul", "centred_fft_matmul_planar", "planar_matmul",
+    "planar_mul", "radices", "stacked_factors", "stacked_fft_w", "stacked_ifft_w", "stacked_radices",
+    "to_stacked_kspace",
 ]
 
 MAX_RADIX = 64
@@ -295,100 +295,157 @@ def centred_fft_matmul_planar(
 #
 # In hybrid space the cascades transform along W only. With W as the *leading* axis and the (real, imag) parts
 # stacked next to the transformed digit, each stage of the W transform is one real MatMul of a (2f, 2f) matrix with a
-# (2f, rows) operand: large GEMMs, no twiddle pass (folded into the second stage's per-k₁ matrices) and no
-# complex-combine Add / Sub. The k-space side keeps the output digits in the order the stages produce them
-# (``k = k₁ + f₁·k₂`` stored as ``(k₁, part, k₂)``); elementwise work (mask, data consistency) does not care, as
-# long as the mask and reference are in the same order (:func:`to_stacked_kspace`).
+# (2f, rows) operand: large GEMMs, no twiddle pass (each stage's matrices carry the twiddles of the digits before it)
+# and no complex-combine Add / Sub. Between the stages the tensor is only reshaped (a view): the stages write their
+# output digits where their input digits were. The k-space side therefore keeps the output digits in stage order
+# (``k = k₁ + f₁·k₂ + f₁f₂·k₃ + …`` stored as ``(k₁, k₂, …, part, k_m)``, the first m − 1 digits flattened into one
+# axis); elementwise work (mask, data consistency) does not care, as long as the mask and reference are in the same
+# order (:func:`to_stacked_kspace`).
+
+STAGE_PASS_COST = 3.5
+"""What one more stage costs in ONNX Runtime, in units of one radix step of GEMM work (a stage of radix f costs
+≈ ``f + STAGE_PASS_COST``): the memory pass over the data every stage makes. Estimated from timings of several
+splits of the fastMRI widths (15 × 640 × W, 2-vCPU AVX2 VM, ORT 1.32; ``benchmarks/export.py --stacked-plans``
+compares the chosen split with others). Many small radices save multiply-adds but each costs a pass; one large
+radix the reverse."""
 
 
-def stacked_factors(width: int) -> tuple[int, int] | None:
-    """``(f₁, f₂)`` with ``f₁·f₂ = width`` for the stacked W transform (``f₁ = 1``: one dense stage), or ``None``
-    when the plan of ``width`` has more than two radices (widths above 4096; the planar form serves those).
+@functools.lru_cache(maxsize=256)
+def stacked_radices(width: int) -> tuple[int, ...]:
+    """The stacked W transform's radices, largest first: the split of ``width`` into factors ``f_1·…·f_m`` with the
+    least ``Σ (f_i + STAGE_PASS_COST)`` (multiply-adds per point plus one memory pass per stage). A prime becomes
+    one dense stage.
 
-    >>> stacked_factors(368), stacked_factors(24), stacked_factors(134)
-    ((16, 23), (1, 24), (2, 67))
+    >>> stacked_radices(368), stacked_radices(372), stacked_radices(320), stacked_radices(396), stacked_radices(7)
+    ((23, 4, 4), (31, 4, 3), (5, 4, 4, 4), (11, 6, 6), (7,))
     """
-    factors = axis_plan(width, False).factors
-    if len(factors) > 2:
-        return None
-    return (1, factors[0]) if len(factors) == 1 else (factors[0], factors[1])
+    if width < 1:
+        raise ValueError(f"FFT length must be positive; got {width}")
+    if width == 1:
+        return (1,)
+
+    @functools.cache
+    def cheapest(n: int) -> tuple[float, tuple[int, ...]]:
+        if n == 1:
+            return 0.0, ()
+        options = []
+        for f in (d for d in range(2, n + 1) if n % d == 0):
+            cost, rest = cheapest(n // f)
+            options.append((cost + f + STAGE_PASS_COST, tuple(sorted((f,) + rest, reverse=True))))
+        return min(options)
+
+    return cheapest(width)[1]
+
+
+def stacked_factors(width: int) -> tuple[int, int]:
+    """``(P, f_m)`` of the stacked k layout ``(P, 2, f_m, …)`` of ``width``: the last radix and the product of the
+    others (``P = 1``: one dense stage).
+
+    >>> stacked_factors(368), stacked_factors(7), stacked_factors(134)
+    ((92, 4), (1, 7), (67, 2))
+    """
+    factors = stacked_radices(width)
+    return width // factors[-1], factors[-1]
 
 
 def _real_form(matrix: np.ndarray) -> np.ndarray:
-    """Complex ``(a, b)`` → real ``(2a, 2b)``: rows (part, a), columns (part, b); acts on stacked [re; im]."""
-    return np.block([[matrix.real, -matrix.imag], [matrix.imag, matrix.real]])
+    """Complex ``(..., a, b)`` → real ``(..., 2a, 2b)``: rows (part, a), columns (part, b); acts on stacked
+    [re; im]."""
+    top = np.concatenate((matrix.real, -matrix.imag), axis=-1)
+    return np.concatenate((top, np.concatenate((matrix.imag, matrix.real), axis=-1)), axis=-2)
+
+
+def _stage_matrices(factors: tuple[int, ...]) -> list[np.ndarray]:
+    """Complex stage matrices of the centred orthonormal forward DFT of ``prod(factors)`` points split into
+    ``factors``, stage s ``(P_s, f_s, f_s)`` (``P_s = f_1·…·f_{s-1}``, one matrix per value of the output digits
+    before it, ``k_1`` major), entry ``[b, k_s, n_s]``.
+
+    The input index has its digits most significant first, ``n = Σ n_s·R_s`` with ``R_s = N / (f_1·…·f_s)``, the
+    output index least significant first, ``k = Σ k_s·P_s``. Stage s sums over ``n_s`` the terms of
+    ``W^{n·k}`` that couple ``n_s`` with ``k_1 … k_s`` (the later digits give whole turns), so no twiddle is left
+    between stages. The centring ``W^{h²} · W^{-h n} · W^{-h k}`` (``h = N // 2``) splits into a column factor
+    ``W^{-h n_s R_s}`` and a row factor ``W^{-h k_s P_s}`` per stage, ``W^{h²}`` rides on stage 1, and each stage
+    carries its ``1/√f_s``."""
+    width = math.prod(factors)
+    h, stages, done = width // 2, [], 1
+    for s, f in enumerate(factors):
+        stride = width // (done * f)  # R_s
+        earlier = np.indices(factors[:s]).reshape(s, -1) if s else np.zeros((0, 1), dtype=np.int64)
+        k_before = sum((earlier[t] * math.prod(factors[:t]) for t in range(s)), np.zeros(earlier.shape[1], np.int64))
+        k_s, n_s = np.arange(f)[:, None], np.arange(f)[None, :]
+        partial_k = k_before[:, None, None] + done * k_s  # (P_s, f, 1)
+        phase = (n_s * stride * partial_k - h * n_s * stride - h * k_s * done) % width + (h * h if s == 0 else 0)
+        stages.append(np.exp(-2j * np.pi * (phase % width) / width) / np.sqrt(f))
+        done *= f
+    return stages
 
 
 @functools.lru_cache(maxsize=64)
-def _stacked_constants(width: int, inverse: bool, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Stage matrices of the stacked centred FFT along W (forward) or its inverse (the transposes: the real form
-    of a unitary matrix is orthogonal).
+def _stacked_constants(factors: tuple[int, ...], inverse: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Real stage matrices of the stacked centred FFT of ``prod(factors)`` points split into ``factors``, in the
+    order the forward transform applies them, float32 on ``device`` (cached).
 
-    Forward: ``first (2f₁, 2f₁)`` with rows (k₁, part) and columns (part, n₁) (``None`` when f₁ = 1), then
-    ``second (f₁, 2f₂, 2f₂)``: per k₁, rows (part, k₂), columns (part, n₂), the twiddle folded in.
+    Stage s is ``(P_s, 2f_s, 2f_s)`` (``(2f, 2f)`` when ``P_s = 1``, one plain GEMM), columns (part, n_s), rows
+    (k_s, part) so that the next stage's operand ``(part, n_{s+1})`` is contiguous, rows (part, k_m) for the last.
+    The inverse's matrices are their transposes (the real form of a unitary matrix is orthogonal), applied in
+    reverse order.
     """
-    plan = axis_plan(width, False)
-    f1, f2 = stacked_factors(width)
-    if f1 == 1:
-        first, second = None, _real_form(_complex(plan.matrices[0]))[None]
-    else:
-        first = _real_form(_complex(plan.matrices[0])).reshape(2, f1, 2 * f1).transpose(1, 0, 2).reshape(2 * f1, -1)
-        folded = _complex(plan.folded)
-        second = np.stack([_real_form(folded[k1]) for k1 in range(f1)])
-    if inverse:
-        first = None if first is None else first.T
-        second = second.transpose(0, 2, 1)
+    stages = []
+    for s, matrix in enumerate(_stage_matrices(factors)):
+        real = _real_form(matrix)  # (P, 2f, 2f), rows (part, k)
+        batch, f = matrix.shape[0], matrix.shape[1]
+        if s < len(factors) - 1:
+            real = real.reshape(batch, 2, f, 2 * f).transpose(0, 2, 1, 3).reshape(batch, 2 * f, 2 * f)
+        if inverse:
+            real = real.transpose(0, 2, 1)
+        stages.append(np.ascontiguousarray(real[0] if batch == 1 else real, dtype=np.float32))
     with torch.inference_mode(False):
-        to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)  # noqa: E731
-        return (None if first is None else to_tensor(first)), to_tensor(second)
+        return tuple(torch.from_numpy(a).to(device) for a in stages)
 
 
-def _complex(pair: torch.Tensor) -> np.ndarray:
-    """(2, ...) float (real, imag) tensor → complex128 array."""
-    z = pair.double().numpy()
-    return z[0] + 1j * z[1]
-
-
-def stacked_fft_w(x: torch.Tensor) -> torch.Tensor:
+def stacked_fft_w(x: torch.Tensor, factors: tuple[int, ...] | None = None) -> torch.Tensor:
     """Centred orthonormal FFT along W in the stacked layout: ``(2, W, *rest)`` (part, natural W) →
-    ``(f₁, 2, f₂, *rest)`` (k₁, part, k₂), ``(f₁, f₂) = stacked_factors(W)``. Equal to
-    :func:`reconkit.ops.fftc` along W up to float32 round-off and the stated order of the output index."""
-    width, rest = int(x.shape[1]), x.shape[2:]
-    f1, f2 = _checked_factors(width)
-    first, second = _stacked_constants(width, False, x.device)
-    x = x.reshape(2 * f1, -1)
-    if first is not None:
-        x = first @ x
-    return (second @ x.reshape(f1, 2 * f2, -1)).reshape((f1, 2, f2) + tuple(rest))
+    ``(P, 2, f_m, *rest)`` (k₁…k_{m-1} flattened, ``k₁`` major; part; k_m), ``(P, f_m) = stacked_factors(W)``.
+    Equal to :func:`reconkit.ops.fftc` along W up to float32 round-off and the stated order of the output index.
+
+    ``factors``: another split of W than :func:`stacked_radices` (``benchmarks/export.py --stacked-plans`` times
+    the alternatives; the output layout follows the split, so only this function's caller can read it)."""
+    width, rest = int(x.shape[1]), tuple(x.shape[2:])
+    factors = stacked_radices(width) if factors is None else tuple(factors)
+    if math.prod(factors) != width:
+        raise ValueError(f"stacked_fft_w: radices {factors} do not multiply to W = {width}")
+    batch = 1
+    for factor, matrix in zip(factors, _stacked_constants(factors, False, x.device)):
+        x = matrix @ x.reshape(batch, 2 * factor, -1) if matrix.ndim == 3 else matrix @ x.reshape(2 * factor, -1)
+        batch *= factor
+    return x.reshape((width // factors[-1], 2, factors[-1]) + rest)
 
 
 def stacked_ifft_w(k: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`stacked_fft_w`: ``(f₁, 2, f₂, *rest)`` → ``(2, W, *rest)``."""
-    f1, f2, rest = int(k.shape[0]), int(k.shape[2]), k.shape[3:]
-    width = f1 * f2
-    if _checked_factors(width) != (f1, f2):
-        raise ValueError(f"stacked_ifft_w: axes ({f1}, 2, {f2}) are not the stacked layout of W = {width}")
-    first, second = _stacked_constants(width, True, k.device)
-    y = second @ k.reshape(f1, 2 * f2, -1)
-    y = y.reshape(2 * f1, -1)
-    if first is not None:
-        y = first @ y
-    return y.reshape((2, width) + tuple(rest))
+    """Inverse of :func:`stacked_fft_w`: ``(P, 2, f_m, *rest)`` → ``(2, W, *rest)``."""
+    outer, last, rest = int(k.shape[0]), int(k.shape[2]), tuple(k.shape[3:])
+    width = outer * last
+    if k.shape[1] != 2 or stacked_factors(width) != (outer, last):
+        raise ValueError(f"stacked_ifft_w: axes ({outer}, {k.shape[1]}, {last}) are not the stacked layout "
+                         f"{stacked_factors(width)[:1] + (2,) + stacked_factors(width)[1:]} of W = {width}")
+    factors = stacked_radices(width)
+    batch = width
+    for factor, matrix in reversed(list(zip(factors, _stacked_constants(factors, True, k.device)))):
+        batch //= factor
+        k = matrix @ k.reshape(batch, 2 * factor, -1) if matrix.ndim == 3 else matrix @ k.reshape(2 * factor, -1)
+    return k.reshape((2, width) + rest)
 
 
 def to_stacked_kspace(x: torch.Tensor) -> torch.Tensor:
-    """``(P, *lead, W)`` with W in natural k order → the stacked k layout ``(f₁, P, f₂, *lead)``: P = 2 for data
-    (real, imag), P = 1 for a real factor that broadcasts against it (a line mask)."""
-    f1, f2 = _checked_factors(int(x.shape[-1]))
-    parts, lead = int(x.shape[0]), tuple(x.shape[1:-1])
-    # two moves, both fast in ONNX Runtime (one 6-D permutation with 16-float blocks is ~20× slower): W to the
-    # front, then the digits k = k₁ + f₁·k₂ (k₂ the slower one) to (k₁, part, k₂) in blocks of the other axes
+    """``(P, *lead, W)`` with W in natural k order → the stacked k layout ``(P_W, P, f_m, *lead)``
+    (:func:`stacked_fft_w`): P = 2 for data (real, imag), P = 1 for a real factor that broadcasts against it (a
+    line mask)."""
+    factors = stacked_radices(int(x.shape[-1]))
+    parts, lead, m = int(x.shape[0]), tuple(x.shape[1:-1]), len(factors)
+    # two moves, both fast in ONNX Runtime (a permutation with small inner blocks is ~20× slower): W to the front,
+    # then its digits (k_m, …, k_1, most significant first) to (k_1, …, k_{m-1}, part, k_m) in blocks of the lead
     x = x.permute([x.ndim - 1] + list(range(x.ndim - 1)))  # (W, P, *lead)
-    return x.reshape((f2, f1, parts) + lead).transpose(0, 1).transpose(1, 2)
-
-
-def _checked_factors(width: int) -> tuple[int, int]:
-    factors = stacked_factors(width)
-    if factors is None:
-        raise ValueError(f"stacked W transform: W = {width} needs more than two radices; use the planar form")
-    return factors
+    x = x.reshape(factors[::-1] + (parts,) + lead)
+    order = list(range(m - 1, 0, -1)) + [m, 0] + list(range(m + 1, m + 1 + len(lead)))
+    outer, last = stacked_factors(int(math.prod(factors)))
+    return x.permute(order).reshape((outer, parts, last) + lead)
