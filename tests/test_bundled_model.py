@@ -21,7 +21,7 @@ def test_bundled_files_fit_the_budget() -> None:
     assert (CKPT.stat().st_size + ONNX.stat().st_size) <= 50e6
 
 
-@pytest.mark.parametrize("height,width,coils", [(192, 112, 8), (320, 184, 3)])
+@pytest.mark.parametrize("height,width,coils", [(192, 112, 8), (320, 184, 3), (192, 112, 20)])
 def test_bundled_onnx_is_the_checkpoints_export(height: int, width: int, coils: int) -> None:
     model, info = load_model(CKPT)
     assert info["model_type"] == "varnet"
