@@ -186,7 +186,7 @@ def bench_fft(coils: int, height: int, width: int, repeats: int, threads: int) -
 def stacked_order(factors: tuple[int, ...]) -> np.ndarray:
     """``(P, f_m)`` natural frequency index of each (flattened earlier digits, last digit) slot of the stacked k
     layout of the split ``factors`` (``k = k₁ + f₁·k₂ + …``, ``k₁`` major in the flattened axis)."""
-    earlier = np.indices(factors[:-1]).reshape(len(factors) - 1, -1)
+    earlier = np.indices(factors[:-1]).reshape(len(factors) - 1, -1) if len(factors) > 1 else np.zeros((0, 1), int)
     k_before = sum((earlier[t] * int(np.prod(factors[:t])) for t in range(len(factors) - 1)),
                    np.zeros(earlier.shape[1], dtype=np.int64))
     return k_before[:, None] + k_before.size * np.arange(factors[-1])[None, :]
@@ -194,14 +194,15 @@ def stacked_order(factors: tuple[int, ...]) -> np.ndarray:
 
 def bench_stacked_plans(coils: int, sizes: list[tuple[int, int]], repeats: int, threads: int) -> list[str]:
     """The stacked W transform with the model's radices (:func:`reconkit.ops.dft_matmul.stacked_radices`) against
-    the two-radix split of the planar plan (the model's until 2026-12-06) and the model's radices in the reverse
-    order, with torch.fft along W in the same loop, per size: what ``STAGE_PASS_COST`` trades."""
+    the planar transform's radices (the model's until 2026-12-06; two for the fastMRI widths) and the model's radices
+    in the reverse order, with torch.fft along W in the same loop, per size: what ``STAGE_PASS_COST`` trades."""
     rows = []
     for height, width in sizes:
         x = torch.randn(1, coils, height, width, 2, generator=torch.Generator().manual_seed(width))
         stacked_x = x.permute(4, 3, 0, 1, 2).contiguous()  # (2, W, 1, C, H)
         reference = fftc(x, (-1,)).permute(4, 3, 0, 1, 2).numpy()  # (2, W, 1, C, H), natural k
-        plans = {"model": stacked_radices(width), "two radices (until 2026-12-06)": tuple(axis_radices(width)),
+        plans = {"model": stacked_radices(width),
+                 "planar plan (the model's until 2026-12-06)": tuple(axis_radices(width)),
                  "model, reversed": stacked_radices(width)[::-1]}
         plans = {name: plan for i, (name, plan) in enumerate(plans.items()) if plan not in list(plans.values())[:i]}
         steps: dict[str, Callable[[], object]] = {"torch": lambda x=x: fftc(x, (-1,))}
