@@ -32,6 +32,7 @@ from reconkit.ops.dft_matmul import (
     MAX_RADIX,
     STAGE_PASS_COST,
     stacked_fft_w,
+    stacked_frequencies,
     stacked_radices,
     to_stacked_kspace,
 )
@@ -183,15 +184,6 @@ def bench_fft(coils: int, height: int, width: int, repeats: int, threads: int) -
     ]
 
 
-def stacked_order(factors: tuple[int, ...]) -> np.ndarray:
-    """``(P, f_m)`` natural frequency index of each (flattened earlier digits, last digit) slot of the stacked k
-    layout of the split ``factors`` (``k = k₁ + f₁·k₂ + …``, ``k₁`` major in the flattened axis)."""
-    earlier = np.indices(factors[:-1]).reshape(len(factors) - 1, -1) if len(factors) > 1 else np.zeros((0, 1), int)
-    k_before = sum((earlier[t] * int(np.prod(factors[:t])) for t in range(len(factors) - 1)),
-                   np.zeros(earlier.shape[1], dtype=np.int64))
-    return k_before[:, None] + k_before.size * np.arange(factors[-1])[None, :]
-
-
 def bench_stacked_plans(coils: int, sizes: list[tuple[int, int]], repeats: int, threads: int) -> list[str]:
     """The stacked W transform with the model's radices (:func:`reconkit.ops.dft_matmul.stacked_radices`) against
     the planar transform's radices (the model's until 2026-12-06; two for the fastMRI widths) and the model's radices
@@ -211,7 +203,7 @@ def bench_stacked_plans(coils: int, sizes: list[tuple[int, int]], repeats: int, 
             sess, feeds = session(stacked_fft_graph(tuple(stacked_x.shape), plan), threads), {"x": stacked_x.numpy()}
             steps[name] = lambda sess=sess, feeds=feeds: sess.run(None, feeds)
             out = sess.run(None, feeds)[0].reshape((-1, 2, plan[-1]) + reference.shape[2:])
-            errs[name] = errors(out, reference[:, stacked_order(plan)].transpose(1, 0, 2, 3, 4, 5))
+            errs[name] = errors(out, reference[:, stacked_frequencies(plan)].transpose(1, 0, 2, 3, 4, 5))
         med = interleaved_medians(steps, repeats, warmup=1)
         size = f"{coils}×{height}×{width}"
         rows.append(f"| {size} | torch.fft (eager) | – | – | {med['torch'] * 1e3:.1f} | 1.00 | – |")

@@ -39,8 +39,8 @@ from reconkit.ops.fft import check_fft_dims
 
 __all__ = [
     "STAGE_PASS_COST", "AxisPlan", "axis_plan", "centred_fft_matmul", "centred_fft_matmul_planar", "planar_matmul",
-    "planar_mul", "radices", "stacked_factors", "stacked_fft_w", "stacked_ifft_w", "stacked_radices",
-    "to_stacked_kspace",
+    "planar_mul", "radices", "stacked_factors", "stacked_fft_w", "stacked_frequencies", "stacked_ifft_w",
+    "stacked_radices", "to_stacked_kspace",
 ]
 
 MAX_RADIX = 64
@@ -348,6 +348,22 @@ def stacked_factors(width: int) -> tuple[int, int]:
     return width // factors[-1], factors[-1]
 
 
+def stacked_frequencies(factors: tuple[int, ...]) -> np.ndarray:
+    """``(P, f_m)`` int array: the natural frequency ``k = k₁ + f₁·k₂ + … + P·k_m`` held at each ``(b, ·, k_m)``
+    slot of the stacked k layout of the split ``factors`` (``b`` = the digits ``k₁ … k_{m-1}`` flattened, ``k₁``
+    major: the natural index with its digits reversed).
+
+    >>> stacked_frequencies((2, 3)).tolist()
+    [[0, 2, 4], [1, 3, 5]]
+    """
+    return _digit_reversed(factors).reshape(-1, factors[-1])
+
+
+def _digit_reversed(factors: tuple[int, ...]) -> np.ndarray:
+    """``Σ k_s·f₁⋯f_{s-1}`` for every digit tuple ``(k₁, …, k_m)`` of ``factors``, ``k₁`` major (flat)."""
+    return np.arange(math.prod(factors)).reshape(factors[::-1]).T.reshape(-1)
+
+
 def _real_form(matrix: np.ndarray) -> np.ndarray:
     """Complex ``(..., a, b)`` → real ``(..., 2a, 2b)``: rows (part, a), columns (part, b); acts on stacked
     [re; im]."""
@@ -370,11 +386,9 @@ def _stage_matrices(factors: tuple[int, ...]) -> list[np.ndarray]:
     h, stages, done = width // 2, [], 1
     for s, f in enumerate(factors):
         stride = width // (done * f)  # R_s
-        earlier = np.indices(factors[:s]).reshape(s, -1) if s else np.zeros((0, 1), dtype=np.int64)
-        k_before = sum((earlier[t] * math.prod(factors[:t]) for t in range(s)), np.zeros(earlier.shape[1], np.int64))
         k_s, n_s = np.arange(f)[:, None], np.arange(f)[None, :]
-        partial_k = k_before[:, None, None] + done * k_s  # (P_s, f, 1)
-        phase = (n_s * stride * partial_k - h * n_s * stride - h * k_s * done) % width + (h * h if s == 0 else 0)
+        partial_k = _digit_reversed(factors[:s])[:, None, None] + done * k_s  # (P_s, f, 1): k₁ … k_s
+        phase = n_s * stride * partial_k - h * n_s * stride - h * k_s * done + (h * h if s == 0 else 0)
         stages.append(np.exp(-2j * np.pi * (phase % width) / width) / np.sqrt(f))
         done *= f
     return stages
@@ -416,7 +430,7 @@ def stacked_fft_w(x: torch.Tensor, factors: tuple[int, ...] | None = None) -> to
         raise ValueError(f"stacked_fft_w: radices {factors} do not multiply to W = {width}")
     batch = 1
     for factor, matrix in zip(factors, _stacked_constants(factors, False, x.device)):
-        x = matrix @ x.reshape(batch, 2 * factor, -1) if matrix.ndim == 3 else matrix @ x.reshape(2 * factor, -1)
+        x = _stacked_stage(matrix, x, batch, factor)
         batch *= factor
     return x.reshape((width // factors[-1], 2, factors[-1]) + rest)
 
@@ -425,27 +439,34 @@ def stacked_ifft_w(k: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`stacked_fft_w`: ``(P, 2, f_m, *rest)`` → ``(2, W, *rest)``."""
     outer, last, rest = int(k.shape[0]), int(k.shape[2]), tuple(k.shape[3:])
     width = outer * last
-    if k.shape[1] != 2 or stacked_factors(width) != (outer, last):
+    expected = stacked_factors(width)
+    if k.shape[1] != 2 or expected != (outer, last):
         raise ValueError(f"stacked_ifft_w: axes ({outer}, {k.shape[1]}, {last}) are not the stacked layout "
-                         f"{stacked_factors(width)[:1] + (2,) + stacked_factors(width)[1:]} of W = {width}")
+                         f"({expected[0]}, 2, {expected[1]}) of W = {width}")
     factors = stacked_radices(width)
     batch = width
     for factor, matrix in reversed(list(zip(factors, _stacked_constants(factors, True, k.device)))):
         batch //= factor
-        k = matrix @ k.reshape(batch, 2 * factor, -1) if matrix.ndim == 3 else matrix @ k.reshape(2 * factor, -1)
+        k = _stacked_stage(matrix, k, batch, factor)
     return k.reshape((2, width) + rest)
+
+
+def _stacked_stage(matrix: torch.Tensor, x: torch.Tensor, batch: int, factor: int) -> torch.Tensor:
+    """One stage: ``matrix`` ``(batch, 2f, 2f)`` (or ``(2f, 2f)`` when ``batch`` is 1, a plain GEMM) times ``x``
+    viewed as ``(batch, 2f, rest)``."""
+    return matrix @ x.reshape(batch, 2 * factor, -1) if matrix.ndim == 3 else matrix @ x.reshape(2 * factor, -1)
 
 
 def to_stacked_kspace(x: torch.Tensor) -> torch.Tensor:
     """``(P, *lead, W)`` with W in natural k order → the stacked k layout ``(P_W, P, f_m, *lead)``
     (:func:`stacked_fft_w`): P = 2 for data (real, imag), P = 1 for a real factor that broadcasts against it (a
     line mask)."""
-    factors = stacked_radices(int(x.shape[-1]))
+    width = int(x.shape[-1])
+    factors = stacked_radices(width)
     parts, lead, m = int(x.shape[0]), tuple(x.shape[1:-1]), len(factors)
     # two moves, both fast in ONNX Runtime (a permutation with small inner blocks is ~20× slower): W to the front,
     # then its digits (k_m, …, k_1, most significant first) to (k_1, …, k_{m-1}, part, k_m) in blocks of the lead
     x = x.permute([x.ndim - 1] + list(range(x.ndim - 1)))  # (W, P, *lead)
     x = x.reshape(factors[::-1] + (parts,) + lead)
     order = list(range(m - 1, 0, -1)) + [m, 0] + list(range(m + 1, m + 1 + len(lead)))
-    outer, last = stacked_factors(int(math.prod(factors)))
-    return x.permute(order).reshape((outer, parts, last) + lead)
+    return x.permute(order).reshape((width // factors[-1], parts, factors[-1]) + lead)
