@@ -63,7 +63,7 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
     """Write ``result`` in each of ``formats`` under ``output/<format>/`` (each write atomic)."""
     path = volume.info.path
     stem = path.name.split(".")[0]
-    attrs = {k: volume.info.attrs[k] for k in ("acquisition", "patient_id") if k in volume.info.attrs}
+    attrs = {k: volume.info.attrs[k] for k in ("acquisition", "patient_id", "image_index") if k in volume.info.attrs}
     geometry = geometry_from_header(volume.info.header)
     if "h5" in formats:
         write_fastmri_h5(output / "h5" / path.name, result.reconstruction, attrs)

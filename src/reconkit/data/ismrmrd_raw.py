@@ -3,13 +3,25 @@ fastMRI-layout :class:`reconkit.data.Volume`, so ``reconkit reconstruct`` takes 
 
 Each imaging acquisition ``(coils, samples)`` is one k-space column: readout samples run along H, the phase-encode
 index ``kspace_encode_step_1`` is placed at column ``step + padding_left`` (the fastMRI convention, so the header's
-centre line lands at ``W // 2``), ``idx.slice`` selects the slice. Repeated lines (averages) are averaged. Noise,
-navigator, phase-correction and other non-imaging acquisitions are skipped. Unacquired columns stay zero, so an
-undersampled acquisition is recognised as such.
+centre line lands at ``W // 2``). What else the reader does with a scanner's acquisitions:
+
+* Images: one per distinct ``(slice, contrast, phase, repetition, set)`` index, in that order of precedence
+  (slices vary fastest), stacked along the volume's slice axis; the file attribute ``image_index`` (JSON) lists
+  each image's index. Repeated lines of one image (``average``, ``segment``) are averaged.
+* Readout: ``discard_pre`` / ``discard_post`` samples are dropped; ``ACQ_IS_REVERSE`` lines are flipped; an
+  asymmetric echo (``center_sample`` set and not ``samples // 2``) is zero-padded so the echo lands at ``H // 2``.
+* Parallel-imaging reference lines (``ACQ_IS_PARALLEL_CALIBRATION`` without ``_AND_IMAGING``) fill only columns
+  no imaging line covers, and only if their ``(coils, samples)`` match the imaging lines (a separate reference
+  scan with another readout is calibration data, not image data, and is left out).
+* Noise, navigator, phase-correction and other non-imaging acquisitions are skipped. Unacquired columns stay zero,
+  so an undersampled acquisition is recognised as such.
+* 3D encoding (``kspace_encode_step_2`` taking more than one value) is refused with a clear error: reconkit
+  reconstructs 2D multi-slice data.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -46,11 +58,14 @@ def is_ismrmrd_raw(path: os.PathLike | str) -> bool:
 
 
 def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
-    """Read a Cartesian 2D ISMRMRD raw file into ``Volume(kspace (slices, coils, samples, W), target=None)``.
+    """Read a Cartesian 2D ISMRMRD raw file into ``Volume(kspace (images, coils, H, W), target=None)``.
+
+    ``images`` is one per ``(slice, contrast, phase, repetition, set)`` index (the module docstring); ``H`` is the
+    readout length after discarded samples are dropped and an asymmetric echo is centred.
 
     Raises:
-        DataError: unreadable file or header, no imaging acquisitions, inconsistent coil / sample counts, or
-            phase-encode indices outside the encoded matrix.
+        DataError: unreadable file or header, no imaging acquisitions, 3D encoding, imaging lines that differ in
+            coil / sample counts, or phase-encode indices outside the encoded matrix.
     """
     import ismrmrd
 
@@ -64,32 +79,83 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
         raise
     except Exception as err:  # the ismrmrd package raises assorted types for damaged files
         raise DataError(path, f"cannot read ISMRMRD raw data ({type(err).__name__}: {err})") from None
-    flags = [getattr(ismrmrd, name) for name in _SKIP_FLAGS if hasattr(ismrmrd, name)]
-    imaging = [a for a in acquisitions if not any(a.is_flag_set(flag) for flag in flags)]
+    skip = [getattr(ismrmrd, name) for name in _SKIP_FLAGS if hasattr(ismrmrd, name)]
+    measured = [a for a in acquisitions if not any(a.is_flag_set(flag) for flag in skip)]
+    reference_only = [_is_reference_only(a, ismrmrd) for a in measured]
+    imaging = [a for a, ref in zip(measured, reference_only) if not ref]
+    reference = [a for a, ref in zip(measured, reference_only) if ref]
     if not imaging:
         raise DataError(path, "ISMRMRD file holds no imaging acquisitions")
-    shapes = {a.data.shape for a in imaging}
+    partitions = {a.idx.kspace_encode_step_2 for a in imaging}
+    if len(partitions) > 1:
+        raise DataError(
+            path,
+            f"3D encoding ({len(partitions)} values of kspace_encode_step_2) is not supported: reconkit reconstructs "
+            "2D multi-slice data",
+        )
+    lines = [_readout(a, ismrmrd) for a in imaging]
+    shapes = {line.shape for line in lines}
     if len(shapes) != 1:
-        raise DataError(path, f"acquisitions differ in (coils, samples): {sorted(shapes)}")
+        raise DataError(path, f"imaging acquisitions differ in (coils, samples): {sorted(shapes)}")
     coils, samples = shapes.pop()
     width = header.encoding_size[1]
-    num_slices = 1 + max(a.idx.slice for a in imaging)
-    kspace = np.zeros((num_slices, coils, samples, width), np.complex128)
-    counts = np.zeros((num_slices, width), np.int64)
-    for acquisition in imaging:
-        column = acquisition.idx.kspace_encode_step_1 + header.padding_left
-        if not 0 <= column < width:
-            raise DataError(
-                path,
-                f"phase-encode step {acquisition.idx.kspace_encode_step_1} falls outside the {width} encoded columns",
-            )
-        kspace[acquisition.idx.slice, :, :, column] += acquisition.data
-        counts[acquisition.idx.slice, column] += 1
+    images = sorted({_image_key(a) for a in imaging}, key=lambda key: key[::-1])
+    row = {key: i for i, key in enumerate(images)}
+    kspace = np.zeros((len(images), coils, samples, width), np.complex128)
+    counts = np.zeros((len(images), width), np.int64)
+    for acquisition, line in zip(imaging, lines):
+        column = _column(path, acquisition, header.padding_left, width)
+        kspace[row[_image_key(acquisition)], :, :, column] += line
+        counts[row[_image_key(acquisition)], column] += 1
+    for acquisition in reference:
+        line, key = _readout(acquisition, ismrmrd), _image_key(acquisition)
+        column = _column(path, acquisition, header.padding_left, width)
+        if key in row and line.shape == (coils, samples) and counts[row[key], column] == 0:
+            kspace[row[key], :, :, column] = line  # a column the imaging lines left empty
     kspace /= np.maximum(counts, 1)[:, None, None, :]
-    return _volume(path, kspace.astype(np.complex64), header)
+    index = [dict(zip(_IMAGE_INDEX, key)) for key in images]
+    return _volume(path, kspace.astype(np.complex64), header, index)
 
 
-def _volume(path: Path, kspace: np.ndarray, header: HeaderInfo) -> Volume:
+_IMAGE_INDEX = ("slice", "contrast", "phase", "repetition", "set")
+
+
+def _image_key(acquisition) -> tuple[int, ...]:
+    return tuple(int(getattr(acquisition.idx, name)) for name in _IMAGE_INDEX)
+
+
+def _is_reference_only(acquisition, ismrmrd) -> bool:
+    return acquisition.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) and not acquisition.is_flag_set(
+        ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING
+    )
+
+
+def _readout(acquisition, ismrmrd) -> np.ndarray:
+    """One acquisition's ``(coils, samples)`` readout: discarded samples dropped, reversed lines flipped, an
+    asymmetric echo zero-padded so its centre sample lands at ``samples // 2``."""
+    data = np.asarray(acquisition.data)
+    total = data.shape[-1]
+    data = data[:, acquisition.discard_pre : total - acquisition.discard_post]
+    if acquisition.is_flag_set(ismrmrd.ACQ_IS_REVERSE):
+        data = data[:, ::-1]
+    center = int(acquisition.center_sample) - int(acquisition.discard_pre)
+    if acquisition.center_sample == 0 or center == data.shape[-1] // 2 or not 0 < center < data.shape[-1]:
+        return data  # centre not set (0, as many writers leave it) or already centred
+    before, after = center, data.shape[-1] - center  # samples left / right of (and including) the echo
+    half = max(before, after)
+    return np.pad(data, ((0, 0), (half - before, half - after)))
+
+
+def _column(path: Path, acquisition, padding_left: int, width: int) -> int:
+    column = acquisition.idx.kspace_encode_step_1 + padding_left
+    if not 0 <= column < width:
+        raise DataError(
+            path, f"phase-encode step {acquisition.idx.kspace_encode_step_1} falls outside the {width} encoded columns"
+        )
+    return column
+
+
+def _volume(path: Path, kspace: np.ndarray, header: HeaderInfo, index: list[dict[str, int]]) -> Volume:
     info = VolumeInfo(
         path=path,
         challenge="multicoil",
@@ -98,6 +164,6 @@ def _volume(path: Path, kspace: np.ndarray, header: HeaderInfo) -> Volume:
         target_shape=None,
         mask_shape=None,
         header=header,
-        attrs={"acquisition": "ismrmrd_raw"},
+        attrs={"acquisition": "ismrmrd_raw", "image_index": json.dumps(index)},
     )
     return Volume(kspace=kspace, target=None, mask=None, info=info)

@@ -1,0 +1,136 @@
+"""ISMRMRD raw reader on what scanner exports hold beyond one clean line per column: several contrasts and
+repetitions, averages, parallel-imaging reference lines, reversed / asymmetric / padded readouts, 3D encoding."""
+
+from __future__ import annotations
+
+import json
+
+import ismrmrd
+import ismrmrd.xsd as x
+import numpy as np
+import pytest
+
+from reconkit.data.ismrmrd_raw import read_ismrmrd_raw
+from reconkit.errors import DataError
+
+COILS, SAMPLES, WIDTH = 3, 16, 12
+
+
+def header_xml() -> str:
+    def space(size):
+        return x.encodingSpaceType(
+            matrixSize=x.matrixSizeType(x=size[0], y=size[1], z=1),
+            fieldOfView_mm=x.fieldOfViewMm(x=200.0, y=150.0, z=3.0),
+        )
+
+    limits = x.encodingLimitsType(
+        kspace_encoding_step_1=x.limitType(minimum=0, maximum=WIDTH - 1, center=WIDTH // 2),
+        kspace_encoding_step_2=x.limitType(minimum=0, maximum=0, center=0),
+    )
+    header = x.ismrmrdHeader(experimentalConditions=x.experimentalConditionsType(H1resonanceFrequency_Hz=63_870_000))
+    header.encoding.append(
+        x.encodingType(
+            encodedSpace=space((SAMPLES, WIDTH)),
+            reconSpace=space((SAMPLES // 2, WIDTH)),
+            encodingLimits=limits,
+            trajectory=x.trajectoryType("cartesian"),
+        )
+    )
+    return x.ToXML(header)
+
+
+def line(data: np.ndarray, step: int, *flags: int, **index: int) -> ismrmrd.Acquisition:
+    acquisition = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data, np.complex64))
+    acquisition.idx.kspace_encode_step_1 = step
+    for name, value in index.items():
+        setattr(acquisition.idx, name, value)
+    for flag in flags:
+        acquisition.set_flag(flag)
+    return acquisition
+
+
+def write_raw(path, acquisitions) -> None:
+    raw = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
+    raw.write_xml_header(header_xml())
+    for acquisition in acquisitions:
+        raw.append_acquisition(acquisition)
+    raw.close()
+
+
+def random_kspace(rng, *shape) -> np.ndarray:
+    return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+
+
+def test_contrasts_and_repetitions_are_separate_images_and_averages_are_averaged(tmp_path):
+    rng = np.random.default_rng(0)
+    images = {(s, c, r): random_kspace(rng, COILS, SAMPLES, WIDTH) for s in range(2) for c in range(2) for r in range(2)}
+    acquisitions = []
+    for (s, c, r), kspace in images.items():
+        for column in range(WIDTH):
+            offset = random_kspace(rng, COILS, SAMPLES)  # two averages whose mean is the true line
+            for average, sign in enumerate((1, -1)):
+                acquisitions.append(
+                    line(kspace[..., column] + sign * offset, column, slice=s, contrast=c, repetition=r, average=average)
+                )
+    rng.shuffle(acquisitions)
+    write_raw(tmp_path / "raw.h5", acquisitions)
+    volume = read_ismrmrd_raw(tmp_path / "raw.h5")
+    index = json.loads(volume.info.attrs["image_index"])
+    assert volume.kspace.shape == (8, COILS, SAMPLES, WIDTH)
+    keys = [(i["slice"], i["contrast"], i["repetition"]) for i in index]
+    assert keys == [(s, c, r) for r in range(2) for c in range(2) for s in range(2)]  # slices vary fastest
+    for image, key in zip(volume.kspace, keys):
+        np.testing.assert_allclose(image, images[key], atol=1e-5)
+
+
+def test_reference_lines_fill_only_empty_columns_and_a_separate_reference_scan_is_left_out(tmp_path):
+    rng = np.random.default_rng(1)
+    kspace = random_kspace(rng, COILS, SAMPLES, WIDTH)
+    imaging = [c for c in range(WIDTH) if c % 3 == 0]
+    centre = [4, 5, 6, 7]  # 6 is also an imaging column: the imaging line must win
+    acquisitions = [line(kspace[..., c], c) for c in imaging]
+    acquisitions += [line(kspace[..., c] * (10 if c == 6 else 1), c, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) for c in centre]
+    # a separate reference scan with a shorter readout (another sequence): not image data
+    acquisitions += [line(kspace[:, :8, c], c, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) for c in (2, 8)]
+    # lines flagged as both calibration and imaging are imaging lines
+    acquisitions.append(
+        line(kspace[..., 10], 10, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+    )
+    write_raw(tmp_path / "raw.h5", acquisitions)
+    volume = read_ismrmrd_raw(tmp_path / "raw.h5")
+    expected = np.zeros_like(kspace)
+    for c in [*imaging, *centre, 10]:
+        expected[..., c] = kspace[..., c]
+    np.testing.assert_allclose(volume.kspace[0], expected, atol=1e-6)
+
+
+def test_discarded_reversed_and_asymmetric_readouts(tmp_path):
+    rng = np.random.default_rng(2)
+    kspace = random_kspace(rng, COILS, SAMPLES, WIDTH)
+    acquisitions = []
+    for c in range(WIDTH):
+        data = kspace[..., c]
+        if c % 2:  # asymmetric echo: the first quarter not acquired, echo at sample SAMPLES // 4
+            acquisition = line(data[:, SAMPLES // 4 :], c)
+            acquisition.center_sample = SAMPLES // 2 - SAMPLES // 4
+        else:  # reversed readout with 2 + 3 ADC samples to discard, echo centred
+            padded = np.concatenate([random_kspace(rng, COILS, 2), data[:, ::-1], random_kspace(rng, COILS, 3)], 1)
+            acquisition = line(padded, c, ismrmrd.ACQ_IS_REVERSE)
+            acquisition.discard_pre, acquisition.discard_post = 2, 3
+            acquisition.center_sample = 2 + SAMPLES // 2
+        acquisitions.append(acquisition)
+    write_raw(tmp_path / "raw.h5", acquisitions)
+    volume = read_ismrmrd_raw(tmp_path / "raw.h5")
+    expected = kspace.copy()
+    expected[:, : SAMPLES // 4, 1::2] = 0
+    np.testing.assert_allclose(volume.kspace[0], expected, atol=1e-6)
+
+
+def test_3d_encoding_is_refused_by_name(tmp_path):
+    rng = np.random.default_rng(3)
+    acquisitions = [
+        line(random_kspace(rng, COILS, SAMPLES), c, kspace_encode_step_2=p) for p in range(2) for c in range(WIDTH)
+    ]
+    write_raw(tmp_path / "raw3d.h5", acquisitions)
+    with pytest.raises(DataError, match=r"raw3d\.h5.*3D encoding \(2 values of kspace_encode_step_2\)"):
+        read_ismrmrd_raw(tmp_path / "raw3d.h5")
