@@ -63,14 +63,18 @@ def random_kspace(rng, *shape) -> np.ndarray:
 
 def test_contrasts_and_repetitions_are_separate_images_and_averages_are_averaged(tmp_path):
     rng = np.random.default_rng(0)
-    images = {(s, c, r): random_kspace(rng, COILS, SAMPLES, WIDTH) for s in range(2) for c in range(2) for r in range(2)}
+    images = {
+        (s, c, r): random_kspace(rng, COILS, SAMPLES, WIDTH) for s in range(2) for c in range(2) for r in range(2)
+    }
     acquisitions = []
     for (s, c, r), kspace in images.items():
         for column in range(WIDTH):
             offset = random_kspace(rng, COILS, SAMPLES)  # two averages whose mean is the true line
             for average, sign in enumerate((1, -1)):
                 acquisitions.append(
-                    line(kspace[..., column] + sign * offset, column, slice=s, contrast=c, repetition=r, average=average)
+                    line(
+                        kspace[..., column] + sign * offset, column, slice=s, contrast=c, repetition=r, average=average
+                    )
                 )
     rng.shuffle(acquisitions)
     write_raw(tmp_path / "raw.h5", acquisitions)
@@ -89,7 +93,9 @@ def test_reference_lines_fill_only_empty_columns_and_a_separate_reference_scan_i
     imaging = [c for c in range(WIDTH) if c % 3 == 0]
     centre = [4, 5, 6, 7]  # 6 is also an imaging column: the imaging line must win
     acquisitions = [line(kspace[..., c], c) for c in imaging]
-    acquisitions += [line(kspace[..., c] * (10 if c == 6 else 1), c, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) for c in centre]
+    acquisitions += [
+        line(kspace[..., c] * (10 if c == 6 else 1), c, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) for c in centre
+    ]
     # a separate reference scan with a shorter readout (another sequence): not image data
     acquisitions += [line(kspace[:, :8, c], c, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) for c in (2, 8)]
     # lines flagged as both calibration and imaging are imaging lines
@@ -134,3 +140,48 @@ def test_3d_encoding_is_refused_by_name(tmp_path):
     write_raw(tmp_path / "raw3d.h5", acquisitions)
     with pytest.raises(DataError, match=r"raw3d\.h5.*3D encoding \(2 values of kspace_encode_step_2\)"):
         read_ismrmrd_raw(tmp_path / "raw3d.h5")
+
+
+def test_cli_writes_one_nifti_and_dicom_series_per_contrast(tmp_path, capsys):
+    import h5py
+    import nibabel as nib
+
+    from reconkit.cli.main import main as reconkit_main
+
+    rng = np.random.default_rng(4)
+    kspace = {(s, c): random_kspace(rng, COILS, SAMPLES, WIDTH) for s in range(3) for c in range(2)}
+    write_raw(
+        tmp_path / "raw.h5",
+        [line(k[..., col], col, slice=s, contrast=c) for (s, c), k in kspace.items() for col in range(WIDTH)],
+    )
+    code = reconkit_main(
+        [
+            "reconstruct",
+            str(tmp_path / "raw.h5"),
+            "--model",
+            "zero-filled",
+            "--output",
+            str(tmp_path / "out"),
+            "--format",
+            "h5",
+            "nifti",
+            "dicom",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    with h5py.File(tmp_path / "out" / "h5" / "raw.h5") as f:
+        stacked = f["reconstruction"][()]
+        assert [(i["slice"], i["contrast"]) for i in json.loads(f.attrs["image_index"])] == [
+            (0, 0),
+            (1, 0),
+            (2, 0),
+            (0, 1),
+            (1, 1),
+            (2, 1),
+        ]
+    assert stacked.shape[0] == 6
+    for contrast in range(2):
+        nifti = nib.load(tmp_path / "out" / "nifti" / f"raw_contrast{contrast}.nii.gz").get_fdata()
+        np.testing.assert_allclose(nifti.transpose(2, 1, 0), stacked[3 * contrast : 3 * contrast + 3], rtol=1e-6)
+        assert len(list((tmp_path / "out" / "dicom" / f"raw_contrast{contrast}").glob("*.dcm"))) == 3
+    assert not (tmp_path / "out" / "nifti" / "raw.nii.gz").exists()

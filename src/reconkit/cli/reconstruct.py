@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from reconkit.data import Volume, read_volume
-from reconkit.data.ismrmrd_raw import is_ismrmrd_raw, read_ismrmrd_raw
+from reconkit.data.ismrmrd_raw import image_groups, is_ismrmrd_raw, read_ismrmrd_raw
 from reconkit.data.slice_dataset import list_volume_files
 from reconkit.errors import ReconkitError
 from reconkit.inference import (
@@ -67,16 +67,18 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
     geometry = geometry_from_header(volume.info.header)
     if "h5" in formats:
         write_fastmri_h5(output / "h5" / path.name, result.reconstruction, attrs)
-    if "nifti" in formats:
-        write_nifti(output / "nifti" / f"{stem}.nii.gz", result.reconstruction, geometry)
-    if "dicom" in formats:
-        write_dicom_series(
-            output / "dicom" / stem,
-            result.reconstruction,
-            geometry,
-            patient_id=str(attrs.get("patient_id", "anonymous")),
-            series_description=f"reconkit {model_name} {path.name}",
-        )
+    for suffix, images in image_groups(attrs.get("image_index")):  # one series per contrast / phase / ... of raw data
+        series = result.reconstruction if images is None else result.reconstruction[images]
+        if "nifti" in formats:
+            write_nifti(output / "nifti" / f"{stem}{suffix}.nii.gz", series, geometry)
+        if "dicom" in formats:
+            write_dicom_series(
+                output / "dicom" / f"{stem}{suffix}",
+                series,
+                geometry,
+                patient_id=str(attrs.get("patient_id", "anonymous")),
+                series_description=f"reconkit {model_name} {path.name}{suffix}",
+            )
     if "png" in formats:
         reference = result.target
         if reference is not None and reference.shape != result.reconstruction.shape:

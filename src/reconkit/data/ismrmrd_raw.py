@@ -32,7 +32,7 @@ from reconkit.data.ismrmrd_header import HeaderInfo, parse_ismrmrd_header
 from reconkit.data.volume import Volume, VolumeInfo
 from reconkit.errors import DataError
 
-__all__ = ["is_ismrmrd_raw", "read_ismrmrd_raw"]
+__all__ = ["image_groups", "is_ismrmrd_raw", "read_ismrmrd_raw"]
 
 _SKIP_FLAGS = (
     "ACQ_IS_NOISE_MEASUREMENT",
@@ -118,6 +118,32 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
 
 
 _IMAGE_INDEX = ("slice", "contrast", "phase", "repetition", "set")
+
+
+def image_groups(image_index: str | None) -> list[tuple[str, list[int]]]:
+    """Split a volume's images into series: one per ``(contrast, phase, repetition, set)``, slices in order.
+
+    Args:
+        image_index: the ``image_index`` attribute :func:`read_ismrmrd_raw` sets (JSON), or ``None``.
+
+    Returns:
+        ``(suffix, image positions)`` per series. The suffix names the indices that vary across the file, e.g.
+        ``"_contrast1"``; a file with one series (and any non-raw volume, ``image_index=None``) gives ``[("", None)]``
+        and a ``None`` position list meaning "all images".
+
+    >>> image_groups('[{"slice": 0, "contrast": 0}, {"slice": 0, "contrast": 1}, {"slice": 1, "contrast": 1}]')
+    [('_contrast0', [0]), ('_contrast1', [1, 2])]
+    """
+    if not image_index:
+        return [("", None)]
+    index = json.loads(image_index)
+    fields = [name for name in _IMAGE_INDEX[1:] if len({image.get(name, 0) for image in index}) > 1]
+    if not fields:
+        return [("", None)]
+    groups: dict[str, list[int]] = {}
+    for position, image in enumerate(index):
+        groups.setdefault("".join(f"_{name}{image.get(name, 0)}" for name in fields), []).append(position)
+    return list(groups.items())
 
 
 def _image_key(acquisition) -> tuple[int, ...]:
