@@ -102,6 +102,9 @@ def test_reference_lines_fill_only_empty_columns_and_a_separate_reference_scan_i
     acquisitions.append(
         line(kspace[..., 10], 10, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
     )
+    other_space = line(random_kspace(rng, COILS, SAMPLES), 1)  # a second encoding space: not this image's data
+    other_space.encoding_space_ref = 1
+    acquisitions.append(other_space)
     write_raw(tmp_path / "raw.h5", acquisitions)
     volume = read_ismrmrd_raw(tmp_path / "raw.h5")
     expected = np.zeros_like(kspace)

@@ -13,8 +13,9 @@ centre line lands at ``W // 2``). What else the reader does with a scanner's acq
 * Parallel-imaging reference lines (``ACQ_IS_PARALLEL_CALIBRATION`` without ``_AND_IMAGING``) fill only columns
   no imaging line covers, and only if their ``(coils, samples)`` match the imaging lines (a separate reference
   scan with another readout is calibration data, not image data, and is left out).
-* Noise, navigator, phase-correction and other non-imaging acquisitions are skipped. Unacquired columns stay zero,
-  so an undersampled acquisition is recognised as such.
+* Noise, navigator, phase-correction and other non-imaging acquisitions are skipped, as are acquisitions of a
+  second encoding space (``encoding_space_ref`` > 0). Unacquired columns stay zero, so an undersampled
+  acquisition is recognised as such.
 * 3D encoding (``kspace_encode_step_2`` taking more than one value) is refused with a clear error: reconkit
   reconstructs 2D multi-slice data.
 """
@@ -80,7 +81,9 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
     except Exception as err:  # the ismrmrd package raises assorted types for damaged files
         raise DataError(path, f"cannot read ISMRMRD raw data ({type(err).__name__}: {err})") from None
     skip = [getattr(ismrmrd, name) for name in _SKIP_FLAGS if hasattr(ismrmrd, name)]
-    measured = [a for a in acquisitions if not any(a.is_flag_set(flag) for flag in skip)]
+    measured = [  # the first encoding space only: a second one holds e.g. a separate reference scan
+        a for a in acquisitions if a.encoding_space_ref == 0 and not any(a.is_flag_set(flag) for flag in skip)
+    ]
     reference_only = [_is_reference_only(a, ismrmrd) for a in measured]
     imaging = [a for a, ref in zip(measured, reference_only) if not ref]
     reference = [a for a, ref in zip(measured, reference_only) if ref]
