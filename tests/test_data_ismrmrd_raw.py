@@ -93,9 +93,12 @@ def test_reference_lines_fill_only_empty_columns_and_a_separate_reference_scan_i
     imaging = [c for c in range(WIDTH) if c % 3 == 0]
     centre = [4, 5, 6, 7]  # 6 is also an imaging column: the imaging line must win
     acquisitions = [line(kspace[..., c], c) for c in imaging]
-    acquisitions += [
-        line(kspace[..., c] * (10 if c == 6 else 1), c, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) for c in centre
-    ]
+    offset = random_kspace(rng, COILS, SAMPLES)
+    for sign in (1, -1):  # two averages of each reference line, whose mean is the true line
+        acquisitions += [
+            line(kspace[..., c] * (10 if c == 6 else 1) + sign * offset, c, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+            for c in centre
+        ]
     # a separate reference scan with a shorter readout (another sequence): not image data
     acquisitions += [line(kspace[:, :8, c], c, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) for c in (2, 8)]
     # lines flagged as both calibration and imaging are imaging lines

@@ -113,9 +113,10 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
     for acquisition in reference:
         line, key = _readout(acquisition, ismrmrd), _image_key(acquisition)
         column = _column(path, acquisition, header.padding_left, width)
-        if key in row and line.shape == (coils, samples) and counts[row[key], column] == 0:
-            kspace[row[key], :, :, column] = line  # a column the imaging lines left empty
-    kspace /= np.maximum(counts, 1)[:, None, None, :]
+        if key in row and line.shape == (coils, samples) and counts[row[key], column] <= 0:
+            kspace[row[key], :, :, column] += line  # a column the imaging lines left empty
+            counts[row[key], column] -= 1  # negative: reference lines only
+    kspace /= np.maximum(np.abs(counts), 1)[:, None, None, :]
     index = [dict(zip(_IMAGE_INDEX, key)) for key in images]
     return _volume(path, kspace.astype(np.complex64), header, index)
 
