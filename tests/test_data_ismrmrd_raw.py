@@ -151,6 +151,7 @@ def test_3d_encoding_is_refused_by_name(tmp_path):
 def test_cli_writes_one_nifti_and_dicom_series_per_contrast(tmp_path, capsys):
     import h5py
     import nibabel as nib
+    import pydicom
 
     from reconkit.cli.main import main as reconkit_main
 
@@ -191,3 +192,8 @@ def test_cli_writes_one_nifti_and_dicom_series_per_contrast(tmp_path, capsys):
         np.testing.assert_allclose(nifti.transpose(2, 1, 0), stacked[3 * contrast : 3 * contrast + 3], rtol=1e-6)
         assert len(list((tmp_path / "out" / "dicom" / f"raw_contrast{contrast}").glob("*.dcm"))) == 3
     assert not (tmp_path / "out" / "nifti" / "raw.nii.gz").exists()
+    first = [pydicom.dcmread(tmp_path / "out" / "dicom" / f"raw_contrast{c}" / "slice_000.dcm") for c in range(2)]
+    assert first[0].StudyInstanceUID == first[1].StudyInstanceUID  # one scan, one study
+    assert first[0].FrameOfReferenceUID == first[1].FrameOfReferenceUID
+    assert first[0].SeriesInstanceUID != first[1].SeriesInstanceUID
+    assert [ds.SeriesNumber for ds in first] == [1, 2]

@@ -28,6 +28,7 @@ from reconkit.inference import (
 )
 from reconkit.io import (
     geometry_from_header,
+    new_study,
     write_dicom_series,
     write_fastmri_h5,
     write_nifti,
@@ -67,8 +68,9 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
     geometry = geometry_from_header(volume.info.header)
     if "h5" in formats:
         write_fastmri_h5(output / "h5" / path.name, result.reconstruction, attrs)
-    for suffix, images in image_groups(attrs.get("image_index")):  # one series per contrast / phase / ... of raw data
-        series = result.reconstruction if images is None else result.reconstruction[images]
+    study = new_study()  # the series of one input file share a study and frame of reference
+    for number, (suffix, images) in enumerate(image_groups(attrs.get("image_index")), start=1):
+        series = result.reconstruction if images is None else result.reconstruction[images]  # a contrast, phase, ...
         if "nifti" in formats:
             write_nifti(output / "nifti" / f"{stem}{suffix}.nii.gz", series, geometry)
         if "dicom" in formats:
@@ -78,6 +80,8 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
                 geometry,
                 patient_id=str(attrs.get("patient_id", "anonymous")),
                 series_description=f"reconkit {model_name} {path.name}{suffix}",
+                study=study,
+                series_number=number,
             )
     if "png" in formats:
         reference = result.target
@@ -240,8 +244,11 @@ def run(args: argparse.Namespace) -> list[FileReport]:
                 if result.note:
                     print(f"note: {path}: {result.note}", file=sys.stderr)
                 if result.empty_slices:
-                    print(f"note: {path}: slice(s) {', '.join(map(str, result.empty_slices))} hold no k-space data; "
-                          "written as zeros", file=sys.stderr)
+                    print(
+                        f"note: {path}: slice(s) {', '.join(map(str, result.empty_slices))} hold no k-space data; "
+                        "written as zeros",
+                        file=sys.stderr,
+                    )
             except ReconkitError as err:
                 report.status = str(err)
             except (OSError, ValueError, RuntimeError) as err:

@@ -3,11 +3,11 @@ then ``os.replace``).
 
 * :func:`write_fastmri_h5` – fastMRI submission layout (``reconstruction`` float32 ``(slices, h, w)``)
 * :func:`write_nifti` – NIfTI-1 with an affine from pixel spacing and slice thickness
-* :func:`write_dicom_series` – DICOM MR Image Storage, one file per slice
+* :func:`write_dicom_series` – DICOM MR Image Storage, one file per slice (:func:`new_study` groups series)
 * :func:`write_png_panel` / :func:`write_png_panels` – zero-filled | reconstruction | reference | error panels
 """
 
-from reconkit.io.dicom import write_dicom_series
+from reconkit.io.dicom import new_study, write_dicom_series
 from reconkit.io.geometry import ImageGeometry, geometry_from_header
 from reconkit.io.hdf5 import write_fastmri_h5
 from reconkit.io.nifti import nifti_affine, write_nifti
@@ -19,6 +19,7 @@ __all__ = [
     "write_fastmri_h5",
     "write_nifti",
     "nifti_affine",
+    "new_study",
     "write_dicom_series",
     "write_png_panel",
     "write_png_panels",

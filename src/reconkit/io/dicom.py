@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from reconkit.atomic import atomic_directory
 from reconkit.io.geometry import ImageGeometry
 
-__all__ = ["write_dicom_series"]
+__all__ = ["new_study", "write_dicom_series"]
 
 _UINT16_MAX = 65535
 
@@ -72,18 +72,28 @@ def _slice_dataset(
     return ds
 
 
+def new_study() -> tuple[str, str]:
+    """Fresh ``(StudyInstanceUID, FrameOfReferenceUID)`` for :func:`write_dicom_series`'s ``study``."""
+    return generate_uid(), generate_uid()
+
+
 def write_dicom_series(
     directory: os.PathLike | str,
     volume: np.ndarray,
     geometry: ImageGeometry,
     patient_id: str = "anonymous",
     series_description: str = "reconkit reconstruction",
+    study: tuple[str, str] | None = None,
+    series_number: int = 1,
 ) -> list[Path]:
     """Atomically write a ``(slices, rows, cols)`` magnitude volume as ``directory/slice_NNN.dcm``.
 
     Pixel values are ``round(volume / RescaleSlope)`` as uint16 with ``RescaleSlope = max / 65535``, so
     ``pixel_array * RescaleSlope`` recovers the magnitude to within half a slope. The window spans the 0.5–99.5th
     percentile. The directory appears complete or not at all.
+
+    ``study = (StudyInstanceUID, FrameOfReferenceUID)`` puts several series of one scan (e.g. its contrasts) in one
+    study and frame of reference, numbered by ``series_number``; by default each call starts a new study.
 
     Returns:
         The written file paths, in slice order.
@@ -99,7 +109,8 @@ def write_dicom_series(
     low, high = np.percentile(volume, [0.5, 99.5])
     window = ((low + high) / 2.0, max(high - low, slope))
     now = datetime.datetime.now()
-    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    study_uid, frame_uid = study if study is not None else new_study()
+    series_uid = generate_uid()
     shared: dict[str, object] = {
         "Modality": "MR",
         "PatientID": str(patient_id),
@@ -111,7 +122,7 @@ def write_dicom_series(
         "StudyTime": now.strftime("%H%M%S"),
         "ContentDate": now.strftime("%Y%m%d"),
         "ContentTime": now.strftime("%H%M%S"),
-        "SeriesNumber": 1,
+        "SeriesNumber": int(series_number),
         "SeriesDescription": series_description[:64],
         "ImageType": ["DERIVED", "SECONDARY"],
         "Manufacturer": "reconkit",
