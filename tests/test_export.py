@@ -267,3 +267,14 @@ def test_load_onnx_metadata_errors(tmp_path) -> None:
 def test_bad_example_shape() -> None:
     with pytest.raises(ValueError, match="example_shape"):
         export_onnx(torch.nn.Identity(), "unused.onnx", [(32,)])
+
+
+def test_odd_sizes_with_the_sense_step_keep_parity(tmp_path) -> None:
+    """Odd H and W (no fastMRI size is odd, but cropped or converted data can be), the ESPIRiT + L1-Haar step on."""
+    torch.manual_seed(0)
+    kwargs = dict(VARNET_KWARGS, final_dc_iters=5, final_dc_maps="espirit", final_dc_wavelet=0.15, final_dc_prior=3.0)
+    model = build_model("varnet", **kwargs).eval()
+    path = export_onnx(model, tmp_path / "odd.onnx", [(33, 25), (45, 37)])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for height, width in ((33, 25), (45, 37)):
+        assert_parity(session, model, *sample(2, 3, height, width, seed=height))
