@@ -119,22 +119,28 @@ def test_reference_lines_fill_only_empty_columns_and_a_separate_reference_scan_i
 def test_discarded_reversed_and_asymmetric_readouts(tmp_path):
     rng = np.random.default_rng(2)
     kspace = random_kspace(rng, COILS, SAMPLES, WIDTH)
+    partial = SAMPLES // 4  # partial echo: the first quarter of the readout not acquired
     acquisitions = []
     for c in range(WIDTH):
         data = kspace[..., c]
-        if c % 2:  # asymmetric echo: the first quarter not acquired, echo at sample SAMPLES // 4
-            acquisition = line(data[:, SAMPLES // 4 :], c)
-            acquisition.center_sample = SAMPLES // 2 - SAMPLES // 4
-        else:  # reversed readout with 2 + 3 ADC samples to discard, echo centred
+        if c % 3 == 0:  # reversed readout with 2 + 3 ADC samples to discard, echo centred (stored at 15 - 8)
             padded = np.concatenate([random_kspace(rng, COILS, 2), data[:, ::-1], random_kspace(rng, COILS, 3)], 1)
             acquisition = line(padded, c, ismrmrd.ACQ_IS_REVERSE)
             acquisition.discard_pre, acquisition.discard_post = 2, 3
-            acquisition.center_sample = 2 + SAMPLES // 2
+            # column 9 gives the centre in acquisition order, as some writers do: one sample off, still centred
+            acquisition.center_sample = 2 + (SAMPLES // 2 if c == 9 else SAMPLES - 1 - SAMPLES // 2)
+        elif c % 3 == 1:  # partial echo, echo at sample SAMPLES // 2 - partial
+            acquisition = line(data[:, partial:], c)
+            acquisition.center_sample = SAMPLES // 2 - partial
+        else:  # partial echo, reversed: the echo is stored at the mirrored position
+            stored = data[:, partial:][:, ::-1]
+            acquisition = line(stored, c, ismrmrd.ACQ_IS_REVERSE)
+            acquisition.center_sample = stored.shape[-1] - 1 - (SAMPLES // 2 - partial)
         acquisitions.append(acquisition)
     write_raw(tmp_path / "raw.h5", acquisitions)
     volume = read_ismrmrd_raw(tmp_path / "raw.h5")
     expected = kspace.copy()
-    expected[:, : SAMPLES // 4, 1::2] = 0
+    expected[:, :partial, [c for c in range(WIDTH) if c % 3]] = 0
     np.testing.assert_allclose(volume.kspace[0], expected, atol=1e-6)
 
 

@@ -162,16 +162,20 @@ def _is_reference_only(acquisition, ismrmrd) -> bool:
 
 def _readout(acquisition, ismrmrd) -> np.ndarray:
     """One acquisition's ``(coils, samples)`` readout: discarded samples dropped, reversed lines flipped, an
-    asymmetric echo zero-padded so its centre sample lands at ``samples // 2``."""
+    asymmetric (partial) echo zero-padded so its centre sample lands at ``samples // 2``.
+
+    ``center_sample`` counts in stored order; 0 means "not set" (as many writers leave it), and an echo within one
+    sample of the middle counts as centred, so conventions that differ by one sample give lines of one length.
+    """
     data = np.asarray(acquisition.data)
-    total = data.shape[-1]
-    data = data[:, acquisition.discard_pre : total - acquisition.discard_post]
-    if acquisition.is_flag_set(ismrmrd.ACQ_IS_REVERSE):
-        data = data[:, ::-1]
+    data = data[:, acquisition.discard_pre : data.shape[-1] - acquisition.discard_post]
+    samples = data.shape[-1]
     center = int(acquisition.center_sample) - int(acquisition.discard_pre)
-    if acquisition.center_sample == 0 or center == data.shape[-1] // 2 or not 0 < center < data.shape[-1]:
-        return data  # centre not set (0, as many writers leave it) or already centred
-    before, after = center, data.shape[-1] - center  # samples left / right of (and including) the echo
+    if acquisition.is_flag_set(ismrmrd.ACQ_IS_REVERSE):
+        data, center = data[:, ::-1], samples - 1 - center
+    if acquisition.center_sample == 0 or abs(center - samples // 2) <= 1 or not 0 < center < samples:
+        return data
+    before, after = center, samples - center  # samples left of the echo / from the echo on
     half = max(before, after)
     return np.pad(data, ((0, 0), (half - before, half - after)))
 
