@@ -104,7 +104,7 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
     width = header.encoding_size[1]
     images = sorted({_image_key(a) for a in imaging}, key=lambda key: key[::-1])
     row = {key: i for i, key in enumerate(images)}
-    kspace = np.zeros((len(images), coils, samples, width), np.complex128)
+    kspace = np.zeros((len(images), coils, samples, width), np.complex64)
     counts = np.zeros((len(images), width), np.int64)
     for acquisition, line in zip(imaging, lines):
         column = _column(path, acquisition, header.padding_left, width)
@@ -118,7 +118,7 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
             counts[row[key], column] -= 1  # negative: reference lines only
     kspace /= np.maximum(np.abs(counts), 1)[:, None, None, :]
     index = [dict(zip(_IMAGE_INDEX, key)) for key in images]
-    return _volume(path, kspace.astype(np.complex64), header, index)
+    return _volume(path, kspace, header, index)
 
 
 _IMAGE_INDEX = ("slice", "contrast", "phase", "repetition", "set")
