@@ -107,9 +107,9 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
     kspace = np.zeros((len(images), coils, samples, width), np.complex64)
     counts = np.zeros((len(images), width), np.int64)
     for acquisition, line in zip(imaging, lines):
-        column = _column(path, acquisition, header.padding_left, width)
-        kspace[row[_image_key(acquisition)], :, :, column] += line
-        counts[row[_image_key(acquisition)], column] += 1
+        image, column = row[_image_key(acquisition)], _column(path, acquisition, header.padding_left, width)
+        kspace[image, :, :, column] += line
+        counts[image, column] += 1
     for acquisition in reference:
         line, key = _readout(acquisition, ismrmrd), _image_key(acquisition)
         column = _column(path, acquisition, header.padding_left, width)
@@ -124,7 +124,7 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
 _IMAGE_INDEX = ("slice", "contrast", "phase", "repetition", "set")
 
 
-def image_groups(image_index: str | None) -> list[tuple[str, list[int]]]:
+def image_groups(image_index: str | None) -> list[tuple[str, list[int] | None]]:
     """Split a volume's images into series: one per ``(contrast, phase, repetition, set)``, slices in order.
 
     Args:
@@ -144,7 +144,7 @@ def image_groups(image_index: str | None) -> list[tuple[str, list[int]]]:
     fields = [name for name in _IMAGE_INDEX[1:] if len({image.get(name, 0) for image in index}) > 1]
     if not fields:
         return [("", None)]
-    groups: dict[str, list[int]] = {}
+    groups: dict[str, list[int] | None] = {}
     for position, image in enumerate(index):
         groups.setdefault("".join(f"_{name}{image.get(name, 0)}" for name in fields), []).append(position)
     return list(groups.items())

@@ -175,7 +175,7 @@ def refine_stacked(
     """Export path, line masks: :func:`refine_kspace` on the stacked W-major layout (``VarNetBlock.forward_stacked``):
     ``kspace`` / ``masked_ref`` ``(P, 2, f_m, B, C, H)``, ``line (P, 1, f_m, B, 1, 1)``, maps ``(2, W, B, C, H)``
     as ``[S_re; S_im]`` and ``[−S_im; S_re]``. The image iterates batch first as ``(B, 2, W, 1, H)``."""
-    f1, _, f2, _, coils, height = kspace.shape
+    outer, _, last, _, coils, height = kspace.shape  # (P, 2, f_m, B, C, H): P·f_m = W
 
     def reduce(k: torch.Tensor) -> torch.Tensor:  # → (B, 2, W, 1, H)
         return stacked_sens_reduce(k, maps).permute(2, 0, 1, 3).unsqueeze(3)
@@ -186,7 +186,7 @@ def refine_stacked(
     start = reduce(kspace)
     samples = line.sum(dim=(0, 1, 2, 4, 5)) * coils * height
     residual = (((kspace - masked_ref) * line) ** 2).sum(dim=(0, 1, 2, 4, 5))
-    weight, noise = noise_adaptive_weight(residual, samples, (start**2).sum(dim=(1, 2, 3, 4)), f1 * f2 * height,
+    weight, noise = noise_adaptive_weight(residual, samples, (start**2).sum(dim=(1, 2, 3, 4)), outer * last * height,
                                           prior)
     weight, noise = weight.view(-1, 1, 1, 1, 1), noise.view(-1, 1, 1, 1, 1)
 
