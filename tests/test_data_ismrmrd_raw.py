@@ -203,3 +203,25 @@ def test_cli_writes_one_nifti_and_dicom_series_per_contrast(tmp_path, capsys):
     assert first[0].FrameOfReferenceUID == first[1].FrameOfReferenceUID
     assert first[0].SeriesInstanceUID != first[1].SeriesInstanceUID
     assert [ds.SeriesNumber for ds in first] == [1, 2]
+
+
+def test_cli_bad_raw_files_get_one_line_each_and_the_good_one_is_written(tmp_path, capsys):
+    from reconkit.cli.main import main as reconkit_main
+
+    rng = np.random.default_rng(5)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_raw(scans / "good.h5", [line(random_kspace(rng, COILS, SAMPLES), c) for c in range(WIDTH)])
+    write_raw(
+        scans / "volumetric.h5",
+        [line(random_kspace(rng, COILS, SAMPLES), c, kspace_encode_step_2=p) for p in range(2) for c in range(WIDTH)],
+    )
+    write_raw(  # imaging lines of two readout lengths, neither a reference scan nor a partial echo
+        scans / "mixed.h5", [line(random_kspace(rng, COILS, SAMPLES if c % 2 else 8), c) for c in range(WIDTH)]
+    )
+    code = reconkit_main(["reconstruct", str(scans), "--model", "zero-filled", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "volumetric.h5: 3D encoding (2 values of kspace_encode_step_2) is not supported" in err
+    assert "mixed.h5: imaging acquisitions differ in (coils, samples)" in err
+    assert sorted(p.name for p in (tmp_path / "out" / "h5").iterdir()) == ["good.h5"]
