@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.reconkit-installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q src tests
+
+lint: install
+	$(PY) -m pip install -q "ruff>=0.5"
+	$(VENV)/bin/ruff check src tests benchmarks data_scripts
 
 bench: install
 	$(PY) benchmarks/ops.py

@@ -5,14 +5,14 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 
 def interleaved_medians(
     steps: dict[str, Callable[[], object]],
     repeats: int,
     warmup: int = 1,
-    sync: Optional[Callable[[], object]] = None,
+    sync: Callable[[], object] | None = None,
 ) -> dict[str, float]:
     """Median seconds per step. Within each repeat every step runs once, so machine load hits all alike. With two
     steps they alternate; with more, each repeat takes them in a new random order (seeded), so that no step always

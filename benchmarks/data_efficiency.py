@@ -21,8 +21,8 @@ import json
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -40,10 +40,10 @@ from reconkit.training.self_supervised import ssdu_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("supervised", "augmented", "self_supervised")
-MASK = dict(mask_type="equispaced_fraction", center_fractions=[0.08], accelerations=[4])
-MODEL = dict(num_cascades=3, chans=8, pools=2, sens_chans=4, sens_pools=2, init_scale=0.1)
-DATA = dict(num_volumes=26, coils=(4, 6), snr_db=(30.0,), slices=4, encoded_size=(160, 96), recon_size=(80, 80),
-            split=(20, 0, 6), seed=9)
+MASK = {"mask_type": "equispaced_fraction", "center_fractions": [0.08], "accelerations": [4]}
+MODEL = {"num_cascades": 3, "chans": 8, "pools": 2, "sens_chans": 4, "sens_pools": 2, "init_scale": 0.1}
+DATA = {"num_volumes": 26, "coils": (4, 6), "snr_db": (30.0,), "slices": 4, "encoded_size": (160, 96), "recon_size": (80, 80),
+            "split": (20, 0, 6), "seed": 9}
 CG_L2 = (0.0, 0.01, 0.05)
 SECTION_START, SECTION_END = "<!-- data-efficiency:start -->", "<!-- data-efficiency:end -->"
 
@@ -56,7 +56,7 @@ def ensure_data(path: Path) -> None:
                          seed=DATA["seed"], progress=False)  # fmt: skip
 
 
-def train_transform(method: str, steps: int, seed: int) -> Optional[Callable]:
+def train_transform(method: str, steps: int, seed: int) -> Callable | None:
     """The training transform of ``method`` (None: the data module's default random-mask transform)."""
     if method == "augmented":  # MRAugment defaults, exponential ramp over the run's steps
         config = AugmentConfig(schedule="exp", schedule_unit="step", ramp_length=steps)
@@ -133,7 +133,7 @@ def evaluate(model: torch.nn.Module, batches: list) -> dict[str, float]:
             "psnr": statistics.fmean(v["PSNR"] for v in per_volume)}  # fmt: skip
 
 
-def gap_recovered(rows: list[dict], fraction: float) -> Optional[float]:
+def gap_recovered(rows: list[dict], fraction: float) -> float | None:
     """Share of the SSIM gap (supervised at ``fraction`` → supervised at 100 %) that augmentation closes."""
     score = {(r["method"], r["fraction"]): r["ssim"] for r in rows}
     low, full = score.get(("supervised", fraction)), score.get(("supervised", 1.0))
@@ -152,7 +152,7 @@ def markdown(rows: list[dict], extra: dict, args: argparse.Namespace) -> str:
         SECTION_START,
         "## Data efficiency: augmentation, SSDU self-supervision, low-data subsets (issue 9)",
         "",
-        f"`benchmarks/data_efficiency.py` (run {extra['date']}, {extra['platform']}, {args.threads} torch thread(s) "
+        (f"`benchmarks/data_efficiency.py` (run {extra['date']}, {extra['platform']}, {args.threads} torch thread(s) "
         "on a 2-core machine shared with other jobs). Simulated data (`reconkit.data.simulate`, seed "
         f"{DATA['seed']}): {DATA['split'][0]} training and {DATA['split'][2]} held-out test volumes, "
         f"{DATA['slices']} slices each, {'/'.join(map(str, DATA['coils']))} coils, encoded "
@@ -166,7 +166,7 @@ def markdown(rows: list[dict], extra: dict, args: argparse.Namespace) -> str:
         "(`SsduVarNetTransform` + `ssdu_loss`), fixed mask per volume (as real undersampled scans), Gaussian "
         "selection, ρ = 0.4, K = 1, normalised L1-L2 k-space loss on Λ; it never sees a fully sampled target. "
         f"CG-SENSE: ACS sensitivities, 10 CG iterations, best of λ ∈ {list(CG_L2)} (λ = {extra['cg_l2']:g}). "
-        "Test metrics: mean over test volumes of per-volume SSIM / PSNR (data range = the volume's `max`).",
+        "Test metrics: mean over test volumes of per-volume SSIM / PSNR (data range = the volume's `max`)."),
         "",
         "| method | " + " | ".join(f"{f:.0%} ({extra['slices'][f]} slices) SSIM / PSNR" for f in fractions) + " |",
         "|---|" + "---|" * len(fractions),
@@ -235,7 +235,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "data_efficiency")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2, 1.0])

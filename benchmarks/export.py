@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
 from onnx import TensorProto, helper
 
 from reconkit.export import export_onnx
@@ -37,8 +38,6 @@ from reconkit.ops.dft_matmul import (
     to_stacked_kspace,
 )
 from reconkit.ops.dft_matmul import radices as axis_radices
-
-from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 FASTMRI_SIZES = [(640, 368), (640, 372), (640, 320), (768, 396), (640, 272)]
 SMALL_SIZES = [(64, 46), (72, 66)]
@@ -388,8 +387,8 @@ def main() -> None:
     if args.sizes:
         sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.sizes]
     repeats = args.repeats or (5 if args.small else 3)
-    kwargs = (dict(num_cascades=2, chans=4, pools=2, sens_chans=2, sens_pools=2) if args.small
-              else dict(num_cascades=12, chans=18, pools=4, sens_chans=8, sens_pools=4))
+    kwargs = ({"num_cascades": 2, "chans": 4, "pools": 2, "sens_chans": 2, "sens_pools": 2} if args.small
+              else {"num_cascades": 12, "chans": 18, "pools": 4, "sens_chans": 8, "sens_pools": 4})
     if args.cascades:
         kwargs["num_cascades"] = args.cascades
     if args.chans:

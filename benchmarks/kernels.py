@@ -26,12 +26,11 @@ import sys
 from collections.abc import Callable
 
 import torch
+from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
 from fastmri.models.varnet import VarNetBlock
 
 from reconkit.models import VarNet
 from reconkit.ops import data_consistency, sens_expand, sens_reduce, triton_available
-
-from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 Step = Callable[[], object]
 IMPLS = ("triton", "torch", "fastmri")

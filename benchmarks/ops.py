@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-from typing import Callable
+from collections.abc import Callable
 
 import fastmri
 import torch
+from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
 from fastmri.models.varnet import VarNetBlock
 
 from reconkit.ops import fft2c, ifft2c, sens_expand, sens_reduce
-
-from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 Op = Callable[[], torch.Tensor]
 

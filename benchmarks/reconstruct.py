@@ -36,7 +36,7 @@ from reconkit.inference import load_reconstructor, reconstruct_volume, volume_ma
 from reconkit.metrics import volume_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-SCAN = dict(source="dipy_b0", coils=8, slices=10, encoded_size=(192, 112), recon_size=(96, 96), snr_db=32.0)
+SCAN = {"source": "dipy_b0", "coils": 8, "slices": 10, "encoded_size": (192, 112), "recon_size": (96, 96), "snr_db": 32.0}
 MASK = ("equispaced_fraction", 4, 0.08)
 BART_LAMBDAS = (0.001, 0.002, 0.005, 0.01, 0.02)
 

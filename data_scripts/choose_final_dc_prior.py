@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> None:
             masked = kspace * masks
             prediction = model.predict_kspace(masked, masks)  # the cascades, once per volume
 
-            def psnr(coil_kspace: torch.Tensor) -> float:
+            def psnr(coil_kspace: torch.Tensor, target: np.ndarray = volume.target, size: tuple = recon) -> float:
                 image = rss_complex(ifft2c(coil_kspace), dim=1).numpy()
-                return volume_metrics(volume.target, center_crop(image, recon))["PSNR"]
+                return volume_metrics(target, center_crop(image, size))["PSNR"]
 
             scores.setdefault(None, []).append(psnr(prediction))
             maps = {kind: STEP_MAPS[kind](masked, masks) for kind in sorted({s[0] for s in GRID})}

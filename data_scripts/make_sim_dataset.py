@@ -25,11 +25,11 @@ import numpy as np
 
 from reconkit.data.simulate import simulate_dataset, simulate_volume
 
-SMALL = dict(encoded_size=(320, 184), recon_size=(160, 160))
-FULL = dict(encoded_size=(640, 368), recon_size=(320, 320))
+SMALL = {"encoded_size": (320, 184), "recon_size": (160, 160)}
+FULL = {"encoded_size": (640, 368), "recon_size": (320, 320)}
 PRESETS: dict[str, dict] = {
-    "tiny": dict(num_volumes=12, coils=(4, 8), snr_db=(20.0, 30.0, 40.0), slices=4, encoded_size=(128, 80),
-                 recon_size=(64, 64), seed=100),
+    "tiny": {"num_volumes": 12, "coils": (4, 8), "snr_db": (20.0, 30.0, 40.0), "slices": 4, "encoded_size": (128, 80),
+                 "recon_size": (64, 64), "seed": 100},
     "small": dict(num_volumes=48, coils=(4, 8, 12, 16), snr_db=(20.0, 25.0, 30.0, 40.0), slices=16, seed=200,
                   **SMALL),
     "small_heldout": dict(num_volumes=8, coils=(8, 16), snr_db=(25.0, 35.0), slices=10, source="dipy_b0",

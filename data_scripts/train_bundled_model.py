@@ -42,26 +42,26 @@ ENCODED, RECON = (192, 112), (96, 96)
 LARGER = (((320, 184), (160, 160), 24, 8), ((640, 368), (320, 320), 8, 6))
 FASTMRI_SIZES = [(640, 368), (640, 372), (640, 320), (768, 396), (768, 392), (640, 272)]  # knee and brain k-space sizes
 EXPORT_SIZES = [ENCODED, (320, 184), *FASTMRI_SIZES]
-MODEL = dict(num_cascades=8, chans=12, pools=3, sens_chans=6, sens_pools=2, init_scale=0.1)
+MODEL = {"num_cascades": 8, "chans": 12, "pools": 3, "sens_chans": 6, "sens_pools": 2, "init_scale": 0.1}
 # the SENSE data-consistency step after the cascades (no weights; switched on after training): maps, ρ, κ and the
 # iteration count chosen on the training sources by data_scripts/choose_final_dc_prior.py, never on the held-out
 # subject (2026-12-03: ESPIRiT maps, ρ = 3, κ = 0.15, 30 FISTA iterations; before: ACS maps, ρ = 0.05, 10 CG)
-FINAL_DC = dict(final_dc_iters=30, final_dc_prior=3.0, final_dc_maps="espirit", final_dc_wavelet=0.15)
+FINAL_DC = {"final_dc_iters": 30, "final_dc_prior": 3.0, "final_dc_maps": "espirit", "final_dc_wavelet": 0.15}
 LOSS, LR = "l1", 1e-3  # L1: the held-out target is PSNR against classical CS; SSIM is checked, not optimised
 FINETUNE_LR = 3e-4  # stage 2 (all matrix sizes), from the stage-1 weights
-MASK = dict(mask_type="equispaced_fraction", center_fractions=[0.08, 0.08, 0.04], accelerations=[4, 4, 8])
+MASK = {"mask_type": "equispaced_fraction", "center_fractions": [0.08, 0.08, 0.04], "accelerations": [4, 4, 8]}
 # Training subjects, drawn per volume (a repeated name weighs double): the MNI152 template with synthesised
 # contrasts, a real EPI brain and a real abdominal slice — none from dipy, the held-out subject's package.
 TRAIN_SOURCES = ("mni152", "mni152", "nibabel_epi", "nibabel_epi", "pydicom_abdomen")
 # Stage 2 adds two more real slices from pydicom-data (a contrast-enhanced abdomen and a coronal shoulder): its
 # larger matrices draw from all of them, and STAGE2_EXTRA more 192 x 112 volumes come from the pydicom images only.
 STAGE2_SOURCES = (*TRAIN_SOURCES, "pydicom_liver", "pydicom_shoulder")
-STAGE2_EXTRA = dict(volumes=24, source=("pydicom_abdomen", "pydicom_liver", "pydicom_shoulder", "pydicom_shoulder"))
-TRAIN_SIM = dict(
-    source=TRAIN_SOURCES, coils=(4, 8, 12), snr_db=(22.0, 28.0, 34.0, 40.0), slices=8, contrast="mixed",
-    orientation="mixed",
-)
-HELD_OUT = dict(source="dipy_b0", coils=8, slices=10, snr_db=32.0)
+STAGE2_EXTRA = {"volumes": 24, "source": ("pydicom_abdomen", "pydicom_liver", "pydicom_shoulder", "pydicom_shoulder")}
+TRAIN_SIM = {
+    "source": TRAIN_SOURCES, "coils": (4, 8, 12), "snr_db": (22.0, 28.0, 34.0, 40.0), "slices": 8, "contrast": "mixed",
+    "orientation": "mixed",
+}
+HELD_OUT = {"source": "dipy_b0", "coils": 8, "slices": 10, "snr_db": 32.0}
 
 
 def simulate(data: Path, num_volumes: int) -> dict:

@@ -23,7 +23,7 @@ from reconkit.errors import DataError
 from reconkit.ops import fft2c, ifft2c, rss_complex
 from reconkit.training import FastMriDataModule
 
-ALWAYS = dict(probability=1.0, schedule="constant")
+ALWAYS = {"probability": 1.0, "schedule": "constant"}
 
 
 def fake_slice(coils: int = 3, height: int = 24, width: int = 17, crop: tuple[int, int] = (12, 11), seed: int = 0):
@@ -62,7 +62,7 @@ def test_augmented_target_is_rss_of_augmented_coil_images_and_kspace_their_fft()
 
 def test_probability_zero_is_the_plain_transform():
     kspace, mask, target, attrs, fname, slice_num = fake_slice()
-    for config in (dict(probability=0.0), dict(probability=0.55, schedule="linear", ramp_length=10)):  # epoch 0
+    for config in ({"probability": 0.0}, {"probability": 0.55, "schedule": "linear", "ramp_length": 10}):  # epoch 0
         transform = AugmentedVarNetTransform(config=config, seed=1, use_seed=True)
         plain = VarNetDataTransform(create_mask_for_mask_type("equispaced_fraction", [0.08], [4]), use_seed=True)
         ours, theirs = transform(kspace, mask, target, attrs, fname, slice_num), plain(kspace, mask, target, attrs,
@@ -131,8 +131,8 @@ def test_schedules_and_weights():
     assert [augmentation_probability(linear, t) for t in (0, 5, 10, 20)] == [0.0, 0.25, 0.5, 0.5]
     assert augmentation_probability(exp, 0) == 0.0 and augmentation_probability(exp, 10) == pytest.approx(0.5)
     assert augmentation_probability(exp, 5) == pytest.approx(0.5 * (1 - math.exp(-2.5)) / (1 - math.exp(-5)))
-    step = AugmentedVarNetTransform(config=dict(probability=0.5, schedule="linear", schedule_unit="step",
-                                                ramp_length=100))
+    step = AugmentedVarNetTransform(config={"probability": 0.5, "schedule": "linear", "schedule_unit": "step",
+                                                "ramp_length": 100})
     step.set_step(50)
     assert step.probability() == pytest.approx(0.25)
     # a zero weight never fires; weight 1 with p = 1 always fires
@@ -169,7 +169,7 @@ def tiny_data(tmp_path_factory):
 
 
 def test_datamodule_hook_sets_epoch_and_subsets_are_reproducible(tiny_data):
-    transform = AugmentedVarNetTransform(config=dict(probability=1.0, schedule="linear", ramp_length=4), seed=2)
+    transform = AugmentedVarNetTransform(config={"probability": 1.0, "schedule": "linear", "ramp_length": 4}, seed=2)
     module = FastMriDataModule(tiny_data, num_workers=0, train_transform=transform, fraction=0.5, seed=7)
     loader = module.train_dataloader()
     assert len(loader.dataset) == 2  # one of two volumes, both its slices

@@ -228,7 +228,7 @@ def test_espirit_poly_calibrates_each_batch_item_on_its_own_acs_lines():
 
 
 def test_espirit_poly_falls_back_to_acs_maps_for_a_narrow_acs_run_and_refuses_tiny_kspace():
-    kspace, _, _, maps, support = simulate(coils=6, height=48, width=40, batch=2)
+    kspace, *_ = simulate(coils=6, height=48, width=40, batch=2)
     mask = torch.cat([equispaced_mask(40, 4, 4), equispaced_mask(40, 4, 12)])  # item 0: 4 ACS lines < kernel 6
     estimate = estimate_sens_maps_espirit_poly(kspace * mask, mask)
     assert torch.isfinite(estimate).all()

@@ -327,7 +327,7 @@ def test_tiny_varnet_checkpoint_torch_and_onnx_agree(tmp_path, capsys):
 
     rng = np.random.default_rng(6)
     write_fastmri_file(tmp_path / "scan.h5", rng, slices=3, coils=3, height=32, width=24, recon=(16, 16))
-    kwargs = dict(num_cascades=2, sens_chans=2, sens_pools=1, chans=2, pools=1)
+    kwargs = {'num_cascades': 2, 'sens_chans': 2, 'sens_pools': 1, 'chans': 2, 'pools': 1}
     torch.manual_seed(0)
     mask_info = {"mask_type": "equispaced_fraction", "center_fractions": [0.16], "accelerations": [2]}
     checkpoint = save_model(tmp_path / "tiny.ckpt", build_model("varnet", **kwargs), "varnet", kwargs, mask_info)
@@ -381,7 +381,7 @@ def test_slice_without_data_is_written_as_zeros_and_the_others_as_usual(tmp_path
 
     rng = np.random.default_rng(8)
     write_fastmri_file(tmp_path / "full.h5", rng, slices=3, coils=3, height=32, width=24, recon=(16, 16))
-    kwargs = dict(num_cascades=1, sens_chans=2, sens_pools=1, chans=2, pools=1)
+    kwargs = {'num_cascades': 1, 'sens_chans': 2, 'sens_pools': 1, 'chans': 2, 'pools': 1}
     torch.manual_seed(1)
     checkpoint = save_model(tmp_path / "tiny.ckpt", build_model("varnet", **kwargs), "varnet", kwargs)
     with h5py.File(tmp_path / "full.h5") as f, h5py.File(tmp_path / "gap.h5", "w") as g:
@@ -423,7 +423,7 @@ def test_ismrmrd_raw_file_is_reconstructed(tmp_path, capsys):
             acquisition.idx.slice = s
             raw.append_acquisition(acquisition)
     raw.close()
-    code, out, err = _run(capsys, str(tmp_path / "raw.h5"), "--model", "zero-filled", "--output", str(tmp_path / "out"))
+    code, _, err = _run(capsys, str(tmp_path / "raw.h5"), "--model", "zero-filled", "--output", str(tmp_path / "out"))
     assert code == 0, err
     masked = fastmri_transforms.to_tensor(kspace * columns)
     expected = fastmri_transforms.center_crop(fastmri.rss(fastmri.complex_abs(fastmri.ifft2c(masked)), dim=1), (32, 32))

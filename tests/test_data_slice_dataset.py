@@ -16,7 +16,6 @@ from fastmri.data import SliceDataset as FastmriSliceDataset
 from reconkit.data import SliceDataset, parse_ismrmrd_header, read_volume, read_volume_info
 from reconkit.errors import DataError
 
-
 # --------------------------------------------------------------------------------------------- test files
 
 
@@ -281,7 +280,7 @@ def test_same_samples_as_fastmri(challenge, multicoil_dir, singlecoil_dir, tmp_p
     ours = SliceDataset(root, challenge=challenge, dataset_cache_file=tmp_path / "cache.pkl")
     assert len(ours) == {"multicoil": 10, "singlecoil": 5}[challenge]
     assert_same_samples(ours, theirs)
-    kspace, mask, target, attrs, fname, slice_num = ours[0]
+    kspace, _, _, attrs, _, _ = ours[0]
     assert kspace.dtype == np.complex64 and kspace.ndim == (3 if challenge == "multicoil" else 2)
     assert {"encoding_size", "recon_size", "padding_left", "padding_right", "max", "acquisition"} <= attrs.keys()
 
@@ -395,7 +394,7 @@ def test_unreadable_cache_is_rebuilt(multicoil_dir, tmp_path, caplog):
 def test_bad_files_raise_or_are_skipped_with_a_warning(use_cache, multicoil_dir, tmp_path, caplog):
     bad = _bad_files(tmp_path / "bad")
     for name in ("empty", "text", "truncated", "no_kspace", "garbled_header", "target_slices"):
-        path, problem = bad[name]
+        path, _ = bad[name]
         (multicoil_dir / f"zz_{name}.h5").write_bytes(path.read_bytes())
     cache = tmp_path / "cache.pkl"
 

@@ -16,8 +16,8 @@ from reconkit.export import ExportError, export_onnx, load_onnx_as_torch, load_o
 from reconkit.export.onnx_export import ZeroFilledFrontEnd
 from reconkit.models import build_model, save_model
 
-VARNET_KWARGS = dict(num_cascades=2, sens_chans=2, sens_pools=1, chans=4, pools=2)
-UNET_KWARGS = dict(in_chans=1, out_chans=1, chans=4, num_pool_layers=2)
+VARNET_KWARGS = {"num_cascades": 2, "sens_chans": 2, "sens_pools": 1, "chans": 4, "pools": 2}
+UNET_KWARGS = {"in_chans": 1, "out_chans": 1, "chans": 4, "num_pool_layers": 2}
 MASK_INFO = {"mask_type": "equispaced_fraction", "center_fractions": [0.08], "accelerations": [4]}
 
 

@@ -100,7 +100,7 @@ def test_dicom_series_geometry_pixels_and_uids(tmp_path):
         assert ds.pixel_array.dtype == np.uint16
         restored = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         np.testing.assert_allclose(restored, volume[i], atol=float(ds.RescaleSlope))
-        assert 0 < float(ds.WindowWidth) and 0 < float(ds.WindowCenter) < volume.max()
+        assert float(ds.WindowWidth) > 0 and 0 < float(ds.WindowCenter) < volume.max()
         assert ds.PatientID == "subject7"
     assert len({ds.SOPInstanceUID for ds in slices}) == 3
     assert len({ds.SeriesInstanceUID for ds in slices}) == 1
@@ -173,8 +173,8 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path, monkeypatch):
 def test_ismrmrd_raw_without_imaging_data_is_a_data_error(tmp_path):
     import ismrmrd
 
-    from reconkit.errors import DataError
     from reconkit.data.ismrmrd_raw import is_ismrmrd_raw, read_ismrmrd_raw
+    from reconkit.errors import DataError
 
     raw = ismrmrd.Dataset(str(tmp_path / "noise_only.h5"), "dataset", create_if_needed=True)
     raw.write_xml_header(HEADER)

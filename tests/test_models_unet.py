@@ -124,7 +124,7 @@ def test_fused_norm_keeps_one_activation_per_convolution():
     """The fused op saves its output (shared with the next conv) and 1/std only, not the conv output."""
     x = torch.randn(1, 4, 32, 32, requires_grad=True)
     y = instance_norm_leaky_relu(x * 2.0)
-    saved = [t for t in y.grad_fn.saved_tensors]
+    saved = list(y.grad_fn.saved_tensors)
     assert len(saved) == 2
     assert saved[0].data_ptr() == y.data_ptr()
     assert saved[1].numel() == 4

@@ -20,7 +20,7 @@ from reconkit.data.simulate import SOURCES, simulate_dataset, simulate_volume, w
 from reconkit.data.simulate.contrast import RANDOM_SIGNAL_RANGE, choose_protocol, randomise_signals, tissue_signals
 from reconkit.data.simulate.dataset import split_assignment
 
-SMALL = dict(encoded_size=(96, 64), recon_size=(48, 48), slices=3, coils=4)
+SMALL = {"encoded_size": (96, 64), "recon_size": (48, 48), "slices": 3, "coils": 4}
 
 
 def fastmri_rss_target(kspace: np.ndarray, recon_size) -> np.ndarray:
@@ -31,7 +31,7 @@ def fastmri_rss_target(kspace: np.ndarray, recon_size) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def noisy_and_clean():
-    kwargs = dict(encoded_size=(128, 80), recon_size=(64, 64), slices=4, coils=8, noise_correlation=0.5)
+    kwargs = {"encoded_size": (128, 80), "recon_size": (64, 64), "slices": 4, "coils": 8, "noise_correlation": 0.5}
     return simulate_volume(11, snr_db=20.0, **kwargs), simulate_volume(11, snr_db=float("inf"), **kwargs)
 
 
@@ -64,7 +64,7 @@ def test_fastmri_slice_dataset_reads_files_unchanged(tmp_path):
     dataset = SliceDataset(tmp_path / "train", challenge="multicoil", dataset_cache_file=tmp_path / "cache.pkl")
     assert len(dataset) == 6
     by_name = {entry["file"].split("/")[-1]: entry for entry in manifest["volumes"]}
-    for kspace, mask, target, attrs, fname, slice_num in dataset:
+    for kspace, mask, target, attrs, fname, _slice_num in dataset:
         params = by_name[fname]["params"]
         assert kspace.shape == (4, 64, 48) and kspace.dtype == np.complex64 and mask is None
         assert attrs["encoding_size"] == (64, 48, 1) and attrs["recon_size"] == (32, 32, 1)
@@ -287,7 +287,6 @@ def test_missing_package_image_is_a_clear_error_not_a_download(monkeypatch):
 
     def offline(name, read=False, download=True):
         calls.append(download)
-        return None
 
     monkeypatch.setattr(pydicom.data, "get_testdata_file", offline)
     anatomy._load_pydicom_abdomen.cache_clear()
@@ -300,7 +299,7 @@ def test_missing_package_image_is_a_clear_error_not_a_download(monkeypatch):
 
 
 def test_dataset_draws_sources_per_volume(tmp_path):
-    options = dict(coils=4, slices=1, encoded_size=(48, 40), recon_size=(24, 24), seed=3, progress=False)
+    options = {"coils": 4, "slices": 1, "encoded_size": (48, 40), "recon_size": (24, 24), "seed": 3, "progress": False}
     mixed = simulate_dataset(tmp_path / "mixed", 8, source=("mni152", "nibabel_epi", "pydicom_abdomen"), **options)
     sources = [v["params"]["source"] for v in mixed["volumes"]]
     assert len(set(sources)) >= 2 and set(sources) <= {"mni152", "nibabel_epi", "pydicom_abdomen"}
@@ -341,7 +340,7 @@ def test_mni152_files_are_nilearns_templates():
 )  # fmt: skip
 def test_bad_options_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        simulate_volume(0, **{**dict(encoded_size=(64, 40), recon_size=(32, 32), slices=1, coils=2), **kwargs})
+        simulate_volume(0, **{"encoded_size": (64, 40), "recon_size": (32, 32), "slices": 1, "coils": 2, **kwargs})
 
 
 def test_split_disjoint_reproducible_and_sized():
@@ -356,8 +355,8 @@ def test_split_disjoint_reproducible_and_sized():
 
 
 def test_simulate_dataset_reproducible_with_variety(tmp_path):
-    options = dict(coils=(2, 6), snr_db=(10.0, 40.0), slices=1, encoded_size=(48, 40), recon_size=(24, 24),
-                   seed=3, progress=False)  # fmt: skip
+    options = {"coils": (2, 6), "snr_db": (10.0, 40.0), "slices": 1, "encoded_size": (48, 40), "recon_size": (24, 24),
+                   "seed": 3, "progress": False}  # fmt: skip
     first = simulate_dataset(tmp_path / "a", 6, **options)
     second = simulate_dataset(tmp_path / "b", 6, **options)
     assert first == second

@@ -19,7 +19,7 @@ from reconkit.training.cli import run_cli
 from reconkit.training.self_supervised import SsduVarNetModule, normalized_l1_l2_loss, ssdu_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = dict(num_cascades=1, chans=2, pools=1, sens_chans=2, sens_pools=1)
+TINY_MODEL = {"num_cascades": 1, "chans": 2, "pools": 1, "sens_chans": 2, "sens_pools": 1}
 
 
 def line_mask(width: int, acs: int, every: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,10 +18,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from reconkit.cli.train import main, one_line
 from reconkit.data.simulate import simulate_dataset
-from reconkit.models import load_model
-from reconkit.training import FastMriDataModule, UnetModule, VarNetModule
 from reconkit.data.transforms import VarNetSample
 from reconkit.errors import DataError, ReconkitError
+from reconkit.models import load_model
+from reconkit.training import FastMriDataModule, UnetModule, VarNetModule
 from reconkit.training.datamodule import collate_slices, select_volumes
 
 TINY_VARNET = {"num_cascades": 2, "chans": 4, "pools": 2, "sens_chans": 2, "sens_pools": 1}

@@ -7,6 +7,6 @@ Subpackages, with imports flowing one way (left imports nothing to its right)::
 
 __version__ = "0.1.0"
 
-from reconkit.errors import ReconkitError, DataError
+from reconkit.errors import DataError, ReconkitError
 
-__all__ = ["__version__", "ReconkitError", "DataError"]
+__all__ = ["DataError", "ReconkitError", "__version__"]

@@ -9,10 +9,10 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_directory"]
+__all__ = ["atomic_directory", "atomic_path"]
 
 
 @contextlib.contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 
 class ReconkitError(Exception):
@@ -19,7 +18,7 @@ class DataError(ReconkitError):
         -> "/data/file1000.h5: missing dataset 'kspace'"
     """
 
-    def __init__(self, path: Optional[os.PathLike | str], problem: Optional[str] = None):
+    def __init__(self, path: os.PathLike | str | None, problem: str | None = None):
         if problem is None:
             # one argument: a whole message, as a DataLoader re-raises a worker's exception (exc_type(message));
             # without this form it would re-raise a plain RuntimeError

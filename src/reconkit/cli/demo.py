@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from reconkit.errors import ReconkitError
 
-__all__ = ["DemoRow", "run_demo", "main", "BUNDLED_ONNX"]
+__all__ = ["BUNDLED_ONNX", "DemoRow", "main", "run_demo"]
 
 BUNDLED_ONNX = Path(__file__).resolve().parents[3] / "checkpoints" / "varnet_small.onnx"
 """The bundled model in a source checkout (``checkpoints/`` next to ``src/``)."""
 
-SCAN = dict(source="dipy_b0", coils=8, slices=4, encoded_size=(192, 112), recon_size=(96, 96), snr_db=32.0)
+SCAN = {"source": "dipy_b0", "coils": 8, "slices": 4, "encoded_size": (192, 112), "recon_size": (96, 96), "snr_db": 32.0}
 """The demo scan: 4 slices of the held-out subject, 8 coils, 192 × 112 encoded (2× readout oversampling), the
 k-space size the bundled model was trained on (the subject's own resolution is 2 mm)."""
 
-MASK = dict(mask_type="equispaced_fraction", acceleration=4, center_fraction=0.08)
+MASK = {"mask_type": "equispaced_fraction", "acceleration": 4, "center_fraction": 0.08}
 
 EXAMPLE = """example:
   reconkit demo --output demo_output          # what 'make demo' runs
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; exit code 1 with one line if the model or scan cannot be used."""
     args = build_parser().parse_args(argv)
     try:

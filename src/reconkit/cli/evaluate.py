@@ -13,18 +13,18 @@ import argparse
 import csv
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
+from reconkit.atomic import atomic_path
 from reconkit.data import center_crop, open_volume, target_key
 from reconkit.errors import DataError, ReconkitError
-from reconkit.atomic import atomic_path
 from reconkit.metrics import volume_metrics
 
-__all__ = ["VolumeScore", "score_volume", "target_matches", "evaluate_directories", "main"]
+__all__ = ["VolumeScore", "evaluate_directories", "main", "score_volume", "target_matches"]
 
 METRICS = ("NMSE", "PSNR", "SSIM")
 
@@ -85,7 +85,7 @@ def score_volume(target_path: Path, prediction_path: Path, challenge: str = "mul
     return VolumeScore(target_path.name, target.shape[0], values["NMSE"], values["PSNR"], values["SSIM"])
 
 
-def target_matches(target_path: Path, acquisition: Optional[str], acceleration: Optional[int]) -> bool:
+def target_matches(target_path: Path, acquisition: str | None, acceleration: int | None) -> bool:
     """True when the target file's ``acquisition`` / ``acceleration`` attrs equal the requested ones (a filter
     left as None always matches; a file without the attr does not match a set filter).
 
@@ -113,8 +113,8 @@ def evaluate_directories(
     target_dir: Path,
     predictions_dir: Path,
     challenge: str = "multicoil",
-    acquisition: Optional[str] = None,
-    acceleration: Optional[int] = None,
+    acquisition: str | None = None,
+    acceleration: int | None = None,
 ) -> tuple[list[VolumeScore], list[str]]:
     """Score every ``*.h5`` in ``target_dir`` that passes the attr filters (see :func:`target_matches`);
     returns ``(scores, error lines)`` (one line per failed volume)."""
@@ -132,7 +132,7 @@ def evaluate_directories(
     return scores, errors
 
 
-def mean_score(scores: Sequence[VolumeScore]) -> Optional[VolumeScore]:
+def mean_score(scores: Sequence[VolumeScore]) -> VolumeScore | None:
     """Mean over volumes (fastMRI's reported numbers), or None for no volumes."""
     if not scores:
         return None
@@ -148,12 +148,11 @@ def mean_score(scores: Sequence[VolumeScore]) -> Optional[VolumeScore]:
 def write_csv(path: Path, scores: Sequence[VolumeScore]) -> None:
     """Atomically write one row per volume plus a ``mean`` row: name, slices, nmse, psnr_db, ssim."""
     rows = list(scores) + ([mean_score(scores)] if scores else [])
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["volume", "slices", "nmse", "psnr_db", "ssim"])
-            for s in rows:
-                writer.writerow([s.name, s.slices, f"{s.nmse:.8g}", f"{s.psnr:.8g}", f"{s.ssim:.8g}"])
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["volume", "slices", "nmse", "psnr_db", "ssim"])
+        for s in rows:
+            writer.writerow([s.name, s.slices, f"{s.nmse:.8g}", f"{s.psnr:.8g}", f"{s.ssim:.8g}"])
 
 
 def print_table(scores: Sequence[VolumeScore]) -> None:
@@ -203,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run ``reconkit evaluate``; exit code 1 when any volume could not be scored, 2 on bad arguments."""
     args = build_parser().parse_args(argv)
     try:

@@ -51,10 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {meta['reconkit.model_type']}, "
               f"sizes {meta['reconkit.spatial_sizes']}, opset {args.opset}")
         if args.triton_repository is not None:
-            try:
-                from reconkit.export.triton_repository import write_triton_repository
-            except ImportError as exc:
-                raise ReconkitError(f"{args.triton_repository}: Triton repository writer not available ({exc})")
+            from reconkit.export.triton_repository import write_triton_repository
+
             name = args.model_name or path.stem
             written = write_triton_repository(path, args.triton_repository, name, version=args.version,
                                               max_batch_size=args.max_batch_size)

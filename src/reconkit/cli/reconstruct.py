@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from reconkit.data import Volume, read_volume
 from reconkit.data.ismrmrd_raw import image_groups, is_ismrmrd_raw, read_ismrmrd_raw
@@ -35,7 +35,7 @@ from reconkit.io import (
     write_png_panels,
 )
 
-__all__ = ["write_outputs", "expand_inputs", "run", "main"]
+__all__ = ["expand_inputs", "main", "run", "write_outputs"]
 
 FORMATS = ("h5", "nifti", "dicom", "png")
 FORMAT_ALIASES = {"hdf5": "h5", "nii": "nifti", "dcm": "dicom"}
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> list[FileReport]:
     return reports
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run ``reconkit reconstruct``; exit code 0 if every file was written, 1 if any failed, 2 on a bad model."""
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from reconkit.errors import ReconkitError
 

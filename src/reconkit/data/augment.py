@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,10 +38,10 @@ from reconkit.ops import fft2c, ifft2c, rss_complex
 __all__ = [
     "AugmentConfig",
     "AugmentParams",
+    "AugmentedVarNetTransform",
+    "augment_coil_images",
     "augmentation_probability",
     "sample_augmentation",
-    "augment_coil_images",
-    "AugmentedVarNetTransform",
 ]
 
 SCHEDULES = ("constant", "linear", "exp")
@@ -76,7 +76,7 @@ class AugmentConfig:
     schedule_unit: str = "epoch"
     ramp_length: float = 10.0
     exp_rate: float = 5.0
-    weights: Dict[str, float] = field(default_factory=lambda: {
+    weights: dict[str, float] = field(default_factory=lambda: {
         "fliph": 0.5, "flipv": 0.5, "rot90": 0.5, "rotation": 0.5, "translation": 1.0, "scaling_iso": 1.0,
         "scaling_aniso": 1.0, "shearing": 0.5,
     })  # fmt: skip
@@ -255,7 +255,7 @@ class AugmentedVarNetTransform:
         mask_type: str = "equispaced_fraction",
         center_fractions: Sequence[float] = (0.08,),
         accelerations: Sequence[int] = (4,),
-        config: Optional[AugmentConfig | dict] = None,
+        config: AugmentConfig | dict | None = None,
         seed: int = 0,
         use_seed: bool = False,
     ):
@@ -282,7 +282,7 @@ class AugmentedVarNetTransform:
         key = f"augment:{self.seed}:{self.epoch}:{fname}:{slice_num}".encode()
         return np.random.default_rng(zlib.crc32(key))
 
-    def __call__(self, kspace: np.ndarray, mask: Optional[np.ndarray], target: Optional[np.ndarray], attrs: Dict,
+    def __call__(self, kspace: np.ndarray, mask: np.ndarray | None, target: np.ndarray | None, attrs: dict,
                  fname: str, slice_num: int) -> VarNetSample:
         p = self.probability()
         if p > 0 and target is not None:

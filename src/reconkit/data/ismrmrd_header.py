@@ -8,13 +8,13 @@ nested descendant search in the ISMRMRD namespace), so ``encoding_size``, ``reco
 from __future__ import annotations
 
 import os
-import xml.etree.ElementTree as ElementTree
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from xml.etree import ElementTree
 
 from reconkit.errors import DataError
 
-__all__ = ["HeaderInfo", "parse_ismrmrd_header", "ISMRMRD_NAMESPACE"]
+__all__ = ["ISMRMRD_NAMESPACE", "HeaderInfo", "parse_ismrmrd_header"]
 
 ISMRMRD_NAMESPACE = "http://www.ismrm.org/ISMRMRD"
 
@@ -38,18 +38,18 @@ class HeaderInfo:
         field_strength_t: ``acquisitionSystemInformation/systemFieldStrength_T`` in tesla, if given.
     """
 
-    encoding_size: Tuple[int, int, int]
-    recon_size: Tuple[int, int, int]
-    encoding_fov_mm: Tuple[float, float, float]
-    recon_fov_mm: Tuple[float, float, float]
+    encoding_size: tuple[int, int, int]
+    recon_size: tuple[int, int, int]
+    encoding_fov_mm: tuple[float, float, float]
+    recon_fov_mm: tuple[float, float, float]
     kspace_encoding_step_1_center: int
     kspace_encoding_step_1_maximum: int
     padding_left: int
     padding_right: int
     slice_thickness_mm: float
-    repetition_time_ms: Optional[float] = None
-    echo_time_ms: Optional[float] = None
-    field_strength_t: Optional[float] = None
+    repetition_time_ms: float | None = None
+    echo_time_ms: float | None = None
+    field_strength_t: float | None = None
 
     def metadata(self) -> dict:
         """The entries fastmri's ``SliceDataset`` puts in each sample's metadata."""
@@ -64,12 +64,12 @@ class HeaderInfo:
 class _Reader:
     """Descendant lookups in one parsed header; errors name ``source`` and the missing path."""
 
-    def __init__(self, root: ElementTree.Element, source: Optional[str]):
+    def __init__(self, root: ElementTree.Element, source: str | None):
         self.root = root
         self.source = source
         self.namespace = ISMRMRD_NAMESPACE if root.tag.startswith("{") else None
 
-    def text(self, path: Sequence[str]) -> Optional[str]:
+    def text(self, path: Sequence[str]) -> str | None:
         if self.namespace:
             query = "." + "".join(f"//ism:{name}" for name in path)
             element = self.root.find(query, {"ism": self.namespace})
@@ -92,7 +92,7 @@ class _Reader:
         return tuple(self.number([*path, axis], kind) for axis in ("x", "y", "z"))
 
 
-def parse_ismrmrd_header(xml: str | bytes, source: Optional[os.PathLike | str] = None) -> HeaderInfo:
+def parse_ismrmrd_header(xml: str | bytes, source: os.PathLike | str | None = None) -> HeaderInfo:
     """Parse an ISMRMRD XML header.
 
     Args:

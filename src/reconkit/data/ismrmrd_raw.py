@@ -78,7 +78,7 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
         dataset.close()
     except DataError:
         raise
-    except Exception as err:  # the ismrmrd package raises assorted types for damaged files
+    except Exception as err:  # noqa: BLE001 -- the ismrmrd package raises assorted types for damaged files
         raise DataError(path, f"cannot read ISMRMRD raw data ({type(err).__name__}: {err})") from None
     skip = [getattr(ismrmrd, name) for name in _SKIP_FLAGS if hasattr(ismrmrd, name)]
     measured = [  # the first encoding space only: a second one holds e.g. a separate reference scan

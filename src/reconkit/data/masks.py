@@ -14,24 +14,24 @@ the W axis); 2D masks have shape ``(1, ..., H, W, 1)``. Masks are float32 tensor
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
-    "MaskFunc",
-    "RandomMaskFunc",
+    "MASK_TYPES",
     "EquiSpacedMaskFunc",
     "EquispacedMaskFractionFunc",
-    "MagicMaskFunc",
     "MagicMaskFractionFunc",
+    "MagicMaskFunc",
+    "MaskFunc",
+    "RandomMaskFunc",
     "VariableDensityMaskFunc",
     "create_mask_for_mask_type",
-    "MASK_TYPES",
 ]
 
-Seed = Optional[Union[int, Tuple[int, ...]]]
+Seed = int | tuple[int, ...] | None
 
 
 @contextlib.contextmanager
@@ -81,7 +81,7 @@ class MaskFunc:
         center_fractions: Sequence[float],
         accelerations: Sequence[int],
         allow_any_combination: bool = False,
-        seed: Optional[int] = None,
+        seed: int | None = None,
     ):
         if len(center_fractions) != len(accelerations) and not allow_any_combination:
             raise ValueError(
@@ -94,8 +94,8 @@ class MaskFunc:
         self.rng = np.random.RandomState(seed)
 
     def __call__(
-        self, shape: Sequence[int], offset: Optional[int] = None, seed: Seed = None
-    ) -> Tuple[torch.Tensor, int]:
+        self, shape: Sequence[int], offset: int | None = None, seed: Seed = None
+    ) -> tuple[torch.Tensor, int]:
         """Sample a mask for k-space of ``shape`` ``(..., H, W, 2)``.
 
         Args:
@@ -112,14 +112,14 @@ class MaskFunc:
             center, outer, num_low_frequencies = self.sample(shape, offset)
         return torch.max(center, outer), num_low_frequencies
 
-    def choose_acceleration(self) -> Tuple[float, int]:
+    def choose_acceleration(self) -> tuple[float, int]:
         """Draw one ``(center_fraction, acceleration)`` pair from the configured lists."""
         if self.allow_any_combination:
             return self.rng.choice(self.center_fractions), self.rng.choice(self.accelerations)
         choice = self.rng.randint(len(self.center_fractions))
         return self.center_fractions[choice], self.accelerations[choice]
 
-    def sample(self, shape: Sequence[int], offset: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    def sample(self, shape: Sequence[int], offset: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Return ``(center_mask, outer_mask, num_low_frequencies)`` for k-space ``shape``."""
         num_cols = shape[-2]
         center_fraction, acceleration = self.choose_acceleration()
@@ -129,7 +129,7 @@ class MaskFunc:
         return center, outer, num_low_frequencies
 
     def outer_columns(
-        self, num_cols: int, acceleration: float, offset: Optional[int], num_low_frequencies: int
+        self, num_cols: int, acceleration: float, offset: int | None, num_low_frequencies: int
     ) -> np.ndarray:
         """``(num_cols,)`` mask of the columns sampled outside the centre."""
         raise NotImplementedError
@@ -140,7 +140,7 @@ class RandomMaskFunc(MaskFunc):
     ``W / R`` columns are sampled on average (fastmri's ``RandomMaskFunc``)."""
 
     def outer_columns(
-        self, num_cols: int, acceleration: float, offset: Optional[int], num_low_frequencies: int
+        self, num_cols: int, acceleration: float, offset: int | None, num_low_frequencies: int
     ) -> np.ndarray:
         prob = (num_cols / acceleration - num_low_frequencies) / (num_cols - num_low_frequencies)
         return self.rng.uniform(size=num_cols) < prob
@@ -151,7 +151,7 @@ class EquiSpacedMaskFunc(MaskFunc):
     below ``R`` (fastmri's ``EquiSpacedMaskFunc``)."""
 
     def outer_columns(
-        self, num_cols: int, acceleration: float, offset: Optional[int], num_low_frequencies: int
+        self, num_cols: int, acceleration: float, offset: int | None, num_low_frequencies: int
     ) -> np.ndarray:
         if offset is None:
             offset = self.rng.randint(0, high=round(acceleration))
@@ -169,7 +169,7 @@ class EquispacedMaskFractionFunc(MaskFunc):
     """
 
     def outer_columns(
-        self, num_cols: int, acceleration: float, offset: Optional[int], num_low_frequencies: int
+        self, num_cols: int, acceleration: float, offset: int | None, num_low_frequencies: int
     ) -> np.ndarray:
         if num_low_frequencies * acceleration >= num_cols:
             return np.zeros(num_cols)
@@ -187,7 +187,7 @@ class MagicMaskFunc(MaskFunc):
     (Defazio 2019, arXiv:1912.01101; fastmri's ``MagicMaskFunc``)."""
 
     def outer_columns(
-        self, num_cols: int, acceleration: float, offset: Optional[int], num_low_frequencies: int
+        self, num_cols: int, acceleration: float, offset: int | None, num_low_frequencies: int
     ) -> np.ndarray:
         if offset is None:
             offset = self.rng.randint(0, high=acceleration)
@@ -210,7 +210,7 @@ class MagicMaskFractionFunc(MagicMaskFunc):
     mask is then the centre alone.
     """
 
-    def sample(self, shape: Sequence[int], offset: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    def sample(self, shape: Sequence[int], offset: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
         num_cols = shape[-2]
         center_fraction, acceleration = self.choose_acceleration()
         target_columns = round(num_cols / acceleration)
@@ -256,7 +256,7 @@ class VariableDensityMaskFunc(MaskFunc):
         center_fractions: Sequence[float],
         accelerations: Sequence[float],
         allow_any_combination: bool = False,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         pattern: str = "gaussian",
         sigma: float = 0.4,
         density_slope: float = 3.0,
@@ -268,7 +268,7 @@ class VariableDensityMaskFunc(MaskFunc):
         self.sigma = sigma
         self.density_slope = density_slope
 
-    def sample(self, shape: Sequence[int], offset: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    def sample(self, shape: Sequence[int], offset: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
         height, width = shape[-3], shape[-2]
         center_fraction, acceleration = self.choose_acceleration()
         center_h = max(round(height * center_fraction), 1)

@@ -12,8 +12,9 @@ import logging
 import os
 import pickle
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -22,14 +23,14 @@ from reconkit.atomic import atomic_path
 from reconkit.data.volume import open_volume, read_volume_info, target_key
 from reconkit.errors import DataError
 
-__all__ = ["SliceDataset", "RawSample", "default_cache_file", "list_volume_files"]
+__all__ = ["RawSample", "SliceDataset", "default_cache_file", "list_volume_files"]
 
 logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = 1
 _VOLUME_SUFFIXES = (".h5", ".hdf5")
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class RawSample(NamedTuple):
@@ -37,7 +38,7 @@ class RawSample(NamedTuple):
 
     fname: Path
     slice_ind: int
-    metadata: Dict[str, Any]
+    metadata: dict[str, Any]
 
 
 def default_cache_file() -> Path:
@@ -46,7 +47,7 @@ def default_cache_file() -> Path:
     return Path(base) / "reconkit" / "dataset_cache.pkl"
 
 
-def list_volume_files(root: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
+def list_volume_files(root: PathLike | Sequence[PathLike]) -> list[Path]:
     """Sorted volume files: the ``*.h5`` / ``*.hdf5`` files directly in folder ``root``, or the given list."""
     if isinstance(root, (str, os.PathLike)):
         folder = Path(root)
@@ -56,7 +57,7 @@ def list_volume_files(root: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
     return sorted(Path(p) for p in root)
 
 
-def _signature(path: Path) -> Tuple[str, int, int]:
+def _signature(path: Path) -> tuple[str, int, int]:
     """What invalidates a cached entry: resolved path, size, modification time (ns); (path, -1, -1) if missing."""
     try:
         stat = path.stat()
@@ -90,15 +91,15 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        root: Union[PathLike, Sequence[PathLike]],
+        root: PathLike | Sequence[PathLike],
         challenge: str = "multicoil",
-        transform: Optional[Callable] = None,
+        transform: Callable | None = None,
         use_dataset_cache: bool = True,
-        sample_rate: Optional[float] = None,
-        volume_sample_rate: Optional[float] = None,
-        dataset_cache_file: Optional[PathLike] = None,
-        num_cols: Optional[Sequence[int]] = None,
-        raw_sample_filter: Optional[Callable[[RawSample], bool]] = None,
+        sample_rate: float | None = None,
+        volume_sample_rate: float | None = None,
+        dataset_cache_file: PathLike | None = None,
+        num_cols: Sequence[int] | None = None,
+        raw_sample_filter: Callable[[RawSample], bool] | None = None,
         skip_bad_files: bool = False,
     ):
         self.recons_key = target_key(challenge)
@@ -131,11 +132,11 @@ class SliceDataset(torch.utils.data.Dataset):
             raw_samples = [s for s in raw_samples if s.fname.stem in kept]
         if num_cols:
             raw_samples = [s for s in raw_samples if s.metadata["encoding_size"][1] in num_cols]
-        self.raw_samples: List[RawSample] = raw_samples
+        self.raw_samples: list[RawSample] = raw_samples
 
     # ----------------------------------------------------------------------------------------- metadata scan
 
-    def _scan(self, files: List[Path], use_cache: bool) -> Dict[Path, Tuple[dict, int]]:
+    def _scan(self, files: list[Path], use_cache: bool) -> dict[Path, tuple[dict, int]]:
         """``{file: (metadata, num_slices)}`` for the good files, in ``files`` order; cache read and updated."""
         cache = self._load_cache() if use_cache else {}
         keys = {fname: (_signature(fname), self.challenge) for fname in files}
@@ -144,8 +145,8 @@ class SliceDataset(torch.utils.data.Dataset):
         stale = [k for k in cache if k[0][0] in scanned_paths and k[1] == self.challenge and k not in current]
         for k in stale:  # older versions of the files being scanned
             del cache[k]
-        entries: Dict[Path, Tuple[dict, int]] = {}
-        bad: List[Tuple[Path, str]] = []
+        entries: dict[Path, tuple[dict, int]] = {}
+        bad: list[tuple[Path, str]] = []
         changed = bool(stale)
         for fname in files:
             key = keys[fname]

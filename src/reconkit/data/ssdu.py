@@ -12,7 +12,8 @@ Masks here are 2D ``(H, W)`` bool arrays; the transform returns them as ``(K, 1,
 from __future__ import annotations
 
 import zlib
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ import torch
 from reconkit.data.masks import MaskFunc, create_mask_for_mask_type
 from reconkit.data.transforms import VarNetDataTransform, to_tensor
 
-__all__ = ["SELECTIONS", "acs_columns", "ssdu_split", "SsduSample", "SsduVarNetTransform"]
+__all__ = ["SELECTIONS", "SsduSample", "SsduVarNetTransform", "acs_columns", "ssdu_split"]
 
 SELECTIONS = ("uniform", "gaussian")
 
@@ -41,7 +42,7 @@ def ssdu_split(
     acs: np.ndarray,
     rho: float = 0.4,
     selection: str = "uniform",
-    rng: Optional[np.random.Generator] = None,
+    rng: np.random.Generator | None = None,
     std_scale: float = 4.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split acquired k-space locations into ``(theta, lam)`` (Θ, Λ), both bool ``(H, W)``.
@@ -145,7 +146,7 @@ class SsduVarNetTransform:
         """New splits every epoch (the data module calls this)."""
         self.epoch = epoch
 
-    def __call__(self, kspace: np.ndarray, mask: Optional[np.ndarray], target: Optional[np.ndarray], attrs: dict,
+    def __call__(self, kspace: np.ndarray, mask: np.ndarray | None, target: np.ndarray | None, attrs: dict,
                  fname: str, slice_num: int) -> SsduSample:
         sample = self.plain(kspace, mask, None, attrs, fname, slice_num)  # target deliberately not passed
         height, width = sample.masked_kspace.shape[-3], sample.masked_kspace.shape[-2]

@@ -6,7 +6,8 @@ same inputs (same masks, crops and normalisation). Complex tensors use fastMRI's
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,18 +17,18 @@ from reconkit.errors import DataError
 from reconkit.ops import complex_abs, ifft2c, rss
 
 __all__ = [
-    "to_tensor",
+    "UnetDataTransform",
+    "UnetSample",
+    "VarNetDataTransform",
+    "VarNetSample",
     "apply_mask",
     "center_crop",
-    "complex_center_crop",
     "center_crop_to_smallest",
+    "complex_center_crop",
+    "filename_seed",
     "normalize",
     "normalize_instance",
-    "filename_seed",
-    "VarNetSample",
-    "VarNetDataTransform",
-    "UnetSample",
-    "UnetDataTransform",
+    "to_tensor",
 ]
 
 
@@ -41,10 +42,10 @@ def to_tensor(data: np.ndarray) -> torch.Tensor:
 def apply_mask(
     data: torch.Tensor,
     mask_func: MaskFunc,
-    offset: Optional[int] = None,
-    seed: Optional[Union[int, Tuple[int, ...]]] = None,
-    padding: Optional[Sequence[int]] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    offset: int | None = None,
+    seed: int | tuple[int, ...] | None = None,
+    padding: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Undersample k-space ``(..., H, W, 2)`` with a mask drawn from ``mask_func``.
 
     Args:
@@ -68,12 +69,12 @@ def apply_mask(
     return masked, mask, num_low_frequencies
 
 
-def _check_crop(shape: Tuple[int, int], available: Tuple[int, int], what: str) -> None:
+def _check_crop(shape: tuple[int, int], available: tuple[int, int], what: str) -> None:
     if not (0 < shape[0] <= available[0] and 0 < shape[1] <= available[1]):
         raise ValueError(f"{what}: cannot crop {available[0]}x{available[1]} to {shape[0]}x{shape[1]}")
 
 
-def center_crop(data: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
+def center_crop(data: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Centre crop of the last two axes of a real image ``(..., H, W)`` to ``shape`` ``(h, w)``."""
     height, width = data.shape[-2], data.shape[-1]
     _check_crop(shape, (height, width), "center_crop")
@@ -81,7 +82,7 @@ def center_crop(data: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
     return data[..., top : top + shape[0], left : left + shape[1]]
 
 
-def complex_center_crop(data: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
+def complex_center_crop(data: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Centre crop of axes -3, -2 of a complex image ``(..., H, W, 2)`` to ``shape`` ``(h, w)``."""
     height, width = data.shape[-3], data.shape[-2]
     _check_crop(shape, (height, width), "complex_center_crop")
@@ -89,7 +90,7 @@ def complex_center_crop(data: torch.Tensor, shape: Tuple[int, int]) -> torch.Ten
     return data[..., top : top + shape[0], left : left + shape[1], :]
 
 
-def center_crop_to_smallest(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def center_crop_to_smallest(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Crop both real images ``(..., H, W)`` to the smaller height and the smaller width of the two."""
     size = (min(x.shape[-2], y.shape[-2]), min(x.shape[-1], y.shape[-1]))
     return center_crop(x, size), center_crop(y, size)
@@ -97,23 +98,23 @@ def center_crop_to_smallest(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Ten
 
 def normalize(
     data: torch.Tensor,
-    mean: Union[float, torch.Tensor],
-    stddev: Union[float, torch.Tensor],
-    eps: Union[float, torch.Tensor] = 0.0,
+    mean: float | torch.Tensor,
+    stddev: float | torch.Tensor,
+    eps: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """``(data − mean) / (stddev + eps)``."""
     return (data - mean) / (stddev + eps)
 
 
 def normalize_instance(
-    data: torch.Tensor, eps: Union[float, torch.Tensor] = 0.0
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    data: torch.Tensor, eps: float | torch.Tensor = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalise by the tensor's own mean and (unbiased) standard deviation; returns ``(normalised, mean, std)``."""
     mean, std = data.mean(), data.std()
     return normalize(data, mean, std, eps), mean, std
 
 
-def filename_seed(fname: str) -> Tuple[int, ...]:
+def filename_seed(fname: str) -> tuple[int, ...]:
     """Mask seed from a file name (code points), so every slice of a volume gets the same mask, as fastmri."""
     return tuple(map(ord, fname))
 
@@ -134,15 +135,15 @@ class VarNetSample(NamedTuple):
 
     masked_kspace: torch.Tensor
     mask: torch.Tensor
-    num_low_frequencies: Optional[int]
+    num_low_frequencies: int | None
     target: torch.Tensor
     fname: str
     slice_num: int
     max_value: float
-    crop_size: Tuple[int, int]
+    crop_size: tuple[int, int]
 
 
-def _require_max(attrs: Dict, fname: str) -> float:
+def _require_max(attrs: dict, fname: str) -> float:
     if "max" not in attrs:
         raise DataError(fname, "file attrs lack 'max' (needed with a target for PSNR / SSIM)")
     return attrs["max"]
@@ -159,16 +160,16 @@ class VarNetDataTransform:
     ``padding_left``, ``padding_right`` and ``recon_size`` (and ``max`` when there is a target).
     """
 
-    def __init__(self, mask_func: Optional[MaskFunc] = None, use_seed: bool = True):
+    def __init__(self, mask_func: MaskFunc | None = None, use_seed: bool = True):
         self.mask_func = mask_func
         self.use_seed = use_seed
 
     def __call__(
         self,
         kspace: np.ndarray,
-        mask: Optional[np.ndarray],
-        target: Optional[np.ndarray],
-        attrs: Dict,
+        mask: np.ndarray | None,
+        target: np.ndarray | None,
+        attrs: dict,
         fname: str,
         slice_num: int,
     ) -> VarNetSample:
@@ -236,7 +237,7 @@ class UnetDataTransform:
         use_seed: seed the mask from the file name.
     """
 
-    def __init__(self, which_challenge: str, mask_func: Optional[MaskFunc] = None, use_seed: bool = True):
+    def __init__(self, which_challenge: str, mask_func: MaskFunc | None = None, use_seed: bool = True):
         if which_challenge not in ("singlecoil", "multicoil"):
             raise ValueError("Challenge should either be 'singlecoil' or 'multicoil'")
         self.which_challenge = which_challenge
@@ -246,9 +247,9 @@ class UnetDataTransform:
     def __call__(
         self,
         kspace: np.ndarray,
-        mask: Optional[np.ndarray],
-        target: Optional[np.ndarray],
-        attrs: Dict,
+        mask: np.ndarray | None,
+        target: np.ndarray | None,
+        attrs: dict,
         fname: str,
         slice_num: int,
     ) -> UnetSample:

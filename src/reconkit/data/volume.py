@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
 
 import h5py
 import numpy as np
@@ -22,7 +22,7 @@ import numpy as np
 from reconkit.data.ismrmrd_header import HeaderInfo, parse_ismrmrd_header
 from reconkit.errors import DataError
 
-__all__ = ["VolumeInfo", "Volume", "open_volume", "read_volume_info", "read_volume", "target_key", "CHALLENGES"]
+__all__ = ["CHALLENGES", "Volume", "VolumeInfo", "open_volume", "read_volume", "read_volume_info", "target_key"]
 
 CHALLENGES = ("multicoil", "singlecoil")
 
@@ -51,10 +51,10 @@ class VolumeInfo:
 
     path: Path
     challenge: str
-    kspace_shape: Tuple[int, ...]
-    target_key: Optional[str]
-    target_shape: Optional[Tuple[int, ...]]
-    mask_shape: Optional[Tuple[int, ...]]
+    kspace_shape: tuple[int, ...]
+    target_key: str | None
+    target_shape: tuple[int, ...] | None
+    mask_shape: tuple[int, ...] | None
     header: HeaderInfo
     attrs: dict
 
@@ -63,7 +63,7 @@ class VolumeInfo:
         return self.kspace_shape[0]
 
     @property
-    def num_coils(self) -> Optional[int]:
+    def num_coils(self) -> int | None:
         """Coil count, None for single-coil files."""
         return self.kspace_shape[1] if self.challenge == "multicoil" else None
 
@@ -84,8 +84,8 @@ class Volume:
     """
 
     kspace: np.ndarray
-    target: Optional[np.ndarray]
-    mask: Optional[np.ndarray]
+    target: np.ndarray | None
+    mask: np.ndarray | None
     info: VolumeInfo
 
 
@@ -116,7 +116,7 @@ def _first_line(err: Exception) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def _dataset(hf: h5py.File, key: str, path: Path) -> Optional[h5py.Dataset]:
+def _dataset(hf: h5py.File, key: str, path: Path) -> h5py.Dataset | None:
     if key not in hf:
         return None
     node = hf[key]
@@ -138,7 +138,7 @@ def _read_header(hf: h5py.File, path: Path) -> HeaderInfo:
     return parse_ismrmrd_header(xml, source=path)
 
 
-def _validate(hf: h5py.File, path: Path, challenge: Optional[str]) -> VolumeInfo:
+def _validate(hf: h5py.File, path: Path, challenge: str | None) -> VolumeInfo:
     kspace = _dataset(hf, "kspace", path)
     if kspace is None:
         raise DataError(path, "missing dataset 'kspace'")
@@ -179,7 +179,7 @@ def _validate(hf: h5py.File, path: Path, challenge: Optional[str]) -> VolumeInfo
     )
 
 
-def read_volume_info(path: os.PathLike | str, challenge: Optional[str] = None) -> VolumeInfo:
+def read_volume_info(path: os.PathLike | str, challenge: str | None = None) -> VolumeInfo:
     """Open and validate a fastMRI file without reading its arrays.
 
     Args:
@@ -197,7 +197,7 @@ def read_volume_info(path: os.PathLike | str, challenge: Optional[str] = None) -
         return _validate(hf, Path(path), challenge)
 
 
-def read_volume(path: os.PathLike | str, challenge: Optional[str] = None) -> Volume:
+def read_volume(path: os.PathLike | str, challenge: str | None = None) -> Volume:
     """Read a whole fastMRI file (k-space, target, mask) after validating it; see :func:`read_volume_info`.
 
     Raises:

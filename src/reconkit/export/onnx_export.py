@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from reconkit.errors import ReconkitError
+from reconkit.models import load_model
 from reconkit.models.classical import zero_filled
 from reconkit.ops import fft_impl
 
@@ -331,10 +332,6 @@ def load_checkpoint_model(path: str | os.PathLike) -> tuple[torch.nn.Module, Any
         raise ExportError(f"{path}: checkpoint not found")
     if path.stat().st_size == 0:
         raise ExportError(f"{path}: checkpoint is empty")
-    try:
-        from reconkit.models import load_model
-    except ImportError as exc:
-        raise ExportError(f"{path}: cannot load checkpoints: reconkit.models.load_model is not available ({exc})")
     try:
         model, info = load_model(path)
     except ReconkitError as exc:

@@ -14,8 +14,8 @@ __all__ = [
     "CLASSICAL",
     "DEFAULT_MASK",
     "Reconstructor",
-    "load_reconstructor",
     "VolumeResult",
+    "load_reconstructor",
     "reconstruct_volume",
     "volume_mask",
 ]

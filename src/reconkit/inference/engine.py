@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -25,8 +25,8 @@ __all__ = [
     "CLASSICAL",
     "DEFAULT_MASK",
     "Reconstructor",
-    "load_reconstructor",
     "VolumeResult",
+    "load_reconstructor",
     "reconstruct_volume",
     "volume_mask",
 ]
@@ -59,12 +59,12 @@ class Reconstructor:
     backend: str
     run: Callable[[np.ndarray, np.ndarray], np.ndarray]
     mask_defaults: dict = field(default_factory=dict)
-    spatial_sizes: Optional[list[tuple[int, int]]] = None
-    fallback: Optional[Callable[[], Callable[[np.ndarray, np.ndarray], np.ndarray]]] = None
+    spatial_sizes: list[tuple[int, int]] | None = None
+    fallback: Callable[[], Callable[[np.ndarray, np.ndarray], np.ndarray]] | None = None
 
     def runner_for(
         self, path: Path, height: int, width: int
-    ) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], Optional[str]]:
+    ) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], str | None]:
         """The call for k-space of ``height × width``, and a note when it is not the model's own backend.
 
         Raises:
@@ -96,19 +96,19 @@ def _torch_runner(model: torch.nn.Module, device: str) -> Callable[[np.ndarray, 
     return run
 
 
-def _mask_defaults(mask_type: Optional[str], accelerations, center_fractions) -> dict:
+def _mask_defaults(mask_type: str | None, accelerations, center_fractions) -> dict:
     """The model's training mask as CLI defaults (first acceleration / centre fraction)."""
     defaults = {}
     if mask_type:
         defaults["mask_type"] = str(mask_type)
     if accelerations:
-        defaults["acceleration"] = int(float(list(np.atleast_1d(accelerations))[0]))
+        defaults["acceleration"] = int(float(np.atleast_1d(accelerations)[0]))
     if center_fractions:
-        defaults["center_fraction"] = float(list(np.atleast_1d(center_fractions))[0])
+        defaults["center_fraction"] = float(np.atleast_1d(center_fractions)[0])
     return defaults
 
 
-def _onnx_reconstructor(path: Path, device: str, threads: Optional[int], torch_fallback: bool) -> Reconstructor:
+def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fallback: bool) -> Reconstructor:
     import onnxruntime as ort
 
     from reconkit.export import load_onnx_as_torch, load_onnx_metadata
@@ -125,7 +125,7 @@ def _onnx_reconstructor(path: Path, device: str, threads: Optional[int], torch_f
         if threads is not None:
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as err:  # onnxruntime raises its own exception types for unreadable models
+    except Exception as err:  # noqa: BLE001 -- onnxruntime raises its own exception types for unreadable models
         raise ReconkitError(f"{path}: cannot load ONNX model ({str(err).splitlines()[0]})") from None
     declared = metadata.get("reconkit.spatial_sizes", "dynamic")
     sizes = None if declared == "dynamic" else [(int(h), int(w)) for h, w in declared]
@@ -156,9 +156,9 @@ def _onnx_reconstructor(path: Path, device: str, threads: Optional[int], torch_f
 
 def load_reconstructor(
     model: str,
-    backend: Optional[str] = None,
+    backend: str | None = None,
     device: str = "cpu",
-    threads: Optional[int] = None,
+    threads: int | None = None,
     torch_fallback: bool = True,
 ) -> Reconstructor:
     """Build the model named by ``model``.
@@ -227,10 +227,10 @@ class VolumeResult:
 
     reconstruction: np.ndarray
     zero_filled: np.ndarray
-    target: Optional[np.ndarray]
+    target: np.ndarray | None
     acceleration: float
     seconds: float
-    note: Optional[str] = None
+    note: str | None = None
     empty_slices: list[int] = field(default_factory=list)
 
 
@@ -240,7 +240,7 @@ def _coil_kspace(volume: Volume) -> np.ndarray:
 
 
 def volume_mask(
-    volume: Volume, mask_type: str, acceleration: int, center_fraction: float, seed: Optional[int]
+    volume: Volume, mask_type: str, acceleration: int, center_fraction: float, seed: int | None
 ) -> tuple[np.ndarray, bool]:
     """The ``(1, 1, 1, W, 1)`` float32 column mask for ``volume`` and whether it was made here (retrospective).
 
@@ -285,7 +285,7 @@ def reconstruct_volume(
     reconstructor: Reconstructor,
     mask: np.ndarray,
     batch_size: int = 4,
-    on_slices: Optional[Callable[[int], None]] = None,
+    on_slices: Callable[[int], None] | None = None,
 ) -> VolumeResult:
     """Run ``reconstructor`` over all slices of ``volume`` with column ``mask`` ``(1, 1, 1, W, 1)``.
 

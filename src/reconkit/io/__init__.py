@@ -16,11 +16,11 @@ from reconkit.io.png import write_png_panel, write_png_panels
 __all__ = [
     "ImageGeometry",
     "geometry_from_header",
+    "new_study",
+    "nifti_affine",
+    "write_dicom_series",
     "write_fastmri_h5",
     "write_nifti",
-    "nifti_affine",
-    "new_study",
-    "write_dicom_series",
     "write_png_panel",
     "write_png_panels",
 ]

@@ -8,7 +8,6 @@ reconstruction's pixel spacing is FOV / matrix and the slice thickness is the z 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from reconkit.data.ismrmrd_header import HeaderInfo
 
@@ -30,7 +29,7 @@ class ImageGeometry:
     slice_thickness_mm: float = 1.0
 
 
-def geometry_from_header(info: Optional[HeaderInfo]) -> ImageGeometry:
+def geometry_from_header(info: HeaderInfo | None) -> ImageGeometry:
     """Geometry of the recon space of ``info``; 1 mm where the header is missing or a size is zero."""
     if info is None:
         return ImageGeometry()

@@ -7,8 +7,8 @@ fastMRI's own evaluation (``fastmri.evaluate``) opens ``predictions/<target file
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 import h5py
 import numpy as np
@@ -19,7 +19,7 @@ __all__ = ["write_fastmri_h5"]
 
 
 def write_fastmri_h5(
-    path: os.PathLike | str, reconstruction: np.ndarray, attrs: Optional[Mapping[str, object]] = None
+    path: os.PathLike | str, reconstruction: np.ndarray, attrs: Mapping[str, object] | None = None
 ) -> Path:
     """Atomically write ``reconstruction`` (``(slices, h, w)`` magnitude, any units) as float32.
 
@@ -34,9 +34,8 @@ def write_fastmri_h5(
     volume = np.asarray(reconstruction)
     if volume.ndim != 3 or np.iscomplexobj(volume):
         raise ValueError(f"reconstruction must be a real (slices, h, w) array; got {volume.dtype} {volume.shape}")
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("reconstruction", data=volume.astype(np.float32))
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("reconstruction", data=volume.astype(np.float32))
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
     return Path(path)

@@ -11,7 +11,7 @@ import numpy as np
 from reconkit.atomic import atomic_path
 from reconkit.io.geometry import ImageGeometry
 
-__all__ = ["write_nifti", "nifti_affine"]
+__all__ = ["nifti_affine", "write_nifti"]
 
 
 def nifti_affine(geometry: ImageGeometry, shape: tuple[int, int, int]) -> np.ndarray:

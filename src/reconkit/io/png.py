@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -21,10 +20,10 @@ ERROR_GAIN = 5.0
 def write_png_panel(
     path: os.PathLike | str,
     reconstruction: np.ndarray,
-    zero_filled: Optional[np.ndarray] = None,
-    reference: Optional[np.ndarray] = None,
+    zero_filled: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
     title: str = "",
-    labels: Optional[dict[str, str]] = None,
+    labels: dict[str, str] | None = None,
 ) -> Path:
     """Atomically write one ``(rows, cols)`` slice as a PNG panel strip.
 
@@ -55,17 +54,16 @@ def write_png_panel(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            fig.savefig(handle, format="png")
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        fig.savefig(handle, format="png")
     return Path(path)
 
 
 def write_png_panels(
     directory: os.PathLike | str,
     reconstruction: np.ndarray,
-    zero_filled: Optional[np.ndarray] = None,
-    reference: Optional[np.ndarray] = None,
+    zero_filled: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
     name: str = "",
 ) -> list[Path]:
     """One panel PNG per slice of ``(slices, rows, cols)`` volumes, as ``directory/slice_NNN.png`` (atomic)."""

@@ -3,4 +3,4 @@
 from reconkit.metrics.image import MetricTable, nmse, psnr, psnr_torch, ssim, ssim_torch, volume_metrics
 from reconkit.metrics.losses import SSIMLoss, ssim_map
 
-__all__ = ["nmse", "psnr", "ssim", "psnr_torch", "ssim_torch", "volume_metrics", "MetricTable", "SSIMLoss", "ssim_map"]
+__all__ = ["MetricTable", "SSIMLoss", "nmse", "psnr", "psnr_torch", "ssim", "ssim_map", "ssim_torch", "volume_metrics"]

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
 
 from reconkit.metrics.losses import ssim_map, uniform_window
 
-__all__ = ["nmse", "psnr", "ssim", "psnr_torch", "ssim_torch", "volume_metrics", "MetricTable"]
+__all__ = ["MetricTable", "nmse", "psnr", "psnr_torch", "ssim", "ssim_torch", "volume_metrics"]
 
 
-def _check_pair(gt: np.ndarray, pred: np.ndarray, metric: str, ndim: Optional[int] = None) -> None:
+def _check_pair(gt: np.ndarray, pred: np.ndarray, metric: str, ndim: int | None = None) -> None:
     if gt.shape != pred.shape:
         raise ValueError(f"{metric}: ground truth {gt.shape} and prediction {pred.shape} differ in shape")
     if ndim is not None and gt.ndim != ndim:
@@ -41,7 +40,7 @@ def nmse(gt: np.ndarray, pred: np.ndarray) -> float:
     return float(np.sum((gt64 - pred64) ** 2) / np.sum(gt64**2))
 
 
-def psnr(gt: np.ndarray, pred: np.ndarray, maxval: Optional[float] = None) -> float:
+def psnr(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float:
     """Peak signal-to-noise ratio in dB, ``10 log10(maxval² / MSE)``; ``maxval`` defaults to ``gt.max()``."""
     _check_pair(gt, pred, "psnr")
     gt64, pred64 = np.asarray(gt, np.float64), np.asarray(pred, np.float64)
@@ -50,7 +49,7 @@ def psnr(gt: np.ndarray, pred: np.ndarray, maxval: Optional[float] = None) -> fl
     return float(10 * np.log10(peak**2 / mse))
 
 
-def ssim(gt: np.ndarray, pred: np.ndarray, maxval: Optional[float] = None, win_size: int = 7) -> float:
+def ssim(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None, win_size: int = 7) -> float:
     """Mean over slices of the SSIM of ``(slices, H, W)`` volumes; data range ``maxval`` (default ``gt.max()``)."""
     _check_pair(gt, pred, "ssim", ndim=3)
     x = torch.from_numpy(np.asarray(gt, np.float64)).unsqueeze(1)
@@ -60,13 +59,13 @@ def ssim(gt: np.ndarray, pred: np.ndarray, maxval: Optional[float] = None, win_s
     return float(ssim_map(x, y, data_range, window).mean(dim=(1, 2, 3)).mean())
 
 
-def _per_image_peak(gt: torch.Tensor, maxval: Optional[torch.Tensor | float]) -> torch.Tensor:
+def _per_image_peak(gt: torch.Tensor, maxval: torch.Tensor | float | None) -> torch.Tensor:
     if maxval is None:
         return gt.flatten(1).amax(dim=1)
     return torch.as_tensor(maxval, dtype=gt.dtype, device=gt.device).expand(gt.shape[0])
 
 
-def psnr_torch(gt: torch.Tensor, pred: torch.Tensor, maxval: Optional[torch.Tensor | float] = None) -> torch.Tensor:
+def psnr_torch(gt: torch.Tensor, pred: torch.Tensor, maxval: torch.Tensor | float | None = None) -> torch.Tensor:
     """PSNR in dB per image of ``(B, H, W)`` batches → ``(B,)``.
 
     ``maxval`` is a scalar or ``(B,)``; by default each ground-truth image's maximum.
@@ -78,7 +77,7 @@ def psnr_torch(gt: torch.Tensor, pred: torch.Tensor, maxval: Optional[torch.Tens
 
 
 def ssim_torch(
-    gt: torch.Tensor, pred: torch.Tensor, maxval: Optional[torch.Tensor | float] = None, win_size: int = 7
+    gt: torch.Tensor, pred: torch.Tensor, maxval: torch.Tensor | float | None = None, win_size: int = 7
 ) -> torch.Tensor:
     """SSIM per image of ``(B, H, W)`` batches → ``(B,)``; data range scalar or ``(B,)``, default per-image max.
 
@@ -94,7 +93,7 @@ def ssim_torch(
     return ssim_map(gt.unsqueeze(1), pred.unsqueeze(1), data_range, window).mean(dim=(1, 2, 3))
 
 
-def volume_metrics(gt: np.ndarray, pred: np.ndarray, maxval: Optional[float] = None) -> dict[str, float]:
+def volume_metrics(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> dict[str, float]:
     """``{"NMSE", "PSNR", "SSIM"}`` of one ``(slices, H, W)`` volume, as ``fastmri.evaluate`` computes them."""
     return {"NMSE": nmse(gt, pred), "PSNR": psnr(gt, pred, maxval), "SSIM": ssim(gt, pred, maxval)}
 

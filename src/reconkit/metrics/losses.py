@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["uniform_window", "ssim_map", "SSIMLoss"]
+__all__ = ["SSIMLoss", "ssim_map", "uniform_window"]
 
 
 def uniform_window(win_size: int, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:

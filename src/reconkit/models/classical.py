@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,17 +26,17 @@ from reconkit.errors import ReconkitError
 from reconkit.ops import MultiCoilMRI, as_complex, complex_abs, ifft2c, rss_complex
 
 __all__ = [
+    "CGSense",
+    "ZeroFilled",
     "acs_lines",
+    "cg_sense",
     "estimate_sens_maps_acs",
     "estimate_sens_maps_espirit",
     "zero_filled",
-    "cg_sense",
-    "ZeroFilled",
-    "CGSense",
 ]
 
 
-def _check_inputs(masked_kspace: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+def _check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor | None = None) -> None:
     if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
         raise ReconkitError(f"masked_kspace: expected shape (B, C, H, W, 2); got {tuple(masked_kspace.shape)}")
     if mask is None:
@@ -49,7 +49,7 @@ def _check_inputs(masked_kspace: torch.Tensor, mask: Optional[torch.Tensor] = No
         )
 
 
-def acs_lines(mask: torch.Tensor, num_low_frequencies: Optional[int] = None) -> torch.Tensor:
+def acs_lines(mask: torch.Tensor, num_low_frequencies: int | None = None) -> torch.Tensor:
     """The auto-calibration (ACS) phase-encode lines: the run of fully sampled lines around the centre ``W // 2``.
 
     A line counts as sampled when the mask is non-zero along the whole readout (so 2D masks work where their
@@ -93,7 +93,7 @@ def _hann_centred(distance: torch.Tensor, half_width: torch.Tensor) -> torch.Ten
 
 
 def _lowpass_acs_kspace(
-    masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: Optional[int]
+    masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None
 ) -> torch.Tensor:
     """ACS k-space ``(B, C, H, W, 2)`` under a separable Hann window centred on the k-space centre: along the
     phase-encode axis as wide as the ACS run allows on both sides of the centre, along the readout axis over the
@@ -120,7 +120,7 @@ def _divide_by_rss(coil_images: torch.Tensor, eps: float) -> torch.Tensor:
 def estimate_sens_maps_acs(
     masked_kspace: torch.Tensor,
     mask: torch.Tensor,
-    num_low_frequencies: Optional[int] = None,
+    num_low_frequencies: int | None = None,
     eps: float = 1e-12,
 ) -> torch.Tensor:
     """Sensitivity maps from the ACS lines: Hann-windowed low-pass coil images divided by their RSS.
@@ -175,7 +175,7 @@ def _upsample_centred(coarse: torch.Tensor, height: int, width: int) -> torch.Te
 
 
 def _calibration_region(
-    masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: Optional[int]
+    masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None
 ) -> torch.Tensor:
     """Central block ``(B, C, rows, cols)`` (complex) of fully sampled k-space: the ACS lines common to the whole
     batch wide (one size keeps the decomposition batched), twice that many readout lines high (at most ``H``)."""
@@ -192,7 +192,7 @@ def _calibration_region(
 def estimate_sens_maps_espirit(
     masked_kspace: torch.Tensor,
     mask: torch.Tensor,
-    num_low_frequencies: Optional[int] = None,
+    num_low_frequencies: int | None = None,
     kernel_size: int = 6,
     threshold: float = 0.02,
     crop: float = 0.8,
@@ -294,7 +294,7 @@ class ZeroFilled(nn.Module):
     """Zero-filled RSS reconstruction (the classical lower baseline); see :func:`zero_filled`."""
 
     def forward(
-        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: Optional[int] = None
+        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None = None
     ) -> torch.Tensor:
         return zero_filled(masked_kspace)
 
@@ -315,7 +315,7 @@ class CGSense(nn.Module):
         self.num_iters, self.l2_reg, self.sens_method = num_iters, l2_reg, sens_method
 
     def forward(
-        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: Optional[int] = None
+        self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None = None
     ) -> torch.Tensor:
         estimate = estimate_sens_maps_espirit if self.sens_method == "espirit" else estimate_sens_maps_acs
         sens_maps = estimate(masked_kspace, mask, num_low_frequencies)

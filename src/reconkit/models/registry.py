@@ -98,7 +98,7 @@ def _check_file_kind(path: Path) -> None:
         raise CheckpointError(path, "empty file (0 bytes)")
     if head.startswith(b"\x89HDF"):
         raise CheckpointError(path, "is an HDF5 file (a scan?), not a model checkpoint")
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+    if head.startswith((b"PK\x03\x04", b"\x80")):
         return
     if path.suffix.lower() == ".onnx" or head[:1] == b"\x08":  # ONNX: a protobuf ModelProto, field 1 ir_version
         raise CheckpointError(path, "looks like an ONNX graph, not a checkpoint (reconstruct and serve take .onnx "

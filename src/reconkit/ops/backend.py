@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
 
 import torch
 
@@ -23,12 +22,12 @@ def triton_available() -> bool:
     """Whether ``reconkit.ops.triton_kernels`` can be imported (Triton installed and usable)."""
     try:
         import reconkit.ops.triton_kernels  # noqa: F401
-    except Exception:  # ImportError, or Triton failing to initialise on this machine
+    except Exception:  # noqa: BLE001 -- ImportError, or Triton failing to initialise on this machine
         return False
     return True
 
 
-def resolve_backend(backend: Optional[str], *tensors: torch.Tensor) -> str:
+def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     """Return ``"torch"`` or ``"triton"`` for an op on ``tensors``."""
     choice = backend or os.environ.get("RECONKIT_OPS_BACKEND") or "auto"
     if choice == "auto":

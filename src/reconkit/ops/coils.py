@@ -11,8 +11,6 @@ FFT work of the k-space form, with the same result (VarNet uses it for line mask
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from reconkit.ops.backend import resolve_backend
@@ -21,7 +19,12 @@ from reconkit.ops.dft_matmul import centred_fft_matmul_planar, planar_mul, stack
 from reconkit.ops.fft import centering_modulation, current_fft_impl, fftc, ifftc
 
 __all__ = [
-    "sens_expand", "sens_reduce", "data_consistency", "planar_sens_expand", "planar_sens_reduce", "stacked_sens_expand",
+    "data_consistency",
+    "planar_sens_expand",
+    "planar_sens_reduce",
+    "sens_expand",
+    "sens_reduce",
+    "stacked_sens_expand",
     "stacked_sens_reduce",
 ]
 
@@ -32,7 +35,7 @@ def _fft_dims(hybrid: bool) -> tuple[int, ...]:
 
 
 def sens_expand(
-    image: torch.Tensor, sens_maps: torch.Tensor, backend: Optional[str] = None, hybrid: bool = False
+    image: torch.Tensor, sens_maps: torch.Tensor, backend: str | None = None, hybrid: bool = False
 ) -> torch.Tensor:
     """Coil k-space from a combined image: ``fft2c(image · S_c)`` (hybrid space ``fftc(image · S_c, W)``).
 
@@ -65,7 +68,7 @@ def sens_expand(
 
 
 def sens_reduce(
-    kspace: torch.Tensor, sens_maps: torch.Tensor, backend: Optional[str] = None, hybrid: bool = False
+    kspace: torch.Tensor, sens_maps: torch.Tensor, backend: str | None = None, hybrid: bool = False
 ) -> torch.Tensor:
     """Coil-combined image from coil k-space: ``Σ_c conj(S_c) · ifft2c(k_c)`` (from hybrid space: ``ifftc`` along W).
 
@@ -136,7 +139,7 @@ def data_consistency(
     ref_kspace: torch.Tensor,
     mask: torch.Tensor,
     weight: torch.Tensor | float,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Soft data consistency ``k − η · mask · (k − k₀)`` (E2E-VarNet's learned DC term).
 

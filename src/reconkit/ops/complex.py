@@ -8,12 +8,12 @@ from reconkit.ops.fft import current_fft_impl
 
 __all__ = [
     "as_complex",
-    "native_complex_ok",
-    "complex_mul",
-    "pair_factor",
-    "complex_conj",
     "complex_abs",
     "complex_abs_sq",
+    "complex_conj",
+    "complex_mul",
+    "native_complex_ok",
+    "pair_factor",
     "rss",
     "rss_complex",
 ]

@@ -23,12 +23,19 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 __all__ = [
-    "fft2c", "ifft2c", "fftc", "ifftc", "fft_impl", "current_fft_impl", "centering_signs", "centering_modulation",
+    "centering_modulation",
+    "centering_signs",
+    "current_fft_impl",
+    "fft2c",
+    "fft_impl",
+    "fftc",
+    "ifft2c",
+    "ifftc",
 ]  # fmt: skip
 
 SPATIAL_DIMS = (-2, -1)  # (H, W) of a complex (..., H, W) tensor; -3 / -2 of the real layout (..., H, W, 2)

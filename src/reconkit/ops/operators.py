@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -23,7 +22,7 @@ def real_inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def conjugate_gradient(
-    normal_op, rhs: torch.Tensor, x0: Optional[torch.Tensor] = None, max_iter: int = 10, tol: float = 1e-6
+    normal_op, rhs: torch.Tensor, x0: torch.Tensor | None = None, max_iter: int = 10, tol: float = 1e-6
 ) -> torch.Tensor:
     """Solve ``normal_op(x) = rhs`` for a Hermitian positive (semi-)definite operator, batched over axis 0.
 

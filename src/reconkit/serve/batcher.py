@@ -10,6 +10,7 @@ batches form from whatever queued up while the previous batch ran.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -143,10 +144,8 @@ class DynamicBatcher:
 
     async def _wait(self, timeout: float | None) -> None:
         self._wakeup.clear()
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()

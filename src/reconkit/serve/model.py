@@ -25,7 +25,7 @@ _ORT_TYPES: dict[str, tuple[str, np.dtype]] = {
     "tensor(uint8)": ("UINT8", np.dtype("u1")),
     "tensor(bool)": ("BOOL", np.dtype("?")),
 }
-V2_DATATYPES = {v2: dtype for v2, dtype in _ORT_TYPES.values()}
+V2_DATATYPES = dict(_ORT_TYPES.values())
 
 
 @dataclasses.dataclass(frozen=True)

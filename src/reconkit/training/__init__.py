@@ -4,4 +4,4 @@ from reconkit.training.base import Images, ReconModule
 from reconkit.training.datamodule import FastMriDataModule
 from reconkit.training.modules import KspaceModule, UnetModule, VarNetModule
 
-__all__ = ["ReconModule", "Images", "KspaceModule", "VarNetModule", "UnetModule", "FastMriDataModule"]
+__all__ = ["FastMriDataModule", "Images", "KspaceModule", "ReconModule", "UnetModule", "VarNetModule"]

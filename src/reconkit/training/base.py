@@ -16,7 +16,7 @@ target's units, cropped to the target's recon size. Everything else lives here o
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule
@@ -45,7 +45,7 @@ class Images(NamedTuple):
     """
 
     output: torch.Tensor
-    target: Optional[torch.Tensor]
+    target: torch.Tensor | None
     max_value: torch.Tensor
     fname: list[str]
     slice_num: torch.Tensor

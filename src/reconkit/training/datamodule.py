@@ -15,8 +15,9 @@ training volumes (data-efficiency studies).
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -54,7 +55,7 @@ def _slice_name(sample: Any) -> str:
 
 
 
-def select_volumes(fnames: Sequence[str], fraction: Optional[float], num_volumes: Optional[int], seed: int) -> set[str]:
+def select_volumes(fnames: Sequence[str], fraction: float | None, num_volumes: int | None, seed: int) -> set[str]:
     """A reproducible subset of volume names: ``num_volumes`` of them, or ``round(fraction * len)`` (at least
     one), drawn with a generator seeded by ``seed``. Subsets of one seed are nested: the 25% subset is inside the
     50% subset."""
@@ -128,7 +129,7 @@ class EpochSampler(DistributedSampler):
     epoch 0's order and masks (see :meth:`FastMriDataModule.training_epoch`).
     """
 
-    def __init__(self, dataset: Dataset, epoch_source: Optional[Callable[[], int]] = None, **kwargs: Any):
+    def __init__(self, dataset: Dataset, epoch_source: Callable[[], int] | None = None, **kwargs: Any):
         super().__init__(dataset, **kwargs)
         self.epoch_source = epoch_source
 
@@ -157,20 +158,20 @@ class FastMriDataModule(LightningDataModule):
         accelerations: Sequence[int] = (4,),
         batch_size: int = 1,
         num_workers: int = 4,
-        sample_rate: Optional[float] = None,
-        volume_sample_rate: Optional[float] = None,
-        val_sample_rate: Optional[float] = None,
-        val_volume_sample_rate: Optional[float] = None,
+        sample_rate: float | None = None,
+        volume_sample_rate: float | None = None,
+        val_sample_rate: float | None = None,
+        val_volume_sample_rate: float | None = None,
         use_dataset_cache: bool = False,
         skip_bad_files: bool = False,
         combine_train_val: bool = False,
-        fraction: Optional[float] = None,
-        num_volumes: Optional[int] = None,
+        fraction: float | None = None,
+        num_volumes: int | None = None,
         seed: int = 0,
         test_split: str = "test",
-        train_transform: Optional[Callable] = None,
-        val_transform: Optional[Callable] = None,
-        test_transform: Optional[Callable] = None,
+        train_transform: Callable | None = None,
+        val_transform: Callable | None = None,
+        test_transform: Callable | None = None,
     ):
         """
         Args:
@@ -249,8 +250,8 @@ class FastMriDataModule(LightningDataModule):
             raise DataError(folder, f"missing the {split!r} folder (expected {self.data_path}/{{train,val,test}})")
         return folder
 
-    def slice_dataset(self, split: str, transform: Callable, sample_rate: Optional[float],
-                      volume_sample_rate: Optional[float]) -> SliceDataset:
+    def slice_dataset(self, split: str, transform: Callable, sample_rate: float | None,
+                      volume_sample_rate: float | None) -> SliceDataset:
         return SliceDataset(
             root=self.split_dir(split),
             challenge=self.challenge,
@@ -311,7 +312,7 @@ class FastMriDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.eval_dataset(self.test_split))
 
-    def _loader(self, dataset: Dataset, sampler: Optional[torch.utils.data.Sampler] = None) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
         # val/test: Lightning adds a DistributedSampler under DDP; per-volume metrics are gathered across ranks
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
                           num_workers=self.num_workers, persistent_workers=False, collate_fn=collate_slices)

@@ -6,15 +6,16 @@ records ``model_type`` / ``model_kwargs`` so ``reconkit.models.load_model`` can 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
+
 from reconkit.data.transforms import center_crop
 from reconkit.models import build_model
 from reconkit.training.base import Images, ReconModule
 
 
-def batch_num_low_frequencies(num_low_frequencies: Any) -> Optional[int]:
+def batch_num_low_frequencies(num_low_frequencies: Any) -> int | None:
     """The collated ``num_low_frequencies`` of a batch as the model takes it: one int when every slice has the
     same count, else ``None`` (the model then finds each slice's ACS width from its mask)."""
     if not isinstance(num_low_frequencies, torch.Tensor):
@@ -35,7 +36,7 @@ class KspaceModule(ReconModule):
 
     normalization = "none"
 
-    def __init__(self, model_type: str = "varnet", model_kwargs: Optional[dict[str, Any]] = None, **kwargs: Any):
+    def __init__(self, model_type: str = "varnet", model_kwargs: dict[str, Any] | None = None, **kwargs: Any):
         """
         Args:
             model_type: a name in ``reconkit.models``' registry.
@@ -107,8 +108,8 @@ class VarNetModule(KspaceModule):
             final_dc_wavelet: κ of an L1-Haar term in that step (0: none; above 0 the step runs FISTA).
             **kwargs: :class:`ReconModule` arguments (loss, lr, lr_scheduler, ...).
         """
-        model_kwargs = dict(num_cascades=num_cascades, chans=chans, pools=pools, sens_chans=sens_chans,
-                            sens_pools=sens_pools)
+        model_kwargs = {"num_cascades": num_cascades, "chans": chans, "pools": pools, "sens_chans": sens_chans,
+                            "sens_pools": sens_pools}
         if checkpoint_cascades:
             model_kwargs["checkpoint_cascades"] = True
         if init_scale != 1.0:  # only matters when the weights are initialised, kept for the record
@@ -135,8 +136,8 @@ class UnetModule(ReconModule):
         """
         super().__init__(**kwargs)
         self.model_type = "unet"
-        self.model_kwargs = dict(in_chans=in_chans, out_chans=out_chans, chans=chans,
-                                 num_pool_layers=num_pool_layers, drop_prob=drop_prob)
+        self.model_kwargs = {"in_chans": in_chans, "out_chans": out_chans, "chans": chans,
+                                 "num_pool_layers": num_pool_layers, "drop_prob": drop_prob}
         self.model = build_model(self.model_type, **self.model_kwargs)
 
     def forward(self, image):

@@ -20,7 +20,7 @@ from reconkit.data.ssdu import SsduSample
 from reconkit.models import VarNet
 from reconkit.training.modules import VarNetModule
 
-__all__ = ["normalized_l1_l2_loss", "ssdu_loss", "SsduVarNetModule"]
+__all__ = ["SsduVarNetModule", "normalized_l1_l2_loss", "ssdu_loss"]
 
 
 def normalized_l1_l2_loss(prediction: torch.Tensor, reference: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

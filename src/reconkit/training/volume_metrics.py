@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -103,5 +103,5 @@ def volume_metrics(records: Iterable[SliceStats]) -> dict[str, dict[str, float]]
 def mean_over_volumes(per_volume: dict[str, dict[str, float]]) -> dict[str, float]:
     """Average each metric over volumes (fastMRI's leaderboard convention); empty input gives NaNs."""
     if not per_volume:
-        return {name: math.nan for name in METRIC_NAMES}
+        return dict.fromkeys(METRIC_NAMES, math.nan)
     return {name: float(np.mean([v[name] for v in per_volume.values()])) for name in METRIC_NAMES}

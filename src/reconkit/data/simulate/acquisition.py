@@ -43,7 +43,7 @@ def image_phase(points_mm: np.ndarray, te_ms: float, spin_echo: bool, rng: np.ra
 
 def phase_encode_limits(width: int, fraction: float) -> tuple[int, int, int]:
     """Acquired phase-encode lines: ``(lines, center, padding_left)`` for ``round(fraction · W)`` lines (even)."""
-    lines = max(2, min(width, 2 * int(round(fraction * width / 2))))
+    lines = max(2, min(width, 2 * round(fraction * width / 2)))
     center = lines // 2
     return lines, center, width // 2 - center
 

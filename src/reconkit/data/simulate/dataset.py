@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from reconkit.atomic import atomic_path
 from reconkit.data.simulate.anatomy import SOURCES
 from reconkit.data.simulate.volume import simulate_volume, write_volume
-from reconkit.atomic import atomic_path
 
 __all__ = ["simulate_dataset", "split_assignment", "volume_seed"]
 
@@ -35,7 +35,7 @@ def split_assignment(num_volumes: int, fractions: Sequence[float], seed: int) ->
     total = float(sum(fractions))
     counts = [0, 0, 0]
     for k in (1, 2):
-        counts[k] = int(round(fractions[k] / total * num_volumes))
+        counts[k] = round(fractions[k] / total * num_volumes)
         if fractions[k] > 0 and counts[k] == 0 and num_volumes >= 3:
             counts[k] = 1
     counts[2] = min(counts[2], num_volumes - counts[1])

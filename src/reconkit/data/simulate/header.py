@@ -57,7 +57,7 @@ def ismrmrd_header(fields: HeaderFields) -> str:
     (enc_x, enc_y), (rec_x, rec_y) = fields.encoded_size, fields.recon_size
     fov_x, fov_y = fields.fov_mm
     enc_fov_x, enc_fov_y = fov_x * enc_x / rec_x, fov_y * enc_y / rec_y
-    larmor_hz = int(round(42.577478e6 * fields.field_strength_t))
+    larmor_hz = round(42.577478e6 * fields.field_strength_t)
     sequence_type = "TurboSpinEcho" if fields.sequence == "spin_echo" else "Flash"
     return f"""<?xml version="1.0" encoding="utf-8"?>
 <ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xmlns:xs="http://www.w3.org/2001/XMLSchema">

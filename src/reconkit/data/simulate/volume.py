@@ -11,11 +11,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from reconkit.atomic import atomic_path
 from reconkit.data.simulate import acquisition, anatomy
 from reconkit.data.simulate import coils as coil_model
 from reconkit.data.simulate import contrast as contrast_model
 from reconkit.data.simulate.header import HeaderFields, ismrmrd_header
-from reconkit.atomic import atomic_path
 
 __all__ = ["SimulatedVolume", "simulate_volume", "write_volume"]
 
