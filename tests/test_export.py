@@ -13,8 +13,7 @@ import torch
 from reconkit.cli.export import main as export_main
 from reconkit.errors import ReconkitError
 from reconkit.export import ExportError, export_onnx, load_onnx_as_torch, load_onnx_metadata
-from reconkit.export.onnx_export import ZeroFilledFrontEnd
-from reconkit.models import build_model, save_model
+from reconkit.models import ZeroFilledFrontEnd, build_model, save_model
 
 VARNET_KWARGS = {"num_cascades": 2, "sens_chans": 2, "sens_pools": 1, "chans": 4, "pools": 2}
 UNET_KWARGS = {"in_chans": 1, "out_chans": 1, "chans": 4, "num_pool_layers": 2}
@@ -157,6 +156,27 @@ def test_unet_checkpoint_export_parity_and_metadata(unet_checkpoint, tmp_path) -
     assert meta["reconkit.mask_family"] == "equispaced_fraction"
     assert meta["reconkit.acceleration"] == [4] and meta["reconkit.center_fraction"] == [0.08]
     assert meta["reconkit.spatial_sizes"] == [[72, 66]]
+
+
+VIT_KWARGS = {"patch_size": 6, "embed_dim": 24, "depth": 2, "num_heads": 3}
+
+
+def test_vit_checkpoint_exports_with_parity_on_two_sizes_and_rebuilds_for_others(tmp_path) -> None:
+    torch.manual_seed(2)
+    model = build_model("vit", **VIT_KWARGS).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.05)  # a trained-like head: the untrained one outputs zeros
+    checkpoint = save_model(tmp_path / "vit.ckpt", model, "vit", VIT_KWARGS, mask=MASK_INFO, normalization="instance")
+    path = export_onnx(checkpoint, tmp_path / "vit.onnx", [(72, 66), (45, 37)])  # 45 × 37: padded to 48 × 42
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, coils, height, width in ((1, 3, 72, 66), (2, 4, 72, 66), (2, 2, 45, 37)):
+        assert_parity(session, ZeroFilledFrontEnd(model), *sample(batch, coils, height, width, seed=coils))
+    meta = load_onnx_metadata(path)
+    assert meta["reconkit.model_type"] == "vit" and meta["reconkit.normalization"] == "instance"
+    assert meta["reconkit.model_kwargs"] == VIT_KWARGS
+    rebuilt = load_onnx_as_torch(path)
+    kspace, mask = (torch.from_numpy(a) for a in sample(1, 2, 30, 26, seed=5))  # a size the graph lacks
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(kspace, mask), ZeroFilledFrontEnd(model)(kspace, mask), rtol=0, atol=0)
 
 
 def test_onnx_file_rebuilds_its_torch_model_for_sizes_it_lacks(unet_checkpoint, tmp_path) -> None:

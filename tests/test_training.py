@@ -1,8 +1,9 @@
 """reconkit.training on tiny simulated data: CLI fit, checkpoint contract, per-volume metrics vs fastmri.evaluate,
-exact resume, U-Net module, data subsets and reproducible training masks, clear errors."""
+exact resume, U-Net and ViT modules and their shipped configs, data subsets and reproducible training masks, clear errors."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 from pathlib import Path
@@ -16,14 +17,16 @@ from fastmri import evaluate
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from reconkit.cli.reconstruct import main as reconstruct_main
 from reconkit.cli.train import main, one_line
 from reconkit.data.simulate import simulate_dataset
 from reconkit.data.transforms import VarNetSample
 from reconkit.errors import DataError, ReconkitError
 from reconkit.models import load_model
-from reconkit.training import FastMriDataModule, UnetModule, VarNetModule
+from reconkit.training import FastMriDataModule, UnetModule, VarNetModule, VitModule
 from reconkit.training.datamodule import collate_slices, select_volumes
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_VARNET = {"num_cascades": 2, "chans": 4, "pools": 2, "sens_chans": 2, "sens_pools": 1}
 
 
@@ -180,20 +183,54 @@ def test_resume_from_last_checkpoint_is_exact(sim_root, tmp_path):
 # ----------------------------------------------------------------------------------------------- U-Net
 
 
-def test_unet_module_trains_and_writes_its_checkpoint_entry(sim_root, tmp_path):
+IMAGE_MODULES = {  # tiny image-domain models: module class, its arguments, CLI overrides of the shipped config
+    "unet": (UnetModule, {"chans": 4, "num_pool_layers": 2}),
+    "vit": (VitModule, {"patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(IMAGE_MODULES))
+def test_image_module_trains_and_writes_its_checkpoint_entry(model_type, sim_root, tmp_path):
+    module_class, kwargs = IMAGE_MODULES[model_type]
     seed_everything(0)
-    module = UnetModule(chans=4, num_pool_layers=2, loss="l1", lr=1e-3)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="unet")
+    module = module_class(**kwargs, loss="l1", lr=1e-3)
+    untrained = copy.deepcopy(module.model)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename=model_type)
     trainer = _trainer(tmp_path, 1, [checkpoint], limit_train_batches=3)
     trainer.fit(module, datamodule=_datamodule(sim_root, transform="unet"))
     assert set(module.last_volume_metrics) == {p.name for p in (sim_root / "val").glob("*.h5")}
     assert all(0 < v["ssim"] <= 1 and v["psnr"] > 0 for v in module.last_volume_metrics.values())
-    entry = torch.load(tmp_path / "unet.ckpt", map_location="cpu", weights_only=False)["reconkit"]
-    assert entry["model_type"] == "unet" and entry["normalization"] == "instance"
-    model, _ = load_model(tmp_path / "unet.ckpt")
+    entry = torch.load(tmp_path / f"{model_type}.ckpt", map_location="cpu", weights_only=False)["reconkit"]
+    assert entry["model_type"] == model_type and entry["normalization"] == "instance"
+    model, _ = load_model(tmp_path / f"{model_type}.ckpt")
+    reloaded = module_class.load_from_checkpoint(tmp_path / f"{model_type}.ckpt", map_location="cpu")
     image = torch.randn(1, 1, 24, 20)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(image), module.model.eval()(image))
+        torch.testing.assert_close(reloaded.model.eval()(image), module.model(image))
+        assert not torch.allclose(untrained.eval()(image), module.model(image))  # the steps changed the model
+
+
+@pytest.mark.parametrize("model_type", sorted(IMAGE_MODULES))
+def test_shipped_image_model_configs_train_from_the_cli(model_type, sim_root, tmp_path):
+    _, kwargs = IMAGE_MODULES[model_type]
+    overrides = [f"--model.{name}={value}" for name, value in kwargs.items()]
+    args = ["fit", "--config", str(ROOT / "configs" / f"{model_type}_multicoil.yaml"), "--data.data_path",
+            str(sim_root), "--data.num_workers", "0", "--data.use_dataset_cache", "false", "--trainer.accelerator",
+            "cpu", "--trainer.devices", "1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+            "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false", *overrides]
+    assert main(args) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    _, info = load_model(checkpoint)
+    assert info["model_type"] == model_type and info["model_kwargs"].items() >= kwargs.items()
+    assert info["mask"] == {"mask_type": "random", "center_fractions": [0.08], "accelerations": [4]}
+    # the checkpoint reconstructs scan files from the CLI (an image-domain model behind the zero-filled front end)
+    out = tmp_path / "out"
+    assert reconstruct_main([str(sim_root / "test"), "--model", str(checkpoint), "--output", str(out),
+                             "--format", "h5"]) == 0
+    (written,) = (out / "h5").glob("*.h5")
+    with h5py.File(written) as f:
+        assert f["reconstruction"].shape[1:] == (24, 20) and np.isfinite(f["reconstruction"][()]).all()
 
 
 # ----------------------------------------------------------------------------------------------- data module

@@ -22,15 +22,12 @@ from typing import Any
 import torch
 
 from reconkit.errors import ReconkitError
-from reconkit.models import load_model
-from reconkit.models.classical import zero_filled
+from reconkit.models import ZeroFilledFrontEnd, contract_model, load_model
 from reconkit.ops import fft_impl
 
 __all__ = [
     "DEFAULT_OPSET",
     "ExportError",
-    "ZeroFilledFrontEnd",
-    "contract_model",
     "export_onnx",
     "load_checkpoint_model",
     "load_onnx_metadata",
@@ -79,30 +76,6 @@ def normalise_sizes(example_shape: Sequence[int] | Sequence[Sequence[int]]) -> t
     return coils, sizes
 
 
-class ZeroFilledFrontEnd(torch.nn.Module):
-    """Contract call ``(masked_kspace, mask) -> image`` for an image-domain model such as the U-Net.
-
-    As ``reconkit.data.UnetDataTransform`` (and fastmri's): zero-filled RSS image, normalised per batch item by its
-    mean and unbiased standard deviation (eps 1e-11), clamped to ±6, through the model, de-normalised. Unlike the
-    transform it works on the full encoded size (the contract crops outside the model), so the statistics come
-    from the whole image rather than the recon-size crop.
-
-    Shapes: ``masked_kspace (B, C, H, W, 2)``, ``mask (B, 1, 1, W, 1)`` → ``(B, H, W)``. The mask is applied
-    once more (a no-op on masked k-space), which also keeps it an input of the exported graph as the contract says.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        image = zero_filled(masked_kspace * mask)
-        mean = image.mean(dim=(1, 2), keepdim=True)
-        std = image.std(dim=(1, 2), keepdim=True)
-        normalised = ((image - mean) / (std + 1e-11)).clamp(-6, 6)
-        return self.model(normalised.unsqueeze(1)).squeeze(1) * std + mean
-
-
 class _Reconstruct(torch.nn.Module):
     """Contract-shaped wrapper ``(masked_kspace, mask) -> image`` traced by the exporter."""
 
@@ -112,13 +85,6 @@ class _Reconstruct(torch.nn.Module):
 
     def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(masked_kspace, mask)
-
-
-def contract_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model itself for k-space models; image-domain U-Nets get the :class:`ZeroFilledFrontEnd`."""
-    from reconkit.models import Unet
-
-    return ZeroFilledFrontEnd(model) if isinstance(model, Unet) else model
 
 
 def _example_inputs(batch: int, coils: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,9 +187,7 @@ def _merge_by_size(graphs: list, sizes: list[tuple[int, int]]):
         for node in graph.node:
             new = onnx.NodeProto()
             new.CopyFrom(node)
-            new.name = prefix + node.name
-            new.input[:] = [rename(n) for n in node.input]
-            new.output[:] = [rename(n) for n in node.output]
+            _rename_node(new, rename, prefix)
             nodes.append(new)
         inits = []
         for init in graph.initializer:
@@ -282,6 +246,21 @@ def _merge_by_size(graphs: list, sizes: list[tuple[int, int]]):
     merged = helper.make_model(main, opset_imports=graphs[0].opset_import, producer_name="reconkit")
     merged.ir_version = graphs[0].ir_version
     return merged
+
+
+def _rename_node(node, rename, prefix: str) -> None:
+    """Apply ``rename`` to ``node``'s inputs and outputs and prefix its name, in place, and likewise inside the
+    subgraphs of control-flow nodes (an exporter's ``If`` reads the branch's tensors from its outer scope)."""
+    node.name = prefix + node.name
+    node.input[:] = [rename(n) for n in node.input]
+    node.output[:] = [rename(n) for n in node.output]
+    for attribute in node.attribute:
+        subgraphs = ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs)
+        for graph in subgraphs:
+            for inner in graph.node:
+                _rename_node(inner, rename, prefix)
+            for value in [*graph.input, *graph.output, *graph.initializer]:
+                value.name = rename(value.name)
 
 
 def _dynamic_hw_input(value):

@@ -175,7 +175,7 @@ def load_reconstructor(
     Raises:
         ReconkitError: unknown name, missing or unreadable model file, unavailable device or backend mismatch.
     """
-    from reconkit.models import load_model
+    from reconkit.models import contract_model, load_model
     from reconkit.models.classical import CGSense, ZeroFilled
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -196,6 +196,7 @@ def load_reconstructor(
     if path.suffix == ".onnx":
         raise ReconkitError(f"{path}: an ONNX file runs with --backend onnx, not torch")
     net, info = load_model(path)
+    net = contract_model(net)  # image-domain models (U-Net, ViT) get the zero-filled front end, as on export
     mask_info = (info.get("mask") if isinstance(info, dict) else None) or {}  # None: saved without a mask
     return Reconstructor(
         name=path.name,

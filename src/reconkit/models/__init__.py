@@ -1,10 +1,12 @@
-"""Reconstruction models: E2E-VarNet and U-Nets (state_dict-compatible with ``fastmri.models``) and the registry
+"""Reconstruction models: E2E-VarNet and U-Nets (state_dict-compatible with ``fastmri.models``), an image-domain
+vision transformer baseline (``VisionTransformer``) and the registry
 (which also builds the classical baselines of ``reconkit.models.classical``: ``zero_filled``, ``cg_sense``).
 
 ``build_model(model_type, **model_kwargs)`` is the one registry of model types; ``load_model(path)`` rebuilds a
 model from a checkpoint (see "Checkpoints" in docs/architecture.md).
 """
 
+from reconkit.models.contract import ZeroFilledFrontEnd, contract_model
 from reconkit.models.registry import (
     MODEL_TYPES,
     CheckpointError,
@@ -15,6 +17,7 @@ from reconkit.models.registry import (
 )
 from reconkit.models.unet import NormUnet, Unet, instance_norm_leaky_relu
 from reconkit.models.varnet import SensitivityModel, VarNet, VarNetBlock, low_frequency_window
+from reconkit.models.vit import VisionTransformer
 
 __all__ = [
     "MODEL_TYPES",
@@ -25,7 +28,10 @@ __all__ = [
     "Unet",
     "VarNet",
     "VarNetBlock",
+    "VisionTransformer",
+    "ZeroFilledFrontEnd",
     "build_model",
+    "contract_model",
     "instance_norm_leaky_relu",
     "load_model",
     "low_frequency_window",

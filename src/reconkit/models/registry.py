@@ -22,12 +22,14 @@ from reconkit.errors import ReconkitError
 from reconkit.models.classical import CGSense, ZeroFilled
 from reconkit.models.unet import Unet
 from reconkit.models.varnet import VarNet
+from reconkit.models.vit import VisionTransformer
 
 __all__ = ["MODEL_TYPES", "CheckpointError", "ModelConfigError", "build_model", "load_model", "save_model"]
 
 MODEL_TYPES: dict[str, Callable[..., nn.Module]] = {
     "varnet": VarNet,
     "unet": Unet,
+    "vit": VisionTransformer,
     "zero_filled": ZeroFilled,
     "cg_sense": CGSense,
 }
@@ -52,7 +54,7 @@ class CheckpointError(ReconkitError):
 
 
 def build_model(model_type: str, **model_kwargs: Any) -> nn.Module:
-    """Instantiate a registered model type (``"varnet"``, ``"unet"``, ``"zero_filled"``, ``"cg_sense"``).
+    """Instantiate a registered model type (``"varnet"``, ``"unet"``, ``"vit"``, ``"zero_filled"``, ``"cg_sense"``).
 
     Example:
         >>> build_model("unet", in_chans=1, out_chans=1, chans=4, num_pool_layers=2).chans

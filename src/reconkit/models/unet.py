@@ -184,6 +184,8 @@ class Unet(nn.Module):
         torch.Size([2, 1, 13, 10])
     """
 
+    image_domain = True  # as a whole model it takes an image: export puts the zero-filled front end before it
+
     def __init__(
         self, in_chans: int, out_chans: int, chans: int = 32, num_pool_layers: int = 4, drop_prob: float = 0.0
     ):

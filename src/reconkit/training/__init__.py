@@ -2,6 +2,15 @@
 
 from reconkit.training.base import Images, ReconModule
 from reconkit.training.datamodule import FastMriDataModule
-from reconkit.training.modules import KspaceModule, UnetModule, VarNetModule
+from reconkit.training.modules import ImageModule, KspaceModule, UnetModule, VarNetModule, VitModule
 
-__all__ = ["FastMriDataModule", "Images", "KspaceModule", "ReconModule", "UnetModule", "VarNetModule"]
+__all__ = [
+    "FastMriDataModule",
+    "ImageModule",
+    "Images",
+    "KspaceModule",
+    "ReconModule",
+    "UnetModule",
+    "VarNetModule",
+    "VitModule",
+]

@@ -26,6 +26,7 @@ examples:
   reconkit train fit --config configs/varnet_sim_small.yaml
   reconkit train fit --config configs/varnet_sim_small.yaml --ckpt_path last          # resume exactly
   reconkit train fit --config configs/varnet_multicoil.yaml --data.data_path /data/knee --trainer.devices 8
+  reconkit train fit --config configs/vit_multicoil.yaml --data.data_path /data/knee    # ViT baseline (unet: U-Net)
   reconkit train test --config configs/varnet_sim_small.yaml --ckpt_path outputs/varnet_sim_small/checkpoints/last.ckpt
   reconkit train test --config configs/varnet_sim_small.yaml --model reconkit.training.KspaceModule \\
       --model.model_type zero_filled                                                  # classical baseline
@@ -62,8 +63,13 @@ class ReconLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Defaults that depend on ``trainer.default_root_dir``: loggers (unless the config names some) and the
-        checkpoint folder (unless ``checkpoint.dirpath`` is set), fixed so that ``--ckpt_path last`` finds it."""
+        checkpoint folder (unless ``checkpoint.dirpath`` is set), fixed so that ``--ckpt_path last`` finds it.
+        ``--trainer.enable_progress_bar false`` drops the default progress bar (Lightning refuses the pair)."""
         config = self.config.get(str(self.subcommand), self.config)
+        if config.trainer.enable_progress_bar is False:
+            self.trainer_defaults["callbacks"] = [
+                callback for callback in self.trainer_defaults["callbacks"] if not isinstance(callback, RichProgressBar)
+            ]
         root = config.trainer.default_root_dir or "outputs"
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = f"{root}/checkpoints"
@@ -86,7 +92,7 @@ def run_cli(args: Sequence[str] | None = None, run: bool = True) -> ReconLightni
         FastMriDataModule,
         subclass_mode_model=True,
         seed_everything_default=0,
-        # always present, not configurable: progress bar and learning-rate logging
+        # progress bar (off with --trainer.enable_progress_bar false) and learning-rate logging
         trainer_defaults={"callbacks": [RichProgressBar(), LearningRateMonitor(logging_interval="step")]},
         parser_kwargs={"description": DESCRIPTION, "prog": "reconkit train", "formatter_class": _HelpFormatter},
         args=None if args is None else list(args),

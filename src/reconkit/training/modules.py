@@ -1,4 +1,5 @@
-"""Per-model Lightning modules: every k-space model (VarNet, classical baselines) and the image-domain U-Net.
+"""Per-model Lightning modules: every k-space model (VarNet, classical baselines) and the image-domain U-Net and
+ViT.
 
 Each module builds ``self.model`` with :func:`reconkit.models.build_model` from plain keyword arguments and
 records ``model_type`` / ``model_kwargs`` so ``reconkit.models.load_model`` can rebuild it from the checkpoint.
@@ -120,24 +121,18 @@ class VarNetModule(KspaceModule):
         super().__init__(model_type="varnet", model_kwargs=model_kwargs, **kwargs)
 
 
-class UnetModule(ReconModule):
-    """Image-domain U-Net (Ronneberger et al.) on ``UnetDataTransform`` samples: the zero-filled RSS image,
-    instance-normalised; outputs are de-normalised (``* std + mean``) before loss and metrics."""
+class ImageModule(ReconModule):
+    """Any image-domain model on ``UnetDataTransform`` samples (``--data.transform unet``): the zero-filled RSS
+    image, instance-normalised, through the model; outputs are de-normalised (``* std + mean``) before loss and
+    metrics. Subclasses build the model (:class:`UnetModule`, :class:`VitModule`)."""
 
     normalization = "instance"
+    derived_hparams = ("model_type", "model_kwargs")
 
-    def __init__(self, in_chans: int = 1, out_chans: int = 1, chans: int = 32, num_pool_layers: int = 4,
-                 drop_prob: float = 0.0, **kwargs: Any):
-        """
-        Args:
-            in_chans / out_chans: image channels (1 for magnitude).
-            chans: first-level channels; num_pool_layers: down/up-sampling levels; drop_prob: dropout.
-            **kwargs: :class:`ReconModule` arguments (loss, lr, lr_scheduler, ...).
-        """
+    def __init__(self, model_type: str, model_kwargs: dict[str, Any], **kwargs: Any):
         super().__init__(**kwargs)
-        self.model_type = "unet"
-        self.model_kwargs = {"in_chans": in_chans, "out_chans": out_chans, "chans": chans,
-                                 "num_pool_layers": num_pool_layers, "drop_prob": drop_prob}
+        self.model_type = model_type
+        self.model_kwargs = model_kwargs
         self.model = build_model(self.model_type, **self.model_kwargs)
 
     def forward(self, image):
@@ -155,3 +150,35 @@ class UnetModule(ReconModule):
             fname=list(batch.fname),
             slice_num=batch.slice_num,
         )
+
+
+class UnetModule(ImageModule):
+    """Image-domain U-Net (Ronneberger et al.), fastMRI's U-Net baseline (:class:`ImageModule`)."""
+
+    def __init__(self, in_chans: int = 1, out_chans: int = 1, chans: int = 32, num_pool_layers: int = 4,
+                 drop_prob: float = 0.0, **kwargs: Any):
+        """
+        Args:
+            in_chans / out_chans: image channels (1 for magnitude).
+            chans: first-level channels; num_pool_layers: down/up-sampling levels; drop_prob: dropout.
+            **kwargs: :class:`ReconModule` arguments (loss, lr, lr_scheduler, ...).
+        """
+        super().__init__("unet", {"in_chans": in_chans, "out_chans": out_chans, "chans": chans,
+                                  "num_pool_layers": num_pool_layers, "drop_prob": drop_prob}, **kwargs)
+
+
+class VitModule(ImageModule):
+    """Image-domain vision transformer baseline (Lin & Heckel 2022, :class:`reconkit.models.VisionTransformer`)."""
+
+    def __init__(self, patch_size: int = 10, embed_dim: int = 128, depth: int = 6, num_heads: int = 8,
+                 mlp_ratio: float = 4.0, residual: bool = True, **kwargs: Any):
+        """
+        Args:
+            patch_size: side of the square patches that become tokens (pixels).
+            embed_dim / num_heads / depth / mlp_ratio: token width, attention heads, blocks, MLP width ratio.
+            residual: the model predicts a correction to the zero-filled image (starts as the identity).
+            **kwargs: :class:`ReconModule` arguments (loss, lr, lr_scheduler, ...).
+        """
+        super().__init__("vit", {"in_chans": 1, "out_chans": 1, "patch_size": patch_size, "embed_dim": embed_dim,
+                                 "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
+                                 "residual": residual}, **kwargs)

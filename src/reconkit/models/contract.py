@@ -1,0 +1,45 @@
+"""The reconstruction contract ``(masked_kspace, mask) -> image`` for every registered model.
+
+k-space models (VarNet, the classical baselines) take it as they are. Image-domain models (``image_domain = True``
+on the class: the U-Net, the ViT) take an image, so :func:`contract_model` puts :class:`ZeroFilledFrontEnd` in
+front of them; the ONNX exporter, ``reconkit reconstruct`` and the service all call models this way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reconkit.models.classical import zero_filled
+
+__all__ = ["ZeroFilledFrontEnd", "contract_model"]
+
+
+class ZeroFilledFrontEnd(torch.nn.Module):
+    """Contract call ``(masked_kspace, mask) -> image`` for an image-domain model (the U-Net, the ViT).
+
+    As ``reconkit.data.UnetDataTransform`` (and fastmri's): zero-filled RSS image, normalised per batch item by its
+    mean and unbiased standard deviation (eps 1e-11), clamped to ±6, through the model, de-normalised. Unlike the
+    transform it works on the full encoded size (the contract crops outside the model), so the statistics come
+    from the whole image rather than the recon-size crop.
+
+    Shapes: ``masked_kspace (B, C, H, W, 2)``, ``mask (B, 1, 1, W, 1)`` → ``(B, H, W)``. The mask is applied
+    once more (a no-op on masked k-space), which also keeps it an input of the exported graph as the contract says.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        image = zero_filled(masked_kspace * mask)
+        mean = image.mean(dim=(1, 2), keepdim=True)
+        std = image.std(dim=(1, 2), keepdim=True)
+        normalised = ((image - mean) / (std + 1e-11)).clamp(-6, 6)
+        return self.model(normalised.unsqueeze(1)).squeeze(1) * std + mean
+
+
+
+def contract_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself for k-space models; image-domain models (``image_domain = True``: the U-Net, the ViT) get
+    the :class:`ZeroFilledFrontEnd`."""
+    return ZeroFilledFrontEnd(model) if getattr(model, "image_domain", False) else model

@@ -1,0 +1,136 @@
+"""Image-domain vision transformer baseline (Lin & Heckel, "Vision Transformers Enable Fast and Robust
+Accelerated MRI", MIDL 2022): the zero-filled image cut into ``p × p`` patches, a stack of pre-norm transformer
+blocks with global self-attention over the patch tokens, and a linear head back to pixels.
+
+Two choices differ from that paper, both so that one model serves every matrix size:
+
+* **Position:** no learned absolute position table (it would have to be resized for every image size, and a model
+  trained on 320 × 320 crops would see it stretched on a 640 × 368 image). Instead a depth-wise 3 × 3 convolution
+  on the token grid after the first block (a "positional encoding generator", Chu et al., CPVT 2021) gives each
+  token its neighbourhood, the same way at any size.
+* **Residual:** with ``residual=True`` (the default) the head predicts a correction added to the input image and
+  starts at zero, so an untrained model returns its input (the zero-filled image) and short runs train stably.
+
+Sizes that are not multiples of ``p`` are reflect-padded on the bottom / right and cropped back (static shapes,
+so the ONNX exporter sees no data-dependent control flow).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["TransformerBlock", "VisionTransformer"]
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: ``x + MHSA(LN(x))`` then ``x + MLP(LN(x))``.
+
+    Tokens come flattened over the batch, ``(B·N, dim)`` in and out, with ``tokens = N`` per image: the linear
+    layers then see 2-D inputs and export as ``Gemm`` on the stored weight (a 3-D input would export as a MatMul
+    with a transposed copy of it under another name).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, tokens: int) -> torch.Tensor:
+        dim = x.shape[-1]
+        qkv = self.qkv(self.norm1(x)).reshape(-1, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, dim / heads)
+        attended = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, dim / heads)
+        x = x + self.proj(attended.transpose(1, 2).reshape(-1, dim))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """Image-to-image ViT: ``(B, in_chans, h, w)`` → ``(B, out_chans, h, w)`` for any ``h, w``.
+
+    Cost: ``⌈h/p⌉·⌈w/p⌉`` tokens with global attention, so memory grows with the square of the token count
+    (a 320 × 320 image at ``p = 10``: 1024 tokens; 640 × 368: 2368).
+
+    Args:
+        in_chans / out_chans: image channels (1 for a magnitude image). ``residual`` needs them equal.
+        patch_size: ``p``, the side of the square patches that become tokens.
+        embed_dim: token width; num_heads: attention heads (must divide ``embed_dim``).
+        depth: number of transformer blocks.
+        mlp_ratio: hidden width of each block's MLP relative to ``embed_dim``.
+        residual: add the input image to the head's output (the head starts at zero).
+
+    Example:
+        >>> vit = VisionTransformer(patch_size=4, embed_dim=16, depth=2, num_heads=2)
+        >>> vit(torch.randn(2, 1, 30, 21)).shape
+        torch.Size([2, 1, 30, 21])
+        >>> bool(torch.equal(vit(torch.ones(1, 1, 8, 8)), torch.ones(1, 1, 8, 8)))  # untrained: the input
+        True
+    """
+
+    image_domain = True  # takes an image, not k-space: export puts the zero-filled front end before it
+
+    def __init__(
+        self,
+        in_chans: int = 1,
+        out_chans: int = 1,
+        patch_size: int = 10,
+        embed_dim: int = 128,
+        depth: int = 6,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        residual: bool = True,
+    ):
+        super().__init__()
+        if residual and in_chans != out_chans:
+            raise ValueError(f"residual=True needs in_chans == out_chans, got {in_chans} and {out_chans}")
+        if patch_size < 1 or depth < 1:
+            raise ValueError(f"patch_size and depth must be ≥ 1, got {patch_size} and {depth}")
+        self.in_chans, self.out_chans, self.patch_size = in_chans, out_chans, patch_size
+        self.residual = residual
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.position = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim)
+        self.blocks = nn.ModuleList(TransformerBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, out_chans * patch_size * patch_size)
+        self.apply(_init_weights)
+        if residual:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        p = self.patch_size
+        pad_bottom, pad_right = -height % p, -width % p
+        x = image
+        if pad_bottom or pad_right:
+            x = F.pad(x, [0, pad_right, 0, pad_bottom], mode="reflect" if min(height, width) > p else "replicate")
+        grid = self.patch_embed(x)  # (B, dim, gh, gw)
+        dim, gh, gw = grid.shape[1:]
+        tokens = grid.permute(0, 2, 3, 1).reshape(-1, dim)  # (B·N, dim), N = gh·gw, row-major over the grid
+        for index, block in enumerate(self.blocks):
+            tokens = block(tokens, gh * gw)
+            if index == 0:
+                grid = tokens.reshape(-1, gh, gw, dim).permute(0, 3, 1, 2)
+                tokens = tokens + self.position(grid).permute(0, 2, 3, 1).reshape(-1, dim)
+        patches = self.head(self.norm(tokens))  # (B·N, out·p·p)
+        out = patches.reshape(-1, gh, gw, self.out_chans, p, p).permute(0, 3, 1, 4, 2, 5)
+        out = out.reshape(-1, self.out_chans, gh * p, gw * p)[..., :height, :width]
+        return out + image if self.residual else out
+
+
+def _init_weights(module: nn.Module) -> None:
+    """ViT initialisation: truncated normal (std 0.02) linear weights, zero biases, unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
