@@ -8,6 +8,7 @@ result against torch eager (max |diff| / max |ref| and relative L2).
     .venv/bin/python benchmarks/export.py --small    # tiny VarNet, 4 coils, small sizes: a quick check
     .venv/bin/python benchmarks/export.py --skip-varnet --stage-costs   # the FFT tables, and the floor of the 2D one
     .venv/bin/python benchmarks/export.py --skip-varnet --stacked-plans # and the model's W radices vs other splits
+    .venv/bin/python benchmarks/export.py --skip-varnet --skip-fft --image-models   # U-Net and ViT baselines
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from _timing import interleaved_medians  # benchmarks/_timing.py (the script's f
 from onnx import TensorProto, helper
 
 from reconkit.export import export_onnx
-from reconkit.models import VarNet
+from reconkit.models import VarNet, build_model, contract_model
 from reconkit.ops import centering_signs, fft2c, fft_impl, fftc
 from reconkit.ops.dft_matmul import (
     MAX_RADIX,
@@ -266,7 +267,8 @@ def bench_stage_costs(coils: int, height: int, width: int, repeats: int, threads
     return rows
 
 
-def bench_varnet(model: VarNet, coils: int, height: int, width: int, repeats: int, threads: int) -> str:
+def bench_model(model: torch.nn.Module, coils: int, height: int, width: int, repeats: int, threads: int) -> str:
+    """One table row: ``model`` (contract call ``(masked_kspace, mask) -> image``) in ORT vs torch eager."""
     generator = torch.Generator().manual_seed(height + width)
     mask = (torch.rand(width, generator=generator) < 0.2).float()
     low = round(0.08 * width)
@@ -275,7 +277,7 @@ def bench_varnet(model: VarNet, coils: int, height: int, width: int, repeats: in
     kspace = torch.randn(1, coils, height, width, 2, generator=generator) * mask
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        path = export_onnx(model, Path(tmp) / "varnet.onnx", (coils, height, width))
+        path = export_onnx(model, Path(tmp) / "model.onnx", (coils, height, width))
         export_s = time.perf_counter() - start
         sess = session(str(path), threads)
     feeds = {"masked_kspace": kspace.numpy(), "mask": mask.numpy()}
@@ -289,6 +291,11 @@ def bench_varnet(model: VarNet, coils: int, height: int, width: int, repeats: in
     return (f"| {height}×{width} | {coils} | {t_torch * 1e3:.0f} | {t_ort * 1e3:.0f} | **{t_torch / t_ort:.2f}×** | "
             f"{err[0]:.1e} | {err[1]:.1e} | {export_s:.0f} |")
 
+
+IMAGE_MODELS = {  # the shipped configs' models: configs/unet_multicoil.yaml, configs/vit_multicoil.yaml
+    "U-Net": ("unet", {"in_chans": 1, "out_chans": 1, "chans": 32, "num_pool_layers": 4}),
+    "ViT": ("vit", {"patch_size": 10, "embed_dim": 128, "depth": 6, "num_heads": 8}),
+}
 
 CONV_CHAIN = 4  # convolutions per timed chain: ORT's NCHWc layout reorders at its ends are shared, as in a U-Net
 
@@ -370,6 +377,8 @@ def main() -> None:
     parser.add_argument("--chans", type=int, help="override the VarNet cascade U-Net channels")
     parser.add_argument("--skip-varnet", action="store_true", help="only the FFT comparison")
     parser.add_argument("--skip-fft", action="store_true", help="only the VarNet comparison")
+    parser.add_argument("--image-models", action="store_true",
+                        help="also the image-domain baselines (fastMRI's U-Net, the ViT) behind the zero-filled front end")
     parser.add_argument("--conv-layers", action="store_true",
                         help="also time each U-Net level's 3x3 convolutions in torch and ORT (first size)")
     parser.add_argument("--stage-costs", action="store_true",
@@ -414,6 +423,20 @@ def main() -> None:
             print("| input | plan | radices | cost | ms | / torch.fft | rel L2 err |\n|---|---|---|---|---|---|---|")
             for line in bench_stacked_plans(coils, sizes, max(repeats, 7), args.threads):
                 print(line, flush=True)
+    if args.image_models:
+        print(f"\nImage-domain models behind the zero-filled front end, random weights, batch 1; median of {repeats} "
+              "interleaved repeats:\n")
+        for name, (model_type, image_kwargs) in IMAGE_MODELS.items():
+            torch.manual_seed(0)
+            image_model = contract_model(build_model(model_type, **image_kwargs)).eval()
+            if model_type == "vit":  # a trained-like head: the fresh residual ViT returns its input
+                torch.nn.init.normal_(image_model.model.head.weight, std=0.02)
+            print(f"{name} {image_kwargs}:\n")
+            print("| size | coils | torch eager ms | ORT ms | speed-up (torch / ORT) | max err | rel L2 err | export s |")
+            print("|---|---|---|---|---|---|---|---|")
+            for height, width in sizes:
+                print(bench_model(image_model, coils, height, width, repeats, args.threads), flush=True)
+            print()
     if args.skip_varnet:
         return
     torch.manual_seed(0)
@@ -422,7 +445,7 @@ def main() -> None:
     print("| size | coils | torch eager ms | ORT ms | speed-up (torch / ORT) | max err | rel L2 err | export s |")
     print("|---|---|---|---|---|---|---|---|")
     for height, width in sizes:
-        print(bench_varnet(model, coils, height, width, repeats, args.threads), flush=True)
+        print(bench_model(model, coils, height, width, repeats, args.threads), flush=True)
     if args.conv_layers:
         height, width = sizes[0]
         print(f"\n3×3 convolutions of each U-Net level (chains of {CONV_CHAIN}, ms per convolution), {height}×{width} "
