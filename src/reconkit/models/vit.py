@@ -56,8 +56,9 @@ class TransformerBlock(nn.Module):
 class VisionTransformer(nn.Module):
     """Image-to-image ViT: ``(B, in_chans, h, w)`` → ``(B, out_chans, h, w)`` for any ``h, w``.
 
-    Cost: ``⌈h/p⌉·⌈w/p⌉`` tokens with global attention, so memory grows with the square of the token count
-    (a 320 × 320 image at ``p = 10``: 1024 tokens; 640 × 368: 2368).
+    Cost: ``⌈h/p⌉·⌈w/p⌉`` tokens with global attention, so the attention's work grows with the square of the
+    token count (a 320 × 320 image at ``p = 10``: 1024 tokens; 640 × 368: 2368). Trained on recon-size crops
+    (``UnetDataTransform``), it sees more tokens when it reconstructs the full encoded image.
 
     Args:
         in_chans / out_chans: image channels (1 for a magnitude image). ``residual`` needs them equal.
