@@ -170,6 +170,15 @@ def test_vit_checkpoint_exports_with_parity_on_two_sizes_and_rebuilds_for_others
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch, coils, height, width in ((1, 3, 72, 66), (2, 4, 72, 66), (2, 2, 45, 37)):
         assert_parity(session, ZeroFilledFrontEnd(model), *sample(batch, coils, height, width, seed=coils))
+    def nodes(graph):  # every node, inside the size branches (nested If) too
+        for node in graph.node:
+            yield node
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    yield from nodes(attribute.g)
+
+    fused = [n for n in nodes(onnx.load(str(path)).graph) if (n.domain, n.op_type) == ("com.microsoft", "MultiHeadAttention")]
+    assert len(fused) == 2 * VIT_KWARGS["depth"]  # each block's attention is one fused node, in both size branches
     meta = load_onnx_metadata(path)
     assert meta["reconkit.model_type"] == "vit" and meta["reconkit.normalization"] == "instance"
     assert meta["reconkit.model_kwargs"] == VIT_KWARGS

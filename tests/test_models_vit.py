@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from reconkit.models import VisionTransformer, build_model
+from reconkit.models.vit import self_attention
 
 TINY = {"patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}
 
@@ -73,6 +74,16 @@ def test_learns_to_undo_a_fixed_corruption():
         optimiser.step()
     with torch.no_grad():
         assert (model(corrupted) - target).abs().mean().item() < 0.5 * start
+
+
+def test_self_attention_is_softmax_attention_per_head():
+    q, k, v = (torch.randn(2, 7, 12) for _ in range(3))
+    heads = 3
+    out = self_attention(q, k, v, heads)
+    for head in range(heads):
+        cols = slice(4 * head, 4 * head + 4)
+        weights = torch.softmax(q[..., cols] @ k[..., cols].transpose(1, 2) / 2.0, dim=-1)  # 1 / sqrt(4)
+        torch.testing.assert_close(out[..., cols], weights @ v[..., cols], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_hyper_parameters_are_refused():
