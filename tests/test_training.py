@@ -20,8 +20,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from reconkit.cli.reconstruct import main as reconstruct_main
 from reconkit.cli.train import main, one_line
 from reconkit.data.simulate import simulate_dataset
-from reconkit.data.transforms import VarNetSample
+from reconkit.data.transforms import VarNetSample, center_crop
 from reconkit.errors import DataError, ReconkitError
+from reconkit.inference import load_reconstructor
 from reconkit.models import load_model
 from reconkit.training import FastMriDataModule, UnetModule, VarNetModule, VitModule
 from reconkit.training.datamodule import collate_slices, select_volumes
@@ -189,15 +190,17 @@ IMAGE_MODULES = {  # tiny image-domain models: module class, its arguments, CLI 
 }
 
 
+@pytest.mark.parametrize("transform", ["unet", "varnet"])
 @pytest.mark.parametrize("model_type", sorted(IMAGE_MODULES))
-def test_image_module_trains_and_writes_its_checkpoint_entry(model_type, sim_root, tmp_path):
+def test_image_module_trains_and_writes_its_checkpoint_entry(model_type, transform, sim_root, tmp_path):
     module_class, kwargs = IMAGE_MODULES[model_type]
     seed_everything(0)
     module = module_class(**kwargs, loss="l1", lr=1e-3)
     untrained = copy.deepcopy(module.model)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename=model_type)
     trainer = _trainer(tmp_path, 1, [checkpoint], limit_train_batches=3)
-    trainer.fit(module, datamodule=_datamodule(sim_root, transform="unet"))
+    datamodule = _datamodule(sim_root, transform=transform)
+    trainer.fit(module, datamodule=datamodule)
     assert set(module.last_volume_metrics) == {p.name for p in (sim_root / "val").glob("*.h5")}
     assert all(0 < v["ssim"] <= 1 and v["psnr"] > 0 for v in module.last_volume_metrics.values())
     entry = torch.load(tmp_path / f"{model_type}.ckpt", map_location="cpu", weights_only=False)["reconkit"]
@@ -209,6 +212,13 @@ def test_image_module_trains_and_writes_its_checkpoint_entry(model_type, sim_roo
         torch.testing.assert_close(model.eval()(image), module.model.eval()(image))
         torch.testing.assert_close(reloaded.model.eval()(image), module.model(image))
         assert not torch.allclose(untrained.eval()(image), module.model(image))  # the steps changed the model
+    if transform == "varnet":  # trained through the deployed call: the CLI's runner gives the training's images
+        batch = next(iter(datamodule.val_dataloader()))
+        with torch.no_grad():
+            trained = module.eval().images(batch).output
+        run = load_reconstructor(str(tmp_path / f"{model_type}.ckpt")).run
+        deployed = run(batch.masked_kspace.numpy(), batch.mask.float().numpy())
+        torch.testing.assert_close(center_crop(torch.from_numpy(deployed), trained.shape[-2:]), trained)
 
 
 @pytest.mark.parametrize("model_type", sorted(IMAGE_MODULES))

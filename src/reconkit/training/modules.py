@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from reconkit.data.transforms import center_crop
-from reconkit.models import build_model
+from reconkit.models import build_model, contract_model
 from reconkit.training.base import Images, ReconModule
 
 
@@ -55,19 +55,25 @@ class KspaceModule(ReconModule):
 
     def images(self, batch: Any) -> Images:
         output = self(batch.masked_kspace, batch.mask, batch_num_low_frequencies(batch.num_low_frequencies))
-        has_target = batch.target is not None and batch.target.ndim == 3
-        if has_target:
-            crop = tuple(batch.target.shape[-2:])
-        else:
-            crop = (int(batch.crop_size[0][0]), int(batch.crop_size[1][0]))
-        crop = (min(crop[0], output.shape[-2]), min(crop[1], output.shape[-1]))  # FLAIR 203: recon > encoded
-        return Images(
-            output=center_crop(output, crop),
-            target=center_crop(batch.target, crop) if has_target else None,
-            max_value=batch.max_value,
-            fname=list(batch.fname),
-            slice_num=batch.slice_num,
-        )
+        return cropped_images(output, batch)
+
+
+def cropped_images(output: torch.Tensor, batch: Any) -> Images:
+    """:class:`Images` of a full-size ``(B, H, W)`` output for a ``VarNetSample`` batch, output and target cropped to
+    the target's size (or the header's recon size when there is no target)."""
+    has_target = batch.target is not None and batch.target.ndim == 3
+    if has_target:
+        crop = tuple(batch.target.shape[-2:])
+    else:
+        crop = (int(batch.crop_size[0][0]), int(batch.crop_size[1][0]))
+    crop = (min(crop[0], output.shape[-2]), min(crop[1], output.shape[-1]))  # FLAIR 203: recon > encoded
+    return Images(
+        output=center_crop(output, crop),
+        target=center_crop(batch.target, crop) if has_target else None,
+        max_value=batch.max_value,
+        fname=list(batch.fname),
+        slice_num=batch.slice_num,
+    )
 
 
 class VarNetModule(KspaceModule):
@@ -122,9 +128,16 @@ class VarNetModule(KspaceModule):
 
 
 class ImageModule(ReconModule):
-    """Any image-domain model on ``UnetDataTransform`` samples (``--data.transform unet``): the zero-filled RSS
-    image, instance-normalised, through the model; outputs are de-normalised (``* std + mean``) before loss and
-    metrics. Subclasses build the model (:class:`UnetModule`, :class:`VitModule`)."""
+    """Any image-domain model; subclasses build it (:class:`UnetModule`, :class:`VitModule`). Two data transforms:
+
+    * ``--data.transform unet`` (fastMRI's U-Net recipe, ``UnetDataTransform``): the zero-filled RSS image cropped
+      to the recon size and instance-normalised by the crop's statistics; outputs are de-normalised
+      (``* std + mean``) before loss and metrics.
+    * ``--data.transform varnet``: masked k-space through :class:`reconkit.models.ZeroFilledFrontEnd`, the same
+      call that ``reconkit reconstruct``, the ONNX export and the server run (full encoded image, its statistics),
+      then cropped like a k-space model's output. Train this way for a model you will deploy: it sees in training
+      exactly what it sees in use, at the cost of running on the full encoded image.
+    """
 
     normalization = "instance"
     derived_hparams = ("model_type", "model_kwargs")
@@ -140,6 +153,8 @@ class ImageModule(ReconModule):
         return self.model(image.unsqueeze(1)).squeeze(1)
 
     def images(self, batch: Any) -> Images:
+        if hasattr(batch, "masked_kspace"):  # VarNetSample: the deployed contract, front end included
+            return cropped_images(contract_model(self.model)(batch.masked_kspace, batch.mask), batch)
         mean = batch.mean.view(-1, 1, 1)
         std = batch.std.view(-1, 1, 1)
         has_target = batch.target is not None and batch.target.ndim == 3
