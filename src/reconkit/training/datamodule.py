@@ -143,8 +143,9 @@ class EpochSampler(DistributedSampler):
 class FastMriDataModule(LightningDataModule):
     """Slices of fastMRI HDF5 files under ``data_path/{train,val,test}`` for Lightning.
 
-    Batches are ``VarNetSample`` (``transform="varnet"``, for every k-space model) or ``UnetSample``
-    (``transform="unet"``) from ``reconkit.data``; masks come from
+    Batches are ``VarNetSample`` (``transform="varnet"``: every k-space model, and image-domain models trained
+    through their deployed zero-filled front end) or ``UnetSample`` (``transform="unet"``, fastMRI's U-Net recipe:
+    the recon-size crop) from ``reconkit.data``; masks come from
     ``create_mask_for_mask_type(mask_type, center_fractions, accelerations)``.
     """
 
@@ -177,7 +178,7 @@ class FastMriDataModule(LightningDataModule):
         Args:
             data_path: folder holding ``train/``, ``val/`` and ``test/`` with fastMRI ``.h5`` files.
             challenge: ``"multicoil"`` or ``"singlecoil"``.
-            transform: default transforms, ``"varnet"`` (masked k-space) or ``"unet"`` (zero-filled image).
+            transform: default transforms, ``"varnet"`` (masked k-space) or ``"unet"`` (zero-filled image crop).
             mask_type, center_fractions, accelerations: mask family and its parameters (paired lists).
             batch_size: slices per batch (per device under DDP).
             num_workers: dataloader worker processes.
