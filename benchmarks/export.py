@@ -267,6 +267,10 @@ def bench_stage_costs(coils: int, height: int, width: int, repeats: int, threads
     return rows
 
 
+MODEL_TABLE_HEADER = ("| size | coils | torch eager ms | ORT ms | speed-up (torch / ORT) | max err | rel L2 err | "
+                      "export s |\n|---|---|---|---|---|---|---|---|")  # the rows of bench_model
+
+
 def bench_model(model: torch.nn.Module, coils: int, height: int, width: int, repeats: int, threads: int) -> str:
     """One table row: ``model`` (contract call ``(masked_kspace, mask) -> image``) in ORT vs torch eager."""
     generator = torch.Generator().manual_seed(height + width)
@@ -378,7 +382,8 @@ def main() -> None:
     parser.add_argument("--skip-varnet", action="store_true", help="only the FFT comparison")
     parser.add_argument("--skip-fft", action="store_true", help="only the VarNet comparison")
     parser.add_argument("--image-models", action="store_true",
-                        help="also the image-domain baselines (fastMRI's U-Net, the ViT) behind the zero-filled front end")
+                        help="also the image-domain baselines (fastMRI's U-Net, the ViT) behind the zero-filled "
+                             "front end")
     parser.add_argument("--conv-layers", action="store_true",
                         help="also time each U-Net level's 3x3 convolutions in torch and ORT (first size)")
     parser.add_argument("--stage-costs", action="store_true",
@@ -432,8 +437,7 @@ def main() -> None:
             if model_type == "vit":  # a trained-like head: the fresh residual ViT returns its input
                 torch.nn.init.normal_(image_model.model.head.weight, std=0.02)
             print(f"{name} {image_kwargs}:\n")
-            print("| size | coils | torch eager ms | ORT ms | speed-up (torch / ORT) | max err | rel L2 err | export s |")
-            print("|---|---|---|---|---|---|---|---|")
+            print(MODEL_TABLE_HEADER)
             for height, width in sizes:
                 print(bench_model(image_model, coils, height, width, repeats, args.threads), flush=True)
             print()
@@ -442,8 +446,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = VarNet(**kwargs).eval()
     print(f"\nVarNet {kwargs}, random weights, batch 1; median of {repeats} interleaved repeats:\n")
-    print("| size | coils | torch eager ms | ORT ms | speed-up (torch / ORT) | max err | rel L2 err | export s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(MODEL_TABLE_HEADER)
     for height, width in sizes:
         print(bench_model(model, coils, height, width, repeats, args.threads), flush=True)
     if args.conv_layers:

@@ -177,7 +177,8 @@ def test_vit_checkpoint_exports_with_parity_on_two_sizes_and_rebuilds_for_others
                 if attribute.HasField("g"):
                     yield from nodes(attribute.g)
 
-    fused = [n for n in nodes(onnx.load(str(path)).graph) if (n.domain, n.op_type) == ("com.microsoft", "MultiHeadAttention")]
+    fused = [n for n in nodes(onnx.load(str(path)).graph)
+             if (n.domain, n.op_type) == ("com.microsoft", "MultiHeadAttention")]
     assert len(fused) == 2 * VIT_KWARGS["depth"]  # each block's attention is one fused node, in both size branches
     meta = load_onnx_metadata(path)
     assert meta["reconkit.model_type"] == "vit" and meta["reconkit.normalization"] == "instance"

@@ -1,5 +1,6 @@
 """reconkit.training on tiny simulated data: CLI fit, checkpoint contract, per-volume metrics vs fastmri.evaluate,
-exact resume, U-Net and ViT modules and their shipped configs, data subsets and reproducible training masks, clear errors."""
+exact resume, U-Net and ViT modules and their shipped configs, data subsets and reproducible training masks,
+clear errors."""
 
 from __future__ import annotations
 

@@ -38,7 +38,6 @@ class ZeroFilledFrontEnd(torch.nn.Module):
         return self.model(normalised.unsqueeze(1)).squeeze(1) * std + mean
 
 
-
 def contract_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model itself for k-space models; image-domain models (``image_domain = True``: the U-Net, the ViT) get
     the :class:`ZeroFilledFrontEnd`."""

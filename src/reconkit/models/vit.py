@@ -90,7 +90,8 @@ class VisionTransformer(nn.Module):
 
     Cost: ``⌈h/p⌉·⌈w/p⌉`` tokens with global attention, so the attention's work grows with the square of the
     token count (a 320 × 320 image at ``p = 10``: 1024 tokens; 640 × 368: 2368). Trained on recon-size crops
-    (``UnetDataTransform``), it sees more tokens when it reconstructs the full encoded image.
+    (``--data.transform unet``), it sees more tokens when it reconstructs the full encoded image; trained through
+    the zero-filled front end (``--data.transform varnet``), it sees the same.
 
     Args:
         in_chans / out_chans: image channels (1 for a magnitude image). ``residual`` needs them equal.
@@ -126,7 +127,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"residual=True needs in_chans == out_chans, got {in_chans} and {out_chans}")
         if patch_size < 1 or depth < 1:
             raise ValueError(f"patch_size and depth must be ≥ 1, got {patch_size} and {depth}")
-        self.in_chans, self.out_chans, self.patch_size = in_chans, out_chans, patch_size
+        self.out_chans, self.patch_size = out_chans, patch_size
         self.residual = residual
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
         self.position = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim)
@@ -134,9 +135,8 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, out_chans * patch_size * patch_size)
         self.apply(_init_weights)
-        if residual:
+        if residual:  # _init_weights already zeroed the bias
             nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         height, width = image.shape[-2:]

@@ -54,7 +54,6 @@ def _slice_name(sample: Any) -> str:
     return f"{getattr(sample, 'fname', '?')}[{getattr(sample, 'slice_num', '?')}]"
 
 
-
 def select_volumes(fnames: Sequence[str], fraction: float | None, num_volumes: int | None, seed: int) -> set[str]:
     """A reproducible subset of volume names: ``num_volumes`` of them, or ``round(fraction * len)`` (at least
     one), drawn with a generator seeded by ``seed``. Subsets of one seed are nested: the 25% subset is inside the
