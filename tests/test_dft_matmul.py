@@ -20,8 +20,10 @@ from reconkit.ops import (
     ifft2c,
     ifftc,
     pair_factor,
+    rss_complex,
     sens_expand,
     sens_reduce,
+    zero_filled_rss_sampled_lines,
 )
 from reconkit.ops.dft_matmul import (
     STAGE_PASS_COST,
@@ -226,3 +228,51 @@ def test_onnx_graph_has_only_matmul_ops_and_matches(height: int, width: int, inv
         (result,) = session.run(None, {"x": data.numpy()})
         expected = (ifft2c(data) if inverse else fft2c(data)).numpy()
         assert np.linalg.norm(result - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+def _line_mask(batch: int, width: int, probability: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(batch, width, generator=generator) < probability).float()
+    return mask.reshape(batch, 1, 1, width, 1)
+
+
+class _ZeroFilledRss(torch.nn.Module):
+    def forward(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return zero_filled_rss_sampled_lines(kspace, mask)
+
+
+@pytest.mark.parametrize("height,width", [(640, 368), (32, 24), (45, 37), (7, 9), (13, 2)])
+def test_sampled_lines_rss_equals_the_full_transform(height: int, width: int) -> None:
+    kspace = torch.randn(2, 3, height, width, 2)
+    for mask in (_line_mask(2, width, 0.3, seed=width), torch.ones(1, 1, 1, width, 1), torch.zeros(2, 1, 1, width, 1),
+                 _line_mask(2, width, 0.5, seed=1) * torch.rand(2, 1, 1, width, 1)):  # weights, per-item masks
+        expected = rss_complex(ifft2c(kspace * mask), dim=1)
+        actual = zero_filled_rss_sampled_lines(kspace, mask)
+        assert actual.shape == (2, height, width)
+        assert (actual - expected).norm() <= 1e-6 * expected.norm() + 1e-12
+
+
+def test_sampled_lines_graph_serves_any_mask_batch_and_coil_count() -> None:
+    """One exported graph, masks with 1 … W lines (and none), batch items with different masks."""
+    height, width = 40, 30
+    buffer = io.BytesIO()
+    example = (torch.randn(2, 3, height, width, 2), _line_mask(2, width, 0.3, seed=0))
+    torch.onnx.export(_ZeroFilledRss(), example, buffer, dynamo=False, opset_version=17,
+                      input_names=["kspace", "mask"], output_names=["image"],
+                      dynamic_axes={"kspace": {0: "batch", 1: "coils"}, "mask": {0: "batch"}})
+    onnx.checker.check_model(onnx.load_from_string(buffer.getvalue()))
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    one_line = torch.zeros(1, 1, 1, width, 1)
+    one_line[..., 3, :] = 1
+    for batch, coils, mask in ((1, 5, one_line), (3, 2, _line_mask(3, width, 0.2, seed=2)),
+                               (1, 4, torch.ones(1, 1, 1, width, 1)), (2, 1, torch.zeros(2, 1, 1, width, 1))):
+        kspace = torch.randn(batch, coils, height, width, 2)
+        (image,) = session.run(None, {"kspace": kspace.numpy(), "mask": mask.numpy()})
+        expected = rss_complex(ifft2c(kspace * mask), dim=1).numpy()
+        assert image.shape == expected.shape
+        assert np.linalg.norm(image - expected) <= 1e-5 * np.linalg.norm(expected) + 1e-12
+
+
+def test_sampled_lines_rss_rejects_a_2d_mask() -> None:
+    with pytest.raises(ValueError, match="line mask"):
+        zero_filled_rss_sampled_lines(torch.zeros(1, 2, 8, 6, 2), torch.ones(1, 1, 8, 6, 1))

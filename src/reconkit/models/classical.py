@@ -23,7 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from reconkit.errors import ReconkitError
-from reconkit.ops import MultiCoilMRI, as_complex, complex_abs, ifft2c, rss_complex
+from reconkit.ops import (
+    MultiCoilMRI,
+    as_complex,
+    complex_abs,
+    current_fft_impl,
+    ifft2c,
+    rss_complex,
+    zero_filled_rss_sampled_lines,
+)
 
 __all__ = [
     "CGSense",
@@ -267,10 +275,19 @@ def estimate_sens_maps_espirit(
     return _divide_by_rss(full.contiguous(), eps=1e-6).to(masked_kspace.dtype)
 
 
-def zero_filled(masked_kspace: torch.Tensor) -> torch.Tensor:
-    """RSS of the coil images of zero-filled k-space: ``(B, C, H, W, 2)`` → ``(B, H, W)``."""
-    _check_inputs(masked_kspace)
-    return rss_complex(ifft2c(masked_kspace), dim=1)
+def zero_filled(masked_kspace: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """RSS of the coil images of zero-filled k-space: ``(B, C, H, W, 2)`` → ``(B, H, W)``.
+
+    With ``mask`` the k-space is multiplied by it first. On the export path (``fft_impl("matmul")``) a line mask
+    ``(B, 1, 1, W, 1)`` then selects :func:`reconkit.ops.zero_filled_rss_sampled_lines`, which transforms only the
+    sampled lines (same result, about half the cost in ONNX Runtime at 4× acceleration).
+    """
+    _check_inputs(masked_kspace, mask)
+    if mask is None:
+        return rss_complex(ifft2c(masked_kspace), dim=1)
+    if current_fft_impl() == "matmul" and mask.shape[-3] == 1:
+        return zero_filled_rss_sampled_lines(masked_kspace, mask)
+    return rss_complex(ifft2c(masked_kspace * mask), dim=1)
 
 
 def cg_sense(

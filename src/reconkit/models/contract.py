@@ -23,7 +23,8 @@ class ZeroFilledFrontEnd(torch.nn.Module):
     from the whole image rather than the recon-size crop.
 
     Shapes: ``masked_kspace (B, C, H, W, 2)``, ``mask (B, 1, 1, W, 1)`` → ``(B, H, W)``. The mask is applied
-    once more (a no-op on masked k-space), which also keeps it an input of the exported graph as the contract says.
+    once more (a no-op on masked k-space); in the exported graph it also picks the lines that are transformed
+    (:func:`reconkit.models.classical.zero_filled`).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -31,7 +32,7 @@ class ZeroFilledFrontEnd(torch.nn.Module):
         self.model = model
 
     def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        image = zero_filled(masked_kspace * mask)
+        image = zero_filled(masked_kspace, mask)
         mean = image.mean(dim=(1, 2), keepdim=True)
         std = image.std(dim=(1, 2), keepdim=True)
         normalised = ((image - mean) / (std + 1e-11)).clamp(-6, 6)

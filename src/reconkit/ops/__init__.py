@@ -35,6 +35,7 @@ from reconkit.ops.fft import (
     ifftc,
 )
 from reconkit.ops.operators import MultiCoilMRI, conjugate_gradient, fista, real_inner
+from reconkit.ops.sampled_lines import zero_filled_rss_sampled_lines
 from reconkit.ops.wavelet import haar_soft_threshold, wavelet_shifts
 
 __all__ = [
@@ -70,4 +71,5 @@ __all__ = [
     "stacked_sens_reduce",
     "triton_available",
     "wavelet_shifts",
+    "zero_filled_rss_sampled_lines",
 ]
