@@ -9,6 +9,7 @@ result against torch eager (max |diff| / max |ref| and relative L2).
     .venv/bin/python benchmarks/export.py --skip-varnet --stage-costs   # the FFT tables, and the floor of the 2D one
     .venv/bin/python benchmarks/export.py --skip-varnet --stacked-plans # and the model's W radices vs other splits
     .venv/bin/python benchmarks/export.py --skip-varnet --skip-fft --image-models   # U-Net and ViT baselines
+    .venv/bin/python benchmarks/export.py --skip-varnet --skip-fft --front-end      # their zero-filled front end
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from onnx import TensorProto, helper
 
 from reconkit.export import export_onnx
 from reconkit.models import VarNet, build_model, contract_model
+from reconkit.models.classical import zero_filled
 from reconkit.ops import centering_signs, fft2c, fft_impl, fftc
 from reconkit.ops.dft_matmul import (
     MAX_RADIX,
@@ -271,13 +273,18 @@ MODEL_TABLE_HEADER = ("| size | coils | torch eager ms | ORT ms | speed-up (torc
                       "export s |\n|---|---|---|---|---|---|---|---|")  # the rows of bench_model
 
 
+def line_mask(width: int, random_fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """``(1, 1, 1, W, 1)`` line mask: the central 8 % of the lines and each other line with ``random_fraction``."""
+    mask = (torch.rand(width, generator=generator) < random_fraction).float()
+    low = round(0.08 * width)
+    mask[width // 2 - low // 2 : width // 2 - low // 2 + low] = 1
+    return mask.reshape(1, 1, 1, width, 1)
+
+
 def bench_model(model: torch.nn.Module, coils: int, height: int, width: int, repeats: int, threads: int) -> str:
     """One table row: ``model`` (contract call ``(masked_kspace, mask) -> image``) in ORT vs torch eager."""
     generator = torch.Generator().manual_seed(height + width)
-    mask = (torch.rand(width, generator=generator) < 0.2).float()
-    low = round(0.08 * width)
-    mask[width // 2 - low // 2 : width // 2 - low // 2 + low] = 1
-    mask = mask.reshape(1, 1, 1, width, 1)
+    mask = line_mask(width, 0.2, generator)
     kspace = torch.randn(1, coils, height, width, 2, generator=generator) * mask
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -294,6 +301,55 @@ def bench_model(model: torch.nn.Module, coils: int, height: int, width: int, rep
     err = errors(sess.run(None, feeds)[0], eager().numpy())
     return (f"| {height}×{width} | {coils} | {t_torch * 1e3:.0f} | {t_ort * 1e3:.0f} | **{t_torch / t_ort:.2f}×** | "
             f"{err[0]:.1e} | {err[1]:.1e} | {export_s:.0f} |")
+
+
+class _ZeroFilled(torch.nn.Module):
+    """The image models' zero-filled RSS image: from the sampled lines (what the front end exports) or, with
+    ``full``, from the full 2D transform of the masked k-space (what it exported before)."""
+
+    def __init__(self, full: bool = False):
+        super().__init__()
+        self.full = full
+
+    def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.full:
+            return zero_filled(masked_kspace * mask.expand(*mask.shape[:-1], 2))
+        return zero_filled(masked_kspace, mask)
+
+
+FRONT_END_ACCELERATIONS = (8, 4, 2, 1)
+
+
+def bench_front_end(coils: int, height: int, width: int, repeats: int, threads: int) -> list[str]:
+    """Rows for each acceleration: the zero-filled RSS image in torch eager, ORT from the sampled lines and ORT
+    from the full 2D MatMul transform; one exported graph of each (traced on another mask) serves every mask."""
+    generator = torch.Generator().manual_seed(height * width)
+    example = (torch.randn(1, 2, height, width, 2), line_mask(width, 0.3, generator))
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp, fft_impl("matmul"), torch.no_grad():
+        for name, full in (("lines", False), ("full", True)):
+            path = Path(tmp) / f"{name}.onnx"
+            torch.onnx.export(_ZeroFilled(full), example, str(path), dynamo=False, opset_version=17,
+                              input_names=["masked_kspace", "mask"], output_names=["image"],
+                              dynamic_axes={"masked_kspace": {0: "batch", 1: "coils"}, "mask": {0: "batch"}})
+            sessions[name] = session(str(path), threads)
+    rows = []
+    for acceleration in FRONT_END_ACCELERATIONS:
+        mask = line_mask(width, max(0.0, (1 / acceleration - 0.08) / 0.92), generator)
+        kspace = torch.randn(1, coils, height, width, 2, generator=generator) * mask
+        feeds = {"masked_kspace": kspace.numpy(), "mask": mask.numpy()}
+
+        def eager(kspace=kspace, mask=mask) -> torch.Tensor:
+            with torch.inference_mode():
+                return zero_filled(kspace, mask)
+
+        steps = {"torch": eager, **{name: (lambda s=s, f=feeds: s.run(None, f)) for name, s in sessions.items()}}
+        med = interleaved_medians(steps, repeats, warmup=1)
+        err = errors(sessions["lines"].run(None, feeds)[0], eager().numpy())
+        rows.append(f"| {height}×{width} | {acceleration}× | {int(mask.sum())} | {med['torch'] * 1e3:.1f} | "
+                    f"{med['lines'] * 1e3:.1f} | **{med['torch'] / med['lines']:.2f}×** | {med['full'] * 1e3:.1f} | "
+                    f"{err[1]:.1e} |")
+    return rows
 
 
 IMAGE_MODELS = {  # the shipped configs' models: configs/unet_multicoil.yaml, configs/vit_multicoil.yaml
@@ -384,6 +440,9 @@ def main() -> None:
     parser.add_argument("--image-models", action="store_true",
                         help="also the image-domain baselines (fastMRI's U-Net, the ViT) behind the zero-filled "
                              "front end")
+    parser.add_argument("--front-end", action="store_true",
+                        help="also the image models' zero-filled RSS image alone, by acceleration: ORT from the "
+                             "sampled lines (exported) and from the full 2D transform vs torch eager, every size")
     parser.add_argument("--conv-layers", action="store_true",
                         help="also time each U-Net level's 3x3 convolutions in torch and ORT (first size)")
     parser.add_argument("--stage-costs", action="store_true",
@@ -427,6 +486,14 @@ def main() -> None:
                   f"{max(repeats, 7)} interleaved repeats; cost = Σ (radix + {STAGE_PASS_COST}):\n")
             print("| input | plan | radices | cost | ms | / torch.fft | rel L2 err |\n|---|---|---|---|---|---|---|")
             for line in bench_stacked_plans(coils, sizes, max(repeats, 7), args.threads):
+                print(line, flush=True)
+    if args.front_end:
+        print(f"\nZero-filled RSS image (the image models' front end), {coils} coils, median of {max(repeats, 7)} "
+              "interleaved repeats; ORT graphs traced once on another mask:\n")
+        print("| size | acceleration | lines | torch eager ms | ORT, sampled lines ms | torch / ORT | "
+              "ORT, full 2D transform ms | rel L2 err |\n|---|---|---|---|---|---|---|---|")
+        for height, width in sizes:
+            for line in bench_front_end(coils, height, width, max(repeats, 7), args.threads):
                 print(line, flush=True)
     if args.image_models:
         print(f"\nImage-domain models behind the zero-filled front end, random weights, batch 1; median of {repeats} "
