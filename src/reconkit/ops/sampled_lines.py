@@ -58,6 +58,14 @@ def zero_filled_rss_sampled_lines(masked_kspace: torch.Tensor, mask: torch.Tenso
 
     Returns:
         ``(B, H, W)`` float32 magnitude image, equal to ``rss_complex(ifft2c(masked_kspace * mask), dim=1)``.
+
+    Example:
+        >>> from reconkit.ops import ifft2c, rss_complex
+        >>> mask = torch.zeros(1, 1, 1, 12, 1); mask[..., 4:8, :] = 1; mask[..., 0, :] = 1
+        >>> kspace = torch.randn(2, 3, 10, 12, 2) * mask
+        >>> image = zero_filled_rss_sampled_lines(kspace, mask)
+        >>> image.shape, bool(torch.allclose(image, rss_complex(ifft2c(kspace), dim=1), atol=1e-5))
+        (torch.Size([2, 10, 12]), True)
     """
     if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2 or mask.ndim != 5 or mask.shape[-3] != 1:
         raise ValueError(f"zero_filled_rss_sampled_lines: expected k-space (B, C, H, W, 2) and a line mask "
@@ -65,9 +73,9 @@ def zero_filled_rss_sampled_lines(masked_kspace: torch.Tensor, mask: torch.Tenso
     height, width = int(masked_kspace.shape[2]), int(masked_kspace.shape[3])
     outer, last = stacked_factors(width)
     # the centre column always joins (a zero column if unsampled: exact), so K ≥ 1 even for an empty mask
-    centre = torch.zeros(width, dtype=mask.dtype)
+    centre = torch.zeros(width, dtype=torch.float32, device=mask.device)
     centre[width // 2] = 1
-    columns = torch.nonzero(mask.abs().amax(dim=0).reshape(width) + centre).reshape(-1)  # (K,)
+    columns = torch.nonzero(mask.float().abs().amax(dim=0).reshape(width) + centre).reshape(-1)  # (K,)
     lines = masked_kspace.float().index_select(3, columns)  # (B, C, H, K, 2)
     line_mask = mask.float().index_select(3, columns)
     lines = lines * line_mask.expand(*line_mask.shape[:-1], 2)  # a full trailing (K, 2) block: a fast Mul in ORT
@@ -75,7 +83,7 @@ def zero_filled_rss_sampled_lines(masked_kspace: torch.Tensor, mask: torch.Tenso
     rest = lines.shape[2:]
     re, im = centred_fft_matmul_planar(lines[0].reshape(-1, 1, height), lines[1].reshape(-1, 1, height), True, (-1,))
     updates = torch.stack((re.reshape((-1,) + tuple(rest)), im.reshape((-1,) + tuple(rest))), dim=1)  # (K, 2, B, C, H)
-    rows = _stacked_rows(width).index_select(0, columns)
+    rows = _stacked_rows(width).to(columns.device).index_select(0, columns)
     rows = torch.stack((rows, rows + last), dim=1).reshape(-1)  # (2K,): real and imaginary rows of each line
     stacked = torch.zeros((outer * 2 * last,) + tuple(rest), dtype=updates.dtype, device=updates.device)
     stacked[rows] = updates.reshape((-1,) + tuple(rest))
