@@ -1,0 +1,52 @@
+"""benchmarks/export.py still runs and its tables report parity (errors only: never a timed assertion)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tables(text: str) -> list[tuple[str, list[list[str]]]]:
+    """Markdown tables of ``text`` in order: (header line, rows split into stripped cells)."""
+    tables: list[tuple[str, list[list[str]]]] = []
+    in_table = False
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            in_table = False
+        elif not in_table:
+            tables.append((line, []))
+            in_table = True
+        elif not set(line) <= set("|-"):
+            tables[-1][1].append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return tables
+
+
+def test_export_benchmark_small_run_reports_parity() -> None:
+    run = subprocess.run(
+        [sys.executable, "benchmarks/export.py", "--small", "--repeats", "1", "--threads", "1", "--front-end",
+         "--image-models"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    tables = _tables(run.stdout)
+    model_rows = [rows for header, rows in tables if header.startswith("| size | coils |")]
+    assert [len(rows) for rows in model_rows] == [2, 2, 2]  # U-Net, ViT, VarNet at the two small sizes
+    for rows in model_rows:
+        assert [(row[0], row[1]) for row in rows] == [("64×46", "4"), ("72×66", "4")]
+        for row in rows:
+            assert float(row[6]) <= 1e-4, row  # relative L2 error, ORT vs torch eager
+
+    front_end = next(rows for header, rows in tables if header.startswith("| size | acceleration |"))
+    assert len(front_end) == 8  # two sizes × 8×, 4×, 2×, 1×
+    for size in ("64×46", "72×66"):
+        rows = [row for row in front_end if row[0] == size]
+        lines = [int(row[2]) for row in rows]
+        assert lines == sorted(lines) and lines[-1] == int(size.split("×")[1])  # full sampling: every line
+        assert all(float(row[7]) <= 1e-6 for row in rows), rows
+
+    fft = next(rows for header, rows in tables if header.startswith("| input | implementation |"))
+    matmul = [row for row in fft if row[1].startswith("ORT, reconkit MatMul FFT")]
+    assert len(matmul) == 3 and all(float(row[5]) <= 1e-6 for row in matmul), matmul  # 2D, 1D W, stacked W
