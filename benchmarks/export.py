@@ -31,7 +31,7 @@ from onnx import TensorProto, helper
 from reconkit.export import export_onnx
 from reconkit.models import VarNet, build_model, contract_model
 from reconkit.models.classical import zero_filled
-from reconkit.ops import centering_signs, fft2c, fft_impl, fftc
+from reconkit.ops import centering_signs, fft2c, fft_impl, fftc, pair_factor
 from reconkit.ops.dft_matmul import (
     MAX_RADIX,
     STAGE_PASS_COST,
@@ -313,7 +313,7 @@ class _ZeroFilled(torch.nn.Module):
 
     def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.full:
-            return zero_filled(masked_kspace * mask.expand(*mask.shape[:-1], 2))
+            return zero_filled(masked_kspace * pair_factor(mask))
         return zero_filled(masked_kspace, mask)
 
 

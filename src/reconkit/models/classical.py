@@ -29,6 +29,7 @@ from reconkit.ops import (
     complex_abs,
     current_fft_impl,
     ifft2c,
+    pair_factor,
     rss_complex,
     zero_filled_rss_sampled_lines,
 )
@@ -116,13 +117,13 @@ def _lowpass_acs_kspace(
     col_window = _hann_centred(torch.arange(width, device=device) - centre, half_cols[:, None])  # (B, W)
     row_window = _hann_centred(torch.arange(height, device=device) - height // 2, half_rows[:, None])  # (B, H)
     window = (row_window[:, :, None] * col_window[:, None, :]).to(masked_kspace.dtype)
-    return masked_kspace * window[:, None, :, :, None]
+    return masked_kspace * pair_factor(window[:, None, :, :, None])
 
 
 def _divide_by_rss(coil_images: torch.Tensor, eps: float) -> torch.Tensor:
     """``(B, C, H, W, 2)`` coil images divided by their root-sum-of-squares over coils (``eps`` relative to its max)."""
     rss = rss_complex(coil_images, dim=1)[:, None, :, :, None]
-    return coil_images / (rss + eps * rss.amax(dim=(2, 3), keepdim=True))
+    return coil_images / pair_factor(rss + eps * rss.amax(dim=(2, 3), keepdim=True))
 
 
 def estimate_sens_maps_acs(

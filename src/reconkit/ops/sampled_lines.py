@@ -24,6 +24,7 @@ import functools
 import numpy as np
 import torch
 
+from reconkit.ops.complex import pair_factor
 from reconkit.ops.dft_matmul import (
     centred_fft_matmul_planar,
     stacked_factors,
@@ -78,7 +79,7 @@ def zero_filled_rss_sampled_lines(masked_kspace: torch.Tensor, mask: torch.Tenso
     columns = torch.nonzero(mask.float().abs().amax(dim=0).reshape(width) + centre).reshape(-1)  # (K,)
     lines = masked_kspace.float().index_select(3, columns)  # (B, C, H, K, 2)
     line_mask = mask.float().index_select(3, columns)
-    lines = lines * line_mask.expand(*line_mask.shape[:-1], 2)  # a full trailing (K, 2) block: a fast Mul in ORT
+    lines = lines * pair_factor(line_mask)  # (…, K, 2) against (…, K, 2) on the export path: a fast Mul in ORT
     lines = lines.permute(4, 3, 0, 1, 2)  # (2, K, B, C, H)
     rest = lines.shape[2:]
     re, im = centred_fft_matmul_planar(lines[0].reshape(-1, 1, height), lines[1].reshape(-1, 1, height), True, (-1,))
