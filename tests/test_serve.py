@@ -31,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 from reconkit.errors import ReconkitError
 from reconkit.export import export_onnx
 from reconkit.export.triton_repository import write_triton_repository
+from reconkit.models import build_model, contract_model
 from reconkit.ops import ifft2c, rss_complex
 from reconkit.serve import BatchingConfig, ServerConfig, build_server, serve
 from reconkit.serve.grpc_schema import MESSAGES, METHODS, SERVICE
@@ -158,7 +159,7 @@ def server(repository):
         yield url, state
 
 
-def triton_infer(url: str, kspace: np.ndarray, mask: np.ndarray, binary: bool, **kwargs):
+def triton_infer(url: str, kspace: np.ndarray, mask: np.ndarray, binary: bool, model: str = "recon", **kwargs):
     client = tritonclient_http.InferenceServerClient(url)
     inputs = [tritonclient_http.InferInput("masked_kspace", list(kspace.shape), "FP32"),
               tritonclient_http.InferInput("mask", list(mask.shape), "FP32")]
@@ -166,7 +167,7 @@ def triton_infer(url: str, kspace: np.ndarray, mask: np.ndarray, binary: bool, *
     inputs[1].set_data_from_numpy(mask, binary_data=binary)
     outputs = [tritonclient_http.InferRequestedOutput("image", binary_data=binary)]
     try:
-        return client.infer("recon", inputs, outputs=outputs, **kwargs)
+        return client.infer(model, inputs, outputs=outputs, **kwargs)
     finally:
         client.close()
 
@@ -360,6 +361,38 @@ def test_concurrent_requests_are_batched_by_shape(plain_repository, direct):
         count = next(s.value for s in runs if s.name.endswith("_count"))
         total = next(s.value for s in runs if s.name.endswith("_sum"))
         assert total == 8 and 2 <= count < 8  # two shapes never share a batch; at least one batch merged requests
+
+
+def test_exported_unet_batches_requests_with_different_masks(tmp_path):
+    """An exported U-Net behind the server: its front end transforms only the sampled lines, picked from the mask at
+    run time, so concurrent requests with different masks share a batch and each gets its own image."""
+    torch.manual_seed(3)
+    unet = build_model("unet", in_chans=1, out_chans=1, chans=4, num_pool_layers=2).eval()
+    height, width = 16, 13
+    onnx_path = export_onnx(unet, tmp_path / "unet.onnx", (COILS, height, width))
+    version_dir = tmp_path / "models" / "unet" / "1"  # no config.pbtxt: the server's BatchingConfig applies
+    version_dir.mkdir(parents=True)
+    (version_dir / "model.onnx").write_bytes(onnx_path.read_bytes())
+    rng = np.random.default_rng(7)
+    samples = []
+    for i in range(6):
+        mask = (rng.random(width) < 0.15 * (i + 1)).astype(np.float32)
+        mask[width // 2 - 1 : width // 2 + 2] = 1
+        mask = mask.reshape(1, 1, 1, width, 1)
+        samples.append((rng.standard_normal((1, COILS, height, width, 2)).astype(np.float32) * mask, mask))
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_s=1.0)
+    with running_server(tmp_path / "models", batching=batching) as (url, state):
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda s: triton_infer(url, *s, binary=True, model="unet").as_numpy("image"),
+                                    samples))
+        runs = state.metrics.batch_size.labels("unet", "1").collect()[0].samples
+        count = next(s.value for s in runs if s.name.endswith("_count"))
+    model = contract_model(unet)
+    for (kspace, mask), result in zip(samples, results):
+        with torch.no_grad():
+            expected = model(torch.from_numpy(kspace), torch.from_numpy(mask)).numpy()
+        assert np.linalg.norm(result - expected) <= 1e-4 * np.linalg.norm(expected)
+    assert count < 6  # at least one batch held requests with different masks
 
 
 def test_queue_full_503_and_timeout_504(plain_repository):
