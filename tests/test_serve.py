@@ -369,10 +369,9 @@ def test_exported_unet_batches_requests_with_different_masks(tmp_path):
     torch.manual_seed(3)
     unet = build_model("unet", in_chans=1, out_chans=1, chans=4, num_pool_layers=2).eval()
     height, width = 16, 13
-    onnx_path = export_onnx(unet, tmp_path / "unet.onnx", (COILS, height, width))
     version_dir = tmp_path / "models" / "unet" / "1"  # no config.pbtxt: the server's BatchingConfig applies
     version_dir.mkdir(parents=True)
-    (version_dir / "model.onnx").write_bytes(onnx_path.read_bytes())
+    export_onnx(unet, version_dir / "model.onnx", (COILS, height, width))
     rng = np.random.default_rng(7)
     samples = []
     for i in range(6):

@@ -73,12 +73,13 @@ def zero_filled_rss_sampled_lines(masked_kspace: torch.Tensor, mask: torch.Tenso
                          f"(B, 1, 1, W, 1); got {tuple(masked_kspace.shape)} and {tuple(mask.shape)}")
     height, width = int(masked_kspace.shape[2]), int(masked_kspace.shape[3])
     outer, last = stacked_factors(width)
+    mask = mask.float()
     # the centre column always joins (a zero column if unsampled: exact), so K ≥ 1 even for an empty mask
     centre = torch.zeros(width, dtype=torch.float32, device=mask.device)
     centre[width // 2] = 1
-    columns = torch.nonzero(mask.float().abs().amax(dim=0).reshape(width) + centre).reshape(-1)  # (K,)
+    columns = torch.nonzero(mask.abs().amax(dim=0).reshape(width) + centre).reshape(-1)  # (K,)
     lines = masked_kspace.float().index_select(3, columns)  # (B, C, H, K, 2)
-    line_mask = mask.float().index_select(3, columns)
+    line_mask = mask.index_select(3, columns)
     lines = lines * pair_factor(line_mask)  # (…, K, 2) against (…, K, 2) on the export path: a fast Mul in ORT
     lines = lines.permute(4, 3, 0, 1, 2)  # (2, K, B, C, H)
     rest = lines.shape[2:]
