@@ -10,6 +10,7 @@ result against torch eager (max |diff| / max |ref| and relative L2).
     .venv/bin/python benchmarks/export.py --skip-varnet --stacked-plans # and the model's W radices vs other splits
     .venv/bin/python benchmarks/export.py --skip-varnet --skip-fft --image-models   # U-Net and ViT baselines
     .venv/bin/python benchmarks/export.py --skip-varnet --skip-fft --front-end      # their zero-filled front end
+    .venv/bin/python benchmarks/export.py --skip-varnet --skip-fft --session-open checkpoints/varnet_small.onnx
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
 from onnx import TensorProto, helper
 
-from reconkit.export import export_onnx
+from reconkit.export import export_onnx, load_onnx_metadata, read_onnx, single_size_model
 from reconkit.models import VarNet, build_model, contract_model
 from reconkit.models.classical import zero_filled
 from reconkit.ops import centering_signs, fft2c, fft_impl, fftc, pair_factor
@@ -427,6 +428,28 @@ def bench_eager_forms(model: VarNet, coils: int, height: int, width: int, repeat
             f"**{med['kspace'] / med['hybrid']:.2f}×** | {err[1]:.1e} |")
 
 
+def bench_session_open(path: Path, repeats: int, threads: int) -> list[str]:
+    """Seconds to open an ONNX Runtime session on a multi-size file against one on each size's branch alone
+    (``single_size_model``, what ``reconkit reconstruct`` opens), and the peak of the two outputs' difference."""
+    proto = read_onnx(path)
+    rows = []
+    for height, width in load_onnx_metadata(path)["reconkit.spatial_sizes"]:
+        branch = single_size_model(proto, height, width).SerializeToString()
+        t_whole, t_branch = interleaved(lambda: session(str(path), threads), lambda b=branch: session(b, threads),
+                                        repeats)
+        rng = np.random.default_rng(0)
+        mask = np.zeros((1, 1, 1, width, 1), np.float32)
+        mask[..., ::4, :] = 1
+        mask[..., width // 2 - 8: width // 2 + 8, :] = 1
+        feeds = {"masked_kspace": rng.standard_normal((1, 4, height, width, 2)).astype(np.float32) * mask,
+                 "mask": mask}
+        whole_image = session(str(path), threads).run(None, feeds)[0]
+        e_max, e_rel = errors(session(branch, threads).run(None, feeds)[0], whole_image)
+        rows.append(f"| {height}×{width} | {t_whole:.2f} | {t_branch:.2f} | {t_whole / t_branch:.1f}× | "
+                    f"{e_max:.1e} | {e_rel:.1e} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny VarNet, 4 coils, small sizes (quick check)")
@@ -453,6 +476,9 @@ def main() -> None:
                              "every size (what STAGE_PASS_COST trades)")
     parser.add_argument("--eager-forms", action="store_true",
                         help="also time eager VarNet in hybrid space (line mask) vs k-space (the mask broadcast to 2D)")
+    parser.add_argument("--session-open", metavar="MODEL.onnx", type=Path,
+                        help="also time opening an ONNX Runtime session on this multi-size file vs on one size's "
+                             "branch alone, for each size it serves")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     coils = 4 if args.small else 15
@@ -495,6 +521,13 @@ def main() -> None:
         for height, width in sizes:
             for line in bench_front_end(coils, height, width, max(repeats, 7), args.threads):
                 print(line, flush=True)
+    if args.session_open:
+        print(f"\nOpening {args.session_open}: ONNX Runtime session on the whole file vs on one size's branch, "
+              f"median of {repeats} interleaved repeats; output error of the branch against the whole file "
+              "(batch 1, 4 coils, random k-space):\n")
+        print("| size | whole file s | this size's branch s | ratio | max err | rel L2 err |\n|---|---|---|---|---|---|")
+        for line in bench_session_open(args.session_open, repeats, args.threads):
+            print(line, flush=True)
     if args.image_models:
         print(f"\nImage-domain models behind the zero-filled front end, random weights, batch 1; median of {repeats} "
               "interleaved repeats:\n")

@@ -24,10 +24,15 @@ def _tables(text: str) -> list[tuple[str, list[list[str]]]]:
     return tables
 
 
-def test_export_benchmark_small_run_reports_parity() -> None:
+def test_export_benchmark_small_run_reports_parity(tmp_path) -> None:
+    from reconkit.export import export_onnx
+    from reconkit.models import build_model
+
+    two_sizes = export_onnx(build_model("varnet", num_cascades=1, chans=2, pools=1, sens_chans=2, sens_pools=1),
+                            tmp_path / "two_sizes.onnx", [(32, 24), (40, 30)])
     run = subprocess.run(
         [sys.executable, "benchmarks/export.py", "--small", "--repeats", "1", "--threads", "1", "--front-end",
-         "--image-models"],
+         "--image-models", "--session-open", str(two_sizes)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-2000:]
@@ -50,3 +55,7 @@ def test_export_benchmark_small_run_reports_parity() -> None:
     fft = next(rows for header, rows in tables if header.startswith("| input | implementation |"))
     matmul = [row for row in fft if row[1].startswith("ORT, reconkit MatMul FFT")]
     assert len(matmul) == 3 and all(float(row[5]) <= 1e-6 for row in matmul), matmul  # 2D, 1D W, stacked W
+
+    opening = next(rows for header, rows in tables if header.startswith("| size | whole file s |"))
+    assert [row[0] for row in opening] == ["32×24", "40×30"]
+    assert all(float(row[5]) <= 1e-5 for row in opening), opening  # a size's branch alone gives the file's output

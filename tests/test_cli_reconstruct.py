@@ -376,6 +376,45 @@ def test_tiny_varnet_checkpoint_torch_and_onnx_agree(tmp_path, capsys):
     assert not (tmp_path / "x" / "h5" / "other.h5").exists()
 
 
+def test_multi_size_onnx_opens_one_session_per_size_on_first_use(tmp_path, monkeypatch):
+    """ONNX Runtime prepares every size branch of a file it opens; the engine opens only the branch of each size it
+    meets, when it first meets it, with the whole file's output."""
+    import onnxruntime as ort
+
+    from reconkit.errors import ReconkitError
+    from reconkit.export import export_onnx
+    from reconkit.models import build_model
+
+    torch.manual_seed(3)
+    kwargs = {'num_cascades': 1, 'sens_chans': 2, 'sens_pools': 1, 'chans': 2, 'pools': 1}
+    onnx_path = export_onnx(build_model("varnet", **kwargs), tmp_path / "two.onnx", [(32, 24), (40, 30)])
+    whole = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    opened = []
+    real_session = ort.InferenceSession
+
+    def counted_session(model, *args, **kwargs):
+        opened.append(model)
+        return real_session(model, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", counted_session)
+    reconstructor = load_reconstructor(str(onnx_path))
+    assert opened == [] and reconstructor.spatial_sizes == [(32, 24), (40, 30)]
+    rng = np.random.default_rng(2)
+    for height, width in ((40, 30), (32, 24), (40, 30)):
+        mask = np.zeros((2, 1, 1, width, 1), np.float32)
+        mask[..., ::2, :] = 1
+        kspace = rng.standard_normal((2, 3, height, width, 2)).astype(np.float32) * mask
+        run, note = reconstructor.runner_for(Path("scan.h5"), height, width)
+        image = run(kspace, mask)
+        (expected,) = whole.run(None, {"masked_kspace": kspace, "mask": mask})
+        np.testing.assert_allclose(image, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+        assert note is None and image.shape == (2, height, width)
+        np.testing.assert_array_equal(reconstructor.run(kspace, mask), image)  # `run` picks the size's session
+    assert len(opened) == 2 and all(isinstance(model, bytes) for model in opened)  # one per size, kept
+    with pytest.raises(ReconkitError, match="36x28 not exported; this model serves 32x24, 40x30"):
+        reconstructor.run(np.ones((1, 3, 36, 28, 2), np.float32), np.ones((1, 1, 1, 28, 1), np.float32))
+
+
 def test_slice_without_data_is_written_as_zeros_and_the_others_as_usual(tmp_path, capsys):
     from reconkit.models import build_model, save_model
 

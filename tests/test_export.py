@@ -12,7 +12,14 @@ import torch
 
 from reconkit.cli.export import main as export_main
 from reconkit.errors import ReconkitError
-from reconkit.export import ExportError, export_onnx, load_onnx_as_torch, load_onnx_metadata
+from reconkit.export import (
+    ExportError,
+    export_onnx,
+    load_onnx_as_torch,
+    load_onnx_metadata,
+    read_onnx,
+    single_size_model,
+)
 from reconkit.models import ZeroFilledFrontEnd, build_model, save_model
 
 VARNET_KWARGS = {"num_cascades": 2, "sens_chans": 2, "sens_pools": 1, "chans": 4, "pools": 2}
@@ -119,6 +126,49 @@ def test_size_not_exported_is_refused(varnet_export) -> None:
         session.run(None, {"masked_kspace": kspace, "mask": mask})
 
 
+@pytest.mark.parametrize("height,width", [(32, 24), (24, 72)])
+def test_single_size_model_is_that_sizes_branch(varnet_export, height, width) -> None:
+    """One size cut out of a multi-size file: a valid model with fixed H / W, no size dispatch, metadata naming
+    only that size, and the multi-size file's output."""
+    _, path, session = varnet_export
+    proto = read_onnx(path)
+    branch = single_size_model(proto, height, width)
+    onnx.checker.check_model(branch, full_check=True)
+    inputs = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in branch.graph.input}
+    assert inputs == {"masked_kspace": ["batch", "coils", height, width, 2], "mask": ["batch", 1, 1, width, 1]}
+    assert "If" not in {n.op_type for n in branch.graph.node}
+    assert len(branch.graph.node) < len(list(_all_nodes(proto.graph))) / 2
+    metadata = {e.key: e.value for e in branch.metadata_props}
+    assert metadata.pop("reconkit.spatial_sizes") == f"[[{height}, {width}]]"
+    assert metadata == {e.key: e.value for e in proto.metadata_props if e.key != "reconkit.spatial_sizes"}
+    one = ort.InferenceSession(branch.SerializeToString(), providers=["CPUExecutionProvider"])
+    kspace, mask = sample(2, 3, height, width, seed=height)
+    (expected,) = session.run(None, {"masked_kspace": kspace, "mask": mask})
+    (image,) = one.run(None, {"masked_kspace": kspace, "mask": mask})
+    np.testing.assert_allclose(image, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    with pytest.raises(Exception, match="masked_kspace"):  # the dims are fixed: ONNX Runtime checks them
+        one.run(None, dict(zip(("masked_kspace", "mask"), sample(1, 3, 40, 30, seed=1))))
+
+
+def test_single_size_model_refuses_sizes_not_exported(varnet_export, tmp_path) -> None:
+    _, path, _ = varnet_export
+    with pytest.raises(ExportError, match=r"no graph for 36x28 .* serves 32x24, 40x30, 24x72"):
+        single_size_model(read_onnx(path), 36, 28)
+    single = read_onnx(export_onnx(build_model("zero_filled"), tmp_path / "zf.onnx", (2, 32, 24)))
+    assert single_size_model(single, 32, 24) is single  # already one size
+    with pytest.raises(ExportError, match="serves 32x24"):
+        single_size_model(single, 24, 32)
+
+
+def _all_nodes(graph):
+    """Every node of ``graph``, inside control-flow subgraphs (the size branches' nested If) too."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from _all_nodes(attribute.g)
+
+
 @pytest.mark.parametrize("model_type", ["zero_filled", "cg_sense"])
 @pytest.mark.parametrize("sizes", [(3, 32, 24), [(32, 24), (24, 72)]])
 def test_classical_baselines_export_with_the_contract_inputs(tmp_path, model_type, sizes) -> None:
@@ -170,16 +220,14 @@ def test_vit_checkpoint_exports_with_parity_on_two_sizes_and_rebuilds_for_others
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch, coils, height, width in ((1, 3, 72, 66), (2, 4, 72, 66), (2, 2, 45, 37)):
         assert_parity(session, ZeroFilledFrontEnd(model), *sample(batch, coils, height, width, seed=coils))
-    def nodes(graph):  # every node, inside the size branches (nested If) too
-        for node in graph.node:
-            yield node
-            for attribute in node.attribute:
-                if attribute.HasField("g"):
-                    yield from nodes(attribute.g)
-
-    fused = [n for n in nodes(onnx.load(str(path)).graph)
+    fused = [n for n in _all_nodes(onnx.load(str(path)).graph)
              if (n.domain, n.op_type) == ("com.microsoft", "MultiHeadAttention")]
     assert len(fused) == 2 * VIT_KWARGS["depth"]  # each block's attention is one fused node, in both size branches
+    # one size cut out of the file keeps the fused attention (a com.microsoft op) and the ViT's own If
+    branch = single_size_model(read_onnx(path), 45, 37)
+    assert {"If", "MultiHeadAttention"} <= {n.op_type for n in _all_nodes(branch.graph)}
+    one = ort.InferenceSession(branch.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert_parity(one, ZeroFilledFrontEnd(model), *sample(2, 2, 45, 37, seed=4))
     meta = load_onnx_metadata(path)
     assert meta["reconkit.model_type"] == "vit" and meta["reconkit.normalization"] == "instance"
     assert meta["reconkit.model_kwargs"] == VIT_KWARGS

@@ -32,6 +32,7 @@ __all__ = [
     "load_checkpoint_model",
     "load_onnx_metadata",
     "normalise_sizes",
+    "read_onnx",
 ]
 
 DEFAULT_OPSET = 17
@@ -233,19 +234,24 @@ def _merge_by_size(graphs: list, sizes: list[tuple[int, int]]):
         ]
         out_name = OUTPUT_NAME if index == 0 else f"image_{index}"
         pick = helper.make_node("If", [cond], [out_name], then_branch=branches[index], else_branch=else_graph,
-                                name=f"pick_{height}x{width}")
+                                name=_pick_name(height, width))
         if index == 0:
             nodes += test + [pick]
         else:
             out = helper.make_tensor_value_info(out_name, TensorProto.FLOAT, None)
             else_graph = helper.make_graph(test + [pick], f"pick_from_{index}", [], [out])
     first = graphs[0].graph
-    inputs = [_dynamic_hw_input(v) for v in first.input if v.name in INPUT_NAMES]
+    inputs = [_hw_input(v, "height", "width") for v in first.input if v.name in INPUT_NAMES]
     output = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", "height", "width"])
     main = helper.make_graph(nodes, "reconkit", inputs, [output], initializer=shared + consts)
     merged = helper.make_model(main, opset_imports=graphs[0].opset_import, producer_name="reconkit")
     merged.ir_version = graphs[0].ir_version
     return merged
+
+
+def _pick_name(height: int, width: int) -> str:
+    """Name of the ``If`` node whose then-branch is the graph for k-space of ``height × width``."""
+    return f"pick_{height}x{width}"
 
 
 def _rename_node(node, rename, prefix: str) -> None:
@@ -263,17 +269,21 @@ def _rename_node(node, rename, prefix: str) -> None:
                 value.name = rename(value.name)
 
 
-def _dynamic_hw_input(value):
-    """Copy of a graph input with its height / width axes made symbolic."""
+def _hw_input(value, height: int | str, width: int | str):
+    """Copy of a contract input (``masked_kspace`` / ``mask``) with its height / width axes set: to symbolic
+    names (str) or fixed sizes (int)."""
     import onnx
 
     new = onnx.ValueInfoProto()
     new.CopyFrom(value)
     dims = new.type.tensor_type.shape.dim
-    names = {2: "height", 3: "width"} if new.name == "masked_kspace" else {3: "width"}
-    for axis, name in names.items():
+    axes = {2: height, 3: width} if new.name == "masked_kspace" else {3: width}
+    for axis, size in axes.items():
         dims[axis].Clear()
-        dims[axis].dim_param = name
+        if isinstance(size, str):
+            dims[axis].dim_param = size
+        else:
+            dims[axis].dim_value = size
     return new
 
 
@@ -428,13 +438,14 @@ def load_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
         ExportError: the file is missing or not an ONNX model.
     """
     path = Path(path)
-    return _decoded_metadata(_read_onnx(path, load_external_data=False), path)
+    return _decoded_metadata(read_onnx(path, load_external_data=False), path)
 
 
-def _read_onnx(path: Path, load_external_data: bool = True):
+def read_onnx(path: str | os.PathLike, load_external_data: bool = True):
     """The ``onnx.ModelProto`` of ``path``; ExportError naming the file when it is missing or not ONNX."""
     import onnx
 
+    path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: ONNX model not found")
     try:

@@ -53,6 +53,10 @@ class Reconstructor:
         fallback: returns the same model's PyTorch ``run`` for the sizes outside ``spatial_sizes`` (from the ONNX
             file's own weights, built on the first call and cached); None when there is none (then those sizes
             are an error).
+        run_for_size: returns the ``run`` for one size of ``spatial_sizes``, where the backend prepares something
+            per size (an ONNX file with several sizes: one ONNX Runtime session per size, opened on first use);
+            None when ``run`` is all there is. :meth:`runner_for` calls it, so the preparation happens before a
+            volume's model calls are timed.
     """
 
     name: str
@@ -61,6 +65,7 @@ class Reconstructor:
     mask_defaults: dict = field(default_factory=dict)
     spatial_sizes: list[tuple[int, int]] | None = None
     fallback: Callable[[], Callable[[np.ndarray, np.ndarray], np.ndarray]] | None = None
+    run_for_size: Callable[[int, int], Callable[[np.ndarray, np.ndarray], np.ndarray]] | None = None
 
     def runner_for(
         self, path: Path, height: int, width: int
@@ -69,9 +74,10 @@ class Reconstructor:
 
         Raises:
             DataError: the ONNX graph lacks this size and there is no PyTorch fallback.
+            ReconkitError: ONNX Runtime cannot open the graph of this size.
         """
         if self.spatial_sizes is None or (height, width) in self.spatial_sizes:
-            return self.run, None
+            return (self.run if self.run_for_size is None else self.run_for_size(height, width)), None
         sizes = ", ".join(f"{h}x{w}" for h, w in self.spatial_sizes)
         if self.fallback is None:
             raise DataError(
@@ -111,7 +117,7 @@ def _mask_defaults(mask_type: str | None, accelerations, center_fractions) -> di
 def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fallback: bool) -> Reconstructor:
     import onnxruntime as ort
 
-    from reconkit.export import load_onnx_as_torch, load_onnx_metadata
+    from reconkit.export import load_onnx_as_torch, load_onnx_metadata, read_onnx, single_size_model
     from reconkit.export.onnx_export import UNKNOWN_MASK_FAMILY
 
     metadata = load_onnx_metadata(path)
@@ -120,18 +126,38 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ReconkitError(f"{path}: --device cuda, but this onnxruntime has no CUDAExecutionProvider")
         providers.insert(0, "CUDAExecutionProvider")
-    try:
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as err:  # noqa: BLE001 -- onnxruntime raises its own exception types for unreadable models
-        raise ReconkitError(f"{path}: cannot load ONNX model ({str(err).splitlines()[0]})") from None
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+
+    def open_session(model: bytes | str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        try:
+            session = ort.InferenceSession(model, options, providers=providers)
+        except Exception as err:  # noqa: BLE001 -- onnxruntime raises its own exception types for unreadable models
+            raise ReconkitError(f"{path}: cannot load ONNX model ({str(err).splitlines()[0]})") from None
+        return lambda masked_kspace, mask: session.run(["image"], {"masked_kspace": masked_kspace, "mask": mask})[0]
+
     declared = metadata.get("reconkit.spatial_sizes", "dynamic")
     sizes = None if declared == "dynamic" else [(int(h), int(w)) for h, w in declared]
+    run_for_size = None
+    if sizes is not None and len(sizes) > 1:
+        # ONNX Runtime would prepare every size's branch on load (~10 s for the bundled model's eight): open one
+        # session per size instead, from that size's branch alone, when a volume of that size first comes
+        proto = read_onnx(path)
 
-    def run(masked_kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return session.run(["image"], {"masked_kspace": masked_kspace, "mask": mask})[0]
+        @functools.cache
+        def run_for_size(height: int, width: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+            return open_session(single_size_model(proto, height, width).SerializeToString())
+
+        def run(masked_kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            height, width = masked_kspace.shape[2:4]
+            if (height, width) not in sizes:
+                served = ", ".join(f"{h}x{w}" for h, w in sizes)
+                raise ReconkitError(f"{path}: input height x width {height}x{width} not exported; "
+                                    f"this model serves {served}")
+            return run_for_size(height, width)(masked_kspace, mask)
+    else:
+        run = open_session(str(path))
 
     @functools.cache  # the model is rebuilt once, when a size outside the graph first comes
     def torch_run() -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -151,6 +177,7 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
         ),
         spatial_sizes=sizes,
         fallback=torch_run if rebuildable else None,
+        run_for_size=run_for_size,
     )
 
 
