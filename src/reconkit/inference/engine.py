@@ -191,8 +191,9 @@ def load_reconstructor(
     """Build the model named by ``model``.
 
     Args:
-        model: ``zero-filled`` / ``cg-sense`` (classical baselines), a ``.onnx`` file (ONNX Runtime) or a reconkit
-            checkpoint (``reconkit.models.load_model``).
+        model: ``zero-filled`` / ``cg-sense`` (classical baselines), a ``.onnx`` file (ONNX Runtime; a file exported
+            for several sizes gets one session per size, opened from that size's branch when first needed) or a
+            reconkit checkpoint (``reconkit.models.load_model``).
         backend: ``"torch"`` / ``"onnx"``; None infers it from the file extension.
         device: ``"cpu"`` or ``"cuda"``.
         threads: ONNX Runtime intra-op threads (None: its default); torch models use ``torch.set_num_threads``.
