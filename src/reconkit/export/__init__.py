@@ -7,7 +7,15 @@ its own (a session that opens in a fraction of the time); see docs/export.md.
 """
 
 from reconkit.export.onnx_branches import single_size_model
-from reconkit.export.onnx_export import ExportError, export_onnx, load_onnx_metadata, read_onnx
+from reconkit.export.onnx_export import ExportError, export_onnx, format_sizes, load_onnx_metadata, read_onnx
 from reconkit.export.onnx_weights import load_onnx_as_torch
 
-__all__ = ["ExportError", "export_onnx", "load_onnx_as_torch", "load_onnx_metadata", "read_onnx", "single_size_model"]
+__all__ = [
+    "ExportError",
+    "export_onnx",
+    "format_sizes",
+    "load_onnx_as_torch",
+    "load_onnx_metadata",
+    "read_onnx",
+    "single_size_model",
+]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from reconkit.export.onnx_export import INPUT_NAMES, OUTPUT_NAME, ExportError, _hw_input, _pick_name
+from reconkit.export.onnx_export import INPUT_NAMES, OUTPUT_NAME, ExportError, _hw_input, _pick_name, format_sizes
 
 __all__ = ["single_size_model"]
 
@@ -63,7 +63,7 @@ def single_size_model(proto, height: int, width: int):
     metadata = {entry.key: entry.value for entry in proto.metadata_props}
     sizes = json.loads(metadata.get(SIZES_KEY, '"dynamic"'))
     if sizes == "dynamic" or [height, width] not in sizes:
-        served = "any size" if sizes == "dynamic" else ", ".join(f"{h}x{w}" for h, w in sizes)
+        served = "any size" if sizes == "dynamic" else format_sizes(sizes)
         raise ExportError(f"no graph for {height}x{width} k-space in this model (it serves {served})")
     if len(sizes) == 1:
         return proto

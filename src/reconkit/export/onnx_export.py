@@ -28,7 +28,9 @@ from reconkit.ops import fft_impl
 __all__ = [
     "DEFAULT_OPSET",
     "ExportError",
+    "decoded_metadata",
     "export_onnx",
+    "format_sizes",
     "load_checkpoint_model",
     "load_onnx_metadata",
     "normalise_sizes",
@@ -50,6 +52,11 @@ INPUT_LAYOUT = (
 
 class ExportError(ReconkitError):
     """A model or checkpoint could not be exported; the message names the file and the problem."""
+
+
+def format_sizes(sizes: Sequence[Sequence[int]]) -> str:
+    """``[(32, 24), (40, 30)]`` → ``"32x24, 40x30"``: how errors and node names list a model's sizes."""
+    return ", ".join(f"{h}x{w}" for h, w in sizes)
 
 
 def normalise_sizes(example_shape: Sequence[int] | Sequence[Sequence[int]]) -> tuple[int, list[tuple[int, int]]]:
@@ -210,7 +217,7 @@ def _merge_by_size(graphs: list, sizes: list[tuple[int, int]]):
         helper.make_node("Shape", ["masked_kspace"], ["input_shape"]),
         helper.make_node("Gather", ["input_shape", "hw_axes"], ["input_hw"], axis=0),
     ]
-    served = ", ".join(f"{h}x{w}" for h, w in sizes)
+    served = format_sizes(sizes)
     # the zero shape is computed from the input, so that load-time shape inference cannot reject the branch
     consts += [helper.make_tensor("bhw_axes", TensorProto.INT64, [3], [0, 2, 3]),
                helper.make_tensor("zero", TensorProto.INT64, [], [0])]
@@ -438,7 +445,7 @@ def load_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
         ExportError: the file is missing or not an ONNX model.
     """
     path = Path(path)
-    return _decoded_metadata(read_onnx(path, load_external_data=False), path)
+    return decoded_metadata(read_onnx(path, load_external_data=False), path)
 
 
 def read_onnx(path: str | os.PathLike, load_external_data: bool = True):
@@ -454,7 +461,7 @@ def read_onnx(path: str | os.PathLike, load_external_data: bool = True):
         raise ExportError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
 
 
-def _decoded_metadata(proto, path: Path) -> dict[str, Any]:
+def decoded_metadata(proto, path: Path) -> dict[str, Any]:
     """:func:`load_onnx_metadata` of an already read ``proto`` (``path`` names it in errors)."""
     metadata: dict[str, Any] = {}
     for entry in proto.metadata_props:

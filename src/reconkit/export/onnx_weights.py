@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reconkit.export.onnx_export import WEIGHT_PREFIX, ExportError, _decoded_metadata, read_onnx
+from reconkit.export.onnx_export import WEIGHT_PREFIX, ExportError, decoded_metadata, read_onnx
 from reconkit.models import contract_model
 
 __all__ = ["load_onnx_as_torch"]
@@ -40,7 +40,7 @@ def load_onnx_as_torch(path: str | os.PathLike) -> torch.nn.Module:
 
     path = Path(path)
     proto = read_onnx(path)  # read once: the metadata and the weights
-    metadata = _decoded_metadata(proto, path)
+    metadata = decoded_metadata(proto, path)
     model_type, model_kwargs = metadata.get("reconkit.model_type"), metadata.get("reconkit.model_kwargs")
     if not isinstance(model_kwargs, dict):
         raise ExportError(f"{path}: no 'reconkit.model_kwargs' metadata, so its weights cannot be rebuilt in PyTorch "

@@ -19,6 +19,7 @@ import torch
 
 from reconkit.data import Volume, apply_mask, center_crop, create_mask_for_mask_type, filename_seed
 from reconkit.errors import DataError, ReconkitError
+from reconkit.export.onnx_export import format_sizes
 from reconkit.models.classical import zero_filled as zero_filled_image
 
 __all__ = [
@@ -78,7 +79,7 @@ class Reconstructor:
         """
         if self.spatial_sizes is None or (height, width) in self.spatial_sizes:
             return (self.run if self.run_for_size is None else self.run_for_size(height, width)), None
-        sizes = ", ".join(f"{h}x{w}" for h, w in self.spatial_sizes)
+        sizes = format_sizes(self.spatial_sizes)
         if self.fallback is None:
             raise DataError(
                 path,
@@ -117,10 +118,11 @@ def _mask_defaults(mask_type: str | None, accelerations, center_fractions) -> di
 def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fallback: bool) -> Reconstructor:
     import onnxruntime as ort
 
-    from reconkit.export import load_onnx_as_torch, load_onnx_metadata, read_onnx, single_size_model
-    from reconkit.export.onnx_export import UNKNOWN_MASK_FAMILY
+    from reconkit.export import load_onnx_as_torch, read_onnx, single_size_model
+    from reconkit.export.onnx_export import UNKNOWN_MASK_FAMILY, decoded_metadata
 
-    metadata = load_onnx_metadata(path)
+    proto = read_onnx(path)  # read once: the metadata, and the size branches of a multi-size file
+    metadata = decoded_metadata(proto, path)
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -143,8 +145,6 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
     if sizes is not None and len(sizes) > 1:
         # ONNX Runtime would prepare every size's branch on load (~10 s for the bundled model's eight): open one
         # session per size instead, from that size's branch alone, when a volume of that size first comes
-        proto = read_onnx(path)
-
         @functools.cache
         def run_for_size(height: int, width: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
             return open_session(single_size_model(proto, height, width).SerializeToString())
@@ -152,9 +152,8 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
         def run(masked_kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
             height, width = masked_kspace.shape[2:4]
             if (height, width) not in sizes:
-                served = ", ".join(f"{h}x{w}" for h, w in sizes)
                 raise ReconkitError(f"{path}: input height x width {height}x{width} not exported; "
-                                    f"this model serves {served}")
+                                    f"this model serves {format_sizes(sizes)}")
             return run_for_size(height, width)(masked_kspace, mask)
     else:
         run = open_session(str(path))
