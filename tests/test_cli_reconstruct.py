@@ -299,6 +299,10 @@ def test_bad_model_and_help(tmp_path, capsys):
     write_fastmri_file(tmp_path / "a.h5", rng)
     code, _, err = _run(capsys, str(tmp_path / "a.h5"), "--model", str(tmp_path / "nope.ckpt"), "--output", "o")
     assert code == 2 and "nope.ckpt" in err and "not found" in err
+    (tmp_path / "garbled.onnx").write_bytes(b"not an ONNX model at all")
+    code, _, err = _run(capsys, str(tmp_path / "a.h5"), "--model", str(tmp_path / "garbled.onnx"), "--output",
+                        str(tmp_path / "o"))
+    assert code == 2 and "garbled.onnx: not an ONNX model" in err and not (tmp_path / "o").exists()
     with pytest.raises(SystemExit) as exit_info:
         reconkit_main(["reconstruct", "--help"])
     assert exit_info.value.code == 0
