@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import fastmri
@@ -380,6 +383,21 @@ def test_tiny_varnet_checkpoint_torch_and_onnx_agree(tmp_path, capsys):
     assert not (tmp_path / "x" / "h5" / "other.h5").exists()
 
 
+def _count_sessions(monkeypatch) -> list:
+    """From now on, every model ``onnxruntime.InferenceSession`` is given (a path or bytes), in order."""
+    import onnxruntime as ort
+
+    opened = []
+    real_session = ort.InferenceSession
+
+    def counted_session(model, *args, **kwargs):
+        opened.append(model)
+        return real_session(model, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", counted_session)
+    return opened
+
+
 def test_multi_size_onnx_opens_one_session_per_size_on_first_use(tmp_path, monkeypatch):
     """ONNX Runtime prepares every size branch of a file it opens; the engine opens only the branch of each size it
     meets, when it first meets it, with the whole file's output."""
@@ -393,14 +411,7 @@ def test_multi_size_onnx_opens_one_session_per_size_on_first_use(tmp_path, monke
     kwargs = {'num_cascades': 1, 'sens_chans': 2, 'sens_pools': 1, 'chans': 2, 'pools': 1}
     onnx_path = export_onnx(build_model("varnet", **kwargs), tmp_path / "two.onnx", [(32, 24), (40, 30)])
     whole = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    opened = []
-    real_session = ort.InferenceSession
-
-    def counted_session(model, *args, **kwargs):
-        opened.append(model)
-        return real_session(model, *args, **kwargs)
-
-    monkeypatch.setattr(ort, "InferenceSession", counted_session)
+    opened = _count_sessions(monkeypatch)
     reconstructor = load_reconstructor(str(onnx_path))
     assert opened == [] and reconstructor.spatial_sizes == [(32, 24), (40, 30)]
     rng = np.random.default_rng(2)
@@ -472,3 +483,96 @@ def test_ismrmrd_raw_file_is_reconstructed(tmp_path, capsys):
     expected = fastmri_transforms.center_crop(fastmri.rss(fastmri.complex_abs(fastmri.ifft2c(masked)), dim=1), (32, 32))
     with h5py.File(tmp_path / "out" / "h5" / "raw.h5") as f:
         np.testing.assert_allclose(f["reconstruction"][()], expected.numpy(), rtol=1e-4, atol=1e-9)
+
+
+def _rewritten(proto, how: str):
+    """``proto`` changed as an ONNX optimiser might leave it: node names dropped ("names"), or a weight the size
+    branches read moved from the initializers into a Constant node of the main graph ("constant")."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    if how == "names":
+        def strip(graph):
+            for node in graph.node:
+                node.name = ""
+                for attribute in node.attribute:
+                    if attribute.HasField("g"):
+                        strip(attribute.g)
+        strip(model.graph)
+    else:
+        weight = model.graph.initializer[0]
+        constant = onnx.helper.make_node("Constant", [], [weight.name], value=weight)
+        del model.graph.initializer[0]
+        model.graph.node.insert(0, constant)
+    return model
+
+
+@pytest.mark.parametrize("how", ["names", "constant"])
+def test_multi_size_onnx_whose_branch_cannot_be_cut_out_runs_the_whole_file(tmp_path, monkeypatch, how):
+    """When one size's branch cannot be opened alone (a file rewritten by an optimiser), the engine opens the whole
+    file instead, once, says so in a one-line warning, and gives the whole file's output."""
+    import onnx
+    import onnxruntime as ort
+
+    from reconkit.errors import ReconkitWarning
+    from reconkit.export import export_onnx, read_onnx
+    from reconkit.models import build_model
+
+    torch.manual_seed(4)
+    kwargs = {'num_cascades': 1, 'sens_chans': 2, 'sens_pools': 1, 'chans': 2, 'pools': 1}
+    exported = export_onnx(build_model("varnet", **kwargs), tmp_path / "two.onnx", [(32, 24), (40, 30)])
+    path = tmp_path / f"rewritten_{how}.onnx"
+    onnx.save(_rewritten(read_onnx(exported), how), str(path))
+    whole = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opened = _count_sessions(monkeypatch)
+    reconstructor = load_reconstructor(str(path))
+    rng = np.random.default_rng(5)
+    met = set()
+    for height, width in ((40, 30), (32, 24), (40, 30)):
+        mask = np.zeros((1, 1, 1, width, 1), np.float32)
+        mask[..., ::2, :] = 1
+        kspace = rng.standard_normal((1, 3, height, width, 2)).astype(np.float32) * mask
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run, note = reconstructor.runner_for(Path("scan.h5"), height, width)
+        said = [str(w.message) for w in caught if issubclass(w.category, ReconkitWarning)]
+        (expected,) = whole.run(None, {"masked_kspace": kspace, "mask": mask})
+        np.testing.assert_allclose(run(kspace, mask), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+        assert note is None
+        if (height, width) in met:  # a size met before: its runner is kept, nothing said again
+            assert said == []
+        else:
+            assert len(said) == 1 and f"opened the whole file (slower to start) because its {height}x{width}" in said[0]
+        met.add((height, width))
+    assert [model for model in opened if isinstance(model, str)] == [str(path)]  # the whole file, opened once
+    # from the command line the warning is one line, with the file named
+    write_fastmri_file(tmp_path / "scan.h5", rng, slices=2, coils=3, height=32, width=24, recon=(16, 16))
+    run = subprocess.run([sys.executable, "-m", "reconkit.cli.main", "reconstruct", str(tmp_path / "scan.h5"),
+                          "--model", str(path), "--output", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"warning: {path}: opened the whole file (slower to start) because its 32x24 branch" in run.stderr
+    assert "UserWarning" not in run.stderr and (tmp_path / "out" / "h5" / "scan.h5").exists()
+
+
+def test_multi_size_onnx_that_cannot_be_opened_at_all_is_one_error_not_retried(tmp_path, monkeypatch):
+
+    from reconkit.errors import ReconkitError
+    from reconkit.export import export_onnx, read_onnx
+    from reconkit.models import build_model
+
+    kwargs = {'num_cascades': 1, 'sens_chans': 2, 'sens_pools': 1, 'chans': 2, 'pools': 1}
+    exported = export_onnx(build_model("varnet", **kwargs), tmp_path / "two.onnx", [(32, 24), (40, 30)])
+    proto = _rewritten(read_onnx(exported), "names")  # branches that cannot be cut out
+    for node in proto.graph.node:  # and a graph ONNX Runtime refuses: an op that does not exist
+        if node.op_type == "Shape":
+            node.op_type = "NoSuchOp"
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(proto.SerializeToString())
+    opened = _count_sessions(monkeypatch)
+    reconstructor = load_reconstructor(str(path))
+    for height, width in ((32, 24), (40, 30), (32, 24)):
+        with pytest.raises(ReconkitError, match=f"{path}: cannot load ONNX model"):
+            reconstructor.runner_for(Path("scan.h5"), height, width)
+    assert opened == [str(path)]  # tried once, not once per volume

@@ -1,4 +1,4 @@
-"""One error type for everything reconkit reports about bad input."""
+"""One error type for everything reconkit reports about bad input, and one warning type for what it works around."""
 
 from __future__ import annotations
 
@@ -26,3 +26,7 @@ class DataError(ReconkitError):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(problem if path is None else f"{self.path}: {problem}")
+
+
+class ReconkitWarning(UserWarning):
+    """Input reconkit could handle, but not in the usual way (e.g. a slower path); the CLI prints it in one line."""

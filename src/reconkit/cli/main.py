@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
+
+from reconkit.errors import ReconkitWarning
+
+_python_format_warning = warnings.formatwarning
 
 # name -> (module, one-line summary). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -45,7 +50,15 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """reconkit's own warnings in one line, as the CLI's other notes; others as Python formats them."""
+    if issubclass(category, ReconkitWarning):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from reconkit.data import Volume, apply_mask, center_crop, create_mask_for_mask_type, filename_seed
-from reconkit.errors import DataError, ReconkitError
+from reconkit.errors import DataError, ReconkitError, ReconkitWarning
 from reconkit.export.onnx_export import format_sizes
 from reconkit.models.classical import zero_filled as zero_filled_image
 
@@ -146,8 +147,24 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
         # ONNX Runtime would prepare every size's branch on load (~10 s for the bundled model's eight): open one
         # session per size instead, from that size's branch alone, when a volume of that size first comes
         @functools.cache
+        def whole_file() -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray] | None, ReconkitError | None]:
+            try:  # a failure is kept too, so that it is not retried (≈ 10 s) for every volume
+                return open_session(str(path)), None
+            except ReconkitError as err:
+                return None, err
+
+        @functools.cache
         def run_for_size(height: int, width: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-            return open_session(single_size_model(proto, height, width).SerializeToString())
+            try:
+                return open_session(single_size_model(proto, height, width).SerializeToString())
+            except ReconkitError as err:  # e.g. a file an ONNX optimiser rewrote, its branches no longer laid out
+                whole, whole_err = whole_file()  # as reconkit exports them: the whole file may still run
+                if whole_err is not None:
+                    raise whole_err from None
+                reason = str(err).removeprefix(f"{path}: ")
+                warnings.warn(f"{path}: opened the whole file (slower to start) because its {height}x{width} "
+                              f"branch could not be opened alone: {reason}", ReconkitWarning, stacklevel=2)
+                return whole
 
         def run(masked_kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
             height, width = masked_kspace.shape[2:4]
@@ -191,8 +208,9 @@ def load_reconstructor(
 
     Args:
         model: ``zero-filled`` / ``cg-sense`` (classical baselines), a ``.onnx`` file (ONNX Runtime; a file exported
-            for several sizes gets one session per size, opened from that size's branch when first needed) or a
-            reconkit checkpoint (``reconkit.models.load_model``).
+            for several sizes gets one session per size, opened from that size's branch when first needed, or the
+            whole file's session, with a :class:`~reconkit.errors.ReconkitWarning`, where a branch cannot be opened
+            alone) or a reconkit checkpoint (``reconkit.models.load_model``).
         backend: ``"torch"`` / ``"onnx"``; None infers it from the file extension.
         device: ``"cpu"`` or ``"cuda"``.
         threads: ONNX Runtime intra-op threads (None: its default); torch models use ``torch.set_num_threads``.
