@@ -158,6 +158,11 @@ def test_single_size_model_refuses_sizes_not_exported(varnet_export, tmp_path) -
     assert single_size_model(single, 32, 24) is single  # already one size
     with pytest.raises(ExportError, match="serves 32x24"):
         single_size_model(single, 24, 32)
+    for entry in single.metadata_props:  # a graph declared for any size ("dynamic") has no size branches
+        if entry.key == "reconkit.spatial_sizes":
+            entry.value = "dynamic"
+    with pytest.raises(ExportError, match="no graph for 32x24 k-space in this model .it serves any size"):
+        single_size_model(single, 32, 24)
 
 
 def _all_nodes(graph):

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import json
 
-from reconkit.export.onnx_export import INPUT_NAMES, OUTPUT_NAME, ExportError, _hw_input, _pick_name, format_sizes
+from reconkit.export.onnx_export import (
+    INPUT_NAMES,
+    OUTPUT_NAME,
+    ExportError,
+    _hw_input,
+    _pick_name,
+    decoded_metadata,
+    format_sizes,
+)
 
 __all__ = ["single_size_model"]
 
@@ -60,8 +68,7 @@ def single_size_model(proto, height: int, width: int):
     """
     import onnx
 
-    metadata = {entry.key: entry.value for entry in proto.metadata_props}
-    sizes = json.loads(metadata.get(SIZES_KEY, '"dynamic"'))
+    sizes = decoded_metadata(proto, "ONNX model").get(SIZES_KEY, "dynamic")
     if sizes == "dynamic" or [height, width] not in sizes:
         served = "any size" if sizes == "dynamic" else format_sizes(sizes)
         raise ExportError(f"no graph for {height}x{width} k-space in this model (it serves {served})")
@@ -86,7 +93,8 @@ def single_size_model(proto, height: int, width: int):
 
     model = onnx.helper.make_model(graph, opset_imports=proto.opset_import, producer_name=proto.producer_name)
     model.ir_version = proto.ir_version
-    for key, value in metadata.items():
+    for source in proto.metadata_props:
         entry = model.metadata_props.add()
-        entry.key, entry.value = key, json.dumps([[height, width]]) if key == SIZES_KEY else value
+        entry.key = source.key
+        entry.value = json.dumps([[height, width]]) if source.key == SIZES_KEY else source.value
     return model
