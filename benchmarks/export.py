@@ -438,12 +438,10 @@ def bench_session_open(path: Path, repeats: int, threads: int) -> list[str]:
         branch = single_size_model(proto, height, width).SerializeToString()
         t_whole, t_branch = interleaved(lambda: session(str(path), threads), lambda b=branch: session(b, threads),
                                         repeats)
-        rng = np.random.default_rng(0)
-        mask = np.zeros((1, 1, 1, width, 1), np.float32)
-        mask[..., ::4, :] = 1
-        mask[..., width // 2 - 8: width // 2 + 8, :] = 1
-        feeds = {"masked_kspace": rng.standard_normal((1, 4, height, width, 2)).astype(np.float32) * mask,
-                 "mask": mask}
+        generator = torch.Generator().manual_seed(height + width)
+        mask = line_mask(width, 0.2, generator)
+        kspace = torch.randn(1, 4, height, width, 2, generator=generator) * mask
+        feeds = {"masked_kspace": kspace.numpy(), "mask": mask.numpy()}
         e_max, e_rel = errors(session(branch, threads).run(None, feeds)[0], whole.run(None, feeds)[0])
         rows.append(f"| {height}×{width} | {t_whole:.2f} | {t_branch:.2f} | {t_whole / t_branch:.1f}× | "
                     f"{e_max:.1e} | {e_rel:.1e} |")
