@@ -461,8 +461,9 @@ def read_onnx(path: str | os.PathLike, load_external_data: bool = True):
         raise ExportError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
 
 
-def decoded_metadata(proto, path: Path) -> dict[str, Any]:
-    """:func:`load_onnx_metadata` of an already read ``proto`` (``path`` names it in errors)."""
+def decoded_metadata(proto, path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`load_onnx_metadata` of an already read ``proto`` (``path``, a file or a description such as
+    ``"ONNX model"``, names it in errors)."""
     metadata: dict[str, Any] = {}
     for entry in proto.metadata_props:
         value: Any = entry.value
