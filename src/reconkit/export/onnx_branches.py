@@ -18,6 +18,7 @@ from reconkit.export.onnx_export import (
     ExportError,
     _hw_input,
     _pick_name,
+    _subgraphs,
     decoded_metadata,
     format_sizes,
 )
@@ -46,9 +47,8 @@ def _names_read(graph, names: set[str]) -> set[str]:
     """Add to ``names`` every tensor name a node of ``graph`` (or of its control-flow subgraphs) reads."""
     for node in graph.node:
         names.update(node.input)
-        for attribute in node.attribute:
-            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                _names_read(subgraph, names)
+        for subgraph in _subgraphs(node):
+            _names_read(subgraph, names)
     return names
 
 

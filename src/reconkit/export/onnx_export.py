@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -267,13 +267,19 @@ def _rename_node(node, rename, prefix: str) -> None:
     node.name = prefix + node.name
     node.input[:] = [rename(n) for n in node.input]
     node.output[:] = [rename(n) for n in node.output]
+    for graph in _subgraphs(node):
+        for inner in graph.node:
+            _rename_node(inner, rename, prefix)
+        for value in [*graph.input, *graph.output, *graph.initializer]:
+            value.name = rename(value.name)
+
+
+def _subgraphs(node) -> Iterator:
+    """The ``GraphProto`` attributes of ``node``: an ``If``'s branches, a ``Loop`` / ``Scan`` body (none for others)."""
     for attribute in node.attribute:
-        subgraphs = ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs)
-        for graph in subgraphs:
-            for inner in graph.node:
-                _rename_node(inner, rename, prefix)
-            for value in [*graph.input, *graph.output, *graph.initializer]:
-                value.name = rename(value.name)
+        if attribute.HasField("g"):
+            yield attribute.g
+        yield from attribute.graphs
 
 
 def _hw_input(value, height: int | str, width: int | str):
