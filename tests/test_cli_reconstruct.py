@@ -497,15 +497,16 @@ def _rewritten(proto, how: str):
     branches read moved from the initializers into a Constant node of the main graph ("constant")."""
     import onnx
 
+    from reconkit.export.onnx_export import _subgraphs
+
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     if how == "names":
         def strip(graph):
             for node in graph.node:
                 node.name = ""
-                for attribute in node.attribute:
-                    if attribute.HasField("g"):
-                        strip(attribute.g)
+                for subgraph in _subgraphs(node):
+                    strip(subgraph)
         strip(model.graph)
     else:
         weight = model.graph.initializer[0]

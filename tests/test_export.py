@@ -20,6 +20,7 @@ from reconkit.export import (
     read_onnx,
     single_size_model,
 )
+from reconkit.export.onnx_export import _subgraphs
 from reconkit.models import ZeroFilledFrontEnd, build_model, save_model
 
 VARNET_KWARGS = {"num_cascades": 2, "sens_chans": 2, "sens_pools": 1, "chans": 4, "pools": 2}
@@ -169,9 +170,8 @@ def _all_nodes(graph):
     """Every node of ``graph``, inside control-flow subgraphs (the size branches' nested If) too."""
     for node in graph.node:
         yield node
-        for attribute in node.attribute:
-            if attribute.HasField("g"):
-                yield from _all_nodes(attribute.g)
+        for subgraph in _subgraphs(node):
+            yield from _all_nodes(subgraph)
 
 
 @pytest.mark.parametrize("model_type", ["zero_filled", "cg_sense"])
