@@ -1,5 +1,5 @@
 """KServe V2 server, REST and gRPC: tritonclient round trips equal ONNX Runtime, every error path, batching, metrics,
-SIGTERM."""
+Triton's model configuration and statistics extensions, SIGTERM."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ import torch
 import tritonclient.grpc as tritonclient_grpc
 import tritonclient.http as tritonclient_http
 import trustme
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException
 
 from reconkit.errors import ReconkitError
@@ -232,7 +235,7 @@ def test_metadata_health_and_readiness(server):
         assert meta["inputs"] == [{"name": "masked_kspace", "datatype": "FP32", "shape": [-1, -1, -1, -1, 2]},
                                   {"name": "mask", "datatype": "FP32", "shape": [-1, 1, 1, -1, 1]}]
         assert meta["outputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, -1, -1]}]
-        assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+        assert client.get_server_metadata()["extensions"] == ["model_configuration", "statistics", "binary_tensor_data"]
         assert client.get_model_config("recon")["max_batch_size"] == 8
     finally:
         client.close()
@@ -545,6 +548,84 @@ def test_metrics_count_requests_errors_and_batches(repository):
     assert 'reconkit_serve_queue_depth{model="recon",version="2"} 0.0' in text
 
 
+def test_model_config_is_tritons_model_config(server, direct, plain_repository):
+    """GET .../config parses with Triton's own ModelConfig schema (an unknown field or enum name would raise) and
+    says what the server does: dims without the batch axis, the batching in use, the graph's metadata."""
+    url, _ = server
+    client = tritonclient_http.InferenceServerClient(url)
+    try:
+        config = json_format.ParseDict(client.get_model_config("recon", "1"), model_config_pb2.ModelConfig())
+    finally:
+        client.close()
+    tensors = [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims))
+               for t in [*config.input, *config.output]]
+    assert tensors == [("masked_kspace", "TYPE_FP32", [-1, -1, -1, 2]), ("mask", "TYPE_FP32", [1, 1, -1, 1]),
+                       ("image", "TYPE_FP32", [-1, -1])]
+    assert (config.name, config.platform, config.backend, config.max_batch_size) == ("recon", "onnxruntime_onnx",
+                                                                                     "onnxruntime", 8)
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 64
+    assert [(g.count, model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group] == [
+        (1, "KIND_CPU")]
+    metadata = direct.get_modelmeta().custom_metadata_map
+    assert {k: v.string_value for k, v in config.parameters.items()} == dict(metadata)
+    with running_server(plain_repository, batching=BatchingConfig(max_batch_size=0)) as (plain_url, _):
+        status, body = get(plain_url, "/v2/models/recon/config")
+    unbatched = json_format.ParseDict(json.loads(body), model_config_pb2.ModelConfig())
+    assert status == 200 and unbatched.max_batch_size == 0 and not unbatched.HasField("dynamic_batching")
+    assert list(unbatched.input[0].dims) == [-1, -1, -1, -1, 2]  # no batching: the batch axis is part of the dims
+
+
+def test_statistics_count_requests_runs_queue_and_compute(plain_repository):
+    """Triton's statistics extension after 4 concurrent requests (batched within a 0.5 s window), one of batch 2
+    and one refused: counts add up, the window shows as queue time, per-run stats sum to the runs."""
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_s=0.5)
+    with running_server(plain_repository, batching=batching) as (url, _):
+        before_ms = time.time() * 1e3
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: triton_infer(url, *sample(seed=i), binary=True), range(4)))
+        triton_infer(url, *sample(2, seed=9), binary=True)
+        kspace, mask = sample()
+        kspace[0, 0, 0, 0, 0] = np.nan
+        assert post(url, "/v2/models/recon/infer", json.dumps(json_request(kspace, mask)).encode())[0] == 400
+        status, body = get(url, "/v2/models/recon/stats")
+        after_ms = time.time() * 1e3
+        client = tritonclient_http.InferenceServerClient(url)
+        try:
+            every, one = client.get_inference_statistics(), client.get_inference_statistics("recon", "1")
+            assert every == one == json.loads(body)
+        finally:
+            client.close()
+    assert status == 200
+    (stats,) = json.loads(body)["model_stats"]
+    requests, runs = stats["inference_stats"], stats["batch_stats"]
+    assert (stats["name"], stats["version"], stats["inference_count"]) == ("recon", "1", 6)
+    assert requests["success"]["count"] == 5 and requests["fail"]["count"] == 1 and requests["fail"]["ns"] > 0
+    assert 2 <= stats["execution_count"] < 5  # at least two of the concurrent requests shared a run
+    assert sum(run["compute_infer"]["count"] for run in runs) == stats["execution_count"]
+    assert sum(run["batch_size"] * run["compute_infer"]["count"] for run in runs) == 6
+    for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert requests[phase]["count"] == 5, phase  # every answered request was queued and run; the refused one not
+    assert requests["queue"]["ns"] >= 0.4e9  # the first of the concurrent requests waited out the 0.5 s window
+    assert requests["success"]["ns"] >= requests["queue"]["ns"] + requests["compute_infer"]["ns"] > 0
+    assert before_ms <= stats["last_inference"] <= after_ms
+
+
+def test_statistics_endpoints_select_models_and_versions(server):
+    url, _ = server
+
+    def listed(path: str) -> list[tuple[str, str]]:
+        status, body = get(url, path)
+        assert status == 200, body
+        return [(entry["name"], entry["version"]) for entry in json.loads(body)["model_stats"]]
+
+    assert listed("/v2/models/stats") == listed("/v2/models/recon/stats") == [("recon", "1"), ("recon", "2")]
+    assert listed("/v2/models/recon/versions/2/stats") == [("recon", "2")]
+    for path, message in (("/v2/models/nope/stats", "unknown model 'nope'"),
+                          ("/v2/models/recon/versions/3/stats", "has no version '3'")):
+        status, body = get(url, path)
+        assert status == 404 and message in json.loads(body)["error"]
+
+
 def test_sigterm_mid_load_answers_every_accepted_request(plain_repository, tmp_path):
     """40 requests, 4 concurrent; SIGTERM once 10 are answered and a request has waited >= 50 ms in the server's
     300 ms batching window. Every request in flight then must get a complete, correct 200; every other request
@@ -730,6 +811,78 @@ def test_grpc_raw_contents_checks_and_unknown_models(grpc_server):
         with pytest.raises(grpc.RpcError) as caught:
             grpc_call(address, "ModelInfer", grpc_request(json_request(kspace, mask), model, version))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND and message in caught.value.details()
+
+
+def _triton_descriptor(name: str):
+    """Triton's generated descriptor of message ``name`` ("Outer.Nested" for a nested one), from the tritonclient
+    wheel: the service messages or the model configuration's."""
+    top, *nested = name.split(".")
+    files = (service_pb2.DESCRIPTOR, model_config_pb2.DESCRIPTOR)
+    descriptor = next(f.message_types_by_name[top] for f in files if top in f.message_types_by_name)
+    for part in nested:
+        descriptor = descriptor.nested_types_by_name[part]
+    return descriptor
+
+
+def test_grpc_schema_matches_tritons_generated_messages():
+    """Every field of reconkit's hand-written schema has Triton's number, type and label, enums their numbers, and
+    every rpc Triton's request and response types: what makes the wire format the same."""
+    checked = 0
+    for name, message in MESSAGES.items():
+        theirs = _triton_descriptor(name)
+        for field in message.DESCRIPTOR.fields:
+            other = theirs.fields_by_name.get(field.name)
+            assert other is not None, f"{name}.{field.name}: not in Triton's message"
+            assert (field.number, field.type, field.is_repeated) == (other.number, other.type, other.is_repeated), \
+                f"{name}.{field.name}"
+            if field.message_type is not None:
+                assert field.message_type.name == other.message_type.name, f"{name}.{field.name}"
+            if field.enum_type is not None:
+                assert field.enum_type.full_name == other.enum_type.full_name, f"{name}.{field.name}"
+                for value in field.enum_type.values:
+                    assert other.enum_type.values_by_name[value.name].number == value.number, value.name
+            checked += 1
+    service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    for rpc, (request, response) in METHODS.items():
+        method = service.methods_by_name[rpc]
+        assert (method.input_type.name, method.output_type.name) == (request, response), rpc
+    assert service.full_name == SERVICE and checked > 100
+
+
+def _parsed(response: dict, message_type: type) -> Message:
+    return json_format.ParseDict(response, message_type())
+
+
+def test_grpc_model_config_and_statistics_equal_rest(grpc_server):
+    """perf_analyzer over gRPC reads ModelConfig and ModelStatistics: the same answers as REST, in Triton's types."""
+    url, address = grpc_server
+    kspace, mask = sample(2, seed=3)
+    client = tritonclient_grpc.InferenceServerClient(address)
+    rest = tritonclient_http.InferenceServerClient(url)
+    try:
+        result = client.infer("recon", [tritonclient_grpc.InferInput("masked_kspace", list(kspace.shape), "FP32")
+                                        .set_data_from_numpy(kspace),
+                                        tritonclient_grpc.InferInput("mask", list(mask.shape), "FP32")
+                                        .set_data_from_numpy(mask)], model_version="1")
+        assert result.as_numpy("image").shape == (2, HEIGHT, WIDTH)
+        assert client.get_server_metadata(as_json=True)["extensions"] == ["model_configuration", "statistics"]
+        config = client.get_model_config("recon", "1").config
+        statistics = client.get_inference_statistics("recon", "1")
+        rest_config, rest_statistics = rest.get_model_config("recon", "1"), rest.get_inference_statistics("recon", "1")
+        everything = client.get_inference_statistics()
+        for name, version, code, message in (("nope", "", grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
+                                             ("", "1", grpc.StatusCode.INVALID_ARGUMENT, "need the model's name")):
+            with pytest.raises(InferenceServerException, match=message) as caught:
+                client.get_inference_statistics(name, version)
+            assert caught.value.status() == str(code)
+    finally:
+        client.close()
+        rest.close()
+    assert config == _parsed(rest_config, model_config_pb2.ModelConfig)
+    assert statistics == _parsed(rest_statistics, service_pb2.ModelStatisticsResponse)
+    (stats,) = statistics.model_stats
+    assert stats.inference_count >= 2 and stats.execution_count >= 1 and stats.inference_stats.compute_infer.ns > 0
+    assert [(s.name, s.version) for s in everything.model_stats] == [("recon", "1"), ("recon", "2")]
 
 
 def test_grpc_size_limit_auth_queue_and_timeouts(plain_repository):

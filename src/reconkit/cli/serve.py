@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reconkit serve", epilog=_EXAMPLE,
                                 description="Serve ONNX models on ONNX Runtime over the KServe V2 / Open Inference "
                                             "Protocol: REST, and gRPC with --grpc-port (tritonclient.http / "
-                                            "tritonclient.grpc and KServe clients work unchanged).",
+                                            "tritonclient.grpc and KServe clients work unchanged), with Triton's "
+                                            "model configuration and statistics extensions (perf_analyzer shows the "
+                                            "server's queue / compute split).",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", type=Path, required=True, help="Triton-layout model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

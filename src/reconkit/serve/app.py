@@ -1,7 +1,8 @@
 """The KServe V2 / Open Inference Protocol REST app (Starlette, run by uvicorn; see ``reconkit.serve.server``).
 
 Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
-``.../ready``, ``.../config``, ``POST .../infer`` and ``GET /metrics`` (Prometheus). Errors are JSON
+``.../ready``, ``.../config`` (Triton's model configuration extension), ``.../stats`` and ``/v2/models/stats``
+(Triton's statistics extension), ``POST .../infer`` and ``GET /metrics`` (Prometheus). Errors are JSON
 ``{"error": "..."}`` with the status: 400 bad input (naming the tensor), 401 missing / wrong bearer token,
 404 unknown model or version, 413 body over the size limit (before or after decompressing a ``gzip`` /
 ``deflate`` body), 503 queue full or shutting down (``Retry-After``),
@@ -26,7 +27,7 @@ from starlette.routing import Route
 import reconkit
 from reconkit.errors import ReconkitError
 from reconkit.serve.protocol import HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response
-from reconkit.serve.state import ServedModel, ServerConfig, ServerState, bearer_token_ok
+from reconkit.serve.state import EXTENSIONS, ServedModel, ServerConfig, ServerState, bearer_token_ok
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -112,7 +113,8 @@ def _routes(state: ServerState) -> list[Route]:
         return state.served(request.path_params["name"], request.path_params.get("version"))
 
     async def server_metadata(request: Request) -> Response:
-        return JSONResponse({"name": "reconkit", "version": reconkit.__version__, "extensions": ["binary_tensor_data"]})
+        extensions = [*EXTENSIONS, "binary_tensor_data"]
+        return JSONResponse({"name": "reconkit", "version": reconkit.__version__, "extensions": extensions})
 
     async def live(request: Request) -> Response:
         return JSONResponse({"live": True})
@@ -129,17 +131,10 @@ def _routes(state: ServerState) -> list[Route]:
                             200 if state.accepting else 503)
 
     async def model_config(request: Request) -> Response:
-        s = served(request)
-        b = s.entry.batching
-        return JSONResponse({
-            "name": s.entry.name, "platform": "onnxruntime_onnx", "max_batch_size": b.max_batch_size,
-            "input": [spec.as_metadata() for spec in s.model.inputs],
-            "output": [spec.as_metadata() for spec in s.model.outputs],
-            "dynamic_batching": {"max_queue_delay_microseconds": int(b.max_queue_delay_s * 1e6),
-                                 "default_queue_policy": {"max_queue_size": b.max_queue_size}} if b.dynamic else None,
-            "instance_group": [{"count": b.instances}],
-            "parameters": s.model.metadata,
-        })
+        return JSONResponse(state.model_config(served(request)))
+
+    async def model_statistics(request: Request) -> Response:
+        return JSONResponse(state.model_statistics(request.path_params.get("name"), request.path_params.get("version")))
 
     async def infer(request: Request) -> Response:
         s = served(request)
@@ -153,9 +148,11 @@ def _routes(state: ServerState) -> list[Route]:
         return Response(generate_latest(state.metrics.registry), headers={"content-type": CONTENT_TYPE_LATEST})
 
     model_routes = [("", model_metadata, "GET", "metadata"), ("/ready", model_ready, "GET", "health"),
-                    ("/config", model_config, "GET", "metadata"), ("/infer", infer, "POST", "infer")]
+                    ("/config", model_config, "GET", "metadata"), ("/stats", model_statistics, "GET", "metadata"),
+                    ("/infer", infer, "POST", "infer")]
     routes = [
         Route("/v2", _endpoint(state, "metadata", server_metadata)),
+        Route("/v2/models/stats", _endpoint(state, "metadata", model_statistics)),  # before /v2/models/{name}
         Route("/v2/health/live", _endpoint(state, "health", live, public=True)),
         Route("/v2/health/ready", _endpoint(state, "health", ready, public=True)),
         Route("/metrics", _endpoint(state, "metrics", metrics)),

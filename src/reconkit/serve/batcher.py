@@ -4,7 +4,8 @@ Requests join a bounded FIFO queue (full: 503 with ``Retry-After``). A worker ta
 queued request whose inputs have the same non-batch shapes, up to ``max_batch_size`` samples, waiting at most
 ``max_queue_delay_s`` after the oldest arrived for more to join; the batch is concatenated along axis 0, run in a
 worker thread, and each request gets its slice of the outputs back. With ``max_queue_delay_s = 0`` nothing waits:
-batches form from whatever queued up while the previous batch ran.
+batches form from whatever queued up while the previous batch ran. Each successful run is reported to
+``on_executed`` with its queue and compute times (:class:`reconkit.serve.statistics.Execution`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from reconkit.serve.model import OnnxModel
 from reconkit.serve.protocol import InferRequest, RequestError
 from reconkit.serve.repository import BatchingConfig
+from reconkit.serve.statistics import Execution
 
 __all__ = ["DynamicBatcher"]
 
@@ -39,15 +41,21 @@ def _shape_key(request: InferRequest) -> tuple:
     return tuple(sorted((name, array.shape[1:]) for name, array in request.inputs.items()))
 
 
-def _run_batch(model: OnnxModel, batch: list[_Pending]) -> list[dict[str, np.ndarray]]:
-    """Run ``batch`` as one ONNX Runtime call and split the outputs per request (runs in a worker thread)."""
+def _run_batch(model: OnnxModel, batch: list[_Pending]) -> tuple[list[dict[str, np.ndarray]], tuple[int, int, int]]:
+    """Run ``batch`` as one ONNX Runtime call and split the outputs per request (runs in a worker thread).
+
+    Returns the outputs per request and the nanoseconds spent building the inputs, running, splitting the outputs.
+    """
+    start = time.perf_counter_ns()
     names = list(dict.fromkeys(name for p in batch for name in p.request.outputs))
-    if len(batch) == 1:
-        return [model.run(batch[0].request.inputs, names)]
-    feeds = {name: np.concatenate([p.request.inputs[name] for p in batch]) for name in batch[0].request.inputs}
+    inputs = [p.request.inputs for p in batch]
+    feeds = inputs[0] if len(inputs) == 1 else {name: np.concatenate([i[name] for i in inputs]) for name in inputs[0]}
+    fed = time.perf_counter_ns()
     outputs = model.run(feeds, names)
-    bounds = np.cumsum([0] + [p.request.batch_size for p in batch])
-    return [{name: out[start:stop] for name, out in outputs.items()} for start, stop in itertools.pairwise(bounds)]
+    ran = time.perf_counter_ns()
+    bounds = itertools.pairwise(np.cumsum([0] + [p.request.batch_size for p in batch]))
+    results = [{name: out[a:b] for name, out in outputs.items()} for a, b in bounds]  # views, no copies
+    return results, (fed - start, ran - fed, time.perf_counter_ns() - ran)
 
 
 class DynamicBatcher:
@@ -55,9 +63,10 @@ class DynamicBatcher:
 
     def __init__(self, name: str, model: OnnxModel, config: BatchingConfig,
                  on_queue_depth: Callable[[int], None] = lambda depth: None,
-                 on_batch: Callable[[int], None] = lambda size: None):
+                 on_batch: Callable[[int], None] = lambda size: None,
+                 on_executed: Callable[[Execution], None] = lambda execution: None):
         self.name, self.model, self.config = name, model, config
-        self._on_queue_depth, self._on_batch = on_queue_depth, on_batch
+        self._on_queue_depth, self._on_batch, self._on_executed = on_queue_depth, on_batch, on_executed
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(config.instances, thread_name_prefix="reconkit-infer")
@@ -150,15 +159,19 @@ class DynamicBatcher:
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while batch := await self._take_batch():
+            taken = time.monotonic()
             self._running += 1
+            samples = sum(p.request.batch_size for p in batch)
             try:
-                self._on_batch(sum(p.request.batch_size for p in batch))
-                results = await loop.run_in_executor(self._executor, _run_batch, self.model, batch)
+                self._on_batch(samples)
+                results, phases = await loop.run_in_executor(self._executor, _run_batch, self.model, batch)
             except Exception as exc:  # noqa: BLE001  (an ONNX Runtime failure fails this batch, never the server)
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(RequestError(500, f"inference failed: {exc}"))
             else:
+                queue_ns = tuple(int((taken - p.enqueued) * 1e9) for p in batch)
+                self._on_executed(Execution(samples, queue_ns, *phases))
                 for pending, result in zip(batch, results):
                     if not pending.future.done():
                         pending.future.set_result(result)

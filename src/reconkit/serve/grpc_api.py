@@ -1,8 +1,9 @@
 """The Open Inference Protocol (KServe V2) gRPC endpoint, served next to the REST app on the same models.
 
 ``ServerConfig.grpc_address`` (``reconkit serve --grpc-port``) starts it inside the app's event loop, so the two
-front ends share the models, batchers (requests from both join the same batches), limits and metrics. Clients:
-``tritonclient.grpc`` and KServe's gRPC clients, unchanged (schema: :mod:`reconkit.serve.grpc_schema`).
+front ends share the models, batchers (requests from both join the same batches), limits, metrics and statistics.
+Clients: ``tritonclient.grpc`` (``get_model_config`` and ``get_inference_statistics`` included), ``perf_analyzer``
+and KServe's gRPC clients, unchanged (schema: :mod:`reconkit.serve.grpc_schema`).
 
 Tensor data: ``raw_input_contents`` (one little-endian buffer per input, in input order; what tritonclient sends)
 or the typed ``contents`` of each input (``fp32_contents``...). Outputs are always returned as
@@ -21,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 
 import reconkit
 from reconkit.errors import ReconkitError
@@ -37,7 +39,7 @@ from reconkit.serve.protocol import (
     tensor_shape,
     v2_datatype,
 )
-from reconkit.serve.state import ServedModel, ServerState, bearer_token_ok
+from reconkit.serve.state import EXTENSIONS, ServedModel, ServerState, bearer_token_ok
 
 __all__ = ["decode_grpc_request", "encode_grpc_response", "start_grpc_server"]
 
@@ -135,11 +137,19 @@ class _Servicer:
         return MESSAGES["ModelReadyResponse"](ready=self.state.accepting)
 
     async def ServerMetadata(self, request, context):
-        return MESSAGES["ServerMetadataResponse"](name="reconkit", version=reconkit.__version__, extensions=[])
+        return MESSAGES["ServerMetadataResponse"](name="reconkit", version=reconkit.__version__, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request, context):
         served = self.state.served(request.name, request.version)
         return MESSAGES["ModelMetadataResponse"](**self.state.model_metadata(served))
+
+    async def ModelConfig(self, request, context):
+        config = self.state.model_config(self.state.served(request.name, request.version))
+        return MESSAGES["ModelConfigResponse"](config=json_format.ParseDict(config, MESSAGES["ModelConfig"]()))
+
+    async def ModelStatistics(self, request, context):
+        statistics = self.state.model_statistics(request.name, request.version)
+        return json_format.ParseDict(statistics, MESSAGES["ModelStatisticsResponse"]())
 
     async def ModelInfer(self, request, context):
         if self.state.shutting_down:

@@ -13,6 +13,7 @@ import dataclasses
 import hmac
 import logging
 import ssl
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,13 @@ from reconkit.serve.metrics import ServeMetrics
 from reconkit.serve.model import OnnxModel, select_providers
 from reconkit.serve.protocol import InferRequest, RequestError
 from reconkit.serve.repository import BatchingConfig, ModelEntry, discover_models
+from reconkit.serve.statistics import ModelStatistics
 from reconkit.serve.validation import check_inputs, check_outputs
 
-__all__ = ["ServedModel", "ServerConfig", "ServerState", "bearer_token_ok"]
+__all__ = ["EXTENSIONS", "ServedModel", "ServerConfig", "ServerState", "bearer_token_ok"]
+
+# protocol extensions served over both REST and gRPC (REST adds binary_tensor_data), named as Triton names them
+EXTENSIONS = ["model_configuration", "statistics"]
 
 _log = logging.getLogger("reconkit.serve")
 
@@ -117,11 +122,12 @@ def bearer_token_ok(authorization: str, token: str) -> bool:
 
 @dataclasses.dataclass
 class ServedModel:
-    """One model version: its repository entry, ONNX Runtime session and (once started) batcher."""
+    """One model version: its repository entry, ONNX Runtime session, (once started) batcher and statistics."""
 
     entry: ModelEntry
     model: OnnxModel
     batcher: DynamicBatcher | None = None
+    statistics: ModelStatistics = dataclasses.field(default_factory=ModelStatistics)
 
 
 class ServerState:
@@ -176,6 +182,46 @@ class ServerState:
             "outputs": [spec.as_metadata() for spec in served.model.outputs],
         }
 
+    def model_config(self, served: ServedModel) -> dict:
+        """The model's configuration as Triton's ``ModelConfig`` in JSON: the batching in use, the graph's inputs and
+        outputs (``dims`` without the batch axis when ``max_batch_size > 0``), its ``reconkit.*`` metadata as
+        ``parameters``. The gRPC ``ModelConfig`` call answers the same fields."""
+        entry, b = served.entry, served.entry.batching
+        skip = 1 if b.max_batch_size > 0 else 0
+
+        def tensors(specs: list) -> list[dict]:
+            return [{"name": spec.name, "data_type": f"TYPE_{spec.datatype}", "dims": list(spec.shape[skip:])}
+                    for spec in specs]
+
+        kind = "KIND_GPU" if "CUDAExecutionProvider" in served.model.providers else "KIND_CPU"
+        config = {
+            "name": entry.name, "platform": "onnxruntime_onnx", "backend": "onnxruntime",
+            "max_batch_size": b.max_batch_size, "input": tensors(served.model.inputs),
+            "output": tensors(served.model.outputs),
+            "instance_group": [{"name": f"{entry.name}_0", "count": b.instances, "kind": kind}],
+            "default_model_filename": entry.onnx_path.name,
+            "parameters": {key: {"string_value": value} for key, value in served.model.metadata.items()},
+        }  # fmt: skip
+        if b.dynamic and b.max_batch_size > 0:
+            config["dynamic_batching"] = {"max_queue_delay_microseconds": round(b.max_queue_delay_s * 1e6),
+                                          "default_queue_policy": {"max_queue_size": b.max_queue_size}}
+        return config
+
+    def model_statistics(self, name: str | None, version: str | None) -> dict:
+        """Triton's statistics extension answer ``{"model_stats": [...]}``: every model version without ``name``,
+        every version of ``name`` without ``version``, else that one; RequestError(404) for an unknown one."""
+        if not name:
+            if version:
+                raise RequestError(400, "statistics for a version need the model's name")
+            chosen = [s for _, versions in sorted(self.models.items()) for s in versions.values()]
+        elif version:
+            chosen = [self.served(name, version)]
+        else:
+            self.served(name, None)  # 404 for an unknown model
+            chosen = list(self.models[name].values())
+        chosen.sort(key=lambda s: (s.entry.name, int(s.entry.version)))
+        return {"model_stats": [s.statistics.as_json(s.entry.name, s.entry.version) for s in chosen]}
+
     def record_request(self, endpoint: str, status: int, seconds: float, fields: dict, error: str | None = None,
                        log_success: bool = True) -> None:
         """Count one request in the metrics and log it as one JSON line (``fields`` name it; refused ones always,
@@ -191,8 +237,20 @@ class ServerState:
 
         deadline_s: the transport's own time limit (gRPC deadline), on top of the server's and the request's.
         Raises RequestError: 400 bad inputs, 503 not started / queue full / draining, 504 past the timeout,
-        422 non-finite outputs, 500 when ONNX Runtime fails.
+        422 non-finite outputs, 500 when ONNX Runtime fails. Either way the request is counted in the model's
+        statistics (:mod:`reconkit.serve.statistics`).
         """
+        start = time.perf_counter_ns()
+        try:
+            results = await self._infer(served, request, deadline_s)
+        except RequestError:
+            served.statistics.record_request(request.batch_size, time.perf_counter_ns() - start, ok=False)
+            raise
+        served.statistics.record_request(request.batch_size, time.perf_counter_ns() - start, ok=True)
+        return results
+
+    async def _infer(self, served: ServedModel, request: InferRequest,
+                     deadline_s: float | None) -> dict[str, np.ndarray]:
         if served.batcher is None:
             raise RequestError(503, "server is not started yet", {"Retry-After": "1"})
         check_inputs(request, served.entry.batching.max_batch_size, served.model.spatial_sizes)
@@ -212,6 +270,7 @@ class ServerState:
                     name, served.model, served.entry.batching,
                     on_queue_depth=self.metrics.queue_depth.labels(name, served.entry.version).set,
                     on_batch=self.metrics.batch_size.labels(name, served.entry.version).observe,
+                    on_executed=served.statistics.record_execution,
                 )
         self.ready = True
 
