@@ -26,7 +26,7 @@ from reconkit.errors import DataError, ReconkitError
 from reconkit.inference import load_reconstructor
 from reconkit.models import load_model
 from reconkit.training import FastMriDataModule, UnetModule, VarNetModule, VitModule
-from reconkit.training.datamodule import collate_slices, select_volumes
+from reconkit.training.datamodule import EpochSampler, collate_slices, select_volumes, shape_grouped_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VARNET = {"num_cascades": 2, "chans": 4, "pools": 2, "sens_chans": 2, "sens_pools": 1}
@@ -264,6 +264,73 @@ def test_batches_of_mixed_coil_counts_fail_with_a_clear_error():
         next(iter(loader))
     assert "Original Traceback" in str(err.value)
     assert one_line(err.value).startswith("cannot batch slices a.h5[1] and c.h5[1]: their masked_kspace shapes")
+
+
+@pytest.mark.parametrize("batch_size,num_replicas", [(2, 1), (3, 2), (4, 3)])
+def test_shape_grouped_batches_are_single_shape_cover_everything_and_split_evenly(batch_size, num_replicas):
+    keys = [("12 coils", 640, 368)] * 7 + [("4 coils", 640, 320)] * 3 + [("16 coils", 768, 396)] * 1
+    keys = [keys[i] for i in np.random.default_rng(0).permutation(len(keys))]
+    seeded = torch.Generator().manual_seed(5)
+    batches = shape_grouped_batches(keys, batch_size, num_replicas, seeded)
+    assert all(len(b) == batch_size and len({keys[i] for i in b}) == 1 for b in batches)
+    assert {i for b in batches for i in b} == set(range(len(keys)))
+    assert len(batches) % num_replicas == 0
+    full = sum(math.ceil(keys.count(k) / batch_size) for k in set(keys))
+    assert full <= len(batches) < full + num_replicas  # padding: at most num_replicas - 1 repeated batches
+    assert batches == shape_grouped_batches(keys, batch_size, num_replicas, torch.Generator().manual_seed(5))
+    assert batches != shape_grouped_batches(keys, batch_size, num_replicas, torch.Generator().manual_seed(6))
+    with pytest.raises(ValueError, match="batch_size"):
+        shape_grouped_batches(keys, 0)
+
+
+def test_epoch_sampler_gives_every_rank_as_many_single_shape_batches():
+    keys = [(3, 48, 32)] * 5 + [(4, 48, 32)] * 4 + [(4, 64, 32)] * 2
+    dataset = _TaggedShapes(keys)
+    orders = []
+    for rank in (0, 1):
+        sampler = EpochSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0, batch_size=2)
+        sampler.set_epoch(3)
+        order = list(sampler)
+        assert len(order) == len(sampler) and len(order) % 2 == 0
+        assert all(n // len(keys) == 3 for n in order)  # tagged with the epoch
+        batches = [[n % len(keys) for n in order[i:i + 2]] for i in range(0, len(order), 2)]
+        assert all(len({keys[i] for i in b}) == 1 for b in batches)
+        orders.append(order)
+    assert len(orders[0]) == len(orders[1])  # DDP ranks must run the same number of steps
+    assert {n % len(keys) for order in orders for n in order} == set(range(len(keys)))
+    uniform = EpochSampler(_TaggedShapes([(4, 48, 32)] * 5), num_replicas=1, rank=0, shuffle=False, batch_size=2)
+    assert list(uniform) == [0, 1, 2, 3, 4]  # one shape: DistributedSampler's order, no padding to full batches
+
+
+class _TaggedShapes(torch.utils.data.Dataset):
+    def __init__(self, keys: list):
+        self.shape_keys = keys
+
+    def __len__(self) -> int:
+        return len(self.shape_keys)
+
+
+def test_mixed_coil_counts_train_with_batches_of_two(sim_root, tmp_path):
+    """sim_root mixes 3- and 4-coil volumes: batch_size 2 trains (every batch of one coil count) where default
+    collation would fail; evaluation keeps 2 slices per batch on a single-shape split, one on a mixed one."""
+    data = FastMriDataModule(sim_root, batch_size=2, num_workers=0, center_fractions=[0.25], accelerations=[2])
+    data.trainer = None
+    train = data.train_dataset()
+    assert len(set(train.shape_keys)) == 2  # the fixture does mix coil counts
+    seen = []
+
+    class _Batches(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(tuple(batch.masked_kspace.shape))
+
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[_Batches()])
+    trainer.fit(VarNetModule(**TINY_VARNET), datamodule=data)
+    assert {shape[0] for shape in seen} == {2} and {shape[1] for shape in seen} == {3, 4}
+    assert trainer.callback_metrics["val_volumes"] == 2
+    val_shapes = {data.eval_dataset("val").shape_key(i) for i in range(len(data.eval_dataset("val")))}
+    assert trainer.val_dataloaders.batch_size == (2 if len(val_shapes) == 1 else 1)
+    mixed_split = FastMriDataModule(sim_root, batch_size=2, num_workers=0, test_split="train")
+    assert mixed_split.test_dataloader().batch_size == 1
 
 
 class _UnreadableSlices(torch.utils.data.Dataset):

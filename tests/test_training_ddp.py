@@ -76,3 +76,31 @@ def test_ddp_two_cpu_processes_give_the_single_process_metrics(tmp_path):
     for name in ("val_nmse", "val_psnr", "val_ssim"):
         assert ddp[name] == pytest.approx(single[name], rel=1e-5), name
         assert torchrun[name] == pytest.approx(single[name], rel=1e-5), name
+
+
+def test_ddp_fit_on_mixed_coil_counts_with_batches_of_two(tmp_path):
+    """3- and 4-coil training volumes, batch_size 2, two ranks: every batch holds one coil count and both ranks
+    run the same number of steps (a rank with one batch more would wait for the other forever: the timeout would
+    fail the test), so `reconkit train fit` under DDP finishes and writes its checkpoint."""
+    manifest = simulate_dataset(tmp_path / "data", num_volumes=5, coils=(3, 4), slices=3, encoded_size=(48, 32),
+                                recon_size=(24, 20), split=(0.6, 0.4, 0.0), seed=0, progress=False)
+    train_coils = sorted(v["params"]["coils"] for v in manifest["volumes"] if v["split"] == "train")
+    assert train_coils == [3, 4, 4]  # 3 + 6 slices: 2 + 3 batches of 2, padded to 6 for two ranks
+    config = tmp_path / "fit.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_epochs": 1, "devices": 2, "strategy": "ddp",
+                    "default_root_dir": str(tmp_path / "out"), "enable_progress_bar": False},
+        "model": {"class_path": "reconkit.training.VarNetModule", "init_args": TINY_VARNET},
+        "data": {"data_path": str(tmp_path / "data"), "center_fractions": [0.25], "accelerations": [2],
+                 "batch_size": 2, "num_workers": 0},
+    }))
+    done = subprocess.run([sys.executable, "-m", "reconkit", "train", "fit", "--config", str(config)],
+                          check=False, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "checkpoints" / "last.ckpt").is_file()
+    (metrics,) = sorted((tmp_path / "out").glob("csv/version_*/metrics.csv"))
+    with open(metrics) as f:
+        rows = list(csv.DictReader(f))
+    assert max(int(row["step"]) for row in rows) == 2  # 3 optimizer steps per rank (steps 0, 1, 2)
+    assert any(row.get("val_volumes") == "2.0" for row in rows)

@@ -27,7 +27,7 @@ __all__ = ["RawSample", "SliceDataset", "default_cache_file", "list_volume_files
 
 logger = logging.getLogger(__name__)
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: entries carry each file's slice shapes
 _VOLUME_SUFFIXES = (".h5", ".hdf5")
 
 PathLike = str | os.PathLike
@@ -114,9 +114,10 @@ class SliceDataset(torch.utils.data.Dataset):
 
         files = list_volume_files(root)
         entries = self._scan(files, use_dataset_cache)
+        self.slice_shapes: dict[Path, tuple] = {fname: shapes for fname, (_, _, shapes) in entries.items()}
         raw_samples = [
             RawSample(fname, slice_ind, metadata)
-            for fname, (metadata, num_slices) in entries.items()
+            for fname, (metadata, num_slices, _) in entries.items()
             for slice_ind in range(num_slices)
         ]
         if raw_sample_filter is not None:
@@ -136,8 +137,9 @@ class SliceDataset(torch.utils.data.Dataset):
 
     # ----------------------------------------------------------------------------------------- metadata scan
 
-    def _scan(self, files: list[Path], use_cache: bool) -> dict[Path, tuple[dict, int]]:
-        """``{file: (metadata, num_slices)}`` for the good files, in ``files`` order; cache read and updated."""
+    def _scan(self, files: list[Path], use_cache: bool) -> dict[Path, tuple[dict, int, tuple]]:
+        """``{file: (metadata, num_slices, slice shapes)}`` for the good files, in ``files`` order (slice shapes:
+        see :meth:`shape_key`); cache read and updated."""
         cache = self._load_cache() if use_cache else {}
         keys = {fname: (_signature(fname), self.challenge) for fname in files}
         current = set(keys.values())
@@ -145,7 +147,7 @@ class SliceDataset(torch.utils.data.Dataset):
         stale = [k for k in cache if k[0][0] in scanned_paths and k[1] == self.challenge and k not in current]
         for k in stale:  # older versions of the files being scanned
             del cache[k]
-        entries: dict[Path, tuple[dict, int]] = {}
+        entries: dict[Path, tuple[dict, int, tuple]] = {}
         bad: list[tuple[Path, str]] = []
         changed = bool(stale)
         for fname in files:
@@ -154,7 +156,8 @@ class SliceDataset(torch.utils.data.Dataset):
             if cached is None:
                 try:
                     info = read_volume_info(fname, self.challenge)
-                    cached = ("ok", (info.metadata(), info.num_slices))
+                    target_shape = None if info.target_shape is None else info.target_shape[1:]
+                    cached = ("ok", (info.metadata(), info.num_slices, (info.kspace_shape[1:], target_shape)))
                 except DataError as err:
                     cached = ("bad", err.problem)
                 cache[key] = cached
@@ -204,6 +207,11 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.raw_samples)
+
+    def shape_key(self, i: int) -> tuple:
+        """Shapes of sample ``i``'s arrays as stored, ``(kspace (coils, H, W) or (H, W), target (h, w) or None)``:
+        slices with equal keys can share a batch (read from the file headers while scanning, no array data)."""
+        return self.slice_shapes[self.raw_samples[i].fname]
 
     def __getitem__(self, i: int):
         fname, slice_ind, metadata = self.raw_samples[i]

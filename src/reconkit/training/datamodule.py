@@ -7,6 +7,10 @@ Validation / test masks are fixed per volume (seeded by the file name, fastmri's
 training shuffle is seeded by ``(seed, epoch)`` through a :class:`~torch.utils.data.DistributedSampler` (one
 replica without DDP), which is what makes ``--ckpt_path last`` resume exactly at an epoch boundary.
 
+Data that mixes coil counts or matrix sizes (fastMRI's brain set: 4–20 coils, several matrix sizes) trains with
+``batch_size > 1``: the training sampler then forms every batch from slices of one shape
+(:func:`shape_grouped_batches`), and validation / test fall back to one slice per batch.
+
 Hooks for later features: ``train_transform`` / ``val_transform`` / ``test_transform`` replace the default
 transforms (augmentation, SSDU self-supervision); ``fraction`` / ``num_volumes`` select a reproducible subset of
 training volumes (data-efficiency studies).
@@ -14,8 +18,9 @@ training volumes (data-efficiency studies).
 
 from __future__ import annotations
 
+import logging
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,8 @@ from reconkit.data import SliceDataset, UnetDataTransform, VarNetDataTransform, 
 from reconkit.errors import DataError, ReconkitError
 
 TRANSFORMS = ("varnet", "unet")
+
+logger = logging.getLogger(__name__)
 
 
 def collate_slices(samples: list) -> Any:
@@ -43,9 +50,8 @@ def collate_slices(samples: list) -> Any:
                     field = first._fields[i] if hasattr(first, "_fields") else f"field {i}"
                     raise ReconkitError(
                         f"cannot batch slices {_slice_name(first)} and {_slice_name(other)}: their {field} shapes "
-                        f"differ ({list(value.shape)} vs {list(other[i].shape)}); this dataset mixes coil counts or "
-                        f"matrix sizes, so train k-space models with --data.batch_size 1 (as fastMRI's VarNet) or "
-                        f"split the data by shape"
+                        f"differ ({list(value.shape)} vs {list(other[i].shape)}); batch only slices of one shape "
+                        f"(FastMriDataModule's loaders do, see shape_grouped_batches) or use --data.batch_size 1"
                     )
     return default_collate(samples)
 
@@ -97,16 +103,49 @@ class EpochSeededMasks:
         return self.transform(kspace, mask, target, attrs, fname, slice_num)
 
 
+def shape_grouped_batches(shape_keys: Sequence[Hashable], batch_size: int, num_replicas: int = 1,
+                          generator: torch.Generator | None = None) -> list[list[int]]:
+    """Batches of dataset indices in which every index has the same shape key, for all replicas together.
+
+    Indices are grouped by ``shape_keys[i]``; each group is shuffled (with ``generator``; kept in order without),
+    cut into batches of ``batch_size`` and its last batch filled up by repeating the group's first indices; the
+    batches are shuffled as a whole and repeated from the start until their count is a multiple of
+    ``num_replicas``. Replica ``r`` takes ``batches[r::num_replicas]``, so every replica runs the same number of
+    full batches (as ``DistributedSampler`` pads, a few slices appear twice per epoch: fewer than ``batch_size``
+    per shape, plus fewer than ``num_replicas`` batches).
+
+    Example:
+        >>> shape_grouped_batches(["a", "b", "a", "a", "b"], batch_size=2)
+        [[0, 2], [3, 0], [1, 4]]
+    """
+    if batch_size < 1 or num_replicas < 1:
+        raise ValueError(f"batch_size and num_replicas must be >= 1, got {batch_size}, {num_replicas}")
+    groups: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(shape_keys):
+        groups.setdefault(key, []).append(index)
+    batches = []
+    for indices in groups.values():
+        if generator is not None:
+            indices = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+        filled = indices + [indices[i % len(indices)] for i in range(-len(indices) % batch_size)]
+        batches += [filled[start:start + batch_size] for start in range(0, len(filled), batch_size)]
+    if generator is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches + [batches[i % len(batches)] for i in range(-len(batches) % num_replicas)] if batches else []
+
+
 class EpochTaggedDataset(Dataset):
     """Training dataset whose indices carry the epoch: index ``epoch * len + i`` is sample ``i`` of ``epoch``.
 
     The epoch travels with each index into the dataloader workers (which are forked before or after Lightning
     calls ``set_epoch``, depending on the loop's state), so the per-epoch masks do not depend on timing.
+    ``shape_keys[i]`` is sample ``i``'s :meth:`SliceDataset.shape_key`.
     """
 
-    def __init__(self, dataset: Dataset, transforms: Sequence[EpochSeededMasks]):
+    def __init__(self, dataset: Dataset, transforms: Sequence[EpochSeededMasks], shape_keys: Sequence[Hashable]):
         self.dataset = dataset
         self.transforms = list(transforms)
+        self.shape_keys = list(shape_keys)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -126,17 +165,35 @@ class EpochSampler(DistributedSampler):
     epoch's iterator before it restores its loops and calls ``set_epoch`` (e.g. when the cosine schedule asks for
     the number of steps), and dataloader workers prefetch indices at once, so ``set_epoch`` alone would replay
     epoch 0's order and masks (see :meth:`FastMriDataModule.training_epoch`).
+
+    With ``batch_size > 1`` and slices of several shapes, the order is :func:`shape_grouped_batches`' (seeded the
+    same way), flattened: a ``DataLoader`` with that ``batch_size`` then cuts it into single-shape batches.
     """
 
-    def __init__(self, dataset: Dataset, epoch_source: Callable[[], int] | None = None, **kwargs: Any):
+    def __init__(self, dataset: EpochTaggedDataset, epoch_source: Callable[[], int] | None = None,
+                 batch_size: int = 1, **kwargs: Any):
         super().__init__(dataset, **kwargs)
         self.epoch_source = epoch_source
+        self.batch_size = batch_size
+        self.grouped = batch_size > 1 and len(set(dataset.shape_keys)) > 1
+
+    def _my_batches(self) -> list[list[int]]:
+        generator = None
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+        batches = shape_grouped_batches(self.dataset.shape_keys, self.batch_size, self.num_replicas, generator)
+        return batches[self.rank::self.num_replicas]
+
+    def __len__(self) -> int:
+        return len(self._my_batches()) * self.batch_size if self.grouped else super().__len__()
 
     def __iter__(self):
         if self.epoch_source is not None:
             self.set_epoch(self.epoch_source())
         offset = self.epoch * len(self.dataset)
-        return (offset + index for index in super().__iter__())
+        indices = [i for batch in self._my_batches() for i in batch] if self.grouped else super().__iter__()
+        return (offset + index for index in indices)
 
 
 class FastMriDataModule(LightningDataModule):
@@ -179,7 +236,9 @@ class FastMriDataModule(LightningDataModule):
             challenge: ``"multicoil"`` or ``"singlecoil"``.
             transform: default transforms, ``"varnet"`` (masked k-space) or ``"unet"`` (zero-filled image crop).
             mask_type, center_fractions, accelerations: mask family and its parameters (paired lists).
-            batch_size: slices per batch (per device under DDP).
+            batch_size: slices per batch (per device under DDP). On data of several shapes (coil counts, matrix
+                sizes) each training batch holds slices of one shape (:func:`shape_grouped_batches`) and
+                validation / test / predict use batches of one slice.
             num_workers: dataloader worker processes.
             sample_rate / volume_sample_rate: fraction of training slices / volumes (as ``SliceDataset``).
             val_sample_rate / val_volume_sample_rate: the same for validation and test.
@@ -274,10 +333,12 @@ class FastMriDataModule(LightningDataModule):
             transforms.append(transform)
         dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
         fnames = [name for part in parts for name in self._slice_fnames(part)]
+        shape_keys = [part.shape_key(i) for part in parts for i in range(len(part))]
         keep = select_volumes(fnames, self.fraction, self.num_volumes, self.seed)
         if len(keep) < len(set(fnames)):
-            dataset = Subset(dataset, [i for i, name in enumerate(fnames) if name in keep])
-        return EpochTaggedDataset(dataset, transforms)
+            kept = [i for i, name in enumerate(fnames) if name in keep]
+            dataset, shape_keys = Subset(dataset, kept), [shape_keys[i] for i in kept]
+        return EpochTaggedDataset(dataset, transforms, shape_keys)
 
     @staticmethod
     def _slice_fnames(dataset: SliceDataset) -> list[str]:
@@ -300,19 +361,30 @@ class FastMriDataModule(LightningDataModule):
             rank=0 if trainer is None else trainer.global_rank,
             shuffle=True,
             seed=self.seed,
+            batch_size=self.batch_size,
         )
-        return self._loader(dataset, sampler=sampler)
+        return self._loader(dataset, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("val"))
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset(self.test_split))
+        return self._eval_loader(self.test_split)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset(self.test_split))
+        return self._eval_loader(self.test_split)
 
-    def _loader(self, dataset: Dataset, sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
+    def _eval_loader(self, split: str) -> DataLoader:
+        """``batch_size`` slices per batch when all of the split's slices have one shape, else one (the order and
+        the per-volume metrics stay those of a plain sequential pass)."""
+        dataset = self.eval_dataset(split)
+        shapes = {dataset.shape_key(i) for i in range(len(dataset))}
+        batch_size = self.batch_size if len(shapes) <= 1 else 1
+        if batch_size < self.batch_size:
+            logger.info("%s: slices of %d shapes (coil counts / matrix sizes), batch size 1", split, len(shapes))
+        return self._loader(dataset, batch_size)
+
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
         # val/test: Lightning adds a DistributedSampler under DDP; per-volume metrics are gathered across ranks
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                           num_workers=self.num_workers, persistent_workers=False, collate_fn=collate_slices)
