@@ -28,6 +28,7 @@ import tritonclient.http as tritonclient_http
 import trustme
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException
 
@@ -589,6 +590,8 @@ def test_statistics_count_requests_runs_queue_and_compute(plain_repository):
         assert post(url, "/v2/models/recon/infer", json.dumps(json_request(kspace, mask)).encode())[0] == 400
         status, body = get(url, "/v2/models/recon/stats")
         after_ms = time.time() * 1e3
+        scraped = {sample.name: sample for family in text_string_to_metric_families(get(url, "/metrics")[1].decode())
+                   for sample in family.samples if sample.name.startswith("nv_")}
         client = tritonclient_http.InferenceServerClient(url)
         try:
             every, one = client.get_inference_statistics(), client.get_inference_statistics("recon", "1")
@@ -608,6 +611,15 @@ def test_statistics_count_requests_runs_queue_and_compute(plain_repository):
     assert requests["queue"]["ns"] >= 0.4e9  # the first of the concurrent requests waited out the 0.5 s window
     assert requests["success"]["ns"] >= requests["queue"]["ns"] + requests["compute_infer"]["ns"] > 0
     assert before_ms <= stats["last_inference"] <= after_ms
+    # the same counters under NVIDIA Triton's Prometheus names, for dashboards written for Triton
+    assert all(sample.labels == {"model": "recon", "version": "1"} for sample in scraped.values())
+    assert {name: sample.value for name, sample in scraped.items()} == {
+        "nv_inference_request_success": 5, "nv_inference_request_failure": 1, "nv_inference_count": 6,
+        "nv_inference_exec_count": stats["execution_count"],
+        "nv_inference_request_duration_us": requests["success"]["ns"] // 1000,
+        **{f"nv_inference_{phase}_duration_us": requests[phase]["ns"] // 1000
+           for phase in ("queue", "compute_input", "compute_infer", "compute_output")},
+        "nv_inference_pending_request_count": 0}
 
 
 def test_statistics_endpoints_select_models_and_versions(server):

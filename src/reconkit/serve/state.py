@@ -20,7 +20,7 @@ import numpy as np
 
 from reconkit.errors import ReconkitError
 from reconkit.serve.batcher import DynamicBatcher
-from reconkit.serve.metrics import ServeMetrics
+from reconkit.serve.metrics import ServeMetrics, TritonModelMetrics
 from reconkit.serve.model import OnnxModel, select_providers
 from reconkit.serve.protocol import InferRequest, RequestError
 from reconkit.serve.repository import BatchingConfig, ModelEntry, discover_models
@@ -151,10 +151,18 @@ class ServerState:
             self.models.setdefault(entry.name, {})[entry.version] = ServedModel(entry, model)
             _log.info("loaded model", extra={"model": entry.name, "version": entry.version,
                                              "providers": model.providers, "batching": dataclasses.asdict(entry.batching)})
+        self.metrics.registry.register(TritonModelMetrics(self._model_counters))
         self.ready = False
         self.shutting_down = False
         self.grpc_port: int | None = None
         self.startup_error: Exception | None = None
+
+    def _model_counters(self):
+        """``(name, version, statistics, queue depth)`` of every model version, for the Prometheus collector."""
+        for name, versions in sorted(self.models.items()):
+            for version, served in sorted(versions.items(), key=lambda item: int(item[0])):
+                depth = served.batcher.queue_depth if served.batcher is not None else 0
+                yield name, version, served.statistics, depth
 
     @property
     def accepting(self) -> bool:
