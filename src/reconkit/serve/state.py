@@ -157,12 +157,16 @@ class ServerState:
         self.grpc_port: int | None = None
         self.startup_error: Exception | None = None
 
+    def _all_served(self, name: str | None = None) -> list[ServedModel]:
+        """Every model version (of model ``name`` only, when given), by name and then version number."""
+        chosen = [s for model, versions in self.models.items() if name in (None, model) for s in versions.values()]
+        return sorted(chosen, key=lambda s: (s.entry.name, int(s.entry.version)))
+
     def _model_counters(self):
         """``(name, version, statistics, queue depth)`` of every model version, for the Prometheus collector."""
-        for name, versions in sorted(self.models.items()):
-            for version, served in sorted(versions.items(), key=lambda item: int(item[0])):
-                depth = served.batcher.queue_depth if served.batcher is not None else 0
-                yield name, version, served.statistics, depth
+        for served in self._all_served():
+            depth = served.batcher.queue_depth if served.batcher is not None else 0
+            yield served.entry.name, served.entry.version, served.statistics, depth
 
     @property
     def accepting(self) -> bool:
@@ -221,13 +225,12 @@ class ServerState:
         if not name:
             if version:
                 raise RequestError(400, "statistics for a version need the model's name")
-            chosen = [s for _, versions in sorted(self.models.items()) for s in versions.values()]
+            chosen = self._all_served()
         elif version:
             chosen = [self.served(name, version)]
         else:
             self.served(name, None)  # 404 for an unknown model
-            chosen = list(self.models[name].values())
-        chosen.sort(key=lambda s: (s.entry.name, int(s.entry.version)))
+            chosen = self._all_served(name)
         return {"model_stats": [s.statistics.as_json(s.entry.name, s.entry.version) for s in chosen]}
 
     def record_request(self, endpoint: str, status: int, seconds: float, fields: dict, error: str | None = None,

@@ -176,6 +176,9 @@ class EpochSampler(DistributedSampler):
         self.epoch_source = epoch_source
         self.batch_size = batch_size
         self.grouped = batch_size > 1 and len(set(dataset.shape_keys)) > 1
+        if self.grouped:  # the batch count does not depend on the shuffle: count an unshuffled plan once
+            batches = shape_grouped_batches(dataset.shape_keys, batch_size, self.num_replicas)
+            self.grouped_length = len(batches) // self.num_replicas * batch_size
 
     def _my_batches(self) -> list[list[int]]:
         generator = None
@@ -186,7 +189,7 @@ class EpochSampler(DistributedSampler):
         return batches[self.rank::self.num_replicas]
 
     def __len__(self) -> int:
-        return len(self._my_batches()) * self.batch_size if self.grouped else super().__len__()
+        return self.grouped_length if self.grouped else super().__len__()
 
     def __iter__(self):
         if self.epoch_source is not None:
