@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 from pathlib import Path
 
 import h5py
@@ -168,6 +169,24 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["scan"]
     write_fastmri_h5(tmp_path / "vol.h5", volume)
     assert sorted(os.listdir(tmp_path)) == ["scan", "vol.h5"]
+
+
+def test_outputs_get_the_umask_permissions_of_a_plain_write(tmp_path):
+    """Atomic writes go through ``tempfile`` names (owner-only 0o600 / 0o700); the results must not stay so."""
+    volume = _volume(np.random.default_rng(5))
+    old_umask = os.umask(0o027)
+    try:
+        h5 = write_fastmri_h5(tmp_path / "vol.h5", volume)
+        series = tmp_path / "scan"
+        write_dicom_series(series, volume, ImageGeometry())
+        assert stat.S_IMODE(h5.stat().st_mode) == 0o640
+        assert stat.S_IMODE(series.stat().st_mode) == 0o750
+        assert {stat.S_IMODE(p.stat().st_mode) for p in series.iterdir()} == {0o640}
+        os.chmod(h5, 0o604)  # a file being replaced keeps the mode someone gave it
+        write_fastmri_h5(h5, volume * 2)
+        assert stat.S_IMODE(h5.stat().st_mode) == 0o604
+    finally:
+        os.umask(old_umask)
 
 
 def test_ismrmrd_raw_without_imaging_data_is_a_data_error(tmp_path):

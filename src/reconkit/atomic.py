@@ -1,6 +1,10 @@
 """Atomic file writes: write a temporary file in the destination directory, then ``os.replace`` it.
 
-An interrupted or failing write leaves neither a half-written destination nor a stray temporary file.
+An interrupted or failing write leaves neither a half-written destination nor a stray temporary file. The result
+gets the permissions a plain ``open(path, "w")`` / ``mkdir`` would give (``0o666`` / ``0o777`` less the process
+umask) or, when it replaces an existing file, that file's: the temporary names come from ``tempfile``, which
+creates them readable by their owner only, and a reconstruction, an exported model or a DICOM series must stay
+readable by the group or the service account (Triton's container user, a PACS uploader) that reads it.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +42,7 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _final_mode(final, 0o666))
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -55,6 +61,7 @@ def atomic_directory(path: os.PathLike | str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", suffix=f"-{final.name}", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, _final_mode(final, 0o777))
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=".old-", suffix=f"-{final.name}", dir=final.parent))
             os.replace(final, old / final.name)
@@ -65,3 +72,26 @@ def atomic_directory(path: os.PathLike | str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _final_mode(final: Path, created: int) -> int:
+    """The permission bits for ``final``: those of the file it replaces, else ``created`` less the umask."""
+    try:
+        return stat.S_IMODE(final.stat().st_mode)
+    except FileNotFoundError:
+        return created & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` can only set it, which
+    would race with files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
