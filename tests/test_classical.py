@@ -215,6 +215,14 @@ def test_espirit_poly_float32_equals_its_float64_evaluation_in_the_object():
     assert float(diff.norm() / double[0][:, support].norm()) < 1e-6
 
 
+def assert_same_on_object(maps: torch.Tensor, reference: torch.Tensor, support: torch.Tensor) -> None:
+    """Maps ``(C, H, W, 2)`` equal on the object. Outside it they are ill-defined, and float32 sums taken in another
+    order (another batch size or thread count) change them by up to 3e-4 there; maps calibrated on another item's
+    ACS lines differ by 3e-2 on the object."""
+    diff = (maps - reference)[:, support]
+    assert float(diff.norm() / reference[:, support].norm()) < 1e-5
+
+
 def test_espirit_poly_calibrates_each_batch_item_on_its_own_acs_lines():
     kspace, _, _, maps, support = simulate(coils=8, height=64, width=48, batch=2)
     # item 0 has 8 ACS lines, item 1 has 20: the fixed calibration block holds non-ACS lines for both
@@ -223,18 +231,18 @@ def test_espirit_poly_calibrates_each_batch_item_on_its_own_acs_lines():
     truth = normalised(maps[0])
     for item in range(2):
         alone = estimate_sens_maps_espirit_poly(kspace[item : item + 1] * mask[item : item + 1], mask[item : item + 1])
-        torch.testing.assert_close(together[item], alone[0], rtol=1e-4, atol=1e-5)
+        assert_same_on_object(together[item], alone[0], support)
         assert phase_aligned_error(together[item], truth, support) < 0.05
 
 
 def test_espirit_poly_falls_back_to_acs_maps_for_a_narrow_acs_run_and_refuses_tiny_kspace():
-    kspace, *_ = simulate(coils=6, height=48, width=40, batch=2)
+    kspace, _, _, _, support = simulate(coils=6, height=48, width=40, batch=2)
     mask = torch.cat([equispaced_mask(40, 4, 4), equispaced_mask(40, 4, 12)])  # item 0: 4 ACS lines < kernel 6
     estimate = estimate_sens_maps_espirit_poly(kspace * mask, mask)
     assert torch.isfinite(estimate).all()
     torch.testing.assert_close(estimate[0], estimate_sens_maps_acs(kspace[:1] * mask[:1], mask[:1])[0])
     alone = estimate_sens_maps_espirit_poly(kspace[1:] * mask[1:], mask[1:])
-    torch.testing.assert_close(estimate[1], alone[0], rtol=1e-4, atol=1e-5)
+    assert_same_on_object(estimate[1], alone[0], support)
     kspace, mask, *_ = simulate(coils=2, height=5, width=24, num_low_frequencies=8)
     with pytest.raises(ReconkitError, match="smaller than the ESPIRiT kernel"):
         estimate_sens_maps_espirit_poly(kspace, mask)
