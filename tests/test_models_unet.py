@@ -79,11 +79,19 @@ def test_norm_unet_rejects_real_input():
         NormUnet(2, 1)(torch.randn(1, 1, 16, 16, 3))
 
 
-def test_fused_instance_norm_leaky_relu_gradients():
-    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: instance_norm_leaky_relu(t * 1.0, 1e-5, 0.2), (x,))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_instance_norm_leaky_relu_gradients(batch):
+    x = torch.randn(batch, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    # reverse mode (training) and forward mode (torch.func.jvp: the training diagnostics' linearisation)
+    assert torch.autograd.gradcheck(lambda t: instance_norm_leaky_relu(t * 1.0, 1e-5, 0.2), (x,),
+                                    check_forward_ad=True)
     ref = F.leaky_relu(F.instance_norm(x, eps=1e-5), 0.2)
     assert torch.allclose(instance_norm_leaky_relu(x * 1.0), ref, atol=1e-12)
+    tangent = torch.randn_like(x)
+    for layout in (x.detach(), x.detach().contiguous(memory_format=torch.channels_last)):
+        _, fused = torch.func.jvp(instance_norm_leaky_relu, (layout,), (tangent,))
+        _, plain = torch.func.jvp(lambda t: F.leaky_relu(F.instance_norm(t, eps=1e-5), 0.2), (layout,), (tangent,))
+        torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])

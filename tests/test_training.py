@@ -20,7 +20,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from reconkit.cli.reconstruct import main as reconstruct_main
 from reconkit.cli.train import main, one_line
-from reconkit.data.simulate import simulate_dataset
 from reconkit.data.transforms import VarNetSample, center_crop
 from reconkit.errors import DataError, ReconkitError
 from reconkit.inference import load_reconstructor
@@ -30,15 +29,6 @@ from reconkit.training.datamodule import EpochSampler, collate_slices, select_vo
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VARNET = {"num_cascades": 2, "chans": 4, "pools": 2, "sens_chans": 2, "sens_pools": 1}
-
-
-@pytest.fixture(scope="module")
-def sim_root(tmp_path_factory) -> Path:
-    """6 volumes (3 train / 2 val / 1 test), 3 or 4 coils, 3 slices, 48x32 k-space, 24x20 recon size."""
-    root = tmp_path_factory.mktemp("sim")
-    simulate_dataset(root, num_volumes=6, coils=(3, 4), slices=3, encoded_size=(48, 32), recon_size=(24, 20),
-                     split=(0.5, 0.34, 0.16), seed=0, progress=False)
-    return root
 
 
 def _datamodule(root: Path, **kwargs) -> FastMriDataModule:

@@ -5,6 +5,7 @@ sampler pads with a repeated slice)."""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,8 @@ def test_ddp_two_cpu_processes_give_the_single_process_metrics(tmp_path):
 def test_ddp_fit_on_mixed_coil_counts_with_batches_of_two(tmp_path):
     """3- and 4-coil training volumes, batch_size 2, two ranks: every batch holds one coil count and both ranks
     run the same number of steps (a rank with one batch more would wait for the other forever: the timeout would
-    fail the test), so `reconkit train fit` under DDP finishes and writes its checkpoint."""
+    fail the test), so `reconkit train fit` under DDP finishes and writes its checkpoint. The training diagnostics
+    run on rank 0 while rank 1 waits, and the validation band errors are summed over both ranks."""
     manifest = simulate_dataset(tmp_path / "data", num_volumes=5, coils=(3, 4), slices=3, encoded_size=(48, 32),
                                 recon_size=(24, 20), split=(0.6, 0.4, 0.0), seed=0, progress=False)
     train_coils = sorted(v["params"]["coils"] for v in manifest["volumes"] if v["split"] == "train")
@@ -95,12 +97,18 @@ def test_ddp_fit_on_mixed_coil_counts_with_batches_of_two(tmp_path):
         "data": {"data_path": str(tmp_path / "data"), "center_fractions": [0.25], "accelerations": [2],
                  "batch_size": 2, "num_workers": 0},
     }))
-    done = subprocess.run([sys.executable, "-m", "reconkit", "train", "fit", "--config", str(config)],
+    done = subprocess.run([sys.executable, "-m", "reconkit", "train", "fit", "--config", str(config),
+                           "--diagnostics.every_n_steps", "2", "--diagnostics.ntk_projections", "2"],
                           check=False, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "checkpoints" / "last.ckpt").is_file()
+    history = json.loads((tmp_path / "out" / "diagnostics" / "diagnostics.json").read_text())["history"]
+    assert [r["step"] for r in history if "weight_change" in r] == [0, 2, 3]
+    (validation,) = [r for r in history if "val_band_nmse" in r]
+    assert all(value > 0 for value in validation["val_band_nmse"])
     (metrics,) = sorted((tmp_path / "out").glob("csv/version_*/metrics.csv"))
     with open(metrics) as f:
         rows = list(csv.DictReader(f))
-    assert max(int(row["step"]) for row in rows) == 2  # 3 optimizer steps per rank (steps 0, 1, 2)
+    training_rows = [row for row in rows if not any(value and key.startswith("diagnostics/") for key, value in row.items())]
+    assert max(int(row["step"]) for row in training_rows) == 2  # 3 optimizer steps per rank (steps 0, 1, 2)
     assert any(row.get("val_volumes") == "2.0" for row in rows)

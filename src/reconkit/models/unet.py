@@ -35,10 +35,12 @@ class InstanceNormLeakyReLU(torch.autograd.Function):
 
     Works in any memory format (channels-last included) without copies. For a batch of one, instance norm is a
     batch norm over the channels and runs as PyTorch's fused batch-norm kernels; larger batches use reductions.
+    Forward-mode AD (``torch.func.jvp``, used by :mod:`reconkit.training.regime`) runs through :meth:`jvp`.
+    Returns ``(out, invstd)``; ``invstd`` ``(N, C, 1, 1)`` is not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, eps: float, negative_slope: float) -> torch.Tensor:
+    def forward(x: torch.Tensor, eps: float, negative_slope: float) -> tuple[torch.Tensor, torch.Tensor]:
         channels = x.shape[1]
         if x.shape[0] == 1 and x.is_contiguous():
             out, _, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
@@ -56,15 +58,32 @@ class InstanceNormLeakyReLU(torch.autograd.Function):
             stats_dtype = torch.promote_types(x.dtype, torch.float32)
             invstd = torch.rsqrt(var.to(stats_dtype) + eps)  # (N, C, 1, 1)
             out = torch.addcmul((-mean.to(stats_dtype) * invstd).to(x.dtype), x, invstd.to(x.dtype))
-        out = F.leaky_relu_(out, negative_slope)
+        return F.leaky_relu_(out, negative_slope), invstd
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: tuple) -> None:
+        _, eps, negative_slope = inputs
+        out, invstd = output
+        ctx.mark_non_differentiable(invstd)
         ctx.save_for_backward(out, invstd)
+        ctx.save_for_forward(out, invstd)
         ctx.negative_slope = negative_slope
         ctx.eps = eps
-        return out
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor, _eps: None, _negative_slope: None) -> tuple[torch.Tensor, None]:
+        """Tangent of the output: ``invstd · (t − mean(t) − n · mean(n · t))`` through the norm (``n`` the
+        normalised input), times the LeakyReLU slope where ``n < 0``."""
+        out, invstd = ctx.saved_tensors
+        slope = ctx.negative_slope
+        normed = F.leaky_relu(out, 1.0 / slope)
+        centred = tangent - tangent.mean(dim=(2, 3), keepdim=True)
+        tangent_normed = (centred - normed * (normed * tangent).mean(dim=(2, 3), keepdim=True)) * invstd.to(out.dtype)
+        return torch.where(out > 0, tangent_normed, tangent_normed * slope), None
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor, _grad_invstd: None):
         out, invstd = ctx.saved_tensors
         slope = ctx.negative_slope
         grad_normed = torch.ops.aten.leaky_relu_backward(grad_out, out, slope, True)
@@ -102,7 +121,7 @@ def instance_norm_leaky_relu(x: torch.Tensor, eps: float = 1e-5, negative_slope:
     """
     if tracing():  # export / compile: plain ops (ONNX InstanceNormalization + LeakyRelu)
         return F.leaky_relu_(F.instance_norm(x, eps=eps), negative_slope)
-    return InstanceNormLeakyReLU.apply(x, eps, negative_slope)
+    return InstanceNormLeakyReLU.apply(x, eps, negative_slope)[0]
 
 
 class ConvBlock(nn.Module):

@@ -120,11 +120,12 @@ class ReconModule(LightningModule):
         self.log("train_loss", loss, prog_bar=True, batch_size=len(images.fname))
         return loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluation_step(batch, batch_idx, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> Images:
+        """Records the batch's per-slice statistics; returns its images for callbacks (``TrainingDiagnostics``)."""
+        return self._evaluation_step(batch, batch_idx, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluation_step(batch, batch_idx, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> Images:
+        return self._evaluation_step(batch, batch_idx, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         """Reconstructions ``(B, h, w)`` with their ``fname`` and ``slice_num`` (targets not needed)."""
@@ -143,7 +144,7 @@ class ReconModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_volume_metrics("test")
 
-    def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> None:
+    def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> Images:
         images = self.images(batch)
         if images.target is None:
             raise ReconkitError(f"the {stage} split has no target images; use `reconkit train predict` for "
@@ -157,6 +158,7 @@ class ReconModule(LightningModule):
             )
         if stage == "val" and batch_idx < self.hparams.num_log_images:
             self._log_images(images)
+        return images
 
     def _log_volume_metrics(self, stage: str) -> None:
         records = gather_slice_stats(self._slice_records)

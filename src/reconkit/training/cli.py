@@ -1,9 +1,11 @@
 """LightningCLI wiring for ``reconkit train``: subcommands fit / validate / test / predict, YAML configs.
 
 Defaults added on top of Lightning's: seed 0, a Rich progress bar, a learning-rate monitor, TensorBoard + CSV
-loggers under ``trainer.default_root_dir`` (``outputs/``: ``tensorboard/version_N``, ``csv/version_N``) and a
+loggers under ``trainer.default_root_dir`` (``outputs/``: ``tensorboard/version_N``, ``csv/version_N``), a
 :class:`~lightning.pytorch.callbacks.ModelCheckpoint` (``checkpoint.*``) writing ``<root>/checkpoints/``: the best
-model by per-volume validation SSIM plus ``last.ckpt``, which ``--ckpt_path last`` resumes from.
+model by per-volume validation SSIM plus ``last.ckpt``, which ``--ckpt_path last`` resumes from, and
+:class:`~reconkit.training.diagnostics.TrainingDiagnostics` (``diagnostics.*``, off until
+``--diagnostics.every_n_steps N``) writing ``<root>/diagnostics/``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from reconkit.training.base import ReconModule
 from reconkit.training.datamodule import FastMriDataModule
+from reconkit.training.diagnostics import TrainingDiagnostics
 
 DESCRIPTION = """Train, validate, test or predict a reconkit model with Lightning.
 
@@ -27,6 +30,8 @@ examples:
   reconkit train fit --config configs/varnet_sim_small.yaml --ckpt_path last          # resume exactly
   reconkit train fit --config configs/varnet_multicoil.yaml --data.data_path /data/knee --trainer.devices 8
   reconkit train fit --config configs/vit_multicoil.yaml --data.data_path /data/knee    # ViT baseline (unet: U-Net)
+  reconkit train fit --config configs/varnet_sim_small.yaml --diagnostics.every_n_steps 25
+      # spectral bias per k-space band and lazy vs feature-learning measures -> outputs/.../diagnostics/
   reconkit train test --config configs/varnet_sim_small.yaml --ckpt_path outputs/varnet_sim_small/checkpoints/last.ckpt
   reconkit train test --config configs/varnet_sim_small.yaml --model reconkit.training.KspaceModule \\
       --model.model_type zero_filled                                                  # classical baseline
@@ -49,6 +54,7 @@ class ReconLightningCLI(LightningCLI):
         # Lightning's save_last only writes last.ckpt when the monitored checkpoint improves, so the latest
         # state is kept by a second, unmonitored callback writing <dirpath>/last.ckpt after every validation
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(TrainingDiagnostics, "diagnostics")  # off until every_n_steps > 0
         parser.set_defaults({
             "trainer.default_root_dir": "outputs",
             "checkpoint.monitor": "val_ssim",
@@ -75,6 +81,8 @@ class ReconLightningCLI(LightningCLI):
             config.checkpoint.dirpath = f"{root}/checkpoints"
         if config.last_checkpoint.dirpath is None:
             config.last_checkpoint.dirpath = config.checkpoint.dirpath
+        if config.diagnostics.dirpath is None:
+            config.diagnostics.dirpath = f"{root}/diagnostics"
         if config.trainer.logger in (None, True):
             config.trainer.logger = [
                 Namespace(class_path=cls, init_args=Namespace(save_dir=root, name=name))

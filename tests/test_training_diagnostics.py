@@ -1,0 +1,319 @@
+"""Training diagnostics: k-space band errors (against fastmri's NMSE and Parseval), the lazy / feature-learning
+measures (against closed forms and torch.func's exact JVP), and the callback in a real fit (files, loggers, resume,
+and that measuring leaves training bit-identical)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from fastmri import evaluate
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from reconkit.cli.train import main
+from reconkit.metrics.spectral import band_energies, band_index, band_nmse
+from reconkit.training import FastMriDataModule, VarNetModule
+from reconkit.training.diagnostics import TrainingDiagnostics, regime_label
+from reconkit.training.regime import (
+    empirical_ntk,
+    kernel_distance,
+    linearization_error,
+    parameters_set_to,
+    relative_weight_change,
+    snapshot,
+)
+
+TINY_VARNET = {"num_cascades": 2, "chans": 4, "pools": 2, "sens_chans": 2, "sens_pools": 1}
+
+
+# ------------------------------------------------------------------------------------------------ k-space bands
+
+
+@pytest.mark.parametrize("shape", [(32, 24), (33, 17), (1, 8)])
+def test_bands_partition_the_spectrum_symmetrically(shape):
+    bands = band_index(shape, 5)
+    assert bands.shape == shape and bands.min() >= 0 and bands.max() <= 4
+    assert bands[0, 0] == 0  # DC
+    # |k| is even in k, so a real image's band-limited part stays real: band(k) == band(-k)
+    mirrored = torch.roll(torch.flip(bands, (0, 1)), shifts=(1, 1), dims=(0, 1))
+    assert torch.equal(bands, mirrored)
+
+
+def test_one_band_is_fastmris_nmse_and_band_errors_add_up_to_the_squared_error():
+    rng = np.random.default_rng(0)
+    target = rng.random((3, 40, 28)).astype(np.float32)
+    output = target + 0.1 * rng.standard_normal(target.shape).astype(np.float32)
+    (value,) = band_nmse(torch.from_numpy(output), torch.from_numpy(target), num_bands=1).tolist()
+    assert value == pytest.approx(evaluate.nmse(target, output), rel=1e-6)  # fastmri sums in float32
+    error, energy = band_energies(torch.from_numpy(output), torch.from_numpy(target), num_bands=6)
+    assert float(error.sum()) == pytest.approx(float(np.sum((output.astype(np.float64) - target) ** 2)), rel=1e-9)
+    assert float(energy.sum()) == pytest.approx(float(np.sum(target.astype(np.float64) ** 2)), rel=1e-9)
+
+
+@pytest.mark.parametrize("band", [0, 3, 7])
+def test_an_error_confined_to_one_band_shows_only_in_that_band(band):
+    generator = torch.Generator().manual_seed(band)
+    target = torch.rand(2, 48, 36, generator=generator, dtype=torch.float64) + 1
+    in_band = band_index((48, 36), 8) == band
+    spectrum = torch.randn(2, 48, 36, generator=generator, dtype=torch.complex128) * in_band
+    perturbation = torch.fft.ifft2(spectrum, norm="ortho").real  # real: the band is symmetric
+    values = band_nmse(target + perturbation, target, num_bands=8)
+    assert values[band] > 1e-6
+    others = torch.cat([values[:band], values[band + 1:]])
+    assert float(others.abs().max()) < 1e-20
+
+
+def test_band_nmse_rejects_mismatched_or_flat_inputs():
+    with pytest.raises(ValueError, match="differ"):
+        band_nmse(torch.zeros(2, 8, 8), torch.zeros(2, 8, 9))
+    with pytest.raises(ValueError, match=r"\(B, h, w\)"):
+        band_nmse(torch.zeros(8), torch.zeros(8))
+    with pytest.raises(ValueError, match="num_bands"):
+        band_nmse(torch.zeros(8, 8), torch.zeros(8, 8), num_bands=0)
+
+
+# ------------------------------------------------------------------------------------------------ regime measures
+
+
+def test_kernel_distance_ignores_scale_and_reaches_one_for_orthogonal_kernels():
+    kernel = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    assert kernel_distance(kernel, 7 * kernel) == pytest.approx(0.0, abs=1e-12)
+    assert kernel_distance(torch.diag(torch.tensor([1.0, 0.0])), torch.diag(torch.tensor([0.0, 1.0]))) == 1.0
+    with pytest.raises(ValueError, match="all zeros"):
+        kernel_distance(torch.zeros(2, 2), kernel)
+
+
+def test_empirical_ntk_of_a_linear_layer_is_the_closed_form():
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 3)
+    x = torch.randn(4, 5)
+    projections = torch.randn(6, 12)
+    kernel = empirical_ntk(layer, lambda: layer(x).flatten(), projections)
+    # f[n, o] = W[o] · x[n] + b[o]; s_i = Σ v_i[n, o] f[n, o]: ∂s_i/∂W[o] = Σ_n v_i[n, o] x[n], ∂s_i/∂b[o] = Σ_n v_i[n, o]
+    v = projections.double().view(6, 4, 3)
+    grad_w = torch.einsum("ino,nd->iod", v, x.double()).reshape(6, -1)
+    grad_b = v.sum(1)
+    expected = grad_w @ grad_w.T + grad_b @ grad_b.T
+    torch.testing.assert_close(kernel, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_linearization_error_is_zero_for_a_model_linear_in_its_weights():
+    torch.manual_seed(1)
+    layer = nn.Linear(5, 3)
+    x = torch.randn(4, 5)
+    initial = snapshot(layer)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p))
+    moved = snapshot(layer)
+    for method in ("jvp", "finite difference"):
+        error, used = linearization_error(layer, lambda: layer(x).flatten(), initial, method=method)
+        assert error < 1e-5 and used == method
+    for name, value in snapshot(layer).items():  # the weights are back where they were
+        assert torch.equal(value, moved[name])
+
+
+def test_linearization_error_equals_the_exact_jvp_for_a_smooth_network():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    initial = snapshot(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.3).add_(0.2 * torch.randn_like(p))
+    current = snapshot(net)
+    delta = {name: current[name] - initial[name] for name in current}
+
+    def f(params):
+        return torch.func.functional_call(net, params, (x,)).flatten()
+
+    start, jvp = torch.func.jvp(f, (initial,), (delta,))
+    exact = float(torch.linalg.vector_norm(f(current) - start - jvp) / torch.linalg.vector_norm(f(current) - start))
+    assert exact > 0.05  # a real nonlinearity, not the trivial case
+    assert linearization_error(net, lambda: net(x).flatten(), initial) == (pytest.approx(exact, rel=1e-12), "jvp")
+    error, _ = linearization_error(net, lambda: net(x).flatten(), initial, method="finite difference")
+    assert error == pytest.approx(exact, rel=1e-4)  # smooth network: the fallback agrees
+
+
+class _NoForwardMode(torch.autograd.Function):
+    """An old-style autograd function (no setup_context / jvp): torch.func cannot run it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.tanh()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError
+
+
+def test_linearization_error_falls_back_to_finite_differences():
+    torch.manual_seed(3)
+    layer = nn.Linear(4, 4).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    initial = snapshot(layer)
+    with torch.no_grad():
+        layer.weight.add_(0.3)
+    error, method = linearization_error(layer, lambda: _NoForwardMode.apply(layer(x)).flatten(), initial)
+    assert method == "finite difference" and 0 < error < 1
+    with pytest.raises(RuntimeError, match="functorch"):
+        linearization_error(layer, lambda: _NoForwardMode.apply(layer(x)).flatten(), initial, method="jvp")
+
+
+def test_relative_weight_change_and_temporary_parameters():
+    layer = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, 4.0]]))
+    initial = snapshot(layer)
+    with torch.no_grad():
+        layer.weight.add_(torch.tensor([[0.0, 0.5]]))
+    assert relative_weight_change(layer, initial) == pytest.approx(0.1)
+    with pytest.raises(RuntimeError, match="boom"), parameters_set_to(layer, initial):
+        assert torch.equal(layer.weight, initial["weight"])
+        raise RuntimeError("boom")
+    assert torch.equal(layer.weight, torch.tensor([[3.0, 4.5]]))  # restored even after an error
+    with pytest.raises(ValueError, match="prefix"):
+        relative_weight_change(layer, initial, prefix="cascades.")
+
+
+class _NtkNet(nn.Module):
+    """Two-layer tanh network in the NTK parameterisation, ``f(x) = W₂ tanh(W₁ x / √d) / √width``."""
+
+    def __init__(self, inputs: int, width: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(width, inputs, dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.randn(1, width, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.w1.T / self.w1.shape[1] ** 0.5) @ self.w2.T / self.w1.shape[0] ** 0.5
+
+
+def _regime_after_gradient_descent(width: int) -> tuple[float, float, float]:
+    torch.manual_seed(0)
+    x = torch.randn(20, 5, dtype=torch.float64)
+    y = torch.sin(x.sum(1, keepdim=True))
+    net, probe = _NtkNet(5, width), torch.randn(6, 5, dtype=torch.float64)
+
+    def outputs():
+        return net(probe).flatten()
+
+    projections = torch.eye(6, dtype=torch.float64)
+    initial, initial_kernel = snapshot(net), empirical_ntk(net, outputs, projections)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss = (net(x) - y).square().mean()
+        loss.backward()
+        optimizer.step()
+    assert float(loss.detach()) < 0.03  # both widths fit the data equally well
+    return (relative_weight_change(net, initial), kernel_distance(initial_kernel, empirical_ntk(net, outputs, projections)),
+            linearization_error(net, outputs, initial).error)
+
+
+def test_the_measures_find_the_lazy_regime_of_a_wide_network_and_feature_learning_in_a_narrow_one():
+    """NTK theory (Jacot et al. 2018; Lee et al. 2019): with width w, the weights move O(1/√w), the kernel O(1/w)
+    and the network stays within O(1/√w) of its linearisation. Same data, steps and learning rate."""
+    narrow, wide = _regime_after_gradient_descent(16), _regime_after_gradient_descent(4096)
+    assert regime_label(*narrow[1:]) == "feature learning" and narrow[2] > 0.2
+    assert regime_label(*wide[1:]) == "lazy" and wide[1] < 1e-4 and wide[2] < 0.02
+    assert narrow[0] / wide[0] > 8  # √256 = 16 in the limit
+    assert narrow[1] / wide[1] > 1000  # 256 in the limit; measured 9e3
+
+
+def test_regime_label_and_callback_arguments():
+    assert regime_label(0.02, 0.05) == "lazy"
+    assert regime_label(0.02, 0.5) == "feature learning"
+    assert regime_label(0.4, 0.05) == "feature learning"
+    with pytest.raises(ValueError, match="probe_split"):
+        TrainingDiagnostics(every_n_steps=5, probe_split="test")
+    with pytest.raises(ValueError, match="every_n_steps"):
+        TrainingDiagnostics(every_n_steps=-1)
+
+
+# ------------------------------------------------------------------------------------------------ the callback
+
+
+def _fit(sim_root: Path, root_dir: Path, diagnostics: TrainingDiagnostics | None) -> VarNetModule:
+    torch.manual_seed(0)
+    module = VarNetModule(**TINY_VARNET, lr=3e-3, lr_scheduler="none")
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=2, default_root_dir=root_dir, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+                      logger=CSVLogger(root_dir, name="csv"), callbacks=[] if diagnostics is None else [diagnostics])
+    datamodule = FastMriDataModule(sim_root, batch_size=1, num_workers=0, mask_type="equispaced_fraction",
+                                   center_fractions=[0.25], accelerations=[2])
+    trainer.fit(module, datamodule=datamodule)
+    return module
+
+
+def test_diagnostics_record_bands_and_regime_and_leave_training_unchanged(sim_root, tmp_path):
+    diagnostics = TrainingDiagnostics(every_n_steps=4, num_bands=6, ntk_projections=4, dirpath=str(tmp_path / "diag"))
+    measured = _fit(sim_root, tmp_path / "with", diagnostics)
+    plain = _fit(sim_root, tmp_path / "without", None)
+    for name, value in plain.state_dict().items():  # measuring does not perturb the weights, RNG or optimiser
+        assert torch.equal(measured.state_dict()[name], value), name
+
+    document = json.loads((tmp_path / "diag" / "diagnostics.json").read_text())
+    assert document["num_bands"] == 6 and document["probe_split"] == "val"
+    records = [r for r in document["history"] if "weight_change" in r]
+    assert [r["step"] for r in records] == [0, 4, 8, 12, 16, 18]  # 9 slices x 2 epochs, plus the final step
+    first, last = records[0], records[-1]
+    assert first["weight_change"] == 0 and first["ntk_distance"] == pytest.approx(0, abs=1e-9)
+    assert first["linearization_error"] is None  # undefined before the output has changed
+    assert all(r["linearization_method"] == "jvp" for r in records)  # the VarNet runs in forward mode
+    assert last["weight_change"] > 0 and 0 < last["ntk_distance"] <= 1 and last["linearization_error"] > 0
+    assert set(last["weight_change_by_block"]) == {"model.sens_net", "model.cascades.0", "model.cascades.1"}
+    assert last["regime"] == regime_label(last["ntk_distance"], last["linearization_error"])
+    assert len(last["band_nmse"]) == 6 and all(v > 0 for v in last["band_nmse"])
+    assert sum(last["band_nmse"][:2]) < sum(first["band_nmse"][:2])  # it learned the low bands
+    validations = [r for r in document["history"] if "val_band_nmse" in r]
+    assert [r["step"] for r in validations] == [9, 18] and all(len(r["val_band_nmse"]) == 6 for r in validations)
+    assert (tmp_path / "diag" / "diagnostics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    (metrics,) = (tmp_path / "with" / "csv").glob("version_*/metrics.csv")
+    with open(metrics) as f:
+        rows = list(csv.DictReader(f))
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"diagnostics/weight_change", "diagnostics/ntk_distance", "diagnostics/linearization_error",
+            "diagnostics/band_nmse/b0", "val_band_nmse/b5"} <= logged
+
+
+def test_cli_diagnostics_resume_from_the_same_start(sim_root, tmp_path):
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_epochs": 1, "default_root_dir": str(tmp_path / "run"),
+                    "enable_progress_bar": False},
+        "model": {"class_path": "reconkit.training.VarNetModule", "init_args": {**TINY_VARNET, "lr": 1e-3}},
+        "data": {"data_path": str(sim_root), "mask_type": "equispaced_fraction", "center_fractions": [0.25],
+                 "accelerations": [2], "num_workers": 0},
+    }
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    args = ["fit", "--config", str(config_path), "--diagnostics.every_n_steps", "5",
+            "--diagnostics.ntk_projections", "2"]
+    assert main(args) == 0
+    folder = tmp_path / "run" / "diagnostics"
+    first_run = json.loads((folder / "diagnostics.json").read_text())["history"]
+    assert main([*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"]) == 0
+    history = json.loads((folder / "diagnostics.json").read_text())["history"]
+    # the records up to the last checkpoint come from it; the end-of-run one (step 9, written after that checkpoint)
+    # is measured again at the resume, from the same weights: the same numbers
+    def numbers(record):
+        return {key: value for key, value in record.items() if key not in ("epoch", "seconds")}
+
+    assert [numbers(r) for r in history[: len(first_run)]] == [numbers(r) for r in first_run]
+    steps = [r["step"] for r in history if "weight_change" in r]
+    assert steps == [0, 5, 9, 10, 15, 18]  # measured from the first run's θ₀, not restarted at the resume
+    assert (folder / "diagnostics_init.pt").is_file() and (folder / "diagnostics.png").is_file()
+
+
+def test_diagnostics_are_off_by_default(sim_root, tmp_path):
+    diagnostics = TrainingDiagnostics(dirpath=str(tmp_path / "diag"))
+    _fit(sim_root, tmp_path / "run", diagnostics)
+    assert not (tmp_path / "diag").exists() and diagnostics.history == []
