@@ -265,7 +265,7 @@ def test_diagnostics_record_bands_and_regime_and_leave_training_unchanged(sim_ro
     assert [r["step"] for r in records] == [0, 4, 8, 12, 16, 18]  # 9 slices x 2 epochs, plus the final step
     first, last = records[0], records[-1]
     assert first["weight_change"] == 0 and first["ntk_distance"] == pytest.approx(0, abs=1e-9)
-    assert first["linearization_error"] is None  # undefined before the output has changed
+    assert first["linearization_error"] is None and first["regime"] is None  # undefined before any change
     assert all(r["linearization_method"] == "jvp" for r in records)  # the VarNet runs in forward mode
     assert last["weight_change"] > 0 and 0 < last["ntk_distance"] <= 1 and last["linearization_error"] > 0
     assert set(last["weight_change_by_block"]) == {"model.sens_net", "model.cascades.0", "model.cascades.1"}

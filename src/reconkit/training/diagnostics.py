@@ -15,7 +15,8 @@ through the model in eval mode and records
 
 At every validation it also logs the whole validation split's NMSE per band (``val_band_nmse/b<k>``), summed over
 slices and DDP ranks. Everything goes to the run's loggers (TensorBoard, CSV) under ``diagnostics/…`` and to
-``<dirpath>/diagnostics.json`` with a plot ``diagnostics.png``; ``diagnostics_init.pt`` keeps ``θ₀``, the first
+``<dirpath>/diagnostics.json`` (``history``: one record per measurement or validation; ``band_radius_edges``:
+the bands' edges in normalised radius, the last one open) with a plot ``diagnostics.png``; ``diagnostics_init.pt`` keeps ``θ₀``, the first
 kernel and the probe so that a resumed run (``--ckpt_path last``) measures from the same start.
 
 ``step`` in the records is the number of optimizer steps taken (``trainer.global_step``). Cost per measurement:
@@ -41,6 +42,7 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, ran
 from reconkit.atomic import atomic_path
 from reconkit.errors import ReconkitError
 from reconkit.metrics.spectral import band_energies
+from reconkit.training.base import Images
 from reconkit.training.datamodule import collate_slices
 from reconkit.training.regime import (
     empirical_ntk,
@@ -129,7 +131,7 @@ class TrainingDiagnostics(Callback):
 
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not self._active or trainer.sanity_checking or outputs is None or outputs.target is None:
+        if not self._active or trainer.sanity_checking or not isinstance(outputs, Images) or outputs.target is None:
             return
         error, energy = band_energies(outputs.output, outputs.target, self.num_bands)
         sums = torch.stack([error, energy])
@@ -159,7 +161,7 @@ class TrainingDiagnostics(Callback):
         bands = ", ".join("-" if v is None else f"{v:.3g}" for v in last["band_nmse"] or [])
         rank_zero_info(f"diagnostics at step {last['step']}: weight change {last['weight_change']:.3g}, NTK distance "
                        f"{last['ntk_distance']:.3g}, linearisation error {_fmt(last['linearization_error'])} "
-                       f"({last['regime']}); probe NMSE per band, DC to edge: {bands}; in {self._folder}")
+                       f"({last['regime'] or 'no change yet'}); probe NMSE per band, DC to edge: {bands}; in {self._folder}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
@@ -233,7 +235,10 @@ class TrainingDiagnostics(Callback):
         linearization = linearization_error(pl_module, outputs, self._initial)
         record["linearization_error"] = _finite([linearization.error])[0]
         record["linearization_method"] = linearization.method
-        record["regime"] = regime_label(record["ntk_distance"], record["linearization_error"] or 0.0)
+        if record["linearization_error"] is None:  # the first step: nothing to judge yet
+            record["regime"] = None
+        else:
+            record["regime"] = regime_label(record["ntk_distance"], record["linearization_error"])
         record["seconds"] = round(time.perf_counter() - started, 3)  # what this measurement cost
         self.history.append(record)
         metrics = {"diagnostics/weight_change": record["weight_change"],
@@ -305,7 +310,7 @@ def plot_diagnostics(document: dict[str, Any], path: Path) -> None:
                        ("linearization_error", "linearisation error")):
         axes[1].plot(steps, [np.nan if r[key] is None else r[key] for r in records], marker=".", label=label)
     title = "lazy vs feature learning"
-    if records:
+    if records and records[-1]["regime"] is not None:
         title += f": {records[-1]['regime']} at step {records[-1]['step']}"
     axes[1].set(xlabel="optimizer step", title=title)
     axes[1].legend(fontsize=8)
