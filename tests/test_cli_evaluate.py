@@ -121,6 +121,31 @@ def test_cli_table_csv_and_bad_files(tmp_path, capsys):
     assert float(rows[1]["psnr_db"]) == pytest.approx(score.psnr, rel=1e-6)
 
 
+def test_band_nmse_columns(tmp_path, capsys):
+    """--bands N: per-volume NMSE per k-space band after fastmri's crop; one band is the NMSE column itself, and a
+    blurred prediction errs in the high bands far more than in the low ones."""
+    rng = np.random.default_rng(2)
+    target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 40, 32, 44, 36), (3, 36, 36, 36, 36)])
+    single, _ = cli_evaluate.evaluate_directories(target_dir, pred_dir, bands=1)
+    for score in single:
+        assert score.band_nmse == (pytest.approx(score.nmse, rel=1e-9),)
+    with h5py.File(target_dir / "file1.h5") as f:
+        target = f["reconstruction_rss"][()]
+    blurred = (target + np.roll(target, 1, -1) + np.roll(target, -1, -1) + np.roll(target, 1, -2)
+               + np.roll(target, -1, -2)) / 5
+    write_fastmri_h5(pred_dir / "file1.h5", blurred)
+    csv_path = tmp_path / "bands.csv"
+    args = ["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--bands", "4", "--csv", str(csv_path)]
+    assert reconkit_main(args) == 0
+    assert "b3" in capsys.readouterr().out
+    with open(csv_path) as handle:
+        rows = {row["volume"]: row for row in csv.DictReader(handle)}
+    bands = [[float(rows[name][f"nmse_band{b}"]) for b in range(4)] for name in ("file0.h5", "file1.h5", "mean")]
+    assert bands[1][3] > 100 * bands[1][0]  # blurring: an error of the edge of the spectrum
+    assert bands[2] == pytest.approx(list(np.mean(bands[:2], axis=0)), rel=1e-6)
+    assert reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--bands", "-1"]) == 2
+
+
 def test_filters_on_bad_or_unlabelled_targets(tmp_path):
     """With a filter set the target is opened for its attrs: a corrupt target is one error line naming the file
     (the other volumes are still scored) and a target without the attr is left out, not an error."""

@@ -4,7 +4,9 @@ Each target file ``TARGET/<name>.h5`` is paired with ``PREDICTIONS/<name>.h5`` (
 ``reconstruction`` dataset). As in ``fastmri.evaluate``, both volumes are centre-cropped to a square of the target's
 width, then NMSE, PSNR (data range = the target volume's maximum) and SSIM (mean over slices, same data range) are
 computed per volume and averaged over volumes. ``--acquisition`` / ``--acceleration`` keep only the targets whose
-``acquisition`` / ``acceleration`` attrs match, as fastmri's evaluation script does.
+``acquisition`` / ``acceleration`` attrs match, as fastmri's evaluation script does. ``--bands N`` adds each volume's
+NMSE in N rings of the image spectrum (:func:`reconkit.metrics.spectral.band_nmse`, band 0 = DC): where in
+frequency the error sits, e.g. blurred edges (high bands) against intensity errors (low bands).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from reconkit.atomic import atomic_path
 from reconkit.data import center_crop, open_volume, target_key
 from reconkit.errors import DataError, ReconkitError
 from reconkit.metrics import volume_metrics
+from reconkit.metrics.spectral import band_nmse
 
 __all__ = ["VolumeScore", "evaluate_directories", "main", "score_volume", "target_matches"]
 
@@ -31,18 +35,21 @@ METRICS = ("NMSE", "PSNR", "SSIM")
 EXAMPLE = """example:
   reconkit reconstruct data/val --model checkpoints/varnet_small.onnx --output out --format h5
   reconkit evaluate --target data/val --predictions out/h5 --csv out/metrics.csv
+  reconkit evaluate --target data/val --predictions out/h5 --bands 8      # + NMSE per k-space band
 """
 
 
 @dataclass(frozen=True)
 class VolumeScore:
-    """fastMRI's metrics for one volume: NMSE (unitless), PSNR (dB), SSIM (unitless)."""
+    """fastMRI's metrics for one volume: NMSE (unitless), PSNR (dB), SSIM (unitless); ``band_nmse``: the NMSE per
+    k-space band, DC first (empty unless asked for)."""
 
     name: str
     slices: int
     nmse: float
     psnr: float
     ssim: float
+    band_nmse: tuple[float, ...] = ()
 
 
 def _read_array(path: Path, key: str) -> np.ndarray:
@@ -60,8 +67,8 @@ def _read_array(path: Path, key: str) -> np.ndarray:
     return data
 
 
-def score_volume(target_path: Path, prediction_path: Path, challenge: str = "multicoil") -> VolumeScore:
-    """Score one prediction file against one target file.
+def score_volume(target_path: Path, prediction_path: Path, challenge: str = "multicoil", bands: int = 0) -> VolumeScore:
+    """Score one prediction file against one target file (``bands > 0``: also the NMSE in that many k-space bands).
 
     Raises:
         DataError: a file is missing, unreadable, lacks its dataset, or the shapes cannot be compared.
@@ -82,7 +89,8 @@ def score_volume(target_path: Path, prediction_path: Path, challenge: str = "mul
             prediction_path, f"shape {prediction.shape} does not fit target {target_path.name}: {err}"
         ) from None
     values = volume_metrics(target, prediction)
-    return VolumeScore(target_path.name, target.shape[0], values["NMSE"], values["PSNR"], values["SSIM"])
+    per_band = tuple(band_nmse(torch.from_numpy(prediction), torch.from_numpy(target), bands).tolist()) if bands else ()
+    return VolumeScore(target_path.name, target.shape[0], values["NMSE"], values["PSNR"], values["SSIM"], per_band)
 
 
 def target_matches(target_path: Path, acquisition: str | None, acceleration: int | None) -> bool:
@@ -115,6 +123,7 @@ def evaluate_directories(
     challenge: str = "multicoil",
     acquisition: str | None = None,
     acceleration: int | None = None,
+    bands: int = 0,
 ) -> tuple[list[VolumeScore], list[str]]:
     """Score every ``*.h5`` in ``target_dir`` that passes the attr filters (see :func:`target_matches`);
     returns ``(scores, error lines)`` (one line per failed volume)."""
@@ -126,7 +135,7 @@ def evaluate_directories(
     for target_path in sorted(target_dir.glob("*.h5")):
         try:
             if target_matches(target_path, acquisition, acceleration):
-                scores.append(score_volume(target_path, predictions_dir / target_path.name, challenge))
+                scores.append(score_volume(target_path, predictions_dir / target_path.name, challenge, bands))
         except ReconkitError as err:
             errors.append(str(err))
     return scores, errors
@@ -142,17 +151,21 @@ def mean_score(scores: Sequence[VolumeScore]) -> VolumeScore | None:
         nmse=float(np.mean([s.nmse for s in scores])),
         psnr=float(np.mean([s.psnr for s in scores])),
         ssim=float(np.mean([s.ssim for s in scores])),
+        band_nmse=tuple(np.mean([s.band_nmse for s in scores], axis=0).tolist()) if scores[0].band_nmse else (),
     )
 
 
 def write_csv(path: Path, scores: Sequence[VolumeScore]) -> None:
-    """Atomically write one row per volume plus a ``mean`` row: name, slices, nmse, psnr_db, ssim."""
+    """Atomically write one row per volume plus a ``mean`` row: name, slices, nmse, psnr_db, ssim (and
+    nmse_band0 … when the scores have band values)."""
     rows = list(scores) + ([mean_score(scores)] if scores else [])
+    bands = len(scores[0].band_nmse) if scores else 0
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["volume", "slices", "nmse", "psnr_db", "ssim"])
+        writer.writerow(["volume", "slices", "nmse", "psnr_db", "ssim"] + [f"nmse_band{b}" for b in range(bands)])
         for s in rows:
-            writer.writerow([s.name, s.slices, f"{s.nmse:.8g}", f"{s.psnr:.8g}", f"{s.ssim:.8g}"])
+            writer.writerow([s.name, s.slices, f"{s.nmse:.8g}", f"{s.psnr:.8g}", f"{s.ssim:.8g}"]
+                            + [f"{v:.8g}" for v in s.band_nmse])
 
 
 def print_table(scores: Sequence[VolumeScore]) -> None:
@@ -160,14 +173,26 @@ def print_table(scores: Sequence[VolumeScore]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log file: Rich's 80 columns would cut volume names and numbers
+        console = Console(width=200)
     table = Table(title="fastMRI metrics per volume")
     for column in ("volume", "slices", "NMSE", "PSNR (dB)", "SSIM"):
         table.add_column(column, justify="left" if column == "volume" else "right")
     mean = mean_score(scores)
-    for s in list(scores) + ([mean] if mean else []):
+    rows = list(scores) + ([mean] if mean else [])
+    for s in rows:
         psnr_text = f"{s.psnr:.2f}" if math.isfinite(s.psnr) else str(s.psnr)
         table.add_row(s.name, str(s.slices), f"{s.nmse:.4g}", psnr_text, f"{s.ssim:.4f}", end_section=s is scores[-1])
-    Console().print(table)
+    console.print(table)
+    bands = len(scores[0].band_nmse) if scores else 0
+    if bands:
+        table = Table(title=f"NMSE per k-space band: b0 = DC … b{bands - 1} = edge of the spectrum")
+        for column in ("volume", *(f"b{b}" for b in range(bands))):
+            table.add_column(column, justify="left" if column == "volume" else "right")
+        for s in rows:
+            table.add_row(s.name, *(f"{v:.3g}" for v in s.band_nmse), end_section=s is scores[-1])
+        console.print(table)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--acceleration", type=int, default=None, help="only targets whose 'acceleration' attr equals this"
     )
+    parser.add_argument(
+        "--bands", type=int, default=0, metavar="N",
+        help="also report each volume's NMSE in N concentric k-space bands of the cropped image's spectrum, from DC "
+        "(b0) to the edge and corners (b<N-1>): low bands = contrast / intensity, high bands = edges and fine "
+        "detail (default 0: off)",
+    )
     parser.add_argument("--csv", type=Path, default=None, help="also write per-volume and mean rows to this CSV file")
     return parser
 
@@ -206,8 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``reconkit evaluate``; exit code 1 when any volume could not be scored, 2 on bad arguments."""
     args = build_parser().parse_args(argv)
     try:
+        if args.bands < 0:
+            raise ReconkitError(f"--bands must be 0 (off) or positive, got {args.bands}")
         scores, errors = evaluate_directories(
-            args.target, args.predictions, args.challenge, args.acquisition, args.acceleration
+            args.target, args.predictions, args.challenge, args.acquisition, args.acceleration, args.bands
         )
     except ReconkitError as err:
         print(f"reconkit evaluate: {err}", file=sys.stderr)
