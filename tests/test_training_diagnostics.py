@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from torch import nn
 
 from reconkit.cli.train import main
 from reconkit.metrics.spectral import band_energies, band_index, band_nmse
-from reconkit.training import FastMriDataModule, VarNetModule
+from reconkit.training import FastMriDataModule, VarNetModule, VitModule
 from reconkit.training.diagnostics import TrainingDiagnostics, regime_label
 from reconkit.training.regime import (
     empirical_ntk,
@@ -181,6 +182,7 @@ def test_relative_weight_change_and_temporary_parameters():
     assert torch.equal(layer.weight, torch.tensor([[3.0, 4.5]]))  # restored even after an error
     with pytest.raises(ValueError, match="prefix"):
         relative_weight_change(layer, initial, prefix="cascades.")
+    assert math.isnan(relative_weight_change(layer, {"weight": torch.zeros(1, 2)}))  # a zero-initialised head
 
 
 class _NtkNet(nn.Module):
@@ -240,10 +242,11 @@ def test_regime_label_and_callback_arguments():
 # ------------------------------------------------------------------------------------------------ the callback
 
 
-def _fit(sim_root: Path, root_dir: Path, diagnostics: TrainingDiagnostics | None) -> VarNetModule:
+def _fit(sim_root: Path, root_dir: Path, diagnostics: TrainingDiagnostics | None, module=None,
+         max_epochs: int = 2) -> VarNetModule:
     torch.manual_seed(0)
-    module = VarNetModule(**TINY_VARNET, lr=3e-3, lr_scheduler="none")
-    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=2, default_root_dir=root_dir, enable_progress_bar=False,
+    module = module or VarNetModule(**TINY_VARNET, lr=3e-3, lr_scheduler="none")
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, default_root_dir=root_dir, enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
                       logger=CSVLogger(root_dir, name="csv"), callbacks=[] if diagnostics is None else [diagnostics])
     datamodule = FastMriDataModule(sim_root, batch_size=1, num_workers=0, mask_type="equispaced_fraction",
@@ -317,3 +320,13 @@ def test_diagnostics_are_off_by_default(sim_root, tmp_path):
     diagnostics = TrainingDiagnostics(dirpath=str(tmp_path / "diag"))
     _fit(sim_root, tmp_path / "run", diagnostics)
     assert not (tmp_path / "diag").exists() and diagnostics.history == []
+
+
+def test_diagnostics_on_the_vit_run_in_forward_mode_and_skip_its_zero_head(sim_root, tmp_path):
+    """The ViT's attention runs in forward mode through PyTorch's math kernel (the fused CPU kernel has no rule), and
+    its output head starts at zero (no relative change to report): the measurement says so instead of failing."""
+    diagnostics = TrainingDiagnostics(every_n_steps=4, ntk_projections=2, dirpath=str(tmp_path / "diag"))
+    _fit(sim_root, tmp_path / "run", diagnostics, module=VitModule(embed_dim=16, depth=1, num_heads=2), max_epochs=1)
+    last = diagnostics.history[-1]
+    assert last["step"] == 9 and last["linearization_method"] == "jvp" and last["linearization_error"] > 0
+    assert last["weight_change_by_block"]["model.head"] is None and last["weight_change"] > 0

@@ -228,7 +228,7 @@ class TrainingDiagnostics(Callback):
             "epoch": trainer.current_epoch,
             "band_nmse": band_nmse,
             "weight_change": relative_weight_change(pl_module, self._initial),
-            "weight_change_by_block": {block: relative_weight_change(pl_module, self._initial, prefix=block + ".")
+            "weight_change_by_block": {block: _finite([relative_weight_change(pl_module, self._initial, block + ".")])[0]
                                        for block in _blocks(self._initial)},
             "ntk_distance": kernel_distance(self._initial_kernel, kernel.cpu()),
         }

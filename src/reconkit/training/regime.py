@@ -15,8 +15,9 @@ learns features instead of fitting a fixed kernel regression. Three scale-free m
 slices' reconstructions concatenated). The kernel is sketched with fixed random projections of that output:
 ``K_ij = ⟨∇_θ ⟨v_i, f⟩, ∇_θ ⟨v_j, f⟩⟩`` for ``N`` vectors ``v`` (one backward pass each), the usual way to track the
 NTK when the full Jacobian (#pixels × #weights) is too large. The linearisation's ``J(θ₀)(θ − θ₀)`` is an exact
-forward-mode Jacobian-vector product (``torch.func.jvp``; every reconkit model on the PyTorch path supports it),
-with a finite-difference fallback for models that forward-mode AD cannot run.
+forward-mode Jacobian-vector product (``torch.func.jvp``; the VarNet, U-Net and ViT all run in forward mode on the
+PyTorch path, attention through PyTorch's math kernel), with a finite-difference fallback for models that
+forward-mode AD cannot run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "Linearization",
@@ -63,16 +65,18 @@ def parameters_set_to(module: nn.Module, values: Mapping[str, torch.Tensor]) -> 
 
 
 def relative_weight_change(module: nn.Module, initial: Mapping[str, torch.Tensor], prefix: str = "") -> float:
-    """``‖θ − θ₀‖ / ‖θ₀‖`` over the parameters in ``initial`` whose names start with ``prefix`` (all by default)."""
-    moved, size = 0.0, 0.0
+    """``‖θ − θ₀‖ / ‖θ₀‖`` over the parameters in ``initial`` whose names start with ``prefix`` (all by default);
+    ``nan`` when those parameters started at zero (a zero-initialised output head)."""
+    moved, size, found = 0.0, 0.0, False
     for name, p in module.named_parameters():
         if name in initial and name.startswith(prefix):
             start = initial[name].to(p.device, torch.float64)
             moved += float((p.detach().double() - start).square().sum())
             size += float(start.square().sum())
-    if size == 0.0:
-        raise ValueError(f"relative_weight_change: no initial parameters (or all zero) under prefix {prefix!r}")
-    return (moved / size) ** 0.5
+            found = True
+    if not found:
+        raise ValueError(f"relative_weight_change: no initial parameters under prefix {prefix!r}")
+    return (moved / size) ** 0.5 if size > 0 else float("nan")
 
 
 def empirical_ntk(module: nn.Module, outputs: Outputs, projections: torch.Tensor) -> torch.Tensor:
@@ -164,7 +168,9 @@ def linearization_error(module: nn.Module, outputs: Outputs, initial: Mapping[st
             return torch.func.functional_call(probe, {f"module.{name}": p for name, p in params.items()}, ())
 
         try:
-            start, jvp = torch.func.jvp(f, (initial,), (delta,))
+            # PyTorch's fused attention kernels have no forward-mode rule; its math backend is plain, differentiable ops
+            with sdpa_kernel(SDPBackend.MATH):
+                start, jvp = torch.func.jvp(f, (initial,), (delta,))
             used = "jvp"
         except (RuntimeError, NotImplementedError):  # an operation or autograd.Function without a forward-mode rule
             if method == "jvp":
