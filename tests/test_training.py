@@ -97,6 +97,13 @@ def test_cli_reports_missing_split_folder_in_one_line(tmp_path, capsys):
     assert f"{tmp_path / 'val'}: missing the 'val' folder" in err
 
 
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_shipped_configs_parse(config, capsys):
+    """Every option in the shipped YAML files is one the CLI knows (``--print_config`` parses without running)."""
+    assert main(["fit", "--config", str(config), "--print_config"]) == 0
+    assert "model:" in capsys.readouterr().out
+
+
 def test_cli_help_shows_examples(capsys):
     assert main(["--help"]) == 0
     assert "reconkit train fit --config configs/varnet_sim_small.yaml" in capsys.readouterr().out
