@@ -314,6 +314,13 @@ def test_cli_diagnostics_resume_from_the_same_start(sim_root, tmp_path):
     steps = [r["step"] for r in history if "weight_change" in r]
     assert steps == [0, 5, 9, 10, 15, 18]  # measured from the first run's θ₀, not restarted at the resume
     assert (folder / "diagnostics_init.pt").is_file() and (folder / "diagnostics.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (tmp_path / "run" / "tensorboard").glob("version_1")  # the resumed run's TensorBoard log
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert [image.step for image in accumulator.Images("diagnostics")] == [18, 18]  # validation end, training end
+    assert "diagnostics/ntk_distance" in accumulator.Tags()["scalars"]
 
 
 def test_diagnostics_are_off_by_default(sim_root, tmp_path):

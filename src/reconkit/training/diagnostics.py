@@ -16,7 +16,8 @@ through the model in eval mode and records
 At every validation it also logs the whole validation split's NMSE per band (``val_band_nmse/b<k>``), summed over
 slices and DDP ranks. Everything goes to the run's loggers (TensorBoard, CSV) under ``diagnostics/…`` and to
 ``<dirpath>/diagnostics.json`` (``history``: one record per measurement or validation; ``band_radius_edges``:
-the bands' edges in normalised radius, the last one open) with a plot ``diagnostics.png``; ``diagnostics_init.pt`` keeps ``θ₀``, the first
+the bands' edges in normalised radius, the last one open) with a plot ``diagnostics.png`` (also TensorBoard's
+``diagnostics`` image); ``diagnostics_init.pt`` keeps ``θ₀``, the first
 kernel and the probe so that a resumed run (``--ckpt_path last``) measures from the same start.
 
 ``step`` in the records is the number of optimizer steps taken (``trainer.global_step``). Cost per measurement:
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 
 from reconkit.atomic import atomic_path
@@ -149,14 +151,14 @@ class TrainingDiagnostics(Callback):
         if trainer.is_global_zero:
             self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch,
                                  "val_band_nmse": _finite(values)})
-            self._write(plot=True)
+            self._write(plot=True, trainer=trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._active or not trainer.is_global_zero:
             return
         if trainer.global_step != self._last_step():
             self._measure(trainer, pl_module)
-        self._write(plot=True)
+        self._write(plot=True, trainer=trainer)
         last = next(r for r in reversed(self.history) if "weight_change" in r)
         bands = ", ".join("-" if v is None else f"{v:.3g}" for v in last["band_nmse"] or [])
         rank_zero_info(f"diagnostics at step {last['step']}: weight change {last['weight_change']:.3g}, NTK distance "
@@ -252,15 +254,23 @@ class TrainingDiagnostics(Callback):
             lg.log_metrics(metrics, step=trainer.global_step)
 
     # --- files -----------------------------------------------------------------------------------------------
-    def _write(self, plot: bool) -> None:
+    def _write(self, plot: bool, trainer: Trainer | None = None) -> None:
+        """``diagnostics.json``; with ``plot`` also ``diagnostics.png``, which also goes to TensorBoard's images."""
         edges = [round(b / self.num_bands, 6) for b in range(self.num_bands)] + [None]
         document = {"num_bands": self.num_bands, "band_radius_edges": edges, "probe_split": self.probe_split,
                     "history": self.history}
         with atomic_path(self._folder / "diagnostics.json") as tmp:
             tmp.write_text(json.dumps(document, indent=1))
-        if plot:
-            with atomic_path(self._folder / "diagnostics.png") as tmp:
-                plot_diagnostics(document, tmp)
+        if not plot:
+            return
+        with atomic_path(self._folder / "diagnostics.png") as tmp:
+            plot_diagnostics(document, tmp)
+        tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None) if trainer else None
+        if tensorboard is not None:
+            import matplotlib.image
+
+            image = matplotlib.image.imread(self._folder / "diagnostics.png")[..., :3]
+            tensorboard.experiment.add_image("diagnostics", image, global_step=trainer.global_step, dataformats="HWC")
 
 
 def _blocks(names) -> list[str]:
