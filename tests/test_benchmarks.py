@@ -1,4 +1,5 @@
-"""benchmarks/export.py still runs and its tables report parity (errors only: never a timed assertion)."""
+"""The benchmark scripts still run: export.py reports parity (errors only: never a timed assertion), diagnostics.py
+its tables."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _tables(text: str) -> list[tuple[str, list[list[str]]]]:
         elif not in_table:
             tables.append((line, []))
             in_table = True
-        elif not set(line) <= set("|-"):
+        elif not set(line) <= set("|-: "):  # not the separator row
             tables[-1][1].append([cell.strip() for cell in line.strip().strip("|").split("|")])
     return tables
 
@@ -59,3 +60,24 @@ def test_export_benchmark_small_run_reports_parity(tmp_path) -> None:
     opening = next(rows for header, rows in tables if header.startswith("| size | whole file s |"))
     assert [row[0] for row in opening] == ["32×24", "40×30"]
     assert all(float(row[5]) <= 1e-5 for row in opening), opening  # a size's branch alone gives the file's output
+
+
+def test_diagnostics_benchmark_small_run_prints_its_tables(tmp_path) -> None:
+    run = subprocess.run(
+        [sys.executable, "benchmarks/diagnostics.py", "--small", "--output", str(tmp_path / "runs"), "--plot",
+         str(tmp_path / "runs.png")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    tables = _tables(run.stdout)
+    (bands,) = [rows for header, rows in tables if header.startswith("| run (val SSIM at the end) |")]
+    assert len(bands) == 9 and all(len(row) == 10 for row in bands)  # 3 runs × (first, last, halved-by) × 8 bands
+    assert [row[1] for row in bands[:3]] == ["step 0", "step 8", "halved by step"]
+    (regime,) = [rows for header, rows in tables if header.startswith("| run | step | weight change |")]
+    assert {row[0] for row in regime} == {"init_scale 0.1", "init_scale 1.0", "lr 1e-4"}
+    for row in regime:
+        assert float(row[2]) > 0 and 0 < float(row[3]) <= 1 and row[5] == "jvp"
+    # the same seed and data: the smaller learning rate moves the weights less
+    change = {row[0]: float(row[2]) for row in regime if row[1] == "8"}
+    assert change["lr 1e-4"] < change["init_scale 0.1"] / 3
+    assert (tmp_path / "runs.png").read_bytes()[:4] == b"\x89PNG"
