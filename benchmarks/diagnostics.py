@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from reconkit.cli.train import main as train_main
+from reconkit.training.diagnostics import measurements
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
@@ -74,8 +75,7 @@ def tables(runs: dict[str, Path]) -> str:
     regime = ["| run | step | weight change | kernel distance | linearisation error | method | regime | s |",
               "|---|---:|---:|---:|---:|---|---|---:|"]
     for name, folder in runs.items():
-        records = [r for r in json.loads((folder / "diagnostics" / "diagnostics.json").read_text())["history"]
-                   if "weight_change" in r]
+        records = measurements(json.loads((folder / "diagnostics" / "diagnostics.json").read_text())["history"])
         first_row, last_row = records[0]["band_nmse"], records[-1]["band_nmse"]
         lines.append(f"| {name} ({last_val_ssim(folder):.3f}) | step 0 | " + " | ".join(f"{v:.3g}" for v in first_row)
                      + " |")
@@ -100,7 +100,7 @@ def plot(runs: dict[str, Path], path: Path) -> None:
     fig, axes = plt.subplots(2, len(runs), figsize=(5.2 * len(runs), 7.5), sharex="col", sharey="row", squeeze=False)
     for column, (name, folder) in enumerate(runs.items()):
         document = json.loads((folder / "diagnostics" / "diagnostics.json").read_text())
-        records = [r for r in document["history"] if "weight_change" in r]
+        records = measurements(document["history"])
         steps = [r["step"] for r in records]
         colors = plt.cm.viridis(np.linspace(0, 0.9, document["num_bands"]))
         for band, color in enumerate(colors):

@@ -54,7 +54,7 @@ from reconkit.training.regime import (
     snapshot,
 )
 
-__all__ = ["TrainingDiagnostics", "regime_label"]
+__all__ = ["TrainingDiagnostics", "measurements", "plot_diagnostics", "regime_label"]
 
 
 def regime_label(ntk_distance: float, linearization_error: float, threshold: float = 0.1) -> str:
@@ -119,7 +119,7 @@ class TrainingDiagnostics(Callback):
         self._probe = [move_data_to_device(batch, device) for batch in state["probe"]]
         self._projections = state["projections"].to(device)
         self._initial_kernel = state["kernel"]
-        if not any(record["step"] == trainer.global_step for record in self.history if "weight_change" in record):
+        if trainer.global_step != self._last_step():  # a resumed run measured its resume step already
             self._measure(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -150,7 +150,7 @@ class TrainingDiagnostics(Callback):
             pl_module.log(f"val_band_nmse/b{band}", value)
         if trainer.is_global_zero:
             self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch,
-                                 "val_band_nmse": _finite(values)})
+                                 "val_band_nmse": [_number(v) for v in values]})
             self._write(plot=True, trainer=trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -159,7 +159,7 @@ class TrainingDiagnostics(Callback):
         if trainer.global_step != self._last_step():
             self._measure(trainer, pl_module)
         self._write(plot=True, trainer=trainer)
-        last = next(r for r in reversed(self.history) if "weight_change" in r)
+        last = measurements(self.history)[-1]
         bands = ", ".join("-" if v is None else f"{v:.3g}" for v in last["band_nmse"] or [])
         rank_zero_info(f"diagnostics at step {last['step']}: weight change {last['weight_change']:.3g}, NTK distance "
                        f"{last['ntk_distance']:.3g}, linearisation error {_fmt(last['linearization_error'])} "
@@ -173,8 +173,8 @@ class TrainingDiagnostics(Callback):
 
     # --- measurement -----------------------------------------------------------------------------------------
     def _last_step(self) -> int | None:
-        steps = [record["step"] for record in self.history if "weight_change" in record]
-        return steps[-1] if steps else None
+        records = measurements(self.history)
+        return records[-1]["step"] if records else None
 
     def _start_state(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         """``θ₀``, the probe batches (CPU), the projections and the kernel at ``θ₀``."""
@@ -222,7 +222,7 @@ class TrainingDiagnostics(Callback):
         band_nmse = None
         if all(image.target is not None for image in images):
             sums = sum(torch.stack(band_energies(im.output, im.target, self.num_bands)) for im in images)
-            band_nmse = _finite((sums[0] / sums[1]).tolist())
+            band_nmse = [_number(v) for v in (sums[0] / sums[1]).tolist()]
         outputs = lambda: self._probe_outputs(pl_module, grad=False)  # noqa: E731
         kernel = empirical_ntk(pl_module, lambda: self._probe_outputs(pl_module, grad=True), self._projections)
         record = {
@@ -230,12 +230,12 @@ class TrainingDiagnostics(Callback):
             "epoch": trainer.current_epoch,
             "band_nmse": band_nmse,
             "weight_change": relative_weight_change(pl_module, self._initial),
-            "weight_change_by_block": {block: _finite([relative_weight_change(pl_module, self._initial, block + ".")])[0]
+            "weight_change_by_block": {block: _number(relative_weight_change(pl_module, self._initial, block + "."))
                                        for block in _blocks(self._initial)},
             "ntk_distance": kernel_distance(self._initial_kernel, kernel.cpu()),
         }
         linearization = linearization_error(pl_module, outputs, self._initial)
-        record["linearization_error"] = _finite([linearization.error])[0]
+        record["linearization_error"] = _number(linearization.error)
         record["linearization_method"] = linearization.method
         if record["linearization_error"] is None:  # the first step: nothing to judge yet
             record["regime"] = None
@@ -290,9 +290,14 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def _finite(values: list[float]) -> list[float | None]:
-    """JSON has no NaN: undefined values become ``None``."""
-    return [float(v) if math.isfinite(v) else None for v in values]
+def _number(value: float) -> float | None:
+    """JSON has no NaN: an undefined value becomes ``None``."""
+    return float(value) if math.isfinite(value) else None
+
+
+def measurements(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The probe measurements of a ``diagnostics.json`` history, without the validation records."""
+    return [record for record in history if "weight_change" in record]
 
 
 def plot_diagnostics(document: dict[str, Any], path: Path) -> None:
@@ -303,7 +308,7 @@ def plot_diagnostics(document: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in document["history"] if "weight_change" in r]
+    records = measurements(document["history"])
     validations = [r for r in document["history"] if "val_band_nmse" in r]
     num_bands = document["num_bands"]
     colors = plt.cm.viridis(np.linspace(0, 0.9, num_bands))
