@@ -337,3 +337,20 @@ def test_diagnostics_on_the_vit_run_in_forward_mode_and_skip_its_zero_head(sim_r
     last = diagnostics.history[-1]
     assert last["step"] == 9 and last["linearization_method"] == "jvp" and last["linearization_error"] > 0
     assert last["weight_change_by_block"]["model.head"] is None and last["weight_change"] > 0
+
+
+def test_diagnostics_without_the_data_module_say_what_they_need(sim_root, tmp_path):
+    """Plain dataloaders give the callback no split to draw its probe from: a clear error, before any training."""
+    from reconkit.errors import ReconkitError
+
+    loader = FastMriDataModule(sim_root, batch_size=1, num_workers=0, mask_type="equispaced_fraction",
+                               center_fractions=[0.25], accelerations=[2]).train_dataloader()
+    module = VarNetModule(**TINY_VARNET)
+    before = {name: value.clone() for name, value in module.state_dict().items()}
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                      callbacks=[TrainingDiagnostics(every_n_steps=2, dirpath=str(tmp_path / "diag"))])
+    with pytest.raises(ReconkitError, match="FastMriDataModule"):
+        trainer.fit(module, train_dataloaders=loader)
+    assert all(torch.equal(module.state_dict()[name], value) for name, value in before.items())  # not trained
+    assert not (tmp_path / "diag").exists()
