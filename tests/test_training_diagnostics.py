@@ -141,6 +141,12 @@ def test_linearization_error_equals_the_exact_jvp_for_a_smooth_network():
     assert linearization_error(net, lambda: net(x).flatten(), initial) == (pytest.approx(exact, rel=1e-12), "jvp")
     error, _ = linearization_error(net, lambda: net(x).flatten(), initial, method="finite difference")
     assert error == pytest.approx(exact, rel=1e-4)  # smooth network: the fallback agrees
+    with torch.no_grad():
+        now = net(x).flatten()
+    given = linearization_error(net, lambda: net(x).flatten(), initial, current_output=now)  # one forward fewer
+    assert given == (pytest.approx(exact, rel=1e-12), "jvp")
+    stale = linearization_error(net, lambda: net(x).flatten(), initial, current_output=now + 1)
+    assert stale.error != pytest.approx(exact, rel=1e-3)  # it is the given output that counts
 
 
 class _NoForwardMode(torch.autograd.Function):

@@ -21,9 +21,9 @@ the bands' edges in normalised radius, the last one open) with a plot ``diagnost
 kernel and the probe so that a resumed run (``--ckpt_path last``) measures from the same start.
 
 ``step`` in the records is the number of optimizer steps taken (``trainer.global_step``). Cost per measurement:
-3 forward passes over the probe (bands, kernel, linearisation) and one forward-mode pass, or 6 forward passes
-instead of the last two on the finite-difference fallback, and ``ntk_projections`` backward passes, on global rank 0 only (the other ranks wait at their next gradient
-all-reduce); memory ``ntk_projections × #weights`` floats. Measuring leaves training bit-identical: it runs in
+2 forward passes over the probe (bands and the current output, kernel) and one forward-mode pass, or 5 forward
+passes instead of the forward-mode one on the finite-difference fallback, and ``ntk_projections`` backward passes,
+on global rank 0 only (the other ranks wait at their next gradient all-reduce); memory ``ntk_projections × #weights`` floats. Measuring leaves training bit-identical: it runs in
 eval mode on a forked RNG and puts the weights back exactly.
 """
 
@@ -234,7 +234,8 @@ class TrainingDiagnostics(Callback):
                                        for block in _blocks(self._initial)},
             "ntk_distance": kernel_distance(self._initial_kernel, kernel.cpu()),
         }
-        linearization = linearization_error(pl_module, outputs, self._initial)
+        now = torch.cat([image.output.flatten() for image in images])  # what ``outputs()`` returns now
+        linearization = linearization_error(pl_module, outputs, self._initial, current_output=now)
         record["linearization_error"] = _number(linearization.error)
         record["linearization_method"] = linearization.method
         if record["linearization_error"] is None:  # the first step: nothing to judge yet
