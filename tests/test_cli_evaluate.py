@@ -89,7 +89,7 @@ def test_acquisition_and_acceleration_filters_match_fastmri(tmp_path, capsys):
     assert errors == [] and {s.name for s in scores} == {"file0.h5", "file2.h5"}
     code = reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir),
                           "--acquisition", "AXFLAIR"])  # fmt: skip
-    assert code == 1 and "no .h5 target files match the filters" in capsys.readouterr().err
+    assert code == 1 and "no .h5 / .hdf5 target files match the filters" in capsys.readouterr().err
     assert reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir),
                           "--acquisition", "CORPD_FBK", "--acceleration", "4"]) == 0  # fmt: skip
 
@@ -119,6 +119,22 @@ def test_cli_table_csv_and_bad_files(tmp_path, capsys):
     score = cli_evaluate.score_volume(target_dir / "file0.h5", pred_dir / "file0.h5")
     assert float(rows[0]["ssim"]) == pytest.approx(score.ssim, rel=1e-6)
     assert float(rows[1]["psnr_db"]) == pytest.approx(score.psnr, rel=1e-6)
+
+
+def test_hdf5_targets_and_predictions_are_scored_like_h5(tmp_path, capsys):
+    """``reconkit reconstruct`` reads ``.hdf5`` inputs and writes ``h5/<name>.hdf5``; evaluate pairs them too."""
+    rng = np.random.default_rng(3)
+    target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 32, 32, 32, 32), (2, 32, 32, 32, 32)])
+    for folder in (target_dir, pred_dir):
+        (folder / "file1.h5").rename(folder / "file1.hdf5")
+    (pred_dir / "extra.hdf5").write_bytes((pred_dir / "file0.h5").read_bytes())
+    code = reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "file0.h5" in out and "file1.hdf5" in out
+    assert "note: 1 prediction file(s) without a target, not scored: extra.hdf5" in err
+    scores, errors = cli_evaluate.evaluate_directories(target_dir, pred_dir)
+    assert [s.name for s in scores] == ["file0.h5", "file1.hdf5"] and errors == []
 
 
 def test_band_nmse_columns(tmp_path, capsys):

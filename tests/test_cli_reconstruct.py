@@ -215,6 +215,36 @@ def test_already_undersampled_input_is_used_as_is(tmp_path, capsys):
     for name in ("with_mask.h5", "zero_columns.h5"):
         with h5py.File(out / "h5" / name) as f:
             np.testing.assert_allclose(f["reconstruction"][()], expected.numpy(), rtol=1e-4, atol=1e-9)
+    # the --acceleration asked for was not applied: each file says so, naming how it was undersampled
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2, err
+    assert "with_mask.h5" in notes[0] and "its 'mask' dataset" in notes[0] and "--acceleration 8 not applied" in notes[0]
+    assert "zero_columns.h5" in notes[1] and "columns left empty" in notes[1] and "--acceleration 8" in notes[1]
+    # no note where nothing was asked for, nor where the mask options were applied
+    code, _, err = _run(capsys, str(tmp_path / "with_mask.h5"), "--model", "zero-filled", "--output", str(out))
+    assert code == 0 and "note:" not in err, err
+    code, _, err = _run(capsys, str(full), "--model", "zero-filled", "--output", str(out), "--acceleration", "8")
+    assert code == 0 and "note:" not in err, err
+
+
+def test_encoding_limits_outside_the_kspace_are_noted_and_the_width_used(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    write_fastmri_file(tmp_path / "good.h5", rng)
+    with h5py.File(tmp_path / "good.h5") as src, h5py.File(tmp_path / "bad_limits.h5", "w") as dst:
+        for key in ("kspace", "reconstruction_rss"):
+            dst.create_dataset(key, data=src[key][()])
+        header = src["ismrmrd_header"][()].decode()
+        dst.create_dataset("ismrmrd_header", data=re.sub(r"<center>\d+</center>", "<center>300</center>", header))
+        dst.attrs.update(dict(src.attrs))
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, str(tmp_path / "good.h5"), str(tmp_path / "bad_limits.h5"), "--model", "zero-filled",
+                        "--output", str(out), "--seed", "0")  # one mask for both files
+    assert code == 0, err
+    (note,) = [line for line in err.splitlines() if line.startswith("note:")]
+    assert "bad_limits.h5" in note and "[-276, -228)" in note and "outside the 48 columns" in note
+    assert "columns [0, 48) are taken as acquired" in note
+    with h5py.File(out / "h5" / "good.h5") as a, h5py.File(out / "h5" / "bad_limits.h5") as b:
+        np.testing.assert_array_equal(a["reconstruction"][()], b["reconstruction"][()])  # the whole width, as good.h5
 
 
 def test_bad_inputs_one_line_each_others_written(tmp_path, capsys):
@@ -255,7 +285,7 @@ def test_bad_inputs_one_line_each_others_written(tmp_path, capsys):
     assert code == 1
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 7, err
-    assert sum("other/good.h5" in line and "same file name" in line for line in error_lines) == 1
+    assert sum("other/good.h5" in line and "same output name (good)" in line for line in error_lines) == 1
     for name, problem in (
         ("truncated.h5", "truncated"),
         ("empty.h5", "empty"),
@@ -276,6 +306,30 @@ def test_bad_inputs_one_line_each_others_written(tmp_path, capsys):
         "png/good/slice_000.png",
         "png/good/slice_001.png",
     ]
+
+
+def test_names_that_differ_after_a_dot_keep_separate_outputs(tmp_path, capsys):
+    """``sub01.run1.h5`` and ``sub01.run2.h5`` get ``sub01.run1.nii.gz`` and ``sub01.run2.nii.gz``; ``a.h5`` and
+    ``a.hdf5``, whose NIfTI / DICOM / PNG outputs would share a name, are a clash reported for the second one."""
+    rng = np.random.default_rng(5)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_fastmri_file(scans / "sub01.run1.h5", rng, slices=2)
+    write_fastmri_file(scans / "sub01.run2.h5", rng, slices=3)
+    write_fastmri_file(scans / "a.h5", rng)
+    write_fastmri_file(scans / "a.hdf5", rng)
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, str(scans), "--model", "zero-filled", "--output", str(out), "--format", "h5",
+                             "nifti", "dicom", "png")
+    assert code == 1
+    (clash,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "a.hdf5" in clash and "same output name (a)" in clash
+    for stem, slices in (("sub01.run1", 2), ("sub01.run2", 3)):
+        assert nib.load(out / "nifti" / f"{stem}.nii.gz").shape[2] == slices
+        assert len(list((out / "dicom" / stem).glob("*.dcm"))) == slices
+        assert len(list((out / "png" / stem).glob("*.png"))) == slices
+        assert (out / "h5" / f"{stem}.h5").is_file()
+    assert (out / "nifti" / "a.nii.gz").is_file() and not (out / "h5" / "a.hdf5").exists()
 
 
 def test_single_coil_and_odd_sizes(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import stat
+import warnings
 from pathlib import Path
 
 import h5py
@@ -26,6 +27,7 @@ from reconkit.io import (
     write_png_panels,
 )
 from reconkit.io import dicom as dicom_module
+from reconkit.io.dicom import dicom_text
 
 HEADER = (
     '<?xml version="1.0" encoding="utf-8"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'
@@ -110,6 +112,23 @@ def test_dicom_series_geometry_pixels_and_uids(tmp_path):
     assert again.StudyInstanceUID != slices[0].StudyInstanceUID
 
 
+def test_dicom_texts_are_valid_for_long_or_odd_patient_ids(tmp_path):
+    """PatientID / PatientName are LO / PN: at most 64 characters, no ``\\``; pydicom warns about neither."""
+    volume = _volume(np.random.default_rng(5), (1, 8, 8))
+    ids = {}
+    for name, patient_id in (("a", "p" * 70 + "-run1"), ("b", "p" * 70 + "-run2"), ("c", "Müller\\01")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # pydicom's "exceeds the maximum length" is a UserWarning
+            (path,) = write_dicom_series(tmp_path / name, volume, ImageGeometry(), patient_id=patient_id,
+                                         series_description="reconkit " + "x" * 80)
+            ds = pydicom.dcmread(path)
+        assert len(ds.PatientID) <= 64 and len(str(ds.PatientName)) <= 64 and len(ds.SeriesDescription) <= 64
+        ids[name] = ds.PatientID
+    assert ids["a"] != ids["b"] and ids["a"].startswith("p" * 55)  # same 64-character prefix, still distinct
+    assert ids["c"] == "M_ller_01"
+    assert dicom_text("a" * 64) == "a" * 64  # fastMRI's IDs (64 hex digits) are kept as they are
+
+
 def test_nifti_shape_spacing_and_affine(tmp_path):
     rng = np.random.default_rng(2)
     volume = _volume(rng, (5, 24, 17))
@@ -121,6 +140,24 @@ def test_nifti_shape_spacing_and_affine(tmp_path):
         np.testing.assert_allclose(np.asarray(image.dataobj), volume.transpose(2, 1, 0))
         centre = image.affine @ np.array([8, 11.5, 2, 1])
         np.testing.assert_allclose(centre[:3], 0.0, atol=1e-9)
+        assert nib.aff2axcodes(image.affine) == ("L", "P", "S")  # DICOM's LPS frame, as dcm2niix writes it
+
+
+def test_nifti_and_dicom_put_each_pixel_at_the_same_point(tmp_path):
+    """Pixel (row r, column c) of slice k: DICOM's position (LPS, from ImagePositionPatient + orientation) turned to
+    RAS equals the NIfTI affine's position of voxel (c, r, k)."""
+    volume = _volume(np.random.default_rng(4), (3, 24, 17))
+    geometry = ImageGeometry(row_spacing_mm=0.5, col_spacing_mm=0.4, slice_thickness_mm=3.0)
+    affine = nib.load(write_nifti(tmp_path / "vol.nii.gz", volume, geometry)).affine
+    for k, path in enumerate(write_dicom_series(tmp_path / "dicom", volume, geometry)):
+        ds = pydicom.dcmread(path)
+        position = np.array([float(v) for v in ds.ImagePositionPatient])
+        along_row, along_column = np.array([float(v) for v in ds.ImageOrientationPatient]).reshape(2, 3)
+        row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+        for r, c in ((0, 0), (23, 0), (0, 16), (5, 9)):
+            lps = position + c * col_spacing * along_row + r * row_spacing * along_column
+            ras = lps * np.array([-1, -1, 1])
+            np.testing.assert_allclose((affine @ np.array([c, r, k, 1]))[:3], ras, atol=1e-9)
 
 
 def test_png_panels(tmp_path):

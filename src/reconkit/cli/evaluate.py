@@ -1,7 +1,7 @@
 """``reconkit evaluate``: score reconstructions against targets with fastMRI's per-volume NMSE / PSNR / SSIM.
 
-Each target file ``TARGET/<name>.h5`` is paired with ``PREDICTIONS/<name>.h5`` (fastMRI's submission layout: a
-``reconstruction`` dataset). As in ``fastmri.evaluate``, both volumes are centre-cropped to a square of the target's
+Each target file ``TARGET/<name>.h5`` (or ``.hdf5``) is paired with the file of the same name in ``PREDICTIONS``
+(fastMRI's submission layout: a ``reconstruction`` dataset). As in ``fastmri.evaluate``, both volumes are centre-cropped to a square of the target's
 width, then NMSE, PSNR (data range = the target volume's maximum) and SSIM (mean over slices, same data range) are
 computed per volume and averaged over volumes. ``--acquisition`` / ``--acceleration`` keep only the targets whose
 ``acquisition`` / ``acceleration`` attrs match, as fastmri's evaluation script does. ``--bands N`` adds each volume's
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from reconkit.atomic import atomic_path
-from reconkit.data import center_crop, open_volume, target_key
+from reconkit.data import center_crop, list_volume_files, open_volume, target_key
 from reconkit.errors import DataError, ReconkitError
 from reconkit.metrics import volume_metrics
 from reconkit.metrics.spectral import band_nmse
@@ -125,14 +125,14 @@ def evaluate_directories(
     acceleration: int | None = None,
     bands: int = 0,
 ) -> tuple[list[VolumeScore], list[str]]:
-    """Score every ``*.h5`` in ``target_dir`` that passes the attr filters (see :func:`target_matches`);
+    """Score every ``*.h5`` / ``*.hdf5`` in ``target_dir`` that passes the attr filters (see :func:`target_matches`);
     returns ``(scores, error lines)`` (one line per failed volume)."""
     if not target_dir.is_dir():
         raise ReconkitError(f"{target_dir}: target directory not found")
     if not predictions_dir.is_dir():
         raise ReconkitError(f"{predictions_dir}: predictions directory not found")
     scores, errors = [], []
-    for target_path in sorted(target_dir.glob("*.h5")):
+    for target_path in list_volume_files(target_dir):
         try:
             if target_matches(target_path, acquisition, acceleration):
                 scores.append(score_volume(target_path, predictions_dir / target_path.name, challenge, bands))
@@ -203,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--target", type=Path, required=True, help="directory of target .h5 files (ground truth)")
+    parser.add_argument("--target", type=Path, required=True, help="directory of target .h5 / .hdf5 files (ground truth)")
     parser.add_argument(
-        "--predictions", type=Path, required=True, help="directory of prediction .h5 files named like the targets"
+        "--predictions", type=Path, required=True, help="directory of prediction files named like the targets"
     )
     parser.add_argument(
         "--challenge",
@@ -249,13 +249,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {line}", file=sys.stderr)
     if errors:
         print(f"scored {len(scores)} of {len(scores) + len(errors)} volume(s); {len(errors)} failed", file=sys.stderr)
-    orphans = sorted({p.name for p in args.predictions.glob("*.h5")} - {p.name for p in args.target.glob("*.h5")})
+    orphans = sorted({p.name for p in list_volume_files(args.predictions)} - {p.name for p in list_volume_files(args.target)})
     if orphans:
         shown = ", ".join(orphans[:5]) + (", ..." if len(orphans) > 5 else "")
         print(f"note: {len(orphans)} prediction file(s) without a target, not scored: {shown}", file=sys.stderr)
     if not scores and not errors:
         filters = args.acquisition is not None or args.acceleration is not None
-        print(f"reconkit evaluate: {args.target}: no .h5 target files" + (" match the filters" if filters else ""),
+        print(f"reconkit evaluate: {args.target}: no .h5 / .hdf5 target files" + (" match the filters" if filters else ""),
               file=sys.stderr)  # fmt: skip
         return 1
     if scores:

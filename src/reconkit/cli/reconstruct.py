@@ -22,6 +22,7 @@ from reconkit.inference import (
     DEFAULT_MASK,
     Reconstructor,
     VolumeResult,
+    acquired_columns,
     load_reconstructor,
     reconstruct_volume,
     volume_mask,
@@ -60,10 +61,16 @@ recon size), OUTPUT/nifti/<stem>.nii.gz, OUTPUT/dicom/<stem>/slice_NNN.dcm, OUTP
 """
 
 
+def output_stem(path: Path) -> str:
+    """The name of a file's NIfTI / DICOM / PNG outputs: its name without the extension (``sub01.run1.h5`` →
+    ``sub01.run1``), so files that differ only after a first dot keep separate outputs."""
+    return path.stem
+
+
 def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: Sequence[str], model_name: str) -> None:
     """Write ``result`` in each of ``formats`` under ``output/<format>/`` (each write atomic)."""
     path = volume.info.path
-    stem = path.name.split(".")[0]
+    stem = output_stem(path)
     attrs = {k: volume.info.attrs[k] for k in ("acquisition", "patient_id", "image_index") if k in volume.info.attrs}
     geometry = geometry_from_header(volume.info.header)
     if "h5" in formats:
@@ -111,8 +118,9 @@ class FileReport:
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[FileReport]]:
     """Files named directly plus the ``*.h5`` / ``*.hdf5`` files of named directories; bad names become reports.
 
-    Outputs are named after the input file, so a second input with the same name (from another directory) is
-    reported instead of overwriting the first one's outputs.
+    Outputs are named after the input file, so a second input with the same name (from another directory, or the
+    same stem with the other extension: ``a.h5`` and ``a.hdf5`` would share ``a.nii.gz``) is reported instead of
+    overwriting the first one's outputs.
     """
     files: dict[str, Path] = {}
     failures = []
@@ -126,11 +134,12 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[FileReport]]:
         if path.is_dir() and not found:
             failures.append(FileReport(path, status=f"{path}: directory holds no .h5 / .hdf5 files"))
         for file in found:
-            if file.name in files and files[file.name].resolve() != file.resolve():
-                clash = f"{file}: same file name as {files[file.name]}; its outputs would overwrite that one's"
+            stem = output_stem(file)
+            if stem in files and files[stem].resolve() != file.resolve():
+                clash = f"{file}: same output name ({stem}) as {files[stem]}; its outputs would overwrite that one's"
                 failures.append(FileReport(file, status=clash))
             else:
-                files.setdefault(file.name, file)
+                files.setdefault(stem, file)
     return list(files.values()), failures
 
 
@@ -211,6 +220,8 @@ def run(args: argparse.Namespace) -> list[FileReport]:
 
     reconstructor = load_reconstructor(args.model, args.backend, args.device, torch_fallback=args.torch_fallback)
     mask_options = _mask_options(args, reconstructor)
+    asked_for_mask = " ".join(f"--{key.replace('_', '-')} {getattr(args, key)}" for key in (*DEFAULT_MASK, "seed")
+                              if getattr(args, key) is not None)  # fmt: skip
     files, reports = expand_inputs(args.inputs)
     err_console = Console(stderr=True)
     for report in reports:
@@ -224,13 +235,20 @@ def run(args: argparse.Namespace) -> list[FileReport]:
             try:
                 volume = read_ismrmrd_raw(path) if is_ismrmrd_raw(path) else read_volume(path)
                 progress.update(slices_task, total=volume.kspace.shape[0])
-                mask, _ = volume_mask(
+                header_note = acquired_columns(volume)[2]
+                if header_note:
+                    print(f"note: {path}: {header_note}", file=sys.stderr)
+                mask, retrospective = volume_mask(
                     volume,
                     mask_options["mask_type"],
                     mask_options["acceleration"],
                     mask_options["center_fraction"],
                     args.seed,
                 )
+                if not retrospective and asked_for_mask:
+                    how = "its 'mask' dataset" if volume.mask is not None else "k-space columns left empty"
+                    print(f"note: {path}: already undersampled ({how}); {asked_for_mask} not applied, the file's "
+                          "own sampling is used", file=sys.stderr)  # fmt: skip
                 result = reconstruct_volume(
                     volume,
                     reconstructor,

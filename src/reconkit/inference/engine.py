@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_MASK",
     "Reconstructor",
     "VolumeResult",
+    "acquired_columns",
     "load_reconstructor",
     "reconstruct_volume",
     "volume_mask",
@@ -285,6 +286,22 @@ def _coil_kspace(volume: Volume) -> np.ndarray:
     return volume.kspace[:, None] if volume.kspace.ndim == 3 else volume.kspace
 
 
+def acquired_columns(volume: Volume) -> tuple[int, int, str | None]:
+    """The acquired k-space columns ``[left, right)`` from the header's encoding limits (fastMRI's ``padding_left`` /
+    ``padding_right``), and a note when those limits do not fit the file's k-space width: then the part inside
+    the width is used, or the whole width when nothing of it is left."""
+    width = volume.kspace.shape[-1]
+    left, right = volume.info.header.padding_left, volume.info.header.padding_right
+    if 0 <= left < right <= width:
+        return left, right, None
+    fitted = max(0, min(left, width)), max(0, min(right, width))
+    if fitted[1] <= fitted[0]:
+        fitted = (0, width)
+    note = (f"the header's encoding limits put the acquired k-space columns at [{left}, {right}), outside the "
+            f"{width} columns of 'kspace'; columns [{fitted[0]}, {fitted[1]}) are taken as acquired")
+    return fitted[0], fitted[1], note
+
+
 def volume_mask(
     volume: Volume, mask_type: str, acceleration: int, center_fraction: float, seed: int | None
 ) -> tuple[np.ndarray, bool]:
@@ -297,10 +314,7 @@ def volume_mask(
     """
     kspace = _coil_kspace(volume)
     width = kspace.shape[-1]
-    left, right = volume.info.header.padding_left, volume.info.header.padding_right
-    left, right = max(0, min(left, width)), max(0, min(right, width))
-    if right <= left:
-        left, right = 0, width
+    left, right, _ = acquired_columns(volume)
     if volume.mask is not None:
         columns = np.asarray(volume.mask, dtype=np.float32) != 0
         retrospective = False
@@ -368,7 +382,8 @@ def reconstruct_volume(
     target = volume.target
     if target is not None:
         target = center_crop(target, (min(crop[0], target.shape[-2]), min(crop[1], target.shape[-1])))
-    acquired = max(1, volume.info.header.padding_right - volume.info.header.padding_left)
+    left, right, _ = acquired_columns(volume)
+    acquired = right - left
     return VolumeResult(
         reconstruction=np.concatenate(outputs).astype(np.float32),
         zero_filled=np.concatenate(zero_filled).astype(np.float32),

@@ -8,6 +8,7 @@ Each call makes a new study / series / frame of reference (fresh UIDs). Geometry
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from pathlib import Path
 
@@ -72,6 +73,16 @@ def _slice_dataset(
     return ds
 
 
+def dicom_text(value: object, limit: int = 64) -> str:
+    """``value`` as a DICOM LO / PN text: printable ASCII without the value delimiter ``\\`` (others become ``_``),
+    at most ``limit`` characters. A longer text keeps its first characters and ends in ``~`` plus 8 hex digits of
+    its SHA-1, so two long identifiers that share a prefix stay distinct."""
+    text = "".join(ch if ch.isascii() and ch.isprintable() and ch != "\\" else "_" for ch in str(value))
+    if len(text) <= limit:
+        return text
+    return text[: limit - 9] + "~" + hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
 def new_study() -> tuple[str, str]:
     """Fresh ``(StudyInstanceUID, FrameOfReferenceUID)`` for :func:`write_dicom_series`'s ``study``."""
     return generate_uid(), generate_uid()
@@ -90,7 +101,9 @@ def write_dicom_series(
 
     Pixel values are ``round(volume / RescaleSlope)`` as uint16 with ``RescaleSlope = max / 65535``, so
     ``pixel_array * RescaleSlope`` recovers the magnitude to within half a slope. The window spans the 0.5–99.5th
-    percentile. The directory appears complete or not at all.
+    percentile. The directory appears complete or not at all. ``patient_id`` (``PatientID`` and ``PatientName``)
+    and ``series_description`` are made valid DICOM texts by :func:`dicom_text` (fastMRI's 64-character IDs fit
+    as they are).
 
     ``study = (StudyInstanceUID, FrameOfReferenceUID)`` puts several series of one scan (e.g. its contrasts) in one
     study and frame of reference, numbered by ``series_number``; by default each call starts a new study.
@@ -113,8 +126,8 @@ def write_dicom_series(
     series_uid = generate_uid()
     shared: dict[str, object] = {
         "Modality": "MR",
-        "PatientID": str(patient_id),
-        "PatientName": str(patient_id),
+        "PatientID": dicom_text(patient_id),
+        "PatientName": dicom_text(patient_id),
         "StudyInstanceUID": study_uid,
         "SeriesInstanceUID": series_uid,
         "FrameOfReferenceUID": frame_uid,
@@ -123,7 +136,7 @@ def write_dicom_series(
         "ContentDate": now.strftime("%Y%m%d"),
         "ContentTime": now.strftime("%H%M%S"),
         "SeriesNumber": int(series_number),
-        "SeriesDescription": series_description[:64],
+        "SeriesDescription": dicom_text(series_description),
         "ImageType": ["DERIVED", "SECONDARY"],
         "Manufacturer": "reconkit",
     }

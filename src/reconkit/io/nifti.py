@@ -15,13 +15,17 @@ __all__ = ["nifti_affine", "write_nifti"]
 
 
 def nifti_affine(geometry: ImageGeometry, shape: tuple[int, int, int]) -> np.ndarray:
-    """4×4 voxel → mm affine for a NIfTI array of ``shape = (cols, rows, slices)``, centred on the volume.
+    """4×4 voxel → RAS mm affine for a NIfTI array of ``shape = (cols, rows, slices)``, centred on the volume.
 
-    Voxel axis 0 runs along image columns, axis 1 along rows, axis 2 across slices.
+    Voxel axis 0 runs along image columns, axis 1 along rows, axis 2 across slices. The frame is the one of
+    :func:`reconkit.io.write_dicom_series` (orientation ``[1, 0, 0, 0, 1, 0]`` in DICOM's LPS: columns run to the
+    patient's left, rows to posterior) written in NIfTI's RAS, as ``dcm2niix`` would convert the DICOM series: both
+    files put every pixel at the same point in space.
     """
     spacing = np.array([geometry.col_spacing_mm, geometry.row_spacing_mm, geometry.slice_thickness_mm])
-    affine = np.diag(np.append(spacing, 1.0))
-    affine[:3, 3] = -spacing * (np.asarray(shape) - 1) / 2.0
+    lps_to_ras = np.array([-1.0, -1.0, 1.0])
+    affine = np.diag(np.append(lps_to_ras * spacing, 1.0))
+    affine[:3, 3] = -lps_to_ras * spacing * (np.asarray(shape) - 1) / 2.0
     return affine
 
 
