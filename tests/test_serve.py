@@ -255,6 +255,16 @@ def test_default_outputs_and_request_level_binary_flag(server, direct):
     length = int(headers["inference-header-content-length"])
     assert status == 200 and json.loads(body[:length])["outputs"][0]["parameters"]["binary_data_size"] == expected.nbytes
     np.testing.assert_array_equal(np.frombuffer(body[length:], np.float32).reshape(expected.shape), expected)
+    # "outputs": [] asks for every output, as no "outputs" at all (and as an empty list over gRPC)
+    status, _, body = post(url, "/v2/models/recon/infer", json.dumps(json_request(kspace, mask, outputs=[])).encode())
+    assert status == 200 and [o["name"] for o in json.loads(body)["outputs"]] == ["image"]
+    # nested data (row-major lists of lists) and JSON integers are numbers too
+    nested = json_request(kspace, mask)
+    nested["inputs"][0]["data"] = kspace.tolist()
+    nested["inputs"][1]["data"] = mask.astype(int).tolist()
+    status, _, body = post(url, "/v2/models/recon/infer", json.dumps(nested).encode())
+    output = json.loads(body)["outputs"][0]
+    np.testing.assert_array_equal(np.asarray(output["data"], np.float32).reshape(output["shape"]), expected)
 
 
 def binary_body(kspace: np.ndarray, mask: np.ndarray, kspace_size: int | None = None) -> tuple[bytes, dict]:
@@ -288,6 +298,18 @@ def _bad_requests() -> list[tuple[str, object, str]]:
     short_data["inputs"][1]["data"] = short_data["inputs"][1]["data"][:-1]
     strings = json.loads(json.dumps(good))
     strings["inputs"][1]["data"] = ["a"] * WIDTH
+    numeric_strings = json.loads(json.dumps(good))
+    numeric_strings["inputs"][1]["data"] = ["1.0"] * WIDTH  # np.asarray(..., float32) would take these
+    booleans = json.loads(json.dumps(good))
+    booleans["inputs"][1]["data"] = [True] * WIDTH
+    nulls = json.loads(json.dumps(good))
+    nulls["inputs"][1]["data"] = [None] * WIDTH
+    beyond_fp32 = json.loads(json.dumps(good))
+    beyond_fp32["inputs"][1]["data"] = [1e39] + [1.0] * (WIDTH - 1)
+    huge_empty = json.loads(json.dumps(good))  # 0 elements, so the count check passes; numpy cannot build it
+    huge_empty["inputs"][0].update(shape=[1, 0, 10**30, WIDTH, 2], data=[])
+    huge_dim = json.loads(json.dumps(good))
+    huge_dim["inputs"][0]["shape"] = [1, 2**40, HEIGHT, WIDTH, 2]
     empty_second = sample(batch=2)[0]
     empty_second[1] = 0.0
     big_batch = json_request(*sample(batch=9))
@@ -303,7 +325,13 @@ def _bad_requests() -> list[tuple[str, object, str]]:
         ("rank", bad_rank, "input 'mask': shape [1, 7] has 2 dimensions"),
         ("static dim", bad_static, "input 'masked_kspace': shape [1, 3, 10, 7, 3] has size 3 on axis 4"),
         ("data length", short_data, "input 'mask': 'data' holds 6 values, shape [1, 1, 1, 7, 1] needs 7"),
-        ("data type", strings, "input 'mask': 'data' is not a list of FP32 numbers"),
+        ("data type", strings, "input 'mask': 'data' must hold FP32 values as JSON numbers, got strings"),
+        ("numeric strings", numeric_strings, "input 'mask': 'data' must hold FP32 values as JSON numbers, got strings"),
+        ("booleans", booleans, "input 'mask': 'data' must hold FP32 values as JSON numbers, got booleans"),
+        ("nulls", nulls, "input 'mask': 'data' must hold FP32 values as JSON numbers, got nulls"),
+        ("beyond fp32", beyond_fp32, "input 'mask': 1 value(s) are beyond the range of FP32"),
+        ("zero-size shape", huge_empty, "input 'masked_kspace': every dimension of the shape must be between 1 and"),
+        ("huge dimension", huge_dim, "input 'masked_kspace': every dimension of the shape must be between 1 and"),
         ("nan", json_request(nan_kspace, mask), "input 'masked_kspace': 1 value(s) are NaN or infinite"),
         ("inf", json_request(kspace, inf_mask), "input 'mask': 1 value(s) are NaN or infinite"),
         ("zero kspace", json_request(empty_second, sample(batch=2)[1]),
@@ -313,6 +341,12 @@ def _bad_requests() -> list[tuple[str, object, str]]:
         ("batch limit", big_batch, "batch size 9 exceeds the model's max_batch_size 8"),
         ("batch mismatch", batch_mismatch, "inputs disagree on the batch size"),
         ("unknown output", json_request(kspace, mask, outputs=[{"name": "kspace"}]), "unknown output tensor 'kspace'"),
+        ("repeated output", json_request(kspace, mask, outputs=[{"name": "image"}, {"name": "image"}]),
+         "output 'image' requested more than once"),
+        ("binary flag text", json_request(kspace, mask, outputs=[{"name": "image", "parameters": {"binary_data": "false"}}]),
+         "output 'image': parameter 'binary_data' must be true or false, got 'false'"),
+        ("request flag text", json_request(kspace, mask, parameters={"binary_data_output": 1}),
+         "request: parameter 'binary_data_output' must be true or false, got 1"),
         ("bad timeout", json_request(kspace, mask, parameters={"timeout": -5}), "'timeout' must be a positive number"),
     ]
 
@@ -323,6 +357,76 @@ def test_json_input_validation_is_400_naming_the_problem(server, name, request_b
     body = request_body if isinstance(request_body, bytes) else json.dumps(request_body).encode()
     status, error = error_of(post(url, "/v2/models/recon/infer", body))
     assert status == 400 and message in error, error
+
+
+def test_wrong_method_is_a_json_405(server):
+    url, _ = server
+    for method, path in (("GET", "/v2/models/recon/infer"), ("POST", "/v2/models/recon"), ("POST", "/v2")):
+        conn = http.client.HTTPConnection(url, timeout=30)
+        try:
+            conn.request(method, path, body=b"{}" if method == "POST" else None)
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        assert response.status == 405 and response.getheader("content-type") == "application/json"
+        assert json.loads(body)["error"] == f"method not allowed: {method} {path}"
+        assert response.getheader("allow")
+
+
+def _raw_connection(url: str) -> socket.socket:
+    host, port = url.split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def _closed_by_server(sock: socket.socket, within_s: float) -> tuple[bool, bytes]:
+    """Whether the server closes ``sock`` within ``within_s`` seconds, and what it sent before closing."""
+    sock.settimeout(within_s)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+        return True, received
+    except TimeoutError:
+        return False, received
+    except ConnectionResetError:
+        return True, received
+
+
+def test_stalled_clients_are_timed_out_and_connections_capped(repository):
+    """Slow or stalled clients ("slowloris"): silent connections and half-sent headers are closed after the client
+    timeout, a paused body gets 408; beyond max_connections the connection idle longest makes room, so a health
+    probe still gets through."""
+    with running_server(repository, client_timeout_s=2.0, max_connections=4) as (url, _):
+        silent = _raw_connection(url)
+        half_headers = _raw_connection(url)
+        half_headers.sendall(b"POST /v2/models/recon/infer HTTP/1.1\r\nHost: x\r\nContent-Le")
+        start = time.monotonic()
+        assert _closed_by_server(silent, 10)[0] and _closed_by_server(half_headers, 10)[0]
+        assert 1.8 < time.monotonic() - start < 8
+        paused_body = _raw_connection(url)
+        paused_body.sendall(b"POST /v2/models/recon/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        closed, answer = _closed_by_server(paused_body, 10)
+        assert closed and answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"client sent no request data for 2 s (1 bytes of the body received)" in answer
+        # an idle keep-alive connection gets the same time after its response
+        keep_alive = http.client.HTTPConnection(url, timeout=30)
+        keep_alive.request("GET", "/v2/health/live")
+        assert keep_alive.getresponse().read() and _closed_by_server(keep_alive.sock, 10)[0]
+        # the cap: 6 silent connections on a server that keeps 4; the oldest go, the newest and a probe get in
+        sockets = []
+        for _ in range(6):
+            sockets.append(_raw_connection(url))
+            time.sleep(0.05)
+        assert get(url, "/v2/health/live")[0] == 200
+        time.sleep(0.2)
+        closed = [_closed_by_server(sock, 0.01)[0] for sock in sockets]  # well before the 2 s timeout
+        assert closed[:3] == [True, True, True] and not any(closed[4:]), closed
+        for sock in (silent, half_headers, paused_body, *sockets):
+            sock.close()
+        # a client that sends its request on time is served as usual
+        kspace, mask = sample()
+        assert triton_infer(url, kspace, mask, binary=True).as_numpy("image").shape == (1, HEIGHT, WIDTH)
 
 
 def test_binary_byte_lengths_are_checked(server):
@@ -478,6 +582,7 @@ def test_bearer_token_auth_401(repository):
             triton_infer(url, kspace, mask, binary=True, headers={"Authorization": "Bearer wrong"})
         assert get(url, "/metrics")[0] == 401 and get(url, "/v2/models/recon")[0] == 401
         assert get(url, "/v2/health/ready")[0] == 200  # probes need no token
+        assert get(url, "/v2/models/recon/ready")[0] == 200  # model readiness neither (as gRPC's ModelReady)
         result = triton_infer(url, kspace, mask, binary=True, headers={"Authorization": "Bearer s3cret"})
         assert result.as_numpy("image").shape == (1, HEIGHT, WIDTH)
 
@@ -781,7 +886,8 @@ def test_grpc_typed_contents_equal_rest(grpc_server, direct):
     assert grpc_call(address, "ServerMetadata", MESSAGES["ServerMetadataRequest"]()).name == "reconkit"
 
 
-_JSON_ONLY = {"not json", "deep json", "not an object", "data type"}  # no gRPC counterpart
+_JSON_ONLY = {"not json", "deep json", "not an object", "data type", "numeric strings", "booleans", "nulls",
+              "beyond fp32", "zero-size shape", "binary flag text", "request flag text"}  # no gRPC counterpart
 _GRPC_MESSAGES = {"data length": "input 'mask': contents.fp32_contents holds 6 values, shape [1, 1, 1, 7, 1] needs 7"}
 _GRPC_CASES = [c for c in _bad_requests() if c[0] not in _JSON_ONLY]
 
@@ -815,6 +921,23 @@ def test_grpc_raw_contents_checks_and_unknown_models(grpc_server):
         with pytest.raises(grpc.RpcError) as caught:
             grpc_call(address, "ModelInfer", request)
         assert caught.value.code() == code and message in caught.value.details()
+    for shape in ([2**31, 2**31, 4, HEIGHT, 2], [2**62, 4, HEIGHT, WIDTH, 2], [1, 0, 2**40, WIDTH, 2]):
+        request = MESSAGES["ModelInferRequest"]()  # element counts that overflow int64, or 0 with a huge axis
+        request.CopyFrom(raw)
+        del request.inputs[0].shape[:]
+        request.inputs[0].shape.extend(shape)
+        request.raw_input_contents.extend([b"", mask.tobytes()])
+        with pytest.raises(grpc.RpcError) as caught:
+            grpc_call(address, "ModelInfer", request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "every dimension of the shape must be between 1 and" in caught.value.details()
+    with grpc.insecure_channel(address) as channel:  # bytes that are no ModelInferRequest at all
+        call = channel.unary_unary(f"/{SERVICE}/ModelInfer", request_serializer=None,
+                                   response_deserializer=MESSAGES["ModelInferResponse"].FromString)
+        with pytest.raises(grpc.RpcError) as caught:
+            call(b"\x0a\xff\xff\xff\xff\x0f", timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request is not a valid ModelInferRequest message" in caught.value.details()
     both = grpc_request(json_request(kspace, mask))
     both.raw_input_contents.extend([kspace.tobytes(), mask.tobytes()])
     with pytest.raises(grpc.RpcError, match="both raw_input_contents and contents given"):

@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=1, help="concurrent model executions per model (default 1)")
     p.add_argument("--request-timeout-s", type=float, default=30.0, help="per-request timeout, 504 after (default 30)")
     p.add_argument("--max-request-mb", type=float, default=512.0, help="largest request body, 413 above (default 512)")
+    p.add_argument("--client-timeout-s", type=float, default=30.0,
+                   help="REST: a client has this long to send a request's headers (after connecting or after the "
+                        "previous response; else the connection is closed), and its body may pause no longer "
+                        "(else 408) (default 30)")
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="REST connections open at once, at most half the file-descriptor limit; above it the one "
+                        "waiting longest for a request is closed (default 1000)")
     p.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per session (0 = default)")
     p.add_argument("--tls-cert", type=Path, default=None,
                    help="PEM certificate chain: serve REST over HTTPS and gRPC over TLS (with --tls-key; default: plain)")
@@ -76,8 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     numbers = (args.max_batch_size, args.max_queue_size - 1, args.instances - 1, args.max_queue_delay_ms,
                args.request_timeout_s, args.max_request_mb, args.intra_op_threads, args.grpc_max_concurrency - 1,
-               0 if args.grpc_port is None else args.grpc_port)
-    if min(numbers) < 0 or args.request_timeout_s == 0 or args.max_request_mb == 0:
+               0 if args.grpc_port is None else args.grpc_port, args.client_timeout_s, args.max_connections - 1)
+    if min(numbers) < 0 or 0 in (args.request_timeout_s, args.max_request_mb, args.client_timeout_s):
         print("reconkit serve: sizes, counts and times must be positive (max-batch-size and delays may be 0)",
               file=sys.stderr)
         return 2
@@ -87,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           int(args.max_request_mb * 2**20), os.environ.get(args.auth_token_env) or None,
                           args.device, args.intra_op_threads,
                           _grpc_address(args.host, args.grpc_port), args.grpc_max_concurrency, args.tls_cert,
-                          args.tls_key, args.tls_client_ca)
+                          args.tls_key, args.tls_client_ca, client_timeout_s=args.client_timeout_s,
+                          max_connections=args.max_connections)
     try:
         serve(config, args.host, args.port)
     except ReconkitError as exc:

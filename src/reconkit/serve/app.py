@@ -4,9 +4,11 @@ Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/
 ``.../ready``, ``.../config`` (Triton's model configuration extension), ``.../stats`` and ``/v2/models/stats``
 (Triton's statistics extension), ``POST .../infer`` and ``GET /metrics`` (Prometheus). Errors are JSON
 ``{"error": "..."}`` with the status: 400 bad input (naming the tensor), 401 missing / wrong bearer token,
-404 unknown model or version, 413 body over the size limit (before or after decompressing a ``gzip`` /
-``deflate`` body), 503 queue full or shutting down (``Retry-After``),
-504 request timeout, 500 inference failure. Health endpoints need no token (for orchestrator probes).
+404 unknown model or version or endpoint, 405 wrong method, 408 a body that paused longer than the client
+timeout, 413 body over the size limit (before or after decompressing a ``gzip`` / ``deflate`` body), 422 an input
+the model returns NaN / inf for, 503 queue full or shutting down (``Retry-After``), 504 request timeout, 500
+inference failure. Health endpoints (server and model liveness / readiness) need no token (for orchestrator
+probes).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -83,8 +86,9 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, decompressed; ``limit`` bounds both what is read and what decompression gives."""
+async def _read_body(request: Request, limit: int, pause_s: float) -> bytes:
+    """The request body, decompressed; ``limit`` bounds both what is read and what decompression gives. A client
+    that sends nothing for ``pause_s`` seconds gets 408 and the connection is closed."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
@@ -92,8 +96,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if encoding not in _ENCODINGS:
         raise RequestError(400, f"request Content-Encoding {encoding!r} is not supported (identity, gzip, deflate)")
     chunks, size = [], 0
+    stream = request.stream()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), pause_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise RequestError(408, f"client sent no request data for {pause_s:g} s ({size} bytes of the body "
+                                        "received)", {"Connection": "close"}) from None
             size += len(chunk)
             if size > limit:
                 raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
@@ -138,7 +150,7 @@ def _routes(state: ServerState) -> list[Route]:
 
     async def infer(request: Request) -> Response:
         s = served(request)
-        body = await _read_body(request, state.config.max_request_bytes)
+        body = await _read_body(request, state.config.max_request_bytes, state.config.client_timeout_s)
         infer_request = decode_infer_request(body, request.headers.get(HEADER_LENGTH), s.model)
         results = await state.infer(s, infer_request)
         content, headers = encode_infer_response(s.entry.name, s.entry.version, infer_request, results)
@@ -158,7 +170,7 @@ def _routes(state: ServerState) -> list[Route]:
         Route("/metrics", _endpoint(state, "metrics", metrics)),
     ]
     for suffix, handler, method, kind in model_routes:
-        wrapped = _endpoint(state, kind, handler)
+        wrapped = _endpoint(state, kind, handler, public=kind == "health")  # as gRPC's ModelReady
         routes.append(Route("/v2/models/{name}" + suffix, wrapped, methods=[method]))
         routes.append(Route("/v2/models/{name}/versions/{version}" + suffix, wrapped, methods=[method]))
     return routes
@@ -192,9 +204,13 @@ def create_app(config: ServerConfig) -> Starlette:
                 await grpc_server.stop(config.request_timeout_s + 5.0)  # answers the calls already accepted
             await state.stop()
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return JSONResponse({"error": f"no such endpoint: {request.method} {request.url.path[:200]}"}, 404)
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own refusals (no route, method not allowed) as JSON errors like every other one."""
+        status = getattr(exc, "status_code", 500)
+        where = f"{request.method} {request.url.path[:200]}"
+        error = {404: f"no such endpoint: {where}", 405: f"method not allowed: {where}"}.get(status, str(exc))
+        return JSONResponse({"error": error}, status, headers=getattr(exc, "headers", None))
 
-    app = Starlette(routes=_routes(state), lifespan=lifespan, exception_handlers={404: not_found})
+    app = Starlette(routes=_routes(state), lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.serve = state
     return app

@@ -17,12 +17,14 @@ bound the wait. Errors: the REST status maps to a gRPC code (400 INVALID_ARGUMEN
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 import reconkit
 from reconkit.errors import ReconkitError
@@ -62,7 +64,7 @@ def _bad(message: str) -> RequestError:
 
 def _tensor(spec: TensorSpec, item, raw: bytes | None) -> np.ndarray:
     shape = tensor_shape(spec, item.datatype, list(item.shape))
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if raw is not None:
         if item.HasField("contents"):
             raise _bad(f"input '{spec.name}': both raw_input_contents and contents given")
@@ -103,8 +105,10 @@ def decode_grpc_request(message, served: ServedModel) -> InferRequest:
         inputs[spec.name] = _tensor(spec, item, raw[index] if raw else None)
     check_all_inputs(model, inputs)
     requested = [item.name for item in message.outputs] or [spec.name for spec in model.outputs]
-    for name in requested:
+    for index, name in enumerate(requested):
         check_output_name(model, name)
+        if name in requested[:index]:
+            raise _bad(f"output '{name}' requested more than once")
     timeout = parse_timeout(_parameter(message.parameters, "timeout"))
     return InferRequest(message.id or None, inputs, dict.fromkeys(requested, True), timeout)
 
@@ -161,17 +165,23 @@ class _Servicer:
 
 
 def _wrap(state: ServerState, rpc: str, handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
-    """Auth, RequestError -> gRPC status, metrics (endpoint ``grpc_<kind>``, the REST status) and one log line."""
+    """Auth, decoding (a message that does not parse is INVALID_ARGUMENT), RequestError -> gRPC status, metrics
+    (endpoint ``grpc_<kind>``, the REST status) and one log line."""
     kind = "health" if rpc in _HEALTH else "infer" if rpc == "ModelInfer" else "metadata"
     token = state.config.auth_token
+    message_type = MESSAGES[METHODS[rpc][0]]
 
-    async def wrapped(request, context):
+    async def wrapped(raw: bytes, context):
         start = time.perf_counter()
         status, error, response = 200, None, None
         try:
             authorization = dict(context.invocation_metadata() or ()).get("authorization", "")
             if token and rpc not in _HEALTH and not bearer_token_ok(authorization, token):
                 raise RequestError(401, "missing or wrong bearer token")
+            try:
+                request = message_type.FromString(raw)
+            except DecodeError as exc:
+                raise RequestError(400, f"request is not a valid {message_type.DESCRIPTOR.name} message: {exc}") from None
             response = await handler(request, context)
         except RequestError as exc:
             status, error = exc.status, exc.message
@@ -203,9 +213,9 @@ async def start_grpc_server(state: ServerState) -> grpc.aio.Server:
     handlers = {
         rpc: grpc.unary_unary_rpc_method_handler(
             _wrap(state, rpc, getattr(servicer, rpc)),
-            request_deserializer=MESSAGES[request].FromString,
+            request_deserializer=None,  # bytes: _wrap parses them, so a corrupt message gets INVALID_ARGUMENT
             response_serializer=MESSAGES[response].SerializeToString)
-        for rpc, (request, response) in METHODS.items()
+        for rpc, (_, response) in METHODS.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     try:

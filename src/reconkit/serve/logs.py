@@ -29,10 +29,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info") -> None:
-    """Send ``reconkit.serve`` and uvicorn's error log through one JSON handler on stderr."""
+    """Send ``reconkit.serve``, uvicorn's error log and what the event loop (``asyncio``) and gRPC (``grpc``) report
+    through one JSON handler on stderr."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    for name in ("reconkit.serve", "uvicorn.error"):
+    for name in ("reconkit.serve", "uvicorn.error", "asyncio", "grpc"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())

@@ -118,9 +118,15 @@ def tensor_shape(spec: TensorSpec, datatype: Any, shape: Any) -> tuple[int, ...]
     return _check_shape(spec, shape)
 
 
+MAX_DIMENSION = 2**31 - 1  # no MRI axis comes near it; bounds what a zero-size shape could ask numpy to build
+
+
 def _check_shape(spec: TensorSpec, shape: Any) -> tuple[int, ...]:
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise _bad(f"input '{spec.name}': shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise _bad(f"input '{spec.name}': shape must be a list of integers, got {str(shape)[:200]}")
+    if not all(1 <= d <= MAX_DIMENSION for d in shape):
+        raise _bad(f"input '{spec.name}': every dimension of the shape must be between 1 and {MAX_DIMENSION}, got "
+                   f"{str(shape)[:200]}")
     if len(shape) != len(spec.shape):
         raise _bad(f"input '{spec.name}': shape {shape} has {len(shape)} dimensions, model expects {list(spec.shape)}")
     for axis, (got, want) in enumerate(zip(shape, spec.shape)):
@@ -145,19 +151,53 @@ def _tensor(spec: TensorSpec, item: dict, binary: memoryview, offset: int) -> tu
         return array, offset + size
     if "data" not in item:
         raise _bad(f"input '{spec.name}': neither 'data' nor parameters.binary_data_size given")
-    try:
-        array = np.asarray(item["data"], dtype=spec.dtype)
-    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-        raise _bad(f"input '{spec.name}': 'data' is not a list of {spec.datatype} numbers: {exc}") from None
+    array = _json_values(spec, item["data"])
     if array.size != count:
         raise _bad(f"input '{spec.name}': 'data' holds {array.size} values, shape {list(shape)} needs {count}")
     return array.reshape(shape), offset
 
 
+_JSON_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}  # numpy kinds of JSON values each datatype takes
+
+
+def _json_values(spec: TensorSpec, data: Any) -> np.ndarray:
+    """``data`` (a flat or nested JSON list) as an array of the input's dtype: JSON numbers only (no strings or
+    booleans for a number type), and every value within the datatype's range."""
+    try:
+        values = np.asarray(data)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise _bad(f"input '{spec.name}': 'data' is not a list of {spec.datatype} numbers: {exc}") from None
+    if values.dtype.kind not in _JSON_KINDS.get(spec.dtype.kind, ""):
+        found = {"U": "strings", "b": "booleans", "O": "nulls, nested objects or mixed values"}.get(
+            values.dtype.kind, f"{values.dtype} values")
+        raise _bad(f"input '{spec.name}': 'data' must hold {spec.datatype} values as JSON "
+                   f"{'booleans' if spec.dtype.kind == 'b' else 'numbers'}, got {found}")
+    if spec.dtype.kind in "iu" and values.size:
+        info = np.iinfo(spec.dtype)
+        if values.min() < info.min or values.max() > info.max:
+            raise _bad(f"input '{spec.name}': 'data' holds values outside the range of {spec.datatype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        array = values.astype(spec.dtype)
+    if spec.dtype.kind == "f" and values.dtype.kind == "f":
+        beyond = np.isfinite(values) & ~np.isfinite(array)
+        if beyond.any():
+            raise _bad(f"input '{spec.name}': {int(beyond.sum())} value(s) are beyond the range of {spec.datatype} "
+                       f"(largest magnitude {float(np.finfo(spec.dtype).max):.4g})")
+    return array
+
+
+def _flag(params: dict, key: str, default: bool, where: str) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise _bad(f"{where}: parameter '{key}' must be true or false, got {value!r}")
+    return value
+
+
 def _requested_outputs(header: dict, model: OnnxModel) -> dict[str, bool]:
-    default_binary = bool(_parameters(header, "request").get("binary_data_output", False))
+    """Output name -> as binary. No ``outputs`` (or an empty list, as gRPC): every output of the model."""
+    default_binary = _flag(_parameters(header, "request"), "binary_data_output", False, "request")
     requested = header.get("outputs")
-    if requested is None:
+    if requested is None or requested == []:
         return {spec.name: default_binary for spec in model.outputs}
     if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
         raise _bad("'outputs' must be a list of objects")
@@ -165,7 +205,9 @@ def _requested_outputs(header: dict, model: OnnxModel) -> dict[str, bool]:
     for item in requested:
         name = item.get("name")
         check_output_name(model, name)
-        outputs[name] = bool(_parameters(item, f"output '{name}'").get("binary_data", default_binary))
+        if name in outputs:
+            raise _bad(f"output '{name}' requested more than once")
+        outputs[name] = _flag(_parameters(item, f"output '{name}'"), "binary_data", default_binary, f"output '{name}'")
     return outputs
 
 

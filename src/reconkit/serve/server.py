@@ -12,6 +12,7 @@ import ssl
 import uvicorn
 
 from reconkit.serve.app import ServerConfig, create_app
+from reconkit.serve.connections import connection_cap, guarded_protocol
 
 __all__ = ["ReconServer", "build_server", "serve"]
 
@@ -34,6 +35,7 @@ def build_server(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000
         app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
         timeout_graceful_shutdown=config.request_timeout_s + 5.0,
         limit_concurrency=None, timeout_keep_alive=30,
+        http=guarded_protocol(config.client_timeout_s, connection_cap(config.max_connections)),
         ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
         ssl_ca_certs=None if config.tls_client_ca is None else str(config.tls_client_ca),
         ssl_cert_reqs=ssl.CERT_NONE if config.tls_client_ca is None else ssl.CERT_REQUIRED,

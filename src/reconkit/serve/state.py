@@ -54,6 +54,11 @@ class ServerConfig:
         over TLS (clients check the certificate against their CA), otherwise both are plain.
     tls_client_ca: PEM CA certificate(s) for mutual TLS: with it, both endpoints accept only clients presenting a
         certificate signed by one of them (needs ``tls_cert`` / ``tls_key``).
+    client_timeout_s: REST: longest a client may take to send a request's headers (from connecting, or from the
+        previous response), else the connection is closed; and longest its body may pause, else 408.
+    max_connections: REST connections open at once (at most half the process's file-descriptor limit); with more,
+        the one waiting longest for a request is closed, or the new one when every connection has a request in
+        flight.
     """
 
     model_repository: Path
@@ -68,6 +73,8 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    client_timeout_s: float = 30.0
+    max_connections: int = 1000
 
     def tls_pair(self) -> tuple[bytes, bytes] | None:
         """``(key PEM, certificate chain PEM)`` after checking that they load as a pair; None without TLS.
