@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         required=True,
-        help="reconkit checkpoint (.ckpt/.pt), exported .onnx file, or 'zero-filled' / 'cg-sense' (baselines)",
+        help="reconkit checkpoint (.ckpt/.pt), exported .onnx file, or the untuned classical baselines 'zero-filled' "
+        "(RSS of the zero-filled coil images) / 'cg-sense' (maps from the centre lines, 10 CG iterations, no "
+        "regularisation; where those maps are poor, e.g. sharp-edged objects, it can score below zero-filling)",
     )
     parser.add_argument("--output", type=Path, required=True, help="output directory (created if missing)")
     parser.add_argument(
