@@ -397,7 +397,7 @@ def test_stalled_clients_are_timed_out_and_connections_capped(repository):
     """Slow or stalled clients ("slowloris"): silent connections and half-sent headers are closed after the client
     timeout, a paused body gets 408; beyond max_connections the connection idle longest makes room, so a health
     probe still gets through."""
-    with running_server(repository, client_timeout_s=2.0, max_connections=4) as (url, _):
+    with running_server(repository, client_timeout_s=2.0, max_connections=4, grpc_address="127.0.0.1:0") as (url, state):
         silent = _raw_connection(url)
         half_headers = _raw_connection(url)
         half_headers.sendall(b"POST /v2/models/recon/infer HTTP/1.1\r\nHost: x\r\nContent-Le")
@@ -422,7 +422,11 @@ def test_stalled_clients_are_timed_out_and_connections_capped(repository):
         time.sleep(0.2)
         closed = [_closed_by_server(sock, 0.01)[0] for sock in sockets]  # well before the 2 s timeout
         assert closed[:3] == [True, True, True] and not any(closed[4:]), closed
-        for sock in (silent, half_headers, paused_body, *sockets):
+        # gRPC: grpcio keeps at most max_connections too and closes the ones beyond at once
+        grpc_sockets = [_raw_connection(f"127.0.0.1:{state.grpc_port}") for _ in range(6)]
+        time.sleep(0.3)
+        assert [_closed_by_server(sock, 0.01)[0] for sock in grpc_sockets] == [False] * 4 + [True] * 2
+        for sock in (silent, half_headers, paused_body, *sockets, *grpc_sockets):
             sock.close()
         # a client that sends its request on time is served as usual
         kspace, mask = sample()

@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError
 
 import reconkit
 from reconkit.errors import ReconkitError
+from reconkit.serve.connections import connection_cap
 from reconkit.serve.grpc_schema import MESSAGES, METHODS, SERVICE
 from reconkit.serve.model import TensorSpec
 from reconkit.serve.protocol import (
@@ -206,7 +207,10 @@ async def start_grpc_server(state: ServerState) -> grpc.aio.Server:
     config = state.config
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", config.max_request_bytes),
-                 ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)],
+                 ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0),
+                 # at most max_connections open (grpcio closes the ones beyond), so that stalled clients cannot
+                 # exhaust the process's file descriptors (REST: reconkit.serve.connections)
+                 ("grpc.max_allowed_incoming_connections", connection_cap(config.max_connections))],
         maximum_concurrent_rpcs=config.grpc_max_concurrent_rpcs,
     )
     servicer = _Servicer(state)
