@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                         "previous response; else the connection is closed), and its body may pause no longer "
                         "(else 408) (default 30)")
     p.add_argument("--max-connections", type=int, default=1000,
-                   help="REST connections open at once, at most half the file-descriptor limit; above it the one "
-                        "waiting longest for a request is closed (default 1000)")
+                   help="connections open at once per endpoint, at most half the file-descriptor limit; above it "
+                        "REST closes the one waiting longest for a request, gRPC the new one (default 1000)")
     p.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per session (0 = default)")
     p.add_argument("--tls-cert", type=Path, default=None,
                    help="PEM certificate chain: serve REST over HTTPS and gRPC over TLS (with --tls-key; default: plain)")

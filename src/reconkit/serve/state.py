@@ -58,7 +58,7 @@ class ServerConfig:
         previous response), else the connection is closed; and longest its body may pause, else 408.
     max_connections: REST connections open at once (at most half the process's file-descriptor limit); with more,
         the one waiting longest for a request is closed, or the new one when every connection has a request in
-        flight.
+        flight. The gRPC endpoint keeps as many at most (grpcio closes the new ones beyond).
     """
 
     model_repository: Path
