@@ -87,6 +87,45 @@ def test_cli_fit_writes_best_and_last_checkpoints_that_load_without_training_cod
         torch.testing.assert_close(model.eval()(kspace * mask, mask), module.model(kspace * mask, mask))
 
 
+def test_cli_predict_writes_submission_files_equal_to_reconstruct_and_keeps_stored_masks(sim_root, tmp_path, capsys):
+    """``reconkit train predict`` writes one fastMRI submission file per test volume, the images ``reconkit
+    reconstruct`` gives for the same checkpoint; a test-set file (stored ``mask``, no target) keeps its own mask."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_epochs": 1, "default_root_dir": str(tmp_path / "run"),
+                    "enable_progress_bar": False},
+        "model": {"class_path": "reconkit.training.VarNetModule", "init_args": {**TINY_VARNET, "lr": 1e-3}},
+        "data": {"data_path": str(sim_root), "mask_type": "equispaced_fraction", "center_fractions": [0.25],
+                 "accelerations": [2], "num_workers": 0},
+    }
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(config_path)]) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+
+    scans = tmp_path / "scans" / "test"  # a fully sampled test file and its test-set form
+    scans.mkdir(parents=True)
+    (source,) = sorted((sim_root / "test").glob("*.h5"))
+    (scans / source.name).write_bytes(source.read_bytes())
+    columns = np.zeros(32, np.float32)
+    columns[::3], columns[13:19] = 1, 1  # not the 2x equispaced mask the config would draw; it marks columns 0 and
+    # 30, outside the header's acquired window [2, 30), which hold no data and count as not sampled (fastMRI)
+    with h5py.File(source) as src, h5py.File(scans / "challenge.h5", "w") as dst:
+        dst.create_dataset("kspace", data=src["kspace"][()] * columns)
+        dst.create_dataset("mask", data=columns.astype(bool))
+        dst.create_dataset("ismrmrd_header", data=src["ismrmrd_header"][()])
+        dst.attrs.update({k: v for k, v in src.attrs.items() if k != "max"})
+    capsys.readouterr()
+    assert main(["predict", "--config", str(config_path), "--data.data_path", str(scans.parent),
+                 "--ckpt_path", str(checkpoint), "--trainer.default_root_dir", str(tmp_path / "pred")]) == 0
+    assert "wrote 2 volume(s)" in capsys.readouterr().out
+    assert reconstruct_main([str(scans), "--model", str(checkpoint), "--output", str(tmp_path / "rec")]) == 0
+    for name in (source.name, "challenge.h5"):
+        with h5py.File(tmp_path / "pred" / "predictions" / name) as f, h5py.File(tmp_path / "rec" / "h5" / name) as g:
+            assert f["reconstruction"].dtype == np.float32 and f["reconstruction"].shape == (3, 24, 20)
+            np.testing.assert_allclose(f["reconstruction"][()], g["reconstruction"][()], rtol=1e-4, atol=1e-8)
+
+
 def test_cli_reports_missing_split_folder_in_one_line(tmp_path, capsys):
     (tmp_path / "train").mkdir()
     code = main(["fit", "--data.data_path", str(tmp_path), "--model", "reconkit.training.VarNetModule",

@@ -155,14 +155,18 @@ class VarNetDataTransform:
     Args:
         mask_func: mask function; None uses the file's stored mask, or a fully sampled mask when there is none.
         use_seed: seed the mask from the file name (same mask for all slices of a volume).
+        stored_mask_first: use a file's stored ``mask`` (already undersampled k-space, e.g. fastMRI's test and
+            challenge files) even when ``mask_func`` is set, instead of drawing a second mask over it (fastmri's
+            transform draws one whenever it has a ``mask_func``; off by default for that reason).
 
     Call with the ``SliceDataset`` tuple ``(kspace, mask, target, attrs, fname, slice_num)``; ``attrs`` must hold
     ``padding_left``, ``padding_right`` and ``recon_size`` (and ``max`` when there is a target).
     """
 
-    def __init__(self, mask_func: MaskFunc | None = None, use_seed: bool = True):
+    def __init__(self, mask_func: MaskFunc | None = None, use_seed: bool = True, stored_mask_first: bool = False):
         self.mask_func = mask_func
         self.use_seed = use_seed
+        self.stored_mask_first = stored_mask_first
 
     def __call__(
         self,
@@ -181,7 +185,7 @@ class VarNetDataTransform:
         padding = (attrs["padding_left"], attrs["padding_right"])
         crop_size = (attrs["recon_size"][0], attrs["recon_size"][1])
 
-        if self.mask_func is not None:
+        if self.mask_func is not None and not (self.stored_mask_first and mask is not None):
             seed = filename_seed(fname) if self.use_seed else None
             masked_kspace, mask_torch, num_low_frequencies = apply_mask(
                 kspace_torch, self.mask_func, seed=seed, padding=padding
@@ -235,14 +239,18 @@ class UnetDataTransform:
         which_challenge: ``"singlecoil"`` or ``"multicoil"`` (RSS over coils).
         mask_func: mask function; None keeps k-space as is.
         use_seed: seed the mask from the file name.
+        stored_mask_first: keep the k-space of a file with a stored ``mask`` (already undersampled) as it is, even
+            when ``mask_func`` is set (as :class:`VarNetDataTransform`'s).
     """
 
-    def __init__(self, which_challenge: str, mask_func: MaskFunc | None = None, use_seed: bool = True):
+    def __init__(self, which_challenge: str, mask_func: MaskFunc | None = None, use_seed: bool = True,
+                 stored_mask_first: bool = False):
         if which_challenge not in ("singlecoil", "multicoil"):
             raise ValueError("Challenge should either be 'singlecoil' or 'multicoil'")
         self.which_challenge = which_challenge
         self.mask_func = mask_func
         self.use_seed = use_seed
+        self.stored_mask_first = stored_mask_first
 
     def __call__(
         self,
@@ -255,7 +263,7 @@ class UnetDataTransform:
     ) -> UnetSample:
         kspace_torch = to_tensor(kspace)
         max_value = attrs.get("max", 0.0)
-        if self.mask_func is not None:
+        if self.mask_func is not None and not (self.stored_mask_first and mask is not None):
             seed = filename_seed(fname) if self.use_seed else None
             kspace_torch = apply_mask(kspace_torch, self.mask_func, seed=seed)[0]
         image = ifft2c(kspace_torch)

@@ -307,7 +307,8 @@ def volume_mask(
 ) -> tuple[np.ndarray, bool]:
     """The ``(1, 1, 1, W, 1)`` float32 column mask for ``volume`` and whether it was made here (retrospective).
 
-    A stored ``mask`` dataset wins; otherwise, if some column inside the acquired window
+    A stored ``mask`` dataset wins (zeroed outside the acquired window, as fastMRI's ``VarNetDataTransform`` does);
+    otherwise, if some column inside the acquired window
     ``[padding_left, padding_right)`` holds no data, the file is already undersampled and the non-empty columns
     are the mask; otherwise a mask is drawn from ``mask_type`` with the file-name seed (or ``seed``), zeroed
     outside the acquired window as fastMRI does.
@@ -315,8 +316,9 @@ def volume_mask(
     kspace = _coil_kspace(volume)
     width = kspace.shape[-1]
     left, right, _ = acquired_columns(volume)
-    if volume.mask is not None:
+    if volume.mask is not None:  # outside the acquired window no column holds data, as fastMRI's transform says
         columns = np.asarray(volume.mask, dtype=np.float32) != 0
+        columns[:left], columns[right:] = False, False
         retrospective = False
     else:
         columns = np.abs(kspace).reshape(-1, width).max(axis=0) > 0

@@ -3,12 +3,14 @@
 from reconkit.training.base import Images, ReconModule
 from reconkit.training.datamodule import FastMriDataModule
 from reconkit.training.modules import ImageModule, KspaceModule, UnetModule, VarNetModule, VitModule
+from reconkit.training.predictions import PredictionWriter
 
 __all__ = [
     "FastMriDataModule",
     "ImageModule",
     "Images",
     "KspaceModule",
+    "PredictionWriter",
     "ReconModule",
     "UnetModule",
     "VarNetModule",

@@ -5,7 +5,9 @@ loggers under ``trainer.default_root_dir`` (``outputs/``: ``tensorboard/version_
 :class:`~lightning.pytorch.callbacks.ModelCheckpoint` (``checkpoint.*``) writing ``<root>/checkpoints/``: the best
 model by per-volume validation SSIM plus ``last.ckpt``, which ``--ckpt_path last`` resumes from, and
 :class:`~reconkit.training.diagnostics.TrainingDiagnostics` (``diagnostics.*``, off until
-``--diagnostics.every_n_steps N``) writing ``<root>/diagnostics/``.
+``--diagnostics.every_n_steps N``) writing ``<root>/diagnostics/``, and
+:class:`~reconkit.training.predictions.PredictionWriter` (``predictions.*``): ``predict`` writes one fastMRI
+submission file per volume to ``<root>/predictions/``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from reconkit.training.base import ReconModule
 from reconkit.training.datamodule import FastMriDataModule
 from reconkit.training.diagnostics import TrainingDiagnostics
+from reconkit.training.predictions import PredictionWriter
 
 DESCRIPTION = """Train, validate, test or predict a reconkit model with Lightning.
 
@@ -35,6 +38,8 @@ examples:
   reconkit train test --config configs/varnet_sim_small.yaml --ckpt_path outputs/varnet_sim_small/checkpoints/last.ckpt
   reconkit train test --config configs/varnet_sim_small.yaml --model reconkit.training.KspaceModule \\
       --model.model_type zero_filled                                                  # classical baseline
+  reconkit train predict --config configs/varnet_sim_small.yaml --ckpt_path outputs/varnet_sim_small/checkpoints/last.ckpt
+      # reconstructs the test split (targets not needed) -> outputs/varnet_sim_small/predictions/<file>.h5
 """
 
 # logger class -> folder under default_root_dir (separate folders, so both number their versions alike)
@@ -55,6 +60,7 @@ class ReconLightningCLI(LightningCLI):
         # state is kept by a second, unmonitored callback writing <dirpath>/last.ckpt after every validation
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(TrainingDiagnostics, "diagnostics")  # off until every_n_steps > 0
+        parser.add_lightning_class_args(PredictionWriter, "predictions")  # acts in `predict` only
         parser.set_defaults({
             "trainer.default_root_dir": "outputs",
             "checkpoint.monitor": "val_ssim",
@@ -83,6 +89,8 @@ class ReconLightningCLI(LightningCLI):
             config.last_checkpoint.dirpath = config.checkpoint.dirpath
         if config.diagnostics.dirpath is None:
             config.diagnostics.dirpath = f"{root}/diagnostics"
+        if config.predictions.dirpath is None:
+            config.predictions.dirpath = f"{root}/predictions"
         if config.trainer.logger in (None, True):
             config.trainer.logger = [
                 Namespace(class_path=cls, init_args=Namespace(save_dir=root, name=name))

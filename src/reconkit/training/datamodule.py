@@ -299,12 +299,13 @@ class FastMriDataModule(LightningDataModule):
 
     # --- transforms and datasets ---------------------------------------------------------------------------
     def default_transform(self, split: str) -> Callable:
-        """The default transform for ``split``: random masks for training, per-volume fixed masks otherwise."""
+        """The default transform for ``split``: random masks for training, per-volume fixed masks otherwise; a file
+        that stores its own ``mask`` (already undersampled, e.g. fastMRI's test set) keeps it."""
         mask_func = create_mask_for_mask_type(self.mask_type, self.center_fractions, self.accelerations)
         use_seed = split != "train"
         if self.transform == "varnet":
-            return VarNetDataTransform(mask_func=mask_func, use_seed=use_seed)
-        return UnetDataTransform(self.challenge, mask_func=mask_func, use_seed=use_seed)
+            return VarNetDataTransform(mask_func=mask_func, use_seed=use_seed, stored_mask_first=True)
+        return UnetDataTransform(self.challenge, mask_func=mask_func, use_seed=use_seed, stored_mask_first=True)
 
     def split_dir(self, split: str) -> Path:
         folder = self.data_path / split

@@ -1,0 +1,68 @@
+"""``reconkit train predict`` output: one fastMRI submission file per volume.
+
+:class:`PredictionWriter` collects the ``predict_step`` outputs (``fname``, ``slice_num``, ``output`` ``(B, h, w)``)
+and, at the end of the pass, writes ``<dirpath>/<file name>`` with a float32 ``reconstruction`` ``(slices, h, w)``
+in slice order, cropped to the recon size: the layout fastMRI's evaluation and ``reconkit evaluate`` read. Under DDP
+the slices of a volume may come from several ranks; rank 0 gathers them and writes. Each file is written
+atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.distributed
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from reconkit.io.hdf5 import write_fastmri_h5
+
+__all__ = ["PredictionWriter"]
+
+logger = logging.getLogger(__name__)
+
+
+class PredictionWriter(Callback):
+    """Write the predicted volumes as fastMRI submission files under ``dirpath``.
+
+    Args:
+        dirpath: output folder (``reconkit train predict`` sets ``<trainer.default_root_dir>/predictions``).
+    """
+
+    def __init__(self, dirpath: str | None = None):
+        self.dirpath = dirpath
+        self._slices: dict[str, dict[int, np.ndarray]] = {}
+        self.written: list[Path] = []
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._slices, self.written = {}, []
+
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        images = outputs["output"].float().cpu().numpy()
+        for fname, slice_num, image in zip(outputs["fname"], outputs["slice_num"].tolist(), images):
+            self._slices.setdefault(Path(fname).name, {})[int(slice_num)] = image
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        volumes = self._slices
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[dict[str, dict[int, np.ndarray]] | None] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, volumes)
+            volumes = {}
+            for part in gathered:
+                for name, slices in (part or {}).items():
+                    volumes.setdefault(name, {}).update(slices)
+        if not trainer.is_global_zero:
+            return
+        if self.dirpath is None:
+            raise ValueError("PredictionWriter: dirpath is not set")
+        folder = Path(self.dirpath)
+        for name, slices in sorted(volumes.items()):
+            order = sorted(slices)
+            if order != list(range(len(order))):
+                logger.warning("%s: predicted slices %s are not 0..%d", name, order, len(order) - 1)
+            self.written.append(write_fastmri_h5(folder / name, np.stack([slices[i] for i in order])))
+        logger.info("wrote %d predicted volume(s) to %s", len(self.written), folder)
+        print(f"reconkit train predict: wrote {len(self.written)} volume(s) to {folder}/ (fastMRI submission layout)")
