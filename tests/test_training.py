@@ -410,6 +410,30 @@ def test_datamodule_skip_bad_files(sim_root, tmp_path):
     assert len(_datamodule(root, skip_bad_files=True).train_dataset()) == 9  # the 3 good volumes x 3 slices
 
 
+def test_datamodule_refuses_empty_splits_and_targets_without_max_before_training(sim_root, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(sim_root, root, ignore=shutil.ignore_patterns("*.pkl"))
+    no_max = sorted((root / "train").glob("*.h5"))[0]
+    with h5py.File(no_max, "r+") as f:
+        del f.attrs["max"]
+    with pytest.raises(DataError, match=rf"{no_max.name}: file attrs lack 'max' \(needed with 'reconstruction_rss'"):
+        _datamodule(root).train_dataset()  # at the scan, not an epoch later in validation
+    assert len(_datamodule(root, skip_bad_files=True).train_dataset()) == 6  # the other 2 volumes x 3 slices
+    for item in (root / "train").glob("*.h5"):
+        item.unlink()
+    (root / "train" / "broken.h5").write_bytes(b"")
+    with pytest.raises(DataError, match=r"train: no slices left in the 'train' split \(every file skipped"):
+        _datamodule(root, skip_bad_files=True).train_dataset()
+    shutil.rmtree(root / "val")
+    (root / "val").mkdir()
+    code = main(["fit", "--data.data_path", str(root), "--model", "reconkit.training.VarNetModule",
+                 "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--data.num_workers", "0", "--data.skip_bad_files", "true"])
+    assert code == 1 and "the 'val' folder holds no .h5 / .hdf5 files" in capsys.readouterr().err
+
+
 def test_datamodule_num_volumes_keeps_whole_volumes(sim_root):
     full = _datamodule(sim_root).train_dataset()
     subset = _datamodule(sim_root, num_volumes=1, seed=1).train_dataset()

@@ -27,7 +27,7 @@ __all__ = ["RawSample", "SliceDataset", "default_cache_file", "list_volume_files
 
 logger = logging.getLogger(__name__)
 
-_CACHE_VERSION = 2  # 2: entries carry each file's slice shapes
+_CACHE_VERSION = 3  # 2: entries carry each file's slice shapes; 3: a target without the 'max' attr is a bad file
 _VOLUME_SUFFIXES = (".h5", ".hdf5")
 
 PathLike = str | os.PathLike
@@ -156,6 +156,9 @@ class SliceDataset(torch.utils.data.Dataset):
             if cached is None:
                 try:
                     info = read_volume_info(fname, self.challenge)
+                    if info.target_key is not None and "max" not in info.attrs:  # the transforms need it
+                        raise DataError(fname, f"file attrs lack 'max' (needed with '{info.target_key}' for PSNR / "
+                                               "SSIM; fastMRI files carry it)")
                     target_shape = None if info.target_shape is None else info.target_shape[1:]
                     cached = ("ok", (info.metadata(), info.num_slices, (info.kspace_shape[1:], target_shape)))
                 except DataError as err:

@@ -28,7 +28,13 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
-from reconkit.data import SliceDataset, UnetDataTransform, VarNetDataTransform, create_mask_for_mask_type
+from reconkit.data import (
+    SliceDataset,
+    UnetDataTransform,
+    VarNetDataTransform,
+    create_mask_for_mask_type,
+    list_volume_files,
+)
 from reconkit.errors import DataError, ReconkitError
 
 TRANSFORMS = ("varnet", "unet")
@@ -311,12 +317,15 @@ class FastMriDataModule(LightningDataModule):
         folder = self.data_path / split
         if not folder.is_dir():
             raise DataError(folder, f"missing the {split!r} folder (expected {self.data_path}/{{train,val,test}})")
+        if not list_volume_files(folder):
+            raise DataError(folder, f"the {split!r} folder holds no .h5 / .hdf5 files")
         return folder
 
     def slice_dataset(self, split: str, transform: Callable, sample_rate: float | None,
                       volume_sample_rate: float | None) -> SliceDataset:
-        return SliceDataset(
-            root=self.split_dir(split),
+        folder = self.split_dir(split)
+        dataset = SliceDataset(
+            root=folder,
             challenge=self.challenge,
             transform=transform,
             use_dataset_cache=self.use_dataset_cache,
@@ -324,6 +333,10 @@ class FastMriDataModule(LightningDataModule):
             sample_rate=sample_rate,
             volume_sample_rate=volume_sample_rate,
         )
+        if not dataset.raw_samples:
+            raise DataError(folder, f"no slices left in the {split!r} split (every file skipped as bad, or sampled "
+                                    "away)")
+        return dataset
 
     def train_dataset(self) -> EpochTaggedDataset:
         """The training dataset: subset and combined with val as configured, with epoch-seeded masks."""
