@@ -332,6 +332,17 @@ def test_names_that_differ_after_a_dot_keep_separate_outputs(tmp_path, capsys):
     assert (out / "nifti" / "a.nii.gz").is_file() and not (out / "h5" / "a.hdf5").exists()
 
 
+@pytest.mark.parametrize("option,value,message", [("--center-fraction", "1.5", "center fractions must lie in [0, 1)"),
+                                                   ("--acceleration", "0", "accelerations must be at least 1"),
+                                                   ("--mask-type", "spiral", "spiral not supported")])
+def test_bad_mask_options_are_one_error_before_any_file(tmp_path, capsys, option, value, message):
+    write_fastmri_file(tmp_path / "a.h5", np.random.default_rng(7))
+    code, _, err = _run(capsys, str(tmp_path / "a.h5"), "--model", "zero-filled", "--output", str(tmp_path / "out"),
+                        option, value)
+    assert code == 2 and f"reconkit reconstruct: mask options: {message}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_single_coil_and_odd_sizes(tmp_path, capsys):
     rng = np.random.default_rng(4)
     write_fastmri_file(tmp_path / "single.h5", rng, single_coil=True, height=40, width=36, recon=(20, 20))

@@ -136,6 +136,22 @@ def test_cli_reports_missing_split_folder_in_one_line(tmp_path, capsys):
     assert f"{tmp_path / 'val'}: missing the 'val' folder" in err
 
 
+@pytest.mark.parametrize("option,value,message", [
+    ("--data.center_fractions", "[1.5]", "data mask options: center fractions must lie in [0, 1)"),
+    ("--data.accelerations", "[0]", "data mask options: accelerations must be at least 1"),
+    ("--data.mask_type", "spiral", "data mask options: spiral not supported"),
+    ("--model.lr", "-0.001", "lr and lr_gamma must be positive"),
+    ("--model.num_cascades", "0", "VarNetModule: num_cascades, chans, pools, sens_chans and sens_pools must be >= 1"),
+])
+def test_cli_bad_option_values_are_one_line_errors_before_training(sim_root, tmp_path, capsys, option, value, message):
+    code = main(["fit", "--data.data_path", str(sim_root), "--model", "reconkit.training.VarNetModule",
+                 "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--data.num_workers", "0", option, value])
+    err = capsys.readouterr().err
+    assert code == 1 and f"reconkit train: {message}" in err, err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
 def test_shipped_configs_parse(config, capsys):
     """Every option in the shipped YAML files is one the CLI knows (``--print_config`` parses without running)."""
@@ -432,6 +448,29 @@ def test_datamodule_refuses_empty_splits_and_targets_without_max_before_training
                  "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "run"),
                  "--data.num_workers", "0", "--data.skip_bad_files", "true"])
     assert code == 1 and "the 'val' folder holds no .h5 / .hdf5 files" in capsys.readouterr().err
+
+
+def test_varnet_trains_on_single_coil_data_as_one_coil(sim_root, tmp_path):
+    """fastMRI's single-coil layout (``kspace`` (slices, H, W), ``reconstruction_esc``): the VarNet runs it as one
+    coil (it failed with a shape error in its first step)."""
+    root = tmp_path / "singlecoil"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        for source in sorted((sim_root / split).glob("*.h5")):
+            with h5py.File(source) as src, h5py.File(root / split / source.name, "w") as dst:
+                kspace = src["kspace"][:, 0]  # coil 0 as the single coil
+                image = np.abs(np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(kspace, axes=(-2, -1)), norm="ortho"),
+                                               axes=(-2, -1)))
+                target = center_crop(torch.from_numpy(image), src["reconstruction_rss"].shape[-2:]).numpy()
+                dst.create_dataset("kspace", data=kspace)
+                dst.create_dataset("reconstruction_esc", data=target.astype(np.float32))
+                dst.create_dataset("ismrmrd_header", data=src["ismrmrd_header"][()])
+                dst.attrs.update({**src.attrs, "max": float(target.max())})
+    seed_everything(0)
+    module = VarNetModule(**TINY_VARNET, lr=1e-3)
+    trainer = _trainer(tmp_path / "run", 1)
+    trainer.fit(module, datamodule=_datamodule(root, challenge="singlecoil"))
+    assert math.isfinite(float(trainer.callback_metrics["val_ssim"])) and float(trainer.callback_metrics["val_ssim"]) > 0
 
 
 def test_datamodule_num_volumes_keeps_whole_volumes(sim_root):

@@ -28,5 +28,10 @@ class DataError(ReconkitError):
         super().__init__(problem if path is None else f"{self.path}: {problem}")
 
 
+class ConfigError(ReconkitError, ValueError):
+    """An argument or option value that cannot work (e.g. a centre fraction of 1.5); raised when the object is built,
+    before any work starts, and printed by the CLI in one line."""
+
+
 class ReconkitWarning(UserWarning):
     """Input reconkit could handle, but not in the usual way (e.g. a slower path); the CLI prints it in one line."""

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconkit.data import Volume, read_volume
+from reconkit.data import Volume, create_mask_for_mask_type, read_volume
 from reconkit.data.ismrmrd_raw import image_groups, is_ismrmrd_raw, read_ismrmrd_raw
 from reconkit.data.slice_dataset import list_volume_files
 from reconkit.errors import ReconkitError
@@ -193,10 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _mask_options(args: argparse.Namespace, reconstructor: Reconstructor) -> dict:
+    """The mask options in force (command line over the model's training mask over the defaults), checked once."""
     options = {**DEFAULT_MASK, **reconstructor.mask_defaults}
     for key in DEFAULT_MASK:
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
+    try:
+        create_mask_for_mask_type(options["mask_type"], [options["center_fraction"]], [options["acceleration"]])
+    except ValueError as err:
+        raise ReconkitError(f"mask options: {err}") from None
     return options
 
 

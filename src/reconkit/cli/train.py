@@ -21,9 +21,27 @@ def main(argv: Sequence[str]) -> int:
     except ReconkitError as err:
         print(f"reconkit train: {one_line(err)}", file=sys.stderr)
         return 1
+    except ValueError as err:  # jsonargparse wraps an error raised while building the model or data module
+        cause = _reconkit_cause(err)
+        if cause is None:
+            raise
+        print(f"reconkit train: {one_line(cause)}", file=sys.stderr)
+        return 1
     except SystemExit as exit_:  # --help, or an argument error already printed by the parser
         return exit_.code if isinstance(exit_.code, int) else 1
     return 0
+
+
+def _reconkit_cause(err: BaseException) -> ReconkitError | None:
+    """The ReconkitError an exception was raised from, if any (jsonargparse re-raises what a class's constructor
+    raised as a ValueError listing every type it tried)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ReconkitError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def one_line(err: ReconkitError) -> str:

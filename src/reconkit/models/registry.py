@@ -64,7 +64,7 @@ def build_model(model_type: str, **model_kwargs: Any) -> nn.Module:
         raise ModelConfigError(f"unknown model_type {model_type!r}; registered: {sorted(MODEL_TYPES)}")
     try:
         return MODEL_TYPES[model_type](**model_kwargs)
-    except TypeError as exc:  # unexpected / missing keyword arguments
+    except (TypeError, ValueError) as exc:  # unexpected / missing keyword arguments, or values the model refuses
         raise ModelConfigError(f"model_type {model_type!r}: bad model_kwargs {model_kwargs}: {exc}") from exc
 
 

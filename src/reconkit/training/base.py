@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from reconkit.errors import ReconkitError
+from reconkit.errors import ConfigError, ReconkitError
 from reconkit.metrics import SSIMLoss
 from reconkit.training.volume_metrics import (
     SliceStats,
@@ -89,9 +89,12 @@ class ReconModule(LightningModule):
         """
         super().__init__()
         if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+            raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
         if lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {lr_scheduler!r}")
+            raise ConfigError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {lr_scheduler!r}")
+        if not lr > 0 or weight_decay < 0 or lr_step_size < 1 or not lr_gamma > 0:
+            raise ConfigError(f"lr and lr_gamma must be positive, weight_decay >= 0 and lr_step_size >= 1; got lr={lr}, "
+                              f"lr_gamma={lr_gamma}, weight_decay={weight_decay}, lr_step_size={lr_step_size}")
         self.save_hyperparameters(ignore=list(self.derived_hparams))
         self.ssim_loss = SSIMLoss()
         self._slice_records: list[SliceStats] = []

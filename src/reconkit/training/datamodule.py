@@ -35,7 +35,7 @@ from reconkit.data import (
     create_mask_for_mask_type,
     list_volume_files,
 )
-from reconkit.errors import DataError, ReconkitError
+from reconkit.errors import ConfigError, DataError, ReconkitError
 
 TRANSFORMS = ("varnet", "unet")
 
@@ -74,14 +74,14 @@ def select_volumes(fnames: Sequence[str], fraction: float | None, num_volumes: i
     if fraction is None and num_volumes is None:
         return set(unique)
     if fraction is not None and num_volumes is not None:
-        raise ValueError("set fraction or num_volumes, not both")
+        raise ConfigError("set fraction or num_volumes, not both")
     if fraction is not None:
         if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+            raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
         count = max(1, round(fraction * len(unique)))
     else:
         if num_volumes < 1:
-            raise ValueError(f"num_volumes must be >= 1, got {num_volumes}")
+            raise ConfigError(f"num_volumes must be >= 1, got {num_volumes}")
         count = min(num_volumes, len(unique))
     order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed)).tolist()
     return {unique[i] for i in order[:count]}
@@ -264,10 +264,14 @@ class FastMriDataModule(LightningDataModule):
         """
         super().__init__()
         if transform not in TRANSFORMS:
-            raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+            raise ConfigError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
         if len(center_fractions) != len(accelerations):
-            raise ValueError("center_fractions and accelerations must have the same length (paired)")
+            raise ConfigError("center_fractions and accelerations must have the same length (paired)")
         select_volumes([], fraction, num_volumes, seed)  # validate early
+        try:
+            create_mask_for_mask_type(mask_type, center_fractions, accelerations)
+        except ValueError as err:
+            raise ConfigError(f"data mask options: {err}") from None
         self.data_path = Path(data_path)
         self.challenge = challenge
         self.transform = transform

@@ -42,7 +42,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 
 from reconkit.atomic import atomic_path
-from reconkit.errors import ReconkitError
+from reconkit.errors import ConfigError, ReconkitError
 from reconkit.metrics.spectral import band_energies
 from reconkit.training.base import Images
 from reconkit.training.datamodule import collate_slices
@@ -82,9 +82,9 @@ class TrainingDiagnostics(Callback):
             seed: seed of the projections.
         """
         if every_n_steps < 0 or num_bands < 1 or probe_slices < 1 or ntk_projections < 1:
-            raise ValueError("every_n_steps must be >= 0 and num_bands, probe_slices, ntk_projections >= 1")
+            raise ConfigError("every_n_steps must be >= 0 and num_bands, probe_slices, ntk_projections >= 1")
         if probe_split not in ("val", "train"):
-            raise ValueError(f"probe_split must be 'val' or 'train', got {probe_split!r}")
+            raise ConfigError(f"probe_split must be 'val' or 'train', got {probe_split!r}")
         self.every_n_steps = every_n_steps
         self.num_bands = num_bands
         self.probe_split = probe_split

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from reconkit.data.transforms import center_crop
+from reconkit.errors import ConfigError
 from reconkit.models import build_model, contract_model
 from reconkit.training.base import Images, ReconModule
 
@@ -54,8 +55,18 @@ class KspaceModule(ReconModule):
         return self.model(masked_kspace, mask, num_low_frequencies)
 
     def images(self, batch: Any) -> Images:
-        output = self(batch.masked_kspace, batch.mask, batch_num_low_frequencies(batch.num_low_frequencies))
+        """Single-coil data runs as one coil (the VarNet's sensitivity map is then a phase map)."""
+        output = self(*with_coil_axis(batch.masked_kspace, batch.mask),
+                      batch_num_low_frequencies(batch.num_low_frequencies))
         return cropped_images(output, batch)
+
+
+def with_coil_axis(masked_kspace: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A single-coil batch (``(B, H, W, 2)`` k-space, ``(B, 1, W, 1)`` mask) as one coil of the multi-coil call
+    ``(B, 1, H, W, 2)`` / ``(B, 1, 1, W, 1)``; a multi-coil batch as it is."""
+    if masked_kspace.ndim == 4:
+        return masked_kspace.unsqueeze(1), mask.unsqueeze(1)
+    return masked_kspace, mask
 
 
 def cropped_images(output: torch.Tensor, batch: Any) -> Images:
@@ -115,6 +126,9 @@ class VarNetModule(KspaceModule):
             final_dc_wavelet: κ of an L1-Haar term in that step (0: none; above 0 the step runs FISTA).
             **kwargs: :class:`ReconModule` arguments (loss, lr, lr_scheduler, ...).
         """
+        if min(num_cascades, chans, pools, sens_chans, sens_pools) < 1:  # 0 cascades: no weight reaches the output
+            raise ConfigError(f"VarNetModule: num_cascades, chans, pools, sens_chans and sens_pools must be >= 1; got "
+                              f"{num_cascades}, {chans}, {pools}, {sens_chans}, {sens_pools}")
         model_kwargs = {"num_cascades": num_cascades, "chans": chans, "pools": pools, "sens_chans": sens_chans,
                             "sens_pools": sens_pools}
         if checkpoint_cascades:
@@ -154,7 +168,7 @@ class ImageModule(ReconModule):
 
     def images(self, batch: Any) -> Images:
         if hasattr(batch, "masked_kspace"):  # VarNetSample: the deployed contract, front end included
-            return cropped_images(contract_model(self.model)(batch.masked_kspace, batch.mask), batch)
+            return cropped_images(contract_model(self.model)(*with_coil_axis(batch.masked_kspace, batch.mask)), batch)
         mean = batch.mean.view(-1, 1, 1)
         std = batch.std.view(-1, 1, 1)
         has_target = batch.target is not None and batch.target.ndim == 3
