@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +25,10 @@ from reconkit.export import (
     read_onnx,
     single_size_model,
 )
-from reconkit.export.onnx_export import _subgraphs
+from reconkit.export.onnx_export import _subgraphs, load_checkpoint_model
 from reconkit.models import ZeroFilledFrontEnd, build_model, save_model
 
+ROOT = Path(__file__).resolve().parents[1]
 VARNET_KWARGS = {"num_cascades": 2, "sens_chans": 2, "sens_pools": 1, "chans": 4, "pools": 2}
 UNET_KWARGS = {"in_chans": 1, "out_chans": 1, "chans": 4, "num_pool_layers": 2}
 MASK_INFO = {"mask_type": "equispaced_fraction", "center_fractions": [0.08], "accelerations": [4]}
@@ -306,6 +312,67 @@ def test_cli_export_with_triton_repository(unet_checkpoint, tmp_path, capsys) ->
     assert load_onnx_metadata(output)["reconkit.spatial_sizes"] == [[32, 24]]
     assert (tmp_path / "repo" / "unet_small" / "1" / "model.onnx").read_bytes() == output.read_bytes()
     assert 'name: "unet_small"' in (tmp_path / "repo" / "unet_small" / "config.pbtxt").read_text()
+    # a single-size file declares the output's fixed height and width, so Triton's config carries them
+    output_dims = onnx.load(str(output)).graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in output_dims] == ["batch", 32, 24]
+    assert "dims: [ 32, 24 ]" in (tmp_path / "repo" / "unet_small" / "config.pbtxt").read_text()
+
+
+def test_cli_export_refuses_bad_options_and_outputs_before_exporting(unet_checkpoint, tmp_path, capsys) -> None:
+    """One line naming the option or path, exit 1, nothing written (not even a folder made for the output)."""
+    _, checkpoint = unet_checkpoint
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (["--size", "0", "48"], "--size 0 48: height and width must be at least 2"),
+        (["--coils", "0"], "--coils 0: must be at least 1"),
+        (["--opset", "99"], "opset must be between 17 and"),
+        (["--triton-repository", str(tmp_path / "repo"), "--model-name", "bad/name"], "invalid model name 'bad/name'"),
+        (["--triton-repository", str(tmp_path / "repo"), "--version", "0"], "invalid model version 0"),
+        (["--output", str(tmp_path / "adir")], "adir: is a directory"),
+        (["--output", str(checkpoint)], "the output would overwrite the checkpoint"),
+        (["--output", str(tmp_path / "afile" / "x.onnx")], "afile/x.onnx: cannot create its folder"),
+        (["--output", str(tmp_path / "new" / "deeper" / "x.onnx"), "--opset", "99"], "opset must be between"),
+    ]
+    for extra, message in cases:
+        args = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out" / "x.onnx"), "--size", "32", "24"]
+        code = export_main(args + extra)
+        err = capsys.readouterr().err
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # no out/, new/, repo/ or .export-*
+    assert checkpoint.stat().st_size > 0 and load_checkpoint_model(checkpoint)
+
+
+def test_sigterm_during_an_export_leaves_no_temporary_folder(tmp_path) -> None:
+    """A scheduler's or ``kill``'s SIGTERM unwinds the export as Ctrl-C does: no ``.export-*`` folder, no file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-m", "reconkit.cli.main", "export", "--checkpoint",
+               str(ROOT / "checkpoints" / "varnet_small.ckpt"), "--output", str(out / "x.onnx"), "--size", "640", "368"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".export-*")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)  # until the export has made its temporary folder
+    assert process.poll() is None, "the export ended before it could be stopped"
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert list(out.iterdir()) == []
+
+
+def test_export_replacing_a_file_keeps_its_permissions_and_checks_metadata(unet_checkpoint, tmp_path) -> None:
+    _, checkpoint = unet_checkpoint
+    output = tmp_path / "unet.onnx"
+    output.write_bytes(b"old")
+    output.chmod(0o600)
+    export_onnx(checkpoint, output, [(2, 32, 24)])
+    assert stat.S_IMODE(output.stat().st_mode) == 0o600 and load_onnx_metadata(output)
+    for metadata, message in (({"acceleration": "four"}, "must be a number, list or dict"),
+                              ({"spatial_sizes": [[640, 368]]}, "derived from the exported graph"),
+                              ({"note": object()}, "not JSON-encodable")):
+        with pytest.raises(ValueError, match=message):
+            export_onnx(checkpoint, tmp_path / "meta.onnx", [(2, 32, 24)], metadata=metadata)
+    assert not (tmp_path / "meta.onnx").exists()
 
 
 def _bad_checkpoints(tmp_path: Path) -> dict[str, Path]:

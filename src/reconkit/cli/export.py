@@ -40,12 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_arguments(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> None:
+    """ReconkitError naming the option for values that cannot work."""
+    bad = [f"{h} {w}" for h, w in sizes if min(h, w) < 2]
+    if bad:
+        raise ReconkitError(f"--size {bad[0]}: height and width must be at least 2")
+    if args.coils < 1:
+        raise ReconkitError(f"--coils {args.coils}: must be at least 1")
+    if args.triton_repository is not None:
+        from reconkit.export.triton_repository import check_triton_options
+
+        check_triton_options(args.model_name or args.output.stem, args.version, args.max_batch_size)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     from reconkit.export import export_onnx, load_onnx_metadata
 
     sizes = [tuple(s) for s in (args.size or [(640, 368)])]
     try:
+        _check_arguments(args, sizes)  # all of them before the (minutes-long) export
         path = export_onnx(args.checkpoint, args.output, [(args.coils, h, w) for h, w in sizes], opset=args.opset)
         meta = load_onnx_metadata(path)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {meta['reconkit.model_type']}, "

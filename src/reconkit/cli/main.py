@@ -8,6 +8,7 @@ Each sub-command lives in ``reconkit/cli/<name>.py`` and exposes ``main(argv: li
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -72,8 +73,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"reconkit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if argv is None and name in _CLEAN_EXIT_ON_SIGTERM:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
+
+
+# commands whose temporary files and folders are removed on the way out of their `with` blocks: SIGTERM (a job
+# scheduler's stop, `kill`) unwinds them as Ctrl-C does. `train` keeps Lightning's own handling (SLURM requeue) and
+# `serve` its graceful drain.
+_CLEAN_EXIT_ON_SIGTERM = ("simulate", "export", "reconstruct", "evaluate", "demo")
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":  # pragma: no cover

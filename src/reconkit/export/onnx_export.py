@@ -11,6 +11,7 @@ network weights are stored once, in the main graph, and shared by all branches. 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from reconkit.atomic import atomic_path
 from reconkit.errors import ReconkitError
 from reconkit.models import ZeroFilledFrontEnd, contract_model, load_model
 from reconkit.ops import fft_impl
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 DEFAULT_OPSET = 17
+MAX_OPSET = int(getattr(torch.onnx._constants, "ONNX_MAX_OPSET", 23))  # the newest opset this PyTorch exports
 INPUT_NAMES = ("masked_kspace", "mask")
 OUTPUT_NAME = "image"
 UNKNOWN_MASK_FAMILY = "unknown"  # reconkit.mask_family of a model exported without mask info
@@ -117,6 +120,15 @@ def _trace_one(model: torch.nn.Module, coils: int, height: int, width: int, opse
             input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
             do_constant_folding=True,
         )
+
+
+def _set_output_shape(model, height: int, width: int) -> None:
+    """Declare the output's shape as the contract's ``[batch, height, width]`` in place: the tracer leaves names of
+    its own for axes it cannot follow (``Transposeimage_dim_1``), and Triton's config then reads them as dynamic."""
+    from onnx import helper
+
+    (output,) = [value for value in model.graph.output if value.name == OUTPUT_NAME]
+    output.type.CopyFrom(helper.make_tensor_type_proto(output.type.tensor_type.elem_type, ["batch", height, width]))
 
 
 def _add_unused_contract_inputs(model, height: int, width: int) -> None:
@@ -331,7 +343,7 @@ def load_checkpoint_model(path: str | os.PathLike) -> tuple[torch.nn.Module, Any
     """``reconkit.models.load_model(path)`` with every failure turned into an :class:`ExportError` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ExportError(f"{path}: checkpoint not found")
+        raise ExportError(f"{path}: checkpoint not found" if not path.exists() else f"{path}: is not a regular file")
     if path.stat().st_size == 0:
         raise ExportError(f"{path}: checkpoint is empty")
     try:
@@ -400,10 +412,16 @@ def export_onnx(
     """
     import onnx
 
-    if opset < 17:
-        raise ValueError(f"opset must be 17 or newer; got {opset}")
+    if not 17 <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be between 17 and {MAX_OPSET} (what this PyTorch exports); got {opset}")
     coils, sizes = normalise_sizes(example_shape)
     output_path = Path(output_path)
+    if output_path.is_dir():
+        raise ExportError(f"{output_path}: is a directory; give the .onnx file to write")
+    if not isinstance(model_or_checkpoint, torch.nn.Module) and output_path.resolve() == Path(
+            model_or_checkpoint).resolve():
+        raise ExportError(f"{output_path}: the output would overwrite the checkpoint it is exported from")
+    extra_metadata = _checked_metadata(metadata)
     if isinstance(model_or_checkpoint, torch.nn.Module):
         model, info, source = model_or_checkpoint, None, type(model_or_checkpoint).__name__
     else:
@@ -411,7 +429,11 @@ def export_onnx(
         source = str(model_or_checkpoint)
     was_training = model.training
     model.eval()
-    output_path.parent.mkdir(parents=True, exist_ok=True)
+    created = _missing_folders(output_path.parent)
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"{output_path}: cannot create its folder: {exc.strerror or exc}") from None
     try:
         with tempfile.TemporaryDirectory(dir=output_path.parent, prefix=".export-") as tmp:
             graphs = []
@@ -424,9 +446,10 @@ def export_onnx(
                                       f"{type(exc).__name__}: {exc}") from exc
                 graphs.append(onnx.load(str(traced)))
                 _add_unused_contract_inputs(graphs[-1], height, width)
+                _set_output_shape(graphs[-1], height, width)
                 _dedupe_constants(graphs[-1])
             proto = graphs[0] if len(graphs) == 1 else _merge_by_size(graphs, sizes)
-            extra = {"weight_aliases": _weight_aliases(contract_model(model), proto), **(metadata or {})}
+            extra = {"weight_aliases": _weight_aliases(contract_model(model), proto), **extra_metadata}
             for key, value in _metadata(model, info, sizes, extra).items():
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = key, value
@@ -435,12 +458,44 @@ def export_onnx(
                     onnx.checker.check_model(proto)
                 except onnx.checker.ValidationError as exc:
                     raise ExportError(f"{output_path}: exported graph fails onnx.checker: {exc}") from exc
-            staged = Path(tmp) / "model.onnx"
-            onnx.save(proto, str(staged))
-            os.replace(staged, output_path)
+            with atomic_path(output_path) as staged:  # keeps the mode of a file it replaces, else the umask's
+                onnx.save(proto, str(staged))
+    except BaseException:
+        for folder in created:  # folders made for this output, if the export left them empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     finally:
         model.train(was_training)
     return output_path
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _checked_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``metadata`` for :func:`export_onnx`: JSON-encodable values (the JSON-valued keys as numbers or lists),
+    and none of the keys the export itself derives from the graph."""
+    checked = {}
+    for key, value in (metadata or {}).items():
+        name = key if str(key).startswith("reconkit.") else f"reconkit.{key}"
+        if name in ("reconkit.spatial_sizes", "reconkit.weight_aliases", "reconkit.input_layout"):
+            raise ValueError(f"metadata: {name} is derived from the exported graph and cannot be set")
+        try:
+            json.dumps(value)
+        except TypeError:
+            raise ValueError(f"metadata: {name} = {value!r} is not JSON-encodable (use str, int, float, list, dict)"
+                             ) from None
+        if name in JSON_KEYS and isinstance(value, str):
+            raise ValueError(f"metadata: {name} must be a number, list or dict, not the string {value!r}")
+        checked[name] = value
+    return checked
 
 
 def load_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -460,7 +515,7 @@ def read_onnx(path: str | os.PathLike, load_external_data: bool = True):
 
     path = Path(path)
     if not path.is_file():
-        raise ExportError(f"{path}: ONNX model not found")
+        raise ExportError(f"{path}: ONNX model not found" if not path.exists() else f"{path}: is not a regular file")
     try:
         return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:

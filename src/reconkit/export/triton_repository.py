@@ -16,7 +16,7 @@ from pathlib import Path
 from reconkit.atomic import atomic_path
 from reconkit.errors import ReconkitError
 
-__all__ = ["triton_config", "write_triton_repository"]
+__all__ = ["check_triton_options", "triton_config", "write_triton_repository"]
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # same rule as reconkit.serve.repository
 _TRITON_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 2: "TYPE_UINT8", 3: "TYPE_INT8",
@@ -69,6 +69,16 @@ def _atomic_write(path: Path, write) -> None:
         write(f)
 
 
+def check_triton_options(model_name: str, version: int, max_batch_size: int) -> None:
+    """ReconkitError for a model name that is not one folder name, a version below 1 or a negative batch size."""
+    if not isinstance(model_name, str) or not _MODEL_NAME.match(model_name):
+        raise ReconkitError(f"invalid model name {model_name!r}: use letters, digits, '_', '-', '.' (max 128)")
+    if not isinstance(version, int) or version < 1:
+        raise ReconkitError(f"invalid model version {version!r}: must be an integer >= 1")
+    if max_batch_size < 0:
+        raise ReconkitError(f"max_batch_size must be >= 0, got {max_batch_size}")
+
+
 def write_triton_repository(onnx_path: os.PathLike | str, repository: os.PathLike | str, model_name: str,
                             version: int = 1, max_batch_size: int = 8) -> Path:
     """Copy ``onnx_path`` to ``repository/model_name/version/model.onnx`` and write ``config.pbtxt``.
@@ -81,12 +91,7 @@ def write_triton_repository(onnx_path: os.PathLike | str, repository: os.PathLik
     import onnx
 
     source = Path(onnx_path)
-    if not _MODEL_NAME.match(model_name):
-        raise ReconkitError(f"invalid model name {model_name!r}: use letters, digits, '_', '-', '.' (max 128)")
-    if not isinstance(version, int) or version < 1:
-        raise ReconkitError(f"invalid model version {version!r}: must be an integer >= 1")
-    if max_batch_size < 0:
-        raise ReconkitError(f"max_batch_size must be >= 0, got {max_batch_size}")
+    check_triton_options(model_name, version, max_batch_size)
     try:
         model = onnx.load(str(source), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError / OSError / ValueError for bad files

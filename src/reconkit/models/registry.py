@@ -110,7 +110,7 @@ def _check_file_kind(path: Path) -> None:
 
 def _read_checkpoint(path: Path) -> dict:
     if not path.is_file():
-        raise CheckpointError(path, "file not found")
+        raise CheckpointError(path, "file not found" if not path.exists() else "is not a regular file")
     _check_file_kind(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
