@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out / "varnet_small.ckpt",
         args.out / "varnet_small.onnx",
         example_shape=[(8, *hw) for hw in EXPORT_SIZES],
-        metadata={"mask_family": MASK["mask_type"], "acceleration": 4, "center_fraction": 0.08},
+        metadata={"mask_family": MASK["mask_type"], "acceleration": [4], "center_fraction": [0.08]},
     )
 
     models = {

@@ -36,6 +36,7 @@ from collections.abc import Callable
 import torch
 
 from reconkit.ops import (
+    accurate_sum,
     conjugate_gradient,
     fista,
     haar_soft_threshold,
@@ -112,8 +113,9 @@ def refine_kspace(
     batch, coils, height, width, _ = prediction.shape
     start = sens_reduce(prediction, sens_maps, hybrid=hybrid)  # (B, 1, H, W, 2)
     samples = mask.expand(batch, 1, height, width, 1).sum(dim=(1, 2, 3, 4)) * coils
-    residual = (((prediction - reference) * mask) ** 2).sum(dim=(1, 2, 3, 4))
-    weight, noise = noise_adaptive_weight(residual, samples, (start**2).sum(dim=(1, 2, 3, 4)), height * width, prior)
+    residual = accurate_sum(((prediction - reference) * mask) ** 2, dim=(1, 2, 3, 4))
+    weight, noise = noise_adaptive_weight(residual, samples, accurate_sum(start**2, dim=(1, 2, 3, 4)), height * width,
+                                          prior)
     weight, noise = weight.view(-1, 1, 1, 1, 1), noise.view(-1, 1, 1, 1, 1)
 
     def normal(image: torch.Tensor) -> torch.Tensor:
@@ -149,8 +151,9 @@ def refine_planar(
 
     start = reduce(re, im)
     samples = mask.expand(batch, 1, height, width).sum(dim=(1, 2, 3)) * coils
-    residual = (((re - ref_re) * mask) ** 2 + ((im - ref_im) * mask) ** 2).sum(dim=(1, 2, 3))
-    weight, noise = noise_adaptive_weight(residual, samples, (start**2).sum(dim=(1, 2, 3)), height * width, prior)
+    residual = accurate_sum(((re - ref_re) * mask) ** 2 + ((im - ref_im) * mask) ** 2, dim=(1, 2, 3))
+    weight, noise = noise_adaptive_weight(residual, samples, accurate_sum(start**2, dim=(1, 2, 3)), height * width,
+                                          prior)
     weight, noise = weight.view(-1, 1, 1, 1), noise.view(-1, 1, 1, 1)
 
     def normal(image: torch.Tensor) -> torch.Tensor:
@@ -185,9 +188,9 @@ def refine_stacked(
 
     start = reduce(kspace)
     samples = line.sum(dim=(0, 1, 2, 4, 5)) * coils * height
-    residual = (((kspace - masked_ref) * line) ** 2).sum(dim=(0, 1, 2, 4, 5))
-    weight, noise = noise_adaptive_weight(residual, samples, (start**2).sum(dim=(1, 2, 3, 4)), outer * last * height,
-                                          prior)
+    residual = accurate_sum(((kspace - masked_ref) * line) ** 2, dim=(0, 1, 2, 4, 5))
+    weight, noise = noise_adaptive_weight(residual, samples, accurate_sum(start**2, dim=(1, 2, 3, 4)),
+                                          outer * last * height, prior)
     weight, noise = weight.view(-1, 1, 1, 1, 1), noise.view(-1, 1, 1, 1, 1)
 
     def normal(image: torch.Tensor) -> torch.Tensor:

@@ -34,12 +34,13 @@ from reconkit.ops.fft import (
     ifft2c,
     ifftc,
 )
-from reconkit.ops.operators import MultiCoilMRI, conjugate_gradient, fista, real_inner
+from reconkit.ops.operators import MultiCoilMRI, accurate_sum, conjugate_gradient, fista, real_inner
 from reconkit.ops.sampled_lines import zero_filled_rss_sampled_lines
 from reconkit.ops.wavelet import haar_soft_threshold, wavelet_shifts
 
 __all__ = [
     "MultiCoilMRI",
+    "accurate_sum",
     "as_complex",
     "centering_modulation",
     "centering_signs",
