@@ -102,6 +102,15 @@ def test_cli_predict_writes_submission_files_equal_to_reconstruct_and_keeps_stor
     config_path.write_text(yaml.safe_dump(config))
     assert main(["fit", "--config", str(config_path)]) == 0
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    # test: the per-volume metrics also go to a CSV next to the CSV logger's, in reconkit evaluate's columns
+    assert main(["test", "--config", str(config_path), "--ckpt_path", str(checkpoint),
+                 "--trainer.default_root_dir", str(tmp_path / "test")]) == 0
+    (volumes_csv,) = (tmp_path / "test" / "csv").glob("version_*/test_volumes.csv")
+    with open(volumes_csv) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["volume"] for r in rows] == [p.name for p in sorted((sim_root / "test").glob("*.h5"))] + ["mean"]
+    logged = _csv_rows(tmp_path / "test")[-1]
+    assert float(rows[-1]["ssim"]) == pytest.approx(float(logged["test_ssim"]), rel=1e-6)
 
     scans = tmp_path / "scans" / "test"  # a fully sampled test file and its test-set form
     scans.mkdir(parents=True)

@@ -15,13 +15,16 @@ target's units, cropped to the target's recon size. Everything else lives here o
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from reconkit.atomic import atomic_path
 from reconkit.errors import ConfigError, ReconkitError
 from reconkit.metrics import SSIMLoss
 from reconkit.training.volume_metrics import (
@@ -146,6 +149,22 @@ class ReconModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_volume_metrics("test")
+        folder = next((lg.log_dir for lg in self.loggers if isinstance(lg, CSVLogger)), self.trainer.log_dir)
+        if self.trainer.is_global_zero and folder and self.last_volume_metrics:
+            self._write_volume_csv(Path(folder) / "test_volumes.csv")  # next to the CSV logger's metrics.csv
+
+    def _write_volume_csv(self, path: Path) -> None:
+        """One row per test volume (``volume, slices, nmse, psnr_db, ssim``, the columns of ``reconkit evaluate
+        --csv``) plus the ``mean`` row that the logged ``test_*`` metrics are."""
+        mean = mean_over_volumes(self.last_volume_metrics)
+        rows = [(name, m["num_slices"], m["nmse"], m["psnr"], m["ssim"]) for name, m in self.last_volume_metrics.items()]
+        rows.append(("mean", sum(m["num_slices"] for m in self.last_volume_metrics.values()), mean["nmse"],
+                     mean["psnr"], mean["ssim"]))
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["volume", "slices", "nmse", "psnr_db", "ssim"])
+            writer.writerows([name, slices, f"{nmse:.8g}", f"{psnr:.8g}", f"{ssim:.8g}"]
+                             for name, slices, nmse, psnr, ssim in rows)
 
     def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> Images:
         images = self.images(batch)
