@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import warnings
 from pathlib import Path
 
 import h5py
@@ -21,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from reconkit.cli.reconstruct import main as reconstruct_main
 from reconkit.cli.train import main, one_line
 from reconkit.data.transforms import VarNetSample, center_crop
-from reconkit.errors import DataError, ReconkitError
+from reconkit.errors import DataError, ReconkitError, ReconkitWarning
 from reconkit.inference import load_reconstructor
 from reconkit.models import load_model
 from reconkit.training import FastMriDataModule, UnetModule, VarNetModule, VitModule
@@ -213,7 +214,8 @@ class _StopAfterFirstEpoch(Callback):
         trainer.should_stop = True
 
 
-def _resumable_run(root_dir: Path, sim_root: Path, interrupt: bool, num_workers: int, ckpt_path=None) -> VarNetModule:
+def _resumable_run(root_dir: Path, sim_root: Path, interrupt: bool, num_workers: int, ckpt_path=None,
+                   max_epochs: int = 2) -> VarNetModule:
     seed_everything(0)
     module = VarNetModule(**TINY_VARNET, lr=3e-3, lr_scheduler="cosine")
     callbacks = [ModelCheckpoint(dirpath=root_dir, filename="last", save_top_k=1, enable_version_counter=False)]
@@ -222,7 +224,7 @@ def _resumable_run(root_dir: Path, sim_root: Path, interrupt: bool, num_workers:
     # a random mask family: masks must come out the same after resume and with or without a worker process
     datamodule = FastMriDataModule(sim_root, mask_type="random", center_fractions=[0.25], accelerations=[3],
                                    batch_size=1, num_workers=num_workers, seed=5)
-    trainer = _trainer(root_dir, 2, callbacks, deterministic=True, limit_train_batches=4)
+    trainer = _trainer(root_dir, max_epochs, callbacks, deterministic=True, limit_train_batches=4)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return module
 
@@ -232,7 +234,9 @@ def test_resume_from_last_checkpoint_is_exact(sim_root, tmp_path):
     _resumable_run(tmp_path / "resumed", sim_root, interrupt=True, num_workers=1)
     interrupted = torch.load(tmp_path / "resumed" / "last.ckpt", map_location="cpu", weights_only=False)
     assert interrupted["epoch"] == 0
-    resumed = _resumable_run(tmp_path / "resumed", sim_root, interrupt=False, num_workers=1, ckpt_path="last")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReconkitWarning)  # the schedule spans the run: no warning
+        resumed = _resumable_run(tmp_path / "resumed", sim_root, interrupt=False, num_workers=1, ckpt_path="last")
     assert resumed.global_step == straight.global_step == 8
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
@@ -241,6 +245,9 @@ def test_resume_from_last_checkpoint_is_exact(sim_root, tmp_path):
     # and training did change the weights (the comparison above is not trivially true)
     first_conv = "model.sens_net.norm_unet.unet.down_sample_layers.0.layers.0.weight"
     assert not torch.equal(interrupted["state_dict"][first_conv], resumed.state_dict()[first_conv])
+    # a finished cosine run extended by an epoch keeps its 8-step schedule: said, not silent
+    with pytest.warns(ReconkitWarning, match="spans 8 steps, but this run has 12"):
+        _resumable_run(tmp_path / "straight", sim_root, interrupt=False, num_workers=0, ckpt_path="last", max_epochs=3)
 
 
 # ----------------------------------------------------------------------------------------------- U-Net

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,7 +26,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from reconkit.atomic import atomic_path
-from reconkit.errors import ConfigError, ReconkitError
+from reconkit.errors import ConfigError, ReconkitError, ReconkitWarning
 from reconkit.metrics import SSIMLoss
 from reconkit.training.volume_metrics import (
     SliceStats,
@@ -217,6 +218,20 @@ class ReconModule(LightningModule):
             raise ValueError("lr_scheduler='cosine' needs a finite run: set trainer.max_epochs or max_steps")
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(total_steps), 1))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Warn when a resumed cosine schedule does not span this run (``--trainer.max_epochs`` raised on resume):
+        the restored schedule keeps its own length, so past its end the learning rate climbs the cosine again."""
+        if self.hparams.lr_scheduler != "cosine" or not self.trainer.lr_scheduler_configs:
+            return
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        total = int(self.trainer.estimated_stepping_batches)
+        if getattr(scheduler, "T_max", total) != max(total, 1):
+            warnings.warn(ReconkitWarning(
+                f"the cosine learning-rate schedule restored from the checkpoint spans {scheduler.T_max} steps, but "
+                f"this run has {total}: the rate follows the restored curve (rising again after step "
+                f"{scheduler.T_max}); start a new run with the checkpoint's weights for a schedule of this length"),
+                stacklevel=1)
 
     # --- checkpoint contract ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
