@@ -4,6 +4,7 @@ Every test starts from the same random state, so a test's random inputs do not d
 (a ``-k`` selection, a different collection order or a new test elsewhere would otherwise change them).
 
 ``sim_root``: the tiny simulated dataset the training tests fit on, made once per test module.
+``tiny_varnet_config``: a ``reconkit train`` YAML config of a tiny VarNet on ``sim_root`` (one epoch, CPU).
 """
 
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from reconkit.data.simulate import simulate_dataset
 
@@ -29,3 +31,23 @@ def sim_root(tmp_path_factory) -> Path:
     simulate_dataset(root, num_volumes=6, coils=(3, 4), slices=3, encoded_size=(48, 32), recon_size=(24, 20),
                      split=(0.5, 0.34, 0.16), seed=0, progress=False)
     return root
+
+
+TINY_VARNET = {"num_cascades": 2, "chans": 4, "pools": 2, "sens_chans": 2, "sens_pools": 1}
+
+
+@pytest.fixture
+def tiny_varnet_config(sim_root, tmp_path) -> Path:
+    """``tmp_path/tiny.yaml``: one epoch of a tiny VarNet on ``sim_root`` (2x equispaced masks, 25 % centre),
+    writing under ``tmp_path/run``."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_epochs": 1, "default_root_dir": str(tmp_path / "run"),
+                    "enable_progress_bar": False},
+        "model": {"class_path": "reconkit.training.VarNetModule", "init_args": {**TINY_VARNET, "lr": 1e-3}},
+        "data": {"data_path": str(sim_root), "mask_type": "equispaced_fraction", "center_fractions": [0.25],
+                 "accelerations": [2], "num_workers": 0},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -88,19 +88,11 @@ def test_cli_fit_writes_best_and_last_checkpoints_that_load_without_training_cod
         torch.testing.assert_close(model.eval()(kspace * mask, mask), module.model(kspace * mask, mask))
 
 
-def test_cli_predict_writes_submission_files_equal_to_reconstruct_and_keeps_stored_masks(sim_root, tmp_path, capsys):
+def test_cli_predict_writes_submission_files_equal_to_reconstruct_and_keeps_stored_masks(
+        sim_root, tmp_path, capsys, tiny_varnet_config):
     """``reconkit train predict`` writes one fastMRI submission file per test volume, the images ``reconkit
     reconstruct`` gives for the same checkpoint; a test-set file (stored ``mask``, no target) keeps its own mask."""
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_epochs": 1, "default_root_dir": str(tmp_path / "run"),
-                    "enable_progress_bar": False},
-        "model": {"class_path": "reconkit.training.VarNetModule", "init_args": {**TINY_VARNET, "lr": 1e-3}},
-        "data": {"data_path": str(sim_root), "mask_type": "equispaced_fraction", "center_fractions": [0.25],
-                 "accelerations": [2], "num_workers": 0},
-    }
-    config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = tiny_varnet_config
     assert main(["fit", "--config", str(config_path)]) == 0
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     # test: the per-volume metrics also go to a CSV next to the CSV logger's, in reconkit evaluate's columns

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from fastmri import evaluate
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
@@ -293,17 +292,8 @@ def test_diagnostics_record_bands_and_regime_and_leave_training_unchanged(sim_ro
             "diagnostics/band_nmse/b0", "val_band_nmse/b5"} <= logged
 
 
-def test_cli_diagnostics_resume_from_the_same_start(sim_root, tmp_path):
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_epochs": 1, "default_root_dir": str(tmp_path / "run"),
-                    "enable_progress_bar": False},
-        "model": {"class_path": "reconkit.training.VarNetModule", "init_args": {**TINY_VARNET, "lr": 1e-3}},
-        "data": {"data_path": str(sim_root), "mask_type": "equispaced_fraction", "center_fractions": [0.25],
-                 "accelerations": [2], "num_workers": 0},
-    }
-    config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+def test_cli_diagnostics_resume_from_the_same_start(sim_root, tmp_path, tiny_varnet_config):
+    config_path = tiny_varnet_config
     args = ["fit", "--config", str(config_path), "--diagnostics.every_n_steps", "5",
             "--diagnostics.ntk_projections", "2"]
     assert main(args) == 0
