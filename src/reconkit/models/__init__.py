@@ -6,6 +6,7 @@ vision transformer baseline (``VisionTransformer``) and the registry
 model from a checkpoint (see "Checkpoints" in docs/architecture.md).
 """
 
+from reconkit.models.classical import CGSense, ZeroFilled
 from reconkit.models.contract import ZeroFilledFrontEnd, contract_model
 from reconkit.models.registry import (
     MODEL_TYPES,
@@ -21,6 +22,7 @@ from reconkit.models.vit import VisionTransformer
 
 __all__ = [
     "MODEL_TYPES",
+    "CGSense",
     "CheckpointError",
     "ModelConfigError",
     "NormUnet",
@@ -29,6 +31,7 @@ __all__ = [
     "VarNet",
     "VarNetBlock",
     "VisionTransformer",
+    "ZeroFilled",
     "ZeroFilledFrontEnd",
     "build_model",
     "contract_model",

@@ -2,6 +2,7 @@
 
 from reconkit.training.base import Images, ReconModule
 from reconkit.training.datamodule import FastMriDataModule
+from reconkit.training.diagnostics import TrainingDiagnostics
 from reconkit.training.modules import ImageModule, KspaceModule, UnetModule, VarNetModule, VitModule
 from reconkit.training.predictions import PredictionWriter
 
@@ -12,6 +13,7 @@ __all__ = [
     "KspaceModule",
     "PredictionWriter",
     "ReconModule",
+    "TrainingDiagnostics",
     "UnetModule",
     "VarNetModule",
     "VitModule",
