@@ -219,9 +219,23 @@ def test_cli_bad_raw_files_get_one_line_each_and_the_good_one_is_written(tmp_pat
     write_raw(  # imaging lines of two readout lengths, neither a reference scan nor a partial echo
         scans / "mixed.h5", [line(random_kspace(rng, COILS, SAMPLES if c % 2 else 8), c) for c in range(WIDTH)]
     )
+    write_raw(scans / "empty.h5", [])  # a header and no acquisitions (ismrmrd then writes no 'data' dataset)
+    before = (scans / "good.h5").stat().st_mtime_ns
     code = reconkit_main(["reconstruct", str(scans), "--model", "zero-filled", "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1
     assert "volumetric.h5: 3D encoding (2 values of kspace_encode_step_2) is not supported" in err
     assert "mixed.h5: imaging acquisitions differ in (coils, samples)" in err
+    assert "empty.h5: ISMRMRD file holds no imaging acquisitions" in err
     assert sorted(p.name for p in (tmp_path / "out" / "h5").iterdir()) == ["good.h5"]
+    assert (scans / "good.h5").stat().st_mtime_ns == before  # read-only: the input is not touched
+
+
+def test_a_raw_file_held_open_elsewhere_is_still_read(tmp_path):
+    """The reader opens read-only, so a file another reader holds open (HDF5 locks it) reads as usual."""
+    import h5py
+
+    rng = np.random.default_rng(8)
+    write_raw(tmp_path / "scan.h5", [line(random_kspace(rng, COILS, SAMPLES), c) for c in range(WIDTH)])
+    with h5py.File(tmp_path / "scan.h5", "r"):
+        assert read_ismrmrd_raw(tmp_path / "scan.h5").kspace.shape == (1, COILS, SAMPLES, WIDTH)

@@ -53,7 +53,7 @@ def is_ismrmrd_raw(path: os.PathLike | str) -> bool:
     try:
         with h5py.File(path, "r") as f:
             group = f.get("dataset")
-            return isinstance(group, h5py.Group) and "data" in group and "xml" in group
+            return isinstance(group, h5py.Group) and "xml" in group  # (no "data": a file without acquisitions)
     except (OSError, ValueError):
         return False
 
@@ -72,10 +72,16 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
 
     path = Path(path)
     try:
-        dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
-        header = parse_ismrmrd_header(dataset.read_xml_header(), source=path)
-        acquisitions = [dataset.read_acquisition(i) for i in range(dataset.number_of_acquisitions())]
-        dataset.close()
+        dataset = _open_read_only(ismrmrd, path)
+        try:
+            header = parse_ismrmrd_header(dataset.read_xml_header(), source=path)
+            try:
+                count = dataset.number_of_acquisitions()
+            except LookupError:  # a header and no acquisitions at all
+                count = 0
+            acquisitions = [dataset.read_acquisition(i) for i in range(count)]
+        finally:
+            dataset.close()
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 -- the ismrmrd package raises assorted types for damaged files
@@ -122,6 +128,15 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
 
 
 _IMAGE_INDEX = ("slice", "contrast", "phase", "repetition", "set")
+
+
+def _open_read_only(ismrmrd, path: Path):
+    """``ismrmrd.Dataset`` opened read-only: its ``create_if_needed=False`` means h5py's ``'r+'``, which changes the
+    input's modification time and fails while another process has the file open."""
+    try:
+        return ismrmrd.Dataset(str(path), "dataset", create_if_needed=False, mode="r")
+    except TypeError:  # an ismrmrd without the ``mode`` argument (before 1.14): read-write is all it offers
+        return ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
 
 
 def image_groups(image_index: str | None) -> list[tuple[str, list[int] | None]]:
