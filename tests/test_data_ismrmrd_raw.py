@@ -239,3 +239,35 @@ def test_a_raw_file_held_open_elsewhere_is_still_read(tmp_path):
     write_raw(tmp_path / "scan.h5", [line(random_kspace(rng, COILS, SAMPLES), c) for c in range(WIDTH)])
     with h5py.File(tmp_path / "scan.h5", "r"):
         assert read_ismrmrd_raw(tmp_path / "scan.h5").kspace.shape == (1, COILS, SAMPLES, WIDTH)
+
+
+def test_slices_undersampled_with_different_lines_keep_their_own_sampling(tmp_path, capsys):
+    """Slice 0 samples the even columns, slice 1 the odd ones (both the centre): together they cover every column,
+    yet each is undersampled. Each is reconstructed with its own lines; no second mask is drawn over them."""
+    import fastmri
+    import h5py
+    from fastmri.data import transforms
+
+    from reconkit.cli.main import main as reconkit_main
+    from reconkit.inference import volume_mask
+
+    rng = np.random.default_rng(9)
+    sampled = [[c for c in range(WIDTH) if c % 2 == s or 4 <= c < 8] for s in range(2)]
+    kspace = [random_kspace(rng, COILS, SAMPLES, WIDTH) for _ in range(2)]
+    write_raw(tmp_path / "raw.h5", [line(kspace[s][..., c], c, slice=s) for s in range(2) for c in sampled[s]])
+    volume = read_ismrmrd_raw(tmp_path / "raw.h5")
+    mask, retrospective = volume_mask(volume, "equispaced_fraction", 4, 0.08, seed=None)
+    assert not retrospective and mask.shape == (2, 1, 1, WIDTH, 1)
+    assert [list(np.flatnonzero(m.ravel())) for m in mask] == sampled
+    code = reconkit_main(["reconstruct", str(tmp_path / "raw.h5"), "--model", "zero-filled", "--output",
+                          str(tmp_path / "out"), "--acceleration", "8"])
+    err = capsys.readouterr().err
+    assert code == 0 and "already undersampled" in err, err
+    with h5py.File(tmp_path / "out" / "h5" / "raw.h5") as f:
+        output = f["reconstruction"][()]
+    for s in range(2):
+        measured = np.zeros_like(kspace[s])
+        measured[..., sampled[s]] = kspace[s][..., sampled[s]]
+        image = fastmri.rss(fastmri.complex_abs(fastmri.ifft2c(transforms.to_tensor(measured))), dim=0)
+        expected = transforms.center_crop(image, output.shape[-2:]).numpy()
+        np.testing.assert_allclose(output[s], expected, rtol=1e-5, atol=1e-7)

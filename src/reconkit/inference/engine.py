@@ -305,13 +305,18 @@ def acquired_columns(volume: Volume) -> tuple[int, int, str | None]:
 def volume_mask(
     volume: Volume, mask_type: str, acceleration: int, center_fraction: float, seed: int | None
 ) -> tuple[np.ndarray, bool]:
-    """The ``(1, 1, 1, W, 1)`` float32 column mask for ``volume`` and whether it was made here (retrospective).
+    """The float32 column mask for ``volume`` and whether it was made here (retrospective).
 
     A stored ``mask`` dataset wins (zeroed outside the acquired window, as fastMRI's ``VarNetDataTransform`` does);
-    otherwise, if some column inside the acquired window
-    ``[padding_left, padding_right)`` holds no data, the file is already undersampled and the non-empty columns
-    are the mask; otherwise a mask is drawn from ``mask_type`` with the file-name seed (or ``seed``), zeroed
+    otherwise, if some image (slice) holding data leaves a column inside the acquired window
+    ``[padding_left, padding_right)`` empty, the file is already undersampled and each image's non-empty columns
+    are its mask; otherwise a mask is drawn from ``mask_type`` with the file-name seed (or ``seed``), zeroed
     outside the acquired window as fastMRI does.
+
+    Returns:
+        ``(mask, retrospective)``: ``mask`` is ``(1, 1, 1, W, 1)``, one for every slice, or ``(slices, 1, 1, W, 1)``
+        when already undersampled images differ in their sampling (e.g. the slices or contrasts of an ISMRMRD raw
+        file, each undersampled with its own lines).
     """
     kspace = _coil_kspace(volume)
     width = kspace.shape[-1]
@@ -319,14 +324,18 @@ def volume_mask(
     if volume.mask is not None:  # outside the acquired window no column holds data, as fastMRI's transform says
         columns = np.asarray(volume.mask, dtype=np.float32) != 0
         columns[:left], columns[right:] = False, False
-        retrospective = False
+        per_image, retrospective = columns[None], False
     else:
-        columns = np.abs(kspace).reshape(-1, width).max(axis=0) > 0
-        retrospective = bool(columns[left:right].all())
+        per_image = np.abs(kspace).reshape(kspace.shape[0], -1, width).max(axis=1) > 0  # (slices, W)
+        with_data = per_image[per_image.any(axis=1)]
+        retrospective = bool(with_data[:, left:right].all()) if len(with_data) else False
     if not retrospective:
-        if not columns.any():
+        if not per_image.any():
             raise DataError(volume.info.path, "k-space holds no data (every column is zero)")
-        return columns.astype(np.float32).reshape(1, 1, 1, width, 1), False
+        union = per_image.any(axis=0)
+        if (per_image[per_image.any(axis=1)] == union).all():  # every image with data sampled alike
+            return union.astype(np.float32).reshape(1, 1, 1, width, 1), False
+        return per_image.astype(np.float32).reshape(-1, 1, 1, width, 1), False
     mask_func = create_mask_for_mask_type(mask_type, [center_fraction], [acceleration])
     probe = torch.zeros(1, 1, 1, width, 2)  # mask functions only look at the shape
     _, mask, _ = apply_mask(
@@ -349,7 +358,8 @@ def reconstruct_volume(
     batch_size: int = 4,
     on_slices: Callable[[int], None] | None = None,
 ) -> VolumeResult:
-    """Run ``reconstructor`` over all slices of ``volume`` with column ``mask`` ``(1, 1, 1, W, 1)``.
+    """Run ``reconstructor`` over all slices of ``volume`` with column ``mask`` ``(1, 1, 1, W, 1)`` (every slice) or
+    ``(slices, 1, 1, W, 1)`` (one per slice), as :func:`volume_mask` gives.
 
     ``on_slices(n)`` is called after every batch of ``n`` slices (progress bars).
     """
@@ -359,15 +369,18 @@ def reconstruct_volume(
     recon_x, recon_y = volume.info.header.recon_size[:2]
     crop = (min(recon_x, height), min(recon_y, width))
     outputs, zero_filled, seconds, empty_slices = [], [], 0.0, []
+    if mask.shape[0] not in (1, num_slices):
+        raise ValueError(f"mask has {mask.shape[0]} slices; expected 1 or {num_slices}")
     for batch in _batches(num_slices, max(1, batch_size)):
         stacked = np.stack((kspace[batch].real, kspace[batch].imag), axis=-1).astype(np.float32)
-        masked = (stacked * mask + 0.0).astype(np.float32)
+        batch_mask = np.broadcast_to(mask if mask.shape[0] == 1 else mask[batch], (stacked.shape[0], *mask.shape[1:]))
+        masked = (stacked * batch_mask + 0.0).astype(np.float32)
         holds_data = masked.reshape(masked.shape[0], -1).any(axis=1)
         empty_slices += [batch.start + i for i in np.flatnonzero(~holds_data)]
         image = np.zeros((masked.shape[0], height, width), dtype=np.float32)
         if holds_data.any():
             start = time.perf_counter()
-            ran = run(np.ascontiguousarray(masked[holds_data]), np.repeat(mask, int(holds_data.sum()), axis=0))
+            ran = run(np.ascontiguousarray(masked[holds_data]), np.ascontiguousarray(batch_mask[holds_data]))
             seconds += time.perf_counter() - start
             if ran.shape != (int(holds_data.sum()), height, width) or not np.isfinite(ran).all():
                 raise DataError(
@@ -390,7 +403,7 @@ def reconstruct_volume(
         reconstruction=np.concatenate(outputs).astype(np.float32),
         zero_filled=np.concatenate(zero_filled).astype(np.float32),
         target=None if target is None else np.asarray(target, dtype=np.float32),
-        acceleration=min(width, acquired) / max(1.0, float(mask.sum())),
+        acceleration=min(width, acquired) / max(1.0, float(mask.sum()) / mask.shape[0]),
         seconds=seconds,
         note=note,
         empty_slices=empty_slices,
