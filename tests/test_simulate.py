@@ -394,3 +394,18 @@ def test_cli_writes_dataset_and_reports_bad_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", "--help"])
     assert exit_info.value.code == 0 and "examples:" in capsys.readouterr().out
+
+
+def test_a_second_run_into_the_same_folder_cannot_put_a_volume_in_two_splits(tmp_path):
+    options = {"snr_db": 25.0, "seed": 3, "progress": False, "slices": 1, "encoded_size": (48, 32),
+               "recon_size": (24, 20)}
+    first = simulate_dataset(tmp_path, 4, 2, **options)
+    again = simulate_dataset(tmp_path, 4, 2, **options)  # the same command again: the same files, replaced
+    assert again["volumes"] == first["volumes"]
+    fewer = split_assignment(2, (0.7, 0.15, 0.15), 3)
+    moved = [i for i in range(2) if fewer[i] != first["volumes"][i]["split"]]
+    assert moved  # with 2 volumes, one of the 4-volume run's files changes split
+    with pytest.raises(ValueError, match="already exists .* the volume would be in two splits"):
+        simulate_dataset(tmp_path, 2, 2, **options)
+    with pytest.raises(ValueError, match="snr_db must be numbers"):
+        simulate_dataset(tmp_path / "nan", 1, 2, **{**options, "snr_db": float("nan")})

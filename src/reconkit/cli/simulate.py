@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--output", required=True, help="destination folder (created)")
+    parser.add_argument("--output", required=True,
+                        help="destination folder (created). Re-running into it replaces files of the same names and "
+                             "keeps others; a volume that an earlier run put in another split is refused (it would "
+                             "be in two splits), so use an empty folder for a different volume count or split")
     parser.add_argument("--num-volumes", type=int, required=True, help="number of volumes (files) to write")
     parser.add_argument(
         "--coils",

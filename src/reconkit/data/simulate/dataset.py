@@ -53,6 +53,17 @@ def _choices(value: object) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _check_no_split_leak(output: Path, names: list[str]) -> None:
+    """ValueError when a volume about to be written already exists in another split folder of ``output`` (an earlier
+    run with another volume count or split): the same volume would then be in two splits, e.g. train and val."""
+    for name in names:
+        split, file = name.split("/")
+        elsewhere = [other for other in SPLITS if other != split and (output / other / file).exists()]
+        if elsewhere:
+            raise ValueError(f"{output / name}: {elsewhere[0]}/{file} already exists (an earlier run into this "
+                             f"folder?): the volume would be in two splits; use an empty output folder")
+
+
 def simulate_dataset(
     output_dir: os.PathLike | str,
     num_volumes: int,
@@ -80,7 +91,8 @@ def simulate_dataset(
     ``<source>_s<seed>_<i:04d>.h5`` and written atomically.
 
     Args:
-        output_dir: destination folder (created).
+        output_dir: destination folder (created); files of the same names are replaced, others kept, and a volume
+            an earlier run put in another split folder is a ValueError (it would be in two splits).
         num_volumes: number of volumes ``N ≥ 1``.
         coils: coil count, or a sequence of counts to draw from per volume.
         snr_db: SNR in dB (``inf`` for none), or a sequence to draw from per volume.
@@ -106,27 +118,34 @@ def simulate_dataset(
     output.mkdir(parents=True, exist_ok=True)  # fails now, not after the first volume, if it cannot be a folder
     labels = split_assignment(num_volumes, split, seed)
     coil_choices, snr_choices = [int(c) for c in _choices(coils)], [float(s) for s in _choices(snr_db)]
+    if any(np.isnan(snr) for snr in snr_choices):
+        raise ValueError(f"snr_db must be numbers in dB ('inf' for no noise), got {snr_choices}")
     options = {
         "coils": coil_choices, "snr_db": snr_choices, "slices": slices, "encoded_size": list(encoded_size),
         "recon_size": list(recon_size), "contrast": contrast, "orientation": orientation, "source": source_choices,
         "split": list(split), "noise_correlation": noise_correlation, "field_strength_t": field_strength_t,
         "random_contrast": random_contrast,
     }  # fmt: skip
-    entries = []
-    desc = f"simulate {'+'.join(dict.fromkeys(source_choices))}"
-    for index in tqdm(range(num_volumes), desc=desc, unit="vol", disable=not progress):
+    plan = []
+    for index in range(num_volumes):
         vseed = volume_seed(seed, index)
         pick = np.random.default_rng(vseed)
         coil_index, snr_index = int(pick.integers(len(coil_choices))), int(pick.integers(len(snr_choices)))
         # drawn after coils and SNR so a single-source dataset stays the one earlier versions wrote
         volume_source = source_choices[int(pick.integers(len(source_choices))) if len(source_choices) > 1 else 0]
+        plan.append((index, vseed, coil_index, snr_index, volume_source,
+                     f"{labels[index]}/{volume_source}_s{seed}_{index:04d}.h5"))
+    _check_no_split_leak(output, [name for *_, name in plan])
+    entries = []
+    desc = f"simulate {'+'.join(dict.fromkeys(source_choices))}"
+    for index, vseed, coil_index, snr_index, volume_source, name in tqdm(plan, desc=desc, unit="vol",
+                                                                          disable=not progress):
         volume = simulate_volume(
             vseed, source=volume_source, coils=coil_choices[coil_index],
             snr_db=snr_choices[snr_index], slices=slices, encoded_size=encoded_size,
             recon_size=recon_size, contrast=contrast, orientation=orientation, field_strength_t=field_strength_t,
             noise_correlation=noise_correlation, random_contrast=random_contrast,
         )  # fmt: skip
-        name = f"{labels[index]}/{volume_source}_s{seed}_{index:04d}.h5"
         write_volume(volume, output / name)
         entries.append({"file": name, "split": labels[index], "seed": vseed, "params": volume.params})
     manifest = {"seed": int(seed), "num_volumes": int(num_volumes), "options": options, "volumes": entries}
