@@ -16,10 +16,10 @@ from reconkit.errors import DataError
 COILS, SAMPLES, WIDTH = 3, 16, 12
 
 
-def header_xml() -> str:
+def header_xml(z: int = 1) -> str:
     def space(size):
         return x.encodingSpaceType(
-            matrixSize=x.matrixSizeType(x=size[0], y=size[1], z=1),
+            matrixSize=x.matrixSizeType(x=size[0], y=size[1], z=z),
             fieldOfView_mm=x.fieldOfViewMm(x=200.0, y=150.0, z=3.0),
         )
 
@@ -49,9 +49,9 @@ def line(data: np.ndarray, step: int, *flags: int, **index: int) -> ismrmrd.Acqu
     return acquisition
 
 
-def write_raw(path, acquisitions) -> None:
+def write_raw(path, acquisitions, z: int = 1) -> None:
     raw = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
-    raw.write_xml_header(header_xml())
+    raw.write_xml_header(header_xml(z))
     for acquisition in acquisitions:
         raw.append_acquisition(acquisition)
     raw.close()
@@ -150,8 +150,13 @@ def test_3d_encoding_is_refused_by_name(tmp_path):
         line(random_kspace(rng, COILS, SAMPLES), c, kspace_encode_step_2=p) for p in range(2) for c in range(WIDTH)
     ]
     write_raw(tmp_path / "raw3d.h5", acquisitions)
-    with pytest.raises(DataError, match=r"raw3d\.h5.*3D encoding \(2 values of kspace_encode_step_2\)"):
+    with pytest.raises(DataError, match=r"raw3d\.h5.*3D encoding \(2 values of kspace_encode_step_2"):
         read_ismrmrd_raw(tmp_path / "raw3d.h5")
+    # a 3D header (4 partitions encoded) whose lines all sit in one partition is 3D too, not a 2D slice
+    write_raw(tmp_path / "one_partition.h5", [line(random_kspace(rng, COILS, SAMPLES), c, kspace_encode_step_2=2)
+                                              for c in range(WIDTH)], z=4)
+    with pytest.raises(DataError, match=r"one_partition\.h5.*3D encoding .*encoded matrix z = 4"):
+        read_ismrmrd_raw(tmp_path / "one_partition.h5")
 
 
 def test_cli_writes_one_nifti_and_dicom_series_per_contrast(tmp_path, capsys):
@@ -224,7 +229,7 @@ def test_cli_bad_raw_files_get_one_line_each_and_the_good_one_is_written(tmp_pat
     code = reconkit_main(["reconstruct", str(scans), "--model", "zero-filled", "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1
-    assert "volumetric.h5: 3D encoding (2 values of kspace_encode_step_2) is not supported" in err
+    assert "volumetric.h5: 3D encoding (2 values of kspace_encode_step_2, encoded matrix z = 1) is not supported" in err
     assert "mixed.h5: imaging acquisitions differ in (coils, samples)" in err
     assert "empty.h5: ISMRMRD file holds no imaging acquisitions" in err
     assert sorted(p.name for p in (tmp_path / "out" / "h5").iterdir()) == ["good.h5"]

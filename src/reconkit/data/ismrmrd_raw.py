@@ -96,11 +96,11 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
     if not imaging:
         raise DataError(path, "ISMRMRD file holds no imaging acquisitions")
     partitions = {a.idx.kspace_encode_step_2 for a in imaging}
-    if len(partitions) > 1:
+    if len(partitions) > 1 or header.encoding_size[2] > 1:
         raise DataError(
             path,
-            f"3D encoding ({len(partitions)} values of kspace_encode_step_2) is not supported: reconkit reconstructs "
-            "2D multi-slice data",
+            f"3D encoding ({len(partitions)} values of kspace_encode_step_2, encoded matrix z = "
+            f"{header.encoding_size[2]}) is not supported: reconkit reconstructs 2D multi-slice data",
         )
     lines = [_readout(a, ismrmrd) for a in imaging]
     shapes = {line.shape for line in lines}
