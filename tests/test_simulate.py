@@ -409,3 +409,5 @@ def test_a_second_run_into_the_same_folder_cannot_put_a_volume_in_two_splits(tmp
         simulate_dataset(tmp_path, 2, 2, **options)
     with pytest.raises(ValueError, match="snr_db must be numbers"):
         simulate_dataset(tmp_path / "nan", 1, 2, **{**options, "snr_db": float("nan")})
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        simulate_dataset(tmp_path / "seed", 1, 2, **{**options, "seed": -1})

@@ -108,6 +108,8 @@ def simulate_dataset(
     """
     if num_volumes < 1:
         raise ValueError(f"num_volumes must be at least 1, got {num_volumes}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
     source_choices = [str(s) for s in _choices(source)]
     unknown = sorted(set(source_choices) - set(SOURCES))
     if not source_choices or unknown:
