@@ -411,3 +411,6 @@ def test_a_second_run_into_the_same_folder_cannot_put_a_volume_in_two_splits(tmp
         simulate_dataset(tmp_path / "nan", 1, 2, **{**options, "snr_db": float("nan")})
     with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
         simulate_dataset(tmp_path / "seed", 1, 2, **{**options, "seed": -1})
+    with pytest.raises(ValueError, match="encoded_size must be two even numbers"):
+        simulate_dataset(tmp_path / "odd", 1, 2, **{**options, "encoded_size": (97, 61)})
+    assert not (tmp_path / "odd").exists()  # a bad size leaves no empty folder behind
