@@ -450,6 +450,9 @@ def test_datamodule_refuses_empty_splits_and_targets_without_max_before_training
     (root / "train" / "broken.h5").write_bytes(b"")
     with pytest.raises(DataError, match=r"train: no slices left in the 'train' split \(every file skipped"):
         _datamodule(root, skip_bad_files=True).train_dataset()
+    (root / "val" / "garbage.h5").write_bytes(b"not hdf5")  # bad files in two splits: one error names both
+    with pytest.raises(DataError, match=r"2 splits have problems: .*train.*broken\.h5.* \| .*val.*garbage\.h5"):
+        _datamodule(root).setup("fit")
     shutil.rmtree(root / "val")
     (root / "val").mkdir()
     code = main(["fit", "--data.data_path", str(root), "--model", "reconkit.training.VarNetModule",

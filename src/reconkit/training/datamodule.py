@@ -307,6 +307,23 @@ class FastMriDataModule(LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_epochs = int(state_dict.get("epochs_processed", 0))
 
+    def setup(self, stage: str) -> None:
+        """Check every split the stage reads before any of it runs, so that one error lists the bad files (and
+        missing or empty folders) of all of them: ``fit`` reads train and val, the others one split each."""
+        if self.skip_bad_files:  # they are left out, with a warning each, when the datasets are built
+            return
+        splits = {"fit": ["train", "val"], "validate": ["val"]}.get(stage, [self.test_split])
+        problems = []
+        for split in splits:
+            try:
+                self.slice_dataset(split, transform=None, sample_rate=None, volume_sample_rate=None)
+            except DataError as err:
+                problems.append(str(err))
+        if len(problems) == 1:
+            raise DataError(None, problems[0])
+        if problems:
+            raise DataError(None, f"{len(problems)} splits have problems: " + " | ".join(problems))
+
     # --- transforms and datasets ---------------------------------------------------------------------------
     def default_transform(self, split: str) -> Callable:
         """The default transform for ``split``: random masks for training, per-volume fixed masks otherwise; a file
@@ -325,7 +342,7 @@ class FastMriDataModule(LightningDataModule):
             raise DataError(folder, f"the {split!r} folder holds no .h5 / .hdf5 files")
         return folder
 
-    def slice_dataset(self, split: str, transform: Callable, sample_rate: float | None,
+    def slice_dataset(self, split: str, transform: Callable | None, sample_rate: float | None,
                       volume_sample_rate: float | None) -> SliceDataset:
         folder = self.split_dir(split)
         dataset = SliceDataset(
