@@ -10,6 +10,7 @@ from fastmri.models.varnet import VarNetBlock
 from reconkit.ops import (
     MultiCoilMRI,
     as_complex,
+    centering_modulation,
     complex_abs,
     complex_abs_sq,
     complex_conj,
@@ -296,6 +297,29 @@ def test_multicoil_adjoint_identity(size):
     z = torch.randn_like(x)
     torch.testing.assert_close(real_inner(op.normal(x), z), real_inner(x, op.normal(z)), rtol=1e-12, atol=1e-12)
     assert (real_inner(op.normal(x), x) >= 0).all()
+
+
+def test_centering_modulation_hands_out_copies_that_do_not_change_later_ffts():
+    x = torch.randn(2, 8, 6, 2)
+    before = fft2c(x)
+    pre, post = centering_modulation(8, 6, x.device, torch.complex64)
+    pre.mul_(-1)
+    post.zero_()
+    torch.testing.assert_close(fft2c(x), before, rtol=0, atol=0)
+
+
+def test_multicoil_operator_refuses_layouts_that_would_broadcast_into_wrong_answers():
+    """Batch 3 with 3 coils: an image without its coil axis, or coil k-space as the image, broadcast silently."""
+    op = MultiCoilMRI(torch.ones(3, 1, 1, 6, 1), torch.randn(3, 3, 8, 6, 2))
+    for call, tensor, message in ((op.A, torch.randn(3, 8, 6, 2), r"image must be \(3, 1, 8, 6, 2\)"),
+                                  (op.A, torch.randn(3, 3, 8, 6, 2), r"image must be \(3, 1, 8, 6, 2\)"),
+                                  (op.A_adjoint, torch.randn(3, 1, 8, 6, 2), r"kspace must be \(3, 3, 8, 6, 2\)"),
+                                  (op.A_adjoint, torch.randn(3, 3, 6, 8, 2), r"kspace must be \(3, 3, 8, 6, 2\)")):
+        with pytest.raises(ValueError, match=message):
+            call(tensor)
+    with pytest.raises(ValueError, match=r"sens_maps must be \(B, C, H, W, 2\)"):
+        MultiCoilMRI(torch.ones(1), torch.randn(3, 8, 6, 2))
+    assert op.A(torch.randn(1, 1, 8, 6, 2)).shape == (3, 3, 8, 6, 2)  # a batch of one still broadcasts
 
 
 def test_a_dagger_recovers_image_from_consistent_data():

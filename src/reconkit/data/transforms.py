@@ -1,7 +1,8 @@
 """Sample transforms: from a ``SliceDataset`` tuple to model-ready tensors.
 
 ``VarNetDataTransform`` and ``UnetDataTransform`` produce the same tensors as ``fastmri.data.transforms`` for the
-same inputs (same masks, crops and normalisation). Complex tensors use fastMRI's real layout ``(..., 2)``.
+same inputs (same masks, crops and normalisation): ``VarNetDataTransform``'s bit for bit, ``UnetDataTransform``'s
+to float32 round-off (its inverse FFT is reconkit's, which differs from fastmri's by about one rounding step). Complex tensors use fastMRI's real layout ``(..., 2)``.
 """
 
 from __future__ import annotations

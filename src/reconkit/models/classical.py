@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reconkit.errors import ReconkitError
+from reconkit.errors import ReconkitError, ReconkitWarning
 from reconkit.ops import (
     MultiCoilMRI,
     as_complex,
@@ -246,6 +247,13 @@ def estimate_sens_maps_espirit(
     # 1. calibration matrix (B, patches, C · k · k)
     patches = calib.unfold(2, kernel_size, 1).unfold(3, kernel_size, 1)  # (B, C, pr, pc, k, k)
     calib_matrix = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, -1, coils * kernel_size**2)
+    if 4 * calib_matrix.shape[1] < calib_matrix.shape[2] and not torch.jit.is_tracing():
+        # a quarter: 0.39 still gave maps close to the truth in the tests, 0.15 left them zero over 43 % of an object
+        warnings.warn(ReconkitWarning(
+            f"ESPIRiT: the {calib.shape[-1]} ACS lines give {calib_matrix.shape[1]} calibration patches for "
+            f"{calib_matrix.shape[2]} unknowns (coils x kernel_size^2): the signal subspace is poorly determined and "
+            "the maps may vanish over much of the object; use more ACS lines, a smaller kernel_size or "
+            "estimate_sens_maps_acs"), stacklevel=2)
     # 2. signal subspace from the eigen-decomposition of the (C·k², C·k²) Gram matrix (singular values² and right
     # singular vectors of the calibration matrix; much cheaper than its SVD); strongest first. A common number of
     # kernels for the batch keeps it batched, weaker ones are zeroed per item.

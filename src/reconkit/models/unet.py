@@ -200,8 +200,10 @@ class Unet(nn.Module):
         num_pool_layers: number of 2× down-/up-sampling levels.
         drop_prob: Dropout2d probability.
 
-    Any H, W ≥ 2**num_pool_layers works; odd sizes are handled as fastmri does (reflect pad of the upsampled
-    features by one pixel on the right / bottom).
+    H, W ≥ 2**num_pool_layers run; keep them ≥ 2**(num_pool_layers + 1): at exactly 2**num_pool_layers the
+    bottleneck is one pixel, which instance norm sets to zero, so it carries nothing (fastmri refuses that size in
+    training mode). Odd sizes are handled as fastmri does (reflect pad of the upsampled features by one pixel on
+    the right / bottom).
 
     Example:
         >>> net = Unet(1, 1, chans=4, num_pool_layers=2)

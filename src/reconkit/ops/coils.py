@@ -16,7 +16,7 @@ import torch
 from reconkit.ops.backend import resolve_backend
 from reconkit.ops.complex import as_complex, complex_conj, complex_mul, native_complex_ok, pair_factor
 from reconkit.ops.dft_matmul import centred_fft_matmul_planar, planar_mul, stacked_fft_w, stacked_ifft_w
-from reconkit.ops.fft import centering_modulation, current_fft_impl, fftc, ifftc
+from reconkit.ops.fft import current_fft_impl, fftc, ifftc, shared_centering_modulation
 
 __all__ = [
     "data_consistency",
@@ -62,7 +62,7 @@ def sens_expand(
     # fftc(x) = post · FFT(pre · x): the pre-modulation goes onto the one-coil image before the coil product,
     # and the post-modulation is done in place on the FFT's output, so the C-coil data are written twice only.
     z_image, z_sens = as_complex(image), as_complex(sens_maps)
-    pre, post = centering_modulation(height, width, z_sens.device, z_sens.dtype, dims)
+    pre, post = shared_centering_modulation(height, width, z_sens.device, z_sens.dtype, dims)
     kspace = torch.fft.fftn((z_image * pre) * z_sens, dim=dims, norm="ortho").mul_(post)
     return torch.view_as_real(kspace)
 
@@ -94,7 +94,7 @@ def sens_reduce(
     # ifftc(k) = post · IFFT(pre · k); the post-modulation commutes with the coil sum, so it is applied to the
     # one-coil result. vecdot computes Σ_c conj(S_c) · x_c in one pass without a C-coil temporary.
     z_kspace, z_sens = as_complex(kspace), as_complex(sens_maps)
-    pre, post = centering_modulation(height, width, z_sens.device, z_sens.dtype, dims)
+    pre, post = shared_centering_modulation(height, width, z_sens.device, z_sens.dtype, dims)
     coil_images = torch.fft.ifftn(z_kspace * pre, dim=dims, norm="ortho")
     image = torch.linalg.vecdot(z_sens, coil_images, dim=1).unsqueeze(1) * post
     return torch.view_as_real(image)

@@ -12,7 +12,8 @@ rolls. The inverse has the same form. :func:`fftc` / :func:`ifftc` transform a c
 1D transforms along the readout ``H`` or the phase-encode ``W`` that hybrid-space operators use).
 
 Computation is done in float32 (half / bfloat16 inputs are promoted), so mixed-precision models keep their FFTs
-in full precision.
+in full precision; float64 stays float64 with ``torch.fft``, while the ``"matmul"`` implementation (the export
+path) computes in float32.
 
 Which implementation runs is chosen by :func:`fft_impl`: ``"torch"`` (``torch.fft``, the default everywhere) or
 ``"matmul"`` (an FFT made of MatMul/Reshape ops, used by the ONNX exporter; see ``reconkit.ops.dft_matmul``).
@@ -101,9 +102,18 @@ def centering_modulation(
     """``(pre, post)`` sign patterns with ``fftc(x, dims) = post · FFT(pre · x)`` along ``dims``, whose lengths
     must be even: ``(H, W)`` for both axes, ``(H, 1)`` for ``dims=(-2,)``, ``(W,)`` for ``dims=(-1,)``.
 
-    ``dtype`` should be the dtype of the tensor they multiply (complex for complex data), so that no conversion
-    happens per call. Cached in eager mode, built from ops while tracing or compiling.
+    ``dtype`` should be the dtype of the tensor they multiply (complex for complex data). The tensors returned are
+    the caller's own (copies of the cache the FFTs share, so changing them in place changes no later FFT).
     """
+    pre, post = shared_centering_modulation(height, width, device, dtype, dims)
+    return pre.clone(), post.clone()
+
+
+def shared_centering_modulation(
+    height: int, width: int, device: torch.device, dtype: torch.dtype, dims: tuple[int, ...] = SPATIAL_DIMS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`centering_modulation` without the copy, for the FFTs themselves: cached in eager mode (never modify
+    them in place), built from ops while tracing or compiling."""
     dims = check_fft_dims(dims)
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return _sign_patterns(height, width, device, dtype, dims)
@@ -126,7 +136,7 @@ def _centred_fft_complex(z: torch.Tensor, inverse: bool, dims: tuple[int, ...] =
         z = torch.fft.ifftshift(z, dim=dims)
         z = transform(z, dim=dims, norm="ortho")
         return torch.fft.fftshift(z, dim=dims)
-    pre, post = centering_modulation(height, width, z.device, z.dtype, dims)
+    pre, post = shared_centering_modulation(height, width, z.device, z.dtype, dims)
     # the FFT's backward does not need its output, so modulating it in place is autograd-safe
     return transform(z * pre, dim=dims, norm="ortho").mul_(post)
 

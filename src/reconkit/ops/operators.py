@@ -119,12 +119,27 @@ class MultiCoilMRI:
     mask: torch.Tensor
     sens_maps: torch.Tensor
 
+    def __post_init__(self) -> None:
+        if self.sens_maps.ndim != 5 or self.sens_maps.shape[-1] != 2:
+            raise ValueError(f"MultiCoilMRI: sens_maps must be (B, C, H, W, 2); got {tuple(self.sens_maps.shape)}")
+
+    def _check(self, tensor: torch.Tensor, coils: int, what: str) -> None:
+        """ValueError naming the expected shape, for a layout that would otherwise broadcast into a wrong answer."""
+        batch, _, height, width, _ = self.sens_maps.shape
+        ok = (tensor.ndim == 5 and tensor.shape[1] == coils and tuple(tensor.shape[2:]) == (height, width, 2)
+              and (tensor.shape[0] == batch or 1 in (batch, tensor.shape[0])))  # batch may broadcast
+        if not ok:
+            raise ValueError(f"MultiCoilMRI: {what} must be ({batch}, {coils}, {height}, {width}, 2) (B, "
+                             f"{'1' if coils == 1 else 'C'}, H, W, 2 of the sensitivity maps); got {tuple(tensor.shape)}")
+
     def A(self, image: torch.Tensor) -> torch.Tensor:
         """Forward: ``(B, 1, H, W, 2)`` image → ``(B, C, H, W, 2)`` masked coil k-space."""
+        self._check(image, 1, "image")
         return sens_expand(image, self.sens_maps) * self.mask.to(image.dtype)
 
     def A_adjoint(self, kspace: torch.Tensor) -> torch.Tensor:
         """Adjoint: ``(B, C, H, W, 2)`` k-space → ``(B, 1, H, W, 2)`` coil-combined image."""
+        self._check(kspace, self.sens_maps.shape[1], "kspace")
         return sens_reduce(kspace * self.mask.to(kspace.dtype), self.sens_maps)
 
     def normal(self, image: torch.Tensor) -> torch.Tensor:
