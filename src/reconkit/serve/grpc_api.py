@@ -107,9 +107,7 @@ def decode_grpc_request(message, served: ServedModel) -> InferRequest:
     check_all_inputs(model, inputs)
     requested = [item.name for item in message.outputs] or [spec.name for spec in model.outputs]
     for index, name in enumerate(requested):
-        check_output_name(model, name)
-        if name in requested[:index]:
-            raise _bad(f"output '{name}' requested more than once")
+        check_output_name(model, name, requested[:index])
     timeout = parse_timeout(_parameter(message.parameters, "timeout"))
     return InferRequest(message.id or None, inputs, dict.fromkeys(requested, True), timeout)
 

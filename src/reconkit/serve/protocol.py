@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Any
 
 import numpy as np
@@ -104,11 +104,14 @@ def check_all_inputs(model: OnnxModel, inputs: Mapping[str, Any]) -> None:
         raise _bad(f"missing input tensor(s) {missing}; model expects {[s.name for s in model.inputs]}")
 
 
-def check_output_name(model: OnnxModel, name: Any) -> None:
-    """RequestError(400) when a requested output is not one of the model's."""
+def check_output_name(model: OnnxModel, name: Any, seen: Container[str] = ()) -> None:
+    """RequestError(400) when a requested output is not one of the model's, or already in ``seen`` (the outputs
+    requested before it), as :func:`input_spec` does for inputs."""
     known = {spec.name for spec in model.outputs}
     if name not in known:
         raise _bad(f"unknown output tensor {name!r}; model outputs are {sorted(known)}")
+    if name in seen:
+        raise _bad(f"output '{name}' requested more than once")
 
 
 def tensor_shape(spec: TensorSpec, datatype: Any, shape: Any) -> tuple[int, ...]:
@@ -204,9 +207,7 @@ def _requested_outputs(header: dict, model: OnnxModel) -> dict[str, bool]:
     outputs: dict[str, bool] = {}
     for item in requested:
         name = item.get("name")
-        check_output_name(model, name)
-        if name in outputs:
-            raise _bad(f"output '{name}' requested more than once")
+        check_output_name(model, name, outputs)
         outputs[name] = _flag(_parameters(item, f"output '{name}'"), "binary_data", default_binary, f"output '{name}'")
     return outputs
 
