@@ -322,18 +322,16 @@ def volume_mask(
     width = kspace.shape[-1]
     left, right, _ = acquired_columns(volume)
     if volume.mask is not None:  # outside the acquired window no column holds data, as fastMRI's transform says
-        columns = np.asarray(volume.mask, dtype=np.float32) != 0
-        columns[:left], columns[right:] = False, False
-        per_image, retrospective = columns[None], False
+        per_image = (np.asarray(volume.mask, dtype=np.float32) != 0)[None]
+        per_image[:, :left], per_image[:, right:] = False, False
     else:
         per_image = np.abs(kspace).reshape(kspace.shape[0], -1, width).max(axis=1) > 0  # (slices, W)
-        with_data = per_image[per_image.any(axis=1)]
-        retrospective = bool(with_data[:, left:right].all()) if len(with_data) else False
-    if not retrospective:
-        if not per_image.any():
-            raise DataError(volume.info.path, "k-space holds no data (every column is zero)")
-        union = per_image.any(axis=0)
-        if (per_image[per_image.any(axis=1)] == union).all():  # every image with data sampled alike
+    with_data = per_image[per_image.any(axis=1)]  # the images that hold data
+    if not len(with_data):
+        raise DataError(volume.info.path, "k-space holds no data (every column is zero)")
+    if volume.mask is not None or not with_data[:, left:right].all():  # already undersampled
+        union = with_data.any(axis=0)
+        if (with_data == union).all():  # every image with data sampled alike
             return union.astype(np.float32).reshape(1, 1, 1, width, 1), False
         return per_image.astype(np.float32).reshape(-1, 1, 1, width, 1), False
     mask_func = create_mask_for_mask_type(mask_type, [center_fraction], [acceleration])
