@@ -12,7 +12,6 @@ frequency the error sits, e.g. blurred edges (high bands) against intensity erro
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from collections.abc import Sequence
@@ -22,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reconkit.atomic import atomic_path
 from reconkit.data import center_crop, list_volume_files, open_volume, target_key
 from reconkit.errors import DataError, ReconkitError
+from reconkit.io.metrics_csv import write_metrics_csv
 from reconkit.metrics import volume_metrics
 from reconkit.metrics.spectral import band_nmse
 
@@ -159,13 +158,7 @@ def write_csv(path: Path, scores: Sequence[VolumeScore]) -> None:
     """Atomically write one row per volume plus a ``mean`` row: name, slices, nmse, psnr_db, ssim (and
     nmse_band0 … when the scores have band values)."""
     rows = list(scores) + ([mean_score(scores)] if scores else [])
-    bands = len(scores[0].band_nmse) if scores else 0
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["volume", "slices", "nmse", "psnr_db", "ssim"] + [f"nmse_band{b}" for b in range(bands)])
-        for s in rows:
-            writer.writerow([s.name, s.slices, f"{s.nmse:.8g}", f"{s.psnr:.8g}", f"{s.ssim:.8g}"]
-                            + [f"{v:.8g}" for v in s.band_nmse])
+    write_metrics_csv(path, [(s.name, s.slices, s.nmse, s.psnr, s.ssim, *s.band_nmse) for s in rows])
 
 
 def print_table(scores: Sequence[VolumeScore]) -> None:

@@ -5,11 +5,13 @@ then ``os.replace``).
 * :func:`write_nifti` – NIfTI-1 with an affine from pixel spacing and slice thickness
 * :func:`write_dicom_series` – DICOM MR Image Storage, one file per slice (:func:`new_study` groups series)
 * :func:`write_png_panel` / :func:`write_png_panels` – zero-filled | reconstruction | reference | error panels
+* :func:`write_metrics_csv` – per-volume NMSE / PSNR / SSIM (and per-band NMSE) rows
 """
 
 from reconkit.io.dicom import new_study, write_dicom_series
 from reconkit.io.geometry import ImageGeometry, geometry_from_header
 from reconkit.io.hdf5 import write_fastmri_h5
+from reconkit.io.metrics_csv import write_metrics_csv
 from reconkit.io.nifti import nifti_affine, write_nifti
 from reconkit.io.png import write_png_panel, write_png_panels
 
@@ -20,6 +22,7 @@ __all__ = [
     "nifti_affine",
     "write_dicom_series",
     "write_fastmri_h5",
+    "write_metrics_csv",
     "write_nifti",
     "write_png_panel",
     "write_png_panels",

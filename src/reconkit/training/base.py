@@ -15,7 +15,6 @@ target's units, cropped to the target's recon size. Everything else lives here o
 
 from __future__ import annotations
 
-import csv
 import math
 import warnings
 from pathlib import Path
@@ -25,8 +24,8 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from reconkit.atomic import atomic_path
 from reconkit.errors import ConfigError, ReconkitError, ReconkitWarning
+from reconkit.io.metrics_csv import write_metrics_csv
 from reconkit.metrics import SSIMLoss
 from reconkit.training.volume_metrics import (
     SliceStats,
@@ -161,11 +160,7 @@ class ReconModule(LightningModule):
         rows = [(name, m["num_slices"], m["nmse"], m["psnr"], m["ssim"]) for name, m in self.last_volume_metrics.items()]
         rows.append(("mean", sum(m["num_slices"] for m in self.last_volume_metrics.values()), mean["nmse"],
                      mean["psnr"], mean["ssim"]))
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["volume", "slices", "nmse", "psnr_db", "ssim"])
-            writer.writerows([name, slices, f"{nmse:.8g}", f"{psnr:.8g}", f"{ssim:.8g}"]
-                             for name, slices, nmse, psnr, ssim in rows)
+        write_metrics_csv(path, rows)
 
     def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> Images:
         images = self.images(batch)

@@ -1,0 +1,25 @@
+"""Per-volume metrics as CSV: the table ``reconkit evaluate --csv`` and ``reconkit train test`` write."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from reconkit.atomic import atomic_path
+
+__all__ = ["write_metrics_csv"]
+
+
+def write_metrics_csv(path: os.PathLike | str, rows: Sequence[Sequence]) -> Path:
+    """Atomically write ``rows`` of ``(volume, slices, nmse, psnr_db, ssim, *nmse_per_band)`` under the header
+    ``volume, slices, nmse, psnr_db, ssim[, nmse_band0, ...]`` (numbers to 8 significant digits); every row has as
+    many band values as the first."""
+    bands = len(rows[0]) - 5 if rows else 0
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["volume", "slices", "nmse", "psnr_db", "ssim"] + [f"nmse_band{b}" for b in range(bands)])
+        for name, slices, *values in rows:
+            writer.writerow([name, slices, *(f"{v:.8g}" for v in values)])
+    return Path(path)
