@@ -484,6 +484,20 @@ def test_varnet_trains_on_single_coil_data_as_one_coil(sim_root, tmp_path):
     assert math.isfinite(float(trainer.callback_metrics["val_ssim"])) and float(trainer.callback_metrics["val_ssim"]) > 0
 
 
+def test_datamodule_setup_check_and_the_datasets_read_each_header_once(sim_root, monkeypatch):
+    from reconkit.data import slice_dataset
+
+    reads = []
+    read = slice_dataset.read_volume_info
+    monkeypatch.setattr(slice_dataset, "read_volume_info", lambda path, *a, **k: reads.append(path) or read(path, *a, **k))
+    datamodule = _datamodule(sim_root)  # no dataset cache file (the default)
+    datamodule.setup("fit")
+    datamodule.train_dataset()
+    datamodule.eval_dataset("val")
+    files = sorted((sim_root / "train").glob("*.h5")) + sorted((sim_root / "val").glob("*.h5"))
+    assert sorted(reads) == sorted(files)
+
+
 def test_datamodule_num_volumes_keeps_whole_volumes(sim_root):
     full = _datamodule(sim_root).train_dataset()
     subset = _datamodule(sim_root, num_volumes=1, seed=1).train_dataset()

@@ -83,6 +83,9 @@ class SliceDataset(torch.utils.data.Dataset):
         raw_sample_filter: ``filter(raw_sample) -> bool`` applied to each :class:`RawSample`.
         skip_bad_files: on a file that fails validation, log a warning naming it and go on (default: raise
             :class:`DataError`).
+        scan_memo: an in-memory dict of per-file scan results (keyed like the cache file) that several datasets
+            share, e.g. a data module's check of all its splits and the datasets it then builds; it is read and
+            filled whether or not ``use_dataset_cache`` is on, so a file's header is read once.
 
     Each item is ``(kspace, mask, target, attrs, fname, slice_num)``: ``kspace`` complex64 ``(C, H, W)`` or
     ``(H, W)``, ``mask`` the stored ``(W,)`` mask or None, ``target`` float32 ``(h, w)`` or None, ``attrs`` the file
@@ -101,6 +104,7 @@ class SliceDataset(torch.utils.data.Dataset):
         num_cols: Sequence[int] | None = None,
         raw_sample_filter: Callable[[RawSample], bool] | None = None,
         skip_bad_files: bool = False,
+        scan_memo: dict | None = None,
     ):
         self.recons_key = target_key(challenge)
         if sample_rate is not None and volume_sample_rate is not None:
@@ -113,7 +117,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self.dataset_cache_file = Path(dataset_cache_file) if dataset_cache_file is not None else default_cache_file()
 
         files = list_volume_files(root)
-        entries = self._scan(files, use_dataset_cache)
+        entries = self._scan(files, use_dataset_cache, scan_memo)
         self.slice_shapes: dict[Path, tuple] = {fname: shapes for fname, (_, _, shapes) in entries.items()}
         raw_samples = [
             RawSample(fname, slice_ind, metadata)
@@ -137,10 +141,11 @@ class SliceDataset(torch.utils.data.Dataset):
 
     # ----------------------------------------------------------------------------------------- metadata scan
 
-    def _scan(self, files: list[Path], use_cache: bool) -> dict[Path, tuple[dict, int, tuple]]:
+    def _scan(self, files: list[Path], use_cache: bool,
+              memo: dict | None = None) -> dict[Path, tuple[dict, int, tuple]]:
         """``{file: (metadata, num_slices, slice shapes)}`` for the good files, in ``files`` order (slice shapes:
-        see :meth:`shape_key`); cache read and updated."""
-        cache = self._load_cache() if use_cache else {}
+        see :meth:`shape_key`); cache file and ``memo`` read and updated."""
+        cache = {**(memo or {}), **(self._load_cache() if use_cache else {})}
         keys = {fname: (_signature(fname), self.challenge) for fname in files}
         current = set(keys.values())
         scanned_paths = {signature[0] for signature, _ in current}
@@ -172,6 +177,8 @@ class SliceDataset(torch.utils.data.Dataset):
                 logger.warning("skipping %s: %s", fname, value)
             else:
                 bad.append((fname, value))
+        if memo is not None:
+            memo.update({key: cache[key] for key in keys.values()})
         if use_cache and changed:
             self._save_cache(cache)
         if bad:  # every bad file in one error, so one run finds them all

@@ -285,6 +285,7 @@ class FastMriDataModule(LightningDataModule):
         self.val_sample_rate = val_sample_rate
         self.val_volume_sample_rate = val_volume_sample_rate
         self.use_dataset_cache = use_dataset_cache
+        self._scan_memo: dict = {}
         self.skip_bad_files = skip_bad_files
         self.combine_train_val = combine_train_val
         self.fraction = fraction
@@ -353,6 +354,7 @@ class FastMriDataModule(LightningDataModule):
             skip_bad_files=self.skip_bad_files,
             sample_rate=sample_rate,
             volume_sample_rate=volume_sample_rate,
+            scan_memo=self._scan_memo,  # setup's check and the datasets built after it read each header once
         )
         if not dataset.raw_samples:
             raise DataError(folder, f"no slices left in the {split!r} split (every file skipped as bad, or sampled "
