@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import gzip
 import http.client
+import importlib.metadata
 import json
+import os
+import re
 import signal
 import socket
 import ssl
@@ -747,6 +750,17 @@ def test_statistics_endpoints_select_models_and_versions(server):
         assert status == 404 and message in json.loads(body)["error"]
 
 
+def wait_until_ready(process: subprocess.Popen, url: str, log_path: Path, timeout_s: float = 60.0) -> None:
+    """Wait until the server process at ``url`` answers /v2/health/ready with 200; fail with its log if it exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+        with contextlib.suppress(OSError):
+            if get(url, "/v2/health/ready")[0] == 200:
+                return
+        time.sleep(0.1)
+
+
 def test_sigterm_mid_load_answers_every_accepted_request(plain_repository, tmp_path):
     """40 requests, 4 concurrent; SIGTERM once 10 are answered and a request has waited >= 50 ms in the server's
     300 ms batching window. Every request in flight then must get a complete, correct 200; every other request
@@ -759,13 +773,7 @@ def test_sigterm_mid_load_answers_every_accepted_request(plain_repository, tmp_p
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            with contextlib.suppress(OSError):
-                if get(url, "/v2/health/ready")[0] == 200:
-                    break
-            time.sleep(0.1)
+        wait_until_ready(process, url, log_path)
         kspace, mask = sample()
         expected = np.sqrt(((kspace * mask) ** 2).sum(axis=(1, 4)) + 1.0)
         body, headers = binary_body(kspace, mask)
@@ -808,6 +816,97 @@ def test_sigterm_mid_load_answers_every_accepted_request(plain_repository, tmp_p
     assert set(outcomes.values()) <= {"ok", "refused"}, outcomes
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     assert any(entry.get("message") == "request" and entry.get("status") == 200 for entry in lines)
+
+
+_BLOCKER = """
+import importlib.abc, sys
+
+BLOCKED = frozenset({blocked!r})
+
+
+class NotInTheServingImage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not installed in deploy/Dockerfile)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NotInTheServingImage())
+"""
+
+
+def _distribution_name(requirement: str) -> str:
+    """``"jsonargparse[signatures]>=4.27"`` -> ``"jsonargparse"``; PEP 503 normalised."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9][A-Za-z0-9_.-]*", requirement.strip()).group(0)).lower()
+
+
+def _distribution_closure(requirements: list[str]) -> set[str]:
+    """Normalised names of the installed distributions ``requirements`` need, with what those need in turn
+    (extras' requirements left out)."""
+    seen: set[str] = set()
+    todo = [_distribution_name(r) for r in requirements]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            todo += [_distribution_name(r) for r in importlib.metadata.requires(current) or () if "extra ==" not in r]
+    return seen
+
+
+def image_requirements(dockerfile: str) -> list[str]:
+    """The requirements of the ``pip install`` command that a file in deploy/ runs before installing reconkit."""
+    text = (Path(__file__).resolve().parents[1] / "deploy" / dockerfile).read_text()
+    return re.findall(r'"([^"]+)"', re.search(r"pip install (.*?)&&", text, re.S).group(1))
+
+
+def serving_image_blocked_modules() -> set[str]:
+    """Top-level modules that reconkit's installed dependencies bring but deploy/Dockerfile's ``pip install``
+    line does not (the image installs reconkit itself with ``--no-deps``)."""
+    image = _distribution_closure(image_requirements("Dockerfile"))
+    project = [r for r in importlib.metadata.requires("reconkit") if "extra ==" not in r]
+    missing = _distribution_closure(project) - image
+    return {module for module, dists in importlib.metadata.packages_distributions().items()
+            if module.isidentifier() and not module.startswith("_") and all(_distribution_name(d) in missing for d in dists)}
+
+
+def test_serving_image_packages_are_enough_for_rest_and_grpc(repository, direct, tmp_path):
+    """deploy/Dockerfile (and Dockerfile.cuda) install reconkit with --no-deps beside a short package list. Run its
+    entry point, REST and gRPC, with every other dependency unimportable: it starts, answers both protocols with
+    ONNX Runtime's result and exits 0 on SIGTERM (a missing package would be an ImportError in the container)."""
+    cuda = [r.replace("onnxruntime-gpu", "onnxruntime") for r in image_requirements("Dockerfile.cuda")]
+    assert cuda == image_requirements("Dockerfile")  # the same packages, ONNX Runtime's CUDA build in the CUDA image
+    blocked = serving_image_blocked_modules()
+    assert {"torch", "h5py", "scipy", "lightning", "yaml", "fastapi"} <= blocked, sorted(blocked)
+    assert not {"onnxruntime", "numpy", "starlette", "uvicorn", "grpc", "google"} & blocked
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BLOCKER.format(blocked=sorted(blocked)))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert probe.returncode == 1 and "not installed in deploy/Dockerfile" in probe.stderr, probe.stderr
+    port, grpc_port = free_port(), free_port()
+    log_path = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "reconkit", "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
+           "--port", str(port), "--grpc-port", str(grpc_port)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"127.0.0.1:{port}"
+    try:
+        wait_until_ready(process, url, log_path)
+        kspace, mask = sample(2, seed=9)
+        expected = direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0]
+        np.testing.assert_array_equal(triton_infer(url, kspace, mask, binary=True).as_numpy("image"), expected)
+        response = grpc_call(f"127.0.0.1:{grpc_port}", "ModelInfer", grpc_request(json_request(kspace, mask)))
+        image = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(list(response.outputs[0].shape))
+        np.testing.assert_array_equal(image, expected)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "Traceback" not in log_path.read_text()
 
 
 # ---- gRPC endpoint (ServerConfig.grpc_address / reconkit serve --grpc-port) ----------------------------------------

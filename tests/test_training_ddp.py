@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from reconkit.data.simulate import simulate_dataset
@@ -112,3 +115,65 @@ def test_ddp_fit_on_mixed_coil_counts_with_batches_of_two(tmp_path):
     training_rows = [row for row in rows if not any(value and key.startswith("diagnostics/") for key, value in row.items())]
     assert max(int(row["step"]) for row in training_rows) == 2  # 3 optimizer steps per rank (steps 0, 1, 2)
     assert any(row.get("val_volumes") == "2.0" for row in rows)
+
+
+FAKE_SRUN = """#!/bin/sh
+# srun on one node: SLURM_NTASKS copies of the command, each with its own SLURM_PROCID and SLURM_LOCALID
+while [ "${1#--}" != "$1" ]; do shift; done
+pids=""
+i=0
+while [ "$i" -lt "$SLURM_NTASKS" ]; do
+    SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+    pids="$pids $!"
+    i=$((i + 1))
+done
+status=0
+for pid in $pids; do wait "$pid" || status=1; done
+exit $status
+"""
+
+
+def test_slurm_batch_script_trains_with_ddp_and_resubmission_resumes(tmp_path):
+    """deploy/slurm/train_multinode.sbatch as SLURM would run it on one node with two tasks (srun replaced by a
+    stand-in that starts the tasks with SLURM's variables, the CPU in place of GPUs): Lightning's SLURM environment
+    forms the process group, fit writes last.ckpt, and the same job submitted again resumes from it (--ckpt_path
+    last) instead of starting over."""
+    root = Path(__file__).resolve().parents[1]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    simulate_dataset(tmp_path / "data", num_volumes=3, coils=4, slices=2, encoded_size=(48, 32), recon_size=(24, 20),
+                     split=(0.67, 0.33, 0.0), seed=2, progress=False)
+    config = tmp_path / "slurm.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 1, "default_root_dir": str(tmp_path / "out"), "enable_progress_bar": False},
+        "model": {"class_path": "reconkit.training.VarNetModule", "init_args": TINY_VARNET},
+        "data": {"data_path": str(tmp_path / "data"), "center_fractions": [0.25], "accelerations": [2],
+                 "batch_size": 1, "num_workers": 0},
+    }))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "CONFIG": str(config), "VENV": str(Path(sys.executable).parent.parent), "SLURM_JOB_NAME": "reconkit-varnet",
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+           "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "1",
+           "SLURM_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    script = root / "deploy" / "slurm" / "train_multinode.sbatch"
+
+    def submit(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(["bash", str(script), "--trainer.accelerator", "cpu", *args], env=env, cwd=tmp_path,
+                              check=False, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done
+
+    first = submit()
+    last = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    assert last.is_file() and "Restoring states" not in first.stderr
+    assert "SLURM auto-requeueing enabled" in first.stderr  # Lightning took the SLURM environment (and --signal)
+    assert "distributed_backend=gloo" in first.stderr and "All distributed processes registered. Starting with 2 processes" in first.stderr
+    second = submit("--trainer.max_epochs", "2")
+    assert f"Restoring states from the checkpoint path at {last}" in second.stderr
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 1
