@@ -51,3 +51,23 @@ def tiny_varnet_config(sim_root, tmp_path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture
+def count_onnx_sessions(monkeypatch):
+    """``start()``: from then on, every model ``onnxruntime.InferenceSession`` is given (a path or bytes) is
+    appended, in order, to the list ``start`` returns."""
+    import onnxruntime as ort
+
+    def start() -> list:
+        opened = []
+        real_session = ort.InferenceSession
+
+        def counted_session(model, *args, **kwargs):
+            opened.append(model)
+            return real_session(model, *args, **kwargs)
+
+        monkeypatch.setattr(ort, "InferenceSession", counted_session)
+        return opened
+
+    return start

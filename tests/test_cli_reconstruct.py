@@ -449,21 +449,6 @@ def test_tiny_varnet_checkpoint_torch_and_onnx_agree(tmp_path, capsys):
     assert not (tmp_path / "x" / "h5" / "other.h5").exists()
 
 
-def _count_sessions(monkeypatch) -> list:
-    """From now on, every model ``onnxruntime.InferenceSession`` is given (a path or bytes), in order."""
-    import onnxruntime as ort
-
-    opened = []
-    real_session = ort.InferenceSession
-
-    def counted_session(model, *args, **kwargs):
-        opened.append(model)
-        return real_session(model, *args, **kwargs)
-
-    monkeypatch.setattr(ort, "InferenceSession", counted_session)
-    return opened
-
-
 def _two_size_export(tmp_path: Path) -> Path:
     """A small VarNet exported for 32 × 24 and 40 × 30 k-space, as ``tmp_path / "two.onnx"``."""
     from reconkit.export import export_onnx
@@ -473,7 +458,7 @@ def _two_size_export(tmp_path: Path) -> Path:
     return export_onnx(build_model("varnet", **kwargs), tmp_path / "two.onnx", [(32, 24), (40, 30)])
 
 
-def test_multi_size_onnx_opens_one_session_per_size_on_first_use(tmp_path, monkeypatch):
+def test_multi_size_onnx_opens_one_session_per_size_on_first_use(tmp_path, count_onnx_sessions):
     """ONNX Runtime prepares every size branch of a file it opens; the engine opens only the branch of each size it
     meets, when it first meets it, with the whole file's output."""
     import onnxruntime as ort
@@ -483,7 +468,7 @@ def test_multi_size_onnx_opens_one_session_per_size_on_first_use(tmp_path, monke
     torch.manual_seed(3)
     onnx_path = _two_size_export(tmp_path)
     whole = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    opened = _count_sessions(monkeypatch)
+    opened = count_onnx_sessions()
     reconstructor = load_reconstructor(str(onnx_path))
     assert opened == [] and reconstructor.spatial_sizes == [(32, 24), (40, 30)]
     rng = np.random.default_rng(2)
@@ -582,7 +567,7 @@ def _rewritten(proto, how: str):
 
 
 @pytest.mark.parametrize("how", ["names", "constant"])
-def test_multi_size_onnx_whose_branch_cannot_be_cut_out_runs_the_whole_file(tmp_path, monkeypatch, how):
+def test_multi_size_onnx_whose_branch_cannot_be_cut_out_runs_the_whole_file(tmp_path, count_onnx_sessions, how):
     """When one size's branch cannot be opened alone (a file rewritten by an optimiser), the engine opens the whole
     file instead, once, says so in a one-line warning, and gives the whole file's output."""
     import onnx
@@ -595,7 +580,7 @@ def test_multi_size_onnx_whose_branch_cannot_be_cut_out_runs_the_whole_file(tmp_
     path = tmp_path / f"rewritten_{how}.onnx"
     onnx.save(_rewritten(read_onnx(_two_size_export(tmp_path)), how), str(path))
     whole = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    opened = _count_sessions(monkeypatch)
+    opened = count_onnx_sessions()
     reconstructor = load_reconstructor(str(path))
     rng = np.random.default_rng(5)
     met = set()
@@ -626,7 +611,7 @@ def test_multi_size_onnx_whose_branch_cannot_be_cut_out_runs_the_whole_file(tmp_
     assert "UserWarning" not in run.stderr and (tmp_path / "out" / "h5" / "scan.h5").exists()
 
 
-def test_multi_size_onnx_that_cannot_be_opened_at_all_is_one_error_not_retried(tmp_path, monkeypatch):
+def test_multi_size_onnx_that_cannot_be_opened_at_all_is_one_error_not_retried(tmp_path, count_onnx_sessions):
     from reconkit.errors import ReconkitError
     from reconkit.export import read_onnx
 
@@ -636,7 +621,7 @@ def test_multi_size_onnx_that_cannot_be_opened_at_all_is_one_error_not_retried(t
             node.op_type = "NoSuchOp"
     path = tmp_path / "broken.onnx"
     path.write_bytes(proto.SerializeToString())
-    opened = _count_sessions(monkeypatch)
+    opened = count_onnx_sessions()
     reconstructor = load_reconstructor(str(path))
     for height, width in ((32, 24), (40, 30), (32, 24)):
         with pytest.raises(ReconkitError, match=re.escape(f"{path}: cannot load ONNX model")):

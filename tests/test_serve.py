@@ -509,6 +509,45 @@ def test_exported_unet_batches_requests_with_different_masks(tmp_path):
     assert count < 6  # at least one batch held requests with different masks
 
 
+def test_multi_size_model_is_served_one_session_per_size(tmp_path, count_onnx_sessions, caplog):
+    """A file exported for two sizes: the server opens one session per size, each from its branch alone (ONNX
+    Runtime would prepare every branch of every session), keeps height and width dynamic in the model's metadata,
+    answers both sizes with the whole file's output and refuses a third with 400. A file whose branches cannot be
+    cut out (node names dropped, as an ONNX optimiser may leave it) is opened whole, with a logged warning."""
+    import onnx
+
+    torch.manual_seed(5)
+    varnet = build_model("varnet", num_cascades=1, sens_chans=2, sens_pools=1, chans=2, pools=1)
+    exported = export_onnx(varnet, tmp_path / "two.onnx", [(32, 24), (40, 30)])
+    whole = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    renamed = onnx.load(str(exported))
+    for node in renamed.graph.node:
+        node.name = ""
+    for name, proto in (("two", onnx.load(str(exported))), ("renamed", renamed)):
+        (tmp_path / "models" / name / "1").mkdir(parents=True)
+        onnx.save(proto, str(tmp_path / "models" / name / "1" / "model.onnx"))
+    opened = count_onnx_sessions()
+    rng = np.random.default_rng(11)
+    with running_server(tmp_path / "models") as (url, state):
+        for name in ("two", "renamed"):
+            status, body = get(url, f"/v2/models/{name}")
+            assert status == 200 and json.loads(body)["inputs"][0]["shape"] == [-1, -1, -1, -1, 2]
+            for height, width in ((32, 24), (40, 30)):
+                mask = np.zeros((2, 1, 1, width, 1), np.float32)
+                mask[..., ::3, :] = mask[..., width // 2 - 3 : width // 2 + 3, :] = 1
+                kspace = rng.standard_normal((2, 3, height, width, 2)).astype(np.float32) * mask
+                served = triton_infer(url, kspace, mask, binary=True, model=name).as_numpy("image")
+                expected = whole.run(["image"], {"masked_kspace": kspace, "mask": mask})[0]
+                np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6 * float(np.abs(expected).max()))
+            body, headers = binary_body(*sample(width=24))  # 10 x 24: not exported
+            status, _, raw = post(url, f"/v2/models/{name}/infer", body, headers)
+            assert status == 400 and "10x24 is not a size the model was exported for (32x24, 40x30)" in raw.decode()
+        graphs = {name: versions["1"].model.graphs for name, versions in state.models.items()}
+    assert graphs == {"two": 2, "renamed": 1}
+    assert sorted(type(model).__name__ for model in opened) == ["bytes", "bytes", "str"]  # two branches, one file
+    assert any("opening the whole file" in record.getMessage() for record in caplog.records)
+
+
 def test_queue_full_503_and_timeout_504(plain_repository):
     batching = BatchingConfig(max_batch_size=8, max_queue_delay_s=1.5, max_queue_size=1)
     with running_server(plain_repository, batching=batching) as (url, state):

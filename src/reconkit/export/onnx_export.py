@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,19 @@ import torch
 
 from reconkit.atomic import atomic_path
 from reconkit.errors import ReconkitError
+from reconkit.export.onnx_format import (
+    INPUT_NAMES,
+    JSON_KEYS,
+    OUTPUT_NAME,
+    ExportError,
+    _hw_input,
+    _pick_name,
+    _subgraphs,
+    decoded_metadata,
+    format_sizes,
+    load_onnx_metadata,
+    read_onnx,
+)
 from reconkit.models import ZeroFilledFrontEnd, contract_model, load_model
 from reconkit.ops import fft_impl
 
@@ -41,25 +54,12 @@ __all__ = [
 
 DEFAULT_OPSET = 17
 MAX_OPSET = int(getattr(torch.onnx._constants, "ONNX_MAX_OPSET", 23))  # the newest opset this PyTorch exports
-INPUT_NAMES = ("masked_kspace", "mask")
-OUTPUT_NAME = "image"
 UNKNOWN_MASK_FAMILY = "unknown"  # reconkit.mask_family of a model exported without mask info
-JSON_KEYS = ("reconkit.spatial_sizes", "reconkit.acceleration", "reconkit.center_fraction", "reconkit.model_kwargs",
-             "reconkit.weight_aliases")
 WEIGHT_PREFIX = "model."  # the traced wrapper holds the contract model as ``model``: initialisers "model.<key>"
 INPUT_LAYOUT = (
     "masked_kspace float32 [batch, coils, height, width, 2] (last axis real, imag; height = readout); "
     "mask float32 0/1 [batch, 1, 1, width, 1]; image float32 [batch, height, width] (RSS magnitude)"
 )
-
-
-class ExportError(ReconkitError):
-    """A model or checkpoint could not be exported; the message names the file and the problem."""
-
-
-def format_sizes(sizes: Sequence[Sequence[int]]) -> str:
-    """``[(32, 24), (40, 30)]`` → ``"32x24, 40x30"``: how errors and node names list a model's sizes."""
-    return ", ".join(f"{h}x{w}" for h, w in sizes)
 
 
 def normalise_sizes(example_shape: Sequence[int] | Sequence[Sequence[int]]) -> tuple[int, list[tuple[int, int]]]:
@@ -268,11 +268,6 @@ def _merge_by_size(graphs: list, sizes: list[tuple[int, int]]):
     return merged
 
 
-def _pick_name(height: int, width: int) -> str:
-    """Name of the ``If`` node whose then-branch is the graph for k-space of ``height × width``."""
-    return f"pick_{height}x{width}"
-
-
 def _rename_node(node, rename, prefix: str) -> None:
     """Apply ``rename`` to ``node``'s inputs and outputs and prefix its name, in place, and likewise inside the
     subgraphs of control-flow nodes (an exporter's ``If`` reads the branch's tensors from its outer scope)."""
@@ -284,32 +279,6 @@ def _rename_node(node, rename, prefix: str) -> None:
             _rename_node(inner, rename, prefix)
         for value in [*graph.input, *graph.output, *graph.initializer]:
             value.name = rename(value.name)
-
-
-def _subgraphs(node) -> Iterator:
-    """The ``GraphProto`` attributes of ``node``: an ``If``'s branches, a ``Loop`` / ``Scan`` body (none for others)."""
-    for attribute in node.attribute:
-        if attribute.HasField("g"):
-            yield attribute.g
-        yield from attribute.graphs
-
-
-def _hw_input(value, height: int | str, width: int | str):
-    """Copy of a contract input (``masked_kspace`` / ``mask``) with its height / width axes set: to symbolic
-    names (str) or fixed sizes (int)."""
-    import onnx
-
-    new = onnx.ValueInfoProto()
-    new.CopyFrom(value)
-    dims = new.type.tensor_type.shape.dim
-    axes = {2: height, 3: width} if new.name == "masked_kspace" else {3: width}
-    for axis, size in axes.items():
-        dims[axis].Clear()
-        if isinstance(size, str):
-            dims[axis].dim_param = size
-        else:
-            dims[axis].dim_value = size
-    return new
 
 
 def _weight_aliases(module: torch.nn.Module, proto) -> dict[str, str]:
@@ -496,42 +465,3 @@ def _checked_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
             raise ValueError(f"metadata: {name} must be a number, list or dict, not the string {value!r}")
         checked[name] = value
     return checked
-
-
-def load_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``reconkit.*`` metadata of an exported model; JSON-valued keys (sizes, acceleration, centre fraction,
-    model kwargs) are decoded, e.g. ``{"reconkit.model_type": "varnet", "reconkit.spatial_sizes": [[640, 368]], ...}``.
-
-    Raises:
-        ExportError: the file is missing or not an ONNX model.
-    """
-    path = Path(path)
-    return decoded_metadata(read_onnx(path, load_external_data=False), path)
-
-
-def read_onnx(path: str | os.PathLike, load_external_data: bool = True):
-    """The ``onnx.ModelProto`` of ``path``; ExportError naming the file when it is missing or not ONNX."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: ONNX model not found" if not path.exists() else f"{path}: is not a regular file")
-    try:
-        return onnx.load(str(path), load_external_data=load_external_data)
-    except Exception as exc:
-        raise ExportError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
-
-
-def decoded_metadata(proto, path: str | os.PathLike) -> dict[str, Any]:
-    """:func:`load_onnx_metadata` of an already read ``proto`` (``path``, a file or a description such as
-    ``"ONNX model"``, names it in errors)."""
-    metadata: dict[str, Any] = {}
-    for entry in proto.metadata_props:
-        value: Any = entry.value
-        if entry.key in JSON_KEYS and value != "dynamic":
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ExportError(f"{path}: metadata {entry.key!r} is not JSON: {value!r}") from exc
-        metadata[entry.key] = value
-    return metadata

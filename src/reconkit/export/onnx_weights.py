@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reconkit.export.onnx_export import WEIGHT_PREFIX, ExportError, decoded_metadata, read_onnx
+from reconkit.export.onnx_export import WEIGHT_PREFIX
+from reconkit.export.onnx_format import ExportError, decoded_metadata, read_onnx
 from reconkit.models import contract_model
 
 __all__ = ["load_onnx_as_torch"]

@@ -20,7 +20,7 @@ import torch
 
 from reconkit.data import Volume, apply_mask, center_crop, create_mask_for_mask_type, filename_seed
 from reconkit.errors import DataError, ReconkitError, ReconkitWarning
-from reconkit.export.onnx_export import format_sizes
+from reconkit.export.onnx_format import format_sizes
 from reconkit.models.classical import zero_filled as zero_filled_image
 
 __all__ = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +27,7 @@ _ORT_TYPES: dict[str, tuple[str, np.dtype]] = {
     "tensor(bool)": ("BOOL", np.dtype("?")),
 }
 V2_DATATYPES = dict(_ORT_TYPES.values())
+_log = logging.getLogger("reconkit.serve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +77,16 @@ def select_providers(device: str) -> list[str]:
 
 
 class OnnxModel:
-    """One ONNX Runtime session with its input/output specs and ``reconkit.*`` metadata.
+    """One ONNX model file on ONNX Runtime, with its input/output specs and ``reconkit.*`` metadata.
 
     ``spatial_sizes``: the ``(H, W)`` sizes the graph was exported for (``reconkit.spatial_sizes``), or None.
+
+    A reconkit file exported for several sizes holds one ``If`` branch per size, and ONNX Runtime prepares every
+    branch of a file it opens (the bundled model's eight sizes: 10 s with ONNX Runtime 1.32, 133 s with 1.23, the
+    newest release for Python 3.10). Such a file is opened as one session per size instead, each from its branch
+    alone (``reconkit.export.single_size_model``, as ``reconkit reconstruct`` does), and :meth:`run` picks the
+    session of the input's ``(H, W)``; the specs are the whole file's (height and width dynamic). A file whose
+    branches cannot be cut out (e.g. rewritten by an ONNX optimiser) is opened whole.
 
     ``run`` is thread-safe (ONNX Runtime sessions are) and releases the GIL while the graph runs.
     """
@@ -85,26 +94,71 @@ class OnnxModel:
     def __init__(self, path: Path | str, providers: Sequence[str] = ("CPUExecutionProvider",), intra_op_threads: int = 0):
         import onnxruntime as ort
 
+        from reconkit.export.onnx_format import SIZES_KEY, read_onnx, single_size_model
+
+        self.path = Path(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         # Idle ONNX Runtime threads would otherwise spin for a while after each run, taking CPU from the event
         # loop that receives the next request.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+        def open_session(model: str | bytes):
+            try:
+                return ort.InferenceSession(model, sess_options=options, providers=list(providers))
+            except Exception as exc:  # onnxruntime raises its own exception types for unreadable / invalid graphs
+                raise ReconkitError(f"{self.path}: cannot load ONNX model: {exc}") from exc
+
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
-        except Exception as exc:  # onnxruntime raises its own exception types for unreadable / invalid graphs
-            raise ReconkitError(f"{path}: cannot load ONNX model: {exc}") from exc
-        self.path = Path(path)
-        self.inputs = [_spec(node) for node in self.session.get_inputs()]
-        self.outputs = [_spec(node) for node in self.session.get_outputs()]
-        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.providers: list[str] = self.session.get_providers()
-        self.spatial_sizes = _spatial_sizes(self.metadata.get("reconkit.spatial_sizes"))
+            proto = read_onnx(self.path)
+            metadata = {entry.key: entry.value for entry in proto.metadata_props}
+        except ReconkitError:  # not ONNX: ONNX Runtime's own error says why, below
+            proto, metadata = None, {}
+        sizes = _spatial_sizes(metadata.get(SIZES_KEY))
+        self._sessions: dict[tuple[int, int] | None, object] = {}
+        if proto is not None and sizes is not None and len(sizes) > 1:
+            try:
+                for height, width in sizes:
+                    branch = single_size_model(proto, height, width).SerializeToString()
+                    self._sessions[(height, width)] = open_session(branch)
+            except ReconkitError as err:
+                _log.warning("opening the whole file (slower to start): a size's branch cannot be opened alone",
+                             extra={"path": str(self.path), "reason": str(err)})
+                self._sessions.clear()
+        del proto
+        if not self._sessions:
+            self._sessions[None] = open_session(str(self.path))
+        sessions = list(self._sessions.values())
+        self.inputs = _merged_specs([session.get_inputs() for session in sessions])
+        self.outputs = _merged_specs([session.get_outputs() for session in sessions])
+        if None in self._sessions:
+            metadata = dict(sessions[0].get_modelmeta().custom_metadata_map)
+        self.metadata: dict[str, str] = metadata
+        self.providers: list[str] = sessions[0].get_providers()
+        self.spatial_sizes = _spatial_sizes(self.metadata.get(SIZES_KEY))
+        self.graphs = len(sessions)  # sessions open: one per size, or 1 for the whole file
 
     def input(self, name: str) -> TensorSpec | None:
         return next((spec for spec in self.inputs if spec.name == name), None)
 
     def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run the graph; returns ``{output name: array}`` for ``output_names`` (all outputs by default)."""
+        session = self._sessions.get(None)
+        if session is None:
+            size = tuple(feeds["masked_kspace"].shape[2:4])
+            session = self._sessions.get(size)
+            if session is None:  # the request checks (serve.validation) refuse such inputs first
+                raise ReconkitError(f"{self.path}: no graph for {size[0]}x{size[1]} k-space")
         names = list(output_names) if output_names else [spec.name for spec in self.outputs]
-        return dict(zip(names, self.session.run(names, dict(feeds))))
+        return dict(zip(names, session.run(names, dict(feeds))))
+
+
+def _merged_specs(per_session: list[list]) -> list[TensorSpec]:
+    """The specs of one file's tensors from its sessions (one per size): an axis whose length differs between
+    the sessions is dynamic (-1)."""
+    merged = []
+    for nodes in zip(*per_session):
+        specs = [_spec(node) for node in nodes]
+        shape = tuple(sizes[0] if len(set(sizes)) == 1 else -1 for sizes in zip(*(spec.shape for spec in specs)))
+        merged.append(TensorSpec(specs[0].name, specs[0].datatype, shape))
+    return merged

@@ -154,9 +154,11 @@ class ServerState:
         providers = select_providers(config.device)
         self.models: dict[str, dict[str, ServedModel]] = {}
         for entry in discover_models(config.model_repository, config.batching):
+            started = time.monotonic()
             model = OnnxModel(entry.onnx_path, providers, config.intra_op_threads)
             self.models.setdefault(entry.name, {})[entry.version] = ServedModel(entry, model)
-            _log.info("loaded model", extra={"model": entry.name, "version": entry.version,
+            _log.info("loaded model", extra={"model": entry.name, "version": entry.version, "graphs": model.graphs,
+                                             "load_s": round(time.monotonic() - started, 2),
                                              "providers": model.providers, "batching": dataclasses.asdict(entry.batching)})
         self.metrics.registry.register(TritonModelMetrics(self._model_counters))
         self.ready = False
