@@ -258,8 +258,8 @@ def test_pydicom_data_sources_are_its_images_binned_and_tapered():
 
     from reconkit.data.simulate.anatomy import load_source
 
-    for name, filename, binning in (("pydicom_liver", "MR-SIEMENS-DICOM-WithOverlays.dcm", 1),
-                                    ("pydicom_shoulder", "MR2_UNCR.dcm", 2)):  # fmt: skip
+    for name, filename, binning, acquisition in (("pydicom_liver", "MR-SIEMENS-DICOM-WithOverlays.dcm", 1, "AXT1"),
+                                                 ("pydicom_shoulder", "MR2_UNCR.dcm", 2, "SAGT1")):  # fmt: skip
         dataset = pydicom.dcmread(get_testdata_file(filename, download=False))
         pixels = dataset.pixel_array.astype(np.float32)
         rows, cols = pixels.shape[0] // binning, pixels.shape[1] // binning
@@ -276,6 +276,13 @@ def test_pydicom_data_sources_are_its_images_binned_and_tapered():
         volume = simulate_volume(0, source=name, **SMALL)
         assert volume.kspace.shape[0] == 1 and volume.attrs["patient_id"] == name
         assert np.isfinite(volume.kspace).all() and volume.reconstruction_rss.max() > 0
+        # labelled with the body plane of the DICOM header's ImageOrientationPatient, and cut only there
+        assert volume.attrs["acquisition"] == acquisition and f"<protocolName>{acquisition}<" in volume.header
+        plane = volume.params["orientation"]
+        assert simulate_volume(0, source=name, orientation=plane, **SMALL).attrs["acquisition"] == acquisition
+        other = "coronal" if plane != "coronal" else "axial"
+        with pytest.raises(ValueError, match=f"can be cut only {plane}, not '{other}'"):
+            simulate_volume(0, source=name, orientation=other, **SMALL)
 
 
 def test_missing_package_image_is_a_clear_error_not_a_download(monkeypatch):

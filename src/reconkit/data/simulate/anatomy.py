@@ -18,8 +18,9 @@ Sources (all read from package files on disk, never downloaded):
   gradient echo, 300 × 484 at 0.72 mm). Fixed contrast, one slice; other anatomy than the brain for training.
 * ``"pydicom_liver"`` / ``"pydicom_shoulder"`` — two real slices from the ``pydicom-data`` package (pydicom's
   test-file store): a contrast-enhanced T1 abdominal MPR with a liver lesion (Siemens, 484 × 484 at 0.72 mm,
-  ``MR-SIEMENS-DICOM-WithOverlays.dcm``) and a coronal shoulder (Philips, 1024 × 1024 at 0.195 mm, binned 2 × 2,
-  ``MR2_UNCR.dcm``). Fixed contrast, one slice each; musculoskeletal and more body anatomy for training.
+  ``MR-SIEMENS-DICOM-WithOverlays.dcm``) and an oblique (sagittal-nearest) T1 spin-echo shoulder slice (Philips,
+  1024 × 1024 at 0.195 mm, binned 2 × 2, ``MR2_UNCR.dcm``). Fixed contrast, one slice each; musculoskeletal and
+  more body anatomy for training. Files from DICOM slices are labelled with the plane their header gives.
 
 None of the training sources (mni152, nibabel_epi and the pydicom images) comes from dipy, the package of the held-out
 subject, so no training image can be a view of the held-out scan.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +74,8 @@ class SourceVolume:
         maps: ``(T, X, Y, Z)`` float32: tissue fractions in the order of :data:`TISSUES` (``T = 5``) for a
             tissue-model source, or one intensity image in [0, 1] (``T = 1``) for a fixed-contrast source.
         affine: ``(4, 4)`` voxel index -> world mm.
-        orientations: orientations that can be cut (fixed-contrast 2D stacks only in their acquired plane).
+        orientations: orientations that can be cut (a fixed-contrast stack: only its own slices, labelled with the
+            body plane they show).
         native_contrast: ``None`` for a tissue-model source, else a label such as ``"t2"``.
         center_mm: ``(3,)`` centre of the head in world mm.
         radius_mm: radius of a cylinder around z that encloses the head, in mm.
@@ -230,7 +233,19 @@ def _pydicom_slice(name: str, filename: str, contrast: str, binning: int = 1) ->
         ramp[:edge] = ramp[-edge:][::-1] = 0.5 - 0.5 * np.cos(np.pi * (np.arange(edge) + 0.5) / edge)
         image *= ramp.reshape([-1 if a == axis else 1 for a in range(3)])
     spacing = float(dataset.PixelSpacing[0]) * binning
-    return _fixed_contrast_source(name, image, (spacing, spacing, float(dataset.SliceThickness)), contrast)
+    voxel_mm = (spacing, spacing, float(dataset.SliceThickness))
+    return _fixed_contrast_source(name, image, voxel_mm, contrast, _dicom_plane(dataset.ImageOrientationPatient))
+
+
+def _dicom_plane(orientation: Sequence[float]) -> str:
+    """``"axial"``, ``"coronal"`` or ``"sagittal"``: the body plane nearest a DICOM ImageOrientationPatient (row and
+    column direction cosines, LPS), by the largest component of the slice normal, as scanners label oblique slices.
+
+    >>> _dicom_plane([1, 0, 0, 0, 1, 0]), _dicom_plane([0.57, 0.82, 0, 0, 0, -1])
+    ('axial', 'sagittal')
+    """
+    normal = np.cross(np.asarray(orientation[:3], dtype=float), np.asarray(orientation[3:6], dtype=float))
+    return ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(normal)))]
 
 
 @functools.lru_cache(maxsize=1)
@@ -246,8 +261,9 @@ def _load_pydicom_liver() -> SourceVolume:
 
 @functools.lru_cache(maxsize=1)
 def _load_pydicom_shoulder() -> SourceVolume:
-    # A coronal shoulder (Philips), 1024 x 1024 at 0.195 mm, binned to 512 x 512 at 0.39 mm: pydicom-data.
-    return _pydicom_slice("pydicom_shoulder", "MR2_UNCR.dcm", "pd", binning=2)
+    # An oblique shoulder slice (Philips, protocol "T1W/SE/1024"; its normal is 35 degrees from left-right, so a
+    # sagittal oblique), 1024 x 1024 at 0.195 mm, binned to 512 x 512 at 0.39 mm: pydicom-data.
+    return _pydicom_slice("pydicom_shoulder", "MR2_UNCR.dcm", "t1", binning=2)
 
 
 def _pydicom_test_file(name: str) -> str:
@@ -261,9 +277,10 @@ def _pydicom_test_file(name: str) -> str:
 
 
 def _fixed_contrast_source(
-    name: str, image: np.ndarray, voxel_mm: tuple[float, float, float], contrast: str
+    name: str, image: np.ndarray, voxel_mm: tuple[float, float, float], contrast: str, plane: str = "axial"
 ) -> SourceVolume:
-    """A single-image source: ``image`` ``(X, Y, Z)`` scaled to its 99.5th percentile, axial slices only."""
+    """A fixed-contrast source: ``image`` ``(X, Y, Z)`` scaled to its 99.5th percentile, cut only along its own
+    slices, which show the body's ``plane`` (the orientation the simulated files are labelled with)."""
     image = np.clip(image, 0, None)
     image = image / max(float(np.percentile(image, 99.5)), 1e-6)
     maps = np.clip(image, 0, 1.2)[None].astype(np.float32)
@@ -273,7 +290,7 @@ def _fixed_contrast_source(
     # Parenchyma of a T2 / b0 image is dim next to CSF, so the head is everything above 3 % (noise opened away).
     support = ndimage.binary_opening(maps[0] > 0.03, iterations=2)
     center, radius = _extent(support if support.any() else maps[0] > 0, affine)
-    return SourceVolume(name, maps, affine, ("axial",), contrast, center, radius)
+    return SourceVolume(name, maps, affine, (plane,), contrast, center, radius)
 
 
 _LOADERS = {
@@ -320,7 +337,8 @@ def choose_geometry(
     if orientation != "mixed" and orientation not in source.orientations:
         raise ValueError(f"source {source.name!r} can be cut only {'/'.join(source.orientations)}, not {orientation!r}")
     chosen = options[int(rng.integers(len(options)))]
-    u, v, n = (np.array(a) for a in _AXES[chosen])
+    # a fixed-contrast stack holds its slices in its own (x, y) plane, whichever plane of the body they show
+    u, v, n = (np.array(a) for a in _AXES[chosen if source.native_contrast is None else "axial"])
     angle = float(rng.uniform(-10, 10)) if source.native_contrast is None else float(rng.uniform(-5, 5))
     c, s = np.cos(np.deg2rad(angle)), np.sin(np.deg2rad(angle))
     u, v = c * u + s * v, -s * u + c * v
