@@ -169,8 +169,8 @@ class EquispacedMaskFractionFunc(MaskFunc):
     """Equispaced outer columns at a spacing adjusted for the centre, so the total is ``≈ W / R`` columns
     (fastmri's ``EquispacedMaskFractionFunc``; spacing is rounded, so lines are only nearly equispaced).
 
-    Where the centre alone already has ``≥ W / R`` columns, fastmri fails (negative spacing) unless an offset is
-    given; here the mask is then the centre alone, with or without offset.
+    Where the centre alone already has ``≥ W / R`` columns, fastmri fails (zero or negative spacing; with an offset
+    too once it has exactly ``W / R``); here the mask is then the centre alone, with or without offset.
     """
 
     def outer_columns(

@@ -201,8 +201,8 @@ class Unet(nn.Module):
         drop_prob: Dropout2d probability.
 
     H, W ≥ 2**num_pool_layers run; keep them ≥ 2**(num_pool_layers + 1): at exactly 2**num_pool_layers the
-    bottleneck is one pixel, which instance norm sets to zero, so it carries nothing (fastmri refuses that size in
-    training mode). Odd sizes are handled as fastmri does (reflect pad of the upsampled features by one pixel on
+    bottleneck is one pixel, which instance norm sets to zero, so it carries nothing (fastmri 0.3.0 refuses that
+    size, in training and in eval mode). Odd sizes are handled as fastmri does (reflect pad of the upsampled features by one pixel on
     the right / bottom).
 
     Example:
