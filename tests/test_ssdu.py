@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import default_collate
 
 from reconkit.data.simulate import simulate_dataset
-from reconkit.data.ssdu import SsduSample, SsduVarNetTransform, acs_columns, ssdu_split
+from reconkit.data.ssdu import SsduSample, SsduVarNetTransform, acs_region, ssdu_split
 from reconkit.data.transforms import to_tensor
 from reconkit.models import VarNet
 from reconkit.training.cli import run_cli
@@ -27,7 +27,7 @@ def line_mask(width: int, acs: int, every: int) -> tuple[np.ndarray, np.ndarray]
     lines[::every] = True
     start = (width - acs + 1) // 2
     lines[start:start + acs] = True
-    return lines, acs_columns(lines, acs)
+    return lines, acs_region(lines[None], acs)[0]
 
 
 @pytest.mark.parametrize("selection", ["uniform", "gaussian"])
@@ -91,7 +91,7 @@ def test_transform_multi_mask_splits_cover_the_acquired_data_and_drop_the_target
     for k in range(3):
         assert torch.equal(union[k, 0, :, :, 0], acquired_lines.expand(height, width))
     assert not torch.equal(sample.lambda_mask[0], sample.lambda_mask[1])  # K different splits
-    acs = acs_columns(acquired_lines.numpy().astype(bool), sample.num_low_frequencies)
+    acs = acs_region(acquired_lines.numpy().astype(bool)[None], sample.num_low_frequencies)[0]
     assert acs.sum() == sample.num_low_frequencies > 0
     assert sample.theta_mask[:, 0, :, torch.from_numpy(acs), 0].min() == 1
     torch.testing.assert_close(sample.masked_kspace, to_tensor(kspace) * acquired_lines.view(1, 1, -1, 1),
@@ -102,6 +102,40 @@ def test_transform_multi_mask_splits_cover_the_acquired_data_and_drop_the_target
         assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(sample, again))
     transform.set_epoch(1)
     assert not torch.equal(transform(kspace, mask, target, attrs, fname, slice_num).lambda_mask, sample.lambda_mask)
+
+
+def test_a_stored_mask_is_the_acquisition_that_is_split():
+    """An undersampled scan (k-space zero off its stored mask, as fastMRI's test files): Θ ∪ Λ is the stored
+    mask's lines, no second mask is drawn over them, and the ACS measured from the stored lines stays in Θ."""
+    kspace, _, target, attrs, fname, slice_num = fake_slice(width=33)
+    stored = np.zeros(33, dtype=bool)
+    stored[::3] = stored[14:20] = True  # ACS of 6 lines around column 16
+    kspace = kspace * stored
+    transform = SsduVarNetTransform(accelerations=[8], center_fractions=[0.04], num_splits=2, rho=0.4)
+    sample = transform(kspace, stored.astype(np.float32), target, attrs, fname, slice_num)
+    acquired = stored.copy()
+    acquired[:1] = acquired[32:] = False  # outside the padding
+    union = (sample.theta_mask + sample.lambda_mask)[:, 0, :, :, 0]
+    assert torch.equal(union, torch.from_numpy(np.broadcast_to(acquired, union.shape).astype(np.float32)))
+    torch.testing.assert_close(sample.masked_kspace, to_tensor(kspace), rtol=0, atol=0)
+    # the ACS width as the VarNet's sensitivity model measures it (twice the shorter run out from column 16)
+    assert sample.num_low_frequencies == 4 and sample.theta_mask[..., 15:19, 0].min() == 1
+
+
+def test_acs_of_a_2d_mask_is_its_centre_block_and_stays_in_theta():
+    kspace, _, target, attrs, fname, slice_num = fake_slice(height=32, width=32)
+    attrs = {**attrs, "padding_left": 0, "padding_right": 32}
+    transform = SsduVarNetTransform(mask_type="variable_density", center_fractions=[0.125], accelerations=[4],
+                                    rho=0.4, num_splits=3)
+    sample = transform(kspace, None, target, attrs, fname, slice_num)
+    acquired = (sample.theta_mask + sample.lambda_mask)[0, 0, :, :, 0].bool().numpy()
+    assert not acquired.all(axis=0).any()  # a 2D mask: no column is fully acquired
+    centre = np.zeros((32, 32), dtype=bool)
+    centre[14:18, 14:18] = True  # the 4 x 4 centre block (0.125 x 32)
+    acs = acs_region(acquired, 4)  # the block's columns, over the rows around the centre that hold them all
+    assert sample.num_low_frequencies == 4 and (acs >= centre).all() and (acs <= acquired).all()
+    assert acs[:, :14].sum() == acs[:, 18:].sum() == 0 and acs[14:18].all(axis=0).sum() == 4
+    assert sample.lambda_mask[:, 0, 14:18, 14:18, 0].max() == 0 and sample.theta_mask[:, 0, 14:18, 14:18, 0].min() == 1
 
 
 def test_normalized_l1_l2_loss_values():

@@ -21,20 +21,44 @@ import torch
 from reconkit.data.masks import MaskFunc, create_mask_for_mask_type
 from reconkit.data.transforms import VarNetDataTransform, to_tensor
 
-__all__ = ["SELECTIONS", "SsduSample", "SsduVarNetTransform", "acs_columns", "ssdu_split"]
+__all__ = ["SELECTIONS", "SsduSample", "SsduVarNetTransform", "acs_region", "ssdu_split"]
 
 SELECTIONS = ("uniform", "gaussian")
 
 
-def acs_columns(line_mask: np.ndarray, num_low_frequencies: int) -> np.ndarray:
-    """Bool ``(W,)``: the ``num_low_frequencies`` centre columns (the ACS block as the mask functions place it,
-    columns ``[(W − n + 1) // 2, (W − n + 1) // 2 + n)``), restricted to acquired columns."""
-    width = line_mask.shape[-1]
-    acs = np.zeros(width, dtype=bool)
-    if num_low_frequencies > 0:
-        start = (width - num_low_frequencies + 1) // 2
-        acs[start:start + num_low_frequencies] = True
-    return acs & line_mask.astype(bool)
+def _centre_run(line: np.ndarray) -> int:
+    """ACS width of a line mask measured as fastmri's VarNet measures it: twice the shorter run of acquired
+    entries going out from index ``len // 2`` (at least 1)."""
+    centre = line.size // 2
+    right = int(np.argmin(np.append(line[centre:], False)))
+    left = int(np.argmin(np.append(line[:centre][::-1], False)))
+    return max(2 * min(left, right), 1)
+
+
+def acs_region(acquired: np.ndarray, num_low_frequencies: int = 0) -> np.ndarray:
+    """Bool ``(H, W)``: the fully sampled centre (ACS) of the acquired locations ``acquired`` ``(H, W)``.
+
+    Columns: the ``num_low_frequencies`` centre columns ``[(W − n + 1) // 2, … + n)`` as the mask functions place
+    them, or, when it is 0 (a file's stored mask), the width measured on the centre row as the VarNet's
+    sensitivity model measures it. Rows: the run around ``H // 2`` of rows that hold all those columns, i.e. every
+    row for a line mask and the centre block's rows for a 2D mask.
+
+    >>> lines = np.zeros((4, 10), bool); lines[:, 3:7] = lines[:, ::3] = True
+    >>> acs_region(lines).sum(axis=0).tolist()
+    [0, 0, 0, 4, 4, 4, 4, 0, 0, 0]
+    """
+    acquired = acquired.astype(bool)
+    height, width = acquired.shape
+    count = int(num_low_frequencies) or _centre_run(acquired[height // 2])
+    start = (width - count + 1) // 2
+    window = np.zeros(width, dtype=bool)
+    window[start : start + count] = True
+    full_rows = (acquired | ~window).all(axis=1)
+    top = height // 2 - int(np.argmin(np.append(full_rows[: height // 2][::-1], False)))
+    bottom = height // 2 + int(np.argmin(np.append(full_rows[height // 2 :], False)))
+    rows = np.zeros(height, dtype=bool)
+    rows[top:bottom] = True
+    return rows[:, None] & window[None, :] & acquired
 
 
 def ssdu_split(
@@ -90,7 +114,7 @@ class SsduSample(NamedTuple):
         masked_kspace: ``(C, H, W, 2)`` acquired (undersampled) k-space, zero elsewhere.
         theta_mask: ``(K, 1, H, W, 1)`` float Θ masks (network input and data consistency), one per split.
         lambda_mask: ``(K, 1, H, W, 1)`` float Λ masks (loss locations), disjoint from Θ.
-        num_low_frequencies: ACS width (kept in every Θ).
+        num_low_frequencies: ACS width in columns (the ACS is kept in every Θ).
         fname, slice_num: as the dataset.
         max_value: the volume's ``max`` attr (0.0 if absent); not used by the SSDU loss.
         crop_size: ``(h, w)`` recon size.
@@ -107,8 +131,10 @@ class SsduSample(NamedTuple):
 
 
 class SsduVarNetTransform:
-    """Training transform for SSDU: undersample as :class:`VarNetDataTransform`, then split the acquired
-    locations ``num_splits`` times into Θ / Λ. The fully sampled target is dropped (never leaves the transform).
+    """Training transform for SSDU: undersample as :class:`VarNetDataTransform` (a file with a stored ``mask`` is
+    taken as acquired: its lines are split, no mask is drawn over them), then split the acquired locations
+    ``num_splits`` times into Θ / Λ, the ACS (:func:`acs_region`) always in Θ. The fully sampled target is
+    dropped (never leaves the transform).
 
     Args:
         mask_type, center_fractions, accelerations: the acquisition's mask family (as the data module's).
@@ -137,7 +163,8 @@ class SsduVarNetTransform:
             raise ValueError(f"SSDU num_splits must be >= 1, got {num_splits}")
         ssdu_split(np.ones((2, 2), dtype=bool), np.zeros(2, dtype=bool), rho, selection)  # validate early
         self.mask_func: MaskFunc = create_mask_for_mask_type(mask_type, list(center_fractions), list(accelerations))
-        self.plain = VarNetDataTransform(mask_func=self.mask_func, use_seed=use_seed)
+        # a file with a stored mask is an undersampled scan already: split its acquired lines, draw no mask over it
+        self.plain = VarNetDataTransform(mask_func=self.mask_func, use_seed=use_seed, stored_mask_first=True)
         self.rho, self.selection, self.num_splits, self.std_scale = rho, selection, num_splits, std_scale
         self.seed = seed
         self.epoch = 0
@@ -150,9 +177,9 @@ class SsduVarNetTransform:
                  fname: str, slice_num: int) -> SsduSample:
         sample = self.plain(kspace, mask, None, attrs, fname, slice_num)  # target deliberately not passed
         height, width = sample.masked_kspace.shape[-3], sample.masked_kspace.shape[-2]
-        line_mask = sample.mask.reshape(-1, width)[0].numpy()  # (W,) line masks; first row of a 2D mask
         acquired = np.broadcast_to(sample.mask.reshape(-1, width).numpy(), (height, width)).astype(bool)
-        acs = acs_columns(line_mask, int(sample.num_low_frequencies or 0))
+        acs = acs_region(acquired, int(sample.num_low_frequencies or 0))
+        num_low_frequencies = int(acs.any(axis=0).sum())
         key = f"ssdu:{self.seed}:{self.epoch}:{fname}:{slice_num}".encode()
         rng = np.random.default_rng(zlib.crc32(key))
         splits = [ssdu_split(acquired, acs, self.rho, self.selection, rng, self.std_scale)
@@ -163,7 +190,7 @@ class SsduVarNetTransform:
             masked_kspace=sample.masked_kspace,
             theta_mask=theta,
             lambda_mask=lam,
-            num_low_frequencies=int(sample.num_low_frequencies or 0),
+            num_low_frequencies=num_low_frequencies,
             fname=fname,
             slice_num=slice_num,
             max_value=float(attrs.get("max", 0.0)),
