@@ -156,8 +156,8 @@ def test_bad_configuration_is_rejected():
     with pytest.raises(ValueError, match="images must be"):
         augment_coil_images(torch.zeros(4, 4, 2), AugmentParams())
     kspace, _, target, _, fname, slice_num = fake_slice()
-    with pytest.raises(DataError, match="vol_a.h5: augmentation needs multi-coil"):
-        AugmentedVarNetTransform(config=ALWAYS).augment(kspace[0], target, fname, slice_num, 1.0)
+    with pytest.raises(DataError, match=r"vol_a.h5: augmentation needs \(C, H, W\) or single-coil \(H, W\)"):
+        AugmentedVarNetTransform(config=ALWAYS).augment(kspace[None], target, fname, slice_num, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +185,48 @@ def test_datamodule_hook_sets_epoch_and_subsets_are_reproducible(tiny_data):
                                                          seed=7).train_dataloader()]
     assert len(set(again_names)) == 1
     assert not all(torch.equal(a, b) for a, b in zip(first, later))
+
+
+class StepProbe(AugmentedVarNetTransform):
+    """Records the schedule position each sample was drawn at (from the dataloader's own process)."""
+
+    def __call__(self, kspace, mask, target, attrs, fname, slice_num):
+        sample = super().__call__(kspace, mask, target, attrs, fname, slice_num)
+        return sample._replace(slice_num=(self.epoch, self.step, self.probability()))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_step_schedule_follows_the_training_batches_in_the_data_module(tiny_data, num_workers):
+    """schedule_unit "step" under reconkit train: every sample knows its batch's step (4 slices, batches of 2:
+    steps 0, 1 in epoch 0 and 2, 3 in epoch 1), also inside dataloader workers, so the ramp advances per step."""
+    config = {"probability": 0.8, "schedule": "linear", "schedule_unit": "step", "ramp_length": 4}
+    module = FastMriDataModule(tiny_data, num_workers=num_workers, train_transform=StepProbe(config=config),
+                               batch_size=2)
+    loader = module.train_dataloader()
+    seen = []
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        seen += [sorted({(int(e), int(s), round(float(p), 6)) for e, s, p in zip(*batch.slice_num)})
+                 for batch in loader]
+    assert seen == [[(0, 0, 0.0)], [(0, 1, 0.2)], [(1, 2, 0.4)], [(1, 3, 0.6)]]
+
+
+def test_stored_masks_and_single_coil_files():
+    """A file with a stored mask is undersampled already: its mask is kept and its k-space is not augmented (there
+    is no fully sampled image), even at p = 1. Single-coil (H, W) k-space is augmented as one coil."""
+    kspace, _, target, attrs, fname, slice_num = fake_slice()
+    stored = np.zeros(kspace.shape[-1], dtype=np.float32)
+    stored[::3] = stored[7:10] = 1
+    transform = AugmentedVarNetTransform(config=ALWAYS, seed=5)
+    sample = transform(kspace * stored, stored, target, attrs, fname, slice_num)
+    assert torch.equal(sample.mask.reshape(-1), torch.from_numpy(stored).bool())
+    torch.testing.assert_close(sample.masked_kspace, to_tensor(kspace * stored), rtol=0, atol=0)
+    assert np.array_equal(sample.target.numpy(), target)
+    single = kspace[0]
+    new_kspace, new_target = transform.augment(single, target, fname, slice_num, p=1.0)
+    coil_kspace, coil_target = transform.augment(single[None], target, fname, slice_num, p=1.0)
+    assert new_kspace.shape == single.shape and np.array_equal(new_kspace, coil_kspace[0])
+    assert np.array_equal(new_target, coil_target)
 
 
 def test_yaml_config_builds_the_augmented_training_transform(tiny_data, tmp_path):

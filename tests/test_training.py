@@ -352,14 +352,18 @@ def test_epoch_sampler_gives_every_rank_as_many_single_shape_batches():
         sampler.set_epoch(3)
         order = list(sampler)
         assert len(order) == len(sampler) and len(order) % 2 == 0
-        assert all(n // len(keys) == 3 for n in order)  # tagged with the epoch
+        per_epoch = dataset.batches_per_epoch
+        assert per_epoch == len(sampler) // 2
+        # tagged with the epoch and the batch: (epoch * batches per epoch + batch) * len + index
+        assert [n // len(keys) for n in order] == [3 * per_epoch + position // 2 for position in range(len(order))]
         batches = [[n % len(keys) for n in order[i:i + 2]] for i in range(0, len(order), 2)]
         assert all(len({keys[i] for i in b}) == 1 for b in batches)
         orders.append(order)
     assert len(orders[0]) == len(orders[1])  # DDP ranks must run the same number of steps
     assert {n % len(keys) for order in orders for n in order} == set(range(len(keys)))
     uniform = EpochSampler(_TaggedShapes([(4, 48, 32)] * 5), num_replicas=1, rank=0, shuffle=False, batch_size=2)
-    assert list(uniform) == [0, 1, 2, 3, 4]  # one shape: DistributedSampler's order, no padding to full batches
+    # one shape: DistributedSampler's order, no padding to full batches; batches 0, 1, 2 of epoch 0 (len 5)
+    assert list(uniform) == [0, 1, 5 + 2, 5 + 3, 10 + 4]
 
 
 class _TaggedShapes(torch.utils.data.Dataset):

@@ -242,6 +242,8 @@ def test_regime_label_and_callback_arguments():
         TrainingDiagnostics(every_n_steps=5, probe_split="test")
     with pytest.raises(ValueError, match="every_n_steps"):
         TrainingDiagnostics(every_n_steps=-1)
+    with pytest.raises(ValueError, match="ntk_projections >= 2"):
+        TrainingDiagnostics(every_n_steps=5, ntk_projections=1)
 
 
 # ------------------------------------------------------------------------------------------------ the callback
@@ -292,7 +294,7 @@ def test_diagnostics_record_bands_and_regime_and_leave_training_unchanged(sim_ro
             "diagnostics/band_nmse/b0", "val_band_nmse/b5"} <= logged
 
 
-def test_cli_diagnostics_resume_from_the_same_start(sim_root, tmp_path, tiny_varnet_config):
+def test_cli_diagnostics_resume_from_the_same_start(sim_root, tmp_path, tiny_varnet_config, capsys):
     config_path = tiny_varnet_config
     args = ["fit", "--config", str(config_path), "--diagnostics.every_n_steps", "5",
             "--diagnostics.ntk_projections", "2"]
@@ -307,6 +309,11 @@ def test_cli_diagnostics_resume_from_the_same_start(sim_root, tmp_path, tiny_var
         return {key: value for key, value in record.items() if key not in ("epoch", "seconds")}
 
     assert [numbers(r) for r in history[: len(first_run)]] == [numbers(r) for r in first_run]
+    # a resume with other diagnostics settings is refused before it trains (it would mix two series)
+    before = (folder / "diagnostics.json").read_text()
+    assert main([*args, "--diagnostics.num_bands", "4", "--trainer.max_epochs", "3", "--ckpt_path", "last"]) == 1
+    assert "--diagnostics.num_bands 4 (the checkpoint's run: 8)" in capsys.readouterr().err
+    assert (folder / "diagnostics.json").read_text() == before
     steps = [r["step"] for r in history if "weight_change" in r]
     assert steps == [0, 5, 9, 10, 15, 18]  # measured from the first run's θ₀, not restarted at the resume
     assert (folder / "diagnostics_init.pt").is_file() and (folder / "diagnostics.png").is_file()

@@ -58,7 +58,8 @@ class AugmentConfig:
         probability: overall augmentation probability ``p`` at the end of the ramp (0 turns augmentation off).
         schedule: ``"constant"`` (``p`` from the start), ``"linear"`` (``p · t / T``) or ``"exp"``
             (``p · (1 − e^(−c·t/T)) / (1 − e^(−c))``), ``t`` the epoch or step, ``T = ramp_length``.
-        schedule_unit: ``"epoch"`` or ``"step"`` (what ``t`` counts).
+        schedule_unit: ``"epoch"`` or ``"step"`` (what ``t`` counts; under the data module a step is a training
+            batch, i.e. an optimizer step without gradient accumulation).
         ramp_length: ``T``, epochs or steps to reach ``probability``.
         exp_rate: ``c`` of the exponential ramp.
         weights: per-augmentation weight (probability of each = ``weight · p``, clipped to 1); keys ``fliph``,
@@ -245,9 +246,11 @@ class AugmentedVarNetTransform:
         seed: base seed of the per-sample augmentation draws.
         use_seed: seed masks by file name (fixed mask per volume) instead of drawing them.
 
-    The sample equals ``VarNetDataTransform``'s; with ``p = 0`` it is exactly what that transform gives. The
-    schedule position is set with :meth:`set_epoch` (called by the data module every epoch) or
-    :meth:`set_step`.
+    The sample equals ``VarNetDataTransform``'s (with ``stored_mask_first``, as the data module's); with ``p = 0``
+    it is exactly what that transform gives. A file with a stored ``mask`` holds undersampled k-space, which has no
+    fully sampled image to augment: its samples are never augmented. Single-coil ``(H, W)`` k-space is augmented
+    as one coil. The schedule position is set with :meth:`set_epoch` and :meth:`set_step` (the data module sets
+    both for every sample: the epoch, and the training batches before this sample's batch).
     """
 
     def __init__(
@@ -261,7 +264,7 @@ class AugmentedVarNetTransform:
     ):
         self.config = config if isinstance(config, AugmentConfig) else AugmentConfig(**(config or {}))
         self.mask_func: MaskFunc = create_mask_for_mask_type(mask_type, list(center_fractions), list(accelerations))
-        self.plain = VarNetDataTransform(mask_func=self.mask_func, use_seed=use_seed)
+        self.plain = VarNetDataTransform(mask_func=self.mask_func, use_seed=use_seed, stored_mask_first=True)
         self.seed = seed
         self.epoch = 0
         self.step = 0
@@ -285,15 +288,19 @@ class AugmentedVarNetTransform:
     def __call__(self, kspace: np.ndarray, mask: np.ndarray | None, target: np.ndarray | None, attrs: dict,
                  fname: str, slice_num: int) -> VarNetSample:
         p = self.probability()
-        if p > 0 and target is not None:
+        if p > 0 and target is not None and mask is None:  # a stored mask: undersampled data, nothing to augment
             kspace, target = self.augment(kspace, target, fname, slice_num, p)
         return self.plain(kspace, mask, target, attrs, fname, slice_num)
 
     def augment(self, kspace: np.ndarray, target: np.ndarray, fname: str, slice_num: int, p: float
                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Fully sampled ``(C, H, W)`` complex k-space → augmented k-space and its ``(h, w)`` RSS target."""
-        if kspace.ndim != 3:
-            raise DataError(fname, f"augmentation needs multi-coil k-space (C, H, W), got shape {kspace.shape}")
+        """Fully sampled ``(C, H, W)`` (or single-coil ``(H, W)``) complex k-space → augmented k-space of the same
+        shape and its ``(h, w)`` RSS target."""
+        if kspace.ndim not in (2, 3):
+            raise DataError(fname, f"augmentation needs (C, H, W) or single-coil (H, W) k-space, got {kspace.shape}")
+        if kspace.ndim == 2:
+            new_kspace, new_target = self.augment(kspace[None], target, fname, slice_num, p)
+            return new_kspace[0], new_target
         images = ifft2c(to_tensor(kspace))
         params = sample_augmentation(self.config, p, self.rng(fname, slice_num), (images.shape[-3], images.shape[-2]))
         images = augment_coil_images(images, params, self.config.interpolation, self.config.padding)

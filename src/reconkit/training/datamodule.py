@@ -19,6 +19,7 @@ training volumes (data-efficiency studies).
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
@@ -90,18 +91,21 @@ def select_volumes(fnames: Sequence[str], fraction: float | None, num_volumes: i
 class EpochSeededMasks:
     """Wraps a training transform whose ``mask_func`` draws from its own generator: reseeds that generator for
     every sample from ``(seed, epoch, fname, slice_num)`` so masks change with the epoch but not with workers,
-    ranks or restarts. ``epoch`` is set by :class:`EpochTaggedDataset` from the index it is asked for."""
+    ranks or restarts. ``epoch`` and ``step`` (training batches before this sample's batch, over all epochs) are
+    set by :class:`EpochTaggedDataset` from the index it is asked for."""
 
     def __init__(self, transform: Callable, seed: int):
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+        self.step = 0
 
     def __call__(self, kspace, mask, target, attrs, fname, slice_num):
-        # data-efficiency hook: transforms that follow the epoch (augmentation schedule, SSDU splits) get it here
-        set_epoch = getattr(self.transform, "set_epoch", None)
-        if set_epoch is not None:
-            set_epoch(self.epoch)
+        # data-efficiency hook: transforms that follow the epoch or the step (augmentation schedule, SSDU splits)
+        for name, value in (("set_epoch", self.epoch), ("set_step", self.step)):
+            setter = getattr(self.transform, name, None)
+            if setter is not None:
+                setter(value)
         mask_func = getattr(self.transform, "mask_func", None)
         if mask_func is not None:
             key = f"{self.seed}:{self.epoch}:{fname}:{slice_num}".encode()
@@ -141,31 +145,34 @@ def shape_grouped_batches(shape_keys: Sequence[Hashable], batch_size: int, num_r
 
 
 class EpochTaggedDataset(Dataset):
-    """Training dataset whose indices carry the epoch: index ``epoch * len + i`` is sample ``i`` of ``epoch``.
+    """Training dataset whose indices carry the epoch and the batch: index ``(epoch · B + b) · len + i`` is sample
+    ``i`` in batch ``b`` of ``epoch``, with ``B = batches_per_epoch`` (set by :class:`EpochSampler`; 1 without).
 
-    The epoch travels with each index into the dataloader workers (which are forked before or after Lightning
-    calls ``set_epoch``, depending on the loop's state), so the per-epoch masks do not depend on timing.
-    ``shape_keys[i]`` is sample ``i``'s :meth:`SliceDataset.shape_key`.
+    Epoch and batch travel with each index into the dataloader workers (which are forked before or after Lightning
+    calls ``set_epoch``, depending on the loop's state), so the per-epoch masks and a per-step augmentation
+    schedule do not depend on timing. ``shape_keys[i]`` is sample ``i``'s :meth:`SliceDataset.shape_key`.
     """
 
     def __init__(self, dataset: Dataset, transforms: Sequence[EpochSeededMasks], shape_keys: Sequence[Hashable]):
         self.dataset = dataset
         self.transforms = list(transforms)
         self.shape_keys = list(shape_keys)
+        self.batches_per_epoch = 1
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, tagged_index: int):
-        epoch, index = divmod(int(tagged_index), len(self.dataset))
+        tag, index = divmod(int(tagged_index), len(self.dataset))
+        epoch, batch = divmod(tag, self.batches_per_epoch)
         for transform in self.transforms:
-            transform.epoch = epoch
+            transform.epoch, transform.step = epoch, epoch * self.batches_per_epoch + batch
         return self.dataset[index]
 
 
 class EpochSampler(DistributedSampler):
     """``DistributedSampler`` (shuffle seeded by ``seed + epoch``; one replica without DDP) that tags each index
-    with the epoch for :class:`EpochTaggedDataset`.
+    with the epoch and its batch for :class:`EpochTaggedDataset`.
 
     The epoch is read from ``epoch_source`` when iteration starts: on resume Lightning may create the first
     epoch's iterator before it restores its loops and calls ``set_epoch`` (e.g. when the cosine schedule asks for
@@ -185,6 +192,7 @@ class EpochSampler(DistributedSampler):
         if self.grouped:  # the batch count does not depend on the shuffle: count an unshuffled plan once
             batches = shape_grouped_batches(dataset.shape_keys, batch_size, self.num_replicas)
             self.grouped_length = len(batches) // self.num_replicas * batch_size
+        dataset.batches_per_epoch = max(math.ceil(len(self) / batch_size), 1)
 
     def _my_batches(self) -> list[list[int]]:
         generator = None
@@ -200,9 +208,10 @@ class EpochSampler(DistributedSampler):
     def __iter__(self):
         if self.epoch_source is not None:
             self.set_epoch(self.epoch_source())
-        offset = self.epoch * len(self.dataset)
         indices = [i for batch in self._my_batches() for i in batch] if self.grouped else super().__iter__()
-        return (offset + index for index in indices)
+        first_batch = self.epoch * self.dataset.batches_per_epoch
+        return ((first_batch + position // self.batch_size) * len(self.dataset) + index
+                for position, index in enumerate(indices))
 
 
 class FastMriDataModule(LightningDataModule):

@@ -81,8 +81,9 @@ class TrainingDiagnostics(Callback):
                 ``<trainer.default_root_dir>/diagnostics``, else the trainer's ``default_root_dir``.
             seed: seed of the projections.
         """
-        if every_n_steps < 0 or num_bands < 1 or probe_slices < 1 or ntk_projections < 1:
-            raise ConfigError("every_n_steps must be >= 0 and num_bands, probe_slices, ntk_projections >= 1")
+        if every_n_steps < 0 or num_bands < 1 or probe_slices < 1 or ntk_projections < 2:
+            raise ConfigError("every_n_steps must be >= 0, num_bands and probe_slices >= 1, and ntk_projections >= 2 "
+                              "(a kernel sketched by one projection is 1 x 1: its distance is always 0)")
         if probe_split not in ("val", "train"):
             raise ConfigError(f"probe_split must be 'val' or 'train', got {probe_split!r}")
         self.every_n_steps = every_n_steps
@@ -165,10 +166,22 @@ class TrainingDiagnostics(Callback):
                        f"{last['ntk_distance']:.3g}, linearisation error {_fmt(last['linearization_error'])} "
                        f"({last['regime'] or 'no change yet'}); probe NMSE per band, DC to edge: {bands}; in {self._folder}")
 
+    def _settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the run it resumes (the probe and its sketch are kept on disk)."""
+        return {"num_bands": self.num_bands, "probe_split": self.probe_split, "probe_slices": self.probe_slices,
+                "ntk_projections": self.ntk_projections, "seed": self.seed}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        return {"history": self.history, "settings": self._settings()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        stored = state_dict.get("settings", {})  # absent in checkpoints written before 2026-12-07
+        changed = {k: (v, stored[k]) for k, v in self._settings().items() if k in stored and stored[k] != v}
+        if changed:
+            listed = ", ".join(f"--diagnostics.{k} {new} (the checkpoint's run: {old})" for k, (new, old) in changed.items())
+            raise ConfigError(f"diagnostics: resuming with {listed}; the resumed series would mix two settings. "
+                              "Resume with the checkpoint's settings, or start a new run (another "
+                              "--trainer.default_root_dir)")
         self.history = list(state_dict.get("history", []))
 
     # --- measurement -----------------------------------------------------------------------------------------
