@@ -126,7 +126,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "sim_small", help="fastMRI-layout data folder")
     parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "diagnostics_study", help="run folders")
     parser.add_argument("--every", type=int, default=25, help="optimizer steps between measurements (default 25)")
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "images" / "training_diagnostics_runs.png")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="figure of the runs (default: docs/images/training_diagnostics_runs.png; with --small "
+                             "<output>/training_diagnostics_runs.png, so a smoke run leaves the documented figure)")
     parser.add_argument("--small", action="store_true", help="smoke run: tiny simulated data and model, 8 steps")
     args = parser.parse_args()
     data, every = args.data, args.every
@@ -140,8 +142,9 @@ def main() -> None:
         raise SystemExit(f"{data}: no train/ folder; make the data first (see this script's --help)")
     runs = {name: run(name, overrides, data, args.output, every, args.small) for name, overrides in RUNS.items()}
     print(tables(runs))
-    plot(runs, args.plot)
-    print(f"\nwrote {args.plot}")
+    figure = args.plot or (args.output if args.small else ROOT / "docs" / "images") / "training_diagnostics_runs.png"
+    plot(runs, figure)
+    print(f"\nwrote {figure}")
 
 
 if __name__ == "__main__":

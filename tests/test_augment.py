@@ -229,6 +229,26 @@ def test_stored_masks_and_single_coil_files():
     assert np.array_equal(new_target, coil_target)
 
 
+def test_training_transform_must_match_the_data_module(tiny_data):
+    """A k-space training transform with the image-crop default would train and validate on different inputs: an
+    error. A training mask family other than the data module's (which validation uses) is a warning."""
+    from reconkit.data.ssdu import SsduVarNetTransform
+    from reconkit.errors import ConfigError, ReconkitWarning
+
+    for transform in (AugmentedVarNetTransform(), SsduVarNetTransform()):
+        with pytest.raises(ConfigError, match="use data.transform varnet"):
+            FastMriDataModule(tiny_data, transform="unet", train_transform=transform)
+    with pytest.warns(ReconkitWarning, match=r"draws \('EquispacedMaskFractionFunc', \[0.08\], \[4.0\]\) masks but "
+                                             r"data.\* \(validation, test\) \('RandomMaskFunc', \[0.04\], \[8.0\]\)"):
+        FastMriDataModule(tiny_data, mask_type="random", center_fractions=[0.04], accelerations=[8],
+                          train_transform=SsduVarNetTransform())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FastMriDataModule(tiny_data, train_transform=AugmentedVarNetTransform())  # the same family: silent
+
+
 def test_yaml_config_builds_the_augmented_training_transform(tiny_data, tmp_path):
     from pathlib import Path
 

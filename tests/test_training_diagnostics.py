@@ -271,6 +271,8 @@ def test_diagnostics_record_bands_and_regime_and_leave_training_unchanged(sim_ro
 
     document = json.loads((tmp_path / "diag" / "diagnostics.json").read_text())
     assert document["num_bands"] == 6 and document["probe_split"] == "val"
+    probe = document["probe"]  # the default 2 slices, named
+    assert len(probe) == 2 and all(p["fname"].endswith(".h5") and p["slice"] >= 0 for p in probe)
     records = [r for r in document["history"] if "weight_change" in r]
     assert [r["step"] for r in records] == [0, 4, 8, 12, 16, 18]  # 9 slices x 2 epochs, plus the final step
     first, last = records[0], records[-1]

@@ -5,6 +5,7 @@ from reconkit.training.datamodule import FastMriDataModule
 from reconkit.training.diagnostics import TrainingDiagnostics
 from reconkit.training.modules import ImageModule, KspaceModule, UnetModule, VarNetModule, VitModule
 from reconkit.training.predictions import PredictionWriter
+from reconkit.training.self_supervised import SsduVarNetModule
 
 __all__ = [
     "FastMriDataModule",
@@ -13,6 +14,7 @@ __all__ = [
     "KspaceModule",
     "PredictionWriter",
     "ReconModule",
+    "SsduVarNetModule",
     "TrainingDiagnostics",
     "UnetModule",
     "VarNetModule",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 import zlib
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ from reconkit.data import (
     create_mask_for_mask_type,
     list_volume_files,
 )
-from reconkit.errors import ConfigError, DataError, ReconkitError
+from reconkit.errors import ConfigError, DataError, ReconkitError, ReconkitWarning
 
 TRANSFORMS = ("varnet", "unet")
 
@@ -214,6 +215,31 @@ class EpochSampler(DistributedSampler):
                 for position, index in enumerate(indices))
 
 
+def _check_training_transform(train_transform: Callable | None, transform: str, data_masks) -> None:
+    """Refuse a k-space training transform with the image-crop default (training and validation batches would be
+    different inputs), and warn when its mask family differs from the data module's (used for validation)."""
+    from reconkit.data.augment import AugmentedVarNetTransform
+    from reconkit.data.ssdu import SsduVarNetTransform
+
+    if not isinstance(train_transform, (AugmentedVarNetTransform, SsduVarNetTransform)):
+        return
+    name = type(train_transform).__name__
+    if transform != "varnet":
+        raise ConfigError(f"data.train_transform {name} gives k-space samples, but data.transform {transform!r} "
+                          "gives validation image crops: use data.transform varnet (image models then see the "
+                          "zero-filled image of their deployed front end in training and validation alike)")
+    masks = train_transform.mask_func
+
+    def family(m) -> tuple:
+        return type(m).__name__, list(m.center_fractions), [float(a) for a in m.accelerations]
+
+    if family(masks) != family(data_masks):
+        warnings.warn(f"data.train_transform {name} draws {family(masks)} masks but data.* (validation, test) "
+                      f"{family(data_masks)}; set the transform's mask_type / center_fractions / accelerations "
+                      "to the data module's unless training and validation are meant to differ",
+                      ReconkitWarning, stacklevel=3)
+
+
 class FastMriDataModule(LightningDataModule):
     """Slices of fastMRI HDF5 files under ``data_path/{train,val,test}`` for Lightning.
 
@@ -253,23 +279,35 @@ class FastMriDataModule(LightningDataModule):
             data_path: folder holding ``train/``, ``val/`` and ``test/`` with fastMRI ``.h5`` files.
             challenge: ``"multicoil"`` or ``"singlecoil"``.
             transform: default transforms, ``"varnet"`` (masked k-space) or ``"unet"`` (zero-filled image crop).
-            mask_type, center_fractions, accelerations: mask family and its parameters (paired lists).
+            mask_type: undersampling mask family: ``equispaced_fraction`` (fastMRI's default), ``random``,
+                ``equispaced``, ``magic``, ``magic_fraction`` or ``variable_density`` (2D). Files with a stored
+                ``mask`` (already undersampled) keep it.
+            center_fractions: fraction of fully sampled centre (ACS) columns, one per acceleration.
+            accelerations: undersampling factors, paired with center_fractions (one pair is drawn per sample).
             batch_size: slices per batch (per device under DDP). On data of several shapes (coil counts, matrix
                 sizes) each training batch holds slices of one shape (:func:`shape_grouped_batches`) and
                 validation / test / predict use batches of one slice.
             num_workers: dataloader worker processes.
-            sample_rate / volume_sample_rate: fraction of training slices / volumes (as ``SliceDataset``).
-            val_sample_rate / val_volume_sample_rate: the same for validation and test.
+            sample_rate: fraction of training slices kept (as ``SliceDataset``).
+            volume_sample_rate: fraction of training volumes kept (as ``SliceDataset``).
+            val_sample_rate: fraction of validation / test slices kept.
+            val_volume_sample_rate: fraction of validation / test volumes kept.
             use_dataset_cache: cache the per-file slice index (``SliceDataset``'s cache file).
             skip_bad_files: leave out files that fail validation (corrupt, truncated, wrong schema) with a warning
                 naming each; default: stop with an error listing them.
             combine_train_val: train on train + val (for a final model); validation still runs on val.
-            fraction / num_volumes: reproducible subset of training volumes (``select_volumes``), seeded by seed.
+            fraction: train on this fraction of the training volumes (a reproducible subset seeded by seed; the
+                data-efficiency curves of docs/results.md); not with num_volumes.
+            num_volumes: train on this many training volumes (the same subset rule); not with fraction.
             seed: seed for the training subset, shuffle order and training masks.
             test_split: subfolder used by ``test`` and ``predict``.
-            train_transform / val_transform / test_transform: replace the default transform of a split
-                (a callable taking SliceDataset's sample tuple); a replacement training transform with a
-                ``mask_func`` still gets reproducible per-epoch masks.
+            train_transform: replace the training split's transform (a callable taking SliceDataset's sample
+                tuple), e.g. ``reconkit.data.augment.AugmentedVarNetTransform`` (MRAugment-style augmentation,
+                configs/varnet_sim_small_augment.yaml) or ``reconkit.data.ssdu.SsduVarNetTransform`` (SSDU
+                self-supervision with ``SsduVarNetModule``, configs/varnet_sim_small_ssdu.yaml); its ``mask_func``
+                still gets reproducible per-epoch masks. Both give k-space samples: use ``transform: varnet``.
+            val_transform: replace the validation split's transform.
+            test_transform: replace the test / predict split's transform.
         """
         super().__init__()
         if transform not in TRANSFORMS:
@@ -278,9 +316,10 @@ class FastMriDataModule(LightningDataModule):
             raise ConfigError("center_fractions and accelerations must have the same length (paired)")
         select_volumes([], fraction, num_volumes, seed)  # validate early
         try:
-            create_mask_for_mask_type(mask_type, center_fractions, accelerations)
+            data_masks = create_mask_for_mask_type(mask_type, center_fractions, accelerations)
         except ValueError as err:
             raise ConfigError(f"data mask options: {err}") from None
+        _check_training_transform(train_transform, transform, data_masks)
         self.data_path = Path(data_path)
         self.challenge = challenge
         self.transform = transform

@@ -72,7 +72,8 @@ class TrainingDiagnostics(Callback):
         """
         Args:
             every_n_steps: optimizer steps between measurements; 0 switches the diagnostics off.
-            num_bands: concentric k-space bands, DC (0) to the edge of the spectrum.
+            num_bands: concentric rings of the 2D spectrum of the reconstructed (cropped, magnitude) image and its
+                target, DC (0) to the edge; not the acquired k-space, whose phase the magnitude image drops.
             probe_split: the data module's split the probe slices come from (``"val"`` or ``"train"``: fit on
                 held-out or on training data), read with the validation transform (fixed masks).
             probe_slices: slices in the probe, evenly spread over the split.
@@ -201,6 +202,9 @@ class TrainingDiagnostics(Callback):
         # evenly spread, away from the first and last slice of the split (edge slices hold little signal)
         picks = np.linspace(0, len(dataset) - 1, self.probe_slices + 2)[1:-1].round().astype(int)
         probe = [collate_slices([dataset[int(i)]]) for i in sorted(set(picks.tolist()))]
+        if len(probe) < self.probe_slices:
+            rank_zero_warn(f"diagnostics: the {self.probe_split!r} split has {len(dataset)} slice(s); the probe holds "
+                           f"{len(probe)} of the {self.probe_slices} asked (diagnostics.json lists them)")
         self._probe = [move_data_to_device(batch, pl_module.device) for batch in probe]
         size = int(self._probe_outputs(pl_module, grad=False).numel())
         generator = torch.Generator().manual_seed(self.seed)
@@ -271,8 +275,9 @@ class TrainingDiagnostics(Callback):
     def _write(self, plot: bool, trainer: Trainer | None = None) -> None:
         """``diagnostics.json``; with ``plot`` also ``diagnostics.png``, which also goes to TensorBoard's images."""
         edges = [round(b / self.num_bands, 6) for b in range(self.num_bands)] + [None]
+        probe = [{"fname": Path(str(b.fname[0])).name, "slice": int(b.slice_num[0])} for b in self._probe]
         document = {"num_bands": self.num_bands, "band_radius_edges": edges, "probe_split": self.probe_split,
-                    "history": self.history}
+                    "probe": probe, "history": self.history}
         with atomic_path(self._folder / "diagnostics.json") as tmp:
             tmp.write_text(json.dumps(document, indent=1))
         if not plot:
