@@ -14,7 +14,9 @@ from torch.utils.data import default_collate
 from reconkit.data.simulate import simulate_dataset
 from reconkit.data.ssdu import SsduSample, SsduVarNetTransform, acs_region, ssdu_split
 from reconkit.data.transforms import to_tensor
+from reconkit.errors import ConfigError
 from reconkit.models import VarNet
+from reconkit.training import VarNetModule
 from reconkit.training.cli import run_cli
 from reconkit.training.self_supervised import SsduVarNetModule, normalized_l1_l2_loss, ssdu_loss
 
@@ -176,8 +178,10 @@ def test_ssdu_loss_reads_only_undersampled_data_and_trains():
         base = ssdu_loss(module.model, batch)
         moved = batch._replace(masked_kspace=batch.masked_kspace * (1 + batch.lambda_mask[:, 0]))
         assert not torch.isclose(ssdu_loss(module.model, moved), base)
-    with pytest.raises(TypeError, match="SsduSample"):
+    with pytest.raises(ConfigError, match="set data.train_transform to reconkit.data.ssdu.SsduVarNetTransform"):
         module.training_step(batch._asdict(), 0)
+    with pytest.raises(ConfigError, match="train it with --model reconkit.training.SsduVarNetModule"):
+        VarNetModule(**TINY_MODEL).training_step(batch, 0)  # the reverse pairing
 
 
 @pytest.fixture(scope="module")

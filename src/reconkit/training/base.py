@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from reconkit.data.ssdu import SsduSample
 from reconkit.errors import ConfigError, ReconkitError, ReconkitWarning
 from reconkit.io.metrics_csv import write_metrics_csv
 from reconkit.metrics import SSIMLoss
@@ -121,6 +122,10 @@ class ReconModule(LightningModule):
 
     # --- loops -----------------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if isinstance(batch, SsduSample):
+            raise ConfigError(f"{type(self).__name__} got an SSDU training batch (data.train_transform "
+                              "SsduVarNetTransform, which holds no target): train it with --model "
+                              "reconkit.training.SsduVarNetModule (configs/varnet_sim_small_ssdu.yaml)")
         images = self.images(batch)
         loss = self.compute_loss(images)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(images.fname))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from reconkit.data.ssdu import SsduSample
+from reconkit.errors import ConfigError
 from reconkit.models import VarNet
 from reconkit.training.modules import VarNetModule
 
@@ -65,8 +66,8 @@ class SsduVarNetModule(VarNetModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         if not isinstance(batch, SsduSample):
-            raise TypeError(f"SsduVarNetModule trains on SsduSample batches (SsduVarNetTransform), got "
-                            f"{type(batch).__name__}")
+            raise ConfigError(f"SsduVarNetModule trains on SSDU batches: set data.train_transform to "
+                              f"reconkit.data.ssdu.SsduVarNetTransform (got {type(batch).__name__} batches)")
         loss = ssdu_loss(self.model, batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch.masked_kspace.shape[0])
         return loss
