@@ -166,6 +166,14 @@ def test_cli_help_shows_examples(capsys):
     assert "reconkit train fit --config configs/varnet_sim_small.yaml" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name, option", [("AugmentedVarNetTransform", "--data.train_transform.config"),
+                                          ("SsduVarNetTransform", "--data.train_transform.rho")])
+def test_cli_help_of_a_training_transform_lists_its_options(name, option, capsys):
+    """``--data.train_transform.help CLASS`` prints that transform's options (it was a parse error)."""
+    assert main(["fit", "--data.train_transform.help", name]) == 0
+    assert option in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------------------- metrics oracle
 
 

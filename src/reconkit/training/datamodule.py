@@ -37,6 +37,8 @@ from reconkit.data import (
     create_mask_for_mask_type,
     list_volume_files,
 )
+from reconkit.data.augment import AugmentedVarNetTransform
+from reconkit.data.ssdu import SsduVarNetTransform
 from reconkit.errors import ConfigError, DataError, ReconkitError, ReconkitWarning
 
 TRANSFORMS = ("varnet", "unet")
@@ -218,9 +220,6 @@ class EpochSampler(DistributedSampler):
 def _check_training_transform(train_transform: Callable | None, transform: str, data_masks) -> None:
     """Refuse a k-space training transform with the image-crop default (training and validation batches would be
     different inputs), and warn when its mask family differs from the data module's (used for validation)."""
-    from reconkit.data.augment import AugmentedVarNetTransform
-    from reconkit.data.ssdu import SsduVarNetTransform
-
     if not isinstance(train_transform, (AugmentedVarNetTransform, SsduVarNetTransform)):
         return
     name = type(train_transform).__name__
@@ -270,7 +269,7 @@ class FastMriDataModule(LightningDataModule):
         num_volumes: int | None = None,
         seed: int = 0,
         test_split: str = "test",
-        train_transform: Callable | None = None,
+        train_transform: AugmentedVarNetTransform | SsduVarNetTransform | Callable | None = None,
         val_transform: Callable | None = None,
         test_transform: Callable | None = None,
     ):
