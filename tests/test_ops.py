@@ -149,8 +149,12 @@ def test_complex_mul_strided_half_and_real_arithmetic_paths():
 def test_complex_layout_errors_name_the_op():
     with pytest.raises(ValueError, match="complex_mul: last axis must have size 2"):
         complex_mul(torch.randn(3, 3), torch.randn(3, 2))
-    with pytest.raises(ValueError, match="complex_abs_sq"):
+    with pytest.raises(ValueError, match="complex_abs: last axis"):
         complex_abs(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="complex_abs_sq: last axis"):
+        complex_abs_sq(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="rss_complex: last axis"):
+        rss_complex(torch.randn(4, 3))
 
 
 def test_complex_mul_gradcheck():

@@ -85,6 +85,7 @@ def complex_abs_sq(x: torch.Tensor) -> torch.Tensor:
 
 def complex_abs(x: torch.Tensor) -> torch.Tensor:
     """Magnitude ``(...,)`` of a ``(..., 2)`` tensor."""
+    _check_layout(x, "complex_abs")
     return complex_abs_sq(x).sqrt()
 
 
@@ -95,4 +96,5 @@ def rss(data: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 def rss_complex(data: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Root sum of squares of ``(..., 2)`` complex coil images along ``dim``; drops the last axis."""
+    _check_layout(data, "rss_complex")
     return torch.sqrt(complex_abs_sq(data).sum(dim))
