@@ -227,9 +227,13 @@ class SliceDataset(torch.utils.data.Dataset):
         fname, slice_ind, metadata = self.raw_samples[i]
         with open_volume(fname) as hf:
             try:
-                kspace = hf["kspace"][slice_ind]
+                # complex128 k-space / float64 targets (valid HDF5, e.g. from MATLAB or numpy defaults) are cast
+                # to the dtypes the class promises: float64 tensors would reach float32 model weights
+                kspace = np.asarray(hf["kspace"][slice_ind]).astype(np.complex64, copy=False)
                 mask = np.asarray(hf["mask"]) if "mask" in hf else None
                 target = hf[self.recons_key][slice_ind] if self.recons_key in hf else None
+                if target is not None:
+                    target = np.asarray(target).astype(np.float32, copy=False)
             except (OSError, KeyError, ValueError) as err:
                 raise DataError(fname, f"cannot read slice {slice_ind} ({err})") from None
             attrs = dict(hf.attrs)
