@@ -2,7 +2,7 @@
 
 Each target file ``TARGET/<name>.h5`` (or ``.hdf5``) is paired with the file of the same name in ``PREDICTIONS``
 (fastMRI's submission layout: a ``reconstruction`` dataset). As in ``fastmri.evaluate``, both volumes are centre-cropped to a square of the target's
-width, then NMSE, PSNR (data range = the target volume's maximum) and SSIM (mean over slices, same data range) are
+width (a target wider than tall is scored whole), then NMSE, PSNR (data range = the target volume's maximum) and SSIM (mean over slices, same data range) are
 computed per volume and averaged over volumes. ``--acquisition`` / ``--acceleration`` keep only the targets whose
 ``acquisition`` / ``acceleration`` attrs match, as fastmri's evaluation script does. ``--bands N`` adds each volume's
 NMSE in N rings of the image spectrum (:func:`reconkit.metrics.spectral.band_nmse`, band 0 = DC): where in
@@ -76,13 +76,15 @@ def score_volume(target_path: Path, prediction_path: Path, challenge: str = "mul
         raise DataError(prediction_path, f"no prediction for target {target_path.name}")
     target = _read_array(target_path, target_key(challenge)).astype(np.float64)
     prediction = _read_array(prediction_path, "reconstruction").astype(np.float64)
-    size = target.shape[-1]
+    # fastmri's evaluation crops to a square of the target's width; a target wider than tall (h < w) cannot be
+    # cropped that way (fastmri raises), so it is scored whole: (min(h, w), w) equals fastmri's crop for h >= w
+    crop = (min(target.shape[-2], target.shape[-1]), target.shape[-1])
     if prediction.shape[0] != target.shape[0]:
         raise DataError(
             prediction_path, f"{prediction.shape[0]} slices, target {target_path.name} has {target.shape[0]}"
         )
     try:
-        target, prediction = center_crop(target, (size, size)), center_crop(prediction, (size, size))
+        target, prediction = center_crop(target, crop), center_crop(prediction, crop)
     except ValueError as err:
         raise DataError(
             prediction_path, f"shape {prediction.shape} does not fit target {target_path.name}: {err}"
