@@ -364,7 +364,8 @@ class FastMriDataModule(LightningDataModule):
         problems = []
         for split in splits:
             try:
-                self.slice_dataset(split, transform=None, sample_rate=None, volume_sample_rate=None)
+                self.slice_dataset(split, transform=None, sample_rate=None, volume_sample_rate=None,
+                                   require_target=self._needs_target(split, stage))
             except DataError as err:
                 problems.append(str(err))
         if len(problems) == 1:
@@ -390,8 +391,15 @@ class FastMriDataModule(LightningDataModule):
             raise DataError(folder, f"the {split!r} folder holds no .h5 / .hdf5 files")
         return folder
 
+    def _needs_target(self, split: str, stage: str) -> bool:
+        """Whether ``stage`` needs ``split``'s fully sampled targets: not for predict, nor for a training split
+        with its own transform (SSDU trains without targets)."""
+        if stage == "predict":
+            return False
+        return not (split == "train" and self.transform_overrides["train"] is not None)
+
     def slice_dataset(self, split: str, transform: Callable | None, sample_rate: float | None,
-                      volume_sample_rate: float | None) -> SliceDataset:
+                      volume_sample_rate: float | None, require_target: bool = False) -> SliceDataset:
         folder = self.split_dir(split)
         dataset = SliceDataset(
             root=folder,
@@ -403,6 +411,18 @@ class FastMriDataModule(LightningDataModule):
             volume_sample_rate=volume_sample_rate,
             scan_memo=self._scan_memo,  # setup's check and the datasets built after it read each header once
         )
+        if require_target:  # found here, before any training, not at the first batch of such a file
+            missing = sorted(str(f) for f, shapes in dataset.slice_shapes.items() if shapes[1] is None)
+            if missing and not self.skip_bad_files:
+                raise DataError(missing[0], f"no target ('{dataset.recons_key}') in the {split!r} split" + (
+                    f" (and {len(missing) - 1} more file(s) without one: {'; '.join(missing[1:])})"
+                    if len(missing) > 1 else "") + "; training, validation and test need fully sampled targets "
+                    "(`reconkit train predict` reconstructs files without them); skip_bad_files leaves such files "
+                    "out with a warning")
+            for name in missing:
+                logger.warning("skipping %s: no target ('%s') in the %r split", name, dataset.recons_key, split)
+            if missing:
+                dataset.raw_samples = [s for s in dataset.raw_samples if str(s.fname) not in set(missing)]
         if not dataset.raw_samples:
             raise DataError(folder, f"no slices left in the {split!r} split (every file skipped as bad, or sampled "
                                     "away)")
@@ -415,7 +435,8 @@ class FastMriDataModule(LightningDataModule):
         for split in splits:
             base_transform = self.transform_overrides["train"] or self.default_transform("train")
             transform = EpochSeededMasks(base_transform, self.seed)
-            dataset = self.slice_dataset(split, transform, self.sample_rate, self.volume_sample_rate)
+            dataset = self.slice_dataset(split, transform, self.sample_rate, self.volume_sample_rate,
+                                         require_target=self._needs_target("train", "fit"))
             parts.append(dataset)
             transforms.append(transform)
         dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
@@ -432,10 +453,10 @@ class FastMriDataModule(LightningDataModule):
         """File name of every slice of ``dataset``, in index order."""
         return [Path(sample.fname).name for sample in dataset.raw_samples]
 
-    def eval_dataset(self, split: str) -> SliceDataset:
+    def eval_dataset(self, split: str, require_target: bool = False) -> SliceDataset:
         transform = self.transform_overrides[split if split in ("val", "test") else "test"]
         return self.slice_dataset(split, transform or self.default_transform(split), self.val_sample_rate,
-                                  self.val_volume_sample_rate)
+                                  self.val_volume_sample_rate, require_target=require_target)
 
     # --- dataloaders ---------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -453,18 +474,18 @@ class FastMriDataModule(LightningDataModule):
         return self._loader(dataset, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
+        return self._eval_loader("val", require_target=True)
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_split)
+        return self._eval_loader(self.test_split, require_target=True)
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_split)
 
-    def _eval_loader(self, split: str) -> DataLoader:
+    def _eval_loader(self, split: str, require_target: bool = False) -> DataLoader:
         """``batch_size`` slices per batch when all of the split's slices have one shape, else one (the order and
         the per-volume metrics stay those of a plain sequential pass)."""
-        dataset = self.eval_dataset(split)
+        dataset = self.eval_dataset(split, require_target=require_target)
         shapes = {dataset.shape_key(i) for i in range(len(dataset))}
         batch_size = self.batch_size if len(shapes) <= 1 else 1
         if batch_size < self.batch_size:
