@@ -192,3 +192,15 @@ def test_help_has_example(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--predictions" in text and "--csv" in text and "example" in text and "reconkit evaluate --target" in text
+
+
+def test_target_wider_than_tall_is_scored_whole(tmp_path):
+    """fastmri's square crop (the target's width) cannot apply to h < w; such a volume is scored whole rather than
+    refused ('cannot crop 24x40 to 40x40')."""
+    rng = np.random.default_rng(3)
+    target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 24, 40, 24, 40)])
+    scores, errors = cli_evaluate.evaluate_directories(target_dir, pred_dir)
+    assert errors == []
+    with h5py.File(target_dir / "file0.h5") as t, h5py.File(pred_dir / "file0.h5") as p:
+        gt, pred = t["reconstruction_rss"][()].astype(np.float64), p["reconstruction"][()].astype(np.float64)
+    assert scores[0].psnr == pytest.approx(float(fastmri_evaluate.psnr(gt, pred)), rel=1e-5)

@@ -432,3 +432,17 @@ def test_bad_root(tmp_path):
         SliceDataset(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="challenge"):
         SliceDataset(tmp_path, challenge="dualcoil")
+
+
+def test_complex128_kspace_and_float64_target_are_cast(tmp_path):
+    """A valid file written with numpy's default dtypes gives the promised complex64 / float32 samples (float64
+    tensors had reached the float32 model weights: 'expected scalar type Double but found Float' mid-training)."""
+    path = write_volume(tmp_path / "c128.h5", width=25, seed=7)
+    with h5py.File(path, "a") as hf:
+        kspace, target = hf["kspace"][()], hf["reconstruction_rss"][()]
+        del hf["kspace"], hf["reconstruction_rss"]
+        hf.create_dataset("kspace", data=kspace.astype(np.complex128))
+        hf.create_dataset("reconstruction_rss", data=target.astype(np.float64))
+    sample = SliceDataset(tmp_path, use_dataset_cache=False)[1]
+    assert sample[0].dtype == np.complex64 and sample[2].dtype == np.float32
+    np.testing.assert_array_equal(sample[0], kspace[1])

@@ -473,6 +473,26 @@ def test_datamodule_refuses_empty_splits_and_targets_without_max_before_training
     assert code == 1 and "the 'val' folder holds no .h5 / .hdf5 files" in capsys.readouterr().err
 
 
+def test_datamodule_refuses_files_without_targets_at_setup(sim_root, tmp_path):
+    """A test (or val) file without ``reconstruction_rss`` is named at setup, before any work (it had failed at its
+    first batch with 'the test split has no target images' though the other files have them); skip_bad_files
+    leaves it out; predict still takes it."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(sim_root, root, ignore=shutil.ignore_patterns("*.pkl"))
+    no_target = sorted((root / "train").glob("*.h5"))[0]
+    with h5py.File(no_target, "r+") as f:
+        del f["reconstruction_rss"]
+    with pytest.raises(DataError, match=rf"{no_target.name}: no target \('reconstruction_rss'\) in the 'train' split"):
+        _datamodule(root, test_split="train").setup("test")
+    _datamodule(root, test_split="train").setup("predict")
+    kept = _datamodule(root, skip_bad_files=True, test_split="train")
+    names = {Path(s.fname).name for s in kept.eval_dataset("train", require_target=True).raw_samples}
+    assert names and no_target.name not in names
+    assert no_target.name in {Path(s.fname).name for s in kept.eval_dataset("train").raw_samples}
+
+
 def test_varnet_trains_on_single_coil_data_as_one_coil(sim_root, tmp_path):
     """fastMRI's single-coil layout (``kspace`` (slices, H, W), ``reconstruction_esc``): the VarNet runs it as one
     coil (it failed with a shape error in its first step)."""
