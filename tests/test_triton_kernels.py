@@ -45,6 +45,19 @@ if not INTERPRETED:  # the interpreter accepts CPU tensors
         with pytest.raises(RuntimeError, match="kspace: the Triton backend needs CUDA tensors"):
             sens_reduce(sens_maps, sens_maps)
 
+    def test_interpreter_mode_is_fixed_at_import(monkeypatch) -> None:
+        """Setting TRITON_INTERPRET after the kernels were compiled for CUDA must not let CPU tensors through
+        (they would fail deep in Triton's driver with "0 active drivers")."""
+        if not triton_available():
+            pytest.skip("Triton is not installed")
+        from reconkit.ops import triton_kernels
+
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert not triton_kernels.interpreted()
+        image, sens_maps = torch.randn(1, 1, 4, 4, 2), torch.randn(1, 2, 4, 4, 2)
+        with pytest.raises(RuntimeError, match="image: the Triton backend needs CUDA tensors"):
+            sens_expand(image, sens_maps, backend="triton")
+
 
 if KERNEL_DEVICE is None:
 
@@ -214,3 +227,78 @@ else:
             triton_kernels.data_consistency(sens_maps, sens_maps, torch.ones(1, 1, 1, 3, 1), torch.tensor(1.0))
         with pytest.raises(ValueError, match="weight: expected one element"):
             triton_kernels.data_consistency(sens_maps, sens_maps, torch.ones(1, 1, 1, 4, 1), torch.ones(2))
+
+    # ------------------------------------------------------------------------------- parity with the torch path
+
+    def test_batch_of_one_broadcasts_as_on_the_torch_path() -> None:
+        """MultiCoilMRI allows one set of maps for a batch of images (and the reverse); so must the kernels."""
+        from reconkit.ops import MultiCoilMRI
+
+        sens_1, image_2 = randn(1, 3, 7, 6, 2, seed=30), randn(2, 1, 7, 6, 2, seed=31).requires_grad_()
+        kspace_2 = randn(2, 3, 7, 6, 2, seed=32)
+        torch.testing.assert_close(
+            triton_kernels.sens_expand(image_2, sens_1), sens_expand(image_2, sens_1, backend="torch")
+        )
+        torch.testing.assert_close(
+            triton_kernels.sens_reduce(kspace_2, sens_1), sens_reduce(kspace_2, sens_1, backend="torch")
+        )
+        torch.testing.assert_close(triton_kernels.sens_expand(image_2[:1], randn(2, 3, 7, 6, 2, seed=33)),
+                                   sens_expand(image_2[:1], randn(2, 3, 7, 6, 2, seed=33), backend="torch"))
+        mask = line_mask(1, 6, 34).float()
+        weight = torch.tensor(0.5, device=KERNEL_DEVICE)
+        torch.testing.assert_close(triton_kernels.data_consistency(kspace_2, kspace_2[:1], mask, weight),
+                                   data_consistency(kspace_2, kspace_2[:1], mask, weight, backend="torch"))
+        op = MultiCoilMRI(mask, sens_1)
+        (grad,) = torch.autograd.grad(op.A(image_2).square().sum(), image_2)
+        torch.testing.assert_close(grad, 2 * op.normal(image_2.detach()), rtol=1e-5, atol=1e-5)
+
+    def test_dtypes_follow_the_torch_path() -> None:
+        """A float32 / float64 mix is computed in float64; half-precision DC stays half precision."""
+        image, sens_maps = randn(1, 1, 5, 6, 2, seed=35, dtype=torch.float64), randn(1, 2, 5, 6, 2, seed=36)
+        out = triton_kernels.sens_expand(image, sens_maps)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, sens_expand(image, sens_maps, backend="torch"))
+        kspace = randn(1, 2, 5, 6, 2, seed=37)
+        assert triton_kernels.sens_reduce(kspace.double(), sens_maps).dtype == torch.float64
+        mask, weight = line_mask(1, 6, 38), torch.tensor(0.25, device=KERNEL_DEVICE)
+        for half in (torch.float16, torch.bfloat16):
+            ours = data_consistency(kspace.to(half), kspace.flip(1).to(half), mask, weight, backend="triton")
+            expected = data_consistency(kspace.to(half), kspace.flip(1).to(half), mask, weight, backend="torch")
+            assert ours.dtype == expected.dtype == half
+            torch.testing.assert_close(ours, expected, rtol=1e-2, atol=1e-2)  # ours rounds once, from float32
+            ours = sens_expand(image.to(half), sens_maps.to(half), backend="triton")
+            expected = sens_expand(image.to(half), sens_maps.to(half), backend="torch")
+            assert ours.dtype == expected.dtype == torch.float32
+            torch.testing.assert_close(ours, expected)  # the torch path also multiplies in float32 now
+
+    @pytest.mark.parametrize("size", [(6, 4), (5, 7)])
+    def test_forward_mode_ad_equals_torch_path(size) -> None:
+        """torch.func.jvp (reconkit.training.regime's linearisation error) runs through the kernels."""
+        height, width = size
+        f64 = torch.float64
+        image = randn(2, 1, height, width, 2, seed=40, dtype=f64)
+        sens_maps = randn(2, 3, height, width, 2, seed=41, dtype=f64)
+        kspace = randn(2, 3, height, width, 2, seed=42, dtype=f64)
+        ref = randn(2, 3, height, width, 2, seed=43, dtype=f64)
+        mask = torch.rand(2, 1, 1, width, 1, dtype=f64, generator=torch.Generator().manual_seed(44)).to(KERNEL_DEVICE)
+        weight = torch.tensor(0.3, dtype=f64, device=KERNEL_DEVICE)
+        cases = [
+            (lambda b: lambda x, s: sens_expand(x, s, backend=b), (image, sens_maps)),
+            (lambda b: lambda k, s: sens_reduce(k, s, backend=b), (kspace, sens_maps)),
+            (lambda b: lambda k, k0, m, w: data_consistency(k, k0, m, w, backend=b), (kspace, ref, mask, weight)),
+        ]
+        for make, primals in cases:
+            tangents = tuple(randn(*p.shape, 1, seed=50 + i, dtype=f64).reshape(p.shape) for i, p in enumerate(primals))
+            ours = torch.func.jvp(make("triton"), primals, tangents)
+            expected = torch.func.jvp(make("torch"), primals, tangents)
+            torch.testing.assert_close(ours, expected)
+
+    def test_export_path_wins_over_the_triton_backend(monkeypatch) -> None:
+        from reconkit.ops import fft_impl
+
+        monkeypatch.setenv("RECONKIT_OPS_BACKEND", "triton")
+        monkeypatch.setattr(triton_kernels, "sens_expand", lambda *a: pytest.fail("Triton kernel used on export path"))
+        image, sens_maps = randn(1, 1, 4, 4, 2, seed=45), randn(1, 2, 4, 4, 2, seed=46)
+        with fft_impl("matmul"):
+            out = sens_expand(image, sens_maps)
+        torch.testing.assert_close(out, sens_expand(image, sens_maps, backend="torch"), rtol=1e-5, atol=1e-5)

@@ -2,7 +2,8 @@
 
 Order of precedence: the ``backend=`` argument, then the ``RECONKIT_OPS_BACKEND`` environment variable
 (``torch`` or ``triton``), then automatic: Triton for CUDA tensors when Triton imports, PyTorch otherwise.
-With ``TRITON_INTERPRET=1`` the Triton path also accepts CPU tensors (used by the tests).
+With ``TRITON_INTERPRET=1`` (set before the kernels are imported) the Triton path also accepts CPU tensors (used
+by the tests). Under ``fft_impl("matmul")`` (the ONNX export path) the ops take the MatMul path whatever the backend.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ __all__ = [
 ]
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _fft_dims(hybrid: bool) -> tuple[int, ...]:
     """Axes the coil operators transform: W only from / to hybrid space, else both."""
     return (-1,) if hybrid else (-2, -1)
@@ -49,13 +52,15 @@ def sens_expand(
     Returns:
         ``(B, C, H, W, 2)`` coil k-space (hybrid space with ``hybrid=True``).
     """
+    dims = _fft_dims(hybrid)
+    if current_fft_impl() == "matmul":  # the export path wins over any ops backend
+        return _sens_expand_planar(image, sens_maps, dims)
     if not hybrid and resolve_backend(backend, image, sens_maps) == "triton":
         from reconkit.ops import triton_kernels
 
         return triton_kernels.sens_expand(image, sens_maps)
-    dims = _fft_dims(hybrid)
-    if current_fft_impl() == "matmul":
-        return _sens_expand_planar(image, sens_maps, dims)
+    if image.dtype in _HALF or sens_maps.dtype in _HALF:  # the coil product in float32, as the FFT is
+        image, sens_maps = image.float(), sens_maps.float()
     height, width = sens_maps.shape[-3], sens_maps.shape[-2]
     if not (native_complex_ok(image, sens_maps) and height % 2 == 0 and width % 2 == 0):
         return fftc(complex_mul(image, sens_maps), dims)
@@ -81,13 +86,13 @@ def sens_reduce(
     Returns:
         ``(B, 1, H, W, 2)`` combined complex image.
     """
+    dims = _fft_dims(hybrid)
+    if current_fft_impl() == "matmul":  # the export path wins over any ops backend
+        return _sens_reduce_planar(kspace, sens_maps, dims)
     if not hybrid and resolve_backend(backend, kspace, sens_maps) == "triton":
         from reconkit.ops import triton_kernels
 
         return triton_kernels.sens_reduce(kspace, sens_maps)
-    dims = _fft_dims(hybrid)
-    if current_fft_impl() == "matmul":
-        return _sens_reduce_planar(kspace, sens_maps, dims)
     height, width = kspace.shape[-3], kspace.shape[-2]
     if not (native_complex_ok(kspace, sens_maps) and height % 2 == 0 and width % 2 == 0):
         return complex_mul(ifftc(kspace, dims), complex_conj(sens_maps)).sum(dim=1, keepdim=True)
@@ -153,7 +158,7 @@ def data_consistency(
         ``(B, C, H, W, 2)`` updated k-space.
     """
     weight_t = torch.as_tensor(weight, dtype=kspace.dtype, device=kspace.device)
-    if resolve_backend(backend, kspace, ref_kspace) == "triton":
+    if current_fft_impl() != "matmul" and resolve_backend(backend, kspace, ref_kspace) == "triton":
         from reconkit.ops import triton_kernels
 
         return triton_kernels.data_consistency(kspace, ref_kspace, mask, weight_t)

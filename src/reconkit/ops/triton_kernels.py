@@ -1,7 +1,9 @@
 """Fused Triton kernels for the coil operators and soft data consistency (forward and backward).
 
 Same maths and layout as :mod:`reconkit.ops.coils` (fastMRI's real layout ``(..., H, W, 2)``, float32 or float64;
-half precision is promoted to float32 as the torch path does), used through its ``backend=`` dispatch:
+a float32 / float64 mix is computed in float64 and half precision in float32, as the torch path does;
+``data_consistency`` casts its result back to half precision as the torch path keeps it; a batch of 1
+broadcasts), used through its ``backend=`` dispatch:
 
 * ``sens_expand(image, sens_maps)``: one kernel forms ``pre · (image · S_c)`` for all coils, ``torch.fft.fft2``
   (cuFFT) transforms, one in-place kernel applies the post-modulation.
@@ -17,15 +19,15 @@ sizes the kernels read at rolled indices instead (``ifftshift``: ``(i + N//2) mo
 output of cuFFT is rolled with ``torch.fft.fftshift``.
 
 Backward passes use that the centred orthonormal FFT is unitary: the gradient of ``sens_expand`` with respect to
-the image is ``sens_reduce`` of the output gradient, and vice versa. Double backward is not supported.
+the image is ``sens_reduce`` of the output gradient, and vice versa. Forward-mode AD (``torch.func.jvp``,
+``torch.autograd.forward_ad``) is supported; double backward and ``torch.func.vmap`` are not.
 
 Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before
-Triton is imported), which is how the tests check them on machines without a GPU.
+this module is imported), which is how the tests check them on machines without a GPU.
 """
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -38,8 +40,9 @@ _BLOCK = 1024
 
 
 def interpreted() -> bool:
-    """Whether Triton runs in interpreter mode (``TRITON_INTERPRET=1``), where kernels accept CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether this module's kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` when Triton decorated
+    them, i.e. at import), where they accept CPU tensors. Setting or clearing the variable later changes nothing."""
+    return _INTERPRETED
 
 
 # ------------------------------------------------------------------------------------------------------- kernels
@@ -137,6 +140,10 @@ def _dc_index(offs, C, H, W, m_b, m_c, m_h, m_w):
     c = (offs // (W * H)) % C
     b = offs // (W * H * C)
     return b * m_b + c * m_c + h * m_h + w * m_w
+
+
+# decided by triton.jit when the kernels above were decorated, not by the environment at call time
+_INTERPRETED = type(_expand_kernel).__name__ == "InterpretedFunction"
 
 
 @triton.jit
@@ -261,9 +268,13 @@ def _mask_for_kernel(mask: torch.Tensor) -> torch.Tensor:
 
 class _SensExpand(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image: torch.Tensor, sens_maps: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(image, sens_maps)
+    def forward(image: torch.Tensor, sens_maps: torch.Tensor) -> torch.Tensor:
         return torch.view_as_real(_expand(sens_maps, image))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
 
     @staticmethod
     @once_differentiable
@@ -274,28 +285,67 @@ class _SensExpand(torch.autograd.Function):
         grad_image, grad_sens = _reduce(raw, sens_maps, image if need_sens else None, write_image=need_image)
         return grad_image, grad_sens
 
+    @staticmethod
+    def jvp(ctx, d_image: torch.Tensor | None, d_sens: torch.Tensor | None) -> torch.Tensor:
+        """Forward mode: the op is bilinear over the reals, so the tangent is ``E(dx, S) + E(x, dS)``; computed by
+        the torch path (``torch.func`` hands wrapped tensors that Triton cannot read)."""
+        from reconkit.ops.coils import sens_expand as torch_expand
+
+        image, sens_maps = ctx.saved_tensors
+        tangent = torch.zeros_like(sens_maps)
+        if d_image is not None:
+            tangent = tangent + torch_expand(d_image, sens_maps, backend="torch")
+        if d_sens is not None:
+            tangent = tangent + torch_expand(image, d_sens, backend="torch")
+        return tangent
+
 
 class _SensReduce(torch.autograd.Function):
+    """Returns ``(image, raw)``; ``raw`` (the coil images the backward needs for the maps' gradient) is an extra,
+    non-differentiable output because ``setup_context`` (needed by ``torch.func``) cannot see forward's locals."""
+
     @staticmethod
-    def forward(ctx, kspace: torch.Tensor, sens_maps: torch.Tensor) -> torch.Tensor:
+    def forward(kspace: torch.Tensor, sens_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raw = _raw_coil_images(kspace)
         image, _ = _reduce(raw, sens_maps, None, write_image=True)
+        return image, raw
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        kspace, sens_maps = inputs
+        raw = output[1]
+        ctx.mark_non_differentiable(raw)
         ctx.save_for_backward(sens_maps, raw if ctx.needs_input_grad[1] else None)
-        return image
+        ctx.save_for_forward(kspace, sens_maps)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, _grad_raw: torch.Tensor | None):
         sens_maps, raw = ctx.saved_tensors
         grad = grad.contiguous()
         grad_kspace = torch.view_as_real(_expand(sens_maps, grad)) if ctx.needs_input_grad[0] else None
         grad_sens = _reduce(raw, sens_maps, grad, write_image=False)[1] if ctx.needs_input_grad[1] else None
         return grad_kspace, grad_sens
 
+    @staticmethod
+    def jvp(ctx, d_kspace: torch.Tensor | None, d_sens: torch.Tensor | None):
+        """Forward mode: ``Σ conj(S) F⁻¹k`` is bilinear over the reals: ``R(dk, S) + R(k, dS)`` (torch path, as in
+        :meth:`_SensExpand.jvp`)."""
+        from reconkit.ops.coils import sens_reduce as torch_reduce
+
+        kspace, sens_maps = ctx.saved_tensors
+        batch, _, height, width, _ = kspace.shape
+        tangent = torch.zeros((batch, 1, height, width, 2), dtype=kspace.dtype, device=kspace.device)
+        if d_kspace is not None:
+            tangent = tangent + torch_reduce(d_kspace, sens_maps, backend="torch")
+        if d_sens is not None:
+            tangent = tangent + torch_reduce(kspace, d_sens, backend="torch")
+        return tangent, None
+
 
 class _DataConsistency(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kspace, ref_kspace, mask, weight):
+    def forward(kspace, ref_kspace, mask, weight):
         strides = _mask_strides(mask, kspace.shape)
         _, coils, height, width, _ = kspace.shape
         n = kspace.numel() // 2
@@ -304,8 +354,12 @@ class _DataConsistency(torch.autograd.Function):
         _dc_forward_kernel[(triton.cdiv(n, _BLOCK),)](
             kspace, ref_kspace, kernel_mask, weight, out, n, coils, height, width, *strides, BLOCK=_BLOCK
         )
-        ctx.save_for_backward(kspace, ref_kspace, mask, weight)
         return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
 
     @staticmethod
     @once_differentiable
@@ -332,12 +386,30 @@ class _DataConsistency(torch.autograd.Function):
             grad_mask = (-weight * grad * (kspace - ref_kspace)).sum_to_size(mask.shape)
         return grad_k, grad_k0, grad_mask, grad_weight
 
+    @staticmethod
+    def jvp(ctx, d_kspace, d_ref, d_mask, d_weight):
+        """Forward mode (plain torch ops): ``dk − η·m·(dk − dk₀) − (dη·m + η·dm)·(k − k₀)``."""
+        kspace, ref_kspace, mask, weight = ctx.saved_tensors
+        m = mask.to(kspace.dtype)
+        eta = weight.reshape(())
+        tangent = torch.zeros_like(kspace)
+        if d_kspace is not None:
+            tangent = tangent + d_kspace - eta * m * d_kspace
+        if d_ref is not None:
+            tangent = tangent + eta * m * d_ref
+        if d_weight is not None:
+            tangent = tangent - d_weight.reshape(()) * m * (kspace - ref_kspace)
+        if d_mask is not None:
+            tangent = tangent - eta * d_mask * (kspace - ref_kspace)
+        return tangent
+
 
 # ------------------------------------------------------------------------------------------ public functions
 
 
 def _prepare(name_tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Check device and layout; promote half precision to float32; make contiguous."""
+    """Check device and layout; broadcast a batch of 1 (as the torch path does); promote half precision to
+    float32 and a float32 / float64 mix to float64 (torch's promotion); make contiguous."""
     tensors = list(name_tensors.values())
     for name, t in name_tensors.items():
         if t.ndim != 5 or t.shape[-1] != 2:
@@ -347,7 +419,15 @@ def _prepare(name_tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
                 f"{name}: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before Triton is "
                 f"imported); got a tensor on {t.device}"
             )
-    dtype = torch.float64 if all(t.dtype == torch.float64 for t in tensors) else torch.float32
+        if t.numel() >= 2**31:  # the kernels index in int32: (plane offset + element) * 2 must not wrap
+            raise ValueError(f"{name}: {t.numel()} values; the Triton kernels take fewer than 2**31 per tensor")
+        if t.device != tensors[0].device:
+            raise ValueError(f"{name} is on {t.device}, {next(iter(name_tensors))} on {tensors[0].device}")
+    batches = {t.shape[0] for t in tensors} - {1}
+    if len(batches) == 1:
+        batch = batches.pop()
+        tensors = [t.expand(batch, *t.shape[1:]) for t in tensors]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     return [t.to(dtype).contiguous() for t in tensors]
 
 
@@ -370,14 +450,16 @@ def sens_reduce(kspace: torch.Tensor, sens_maps: torch.Tensor) -> torch.Tensor:
     kspace, sens_maps = _prepare({"kspace": kspace, "sens_maps": sens_maps})
     if kspace.shape != sens_maps.shape:
         raise ValueError(f"kspace {tuple(kspace.shape)} and sens_maps {tuple(sens_maps.shape)} differ in shape")
-    return _SensReduce.apply(kspace, sens_maps)
+    return _SensReduce.apply(kspace, sens_maps)[0]
 
 
 def data_consistency(
     kspace: torch.Tensor, ref_kspace: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor
 ) -> torch.Tensor:
     """``k − η · mask · (k − k₀)``: kspace, ref_kspace ``(B, C, H, W, 2)``; mask bool / float broadcasting as
-    ``(B, 1, 1, W, 1)`` or ``(B, 1, H, W, 1)``; weight ``η`` a one-element tensor (learnable)."""
+    ``(B, 1, 1, W, 1)`` or ``(B, 1, H, W, 1)``; weight ``η`` a one-element tensor (learnable). Computed in
+    float32 for half-precision k-space, returned in the inputs' dtype as the torch path does."""
+    out_dtype = torch.promote_types(kspace.dtype, ref_kspace.dtype)
     kspace, ref_kspace = _prepare({"kspace": kspace, "ref_kspace": ref_kspace})
     if kspace.shape != ref_kspace.shape:
         raise ValueError(f"kspace {tuple(kspace.shape)} and ref_kspace {tuple(ref_kspace.shape)} differ in shape")
@@ -394,4 +476,5 @@ def data_consistency(
     mask = mask.to(kspace.device)
     if mask.dtype != torch.bool:
         mask = mask.to(kspace.dtype)
-    return _DataConsistency.apply(kspace, ref_kspace, mask, weight)
+    out = _DataConsistency.apply(kspace, ref_kspace, mask, weight)
+    return out.to(out_dtype) if out_dtype in (torch.float16, torch.bfloat16) else out
