@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from reconkit.cli.reconstruct import main as reconstruct_main
 from reconkit.cli.train import main, one_line
+from reconkit.data import SliceDataset
 from reconkit.data.transforms import VarNetSample, center_crop
 from reconkit.errors import DataError, ReconkitError, ReconkitWarning
 from reconkit.inference import load_reconstructor
@@ -446,7 +447,7 @@ def test_datamodule_skip_bad_files(sim_root, tmp_path):
     assert len(_datamodule(root, skip_bad_files=True).train_dataset()) == 9  # the 3 good volumes x 3 slices
 
 
-def test_datamodule_refuses_empty_splits_and_targets_without_max_before_training(sim_root, tmp_path, capsys):
+def test_datamodule_refuses_empty_splits_and_takes_targets_without_max(sim_root, tmp_path, capsys):
     import shutil
 
     root = tmp_path / "data"
@@ -454,9 +455,15 @@ def test_datamodule_refuses_empty_splits_and_targets_without_max_before_training
     no_max = sorted((root / "train").glob("*.h5"))[0]
     with h5py.File(no_max, "r+") as f:
         del f.attrs["max"]
-    with pytest.raises(DataError, match=rf"{no_max.name}: file attrs lack 'max' \(needed with 'reconstruction_rss'"):
-        _datamodule(root).train_dataset()  # at the scan, not an epoch later in validation
-    assert len(_datamodule(root, skip_bad_files=True).train_dataset()) == 6  # the other 2 volumes x 3 slices
+        volume_max = float(f["reconstruction_rss"][()].max())
+    with pytest.warns(ReconkitWarning, match=rf"{no_max.name}: no 'max' attr; using the maximum of its "
+                                             r"'reconstruction_rss' volume"):
+        dataset = _datamodule(root).train_dataset()
+    assert len(dataset) == 9  # 3 volumes x 3 slices: a file without 'max' is not a bad file
+    with pytest.warns(ReconkitWarning, match="no 'max' attr"):
+        raw = SliceDataset(root / "train", "multicoil", use_dataset_cache=False)
+    index = [i for i, sample in enumerate(raw.raw_samples) if sample.fname == no_max]
+    assert index and raw[index[0]][3]["max"] == pytest.approx(volume_max)  # fastmri.evaluate's maxval
     for item in (root / "train").glob("*.h5"):
         item.unlink()
     (root / "train" / "broken.h5").write_bytes(b"")

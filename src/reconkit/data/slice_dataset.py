@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,13 +22,13 @@ import torch
 
 from reconkit.atomic import atomic_path
 from reconkit.data.volume import open_volume, read_volume_info, target_key
-from reconkit.errors import DataError
+from reconkit.errors import DataError, ReconkitWarning
 
 __all__ = ["RawSample", "SliceDataset", "default_cache_file", "list_volume_files"]
 
 logger = logging.getLogger(__name__)
 
-_CACHE_VERSION = 3  # 2: entries carry each file's slice shapes; 3: a target without the 'max' attr is a bad file
+_CACHE_VERSION = 4  # 2: entries carry each file's slice shapes; 4: a target without the 'max' attr gets its maximum
 _VOLUME_SUFFIXES = (".h5", ".hdf5")
 
 PathLike = str | os.PathLike
@@ -64,6 +65,20 @@ def _signature(path: Path) -> tuple[str, int, int]:
     except OSError:
         return (str(path.resolve()), -1, -1)
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def _target_max(fname: Path, key: str) -> float:
+    """The maximum of a file's whole target volume (what fastMRI stores in ``attrs['max']`` and what
+    ``fastmri.evaluate`` uses for PSNR / SSIM when scoring), for files that lack the attribute; warns once."""
+    with open_volume(fname) as hf:
+        try:
+            target = hf[key]
+            value = max(float(np.max(target[i])) for i in range(target.shape[0]))
+        except (OSError, KeyError, ValueError) as err:
+            raise DataError(fname, f"cannot read '{key}' ({err})") from None
+    warnings.warn(f"{fname}: no 'max' attr; using the maximum of its '{key}' volume ({value:.6g}) for PSNR / SSIM",
+                  ReconkitWarning, stacklevel=2)
+    return value
 
 
 class SliceDataset(torch.utils.data.Dataset):
@@ -161,11 +176,11 @@ class SliceDataset(torch.utils.data.Dataset):
             if cached is None:
                 try:
                     info = read_volume_info(fname, self.challenge)
+                    metadata = info.metadata()
                     if info.target_key is not None and "max" not in info.attrs:  # the transforms need it
-                        raise DataError(fname, f"file attrs lack 'max' (needed with '{info.target_key}' for PSNR / "
-                                               "SSIM; fastMRI files carry it)")
+                        metadata["max"] = _target_max(fname, info.target_key)
                     target_shape = None if info.target_shape is None else info.target_shape[1:]
-                    cached = ("ok", (info.metadata(), info.num_slices, (info.kspace_shape[1:], target_shape)))
+                    cached = ("ok", (metadata, info.num_slices, (info.kspace_shape[1:], target_shape)))
                 except DataError as err:
                     cached = ("bad", err.problem)
                 cache[key] = cached
