@@ -340,6 +340,7 @@ def _bad_requests() -> list[tuple[str, object, str]]:
         ("zero kspace", json_request(empty_second, sample(batch=2)[1]),
          "input 'masked_kspace': sample 1 is all zero (no acquired data)"),
         ("zero mask", json_request(kspace, np.zeros_like(mask)), "input 'mask': sample 0 selects no k-space column"),
+        ("soft mask", json_request(kspace, mask * 0.5), "input 'mask': values must be 0 or 1 (acquired columns), got 0.5"),
         ("mask width", json_request(kspace, wide_mask), "input 'mask': width 8 (axis 3) does not match 'masked_kspace' width 7"),
         ("batch limit", big_batch, "batch size 9 exceeds the model's max_batch_size 8"),
         ("batch mismatch", batch_mismatch, "inputs disagree on the batch size"),

@@ -1,7 +1,7 @@
 """Checks on decoded inputs beyond names, datatypes and shapes: batch sizes, finiteness, the ONNX contract.
 
 The reconkit ONNX contract (docs/architecture.md): ``masked_kspace`` float32 ``[batch, coils, height, width, 2]``
-and ``mask`` float32 ``[batch, 1, 1, width, 1]``; the mask's width must equal the k-space width, and
+and ``mask`` float32 ``[batch, 1, 1, width, 1]`` of 0 / 1; the mask's width must equal the k-space width, and
 ``(height, width)`` must be one of the graph's ``reconkit.spatial_sizes`` when the metadata lists them.
 """
 
@@ -46,6 +46,10 @@ def check_inputs(request: InferRequest, max_batch_size: int,
         sizes = ", ".join(f"{h}x{w}" for h, w in spatial_sizes)
         raise RequestError(400, f"input 'masked_kspace': height x width {kspace.shape[2]}x{kspace.shape[3]} is not "
                                 f"a size the model was exported for ({sizes})")
+    if contract and not np.isin(mask, (0.0, 1.0)).all():
+        value = float(mask.ravel()[np.flatnonzero(~np.isin(mask, (0.0, 1.0)))[0]])
+        raise RequestError(400, f"input 'mask': values must be 0 or 1 (acquired columns), got {value:g}; the graph "
+                                "takes every nonzero column as acquired")
     if contract:
         # nothing to reconstruct: the VarNet's per-sample normalisation would divide 0 by 0 and return NaN
         for name, array, problem in (("masked_kspace", kspace, "is all zero (no acquired data)"),
