@@ -393,6 +393,11 @@ def test_cli_writes_dataset_and_reports_bad_options(tmp_path, capsys):
     manifest = json.loads((tmp_path / "random" / "manifest.json").read_text())
     assert manifest["options"]["random_contrast"] == 1.0
     assert all(v["params"]["contrast_randomised"] for v in manifest["volumes"])
+    capsys.readouterr()
+    few = [*args[:2], str(tmp_path / "few"), "--num-volumes", "1", *args[5:13], "--slices", "2", "--no-progress"]
+    assert main(few + ["--source", "pydicom_abdomen"]) == 0  # one image: fewer slices than asked is said
+    assert ("note: source pydicom_abdomen holds 1 slice(s) in this orientation; its volumes have 1, not --slices 2"
+            in capsys.readouterr().err)
     assert main(args[:-1] + ["--encoded-size", "47", "40"]) == 2
     assert "even" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("not a folder")

@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="reconstruction_rss size, the centre crop (default: 320 320)",
     )
     parser.add_argument(
-        "--slices", type=int, default=16, help="slices per volume (dipy_b0 has at most 10, pydicom_mr 1; default: 16)"
+        "--slices", type=int, default=16,
+        help="slices per volume, at most what the source holds (dipy_b0 10, the single-image pydicom_* sources 1; a "
+             "note: line says when volumes have fewer; default: 16)",
     )
     parser.add_argument(
         "--snr-db",
@@ -147,6 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, ReconkitError) as error:
         print(f"reconkit simulate: error: {error}", file=sys.stderr)
         return 2
+    fewer = {v["params"]["source"]: v["params"]["slices"] for v in manifest["volumes"]
+             if v["params"]["slices"] < args.slices}
+    for source, slices in fewer.items():
+        print(f"note: source {source} holds {slices} slice(s) in this orientation; its volumes have {slices}, "
+              f"not --slices {args.slices}", file=sys.stderr)
     counts = {name: sum(v["split"] == name for v in manifest["volumes"]) for name in ("train", "val", "test")}
     print(
         f"wrote {len(manifest['volumes'])} volumes to {args.output} "
