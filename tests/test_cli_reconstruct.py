@@ -247,6 +247,20 @@ def test_encoding_limits_outside_the_kspace_are_noted_and_the_width_used(tmp_pat
         np.testing.assert_array_equal(a["reconstruction"][()], b["reconstruction"][()])  # the whole width, as good.h5
 
 
+def test_a_recon_size_beyond_the_kspace_is_noted_and_clipped(tmp_path, capsys):
+    path = tmp_path / "wide_recon.h5"
+    write_fastmri_file(path, np.random.default_rng(7), height=64, width=48)
+    with h5py.File(path, "r+") as f:
+        del f["ismrmrd_header"]
+        f.create_dataset("ismrmrd_header", data=fastmri_header(64, 48, (32, 70), 48))
+    code, _, err = _run(capsys, str(path), "--model", "zero-filled", "--output", str(tmp_path / "out"))
+    assert code == 0, err
+    (note,) = [line for line in err.splitlines() if line.startswith("note:")]
+    assert "wide_recon.h5: the header's recon size 32x70 is larger than the 64x48 k-space; the images are 32x48" in note
+    with h5py.File(tmp_path / "out" / "h5" / "wide_recon.h5") as f:
+        assert f["reconstruction"].shape == (2, 32, 48)
+
+
 def test_bad_inputs_one_line_each_others_written(tmp_path, capsys):
     rng = np.random.default_rng(3)
     scans = tmp_path / "scans"

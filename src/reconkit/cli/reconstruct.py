@@ -24,6 +24,7 @@ from reconkit.inference import (
     VolumeResult,
     acquired_columns,
     load_reconstructor,
+    recon_crop,
     reconstruct_volume,
     volume_mask,
 )
@@ -242,9 +243,9 @@ def run(args: argparse.Namespace) -> list[FileReport]:
             try:
                 volume = read_ismrmrd_raw(path) if is_ismrmrd_raw(path) else read_volume(path)
                 progress.update(slices_task, total=volume.kspace.shape[0])
-                header_note = acquired_columns(volume)[2]
-                if header_note:
-                    print(f"note: {path}: {header_note}", file=sys.stderr)
+                for header_note in (acquired_columns(volume)[2], recon_crop(volume)[1]):
+                    if header_note:
+                        print(f"note: {path}: {header_note}", file=sys.stderr)
                 mask, retrospective = volume_mask(
                     volume,
                     mask_options["mask_type"],

@@ -7,6 +7,7 @@ from reconkit.inference.engine import (
     VolumeResult,
     acquired_columns,
     load_reconstructor,
+    recon_crop,
     reconstruct_volume,
     volume_mask,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "VolumeResult",
     "acquired_columns",
     "load_reconstructor",
+    "recon_crop",
     "reconstruct_volume",
     "volume_mask",
 ]

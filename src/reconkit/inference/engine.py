@@ -302,6 +302,18 @@ def acquired_columns(volume: Volume) -> tuple[int, int, str | None]:
     return fitted[0], fitted[1], note
 
 
+def recon_crop(volume: Volume) -> tuple[tuple[int, int], str | None]:
+    """The ``(h, w)`` output images are cropped to: the header's recon size, at most the k-space's ``(H, W)``, and a
+    note when the header asks for more than that."""
+    height, width = volume.kspace.shape[-2:]
+    recon_x, recon_y = volume.info.header.recon_size[:2]
+    crop = (min(recon_x, height), min(recon_y, width))
+    if crop == (recon_x, recon_y):
+        return crop, None
+    return crop, (f"the header's recon size {recon_x}x{recon_y} is larger than the {height}x{width} k-space; the "
+                  f"images are {crop[0]}x{crop[1]}")
+
+
 def volume_mask(
     volume: Volume, mask_type: str, acceleration: int, center_fraction: float, seed: int | None
 ) -> tuple[np.ndarray, bool]:
@@ -364,8 +376,7 @@ def reconstruct_volume(
     kspace = _coil_kspace(volume)
     num_slices, _, height, width = kspace.shape
     run, note = reconstructor.runner_for(volume.info.path, height, width)
-    recon_x, recon_y = volume.info.header.recon_size[:2]
-    crop = (min(recon_x, height), min(recon_y, width))
+    crop = recon_crop(volume)[0]
     outputs, zero_filled, seconds, empty_slices = [], [], 0.0, []
     if mask.shape[0] not in (1, num_slices):
         raise ValueError(f"mask has {mask.shape[0]} slices; expected 1 or {num_slices}")
