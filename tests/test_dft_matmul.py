@@ -30,6 +30,7 @@ from reconkit.ops.dft_matmul import (
     axis_plan,
     centred_fft_matmul,
     centred_fft_matmul_planar,
+    fft2_radices,
     radices,
     stacked_factors,
     stacked_fft_w,
@@ -228,6 +229,33 @@ def test_onnx_graph_has_only_matmul_ops_and_matches(height: int, width: int, inv
         (result,) = session.run(None, {"x": data.numpy()})
         expected = (ifft2c(data) if inverse else fft2c(data)).numpy()
         assert np.linalg.norm(result - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+def _moves_one_axis(perm: list[int]) -> bool:
+    """Whether a Transpose ``perm`` moves a single axis (the others keep their order): ONNX Runtime's fast path."""
+    return any(sorted(perm[:i] + perm[i + 1 :]) == perm[:i] + perm[i + 1 :] for i in range(len(perm)))
+
+
+@pytest.mark.parametrize("height,width", [(640, 368), (640, 320), (768, 396), (45, 33)])
+def test_2d_graph_is_gemms_and_single_axis_transposes(height: int, width: int) -> None:
+    """The 2D transform's speed in ONNX Runtime rests on its layout: no complex-combine Add / Sub, no Split /
+    Concat of the (real, imag) axis, and Transposes that each move one axis (a multi-axis permutation is ~10×
+    slower there): (real, imag) out of the innermost place, W in front of H, the last W stage's operand (fused into
+    its MatMul) and one per radix beyond the first of each axis."""
+    x = torch.randn(1, 2, height, width, 2)
+    buffer = io.BytesIO()
+    with fft_impl("matmul"):
+        torch.onnx.export(_FFT(False), (x,), buffer, dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"])
+    nodes = onnx.load_from_string(buffer.getvalue()).graph.node
+    ops = [node.op_type for node in nodes]
+    assert not {"Add", "Sub", "Mul", "Split", "Concat", "Gather"} & set(ops), ops
+    perms = [list(next(a.ints for a in node.attribute if a.name == "perm")) for node in nodes
+             if node.op_type == "Transpose"]
+    assert all(_moves_one_axis(p) for p in perms), perms
+    digits = len(fft2_radices(height)) + len(fft2_radices(width))
+    last_stage = 1  # the last W stage's transposed operand (fused into the MatMul by ONNX Runtime)
+    assert len(perms) == digits + last_stage, perms
 
 
 def _line_mask(batch: int, width: int, probability: float, seed: int) -> torch.Tensor:

@@ -38,7 +38,8 @@ import torch
 from reconkit.ops.fft import check_fft_dims
 
 __all__ = [
-    "STAGE_PASS_COST", "AxisPlan", "axis_plan", "centred_fft_matmul", "centred_fft_matmul_planar", "planar_matmul",
+    "DIGIT_MOVE_COST", "STAGE_PASS_COST", "AxisPlan", "axis_plan", "centred_fft2_stacked", "centred_fft_matmul",
+    "centred_fft_matmul_planar", "fft2_radices", "planar_matmul",
     "planar_mul", "radices", "stacked_factors", "stacked_fft_w", "stacked_frequencies", "stacked_ifft_w",
     "stacked_radices", "to_stacked_kspace",
 ]
@@ -207,7 +208,8 @@ def centred_fft_matmul(data: torch.Tensor, inverse: bool, dims: tuple[int, ...] 
     """Centred orthonormal 2D FFT (``inverse=False``) or inverse FFT of a real-layout tensor, from MatMuls.
 
     Equal to :func:`reconkit.ops.fft2c` / :func:`reconkit.ops.ifft2c` (float32 round-off, ~3e-7 relative), or to
-    :func:`reconkit.ops.fftc` along ``dims``. See :func:`centred_fft_matmul_planar` for the layout of the work.
+    :func:`reconkit.ops.fftc` along ``dims``. Both axes: :func:`centred_fft2_stacked`; one axis: see
+    :func:`centred_fft_matmul_planar` for the layout of the work.
 
     Args:
         data: float tensor ``(..., H, W, 2)`` (last axis = real, imag); any H, W ≥ 1.
@@ -219,6 +221,8 @@ def centred_fft_matmul(data: torch.Tensor, inverse: bool, dims: tuple[int, ...] 
     """
     if data.ndim < 3 or data.shape[-1] != 2:
         raise ValueError(f"centred_fft_matmul: expected a real tensor (..., H, W, 2); got shape {tuple(data.shape)}")
+    if check_fft_dims(dims) == (-2, -1):
+        return centred_fft2_stacked(data, inverse)
     re, im = centred_fft_matmul_planar(data[..., 0], data[..., 1], inverse, dims)
     return torch.stack((re, im), dim=-1)
 
@@ -310,11 +314,18 @@ compares the chosen split with others). Many small radices save multiply-adds bu
 radix the reverse."""
 
 
+DIGIT_MOVE_COST = 7.0
+"""What one more stage costs the 2D transform on interleaved data (:func:`centred_fft2_stacked`) on top of
+:data:`STAGE_PASS_COST`, in the same units: its output digit needs one more Transpose to come out in natural order.
+From ONNX Runtime profiles of splits of 640 and 368 (15 coils, 2-vCPU Intel Xeon VM, ORT 1.32): a Transpose pass
+costs about what a GEMM stage of radix 7 costs."""
+
+
 @functools.lru_cache(maxsize=256)
-def stacked_radices(width: int) -> tuple[int, ...]:
+def stacked_radices(width: int, stage_cost: float = STAGE_PASS_COST) -> tuple[int, ...]:
     """The stacked W transform's radices, largest first: the split of ``width`` into factors ``f_1·…·f_m`` with the
-    least ``Σ (f_i + STAGE_PASS_COST)`` (multiply-adds per point plus one memory pass per stage). A prime becomes
-    one dense stage.
+    least ``Σ (f_i + stage_cost)`` (multiply-adds per point plus what each stage costs beyond them: by default one
+    memory pass, :data:`STAGE_PASS_COST`). A prime becomes one dense stage.
 
     >>> stacked_radices(368), stacked_radices(372), stacked_radices(320), stacked_radices(396), stacked_radices(7)
     ((23, 4, 4), (31, 4, 3), (5, 4, 4, 4), (11, 6, 6), (7,))
@@ -331,7 +342,7 @@ def stacked_radices(width: int) -> tuple[int, ...]:
         options = []
         for f in (d for d in range(2, n + 1) if n % d == 0):
             cost, rest = cheapest(n // f)
-            options.append((cost + f + STAGE_PASS_COST, tuple(sorted((f,) + rest, reverse=True))))
+            options.append((cost + f + stage_cost, tuple(sorted((f,) + rest, reverse=True))))
         return min(options)
 
     return cheapest(width)[1]
@@ -395,18 +406,21 @@ def _stage_matrices(factors: tuple[int, ...]) -> list[np.ndarray]:
 
 
 @functools.lru_cache(maxsize=64)
-def _stacked_constants(factors: tuple[int, ...], inverse: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _stacked_constants(
+    factors: tuple[int, ...], inverse: bool, device: torch.device, conjugate: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Real stage matrices of the stacked centred FFT of ``prod(factors)`` points split into ``factors``, in the
     order the forward transform applies them, float32 on ``device`` (cached).
 
     Stage s is ``(P_s, 2f_s, 2f_s)`` (``(2f, 2f)`` when ``P_s = 1``, one plain GEMM), columns (part, n_s), rows
     (k_s, part) so that the next stage's operand ``(part, n_{s+1})`` is contiguous, rows (part, k_m) for the last.
-    The inverse's matrices are their transposes (the real form of a unitary matrix is orthogonal), applied in
-    reverse order.
+    ``inverse``: their transposes (the real form of a unitary matrix is orthogonal), applied in reverse order, from
+    the stacked order back to the natural one. ``conjugate``: the stages of the inverse transform in the forward
+    direction (natural order in, stacked order out): the centred DFT's kernel ``W^{(n-h)(k-h)}`` conjugated.
     """
     stages = []
     for s, matrix in enumerate(_stage_matrices(factors)):
-        real = _real_form(matrix)  # (P, 2f, 2f), rows (part, k)
+        real = _real_form(matrix.conj() if conjugate else matrix)  # (P, 2f, 2f), rows (part, k)
         batch, f = matrix.shape[0], matrix.shape[1]
         if s < len(factors) - 1:
             real = real.reshape(batch, 2, f, 2 * f).transpose(0, 2, 1, 3).reshape(batch, 2 * f, 2 * f)
@@ -470,3 +484,76 @@ def to_stacked_kspace(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(factors[::-1] + (parts,) + lead)
     order = list(range(m - 1, 0, -1)) + [m, 0] + list(range(m + 1, m + 1 + len(lead)))
     return x.permute(order).reshape((width // factors[-1], parts, factors[-1]) + lead)
+
+
+# ---- 2D transform of interleaved (..., H, W, 2) data ------------------------------------------------------------
+#
+# The same stacked real-form stages along both axes. ONNX Runtime moves one tensor axis (of any block size) in one
+# fast pass, while a Transpose that permutes several axes at once takes a generic path ~10× slower, so the data are
+# brought next to each axis's stages, and their output digits into natural order, by Transposes that each move one
+# axis: (real, imag) out of the innermost place, one per extra H digit, W in front of H, and one per extra W digit
+# (the last W stage writes its output transposed, so (real, imag) comes back innermost without a pass of its own).
+
+
+def fft2_radices(length: int) -> tuple[int, ...]:
+    """Radices of one axis of :func:`centred_fft2_stacked`: as :func:`stacked_radices`, each stage also paying
+    :data:`DIGIT_MOVE_COST` for the Transpose that puts its output digit in natural order.
+
+    >>> fft2_radices(640), fft2_radices(368), fft2_radices(372), fft2_radices(320), fft2_radices(396)
+    ((10, 8, 8), (23, 16), (31, 12), (8, 8, 5), (11, 6, 6))
+    """
+    return stacked_radices(length, STAGE_PASS_COST + DIGIT_MOVE_COST)
+
+
+def _axis_stages(x: torch.Tensor, factors: tuple[int, ...], inverse: bool, transpose_last: bool) -> torch.Tensor:
+    """The stacked stages along axis 2 of ``x`` ``(B, 2, N, R)`` (part, natural N, rest), batched over B (left
+    dynamic in a traced graph: every reshape keeps it as -1).
+
+    Returns ``(B, P, 2, f_m, R)``, or with ``transpose_last`` ``(B, P, R, f_m, 2)``: the last stage computed as
+    ``xᵀ · Mᵀ`` (ONNX Runtime fuses the transpose into the MatMul) with its rows in (k_m, part) order, so that the
+    (real, imag) axis comes out innermost. N's output digits are in the stacked order (:func:`stacked_fft_w`).
+    """
+    n, r = int(x.shape[2]), int(x.shape[3])
+    batch = 1
+    for i, (f, matrix) in enumerate(zip(factors, _stacked_constants(factors, False, x.device, inverse))):
+        rest = n * r // (batch * f)  # the GEMM's columns: digits after this one, and R
+        operand = x.reshape((-1, batch, 2 * f, rest) if matrix.ndim == 3 else (-1, 2 * f, rest))
+        if transpose_last and i == len(factors) - 1:
+            rows = matrix.reshape(matrix.shape[:-2] + (2, f, 2 * f)).transpose(-3, -2).reshape(matrix.shape)
+            return (operand.transpose(-1, -2) @ rows.transpose(-1, -2)).reshape(-1, n // f, r, f, 2)
+        x = matrix @ operand
+        batch *= f
+    return x.reshape(-1, n // factors[-1], 2, factors[-1], r)
+
+
+def centred_fft2_stacked(data: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Centred orthonormal 2D FFT (or inverse) of interleaved ``(..., H, W, 2)`` data from stacked real-form stages.
+
+    Equal to :func:`reconkit.ops.fft2c` / :func:`reconkit.ops.ifft2c` up to float32 round-off (~3e-7 relative);
+    any H, W ≥ 1. Layout of the work (B = the leading axes flattened): ``(B, 2, H, W)``; H stages
+    (:func:`fft2_radices`, GEMMs batched over B) → ``(B, P_H, 2, f, W)``; one Transpose per extra H digit →
+    ``(B, 2, H, W)`` in natural order; W in front of H → ``(B, 2, W, H)``; W stages, the last transposed →
+    ``(B, P_W, H, f, 2)``; one Transpose per extra W digit → ``(B, H, W, 2)``. The inverse uses the conjugate
+    stage matrices in the same order.
+
+    Returns:
+        float32 tensor ``(..., H, W, 2)``.
+    """
+    if data.ndim < 3 or data.shape[-1] != 2:
+        raise ValueError(f"centred_fft2_stacked: expected a real tensor (..., H, W, 2); got {tuple(data.shape)}")
+    lead, height, width = data.shape[:-3], int(data.shape[-3]), int(data.shape[-2])
+    h_factors, w_factors = fft2_radices(height), fft2_radices(width)
+    x = data.float().reshape(-1, height, width, 2).permute(0, 3, 1, 2)  # (B, 2, H, W)
+    x = _axis_stages(x, h_factors, inverse, transpose_last=False)  # (B, P_H, 2, f, W)
+    moved = 1  # H digits k_1, k_2, … each move behind the last one: (…, 2, k_m, …, k_2, k_1, W)
+    for j, f in enumerate(h_factors[:-1]):
+        x = x.reshape(-1, f, math.prod(h_factors[j + 1 : -1]), 2 * h_factors[-1], moved * width)
+        x = x.permute(0, 2, 3, 1, 4)
+        moved *= f
+    x = x.reshape(-1, 2, height, width).transpose(2, 3)  # (B, 2, W, H)
+    x = _axis_stages(x, w_factors, inverse, transpose_last=True)  # (B, P_W, H, f, 2)
+    moved = 1
+    for j, f in enumerate(w_factors[:-1]):
+        x = x.reshape(-1, f, math.prod(w_factors[j + 1 : -1]) * height * w_factors[-1], moved * 2).permute(0, 2, 1, 3)
+        moved *= f
+    return x.reshape(tuple(lead) + (height, width, 2))
