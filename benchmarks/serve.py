@@ -237,7 +237,8 @@ def main(argv=None) -> int:
         config = model_dir / "config.pbtxt"
         config.write_text(config.read_text().replace("max_queue_delay_microseconds: 0",
                                                      f"max_queue_delay_microseconds: {args.max_queue_delay_us}"))
-        session = OnnxModel(onnx_path, ["CPUExecutionProvider"], args.threads).session  # the server's options
+        served = OnnxModel(onnx_path, ["CPUExecutionProvider"], args.threads)  # the server's options
+        (session,) = served._sessions.values()  # one exported size: the one session the server runs
         feeds = {"masked_kspace": kspace, "mask": mask}
         batched = {name: np.concatenate([a] * args.max_batch_size) for name, a in feeds.items()}
         expected = session.run(["image"], feeds)[0]

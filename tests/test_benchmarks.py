@@ -1,8 +1,9 @@
 """The benchmark scripts still run: export.py reports parity (errors only: never a timed assertion), diagnostics.py
-its tables."""
+its tables, serve.py a load table without errors, kernels.py --check-only its interpreter checks."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,26 @@ def test_diagnostics_benchmark_small_run_prints_its_tables(tmp_path) -> None:
     change = {row[0]: float(row[2]) for row in regime if row[1] == "8"}
     assert change["lr 1e-4"] < change["init_scale 0.1"] / 3
     assert (tmp_path / "runs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_serve_benchmark_small_run_reports_no_errors() -> None:
+    run = subprocess.run(
+        [sys.executable, "benchmarks/serve.py", "--coils", "2", "--height", "32", "--width", "24", "--requests", "4",
+         "--concurrency", "1", "--repeats", "1", "--threads", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = next(rows for header, rows in _tables(run.stdout) if header.startswith("| protocol | concurrency |"))
+    assert sorted(row[0] for row in rows) == ["grpc", "http"]
+    assert all(row[6] == "0" for row in rows), rows  # no failed requests
+
+
+def test_kernels_benchmark_check_only_runs_the_interpreter_itself() -> None:
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "benchmarks/kernels.py", "--check-only"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env=env)
+    if "Triton is not available" in run.stdout:
+        return  # nothing to check without Triton (the script says so)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = next(rows for header, rows in _tables(run.stdout) if header.startswith("| shape (B, C, H, W) |"))
+    assert len(rows) == 4, rows

@@ -29,7 +29,12 @@ import asyncio
 import sys
 
 import numpy as np
-from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
+try:  # not a reconkit dependency (see above): --help works without it
+    from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
+except ImportError as error:
+    KSERVE_MISSING: ImportError | None = error
+else:
+    KSERVE_MISSING = None
 
 
 def sample(batch: int, coils: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +120,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=368, help="k-space width (phase encode) the graph serves")
     parser.add_argument("--onnx", default=None, help="the served .onnx file: also compare with direct ONNX Runtime")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
-    asyncio.run(check(parser.parse_args()))
+    args = parser.parse_args()
+    if KSERVE_MISSING is not None:
+        sys.exit(f"client_check.py needs KServe's Python SDK ({KSERVE_MISSING}); install it in a virtual "
+                 "environment of its own, as the docstring says")
+    asyncio.run(check(args))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reconstruct": ("reconkit.cli.reconstruct", "reconstruct scan files into HDF5 / NIfTI / DICOM / PNG"),
     "evaluate": ("reconkit.cli.evaluate", "score reconstructions against targets (NMSE / PSNR / SSIM, fastMRI's numbers)"),
     "serve": ("reconkit.cli.serve", "serve ONNX models over the KServe V2 / Open Inference Protocol"),
-    "demo": ("reconkit.cli.demo", "reconstruct a bundled scan with the bundled model and print a metrics table"),
+    "demo": ("reconkit.cli.demo", "simulate a held-out scan, reconstruct it with the bundled model, print a metrics table"),
 }
 
 

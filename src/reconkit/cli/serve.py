@@ -11,7 +11,7 @@ from pathlib import Path
 from reconkit.errors import ReconkitError
 
 _EXAMPLE = """example:
-  reconkit export --checkpoint checkpoints/varnet_small.ckpt --output varnet.onnx --size 640 368 \
+  reconkit export --checkpoint checkpoints/varnet_small.ckpt --output varnet.onnx --size 640 368 \\
       --triton-repository models --model-name varnet
   RECONKIT_SERVE_TOKEN=secret reconkit serve --model-repository models --host 0.0.0.0 --port 8000
   reconkit serve --model-repository models --port 8000 --grpc-port 8001     # REST and gRPC, as Triton
@@ -19,7 +19,7 @@ _EXAMPLE = """example:
   reconkit serve --model-repository models --tls-cert server.pem --tls-key server.key --tls-client-ca ca.pem  # mTLS
 
 The repository uses Triton's layout (models/<name>/<version>/model.onnx, optional config.pbtxt whose
-max_batch_size / dynamic_batching / instance_group override the batching options below). Send SIGTERM for a
+max_batch_size / dynamic_batching / instance_group override the batching options above). Send SIGTERM for a
 graceful shutdown: accepted requests are answered before the process exits.
 """
 
