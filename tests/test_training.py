@@ -500,6 +500,23 @@ def test_datamodule_refuses_files_without_targets_at_setup(sim_root, tmp_path):
     assert no_target.name in {Path(s.fname).name for s in kept.eval_dataset("train").raw_samples}
 
 
+def test_fit_without_validation_needs_no_val_folder(sim_root, tmp_path):
+    """``limit_val_batches=0`` (data_scripts/train_bundled_model.py's stages) never reads val: an empty val folder
+    is no error then (the setup check had stopped that script before its first step)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(sim_root, root, ignore=shutil.ignore_patterns("*.pkl"))
+    shutil.rmtree(root / "val")
+    (root / "val").mkdir()
+    code = main(["fit", "--data.data_path", str(root), "--model", "reconkit.training.VarNetModule",
+                 "--model.num_cascades", "1", "--model.chans", "2", "--model.pools", "1", "--model.sens_chans", "2",
+                 "--model.sens_pools", "1", "--trainer.accelerator", "cpu", "--trainer.max_steps", "1",
+                 "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--data.num_workers", "0"])
+    assert code == 0
+
+
 def test_varnet_trains_on_single_coil_data_as_one_coil(sim_root, tmp_path):
     """fastMRI's single-coil layout (``kspace`` (slices, H, W), ``reconstruction_esc``): the VarNet runs it as one
     coil (it failed with a shape error in its first step)."""

@@ -357,10 +357,13 @@ class FastMriDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         """Check every split the stage reads before any of it runs, so that one error lists the bad files (and
-        missing or empty folders) of all of them: ``fit`` reads train and val, the others one split each."""
+        missing or empty folders) of all of them: ``fit`` reads train and val (train alone with
+        ``limit_val_batches=0``), the others one split each."""
         if self.skip_bad_files:  # they are left out, with a warning each, when the datasets are built
             return
         splits = {"fit": ["train", "val"], "validate": ["val"]}.get(stage, [self.test_split])
+        if stage == "fit" and self.trainer is not None and self.trainer.limit_val_batches == 0:
+            splits = ["train"]  # a fit without validation (limit_val_batches 0) never reads the val folder
         problems = []
         for split in splits:
             try:
