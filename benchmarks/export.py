@@ -36,6 +36,7 @@ from reconkit.ops import centering_signs, fft2c, fft_impl, fftc, pair_factor
 from reconkit.ops.dft_matmul import (
     MAX_RADIX,
     STAGE_PASS_COST,
+    centred_fft_matmul_planar,
     stacked_fft_w,
     stacked_frequencies,
     stacked_radices,
@@ -77,6 +78,15 @@ class _StackedFFT(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return stacked_fft_w(x, self.factors)
+
+
+class _PlanarFFT2(torch.nn.Module):
+    """The planar four-step 2D transform (the coil operators' form; until 2026-12-07 also ``fft2c``'s) on
+    interleaved data: one split of the parts in, one stack out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        re, im = centred_fft_matmul_planar(x[..., 0], x[..., 1], False)
+        return torch.stack((re, im), dim=-1)
 
 
 class _FFT(torch.nn.Module):
@@ -157,6 +167,8 @@ def bench_fft(coils: int, height: int, width: int, repeats: int, threads: int) -
     ours = session(matmul_fft_graph(shape), threads)
     dft = session(ort_dft_graph(shape), threads)
     t_ours, t_torch = interleaved(lambda: ours.run(None, {"x": xn}), lambda: fft2c(x), repeats)
+    planar = session(traced_graph(_PlanarFFT2(), shape).SerializeToString(), threads)
+    t_planar, t_torch_p = interleaved(lambda: planar.run(None, {"x": xn}), lambda: fft2c(x), repeats)
     t_ours2, t_dft = interleaved(lambda: ours.run(None, {"x": xn}), lambda: dft.run(None, {"x": xn}), repeats)
     e_ours = errors(ours.run(None, {"x": xn})[0], reference)
     e_dft = errors(dft.run(None, {"x": xn})[0], reference)
@@ -176,6 +188,9 @@ def bench_fft(coils: int, height: int, width: int, repeats: int, threads: int) -
         f"| {size} | torch.fft (eager) | {t_torch * 1e3:.1f} | 1.00 | – | – |",
         (f"| {size} | ORT, reconkit MatMul FFT | {t_ours * 1e3:.1f} | {t_ours / t_torch:.2f} | {e_ours[0]:.1e} | "
          f"{e_ours[1]:.1e} |"),
+        f"| {size} | torch.fft (eager), same loop as the next row | {t_torch_p * 1e3:.1f} | 1.00 | – | – |",
+        f"| {size} | ORT, planar four-step form (before 2026-12-07) | {t_planar * 1e3:.1f} | {t_planar / t_torch_p:.2f} | "
+        "| |",
         f"| {size} | ORT, ONNX DFT op | {t_dft * 1e3:.1f} | {t_dft / t_torch:.2f} | {e_dft[0]:.1e} | {e_dft[1]:.1e} |",
         f"| {size} | → DFT / MatMul FFT (same loop) | | **{t_dft / t_ours2:.1f}×** | | |",
         f"| {size}, 1D along W | torch.fft (eager) | {t_torch_w * 1e3:.1f} | 1.00 | – | – |",
@@ -497,8 +512,9 @@ def main() -> None:
         fft_h, fft_w = sizes[0]
         print(f"FFT alone (centred 2D FFT, fp32), median of {max(repeats, 7)} interleaved repeats:\n")
         print("| input | implementation | ms | / torch.fft | max err | rel L2 err |\n|---|---|---|---|---|---|")
-        for line in bench_fft(coils, fft_h, fft_w, max(repeats, 7), args.threads):
-            print(line, flush=True)
+        for height, width in sizes:
+            for line in bench_fft(coils, height, width, max(repeats, 7), args.threads):
+                print(line, flush=True)
         if args.stage_costs:
             print(f"\nMatMul FFT stages alone, {coils}×{fft_h}×{fft_w} points, ms per stage (one real GEMM each), "
                   f"median of {max(repeats, 7)} interleaved repeats:\n")

@@ -56,7 +56,9 @@ def test_export_benchmark_small_run_reports_parity(tmp_path) -> None:
 
     fft = next(rows for header, rows in tables if header.startswith("| input | implementation |"))
     matmul = [row for row in fft if row[1].startswith("ORT, reconkit MatMul FFT")]
-    assert len(matmul) == 3 and all(float(row[5]) <= 1e-6 for row in matmul), matmul  # 2D, 1D W, stacked W
+    assert len(matmul) == 6 and all(float(row[5]) <= 1e-6 for row in matmul), matmul  # (2D, 1D W, stacked W) × 2
+    planar = [row for row in fft if row[1].startswith("ORT, planar four-step form")]
+    assert [row[0] for row in planar] == ["4×64×46", "4×72×66"]  # the graph of before, same loop as torch
 
     opening = next(rows for header, rows in tables if header.startswith("| size | whole file s |"))
     assert [row[0] for row in opening] == ["32×24", "40×30"]

@@ -29,6 +29,7 @@ import asyncio
 import sys
 
 import numpy as np
+
 try:  # not a reconkit dependency (see above): --help works without it
     from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 except ImportError as error:

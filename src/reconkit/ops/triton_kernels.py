@@ -28,7 +28,6 @@ this module is imported), which is how the tests check them on machines without 
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
