@@ -108,29 +108,40 @@ def traced_graph(module: torch.nn.Module, shape: tuple[int, ...]) -> onnx.ModelP
 
 
 def matmul_fft_graph(shape: tuple[int, ...], dims: tuple[int, ...] = (-2, -1)) -> bytes:
-    """ONNX graph of reconkit's in-graph FFT (``fftc`` along ``dims`` traced under ``fft_impl("matmul")``)."""
-    return traced_graph(_FFT(dims), shape).SerializeToString()
+    """ONNX graph of reconkit's in-graph FFT (``fftc`` along ``dims`` traced under ``fft_impl("matmul")``).
+
+    The 2D transform's graph ends in a Reshape that only merges axes of data already in natural order; it is
+    dropped (output ``y``: the last Transpose's result, the same bytes), as in :func:`stacked_fft_graph`: on a graph
+    output ONNX Runtime copies the whole tensor there (≈ 3–4 ms at 15 × 640 × 368), which a model never pays."""
+    model = traced_graph(_FFT(dims), shape)
+    if dims == (-2, -1):
+        model = _without_output_reshape(model)
+    return model.SerializeToString()
+
+
+def _without_output_reshape(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its final Reshape to ``y`` (and the Constant holding its target shape) removed: the graph's
+    output is then the Reshape's input, of the same bytes in the same order."""
+    model = onnx.shape_inference.infer_shapes(model)
+    reshape = model.graph.node[-1]
+    if reshape.op_type != "Reshape" or reshape.output[0] != "y":
+        raise RuntimeError(f"expected the graph to end in a Reshape to 'y'; got {reshape.op_type}")
+    (inner,) = [info for info in model.graph.value_info if info.name == reshape.input[0]]
+    for node in [n for n in model.graph.node if n is reshape or list(n.output) == [reshape.input[1]]]:
+        model.graph.node.remove(node)
+    model.graph.output[0].CopyFrom(inner)
+    onnx.checker.check_model(model)
+    return model
 
 
 def stacked_fft_graph(shape: tuple[int, ...], factors: tuple[int, ...] | None = None) -> bytes:
     """ONNX graph of the stacked W-major MatMul FFT on one ``shape`` ``(2, W, *rest)`` input ``x``.
 
     Its output ``y`` is the last MatMul's ``(P, 2·f_m, prod(rest))`` result: the stacked k-space's bytes in its
-    order. The trailing Reshape to ``(f₁, 2, f₂, *rest)`` is dropped: inside the exported VarNet ONNX Runtime runs
-    it as a view, but on a graph output it copies the whole tensor (≈ 5 ms at 15 × 640 × 368), which the model
-    never pays."""
-    model = traced_graph(_StackedFFT(factors), shape)
-    reshape = model.graph.node[-1]
-    if reshape.op_type != "Reshape" or reshape.output[0] != "y":
-        raise RuntimeError(f"stacked_fft_graph: expected the graph to end in a Reshape to 'y'; got {reshape.op_type}")
-    for node in [n for n in model.graph.node if n is reshape or list(n.output) == [reshape.input[1]]]:
-        model.graph.node.remove(node)  # the Reshape and the Constant holding its target shape
-    last = (factors or stacked_radices(shape[1]))[-1]
-    outer = shape[1] // last
-    flat = ([outer] if outer > 1 else []) + [2 * last, int(np.prod(shape[2:]))]  # one stage: a plain GEMM
-    model.graph.output[0].CopyFrom(helper.make_tensor_value_info(reshape.input[0], TensorProto.FLOAT, flat))
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    order. The trailing Reshape to ``(f₁, 2, f₂, *rest)`` is dropped (:func:`_without_output_reshape`): inside the
+    exported VarNet ONNX Runtime runs it as a view, but on a graph output it copies the whole tensor (≈ 5 ms at
+    15 × 640 × 368), which the model never pays."""
+    return _without_output_reshape(traced_graph(_StackedFFT(factors), shape)).SerializeToString()
 
 
 def ort_dft_graph(shape: tuple[int, ...]) -> bytes:
@@ -170,7 +181,7 @@ def bench_fft(coils: int, height: int, width: int, repeats: int, threads: int) -
     planar = session(traced_graph(_PlanarFFT2(), shape).SerializeToString(), threads)
     t_planar, t_torch_p = interleaved(lambda: planar.run(None, {"x": xn}), lambda: fft2c(x), repeats)
     t_ours2, t_dft = interleaved(lambda: ours.run(None, {"x": xn}), lambda: dft.run(None, {"x": xn}), repeats)
-    e_ours = errors(ours.run(None, {"x": xn})[0], reference)
+    e_ours = errors(ours.run(None, {"x": xn})[0].reshape(reference.shape), reference)
     e_dft = errors(dft.run(None, {"x": xn})[0], reference)
     # the 1D transform along W that VarNet's hybrid-space cascades use (line masks)
     ours_w = session(matmul_fft_graph(shape, (-1,)), threads)
