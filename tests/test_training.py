@@ -90,7 +90,7 @@ def test_cli_fit_writes_best_and_last_checkpoints_that_load_without_training_cod
 
 
 def test_cli_predict_writes_submission_files_equal_to_reconstruct_and_keeps_stored_masks(
-        sim_root, tmp_path, capsys, tiny_varnet_config):
+        sim_root, tmp_path, capsys, caplog, tiny_varnet_config):
     """``reconkit train predict`` writes one fastMRI submission file per test volume, the images ``reconkit
     reconstruct`` gives for the same checkpoint; a test-set file (stored ``mask``, no target) keeps its own mask."""
     config_path = tiny_varnet_config
@@ -127,6 +127,11 @@ def test_cli_predict_writes_submission_files_equal_to_reconstruct_and_keeps_stor
         with h5py.File(tmp_path / "pred" / "predictions" / name) as f, h5py.File(tmp_path / "rec" / "h5" / name) as g:
             assert f["reconstruction"].dtype == np.float32 and f["reconstruction"].shape == (3, 24, 20)
             np.testing.assert_allclose(f["reconstruction"][()], g["reconstruction"][()], rtol=1e-4, atol=1e-8)
+    assert "slices were predicted" not in caplog.text
+    assert main(["predict", "--config", str(config_path), "--data.data_path", str(scans.parent),
+                 "--ckpt_path", str(checkpoint), "--trainer.default_root_dir", str(tmp_path / "part"),
+                 "--trainer.limit_predict_batches", "1"]) == 0  # a pass cut short writes part of a volume: said
+    assert "of the file's 3 slices were predicted" in caplog.text
 
 
 def test_cli_reports_missing_split_folder_in_one_line(tmp_path, capsys):

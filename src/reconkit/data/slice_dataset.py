@@ -134,6 +134,7 @@ class SliceDataset(torch.utils.data.Dataset):
         files = list_volume_files(root)
         entries = self._scan(files, use_dataset_cache, scan_memo)
         self.slice_shapes: dict[Path, tuple] = {fname: shapes for fname, (_, _, shapes) in entries.items()}
+        self.num_slices: dict[Path, int] = {fname: count for fname, (_, count, _) in entries.items()}  # per file
         raw_samples = [
             RawSample(fname, slice_ind, metadata)
             for fname, (metadata, num_slices, _) in entries.items()

@@ -34,10 +34,15 @@ class PredictionWriter(Callback):
     def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
         self._slices: dict[str, dict[int, np.ndarray]] = {}
+        self._file_slices: dict[str, int] = {}  # slice count of each file the predict loaders read
         self.written: list[Path] = []
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._slices, self.written = {}, []
+        loaders = trainer.predict_dataloaders
+        datasets = [getattr(loader, "dataset", None) for loader in (loaders if isinstance(loaders, list) else [loaders])]
+        self._file_slices = {Path(fname).name: count for dataset in datasets
+                             for fname, count in getattr(dataset, "num_slices", {}).items()}
 
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -61,8 +66,11 @@ class PredictionWriter(Callback):
         folder = Path(self.dirpath)
         for name, slices in sorted(volumes.items()):
             order = sorted(slices)
-            if order != list(range(len(order))):
-                logger.warning("%s: predicted slices %s are not 0..%d", name, order, len(order) - 1)
+            expected = self._file_slices.get(name, len(order))
+            if order != list(range(expected)):
+                logger.warning("%s: %d of the file's %d slices were predicted (%s); the written volume holds only "
+                               "those (limit_predict_batches or a slice sample rate cut the pass short)", name,
+                               len(order), expected, ", ".join(map(str, order)))
             self.written.append(write_fastmri_h5(folder / name, np.stack([slices[i] for i in order])))
         logger.info("wrote %d predicted volume(s) to %s", len(self.written), folder)
         print(f"reconkit train predict: wrote {len(self.written)} volume(s) to {folder}/ (fastMRI submission layout)")
