@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -641,3 +642,16 @@ def test_multi_size_onnx_that_cannot_be_opened_at_all_is_one_error_not_retried(t
         with pytest.raises(ReconkitError, match=re.escape(f"{path}: cannot load ONNX model")):
             reconstructor.runner_for(Path("scan.h5"), height, width)
     assert opened == [str(path)]  # tried once, not once per volume
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """``reconkit help | head -1``: the reader has gone before the CLI writes; the CLI ends without a
+    BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # no reader left: the first write fails with EPIPE
+    try:
+        writer = subprocess.run([sys.executable, "-m", "reconkit.cli.main", "help"],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "BrokenPipeError" not in writer.stderr and "Traceback" not in writer.stderr, writer.stderr

@@ -61,6 +61,9 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None and (not args or args[0] not in _OWN_SIGPIPE):
+        # `reconkit ... | head`: end quietly when the reader goes, as Unix tools do, not with a BrokenPipeError
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -83,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 # scheduler's stop, `kill`) unwinds them as Ctrl-C does. `train` keeps Lightning's own handling (SLURM requeue) and
 # `serve` its graceful drain.
 _CLEAN_EXIT_ON_SIGTERM = ("simulate", "export", "reconstruct", "evaluate", "demo")
+
+
+# commands with sockets or worker processes keep Python's SIGPIPE handling (an error on the write, not an exit)
+_OWN_SIGPIPE = ("serve", "train")
 
 
 def _exit_on_sigterm(signum, frame) -> None:
