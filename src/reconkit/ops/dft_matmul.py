@@ -5,7 +5,7 @@ This is the FFT the ONNX exporter puts in the graph (``with reconkit.ops.fft_imp
 GEMM kernels. No complex dtypes are used: real and imaginary parts travel as two float tensors.
 
 **Algorithm (per spatial axis of length N).** N is split into radices ``N = f_1 · f_2 · … · f_m`` (each ≤ 64 when
-N allows it; e.g. 640 = 16·40, 368 = 16·23, 372 = 12·31, 768 = 24·32). Writing the input index with ``f_1`` as
+N allows it; e.g. 640 = 20·32, 368 = 16·23, 372 = 12·31, 768 = 24·32). Writing the input index with ``f_1`` as
 its most significant digit, ``n = (N/f_1)·n_1 + q`` and the output index ``k = k_1 + f_1·k'``, the DFT is the
 Cooley–Tukey four-step recursion::
 
