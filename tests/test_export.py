@@ -211,6 +211,14 @@ def test_classical_baselines_export_with_the_contract_inputs(tmp_path, model_typ
     assert_parity(session, model, *sample(2, 3, 32, 24, seed=11))
 
 
+def test_cg_sense_with_espirit_maps_is_refused_with_the_reason(tmp_path) -> None:
+    """Its maps come from eigen-decompositions (no ONNX operator): one ExportError naming why and what exports,
+    not a trace-time TypeError; no file is left."""
+    with pytest.raises(ExportError, match=r"CGSense: cg_sense with sens_method 'espirit' .* eigen-decompositions"):
+        export_onnx(build_model("cg_sense", sens_method="espirit"), tmp_path / "cg.onnx", (3, 96, 80))
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def unet_checkpoint(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(1)

@@ -396,6 +396,9 @@ def export_onnx(
     else:
         model, info = load_checkpoint_model(model_or_checkpoint)
         source = str(model_or_checkpoint)
+    problem = model.export_problem() if callable(getattr(model, "export_problem", None)) else None
+    if problem:
+        raise ExportError(f"{source}: {problem}")
     was_training = model.training
     model.eval()
     created = _missing_folders(output_path.parent)

@@ -340,6 +340,14 @@ class CGSense(nn.Module):
             raise ValueError(f"unknown sens_method {sens_method!r}; expected 'acs' or 'espirit'")
         self.num_iters, self.l2_reg, self.sens_method = num_iters, l2_reg, sens_method
 
+    def export_problem(self) -> str | None:
+        """Why this model cannot be exported to ONNX (``reconkit.export.export_onnx`` asks), or None."""
+        if self.sens_method == "espirit":
+            return ("cg_sense with sens_method 'espirit' computes its maps with eigen-decompositions, which ONNX has no "
+                    "operator for; export it with sens_method 'acs' (a VarNet's SENSE step with final_dc_maps "
+                    "'espirit' exports, through reconkit.models.espirit_poly)")
+        return None
+
     def forward(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None = None
     ) -> torch.Tensor:
