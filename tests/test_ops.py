@@ -247,6 +247,16 @@ def test_data_consistency_equals_fastmri_soft_dc(mask_shape):
     torch.testing.assert_close(data_consistency(current, ref, mask.float(), 0.37, backend="torch"), expected)
 
 
+def test_data_consistency_scalar_mask_and_integer_kspace():
+    current, ref = torch.randn(1, 2, 4, 6, 2, generator=gen(26)), torch.randn(1, 2, 4, 6, 2, generator=gen(27))
+    for impl in ("torch", "matmul"):  # a 0-dim mask (everything sampled) broadcasts on both paths
+        with fft_impl(impl):
+            torch.testing.assert_close(data_consistency(current, ref, torch.tensor(1.0), 0.25),
+                                       current - 0.25 * (current - ref))
+    with pytest.raises(ValueError, match="kspace must be a floating-point tensor; got torch.int64"):
+        data_consistency(current.long(), ref.long(), torch.ones(1, 1, 1, 6, 1), 0.3)  # η would have become 0
+
+
 def test_data_consistency_weight_gets_gradient():
     current, ref = torch.randn(1, 2, 4, 6, 2, generator=gen(24)), torch.randn(1, 2, 4, 6, 2, generator=gen(25))
     mask = torch.zeros(1, 1, 1, 6, 1)

@@ -157,6 +157,8 @@ def data_consistency(
     Returns:
         ``(B, C, H, W, 2)`` updated k-space.
     """
+    if not kspace.is_floating_point():  # η would be cast to the integer dtype (0.3 → 0)
+        raise ValueError(f"data_consistency: kspace must be a floating-point tensor; got {kspace.dtype}")
     weight_t = torch.as_tensor(weight, dtype=kspace.dtype, device=kspace.device)
     if current_fft_impl() != "matmul" and resolve_backend(backend, kspace, ref_kspace) == "triton":
         from reconkit.ops import triton_kernels

@@ -55,7 +55,7 @@ def pair_factor(factor: torch.Tensor) -> torch.Tensor:
     size-1 innermost axis against pairs of floats one pair at a time (a mask Mul on 15-coil k-space cost as much
     as a FFT stage), but whole rows when the trailing axes match. Eager PyTorch gets the factor unchanged.
     """
-    if factor.shape[-1] == 1 and current_fft_impl() == "matmul":
+    if factor.ndim and factor.shape[-1] == 1 and current_fft_impl() == "matmul":
         return factor.expand(*factor.shape[:-1], 2)
     return factor
 
