@@ -134,6 +134,32 @@ def test_cli_predict_writes_submission_files_equal_to_reconstruct_and_keeps_stor
     assert "of the file's 3 slices were predicted" in caplog.text
 
 
+def test_cli_checkpoint_of_another_model_class_is_a_clear_error_and_replaced_arguments_are_named(
+        tmp_path, capsys, tiny_varnet_config):
+    """LightningCLI takes the model's arguments from a ``--ckpt_path`` file: a checkpoint of another module class
+    than ``--model`` is refused with one line, and ``--model.*`` values the checkpoint replaces are named."""
+    assert main(["fit", "--config", str(tiny_varnet_config), "--trainer.limit_train_batches", "2",
+                 "--trainer.limit_val_batches", "1"]) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    code = main(["validate", "--config", str(tiny_varnet_config), "--ckpt_path", str(checkpoint),
+                 "--model", "reconkit.training.UnetModule"])
+    err = capsys.readouterr().err
+    assert code == 1 and "holds a reconkit.training.VarNetModule" in err and "Traceback" not in err, err
+    with pytest.warns(ReconkitWarning, match="final_dc_iters 3 -> 0"):
+        assert main(["validate", "--config", str(tiny_varnet_config), "--ckpt_path", str(checkpoint),
+                     "--model.final_dc_iters", "3", "--trainer.limit_val_batches", "1"]) == 0
+
+
+def test_cli_last_checkpoint_follows_epochs_after_the_last_validation(tmp_path, tiny_varnet_config):
+    """With ``check_val_every_n_epoch 2`` and 3 epochs, last.ckpt holds the third epoch, not the second."""
+    assert main(["fit", "--config", str(tiny_varnet_config), "--trainer.max_epochs", "3",
+                 "--trainer.check_val_every_n_epoch", "2", "--trainer.limit_train_batches", "1",
+                 "--trainer.limit_val_batches", "1"]) == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (2, 3)
+
+
 def test_cli_reports_missing_split_folder_in_one_line(tmp_path, capsys):
     (tmp_path / "train").mkdir()
     code = main(["fit", "--data.data_path", str(tmp_path), "--model", "reconkit.training.VarNetModule",

@@ -13,6 +13,7 @@ submission file per volume to ``<root>/predictions/``.
 from __future__ import annotations
 
 import argparse
+import copy
 import warnings
 from collections.abc import Sequence
 
@@ -21,6 +22,7 @@ from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from reconkit.errors import ConfigError, ReconkitWarning
 from reconkit.training.base import ReconModule
 from reconkit.training.datamodule import FastMriDataModule
 from reconkit.training.diagnostics import TrainingDiagnostics
@@ -73,6 +75,36 @@ class ReconLightningCLI(LightningCLI):
             "last_checkpoint.enable_version_counter": False,
         })
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's LightningCLI replaces the model's configuration by the hyperparameters stored in a
+        ``--ckpt_path`` file (not for ``--ckpt_path last``), silently overriding ``--model`` and ``--model.*``.
+        Refuse a checkpoint of another module class than the configuration names, and warn which configured
+        model arguments the checkpoint's values replace."""
+        subcommand = self.config.get("subcommand")
+        section = self.config.get(subcommand) if subcommand else None
+        before = copy.deepcopy(section.get("model")) if section is not None else None
+        super()._parse_ckpt_path()
+        section = self.config.get(subcommand) if subcommand else None
+        after = section.get("model") if section is not None else None
+        if before is None or after is None or before == after:
+            return
+        ckpt_path = section.get("ckpt_path")
+        before_class, after_class = before.get("class_path"), after.get("class_path")
+        if before_class != after_class:
+            raise ConfigError(f"--ckpt_path {ckpt_path} holds a {after_class} but the configuration (--model / "
+                              f"--config) names {before_class}: pass --model {after_class} (or the checkpoint "
+                              "of a model of the configured class)")
+        old_args, new_args = before.get("init_args") or {}, after.get("init_args") or {}
+        old_args = old_args.as_dict() if hasattr(old_args, "as_dict") else dict(old_args)
+        new_args = new_args.as_dict() if hasattr(new_args, "as_dict") else dict(new_args)
+        changed = [f"{key} {old_args.get(key)!r} -> {new_args.get(key)!r}"
+                   for key in sorted(set(old_args) | set(new_args)) if old_args.get(key) != new_args.get(key)]
+        if changed:
+            warnings.warn(ReconkitWarning(
+                f"--ckpt_path {ckpt_path}: the model arguments stored in the checkpoint replace the configured ones "
+                f"(LightningCLI's rule; --model.* options are ignored with a checkpoint file): {', '.join(changed)}"),
+                stacklevel=1)
+
     def before_instantiate_classes(self) -> None:
         """Defaults that depend on ``trainer.default_root_dir``: loggers (unless the config names some) and the
         checkpoint folder (unless ``checkpoint.dirpath`` is set), fixed so that ``--ckpt_path last`` finds it.
@@ -87,6 +119,11 @@ class ReconLightningCLI(LightningCLI):
             config.checkpoint.dirpath = f"{root}/checkpoints"
         if config.last_checkpoint.dirpath is None:
             config.last_checkpoint.dirpath = config.checkpoint.dirpath
+        if config.last_checkpoint.save_on_train_epoch_end is None and config.trainer.check_val_every_n_epoch not in (
+                None, 1):
+            # Lightning's ModelCheckpoint then saves only after a validation, so the epochs after the last validated
+            # one (check_val_every_n_epoch 2, max_epochs 3: epoch 2) would be missing from last.ckpt
+            config.last_checkpoint.save_on_train_epoch_end = True
         if config.diagnostics.dirpath is None:
             config.diagnostics.dirpath = f"{root}/diagnostics"
         if config.predictions.dirpath is None:
