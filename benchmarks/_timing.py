@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import time
@@ -35,3 +36,13 @@ def interleaved_medians(
                 sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def add_problem_options(parser: argparse.ArgumentParser, repeats: int, warmup: int) -> None:
+    """The options of the ops and kernel benchmarks: the k-space problem ``(batch, coils, H, W)`` and the loop."""
+    parser.add_argument("--coils", type=int, default=15, help="receive coils (default: %(default)s)")
+    parser.add_argument("--height", type=int, default=640, help="k-space height H (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=368, help="k-space width W (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=1, help="slices per call (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats, medians (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls first (default: %(default)s)")

@@ -237,13 +237,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT / "data" / "data_efficiency")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2, 1.0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "data_efficiency",
+                        help="simulated dataset folder, made on first use (default: %(default)s)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2, 1.0],
+                        help="fractions of the training volumes to train on (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="training methods to compare (default: all)")
+    parser.add_argument("--steps", type=int, default=1000, help="optimiser steps per run (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subsets and weights (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -26,7 +26,10 @@ import sys
 from collections.abc import Callable
 
 import torch
-from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
+from _timing import (  # benchmarks/_timing.py (the script's folder is on sys.path)
+    add_problem_options,
+    interleaved_medians,
+)
 from fastmri.models.varnet import VarNetBlock
 
 from reconkit.models import VarNet
@@ -220,14 +223,10 @@ def correctness_checks() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--coils", type=int, default=15)
-    parser.add_argument("--height", type=int, default=640)
-    parser.add_argument("--width", type=int, default=368)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=5)
+    add_problem_options(parser, repeats=50, warmup=5)
     parser.add_argument("--cascades", type=int, default=12, help="VarNet cascades for the training-step table")
-    parser.add_argument("--step-repeats", type=int, default=10)
+    parser.add_argument("--step-repeats", type=int, default=10,
+                        help="timed repeats of the training-step table (default: %(default)s)")
     parser.add_argument("--peak-gbps", type=float, default=None, help="device peak bandwidth (default: measured)")
     parser.add_argument("--check-only", action="store_true", help="only the correctness checks (interpreter)")
     args = parser.parse_args(argv)

@@ -16,7 +16,10 @@ from collections.abc import Callable
 
 import fastmri
 import torch
-from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
+from _timing import (  # benchmarks/_timing.py (the script's folder is on sys.path)
+    add_problem_options,
+    interleaved_medians,
+)
 from fastmri.models.varnet import VarNetBlock
 
 from reconkit.ops import fft2c, ifft2c, sens_expand, sens_reduce
@@ -36,13 +39,8 @@ def compare(ours: Op, theirs: Op, repeats: int, warmup: int, device: torch.devic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--coils", type=int, default=15)
-    parser.add_argument("--height", type=int, default=640)
-    parser.add_argument("--width", type=int, default=368)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
+    add_problem_options(parser, repeats=30, warmup=3)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = parser.parse_args(argv)
 

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--volumes", type=int, default=1, help="held-out volumes (10 slices each)")
     parser.add_argument("--repeats", type=int, default=3, help="timing passes over all slices, every method (median)")
     parser.add_argument("--threads", type=int, default=1, help="threads for every method")
-    parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
+    parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints",
+                        help="folder with varnet_small.ckpt / .onnx (default: %(default)s)")
     parser.add_argument("--no-bart", action="store_true", help="skip BART even if installed")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=SCAN["encoded_size"],
                         help="encoded k-space size (default: %(default)s); recon size H/2 x H/2")
