@@ -515,7 +515,7 @@ def _axis_stages(x: torch.Tensor, factors: tuple[int, ...], inverse: bool, trans
     """
     n, r = int(x.shape[2]), int(x.shape[3])
     batch = 1
-    for i, (f, matrix) in enumerate(zip(factors, _stacked_constants(factors, False, x.device, inverse))):
+    for i, (f, matrix) in enumerate(zip(factors, _stacked_constants(factors, False, x.device, conjugate=inverse))):
         rest = n * r // (batch * f)  # the GEMM's columns: digits after this one, and R
         operand = x.reshape((-1, batch, 2 * f, rest) if matrix.ndim == 3 else (-1, 2 * f, rest))
         if transpose_last and i == len(factors) - 1:

@@ -46,11 +46,12 @@ def check_inputs(request: InferRequest, max_batch_size: int,
         sizes = ", ".join(f"{h}x{w}" for h, w in spatial_sizes)
         raise RequestError(400, f"input 'masked_kspace': height x width {kspace.shape[2]}x{kspace.shape[3]} is not "
                                 f"a size the model was exported for ({sizes})")
-    if contract and not np.isin(mask, (0.0, 1.0)).all():
-        value = float(mask.ravel()[np.flatnonzero(~np.isin(mask, (0.0, 1.0)))[0]])
-        raise RequestError(400, f"input 'mask': values must be 0 or 1 (acquired columns), got {value:g}; the graph "
-                                "takes every nonzero column as acquired")
     if contract:
+        soft = np.flatnonzero(~np.isin(mask, (0.0, 1.0)))
+        if soft.size:
+            raise RequestError(400, f"input 'mask': values must be 0 or 1 (acquired columns), got "
+                                    f"{float(mask.ravel()[soft[0]]):g}; the graph takes every nonzero column as "
+                                    "acquired")
         # nothing to reconstruct: the VarNet's per-sample normalisation would divide 0 by 0 and return NaN
         for name, array, problem in (("masked_kspace", kspace, "is all zero (no acquired data)"),
                                      ("mask", mask, "selects no k-space column (all zero)")):

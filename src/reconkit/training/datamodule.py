@@ -415,17 +415,17 @@ class FastMriDataModule(LightningDataModule):
             scan_memo=self._scan_memo,  # setup's check and the datasets built after it read each header once
         )
         if require_target:  # found here, before any training, not at the first batch of such a file
-            missing = sorted(str(f) for f, shapes in dataset.slice_shapes.items() if shapes[1] is None)
+            missing = sorted(f for f, shapes in dataset.slice_shapes.items() if shapes[1] is None)
             if missing and not self.skip_bad_files:
                 raise DataError(missing[0], f"no target ('{dataset.recons_key}') in the {split!r} split" + (
-                    f" (and {len(missing) - 1} more file(s) without one: {'; '.join(missing[1:])})"
+                    f" (and {len(missing) - 1} more file(s) without one: {'; '.join(map(str, missing[1:]))})"
                     if len(missing) > 1 else "") + "; training, validation and test need fully sampled targets "
                     "(`reconkit train predict` reconstructs files without them); skip_bad_files leaves such files "
                     "out with a warning")
             for name in missing:
                 logger.warning("skipping %s: no target ('%s') in the %r split", name, dataset.recons_key, split)
-            if missing:
-                dataset.raw_samples = [s for s in dataset.raw_samples if str(s.fname) not in set(missing)]
+            left_out = set(missing)
+            dataset.raw_samples = [s for s in dataset.raw_samples if s.fname not in left_out]
         if not dataset.raw_samples:
             raise DataError(folder, f"no slices left in the {split!r} split (every file skipped as bad, or sampled "
                                     "away)")
