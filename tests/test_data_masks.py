@@ -73,6 +73,15 @@ def test_any_combination_and_higher_rank_shapes(family):
         assert m1.shape == m2.shape and torch.equal(m1, m2) and n1 == n2
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_numpy_array_parameters_as_fastmri(family):
+    """fastmri takes numpy arrays of centre fractions / accelerations (e.g. from np.linspace or a config loader)."""
+    ours, theirs = _pair(family, np.array([0.08, 0.04]), np.array([4, 8]), seed=5)
+    for width, seed in [(368, 3), (101, None), (64, (1, 2))]:
+        (m1, n1), (m2, n2) = ours((1, 8, width, 2), None, seed), theirs((1, 8, width, 2), None, seed)
+        assert torch.equal(m1, m2) and n1 == n2
+
+
 def test_centre_only_when_centre_reaches_target():
     for family in ("EquispacedMaskFractionFunc", "MagicMaskFractionFunc"):
         mask, num_low = getattr(masks, family)([0.3], [5])((1, 8, 100, 2), seed=0)
@@ -96,6 +105,10 @@ def test_create_mask_for_mask_type_matches_fastmri():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="should match"):
         masks.RandomMaskFunc([0.08, 0.04], [4])
+    with pytest.raises(ValueError, match="center fractions"):
+        masks.RandomMaskFunc(np.array([]), np.array([]))
+    with pytest.raises(ValueError, match="accelerations must be"):
+        masks.RandomMaskFunc([0.08], np.array([0.5]))
     with pytest.raises(ValueError, match="3 or more"):
         masks.RandomMaskFunc([0.08], [4])((368, 2))
     with pytest.raises(ValueError, match="pattern"):

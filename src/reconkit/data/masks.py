@@ -88,10 +88,11 @@ class MaskFunc:
                 "Number of center fractions should match number of accelerations "
                 "if allow_any_combination is False."
             )
-        if not center_fractions or not all(0 <= float(f) < 1 for f in center_fractions):
+        # len(), not truthiness: numpy arrays (which fastmri accepts) have no truth value
+        if len(center_fractions) == 0 or not all(0 <= float(f) < 1 for f in center_fractions):
             raise ValueError(f"center fractions must lie in [0, 1) (a share of the k-space columns); got "
                              f"{list(center_fractions)}")
-        if not accelerations or not all(float(a) >= 1 for a in accelerations):
+        if len(accelerations) == 0 or not all(float(a) >= 1 for a in accelerations):
             raise ValueError(f"accelerations must be at least 1 (1 = fully sampled); got {list(accelerations)}")
         self.center_fractions = center_fractions
         self.accelerations = accelerations
