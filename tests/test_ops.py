@@ -105,6 +105,22 @@ def test_fft2c_rejects_bad_layout():
         ifft2c(torch.randn(6, 2))
 
 
+@pytest.mark.parametrize("impl", ["torch", "matmul"])
+def test_fft_of_empty_batch_is_empty_and_empty_axis_is_an_error(impl):
+    with fft_impl(impl):
+        for shape in [(0, 8, 6, 2), (3, 0, 8, 6, 2)]:
+            x = torch.zeros(shape, requires_grad=True)
+            for out in (fft2c(x), ifft2c(x), fftc(x, (-1,))):
+                assert out.shape == shape
+            fft2c(x).sum().backward()
+            assert x.grad.shape == shape
+        assert ifft2c(torch.zeros(0, 8, 6, dtype=torch.complex64)).shape == (0, 8, 6)
+        assert fftc(torch.zeros(2, 0, 6, 2), (-1,)).shape == (2, 0, 6, 2)  # H is empty but not transformed
+        for shape in [(2, 0, 6, 2), (2, 8, 0, 2)]:
+            with pytest.raises(ValueError, match="length 0"):
+                fft2c(torch.zeros(shape))
+
+
 @pytest.mark.parametrize("size", [(6, 8), (5, 7)])
 def test_fft_gradcheck(size):
     x = torch.randn(2, *size, 2, dtype=torch.float64, generator=gen(4), requires_grad=True)
