@@ -112,6 +112,24 @@ def test_dicom_series_geometry_pixels_and_uids(tmp_path):
     assert again.StudyInstanceUID != slices[0].StudyInstanceUID
 
 
+def test_dicom_decimal_strings_fit_16_characters(tmp_path, monkeypatch):
+    """DS values (positions, spacings, thickness) are at most 16 characters, so a strict reader takes them: a
+    220 mm FOV over 96 pixels is 2.2916666666666665 mm, 18 characters as Python writes it."""
+    geometry = ImageGeometry(row_spacing_mm=220 / 96, col_spacing_mm=227.4025 / 96, slice_thickness_mm=2.2)
+    paths = write_dicom_series(tmp_path / "scan", _volume(np.random.default_rng(6), (3, 96, 96)), geometry)
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.RAISE)
+    for k, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        decimals = [element for element in ds if element.VR == "DS"]
+        assert {e.keyword for e in decimals} >= {"ImagePositionPatient", "PixelSpacing", "SliceThickness"}
+        for element in decimals:
+            for value in element.value if element.VM > 1 else [element.value]:
+                assert len(str(value)) <= 16, (element.keyword, str(value))
+        np.testing.assert_allclose([float(v) for v in ds.PixelSpacing], [220 / 96, 227.4025 / 96], rtol=1e-12)
+        position = [-95 / 2 * 227.4025 / 96, -95 / 2 * 220 / 96, (k - 1) * 2.2]
+        np.testing.assert_allclose([float(v) for v in ds.ImagePositionPatient], position, rtol=1e-12)
+
+
 def test_dicom_texts_are_valid_for_long_or_odd_patient_ids(tmp_path):
     """PatientID / PatientName are LO / PN: at most 64 characters, no ``\\``; pydicom warns about neither."""
     volume = _volume(np.random.default_rng(5), (1, 8, 8))

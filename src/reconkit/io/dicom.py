@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.valuerep import DS
 
 from reconkit.atomic import atomic_directory
 from reconkit.io.geometry import ImageGeometry
@@ -23,6 +24,13 @@ from reconkit.io.geometry import ImageGeometry
 __all__ = ["new_study", "write_dicom_series"]
 
 _UINT16_MAX = 65535
+
+
+def _decimal(value: float) -> DS:
+    """``value`` as a DICOM decimal string (DS) of at most 16 characters, as the standard allows: positions and
+    spacings such as ``220 / 96`` mm (2.2916666666666665, 18 characters) are rounded to fit rather than written
+    too long for strict readers."""
+    return DS(float(value), auto_format=True)
 
 
 def _slice_dataset(
@@ -48,15 +56,15 @@ def _slice_dataset(
     ds.InstanceNumber = index + 1
     location = (index - (num_slices - 1) / 2.0) * geometry.slice_thickness_mm
     ds.ImagePositionPatient = [
-        -(cols - 1) / 2.0 * geometry.col_spacing_mm,
-        -(rows - 1) / 2.0 * geometry.row_spacing_mm,
-        location,
+        _decimal(-(cols - 1) / 2.0 * geometry.col_spacing_mm),
+        _decimal(-(rows - 1) / 2.0 * geometry.row_spacing_mm),
+        _decimal(location),
     ]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.SliceLocation = location
-    ds.SliceThickness = geometry.slice_thickness_mm
-    ds.SpacingBetweenSlices = geometry.slice_thickness_mm
-    ds.PixelSpacing = [geometry.row_spacing_mm, geometry.col_spacing_mm]
+    ds.SliceLocation = _decimal(location)
+    ds.SliceThickness = _decimal(geometry.slice_thickness_mm)
+    ds.SpacingBetweenSlices = _decimal(geometry.slice_thickness_mm)
+    ds.PixelSpacing = [_decimal(geometry.row_spacing_mm), _decimal(geometry.col_spacing_mm)]
     ds.Rows, ds.Columns = rows, cols
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
