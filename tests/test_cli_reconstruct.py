@@ -323,6 +323,19 @@ def test_bad_inputs_one_line_each_others_written(tmp_path, capsys):
     ]
 
 
+def test_a_byte_string_patient_id_is_the_dicom_patient_id(tmp_path, capsys):
+    """An HDF5 fixed-length string attribute reads as ``numpy.bytes_``: its text is the DICOM PatientID, not its
+    ``b'...'`` repr."""
+    write_fastmri_file(tmp_path / "scan.h5", np.random.default_rng(9), slices=1)
+    with h5py.File(tmp_path / "scan.h5", "a") as f:
+        f.attrs["patient_id"] = np.bytes_(b"subj01")
+    code, _, err = _run(capsys, str(tmp_path / "scan.h5"), "--model", "zero-filled", "--output", str(tmp_path / "out"),
+                        "--format", "dicom")  # fmt: skip
+    assert code == 0, err
+    ds = pydicom.dcmread(tmp_path / "out" / "dicom" / "scan" / "slice_000.dcm")
+    assert ds.PatientID == "subj01" and str(ds.PatientName) == "subj01"
+
+
 def test_names_that_differ_after_a_dot_keep_separate_outputs(tmp_path, capsys):
     """``sub01.run1.h5`` and ``sub01.run2.h5`` get ``sub01.run1.nii.gz`` and ``sub01.run2.nii.gz``; ``a.h5`` and
     ``a.hdf5``, whose NIfTI / DICOM / PNG outputs would share a name, are a clash reported for the second one."""

@@ -86,7 +86,7 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
                 output / "dicom" / f"{stem}{suffix}",
                 series,
                 geometry,
-                patient_id=str(attrs.get("patient_id", "anonymous")),
+                patient_id=attrs.get("patient_id", "anonymous"),
                 series_description=f"reconkit {model_name} {path.name}{suffix}",
                 study=study,
                 series_number=number,

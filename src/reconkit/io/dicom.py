@@ -84,7 +84,10 @@ def _slice_dataset(
 def dicom_text(value: object, limit: int = 64) -> str:
     """``value`` as a DICOM LO / PN text: printable ASCII without the value delimiter ``\\`` (others become ``_``),
     at most ``limit`` characters. A longer text keeps its first characters and ends in ``~`` plus 8 hex digits of
-    its SHA-1, so two long identifiers that share a prefix stay distinct."""
+    its SHA-1, so two long identifiers that share a prefix stay distinct. Bytes (an HDF5 fixed-length string
+    attribute reads as ``numpy.bytes_``) are decoded as UTF-8 first, not written as their ``b'...'`` repr."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
     text = "".join(ch if ch.isascii() and ch.isprintable() and ch != "\\" else "_" for ch in str(value))
     if len(text) <= limit:
         return text
@@ -100,7 +103,7 @@ def write_dicom_series(
     directory: os.PathLike | str,
     volume: np.ndarray,
     geometry: ImageGeometry,
-    patient_id: str = "anonymous",
+    patient_id: str | bytes = "anonymous",
     series_description: str = "reconkit reconstruction",
     study: tuple[str, str] | None = None,
     series_number: int = 1,
