@@ -130,6 +130,32 @@ def test_dicom_decimal_strings_fit_16_characters(tmp_path, monkeypatch):
         np.testing.assert_allclose([float(v) for v in ds.ImagePositionPatient], position, rtol=1e-12)
 
 
+# MR Image IOD (DICOM PS3.3 A.4), mandatory modules: Patient, General Study, General Series, Frame of Reference,
+# General Equipment, General Image, Image Plane, Image Pixel, MR Image, SOP Common
+MR_IMAGE_TYPE_1 = (
+    "StudyInstanceUID", "Modality", "SeriesInstanceUID", "FrameOfReferenceUID", "PixelSpacing",
+    "ImageOrientationPatient", "ImagePositionPatient", "SamplesPerPixel", "PhotometricInterpretation", "Rows",
+    "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PixelData", "ImageType",
+    "ScanningSequence", "SequenceVariant", "SOPClassUID", "SOPInstanceUID",
+)  # fmt: skip
+MR_IMAGE_TYPE_2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
+    "StudyID", "AccessionNumber", "SeriesNumber", "PatientPosition", "PositionReferenceIndicator", "Manufacturer",
+    "InstanceNumber", "SliceThickness", "ScanOptions", "MRAcquisitionType", "RepetitionTime", "EchoTime",
+    "EchoTrainLength",
+)  # fmt: skip
+
+
+def test_dicom_has_every_type_1_and_type_2_attribute_of_the_mr_image_iod(tmp_path):
+    """Type 1: present with a value; Type 2: present (empty where unknown). A missing one is an error for IOD
+    validators such as dciodvfy (ScanningSequence / SequenceVariant were missing)."""
+    (path,) = write_dicom_series(tmp_path / "scan", _volume(np.random.default_rng(7), (1, 8, 8)), ImageGeometry())
+    ds = pydicom.dcmread(path)
+    assert [k for k in MR_IMAGE_TYPE_1 if k not in ds or ds[k].value in (None, "", [], b"")] == []
+    assert [k for k in MR_IMAGE_TYPE_2 if k not in ds] == []
+    assert (ds.ScanningSequence, ds.SequenceVariant) == ("RM", "NONE")  # the enumerated "research mode" / none
+
+
 def test_dicom_texts_are_valid_for_long_or_odd_patient_ids(tmp_path):
     """PatientID / PatientName are LO / PN: at most 64 characters, no ``\\``; pydicom warns about neither."""
     volume = _volume(np.random.default_rng(5), (1, 8, 8))

@@ -3,6 +3,11 @@
 Each call makes a new study / series / frame of reference (fresh UIDs). Geometry: axial-style orientation
 ``[1, 0, 0, 0, 1, 0]``, ``PixelSpacing = [row spacing, column spacing]`` in mm, contiguous slices
 ``SliceThickness`` apart, positions centred on the volume (the same frame as :func:`reconkit.io.nifti_affine`).
+
+Every Type 1 and Type 2 attribute of the MR Image IOD's mandatory modules is present (PS3.3 A.4): what a
+reconstruction does not know is left empty where the standard allows it (Type 2: birth date, sex, accession
+number, echo and repetition times, ...), and the Type 1 ``ScanningSequence`` / ``SequenceVariant`` are ``RM``
+(research mode) / ``NONE``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,20 @@ from reconkit.io.geometry import ImageGeometry
 __all__ = ["new_study", "write_dicom_series"]
 
 _UINT16_MAX = 65535
+_UNKNOWN_TYPE_2 = (  # Type 2 attributes of the MR Image IOD a reconstruction has no value for: present, empty
+    "PatientBirthDate",
+    "PatientSex",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "PatientPosition",
+    "PositionReferenceIndicator",
+    "ScanOptions",
+    "MRAcquisitionType",
+    "RepetitionTime",
+    "EchoTime",
+    "EchoTrainLength",
+)
 
 
 def _decimal(value: float) -> DS:
@@ -150,6 +169,9 @@ def write_dicom_series(
         "SeriesDescription": dicom_text(series_description),
         "ImageType": ["DERIVED", "SECONDARY"],
         "Manufacturer": "reconkit",
+        "ScanningSequence": "RM",
+        "SequenceVariant": "NONE",
+        **dict.fromkeys(_UNKNOWN_TYPE_2, ""),
     }
     pixels = np.rint(volume / slope).clip(0, _UINT16_MAX).astype(np.uint16)
     final = Path(directory)
