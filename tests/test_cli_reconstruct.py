@@ -336,6 +336,25 @@ def test_a_byte_string_patient_id_is_the_dicom_patient_id(tmp_path, capsys):
     assert ds.PatientID == "subj01" and str(ds.PatientName) == "subj01"
 
 
+def test_an_input_that_is_its_own_h5_output_is_refused_not_overwritten(tmp_path, capsys):
+    """Scans kept in ``data/h5/`` and ``--output data``: ``data/h5/a.h5`` would be replaced by its reconstruction.
+    That file is an error and left as it is; the others are written."""
+    rng = np.random.default_rng(10)
+    (tmp_path / "data" / "h5").mkdir(parents=True)
+    write_fastmri_file(tmp_path / "data" / "h5" / "a.h5", rng, slices=1)
+    write_fastmri_file(tmp_path / "b.h5", rng, slices=1)
+    before = (tmp_path / "data" / "h5" / "a.h5").read_bytes()
+    code, _, err = _run(capsys, str(tmp_path / "data" / "h5"), str(tmp_path / "b.h5"), "--model", "zero-filled",
+                        "--output", str(tmp_path / "data"), "--format", "h5", "nifti")  # fmt: skip
+    assert code == 1
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "a.h5" in line and "is the input file itself" in line
+    assert (tmp_path / "data" / "h5" / "a.h5").read_bytes() == before
+    assert not (tmp_path / "data" / "nifti" / "a.nii.gz").exists()
+    with h5py.File(tmp_path / "data" / "h5" / "b.h5") as f:
+        assert f["reconstruction"].shape == (1, 32, 32)
+
+
 def test_names_that_differ_after_a_dot_keep_separate_outputs(tmp_path, capsys):
     """``sub01.run1.h5`` and ``sub01.run2.h5`` get ``sub01.run1.nii.gz`` and ``sub01.run2.nii.gz``; ``a.h5`` and
     ``a.hdf5``, whose NIfTI / DICOM / PNG outputs would share a name, are a clash reported for the second one."""

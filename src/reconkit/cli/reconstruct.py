@@ -9,6 +9,7 @@ file prints one line naming it and the problem, the others are still written, an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 from reconkit.data import Volume, create_mask_for_mask_type, read_volume
 from reconkit.data.ismrmrd_raw import image_groups, is_ismrmrd_raw, read_ismrmrd_raw
 from reconkit.data.slice_dataset import list_volume_files
-from reconkit.errors import ReconkitError
+from reconkit.errors import DataError, ReconkitError
 from reconkit.inference import (
     DEFAULT_MASK,
     Reconstructor,
@@ -66,6 +67,15 @@ def output_stem(path: Path) -> str:
     """The name of a file's NIfTI / DICOM / PNG outputs: its name without the extension (``sub01.run1.h5`` →
     ``sub01.run1``), so files that differ only after a first dot keep separate outputs."""
     return path.stem
+
+
+def _check_output_is_not_input(path: Path, output: Path, formats: Sequence[str]) -> None:
+    """Raise :class:`DataError` when ``path``'s h5 output, ``output/h5/<name>``, is ``path`` itself (e.g. scans kept
+    in ``data/h5/`` reconstructed with ``--output data``): writing it would replace the k-space file with its
+    reconstruction."""
+    destination = output / "h5" / path.name
+    if "h5" in formats and destination.exists() and os.path.samefile(destination, path):
+        raise DataError(path, f"its h5 output {destination} is the input file itself; choose another --output")
 
 
 def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: Sequence[str], model_name: str) -> None:
@@ -241,6 +251,7 @@ def run(args: argparse.Namespace) -> list[FileReport]:
             report = FileReport(path)
             slices_task = progress.add_task(f"  {path.name}", total=None)
             try:
+                _check_output_is_not_input(path, args.output, args.format)
                 volume = read_ismrmrd_raw(path) if is_ismrmrd_raw(path) else read_volume(path)
                 progress.update(slices_task, total=volume.kspace.shape[0])
                 for header_note in (acquired_columns(volume)[2], recon_crop(volume)[1]):
