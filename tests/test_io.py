@@ -214,6 +214,23 @@ def test_png_panels(tmp_path):
     assert with_ref.ndim == 3 and with_ref.shape[1] > 3 * only.shape[1]  # four panels vs one
 
 
+def _drawn_box(path: Path) -> tuple[int, int]:
+    """Height and width in PNG pixels of the black (all-zero) image drawn on the white figure: the rows and columns
+    that are black almost all the way across (the panel heading's black text is not)."""
+    black = matplotlib.image.imread(path)[..., :3].max(axis=-1) < 0.1
+    per_row, per_col = black.sum(axis=1), black.sum(axis=0)
+    return int((per_row > 0.9 * per_row.max()).sum()), int((per_col > 0.9 * per_col.max()).sum())
+
+
+def test_png_draws_anisotropic_pixels_at_their_aspect(tmp_path):
+    """A 24 × 24 slice of 2 mm rows and 1 mm columns covers 48 × 24 mm: drawn twice as tall as wide."""
+    image = np.zeros((24, 24), np.float32)
+    height, width = _drawn_box(write_png_panel(tmp_path / "aniso.png", image, pixel_aspect=2.0))
+    assert height / width == pytest.approx(2.0, rel=0.05)
+    height, width = _drawn_box(write_png_panel(tmp_path / "square.png", image))
+    assert height / width == pytest.approx(1.0, rel=0.05)
+
+
 def test_atomic_writes_leave_nothing_on_failure(tmp_path, monkeypatch):
     rng = np.random.default_rng(4)
     volume = _volume(rng)

@@ -105,7 +105,8 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
         reference = result.target
         if reference is not None and reference.shape != result.reconstruction.shape:
             reference = None
-        write_png_panels(output / "png" / stem, result.reconstruction, result.zero_filled, reference, name=path.name)
+        write_png_panels(output / "png" / stem, result.reconstruction, result.zero_filled, reference, name=path.name,
+                         pixel_aspect=geometry.row_spacing_mm / geometry.col_spacing_mm)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------- command

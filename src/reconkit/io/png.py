@@ -24,13 +24,16 @@ def write_png_panel(
     reference: np.ndarray | None = None,
     title: str = "",
     labels: dict[str, str] | None = None,
+    pixel_aspect: float = 1.0,
 ) -> Path:
     """Atomically write one ``(rows, cols)`` slice as a PNG panel strip.
 
     Panels: zero-filled (when given) | reconstruction | reference and ``ERROR_GAIN × |error|`` (when a reference
     is given), all on one grey scale from 0 to the reference's (else the reconstruction's) 99.5th percentile.
     ``labels`` adds a line under a panel's heading, keyed by ``zero-filled`` / ``reconstruction`` / ``reference`` /
-    ``error`` (e.g. ``{"reconstruction": "PSNR 34.1 dB"}``).
+    ``error`` (e.g. ``{"reconstruction": "PSNR 34.1 dB"}``). ``pixel_aspect`` is the row spacing over the column
+    spacing (height / width of one pixel, e.g. ``ImageGeometry.row_spacing_mm / col_spacing_mm``): a pixel is drawn
+    that much taller than wide, so anisotropic pixels do not distort the anatomy.
     """
     panels: list[tuple[str, np.ndarray]] = []
     if zero_filled is not None:
@@ -42,11 +45,11 @@ def write_png_panel(
     scale_source = reference if reference is not None else reconstruction
     vmax = float(np.percentile(scale_source, 99.5)) or 1.0
     height, width = np.asarray(reconstruction).shape
-    fig = Figure(figsize=(3.0 * len(panels), 3.0 * height / width + 0.6), dpi=100)
+    fig = Figure(figsize=(3.0 * len(panels), 3.0 * pixel_aspect * height / width + 0.6), dpi=100)
     FigureCanvasAgg(fig)
     for i, (name, image) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        ax.imshow(np.asarray(image), cmap="gray", vmin=0.0, vmax=vmax, interpolation="nearest")
+        ax.imshow(np.asarray(image), cmap="gray", vmin=0.0, vmax=vmax, interpolation="nearest", aspect=pixel_aspect)
         heading = f"|error| × {ERROR_GAIN:g}" if name == "error" else name
         extra = (labels or {}).get(name, "")
         ax.set_title(f"{heading}\n{extra}" if extra else heading, fontsize=9)
@@ -65,8 +68,10 @@ def write_png_panels(
     zero_filled: np.ndarray | None = None,
     reference: np.ndarray | None = None,
     name: str = "",
+    pixel_aspect: float = 1.0,
 ) -> list[Path]:
-    """One panel PNG per slice of ``(slices, rows, cols)`` volumes, as ``directory/slice_NNN.png`` (atomic)."""
+    """One panel PNG per slice of ``(slices, rows, cols)`` volumes, as ``directory/slice_NNN.png`` (atomic);
+    ``pixel_aspect`` as in :func:`write_png_panel`."""
     final = Path(directory)
     names = [f"slice_{i:03d}.png" for i in range(reconstruction.shape[0])]
     with atomic_directory(final) as tmp:
@@ -77,5 +82,6 @@ def write_png_panels(
                 None if zero_filled is None else zero_filled[i],
                 None if reference is None else reference[i],
                 title=f"{name} slice {i}".strip(),
+                pixel_aspect=pixel_aspect,
             )
     return [final / n for n in names]
