@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import stat
+import types
 import warnings
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from reconkit.data.ismrmrd_header import parse_ismrmrd_header
 from reconkit.io import (
     ImageGeometry,
     geometry_from_header,
+    new_study,
     write_dicom_series,
     write_fastmri_h5,
     write_nifti,
@@ -154,6 +157,28 @@ def test_dicom_has_every_type_1_and_type_2_attribute_of_the_mr_image_iod(tmp_pat
     assert [k for k in MR_IMAGE_TYPE_1 if k not in ds or ds[k].value in (None, "", [], b"")] == []
     assert [k for k in MR_IMAGE_TYPE_2 if k not in ds] == []
     assert (ds.ScanningSequence, ds.SequenceVariant) == ("RM", "NONE")  # the enumerated "research mode" / none
+
+
+def test_series_of_one_study_share_its_date_and_time(tmp_path, monkeypatch):
+    """Two series written a second apart into one study (an ISMRMRD file's contrasts): the same StudyDate /
+    StudyTime, as one StudyInstanceUID must have, and each its own ContentTime."""
+    clock = iter(datetime.datetime(2026, 12, 7, 23, 59, 58) + datetime.timedelta(seconds=s) for s in range(10))
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return next(clock)
+
+    monkeypatch.setattr(dicom_module, "datetime", types.SimpleNamespace(datetime=Clock))
+    volume = _volume(np.random.default_rng(8), (1, 8, 8))
+    study = new_study()
+    first, second = (
+        pydicom.dcmread(write_dicom_series(tmp_path / name, volume, ImageGeometry(), study=study, series_number=n)[0])
+        for n, name in enumerate(("contrast0", "contrast1"), start=1)
+    )
+    assert first.StudyInstanceUID == second.StudyInstanceUID == study.instance_uid
+    assert (first.StudyDate, first.StudyTime) == (second.StudyDate, second.StudyTime) == ("20261207", "235958")
+    assert (first.ContentDate, first.ContentTime) != (second.ContentDate, second.ContentTime)
 
 
 def test_dicom_texts_are_valid_for_long_or_odd_patient_ids(tmp_path):

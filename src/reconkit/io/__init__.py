@@ -8,7 +8,7 @@ then ``os.replace``).
 * :func:`write_metrics_csv` – per-volume NMSE / PSNR / SSIM (and per-band NMSE) rows
 """
 
-from reconkit.io.dicom import new_study, write_dicom_series
+from reconkit.io.dicom import Study, new_study, write_dicom_series
 from reconkit.io.geometry import ImageGeometry, geometry_from_header
 from reconkit.io.hdf5 import write_fastmri_h5
 from reconkit.io.metrics_csv import write_metrics_csv
@@ -17,6 +17,7 @@ from reconkit.io.png import write_png_panel, write_png_panels
 
 __all__ = [
     "ImageGeometry",
+    "Study",
     "geometry_from_header",
     "new_study",
     "nifti_affine",

@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pydicom
@@ -26,7 +27,7 @@ from pydicom.valuerep import DS
 from reconkit.atomic import atomic_directory
 from reconkit.io.geometry import ImageGeometry
 
-__all__ = ["new_study", "write_dicom_series"]
+__all__ = ["Study", "new_study", "write_dicom_series"]
 
 _UINT16_MAX = 65535
 _UNKNOWN_TYPE_2 = (  # Type 2 attributes of the MR Image IOD a reconstruction has no value for: present, empty
@@ -113,9 +114,19 @@ def dicom_text(value: object, limit: int = 64) -> str:
     return text[: limit - 9] + "~" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def new_study() -> tuple[str, str]:
-    """Fresh ``(StudyInstanceUID, FrameOfReferenceUID)`` for :func:`write_dicom_series`'s ``study``."""
-    return generate_uid(), generate_uid()
+class Study(NamedTuple):
+    """What the series of one study share: its UIDs and its ``StudyDate`` / ``StudyTime`` (DICOM DA / TM text)."""
+
+    instance_uid: str
+    frame_of_reference_uid: str
+    date: str
+    time: str
+
+
+def new_study() -> Study:
+    """A fresh :class:`Study` (new UIDs, started now) for :func:`write_dicom_series`'s ``study``."""
+    now = datetime.datetime.now()
+    return Study(generate_uid(), generate_uid(), now.strftime("%Y%m%d"), now.strftime("%H%M%S"))
 
 
 def write_dicom_series(
@@ -124,7 +135,7 @@ def write_dicom_series(
     geometry: ImageGeometry,
     patient_id: str | bytes = "anonymous",
     series_description: str = "reconkit reconstruction",
-    study: tuple[str, str] | None = None,
+    study: Study | None = None,
     series_number: int = 1,
 ) -> list[Path]:
     """Atomically write a ``(slices, rows, cols)`` magnitude volume as ``directory/slice_NNN.dcm``.
@@ -135,8 +146,9 @@ def write_dicom_series(
     and ``series_description`` are made valid DICOM texts by :func:`dicom_text` (fastMRI's 64-character IDs fit
     as they are).
 
-    ``study = (StudyInstanceUID, FrameOfReferenceUID)`` puts several series of one scan (e.g. its contrasts) in one
-    study and frame of reference, numbered by ``series_number``; by default each call starts a new study.
+    ``study`` (from :func:`new_study`) puts several series of one scan (e.g. its contrasts) in one study and frame
+    of reference, with one study date and time, numbered by ``series_number``; by default each call starts a new
+    study. ``ContentDate`` / ``ContentTime`` are when the series was written.
 
     Returns:
         The written file paths, in slice order.
@@ -152,17 +164,17 @@ def write_dicom_series(
     low, high = np.percentile(volume, [0.5, 99.5])
     window = ((low + high) / 2.0, max(high - low, slope))
     now = datetime.datetime.now()
-    study_uid, frame_uid = study if study is not None else new_study()
+    study = study if study is not None else new_study()
     series_uid = generate_uid()
     shared: dict[str, object] = {
         "Modality": "MR",
         "PatientID": dicom_text(patient_id),
         "PatientName": dicom_text(patient_id),
-        "StudyInstanceUID": study_uid,
+        "StudyInstanceUID": study.instance_uid,
         "SeriesInstanceUID": series_uid,
-        "FrameOfReferenceUID": frame_uid,
-        "StudyDate": now.strftime("%Y%m%d"),
-        "StudyTime": now.strftime("%H%M%S"),
+        "FrameOfReferenceUID": study.frame_of_reference_uid,
+        "StudyDate": study.date,
+        "StudyTime": study.time,
         "ContentDate": now.strftime("%Y%m%d"),
         "ContentTime": now.strftime("%H%M%S"),
         "SeriesNumber": int(series_number),
