@@ -589,6 +589,46 @@ def test_ismrmrd_raw_file_is_reconstructed(tmp_path, capsys):
         np.testing.assert_allclose(f["reconstruction"][()], expected.numpy(), rtol=1e-4, atol=1e-9)
 
 
+def test_ismrmrd_series_lacking_a_slice_keep_the_slice_positions_of_the_others(tmp_path, capsys):
+    """Two contrasts of three slices, contrast 1 without slice 0 (an interrupted scan): its NIfTI and DICOM series
+    span the file's three slices like contrast 0's, slice 0 zeros, so slice s of both contrasts is at one point of
+    their shared frame of reference (they were centred on their own slice count: contrast 1's slice 1 half a slice
+    off)."""
+    import ismrmrd
+
+    rng = np.random.default_rng(11)
+    write_fastmri_file(tmp_path / "ref.h5", rng, slices=3, coils=2, height=32, width=24, recon=(16, 16))
+    with h5py.File(tmp_path / "ref.h5") as f:
+        kspace, header = f["kspace"][()], f["ismrmrd_header"][()]
+    raw = ismrmrd.Dataset(str(tmp_path / "raw.h5"), "dataset", create_if_needed=True)
+    raw.write_xml_header(header.decode() if isinstance(header, bytes) else header)
+    for contrast, slices in ((0, (0, 1, 2)), (1, (1, 2))):
+        for s in slices:
+            for column in range(24):
+                acquisition = ismrmrd.Acquisition.from_array(np.ascontiguousarray(kspace[s, :, :, column]))
+                acquisition.idx.kspace_encode_step_1 = column
+                acquisition.idx.slice, acquisition.idx.contrast = s, contrast
+                raw.append_acquisition(acquisition)
+    raw.close()
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, str(tmp_path / "raw.h5"), "--model", "zero-filled", "--output", str(out),
+                        "--format", "h5", "nifti", "dicom")  # fmt: skip
+    assert code == 0, err
+    with h5py.File(out / "h5" / "raw.h5") as f:
+        images = f["reconstruction"][()]  # contrast 0 slices 0-2, contrast 1 slices 1-2
+    niftis = [nib.load(out / "nifti" / f"raw_contrast{c}.nii.gz") for c in (0, 1)]
+    np.testing.assert_array_equal(niftis[0].affine, niftis[1].affine)
+    second = np.asarray(niftis[1].dataobj).transpose(2, 1, 0)
+    assert second.shape == (3, 16, 16) and not second[0].any()
+    np.testing.assert_allclose(second[1:], images[3:], rtol=1e-6)
+    positions = {}
+    for c in (0, 1):
+        for path in sorted((out / "dicom" / f"raw_contrast{c}").glob("*.dcm")):
+            ds = pydicom.dcmread(path)
+            positions[c, int(ds.InstanceNumber)] = [float(v) for v in ds.ImagePositionPatient]
+    assert positions[0, 2] == positions[1, 2] and positions[0, 3] == positions[1, 3] and len(positions) == 6
+
+
 def _rewritten(proto, how: str):
     """``proto`` changed as an ONNX optimiser might leave it: node names dropped ("names"), or a weight the size
     branches read moved from the initializers into a Constant node of the main graph ("constant")."""

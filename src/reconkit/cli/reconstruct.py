@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from reconkit.data import Volume, create_mask_for_mask_type, read_volume
 from reconkit.data.ismrmrd_raw import image_groups, is_ismrmrd_raw, read_ismrmrd_raw
 from reconkit.data.slice_dataset import list_volume_files
@@ -78,6 +80,17 @@ def _check_output_is_not_input(path: Path, output: Path, formats: Sequence[str])
         raise DataError(path, f"its h5 output {destination} is the input file itself; choose another --output")
 
 
+def _on_slice_grid(images: np.ndarray, positions: Sequence[int | None]) -> np.ndarray:
+    """One series (a contrast, phase, ...) of ``images`` ``(images, h, w)`` as ``(len(positions), h, w)``: slice
+    ``k`` is ``images[positions[k]]``, zeros where ``positions[k]`` is None (a slice this series lacks), so its
+    slices sit where the file's other series put them (:func:`reconkit.data.ismrmrd_raw.image_groups`)."""
+    series = np.zeros((len(positions), *images.shape[1:]), dtype=images.dtype)
+    for k, position in enumerate(positions):
+        if position is not None:
+            series[k] = images[position]
+    return series
+
+
 def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: Sequence[str], model_name: str) -> None:
     """Write ``result`` in each of ``formats`` under ``output/<format>/`` (each write atomic)."""
     path = volume.info.path
@@ -88,7 +101,7 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
         write_fastmri_h5(output / "h5" / path.name, result.reconstruction, attrs)
     study = new_study()  # the series of one input file share a study and frame of reference
     for number, (suffix, images) in enumerate(image_groups(attrs.get("image_index")), start=1):
-        series = result.reconstruction if images is None else result.reconstruction[images]  # a contrast, phase, ...
+        series = result.reconstruction if images is None else _on_slice_grid(result.reconstruction, images)
         if "nifti" in formats:
             write_nifti(output / "nifti" / f"{stem}{suffix}.nii.gz", series, geometry)
         if "dicom" in formats:

@@ -139,29 +139,35 @@ def _open_read_only(ismrmrd, path: Path):
         return ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
 
 
-def image_groups(image_index: str | None) -> list[tuple[str, list[int] | None]]:
-    """Split a volume's images into series: one per ``(contrast, phase, repetition, set)``, slices in order.
+def image_groups(image_index: str | None) -> list[tuple[str, list[int | None] | None]]:
+    """Split a volume's images into series: one per ``(contrast, phase, repetition, set)``, each on the file's slice
+    grid, so that the series of one file put the same slice at the same position.
 
     Args:
         image_index: the ``image_index`` attribute :func:`read_ismrmrd_raw` sets (JSON), or ``None``.
 
     Returns:
         ``(suffix, image positions)`` per series. The suffix names the indices that vary across the file, e.g.
-        ``"_contrast1"``; a file with one series (and any non-raw volume, ``image_index=None``) gives ``[("", None)]``
-        and a ``None`` position list meaning "all images".
+        ``"_contrast1"``. The positions run over the slices from the file's lowest to its highest slice index:
+        the image of that slice, or ``None`` where the series has none (e.g. an interrupted scan's last
+        repetition). A file with one series holding every slice (and any non-raw volume, ``image_index=None``)
+        gives ``[("", None)]``, ``None`` meaning "all images".
 
     >>> image_groups('[{"slice": 0, "contrast": 0}, {"slice": 0, "contrast": 1}, {"slice": 1, "contrast": 1}]')
-    [('_contrast0', [0]), ('_contrast1', [1, 2])]
+    [('_contrast0', [0, None]), ('_contrast1', [1, 2])]
     """
     if not image_index:
         return [("", None)]
     index = json.loads(image_index)
     fields = [name for name in _IMAGE_INDEX[1:] if len({image.get(name, 0) for image in index}) > 1]
-    if not fields:
-        return [("", None)]
-    groups: dict[str, list[int] | None] = {}
+    lowest = min(image.get("slice", 0) for image in index)
+    grid_size = max(image.get("slice", 0) for image in index) - lowest + 1
+    groups: dict[str, list[int | None]] = {}
     for position, image in enumerate(index):
-        groups.setdefault("".join(f"_{name}{image.get(name, 0)}" for name in fields), []).append(position)
+        suffix = "".join(f"_{name}{image.get(name, 0)}" for name in fields)
+        groups.setdefault(suffix, [None] * grid_size)[image.get("slice", 0) - lowest] = position
+    if list(groups) == [""] and groups[""] == list(range(len(index))):
+        return [("", None)]
     return list(groups.items())
 
 
