@@ -6,6 +6,8 @@ import argparse
 import datetime
 import os
 import stat
+import subprocess
+import sys
 import types
 import warnings
 from pathlib import Path
@@ -254,6 +256,19 @@ def test_png_draws_anisotropic_pixels_at_their_aspect(tmp_path):
     assert height / width == pytest.approx(2.0, rel=0.05)
     height, width = _drawn_box(write_png_panel(tmp_path / "square.png", image))
     assert height / width == pytest.approx(1.0, rel=0.05)
+
+
+def test_metrics_csv_is_utf8_whatever_the_locale(tmp_path):
+    """A volume named ``müller_Ω.h5`` under an ASCII locale (C, UTF-8 mode off; Windows' cp1252 cannot write Ω
+    either) is written, as UTF-8."""
+    code = (
+        "import sys; from reconkit.io import write_metrics_csv; "
+        "write_metrics_csv(sys.argv[1], [('m\\u00fcller_\\u03a9.h5', 3, 0.01, 30.0, 0.9)])"
+    )
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.csv")], env=env, check=True, capture_output=True)
+    rows = (tmp_path / "m.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[1] == "müller_Ω.h5,3,0.01,30,0.9"
 
 
 def test_atomic_writes_leave_nothing_on_failure(tmp_path, monkeypatch):
