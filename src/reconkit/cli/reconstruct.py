@@ -81,9 +81,10 @@ def _check_output_is_not_input(path: Path, output: Path, formats: Sequence[str])
 
 
 def _on_slice_grid(images: np.ndarray, positions: Sequence[int | None]) -> np.ndarray:
-    """One series (a contrast, phase, ...) of ``images`` ``(images, h, w)`` as ``(len(positions), h, w)``: slice
-    ``k`` is ``images[positions[k]]``, zeros where ``positions[k]`` is None (a slice this series lacks), so its
-    slices sit where the file's other series put them (:func:`reconkit.data.ismrmrd_raw.image_groups`)."""
+    """One series (a contrast, phase, ...) of ``images`` ``(images, h, w)`` as ``(len(positions), h, w)`` for
+    NIfTI's regular grid: slice ``k`` is ``images[positions[k]]``, zeros where ``positions[k]`` is None (a slice
+    this series lacks), so its slices sit where the file's other series put them
+    (:func:`reconkit.data.ismrmrd_raw.image_groups`). DICOM writes the present slices only, at the same places."""
     series = np.zeros((len(positions), *images.shape[1:]), dtype=images.dtype)
     for k, position in enumerate(positions):
         if position is not None:
@@ -101,18 +102,20 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
         write_fastmri_h5(output / "h5" / path.name, result.reconstruction, attrs)
     study = new_study()  # the series of one input file share a study and frame of reference
     for number, (suffix, images) in enumerate(image_groups(attrs.get("image_index")), start=1):
-        series = result.reconstruction if images is None else _on_slice_grid(result.reconstruction, images)
         if "nifti" in formats:
-            write_nifti(output / "nifti" / f"{stem}{suffix}.nii.gz", series, geometry)
+            grid = result.reconstruction if images is None else _on_slice_grid(result.reconstruction, images)
+            write_nifti(output / "nifti" / f"{stem}{suffix}.nii.gz", grid, geometry)
         if "dicom" in formats:
+            present = None if images is None else [(k, i) for k, i in enumerate(images) if i is not None]
             write_dicom_series(
                 output / "dicom" / f"{stem}{suffix}",
-                series,
+                result.reconstruction if present is None else result.reconstruction[[i for _, i in present]],
                 geometry,
                 patient_id=attrs.get("patient_id", "anonymous"),
                 series_description=f"reconkit {model_name} {path.name}{suffix}",
                 study=study,
                 series_number=number,
+                slice_grid=None if present is None else ([k for k, _ in present], len(images)),
             )
     if "png" in formats:
         reference = result.target

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -137,6 +138,7 @@ def write_dicom_series(
     series_description: str = "reconkit reconstruction",
     study: Study | None = None,
     series_number: int = 1,
+    slice_grid: tuple[Sequence[int], int] | None = None,
 ) -> list[Path]:
     """Atomically write a ``(slices, rows, cols)`` magnitude volume as ``directory/slice_NNN.dcm``.
 
@@ -149,6 +151,11 @@ def write_dicom_series(
     ``study`` (from :func:`new_study`) puts several series of one scan (e.g. its contrasts) in one study and frame
     of reference, with one study date and time, numbered by ``series_number``; by default each call starts a new
     study. ``ContentDate`` / ``ContentTime`` are when the series was written.
+
+    ``slice_grid`` ``(indices, size)``: slice ``i`` of ``volume`` is slice ``indices[i]`` of a stack of ``size``
+    (its position, ``InstanceNumber`` and file name follow), for a series that lacks some slices of its scan (e.g.
+    an interrupted repetition) and must still sit where the scan's other series put them; by default the volume
+    is the whole stack.
 
     Returns:
         The written file paths, in slice order.
@@ -187,9 +194,12 @@ def write_dicom_series(
     }
     pixels = np.rint(volume / slope).clip(0, _UINT16_MAX).astype(np.uint16)
     final = Path(directory)
-    names = [f"slice_{i:03d}.dcm" for i in range(volume.shape[0])]
+    indices, size = slice_grid if slice_grid is not None else (range(volume.shape[0]), volume.shape[0])
+    if len(indices) != volume.shape[0] or not all(0 <= k < size for k in indices):
+        raise ValueError(f"slice_grid {slice_grid} does not place the volume's {volume.shape[0]} slices")
+    names = [f"slice_{k:03d}.dcm" for k in indices]
     with atomic_directory(final) as tmp:
-        for i, name in enumerate(names):
-            ds = _slice_dataset(pixels[i], i, volume.shape[0], slope, window, geometry, shared)
+        for i, (k, name) in enumerate(zip(indices, names)):
+            ds = _slice_dataset(pixels[i], k, size, slope, window, geometry, shared)
             ds.save_as(tmp / name, enforce_file_format=True)
     return [final / name for name in names]
