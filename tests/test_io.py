@@ -106,9 +106,16 @@ def test_dicom_series_geometry_pixels_and_uids(tmp_path):
         assert float(ds.ImagePositionPatient[2]) == pytest.approx((i - 1) * 3.5)
         assert float(ds.SliceLocation) == pytest.approx((i - 1) * 3.5)
         assert ds.pixel_array.dtype == np.uint16
-        restored = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        np.testing.assert_allclose(restored, volume[i], atol=float(ds.RescaleSlope))
-        assert float(ds.WindowWidth) > 0 and 0 < float(ds.WindowCenter) < volume.max()
+        # MR has no rescale (viewers window the stored values): real values come from the real-world value mapping
+        assert "RescaleSlope" not in ds and "RescaleIntercept" not in ds
+        (mapping,) = ds.RealWorldValueMappingSequence
+        slope = float(mapping.RealWorldValueSlope)
+        assert (mapping.RealWorldValueFirstValueMapped, mapping.RealWorldValueLastValueMapped) == (0, 65535)
+        assert float(mapping.RealWorldValueIntercept) == 0 and mapping.MeasurementUnitsCodeSequence[0].CodeValue
+        np.testing.assert_allclose(ds.pixel_array * slope, volume[i], atol=slope)
+        low, high = np.percentile(volume, [0.5, 99.5]) / slope  # the window in stored units
+        assert float(ds.WindowCenter) == pytest.approx((low + high) / 2, rel=1e-5)
+        assert float(ds.WindowWidth) == pytest.approx(high - low, rel=1e-5)
         assert ds.PatientID == "subject7"
     assert len({ds.SOPInstanceUID for ds in slices}) == 3
     assert len({ds.SeriesInstanceUID for ds in slices}) == 1

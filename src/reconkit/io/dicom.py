@@ -1,4 +1,10 @@
-"""DICOM MR Image Storage series (pydicom): one file per slice, uint16 pixels with a rescale slope.
+"""DICOM MR Image Storage series (pydicom): one file per slice, uint16 pixels, real values by a real-world value
+mapping.
+
+The MR Image IOD has no Modality LUT (rescale): viewers apply the window to the stored values, and several
+(GDCM, vtk-dicom) ignore a ``RescaleSlope`` on MR. So the window is in stored units and the magnitude is recovered
+from the ``RealWorldValueMappingSequence`` (PS3.3 C.7.6.16.2.11), as quantitative MR scanners record it:
+``magnitude = stored · RealWorldValueSlope``.
 
 Each call makes a new study / series / frame of reference (fresh UIDs). Geometry: axial-style orientation
 ``[1, 0, 0, 0, 1, 0]``, ``PixelSpacing = [row spacing, column spacing]`` in mm, contiguous slices
@@ -93,13 +99,26 @@ def _slice_dataset(
     ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 0
-    ds.RescaleIntercept = 0
-    ds.RescaleSlope = f"{slope:.10g}"
-    ds.RescaleType = "US"
-    ds.WindowCenter = f"{window[0]:.6g}"
-    ds.WindowWidth = f"{window[1]:.6g}"
+    ds.RealWorldValueMappingSequence = [_real_world_value_mapping(slope)]
+    ds.WindowCenter = f"{window[0] / slope:.6g}"  # stored units
+    ds.WindowWidth = f"{window[1] / slope:.6g}"
     ds.PixelData = pixels.astype("<u2").tobytes()
     return ds
+
+
+def _real_world_value_mapping(slope: float) -> pydicom.Dataset:
+    """The item ``magnitude = stored · slope`` over the whole uint16 range, in arbitrary units (UCUM ``1``)."""
+    unit = pydicom.Dataset()
+    unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning = "1", "UCUM", "no units"
+    item = pydicom.Dataset()
+    item.add_new("RealWorldValueFirstValueMapped", "US", 0)  # US (not SS): the pixels are unsigned
+    item.add_new("RealWorldValueLastValueMapped", "US", _UINT16_MAX)
+    item.RealWorldValueIntercept = 0.0
+    item.RealWorldValueSlope = float(slope)
+    item.LUTExplanation = "reconstruction magnitude"
+    item.LUTLabel = "MAGNITUDE"
+    item.MeasurementUnitsCodeSequence = [unit]
+    return item
 
 
 def dicom_text(value: object, limit: int = 64) -> str:
@@ -142,8 +161,9 @@ def write_dicom_series(
 ) -> list[Path]:
     """Atomically write a ``(slices, rows, cols)`` magnitude volume as ``directory/slice_NNN.dcm``.
 
-    Pixel values are ``round(volume / RescaleSlope)`` as uint16 with ``RescaleSlope = max / 65535``, so
-    ``pixel_array * RescaleSlope`` recovers the magnitude to within half a slope. The window spans the 0.5–99.5th
+    Pixel values are ``round(volume / slope)`` as uint16 with ``slope = max / 65535``, recorded as the
+    ``RealWorldValueSlope`` of the ``RealWorldValueMappingSequence``: ``pixel_array * slope`` recovers the
+    magnitude to within half a slope. The window (in stored units) spans the 0.5–99.5th
     percentile. The directory appears complete or not at all. ``patient_id`` (``PatientID`` and ``PatientName``)
     and ``series_description`` are made valid DICOM texts by :func:`dicom_text` (fastMRI's 64-character IDs fit
     as they are).
