@@ -356,6 +356,37 @@ def test_an_input_that_is_its_own_h5_output_is_refused_not_overwritten(tmp_path,
         assert f["reconstruction"].shape == (1, 32, 32)
 
 
+def test_a_stale_image_index_is_ignored_and_an_unexpected_error_fails_one_file(tmp_path, capsys, monkeypatch):
+    """An ``image_index`` attribute on a fastMRI file (only read_ismrmrd_raw's own describes images) ended the whole
+    batch with an IndexError; it is ignored. Any other unexpected exception in one file is that file's error line,
+    and the batch goes on."""
+    import reconkit.cli.reconstruct as cli
+
+    rng = np.random.default_rng(12)
+    for name in ("a.h5", "b.h5", "c.h5"):
+        write_fastmri_file(tmp_path / name, rng, slices=2)
+    with h5py.File(tmp_path / "a.h5", "r+") as f:
+        f.attrs["image_index"] = '[{"slice": 0, "contrast": 0}, {"slice": 7, "contrast": 3}, {"slice": 9}]'
+    real = cli.reconstruct_volume
+
+    def failing_for_b(volume, *args, **kwargs):
+        if volume.info.path.name == "b.h5":
+            raise KeyError("something unforeseen")
+        return real(volume, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "reconstruct_volume", failing_for_b)
+    code, stdout, err = _run(capsys, *(str(tmp_path / n) for n in ("a.h5", "b.h5", "c.h5")), "--model",
+                             "zero-filled", "--output", str(tmp_path / "out"), "--format", "h5", "nifti", "dicom")  # fmt: skip
+    assert code == 1
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "b.h5" in line and "KeyError" in line and "something unforeseen" in line
+    assert "2 of 3 file(s) written" in stdout
+    with h5py.File(tmp_path / "out" / "h5" / "a.h5") as f:
+        assert f["reconstruction"].shape[0] == 2 and "image_index" not in f.attrs
+    assert len(list((tmp_path / "out" / "dicom" / "a").glob("*.dcm"))) == 2
+    assert (tmp_path / "out" / "nifti" / "c.nii.gz").is_file()
+
+
 def test_names_that_differ_after_a_dot_keep_separate_outputs(tmp_path, capsys):
     """``sub01.run1.h5`` and ``sub01.run2.h5`` get ``sub01.run1.nii.gz`` and ``sub01.run2.nii.gz``; ``a.h5`` and
     ``a.hdf5``, whose NIfTI / DICOM / PNG outputs would share a name, are a clash reported for the second one."""

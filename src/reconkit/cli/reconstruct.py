@@ -97,6 +97,8 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
     path = volume.info.path
     stem = output_stem(path)
     attrs = {k: volume.info.attrs[k] for k in ("acquisition", "patient_id", "image_index") if k in volume.info.attrs}
+    if attrs.get("acquisition") != "ismrmrd_raw":  # only read_ismrmrd_raw's own index describes the images
+        attrs.pop("image_index", None)
     geometry = geometry_from_header(volume.info.header)
     if "h5" in formats:
         write_fastmri_h5(output / "h5" / path.name, result.reconstruction, attrs)
@@ -305,7 +307,7 @@ def run(args: argparse.Namespace) -> list[FileReport]:
                     )
             except ReconkitError as err:
                 report.status = str(err)
-            except (OSError, ValueError, RuntimeError) as err:
+            except Exception as err:  # noqa: BLE001 - any failure of one file is that file's error; the batch goes on
                 report.status = f"{path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             if not report.ok:
                 print(f"error: {report.status}", file=sys.stderr)
