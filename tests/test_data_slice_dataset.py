@@ -446,3 +446,21 @@ def test_complex128_kspace_and_float64_target_are_cast(tmp_path):
     sample = SliceDataset(tmp_path, use_dataset_cache=False)[1]
     assert sample[0].dtype == np.complex64 and sample[2].dtype == np.float32
     np.testing.assert_array_equal(sample[0], kspace[1])
+
+
+def test_slice_with_nan_or_inf_raises_data_error_naming_file_and_slice(tmp_path):
+    """The scan reads no array data, so a NaN / inf value used to reach the transform unnoticed (a NaN loss and NaN
+    weights in training, a NaN volume written by ``reconkit train predict``); clean slices still read normally."""
+    path = write_volume(tmp_path / "nan.h5", num_slices=3, coils=2, seed=8)
+    with h5py.File(path, "a") as hf:
+        hf["kspace"][1, 0, 5, 7] = np.nan + 0j
+        target = hf["reconstruction_rss"][()]
+        target[2, 3, 4] = np.inf
+        hf["reconstruction_rss"][...] = target
+    dataset = SliceDataset(tmp_path, use_dataset_cache=False)
+    assert np.isfinite(dataset[0][0]).all() and np.isfinite(dataset[0][2]).all()
+    with pytest.raises(DataError, match=r"slice 1: 'kspace' holds 1 NaN / inf values \(first at index \(0, 5, 7\)\)"):
+        dataset[1]
+    with pytest.raises(DataError, match=r"slice 2: 'reconstruction_rss' holds 1 NaN / inf values") as err:
+        dataset[2]
+    assert err.value.path == str(path)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from reconkit.atomic import atomic_path
-from reconkit.data.volume import open_volume, read_volume_info, target_key
+from reconkit.data.volume import non_finite_problem, open_volume, read_volume_info, target_key
 from reconkit.errors import DataError, ReconkitWarning
 
 __all__ = ["RawSample", "SliceDataset", "default_cache_file", "list_volume_files"]
@@ -105,6 +105,7 @@ class SliceDataset(torch.utils.data.Dataset):
     Each item is ``(kspace, mask, target, attrs, fname, slice_num)``: ``kspace`` complex64 ``(C, H, W)`` or
     ``(H, W)``, ``mask`` the stored ``(W,)`` mask or None, ``target`` float32 ``(h, w)`` or None, ``attrs`` the file
     attrs plus ``padding_left``, ``padding_right``, ``encoding_size``, ``recon_size``, ``fname`` the file name.
+    Reading a slice whose k-space or target holds NaN / inf raises :class:`DataError` naming the file and slice.
     """
 
     def __init__(
@@ -253,6 +254,12 @@ class SliceDataset(torch.utils.data.Dataset):
             except (OSError, KeyError, ValueError) as err:
                 raise DataError(fname, f"cannot read slice {slice_ind} ({err})") from None
             attrs = dict(hf.attrs)
+        # the scan reads no array data, so NaN / inf are found here: passed on, one such slice turns the loss and
+        # then every weight into NaN, or a whole predicted slice into NaN
+        for key, data in (("kspace", kspace), (self.recons_key, target)):
+            problem = None if data is None else non_finite_problem(data, key)
+            if problem is not None:
+                raise DataError(fname, f"slice {slice_ind}: {problem}")
         attrs.update(metadata)
         sample = (kspace, mask, target, attrs, fname.name, slice_ind)
         return sample if self.transform is None else self.transform(*sample)

@@ -22,7 +22,16 @@ import numpy as np
 from reconkit.data.ismrmrd_header import HeaderInfo, parse_ismrmrd_header
 from reconkit.errors import DataError
 
-__all__ = ["CHALLENGES", "Volume", "VolumeInfo", "open_volume", "read_volume", "read_volume_info", "target_key"]
+__all__ = [
+    "CHALLENGES",
+    "Volume",
+    "VolumeInfo",
+    "non_finite_problem",
+    "open_volume",
+    "read_volume",
+    "read_volume_info",
+    "target_key",
+]
 
 CHALLENGES = ("multicoil", "singlecoil")
 
@@ -212,10 +221,21 @@ def read_volume(path: os.PathLike | str, challenge: str | None = None) -> Volume
             mask = None if info.mask_shape is None else hf["mask"][()]
         except OSError as err:
             raise DataError(path, f"cannot read data, file truncated or corrupt ({_first_line(err)})") from None
-    finite = np.isfinite(kspace)
-    if not finite.all():
-        first = np.unravel_index(int(np.argmin(finite)), kspace.shape)
-        raise DataError(
-            path, f"'kspace' holds {kspace.size - int(finite.sum())} NaN / inf values (first at index {tuple(map(int, first))})"
-        )
+    problem = non_finite_problem(kspace, "kspace")
+    if problem is not None:
+        raise DataError(path, problem)
     return Volume(kspace=kspace, target=target, mask=mask, info=info)
+
+
+def non_finite_problem(data: np.ndarray, key: str) -> str | None:
+    """``"'<key>' holds N NaN / inf values (first at index (...))"`` when ``data`` (any shape, real or complex)
+    holds any, else None: the problem a :class:`DataError` reports for such an array."""
+    with np.errstate(over="ignore", invalid="ignore"):  # inf − inf, or a sum past float32's range
+        total = data.sum()
+    if np.isfinite(total):  # one pass, no mask: NaN / inf always make the sum NaN / inf
+        return None
+    finite = np.isfinite(data)
+    if finite.all():  # the sum overflowed
+        return None
+    first = np.unravel_index(int(np.argmin(finite)), data.shape)
+    return f"'{key}' holds {data.size - int(finite.sum())} NaN / inf values (first at index {tuple(map(int, first))})"
