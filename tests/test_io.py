@@ -278,6 +278,16 @@ def test_metrics_csv_is_utf8_whatever_the_locale(tmp_path):
     assert rows[1] == "müller_Ω.h5,3,0.01,30,0.9"
 
 
+def test_png_grey_scale_ignores_nan_in_the_reference(tmp_path):
+    """One NaN pixel in a file's reference image made the grey scale NaN and every panel of the slice blank."""
+    reconstruction = np.full((40, 40), 0.5, np.float32)
+    reference = np.ones((40, 40), np.float32)
+    reference[3, 4] = np.nan
+    image = matplotlib.image.imread(write_png_panel(tmp_path / "nan.png", reconstruction, reference=reference))
+    mid_grey = np.all(np.abs(image[..., :3] - 0.5) < 0.02, axis=-1)
+    assert mid_grey.sum() > 40 * 40  # the reconstruction panel, drawn at half the reference's level
+
+
 def test_atomic_writes_leave_nothing_on_failure(tmp_path, monkeypatch):
     rng = np.random.default_rng(4)
     volume = _volume(rng)

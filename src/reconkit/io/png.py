@@ -29,7 +29,8 @@ def write_png_panel(
     """Atomically write one ``(rows, cols)`` slice as a PNG panel strip.
 
     Panels: zero-filled (when given) | reconstruction | reference and ``ERROR_GAIN × |error|`` (when a reference
-    is given), all on one grey scale from 0 to the reference's (else the reconstruction's) 99.5th percentile.
+    is given), all on one grey scale from 0 to the 99.5th percentile of the reference's (else the reconstruction's)
+    finite pixels.
     ``labels`` adds a line under a panel's heading, keyed by ``zero-filled`` / ``reconstruction`` / ``reference`` /
     ``error`` (e.g. ``{"reconstruction": "PSNR 34.1 dB"}``). ``pixel_aspect`` is the row spacing over the column
     spacing (height / width of one pixel, e.g. ``ImageGeometry.row_spacing_mm / col_spacing_mm``): a pixel is drawn
@@ -42,8 +43,9 @@ def write_png_panel(
     if reference is not None:
         panels.append(("reference", reference))
         panels.append(("error", ERROR_GAIN * np.abs(reconstruction - reference)))
-    scale_source = reference if reference is not None else reconstruction
-    vmax = float(np.percentile(scale_source, 99.5)) or 1.0
+    scale_source = np.asarray(reference if reference is not None else reconstruction)
+    finite = scale_source[np.isfinite(scale_source)]  # one NaN / inf pixel would make the scale NaN: blank panels
+    vmax = (float(np.percentile(finite, 99.5)) if finite.size else 0.0) or 1.0
     height, width = np.asarray(reconstruction).shape
     fig = Figure(figsize=(3.0 * len(panels), 3.0 * pixel_aspect * height / width + 0.6), dpi=100)
     FigureCanvasAgg(fig)
