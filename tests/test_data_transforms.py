@@ -115,6 +115,17 @@ def test_varnet_transform_with_file_mask_and_without_target():
     assert got.num_low_frequencies == 0 and got.max_value == 0.0 and got.target.ndim == 0
 
 
+def test_varnet_transform_keeps_a_single_coil_file_mask_inside_the_acquired_window():
+    """fastmri's transform zeroes a single-coil stored mask entirely (its padding hits the last axis of (1, W, 1))."""
+    kspace = _kspace((32, 24), seed=4)
+    file_mask = (np.random.default_rng(4).random(24) < 0.4).astype(np.float32)
+    got = transforms.VarNetDataTransform()(kspace, file_mask, None, _attrs(32, 24, padding=(1, 22)), "f.h5", 0)
+    want = file_mask.copy()
+    want[:1], want[22:] = 0, 0
+    assert got.mask.shape == (1, 24, 1) and want.any()
+    np.testing.assert_array_equal(got.mask.reshape(24).numpy(), want.astype(bool))
+
+
 def test_varnet_transform_fully_sampled_without_any_mask():
     kspace = _kspace((2, 16, 12))
     sample = transforms.VarNetDataTransform()(kspace, None, None, _attrs(16, 12, recon=(8, 8), padding=(0, 12)), "f.h5", 0)

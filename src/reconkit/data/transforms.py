@@ -2,7 +2,11 @@
 
 ``VarNetDataTransform`` and ``UnetDataTransform`` produce the same tensors as ``fastmri.data.transforms`` for the
 same inputs (same masks, crops and normalisation): ``VarNetDataTransform``'s bit for bit, ``UnetDataTransform``'s
-to float32 round-off (its inverse FFT is reconkit's, which differs from fastmri's by about one rounding step). Complex tensors use fastMRI's real layout ``(..., 2)``.
+to float32 round-off (its inverse FFT is reconkit's, which differs from fastmri's by about one rounding step). One
+exception: the stored ``mask`` of a single-coil file (fastMRI's single-coil test and challenge sets) without a
+``mask_func``, which fastmri's ``VarNetDataTransform`` zeroes entirely (it applies the padding to the last axis of
+the ``(1, W, 1)`` mask, not to W); here it is kept inside ``[padding_left, padding_right)`` as for multi-coil files.
+Complex tensors use fastMRI's real layout ``(..., 2)``.
 """
 
 from __future__ import annotations
