@@ -179,6 +179,8 @@ def test_header_without_namespace():
         (ismrmrd_xml().replace(b"<reconSpace>", b"<reconSpaceX>").replace(b"</reconSpace>", b"</reconSpaceX>"),
          "lacks encoding/reconSpace/"),
         (ismrmrd_xml().replace(b"<x>32</x>", b"<x>thirty-two</x>"), "'thirty-two', not a number"),
+        (ismrmrd_xml(recon=(0, 16, 1)), "reconSpace matrixSize is 0 x 16; the recon size must be positive"),
+        (ismrmrd_xml(recon=(16, -16, 1)), "reconSpace matrixSize is 16 x -16"),
     ],
 )
 def test_header_errors_name_the_problem(xml, problem):

@@ -104,7 +104,7 @@ def parse_ismrmrd_header(xml: str | bytes, source: os.PathLike | str | None = No
 
     Raises:
         DataError: the XML is malformed, or lacks the encoded / recon matrix sizes, the fields of view or the
-            ``kspace_encoding_step_1`` limits.
+            ``kspace_encoding_step_1`` limits, or its recon matrix x or y is not positive.
 
     Example:
         >>> xml = ('<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'
@@ -139,9 +139,13 @@ def parse_ismrmrd_header(xml: str | bytes, source: os.PathLike | str | None = No
     maximum = read.number([*limits, "maximum"], int)
     padding_left = encoding_size[1] // 2 - center
     recon_fov = read.triple([*recon, "fieldOfView_mm"], float)
+    recon_size = read.triple([*recon, "matrixSize"], int)
+    if min(recon_size[:2]) < 1:  # the images are cropped to it: a crop of no pixels fails later, far from the cause
+        raise DataError(source_str, f"ismrmrd_header: reconSpace matrixSize is {recon_size[0]} x {recon_size[1]}; "
+                                    "the recon size must be positive")
     return HeaderInfo(
         encoding_size=encoding_size,
-        recon_size=read.triple([*recon, "matrixSize"], int),
+        recon_size=recon_size,
         encoding_fov_mm=read.triple([*encoded, "fieldOfView_mm"], float),
         recon_fov_mm=recon_fov,
         kspace_encoding_step_1_center=center,
