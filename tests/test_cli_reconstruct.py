@@ -422,6 +422,17 @@ def test_bad_mask_options_are_one_error_before_any_file(tmp_path, capsys, option
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("output", ["taken", "taken/out"])
+def test_an_output_path_through_a_file_is_one_error_before_any_file(tmp_path, capsys, output):
+    """Each file used to be reconstructed and then fail at its write ('NotADirectoryError: ... taken/h5')."""
+    write_fastmri_file(tmp_path / "a.h5", np.random.default_rng(7))
+    (tmp_path / "taken").write_text("a file, not a directory\n")
+    code, out, err = _run(capsys, str(tmp_path / "a.h5"), "--model", "zero-filled", "--output", str(tmp_path / output))
+    assert code == 2 and err.strip() == (f"reconkit reconstruct: --output {tmp_path / output}: {tmp_path / 'taken'} "
+                                         "exists and is not a directory"), err
+    assert "a.h5" not in out
+
+
 def test_single_coil_and_odd_sizes(tmp_path, capsys):
     rng = np.random.default_rng(4)
     write_fastmri_file(tmp_path / "single.h5", rng, single_coil=True, height=40, width=36, recon=(20, 20))

@@ -317,11 +317,23 @@ def run(args: argparse.Namespace) -> list[FileReport]:
     return reports
 
 
+def _output_blocker(output: Path) -> Path | None:
+    """The existing file (not a directory) that ``output`` or one of its parents names, where the output directory
+    can never be made; None when the nearest existing one is a directory."""
+    existing = next((path for path in (output, *output.parents) if path.exists()), None)
+    return None if existing is None or existing.is_dir() else existing
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``reconkit reconstruct``; exit code 0 if every file was written, 1 if any failed, 2 on a bad model."""
+    """Run ``reconkit reconstruct``; exit code 0 if every file was written, 1 if any failed, 2 on a bad model or
+    option."""
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         print("reconkit reconstruct: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    blocker = _output_blocker(args.output)
+    if blocker is not None:  # checked before any file is reconstructed, rather than failing each one at its write
+        print(f"reconkit reconstruct: --output {args.output}: {blocker} exists and is not a directory", file=sys.stderr)
         return 2
     try:
         reports = run(args)
