@@ -121,6 +121,19 @@ def test_cli_table_csv_and_bad_files(tmp_path, capsys):
     assert float(rows[1]["psnr_db"]) == pytest.approx(score.psnr, rel=1e-6)
 
 
+def test_missing_or_file_folders_are_named_as_such(tmp_path, capsys):
+    """A file given as --target / --predictions was reported as 'directory not found'."""
+    target_dir, pred_dir = _make_dirs(tmp_path, np.random.default_rng(2), [(1, 16, 16, 16, 16)])
+    one_file = target_dir / "file0.h5"
+    for target, predictions, expected in (
+        (one_file, pred_dir, f"{one_file}: target directory is not a directory (a folder of .h5 / .hdf5 files)"),
+        (target_dir, pred_dir / "file0.h5", f"{pred_dir / 'file0.h5'}: predictions directory is not a directory"),
+        (tmp_path / "nowhere", pred_dir, f"{tmp_path / 'nowhere'}: target directory not found"),
+    ):
+        code = reconkit_main(["evaluate", "--target", str(target), "--predictions", str(predictions)])
+        assert code == 2 and f"reconkit evaluate: {expected}" in capsys.readouterr().err
+
+
 def test_hdf5_targets_and_predictions_are_scored_like_h5(tmp_path, capsys):
     """``reconkit reconstruct`` reads ``.hdf5`` inputs and writes ``h5/<name>.hdf5``; evaluate pairs them too."""
     rng = np.random.default_rng(3)

@@ -128,10 +128,10 @@ def evaluate_directories(
 ) -> tuple[list[VolumeScore], list[str]]:
     """Score every ``*.h5`` / ``*.hdf5`` in ``target_dir`` that passes the attr filters (see :func:`target_matches`);
     returns ``(scores, error lines)`` (one line per failed volume)."""
-    if not target_dir.is_dir():
-        raise ReconkitError(f"{target_dir}: target directory not found")
-    if not predictions_dir.is_dir():
-        raise ReconkitError(f"{predictions_dir}: predictions directory not found")
+    for folder, role in ((target_dir, "target"), (predictions_dir, "predictions")):
+        if not folder.is_dir():
+            found = "is not a directory (a folder of .h5 / .hdf5 files)" if folder.exists() else "not found"
+            raise ReconkitError(f"{folder}: {role} directory {found}")
     scores, errors = [], []
     for target_path in list_volume_files(target_dir):
         try:
