@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import pickle
 import random
@@ -427,6 +428,19 @@ def test_file_broken_after_scan_raises_data_error_on_read(multicoil_dir, tmp_pat
     with pytest.raises(DataError, match="truncated or corrupt") as err:
         ours[0]
     assert err.value.path == str(path)
+
+
+def test_file_locked_by_a_writer_is_not_called_corrupt(tmp_path, monkeypatch):
+    """HDF5 refuses to open a file another process holds open for writing; that was reported as 'truncated or
+    corrupt'. An exclusive flock on the file is what such a writer holds."""
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    path = write_volume(tmp_path / "busy.h5", num_slices=2, coils=2)
+    with open(path, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(DataError, match="locked: another process has it open for writing") as err:
+            read_volume_info(path)
+    assert err.value.path == str(path) and "corrupt" not in err.value.problem
+    assert read_volume_info(path).num_slices == 2
 
 
 def test_bad_root(tmp_path):

@@ -102,7 +102,8 @@ class Volume:
 def open_volume(path: os.PathLike | str) -> Iterator[h5py.File]:
     """Open a fastMRI file read-only, turning every way it can fail to open into a :class:`DataError`.
 
-    Reports: file not found, a directory, empty file, not an HDF5 file, truncated or corrupt HDF5 file.
+    Reports: file not found, a directory, empty file, not an HDF5 file, a file another process holds open for
+    writing (HDF5's file lock), truncated or corrupt HDF5 file.
     """
     path = Path(path)
     if not path.exists():
@@ -116,6 +117,8 @@ def open_volume(path: os.PathLike | str) -> Iterator[h5py.File]:
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
+        if "unable to lock file" in str(err):  # HDF5's own lock: a sound file that a writer holds right now
+            raise DataError(path, f"locked: another process has it open for writing ({_first_line(err)})") from None
         raise DataError(path, f"truncated or corrupt HDF5 file ({_first_line(err)})") from None
     with handle:
         yield handle
