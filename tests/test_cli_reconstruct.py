@@ -255,12 +255,16 @@ def test_a_recon_size_beyond_the_kspace_is_noted_and_clipped(tmp_path, capsys):
     with h5py.File(path, "r+") as f:
         del f["ismrmrd_header"]
         f.create_dataset("ismrmrd_header", data=fastmri_header(64, 48, (32, 70), 48))
-    code, _, err = _run(capsys, str(path), "--model", "zero-filled", "--output", str(tmp_path / "out"))
+    code, _, err = _run(capsys, str(path), "--model", "zero-filled", "--output", str(tmp_path / "out"), "--format",
+                        "h5", "nifti")
     assert code == 0, err
     (note,) = [line for line in err.splitlines() if line.startswith("note:")]
     assert "wide_recon.h5: the header's recon size 32x70 is larger than the 64x48 k-space; the images are 32x48" in note
     with h5py.File(tmp_path / "out" / "h5" / "wide_recon.h5") as f:
         assert f["reconstruction"].shape == (2, 32, 48)
+    # the 48 columns keep the k-space grid: encoded FOV (160 mm) / 48, not the recon matrix's 6.25 mm; rows: 200 / 32
+    zooms = nib.load(tmp_path / "out" / "nifti" / "wide_recon.nii.gz").header.get_zooms()
+    np.testing.assert_allclose(zooms[:2], (160 / 48, 200 / 32), rtol=1e-6)
 
 
 def test_bad_inputs_one_line_each_others_written(tmp_path, capsys):

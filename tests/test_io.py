@@ -59,6 +59,15 @@ def test_geometry_from_fastmri_header():
     assert geometry_from_header(None) == ImageGeometry()
 
 
+def test_geometry_of_kspace_smaller_than_the_recon_matrix():
+    """Images that keep the k-space's grid (it is smaller than the recon matrix) have the encoded field of view over
+    the k-space size as spacing; they were labelled with the recon matrix's (here 1.5x too fine along W)."""
+    info = parse_ismrmrd_header(HEADER)
+    assert geometry_from_header(info, (640, 368)) == geometry_from_header(info)  # cropped to the recon matrix
+    assert geometry_from_header(info, (640, 213)) == ImageGeometry(140 / 320, 161 / 213, 3.5)
+    assert geometry_from_header(info, (300, 213)) == ImageGeometry(280 / 300, 161 / 213, 3.5)
+
+
 def test_hdf5_is_scored_by_fastmri_evaluate(tmp_path):
     rng = np.random.default_rng(0)
     target_dir, pred_dir = tmp_path / "target", tmp_path / "pred"

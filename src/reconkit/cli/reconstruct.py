@@ -99,7 +99,7 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
     attrs = {k: volume.info.attrs[k] for k in ("acquisition", "patient_id", "image_index") if k in volume.info.attrs}
     if attrs.get("acquisition") != "ismrmrd_raw":  # only read_ismrmrd_raw's own index describes the images
         attrs.pop("image_index", None)
-    geometry = geometry_from_header(volume.info.header)
+    geometry = geometry_from_header(volume.info.header, volume.kspace.shape[-2:])
     if "h5" in formats:
         write_fastmri_h5(output / "h5" / path.name, result.reconstruction, attrs)
     study = new_study()  # the series of one input file share a study and frame of reference
