@@ -15,6 +15,7 @@ import pytest
 from fastmri.data import SliceDataset as FastmriSliceDataset
 
 from reconkit.data import SliceDataset, parse_ismrmrd_header, read_volume, read_volume_info
+from reconkit.data.slice_dataset import list_volume_files
 from reconkit.errors import DataError
 
 # --------------------------------------------------------------------------------------------- test files
@@ -299,6 +300,12 @@ def test_root_may_be_a_list_of_files(multicoil_dir, tmp_path):
     assert [(s.fname.name, s.slice_ind) for s in ours.raw_samples] == [("file_a.h5", 0), ("file_a.h5", 1)] + [
         ("file_c.h5", i) for i in range(4)
     ]
+
+
+def test_folder_listing_takes_volume_suffixes_in_any_case(tmp_path):
+    for name in ("b.H5", "a.h5", "c.HDF5", ".hidden.h5", "notes.txt", "d.h5.bak"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_volume_files(tmp_path)] == ["a.h5", "b.H5", "c.HDF5"]
 
 
 @pytest.mark.parametrize(

@@ -49,12 +49,15 @@ def default_cache_file() -> Path:
 
 
 def list_volume_files(root: PathLike | Sequence[PathLike]) -> list[Path]:
-    """Sorted volume files: the ``*.h5`` / ``*.hdf5`` files directly in folder ``root``, or the given list."""
+    """Sorted volume files: the ``*.h5`` / ``*.hdf5`` files (any case: ``.H5`` too) directly in folder ``root``, or
+    the given list."""
     if isinstance(root, (str, os.PathLike)):
         folder = Path(root)
         if not folder.is_dir():
             raise DataError(folder, "dataset root is not a folder" if folder.exists() else "dataset root not found")
-        return sorted(p for p in folder.iterdir() if p.suffix in _VOLUME_SUFFIXES and not p.name.startswith("."))
+        return sorted(
+            p for p in folder.iterdir() if p.suffix.lower() in _VOLUME_SUFFIXES and not p.name.startswith(".")
+        )
     return sorted(Path(p) for p in root)
 
 
