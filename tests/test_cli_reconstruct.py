@@ -222,9 +222,13 @@ def test_already_undersampled_input_is_used_as_is(tmp_path, capsys):
     assert len(notes) == 2, err
     assert "with_mask.h5" in notes[0] and "its 'mask' dataset" in notes[0] and "--acceleration 8 not applied" in notes[0]
     assert "zero_columns.h5" in notes[1] and "columns left empty" in notes[1] and "--acceleration 8" in notes[1]
-    # no note where nothing was asked for, nor where the mask options were applied
+    # no note for a stored mask where nothing was asked for, nor where the mask options were applied; empty
+    # columns without a stored mask are always noted (a header wider than its data would look the same)
     code, _, err = _run(capsys, str(tmp_path / "with_mask.h5"), "--model", "zero-filled", "--output", str(out))
     assert code == 0 and "note:" not in err, err
+    code, _, err = _run(capsys, str(tmp_path / "zero_columns.h5"), "--model", "zero-filled", "--output", str(out))
+    (note,) = [line for line in err.splitlines() if line.startswith("note:")]
+    assert code == 0 and "columns left empty" in note and "no retrospective mask applied" in note, err
     code, _, err = _run(capsys, str(full), "--model", "zero-filled", "--output", str(out), "--acceleration", "8")
     assert code == 0 and "note:" not in err, err
 

@@ -283,10 +283,13 @@ def run(args: argparse.Namespace) -> list[FileReport]:
                     mask_options["center_fraction"],
                     args.seed,
                 )
-                if not retrospective and asked_for_mask:
+                if not retrospective and (asked_for_mask or volume.mask is None):
+                    # without a stored mask, empty columns inside the header's acquired window are the only sign:
+                    # say so even when no mask option was given (a header wider than its data looks the same)
                     how = "its 'mask' dataset" if volume.mask is not None else "k-space columns left empty"
-                    print(f"note: {path}: already undersampled ({how}); {asked_for_mask} not applied, the file's "
-                          "own sampling is used", file=sys.stderr)  # fmt: skip
+                    what = f"{asked_for_mask} not applied" if asked_for_mask else "no retrospective mask applied"
+                    print(f"note: {path}: already undersampled ({how}); {what}, the file's own sampling is used",
+                          file=sys.stderr)  # fmt: skip
                 result = reconstruct_volume(
                     volume,
                     reconstructor,
