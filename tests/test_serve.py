@@ -345,6 +345,8 @@ def _bad_requests() -> list[tuple[str, object, str]]:
         ("batch limit", big_batch, "batch size 9 exceeds the model's max_batch_size 8"),
         ("batch mismatch", batch_mismatch, "inputs disagree on the batch size"),
         ("unknown output", json_request(kspace, mask, outputs=[{"name": "kspace"}]), "unknown output tensor 'kspace'"),
+        ("output name not a string", json_request(kspace, mask, outputs=[{"name": ["image"]}]),
+         "unknown output tensor ['image']"),
         ("repeated output", json_request(kspace, mask, outputs=[{"name": "image"}, {"name": "image"}]),
          "output 'image' requested more than once"),
         ("binary flag text", json_request(kspace, mask, outputs=[{"name": "image", "parameters": {"binary_data": "false"}}]),
@@ -1030,7 +1032,8 @@ def test_grpc_typed_contents_equal_rest(grpc_server, direct):
 
 
 _JSON_ONLY = {"not json", "deep json", "not an object", "data type", "numeric strings", "booleans", "nulls",
-              "beyond fp32", "zero-size shape", "binary flag text", "request flag text"}  # no gRPC counterpart
+              "beyond fp32", "zero-size shape", "binary flag text", "request flag text",
+              "output name not a string"}  # no gRPC counterpart
 _GRPC_MESSAGES = {"data length": "input 'mask': contents.fp32_contents holds 6 values, shape [1, 1, 1, 7, 1] needs 7"}
 _GRPC_CASES = [c for c in _bad_requests() if c[0] not in _JSON_ONLY]
 

@@ -108,7 +108,7 @@ def check_output_name(model: OnnxModel, name: Any, seen: Container[str] = ()) ->
     """RequestError(400) when a requested output is not one of the model's, or already in ``seen`` (the outputs
     requested before it), as :func:`input_spec` does for inputs."""
     known = {spec.name for spec in model.outputs}
-    if name not in known:
+    if not isinstance(name, str) or name not in known:
         raise _bad(f"unknown output tensor {name!r}; model outputs are {sorted(known)}")
     if name in seen:
         raise _bad(f"output '{name}' requested more than once")
