@@ -236,7 +236,9 @@ def decode_infer_request(body: bytes, header_length: str | None, model: OnnxMode
     if offset != len(binary):
         raise _bad(f"request carries {len(binary)} bytes of binary data but the inputs use {offset}")
     request_id = header.get("id")
-    return InferRequest(None if request_id is None else str(request_id), inputs, _requested_outputs(header, model),
+    if request_id is not None and not isinstance(request_id, str):
+        raise _bad(f"request 'id' must be a string (it is echoed in the response), got {str(request_id)[:100]}")
+    return InferRequest(request_id, inputs, _requested_outputs(header, model),
                         parse_timeout(_parameters(header, "request").get("timeout")))
 
 
