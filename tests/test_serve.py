@@ -1223,6 +1223,14 @@ def test_grpc_address_in_use_is_a_clear_error(repository):
             serve(ServerConfig(repository, grpc_address=address), "127.0.0.1", free_port())
 
 
+def test_grpc_starts_with_a_request_limit_beyond_2_gib(repository):
+    """--max-request-mb 4096: grpcio's message limit is a C int, so gRPC gets 2 GiB - 1 (it had failed to start with
+    OverflowError); REST keeps the whole limit."""
+    with running_server(repository, max_request_bytes=4 * 2**30, grpc_address="127.0.0.1:0") as (url, state):
+        assert grpc_call(f"127.0.0.1:{state.grpc_port}", "ServerLive", MESSAGES["ServerLiveRequest"]()).live
+        assert get(url, "/v2/health/live")[0] == 200
+
+
 def test_grpc_concurrency_bound_refuses_extra_calls_and_recovers(plain_repository):
     """grpc_max_concurrent_rpcs=1: while one call waits in its 1 s batching window, a second is RESOURCE_EXHAUSTED;
     after it the server answers again."""

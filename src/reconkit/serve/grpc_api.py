@@ -57,6 +57,7 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
              "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
 _HEALTH = {"ServerLive", "ServerReady", "ModelReady"}  # answered without a token, as the REST health endpoints
+_GRPC_INT_MAX = 2**31 - 1  # grpcio's integer options are C ints (and a protobuf message is below 2 GiB anyway)
 
 
 def _bad(message: str) -> RequestError:
@@ -204,7 +205,7 @@ async def start_grpc_server(state: ServerState) -> grpc.aio.Server:
     """
     config = state.config
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", config.max_request_bytes),
+        options=[("grpc.max_receive_message_length", min(config.max_request_bytes, _GRPC_INT_MAX)),
                  ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0),
                  # at most max_connections open (grpcio closes the ones beyond), so that stalled clients cannot
                  # exhaust the process's file descriptors (REST: reconkit.serve.connections)
