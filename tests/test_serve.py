@@ -1225,8 +1225,9 @@ def test_grpc_address_in_use_is_a_clear_error(repository):
 
 def test_grpc_starts_with_a_request_limit_beyond_2_gib(repository):
     """--max-request-mb 4096: grpcio's message limit is a C int, so gRPC gets 2 GiB - 1 (it had failed to start with
-    OverflowError); REST keeps the whole limit."""
-    with running_server(repository, max_request_bytes=4 * 2**30, grpc_address="127.0.0.1:0") as (url, state):
+    OverflowError); REST keeps the whole limit. Likewise a client timeout beyond 2**31 - 1 ms (25 days)."""
+    with running_server(repository, max_request_bytes=4 * 2**30, client_timeout_s=1e7,
+                        grpc_address="127.0.0.1:0") as (url, state):
         assert grpc_call(f"127.0.0.1:{state.grpc_port}", "ServerLive", MESSAGES["ServerLiveRequest"]()).live
         assert get(url, "/v2/health/live")[0] == 200
 
@@ -1247,6 +1248,72 @@ def test_grpc_concurrency_bound_refuses_extra_calls_and_recovers(plain_repositor
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert first.result().outputs[0].shape == [1, HEIGHT, WIDTH]
         assert grpc_call(address, "ModelInfer", request).outputs[0].shape == [1, HEIGHT, WIDTH]
+
+
+def _http2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _stalled_grpc_call(address: str, unread_answer: bool = False) -> socket.socket:
+    """A hand-made HTTP/2 connection (plain text) with one call, as a stalled or malicious client leaves it: a
+    ModelInfer whose message stops after 3 of its 100 bytes, or (``unread_answer``) a whole ServerMetadata request
+    whose answer the client never lets in (its HTTP/2 flow-control window is 0)."""
+    def literal(name: str, value: str) -> bytes:  # HPACK literal header field, new name, no Huffman coding
+        return bytes([0, len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+    rpc = "ServerMetadata" if unread_answer else "ModelInfer"
+    headers = b"".join(literal(*field) for field in [
+        (":method", "POST"), (":scheme", "http"), (":path", f"/{SERVICE}/{rpc}"), (":authority", "x"),
+        ("content-type", "application/grpc"), ("te", "trailers")])
+    window = (4).to_bytes(2, "big") + (0).to_bytes(4, "big") if unread_answer else b""  # SETTINGS_INITIAL_WINDOW_SIZE
+    message = b"\x00" + (0).to_bytes(4, "big") if unread_answer else b"\x00" + (100).to_bytes(4, "big") + b"\x0a\x01x"
+    sock = _raw_connection(address)
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                 + _http2_frame(4, 0, 0, window) + _http2_frame(4, 1, 0)  # SETTINGS, ack of the server's
+                 + _http2_frame(1, 4, 1, headers)  # HEADERS of stream 1, END_HEADERS
+                 + _http2_frame(0, int(unread_answer), 1, message))  # DATA, END_STREAM only when whole
+    return sock
+
+
+def _stream_ended(sock: socket.socket, stream: int, within_s: float) -> bool:
+    """Whether the server ends ``stream`` (HEADERS with END_STREAM: the call's trailers) within ``within_s``."""
+    sock.settimeout(within_s)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+            while len(received) >= 9 and len(received) >= 9 + int.from_bytes(received[:3], "big"):
+                length, kind, flags = int.from_bytes(received[:3], "big"), received[3], received[4]
+                if kind == 1 and flags & 1 and int.from_bytes(received[5:9], "big") & 0x7FFFFFFF == stream:
+                    return True
+                received = received[9 + length:]
+    except TimeoutError:
+        pass
+    return False
+
+
+def test_grpc_stalled_connections_and_calls_are_timed_out(plain_repository):
+    """Slow or stalled gRPC clients: a connection that never starts HTTP/2, or makes no call, is closed after the
+    client timeout, and a call whose message stops half-way is ended then (DEADLINE_EXCEEDED, counted as 408)
+    instead of holding its concurrent-call slot for ever; with one slot, the next call is then served. A call whose
+    answer the client never reads ends with its connection, which counts as idle."""
+    with running_server(plain_repository, client_timeout_s=1.0, grpc_address="127.0.0.1:0",
+                        grpc_max_concurrent_rpcs=1) as (url, state):
+        address = f"127.0.0.1:{state.grpc_port}"
+        silent = _raw_connection(address)
+        idle = _raw_connection(address)  # HTTP/2 set up, then no call
+        idle.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _http2_frame(4, 0, 0) + _http2_frame(4, 1, 0))
+        stalled = _stalled_grpc_call(address)
+        assert _closed_by_server(silent, 10)[0] and _closed_by_server(idle, 10)[0]
+        assert _stream_ended(stalled, 1, 10)
+        assert grpc_call(address, "ServerLive", MESSAGES["ServerLiveRequest"]()).live  # the slot is free again
+        unread = _stalled_grpc_call(address, unread_answer=True)
+        assert _closed_by_server(unread, 10)[0]
+        assert grpc_call(address, "ServerLive", MESSAGES["ServerLiveRequest"]()).live
+        status, body = get(url, "/metrics")
+        for sock in (silent, idle, stalled, unread):
+            sock.close()
+    assert status == 200 and 'reconkit_serve_errors_total{code="408",endpoint="grpc_infer"} 1.0' in body.decode()
 
 
 def test_grpc_draining_refuses_new_calls_and_answers_accepted_ones(plain_repository):

@@ -9,13 +9,15 @@ Tensor data: ``raw_input_contents`` (one little-endian buffer per input, in inpu
 or the typed ``contents`` of each input (``fp32_contents``...). Outputs are always returned as
 ``raw_output_contents``. Request parameter ``timeout`` (int64, microseconds) and the call's gRPC deadline both
 bound the wait. Errors: the REST status maps to a gRPC code (400 INVALID_ARGUMENT, 401 UNAUTHENTICATED,
-404 NOT_FOUND, 413 RESOURCE_EXHAUSTED, 422 FAILED_PRECONDITION, 503 UNAVAILABLE, 504 DEADLINE_EXCEEDED,
-500 INTERNAL) with the same message. Messages over ``max_request_bytes`` are refused by gRPC itself
-(RESOURCE_EXHAUSTED) before they are read; more than ``grpc_max_concurrent_rpcs`` calls at once likewise.
+404 NOT_FOUND, 408 DEADLINE_EXCEEDED (request message not received within the client timeout), 413
+RESOURCE_EXHAUSTED, 422 FAILED_PRECONDITION, 503 UNAVAILABLE, 504 DEADLINE_EXCEEDED, 500 INTERNAL) with the same
+message. Messages over ``max_request_bytes`` are refused by gRPC itself (RESOURCE_EXHAUSTED) before they are read;
+more than ``grpc_max_concurrent_rpcs`` calls at once likewise.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -49,9 +51,9 @@ __all__ = ["decode_grpc_request", "encode_grpc_response", "start_grpc_server"]
 _log = logging.getLogger("reconkit.serve")
 
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
-          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 422: grpc.StatusCode.FAILED_PRECONDITION,
-          499: grpc.StatusCode.CANCELLED, 500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE,
-          504: grpc.StatusCode.DEADLINE_EXCEEDED}
+          408: grpc.StatusCode.DEADLINE_EXCEEDED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          422: grpc.StatusCode.FAILED_PRECONDITION, 499: grpc.StatusCode.CANCELLED, 500: grpc.StatusCode.INTERNAL,
+          503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 # V2 datatype -> the typed-contents field that may carry it (FP16 only travels raw)
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
              "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
@@ -164,20 +166,39 @@ class _Servicer:
         return encode_grpc_response(served, infer_request, results)
 
 
+async def _read_message(context, timeout_s: float) -> bytes:
+    """The call's one request message (bytes); RequestError 408 when it has not fully arrived within ``timeout_s``
+    seconds of the call's start (a stalled client would otherwise hold one of the concurrent-call slots for ever),
+    400 when the client ends the call without one."""
+    try:
+        raw = await asyncio.wait_for(context.read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"client sent no complete request message within {timeout_s:g} s") from None
+    if raw is grpc.aio.EOF:
+        raise RequestError(400, "the call carries no request message")
+    return raw
+
+
 def _wrap(state: ServerState, rpc: str, handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
-    """Auth, decoding (a message that does not parse is INVALID_ARGUMENT), RequestError -> gRPC status, metrics
-    (endpoint ``grpc_<kind>``, the REST status) and one log line."""
+    """Auth, reading the message within the client timeout (:func:`_read_message`), decoding (a message that does
+    not parse is INVALID_ARGUMENT), RequestError -> gRPC status, metrics (endpoint ``grpc_<kind>``, the REST status)
+    and one log line.
+
+    The returned coroutine is a stream-unary handler: grpcio hands a unary handler its message only once it has
+    wholly arrived, with no time limit, so the message is read here instead. On the wire the calls stay unary.
+    """
     kind = "health" if rpc in _HEALTH else "infer" if rpc == "ModelInfer" else "metadata"
     token = state.config.auth_token
     message_type = MESSAGES[METHODS[rpc][0]]
 
-    async def wrapped(raw: bytes, context):
+    async def wrapped(_requests, context):
         start = time.perf_counter()
         status, error, response = 200, None, None
         try:
             authorization = dict(context.invocation_metadata() or ()).get("authorization", "")
             if token and rpc not in _HEALTH and not bearer_token_ok(authorization, token):
                 raise RequestError(401, "missing or wrong bearer token")
+            raw = await _read_message(context, state.config.client_timeout_s)
             try:
                 request = message_type.FromString(raw)
             except DecodeError as exc:
@@ -204,19 +225,23 @@ async def start_grpc_server(state: ServerState) -> grpc.aio.Server:
     Raises ReconkitError when the address cannot be bound. Stop it with ``await server.stop(grace_seconds)``.
     """
     config = state.config
+    client_timeout_ms = min(max(1, round(config.client_timeout_s * 1e3)), _GRPC_INT_MAX)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", min(config.max_request_bytes, _GRPC_INT_MAX)),
                  ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0),
-                 # at most max_connections open (grpcio closes the ones beyond), so that stalled clients cannot
-                 # exhaust the process's file descriptors (REST: reconkit.serve.connections)
-                 ("grpc.max_allowed_incoming_connections", connection_cap(config.max_connections))],
+                 # stalled clients (REST: reconkit.serve.connections): at most max_connections open (grpcio closes
+                 # the ones beyond); a connection that has not set up HTTP/2 (preface and SETTINGS, after TLS)
+                 # within the client timeout is closed, and so is one without a call for that long (GOAWAY first)
+                 ("grpc.max_allowed_incoming_connections", connection_cap(config.max_connections)),
+                 ("grpc.server_handshake_timeout_ms", client_timeout_ms),
+                 ("grpc.max_connection_idle_ms", client_timeout_ms)],
         maximum_concurrent_rpcs=config.grpc_max_concurrent_rpcs,
     )
     servicer = _Servicer(state)
     handlers = {
-        rpc: grpc.unary_unary_rpc_method_handler(
+        rpc: grpc.stream_unary_rpc_method_handler(
             _wrap(state, rpc, getattr(servicer, rpc)),
-            request_deserializer=None,  # bytes: _wrap parses them, so a corrupt message gets INVALID_ARGUMENT
+            request_deserializer=None,  # bytes: _wrap reads and parses them, so a corrupt message gets INVALID_ARGUMENT
             response_serializer=MESSAGES[response].SerializeToString)
         for rpc, (_, response) in METHODS.items()
     }
