@@ -200,3 +200,8 @@ def test_cli_serve_reports_bad_repository_and_options(tmp_path, capsys):
     assert "model.onnx: cannot load ONNX model" in capsys.readouterr().err
     assert serve_main(["--model-repository", str(tmp_path), "--max-queue-size", "0"]) == 2
     assert serve_main(["--model-repository", str(tmp_path), "--device", "cpu", "--request-timeout-s", "0"]) == 2
+    # NaN passed every comparison: a NaN size was a ValueError traceback, a NaN timeout made every request time out
+    for option in ("--max-request-mb", "--request-timeout-s", "--client-timeout-s", "--max-queue-delay-ms"):
+        for value in ("nan", "inf"):
+            assert serve_main(["--model-repository", str(tmp_path), option, value]) == 2, (option, value)
+            assert "positive finite numbers" in capsys.readouterr().err

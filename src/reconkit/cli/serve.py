@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -86,9 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     numbers = (args.max_batch_size, args.max_queue_size - 1, args.instances - 1, args.max_queue_delay_ms,
                args.request_timeout_s, args.max_request_mb, args.intra_op_threads, args.grpc_max_concurrency - 1,
                0 if args.grpc_port is None else args.grpc_port, args.client_timeout_s, args.max_connections - 1)
-    if min(numbers) < 0 or 0 in (args.request_timeout_s, args.max_request_mb, args.client_timeout_s):
-        print("reconkit serve: sizes, counts and times must be positive (max-batch-size and delays may be 0)",
-              file=sys.stderr)
+    positive = (args.request_timeout_s, args.max_request_mb, args.client_timeout_s)
+    if not all(map(math.isfinite, numbers)) or min(numbers) < 0 or 0 in positive:
+        print("reconkit serve: sizes, counts and times must be positive finite numbers (max-batch-size and delays "
+              "may be 0)", file=sys.stderr)
         return 2
     batching = BatchingConfig(args.max_batch_size, args.max_batch_size > 0, args.max_queue_delay_ms / 1e3,
                               args.max_queue_size, args.instances)
