@@ -173,7 +173,18 @@ def test_discover_models_reads_config_pbtxt(tmp_path):
 @pytest.mark.parametrize("text,problem", [
     ('name: "other"', "config names model 'other' but its directory is 'm'"),
     ("max_batch_size: [", "cannot read Triton model configuration"),
-    ("max_batch_size: -1", "must be non-negative"),
+    ("max_batch_size: -1", "max_batch_size must be a non-negative integer, got -1"),
+    # each was a ValueError, TypeError or AttributeError traceback, or (count: 2.5) taken as 2
+    ('instance_group [ { count: "two" } ]', "count must be a non-negative integer, got 'two'"),
+    ("instance_group [ { count: 2.5 } ]", "count must be a non-negative integer, got 2.5"),
+    ("instance_group [ { count: 0 } ]", "instance_group counts must add up to at least 1"),
+    ("instance_group: 3", "instance_group must be a list of messages"),
+    ("max_batch_size: 8 dynamic_batching: 5", r"dynamic_batching must be a message \(dynamic_batching \{ ... \}\), got 5"),
+    ("max_batch_size: 8 dynamic_batching { max_queue_delay_microseconds: nan }",
+     "max_queue_delay_microseconds must be a non-negative integer, got 'nan'"),
+    ("max_batch_size: 8 dynamic_batching { max_queue_delay_microseconds: true }",
+     "max_queue_delay_microseconds must be a non-negative integer, got True"),
+    ("max_batch_size: 8 dynamic_batching { default_queue_policy: 3 }", "default_queue_policy must be a message"),
 ])
 def test_discover_models_bad_config_names_the_file(tmp_path, text, problem):
     model_dir = write_triton_repository(contract_graph(tmp_path / "m.onnx"), tmp_path / "repo", "m")

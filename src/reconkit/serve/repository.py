@@ -65,18 +65,34 @@ def _batching_from_config(path: Path, name: str, defaults: BatchingConfig) -> Ba
     declared = first(config, "name")
     if declared is not None and declared != name:
         raise DataError(path, f"config names model {declared!r} but its directory is {name!r}")
-    max_batch_size = first(config, "max_batch_size", 0)
-    dynamic = first(config, "dynamic_batching")
+
+    def message(parent: dict, field: str) -> dict | None:
+        """A nested message field (``field { ... }``), or None when absent."""
+        value = first(parent, field)
+        if value is not None and not isinstance(value, dict):
+            raise DataError(path, f"{field} must be a message ({field} {{ ... }}), got {value!r}")
+        return value
+
+    def count(parent: dict, field: str, default: int) -> int:
+        """A non-negative integer field (Triton's are uint / int), ``default`` when absent."""
+        value = first(parent, field, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DataError(path, f"{field} must be a non-negative integer, got {value!r}")
+        return value
+
+    max_batch_size = count(config, "max_batch_size", 0)
+    dynamic = message(config, "dynamic_batching")
     groups = config.get("instance_group", [])
-    instances = sum(int(first(group, "count", 1)) for group in groups) if groups else 1
+    if not all(isinstance(group, dict) for group in groups):
+        raise DataError(path, "instance_group must be a list of messages ([ { count: N }, ... ])")
+    instances = sum(count(group, "count", 1) for group in groups) if groups else 1
+    if instances < 1:
+        raise DataError(path, "instance_group counts must add up to at least 1")
     queue_delay_s, queue_size = defaults.max_queue_delay_s, defaults.max_queue_size
     if dynamic is not None:
-        queue_delay_s = first(dynamic, "max_queue_delay_microseconds", 0) / 1e6
-        policy = first(dynamic, "default_queue_policy", {})
-        queue_size = first(policy, "max_queue_size", 0) or defaults.max_queue_size  # Triton: 0 = unbounded
-    values = (max_batch_size, queue_size, instances)
-    if not all(isinstance(v, int) and v >= 0 for v in values) or queue_delay_s < 0 or instances < 1:
-        raise DataError(path, "max_batch_size, max_queue_size, instance counts and delays must be non-negative integers")
+        queue_delay_s = count(dynamic, "max_queue_delay_microseconds", 0) / 1e6
+        policy = message(dynamic, "default_queue_policy") or {}
+        queue_size = count(policy, "max_queue_size", 0) or defaults.max_queue_size  # Triton: 0 = unbounded
     return BatchingConfig(max_batch_size, dynamic is not None and max_batch_size > 0, queue_delay_s, queue_size, instances)
 
 
