@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import stat
 import subprocess
@@ -364,6 +366,39 @@ def test_cli_export_refuses_bad_options_and_outputs_before_exporting(unet_checkp
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # no out/, new/, repo/ or .export-*
     assert checkpoint.stat().st_size > 0 and load_checkpoint_model(checkpoint)
+
+
+def test_cli_export_reports_outputs_it_cannot_write_in_one_line(unet_checkpoint, tmp_path, capsys,
+                                                                monkeypatch) -> None:
+    """A FIFO (or device, or /dev/stdout) as --output is refused, not replaced by the final rename; a folder that
+    refuses files and a Triton repository path that cannot be written are one line naming the path, exit 1."""
+    _, checkpoint = unet_checkpoint
+    fifo = tmp_path / "fifo.onnx"
+    os.mkfifo(fifo)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "repo" / "m" / "1" / "model.onnx").mkdir(parents=True)
+    locked = tmp_path / "locked"  # a folder that refuses new files (chmod cannot show it when tests run as root)
+    locked.mkdir()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(locked))
+
+    cases = [
+        (["--output", str(fifo)], "fifo.onnx: is not a regular file"),
+        (["--output", str(tmp_path / "x.onnx"), "--triton-repository", str(tmp_path / "afile")],
+         "--triton-repository " + str(tmp_path / "afile") + ": is not a directory"),
+        (["--output", str(tmp_path / "m.onnx"), "--triton-repository", str(tmp_path / "repo")],
+         "m/1/model.onnx: cannot write the Triton model repository there: Is a directory"),
+        (["--output", str(locked / "x.onnx")], "locked/x.onnx: cannot write it: Permission denied"),
+    ]
+    for extra, message in cases:
+        if locked in Path(extra[1]).parents:
+            monkeypatch.setattr("reconkit.export.onnx_export.tempfile.TemporaryDirectory", refuse)
+        code = export_main(["--checkpoint", str(checkpoint), "--size", "32", "24", *extra])
+        err = capsys.readouterr().err
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert not (tmp_path / "x.onnx").exists() and list(locked.iterdir()) == []
 
 
 def test_sigterm_during_an_export_leaves_no_temporary_folder(tmp_path) -> None:

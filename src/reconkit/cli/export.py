@@ -50,6 +50,8 @@ def _check_arguments(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> 
     if args.triton_repository is not None:
         from reconkit.export.triton_repository import check_triton_options
 
+        if args.triton_repository.exists() and not args.triton_repository.is_dir():
+            raise ReconkitError(f"--triton-repository {args.triton_repository}: is not a directory")
         check_triton_options(args.model_name or args.output.stem, args.version, args.max_batch_size)
 
 

@@ -376,8 +376,9 @@ def export_onnx(
         the written path.
 
     Raises:
-        ExportError: unreadable / incompatible checkpoint, a model that does not trace, or a graph the checker
-            rejects; the message names the file.
+        ExportError: unreadable / incompatible checkpoint, a model that does not trace, a graph the checker
+            rejects, or an output that cannot be written (a folder, a device or FIFO, no write permission); the
+            message names the file.
     """
     import onnx
 
@@ -387,6 +388,9 @@ def export_onnx(
     output_path = Path(output_path)
     if output_path.is_dir():
         raise ExportError(f"{output_path}: is a directory; give the .onnx file to write")
+    if output_path.exists() and not output_path.is_file():  # the rename at the end would replace the node itself
+        raise ExportError(f"{output_path}: is not a regular file (a device, FIFO or socket); give the .onnx file "
+                          "to write")
     if not isinstance(model_or_checkpoint, torch.nn.Module) and output_path.resolve() == Path(
             model_or_checkpoint).resolve():
         raise ExportError(f"{output_path}: the output would overwrite the checkpoint it is exported from")
@@ -432,10 +436,12 @@ def export_onnx(
                     raise ExportError(f"{output_path}: exported graph fails onnx.checker: {exc}") from exc
             with atomic_path(output_path) as staged:  # keeps the mode of a file it replaces, else the umask's
                 onnx.save(proto, str(staged))
-    except BaseException:
+    except BaseException as exc:
         for folder in created:  # folders made for this output, if the export left them empty
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        if isinstance(exc, OSError):  # the folder refuses the temporary files or the rename (permissions, space)
+            raise ExportError(f"{output_path}: cannot write it: {exc.strerror or exc}") from exc
         raise
     finally:
         model.train(was_training)

@@ -85,8 +85,9 @@ def write_triton_repository(onnx_path: os.PathLike | str, repository: os.PathLik
 
     Returns the model directory ``repository/model_name``. Files are written atomically; an existing
     ``config.pbtxt`` of the model is replaced (it describes every version, which must share the graph's I/O).
-    Raises ``ReconkitError`` for an invalid name / version, an unreadable ONNX file, or a graph without a
-    dynamic batch axis when ``max_batch_size > 0``.
+    Raises ``ReconkitError`` for an invalid name / version, an unreadable ONNX file, a graph without a
+    dynamic batch axis when ``max_batch_size > 0``, or a repository path it cannot write (the message names the
+    path).
     """
     import onnx
 
@@ -101,15 +102,21 @@ def write_triton_repository(onnx_path: os.PathLike | str, repository: os.PathLik
                 if entry.key == "location"}
     model_dir = Path(repository) / model_name
     version_dir = model_dir / str(version)
-    version_dir.mkdir(parents=True, exist_ok=True)
-    for location in sorted(external):
-        data_path = source.parent / location
-        if Path(location).is_absolute() or ".." in Path(location).parts or not data_path.is_file():
-            raise ReconkitError(f"{source}: external data file {location!r} is missing or outside the model's folder")
-        (version_dir / location).parent.mkdir(parents=True, exist_ok=True)
-        with open(data_path, "rb") as src:
-            _atomic_write(version_dir / location, lambda f: shutil.copyfileobj(src, f))
-    with open(source, "rb") as src:
-        _atomic_write(version_dir / "model.onnx", lambda f: shutil.copyfileobj(src, f))
-    _atomic_write(model_dir / "config.pbtxt", lambda f: f.write(config.encode()))
+    try:
+        version_dir.mkdir(parents=True, exist_ok=True)
+        for location in sorted(external):
+            data_path = source.parent / location
+            if Path(location).is_absolute() or ".." in Path(location).parts or not data_path.is_file():
+                raise ReconkitError(f"{source}: external data file {location!r} is missing or outside the model's "
+                                    "folder")
+            (version_dir / location).parent.mkdir(parents=True, exist_ok=True)
+            with open(data_path, "rb") as src:
+                _atomic_write(version_dir / location, lambda f: shutil.copyfileobj(src, f))
+        with open(source, "rb") as src:
+            _atomic_write(version_dir / "model.onnx", lambda f: shutil.copyfileobj(src, f))
+        _atomic_write(model_dir / "config.pbtxt", lambda f: f.write(config.encode()))
+    except OSError as exc:  # a path component that is a file, a model.onnx that is a folder, no permission, ...
+        where = exc.filename2 or exc.filename or repository  # a rename names its destination second
+        raise ReconkitError(f"{where}: cannot write the Triton model repository there: {exc.strerror or exc}"
+                            ) from exc
     return model_dir
