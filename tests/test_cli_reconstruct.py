@@ -133,13 +133,18 @@ def test_onnx_of_a_bare_module_runs_with_the_cli_mask_defaults(tmp_path, capsys)
     onnx_path = export_onnx(build_model("zero_filled"), tmp_path / "zf.onnx", (3, 32, 24))
     assert load_onnx_metadata(onnx_path)["reconkit.mask_family"] == "unknown"
     assert load_reconstructor(str(onnx_path)).mask_defaults == {}
+    upper = tmp_path / "ZF.ONNX"  # the suffix in capitals (copied from Windows / a scanner console): still ONNX
+    upper.write_bytes(onnx_path.read_bytes())
     outputs = {}
-    for model, name in ((str(onnx_path), "onnx"), ("zero-filled", "builtin")):
-        code, _, err = _run(capsys, str(tmp_path / "scan.h5"), "--model", model, "--output", str(tmp_path / name))
+    for model, name in ((str(onnx_path), "onnx"), (str(upper), "upper"), ("zero-filled", "builtin")):
+        code, out, err = _run(capsys, str(tmp_path / "scan.h5"), "--model", model, "--output", str(tmp_path / name))
         assert code == 0, err
+        assert ("(onnx)" in out) == (name != "builtin")
         with h5py.File(tmp_path / name / "h5" / "scan.h5") as f:
             outputs[name] = f["reconstruction"][()]
     np.testing.assert_allclose(outputs["onnx"], outputs["builtin"], rtol=1e-4, atol=1e-5 * outputs["builtin"].max())
+    np.testing.assert_array_equal(outputs["upper"], outputs["onnx"])
+    assert load_reconstructor(str(upper), backend="onnx").backend == "onnx"
 
 
 def test_cg_sense_all_formats_with_header_geometry(tmp_path, capsys):

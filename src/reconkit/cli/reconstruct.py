@@ -26,6 +26,7 @@ from reconkit.inference import (
     Reconstructor,
     VolumeResult,
     acquired_columns,
+    default_backend,
     load_reconstructor,
     recon_crop,
     reconstruct_volume,
@@ -343,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReconkitError as err:
         print(f"reconkit reconstruct: {err}", file=sys.stderr)
         return 2
-    _print_summary(reports, args.model, args.backend or ("onnx" if str(args.model).endswith(".onnx") else "torch"))
+    _print_summary(reports, args.model, args.backend or default_backend(args.model))
     written = sum(r.ok for r in reports)
     print(f"{written} of {len(reports)} file(s) written under {args.output}/ ({', '.join(args.format)})")
     return 0 if reports and all(r.ok for r in reports) else 1

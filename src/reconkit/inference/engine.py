@@ -29,6 +29,7 @@ __all__ = [
     "Reconstructor",
     "VolumeResult",
     "acquired_columns",
+    "default_backend",
     "load_reconstructor",
     "reconstruct_volume",
     "volume_mask",
@@ -198,6 +199,11 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
     )
 
 
+def default_backend(model: str) -> str:
+    """``"onnx"`` for a model file named ``*.onnx`` (any case: ``MODEL.ONNX`` too), else ``"torch"``."""
+    return "onnx" if Path(model).suffix.lower() == ".onnx" else "torch"
+
+
 def load_reconstructor(
     model: str,
     backend: str | None = None,
@@ -212,7 +218,7 @@ def load_reconstructor(
             for several sizes gets one session per size, opened from that size's branch when first needed, or the
             whole file's session, with a :class:`~reconkit.errors.ReconkitWarning`, where a branch cannot be opened
             alone) or a reconkit checkpoint (``reconkit.models.load_model``).
-        backend: ``"torch"`` / ``"onnx"``; None infers it from the file extension.
+        backend: ``"torch"`` / ``"onnx"``; None infers it from the file extension (:func:`default_backend`).
         device: ``"cpu"`` or ``"cuda"``.
         threads: ONNX Runtime intra-op threads (None: its default); torch models use ``torch.set_num_threads``.
         torch_fallback: for an ONNX file exported from a checkpoint, run k-space sizes its graph lacks with the
@@ -234,12 +240,12 @@ def load_reconstructor(
     path = Path(model)
     if not path.is_file():
         raise ReconkitError(f"{path}: model file not found (or use 'zero-filled' / 'cg-sense')")
-    chosen = backend or ("onnx" if path.suffix == ".onnx" else "torch")
-    if chosen == "onnx":
-        if path.suffix != ".onnx":
+    named_onnx = default_backend(model) == "onnx"
+    if (backend or default_backend(model)) == "onnx":
+        if not named_onnx:
             raise ReconkitError(f"{path}: --backend onnx needs an .onnx file; export it with 'reconkit export'")
         return _onnx_reconstructor(path, device, threads, torch_fallback)
-    if path.suffix == ".onnx":
+    if named_onnx:
         raise ReconkitError(f"{path}: an ONNX file runs with --backend onnx, not torch")
     net, info = load_model(path)
     net = contract_model(net)  # image-domain models (U-Net, ViT) get the zero-filled front end, as on export
