@@ -475,6 +475,11 @@ def test_bad_model_and_help(tmp_path, capsys):
     code, _, err = _run(capsys, str(tmp_path / "a.h5"), "--model", str(tmp_path / "garbled.onnx"), "--output",
                         str(tmp_path / "o"))
     assert code == 2 and "garbled.onnx: not an ONNX model" in err and not (tmp_path / "o").exists()
+    for legacy in (False, True):  # a checkpoint saved under an .onnx name: torch.save's zip, or a legacy pickle
+        torch.save({"state_dict": {}}, tmp_path / "ckpt.onnx", _use_new_zipfile_serialization=not legacy)
+        code, _, err = _run(capsys, str(tmp_path / "a.h5"), "--model", str(tmp_path / "ckpt.onnx"), "--output",
+                            str(tmp_path / "o"))
+        assert code == 2 and "ckpt.onnx: looks like a PyTorch checkpoint, not an ONNX model" in err, err
     with pytest.raises(SystemExit) as exit_info:
         reconkit_main(["reconstruct", "--help"])
     assert exit_info.value.code == 0

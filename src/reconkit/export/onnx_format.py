@@ -33,6 +33,7 @@ __all__ = [
 INPUT_NAMES = ("masked_kspace", "mask")
 OUTPUT_NAME = "image"
 SIZES_KEY = "reconkit.spatial_sizes"
+_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")  # how torch.save's files start: a zip archive, or a pickle (legacy)
 JSON_KEYS = (SIZES_KEY, "reconkit.acceleration", "reconkit.center_fraction", "reconkit.model_kwargs",
              "reconkit.weight_aliases")
 
@@ -98,6 +99,11 @@ def read_onnx(path: str | os.PathLike, load_external_data: bool = True):
     try:
         return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:
+        with path.open("rb") as f:
+            head = f.read(4)
+        if head.startswith(_TORCH_SAVE_MAGIC):
+            raise ExportError(f"{path}: looks like a PyTorch checkpoint, not an ONNX model (export it with "
+                              "'reconkit export', or name it .ckpt to run it in PyTorch)") from exc
         raise ExportError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
 
 
