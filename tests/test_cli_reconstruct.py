@@ -147,6 +147,32 @@ def test_onnx_of_a_bare_module_runs_with_the_cli_mask_defaults(tmp_path, capsys)
     assert load_reconstructor(str(upper), backend="onnx").backend == "onnx"
 
 
+def test_onnx_file_without_reconkit_metadata_fails_on_other_sizes_file_by_file(tmp_path, capsys):
+    """A contract graph without ``reconkit.spatial_sizes`` (an optimiser dropped the metadata, or another tool made
+    it) and fixed to one size: a scan of another size is that file's one-line error naming the scan and ONNX
+    Runtime's reason; the other files are still written (the CLI stopped with a traceback)."""
+    import onnx
+
+    from reconkit.export import export_onnx
+    from reconkit.models import build_model
+
+    rng = np.random.default_rng(9)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_fastmri_file(scans / "a_fits.h5", rng, slices=2, coils=3, height=32, width=24, recon=(16, 16))
+    write_fastmri_file(scans / "b_other.h5", rng, slices=2, coils=3, height=40, width=30, recon=(16, 16))
+    proto = onnx.load(str(export_onnx(build_model("zero_filled"), tmp_path / "zf.onnx", (3, 32, 24))))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "bare.onnx"))
+    code, _, err = _run(capsys, str(scans), "--model", str(tmp_path / "bare.onnx"), "--output", str(tmp_path / "o"))
+    assert code == 1
+    assert (tmp_path / "o" / "h5" / "a_fits.h5").is_file() and not (tmp_path / "o" / "h5" / "b_other.h5").exists()
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {scans / 'b_other.h5'}: model bare.onnx: ONNX Runtime failed on masked_kspace "
+                           "[2, 3, 40, 30, 2]"), line
+    assert "Got: 40 Expected: 32" in line
+
+
 def test_cg_sense_all_formats_with_header_geometry(tmp_path, capsys):
     rng = np.random.default_rng(1)
     scan = tmp_path / "knee.h5"

@@ -47,7 +47,8 @@ class Reconstructor:
     """A k-space model behind one call, whatever runs it.
 
     ``run(masked_kspace (B, C, H, W, 2) float32, mask (B, 1, 1, W, 1) float32) -> (B, H, W) float32`` (numpy),
-    the RSS magnitude at the full encoded size.
+    the RSS magnitude at the full encoded size; an ONNX model's ``run`` raises ``ReconkitError`` with ONNX
+    Runtime's reason when a call fails.
 
     Attributes:
         name: what the summary prints (file name or baseline name).
@@ -140,7 +141,15 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
             session = ort.InferenceSession(model, options, providers=providers)
         except Exception as err:  # noqa: BLE001 -- onnxruntime raises its own exception types for unreadable models
             raise ReconkitError(f"{path}: cannot load ONNX model ({str(err).splitlines()[0]})") from None
-        return lambda masked_kspace, mask: session.run(["image"], {"masked_kspace": masked_kspace, "mask": mask})[0]
+
+        def run(masked_kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            try:
+                return session.run(["image"], {"masked_kspace": masked_kspace, "mask": mask})[0]
+            except Exception as err:  # noqa: BLE001 -- onnxruntime's own types (InvalidArgument, Fail, ...)
+                raise ReconkitError(f"ONNX Runtime failed on masked_kspace {list(masked_kspace.shape)}, mask "
+                                    f"{list(mask.shape)}: {' '.join(str(err).split())}") from None
+
+        return run
 
     declared = metadata.get("reconkit.spatial_sizes", "dynamic")
     sizes = None if declared == "dynamic" else [(int(h), int(w)) for h, w in declared]
@@ -378,6 +387,11 @@ def reconstruct_volume(
     ``(slices, 1, 1, W, 1)`` (one per slice), as :func:`volume_mask` gives.
 
     ``on_slices(n)`` is called after every batch of ``n`` slices (progress bars).
+
+    Raises:
+        DataError: naming the volume's file: a size the model does not take, a model call that fails with a
+            ``ReconkitError`` (an ONNX Runtime error, e.g. a graph fixed to another size whose file lacks
+            reconkit's size metadata), or an output of the wrong shape or with NaN / inf.
     """
     kspace = _coil_kspace(volume)
     num_slices, _, height, width = kspace.shape
@@ -395,7 +409,10 @@ def reconstruct_volume(
         image = np.zeros((masked.shape[0], height, width), dtype=np.float32)
         if holds_data.any():
             start = time.perf_counter()
-            ran = run(np.ascontiguousarray(masked[holds_data]), np.ascontiguousarray(batch_mask[holds_data]))
+            try:
+                ran = run(np.ascontiguousarray(masked[holds_data]), np.ascontiguousarray(batch_mask[holds_data]))
+            except ReconkitError as err:  # e.g. a graph without reconkit's size metadata, fixed to another size
+                raise DataError(volume.info.path, f"model {reconstructor.name}: {err}") from err
             seconds += time.perf_counter() - start
             if ran.shape != (int(holds_data.sum()), height, width) or not np.isfinite(ran).all():
                 raise DataError(
