@@ -354,6 +354,8 @@ def test_cli_export_refuses_bad_options_and_outputs_before_exporting(unet_checkp
         (["--opset", "99"], "opset must be between 17 and"),
         (["--triton-repository", str(tmp_path / "repo"), "--model-name", "bad/name"], "invalid model name 'bad/name'"),
         (["--triton-repository", str(tmp_path / "repo"), "--version", "0"], "invalid model version 0"),
+        (["--triton-repository", str(tmp_path / "repo"), "--version", "1765000000"],  # reconkit serve: ≤ 9 digits
+         "invalid model version 1765000000: must be an integer from 1 to 999999999"),
         (["--output", str(tmp_path / "adir")], "adir: is a directory"),
         (["--output", str(checkpoint)], "the output would overwrite the checkpoint"),
         (["--output", str(tmp_path / "afile" / "x.onnx")], "afile/x.onnx: cannot create its folder"),

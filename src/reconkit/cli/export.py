@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--triton-repository", type=Path, help="also write a Triton model repository here")
     parser.add_argument("--model-name", "--name", dest="model_name",
                         help="model name in the Triton repository (default: the output file's stem)")
-    parser.add_argument("--version", type=int, default=1, help="model version in the Triton repository")
+    parser.add_argument("--version", type=int, default=1,
+                        help="model version in the Triton repository, 1 to 999999999 (default 1)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="Triton max_batch_size (default 8)")
     return parser
 

@@ -19,6 +19,7 @@ from reconkit.errors import ReconkitError
 __all__ = ["check_triton_options", "triton_config", "write_triton_repository"]
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # same rule as reconkit.serve.repository
+MAX_VERSION = 999_999_999  # reconkit.serve.repository reads version folders of 1 to 9 digits (Triton: any int64)
 _TRITON_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 2: "TYPE_UINT8", 3: "TYPE_INT8",
                  5: "TYPE_INT16", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL"}
 
@@ -70,11 +71,13 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def check_triton_options(model_name: str, version: int, max_batch_size: int) -> None:
-    """ReconkitError for a model name that is not one folder name, a version below 1 or a negative batch size."""
+    """ReconkitError for a model name that is not one folder name, a version outside 1 … :data:`MAX_VERSION`
+    (``reconkit serve`` would not find a longer one) or a negative batch size."""
     if not isinstance(model_name, str) or not _MODEL_NAME.match(model_name):
         raise ReconkitError(f"invalid model name {model_name!r}: use letters, digits, '_', '-', '.' (max 128)")
-    if not isinstance(version, int) or version < 1:
-        raise ReconkitError(f"invalid model version {version!r}: must be an integer >= 1")
+    if not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise ReconkitError(f"invalid model version {version!r}: must be an integer from 1 to {MAX_VERSION} "
+                            "(reconkit serve reads version folders of up to 9 digits)")
     if max_batch_size < 0:
         raise ReconkitError(f"max_batch_size must be >= 0, got {max_batch_size}")
 
