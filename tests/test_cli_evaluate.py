@@ -121,6 +121,25 @@ def test_cli_table_csv_and_bad_files(tmp_path, capsys):
     assert float(rows[1]["psnr_db"]) == pytest.approx(score.psnr, rel=1e-6)
 
 
+def test_an_unexpected_error_fails_one_volume_and_the_others_are_scored(tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(5)
+    target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 32, 32, 32, 32), (2, 32, 32, 32, 32)])
+    real = cli_evaluate.score_volume
+
+    def failing_for_file0(target_path, *args, **kwargs):
+        if target_path.name == "file0.h5":
+            raise KeyError("something unforeseen")
+        return real(target_path, *args, **kwargs)
+
+    monkeypatch.setattr(cli_evaluate, "score_volume", failing_for_file0)
+    code = reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "file0.h5" in line and "KeyError" in line and "something unforeseen" in line
+    assert "file1.h5" in out and "scored 1 of 2 volume(s); 1 failed" in err
+
+
 def test_missing_or_file_folders_are_named_as_such(tmp_path, capsys):
     """A file given as --target / --predictions was reported as 'directory not found'."""
     target_dir, pred_dir = _make_dirs(tmp_path, np.random.default_rng(2), [(1, 16, 16, 16, 16)])

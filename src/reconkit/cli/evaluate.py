@@ -139,6 +139,8 @@ def evaluate_directories(
                 scores.append(score_volume(target_path, predictions_dir / target_path.name, challenge, bands))
         except ReconkitError as err:
             errors.append(str(err))
+        except Exception as err:  # noqa: BLE001 - any failure of one volume is that volume's error; the others go on
+            errors.append(f"{target_path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     return scores, errors
 
 
