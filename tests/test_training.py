@@ -186,6 +186,17 @@ def test_cli_bad_option_values_are_one_line_errors_before_training(sim_root, tmp
     assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("model_type", ["cg_sense", "zero_filled"])
+def test_cli_fit_of_a_model_without_weights_is_a_one_line_error(model_type, sim_root, tmp_path, capsys):
+    """Was Adam's 'optimizer got an empty parameter list' traceback."""
+    code = main(["fit", "--data.data_path", str(sim_root), "--model", "reconkit.training.KspaceModule",
+                 "--model.model_type", model_type, "--trainer.accelerator", "cpu", "--trainer.max_steps", "1",
+                 "--trainer.default_root_dir", str(tmp_path / "run"), "--data.num_workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"the {model_type} model has no trainable weights" in err and "train validate" in err, err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
 def test_shipped_configs_parse(config, capsys):
     """Every option in the shipped YAML files is one the CLI knows (``--print_config`` parses without running)."""

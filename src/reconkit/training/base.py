@@ -207,6 +207,11 @@ class ReconModule(LightningModule):
 
     # --- optimisation ----------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
+        if not any(p.requires_grad for p in self.parameters()):
+            raise ConfigError(
+                f"the {self.model_type} model has no trainable weights, so there is nothing to fit; score it with "
+                "`reconkit train validate` / `test` (or `reconkit reconstruct --model cg-sense`) instead"
+            )
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if self.hparams.lr_scheduler == "none":
             return optimizer
