@@ -184,6 +184,28 @@ def test_ssdu_loss_reads_only_undersampled_data_and_trains():
         VarNetModule(**TINY_MODEL).training_step(batch, 0)  # the reverse pairing
 
 
+def test_ssdu_loss_runs_single_coil_slices_as_one_coil_each():
+    """Single-coil batches (``(B, H, W, 2)`` k-space): each slice and split runs as one coil, so a batch's loss is
+    the mean of its slices' losses (``kspace · Θ`` broadcast the batch into the coil axis: slices mixed as coils)."""
+    transform = SsduVarNetTransform(accelerations=[4], center_fractions=[0.125], num_splits=2)
+    samples = []
+    for seed, fname in ((3, "vol_a.h5"), (4, "vol_c.h5")):
+        kspace, mask, target, attrs, _, slice_num = fake_slice(coils=1, seed=seed)
+        samples.append(transform(kspace[0], mask, target, attrs, fname, slice_num))
+    assert samples[0].masked_kspace.ndim == 3
+    torch.manual_seed(0)
+    model = VarNet(**TINY_MODEL)
+    calls = []
+    predict = model.predict_kspace
+    model.predict_kspace = lambda kspace, *args: calls.append(tuple(kspace.shape)) or predict(kspace, *args)
+    with torch.no_grad():
+        both = ssdu_loss(model, default_collate(samples))
+        each = [ssdu_loss(model, default_collate([sample])) for sample in samples]
+    height, width = samples[0].masked_kspace.shape[:2]
+    assert calls[0] == (4, 1, height, width, 2)  # B · K = 4 one-coil inputs
+    torch.testing.assert_close(both, (each[0] + each[1]) / 2)
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ssdu_data")

@@ -111,7 +111,7 @@ class SsduSample(NamedTuple):
     """A self-supervised training sample: undersampled data only, no fully sampled target.
 
     Attributes:
-        masked_kspace: ``(C, H, W, 2)`` acquired (undersampled) k-space, zero elsewhere.
+        masked_kspace: ``(C, H, W, 2)`` acquired (undersampled) k-space, zero elsewhere (``(H, W, 2)`` single-coil).
         theta_mask: ``(K, 1, H, W, 1)`` float Θ masks (network input and data consistency), one per split.
         lambda_mask: ``(K, 1, H, W, 1)`` float Λ masks (loss locations), disjoint from Θ.
         num_low_frequencies: ACS width in columns (the ACS is kept in every Θ).

@@ -41,10 +41,12 @@ def ssdu_loss(model: VarNet, batch: SsduSample) -> torch.Tensor:
     """The SSDU loss of one batch: every split k runs ``model`` on ``kspace · Θ_k`` and is scored on Λ_k.
 
     Only ``masked_kspace``, ``theta_mask``, ``lambda_mask`` and ``num_low_frequencies`` are read.
-    ``masked_kspace`` is ``(B, C, H, W, 2)``, the masks ``(B, K, 1, H, W, 1)``; the K splits are run as one
-    batch of ``B · K``.
+    ``masked_kspace`` is ``(B, C, H, W, 2)`` (single-coil ``(B, H, W, 2)`` runs as one coil, as the VarNet module
+    runs it), the masks ``(B, K, 1, H, W, 1)``; the K splits are run as one batch of ``B · K``.
     """
     kspace = batch.masked_kspace
+    if kspace.ndim == 4:  # single-coil: without a coil axis, · Θ would broadcast the batch into the coils
+        kspace = kspace.unsqueeze(1)
     k = batch.theta_mask.shape[1]
     theta = batch.theta_mask.flatten(0, 1).to(kspace)  # (B·K, 1, H, W, 1)
     lam = batch.lambda_mask.flatten(0, 1).to(kspace)
