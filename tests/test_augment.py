@@ -60,6 +60,23 @@ def test_augmented_target_is_rss_of_augmented_coil_images_and_kspace_their_fft()
     assert sample.mask.sum() < sample.mask.numel()  # really undersampled
 
 
+def test_kspace_narrower_than_the_recon_size_keeps_the_target_shape():
+    """fastMRI brain FLAIR 203: the k-space is narrower than the recon size (and the stored target). The augmented
+    target keeps the target's shape, the augmented RSS in the image's columns and zeros outside, which the loss
+    and metrics crop away as they crop the model output (a ValueError from center_crop before)."""
+    kspace, mask, target, attrs, fname, slice_num = fake_slice(width=9, crop=(12, 9))
+    wide = np.pad(target, ((0, 0), (1, 1)))  # a 12 x 11 target, 2 columns wider than the image
+    attrs = {**attrs, "recon_size": (12, 11, 1)}
+    transform = AugmentedVarNetTransform(config=ALWAYS, seed=5)
+    new_kspace, new_target = transform.augment(kspace, wide, fname, slice_num, p=1.0)
+    assert new_target.shape == wide.shape and not new_target[:, [0, -1]].any()
+    augmented_images = ifft2c(to_tensor(new_kspace))
+    torch.testing.assert_close(to_tensor(new_target[:, 1:-1]),
+                               center_crop(rss_complex(augmented_images, dim=0), (12, 9)), rtol=1e-4, atol=1e-6)
+    sample = transform(kspace, mask, wide, attrs, fname, slice_num)
+    torch.testing.assert_close(sample.target, to_tensor(new_target), rtol=0, atol=0)
+
+
 def test_probability_zero_is_the_plain_transform():
     kspace, mask, target, attrs, fname, slice_num = fake_slice()
     for config in ({"probability": 0.0}, {"probability": 0.55, "schedule": "linear", "ramp_length": 10}):  # epoch 0

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from reconkit.data.masks import MaskFunc, create_mask_for_mask_type
-from reconkit.data.transforms import VarNetDataTransform, VarNetSample, center_crop, to_tensor
+from reconkit.data.transforms import VarNetDataTransform, VarNetSample, to_tensor
 from reconkit.errors import DataError
 from reconkit.ops import fft2c, ifft2c, rss_complex
 
@@ -170,7 +170,8 @@ def sample_augmentation(config: AugmentConfig, p: float, rng: np.random.Generato
 
 
 def _fit_to_shape(images: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Centre-crop or zero-pad ``(..., h, w, 2)`` to ``shape`` ``(H, W)`` (after a 90° turn of a non-square FOV)."""
+    """Centre-crop (as :func:`~reconkit.data.transforms.center_crop`) or zero-pad ``(..., h, w, 2)`` to ``shape`` ``(H, W)`` (after a 90° turn
+    of a non-square FOV; the target of k-space narrower than the recon size)."""
     for axis, size in ((-3, shape[0]), (-2, shape[1])):
         current = images.shape[axis]
         if current > size:
@@ -295,7 +296,8 @@ class AugmentedVarNetTransform:
     def augment(self, kspace: np.ndarray, target: np.ndarray, fname: str, slice_num: int, p: float
                 ) -> tuple[np.ndarray, np.ndarray]:
         """Fully sampled ``(C, H, W)`` (or single-coil ``(H, W)``) complex k-space → augmented k-space of the same
-        shape and its ``(h, w)`` RSS target."""
+        shape and its ``(h, w)`` RSS target (the target's shape; zero-padded along an axis where the k-space is
+        smaller than the recon size, as fastMRI brain FLAIR 203, whose loss and metrics crop to the image there)."""
         if kspace.ndim not in (2, 3):
             raise DataError(fname, f"augmentation needs (C, H, W) or single-coil (H, W) k-space, got {kspace.shape}")
         if kspace.ndim == 2:
@@ -305,5 +307,5 @@ class AugmentedVarNetTransform:
         params = sample_augmentation(self.config, p, self.rng(fname, slice_num), (images.shape[-3], images.shape[-2]))
         images = augment_coil_images(images, params, self.config.interpolation, self.config.padding)
         new_kspace = fft2c(images)
-        new_target = center_crop(rss_complex(images, dim=0), (target.shape[-2], target.shape[-1]))
+        new_target = rss_complex(_fit_to_shape(images, (target.shape[-2], target.shape[-1])), dim=0)
         return torch.view_as_complex(new_kspace.contiguous()).numpy(), new_target.numpy()
