@@ -246,6 +246,27 @@ def test_stored_masks_and_single_coil_files():
     assert np.array_equal(new_target, coil_target)
 
 
+def test_training_files_without_targets_are_refused_at_setup_with_augmentation(tiny_data, tmp_path):
+    """Augmentation needs every training file's target: one without is named at setup, before any training (it
+    had failed at its batch with 'this batch has no target images', no file named, and skip_bad_files kept it).
+    SSDU trains without targets, so its training files need none."""
+    import shutil
+
+    import h5py
+
+    from reconkit.data.ssdu import SsduVarNetTransform
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    no_target = sorted((root / "train").glob("*.h5"))[0]
+    with h5py.File(no_target, "r+") as f:
+        del f["reconstruction_rss"]
+    module = FastMriDataModule(root, num_workers=0, train_transform=AugmentedVarNetTransform(config=ALWAYS))
+    with pytest.raises(DataError, match=rf"{no_target.name}: no target \('reconstruction_rss'\) in the 'train' split"):
+        module.setup("fit")
+    FastMriDataModule(root, num_workers=0, train_transform=SsduVarNetTransform()).setup("fit")
+
+
 def test_training_transform_must_match_the_data_module(tiny_data):
     """A k-space training transform with the image-crop default would train and validate on different inputs: an
     error. A training mask family other than the data module's (which validation uses) is a warning."""

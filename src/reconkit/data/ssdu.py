@@ -145,7 +145,11 @@ class SsduVarNetTransform:
         seed: base seed of the split draws (per sample from ``(seed, epoch, fname, slice_num)``).
         use_seed: fixed acquisition mask per volume (seeded by file name), as a real undersampled scan has.
             Default True: a self-supervised data set is a set of undersampled scans.
+
+    ``needs_target`` is False: the data module does not require the training files to hold a target.
     """
+
+    needs_target = False
 
     def __init__(
         self,

@@ -305,6 +305,8 @@ class FastMriDataModule(LightningDataModule):
                 configs/varnet_sim_small_augment.yaml) or ``reconkit.data.ssdu.SsduVarNetTransform`` (SSDU
                 self-supervision with ``SsduVarNetModule``, configs/varnet_sim_small_ssdu.yaml); its ``mask_func``
                 still gets reproducible per-epoch masks. Both give k-space samples: use ``transform: varnet``.
+                Training files without a target are refused at setup unless the transform has
+                ``needs_target = False`` (as SSDU's).
             val_transform: replace the validation split's transform.
             test_transform: replace the test / predict split's transform.
         """
@@ -396,10 +398,10 @@ class FastMriDataModule(LightningDataModule):
 
     def _needs_target(self, split: str, stage: str) -> bool:
         """Whether ``stage`` needs ``split``'s fully sampled targets: not for predict, nor for a training split
-        with its own transform (SSDU trains without targets)."""
+        whose transform says ``needs_target = False`` (SSDU trains without targets; augmentation needs them)."""
         if stage == "predict":
             return False
-        return not (split == "train" and self.transform_overrides["train"] is not None)
+        return split != "train" or getattr(self.transform_overrides["train"], "needs_target", True)
 
     def slice_dataset(self, split: str, transform: Callable | None, sample_rate: float | None,
                       volume_sample_rate: float | None, require_target: bool = False) -> SliceDataset:
