@@ -228,6 +228,31 @@ def test_step_schedule_follows_the_training_batches_in_the_data_module(tiny_data
     assert seen == [[(0, 0, 0.0)], [(0, 1, 0.2)], [(1, 2, 0.4)], [(1, 3, 0.6)]]
 
 
+@pytest.mark.parametrize("limit", [1, 0.5])
+def test_step_schedule_counts_the_batches_run_under_limit_train_batches(tiny_data, limit):
+    """With ``limit_train_batches`` (1 or half of the 2 batches per epoch) the schedule's step is the optimizer
+    step: 0, 1, 2 over three epochs (it had counted the batches left out too: steps 0, 2, 4)."""
+    from lightning.pytorch import Callback, Trainer
+
+    from reconkit.training import VarNetModule
+
+    class Steps(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append((trainer.global_step, sorted({int(step) for _, step, _ in zip(*batch.slice_num)})))
+
+    config = {"probability": 0.8, "schedule": "linear", "schedule_unit": "step", "ramp_length": 4}
+    module = FastMriDataModule(tiny_data, num_workers=0, train_transform=StepProbe(config=config), batch_size=2)
+    steps = Steps()
+    trainer = Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=limit, limit_val_batches=0, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[steps])
+    trainer.fit(VarNetModule(num_cascades=1, chans=2, pools=1, sens_chans=2, sens_pools=1), datamodule=module)
+    assert steps.seen == [(0, [0]), (1, [1]), (2, [2])]
+
+
 def test_stored_masks_and_single_coil_files():
     """A file with a stored mask is undersampled already: its mask is kept and its k-space is not augmented (there
     is no fully sampled image), even at p = 1. Single-coil (H, W) k-space is augmented as one coil."""

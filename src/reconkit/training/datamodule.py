@@ -147,9 +147,17 @@ def shape_grouped_batches(shape_keys: Sequence[Hashable], batch_size: int, num_r
     return batches + [batches[i % len(batches)] for i in range(-len(batches) % num_replicas)] if batches else []
 
 
+def batches_run(batches: int, limit: int | float) -> int:
+    """Training batches Lightning runs per epoch of ``batches`` under ``limit_train_batches`` ``limit`` (an int caps
+    the count, a float takes that fraction of it, as Lightning's ``_parse_num_batches``); at least 1."""
+    return max(min(batches, limit) if isinstance(limit, int) else int(batches * limit), 1)
+
+
 class EpochTaggedDataset(Dataset):
     """Training dataset whose indices carry the epoch and the batch: index ``(epoch · B + b) · len + i`` is sample
     ``i`` in batch ``b`` of ``epoch``, with ``B = batches_per_epoch`` (set by :class:`EpochSampler`; 1 without).
+    The transforms' ``step`` is ``epoch · S + b`` with ``S = steps_per_epoch``, the batches training runs per epoch
+    (``B``, or fewer with Lightning's ``limit_train_batches``: :meth:`FastMriDataModule.train_dataloader`).
 
     Epoch and batch travel with each index into the dataloader workers (which are forked before or after Lightning
     calls ``set_epoch``, depending on the loop's state), so the per-epoch masks and a per-step augmentation
@@ -161,6 +169,7 @@ class EpochTaggedDataset(Dataset):
         self.transforms = list(transforms)
         self.shape_keys = list(shape_keys)
         self.batches_per_epoch = 1
+        self.steps_per_epoch = 1
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -169,7 +178,7 @@ class EpochTaggedDataset(Dataset):
         tag, index = divmod(int(tagged_index), len(self.dataset))
         epoch, batch = divmod(tag, self.batches_per_epoch)
         for transform in self.transforms:
-            transform.epoch, transform.step = epoch, epoch * self.batches_per_epoch + batch
+            transform.epoch, transform.step = epoch, epoch * self.steps_per_epoch + batch
         return self.dataset[index]
 
 
@@ -195,7 +204,7 @@ class EpochSampler(DistributedSampler):
         if self.grouped:  # the batch count does not depend on the shuffle: count an unshuffled plan once
             batches = shape_grouped_batches(dataset.shape_keys, batch_size, self.num_replicas)
             self.grouped_length = len(batches) // self.num_replicas * batch_size
-        dataset.batches_per_epoch = max(math.ceil(len(self) / batch_size), 1)
+        dataset.batches_per_epoch = dataset.steps_per_epoch = max(math.ceil(len(self) / batch_size), 1)
 
     def _my_batches(self) -> list[list[int]]:
         generator = None
@@ -476,6 +485,8 @@ class FastMriDataModule(LightningDataModule):
             seed=self.seed,
             batch_size=self.batch_size,
         )
+        if trainer is not None:  # the augmentation's step schedule counts the batches that are run
+            dataset.steps_per_epoch = batches_run(dataset.batches_per_epoch, trainer.limit_train_batches)
         return self._loader(dataset, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
