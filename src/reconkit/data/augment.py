@@ -64,6 +64,8 @@ class AugmentConfig:
         exp_rate: ``c`` of the exponential ramp.
         weights: per-augmentation weight (probability of each = ``weight · p``, clipped to 1); keys ``fliph``,
             ``flipv``, ``rot90``, ``rotation``, ``translation``, ``scaling_iso``, ``scaling_aniso``, ``shearing``.
+            A dict given replaces the defaults whole: kinds it leaves out get weight 0 (``{rotation: 0}`` switches
+            every augmentation off; list all eight to change one, as configs/varnet_sim_small_augment.yaml does).
         max_rotation: degrees, arbitrary rotation drawn from ``U(−max, max)``.
         max_translation: ``(y, x)`` fractions of the image height / width.
         max_scaling: scale factors drawn from ``U(1 − max, 1 + max)``.
