@@ -197,6 +197,17 @@ def test_cli_fit_of_a_model_without_weights_is_a_one_line_error(model_type, sim_
     assert "Traceback" not in err
 
 
+def test_cli_fit_with_checkpointing_off_writes_no_checkpoint(sim_root, tmp_path, capsys):
+    """Was Lightning's 'enable_checkpointing=False but found ModelCheckpoint' traceback."""
+    code = main(["fit", "--data.data_path", str(sim_root), "--model", "reconkit.training.VarNetModule",
+                 "--model.num_cascades", "1", "--model.chans", "4", "--model.sens_chans", "2",
+                 "--trainer.accelerator", "cpu", "--trainer.max_steps", "1", "--trainer.enable_checkpointing", "false",
+                 "--trainer.default_root_dir", str(tmp_path / "run"), "--data.num_workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert (tmp_path / "run").is_dir() and not list((tmp_path / "run").rglob("*.ckpt"))
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
 def test_shipped_configs_parse(config, capsys):
     """Every option in the shipped YAML files is one the CLI knows (``--print_config`` parses without running)."""

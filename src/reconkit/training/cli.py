@@ -16,10 +16,12 @@ import argparse
 import copy
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch.distributed
 from jsonargparse import DefaultHelpFormatter, Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from reconkit.errors import ConfigError, ReconkitWarning
@@ -133,6 +135,14 @@ class ReconLightningCLI(LightningCLI):
                 Namespace(class_path=cls, init_args=Namespace(save_dir=root, name=name))
                 for cls, name in LOGGERS.items()
             ]
+
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """``--trainer.enable_checkpointing false`` leaves out the ``checkpoint`` / ``last_checkpoint`` callbacks
+        (Lightning refuses a ModelCheckpoint callback with it)."""
+        if config.get("enable_checkpointing") is False:
+            callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def run_cli(args: Sequence[str] | None = None, run: bool = True) -> ReconLightningCLI:
