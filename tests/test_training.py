@@ -197,6 +197,18 @@ def test_cli_fit_of_a_model_without_weights_is_a_one_line_error(model_type, sim_
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_cli_fit_of_a_kspace_model_in_true_half_precision_is_a_one_line_error(precision, sim_root, tmp_path, capsys):
+    """Was 'expected scalar type Float but found BFloat16' from inside the first cascade."""
+    code = main(["fit", "--data.data_path", str(sim_root), "--model", "reconkit.training.VarNetModule",
+                 "--model.num_cascades", "1", "--model.chans", "4", "--model.sens_chans", "2",
+                 "--trainer.accelerator", "cpu", "--trainer.max_steps", "1", "--trainer.precision", precision,
+                 "--trainer.default_root_dir", str(tmp_path / "run"), "--data.num_workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"--trainer.precision {precision}" in err and "bf16-mixed" in err, err
+    assert "Traceback" not in err
+
+
 def test_cli_fit_with_checkpointing_off_writes_no_checkpoint(sim_root, tmp_path, capsys):
     """Was Lightning's 'enable_checkpointing=False but found ModelCheckpoint' traceback."""
     code = main(["fit", "--data.data_path", str(sim_root), "--model", "reconkit.training.VarNetModule",

@@ -50,6 +50,14 @@ class KspaceModule(ReconModule):
         self.model_kwargs = dict(model_kwargs or {})
         self.model = build_model(model_type, **self.model_kwargs)
 
+    def setup(self, stage: str) -> None:
+        """Refuse half-precision weights: the FFTs and data consistency run in float32 (the ops promote half input),
+        so under ``bf16-true`` / ``16-true`` half weights would meet float32 activations."""
+        precision = str(getattr(self.trainer, "precision", ""))
+        if precision in ("bf16-true", "16-true"):
+            raise ConfigError(f"--trainer.precision {precision}: {type(self).__name__} keeps its FFTs in float32, so "
+                              "its weights cannot be half precision; use bf16-mixed or 16-mixed")
+
     def forward(self, masked_kspace, mask, num_low_frequencies=None):
         """``(B, C, H, W, 2)`` k-space and ``(B, 1, 1, W, 1)`` mask -> ``(B, H, W)`` magnitude image."""
         return self.model(masked_kspace, mask, num_low_frequencies)
