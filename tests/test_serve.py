@@ -611,14 +611,16 @@ def test_compressed_bodies_are_bounded_and_checked(repository):
             ("gzip", small[:-1], "is not valid gzip data"),
             ("gzip", gzip.compress(small)[:-12], "truncated gzip data"),
             ("deflate", zlib.compress(small) + b"extra", "5 bytes after its deflate data"),
-            ("br", small, "Content-Encoding 'br' is not supported (identity, gzip, deflate)"),
+            ("br", small, "Content-Encoding 'br' is not supported (identity, gzip, x-gzip, deflate)"),
         ]
         for encoding, payload, message in cases:
             status, error = error_of(post(url, "/v2/models/recon/infer", payload,
                                           {**small_headers, "Content-Encoding": encoding}))
             assert status == 400 and message in error, (encoding, error)
+        raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        raw_deflate = raw_deflate.compress(small) + raw_deflate.flush()  # what some clients send as "deflate"
         for encoding, payload in (("gzip", gzip.compress(small)), ("deflate", zlib.compress(small)),
-                                  ("identity", small)):
+                                  ("x-gzip", gzip.compress(small)), ("deflate", raw_deflate), ("identity", small)):
             assert post(url, "/v2/models/recon/infer", payload,
                         {**small_headers, "Content-Encoding": encoding})[0] == 200, encoding
 

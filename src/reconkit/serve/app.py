@@ -65,14 +65,19 @@ def _endpoint(state: ServerState, kind: str, handler: Handler, public: bool = Fa
 
 
 # Content-Encoding of request bodies -> zlib window bits (tritonclient's request_compression_algorithm sends
-# gzip, or deflate as zlib.compress writes it; HTTP's "deflate" is the zlib format)
-_ENCODINGS = {"identity": None, "gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# gzip, or deflate as zlib.compress writes it; HTTP's "deflate" is the zlib format, though some clients send raw
+# deflate, taken too when the body has no zlib header; "x-gzip" is gzip, RFC 9110 8.4.1.3)
+_ENCODINGS = {"identity": None, "gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
+              "deflate": zlib.MAX_WBITS}
 _INFLATE_IN_THREAD = 1 << 20  # compressed bytes above which inflating leaves the event loop
 
 
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     """Decompress a ``gzip`` / ``deflate`` body; at most ``limit`` bytes come out (413 beyond: no zip bombs)."""
-    inflater = zlib.decompressobj(_ENCODINGS[encoding])
+    wbits = _ENCODINGS[encoding]
+    if encoding == "deflate" and not (len(body) >= 2 and body[0] & 0x0F == 8 and (body[0] << 8 | body[1]) % 31 == 0):
+        wbits = -zlib.MAX_WBITS  # no zlib header: raw deflate
+    inflater = zlib.decompressobj(wbits)
     try:
         data = inflater.decompress(body, limit + 1)
     except zlib.error as exc:
@@ -94,7 +99,8 @@ async def _read_body(request: Request, limit: int, pause_s: float) -> bytes:
         raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     encoding = request.headers.get("content-encoding", "identity").strip().lower() or "identity"
     if encoding not in _ENCODINGS:
-        raise RequestError(400, f"request Content-Encoding {encoding!r} is not supported (identity, gzip, deflate)")
+        raise RequestError(400, f"request Content-Encoding {encoding!r} is not supported (identity, gzip, x-gzip, "
+                                "deflate)")
     chunks, size = [], 0
     stream = request.stream()
     try:
