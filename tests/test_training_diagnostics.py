@@ -70,6 +70,18 @@ def test_an_error_confined_to_one_band_shows_only_in_that_band(band):
     assert float(others.abs().max()) < 1e-20
 
 
+def test_bands_where_the_target_has_no_energy_are_nan_not_round_off_ratios():
+    """A float32 sinusoid's spectrum sits in one band; the others hold only round-off (their ratio read e.g. 0.84)."""
+    x = torch.arange(36, dtype=torch.float64)
+    target = (1 + torch.cos(2 * math.pi * 3 * x / 36)).float().expand(2, 48, 36)  # DC and 3 cycles along W
+    output = target + 1e-3 * torch.randn(2, 48, 36, generator=torch.Generator().manual_seed(0))
+    values = band_nmse(output, target, num_bands=8)
+    filled = {int(b) for b in band_index((48, 36), 8)[torch.fft.fft2(target[0]).abs() > 1e-3]}
+    assert filled == {0, 1}
+    assert torch.isfinite(values[[0, 1]]).all() and torch.isnan(values[2:]).all()
+    assert torch.isnan(band_nmse(output, torch.zeros_like(output))).all()  # no energy at all
+
+
 def test_band_nmse_rejects_mismatched_or_flat_inputs():
     with pytest.raises(ValueError, match="differ"):
         band_nmse(torch.zeros(2, 8, 8), torch.zeros(2, 8, 9))

@@ -32,9 +32,11 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["band_energies", "band_index", "band_nmse"]
+__all__ = ["band_energies", "band_index", "band_nmse", "band_ratio"]
 
 
 def band_index(shape: tuple[int, int], num_bands: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -92,5 +94,17 @@ def band_nmse(output: torch.Tensor, target: torch.Tensor, num_bands: int = 8) ->
         ``(num_bands,)`` float64: each band's NMSE over the whole batch (energy-weighted, like fastMRI's volume
         NMSE). A band where the target has no energy gives ``nan``. With ``num_bands=1`` it is the image's NMSE.
     """
-    error, energy = band_energies(output, target, num_bands)
-    return error / energy
+    return band_ratio(*band_energies(output, target, num_bands))
+
+
+EMPTY_BAND = 1e-12
+"""A band holding at most this share of the target's energy has none (:func:`band_ratio`): float32 images carry
+round-off of ~1e-7 of their amplitude, ~1e-14 of their energy, in every band."""
+
+
+def band_ratio(error: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """``error / energy`` per band (sums from :func:`band_energies`, possibly added over batches or ranks), ``nan``
+    where the target's band energy is at most :data:`EMPTY_BAND` of its total: there the ratio would be one of two
+    round-off residues (e.g. 0.84 for a pure sinusoid's empty bands), not a measurement."""
+    empty = energy <= EMPTY_BAND * energy.sum()
+    return torch.where(empty, torch.full_like(energy, math.nan), error / torch.where(empty, 1.0, energy))

@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, ran
 
 from reconkit.atomic import atomic_path
 from reconkit.errors import ConfigError, ReconkitError
-from reconkit.metrics.spectral import band_energies
+from reconkit.metrics.spectral import band_energies, band_ratio
 from reconkit.training.base import Images
 from reconkit.training.datamodule import collate_slices
 from reconkit.training.regime import (
@@ -147,7 +147,7 @@ class TrainingDiagnostics(Callback):
         sums = self._val_sums if self._val_sums is not None else torch.zeros(2, self.num_bands, dtype=torch.float64,
                                                                              device=pl_module.device)
         sums = trainer.strategy.reduce(sums.to(pl_module.device), reduce_op="sum")
-        values = (sums[0] / sums[1]).tolist()
+        values = band_ratio(sums[0], sums[1]).tolist()
         for band, value in enumerate(values):
             pl_module.log(f"val_band_nmse/b{band}", value)
         if trainer.is_global_zero:
@@ -239,7 +239,7 @@ class TrainingDiagnostics(Callback):
         band_nmse = None
         if all(image.target is not None for image in images):
             sums = sum(torch.stack(band_energies(im.output, im.target, self.num_bands)) for im in images)
-            band_nmse = [_number(v) for v in (sums[0] / sums[1]).tolist()]
+            band_nmse = [_number(v) for v in band_ratio(sums[0], sums[1]).tolist()]
         outputs = lambda: self._probe_outputs(pl_module, grad=False)  # noqa: E731
         kernel = empirical_ntk(pl_module, lambda: self._probe_outputs(pl_module, grad=True), self._projections)
         record = {
