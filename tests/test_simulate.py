@@ -426,3 +426,18 @@ def test_a_second_run_into_the_same_folder_cannot_put_a_volume_in_two_splits(tmp
     with pytest.raises(ValueError, match="encoded_size must be two even numbers"):
         simulate_dataset(tmp_path / "odd", 1, 2, **{**options, "encoded_size": (97, 61)})
     assert not (tmp_path / "odd").exists()  # a bad size leaves no empty folder behind
+
+
+def test_options_a_source_cannot_take_are_refused_before_anything_is_written(tmp_path):
+    options = {"coils": 2, "slices": 1, "encoded_size": (48, 32), "recon_size": (24, 20), "seed": 1, "progress": False}
+    # dipy_b0 is axial only: the mni152 volumes drawn before it were written, then the run stopped without a manifest
+    with pytest.raises(ValueError, match="source 'dipy_b0' can be cut only axial, not 'coronal'"):
+        simulate_dataset(tmp_path / "orientation", 6, source=("mni152", "dipy_b0"), orientation="coronal", **options)
+    with pytest.raises(ValueError, match="noise correlation must be in"):
+        simulate_dataset(tmp_path / "correlation", 2, noise_correlation=1.0, **options)
+    assert not (tmp_path / "orientation").exists() and not (tmp_path / "correlation").exists()
+    fixed = {"source": "dipy_b0", "coils": 2, "slices": 1, "encoded_size": (48, 32), "recon_size": (24, 20)}
+    with pytest.raises(ValueError, match="unknown contrast 'flair'"):  # ignored by a fixed-contrast source, still a typo
+        simulate_volume(0, contrast="flair", **fixed)
+    with pytest.raises(ValueError, match="field_strength_t must be 1.5 or 3.0, got 2.0"):
+        simulate_volume(0, field_strength_t=2.0, **fixed)

@@ -45,6 +45,7 @@ __all__ = [
     "SOURCES",
     "SliceGeometry",
     "SourceVolume",
+    "check_orientation",
     "choose_geometry",
     "load_source",
     "mni152_file",
@@ -313,6 +314,12 @@ def _extent(support: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, float]
     return center, radius
 
 
+def check_orientation(source: SourceVolume, orientation: str) -> None:
+    """ValueError unless ``source`` can be cut in ``orientation`` (``"mixed"``: any of its own orientations)."""
+    if orientation != "mixed" and orientation not in source.orientations:
+        raise ValueError(f"source {source.name!r} can be cut only {'/'.join(source.orientations)}, not {orientation!r}")
+
+
 def choose_geometry(
     source: SourceVolume,
     rng: np.random.Generator,
@@ -333,9 +340,8 @@ def choose_geometry(
         orientation: ``"axial"``, ``"coronal"``, ``"sagittal"`` or ``"mixed"`` (one drawn per volume).
         fov_mm: reconstructed field of view; ``None`` draws one that holds the head (about 1.15 head diameters).
     """
+    check_orientation(source, orientation)
     options = source.orientations if orientation == "mixed" else (orientation,)
-    if orientation != "mixed" and orientation not in source.orientations:
-        raise ValueError(f"source {source.name!r} can be cut only {'/'.join(source.orientations)}, not {orientation!r}")
     chosen = options[int(rng.integers(len(options)))]
     # a fixed-contrast stack holds its slices in its own (x, y) plane, whichever plane of the body they show
     u, v, n = (np.array(a) for a in _AXES[chosen if source.native_contrast is None else "axial"])

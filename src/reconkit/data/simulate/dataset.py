@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from reconkit.atomic import atomic_path
 from reconkit.data.simulate.anatomy import SOURCES
-from reconkit.data.simulate.volume import _check_sizes, simulate_volume, write_volume
+from reconkit.data.simulate.volume import _check_options, _check_sizes, simulate_volume, write_volume
 
 __all__ = ["simulate_dataset", "split_assignment", "volume_seed"]
 
@@ -114,13 +114,13 @@ def simulate_dataset(
     unknown = sorted(set(source_choices) - set(SOURCES))
     if not source_choices or unknown:
         raise ValueError(f"source needs names from {', '.join(SOURCES)}; got {source_choices}")
-    if not 0.0 <= random_contrast <= 1.0:
-        raise ValueError(f"random_contrast must be a probability in [0, 1], got {random_contrast}")
     labels = split_assignment(num_volumes, split, seed)
     coil_choices, snr_choices = [int(c) for c in _choices(coils)], [float(s) for s in _choices(snr_db)]
     if any(np.isnan(snr) for snr in snr_choices):
         raise ValueError(f"snr_db must be numbers in dB ('inf' for no noise), got {snr_choices}")
-    _check_sizes(encoded_size, recon_size, min(coil_choices), slices)  # before any folder is made
+    # before any folder is made or volume written (a source that cannot be cut in `orientation` failed mid-run)
+    _check_sizes(encoded_size, recon_size, min(coil_choices), slices)
+    _check_options(source_choices, contrast, orientation, field_strength_t, noise_correlation, random_contrast)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)  # fails now, not after the first volume, if it cannot be a folder
     options = {

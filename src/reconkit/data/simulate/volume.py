@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -104,8 +105,7 @@ def simulate_volume(
         ((2, 4, 64, 40), (2, 32, 32))
     """
     _check_sizes(encoded_size, recon_size, coils, slices)
-    if not 0.0 <= random_contrast <= 1.0:
-        raise ValueError(f"random_contrast must be a probability in [0, 1], got {random_contrast}")
+    _check_options([source], contrast, orientation, field_strength_t, noise_correlation, random_contrast)
     height, width = (int(n) for n in encoded_size)
     recon = (int(recon_size[0]), int(recon_size[1]))
     anatomy_rng, coil_rng, phase_rng, noise_rng = (
@@ -198,6 +198,30 @@ def _check_sizes(encoded_size, recon_size, num_coils: int, num_slices: int) -> N
         raise ValueError(f"coils must be at least 1, got {num_coils}")
     if num_slices < 1:
         raise ValueError(f"slices must be at least 1, got {num_slices}")
+
+
+def _check_options(
+    sources: Sequence[str],
+    contrast: str,
+    orientation: str,
+    field_strength_t: float | None,
+    noise_correlation: float,
+    random_contrast: float,
+) -> None:
+    """ValueError naming the first option of :func:`simulate_volume` that cannot be simulated for ``sources``
+    (e.g. an orientation one of them cannot be cut in), before any volume is computed or any file written."""
+    if contrast != "mixed" and contrast not in contrast_model.CONTRASTS:
+        raise ValueError(
+            f"unknown contrast {contrast!r}; expected one of {', '.join(contrast_model.CONTRASTS)} or 'mixed'"
+        )
+    if field_strength_t is not None and field_strength_t not in (1.5, 3.0):
+        raise ValueError(f"field_strength_t must be 1.5 or 3.0, got {field_strength_t}")
+    if not 0.0 <= noise_correlation < 1.0:
+        raise ValueError(f"noise correlation must be in [0, 1), got {noise_correlation}")
+    if not 0.0 <= random_contrast <= 1.0:
+        raise ValueError(f"random_contrast must be a probability in [0, 1], got {random_contrast}")
+    for name in dict.fromkeys(sources):
+        anatomy.check_orientation(anatomy.load_source(name), orientation)
 
 
 def write_volume(volume: SimulatedVolume, path: os.PathLike | str) -> Path:
