@@ -441,3 +441,9 @@ def test_options_a_source_cannot_take_are_refused_before_anything_is_written(tmp
         simulate_volume(0, contrast="flair", **fixed)
     with pytest.raises(ValueError, match="field_strength_t must be 1.5 or 3.0, got 2.0"):
         simulate_volume(0, field_strength_t=2.0, **fixed)
+
+
+def test_split_fractions_must_be_finite():
+    for bad in ((float("nan"), 1, 1), (float("inf"), 1, 1)):
+        with pytest.raises(ValueError, match="split needs three finite non-negative fractions"):
+            split_assignment(4, bad, seed=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,8 +31,8 @@ def split_assignment(num_volumes: int, fractions: Sequence[float], seed: int) ->
     Counts are ``round(fraction · N)`` for val and test (at least one each when its fraction is positive and
     ``N ≥ 3``), the rest train; which volumes go where is a permutation drawn from ``seed``.
     """
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ValueError(f"split needs three non-negative fractions (train val test), got {list(fractions)}")
+    if len(fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(f"split needs three finite non-negative fractions (train val test), got {list(fractions)}")
     total = float(sum(fractions))
     counts = [0, 0, 0]
     for k in (1, 2):
