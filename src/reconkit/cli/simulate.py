@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--orientation",
         choices=["axial", "coronal", "sagittal", "mixed"],
         default="mixed",
-        help="slice orientation (dipy_b0 / pydicom_mr: axial only; default: mixed)",
+        help="slice orientation (mni152 any; the real-image sources only the plane their slices show: pydicom_shoulder "
+        "sagittal, the others axial; default: mixed)",
     )
     parser.add_argument(
         "--field-strength",
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SOURCE",
         help="source images (" + ", ".join(SOURCES) + "), one drawn per volume when several are given "
         "(repeat one to weigh it double): mni152 = template brain with synthesised contrasts (nilearn), "
-        "nibabel_epi / pydicom_abdomen = real EPI brain / abdominal images for training, "
+        "nibabel_epi / pydicom_abdomen / pydicom_liver / pydicom_shoulder = real EPI brain / abdominal / shoulder "
+        "images for training, "
         "dipy_b0 / pydicom_mr = real images of other subjects for held-out tests (default: mni152)",
     )
     parser.add_argument(
