@@ -447,3 +447,11 @@ def test_split_fractions_must_be_finite():
     for bad in ((float("nan"), 1, 1), (float("inf"), 1, 1)):
         with pytest.raises(ValueError, match="split needs three finite non-negative fractions"):
             split_assignment(4, bad, seed=0)
+
+
+@pytest.mark.parametrize("choices", [{"coils": []}, {"snr_db": []}])
+def test_empty_coil_or_snr_choices_are_named(tmp_path, choices):
+    options = {"coils": 2, "slices": 1, "encoded_size": (48, 32), "recon_size": (24, 20), "progress": False}
+    with pytest.raises(ValueError, match="coils and snr_db need at least one value each"):
+        simulate_dataset(tmp_path / "out", 1, **{**options, **choices})
+    assert not (tmp_path / "out").exists()

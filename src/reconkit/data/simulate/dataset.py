@@ -117,6 +117,8 @@ def simulate_dataset(
         raise ValueError(f"source needs names from {', '.join(SOURCES)}; got {source_choices}")
     labels = split_assignment(num_volumes, split, seed)
     coil_choices, snr_choices = [int(c) for c in _choices(coils)], [float(s) for s in _choices(snr_db)]
+    if not coil_choices or not snr_choices:
+        raise ValueError(f"coils and snr_db need at least one value each, got {coil_choices} and {snr_choices}")
     if any(np.isnan(snr) for snr in snr_choices):
         raise ValueError(f"snr_db must be numbers in dB ('inf' for no noise), got {snr_choices}")
     # before any folder is made or volume written (a source that cannot be cut in `orientation` failed mid-run)
