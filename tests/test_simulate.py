@@ -402,7 +402,7 @@ def test_cli_writes_dataset_and_reports_bad_options(tmp_path, capsys):
     assert "even" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("not a folder")
     assert main(["simulate", "--output", str(tmp_path / "a_file"), *args[3:]]) == 2
-    assert "a_file" in capsys.readouterr().err
+    assert "a_file: the output is a file, not a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", "--help"])
     assert exit_info.value.code == 0 and "examples:" in capsys.readouterr().out

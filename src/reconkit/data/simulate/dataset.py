@@ -125,7 +125,11 @@ def simulate_dataset(
     _check_sizes(encoded_size, recon_size, min(coil_choices), slices)
     _check_options(source_choices, contrast, orientation, field_strength_t, noise_correlation, random_contrast)
     output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{output}: the output is a file, not a folder")
     output.mkdir(parents=True, exist_ok=True)  # fails now, not after the first volume, if it cannot be a folder
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise ValueError(f"{output}: the output folder is not writable")
     options = {
         "coils": coil_choices, "snr_db": snr_choices, "slices": slices, "encoded_size": list(encoded_size),
         "recon_size": list(recon_size), "contrast": contrast, "orientation": orientation, "source": source_choices,
