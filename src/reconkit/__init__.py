@@ -2,7 +2,7 @@
 
 Subpackages, with imports flowing one way (left imports nothing to its right)::
 
-    errors, ops, metrics  <-  data, models  <-  training, export  <-  cli, serve
+    errors, atomic, ops, metrics  <-  data, models  <-  io, training, export, inference  <-  serve, cli
 """
 
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, type=Path, help="ONNX file to write")
     parser.add_argument("--size", nargs=2, type=int, action="append", metavar=("H", "W"),
                         help="spatial size the graph serves; repeat for several (default: 640 368)")
-    parser.add_argument("--coils", type=int, default=4, help="coil count used for tracing (the graph accepts any)")
+    parser.add_argument("--coils", type=int, default=4, help="coil count used for tracing (the graph accepts any; default 4)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
     parser.add_argument("--triton-repository", type=Path, help="also write a Triton model repository here")
     parser.add_argument("--model-name", "--name", dest="model_name",

@@ -25,7 +25,7 @@ graceful shutdown: accepted requests are answered before the process exits.
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reconkit serve", epilog=_EXAMPLE,
                                 description="Serve ONNX models on ONNX Runtime over the KServe V2 / Open Inference "
                                             "Protocol: REST, and gRPC with --grpc-port (tritonclient.http / "
@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-token-env", default="RECONKIT_SERVE_TOKEN",
                    help="environment variable holding the bearer token; unset or empty = no auth "
                         "(default RECONKIT_SERVE_TOKEN)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="lowest level of the JSON log lines on stderr (default info)")
     return p
 
 
@@ -79,7 +80,7 @@ def _grpc_address(host: str, port: int | None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from reconkit.serve import BatchingConfig, ServerConfig, serve
     from reconkit.serve.logs import configure_logging
 
