@@ -1,0 +1,52 @@
+"""docs/architecture.md's import direction holds: a package never imports from one to its right.
+
+Order (docs/architecture.md, README's repository layout): ``errors, atomic, ops, metrics`` <- ``data, models`` <-
+``io, training, export, inference`` <- ``serve, cli``, and within a group left to right too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import reconkit
+
+ORDER = ("errors", "atomic", "ops", "metrics", "data", "models", "io", "training", "export", "inference", "serve",
+         "cli")
+PACKAGE = Path(reconkit.__file__).parent
+
+
+def _imported_modules(path: Path) -> list[tuple[str, int]]:
+    """``(absolute module name, line)`` of every import in ``path`` (function-level ones included)."""
+    parts = ["reconkit", *path.relative_to(PACKAGE).with_suffix("").parts]
+    package = parts[:-1]  # the package a relative import starts from (an __init__'s own package too)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names = [module] if node.module else [f"{module}.{alias.name}" for alias in node.names]
+            found += [(name, node.lineno) for name in names]
+    return found
+
+
+def test_imports_flow_one_way() -> None:
+    rank = {name: i for i, name in enumerate(ORDER)}
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        owner = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        if owner not in rank:  # reconkit/__init__.py, __main__.py: the entry points above every package
+            continue
+        for module, line in _imported_modules(path):
+            target = module.split(".")
+            if target[0] == "reconkit" and len(target) > 1 and rank.get(target[1], -1) > rank[owner]:
+                wrong.append(f"{path.relative_to(PACKAGE)}:{line} imports {module}")
+    assert not wrong, f"imports against docs/architecture.md's direction: {wrong}"
+
+
+def test_every_package_is_placed() -> None:
+    packages = {p.name.removesuffix(".py") for p in PACKAGE.iterdir()
+                if (p.is_dir() and (p / "__init__.py").exists()) or (p.suffix == ".py" and not p.name.startswith("_"))}
+    assert packages == set(ORDER), f"packages missing from the import order: {packages ^ set(ORDER)}"
