@@ -1,4 +1,5 @@
-"""Every sub-command's ``--help`` states each option's default, and the stated default is the parser's."""
+"""Every sub-command's ``--help`` states each option's default (the parser's), and ``reconkit train``'s sub-commands
+show the examples."""
 
 from __future__ import annotations
 
@@ -8,15 +9,9 @@ from pathlib import Path
 
 import pytest
 
-# sub-command -> name of its module's parser factory (``reconkit train`` is LightningCLI's, which prints defaults)
-PARSERS = {
-    "simulate": "build_parser",
-    "export": "build_parser",
-    "reconstruct": "build_parser",
-    "evaluate": "build_parser",
-    "serve": "build_parser",
-    "demo": "build_parser",
-}
+# sub-commands with an argparse parser from ``reconkit.cli.<name>.build_parser`` (``reconkit train`` is LightningCLI's,
+# which prints every default itself)
+COMMANDS = ("simulate", "export", "reconstruct", "evaluate", "serve", "demo")
 
 
 def _rendered(default: object) -> str:
@@ -30,9 +25,9 @@ def _rendered(default: object) -> str:
     return str(default)
 
 
-@pytest.mark.parametrize("command", sorted(PARSERS))
+@pytest.mark.parametrize("command", COMMANDS)
 def test_help_states_each_default(command: str) -> None:
-    parser: argparse.ArgumentParser = getattr(importlib.import_module(f"reconkit.cli.{command}"), PARSERS[command])()
+    parser: argparse.ArgumentParser = importlib.import_module(f"reconkit.cli.{command}").build_parser()
     missing = []
     for action in parser._actions:
         flag = action.nargs == 0  # --no-progress, --no-torch-fallback: the help says what giving it does
@@ -42,3 +37,12 @@ def test_help_states_each_default(command: str) -> None:
         if "default" not in text or _rendered(action.default) not in text:
             missing.append(f"{action.option_strings[0]} (default {_rendered(action.default)!r}): {text!r}")
     assert not missing, f"reconkit {command} --help: options whose help does not state their default: {missing}"
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_train_subcommand_help_has_examples(subcommand: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from reconkit.cli.train import main
+
+    assert main([subcommand, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "reconkit train fit --config configs/varnet_sim_small.yaml" in out, out[:2000]

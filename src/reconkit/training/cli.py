@@ -157,7 +157,11 @@ def run_cli(args: Sequence[str] | None = None, run: bool = True) -> ReconLightni
         seed_everything_default=0,
         # progress bar (off with --trainer.enable_progress_bar false) and learning-rate logging
         trainer_defaults={"callbacks": [RichProgressBar(), LearningRateMonitor(logging_interval="step")]},
-        parser_kwargs={"description": DESCRIPTION, "prog": "reconkit train", "formatter_class": _HelpFormatter},
+        # `reconkit train fit --help` (what the README points to) shows the examples too, not only Lightning's
+        # one-line "Runs the full optimization routine."
+        parser_kwargs={"description": DESCRIPTION, "prog": "reconkit train", "formatter_class": _HelpFormatter,
+                       **{name: {"description": DESCRIPTION, "formatter_class": _HelpFormatter}
+                          for name in ReconLightningCLI.subcommands()}},
         args=None if args is None else list(args),
         run=run,
     )
