@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest -q src tests
 
 lint: install
-	$(PY) -m pip install -q "ruff>=0.5"
+	$(PY) -m pip install -q "ruff>=0.13"
 	$(VENV)/bin/ruff check src tests benchmarks data_scripts
 
 bench: install
