@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"not --slices {args.slices}", file=sys.stderr)
     counts = {name: sum(v["split"] == name for v in manifest["volumes"]) for name in ("train", "val", "test")}
     print(
-        f"wrote {len(manifest['volumes'])} volumes to {args.output} "
+        f"wrote {len(manifest['volumes'])} volume(s) to {args.output} "
         f"(train {counts['train']}, val {counts['val']}, test {counts['test']}); manifest.json lists them"
     )
     return 0
