@@ -366,6 +366,28 @@ def test_json_input_validation_is_400_naming_the_problem(server, name, request_b
     assert status == 400 and message in error, error
 
 
+def test_large_json_headers_parsed_in_a_worker_process_give_the_same_answers(server, direct, monkeypatch):
+    """Above JSON_IN_WORKER_BYTES (here: every request) the header is parsed in a worker process, so the event loop
+    stays free: the same image, and the same 400 for every bad request."""
+    from reconkit.serve import protocol
+
+    url, state = server
+    monkeypatch.setattr(protocol, "JSON_IN_WORKER_BYTES", 0)
+    kspace, mask = sample()
+    expected = direct.run(["image"], {"masked_kspace": kspace, "mask": mask})[0]
+    status, _, body = post(url, "/v2/models/recon/infer", json.dumps(json_request(kspace, mask)).encode())
+    output = json.loads(body)["outputs"][0]
+    assert status == 200 and state._json_workers is not None
+    np.testing.assert_array_equal(np.asarray(output["data"], np.float32).reshape(output["shape"]), expected)
+    ragged = json_request(kspace, mask)
+    ragged["inputs"][0]["data"] = [[1.0, 2.0], [3.0]]
+    for request_body, message in [*((b, m) for _, b, m in _bad_requests()),
+                                  (ragged, "input 'masked_kspace': 'data' is not a list of FP32 numbers")]:
+        body = request_body if isinstance(request_body, bytes) else json.dumps(request_body).encode()
+        status, error = error_of(post(url, "/v2/models/recon/infer", body))
+        assert status == 400 and message in error, error
+
+
 def test_wrong_method_is_a_json_405(server):
     url, _ = server
     for method, path in (("GET", "/v2/models/recon/infer"), ("POST", "/v2/models/recon"), ("POST", "/v2")):

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Container, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -60,24 +60,61 @@ def _bad(message: str) -> RequestError:
     return RequestError(400, message)
 
 
-def _split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
+JSON_IN_WORKER_BYTES = 8 << 20
+"""A JSON header longer than this is parsed in a worker process (``ServerState.parse_json``), so that the server
+answers other requests meanwhile: Python's ``json`` holds the interpreter lock while it parses (a 15-coil 640 × 368
+slice sent as JSON ``data`` is ~140 MiB of text and ~5 s of parsing)."""
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """``(JSON header, binary tensor data)`` of a request body, split at ``Inference-Header-Content-Length``."""
     if header_length is None:
-        json_part, binary = body, memoryview(b"")
-    else:
-        try:
-            length = int(header_length)
-        except ValueError:
-            raise _bad(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
-        if not 0 < length <= len(body):
-            raise _bad(f"Inference-Header-Content-Length {length} does not fit the {len(body)}-byte body")
-        json_part, binary = body[:length], memoryview(body)[length:]
+        return body, memoryview(b"")
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise _bad(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
+    if not 0 < length <= len(body):
+        raise _bad(f"Inference-Header-Content-Length {length} does not fit the {len(body)}-byte body")
+    return body[:length], memoryview(body)[length:]
+
+
+class UnreadableData(NamedTuple):
+    """An input's JSON ``data`` that is no array of numbers (ragged, or not a list): why, for the 400."""
+
+    reason: str
+
+
+def _as_array(data: Any) -> np.ndarray | UnreadableData:
+    try:
+        return np.asarray(data)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        return UnreadableData(str(exc))
+
+
+def parse_header_outcome(json_part: bytes) -> tuple[str, Any]:
+    """Parse a request's JSON header: ``("header", dict)``, each input's ``data`` list already an array (or
+    :class:`UnreadableData`), or ``("error", message)``. Returns rather than raises, as it also runs in a worker
+    process, where an exception carrying the document would travel back whole."""
     try:
         header = json.loads(json_part)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise _bad(f"request header is not valid JSON: {type(exc).__name__}: {exc}") from None
+        return "error", f"request header is not valid JSON: {type(exc).__name__}: {exc}"
     if not isinstance(header, dict):
-        raise _bad("request header must be a JSON object")
-    return header, binary
+        return "error", "request header must be a JSON object"
+    items = header.get("inputs")
+    for item in items if isinstance(items, list) else ():
+        if isinstance(item, dict) and isinstance(item.get("data"), list):
+            item["data"] = _as_array(item["data"])
+    return "header", header
+
+
+def header_of(outcome: tuple[str, Any]) -> dict:
+    """The header of a :func:`parse_header_outcome` result; RequestError(400) for its error."""
+    kind, value = outcome
+    if kind == "error":
+        raise _bad(value)
+    return value
 
 
 def _parameters(obj: dict, where: str) -> dict:
@@ -166,10 +203,9 @@ _JSON_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}  # numpy kinds of JSO
 def _json_values(spec: TensorSpec, data: Any) -> np.ndarray:
     """``data`` (a flat or nested JSON list) as an array of the input's dtype: JSON numbers only (no strings or
     booleans for a number type), and every value within the datatype's range."""
-    try:
-        values = np.asarray(data)
-    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-        raise _bad(f"input '{spec.name}': 'data' is not a list of {spec.datatype} numbers: {exc}") from None
+    values = data if isinstance(data, (np.ndarray, UnreadableData)) else _as_array(data)
+    if isinstance(values, UnreadableData):
+        raise _bad(f"input '{spec.name}': 'data' is not a list of {spec.datatype} numbers: {values.reason}")
     if values.dtype.kind not in _JSON_KINDS.get(spec.dtype.kind, ""):
         found = {"U": "strings", "b": "booleans", "O": "nulls, nested objects or mixed values"}.get(
             values.dtype.kind, f"{values.dtype} values")
@@ -223,7 +259,12 @@ def parse_timeout(timeout: Any) -> float | None:
 
 def decode_infer_request(body: bytes, header_length: str | None, model: OnnxModel) -> InferRequest:
     """Decode and check a request against ``model``'s inputs (names, datatypes, shapes, byte lengths)."""
-    header, binary = _split_body(body, header_length)
+    json_part, binary = split_body(body, header_length)
+    return decode_parsed_request(header_of(parse_header_outcome(json_part)), binary, model)
+
+
+def decode_parsed_request(header: dict, binary: memoryview, model: OnnxModel) -> InferRequest:
+    """:func:`decode_infer_request` from the parsed header (:func:`parse_header_outcome`) and the binary data."""
     items = header.get("inputs")
     if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
         raise _bad("'inputs' must be a non-empty list of tensor objects")

@@ -12,8 +12,11 @@ import asyncio
 import dataclasses
 import hmac
 import logging
+import multiprocessing
 import ssl
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,7 @@ from reconkit.errors import ReconkitError
 from reconkit.serve.batcher import DynamicBatcher
 from reconkit.serve.metrics import ServeMetrics, TritonModelMetrics
 from reconkit.serve.model import OnnxModel, select_providers
-from reconkit.serve.protocol import InferRequest, RequestError
+from reconkit.serve.protocol import InferRequest, RequestError, header_of, parse_header_outcome
 from reconkit.serve.repository import BatchingConfig, ModelEntry, discover_models
 from reconkit.serve.statistics import ModelStatistics
 from reconkit.serve.validation import check_inputs, check_outputs
@@ -167,6 +170,7 @@ class ServerState:
         self.shutting_down = False
         self.grpc_port: int | None = None
         self.startup_error: Exception | None = None
+        self._json_workers: ProcessPoolExecutor | None = None
 
     def _all_served(self, name: str | None = None) -> list[ServedModel]:
         """Every model version (of model ``name`` only, when given), by name and then version number."""
@@ -296,6 +300,24 @@ class ServerState:
                 )
         self.ready = True
 
+    async def parse_json(self, json_part: bytes) -> dict:
+        """A large JSON header (:data:`~reconkit.serve.protocol.JSON_IN_WORKER_BYTES`) parsed in a worker process
+        (spawned on first use, one at a time), so that the event loop answers other requests meanwhile;
+        RequestError 400 as :func:`~reconkit.serve.protocol.parse_header_outcome` finds, 503 when the worker
+        died (e.g. out of memory; the next request starts a new one)."""
+        if self._json_workers is None:
+            self._json_workers = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            outcome = await asyncio.get_running_loop().run_in_executor(
+                self._json_workers, parse_header_outcome, bytes(json_part))
+        except (BrokenProcessPool, OSError, RuntimeError) as exc:  # it died (out of memory?) or could not start
+            self._json_workers = None
+            raise RequestError(503, f"the JSON parsing process failed ({type(exc).__name__}); send large tensors as "
+                                    "binary data") from None
+        return header_of(outcome)
+
     async def stop(self) -> None:
+        if self._json_workers is not None:
+            self._json_workers.shutdown(wait=False, cancel_futures=True)
         self.ready = False
         await asyncio.gather(*(s.batcher.close() for v in self.models.values() for s in v.values() if s.batcher))
