@@ -462,6 +462,26 @@ def test_stalled_clients_are_timed_out_and_connections_capped(repository):
         assert triton_infer(url, kspace, mask, binary=True).as_numpy("image").shape == (1, HEIGHT, WIDTH)
 
 
+def test_a_body_that_trickles_in_is_timed_out_by_its_average_rate(repository):
+    """Each pause (0.4 s) shorter than the client timeout (2 s): the per-pause limit alone never fired, so 20 such
+    clients held every connection slot; the body must average MIN_BODY_RATE bytes/s after the timeout."""
+    with running_server(repository, client_timeout_s=2.0) as (url, _):
+        trickle = _raw_connection(url)
+        trickle.sendall(b"POST /v2/models/recon/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        start, answer = time.monotonic(), b""
+        trickle.settimeout(0.4)
+        with contextlib.suppress(OSError):  # the server closes the connection: the next send fails
+            while time.monotonic() - start < 10 and not answer:
+                trickle.sendall(b" ")
+                with contextlib.suppress(TimeoutError):
+                    answer = trickle.recv(65536)
+        elapsed = time.monotonic() - start
+        answer += _closed_by_server(trickle, 5)[1]  # the rest of the response, up to the close
+        trickle.close()
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"slower than 500 bytes/s" in answer, answer
+        assert 1.8 < elapsed < 6
+
+
 def test_binary_byte_lengths_are_checked(server):
     url, _ = server
     kspace, mask = sample()

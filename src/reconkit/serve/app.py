@@ -100,9 +100,16 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
+MIN_BODY_RATE = 500
+"""Bytes per second a request body must average beyond its first ``--client-timeout-s`` (as Apache's
+``mod_reqtimeout`` ``body=…,MinRate=500``): a body that trickles in, each pause shorter than the timeout, would
+otherwise hold its connection for ever. A 28 MiB slice may take 16 hours at this rate: no real link is refused."""
+
+
 async def _read_body(request: Request, limit: int, pause_s: float) -> bytes:
     """The request body, decompressed; ``limit`` bounds both what is read and what decompression gives. A client
-    that sends nothing for ``pause_s`` seconds gets 408 and the connection is closed."""
+    that sends nothing for ``pause_s`` seconds, or sends the body slower than ``pause_s`` plus one second per
+    :data:`MIN_BODY_RATE` bytes received, gets 408 and the connection is closed."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
@@ -112,13 +119,19 @@ async def _read_body(request: Request, limit: int, pause_s: float) -> bytes:
                                 "deflate)")
     chunks, size = [], 0
     stream = request.stream()
+    started = time.monotonic()
     try:
         while True:
+            allowed = started + pause_s + size / MIN_BODY_RATE - time.monotonic()  # the minimum average rate
             try:
-                chunk = await asyncio.wait_for(stream.__anext__(), pause_s)
+                chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, min(pause_s, allowed)))
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
+                if allowed < pause_s:
+                    raise RequestError(408, f"client sent the request body slower than {MIN_BODY_RATE} bytes/s "
+                                            f"({size} bytes in {time.monotonic() - started:.1f} s)",
+                                       {"Connection": "close"}) from None
                 raise RequestError(408, f"client sent no request data for {pause_s:g} s ({size} bytes of the body "
                                         "received)", {"Connection": "close"}) from None
             size += len(chunk)
