@@ -29,16 +29,7 @@ from starlette.routing import Route
 
 import reconkit
 from reconkit.errors import ReconkitError
-from reconkit.serve import protocol
-from reconkit.serve.protocol import (
-    HEADER_LENGTH,
-    RequestError,
-    decode_parsed_request,
-    encode_infer_response,
-    header_of,
-    parse_header_outcome,
-    split_body,
-)
+from reconkit.serve.protocol import HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response, split_body
 from reconkit.serve.state import EXTENSIONS, ServedModel, ServerConfig, ServerState, bearer_token_ok
 
 __all__ = ["ServerConfig", "create_app"]
@@ -180,11 +171,7 @@ def _routes(state: ServerState) -> list[Route]:
         s = served(request)
         body = await _read_body(request, state.config.max_request_bytes, state.config.client_timeout_s)
         json_part, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-        if len(json_part) > protocol.JSON_IN_WORKER_BYTES:
-            header = await state.parse_json(json_part)
-        else:
-            header = header_of(parse_header_outcome(json_part))
-        infer_request = decode_parsed_request(header, binary, s.model)
+        infer_request = decode_infer_request(await state.parse_header(json_part), binary, s.model)
         results = await state.infer(s, infer_request)
         content, headers = encode_infer_response(s.entry.name, s.entry.version, infer_request, results)
         return Response(content, 200, headers=headers)

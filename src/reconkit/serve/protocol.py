@@ -22,7 +22,8 @@ from reconkit.errors import ReconkitError
 from reconkit.serve.model import V2_DATATYPES, OnnxModel, TensorSpec
 
 __all__ = ["HEADER_LENGTH", "InferRequest", "RequestError", "check_all_inputs", "check_output_name", "decode_infer_request",
-           "encode_infer_response", "input_spec", "little_endian_bytes", "parse_timeout", "tensor_shape", "v2_datatype"]
+           "encode_infer_response", "header_of", "input_spec", "little_endian_bytes", "parse_header_outcome",
+           "parse_timeout", "split_body", "tensor_shape", "v2_datatype"]
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -61,7 +62,7 @@ def _bad(message: str) -> RequestError:
 
 
 JSON_IN_WORKER_BYTES = 8 << 20
-"""A JSON header longer than this is parsed in a worker process (``ServerState.parse_json``), so that the server
+"""A JSON header longer than this is parsed in a worker process (``ServerState.parse_header``), so that the server
 answers other requests meanwhile: Python's ``json`` holds the interpreter lock while it parses (a 15-coil 640 × 368
 slice sent as JSON ``data`` is ~140 MiB of text and ~5 s of parsing)."""
 
@@ -257,14 +258,9 @@ def parse_timeout(timeout: Any) -> float | None:
     return timeout / 1e6
 
 
-def decode_infer_request(body: bytes, header_length: str | None, model: OnnxModel) -> InferRequest:
-    """Decode and check a request against ``model``'s inputs (names, datatypes, shapes, byte lengths)."""
-    json_part, binary = split_body(body, header_length)
-    return decode_parsed_request(header_of(parse_header_outcome(json_part)), binary, model)
-
-
-def decode_parsed_request(header: dict, binary: memoryview, model: OnnxModel) -> InferRequest:
-    """:func:`decode_infer_request` from the parsed header (:func:`parse_header_outcome`) and the binary data."""
+def decode_infer_request(header: dict, binary: memoryview, model: OnnxModel) -> InferRequest:
+    """Decode and check a request, its parsed JSON header (:func:`parse_header_outcome`) and binary data
+    (:func:`split_body`), against ``model``'s inputs (names, datatypes, shapes, byte lengths)."""
     items = header.get("inputs")
     if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
         raise _bad("'inputs' must be a non-empty list of tensor objects")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from reconkit.errors import ReconkitError
+from reconkit.serve import protocol
 from reconkit.serve.batcher import DynamicBatcher
 from reconkit.serve.metrics import ServeMetrics, TritonModelMetrics
 from reconkit.serve.model import OnnxModel, select_providers
@@ -301,16 +302,18 @@ class ServerState:
                 )
         self.ready = True
 
-    async def parse_json(self, json_part: bytes) -> dict:
-        """A large JSON header (:data:`~reconkit.serve.protocol.JSON_IN_WORKER_BYTES`) parsed in a worker process
-        (spawned on first use, one at a time), so that the event loop answers other requests meanwhile;
-        RequestError 400 as :func:`~reconkit.serve.protocol.parse_header_outcome` finds, 503 when the worker
-        died (e.g. out of memory; the next request starts a new one)."""
+    async def parse_header(self, json_part: bytes) -> dict:
+        """A request's JSON header (:func:`~reconkit.serve.protocol.parse_header_outcome`); one longer than
+        :data:`~reconkit.serve.protocol.JSON_IN_WORKER_BYTES` is parsed in a worker process (spawned on first use,
+        one at a time), so that the event loop answers other requests meanwhile. RequestError 400 for what the
+        parse finds, 503 when the worker died (e.g. out of memory; the next request starts a new one)."""
+        if len(json_part) <= protocol.JSON_IN_WORKER_BYTES:
+            return header_of(parse_header_outcome(json_part))
         if self._json_workers is None:
             self._json_workers = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         try:
             outcome = await asyncio.get_running_loop().run_in_executor(
-                self._json_workers, parse_header_outcome, bytes(json_part))
+                self._json_workers, parse_header_outcome, json_part)
         except (BrokenProcessPool, OSError, RuntimeError) as exc:  # it died (out of memory?) or could not start
             self._json_workers = None
             raise RequestError(503, f"the JSON parsing process failed ({type(exc).__name__}); send large tensors as "
