@@ -250,7 +250,7 @@ def load_reconstructor(
     if not path.is_file():
         raise ReconkitError(f"{path}: model file not found (or use 'zero-filled' / 'cg-sense')")
     named_onnx = default_backend(model) == "onnx"
-    if (backend or default_backend(model)) == "onnx":
+    if (backend or ("onnx" if named_onnx else "torch")) == "onnx":
         if not named_onnx:
             raise ReconkitError(f"{path}: --backend onnx needs an .onnx file; export it with 'reconkit export'")
         return _onnx_reconstructor(path, device, threads, torch_fallback)

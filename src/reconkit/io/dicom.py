@@ -65,7 +65,6 @@ def _slice_dataset(
     index: int,
     num_slices: int,
     slope: float,
-    window: tuple[float, float],
     geometry: ImageGeometry,
     shared: dict[str, object],
 ) -> pydicom.Dataset:
@@ -100,8 +99,6 @@ def _slice_dataset(
     ds.HighBit = 15
     ds.PixelRepresentation = 0
     ds.RealWorldValueMappingSequence = [_real_world_value_mapping(slope)]
-    ds.WindowCenter = f"{window[0] / slope:.6g}"  # stored units
-    ds.WindowWidth = f"{window[1] / slope:.6g}"
     ds.PixelData = pixels.astype("<u2").tobytes()
     return ds
 
@@ -188,8 +185,10 @@ def write_dicom_series(
     volume = np.clip(volume, 0.0, None)
     peak = float(volume.max())
     slope = peak / _UINT16_MAX if peak > 0 else 1.0
-    low, high = np.percentile(volume, [0.5, 99.5])
-    window = ((low + high) / 2.0, max(high - low, slope))
+    indices, size = slice_grid if slice_grid is not None else (range(volume.shape[0]), volume.shape[0])
+    if len(indices) != volume.shape[0] or not all(0 <= k < size for k in indices):
+        raise ValueError(f"slice_grid {slice_grid} does not place the volume's {volume.shape[0]} slices")
+    low, high = np.percentile(volume, [0.5, 99.5]) / slope  # the window, in stored units
     now = datetime.datetime.now()
     study = study if study is not None else new_study()
     series_uid = generate_uid()
@@ -210,16 +209,15 @@ def write_dicom_series(
         "Manufacturer": "reconkit",
         "ScanningSequence": "RM",
         "SequenceVariant": "NONE",
+        "WindowCenter": f"{(low + high) / 2.0:.6g}",
+        "WindowWidth": f"{max(high - low, 1.0):.6g}",
         **dict.fromkeys(_UNKNOWN_TYPE_2, ""),
     }
     pixels = np.rint(volume / slope).clip(0, _UINT16_MAX).astype(np.uint16)
     final = Path(directory)
-    indices, size = slice_grid if slice_grid is not None else (range(volume.shape[0]), volume.shape[0])
-    if len(indices) != volume.shape[0] or not all(0 <= k < size for k in indices):
-        raise ValueError(f"slice_grid {slice_grid} does not place the volume's {volume.shape[0]} slices")
     names = [f"slice_{k:03d}.dcm" for k in indices]
     with atomic_directory(final) as tmp:
         for i, (k, name) in enumerate(zip(indices, names)):
-            ds = _slice_dataset(pixels[i], k, size, slope, window, geometry, shared)
+            ds = _slice_dataset(pixels[i], k, size, slope, geometry, shared)
             ds.save_as(tmp / name, enforce_file_format=True)
     return [final / name for name in names]

@@ -136,7 +136,6 @@ class ReconLightningCLI(LightningCLI):
                 for cls, name in LOGGERS.items()
             ]
 
-
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """``--trainer.enable_checkpointing false`` leaves out the ``checkpoint`` / ``last_checkpoint`` callbacks
         (Lightning refuses a ModelCheckpoint callback with it)."""
