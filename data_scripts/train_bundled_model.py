@@ -71,6 +71,7 @@ def simulate(data: Path, num_volumes: int) -> dict:
     size (``data/held_out``, ``data/held_out_larger``). Returns the 192 × 112 manifest with a ``"larger"`` entry
     holding the larger sizes' manifests and an ``"extra"`` entry."""
     from reconkit.data.simulate import simulate_dataset, simulate_volume, write_volume
+    from reconkit.data.simulate.volume import json_text
 
     manifest = simulate_dataset(
         data, num_volumes, encoded_size=ENCODED, recon_size=RECON, seed=7, split=(0.85, 0.0, 0.15), **TRAIN_SIM
@@ -96,7 +97,7 @@ def simulate(data: Path, num_volumes: int) -> dict:
             simulate_volume(101, encoded_size=encoded, recon_size=recon, **HELD_OUT),
             data / "held_out_larger" / f"dipy_b0_101_{encoded[0]}x{encoded[1]}.h5",
         )
-    (data / "manifest.json").write_text(json.dumps(manifest, indent=1, allow_nan=True))
+    (data / "manifest.json").write_text(json_text(manifest, indent=1))
     return manifest
 
 

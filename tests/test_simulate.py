@@ -378,6 +378,21 @@ def test_simulate_dataset_reproducible_with_variety(tmp_path):
     assert len({v["params"]["acquisition"] for v in first["volumes"]}) >= 3  # mixed orientation and contrast
 
 
+def test_noise_free_dataset_writes_standard_json(tmp_path):
+    """``snr_db=inf`` once wrote ``Infinity`` into manifest.json and the ``simulation`` attribute, which strict JSON
+    parsers (jq, JavaScript) refuse; it is now the string "inf", which ``float()`` reads."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    simulate_dataset(tmp_path, 1, 2, snr_db=float("inf"), slices=1, encoded_size=(48, 40), recon_size=(24, 24),
+                     split=(1, 0, 0), progress=False)  # fmt: skip
+    manifest = json.loads((tmp_path / "manifest.json").read_text(), parse_constant=refuse)
+    assert manifest["options"]["snr_db"] == ["inf"] and float(manifest["volumes"][0]["params"]["snr_db"]) == np.inf
+    with h5py.File(tmp_path / manifest["volumes"][0]["file"], "r") as f:
+        assert json.loads(f.attrs["simulation"], parse_constant=refuse)["snr_db"] == "inf"
+
+
 def test_cli_writes_dataset_and_reports_bad_options(tmp_path, capsys):
     from reconkit.cli.main import main
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ from tqdm.auto import tqdm
 
 from reconkit.atomic import atomic_path
 from reconkit.data.simulate.anatomy import SOURCES
-from reconkit.data.simulate.volume import _check_options, _check_sizes, simulate_volume, write_volume
+from reconkit.data.simulate.volume import _check_options, _check_sizes, json_text, simulate_volume, write_volume
 
 __all__ = ["simulate_dataset", "split_assignment", "volume_seed"]
 
@@ -160,5 +159,5 @@ def simulate_dataset(
         entries.append({"file": name, "split": labels[index], "seed": vseed, "params": volume.params})
     manifest = {"seed": int(seed), "num_volumes": int(num_volumes), "options": options, "volumes": entries}
     with atomic_path(output / "manifest.json") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1, allow_nan=True))
+        tmp.write_text(json_text(manifest, indent=1))
     return manifest

@@ -18,9 +18,31 @@ from reconkit.data.simulate import coils as coil_model
 from reconkit.data.simulate import contrast as contrast_model
 from reconkit.data.simulate.header import HeaderFields, ismrmrd_header
 
-__all__ = ["SimulatedVolume", "simulate_volume", "write_volume"]
+__all__ = ["SimulatedVolume", "json_text", "simulate_volume", "write_volume"]
 
 _ORIENTATION_CODE = {"axial": "AX", "coronal": "COR", "sagittal": "SAG"}
+
+
+def json_text(value: object, **options) -> str:
+    """Standard JSON for simulation parameters: a non-finite float (``snr_db=inf``) becomes the string ``"inf"`` /
+    ``"-inf"`` / ``"nan"``, which ``float()`` reads back, instead of Python's ``Infinity`` that strict parsers (jq,
+    JavaScript, pandas' ``read_json``) refuse.
+
+    Example:
+        >>> json_text({"snr_db": float("inf"), "coils": [4, 8]})
+        '{"snr_db": "inf", "coils": [4, 8]}'
+    """
+
+    def strict(item: object) -> object:
+        if isinstance(item, float) and not math.isfinite(item):
+            return str(item)
+        if isinstance(item, dict):
+            return {key: strict(entry) for key, entry in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [strict(entry) for entry in item]
+        return item
+
+    return json.dumps(strict(value), allow_nan=False, **options)
 
 
 @dataclass
@@ -172,7 +194,7 @@ def simulate_volume(
         "max": float(target.max()),
         "norm": float(np.linalg.norm(target)),
         "patient_id": source,
-        "simulation": json.dumps(params),
+        "simulation": json_text(params),
     }
     return SimulatedVolume(kspace, target, sens, image, covariance, header, attrs, params)
 
