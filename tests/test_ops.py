@@ -252,6 +252,24 @@ def test_coil_ops_gradcheck(size):
     assert torch.autograd.gradcheck(lambda k, s: sens_reduce(k, s, hybrid=True), (kspace, sens_maps))
 
 
+@pytest.mark.parametrize("size", [(6, 8), (5, 7)])
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_coil_ops_of_empty_batch_or_coils_are_empty_as_the_ffts(size, hybrid):
+    """An empty batch or coil axis gives the empty result (no coils: a zero image), forward and backward, as
+    fft2c does; the fused path for even sizes raised MKL's 'Inconsistent configuration parameters'."""
+    for batch, coils in [(0, 3), (2, 0)]:
+        image = torch.randn(batch, 1, *size, 2, requires_grad=True)
+        sens_maps = torch.randn(batch, coils, *size, 2, requires_grad=True)
+        kspace = sens_expand(image, sens_maps, hybrid=hybrid)
+        assert kspace.shape == sens_maps.shape
+        combined = sens_reduce(kspace, sens_maps, hybrid=hybrid)
+        assert combined.shape == image.shape and not combined.any()
+        combined.sum().backward()
+        assert image.grad.shape == image.shape and sens_maps.grad.shape == sens_maps.shape
+    with pytest.raises(ValueError, match="length 0"):
+        sens_expand(torch.zeros(1, 1, 0, 4, 2), torch.zeros(1, 2, 0, 4, 2))
+
+
 @pytest.mark.parametrize("mask_shape", [(2, 1, 1, 10, 1), (2, 1, 8, 10, 1)])
 def test_data_consistency_equals_fastmri_soft_dc(mask_shape):
     current = torch.randn(2, 3, 8, 10, 2, generator=gen(20))

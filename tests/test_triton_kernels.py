@@ -272,6 +272,22 @@ else:
             torch.testing.assert_close(ours, expected)  # the torch path also multiplies in float32 now
 
     @pytest.mark.parametrize("size", [(6, 4), (5, 7)])
+    def test_empty_batch_or_coils_give_empty_results_as_on_the_torch_path(size) -> None:
+        """No values: the FFT between the kernels is skipped (torch's MKL FFT raised 'Inconsistent configuration
+        parameters' on it); no coils give a zero image. An empty H or W is the FFTs' ValueError."""
+        for batch, coils in [(0, 3), (2, 0)]:
+            image = randn(batch, 1, *size, 2, seed=60).requires_grad_()
+            sens_maps = randn(batch, coils, *size, 2, seed=61).requires_grad_()
+            kspace = triton_kernels.sens_expand(image, sens_maps)
+            assert kspace.shape == sens_maps.shape
+            combined = triton_kernels.sens_reduce(kspace, sens_maps)
+            torch.testing.assert_close(combined, sens_reduce(kspace, sens_maps, backend="torch"))
+            combined.sum().backward()
+            assert image.grad.shape == image.shape and sens_maps.grad.shape == sens_maps.shape
+        with pytest.raises(ValueError, match="length 0"):
+            triton_kernels.sens_expand(randn(1, 1, 0, 4, 2, seed=62), randn(1, 2, 0, 4, 2, seed=63))
+
+    @pytest.mark.parametrize("size", [(6, 4), (5, 7)])
     def test_forward_mode_ad_equals_torch_path(size) -> None:
         """torch.func.jvp (reconkit.training.regime's linearisation error) runs through the kernels."""
         height, width = size

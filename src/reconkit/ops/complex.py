@@ -27,14 +27,15 @@ def _check_layout(x: torch.Tensor, name: str) -> None:
 def native_complex_ok(*tensors: torch.Tensor) -> bool:
     """Whether ``tensors`` (real layout ``(..., 2)``) may be computed on as native complex tensors.
 
-    True for float32 / float64 tensors of one dtype while the ``torch`` FFT implementation is selected. Under
-    ``fft_impl("matmul")`` (ONNX export, which has no complex type) and for half precision, ops keep to real
-    arithmetic.
+    True for non-empty float32 / float64 tensors of one dtype while the ``torch`` FFT implementation is selected.
+    Under ``fft_impl("matmul")`` (ONNX export, which has no complex type) and for half precision, ops keep to real
+    arithmetic; so do empty tensors (torch's MKL FFT raises on an empty batch, and the backward of
+    ``view_as_complex`` on the stride-0 gradient of an empty sum).
     """
     dtype = tensors[0].dtype
     return (
         dtype in (torch.float32, torch.float64)
-        and all(t.dtype == dtype for t in tensors)
+        and all(t.dtype == dtype and t.numel() for t in tensors)
         and current_fft_impl() == "torch"
         and not torch.jit.is_tracing()
     )

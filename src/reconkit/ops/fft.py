@@ -141,7 +141,7 @@ def _centred_fft_complex(z: torch.Tensor, inverse: bool, dims: tuple[int, ...] =
     return transform(z * pre, dim=dims, norm="ortho").mul_(post)
 
 
-def _empty_transform(data: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+def empty_transform(data: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """The transform of a tensor with no values: empty batch or coil axes give an empty result (torch's MKL FFT
     raises on them); an empty transformed axis is an error."""
     spatial = data.shape[-2:] if data.is_complex() else data.shape[-3:-1]
@@ -156,14 +156,14 @@ def _centred_fft(data: torch.Tensor, inverse: bool, dims: tuple[int, ...] = SPAT
         if data.dtype != torch.complex64 and data.dtype != torch.complex128:
             data = data.to(torch.complex64)
         if data.numel() == 0:
-            return _empty_transform(data, dims)
+            return empty_transform(data, dims)
         return _centred_fft_complex(data, inverse, dims)
     if data.ndim < 3 or data.shape[-1] != 2:
         raise ValueError(f"expected a complex tensor or a real tensor (..., H, W, 2); got shape {tuple(data.shape)}")
     if data.dtype in (torch.float16, torch.bfloat16):
         data = data.float()
     if data.numel() == 0:
-        return _empty_transform(data, dims)
+        return empty_transform(data, dims)
     if _FFT_IMPL.get() == "matmul":
         from reconkit.ops.dft_matmul import centred_fft_matmul
 

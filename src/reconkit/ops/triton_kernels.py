@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from reconkit.ops.fft import empty_transform
+
 __all__ = ["data_consistency", "interpreted", "sens_expand", "sens_reduce"]
 
 _BLOCK = 1024
@@ -201,6 +203,15 @@ def _complex_buffer(real_like: torch.Tensor, shape: tuple[int, ...]) -> torch.Te
     return torch.empty(shape, dtype=dtype, device=real_like.device)
 
 
+def _fft2(buffer: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Orthonormal (i)FFT over ``(H, W)`` of a complex ``(B, C, H, W)`` buffer; an empty batch or coil axis gives
+    the empty result and an empty ``H`` or ``W`` is an error, as in :mod:`reconkit.ops.fft`."""
+    if buffer.numel() == 0:  # torch's MKL FFT raises 'Inconsistent configuration parameters' on it
+        return empty_transform(buffer, (-2, -1))
+    transform = torch.fft.ifft2 if inverse else torch.fft.fft2
+    return transform(buffer, dim=(-2, -1), norm="ortho")
+
+
 def _expand(coil: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
     """``fft2c(coil · image)`` (or ``fft2c(coil)`` when ``image`` is None) as a complex ``(B, C, H, W)`` tensor."""
     batch, coils, height, width, _ = coil.shape
@@ -211,7 +222,7 @@ def _expand(coil: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
         torch.view_as_real(buffer), coil, coil if image is None else image, coils, height, width, shift_h, shift_w,
         MODULATE=modulate, HAS_IMAGE=image is not None, BLOCK=_BLOCK,
     )
-    kspace = torch.fft.fft2(buffer, dim=(-2, -1), norm="ortho")
+    kspace = _fft2(buffer, inverse=False)
     if not modulate:
         return torch.fft.fftshift(kspace, dim=(-2, -1))
     _sign_kernel[grid](torch.view_as_real(kspace), height, width, global_sign, BLOCK=_BLOCK)
@@ -228,7 +239,7 @@ def _raw_coil_images(kspace: torch.Tensor) -> torch.Tensor:
         torch.view_as_real(buffer), kspace, kspace, coils, height, width, shift_h, shift_w,
         MODULATE=modulate, HAS_IMAGE=False, BLOCK=_BLOCK,
     )
-    return torch.fft.ifft2(buffer, dim=(-2, -1), norm="ortho")
+    return _fft2(buffer, inverse=True)
 
 
 def _reduce(
