@@ -241,6 +241,18 @@ def test_coil_ops_real_arithmetic_path_equal_fast_path():
     torch.testing.assert_close(sens_reduce(fused, sens_maps), sens_reduce(fused, sens_maps.double()))
 
 
+def test_coil_ops_keep_float64_beside_half_precision():
+    """Half precision with float64 computes in float64 (torch's promotion, the Triton path's and sens_reduce's);
+    sens_expand cast the float64 operand to float32 too."""
+    image = torch.randn(1, 1, 8, 6, 2, dtype=torch.float64, generator=gen(40))
+    sens_maps = torch.randn(1, 3, 8, 6, 2, dtype=torch.float64, generator=gen(41))
+    for half in (torch.float16, torch.bfloat16):
+        for x, s in [(image.to(half), sens_maps), (image, sens_maps.to(half))]:
+            out = sens_expand(x, s)
+            assert out.dtype == sens_reduce(out, s).dtype == torch.float64
+            torch.testing.assert_close(out, sens_expand(x.double(), s.double()), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("size", [(6, 8), (5, 7)])
 def test_coil_ops_gradcheck(size):
     image = torch.randn(1, 1, *size, 2, dtype=torch.float64, generator=gen(17), requires_grad=True)

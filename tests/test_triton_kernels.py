@@ -270,6 +270,10 @@ else:
             expected = sens_expand(image.to(half), sens_maps.to(half), backend="torch")
             assert ours.dtype == expected.dtype == torch.float32
             torch.testing.assert_close(ours, expected)  # the torch path also multiplies in float32 now
+            ours = sens_expand(image.to(half), sens_maps.double(), backend="triton")
+            expected = sens_expand(image.to(half), sens_maps.double(), backend="torch")
+            assert ours.dtype == expected.dtype == torch.float64  # half with float64 is float64 on both paths
+            torch.testing.assert_close(ours, expected)
 
     @pytest.mark.parametrize("size", [(6, 4), (5, 7)])
     def test_empty_batch_or_coils_give_empty_results_as_on_the_torch_path(size) -> None:

@@ -59,8 +59,8 @@ def sens_expand(
         from reconkit.ops import triton_kernels
 
         return triton_kernels.sens_expand(image, sens_maps)
-    if image.dtype in _HALF or sens_maps.dtype in _HALF:  # the coil product in float32, as the FFT is
-        image, sens_maps = image.float(), sens_maps.float()
+    if image.dtype in _HALF or sens_maps.dtype in _HALF:  # half precision to float32, as the FFT's; float64 stays
+        image, sens_maps = (t.float() if t.dtype in _HALF else t for t in (image, sens_maps))
     height, width = sens_maps.shape[-3], sens_maps.shape[-2]
     if not (native_complex_ok(image, sens_maps) and height % 2 == 0 and width % 2 == 0):
         return fftc(complex_mul(image, sens_maps), dims)
