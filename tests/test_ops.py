@@ -400,6 +400,23 @@ def test_a_dagger_with_l2_reg_solves_regularised_normal_equations():
     assert (residual.abs().max() / op.A_adjoint(kspace).abs().max()).item() < 1e-8
 
 
+def test_coil_ops_under_fake_tensor_mode_leave_the_shared_signs_real():
+    """Shape / memory estimation under FakeTensorMode: a size already cached failed there ('Please convert all
+    Tensors to FakeTensors first'), and a new one left fake signs in the cache that broke every later real call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    image, sens_maps = torch.randn(1, 1, 6, 8, 2, generator=gen(42)), torch.randn(1, 3, 6, 8, 2, generator=gen(43))
+    expected = sens_expand(image, sens_maps)  # caches the signs of (6, 8)
+    with FakeTensorMode():
+        for height in (6, 14):  # cached, then not yet cached
+            fake_image, fake_maps = torch.zeros(1, 1, height, 8, 2), torch.zeros(1, 3, height, 8, 2)
+            assert sens_reduce(sens_expand(fake_image, fake_maps), fake_maps).shape == (1, 1, height, 8, 2)
+            assert fft2c(fake_maps).shape == (1, 3, height, 8, 2)
+    torch.testing.assert_close(sens_expand(image, sens_maps), expected)
+    maps_14 = torch.randn(1, 3, 14, 8, 2, generator=gen(44))
+    torch.testing.assert_close(fft2c(maps_14), fastmri.fft2c(maps_14))
+
+
 def test_cached_centring_signs_first_built_in_inference_mode_still_support_autograd():
     """The sign patterns are cached; built first under inference_mode they must still be usable with autograd."""
     size = (14, 22)  # a size no other test uses, so the cache entry is new here

@@ -27,6 +27,7 @@ import functools
 from collections.abc import Iterator
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 __all__ = [
     "centering_modulation",
@@ -113,9 +114,10 @@ def shared_centering_modulation(
     height: int, width: int, device: torch.device, dtype: torch.dtype, dims: tuple[int, ...] = SPATIAL_DIMS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`centering_modulation` without the copy, for the FFTs themselves: cached in eager mode (never modify
-    them in place), built from ops while tracing or compiling."""
+    them in place), built from ops while tracing or compiling and under a dispatch mode (``FakeTensorMode``'s fake
+    tensors must neither enter the cache nor meet its real ones)."""
     dims = check_fft_dims(dims)
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
         return _sign_patterns(height, width, device, dtype, dims)
     return _cached_signs(height, width, device, dtype, dims)
 
