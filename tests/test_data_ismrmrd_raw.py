@@ -16,7 +16,7 @@ from reconkit.errors import DataError
 COILS, SAMPLES, WIDTH = 3, 16, 12
 
 
-def header_xml(z: int = 1) -> str:
+def header_xml(z: int = 1, trajectory: str = "cartesian") -> str:
     def space(size):
         return x.encodingSpaceType(
             matrixSize=x.matrixSizeType(x=size[0], y=size[1], z=z),
@@ -33,7 +33,7 @@ def header_xml(z: int = 1) -> str:
             encodedSpace=space((SAMPLES, WIDTH)),
             reconSpace=space((SAMPLES // 2, WIDTH)),
             encodingLimits=limits,
-            trajectory=x.trajectoryType("cartesian"),
+            trajectory=x.trajectoryType(trajectory),
         )
     )
     return x.ToXML(header)
@@ -49,9 +49,9 @@ def line(data: np.ndarray, step: int, *flags: int, **index: int) -> ismrmrd.Acqu
     return acquisition
 
 
-def write_raw(path, acquisitions, z: int = 1) -> None:
+def write_raw(path, acquisitions, z: int = 1, trajectory: str = "cartesian") -> None:
     raw = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
-    raw.write_xml_header(header_xml(z))
+    raw.write_xml_header(header_xml(z, trajectory))
     for acquisition in acquisitions:
         raw.append_acquisition(acquisition)
     raw.close()
@@ -157,6 +157,17 @@ def test_3d_encoding_is_refused_by_name(tmp_path):
                                               for c in range(WIDTH)], z=4)
     with pytest.raises(DataError, match=r"one_partition\.h5.*3D encoding .*encoded matrix z = 4"):
         read_ismrmrd_raw(tmp_path / "one_partition.h5")
+
+
+@pytest.mark.parametrize("trajectory", ["radial", "spiral", "epi"])
+def test_a_non_cartesian_trajectory_is_refused_by_name(tmp_path, trajectory):
+    """Radial spokes, spiral interleaves and ramp-sampled EPI echoes are no k-space columns: placed as such they
+    would give a garbage image without a word."""
+    rng = np.random.default_rng(10)
+    lines = [line(random_kspace(rng, COILS, SAMPLES), c) for c in range(WIDTH)]
+    write_raw(tmp_path / "raw.h5", lines, trajectory=trajectory)
+    with pytest.raises(DataError, match=rf"raw\.h5: {trajectory} trajectory is not supported"):
+        read_ismrmrd_raw(tmp_path / "raw.h5")
 
 
 def test_cli_writes_one_nifti_and_dicom_series_per_contrast(tmp_path, capsys):

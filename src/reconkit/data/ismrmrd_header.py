@@ -36,6 +36,7 @@ class HeaderInfo:
         repetition_time_ms: first ``sequenceParameters/TR`` in ms, if given.
         echo_time_ms: first ``sequenceParameters/TE`` in ms, if given.
         field_strength_t: ``acquisitionSystemInformation/systemFieldStrength_T`` in tesla, if given.
+        trajectory: ``encoding/trajectory`` (``"cartesian"``, ``"radial"``, ``"epi"``, ...), if given.
     """
 
     encoding_size: tuple[int, int, int]
@@ -50,6 +51,7 @@ class HeaderInfo:
     repetition_time_ms: float | None = None
     echo_time_ms: float | None = None
     field_strength_t: float | None = None
+    trajectory: str | None = None
 
     def metadata(self) -> dict:
         """The entries fastmri's ``SliceDataset`` puts in each sample's metadata."""
@@ -156,4 +158,5 @@ def parse_ismrmrd_header(xml: str | bytes, source: os.PathLike | str | None = No
         repetition_time_ms=read.number(["sequenceParameters", "TR"], float, required=False),
         echo_time_ms=read.number(["sequenceParameters", "TE"], float, required=False),
         field_strength_t=read.number(["acquisitionSystemInformation", "systemFieldStrength_T"], float, required=False),
+        trajectory=read.text(["encoding", "trajectory"]),
     )

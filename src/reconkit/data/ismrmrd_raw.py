@@ -16,8 +16,9 @@ centre line lands at ``W // 2``). What else the reader does with a scanner's acq
 * Noise, navigator, phase-correction and other non-imaging acquisitions are skipped, as are acquisitions of a
   second encoding space (``encoding_space_ref`` > 0). Unacquired columns stay zero, so an undersampled
   acquisition is recognised as such.
-* 3D encoding (``kspace_encode_step_2`` taking more than one value) is refused with a clear error: reconkit
-  reconstructs 2D multi-slice data.
+* 3D encoding (``kspace_encode_step_2`` taking more than one value) and a header trajectory other than
+  ``cartesian`` (radial, spiral, EPI: readouts that need regridding) are refused with a clear error: reconkit
+  reconstructs 2D Cartesian multi-slice data.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
     readout length after discarded samples are dropped and an asymmetric echo is centred.
 
     Raises:
-        DataError: unreadable file or header, no imaging acquisitions, 3D encoding, imaging lines that differ in
-            coil / sample counts, or phase-encode indices outside the encoded matrix.
+        DataError: unreadable file or header, a non-Cartesian trajectory, no imaging acquisitions, 3D encoding,
+            imaging lines that differ in coil / sample counts, or phase-encode indices outside the encoded matrix.
     """
     import ismrmrd
 
@@ -75,6 +76,10 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
         dataset = _open_read_only(ismrmrd, path)
         try:
             header = parse_ismrmrd_header(dataset.read_xml_header(), source=path)
+            if header.trajectory not in (None, "cartesian"):  # its readouts are no k-space columns
+                raise DataError(
+                    path, f"{header.trajectory} trajectory is not supported: reconkit reconstructs 2D Cartesian data"
+                )
             try:
                 count = dataset.number_of_acquisitions()
             except LookupError:  # a header and no acquisitions at all
