@@ -16,7 +16,7 @@ from reconkit.errors import DataError
 COILS, SAMPLES, WIDTH = 3, 16, 12
 
 
-def header_xml(z: int = 1, trajectory: str = "cartesian") -> str:
+def header_xml(z: int = 1, trajectory: str = "cartesian", step_1_limits: bool = True) -> str:
     def space(size):
         return x.encodingSpaceType(
             matrixSize=x.matrixSizeType(x=size[0], y=size[1], z=z),
@@ -24,7 +24,7 @@ def header_xml(z: int = 1, trajectory: str = "cartesian") -> str:
         )
 
     limits = x.encodingLimitsType(
-        kspace_encoding_step_1=x.limitType(minimum=0, maximum=WIDTH - 1, center=WIDTH // 2),
+        kspace_encoding_step_1=x.limitType(minimum=0, maximum=WIDTH - 1, center=WIDTH // 2) if step_1_limits else None,
         kspace_encoding_step_2=x.limitType(minimum=0, maximum=0, center=0),
     )
     header = x.ismrmrdHeader(experimentalConditions=x.experimentalConditionsType(H1resonanceFrequency_Hz=63_870_000))
@@ -49,9 +49,9 @@ def line(data: np.ndarray, step: int, *flags: int, **index: int) -> ismrmrd.Acqu
     return acquisition
 
 
-def write_raw(path, acquisitions, z: int = 1, trajectory: str = "cartesian") -> None:
+def write_raw(path, acquisitions, z: int = 1, trajectory: str = "cartesian", step_1_limits: bool = True) -> None:
     raw = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
-    raw.write_xml_header(header_xml(z, trajectory))
+    raw.write_xml_header(header_xml(z, trajectory, step_1_limits))
     for acquisition in acquisitions:
         raw.append_acquisition(acquisition)
     raw.close()
@@ -157,6 +157,18 @@ def test_3d_encoding_is_refused_by_name(tmp_path):
                                               for c in range(WIDTH)], z=4)
     with pytest.raises(DataError, match=r"one_partition\.h5.*3D encoding .*encoded matrix z = 4"):
         read_ismrmrd_raw(tmp_path / "one_partition.h5")
+
+
+def test_a_header_without_the_optional_step_1_limits_takes_every_encoded_line(tmp_path):
+    """The ISMRMRD schema makes ``encodingLimits/kspace_encoding_step_1`` optional; without it the lines are
+    placed as they are (centre ``WIDTH // 2``) and all of them count as acquired."""
+    rng = np.random.default_rng(11)
+    kspace = random_kspace(rng, COILS, SAMPLES, WIDTH)
+    write_raw(tmp_path / "raw.h5", [line(kspace[..., c], c) for c in range(WIDTH)], step_1_limits=False)
+    assert b"kspace_encoding_step_1" not in header_xml(step_1_limits=False).encode()
+    volume = read_ismrmrd_raw(tmp_path / "raw.h5")
+    np.testing.assert_array_equal(volume.kspace[0], kspace)
+    assert (volume.info.header.padding_left, volume.info.header.padding_right) == (0, WIDTH)
 
 
 @pytest.mark.parametrize("trajectory", ["radial", "spiral", "epi"])

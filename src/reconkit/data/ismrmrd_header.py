@@ -71,12 +71,14 @@ class _Reader:
         self.source = source
         self.namespace = ISMRMRD_NAMESPACE if root.tag.startswith("{") else None
 
-    def text(self, path: Sequence[str]) -> str | None:
+    def find(self, path: Sequence[str]) -> ElementTree.Element | None:
         if self.namespace:
             query = "." + "".join(f"//ism:{name}" for name in path)
-            element = self.root.find(query, {"ism": self.namespace})
-        else:
-            element = self.root.find("." + "".join(f"//{name}" for name in path))
+            return self.root.find(query, {"ism": self.namespace})
+        return self.root.find("." + "".join(f"//{name}" for name in path))
+
+    def text(self, path: Sequence[str]) -> str | None:
+        element = self.find(path)
         return None if element is None or element.text is None else element.text.strip()
 
     def number(self, path: Sequence[str], kind: type, required: bool = True):
@@ -106,7 +108,9 @@ def parse_ismrmrd_header(xml: str | bytes, source: os.PathLike | str | None = No
 
     Raises:
         DataError: the XML is malformed, or lacks the encoded / recon matrix sizes, the fields of view or the
-            ``kspace_encoding_step_1`` limits, or its recon matrix x or y is not positive.
+            ``kspace_encoding_step_1`` centre or maximum (a header without that element, which the ISMRMRD schema
+            allows, gets ``center = y // 2`` and ``maximum = y − 1`` of the encoded matrix: all lines acquired),
+            or its recon matrix x or y is not positive.
 
     Example:
         >>> xml = ('<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'
@@ -137,8 +141,11 @@ def parse_ismrmrd_header(xml: str | bytes, source: os.PathLike | str | None = No
     encoded, recon = ["encoding", "encodedSpace"], ["encoding", "reconSpace"]
     limits = ["encoding", "encodingLimits", "kspace_encoding_step_1"]
     encoding_size = read.triple([*encoded, "matrixSize"], int)
-    center = read.number([*limits, "center"], int)
-    maximum = read.number([*limits, "maximum"], int)
+    if read.find(limits) is None:  # optional in the ISMRMRD schema: every line of the encoded matrix, centred
+        center, maximum = encoding_size[1] // 2, encoding_size[1] - 1
+    else:
+        center = read.number([*limits, "center"], int)
+        maximum = read.number([*limits, "maximum"], int)
     padding_left = encoding_size[1] // 2 - center
     recon_fov = read.triple([*recon, "fieldOfView_mm"], float)
     recon_size = read.triple([*recon, "matrixSize"], int)
