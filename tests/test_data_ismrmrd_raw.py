@@ -16,7 +16,9 @@ from reconkit.errors import DataError
 COILS, SAMPLES, WIDTH = 3, 16, 12
 
 
-def header_xml(z: int = 1, trajectory: str = "cartesian", step_1_limits: bool = True) -> str:
+def header_xml(
+    z: int = 1, trajectory: str = "cartesian", step_1_limits: bool = True, calibration: str | None = None
+) -> str:
     def space(size):
         return x.encodingSpaceType(
             matrixSize=x.matrixSizeType(x=size[0], y=size[1], z=z),
@@ -27,6 +29,12 @@ def header_xml(z: int = 1, trajectory: str = "cartesian", step_1_limits: bool = 
         kspace_encoding_step_1=x.limitType(minimum=0, maximum=WIDTH - 1, center=WIDTH // 2) if step_1_limits else None,
         kspace_encoding_step_2=x.limitType(minimum=0, maximum=0, center=0),
     )
+    parallel = None
+    if calibration is not None:
+        parallel = x.parallelImagingType(
+            accelerationFactor=x.accelerationFactorType(kspace_encoding_step_1=3, kspace_encoding_step_2=1),
+            calibrationMode=x.calibrationModeType(calibration),
+        )
     header = x.ismrmrdHeader(experimentalConditions=x.experimentalConditionsType(H1resonanceFrequency_Hz=63_870_000))
     header.encoding.append(
         x.encodingType(
@@ -34,6 +42,7 @@ def header_xml(z: int = 1, trajectory: str = "cartesian", step_1_limits: bool = 
             reconSpace=space((SAMPLES // 2, WIDTH)),
             encodingLimits=limits,
             trajectory=x.trajectoryType(trajectory),
+            parallelImaging=parallel,
         )
     )
     return x.ToXML(header)
@@ -49,9 +58,9 @@ def line(data: np.ndarray, step: int, *flags: int, **index: int) -> ismrmrd.Acqu
     return acquisition
 
 
-def write_raw(path, acquisitions, z: int = 1, trajectory: str = "cartesian", step_1_limits: bool = True) -> None:
+def write_raw(path, acquisitions, z: int = 1, **header) -> None:
     raw = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
-    raw.write_xml_header(header_xml(z, trajectory, step_1_limits))
+    raw.write_xml_header(header_xml(z, **header))
     for acquisition in acquisitions:
         raw.append_acquisition(acquisition)
     raw.close()
@@ -114,6 +123,24 @@ def test_reference_lines_fill_only_empty_columns_and_a_separate_reference_scan_i
     for c in [*imaging, *centre, 10]:
         expected[..., c] = kspace[..., c]
     np.testing.assert_allclose(volume.kspace[0], expected, atol=1e-6)
+
+
+def test_reference_lines_of_a_separate_reference_scan_with_the_same_readout_are_left_out(tmp_path):
+    """calibrationMode "separate" (e.g. Siemens' GRE reference scan before a TSE scan): the reference lines have the
+    imaging readout but another contrast; in the k-space centre they would set the image's contrast."""
+    rng = np.random.default_rng(12)
+    kspace = random_kspace(rng, COILS, SAMPLES, WIDTH)
+    imaging = [c for c in range(WIDTH) if c % 3 == 0]
+    acquisitions = [line(kspace[..., c], c) for c in imaging]
+    reference = random_kspace(rng, COILS, SAMPLES, 4)
+    acquisitions += [line(reference[..., c - 4], c, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) for c in range(4, 8)]
+    write_raw(tmp_path / "separate.h5", acquisitions, calibration="separate")
+    write_raw(tmp_path / "embedded.h5", acquisitions, calibration="embedded")
+    expected = np.zeros_like(kspace)
+    expected[..., imaging] = kspace[..., imaging]
+    np.testing.assert_array_equal(read_ismrmrd_raw(tmp_path / "separate.h5").kspace[0], expected)
+    embedded = read_ismrmrd_raw(tmp_path / "embedded.h5").kspace[0]  # embedded reference lines fill their columns
+    assert np.abs(embedded[..., [4, 5, 7]]).min(axis=(0, 1)).all()
 
 
 def test_discarded_reversed_and_asymmetric_readouts(tmp_path):

@@ -37,6 +37,8 @@ class HeaderInfo:
         echo_time_ms: first ``sequenceParameters/TE`` in ms, if given.
         field_strength_t: ``acquisitionSystemInformation/systemFieldStrength_T`` in tesla, if given.
         trajectory: ``encoding/trajectory`` (``"cartesian"``, ``"radial"``, ``"epi"``, ...), if given.
+        calibration_mode: ``encoding/parallelImaging/calibrationMode`` (``"embedded"``, ``"separate"``, ...), if
+            given.
     """
 
     encoding_size: tuple[int, int, int]
@@ -52,6 +54,7 @@ class HeaderInfo:
     echo_time_ms: float | None = None
     field_strength_t: float | None = None
     trajectory: str | None = None
+    calibration_mode: str | None = None
 
     def metadata(self) -> dict:
         """The entries fastmri's ``SliceDataset`` puts in each sample's metadata."""
@@ -166,4 +169,5 @@ def parse_ismrmrd_header(xml: str | bytes, source: os.PathLike | str | None = No
         echo_time_ms=read.number(["sequenceParameters", "TE"], float, required=False),
         field_strength_t=read.number(["acquisitionSystemInformation", "systemFieldStrength_T"], float, required=False),
         trajectory=read.text(["encoding", "trajectory"]),
+        calibration_mode=read.text(["encoding", "parallelImaging", "calibrationMode"]),
     )

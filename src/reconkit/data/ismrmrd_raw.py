@@ -11,8 +11,10 @@ centre line lands at ``W // 2``). What else the reader does with a scanner's acq
 * Readout: ``discard_pre`` / ``discard_post`` samples are dropped; ``ACQ_IS_REVERSE`` lines are flipped; an
   asymmetric echo (``center_sample`` set and not ``samples // 2``) is zero-padded so the echo lands at ``H // 2``.
 * Parallel-imaging reference lines (``ACQ_IS_PARALLEL_CALIBRATION`` without ``_AND_IMAGING``) fill only columns
-  no imaging line covers, and only if their ``(coils, samples)`` match the imaging lines (a separate reference
-  scan with another readout is calibration data, not image data, and is left out).
+  no imaging line covers, and only if their ``(coils, samples)`` match the imaging lines and the header's
+  ``calibrationMode`` is not ``separate`` / ``external`` (a separate reference scan, e.g. a GRE scan before a TSE
+  one, known by that mode or by another readout, is calibration data of another contrast, not image data, and is
+  left out).
 * Noise, navigator, phase-correction and other non-imaging acquisitions are skipped, as are acquisitions of a
   second encoding space (``encoding_space_ref`` > 0). Unacquired columns stay zero, so an undersampled
   acquisition is recognised as such.
@@ -97,7 +99,7 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
     ]
     reference_only = [_is_reference_only(a, ismrmrd) for a in measured]
     imaging = [a for a, ref in zip(measured, reference_only) if not ref]
-    reference = [a for a, ref in zip(measured, reference_only) if ref]
+    reference = [a for a, ref in zip(measured, reference_only) if ref and header.calibration_mode not in _SEPARATE]
     if not imaging:
         raise DataError(path, "ISMRMRD file holds no imaging acquisitions")
     partitions = {a.idx.kspace_encode_step_2 for a in imaging}
@@ -133,6 +135,7 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
 
 
 _IMAGE_INDEX = ("slice", "contrast", "phase", "repetition", "set")
+_SEPARATE = ("separate", "external")  # calibration modes whose reference lines come from another scan
 
 
 def _open_read_only(ismrmrd, path: Path):
