@@ -296,6 +296,26 @@ def test_a_raw_file_held_open_elsewhere_is_still_read(tmp_path):
         assert read_ismrmrd_raw(tmp_path / "scan.h5").kspace.shape == (1, COILS, SAMPLES, WIDTH)
 
 
+def test_acquisitions_are_read_in_blocks_not_one_hdf5_read_per_line(tmp_path, monkeypatch):
+    """One HDF5 read per acquisition (``ismrmrd.Dataset.read_acquisition``) cost a few ms per line: minutes for a
+    real scan's tens of thousands of lines. The table is read a block of rows at a time."""
+    import h5py
+
+    rng = np.random.default_rng(13)
+    kspace = random_kspace(rng, 2, COILS, SAMPLES, WIDTH)
+    write_raw(tmp_path / "scan.h5", [line(kspace[s][..., c], c, slice=s) for s in range(2) for c in range(WIDTH)])
+    reads = []
+    original = h5py.Dataset.__getitem__
+
+    def counted(self, key):
+        reads.append(self.name)
+        return original(self, key)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counted)
+    np.testing.assert_array_equal(read_ismrmrd_raw(tmp_path / "scan.h5").kspace, kspace)
+    assert reads.count("/dataset/data") == 1, reads
+
+
 def test_slices_undersampled_with_different_lines_keep_their_own_sampling(tmp_path, capsys):
     """Slice 0 samples the even columns, slice 1 the odd ones (both the centre): together they cover every column,
     yet each is undersampled. Each is reconstructed with its own lines; no second mask is drawn over them."""

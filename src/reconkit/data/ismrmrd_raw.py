@@ -75,23 +75,18 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
 
     path = Path(path)
     try:
-        dataset = _open_read_only(ismrmrd, path)
-        try:
-            header = parse_ismrmrd_header(dataset.read_xml_header(), source=path)
+        with h5py.File(path, "r") as f:  # read-only: the input's modification time stays, other readers may hold it
+            group = f["dataset"]
+            header = parse_ismrmrd_header(group["xml"][0], source=path)
             if header.trajectory not in (None, "cartesian"):  # its readouts are no k-space columns
                 raise DataError(
                     path, f"{header.trajectory} trajectory is not supported: reconkit reconstructs 2D Cartesian data"
                 )
-            try:
-                count = dataset.number_of_acquisitions()
-            except LookupError:  # a header and no acquisitions at all
-                count = 0
-            acquisitions = [dataset.read_acquisition(i) for i in range(count)]
-        finally:
-            dataset.close()
+            # (no "data": a header and no acquisitions at all)
+            acquisitions = _read_acquisitions(ismrmrd, group["data"]) if "data" in group else []
     except DataError:
         raise
-    except Exception as err:  # noqa: BLE001 -- the ismrmrd package raises assorted types for damaged files
+    except Exception as err:  # noqa: BLE001 -- h5py and the ismrmrd package raise assorted types for damaged files
         raise DataError(path, f"cannot read ISMRMRD raw data ({type(err).__name__}: {err})") from None
     skip = [getattr(ismrmrd, name) for name in _SKIP_FLAGS if hasattr(ismrmrd, name)]
     measured = [  # the first encoding space only: a second one holds e.g. a separate reference scan
@@ -138,13 +133,17 @@ _IMAGE_INDEX = ("slice", "contrast", "phase", "repetition", "set")
 _SEPARATE = ("separate", "external")  # calibration modes whose reference lines come from another scan
 
 
-def _open_read_only(ismrmrd, path: Path):
-    """``ismrmrd.Dataset`` opened read-only: its ``create_if_needed=False`` means h5py's ``'r+'``, which changes the
-    input's modification time and fails while another process has the file open."""
-    try:
-        return ismrmrd.Dataset(str(path), "dataset", create_if_needed=False, mode="r")
-    except TypeError:  # an ismrmrd without the ``mode`` argument (before 1.14): read-write is all it offers
-        return ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
+def _read_acquisitions(ismrmrd, data: h5py.Dataset, block: int = 4096) -> list:
+    """Every acquisition of the ISMRMRD ``dataset/data`` table (rows of ``head``, ``traj``, ``data``), read
+    ``block`` rows per HDF5 call: ``ismrmrd.Dataset.read_acquisition`` reads one row per call, a few ms each, which
+    took minutes for a scan's tens of thousands of lines. The trajectory is not read (Cartesian data has none)."""
+    acquisitions = []
+    for start in range(0, len(data), block):
+        for row in data[start : start + block]:
+            acquisition = ismrmrd.Acquisition(row["head"])
+            acquisition.data[:] = row["data"].view(np.complex64).reshape(acquisition.data.shape)
+            acquisitions.append(acquisition)
+    return acquisitions
 
 
 def image_groups(image_index: str | None) -> list[tuple[str, list[int | None] | None]]:
