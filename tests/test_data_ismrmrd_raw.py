@@ -17,7 +17,11 @@ COILS, SAMPLES, WIDTH = 3, 16, 12
 
 
 def header_xml(
-    z: int = 1, trajectory: str = "cartesian", step_1_limits: bool = True, calibration: str | None = None
+    z: int = 1,
+    trajectory: str = "cartesian",
+    step_1_limits: bool = True,
+    calibration: str | None = None,
+    first_line: int = 0,
 ) -> str:
     def space(size):
         return x.encodingSpaceType(
@@ -26,7 +30,9 @@ def header_xml(
         )
 
     limits = x.encodingLimitsType(
-        kspace_encoding_step_1=x.limitType(minimum=0, maximum=WIDTH - 1, center=WIDTH // 2) if step_1_limits else None,
+        kspace_encoding_step_1=(
+            x.limitType(minimum=first_line, maximum=WIDTH - 1, center=WIDTH // 2) if step_1_limits else None
+        ),
         kspace_encoding_step_2=x.limitType(minimum=0, maximum=0, center=0),
     )
     parallel = None
@@ -196,6 +202,24 @@ def test_a_header_without_the_optional_step_1_limits_takes_every_encoded_line(tm
     volume = read_ismrmrd_raw(tmp_path / "raw.h5")
     np.testing.assert_array_equal(volume.kspace[0], kspace)
     assert (volume.info.header.padding_left, volume.info.header.padding_right) == (0, WIDTH)
+
+
+def test_partial_fourier_lines_numbered_in_the_full_kspace_are_acquired_from_the_minimum_on(tmp_path):
+    """A fully sampled partial-Fourier scan whose lines keep their full k-space numbers (minimum 4, maximum 11,
+    centre 6): its acquired window starts at the minimum, so it is fully sampled there (a retrospective mask is
+    drawn inside it), not "already undersampled" because of the 4 lines partial Fourier never acquires."""
+    from reconkit.inference import acquired_columns, volume_mask
+
+    rng = np.random.default_rng(14)
+    kspace = random_kspace(rng, COILS, SAMPLES, WIDTH)
+    write_raw(tmp_path / "raw.h5", [line(kspace[..., c], c) for c in range(4, WIDTH)], first_line=4)
+    volume = read_ismrmrd_raw(tmp_path / "raw.h5")
+    expected = kspace.copy()
+    expected[..., :4] = 0
+    np.testing.assert_array_equal(volume.kspace[0], expected)
+    assert acquired_columns(volume) == (4, WIDTH, None)
+    mask, retrospective = volume_mask(volume, "equispaced_fraction", 2, 0.25, seed=0)
+    assert retrospective and not mask[..., :4, :].any() and mask[..., 4:, :].any()
 
 
 @pytest.mark.parametrize("trajectory", ["radial", "spiral", "epi"])

@@ -30,6 +30,9 @@ class HeaderInfo:
         recon_fov_mm: reconstructed field of view ``(x, y, z)`` in mm.
         kspace_encoding_step_1_center: centre line index of phase-encode step 1.
         kspace_encoding_step_1_maximum: maximum line index of phase-encode step 1 (as in the XML, not +1).
+        kspace_encoding_step_1_minimum: minimum line index of phase-encode step 1 (0 if not given; more where a
+            partial-Fourier scan numbers its lines in the full k-space: its first line sits at column
+            ``padding_left + minimum``).
         padding_left: first acquired column: ``encoding_size[1] // 2 − center``.
         padding_right: one past the last acquired column: ``padding_left + maximum + 1``.
         slice_thickness_mm: reconstructed field of view along z in mm (the slice thickness of 2D acquisitions).
@@ -47,6 +50,7 @@ class HeaderInfo:
     recon_fov_mm: tuple[float, float, float]
     kspace_encoding_step_1_center: int
     kspace_encoding_step_1_maximum: int
+    kspace_encoding_step_1_minimum: int
     padding_left: int
     padding_right: int
     slice_thickness_mm: float
@@ -145,10 +149,11 @@ def parse_ismrmrd_header(xml: str | bytes, source: os.PathLike | str | None = No
     limits = ["encoding", "encodingLimits", "kspace_encoding_step_1"]
     encoding_size = read.triple([*encoded, "matrixSize"], int)
     if read.find(limits) is None:  # optional in the ISMRMRD schema: every line of the encoded matrix, centred
-        center, maximum = encoding_size[1] // 2, encoding_size[1] - 1
+        center, maximum, minimum = encoding_size[1] // 2, encoding_size[1] - 1, 0
     else:
         center = read.number([*limits, "center"], int)
         maximum = read.number([*limits, "maximum"], int)
+        minimum = read.number([*limits, "minimum"], int, required=False) or 0
     padding_left = encoding_size[1] // 2 - center
     recon_fov = read.triple([*recon, "fieldOfView_mm"], float)
     recon_size = read.triple([*recon, "matrixSize"], int)
@@ -162,6 +167,7 @@ def parse_ismrmrd_header(xml: str | bytes, source: os.PathLike | str | None = No
         recon_fov_mm=recon_fov,
         kspace_encoding_step_1_center=center,
         kspace_encoding_step_1_maximum=maximum,
+        kspace_encoding_step_1_minimum=minimum,
         padding_left=padding_left,
         padding_right=padding_left + maximum + 1,
         slice_thickness_mm=recon_fov[2],

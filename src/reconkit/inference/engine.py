@@ -303,10 +303,13 @@ def _coil_kspace(volume: Volume) -> np.ndarray:
 
 def acquired_columns(volume: Volume) -> tuple[int, int, str | None]:
     """The acquired k-space columns ``[left, right)`` from the header's encoding limits (fastMRI's ``padding_left`` /
-    ``padding_right``), and a note when those limits do not fit the file's k-space width: then the part inside
-    the width is used, or the whole width when nothing of it is left."""
+    ``padding_right``; ``left`` moved on by the ``kspace_encoding_step_1`` minimum, 0 in fastMRI files, for a
+    partial-Fourier scan that numbers its lines in the full k-space, as Gadgetron reads it), and a note when those
+    limits do not fit the file's k-space width: then the part inside the width is used, or the whole width when
+    nothing of it is left."""
     width = volume.kspace.shape[-1]
-    left, right = volume.info.header.padding_left, volume.info.header.padding_right
+    header = volume.info.header
+    left, right = header.padding_left + header.kspace_encoding_step_1_minimum, header.padding_right
     if 0 <= left < right <= width:
         return left, right, None
     fitted = max(0, min(left, width)), max(0, min(right, width))
