@@ -149,6 +149,18 @@ def test_reference_lines_of_a_separate_reference_scan_with_the_same_readout_are_
     assert np.abs(embedded[..., [4, 5, 7]]).min(axis=(0, 1)).all()
 
 
+def test_a_separate_reference_scan_numbered_beyond_the_imaging_matrix_is_left_out(tmp_path):
+    """A reference scan with another readout numbers its lines in its own matrix, here past the imaging one's
+    WIDTH columns: it is left out as calibration data, not taken for imaging lines outside the matrix."""
+    rng = np.random.default_rng(15)
+    kspace = random_kspace(rng, COILS, SAMPLES, WIDTH)
+    acquisitions = [line(kspace[..., c], c) for c in range(WIDTH)]
+    reference = random_kspace(rng, COILS, 2 * SAMPLES, WIDTH + 8)
+    acquisitions += [line(reference[..., c], c, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) for c in range(WIDTH + 8)]
+    write_raw(tmp_path / "raw.h5", acquisitions)
+    np.testing.assert_array_equal(read_ismrmrd_raw(tmp_path / "raw.h5").kspace[0], kspace)
+
+
 def test_discarded_reversed_and_asymmetric_readouts(tmp_path):
     rng = np.random.default_rng(2)
     kspace = random_kspace(rng, COILS, SAMPLES, WIDTH)

@@ -120,8 +120,10 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
         counts[image, column] += 1
     for acquisition in reference:
         line, key = _readout(acquisition, ismrmrd), _image_key(acquisition)
+        if key not in row or line.shape != (coils, samples):  # e.g. a separate reference scan, numbered its own way
+            continue
         column = _column(path, acquisition, header.padding_left, width)
-        if key in row and line.shape == (coils, samples) and counts[row[key], column] <= 0:
+        if counts[row[key], column] <= 0:
             kspace[row[key], :, :, column] += line  # a column the imaging lines left empty
             counts[row[key], column] -= 1  # negative: reference lines only
     kspace /= np.maximum(np.abs(counts), 1)[:, None, None, :]
