@@ -492,6 +492,19 @@ def test_single_coil_and_odd_sizes(tmp_path, capsys):
         assert f["reconstruction"].shape == (2, 21, 19) and np.isfinite(f["reconstruction"][()]).all()
 
 
+def test_a_drawn_mask_without_any_line_is_an_error_naming_the_file(tmp_path, capsys):
+    # 6 columns, random 4x at centre fraction 0.08: no centre line (0.48 rounds to 0) and, with seed 0, no drawn
+    # line either; the file holds data, so writing zeros as "no k-space data" would be wrong
+    rng = np.random.default_rng(5)
+    write_fastmri_file(tmp_path / "narrow.h5", rng, height=8, width=6, recon=(8, 6))
+    write_fastmri_file(tmp_path / "wide.h5", rng, height=16, width=24, recon=(8, 8))
+    code, _, err = _run(capsys, str(tmp_path), "--model", "zero-filled", "--mask-type", "random", "--seed", "0",
+                        "--output", str(tmp_path / "out"))  # fmt: skip
+    assert code == 1
+    assert f"error: {tmp_path / 'narrow.h5'}: the random mask (4x, centre fraction 0.08) samples none of the 6" in err
+    assert not (tmp_path / "out" / "h5" / "narrow.h5").exists() and (tmp_path / "out" / "h5" / "wide.h5").exists()
+
+
 def test_bad_model_and_help(tmp_path, capsys):
     rng = np.random.default_rng(5)
     write_fastmri_file(tmp_path / "a.h5", rng)

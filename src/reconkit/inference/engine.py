@@ -347,6 +347,10 @@ def volume_mask(
         ``(mask, retrospective)``: ``mask`` is ``(1, 1, 1, W, 1)``, one for every slice, or ``(slices, 1, 1, W, 1)``
         when already undersampled images differ in their sampling (e.g. the slices or contrasts of an ISMRMRD raw
         file, each undersampled with its own lines).
+
+    Raises:
+        DataError: the k-space holds no data, or the drawn mask samples none of the acquired columns (tiny widths,
+            where the centre fraction rounds to no line and no other line was drawn).
     """
     kspace = _coil_kspace(volume)
     width = kspace.shape[-1]
@@ -371,6 +375,12 @@ def volume_mask(
     )
     if mask.shape[-3] != 1:
         raise ReconkitError(f"mask type {mask_type!r} gives a 2D mask; reconstruct takes Cartesian line masks")
+    if not mask.any():  # tiny widths: no centre line and no drawn line; every slice would come out as zeros
+        raise DataError(
+            volume.info.path,
+            f"the {mask_type} mask ({acceleration}x, centre fraction {center_fraction}) samples none of the "
+            f"{right - left} acquired k-space columns; use a lower --acceleration or a larger --center-fraction",
+        )
     return mask.reshape(1, 1, 1, width, 1).numpy().astype(np.float32), True
 
 
