@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reconkit.errors import ReconkitError
 from reconkit.models import NormUnet, Unet, instance_norm_leaky_relu
 
 
@@ -77,6 +78,13 @@ def test_norm_unet_several_complex_channels_normalises_real_and_imag_groups():
 def test_norm_unet_rejects_real_input():
     with pytest.raises(ValueError, match="NormUnet"):
         NormUnet(2, 1)(torch.randn(1, 1, 16, 16, 3))
+
+
+def test_unet_names_its_minimum_size_for_too_small_images():
+    net = Unet(1, 1, chans=2, num_pool_layers=3)
+    assert net(torch.randn(1, 1, 8, 9)).shape == (1, 1, 8, 9)  # 2**3 runs
+    with pytest.raises(ReconkitError, match=r"image: 5 × 9 is smaller than the U-Net's 8 × 8 minimum \(3 pooling"):
+        net(torch.randn(1, 1, 5, 9))  # pooled to 0 rows: torch's own error named no constraint
 
 
 @pytest.mark.parametrize("batch", [1, 2])

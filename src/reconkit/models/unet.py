@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from reconkit.errors import ReconkitError
+
 __all__ = ["ConvBlock", "NormUnet", "TransposeConvBlock", "Unet", "instance_norm_leaky_relu"]
 
 
@@ -202,7 +204,7 @@ class Unet(nn.Module):
 
     H, W ≥ 2**num_pool_layers run; keep them ≥ 2**(num_pool_layers + 1): at exactly 2**num_pool_layers the
     bottleneck is one pixel, which instance norm sets to zero, so it carries nothing (fastmri 0.3.0 refuses that
-    size, in training and in eval mode). Odd sizes are handled as fastmri does (reflect pad of the upsampled features by one pixel on
+    size, in training and in eval mode); smaller ones raise ReconkitError. Odd sizes are handled as fastmri does (reflect pad of the upsampled features by one pixel on
     the right / bottom).
 
     Example:
@@ -246,7 +248,14 @@ class Unet(nn.Module):
 
         Eagerly on the CPU the activations run channels-last: oneDNN's NCHW kernels pad the channel axis to
         blocks of 16 (18 channels cost as much as 32), its channels-last kernels do not.
+
+        Raises:
+            ReconkitError: H or W is below ``2**num_pool_layers`` (pooling would leave no pixel).
         """
+        height, width, smallest = image.shape[-2], image.shape[-1], 2**self.num_pool_layers
+        if not tracing() and min(height, width) < smallest:
+            raise ReconkitError(f"image: {height} × {width} is smaller than the U-Net's {smallest} × {smallest} "
+                                f"minimum ({self.num_pool_layers} pooling levels)")  # fmt: skip
         stack = []
         channels_last = image.device.type == "cpu" and not tracing()
         output = image
