@@ -452,13 +452,27 @@ def test_names_that_differ_after_a_dot_keep_separate_outputs(tmp_path, capsys):
 
 @pytest.mark.parametrize("option,value,message", [("--center-fraction", "1.5", "center fractions must lie in [0, 1)"),
                                                    ("--acceleration", "0", "accelerations must be at least 1"),
-                                                   ("--mask-type", "spiral", "spiral not supported")])
+                                                   ("--mask-type", "spiral", "spiral not supported"),
+                                                   ("--mask-type", "variable_density",  # was drawn on a 1 x W grid
+                                                    "mask type 'variable_density' gives a 2D mask; reconstruct takes "
+                                                    "Cartesian line masks")])
 def test_bad_mask_options_are_one_error_before_any_file(tmp_path, capsys, option, value, message):
     write_fastmri_file(tmp_path / "a.h5", np.random.default_rng(7))
     code, _, err = _run(capsys, str(tmp_path / "a.h5"), "--model", "zero-filled", "--output", str(tmp_path / "out"),
                         option, value)
     assert code == 2 and f"reconkit reconstruct: mask options: {message}" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_volume_mask_refuses_a_2d_mask_type(tmp_path):
+    """It drew the 2D mask on a 1 x W grid and used that row as a line mask."""
+    from reconkit.data import read_volume
+    from reconkit.errors import ReconkitError
+    from reconkit.inference import volume_mask
+
+    write_fastmri_file(tmp_path / "a.h5", np.random.default_rng(6), height=16, width=24, recon=(8, 8))
+    with pytest.raises(ReconkitError, match="mask type 'variable_density' gives a 2D mask"):
+        volume_mask(read_volume(tmp_path / "a.h5"), "variable_density", 4, 0.08, seed=None)
 
 
 @pytest.mark.parametrize("output", ["taken", "taken/out"])

@@ -369,7 +369,7 @@ def volume_mask(
             return union.astype(np.float32).reshape(1, 1, 1, width, 1), False
         return per_image.astype(np.float32).reshape(-1, 1, 1, width, 1), False
     mask_func = create_mask_for_mask_type(mask_type, [center_fraction], [acceleration])
-    probe = torch.zeros(1, 1, 1, width, 2)  # mask functions only look at the shape
+    probe = torch.zeros(1, 1, kspace.shape[-2], width, 2)  # mask functions only look at the shape (a 2D one at H)
     _, mask, _ = apply_mask(
         probe, mask_func, seed=filename_seed(volume.info.path.name) if seed is None else seed, padding=(left, right)
     )
