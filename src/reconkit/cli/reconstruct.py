@@ -19,6 +19,7 @@ import numpy as np
 
 from reconkit.data import Volume, create_mask_for_mask_type, read_volume
 from reconkit.data.ismrmrd_raw import image_groups, is_ismrmrd_raw, read_ismrmrd_raw
+from reconkit.data.masks import LINE_MASK_TYPES
 from reconkit.data.slice_dataset import list_volume_files
 from reconkit.errors import DataError, ReconkitError
 from reconkit.inference import (
@@ -45,7 +46,6 @@ __all__ = ["expand_inputs", "main", "run", "write_outputs"]
 
 FORMATS = ("h5", "nifti", "dicom", "png")
 FORMAT_ALIASES = {"hdf5": "h5", "nii": "nifti", "dcm": "dicom"}
-LINE_MASKS = ("random", "equispaced", "equispaced_fraction", "magic", "magic_fraction")
 
 
 def _format_name(name: str) -> str:
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "equispaced_fraction, 4x, 0.08)"
     )
     mask.add_argument(
-        "--mask-type", default=None, help=", ".join(LINE_MASKS)
+        "--mask-type", default=None, help=", ".join(LINE_MASK_TYPES)
     )
     mask.add_argument("--acceleration", type=int, default=None, help="undersampling factor, e.g. 4 or 8")
     mask.add_argument("--center-fraction", type=float, default=None, help="fully sampled centre fraction, e.g. 0.08")
@@ -234,9 +234,9 @@ def _mask_options(args: argparse.Namespace, reconstructor: Reconstructor) -> dic
         create_mask_for_mask_type(options["mask_type"], [options["center_fraction"]], [options["acceleration"]])
     except ValueError as err:
         raise ReconkitError(f"mask options: {err}") from None
-    if options["mask_type"] not in LINE_MASKS:  # e.g. a model trained with 2D variable-density masks
+    if options["mask_type"] not in LINE_MASK_TYPES:  # e.g. a model trained with 2D variable-density masks
         raise ReconkitError(f"mask options: mask type {options['mask_type']!r} gives a 2D mask; reconstruct takes "
-                            f"Cartesian line masks: give --mask-type {', '.join(LINE_MASKS)}")  # fmt: skip
+                            f"Cartesian line masks: give --mask-type {', '.join(LINE_MASK_TYPES)}")  # fmt: skip
     return options
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "LINE_MASK_TYPES",
     "MASK_TYPES",
     "EquiSpacedMaskFunc",
     "EquispacedMaskFractionFunc",
@@ -375,6 +376,8 @@ MASK_TYPES = {
     "magic_fraction": MagicMaskFractionFunc,
     "variable_density": VariableDensityMaskFunc,
 }
+LINE_MASK_TYPES = tuple(name for name, family in MASK_TYPES.items() if family is not VariableDensityMaskFunc)
+"""The mask families that sample whole k-space columns (Cartesian lines); ``variable_density`` samples 2D points."""
 
 
 def create_mask_for_mask_type(
