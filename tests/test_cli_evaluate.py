@@ -194,6 +194,18 @@ def test_band_nmse_columns(tmp_path, capsys):
     assert reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--bands", "-1"]) == 2
 
 
+def test_band_mean_leaves_out_volumes_without_the_band():
+    """A tiny volume has no frequency in a narrow band (NaN there); the mean row is the mean of the volumes that
+    have the band, not NaN for every volume's sake, and NaN only where no volume has it."""
+    scores = [cli_evaluate.VolumeScore("big.h5", 4, 0.1, 30.0, 0.9, (0.01, 0.2, 0.4)),
+              cli_evaluate.VolumeScore("tiny.h5", 1, 0.3, 20.0, 0.7, (0.03, float("nan"), float("nan"))),
+              cli_evaluate.VolumeScore("mid.h5", 2, 0.2, 25.0, 0.8, (0.02, 0.4, float("nan")))]  # fmt: skip
+    mean = cli_evaluate.mean_score(scores)
+    assert mean.band_nmse == pytest.approx((0.02, 0.3, 0.4))
+    alone = cli_evaluate.mean_score(scores[1:2]).band_nmse
+    assert alone[0] == pytest.approx(0.03) and np.isnan(alone[1]) and np.isnan(alone[2])
+
+
 def test_filters_on_bad_or_unlabelled_targets(tmp_path):
     """With a filter set the target is opened for its attrs: a corrupt target is one error line naming the file
     (the other volumes are still scored) and a target without the attr is left out, not an error."""

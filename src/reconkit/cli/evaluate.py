@@ -145,7 +145,9 @@ def evaluate_directories(
 
 
 def mean_score(scores: Sequence[VolumeScore]) -> VolumeScore | None:
-    """Mean over volumes (fastMRI's reported numbers), or None for no volumes."""
+    """Mean over volumes (fastMRI's reported numbers), or None for no volumes. A band NMSE is the mean over the
+    volumes that have the band (a small matrix has no frequency in a narrow ring: NaN there, see
+    :func:`reconkit.metrics.spectral.band_nmse`), NaN only when no volume has it."""
     if not scores:
         return None
     return VolumeScore(
@@ -154,8 +156,17 @@ def mean_score(scores: Sequence[VolumeScore]) -> VolumeScore | None:
         nmse=float(np.mean([s.nmse for s in scores])),
         psnr=float(np.mean([s.psnr for s in scores])),
         ssim=float(np.mean([s.ssim for s in scores])),
-        band_nmse=tuple(np.mean([s.band_nmse for s in scores], axis=0).tolist()) if scores[0].band_nmse else (),
+        band_nmse=_mean_over_defined([s.band_nmse for s in scores]) if scores[0].band_nmse else (),
     )
+
+
+def _mean_over_defined(rows: Sequence[Sequence[float]]) -> tuple[float, ...]:
+    """Column means of ``rows`` (volumes × bands) leaving NaN entries out; NaN where a column has no number."""
+    values = np.asarray(rows, dtype=np.float64)
+    defined = ~np.isnan(values)
+    count = defined.sum(axis=0)
+    means = np.where(defined, values, 0.0).sum(axis=0) / np.maximum(count, 1)
+    return tuple(np.where(count > 0, means, np.nan).tolist())
 
 
 def write_csv(path: Path, scores: Sequence[VolumeScore]) -> None:
