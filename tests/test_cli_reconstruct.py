@@ -844,3 +844,29 @@ def test_output_into_a_closed_pipe_ends_quietly():
     finally:
         os.close(write_end)
     assert "BrokenPipeError" not in writer.stderr and "Traceback" not in writer.stderr, writer.stderr
+
+
+def test_memory_held_while_reconstructing_does_not_grow_with_the_slice_count(tmp_path):
+    """Per slice only the cropped images are kept: the cropped views of each batch's full-size images once pinned
+    them all, and among the batches' large temporaries those blocks fragmented the heap (a 64-slice 4-coil 640×368
+    file peaked at 3.2 GB instead of 1.8 GB). numpy's allocations are what ``tracemalloc`` sees."""
+    import tracemalloc
+
+    from reconkit.data import read_volume
+    from reconkit.inference import reconstruct_volume, volume_mask
+
+    reconstructor = load_reconstructor("zero-filled")
+    peaks = {}
+    for slices in (4, 32):
+        path = tmp_path / f"s{slices}.h5"
+        write_fastmri_file(path, np.random.default_rng(0), slices=slices, height=256, width=256, recon=(16, 16),
+                           single_coil=True)  # fmt: skip
+        volume = read_volume(path)
+        mask, _ = volume_mask(volume, "equispaced_fraction", 4, 0.08, 0)
+        tracemalloc.start()
+        result = reconstruct_volume(volume, reconstructor, mask, batch_size=1)
+        peaks[slices] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert result.reconstruction.shape == result.zero_filled.shape == (slices, 16, 16)
+    slice_image = 256 * 256 * 4  # one full-size float32 image
+    assert peaks[32] - peaks[4] < 2 * slice_image, peaks

@@ -410,7 +410,12 @@ def reconstruct_volume(
     num_slices, _, height, width = kspace.shape
     run, note = reconstructor.runner_for(volume.info.path, height, width)
     crop = recon_crop(volume)[0]
-    outputs, zero_filled, seconds, empty_slices = [], [], 0.0, []
+    # filled batch by batch: a list of cropped batches would keep each batch's full-size images alive (a crop is a
+    # view), and those long-lived blocks among the batches' large temporaries fragment the heap: the process then
+    # grew by several times the volume's k-space instead of by one batch
+    outputs = np.zeros((num_slices, *crop), dtype=np.float32)
+    zero_filled = np.zeros((num_slices, *crop), dtype=np.float32)
+    seconds, empty_slices = 0.0, []
     if mask.shape[0] not in (1, num_slices):
         raise ValueError(f"mask has {mask.shape[0]} slices; expected 1 or {num_slices}")
     for batch in _batches(num_slices, max(1, batch_size)):
@@ -435,8 +440,8 @@ def reconstruct_volume(
                     f"{batch.stop - 1}",
                 )
             image[holds_data] = ran
-        outputs.append(center_crop(image, crop))
-        zero_filled.append(center_crop(zero_filled_image(torch.from_numpy(masked)).numpy(), crop))
+        outputs[batch] = center_crop(image, crop)
+        zero_filled[batch] = center_crop(zero_filled_image(torch.from_numpy(masked)).numpy(), crop)
         if on_slices is not None:
             on_slices(masked.shape[0])
     target = volume.target
@@ -445,8 +450,8 @@ def reconstruct_volume(
     left, right, _ = acquired_columns(volume)
     acquired = right - left
     return VolumeResult(
-        reconstruction=np.concatenate(outputs).astype(np.float32),
-        zero_filled=np.concatenate(zero_filled).astype(np.float32),
+        reconstruction=outputs,
+        zero_filled=zero_filled,
         target=None if target is None else np.asarray(target, dtype=np.float32),
         acceleration=min(width, acquired) / max(1.0, float(mask.sum()) / mask.shape[0]),
         seconds=seconds,
