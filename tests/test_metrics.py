@@ -120,3 +120,38 @@ def test_metric_table_aggregates_volumes():
     assert summary["PSNR"][1] == pytest.approx(np.std(psnrs, ddof=1))
     assert set(summary) == {"NMSE", "PSNR", "SSIM"}
     assert "3 volumes" in table.format()
+
+
+def _ssim_under_memory_limit(gt: np.ndarray, pred: np.ndarray, extra_bytes: int) -> float | str:
+    """:func:`ssim` in a forked child whose address space may grow by at most ``extra_bytes``: the value, or the
+    error's type name when it ran out."""
+    import multiprocessing
+    import resource
+
+    def child(queue) -> None:
+        with open("/proc/self/statm") as f:
+            virtual = int(f.read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (virtual + extra_bytes, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        try:
+            queue.put(ssim(gt, pred))
+        except (MemoryError, RuntimeError) as err:  # torch reports a failed allocation as RuntimeError
+            queue.put(type(err).__name__)
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    result = queue.get(timeout=60)
+    process.join()
+    return result
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="address-space limit via /proc")
+def test_volume_ssim_memory_is_one_slice_not_the_volume():
+    """fastMRI scores a volume slice by slice; computing all slices at once held float64 convolution buffers of
+    ~100× the volume (2.8 GB for 64 slices of 320 × 320): 16 slices of 160 × 160 stay within 64 MB, as one does."""
+    rng = np.random.default_rng(0)
+    gt = rng.random((16, 160, 160))
+    pred = gt + 0.1 * rng.random(gt.shape)
+    expected = np.mean([fm_evaluate.ssim(gt[s : s + 1], pred[s : s + 1], maxval=gt.max()) for s in range(16)])
+    assert _ssim_under_memory_limit(gt, pred, 64 * 2**20) == pytest.approx(expected, abs=1e-10)
