@@ -644,3 +644,45 @@ def test_varnet_module_passes_the_sense_step_to_the_model_and_checkpoint():
     plain = VarNetModule(num_cascades=1, chans=2, pools=1, sens_chans=2, sens_pools=1)
     assert plain.model.final_dc_iters == 0 and "final_dc_iters" not in plain.model_kwargs
     assert module.model.state_dict().keys() == plain.model.state_dict().keys()  # the step has no weights
+
+
+def test_prediction_writer_writes_each_volume_when_its_slices_are_done(tmp_path):
+    """``train predict`` held every predicted slice of the split until the end of the pass (twice: Lightning's
+    returned predictions too), so its memory grew with the whole test set; a volume is now written, and dropped,
+    as soon as its last slice arrives, and the CLI asks Lightning not to keep the outputs."""
+    from types import SimpleNamespace
+
+    from reconkit.training.cli import ReconLightningCLI
+    from reconkit.training.predictions import PredictionWriter
+
+    writer = PredictionWriter(str(tmp_path))
+    dataset = SimpleNamespace(num_slices={Path("data/a.h5"): 3, Path("data/b.h5"): 2})
+    trainer = SimpleNamespace(predict_dataloaders=SimpleNamespace(dataset=dataset), world_size=1, is_global_zero=True)
+    writer.on_predict_epoch_start(trainer, None)
+    batches = [(["a.h5", "a.h5"], [0, 1]), (["a.h5", "b.h5"], [2, 0]), (["b.h5"], [1])]
+    for index, (fnames, slice_nums) in enumerate(batches):
+        outputs = {"fname": fnames, "slice_num": torch.tensor(slice_nums),
+                   "output": torch.stack([torch.full((4, 3), float(10 * (f == "b.h5") + s)) for f, s in
+                                          zip(fnames, slice_nums)])}  # fmt: skip
+        writer.on_predict_batch_end(trainer, None, outputs, None, index)
+        assert (tmp_path / "a.h5").exists() == (index >= 1) and (tmp_path / "b.h5").exists() == (index == 2)
+        assert set(writer._slices) == [{"a.h5"}, {"b.h5"}, set()][index]  # written volumes are not kept
+    writer.on_predict_epoch_end(trainer, None)
+    for name, offset in (("a.h5", 0), ("b.h5", 10)):
+        with h5py.File(tmp_path / name) as f:
+            volume = f["reconstruction"][()]
+        np.testing.assert_array_equal(volume[:, 0, 0], offset + np.arange(len(volume)))
+    assert [p.name for p in writer.written] == ["a.h5", "b.h5"]
+
+    cli = ReconLightningCLI.__new__(ReconLightningCLI)  # the predict default, without building a trainer
+    cli.subcommand, cli.trainer_defaults = "predict", {"callbacks": []}
+    config = SimpleNamespace(trainer=SimpleNamespace(enable_progress_bar=None, default_root_dir=str(tmp_path),
+                                                     check_val_every_n_epoch=1, logger=False),
+                             checkpoint=SimpleNamespace(dirpath="c"),
+                             last_checkpoint=SimpleNamespace(dirpath="c", save_on_train_epoch_end=None),
+                             diagnostics=SimpleNamespace(dirpath="d"), predictions=SimpleNamespace(dirpath="p"),
+                             return_predictions=None)  # fmt: skip
+    config.get = lambda key, default=None: getattr(config, key, default)
+    cli.config = {"predict": config}
+    cli.before_instantiate_classes()
+    assert config.return_predictions is False

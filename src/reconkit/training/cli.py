@@ -110,7 +110,9 @@ class ReconLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Defaults that depend on ``trainer.default_root_dir``: loggers (unless the config names some) and the
         checkpoint folder (unless ``checkpoint.dirpath`` is set), fixed so that ``--ckpt_path last`` finds it.
-        ``--trainer.enable_progress_bar false`` drops the default progress bar (Lightning refuses the pair)."""
+        ``--trainer.enable_progress_bar false`` drops the default progress bar (Lightning refuses the pair).
+        ``predict`` defaults to ``--return_predictions false``: :class:`PredictionWriter` writes the volumes, and
+        Lightning's list of every batch's output would grow with the whole split."""
         config = self.config.get(str(self.subcommand), self.config)
         if config.trainer.enable_progress_bar is False:
             self.trainer_defaults["callbacks"] = [
@@ -130,6 +132,8 @@ class ReconLightningCLI(LightningCLI):
             config.diagnostics.dirpath = f"{root}/diagnostics"
         if config.predictions.dirpath is None:
             config.predictions.dirpath = f"{root}/predictions"
+        if self.subcommand == "predict" and config.get("return_predictions") is None:
+            config.return_predictions = False  # the files are the result: Lightning would keep every batch's output
         if config.trainer.logger in (None, True):
             config.trainer.logger = [
                 Namespace(class_path=cls, init_args=Namespace(save_dir=root, name=name))

@@ -1,10 +1,11 @@
 """``reconkit train predict`` output: one fastMRI submission file per volume.
 
 :class:`PredictionWriter` collects the ``predict_step`` outputs (``fname``, ``slice_num``, ``output`` ``(B, h, w)``)
-and, at the end of the pass, writes ``<dirpath>/<file name>`` with a float32 ``reconstruction`` ``(slices, h, w)``
-in slice order, cropped to the recon size: the layout fastMRI's evaluation and ``reconkit evaluate`` read. Under DDP
-the slices of a volume may come from several ranks; rank 0 gathers them and writes. Each file is written
-atomically.
+and writes ``<dirpath>/<file name>`` with a float32 ``reconstruction`` ``(slices, h, w)`` in slice order, cropped to
+the recon size: the layout fastMRI's evaluation and ``reconkit evaluate`` read. In one process a volume is written
+as soon as all its slices are predicted, so memory holds the volumes in progress, not the whole split. Under DDP the
+slices of a volume may come from several ranks; rank 0 gathers them at the end of the pass and writes. Volumes left
+incomplete (a pass cut short) are written at the end with what was predicted. Each file is written atomically.
 """
 
 from __future__ import annotations
@@ -47,8 +48,15 @@ class PredictionWriter(Callback):
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
         images = outputs["output"].float().cpu().numpy()
+        names = set()
         for fname, slice_num, image in zip(outputs["fname"], outputs["slice_num"].tolist(), images):
-            self._slices.setdefault(Path(fname).name, {})[int(slice_num)] = image
+            names.add(Path(fname).name)
+            self._slices.setdefault(Path(fname).name, {})[int(slice_num)] = image.copy()  # not a view of the batch
+        if trainer.world_size > 1:  # other ranks hold slices of the same volumes: written at the end of the pass
+            return
+        for name in sorted(names):
+            if sorted(self._slices[name]) == list(range(self._file_slices.get(name, -1))):
+                self._write(name, self._slices.pop(name))
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         volumes = self._slices
@@ -63,14 +71,21 @@ class PredictionWriter(Callback):
             return
         if self.dirpath is None:
             raise ValueError("PredictionWriter: dirpath is not set")
-        folder = Path(self.dirpath)
         for name, slices in sorted(volumes.items()):
-            order = sorted(slices)
-            expected = self._file_slices.get(name, len(order))
-            if order != list(range(expected)):
-                logger.warning("%s: %d of the file's %d slices were predicted (%s); the written volume holds only "
-                               "those (limit_predict_batches or a slice sample rate cut the pass short)", name,
-                               len(order), expected, ", ".join(map(str, order)))
-            self.written.append(write_fastmri_h5(folder / name, np.stack([slices[i] for i in order])))
+            self._write(name, slices)
+        self._slices = {}
+        folder = Path(self.dirpath)
         logger.info("wrote %d predicted volume(s) to %s", len(self.written), folder)
         print(f"reconkit train predict: wrote {len(self.written)} volume(s) to {folder}/ (fastMRI submission layout)")
+
+    def _write(self, name: str, slices: dict[int, np.ndarray]) -> None:
+        """Write one volume from its predicted ``{slice_num: (h, w) image}``, warning when slices are missing."""
+        if self.dirpath is None:
+            raise ValueError("PredictionWriter: dirpath is not set")
+        order = sorted(slices)
+        expected = self._file_slices.get(name, len(order))
+        if order != list(range(expected)):
+            logger.warning("%s: %d of the file's %d slices were predicted (%s); the written volume holds only "
+                           "those (limit_predict_batches or a slice sample rate cut the pass short)", name,
+                           len(order), expected, ", ".join(map(str, order)))
+        self.written.append(write_fastmri_h5(Path(self.dirpath) / name, np.stack([slices[i] for i in order])))
