@@ -628,6 +628,31 @@ def test_request_size_limit_413(repository):
         assert post(url, "/v2/models/recon/infer", body, headers)[0] == 200
 
 
+def test_a_request_body_is_freed_when_its_request_ends(server):
+    """The end of the body stream (a StopAsyncIteration through ``asyncio.wait_for``) left the reading frame, with
+    the body twice (its chunks and their join), in a reference cycle: each request's body stayed in memory until
+    Python's cyclic GC ran (``reconkit serve``: +95 MB per 46 MiB request, 1.26 GB after 14). With the GC off,
+    three requests in a row leave less than one and a half bodies behind (the server keeps at most its last one)."""
+    import gc
+    import tracemalloc
+
+    url, _ = server
+    kspace = np.random.default_rng(0).standard_normal((1, 4, 256, 256, 2)).astype(np.float32)  # 2 MiB
+    body, headers = binary_body(kspace, np.ones((1, 1, 1, 256, 1), np.float32))
+    assert post(url, "/v2/models/recon/infer", body, headers)[0] == 200  # first-use allocations happen here
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        statuses = [post(url, "/v2/models/recon/infer", body, headers)[0] for _ in range(3)]
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert statuses == [200] * 3 and held < 1.5 * len(body), held
+
+
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
 def test_compressed_request_bodies_equal_plain_ones(server, direct, algorithm):
     url, _ = server

@@ -116,7 +116,10 @@ async def _read_body(request: Request, limit: int, pause_s: float) -> bytes:
             allowed = started + pause_s + size / MIN_BODY_RATE - time.monotonic()  # the minimum average rate
             try:
                 chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, min(pause_s, allowed)))
-            except StopAsyncIteration:
+            except StopAsyncIteration as end:
+                # its traceback holds this frame (chunks, body) in a reference cycle with wait_for's task: without
+                # this, every request's body stayed in memory until Python's cyclic GC happened to run
+                end.__traceback__ = None
                 break
             except asyncio.TimeoutError:
                 if allowed < pause_s:
