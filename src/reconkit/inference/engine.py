@@ -359,7 +359,8 @@ def volume_mask(
         per_image = (np.asarray(volume.mask, dtype=np.float32) != 0)[None]
         per_image[:, :left], per_image[:, right:] = False, False
     else:
-        per_image = np.abs(kspace).reshape(kspace.shape[0], -1, width).max(axis=1) > 0  # (slices, W)
+        # image by image: np.abs of the whole volume would hold another half of its k-space
+        per_image = np.stack([np.abs(image).reshape(-1, width).max(axis=0) > 0 for image in kspace])  # (slices, W)
     with_data = per_image[per_image.any(axis=1)]  # the images that hold data
     if not len(with_data):
         raise DataError(volume.info.path, "k-space holds no data (every column is zero)")
