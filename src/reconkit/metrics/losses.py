@@ -24,7 +24,7 @@ def ssim_map(
     x: torch.Tensor,
     y: torch.Tensor,
     data_range: torch.Tensor,
-    window: torch.Tensor,
+    window: torch.Tensor | int,
     k1: float = 0.01,
     k2: float = 0.03,
 ) -> torch.Tensor:
@@ -33,13 +33,15 @@ def ssim_map(
     Args:
         x, y: images ``(B, 1, H, W)``, same dtype (x and y enter symmetrically).
         data_range: ``(B,)`` dynamic range ``L`` per image (fastMRI uses the target volume's maximum).
-        window: ``(1, 1, w, w)`` averaging kernel summing to 1.
+        window: ``(1, 1, w, w)`` averaging kernel summing to 1, or ``w`` for the uniform ``w × w`` window computed
+            as a box mean (same values; in float64 on the CPU far faster than a convolution, which unfolds every
+            window).
         k1, k2: SSIM stabilisation constants.
 
     Returns:
         ``(B, 1, H − w + 1, W − w + 1)`` SSIM values (1 where ``x == y``).
     """
-    win_size = window.shape[-1]
+    win_size = window if isinstance(window, int) else window.shape[-1]
     if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 1:
         raise ValueError(
             f"ssim: expected two (B, 1, H, W) images of one shape; got {tuple(x.shape)} and {tuple(y.shape)}"
@@ -51,11 +53,14 @@ def ssim_map(
     data_range = data_range.to(x.dtype).reshape(-1, 1, 1, 1)
     c1 = (k1 * data_range) ** 2
     c2 = (k2 * data_range) ** 2
-    ux = F.conv2d(x, window)
-    uy = F.conv2d(y, window)
-    uxx = F.conv2d(x * x, window)
-    uyy = F.conv2d(y * y, window)
-    uxy = F.conv2d(x * y, window)
+
+    def local_mean(image: torch.Tensor) -> torch.Tensor:
+        if isinstance(window, int):
+            return F.avg_pool2d(image, win_size, stride=1)
+        return F.conv2d(image, window)
+
+    ux, uy = local_mean(x), local_mean(y)
+    uxx, uyy, uxy = local_mean(x * x), local_mean(y * y), local_mean(x * y)
     vx = cov_norm * (uxx - ux * ux)
     vy = cov_norm * (uyy - uy * uy)
     vxy = cov_norm * (uxy - ux * uy)
