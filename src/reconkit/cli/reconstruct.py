@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=("torch", "onnx"), default=None, help="default: onnx for .onnx files, else torch"
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
-    parser.add_argument("--batch-size", type=int, default=4, help="slices per model call (default 4)")
+    parser.add_argument("--batch-size", type=int, default=4, help="slices per model call (default 4); memory grows with it (lower it for many coils or large matrices)")
     parser.add_argument(
         "--no-torch-fallback",
         dest="torch_fallback",
