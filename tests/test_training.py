@@ -209,6 +209,20 @@ def test_cli_fit_of_a_kspace_model_in_true_half_precision_is_a_one_line_error(pr
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("model", ["UnetModule", "VitModule"])
+def test_cli_fit_of_an_image_model_behind_the_front_end_in_true_half_precision_is_a_one_line_error(
+        model, sim_root, tmp_path, capsys):
+    """Was 'Input type (float) and bias type (c10::BFloat16) should be the same' from the model's first layer: the
+    zero-filled front end's FFTs give float32 images (data.transform varnet, the ViT config's default)."""
+    code = main(["fit", "--data.data_path", str(sim_root), "--model", f"reconkit.training.{model}",
+                 "--data.transform", "varnet", "--trainer.accelerator", "cpu", "--trainer.max_steps", "1",
+                 "--trainer.precision", "bf16-true", "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--data.num_workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--trainer.precision bf16-true" in err and "data.transform unet" in err, err
+    assert "Traceback" not in err
+
+
 def test_cli_fit_with_checkpointing_off_writes_no_checkpoint(sim_root, tmp_path, capsys):
     """Was Lightning's 'enable_checkpointing=False but found ModelCheckpoint' traceback."""
     code = main(["fit", "--data.data_path", str(sim_root), "--model", "reconkit.training.VarNetModule",

@@ -53,10 +53,7 @@ class KspaceModule(ReconModule):
     def setup(self, stage: str) -> None:
         """Refuse half-precision weights: the FFTs and data consistency run in float32 (the ops promote half input),
         so under ``bf16-true`` / ``16-true`` half weights would meet float32 activations."""
-        precision = str(getattr(self.trainer, "precision", ""))
-        if precision in ("bf16-true", "16-true"):
-            raise ConfigError(f"--trainer.precision {precision}: {type(self).__name__} keeps its FFTs in float32, so "
-                              "its weights cannot be half precision; use bf16-mixed or 16-mixed")
+        refuse_half_weights(self, "keeps its FFTs in float32")
 
     def forward(self, masked_kspace, mask, num_low_frequencies=None):
         """``(B, C, H, W, 2)`` k-space and ``(B, 1, 1, W, 1)`` mask -> ``(B, H, W)`` magnitude image."""
@@ -67,6 +64,15 @@ class KspaceModule(ReconModule):
         output = self(*with_coil_axis(batch.masked_kspace, batch.mask),
                       batch_num_low_frequencies(batch.num_low_frequencies))
         return cropped_images(output, batch)
+
+
+def refuse_half_weights(module: ReconModule, reason: str, alternative: str = "") -> None:
+    """Raise a :class:`ConfigError` when ``module``'s trainer runs ``bf16-true`` / ``16-true`` (half-precision
+    weights), which the float32 activations of ``reason`` would meet; ``alternative`` is a further way out."""
+    precision = str(getattr(module.trainer, "precision", ""))
+    if precision in ("bf16-true", "16-true"):
+        raise ConfigError(f"--trainer.precision {precision}: {type(module).__name__} {reason}, so its weights cannot "
+                          f"be half precision; use bf16-mixed or 16-mixed{alternative}")
 
 
 def with_coil_axis(masked_kspace: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,6 +175,13 @@ class ImageModule(ReconModule):
         self.model_type = model_type
         self.model_kwargs = model_kwargs
         self.model = build_model(self.model_type, **self.model_kwargs)
+
+    def setup(self, stage: str) -> None:
+        """Refuse half-precision weights behind the zero-filled front end (``data.transform varnet``): its FFTs give
+        float32 images (fastMRI's recipe, ``data.transform unet``, feeds the model the batch's own image)."""
+        if getattr(getattr(self.trainer, "datamodule", None), "transform", None) == "varnet":
+            refuse_half_weights(self, "runs behind the zero-filled front end (data.transform varnet), whose FFTs "
+                                "give float32 images", " (or data.transform unet)")
 
     def forward(self, image):
         """``(B, h, w)`` normalised image -> ``(B, h, w)`` normalised reconstruction."""
