@@ -160,6 +160,21 @@ def test_cli_last_checkpoint_follows_epochs_after_the_last_validation(tmp_path, 
     assert (checkpoint["epoch"], checkpoint["global_step"]) == (2, 3)
 
 
+def test_cli_run_from_the_saved_config_with_another_root_writes_there(tmp_path, tiny_varnet_config):
+    """The config.yaml saved with the logs held the folders derived from the first run's default_root_dir, so a
+    run from it with another --trainer.default_root_dir overwrote the first run's last.ckpt and logged into it."""
+    limits = ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]
+    assert main(["fit", "--config", str(tiny_varnet_config), *limits]) == 0
+    first = tmp_path / "run"
+    saved = first / "tensorboard" / "version_0" / "config.yaml"
+    last = (first / "checkpoints" / "last.ckpt").read_bytes()
+    assert main(["fit", "--config", str(saved), "--trainer.default_root_dir", str(tmp_path / "second"), *limits]) == 0
+    assert (first / "checkpoints" / "last.ckpt").read_bytes() == last
+    assert not (first / "tensorboard" / "version_1").exists() and not (first / "csv" / "version_1").exists()
+    assert (tmp_path / "second" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "second" / "tensorboard" / "version_0" / "config.yaml").is_file()
+
+
 def test_cli_reports_missing_split_folder_in_one_line(tmp_path, capsys):
     (tmp_path / "train").mkdir()
     code = main(["fit", "--data.data_path", str(tmp_path), "--model", "reconkit.training.VarNetModule",

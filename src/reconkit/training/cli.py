@@ -22,7 +22,7 @@ import torch.distributed
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from reconkit.errors import ConfigError, ReconkitWarning
 from reconkit.training.base import ReconModule
@@ -114,6 +114,9 @@ class ReconLightningCLI(LightningCLI):
         ``predict`` defaults to ``--return_predictions false``: :class:`PredictionWriter` writes the volumes, and
         Lightning's list of every batch's output would grow with the whole split."""
         config = self.config.get(str(self.subcommand), self.config)
+        # the config.yaml saved next to the logs keeps these defaults unset, so that a run from it with another
+        # --trainer.default_root_dir writes there instead of over the first run's checkpoints and logs
+        self._config_as_given = copy.deepcopy(config)
         if config.trainer.enable_progress_bar is False:
             self.trainer_defaults["callbacks"] = [
                 callback for callback in self.trainer_defaults["callbacks"] if not isinstance(callback, RichProgressBar)
@@ -142,10 +145,16 @@ class ReconLightningCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """``--trainer.enable_checkpointing false`` leaves out the ``checkpoint`` / ``last_checkpoint`` callbacks
-        (Lightning refuses a ModelCheckpoint callback with it)."""
+        (Lightning refuses a ModelCheckpoint callback with it). The ``config.yaml`` that Lightning saves with the logs
+        is the configuration as given, without the folders :meth:`before_instantiate_classes` derives from
+        ``trainer.default_root_dir``."""
         if config.get("enable_checkpointing") is False:
             callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        for callback in trainer.callbacks:
+            if isinstance(callback, SaveConfigCallback):
+                callback.config = self._config_as_given
+        return trainer
 
 
 def run_cli(args: Sequence[str] | None = None, run: bool = True) -> ReconLightningCLI:
