@@ -175,6 +175,21 @@ def test_cli_run_from_the_saved_config_with_another_root_writes_there(tmp_path, 
     assert (tmp_path / "second" / "tensorboard" / "version_0" / "config.yaml").is_file()
 
 
+@pytest.mark.parametrize("ckpt_path", ["last", "file"])
+def test_cli_truncated_checkpoint_is_a_one_line_error_naming_it(ckpt_path, tmp_path, tiny_varnet_config, capsys):
+    """Was torch's 'OSError: [Errno 22] Invalid argument' traceback (a checkpoint whose copy was cut short)."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, checkpoint)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
+    subcommand = "fit" if ckpt_path == "last" else "test"
+    code = main([subcommand, "--config", str(tiny_varnet_config), "--ckpt_path",
+                 ckpt_path if ckpt_path == "last" else str(checkpoint)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"reconkit train: {checkpoint}: not a readable PyTorch checkpoint" in err, err
+    assert "Traceback" not in err
+
+
 def test_cli_reports_missing_split_folder_in_one_line(tmp_path, capsys):
     (tmp_path / "train").mkdir()
     code = main(["fit", "--data.data_path", str(tmp_path), "--model", "reconkit.training.VarNetModule",

@@ -13,6 +13,7 @@ from reconkit.models.registry import (
     CheckpointError,
     ModelConfigError,
     build_model,
+    check_checkpoint_file,
     load_model,
     save_model,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "ZeroFilled",
     "ZeroFilledFrontEnd",
     "build_model",
+    "check_checkpoint_file",
     "contract_model",
     "instance_norm_leaky_relu",
     "load_model",

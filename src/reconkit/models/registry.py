@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from reconkit.models.unet import Unet
 from reconkit.models.varnet import VarNet
 from reconkit.models.vit import VisionTransformer
 
-__all__ = ["MODEL_TYPES", "CheckpointError", "ModelConfigError", "build_model", "load_model", "save_model"]
+__all__ = ["MODEL_TYPES", "CheckpointError", "ModelConfigError", "build_model", "check_checkpoint_file", "load_model",
+           "save_model"]
 
 MODEL_TYPES: dict[str, Callable[..., nn.Module]] = {
     "varnet": VarNet,
@@ -108,10 +110,22 @@ def _check_file_kind(path: Path) -> None:
     raise CheckpointError(path, "not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
 
 
-def _read_checkpoint(path: Path) -> dict:
+def check_checkpoint_file(path: os.PathLike | str) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` when it is missing, not a ``torch.save`` file, or a zip archive
+    cut short (an interrupted copy or a full disk), without loading it: only the archive's directory is read."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "file not found" if not path.exists() else "is not a regular file")
     _check_file_kind(path)
+    with path.open("rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    if zipped and not zipfile.is_zipfile(path):
+        raise CheckpointError(path, "not a readable PyTorch checkpoint (corrupt or truncated?): the zip archive has no "
+                                "end (its central directory is missing)")
+
+
+def _read_checkpoint(path: Path) -> dict:
+    check_checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -16,6 +16,7 @@ import argparse
 import copy
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch.distributed
@@ -25,6 +26,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from reconkit.errors import ConfigError, ReconkitWarning
+from reconkit.models import check_checkpoint_file
 from reconkit.training.base import ReconModule
 from reconkit.training.datamodule import FastMriDataModule
 from reconkit.training.diagnostics import TrainingDiagnostics
@@ -80,17 +82,19 @@ class ReconLightningCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning's LightningCLI replaces the model's configuration by the hyperparameters stored in a
         ``--ckpt_path`` file (not for ``--ckpt_path last``), silently overriding ``--model`` and ``--model.*``.
-        Refuse a checkpoint of another module class than the configuration names, and warn which configured
-        model arguments the checkpoint's values replace."""
+        Refuse a checkpoint of another module class than the configuration names (or a truncated file), and warn
+        which configured model arguments the checkpoint's values replace."""
         subcommand = self.config.get("subcommand")
         section = self.config.get(subcommand) if subcommand else None
         before = copy.deepcopy(section.get("model")) if section is not None else None
+        ckpt_path = section.get("ckpt_path") if section is not None else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint_file(ckpt_path)  # a cut-short file: one line naming it, not torch's OSError traceback
         super()._parse_ckpt_path()
         section = self.config.get(subcommand) if subcommand else None
         after = section.get("model") if section is not None else None
         if before is None or after is None or before == after:
             return
-        ckpt_path = section.get("ckpt_path")
         before_class, after_class = before.get("class_path"), after.get("class_path")
         if before_class != after_class:
             raise ConfigError(f"--ckpt_path {ckpt_path} holds a {after_class} but the configuration (--model / "
@@ -126,6 +130,9 @@ class ReconLightningCLI(LightningCLI):
             config.checkpoint.dirpath = f"{root}/checkpoints"
         if config.last_checkpoint.dirpath is None:
             config.last_checkpoint.dirpath = config.checkpoint.dirpath
+        last = Path(config.last_checkpoint.dirpath) / f"{config.last_checkpoint.filename}.ckpt"
+        if config.get("ckpt_path") == "last" and last.is_file():
+            check_checkpoint_file(last)  # the file Lightning resumes from: a cut-short one is named in one line
         if config.last_checkpoint.save_on_train_epoch_end is None and config.trainer.check_val_every_n_epoch not in (
                 None, 1):
             # Lightning's ModelCheckpoint then saves only after a validation, so the epochs after the last validated
