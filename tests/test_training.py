@@ -190,6 +190,19 @@ def test_cli_truncated_checkpoint_is_a_one_line_error_naming_it(ckpt_path, tmp_p
     assert "Traceback" not in err
 
 
+def test_cli_ckpt_path_best_is_a_one_line_error_naming_the_checkpoints(tmp_path, tiny_varnet_config, capsys):
+    """Was Lightning's traceback saying ModelCheckpoint is 'not configured to save the best model' (it is, but only
+    the process that ran the fit knows which file is best)."""
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "best-epoch001-val_ssim0.5000.ckpt").write_bytes(b"")
+    (folder / "last.ckpt").write_bytes(b"")
+    code = main(["test", "--config", str(tiny_varnet_config), "--ckpt_path", "best"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--ckpt_path best" in err and f"({folder / 'best-epoch001-val_ssim0.5000.ckpt'})" in err, err
+    assert "Traceback" not in err
+
+
 def test_cli_reports_missing_split_folder_in_one_line(tmp_path, capsys):
     (tmp_path / "train").mkdir()
     code = main(["fit", "--data.data_path", str(tmp_path), "--model", "reconkit.training.VarNetModule",

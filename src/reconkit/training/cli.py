@@ -113,7 +113,9 @@ class ReconLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Defaults that depend on ``trainer.default_root_dir``: loggers (unless the config names some) and the
-        checkpoint folder (unless ``checkpoint.dirpath`` is set), fixed so that ``--ckpt_path last`` finds it.
+        checkpoint folder (unless ``checkpoint.dirpath`` is set), fixed so that ``--ckpt_path last`` finds it
+        (``--ckpt_path best``, which Lightning resolves only after a fit in the same process, is refused naming the
+        files there).
         ``--trainer.enable_progress_bar false`` drops the default progress bar (Lightning refuses the pair).
         ``predict`` defaults to ``--return_predictions false``: :class:`PredictionWriter` writes the volumes, and
         Lightning's list of every batch's output would grow with the whole split."""
@@ -133,6 +135,11 @@ class ReconLightningCLI(LightningCLI):
         last = Path(config.last_checkpoint.dirpath) / f"{config.last_checkpoint.filename}.ckpt"
         if config.get("ckpt_path") == "last" and last.is_file():
             check_checkpoint_file(last)  # the file Lightning resumes from: a cut-short one is named in one line
+        if config.get("ckpt_path") == "best":  # Lightning's "best" is only known in the process that ran the fit
+            found = sorted(str(path) for path in Path(config.checkpoint.dirpath).glob("*.ckpt") if path != last)
+            raise ConfigError("--ckpt_path best names the best checkpoint of a fit run in the same process, which a "
+                              "`reconkit train` command is not: pass the checkpoint file" +
+                              (f" ({', '.join(found)})" if found else f" (none in {config.checkpoint.dirpath})"))
         if config.last_checkpoint.save_on_train_epoch_end is None and config.trainer.check_val_every_n_epoch not in (
                 None, 1):
             # Lightning's ModelCheckpoint then saves only after a validation, so the epochs after the last validated
