@@ -203,6 +203,19 @@ def test_cli_ckpt_path_best_is_a_one_line_error_naming_the_checkpoints(tmp_path,
     assert "Traceback" not in err
 
 
+def test_cli_last_checkpoint_of_another_model_size_is_a_one_line_error(tmp_path, tiny_varnet_config, capsys):
+    """``--ckpt_path last`` builds the model from the configuration; other sizes were torch's traceback listing every
+    size mismatch."""
+    limits = ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]
+    assert main(["fit", "--config", str(tiny_varnet_config), *limits]) == 0
+    capsys.readouterr()
+    code = main(["validate", "--config", str(tiny_varnet_config), "--ckpt_path", "last", "--model.chans", "6", *limits])
+    err = capsys.readouterr().err
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert code == 1 and f"reconkit train: --ckpt_path {last}: its weights do not fit the configured VarNetModule" in err
+    assert "differ in shape" in err and "Traceback" not in err, err
+
+
 def test_cli_reports_missing_split_folder_in_one_line(tmp_path, capsys):
     (tmp_path / "train").mkdir()
     code = main(["fit", "--data.data_path", str(tmp_path), "--model", "reconkit.training.VarNetModule",

@@ -247,6 +247,25 @@ class ReconModule(LightningModule):
             "normalization": self.normalization,
         }
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse weights that do not fit this module's model (``--ckpt_path last`` builds the model from the
+        configuration, not from the checkpoint) with one line naming the checkpoint and the tensors, instead of
+        torch's list of every size mismatch."""
+        stored = {name: tuple(value.shape) for name, value in checkpoint.get("state_dict", {}).items()}
+        own = {name: tuple(value.shape) for name, value in self.state_dict().items()}
+        differ = [f"{name} {list(stored[name])} (checkpoint) vs {list(own[name])}" for name in own
+                  if name in stored and stored[name] != own[name]]
+        missing, unexpected = sorted(set(own) - set(stored)), sorted(set(stored) - set(own))
+        if not differ and not missing and not unexpected:
+            return
+        problems = [f"{len(names)} {what}, e.g. {names[0]}" for names, what in (
+            (differ, "tensors differ in shape"), (missing, "are missing"), (unexpected, "are not in the model"))
+            if names]
+        raise ConfigError(f"--ckpt_path {self.trainer.ckpt_path}: its weights do not fit the configured "
+                          f"{type(self).__name__} ({'; '.join(problems)}): configure the model as the run that wrote "
+                          "it, or pass the checkpoint file itself as --ckpt_path (its stored model arguments are "
+                          "then used)")
+
     def _mask_info(self) -> dict[str, Any]:
         """The training data's mask settings (from the attached datamodule; ``None`` values without one)."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
