@@ -749,7 +749,7 @@ def test_prediction_writer_writes_each_volume_when_its_slices_are_done(tmp_path)
     config = SimpleNamespace(trainer=SimpleNamespace(enable_progress_bar=None, default_root_dir=str(tmp_path),
                                                      check_val_every_n_epoch=1, logger=False),
                              checkpoint=SimpleNamespace(dirpath="c"),
-                             last_checkpoint=SimpleNamespace(dirpath="c", save_on_train_epoch_end=None),
+                             last_checkpoint=SimpleNamespace(dirpath="c", filename="last", save_on_train_epoch_end=None),
                              diagnostics=SimpleNamespace(dirpath="d"), predictions=SimpleNamespace(dirpath="p"),
                              return_predictions=None)  # fmt: skip
     config.get = lambda key, default=None: getattr(config, key, default)

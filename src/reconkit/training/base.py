@@ -256,12 +256,15 @@ class ReconModule(LightningModule):
         differ = [f"{name} {list(stored[name])} (checkpoint) vs {list(own[name])}" for name in own
                   if name in stored and stored[name] != own[name]]
         missing, unexpected = sorted(set(own) - set(stored)), sorted(set(stored) - set(own))
+        if self._trainer is None or not self.strict_loading:  # load_from_checkpoint(strict=False) may drop keys
+            missing, unexpected = [], []
         if not differ and not missing and not unexpected:
             return
         problems = [f"{len(names)} {what}, e.g. {names[0]}" for names, what in (
             (differ, "tensors differ in shape"), (missing, "are missing"), (unexpected, "are not in the model"))
             if names]
-        raise ConfigError(f"--ckpt_path {self.trainer.ckpt_path}: its weights do not fit the configured "
+        source = f"--ckpt_path {self._trainer.ckpt_path}" if self._trainer is not None else "the checkpoint"
+        raise ConfigError(f"{source}: its weights do not fit the configured "
                           f"{type(self).__name__} ({'; '.join(problems)}): configure the model as the run that wrote "
                           "it, or pass the checkpoint file itself as --ckpt_path (its stored model arguments are "
                           "then used)")
