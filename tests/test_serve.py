@@ -320,6 +320,7 @@ def _bad_requests() -> list[tuple[str, object, str]]:
     return [
         ("not json", b"{", "not valid JSON"),
         ("deep json", b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        ("5000-digit number", b'{"inputs": [], "id": ' + b"9" * 5000 + b"}", "not valid JSON"),  # int() refuses it
         ("not an object", b"[1, 2]", "must be a JSON object"),
         ("no inputs", {"inputs": []}, "'inputs' must be a non-empty list"),
         ("unknown tensor", unknown, "unknown input tensor 'extra'"),
@@ -1101,7 +1102,7 @@ def test_grpc_typed_contents_equal_rest(grpc_server, direct):
     assert grpc_call(address, "ServerMetadata", MESSAGES["ServerMetadataRequest"]()).name == "reconkit"
 
 
-_JSON_ONLY = {"not json", "deep json", "not an object", "data type", "numeric strings", "booleans", "nulls",
+_JSON_ONLY = {"not json", "deep json", "5000-digit number", "not an object", "data type", "numeric strings", "booleans", "nulls",
               "beyond fp32", "zero-size shape", "binary flag text", "request flag text",
               "output name not a string", "id not a string"}  # no gRPC counterpart (its names and id are strings)
 _GRPC_MESSAGES = {"data length": "input 'mask': contents.fp32_contents holds 6 values, shape [1, 1, 1, 7, 1] needs 7"}

@@ -99,7 +99,7 @@ def parse_header_outcome(json_part: bytes) -> tuple[str, Any]:
     process, where an exception carrying the document would travel back whole."""
     try:
         header = json.loads(json_part)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError, a number over 4300 digits
         return "error", f"request header is not valid JSON: {type(exc).__name__}: {exc}"
     if not isinstance(header, dict):
         return "error", "request header must be a JSON object"
