@@ -356,6 +356,8 @@ def _bad_requests() -> list[tuple[str, object, str]]:
          "request: parameter 'binary_data_output' must be true or false, got 1"),
         ("id not a string", json_request(kspace, mask, id={"n": 1}), "request 'id' must be a string"),
         ("bad timeout", json_request(kspace, mask, parameters={"timeout": -5}), "'timeout' must be a positive number"),
+        ("nan timeout", json_request(kspace, mask, parameters={"timeout": float("nan")}), "'timeout' must be a positive"),
+        ("huge timeout", json_request(kspace, mask, parameters={"timeout": 10**400}), "'timeout' must be a positive"),
     ]
 
 
@@ -1104,7 +1106,8 @@ def test_grpc_typed_contents_equal_rest(grpc_server, direct):
 
 _JSON_ONLY = {"not json", "deep json", "5000-digit number", "not an object", "data type", "numeric strings", "booleans", "nulls",
               "beyond fp32", "zero-size shape", "binary flag text", "request flag text",
-              "output name not a string", "id not a string"}  # no gRPC counterpart (its names and id are strings)
+              "output name not a string", "id not a string", "nan timeout", "huge timeout"}  # no gRPC counterpart
+# (its names and id are strings, its timeout an int64)
 _GRPC_MESSAGES = {"data length": "input 'mask': contents.fp32_contents holds 6 values, shape [1, 1, 1, 7, 1] needs 7"}
 _GRPC_CASES = [c for c in _bad_requests() if c[0] not in _JSON_ONLY]
 

@@ -249,12 +249,16 @@ def _requested_outputs(header: dict, model: OnnxModel) -> dict[str, bool]:
     return outputs
 
 
+MAX_TIMEOUT_US = 2**63 - 1  # gRPC's int64_param; a larger JSON integer would overflow a float
+
+
 def parse_timeout(timeout: Any) -> float | None:
     """The request parameter ``timeout`` (microseconds on the wire) in seconds; None when not given."""
     if timeout is None:
         return None
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-        raise _bad(f"request parameter 'timeout' must be a positive number of microseconds, got {timeout!r}")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= MAX_TIMEOUT_US:
+        raise _bad(f"request parameter 'timeout' must be a positive number of microseconds up to {MAX_TIMEOUT_US}, "
+                   f"got {repr(timeout)[:40]}")  # NaN fails the comparison too
     return timeout / 1e6
 
 
