@@ -485,6 +485,34 @@ def test_a_body_that_trickles_in_is_timed_out_by_its_average_rate(repository):
         assert 1.8 < elapsed < 6
 
 
+def test_a_response_the_client_stops_reading_is_dropped_after_the_client_timeout(repository):
+    """A client that sends its request and never reads the answer ("slow read"): the unsent response held its
+    connection open for ever, and such connections, never chosen to make room, held the slots: every new connection
+    (health probes too) was closed. A response that makes no progress for the client timeout now ends its
+    connection."""
+    with running_server(repository, client_timeout_s=0.5, max_connections=1) as (url, _):
+        kspace, mask = np.ones((1, 1, 1000, 800, 2), np.float32), np.ones((1, 1, 1, 800, 1), np.float32)
+        body, headers = binary_body(kspace, mask)
+        head = json.loads(body[:int(headers["Inference-Header-Content-Length"])])
+        del head["outputs"]  # the image as JSON: ~15 MB, more than the socket buffers hold
+        head = json.dumps(head).encode()
+        body = head + kspace.tobytes() + mask.tobytes()
+        host, port = url.split(":")
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        stalled.connect((host, int(port)))
+        stalled.sendall(b"POST /v2/models/recon/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                        b"Inference-Header-Content-Length: %d\r\n\r\n%s" % (len(body), len(head), body))
+        time.sleep(1.5)  # the answer is written and, 0.5 s later, its connection closed gracefully (never done)
+        deadline, probes = time.monotonic() + 3.0, []
+        while probes[-3:] != [200] * 3 and time.monotonic() < deadline:
+            with contextlib.suppress(ConnectionError):  # closed at once while the stalled connection holds the slot
+                probes.append(get(url, "/v2/health/live")[0])
+            time.sleep(0.05)
+        assert probes[-3:] == [200] * 3
+        stalled.close()
+
+
 def test_binary_byte_lengths_are_checked(server):
     url, _ = server
     kspace, mask = sample()

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-timeout-s", type=float, default=30.0,
                    help="REST: a client has this long to send a request's headers (after connecting or after the "
                         "previous response; else the connection is closed), and its body may pause no longer "
-                        "nor average under 500 bytes/s beyond it (else 408); gRPC: a connection has this long to "
+                        "nor average under 500 bytes/s beyond it (else 408), nor its response go unread (else the "
+                        "connection is closed); gRPC: a connection has this long to "
                         "set up HTTP/2 and may go this long without a call (else it is closed), and a call's "
                         "request message must arrive within it (else DEADLINE_EXCEEDED) (default 30)")
     p.add_argument("--max-connections", type=int, default=1000,

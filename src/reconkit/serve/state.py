@@ -59,8 +59,9 @@ class ServerConfig:
     tls_client_ca: PEM CA certificate(s) for mutual TLS: with it, both endpoints accept only clients presenting a
         certificate signed by one of them (needs ``tls_cert`` / ``tls_key``).
     client_timeout_s: REST: longest a client may take to send a request's headers (from connecting, or from the
-        previous response), else the connection is closed; and longest its body may pause, else 408 (as
-        when it averages under 500 bytes/s beyond that time). gRPC: longest
+        previous response), else the connection is closed; longest its body may pause, else 408 (as
+        when it averages under 500 bytes/s beyond that time); and longest a response may go unread, else the
+        connection is closed. gRPC: longest
         a connection may take to set up HTTP/2 or stay without a call, else it is closed; and longest a call's
         request message may take to arrive, else DEADLINE_EXCEEDED.
     max_connections: REST connections open at once (at most half the process's file-descriptor limit); with more,
