@@ -1149,6 +1149,34 @@ def test_grpc_bad_input_is_invalid_argument_with_the_rest_message(grpc_server, n
     assert _GRPC_MESSAGES.get(name, message) in caught.value.details(), caught.value.details()
 
 
+def test_long_client_values_are_cut_short_in_error_messages(grpc_server):
+    """Names, datatypes and parameters a client sent are echoed in the error (and the log line) at most ~100
+    characters long: a 100 kB input name came back whole over REST, and over gRPC it overflowed the client's
+    16 KiB limit on trailers, so the call failed with RESOURCE_EXHAUSTED and no reason instead of INVALID_ARGUMENT."""
+    url, address = grpc_server
+    kspace, mask = sample()
+    long = "x" * 100_000
+    cases = [{"inputs": [{"name": long, "datatype": "FP32", "shape": [1], "data": [0.0]}]},
+             json_request(kspace, mask, outputs=[{"name": long}]),
+             json_request(kspace, mask, outputs=[{"name": "image", "parameters": {"binary_data": long}}]),
+             json_request(kspace, mask, parameters={"binary_data_output": long})]
+    for changed in ({"datatype": long}, {"shape": [1] * 100_000}, {"parameters": {"binary_data_size": long}}):
+        cases.append(json_request(kspace, mask))
+        cases[-1]["inputs"][1].update(changed)
+    for case in cases:
+        status, error = error_of(post(url, "/v2/models/recon/infer", json.dumps(case).encode()))
+        assert status == 400 and len(error) < 500, error[:300]
+    for headers in ({"Content-Encoding": long}, {"Inference-Header-Content-Length": long}):
+        status, error = error_of(post(url, "/v2/models/recon/infer", b"{}", headers))
+        assert status == 400 and len(error) < 500, error[:300]
+    message = grpc_request(json_request(kspace, mask))
+    message.inputs[0].name = long
+    with pytest.raises(grpc.RpcError) as caught:
+        grpc_call(address, "ModelInfer", message)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert caught.value.details().startswith("unknown input tensor 'xxx") and len(caught.value.details()) < 500
+
+
 def test_grpc_raw_contents_checks_and_unknown_models(grpc_server):
     _, address = grpc_server
     kspace, mask = sample()

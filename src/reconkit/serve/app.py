@@ -106,7 +106,7 @@ async def _read_body(request: Request, limit: int, pause_s: float) -> bytes:
         raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     encoding = request.headers.get("content-encoding", "identity").strip().lower() or "identity"
     if encoding not in _ENCODINGS:
-        raise RequestError(400, f"request Content-Encoding {encoding!r} is not supported (identity, gzip, x-gzip, "
+        raise RequestError(400, f"request Content-Encoding {encoding[:40]!r} is not supported (identity, gzip, x-gzip, "
                                 "deflate)")
     chunks, size = [], 0
     stream = request.stream()

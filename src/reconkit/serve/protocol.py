@@ -74,7 +74,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     try:
         length = int(header_length)
     except ValueError:
-        raise _bad(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
+        raise _bad(f"Inference-Header-Content-Length {header_length[:40]!r} is not an integer") from None
     if not 0 < length <= len(body):
         raise _bad(f"Inference-Header-Content-Length {length} does not fit the {len(body)}-byte body")
     return body[:length], memoryview(body)[length:]
@@ -129,7 +129,7 @@ def input_spec(model: OnnxModel, name: Any, seen: Mapping[str, Any]) -> TensorSp
     """The model input an input tensor names; RequestError(400) when the name is unknown or already in ``seen``."""
     spec = model.input(name) if isinstance(name, str) else None
     if spec is None:
-        raise _bad(f"unknown input tensor {name!r}; model expects {[s.name for s in model.inputs]}")
+        raise _bad(f"unknown input tensor {repr(name)[:100]}; model expects {[s.name for s in model.inputs]}")
     if name in seen:
         raise _bad(f"input '{name}' given more than once")
     return spec
@@ -147,7 +147,7 @@ def check_output_name(model: OnnxModel, name: Any, seen: Container[str] = ()) ->
     requested before it), as :func:`input_spec` does for inputs."""
     known = {spec.name for spec in model.outputs}
     if not isinstance(name, str) or name not in known:
-        raise _bad(f"unknown output tensor {name!r}; model outputs are {sorted(known)}")
+        raise _bad(f"unknown output tensor {repr(name)[:100]}; model outputs are {sorted(known)}")
     if name in seen:
         raise _bad(f"output '{name}' requested more than once")
 
@@ -155,7 +155,7 @@ def check_output_name(model: OnnxModel, name: Any, seen: Container[str] = ()) ->
 def tensor_shape(spec: TensorSpec, datatype: Any, shape: Any) -> tuple[int, ...]:
     """An input tensor's shape after checking its datatype and shape against ``spec``; RequestError(400) otherwise."""
     if datatype != spec.datatype:
-        raise _bad(f"input '{spec.name}': datatype {datatype!r} not accepted, model expects {spec.datatype}")
+        raise _bad(f"input '{spec.name}': datatype {repr(datatype)[:40]} not accepted, model expects {spec.datatype}")
     return _check_shape(spec, shape)
 
 
@@ -169,7 +169,8 @@ def _check_shape(spec: TensorSpec, shape: Any) -> tuple[int, ...]:
         raise _bad(f"input '{spec.name}': every dimension of the shape must be between 1 and {MAX_DIMENSION}, got "
                    f"{str(shape)[:200]}")
     if len(shape) != len(spec.shape):
-        raise _bad(f"input '{spec.name}': shape {shape} has {len(shape)} dimensions, model expects {list(spec.shape)}")
+        raise _bad(f"input '{spec.name}': shape {str(shape)[:200]} has {len(shape)} dimensions, model expects "
+                   f"{list(spec.shape)}")
     for axis, (got, want) in enumerate(zip(shape, spec.shape)):
         if want >= 0 and got != want:
             raise _bad(f"input '{spec.name}': shape {shape} has size {got} on axis {axis}, model expects {list(spec.shape)}")
@@ -184,7 +185,7 @@ def _tensor(spec: TensorSpec, item: dict, binary: memoryview, offset: int) -> tu
     size = _parameters(item, f"input '{spec.name}'").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size != nbytes:
-            raise _bad(f"input '{spec.name}': binary_data_size {size!r} bytes, but shape {list(shape)} of "
+            raise _bad(f"input '{spec.name}': binary_data_size {repr(size)[:40]} bytes, but shape {list(shape)} of "
                        f"{spec.datatype} needs {nbytes}")
         if offset + size > len(binary):
             raise _bad(f"input '{spec.name}': binary data ends after {len(binary) - offset} of {size} bytes")
@@ -229,7 +230,7 @@ def _json_values(spec: TensorSpec, data: Any) -> np.ndarray:
 def _flag(params: dict, key: str, default: bool, where: str) -> bool:
     value = params.get(key, default)
     if not isinstance(value, bool):
-        raise _bad(f"{where}: parameter '{key}' must be true or false, got {value!r}")
+        raise _bad(f"{where}: parameter '{key}' must be true or false, got {repr(value)[:40]}")
     return value
 
 
