@@ -1351,12 +1351,14 @@ def test_grpc_size_limit_auth_queue_and_timeouts(plain_repository):
                 grpc_call(address, "ModelInfer", request, token)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "queue is full" in caught.value.details()
             assert first.result().outputs[0].shape == [1, HEIGHT, WIDTH]  # the queued request still completes
-        timed = MESSAGES["ModelInferRequest"]()
-        timed.CopyFrom(request)
-        timed.parameters["timeout"].int64_param = 100_000  # 0.1 s, microseconds
-        with pytest.raises(grpc.RpcError) as caught:
-            grpc_call(address, "ModelInfer", timed, token)
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "no result within 0.1 s" in caught.value.details()
+        for kind in ("int64_param", "uint64_param", "double_param"):  # every numeric kind of Triton's message
+            theirs = service_pb2.ModelInferRequest.FromString(request.SerializeToString())
+            setattr(theirs.parameters["timeout"], kind, 100_000)  # 0.1 s, microseconds
+            timed = MESSAGES["ModelInferRequest"].FromString(theirs.SerializeToString())
+            with pytest.raises(grpc.RpcError) as caught:
+                grpc_call(address, "ModelInfer", timed, token)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, kind
+            assert "no result within 0.1 s" in caught.value.details(), kind
         with pytest.raises(grpc.RpcError) as caught:  # the client's own deadline: the server stops waiting too
             grpc_call(address, "ModelInfer", request, token, timeout=0.2)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

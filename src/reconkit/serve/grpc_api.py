@@ -7,8 +7,8 @@ and KServe's gRPC clients, unchanged (schema: :mod:`reconkit.serve.grpc_schema`)
 
 Tensor data: ``raw_input_contents`` (one little-endian buffer per input, in input order; what tritonclient sends)
 or the typed ``contents`` of each input (``fp32_contents``...). Outputs are always returned as
-``raw_output_contents``. Request parameter ``timeout`` (int64, microseconds) and the call's gRPC deadline both
-bound the wait. Errors: the REST status maps to a gRPC code (400 INVALID_ARGUMENT, 401 UNAUTHENTICATED,
+``raw_output_contents``. Request parameter ``timeout`` (microseconds, any numeric parameter kind) and the call's
+gRPC deadline both bound the wait. Errors: the REST status maps to a gRPC code (400 INVALID_ARGUMENT, 401 UNAUTHENTICATED,
 404 NOT_FOUND, 408 DEADLINE_EXCEEDED (request message not received within the client timeout), 413
 RESOURCE_EXHAUSTED, 422 FAILED_PRECONDITION, 503 UNAVAILABLE, 504 DEADLINE_EXCEEDED, 500 INTERNAL) with the same
 message. Messages over ``max_request_bytes`` are refused by gRPC itself (RESOURCE_EXHAUSTED) before they are read;
