@@ -750,6 +750,52 @@ def test_compressed_bodies_are_inflated_off_the_event_loop(server, monkeypatch):
     assert on_loop == [False, False]
 
 
+def test_responses_are_encoded_off_the_event_loop(server, monkeypatch):
+    """A response whose outputs are asked for as JSON is a Python list of every value (~1 s for a batch of large
+    images), which held every other client while it was encoded on the event loop; it is encoded in a thread."""
+    from reconkit.serve import app
+
+    url, _ = server
+    on_loop = []
+
+    def encode(*args):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return encode_response(*args)
+
+    encode_response = app.encode_infer_response
+    monkeypatch.setattr(app, "encode_infer_response", encode)
+    assert post(url, "/v2/models/recon/infer", *binary_body(*sample()))[0] == 200
+    assert on_loop == [False]
+
+
+@pytest.mark.parametrize("values_per_call", [3, 1 << 14])
+def test_json_response_text_is_json_dumps_of_the_response(monkeypatch, values_per_call):
+    """The response header is assembled with each JSON output encoded in pieces (so that the thread encoding it lets
+    the event loop run between pieces); the text must stay exactly ``json.dumps`` of the whole response."""
+    from reconkit.serve import protocol
+
+    monkeypatch.setattr(protocol, "JSON_VALUES_PER_CALL", values_per_call)
+    rng = np.random.default_rng(0)
+    results = {"image": rng.standard_normal((2, 3, 4)).astype(np.float32), "empty": np.zeros((0, 2), np.float32),
+               "raw": rng.standard_normal((1, 5)).astype(np.float32)}
+    for request_id in ("req-\u00e9\"1\"", None):
+        request = protocol.InferRequest(request_id, {}, {"image": False, "empty": False, "raw": True}, None)
+        body, headers = protocol.encode_infer_response("recon", "1", request, results)
+        length = int(headers[protocol.HEADER_LENGTH])
+        expected = {"model_name": "recon", "model_version": "1", "outputs": [
+            {"name": "image", "datatype": "FP32", "shape": [2, 3, 4], "data": results["image"].ravel().tolist()},
+            {"name": "empty", "datatype": "FP32", "shape": [0, 2], "data": []},
+            {"name": "raw", "datatype": "FP32", "shape": [1, 5], "parameters": {"binary_data_size": 20}}]}
+        if request_id is not None:
+            expected["id"] = request_id
+        assert body[:length] == json.dumps(expected, separators=(",", ":")).encode()
+        assert body[length:] == results["raw"].tobytes()
+
+
 def test_bearer_token_auth_401(repository):
     with running_server(repository, auth_token="s3cret") as (url, _):
         kspace, mask = sample()

@@ -175,7 +175,10 @@ def _routes(state: ServerState) -> list[Route]:
         json_part, binary = split_body(body, request.headers.get(HEADER_LENGTH))
         infer_request = decode_infer_request(await state.parse_header(json_part), binary, s.model)
         results = await state.infer(s, infer_request)
-        content, headers = encode_infer_response(s.entry.name, s.entry.version, infer_request, results)
+        # in a thread: outputs asked for as JSON are a Python list of every value (a batch of 640 × 368 images:
+        # ~1 s on the event loop, with every REST and gRPC client waiting)
+        content, headers = await asyncio.to_thread(encode_infer_response, s.entry.name, s.entry.version,
+                                                   infer_request, results)
         return Response(content, 200, headers=headers)
 
     async def metrics(request: Request) -> Response:

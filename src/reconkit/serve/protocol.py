@@ -297,9 +297,30 @@ def little_endian_bytes(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
+JSON_VALUES_PER_CALL = 1 << 14
+"""Values of a JSON output encoded per ``json.dumps`` call: the C encoder holds the GIL for a whole call, so the
+server's event loop (when the response is encoded in a thread) gets a turn between calls, ~10 ms apart."""
+
+
+def _json_values(array: np.ndarray) -> str:
+    """``array``'s values, row-major, as the JSON list ``json.dumps(array.ravel().tolist())`` writes (compact), in
+    calls of :data:`JSON_VALUES_PER_CALL` values."""
+    flat = array.ravel()
+    parts = (json.dumps(flat[start : start + JSON_VALUES_PER_CALL].tolist(), separators=(",", ":"))[1:-1]
+             for start in range(0, flat.size, JSON_VALUES_PER_CALL))
+    return "[" + ",".join(parts) + "]"
+
+
 def encode_infer_response(model_name: str, version: str, request: InferRequest,
                           results: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
-    """Response body and headers; binary outputs follow the JSON header (``Inference-Header-Content-Length``)."""
+    """Response body and headers; binary outputs follow the JSON header (``Inference-Header-Content-Length``).
+
+    The JSON text is what ``json.dumps(response, separators=(",", ":"))`` gives, with each JSON output's ``data``
+    encoded in pieces (:func:`_json_values`), so that a thread encoding a large one leaves the event loop turns."""
+
+    def compact(value: Any) -> str:
+        return json.dumps(value, separators=(",", ":"))
+
     outputs, chunks = [], []
     for name, as_binary in request.outputs.items():
         array = results[name]
@@ -308,13 +329,13 @@ def encode_infer_response(model_name: str, version: str, request: InferRequest,
             data = little_endian_bytes(array)
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
+            outputs.append(compact(entry))
         else:
-            entry["data"] = array.ravel().tolist()
-        outputs.append(entry)
-    response: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": outputs}
+            outputs.append(compact(entry)[:-1] + ',"data":' + _json_values(array) + "}")
+    response = f'{{"model_name":{compact(model_name)},"model_version":{compact(version)},"outputs":[{",".join(outputs)}]'
     if request.id is not None:
-        response["id"] = request.id
-    header = json.dumps(response, separators=(",", ":")).encode()
+        response += f',"id":{compact(request.id)}'
+    header = (response + "}").encode()
     if not chunks:
         return header, {"content-type": "application/json"}
     return b"".join([header, *chunks]), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
