@@ -302,7 +302,7 @@ JSON_VALUES_PER_CALL = 1 << 14
 server's event loop (when the response is encoded in a thread) gets a turn between calls, ~10 ms apart."""
 
 
-def _json_values(array: np.ndarray) -> str:
+def _json_text_of(array: np.ndarray) -> str:
     """``array``'s values, row-major, as the JSON list ``json.dumps(array.ravel().tolist())`` writes (compact), in
     calls of :data:`JSON_VALUES_PER_CALL` values."""
     flat = array.ravel()
@@ -316,7 +316,7 @@ def encode_infer_response(model_name: str, version: str, request: InferRequest,
     """Response body and headers; binary outputs follow the JSON header (``Inference-Header-Content-Length``).
 
     The JSON text is what ``json.dumps(response, separators=(",", ":"))`` gives, with each JSON output's ``data``
-    encoded in pieces (:func:`_json_values`), so that a thread encoding a large one leaves the event loop turns."""
+    encoded in pieces (:func:`_json_text_of`), so that a thread encoding a large one leaves the event loop turns."""
 
     def compact(value: Any) -> str:
         return json.dumps(value, separators=(",", ":"))
@@ -331,7 +331,7 @@ def encode_infer_response(model_name: str, version: str, request: InferRequest,
             chunks.append(data)
             outputs.append(compact(entry))
         else:
-            outputs.append(compact(entry)[:-1] + ',"data":' + _json_values(array) + "}")
+            outputs.append(compact(entry)[:-1] + ',"data":' + _json_text_of(array) + "}")
     response = f'{{"model_name":{compact(model_name)},"model_version":{compact(version)},"outputs":[{",".join(outputs)}]'
     if request.id is not None:
         response += f',"id":{compact(request.id)}'
