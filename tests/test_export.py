@@ -28,7 +28,7 @@ from reconkit.export import (
     single_size_model,
 )
 from reconkit.export.onnx_export import _subgraphs, load_checkpoint_model
-from reconkit.models import ZeroFilledFrontEnd, build_model, save_model
+from reconkit.models import ZeroFilledFrontEnd, build_model, contract_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VARNET_KWARGS = {"num_cascades": 2, "sens_chans": 2, "sens_pools": 1, "chans": 4, "pools": 2}
@@ -296,6 +296,20 @@ def test_onnx_file_rebuilds_its_torch_model_for_sizes_it_lacks(unet_checkpoint, 
     kspace, mask = (torch.from_numpy(a) for a in sample(1, 2, 30, 26, seed=5))
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(kspace, mask), ZeroFilledFrontEnd(unet)(kspace, mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("model_type", "kwargs"), [("vit", {**VIT_KWARGS, "depth": 1}), ("zero_filled", {})])
+def test_bare_module_export_records_its_registered_model_type(tmp_path, model_type, kwargs) -> None:
+    """A bare module's file names its registered type (``vit``, not the class name ``visiontransformer``), so with
+    ``model_kwargs`` given as metadata it rebuilds in PyTorch like a checkpoint's."""
+    torch.manual_seed(3)
+    model = build_model(model_type, **kwargs).eval()
+    path = export_onnx(model, tmp_path / "bare.onnx", (2, 36, 30), metadata={"model_kwargs": kwargs})
+    assert load_onnx_metadata(path)["reconkit.model_type"] == model_type
+    kspace, mask = (torch.from_numpy(a) for a in sample(1, 2, 30, 24, seed=6))  # a size the graph lacks
+    with torch.no_grad():
+        torch.testing.assert_close(load_onnx_as_torch(path)(kspace, mask), contract_model(model)(kspace, mask),
+                                   rtol=0, atol=0)
 
 
 def test_onnx_file_that_cannot_be_rebuilt_says_why(varnet_export, tmp_path) -> None:

@@ -37,7 +37,7 @@ from reconkit.export.onnx_format import (
     load_onnx_metadata,
     read_onnx,
 )
-from reconkit.models import ZeroFilledFrontEnd, contract_model, load_model
+from reconkit.models import MODEL_TYPES, ZeroFilledFrontEnd, contract_model, load_model
 from reconkit.ops import fft_impl
 
 __all__ = [
@@ -326,13 +326,19 @@ def load_checkpoint_model(path: str | os.PathLike) -> tuple[torch.nn.Module, Any
     return model, info
 
 
+def _model_type(model: torch.nn.Module) -> str:
+    """A bare module's ``reconkit.model_type``: its registered name (``"vit"`` for a ``VisionTransformer``, which
+    ``build_model`` and so ``load_onnx_as_torch`` take), else its class name in lower case."""
+    return next((name for name, cls in MODEL_TYPES.items() if type(model) is cls), type(model).__name__.lower())
+
+
 def _metadata(model: torch.nn.Module, info: Any, sizes: list[tuple[int, int]], extra: Mapping[str, Any]) -> dict:
     from reconkit import __version__
 
     mask = _info_get(info, "mask", None) or {}
     values: dict[str, Any] = {
         "reconkit.version": __version__,
-        "reconkit.model_type": _info_get(info, "model_type", None) or type(model).__name__.lower(),
+        "reconkit.model_type": _info_get(info, "model_type", None) or _model_type(model),
         "reconkit.input_layout": INPUT_LAYOUT,
         "reconkit.normalization": _info_get(info, "normalization", None)
         or ("instance" if isinstance(contract_model(model), ZeroFilledFrontEnd) else "none"),
