@@ -244,6 +244,15 @@ def test_unet_checkpoint_export_parity_and_metadata(unet_checkpoint, tmp_path) -
     assert meta["reconkit.spatial_sizes"] == [[72, 66]]
 
 
+def test_checkpoint_with_single_number_mask_settings_exports_them_as_lists(tmp_path) -> None:
+    """A checkpoint's ``"accelerations": 4`` (as ``reconkit reconstruct`` reads it) is ``[4]`` in the metadata, not a
+    TypeError out of the export."""
+    mask = {"mask_type": "equispaced_fraction", "accelerations": 4, "center_fractions": 0.08}
+    checkpoint = save_model(tmp_path / "u.ckpt", build_model("unet", **UNET_KWARGS), "unet", UNET_KWARGS, mask=mask)
+    meta = load_onnx_metadata(export_onnx(checkpoint, tmp_path / "u.onnx", (2, 24, 20)))
+    assert meta["reconkit.acceleration"] == [4] and meta["reconkit.center_fraction"] == [0.08]
+
+
 VIT_KWARGS = {"patch_size": 6, "embed_dim": 24, "depth": 2, "num_heads": 3}
 
 

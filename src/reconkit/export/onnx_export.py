@@ -308,6 +308,14 @@ def _info_get(info: Any, key: str, default: Any = None) -> Any:
     return getattr(info, key, default)
 
 
+def _as_list(value: Any) -> list:
+    """A checkpoint's mask setting as the metadata's JSON list: ``[4]`` for a single number (as ``reconkit
+    reconstruct`` reads a checkpoint's ``"accelerations": 4``), ``[]`` for none."""
+    if not value:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def load_checkpoint_model(path: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
     """``reconkit.models.load_model(path)`` with every failure turned into an :class:`ExportError` naming the file."""
     path = Path(path)
@@ -343,8 +351,8 @@ def _metadata(model: torch.nn.Module, info: Any, sizes: list[tuple[int, int]], e
         "reconkit.normalization": _info_get(info, "normalization", None)
         or ("instance" if isinstance(contract_model(model), ZeroFilledFrontEnd) else "none"),
         "reconkit.mask_family": _info_get(mask, "mask_type", None) or UNKNOWN_MASK_FAMILY,
-        "reconkit.acceleration": list(_info_get(mask, "accelerations", None) or []),
-        "reconkit.center_fraction": list(_info_get(mask, "center_fractions", None) or []),
+        "reconkit.acceleration": _as_list(_info_get(mask, "accelerations", None)),
+        "reconkit.center_fraction": _as_list(_info_get(mask, "center_fractions", None)),
         "reconkit.spatial_sizes": [list(s) for s in sizes],
     }
     model_kwargs = _info_get(info, "model_kwargs", None)
