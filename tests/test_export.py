@@ -143,9 +143,11 @@ def test_varnet_metadata_round_trip(varnet_export) -> None:
     assert session.get_modelmeta().custom_metadata_map["reconkit.spatial_sizes"] == "[[32, 24], [40, 30], [24, 72]]"
 
 
-def test_size_not_exported_is_refused(varnet_export) -> None:
+@pytest.mark.parametrize(("batch", "coils"), [(1, 2), (1, 0), (0, 2)])
+def test_size_not_exported_is_refused(varnet_export, batch, coils) -> None:
+    """Also for an empty input (no coils, no items), which a Reshape to zero elements would pass as an empty image."""
     _, _, session = varnet_export
-    kspace, mask = sample(1, 2, 36, 28, seed=3)
+    kspace, mask = sample(batch, coils, 36, 28, seed=3)
     with pytest.raises(Exception, match=r"not exported; this model serves 32x24, 40x30"):
         session.run(None, {"masked_kspace": kspace, "mask": mask})
 

@@ -223,20 +223,24 @@ def _merge_by_size(graphs: list, sizes: list[tuple[int, int]]):
         branches.append(helper.make_graph(nodes, f"size_{height}x{width}", [], [out], initializer=inits))
 
     # (height, width) of the input as int64 [2], compared with each size in turn. The innermost else-branch
-    # fails on purpose (ONNX has no "raise"): a Reshape to zero elements, whose node name ONNX Runtime quotes.
+    # fails on purpose (ONNX has no "raise"): a Reshape to one element, whose node name ONNX Runtime quotes. The
+    # input never holds exactly one (its last axis is 2), not even an empty one (no coils), which a Reshape to
+    # zero elements would let through as an empty image.
     consts = [helper.make_tensor("hw_axes", TensorProto.INT64, [2], [2, 3])]
     nodes = [
         helper.make_node("Shape", ["masked_kspace"], ["input_shape"]),
         helper.make_node("Gather", ["input_shape", "hw_axes"], ["input_hw"], axis=0),
     ]
     served = format_sizes(sizes)
-    # the zero shape is computed from the input, so that load-time shape inference cannot reject the branch
+    # the [1, 1, 1] shape is computed from the input, so that load-time shape inference cannot reject the branch
     consts += [helper.make_tensor("bhw_axes", TensorProto.INT64, [3], [0, 2, 3]),
-               helper.make_tensor("zero", TensorProto.INT64, [], [0])]
+               helper.make_tensor("zero", TensorProto.INT64, [], [0]),
+               helper.make_tensor("one", TensorProto.INT64, [], [1])]
     refuse = [
         helper.make_node("Gather", ["input_shape", "bhw_axes"], ["input_bhw"], axis=0),
         helper.make_node("Mul", ["input_bhw", "zero"], ["zero_shape"]),
-        helper.make_node("Reshape", ["masked_kspace", "zero_shape"], ["refused"], allowzero=1,
+        helper.make_node("Add", ["zero_shape", "one"], ["one_shape"]),
+        helper.make_node("Reshape", ["masked_kspace", "one_shape"], ["refused"],
                          name=f"input height x width not exported; this model serves {served}"),
     ]
     refused = helper.make_tensor_value_info("refused", TensorProto.FLOAT, None)
