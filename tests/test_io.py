@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -333,6 +334,41 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["scan"]
     write_fastmri_h5(tmp_path / "vol.h5", volume)
     assert sorted(os.listdir(tmp_path)) == ["scan", "vol.h5"]
+
+
+def test_atomic_directory_with_a_second_writer_between_its_renames(tmp_path, monkeypatch):
+    """Two runs writing one output folder at once: the other run's series moved away (FileNotFoundError) or put in
+    place (a non-empty destination) between this writer's two renames failed the file and left a ``.old-`` folder."""
+    from reconkit import atomic
+
+    def write(name: str) -> None:
+        with atomic.atomic_directory(tmp_path / "series") as tmp:
+            (tmp / "slice_000.dcm").write_text(name)
+
+    def other_run_moves_it_away() -> None:
+        real_replace(tmp_path / "series", tmp_path / "moved")
+
+    def other_run_puts_its_own_in_place() -> None:
+        write("other")
+
+    real_replace = os.replace
+    # before this writer moves the old series aside, or before it moves its own in
+    for other_run, at_call in ((other_run_moves_it_away, 1), (other_run_puts_its_own_in_place, 2)):
+        write("first")
+        calls = []
+
+        def replace(source, destination, other_run=other_run, at_call=at_call, calls=calls):
+            calls.append(source)
+            if len(calls) == at_call:
+                other_run()
+            return real_replace(source, destination)
+
+        monkeypatch.setattr(atomic.os, "replace", replace)
+        write("last")
+        monkeypatch.undo()
+        assert (tmp_path / "series" / "slice_000.dcm").read_text() == "last"
+        shutil.rmtree(tmp_path / "moved", ignore_errors=True)
+        assert os.listdir(tmp_path) == ["series"]  # no temporary folder left
 
 
 def test_outputs_get_the_umask_permissions_of_a_plain_write(tmp_path):

@@ -10,6 +10,8 @@ readable by the group or the service account (Triton's container user, a PACS up
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import os
 import shutil
 import stat
@@ -54,24 +56,46 @@ def atomic_directory(path: os.PathLike | str) -> Iterator[Path]:
     """Yield a fresh temporary directory next to ``path``; on success it replaces ``path``, on error is deleted.
 
     Used for outputs made of many files (one DICOM per slice). An existing ``path`` is moved aside first and
-    removed only after the new directory is in place.
+    removed only after the new directory is in place. Two writers of one ``path`` at once (two runs into one
+    output folder) both succeed and the last rename wins, as with :func:`atomic_path`.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", suffix=f"-{final.name}", dir=final.parent))
+    old = None
     try:
         yield tmp
         os.chmod(tmp, _final_mode(final, 0o777))
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=".old-", suffix=f"-{final.name}", dir=final.parent))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        old = Path(tempfile.mkdtemp(prefix=".old-", suffix=f"-{final.name}", dir=final.parent))
+        _move_in(tmp, final, old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_in(tmp: Path, final: Path, old: Path) -> None:
+    """Rename directory ``tmp`` to ``final``, first moving a ``final`` that is there into folder ``old``.
+
+    Another writer of ``final`` can move it away, or put its own in place, between these two renames: the first
+    is then a no-op and the second refused (the destination is a non-empty directory), so the rename is retried
+    after moving the newcomer aside. If the rename fails otherwise, the directory moved aside is put back.
+    """
+    for attempt in itertools.count():
+        aside = old / str(attempt)
+        try:
+            with contextlib.suppress(FileNotFoundError):  # nothing there, or another writer has just moved it aside
+                os.replace(final, aside)
+            os.replace(tmp, final)
+            return
+        except BaseException as err:
+            if isinstance(err, OSError) and err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                continue  # another writer's directory arrived between the two renames
+            with contextlib.suppress(OSError):  # fails harmlessly where nothing was moved aside
+                os.replace(aside, final)
+            raise
 
 
 def _final_mode(final: Path, created: int) -> int:
