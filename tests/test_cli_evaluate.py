@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
+import os
 
 import h5py
 import numpy as np
@@ -151,6 +153,30 @@ def test_missing_or_file_folders_are_named_as_such(tmp_path, capsys):
     ):
         code = reconkit_main(["evaluate", "--target", str(target), "--predictions", str(predictions)])
         assert code == 2 and f"reconkit evaluate: {expected}" in capsys.readouterr().err
+
+
+def test_a_csv_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """``--csv`` naming a folder, or below a file, raised a traceback after every volume was scored; it is now
+    refused before scoring, and a write that fails anyway (a full disk) is one line and exit code 1."""
+    target_dir, pred_dir = _make_dirs(tmp_path, np.random.default_rng(6), [(1, 16, 16, 16, 16)])
+    (tmp_path / "a_file").write_text("")
+    args = ["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--csv"]
+    for csv_path, problem in (
+        (tmp_path, "is a directory; give the CSV file to write"),
+        (tmp_path / "a_file" / "m.csv", f"{tmp_path / 'a_file'} exists and is not a directory"),
+    ):
+        assert reconkit_main([*args, str(csv_path)]) == 2
+        out, err = capsys.readouterr()
+        assert err == f"reconkit evaluate: --csv {csv_path}: {problem}\n" and "file0.h5" not in out
+
+    def disk_full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cli_evaluate, "write_metrics_csv", disk_full)
+    assert reconkit_main([*args, str(tmp_path / "m.csv")]) == 1
+    out, err = capsys.readouterr()
+    assert "file0.h5" in out
+    assert err == f"reconkit evaluate: --csv {tmp_path / 'm.csv'}: cannot write it: No space left on device\n"
 
 
 def test_hdf5_targets_and_predictions_are_scored_like_h5(tmp_path, capsys):

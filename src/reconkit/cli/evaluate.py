@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -176,6 +177,19 @@ def write_csv(path: Path, scores: Sequence[VolumeScore]) -> None:
     write_metrics_csv(path, [(s.name, s.slices, s.nmse, s.psnr, s.ssim, *s.band_nmse) for s in rows])
 
 
+def csv_problem(path: Path) -> str | None:
+    """Why ``--csv path`` cannot be written (it is a folder, a file stands where its folder would be, or that folder
+    is not writable), checked before any volume is scored; None when it can be."""
+    if path.is_dir():
+        return "is a directory; give the CSV file to write"
+    folder = next(parent for parent in path.parents if parent.exists())  # '.' or '/' at the latest
+    if not folder.is_dir():
+        return f"{folder} exists and is not a directory"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not writable"
+    return None
+
+
 def print_table(scores: Sequence[VolumeScore]) -> None:
     """Rich table of per-volume scores and the mean."""
     from rich.console import Console
@@ -242,11 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``reconkit evaluate``; exit code 1 when any volume could not be scored, 2 on bad arguments."""
+    """Run ``reconkit evaluate``; exit code 1 when any volume could not be scored or the CSV not written, 2 on bad
+    arguments."""
     args = build_parser().parse_args(argv)
     try:
         if args.bands < 0:
             raise ReconkitError(f"--bands must be 0 (off) or positive, got {args.bands}")
+        problem = None if args.csv is None else csv_problem(args.csv)
+        if problem:
+            raise ReconkitError(f"--csv {args.csv}: {problem}")
         scores, errors = evaluate_directories(
             args.target, args.predictions, args.challenge, args.acquisition, args.acceleration, args.bands
         )
@@ -269,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if scores:
         print_table(scores)
     if args.csv is not None:
-        write_csv(args.csv, scores)
+        try:
+            write_csv(args.csv, scores)
+        except OSError as err:  # what the check before scoring cannot see: a full disk, a folder made meanwhile
+            print(f"reconkit evaluate: --csv {args.csv}: cannot write it: {err.strerror or err}", file=sys.stderr)
+            return 1
         print(f"wrote {args.csv}")
     return 1 if errors or not scores else 0
