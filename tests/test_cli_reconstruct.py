@@ -486,6 +486,24 @@ def test_an_output_path_through_a_file_is_one_error_before_any_file(tmp_path, ca
     assert "a.h5" not in out
 
 
+def test_a_read_only_output_is_one_error_before_any_file(tmp_path, capsys, monkeypatch):
+    """Each file used to be reconstructed and then fail at its write ('PermissionError: ... out/h5')."""
+    from reconkit.cli import reconstruct
+
+    write_fastmri_file(tmp_path / "a.h5", np.random.default_rng(7))
+    (tmp_path / "ro").mkdir()
+    real_access = os.access  # a chmod 555 folder, which root (running tests in containers) may write anyway
+
+    def access(path, mode):
+        return Path(path).name != "ro" and real_access(path, mode)
+
+    monkeypatch.setattr(reconstruct.os, "access", access)
+    output = tmp_path / "ro" / "o"
+    code, out, err = _run(capsys, str(tmp_path / "a.h5"), "--model", "zero-filled", "--output", str(output))
+    assert code == 2 and err.strip() == f"reconkit reconstruct: --output {output}: {tmp_path / 'ro'} is not writable"
+    assert "a.h5" not in out
+
+
 def test_single_coil_and_odd_sizes(tmp_path, capsys):
     rng = np.random.default_rng(4)
     write_fastmri_file(tmp_path / "single.h5", rng, single_coil=True, height=40, width=36, recon=(20, 20))

@@ -325,11 +325,15 @@ def run(args: argparse.Namespace) -> list[FileReport]:
     return reports
 
 
-def _output_blocker(output: Path) -> Path | None:
-    """The existing file (not a directory) that ``output`` or one of its parents names, where the output directory
-    can never be made; None when the nearest existing one is a directory."""
+def _output_problem(output: Path) -> str | None:
+    """Why the output directory can never be written: the existing file (not a directory) that ``output`` or one of
+    its parents names, or the nearest existing directory being read-only to this user; None when it can be."""
     existing = next((path for path in (output, *output.parents) if path.exists()), None)
-    return None if existing is None or existing.is_dir() else existing
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return f"{existing} exists and is not a directory"
+    return None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -339,9 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         print("reconkit reconstruct: --batch-size must be at least 1", file=sys.stderr)
         return 2
-    blocker = _output_blocker(args.output)
-    if blocker is not None:  # checked before any file is reconstructed, rather than failing each one at its write
-        print(f"reconkit reconstruct: --output {args.output}: {blocker} exists and is not a directory", file=sys.stderr)
+    problem = _output_problem(args.output)
+    if problem is not None:  # checked before any file is reconstructed, rather than failing each one at its write
+        print(f"reconkit reconstruct: --output {args.output}: {problem}", file=sys.stderr)
         return 2
     try:
         reports = run(args)
