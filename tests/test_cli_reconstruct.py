@@ -504,6 +504,41 @@ def test_a_read_only_output_is_one_error_before_any_file(tmp_path, capsys, monke
     assert "a.h5" not in out
 
 
+def test_an_interrupted_run_says_which_files_are_complete(tmp_path, capsys, monkeypatch):
+    """Ctrl-C printed a traceback and SIGTERM nothing: neither said which files had been written."""
+    from reconkit.cli import reconstruct
+
+    rng = np.random.default_rng(8)
+    for name in ("a", "b", "c"):
+        write_fastmri_file(tmp_path / f"{name}.h5", rng)
+    real_write = reconstruct.write_outputs
+    args = ["reconstruct", str(tmp_path), "--model", "zero-filled", "--output", str(tmp_path / "o")]
+    for interrupt in (KeyboardInterrupt(), SystemExit(143)):  # Ctrl-C; SIGTERM (reconkit.cli.main's handler)
+
+        def write_outputs(volume, *rest, interrupt=interrupt):
+            if volume.info.path.name == "b.h5":
+                raise interrupt
+            real_write(volume, *rest)
+
+        monkeypatch.setattr(reconstruct, "write_outputs", write_outputs)
+        if isinstance(interrupt, KeyboardInterrupt):
+            try:
+                assert reconkit_main(args) == 130
+            except KeyboardInterrupt:
+                pytest.fail("Ctrl-C came out of reconkit's main as a traceback")
+        else:
+            with pytest.raises(SystemExit, match="143"):
+                reconkit_main(args)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert (
+            f"note: interrupted; 1 of 3 file(s) written under {tmp_path / 'o'}/ (the last: {tmp_path / 'a.h5'}); "
+            f"{tmp_path / 'b.h5'} was being reconstructed (its outputs may be missing or from an earlier run in "
+            "some formats) and 1 file(s) after it were not started\n"
+        ) in err
+        assert ("reconkit reconstruct: interrupted" in err) == isinstance(interrupt, KeyboardInterrupt)
+
+
 def test_single_coil_and_odd_sizes(tmp_path, capsys):
     rng = np.random.default_rng(4)
     write_fastmri_file(tmp_path / "single.h5", rng, single_coil=True, height=40, width=36, recon=(20, 20))

@@ -79,7 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None and name in _CLEAN_EXIT_ON_SIGTERM:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (the `with` blocks removed their temporary files)
+        print(f"reconkit {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 # commands whose temporary files and folders are removed on the way out of their `with` blocks: SIGTERM (a job

@@ -317,12 +317,27 @@ def run(args: argparse.Namespace) -> list[FileReport]:
                 report.status = str(err)
             except Exception as err:  # noqa: BLE001 - any failure of one file is that file's error; the batch goes on
                 report.status = f"{path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (reconkit.cli.main): say what is complete
+                print(f"note: {_interrupted(files, path, reports, args.output)}", file=sys.stderr)
+                raise
             if not report.ok:
                 print(f"error: {report.status}", file=sys.stderr)
             reports.append(report)
             progress.remove_task(slices_task)
             progress.advance(files_task)
     return reports
+
+
+def _interrupted(files: Sequence[Path], current: Path, reports: Sequence[FileReport], output: Path) -> str:
+    """What a run interrupted while reconstructing ``current`` (one of ``files``, in order) had finished."""
+    written = [report.path for report in reports if report.ok]
+    last = f" (the last: {written[-1]})" if written else ""
+    after = len(files) - 1 - files.index(current)
+    return (
+        f"interrupted; {len(written)} of {len(files)} file(s) written under {output}/{last}; {current} was being "
+        f"reconstructed (its outputs may be missing or from an earlier run in some formats) and {after} file(s) "
+        "after it were not started"
+    )
 
 
 def _output_problem(output: Path) -> str | None:
