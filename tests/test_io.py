@@ -371,6 +371,24 @@ def test_atomic_directory_with_a_second_writer_between_its_renames(tmp_path, mon
         assert os.listdir(tmp_path) == ["series"]  # no temporary folder left
 
 
+def test_an_hdf5_write_past_the_space_left_is_a_plain_oserror(tmp_path):
+    """With HDF5's own file driver a full disk left the file half closed: the error came out of its close as a
+    RuntimeError (``reconkit simulate`` printed a traceback) or the interpreter crashed at exit (SIGSEGV)."""
+    code = (
+        "import resource, sys, numpy as np\n"
+        "from reconkit.atomic import atomic_hdf5  # what write_fastmri_h5 and the simulator's write_volume use\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # as a full disk: EFBIG past 50 kB\n"
+        "try:\n"
+        "    with atomic_hdf5(sys.argv[1]) as f:\n"
+        "        f.create_dataset('reconstruction', data=np.ones((4, 100, 100), np.float32))\n"
+        "except OSError as err:\n"
+        "    print(err.strerror)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "vol.h5")], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (0, "File too large\n"), done.stderr[-2000:]
+    assert os.listdir(tmp_path) == []
+
+
 def test_outputs_get_the_umask_permissions_of_a_plain_write(tmp_path):
     """Atomic writes go through ``tempfile`` names (owner-only 0o600 / 0o700); the results must not stay so."""
     volume = _volume(np.random.default_rng(5))

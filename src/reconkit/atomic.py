@@ -19,7 +19,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_path"]
+import h5py
+
+__all__ = ["atomic_directory", "atomic_hdf5", "atomic_path"]
 
 
 @contextlib.contextmanager
@@ -49,6 +51,18 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_hdf5(path: os.PathLike | str) -> Iterator[h5py.File]:
+    """:func:`atomic_path` for an HDF5 file: yields it as an ``h5py.File`` open for writing.
+
+    HDF5 writes through a Python file object, so a failed write (a full disk) is a plain ``OSError`` ("No space
+    left on device"). With HDF5's own file driver it left the file half closed and, with HDF5 2.0, the interpreter
+    crashed when it exited (a segmentation fault closing that file's datasets).
+    """
+    with atomic_path(path) as tmp, open(tmp, "w+b") as handle, h5py.File(handle, "w") as file:
+        yield file
 
 
 @contextlib.contextmanager

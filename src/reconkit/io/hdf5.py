@@ -10,10 +10,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from reconkit.atomic import atomic_path
+from reconkit.atomic import atomic_hdf5
 
 __all__ = ["write_fastmri_h5"]
 
@@ -34,7 +33,7 @@ def write_fastmri_h5(
     volume = np.asarray(reconstruction)
     if volume.ndim != 3 or np.iscomplexobj(volume):
         raise ValueError(f"reconstruction must be a real (slices, h, w) array; got {volume.dtype} {volume.shape}")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_hdf5(path) as f:
         f.create_dataset("reconstruction", data=volume.astype(np.float32))
         for key, value in (attrs or {}).items():
             f.attrs[key] = value

@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from reconkit.atomic import atomic_path
+from reconkit.atomic import atomic_hdf5
 from reconkit.data.simulate import acquisition, anatomy
 from reconkit.data.simulate import coils as coil_model
 from reconkit.data.simulate import contrast as contrast_model
@@ -249,7 +248,7 @@ def _check_options(
 def write_volume(volume: SimulatedVolume, path: os.PathLike | str) -> Path:
     """Atomically write ``volume`` as a fastMRI multi-coil HDF5 file (``kspace``, ``reconstruction_rss``,
     ``ismrmrd_header``, attrs); returns the path."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_hdf5(path) as f:
         f.create_dataset("kspace", data=volume.kspace.astype(np.complex64))
         f.create_dataset("reconstruction_rss", data=volume.reconstruction_rss.astype(np.float32))
         f.create_dataset("ismrmrd_header", data=volume.header)
