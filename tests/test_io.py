@@ -288,6 +288,19 @@ def test_metrics_csv_is_utf8_whatever_the_locale(tmp_path):
     assert rows[1] == "müller_Ω.h5,3,0.01,30,0.9"
 
 
+def test_a_file_name_that_is_not_utf8_reaches_the_png_and_csv_outputs(tmp_path):
+    """``scan\\xff1.h5`` (a Latin-1 name) comes to Python with a lone surrogate: matplotlib refused it as the PNG
+    title and the CSV writer raised UnicodeEncodeError, so the file's PNGs and evaluate's whole CSV failed."""
+    from reconkit.io import write_metrics_csv
+
+    name = os.fsdecode(b"scan\xff1.h5")
+    volume = _volume(np.random.default_rng(6))
+    (png,) = write_png_panels(tmp_path / "png", volume[:1], name=name)
+    assert matplotlib.image.imread(png).ndim == 3
+    write_metrics_csv(tmp_path / "m.csv", [(name, 3, 0.01, 30.0, 0.9)])
+    assert (tmp_path / "m.csv").read_bytes().splitlines()[1] == b"scan\xff1.h5,3,0.01,30,0.9"
+
+
 def test_png_grey_scale_ignores_nan_in_the_reference(tmp_path):
     """One NaN pixel in a file's reference image made the grey scale NaN and every panel of the slice blank."""
     reconstruction = np.full((40, 40), 0.5, np.float32)

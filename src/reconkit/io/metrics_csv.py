@@ -15,9 +15,10 @@ __all__ = ["write_metrics_csv"]
 def write_metrics_csv(path: os.PathLike | str, rows: Sequence[Sequence]) -> Path:
     """Atomically write ``rows`` of ``(volume, slices, nmse, psnr_db, ssim, *nmse_per_band)`` under the header
     ``volume, slices, nmse, psnr_db, ssim[, nmse_band0, ...]`` (numbers to 8 significant digits); every row has as
-    many band values as the first. UTF-8 whatever the locale, so any file name can be a volume name."""
+    many band values as the first. UTF-8 whatever the locale, so any file name can be a volume name; a name that
+    is not UTF-8 (PEP 383 surrogates) is written as its own bytes."""
     bands = len(rows[0]) - 5 if rows else 0
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["volume", "slices", "nmse", "psnr_db", "ssim"] + [f"nmse_band{b}" for b in range(bands)])
         for name, slices, *values in rows:

@@ -56,8 +56,8 @@ def write_png_panel(
         extra = (labels or {}).get(name, "")
         ax.set_title(f"{heading}\n{extra}" if extra else heading, fontsize=9)
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if title:  # a file name that is not UTF-8 holds lone surrogates (PEP 383), which matplotlib refuses
+        fig.suptitle(title.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         fig.savefig(handle, format="png")
