@@ -402,6 +402,18 @@ def test_an_hdf5_write_past_the_space_left_is_a_plain_oserror(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_outputs_whose_names_are_close_to_the_file_name_limit(tmp_path):
+    """A scan named with 245 characters (the limit is 255 bytes) failed every output: 'File name too long' for the
+    temporary name, ``.tmp-<8 random>-`` + the output's name."""
+    volume = _volume(np.random.default_rng(7))
+    stem = "s" + "\u00fc" * 119 + "s"  # 240 bytes in UTF-8; the h5 temporary name cuts its second character in two
+    write_fastmri_h5(tmp_path / f"{stem}.h5", volume)
+    write_nifti(tmp_path / f"{stem}.nii.gz", volume, ImageGeometry())
+    write_dicom_series(tmp_path / stem, volume, ImageGeometry())
+    assert nib.load(tmp_path / f"{stem}.nii.gz").shape == volume.shape[::-1]
+    assert sorted(os.listdir(tmp_path)) == sorted([stem, f"{stem}.h5", f"{stem}.nii.gz"])
+
+
 def test_outputs_get_the_umask_permissions_of_a_plain_write(tmp_path):
     """Atomic writes go through ``tempfile`` names (owner-only 0o600 / 0o700); the results must not stay so."""
     volume = _volume(np.random.default_rng(5))

@@ -23,12 +23,16 @@ import h5py
 
 __all__ = ["atomic_directory", "atomic_hdf5", "atomic_path"]
 
+_NAME_MAX = 255
+"""The longest file name, in bytes, of Linux file systems (ext4, XFS, Btrfs, tmpfs) and macOS's APFS."""
+
 
 @contextlib.contextmanager
 def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error deleted.
 
-    The temporary file is ``.tmp-<random>-<name>`` in the same directory (so ``os.replace`` is atomic).
+    The temporary file is ``.tmp-<random>-<name>`` (the end of a long name) in the same directory (so
+    ``os.replace`` is atomic).
 
     Example:
         >>> import tempfile, pathlib
@@ -41,7 +45,7 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     # hidden, and ending in the destination's own name so writers that pick a format by suffix still work
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{final.name}", dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=_suffix(final), dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -75,12 +79,12 @@ def atomic_directory(path: os.PathLike | str) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", suffix=f"-{final.name}", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", suffix=_suffix(final), dir=final.parent))
     old = None
     try:
         yield tmp
         os.chmod(tmp, _final_mode(final, 0o777))
-        old = Path(tempfile.mkdtemp(prefix=".old-", suffix=f"-{final.name}", dir=final.parent))
+        old = Path(tempfile.mkdtemp(prefix=".old-", suffix=_suffix(final), dir=final.parent))
         _move_in(tmp, final, old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -110,6 +114,13 @@ def _move_in(tmp: Path, final: Path, old: Path) -> None:
             with contextlib.suppress(OSError):  # fails harmlessly where nothing was moved aside
                 os.replace(aside, final)
             raise
+
+
+def _suffix(final: Path) -> str:
+    """The temporary names' ending, ``-<final's name>``, cut at its start so that ``.tmp-`` + 8 random characters +
+    it fit the 255 bytes of a file name (a name close to that limit failed with "File name too long"); the end, with
+    the extension writers pick a format by (``.nii.gz``), is kept."""
+    return "-" + os.fsdecode(os.fsencode(final.name)[-(_NAME_MAX - 14) :])
 
 
 def _final_mode(final: Path, created: int) -> int:
