@@ -41,6 +41,15 @@ def test_demo_missing_model_is_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "none.onnx" in err and "not found" in err
 
 
+def test_demo_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    """An --output below a file (or in a read-only folder) ended in a NotADirectoryError / PermissionError
+    traceback."""
+    (tmp_path / "a_file").write_text("")
+    assert demo.main(["--output", str(tmp_path / "a_file" / "demo"), "--model", str(demo.BUNDLED_ONNX)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("reconkit demo: ") and "Not a directory" in err, err
+
+
 def test_bundled_model_beats_zero_filled(tmp_path):
     assert demo.BUNDLED_ONNX.is_file(), f"bundled model missing: {demo.BUNDLED_ONNX}"
     rows = {row.method: row for row in demo.run_demo(tmp_path, demo.BUNDLED_ONNX)}

@@ -108,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo; exit code 1 with one line if the model or scan cannot be used."""
+    """Run the demo; exit code 1 with one line if the model or scan cannot be used or the output not written."""
     args = build_parser().parse_args(argv)
     try:
         rows = run_demo(args.output, args.model, args.seed)
-    except ReconkitError as err:
+    except (ReconkitError, OSError) as err:  # OSError: an --output that cannot be written (read-only, a file)
         print(f"reconkit demo: {err}", file=sys.stderr)
         return 1
     print_table(rows, args.output)
