@@ -133,6 +133,7 @@ def evaluate_directories(
         if not folder.is_dir():
             found = "is not a directory (a folder of .h5 / .hdf5 files)" if folder.exists() else "not found"
             raise ReconkitError(f"{folder}: {role} directory {found}")
+        list_volume_files(folder)  # a folder that cannot be listed (no read permission) fails here, before scoring
     scores, errors = [], []
     for target_path in list_volume_files(target_dir):
         try:

@@ -55,9 +55,12 @@ def list_volume_files(root: PathLike | Sequence[PathLike]) -> list[Path]:
         folder = Path(root)
         if not folder.is_dir():
             raise DataError(folder, "dataset root is not a folder" if folder.exists() else "dataset root not found")
-        return sorted(
-            p for p in folder.iterdir() if p.suffix.lower() in _VOLUME_SUFFIXES and not p.name.startswith(".")
-        )
+        try:
+            return sorted(
+                p for p in folder.iterdir() if p.suffix.lower() in _VOLUME_SUFFIXES and not p.name.startswith(".")
+            )
+        except OSError as err:  # e.g. a folder without read permission
+            raise DataError(folder, f"cannot list the folder: {err.strerror or err}") from None
     return sorted(Path(p) for p in root)
 
 
