@@ -8,8 +8,10 @@ Each sub-command lives in ``reconkit/cli/<name>.py`` and exposes ``main(argv: li
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -78,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if argv is None and name in _CLEAN_EXIT_ON_SIGTERM:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        sys.unraisablehook = _unraisable
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(rest) or 0)
@@ -96,8 +99,24 @@ _CLEAN_EXIT_ON_SIGTERM = ("simulate", "export", "reconstruct", "evaluate", "demo
 _OWN_SIGPIPE = ("serve", "train")
 
 
+class _Terminated(SystemExit):
+    """The exit a SIGTERM raises (code 143)."""
+
+
 def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
+    raise _Terminated(128 + signum)
+
+
+def _unraisable(unraisable) -> None:
+    """``sys.unraisablehook``: a SIGTERM that arrived inside a finaliser (a ``__del__`` or weakref callback, which
+    garbage collection runs anywhere) was printed as "Exception ignored" and the run went on to its end, exit code
+    0. The signal is sent again 0.1 s later (from a timer thread), when the finaliser and this hook have returned."""
+    if isinstance(unraisable.exc_value, _Terminated):
+        resend = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM))
+        resend.daemon = True
+        resend.start()
+    else:
+        sys.__unraisablehook__(unraisable)
 
 
 if __name__ == "__main__":  # pragma: no cover
