@@ -443,6 +443,30 @@ def test_a_second_run_into_the_same_folder_cannot_put_a_volume_in_two_splits(tmp
     assert not (tmp_path / "odd").exists()  # a bad size leaves no empty folder behind
 
 
+def test_a_rerun_stopped_part_way_leaves_no_manifest_of_the_earlier_run(tmp_path, monkeypatch):
+    """The earlier run's manifest.json stayed and gave the files the stopped rerun had replaced their old
+    parameters (here 2 coils for a 4-coil file)."""
+    from reconkit.data.simulate import dataset
+
+    options = {"slices": 1, "encoded_size": (48, 32), "recon_size": (24, 20), "split": (1, 0, 0), "progress": False,
+               "source": "pydicom_mr"}  # fmt: skip
+    simulate_dataset(tmp_path, 1, 2, **options)
+    real_simulate, calls = dataset.simulate_volume, []
+
+    def simulate_volume(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C while the second volume is simulated
+            raise KeyboardInterrupt
+        return real_simulate(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "simulate_volume", simulate_volume)
+    with pytest.raises(KeyboardInterrupt):
+        simulate_dataset(tmp_path, 2, 4, **options)
+    with h5py.File(tmp_path / "train" / "pydicom_mr_s0_0000.h5") as f:
+        assert f["kspace"].shape[1] == 4
+    assert not (tmp_path / "manifest.json").exists()
+
+
 def test_options_a_source_cannot_take_are_refused_before_anything_is_written(tmp_path):
     options = {"coils": 2, "slices": 1, "encoded_size": (48, 32), "recon_size": (24, 20), "seed": 1, "progress": False}
     # dipy_b0 is axial only: the mni152 volumes drawn before it were written, then the run stopped without a manifest

@@ -145,6 +145,9 @@ def simulate_dataset(
         plan.append((index, vseed, coil_index, snr_index, volume_source,
                      f"{labels[index]}/{volume_source}_s{seed}_{index:04d}.h5"))
     _check_no_split_leak(output, [name for *_, name in plan])
+    # an earlier run's manifest would describe the volumes this run replaces: a run stopped part-way (Ctrl-C, a
+    # full disk) leaves none, rather than one whose parameters are no longer those of the files
+    (output / "manifest.json").unlink(missing_ok=True)
     entries = []
     desc = f"simulate {'+'.join(dict.fromkeys(source_choices))}"
     for index, vseed, coil_index, snr_index, volume_source, name in tqdm(plan, desc=desc, unit="vol",
