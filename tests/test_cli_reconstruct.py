@@ -514,7 +514,7 @@ def test_a_sigterm_inside_a_finaliser_still_stops_the_run(monkeypatch):
 
 def test_a_read_only_output_is_one_error_before_any_file(tmp_path, capsys, monkeypatch):
     """Each file used to be reconstructed and then fail at its write ('PermissionError: ... out/h5')."""
-    from reconkit.cli import reconstruct
+    from reconkit import atomic
 
     write_fastmri_file(tmp_path / "a.h5", np.random.default_rng(7))
     (tmp_path / "ro").mkdir()
@@ -523,7 +523,7 @@ def test_a_read_only_output_is_one_error_before_any_file(tmp_path, capsys, monke
     def access(path, mode):
         return Path(path).name != "ro" and real_access(path, mode)
 
-    monkeypatch.setattr(reconstruct.os, "access", access)
+    monkeypatch.setattr(atomic.os, "access", access)
     output = tmp_path / "ro" / "o"
     code, out, err = _run(capsys, str(tmp_path / "a.h5"), "--model", "zero-filled", "--output", str(output))
     assert code == 2 and err.strip() == f"reconkit reconstruct: --output {output}: {tmp_path / 'ro'} is not writable"

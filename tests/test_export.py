@@ -428,6 +428,29 @@ def test_cli_export_reports_outputs_it_cannot_write_in_one_line(unet_checkpoint,
     assert not (tmp_path / "x.onnx").exists() and list(locked.iterdir()) == []
 
 
+def test_cli_export_refuses_a_triton_repository_it_cannot_write_before_exporting(tmp_path, capsys, monkeypatch) -> None:
+    """A --triton-repository in a read-only folder was found only after the (minutes-long) export."""
+    from reconkit import atomic, export
+
+    (tmp_path / "ro").mkdir()
+    real_access = os.access  # a chmod 555 folder, which root (running tests in containers) may write anyway
+
+    def access(path, mode):
+        return Path(path).name != "ro" and real_access(path, mode)
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported before the repository was checked")
+
+    monkeypatch.setattr(atomic.os, "access", access)
+    monkeypatch.setattr(export, "export_onnx", no_export)
+    repository = tmp_path / "ro" / "models"
+    code = export_main(["--checkpoint", "any.ckpt", "--output", str(tmp_path / "x.onnx"), "--triton-repository",
+                        str(repository)])  # fmt: skip
+    assert code == 1
+    assert capsys.readouterr().err == (f"reconkit export: error: --triton-repository {repository}: {tmp_path / 'ro'} "
+                                       "is not writable\n")  # fmt: skip
+
+
 def test_sigterm_during_an_export_leaves_no_temporary_folder(tmp_path) -> None:
     """A scheduler's or ``kill``'s SIGTERM unwinds the export as Ctrl-C does: no ``.export-*`` folder, no file."""
     out = tmp_path / "out"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import h5py
 
-__all__ = ["atomic_directory", "atomic_hdf5", "atomic_path"]
+__all__ = ["atomic_directory", "atomic_hdf5", "atomic_path", "folder_problem"]
 
 _NAME_MAX = 255
 """The longest file name, in bytes, of Linux file systems (ext4, XFS, Btrfs, tmpfs) and macOS's APFS."""
@@ -114,6 +114,18 @@ def _move_in(tmp: Path, final: Path, old: Path) -> None:
             with contextlib.suppress(OSError):  # fails harmlessly where nothing was moved aside
                 os.replace(aside, final)
             raise
+
+
+def folder_problem(folder: os.PathLike | str) -> str | None:
+    """Why nothing can ever be written in ``folder`` (made with its parents where missing), for the commands to say
+    before hours of work rather than at the first write: the nearest of it and its parents that exists is a file,
+    or a folder this user cannot write in; None when it can be (a full disk shows only when writing)."""
+    existing = next((path for path in (Path(folder), *Path(folder).parents) if path.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return f"{existing} exists and is not a directory"
+    return None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
 
 
 def _suffix(final: Path) -> str:

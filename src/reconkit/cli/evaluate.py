@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reconkit.atomic import folder_problem
 from reconkit.data import center_crop, list_volume_files, open_volume, target_key
 from reconkit.errors import DataError, ReconkitError
 from reconkit.io.metrics_csv import write_metrics_csv
@@ -178,19 +178,6 @@ def write_csv(path: Path, scores: Sequence[VolumeScore]) -> None:
     write_metrics_csv(path, [(s.name, s.slices, s.nmse, s.psnr, s.ssim, *s.band_nmse) for s in rows])
 
 
-def csv_problem(path: Path) -> str | None:
-    """Why ``--csv path`` cannot be written (it is a folder, a file stands where its folder would be, or that folder
-    is not writable), checked before any volume is scored; None when it can be."""
-    if path.is_dir():
-        return "is a directory; give the CSV file to write"
-    folder = next(parent for parent in path.parents if parent.exists())  # '.' or '/' at the latest
-    if not folder.is_dir():
-        return f"{folder} exists and is not a directory"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"{folder} is not writable"
-    return None
-
-
 def print_table(scores: Sequence[VolumeScore]) -> None:
     """Rich table of per-volume scores and the mean."""
     from rich.console import Console
@@ -263,8 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.bands < 0:
             raise ReconkitError(f"--bands must be 0 (off) or positive, got {args.bands}")
-        problem = None if args.csv is None else csv_problem(args.csv)
-        if problem:
+        if args.csv is not None and args.csv.is_dir():
+            raise ReconkitError(f"--csv {args.csv}: is a directory; give the CSV file to write")
+        problem = None if args.csv is None else folder_problem(args.csv.parent)
+        if problem:  # before any volume is scored
             raise ReconkitError(f"--csv {args.csv}: {problem}")
         scores, errors = evaluate_directories(
             args.target, args.predictions, args.challenge, args.acquisition, args.acceleration, args.bands

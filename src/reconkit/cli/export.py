@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from reconkit.atomic import folder_problem
 from reconkit.errors import ReconkitError
 
 __all__ = ["build_parser", "main"]
@@ -53,6 +54,9 @@ def _check_arguments(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> 
 
         if args.triton_repository.exists() and not args.triton_repository.is_dir():
             raise ReconkitError(f"--triton-repository {args.triton_repository}: is not a directory")
+        problem = folder_problem(args.triton_repository)
+        if problem:
+            raise ReconkitError(f"--triton-repository {args.triton_repository}: {problem}")
         check_triton_options(args.model_name or args.output.stem, args.version, args.max_batch_size)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reconkit.atomic import folder_problem
 from reconkit.data import Volume, create_mask_for_mask_type, read_volume
 from reconkit.data.ismrmrd_raw import image_groups, is_ismrmrd_raw, read_ismrmrd_raw
 from reconkit.data.masks import LINE_MASK_TYPES
@@ -340,17 +341,6 @@ def _interrupted(files: Sequence[Path], current: Path, reports: Sequence[FileRep
     )
 
 
-def _output_problem(output: Path) -> str | None:
-    """Why the output directory can never be written: the existing file (not a directory) that ``output`` or one of
-    its parents names, or the nearest existing directory being read-only to this user; None when it can be."""
-    existing = next((path for path in (output, *output.parents) if path.exists()), None)
-    if existing is None:
-        return None
-    if not existing.is_dir():
-        return f"{existing} exists and is not a directory"
-    return None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``reconkit reconstruct``; exit code 0 if every file was written, 1 if any failed, 2 on a bad model or
     option."""
@@ -358,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         print("reconkit reconstruct: --batch-size must be at least 1", file=sys.stderr)
         return 2
-    problem = _output_problem(args.output)
+    problem = folder_problem(args.output)
     if problem is not None:  # checked before any file is reconstructed, rather than failing each one at its write
         print(f"reconkit reconstruct: --output {args.output}: {problem}", file=sys.stderr)
         return 2
