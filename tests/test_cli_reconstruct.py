@@ -583,6 +583,22 @@ def test_a_folder_that_cannot_be_listed_is_one_error_and_the_others_are_written(
     assert (tmp_path / "out" / "h5" / "a.h5").is_file()
 
 
+def test_a_fifo_named_like_a_scan_is_one_error_not_a_hang(tmp_path, capsys):
+    """A FIFO ``x.h5`` in a scan folder: opening it (the ISMRMRD check first) waited for a writer for ever."""
+    write_fastmri_file(tmp_path / "a.h5", np.random.default_rng(7))
+    os.mkfifo(tmp_path / "fifo.h5")
+    # a writer after 20 s ends a wait that would otherwise hang the test run (HDF5's open holds the GIL)
+    writer = subprocess.Popen(["sh", "-c", f"sleep 20; echo > '{tmp_path / 'fifo.h5'}'"])
+    try:
+        code, _, err = _run(capsys, str(tmp_path), "--model", "zero-filled", "--output", str(tmp_path / "out"))
+    finally:
+        writer.kill()
+        writer.wait()
+    assert code == 1
+    assert f"error: {tmp_path / 'fifo.h5'}: is not a regular file (a FIFO, socket or device), not an HDF5 file" in err
+    assert (tmp_path / "out" / "h5" / "a.h5").is_file()
+
+
 def test_single_coil_and_odd_sizes(tmp_path, capsys):
     rng = np.random.default_rng(4)
     write_fastmri_file(tmp_path / "single.h5", rng, single_coil=True, height=40, width=36, recon=(20, 20))

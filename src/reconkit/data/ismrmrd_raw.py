@@ -53,6 +53,8 @@ _SKIP_FLAGS = (
 
 def is_ismrmrd_raw(path: os.PathLike | str) -> bool:
     """True if ``path`` is an HDF5 file holding an ISMRMRD ``dataset`` group (never raises)."""
+    if not Path(path).is_file():  # a FIFO would block the open
+        return False
     try:
         with h5py.File(path, "r") as f:
             group = f.get("dataset")

@@ -102,14 +102,16 @@ class Volume:
 def open_volume(path: os.PathLike | str) -> Iterator[h5py.File]:
     """Open a fastMRI file read-only, turning every way it can fail to open into a :class:`DataError`.
 
-    Reports: file not found, a directory, empty file, not an HDF5 file, a file another process holds open for
-    writing (HDF5's file lock), truncated or corrupt HDF5 file.
+    Reports: file not found, a directory or other non-regular file (a FIFO), empty file, not an HDF5 file, a file
+    another process holds open for writing (HDF5's file lock), truncated or corrupt HDF5 file.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(path, "file not found")
     if path.is_dir():
         raise DataError(path, "is a directory, not an HDF5 file")
+    if not path.is_file():  # opening a FIFO would wait for a writer for ever
+        raise DataError(path, "is not a regular file (a FIFO, socket or device), not an HDF5 file")
     if path.stat().st_size == 0:
         raise DataError(path, "empty file (0 bytes)")
     if not h5py.is_hdf5(path):
