@@ -392,6 +392,22 @@ def test_large_json_headers_parsed_in_a_worker_process_give_the_same_answers(ser
         assert status == 400 and message in error, error
 
 
+def test_large_json_headers_beyond_the_parse_bound_are_503(server, monkeypatch):
+    """Each large JSON request holds its body while it waits for the one parsing process; with MAX_JSON_PARSES of
+    them there, the next is 503 with Retry-After (they once queued without bound), and a slot freed is taken again."""
+    from reconkit.serve import protocol, state
+
+    url, server_state = server
+    monkeypatch.setattr(protocol, "JSON_IN_WORKER_BYTES", 0)
+    body = json.dumps(json_request(*sample())).encode()
+    monkeypatch.setattr(server_state, "_json_parses", state.MAX_JSON_PARSES)
+    status, headers, answer = post(url, "/v2/models/recon/infer", body)
+    assert status == 503 and "large JSON requests" in json.loads(answer)["error"]
+    assert {k.lower(): v for k, v in headers.items()}["retry-after"] == "1"
+    server_state._json_parses = state.MAX_JSON_PARSES - 1
+    assert post(url, "/v2/models/recon/infer", body)[0] == 200 and server_state._json_parses == state.MAX_JSON_PARSES - 1
+
+
 def test_wrong_method_is_a_json_405(server):
     url, _ = server
     for method, path in (("GET", "/v2/models/recon/infer"), ("POST", "/v2/models/recon"), ("POST", "/v2")):

@@ -35,6 +35,9 @@ __all__ = ["EXTENSIONS", "ServedModel", "ServerConfig", "ServerState", "bearer_t
 
 # protocol extensions served over both REST and gRPC (REST adds binary_tensor_data), named as Triton names them
 EXTENSIONS = ["model_configuration", "statistics"]
+MAX_JSON_PARSES = 4
+"""JSON headers over :data:`~reconkit.serve.protocol.JSON_IN_WORKER_BYTES` in the worker process or waiting for it
+at once: each holds its body (up to ``--max-request-mb``) while it waits, so more are answered 503 (``Retry-After``)."""
 
 _log = logging.getLogger("reconkit.serve")
 
@@ -174,6 +177,7 @@ class ServerState:
         self.grpc_port: int | None = None
         self.startup_error: Exception | None = None
         self._json_workers: ProcessPoolExecutor | None = None
+        self._json_parses = 0
 
     def _all_served(self, name: str | None = None) -> list[ServedModel]:
         """Every model version (of model ``name`` only, when given), by name and then version number."""
@@ -307,11 +311,16 @@ class ServerState:
         """A request's JSON header (:func:`~reconkit.serve.protocol.parse_header_outcome`); one longer than
         :data:`~reconkit.serve.protocol.JSON_IN_WORKER_BYTES` is parsed in a worker process (spawned on first use,
         one at a time), so that the event loop answers other requests meanwhile. RequestError 400 for what the
-        parse finds, 503 when the worker died (e.g. out of memory; the next request starts a new one)."""
+        parse finds, 503 when the worker died (e.g. out of memory; the next request starts a new one) or when
+        :data:`MAX_JSON_PARSES` large headers are already there."""
         if len(json_part) <= protocol.JSON_IN_WORKER_BYTES:
             return header_of(parse_header_outcome(json_part))
+        if self._json_parses >= MAX_JSON_PARSES:
+            raise RequestError(503, f"{MAX_JSON_PARSES} large JSON requests are being parsed or waiting; retry later, "
+                                    "or send large tensors as binary data", {"Retry-After": "1"})
         if self._json_workers is None:
             self._json_workers = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        self._json_parses += 1
         try:
             outcome = await asyncio.get_running_loop().run_in_executor(
                 self._json_workers, parse_header_outcome, json_part)
@@ -319,6 +328,8 @@ class ServerState:
             self._json_workers = None
             raise RequestError(503, f"the JSON parsing process failed ({type(exc).__name__}); send large tensors as "
                                     "binary data") from None
+        finally:
+            self._json_parses -= 1
         return header_of(outcome)
 
     async def stop(self) -> None:
