@@ -528,6 +528,12 @@ def test_a_read_only_output_is_one_error_before_any_file(tmp_path, capsys, monke
     code, out, err = _run(capsys, str(tmp_path / "a.h5"), "--model", "zero-filled", "--output", str(output))
     assert code == 2 and err.strip() == f"reconkit reconstruct: --output {output}: {tmp_path / 'ro'} is not writable"
     assert "a.h5" not in out
+    (tmp_path / "out" / "png").mkdir(parents=True)
+    (tmp_path / "out" / "h5").write_text("a file where the h5 folder goes")  # a format's folder: checked too
+    code, out, err = _run(capsys, str(tmp_path / "a.h5"), "--model", "zero-filled", "--output", str(tmp_path / "out"),
+                          "--format", "png", "h5")  # fmt: skip
+    assert code == 2 and err.strip().endswith(f"{tmp_path / 'out' / 'h5'} exists and is not a directory")
+    assert "a.h5" not in out
 
 
 def test_an_interrupted_run_says_which_files_are_complete(tmp_path, capsys, monkeypatch):

@@ -348,8 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         print("reconkit reconstruct: --batch-size must be at least 1", file=sys.stderr)
         return 2
-    problem = folder_problem(args.output)
-    if problem is not None:  # checked before any file is reconstructed, rather than failing each one at its write
+    # checked before any file is reconstructed, rather than failing each one at its write: --output and the folder
+    # of each format in it (an `out/h5` that is a file, or read-only)
+    problem = next(filter(None, (folder_problem(args.output / name) for name in dict.fromkeys(args.format))), None)
+    if problem is not None:
         print(f"reconkit reconstruct: --output {args.output}: {problem}", file=sys.stderr)
         return 2
     try:
