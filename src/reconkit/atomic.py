@@ -62,11 +62,17 @@ def atomic_hdf5(path: os.PathLike | str) -> Iterator[h5py.File]:
     """:func:`atomic_path` for an HDF5 file: yields it as an ``h5py.File`` open for writing.
 
     HDF5 writes through a Python file object, so a failed write (a full disk) is a plain ``OSError`` ("No space
-    left on device"). With HDF5's own file driver it left the file half closed and, with HDF5 2.0, the interpreter
-    crashed when it exited (a segmentation fault closing that file's datasets).
+    left on device"), which names ``path`` (a write through a file object names no file). With HDF5's own file
+    driver it left the file half closed and, with HDF5 2.0, the interpreter crashed when it exited (a segmentation
+    fault closing that file's datasets).
     """
-    with atomic_path(path) as tmp, open(tmp, "w+b") as handle, h5py.File(handle, "w") as file:
-        yield file
+    try:
+        with atomic_path(path) as tmp, open(tmp, "w+b") as handle, h5py.File(handle, "w") as file:
+            yield file
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), os.fspath(path)) from err
 
 
 @contextlib.contextmanager
