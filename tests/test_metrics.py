@@ -41,6 +41,18 @@ def test_volume_metrics_equal_fastmri(shape, noise):
     assert ssim(gt, pred, maxval) == pytest.approx(float(fm_evaluate.ssim(gt, pred, maxval)[0]), abs=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1e4])
+def test_volume_ssim_equals_fastmri_at_any_intensity_scale(scale):
+    """The volume SSIM's local means are differences of running sums, whose rounding grows with the row's total:
+    on an object in a zero background at raw-k-space-like scales it must still be fastmri's number (whose own
+    value moves by 2e-9 relative between these two scales; ours does not)."""
+    gt = np.zeros((2, 96, 80))
+    gt[:, 20:76, 16:64] = smooth_volume((2, 56, 48), seed=9)
+    gt *= scale
+    pred = gt + 0.05 * scale * np.random.default_rng(10).standard_normal(gt.shape) * (gt > 0)
+    assert ssim(gt, pred) == pytest.approx(float(fm_evaluate.ssim(gt, pred)[0]), rel=1e-8)  # fastmri: 2e-9 apart
+
+
 def test_metrics_order_better_reconstructions():
     gt = smooth_volume((2, 48, 40), seed=3)
     good, bad = degraded(gt, 4, noise=0.01), degraded(gt, 4, noise=0.2)
