@@ -93,6 +93,27 @@ else:
     def mask_2d(batch: int, height: int, width: int, seed: int) -> torch.Tensor:
         return randn(batch, 1, height, width, 1, seed=seed) > 0
 
+    # ------------------------------------------------------------------------------------------------ launch
+
+    def test_grids_put_the_coil_planes_on_the_axis_without_cudas_65535_limit(monkeypatch) -> None:
+        """CUDA launches at most 65535 programs along grid axes 1 and 2 (2³¹ − 1 along axis 0): batch × coils
+        planes on axis 1, as the kernels once had them, failed to launch on a GPU past 65535 planes. The
+        interpreter has no such limit, so the grids are recorded (kernels stubbed) for 70000 planes."""
+        grids = []
+
+        class Recorder:
+            def __getitem__(self, grid):
+                grids.append(grid)
+                return lambda *args, **kwargs: None
+
+        for name in ("_expand_kernel", "_sign_kernel", "_reduce_kernel"):
+            monkeypatch.setattr(triton_kernels, name, Recorder())
+        image, sens_maps = randn(1, 1, 2, 2, 2, seed=1), randn(2, 35000, 2, 2, 2, seed=2)
+        triton_kernels.sens_expand(image, sens_maps)
+        triton_kernels.sens_reduce(sens_maps, sens_maps)
+        assert len(grids) >= 4 and all(len(grid) == 2 and grid[1] <= 65535 for grid in grids), grids
+        assert max(grid[0] for grid in grids) == 70000
+
     # ------------------------------------------------------------------------------------------------ forward
 
     @pytest.mark.parametrize("size", SIZES)

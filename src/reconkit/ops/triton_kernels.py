@@ -68,9 +68,9 @@ def _expand_kernel(
     out_ptr, coil_ptr, image_ptr, C, H, W, SH, SW,
     MODULATE: tl.constexpr, HAS_IMAGE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """``out[b, c] = pre(coil[b, c] · image[b])`` over one block of one coil plane ``(H, W)``; grid ``(blocks, B·C)``."""
-    bc = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    """``out[b, c] = pre(coil[b, c] · image[b])`` over one block of one coil plane ``(H, W)``; grid ``(B·C, blocks)``."""
+    bc = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < H * W
     src, sign = _source_index(offs, H, W, SH, SW, MODULATE)
     pair = tl.arange(0, 2)[None, :]
@@ -87,9 +87,9 @@ def _expand_kernel(
 
 @triton.jit
 def _sign_kernel(data_ptr, H, W, global_sign, BLOCK: tl.constexpr):
-    """In place ``data[bc] *= global_sign · (-1)^(h+w)`` (the post-modulation); grid ``(blocks, B·C)``."""
-    bc = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    """In place ``data[bc] *= global_sign · (-1)^(h+w)`` (the post-modulation); grid ``(B·C, blocks)``."""
+    bc = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < H * W
     sign = global_sign * (1.0 - 2.0 * (((offs // W) + (offs % W)) % 2).to(tl.float32))
     ptrs = data_ptr + (bc * H * W + offs)[:, None] * 2 + tl.arange(0, 2)[None, :]
@@ -104,10 +104,10 @@ def _reduce_kernel(
 ):
     """With ``u_c = post(raw[b, c])``: ``image_out[b] = Σ_c conj(S_c) · u_c`` and/or ``coil_out[b, c] = u_c · conj(x[b])``.
 
-    Grid ``(blocks, B)``; the coil loop runs inside the program, so the coil sum needs no atomics.
+    Grid ``(B, blocks)``; the coil loop runs inside the program, so the coil sum needs no atomics.
     """
-    b = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < H * W
     src, sign = _source_index(offs, H, W, SH, SW, MODULATE)
     pair = tl.arange(0, 2)[None, :]
@@ -217,7 +217,8 @@ def _expand(coil: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
     batch, coils, height, width, _ = coil.shape
     modulate, shift_h, shift_w, global_sign = _centring(height, width, inverse_shift=True)
     buffer = _complex_buffer(coil, (batch, coils, height, width))
-    grid = (triton.cdiv(height * width, _BLOCK), batch * coils)
+    # planes on grid axis 0: CUDA allows 2³¹ − 1 programs there, 65535 on axis 1 (batch × coils can pass that)
+    grid = (batch * coils, triton.cdiv(height * width, _BLOCK))
     _expand_kernel[grid](
         torch.view_as_real(buffer), coil, coil if image is None else image, coils, height, width, shift_h, shift_w,
         MODULATE=modulate, HAS_IMAGE=image is not None, BLOCK=_BLOCK,
@@ -234,7 +235,7 @@ def _raw_coil_images(kspace: torch.Tensor) -> torch.Tensor:
     batch, coils, height, width, _ = kspace.shape
     modulate, shift_h, shift_w, _ = _centring(height, width, inverse_shift=True)
     buffer = _complex_buffer(kspace, (batch, coils, height, width))
-    grid = (triton.cdiv(height * width, _BLOCK), batch * coils)
+    grid = (batch * coils, triton.cdiv(height * width, _BLOCK))
     _expand_kernel[grid](
         torch.view_as_real(buffer), kspace, kspace, coils, height, width, shift_h, shift_w,
         MODULATE=modulate, HAS_IMAGE=False, BLOCK=_BLOCK,
@@ -253,7 +254,7 @@ def _reduce(
     raw_real = torch.view_as_real(raw)
     image = torch.empty((batch, 1, height, width, 2), dtype=raw_real.dtype, device=raw.device) if write_image else None
     coil_out = torch.empty_like(raw_real) if x is not None else None
-    grid = (triton.cdiv(height * width, _BLOCK), batch)
+    grid = (batch, triton.cdiv(height * width, _BLOCK))
     _reduce_kernel[grid](
         raw_real, sens_maps, raw_real if x is None else x, raw_real if coil_out is None else coil_out,
         raw_real if image is None else image, coils, height, width, shift_h, shift_w, global_sign,
