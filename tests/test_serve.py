@@ -740,6 +740,22 @@ def test_compressed_bodies_are_bounded_and_checked(repository):
                         {**small_headers, "Content-Encoding": encoding})[0] == 200, encoding
 
 
+def _noting_the_event_loop(monkeypatch, module, name: str) -> list[bool]:
+    """Wrap ``module.name`` so that each call notes whether it ran on an event loop's thread; returns the notes."""
+    function, on_loop = getattr(module, name), []
+
+    def noting(*args):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return function(*args)
+
+    monkeypatch.setattr(module, name, noting)
+    return on_loop
+
+
 def test_compressed_bodies_are_inflated_off_the_event_loop(server, monkeypatch):
     """Inflating takes as long as the output is big: a 0.6 MB deflate body that inflates to the 512 MiB limit took
     3.5 s on the event loop (it was left there below 1 MiB compressed), and two clients sending such bodies held
@@ -747,18 +763,7 @@ def test_compressed_bodies_are_inflated_off_the_event_loop(server, monkeypatch):
     from reconkit.serve import app
 
     url, _ = server
-    on_loop = []
-
-    def inflate(*args):
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(True)
-        except RuntimeError:
-            on_loop.append(False)
-        return inflate_body(*args)
-
-    inflate_body = app._inflate
-    monkeypatch.setattr(app, "_inflate", inflate)
+    on_loop = _noting_the_event_loop(monkeypatch, app, "_inflate")
     body, headers = binary_body(*sample())
     bomb = zlib.compress(bytes(64 * 2**20))  # 64 kB on the wire
     assert post(url, "/v2/models/recon/infer", gzip.compress(body), {**headers, "Content-Encoding": "gzip"})[0] == 200
@@ -772,18 +777,7 @@ def test_responses_are_encoded_off_the_event_loop(server, monkeypatch):
     from reconkit.serve import app
 
     url, _ = server
-    on_loop = []
-
-    def encode(*args):
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(True)
-        except RuntimeError:
-            on_loop.append(False)
-        return encode_response(*args)
-
-    encode_response = app.encode_infer_response
-    monkeypatch.setattr(app, "encode_infer_response", encode)
+    on_loop = _noting_the_event_loop(monkeypatch, app, "encode_infer_response")
     assert post(url, "/v2/models/recon/infer", *binary_body(*sample()))[0] == 200
     assert on_loop == [False]
 
