@@ -1428,6 +1428,30 @@ def test_grpc_size_limit_auth_queue_and_timeouts(plain_repository):
     assert 'reconkit_serve_requests_total{code="200",endpoint="grpc_infer"} 1.0' in text
 
 
+def test_grpc_call_cancelled_while_queued_leaves_the_queue_and_is_counted(plain_repository):
+    """A call its client cancels while its request waits for a batch: the request leaves the queue, and the
+    statistics, /metrics and the log count it (it used to vanish from all three)."""
+    request = grpc_request(json_request(*sample()))
+    with running_server(plain_repository, batching=BatchingConfig(max_queue_delay_s=5.0),
+                        grpc_address="127.0.0.1:0") as (url, state):
+        served = state.models["recon"]["1"]
+        with grpc.insecure_channel(f"127.0.0.1:{state.grpc_port}") as channel:
+            call = channel.unary_unary(f"/{SERVICE}/ModelInfer",
+                                       request_serializer=MESSAGES["ModelInferRequest"].SerializeToString,
+                                       response_deserializer=MESSAGES["ModelInferResponse"].FromString)
+            future = call.future(request, timeout=30)
+            wait_until_queued(state)
+            future.cancel()
+            deadline = time.monotonic() + 5
+            while served.statistics.requests["fail"].count < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert served.batcher.queue_depth == 0
+        stats = served.statistics.as_json("recon", "1")["inference_stats"]
+        text = get(url, "/metrics")[1].decode()
+    assert (stats["success"]["count"], stats["fail"]["count"], stats["queue"]["count"]) == (0, 1, 0)
+    assert 'reconkit_serve_errors_total{code="499",endpoint="grpc_infer"} 1.0' in text
+
+
 def test_grpc_address_in_use_is_a_clear_error(repository):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

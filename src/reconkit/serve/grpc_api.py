@@ -204,6 +204,10 @@ def _wrap(state: ServerState, rpc: str, handler: Callable[..., Awaitable]) -> Ca
             except DecodeError as exc:
                 raise RequestError(400, f"request is not a valid {message_type.DESCRIPTOR.name} message: {exc}") from None
             response = await handler(request, context)
+        except asyncio.CancelledError:  # the client cancelled the call or went away: no answer, but counted
+            state.record_request(f"grpc_{kind}", 499, time.perf_counter() - start, {"rpc": rpc},
+                                 "call cancelled before it was answered (client gone or server stopping)")
+            raise
         except RequestError as exc:
             status, error = exc.status, exc.message
         except Exception as exc:  # noqa: BLE001  (never let one call take the server down)

@@ -271,12 +271,12 @@ class ServerState:
         deadline_s: the transport's own time limit (gRPC deadline), on top of the server's and the request's.
         Raises RequestError: 400 bad inputs, 503 not started / queue full / draining, 504 past the timeout,
         422 non-finite outputs, 500 when ONNX Runtime fails. Either way the request is counted in the model's
-        statistics (:mod:`reconkit.serve.statistics`).
+        statistics (:mod:`reconkit.serve.statistics`), as a failure too when it is cancelled (its client went away).
         """
         start = time.perf_counter_ns()
         try:
             results = await self._infer(served, request, deadline_s)
-        except RequestError:
+        except (RequestError, asyncio.CancelledError):
             served.statistics.record_request(request.batch_size, time.perf_counter_ns() - start, ok=False)
             raise
         served.statistics.record_request(request.batch_size, time.perf_counter_ns() - start, ok=True)

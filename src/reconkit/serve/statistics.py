@@ -8,7 +8,8 @@ durations are cumulative nanoseconds with a count:
   (validation against the model, queueing, the run and the output checks) until it has the answer or the error;
   decoding the body (names, datatypes, ranks, byte counts), before that, is not counted. ``fail`` counts the
   requests refused or failed from that point on (400 from the value checks: NaN / Inf, mask width, exported
-  sizes, empty samples, batch size; 503 queue full; 504 timeout; 500 / 422 failed inference).
+  sizes, empty samples, batch size; 503 queue full; 504 timeout; 500 / 422 failed inference; a request cancelled
+  because its client went away).
 * ``queue``: from joining the model's queue until the batch it joined was taken for a run.
 * ``compute_input`` / ``compute_infer`` / ``compute_output``: concatenating the requests' inputs into one batch,
   the ONNX Runtime call, slicing the outputs per request. As in Triton, each request of a batch is charged the
