@@ -658,6 +658,29 @@ def test_queue_full_503_and_timeout_504(plain_repository):
         assert state.models["recon"]["1"].batcher.queue_depth == 0  # the timed-out request left the queue
 
 
+def test_a_client_that_disconnects_while_queued_frees_its_queue_slot(plain_repository):
+    """A REST client that closes its connection while its request waits for a batch: the request leaves the queue
+    (it used to hold the only slot, so the next client got 503, and then ran for nobody) and is counted as 499."""
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_s=5.0, max_queue_size=1)
+    with running_server(plain_repository, batching=batching) as (url, state):
+        served = state.models["recon"]["1"]
+        body = json.dumps(json_request(*sample())).encode()
+        host, port = url.split(":")
+        with socket.create_connection((host, int(port))) as client:
+            client.sendall(b"POST /v2/models/recon/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                           % (len(body), body))
+            wait_until_queued(state)
+        deadline = time.monotonic() + 5
+        while served.statistics.requests["fail"].count < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert served.batcher.queue_depth == 0
+        timed = json.dumps(json_request(*sample(), parameters={"timeout": 200_000})).encode()
+        assert error_of(post(url, "/v2/models/recon/infer", timed))[0] == 504  # admitted to the queue, not 503
+        text = get(url, "/metrics")[1].decode()
+    assert served.statistics.execution_count == 0  # nothing ran for the client that left
+    assert 'reconkit_serve_errors_total{code="499",endpoint="infer"} 1.0' in text
+
+
 def test_server_timeout_504(plain_repository):
     with running_server(plain_repository, batching=BatchingConfig(max_queue_delay_s=2.0), request_timeout_s=0.2) as (url, _):
         kspace, mask = sample()

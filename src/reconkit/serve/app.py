@@ -7,8 +7,8 @@ Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/
 404 unknown model or version or endpoint, 405 wrong method, 408 a body that paused longer than the client
 timeout, 413 body over the size limit (before or after decompressing a ``gzip`` / ``deflate`` body), 422 an input
 the model returns NaN / inf for, 503 queue full or shutting down (``Retry-After``), 504 request timeout, 500
-inference failure. Health endpoints (server and model liveness / readiness) need no token (for orchestrator
-probes).
+inference failure; 499 (only logged and counted) a client that disconnected before its answer. Health endpoints
+(server and model liveness / readiness) need no token (for orchestrator probes).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable
 
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -29,7 +30,14 @@ from starlette.routing import Route
 
 import reconkit
 from reconkit.errors import ReconkitError
-from reconkit.serve.protocol import HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response, split_body
+from reconkit.serve.protocol import (
+    HEADER_LENGTH,
+    InferRequest,
+    RequestError,
+    decode_infer_request,
+    encode_infer_response,
+    split_body,
+)
 from reconkit.serve.state import EXTENSIONS, ServedModel, ServerConfig, ServerState, bearer_token_ok
 
 __all__ = ["ServerConfig", "create_app"]
@@ -141,6 +149,31 @@ async def _read_body(request: Request, limit: int, pause_s: float) -> bytes:
     return await asyncio.to_thread(_inflate, body, encoding, limit)
 
 
+async def _infer_while_connected(state: ServerState, served: ServedModel, request: Request,
+                                 infer_request: InferRequest) -> dict[str, np.ndarray]:
+    """``state.infer``'s outputs, unless the client disconnects first (its body already read): then the inference is
+    cancelled, so that a queued request leaves the model's queue as a cancelled gRPC call's does, rather than
+    holding a queue slot and running for nobody, and RequestError(499) is raised."""
+    inference = asyncio.ensure_future(state.infer(served, infer_request))
+    disconnect = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((inference, disconnect), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+        inference.cancel()  # no-op once done
+    if not inference.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await inference  # lets state.infer count it
+        raise RequestError(499, "client disconnected before the answer")
+    return inference.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client of ``request`` (whose body has been read) closes its connection."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _routes(state: ServerState) -> list[Route]:
     def served(request: Request) -> ServedModel:
         return state.served(request.path_params["name"], request.path_params.get("version"))
@@ -174,7 +207,7 @@ def _routes(state: ServerState) -> list[Route]:
         body = await _read_body(request, state.config.max_request_bytes, state.config.client_timeout_s)
         json_part, binary = split_body(body, request.headers.get(HEADER_LENGTH))
         infer_request = decode_infer_request(await state.parse_header(json_part), binary, s.model)
-        results = await state.infer(s, infer_request)
+        results = await _infer_while_connected(state, s, request, infer_request)
         # in a thread: outputs asked for as JSON are a Python list of every value (a batch of 640 × 368 images:
         # ~1 s on the event loop, with every REST and gRPC client waiting)
         content, headers = await asyncio.to_thread(encode_infer_response, s.entry.name, s.entry.version,
