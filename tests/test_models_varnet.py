@@ -218,6 +218,8 @@ def test_varnet_traces_to_onnx_with_matmul_fft(tmp_path):
         (image,) = session.run(None, {"masked_kspace": k.numpy(), "mask": m.numpy()})
         with torch.no_grad():
             assert _rel(torch.from_numpy(image), net(k, m)) < 1e-4
+    (scaled,) = session.run(None, {"masked_kspace": (k * 1e20).numpy(), "mask": m.numpy()})  # scale in the graph
+    assert _rel(torch.from_numpy(scaled) / 1e20, torch.from_numpy(image)) < 1e-4
 
 
 def test_varnet_under_torch_compile_matches_eager():
@@ -291,6 +293,22 @@ def test_final_dc_step_same_in_kspace_and_hybrid_space_and_on_the_export_path(st
             stacked = refined(kspace * line, line)  # export path, stacked layout
             planar = refined(kspace * full, full)  # export path, planar layout (2D masks)
     assert _rel(stacked, hybrid) < 1e-5 and _rel(planar, hybrid) < 1e-5
+
+
+@pytest.mark.parametrize("scale", [1e-18, 1e-12, 1e15])
+def test_varnet_is_equivariant_to_the_kspace_scale_in_eager_and_on_the_export_path(scale):
+    """k-space in other units (a scanner's or converter's: 1e-18 ... 1e15 here) gives the image in those units; at
+    the raw scale the ESPIRiT step's Gram norm (sums of 4th powers) and the U-Nets' variances under- / overflowed
+    in float32 (NaN images)."""
+    kspace, _ = _multicoil_scan(1, 4, 32, 24, seed=3)
+    line = _line_mask(1, 24, [6], every=3, seed=4)
+    _, refined = _final_dc_pair(seed=6, final_dc_maps="espirit", final_dc_wavelet=0.3)
+    with torch.no_grad():
+        for path in ("torch", "matmul"):
+            with fft_impl(path):
+                image = refined(kspace * line, line)
+                scaled = refined(kspace * line * scale, line) / scale
+            assert torch.isfinite(scaled).all() and _rel(scaled, image) < 1e-4, path
 
 
 def test_final_dc_settings_are_checked():

@@ -31,6 +31,7 @@ from reconkit.ops import (
     pair_factor,
     planar_sens_expand,
     planar_sens_reduce,
+    power_of_two_scale,
     resolve_backend,
     rss_complex,
     sens_expand,
@@ -335,16 +336,25 @@ class VarNet(nn.Module):
     def forward(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``(B, C, H, W, 2)`` undersampled k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, H, W)`` image."""
+        """``(B, C, H, W, 2)`` undersampled k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, H, W)`` image.
+
+        The network is equivariant to the k-space's scale (every U-Net input is normalised by its mean / std, the
+        sensitivities have unit RSS, the SENSE step's weights are ratios), so each item runs divided by the power of
+        two at its peak (:func:`reconkit.ops.power_of_two_scale`) and its image is multiplied back: the same image,
+        exactly, for k-space in any units; at the raw scale float32 sums of squares over- or underflow outside
+        about 1e-9 ... 1e12 (NaN images)."""
+        _check_inputs(masked_kspace, mask)
+        scale = power_of_two_scale(masked_kspace)
+        masked_kspace = masked_kspace / scale
         if current_fft_impl() == "matmul":
-            return self._export_forward(masked_kspace, mask, num_low_frequencies)
+            return self._export_forward(masked_kspace, mask, num_low_frequencies) * scale.view(-1, 1, 1)
         prediction, hybrid, reference = self._cascades(masked_kspace, mask, num_low_frequencies)
         if self.final_dc_iters:
             maps = self._step_maps(masked_kspace, mask, num_low_frequencies)
             prediction = refine_kspace(prediction, reference, mask.to(prediction.dtype), maps, hybrid,
                                        self.final_dc_iters, self.final_dc_prior, self.final_dc_wavelet)
         coil_images = ifftc(prediction, (-1,)) if hybrid else ifft2c(prediction)
-        return rss_complex(coil_images, dim=1)
+        return rss_complex(coil_images, dim=1) * scale.view(-1, 1, 1)
 
     def _step_maps(self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies) -> torch.Tensor:
         """Sensitivity maps ``(B, C, H, W, 2)`` for the ``final_dc_iters`` step (``final_dc_maps``)."""

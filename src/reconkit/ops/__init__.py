@@ -21,6 +21,7 @@ from reconkit.ops.complex import (
     complex_mul,
     native_complex_ok,
     pair_factor,
+    power_of_two_scale,
     rss,
     rss_complex,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "pair_factor",
     "planar_sens_expand",
     "planar_sens_reduce",
+    "power_of_two_scale",
     "real_inner",
     "resolve_backend",
     "rss",

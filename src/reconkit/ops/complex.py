@@ -14,6 +14,7 @@ __all__ = [
     "complex_mul",
     "native_complex_ok",
     "pair_factor",
+    "power_of_two_scale",
     "rss",
     "rss_complex",
 ]
@@ -99,3 +100,17 @@ def rss_complex(data: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Root sum of squares of ``(..., 2)`` complex coil images along ``dim``; drops the last axis."""
     _check_layout(data, "rss_complex")
     return torch.sqrt(complex_abs_sq(data).sum(dim))
+
+
+def power_of_two_scale(x: torch.Tensor) -> torch.Tensor:
+    """The power of two at or below each batch item's largest ``|value|``: ``(B, ...)`` → ``(B, 1, ..., 1)``.
+
+    Dividing by it and multiplying back is exact in floating point, so a reconstruction that is equivariant to the
+    scale of its input (``f(a·y) = a·f(y)``) can compute on values of magnitude ~1 whatever the scanner's or
+    converter's units (k-space from 1e-20 to 1e20), away from float32 underflow and overflow. An all-zero item
+    gets the dtype's smallest normal number (``2^-126`` in float32), so the division stays finite. Exports to ONNX
+    (Abs, ReduceMax, Log, Floor, Pow).
+    """
+    peak = x.detach().abs().amax(dim=tuple(range(1, x.dim())), keepdim=True)
+    exponent = torch.floor(torch.log2(peak.clamp_min(torch.finfo(x.dtype).tiny).float()))
+    return torch.pow(2.0, exponent).to(x.dtype)
