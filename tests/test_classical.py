@@ -224,6 +224,16 @@ def assert_same_on_object(maps: torch.Tensor, reference: torch.Tensor, support: 
     assert float(diff.norm() / reference[:, support].norm()) < 1e-5
 
 
+@pytest.mark.parametrize("scale", [1e-16, 1e14])
+def test_espirit_poly_maps_do_not_depend_on_the_kspace_scale(scale):
+    """k-space in a scanner's or converter's units: the Gram matrix's Frobenius norm (a sum of 4th powers of the
+    k-space) under- / overflowed float32 at these scales and the maps were NaN."""
+    kspace, mask, _, _, support = simulate(coils=4, height=48, width=40, num_low_frequencies=12)
+    maps = estimate_sens_maps_espirit_poly(kspace * scale, mask)
+    assert torch.isfinite(maps).all()
+    assert_same_on_object(maps[0], estimate_sens_maps_espirit_poly(kspace, mask)[0], support)
+
+
 def test_espirit_poly_calibrates_each_batch_item_on_its_own_acs_lines():
     kspace, _, _, maps, support = simulate(coils=8, height=64, width=48, batch=2)
     # item 0 has 8 ACS lines, item 1 has 20: the fixed calibration block holds non-ACS lines for both

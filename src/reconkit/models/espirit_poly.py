@@ -44,7 +44,7 @@ from reconkit.models.classical import (
     _upsample_centred,
     acs_lines,
 )
-from reconkit.ops import ifft2c
+from reconkit.ops import ifft2c, power_of_two_scale
 from reconkit.ops.dft_matmul import planar_matmul
 
 __all__ = ["estimate_sens_maps_espirit_poly"]
@@ -94,12 +94,15 @@ def estimate_sens_maps_espirit_poly(
 
     Returns:
         ``(B, C, H, W, 2)`` maps with unit root-sum-of-squares over coils, float32 (also under autocast: 2048th
-        powers need float32, so mixed-precision training leaves this function in float32).
+        powers need float32, so mixed-precision training leaves this function in float32). The same for k-space
+        in any units: it is divided by the power of two at its peak first (the Gram matrix's norm, a sum of 4th
+        powers, under- / overflows float32 for k-space peaks below about 1e-13 or above 1e10).
     """
     _check_inputs(masked_kspace, mask)
     with torch.autocast(device_type=masked_kspace.device.type, enabled=False):
-        return _espirit_poly(masked_kspace.float(), mask.float(), num_low_frequencies, kernel_size, threshold,
-                             calib_cols, calib_rows, grid_size, power_iters)
+        masked_kspace = masked_kspace.float()  # the maps do not depend on the k-space's scale: computed at peak ~1
+        return _espirit_poly(masked_kspace / power_of_two_scale(masked_kspace), mask.float(), num_low_frequencies,
+                             kernel_size, threshold, calib_cols, calib_rows, grid_size, power_iters)
 
 
 def _espirit_poly(
