@@ -188,6 +188,16 @@ def test_maps_per_batch_item_with_different_acs_widths():
             assert phase_aligned_error(estimate[item], truth, support) < 0.05
 
 
+@pytest.mark.parametrize("scale", [1e-20, 1e22])
+def test_classical_baselines_are_equivariant_to_the_kspace_scale(scale):
+    """k-space in other units gives the image in those units; at the raw scale the RSS's and the CG inner
+    products' squares under- / overflowed float32 (zero, NaN or wrong images)."""
+    kspace, mask, *_ = simulate(coils=4, height=32, width=24, num_low_frequencies=8)
+    for model in (ZeroFilled(), CGSense(), CGSense(sens_method="espirit")):
+        image = model(kspace, mask)
+        torch.testing.assert_close(model(kspace * scale, mask) / scale, image, rtol=1e-4, atol=1e-4 * image.max())
+
+
 # ---- ESPIRiT from MatMuls (reconkit.models.espirit_poly) ----
 
 

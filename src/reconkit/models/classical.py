@@ -31,6 +31,7 @@ from reconkit.ops import (
     current_fft_impl,
     ifft2c,
     pair_factor,
+    power_of_two_scale,
     rss_complex,
     zero_filled_rss_sampled_lines,
 )
@@ -322,7 +323,8 @@ class ZeroFilled(nn.Module):
     def forward(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None = None
     ) -> torch.Tensor:
-        return zero_filled(masked_kspace)
+        scale = power_of_two_scale(masked_kspace)  # exact; the RSS's squares stay within float32 in any units
+        return zero_filled(masked_kspace / scale) * scale.view(-1, 1, 1)
 
 
 class CGSense(nn.Module):
@@ -352,5 +354,9 @@ class CGSense(nn.Module):
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None = None
     ) -> torch.Tensor:
         estimate = estimate_sens_maps_espirit if self.sens_method == "espirit" else estimate_sens_maps_acs
+        # CG-SENSE is equivariant to the k-space's scale: run at peak ~1, away from float32 under- / overflow of the
+        # maps' RSS and the CG inner products (k-space peaks below ~1e-17 gave NaN or wrong images)
+        scale = power_of_two_scale(masked_kspace)
+        masked_kspace = masked_kspace / scale
         sens_maps = estimate(masked_kspace, mask, num_low_frequencies)
-        return cg_sense(masked_kspace, mask, sens_maps, self.num_iters, self.l2_reg)
+        return cg_sense(masked_kspace, mask, sens_maps, self.num_iters, self.l2_reg) * scale.view(-1, 1, 1)
