@@ -238,6 +238,14 @@ def test_unet_checkpoint_export_parity_and_metadata(unet_checkpoint, tmp_path) -
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch, coils in ((1, 3), (2, 4)):
         assert_parity(session, ZeroFilledFrontEnd(model), *sample(batch, coils, 72, 66, seed=coils))
+    kspace, mask = sample(1, 3, 72, 66, seed=5)
+    (image,) = session.run(None, {"masked_kspace": kspace, "mask": mask})
+    for scale in (1e-15, 1e15):  # k-space in other units: the image in those units (the eps was absolute)
+        (scaled,) = session.run(None, {"masked_kspace": kspace * np.float32(scale), "mask": mask})
+        np.testing.assert_allclose(scaled / scale, image, rtol=1e-4, atol=1e-4 * np.abs(image).max())
+        with torch.no_grad():
+            eager = ZeroFilledFrontEnd(model)(torch.from_numpy(kspace * np.float32(scale)), torch.from_numpy(mask))
+        np.testing.assert_allclose(eager.numpy() / scale, image, rtol=1e-4, atol=1e-4 * np.abs(image).max())
     meta = load_onnx_metadata(path)
     assert meta["reconkit.model_type"] == "unet"
     assert meta["reconkit.normalization"] == "instance"
