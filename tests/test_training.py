@@ -242,6 +242,21 @@ def test_cli_bad_option_values_are_one_line_errors_before_training(sim_root, tmp
     assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("accelerator,message", [
+    pytest.param("cuda", "`CUDAAccelerator` can not run on your system",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    ("bogus", "You selected an invalid accelerator name"),
+])
+def test_cli_accelerator_this_machine_lacks_is_a_one_line_error(accelerator, message, sim_root, tmp_path, capsys):
+    """Was Lightning's MisconfigurationException / ValueError traceback from inside the Trainer's constructor."""
+    code = main(["fit", "--data.data_path", str(sim_root), "--model", "reconkit.training.VarNetModule",
+                 "--trainer.accelerator", accelerator, "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--data.num_workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"reconkit train: --trainer options (accelerator {accelerator!r}, devices" in err, err
+    assert message in err and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("model_type", ["cg_sense", "zero_filled"])
 def test_cli_fit_of_a_model_without_weights_is_a_one_line_error(model_type, sim_root, tmp_path, capsys):
     """Was Adam's 'optimizer got an empty parameter list' traceback."""

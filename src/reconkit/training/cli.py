@@ -21,11 +21,12 @@ from typing import Any
 
 import torch.distributed
 from jsonargparse import DefaultHelpFormatter, Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from reconkit.errors import ConfigError, ReconkitWarning
+from reconkit.errors import ConfigError, ReconkitError, ReconkitWarning
 from reconkit.models import check_checkpoint_file
 from reconkit.training.base import ReconModule
 from reconkit.training.datamodule import FastMriDataModule
@@ -161,10 +162,17 @@ class ReconLightningCLI(LightningCLI):
         """``--trainer.enable_checkpointing false`` leaves out the ``checkpoint`` / ``last_checkpoint`` callbacks
         (Lightning refuses a ModelCheckpoint callback with it). The ``config.yaml`` that Lightning saves with the logs
         is the configuration as given, without the folders :meth:`before_instantiate_classes` derives from
-        ``trainer.default_root_dir``."""
+        ``trainer.default_root_dir``. Trainer options Lightning refuses (an accelerator this machine lacks, e.g.
+        ``--trainer.accelerator gpu`` without a GPU, or an unknown name) are a :class:`ConfigError`: one line."""
         if config.get("enable_checkpointing") is False:
             callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
-        trainer = super()._instantiate_trainer(config, callbacks)
+        try:
+            trainer = super()._instantiate_trainer(config, callbacks)
+        except ReconkitError:
+            raise
+        except (MisconfigurationException, ValueError) as err:
+            raise ConfigError(f"--trainer options (accelerator {config.get('accelerator')!r}, devices "
+                              f"{config.get('devices')!r}): {' '.join(str(err).split())}") from None
         for callback in trainer.callbacks:
             if isinstance(callback, SaveConfigCallback):
                 callback.config = self._config_as_given
