@@ -455,7 +455,9 @@ def test_names_that_differ_after_a_dot_keep_separate_outputs(tmp_path, capsys):
                                                    ("--mask-type", "spiral", "spiral not supported"),
                                                    ("--mask-type", "variable_density",  # was drawn on a 1 x W grid
                                                     "mask type 'variable_density' gives a 2D mask; reconstruct takes "
-                                                    "Cartesian line masks")])
+                                                    "Cartesian line masks"),
+                                                   ("--seed", "-1", "--seed must lie in [0, 2**32 - 1], got -1"),
+                                                   ("--seed", str(2**32), "--seed must lie in [0, 2**32 - 1]")])
 def test_bad_mask_options_are_one_error_before_any_file(tmp_path, capsys, option, value, message):
     write_fastmri_file(tmp_path / "a.h5", np.random.default_rng(7))
     code, _, err = _run(capsys, str(tmp_path / "a.h5"), "--model", "zero-filled", "--output", str(tmp_path / "out"),

@@ -221,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mask.add_argument("--acceleration", type=int, default=None, help="undersampling factor, e.g. 4 or 8")
     mask.add_argument("--center-fraction", type=float, default=None, help="fully sampled centre fraction, e.g. 0.08")
-    mask.add_argument("--seed", type=int, default=None, help="mask seed (default: from the file name, as fastMRI)")
+    mask.add_argument(
+        "--seed", type=int, default=None, help="mask seed, 0 to 2**32 - 1 (default: from the file name, as fastMRI)"
+    )
     return parser
 
 
@@ -238,6 +240,8 @@ def _mask_options(args: argparse.Namespace, reconstructor: Reconstructor) -> dic
     if options["mask_type"] not in LINE_MASK_TYPES:  # e.g. a model trained with 2D variable-density masks
         raise ReconkitError(f"mask options: mask type {options['mask_type']!r} gives a 2D mask; reconstruct takes "
                             f"Cartesian line masks: give --mask-type {', '.join(LINE_MASK_TYPES)}")  # fmt: skip
+    if args.seed is not None and not 0 <= args.seed < 2**32:  # numpy's RandomState seeds; else every file failed
+        raise ReconkitError(f"mask options: --seed must lie in [0, 2**32 - 1], got {args.seed}")
     return options
 
 
