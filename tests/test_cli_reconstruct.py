@@ -450,6 +450,34 @@ def test_names_that_differ_after_a_dot_keep_separate_outputs(tmp_path, capsys):
     assert (out / "nifti" / "a.nii.gz").is_file() and not (out / "h5" / "a.hdf5").exists()
 
 
+def test_threads_option_sets_torch_and_onnx_runtime_threads(tmp_path, capsys, monkeypatch):
+    """--threads N: torch's thread count and ONNX Runtime's intra-op threads (there was no thread option; ONNX
+    Runtime took every core whatever OMP_NUM_THREADS said); below 1 it is refused before any file."""
+    import torch
+
+    from reconkit.cli import reconstruct
+
+    write_fastmri_file(tmp_path / "a.h5", np.random.default_rng(7))
+    asked, real_load = [], reconstruct.load_reconstructor
+
+    def load(model, backend=None, device="cpu", threads=None, **options):
+        asked.append(threads)
+        return real_load(model, backend, device, threads, **options)
+
+    monkeypatch.setattr(reconstruct, "load_reconstructor", load)
+    before = torch.get_num_threads()
+    try:
+        code, _, err = _run(capsys, str(tmp_path / "a.h5"), "--model", "zero-filled", "--output", str(tmp_path / "o"),
+                            "--threads", "1")  # fmt: skip
+        assert code == 0, err
+        assert asked == [1] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    code, _, err = _run(capsys, str(tmp_path / "a.h5"), "--model", "zero-filled", "--output", str(tmp_path / "o"),
+                        "--threads", "0")  # fmt: skip
+    assert code == 2 and "--threads must be at least 1" in err
+
+
 @pytest.mark.parametrize("option,value,message", [("--center-fraction", "1.5", "center fractions must lie in [0, 1)"),
                                                    ("--acceleration", "0", "accelerations must be at least 1"),
                                                    ("--mask-type", "spiral", "spiral not supported"),

@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=("torch", "onnx"), default=None, help="default: onnx for .onnx files, else torch"
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads for the model: torch's and ONNX Runtime's intra-op threads (default: the libraries' own, "
+        "i.e. all cores; set it on a shared machine)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4, help="slices per model call (default 4); memory grows with it (lower it for many coils or large matrices)")
     parser.add_argument(
         "--no-torch-fallback",
@@ -265,7 +270,12 @@ def run(args: argparse.Namespace) -> list[FileReport]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    reconstructor = load_reconstructor(args.model, args.backend, args.device, torch_fallback=args.torch_fallback)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    reconstructor = load_reconstructor(args.model, args.backend, args.device, args.threads,
+                                       torch_fallback=args.torch_fallback)
     mask_options = _mask_options(args, reconstructor)
     asked_for_mask = " ".join(f"--{key.replace('_', '-')} {getattr(args, key)}" for key in (*DEFAULT_MASK, "seed")
                               if getattr(args, key) is not None)  # fmt: skip
@@ -349,8 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``reconkit reconstruct``; exit code 0 if every file was written, 1 if any failed, 2 on a bad model or
     option."""
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        print("reconkit reconstruct: --batch-size must be at least 1", file=sys.stderr)
+    if args.batch_size < 1 or (args.threads is not None and args.threads < 1):
+        print("reconkit reconstruct: --batch-size and --threads must be at least 1", file=sys.stderr)
         return 2
     # checked before any file is reconstructed, rather than failing each one at its write: --output and the folder
     # of each format in it (an `out/h5` that is a file, or read-only)
