@@ -141,6 +141,8 @@ def _ssim_under_memory_limit(gt: np.ndarray, pred: np.ndarray, extra_bytes: int)
     import resource
 
     def child(queue) -> None:
+        # one thread: a second one's stack and malloc arena (64 MiB of address space) would count against the limit
+        torch.set_num_threads(1)
         with open("/proc/self/statm") as f:
             virtual = int(f.read().split()[0]) * resource.getpagesize()
         resource.setrlimit(resource.RLIMIT_AS, (virtual + extra_bytes, resource.getrlimit(resource.RLIMIT_AS)[1]))
@@ -153,9 +155,8 @@ def _ssim_under_memory_limit(gt: np.ndarray, pred: np.ndarray, extra_bytes: int)
     queue = context.Queue()
     process = context.Process(target=child, args=(queue,))
     process.start()
-    result = queue.get(timeout=60)
-    process.join()
-    return result
+    process.join(timeout=60)
+    return queue.get(timeout=1) if process.exitcode == 0 else f"child exit code {process.exitcode}"
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="address-space limit via /proc")
