@@ -33,7 +33,9 @@ __all__ = [
 INPUT_NAMES = ("masked_kspace", "mask")
 OUTPUT_NAME = "image"
 SIZES_KEY = "reconkit.spatial_sizes"
-_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")  # how torch.save's files start: a zip archive, or a pickle (legacy)
+# how torch.save's files start: a zip archive, or a pickle (legacy). The twin of reconkit.models.registry's
+# TORCH_SAVE_MAGIC, kept here so that this module, which the service reads ONNX files with, never imports torch
+_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
 JSON_KEYS = (SIZES_KEY, "reconkit.acceleration", "reconkit.center_fraction", "reconkit.model_kwargs",
              "reconkit.weight_aliases")
 

@@ -25,8 +25,8 @@ from reconkit.models.unet import Unet
 from reconkit.models.varnet import VarNet
 from reconkit.models.vit import VisionTransformer
 
-__all__ = ["MODEL_TYPES", "CheckpointError", "ModelConfigError", "build_model", "check_checkpoint_file", "load_model",
-           "save_model"]
+__all__ = ["MODEL_TYPES", "TORCH_SAVE_MAGIC", "CheckpointError", "ModelConfigError", "build_model",
+           "check_checkpoint_file", "load_model", "save_model"]
 
 MODEL_TYPES: dict[str, Callable[..., nn.Module]] = {
     "varnet": VarNet,
@@ -93,17 +93,21 @@ def save_model(
     return path
 
 
-def _check_file_kind(path: Path) -> None:
+TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
+"""How ``torch.save``'s files start: a zip archive, or a pickle (the legacy format)."""
+
+
+def _check_file_kind(path: Path) -> bytes:
     """Name what ``path`` is when it cannot be a ``torch.save`` file: empty, an HDF5 scan, an ONNX graph, or
-    anything that starts neither like torch.save's zip archive nor like a pickle."""
+    anything that starts neither like torch.save's zip archive nor like a pickle; else return its first bytes."""
     with path.open("rb") as f:
         head = f.read(8)
     if not head:
         raise CheckpointError(path, "empty file (0 bytes)")
     if head.startswith(b"\x89HDF"):
         raise CheckpointError(path, "is an HDF5 file (a scan?), not a model checkpoint")
-    if head.startswith((b"PK\x03\x04", b"\x80")):
-        return
+    if head.startswith(TORCH_SAVE_MAGIC):
+        return head
     if path.suffix.lower() == ".onnx" or head[:1] == b"\x08":  # ONNX: a protobuf ModelProto, field 1 ir_version
         raise CheckpointError(path, "looks like an ONNX graph, not a checkpoint (reconstruct and serve take .onnx "
                                     "files as they are; export needs the training checkpoint)")
@@ -116,9 +120,7 @@ def check_checkpoint_file(path: os.PathLike | str) -> None:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "file not found" if not path.exists() else "is not a regular file")
-    _check_file_kind(path)
-    with path.open("rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
+    zipped = _check_file_kind(path).startswith(TORCH_SAVE_MAGIC[0])
     if zipped and not zipfile.is_zipfile(path):
         raise CheckpointError(path, "not a readable PyTorch checkpoint (corrupt or truncated?): the zip archive has no "
                                 "end (its central directory is missing)")
