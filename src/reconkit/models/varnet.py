@@ -367,6 +367,7 @@ class VarNet(nn.Module):
         """The cascades' multi-coil k-space prediction ``(B, C, H, W, 2)`` (what :meth:`forward` takes the RSS image
         of, before any ``final_dc_iters`` step); self-supervised losses score it directly in k-space. Arguments as
         :meth:`forward`."""
+        _check_inputs(masked_kspace, mask)
         prediction, hybrid, _ = self._cascades(masked_kspace, mask, num_low_frequencies)
         return fftc(prediction, (-2,)) if hybrid else prediction
 
@@ -375,7 +376,6 @@ class VarNet(nn.Module):
     ) -> torch.Tensor:
         """:meth:`forward` on the export path (``fft_impl("matmul")``): the coil data stay planar (real, imag) from
         the first FFT to the RSS, so ONNX Runtime never pairs / unpairs a C-coil tensor between cascades."""
-        _check_inputs(masked_kspace, mask)
         mask = mask.to(masked_kspace.dtype)
         parts = masked_kspace[..., 0], masked_kspace[..., 1]
         if mask.shape[-3] == 1:  # line mask: hybrid space, the stacked W-major cascades
@@ -418,8 +418,7 @@ class VarNet(nn.Module):
     ) -> tuple[torch.Tensor, bool, torch.Tensor]:
         """Sensitivities, then the cascades: ``(prediction (B, C, H, W, 2), hybrid, reference)``, the
         prediction and the measured data ``reference`` in hybrid space when ``hybrid`` (line mask, torch backend),
-        else in k-space."""
-        _check_inputs(masked_kspace, mask)
+        else in k-space. (Inputs checked by the public callers.)"""
         mask = mask.to(masked_kspace.dtype)
         sens_maps = self.sens_net(masked_kspace, mask, num_low_frequencies)
         hybrid = mask.shape[-3] == 1 and resolve_backend(None, masked_kspace, sens_maps) == "torch"
