@@ -36,7 +36,8 @@ def _check_pair(gt: np.ndarray, pred: np.ndarray, metric: str, ndim: int | None 
 def nmse(gt: np.ndarray, pred: np.ndarray) -> float:
     """Normalised mean squared error ``‖gt − pred‖² / ‖gt‖²`` of two arrays of one shape."""
     _check_pair(gt, pred, "nmse")
-    gt64, error = np.asarray(gt, np.float64).ravel(), (np.asarray(gt, np.float64) - np.asarray(pred, np.float64)).ravel()
+    gt64 = np.asarray(gt, np.float64).ravel()
+    error = gt64 - np.asarray(pred, np.float64).ravel()
     return float(np.dot(error, error) / np.dot(gt64, gt64))  # BLAS dot products, as fastmri's norms
 
 
