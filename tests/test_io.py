@@ -384,6 +384,39 @@ def test_atomic_directory_with_a_second_writer_between_its_renames(tmp_path, mon
         assert os.listdir(tmp_path) == ["series"]  # no temporary folder left
 
 
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """Nothing was fsynced: after a power loss just after the rename, ext4 / XFS can show the final name over a short
+    or empty file. Each file's data (and, for a series, its folder) must be flushed before the rename that publishes
+    it, and the destination folder after it."""
+    from reconkit import atomic
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(source, destination):
+        events.append(("replace", os.fspath(source)))
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    volume = _volume(np.random.default_rng(5))
+    write_fastmri_h5(tmp_path / "vol.h5", volume)
+    [(_, staged)] = [event for event in events if event[0] == "replace"]
+    assert events == [("fsync", staged), ("replace", staged), ("fsync", str(tmp_path))]
+
+    events.clear()
+    write_dicom_series(tmp_path / "scan", volume, ImageGeometry())
+    renames = [i for i, event in enumerate(events) if event[0] == "replace"]
+    synced = {path for kind, path in events[: renames[-1]] if kind == "fsync"}
+    staged_folder = events[renames[-1]][1]
+    assert {os.path.join(staged_folder, name) for name in os.listdir(tmp_path / "scan")} | {staged_folder} <= synced
+    assert events[-1] == ("fsync", str(tmp_path))
+
+
 def test_an_hdf5_write_past_the_space_left_is_a_plain_oserror(tmp_path):
     """With HDF5's own file driver a full disk left the file half closed: the error came out of its close as a
     RuntimeError (``reconkit simulate`` printed a traceback) or the interpreter crashed at exit (SIGSEGV)."""

@@ -1,6 +1,8 @@
 """Atomic file writes: write a temporary file in the destination directory, then ``os.replace`` it.
 
-An interrupted or failing write leaves neither a half-written destination nor a stray temporary file. The result
+An interrupted or failing write leaves neither a half-written destination nor a stray temporary file, and the data
+reach the disk (``fsync``) before the rename, so that a power loss or a kernel crash just after it cannot leave a
+complete-looking name over a short or empty file (ext4 and XFS may order the rename before the data). The result
 gets the permissions a plain ``open(path, "w")`` / ``mkdir`` would give (``0o666`` / ``0o777`` less the process
 umask) or, when it replaces an existing file, that file's: the temporary names come from ``tempfile``, which
 creates them readable by their owner only, and a reconstruction, an exported model or a DICOM series must stay
@@ -50,11 +52,13 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        _fsync(tmp)
         os.chmod(tmp, _final_mode(final, 0o666))
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_directory(final.parent)
 
 
 @contextlib.contextmanager
@@ -89,9 +93,14 @@ def atomic_directory(path: os.PathLike | str) -> Iterator[Path]:
     old = None
     try:
         yield tmp
+        for folder, _, names in os.walk(tmp):
+            for name in names:
+                _fsync(Path(folder, name))
+            _fsync_directory(Path(folder))
         os.chmod(tmp, _final_mode(final, 0o777))
         old = Path(tempfile.mkdtemp(prefix=".old-", suffix=_suffix(final), dir=final.parent))
         _move_in(tmp, final, old)
+        _fsync_directory(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -120,6 +129,23 @@ def _move_in(tmp: Path, final: Path, old: Path) -> None:
             with contextlib.suppress(OSError):  # fails harmlessly where nothing was moved aside
                 os.replace(aside, final)
             raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush the data of the file ``path`` to the disk (an error, e.g. ``EIO``, fails the write)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Flush ``path``'s entries (a rename into it) to the disk, where the file system can: some refuse to open or
+    ``fsync`` a directory (``EINVAL`` on some network file systems, ``EACCES`` in a folder this user cannot list),
+    and the file's own data are already on the disk then."""
+    with contextlib.suppress(OSError):
+        _fsync(path)
 
 
 def folder_problem(folder: os.PathLike | str) -> str | None:
