@@ -544,3 +544,32 @@ def test_odd_sizes_with_the_sense_step_keep_parity(tmp_path) -> None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for height, width in ((33, 25), (45, 37)):
         assert_parity(session, model, *sample(2, 3, height, width, seed=height))
+
+
+def test_device_cuda_needs_only_onnx_runtimes_cuda_provider_for_an_onnx_model(unet_checkpoint, tmp_path,
+                                                                              monkeypatch) -> None:
+    """``--device cuda`` with an ONNX model was refused unless PyTorch had CUDA too, so the CUDA image (onnxruntime-gpu
+    beside a CPU build of PyTorch) could not run ``reconkit reconstruct --device cuda``. Here ONNX Runtime claims the
+    CUDA provider (its sessions run on the CPU) and PyTorch has none: the ONNX model runs, its PyTorch fallback for
+    a size outside the graph runs on the CPU, and a checkpoint is refused naming PyTorch."""
+    from reconkit.inference import load_reconstructor
+
+    model, checkpoint = unet_checkpoint
+    path = export_onnx(checkpoint, tmp_path / "unet.onnx", (3, 32, 24))
+    real_session = ort.InferenceSession
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession",
+                        lambda model, options, providers: real_session(model, options, providers=providers[1:]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reconstructor = load_reconstructor(str(path), device="cuda")
+    for height, width in ((32, 24), (36, 28)):  # in the graph; outside it (PyTorch fallback)
+        kspace, mask = sample(1, 3, height, width, seed=height)
+        run, note = reconstructor.runner_for(Path("scan.h5"), height, width)
+        with torch.no_grad():
+            expected = ZeroFilledFrontEnd(model)(torch.from_numpy(kspace), torch.from_numpy(mask)).numpy()
+        np.testing.assert_allclose(run(kspace, mask), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+        assert (note is None) == (height == 32)
+    with pytest.raises(ReconkitError, match="PyTorch sees no CUDA device"):
+        load_reconstructor(str(checkpoint), device="cuda")
+    with pytest.raises(ReconkitError, match="PyTorch sees no CUDA device"):
+        load_reconstructor("zero-filled", device="cuda")

@@ -96,6 +96,14 @@ class Reconstructor:
         )
 
 
+def _torch_device(device: str) -> str:
+    """``device`` for a PyTorch model, checked: an ONNX model needs only ONNX Runtime's CUDA provider (checked where
+    its session opens), so ``--device cuda`` with a CPU build of PyTorch fails for PyTorch models only."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ReconkitError("--device cuda, but PyTorch sees no CUDA device (a CPU build, or no GPU)")
+    return device
+
+
 def _torch_runner(model: torch.nn.Module, device: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     model = model.to(device).eval()
 
@@ -188,7 +196,9 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
 
     @functools.cache  # the model is rebuilt once, when a size outside the graph first comes
     def torch_run() -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-        return _torch_runner(load_onnx_as_torch(path), device)
+        # on the CPU where ONNX Runtime has CUDA but this PyTorch has not (the CUDA image's onnxruntime-gpu alone)
+        return _torch_runner(load_onnx_as_torch(path), "cuda" if device == "cuda" and torch.cuda.is_available()
+                             else "cpu")
 
     rebuildable = torch_fallback and sizes is not None and "reconkit.model_kwargs" in metadata
 
@@ -239,13 +249,11 @@ def load_reconstructor(
     from reconkit.models import contract_model, load_model
     from reconkit.models.classical import CGSense, ZeroFilled
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ReconkitError("--device cuda, but no CUDA device is available")
     if model in CLASSICAL:
         if backend == "onnx":
             raise ReconkitError(f"{model}: classical baselines run with the torch backend only")
         baseline = ZeroFilled() if model == "zero-filled" else CGSense()
-        return Reconstructor(name=model, backend="torch", run=_torch_runner(baseline, device))
+        return Reconstructor(name=model, backend="torch", run=_torch_runner(baseline, _torch_device(device)))
     path = Path(model)
     if not path.is_file():
         raise ReconkitError(f"{path}: model file not found (or use 'zero-filled' / 'cg-sense')")
@@ -256,6 +264,7 @@ def load_reconstructor(
         return _onnx_reconstructor(path, device, threads, torch_fallback)
     if named_onnx:
         raise ReconkitError(f"{path}: an ONNX file runs with --backend onnx, not torch")
+    device = _torch_device(device)
     net, info = load_model(path)
     net = contract_model(net)  # image-domain models (U-Net, ViT) get the zero-filled front end, as on export
     mask_info = (info.get("mask") if isinstance(info, dict) else None) or {}  # None: saved without a mask
