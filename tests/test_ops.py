@@ -325,6 +325,13 @@ def test_backend_argument_and_environment(monkeypatch):
         sens_expand(image, sens_maps, backend="cuda")
     with pytest.raises(ValueError, match="unknown ops backend"):
         data_consistency(sens_maps, sens_maps, torch.ones(1, 1, 1, 4, 1), 1.0, backend="fast")
+    # also where the path does not depend on it (hybrid space, the export path): it was silently accepted there
+    with pytest.raises(ValueError, match="unknown ops backend 'trtion'"):
+        sens_expand(image, sens_maps, backend="trtion", hybrid=True)
+    with pytest.raises(ValueError, match="unknown ops backend 'trtion'"), fft_impl("matmul"):
+        sens_reduce(sens_maps, sens_maps, backend="trtion")
+    with pytest.raises(ValueError, match="unknown ops backend 'trtion'"), fft_impl("matmul"):
+        data_consistency(sens_maps, sens_maps, torch.ones(1, 1, 1, 4, 1), 1.0, backend="trtion")
     monkeypatch.setenv("RECONKIT_OPS_BACKEND", "bogus")
     with pytest.raises(ValueError, match="unknown ops backend 'bogus'"):
         sens_reduce(sens_maps, sens_maps)

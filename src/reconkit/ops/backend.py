@@ -13,7 +13,7 @@ import os
 
 import torch
 
-__all__ = ["resolve_backend", "triton_available"]
+__all__ = ["backend_choice", "resolve_backend", "triton_available"]
 
 _BACKENDS = ("torch", "triton")
 
@@ -28,14 +28,24 @@ def triton_available() -> bool:
     return True
 
 
+def backend_choice(backend: str | None) -> str:
+    """The backend asked for (``backend=``, else ``RECONKIT_OPS_BACKEND``, else ``"auto"``), its name checked.
+
+    The ops check it on every call, also where the path does not depend on it (``hybrid=True``, the export path),
+    so that a misspelt name fails at once rather than on the first call that uses it.
+    """
+    choice = backend or os.environ.get("RECONKIT_OPS_BACKEND") or "auto"
+    if choice != "auto" and choice not in _BACKENDS:
+        raise ValueError(f"unknown ops backend {choice!r}; expected one of {_BACKENDS} or 'auto'")
+    return choice
+
+
 def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     """Return ``"torch"`` or ``"triton"`` for an op on ``tensors``."""
-    choice = backend or os.environ.get("RECONKIT_OPS_BACKEND") or "auto"
+    choice = backend_choice(backend)
     if choice == "auto":
         on_cuda = all(t.is_cuda for t in tensors)
         return "triton" if on_cuda and triton_available() else "torch"
-    if choice not in _BACKENDS:
-        raise ValueError(f"unknown ops backend {choice!r}; expected one of {_BACKENDS} or 'auto'")
     if choice == "triton" and not triton_available():
         raise RuntimeError("backend 'triton' requested but Triton is not available on this machine")
     return choice

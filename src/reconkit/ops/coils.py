@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from reconkit.ops.backend import resolve_backend
+from reconkit.ops.backend import backend_choice, resolve_backend
 from reconkit.ops.complex import as_complex, complex_conj, complex_mul, native_complex_ok, pair_factor
 from reconkit.ops.dft_matmul import centred_fft_matmul_planar, planar_mul, stacked_fft_w, stacked_ifft_w
 from reconkit.ops.fft import current_fft_impl, fftc, ifftc, shared_centering_modulation
@@ -53,6 +53,7 @@ def sens_expand(
         ``(B, C, H, W, 2)`` coil k-space (hybrid space with ``hybrid=True``).
     """
     dims = _fft_dims(hybrid)
+    backend_choice(backend)  # a misspelt name fails here too, where the path below does not depend on it
     if current_fft_impl() == "matmul":  # the export path wins over any ops backend
         return _sens_expand_planar(image, sens_maps, dims)
     if not hybrid and resolve_backend(backend, image, sens_maps) == "triton":
@@ -87,6 +88,7 @@ def sens_reduce(
         ``(B, 1, H, W, 2)`` combined complex image.
     """
     dims = _fft_dims(hybrid)
+    backend_choice(backend)  # a misspelt name fails here too, where the path below does not depend on it
     if current_fft_impl() == "matmul":  # the export path wins over any ops backend
         return _sens_reduce_planar(kspace, sens_maps, dims)
     if not hybrid and resolve_backend(backend, kspace, sens_maps) == "triton":
@@ -160,6 +162,7 @@ def data_consistency(
     if not kspace.is_floating_point():  # η would be cast to the integer dtype (0.3 → 0)
         raise ValueError(f"data_consistency: kspace must be a floating-point tensor; got {kspace.dtype}")
     weight_t = torch.as_tensor(weight, dtype=kspace.dtype, device=kspace.device)
+    backend_choice(backend)
     if current_fft_impl() != "matmul" and resolve_backend(backend, kspace, ref_kspace) == "triton":
         from reconkit.ops import triton_kernels
 
