@@ -311,6 +311,19 @@ def test_varnet_is_equivariant_to_the_kspace_scale_in_eager_and_on_the_export_pa
             assert torch.isfinite(scaled).all() and _rel(scaled, image) < 1e-4, path
 
 
+def test_the_kspace_prediction_of_self_supervised_losses_is_equivariant_to_the_kspace_scale():
+    """``predict_kspace`` (what SSDU's loss scores) ran at the raw scale: NaN below ~1e-21 and above ~1e21 here, 55 %
+    off at 1e20 (the U-Nets' variances in float32)."""
+    kspace, _ = _multicoil_scan(1, 4, 32, 24, seed=3)
+    line = _line_mask(1, 24, [6], every=3, seed=4)
+    _, model = _final_dc_pair(seed=6, final_dc_maps="espirit", final_dc_wavelet=0.3)
+    with torch.no_grad():
+        prediction = model.predict_kspace(kspace * line, line)
+        for scale in (1e-25, 1e20, 1e25):
+            scaled = model.predict_kspace(kspace * line * scale, line) / scale
+            assert torch.isfinite(scaled).all() and _rel(scaled, prediction) < 1e-4, scale
+
+
 def test_final_dc_settings_are_checked():
     with pytest.raises(ValueError, match="final_dc_prior > 0"):
         VarNet(**SMALL, final_dc_iters=5, final_dc_prior=0.0)

@@ -366,10 +366,11 @@ class VarNet(nn.Module):
     ) -> torch.Tensor:
         """The cascades' multi-coil k-space prediction ``(B, C, H, W, 2)`` (what :meth:`forward` takes the RSS image
         of, before any ``final_dc_iters`` step); self-supervised losses score it directly in k-space. Arguments as
-        :meth:`forward`."""
+        :meth:`forward`, and run at the same power-of-two scale (k-space in any units)."""
         _check_inputs(masked_kspace, mask)
-        prediction, hybrid, _ = self._cascades(masked_kspace, mask, num_low_frequencies)
-        return fftc(prediction, (-2,)) if hybrid else prediction
+        scale = power_of_two_scale(masked_kspace).view(-1, 1, 1, 1, 1)
+        prediction, hybrid, _ = self._cascades(masked_kspace / scale, mask, num_low_frequencies)
+        return (fftc(prediction, (-2,)) if hybrid else prediction) * scale
 
     def _export_forward(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None
