@@ -16,6 +16,13 @@ __all__ = ["write_png_panel", "write_png_panels"]
 ERROR_GAIN = 5.0
 """The error map shows ``|reconstruction − reference|`` multiplied by this gain on the same grey scale."""
 
+DPI = 100
+PANEL_INCHES = (3.0, 30.0)
+"""The smallest and largest panel width; in between a panel grows with its image so that every row and column gets
+a PNG pixel (the largest keeps a header with an absurd pixel aspect from asking for a gigapixel PNG)."""
+MARGIN = 1.15
+"""Room for the headings and paddings around a panel's image, as a factor on the image's own size."""
+
 
 def write_png_panel(
     path: os.PathLike | str,
@@ -34,7 +41,10 @@ def write_png_panel(
     ``labels`` adds a line under a panel's heading, keyed by ``zero-filled`` / ``reconstruction`` / ``reference`` /
     ``error`` (e.g. ``{"reconstruction": "PSNR 34.1 dB"}``). ``pixel_aspect`` is the row spacing over the column
     spacing (height / width of one pixel, e.g. ``ImageGeometry.row_spacing_mm / col_spacing_mm``): a pixel is drawn
-    that much taller than wide, so anisotropic pixels do not distort the anatomy.
+    that much taller than wide, so anisotropic pixels do not distort the anatomy. A panel is at least 3 inches
+    wide, and wider where its image needs it (:data:`PANEL_INCHES`): the pixels are drawn nearest-neighbour, so
+    every row and column gets at least one PNG pixel (a 320 × 320 fastMRI slice in a 3-inch panel would lose one
+    row and column in eight, and with them thin structures and aliasing lines).
     """
     panels: list[tuple[str, np.ndarray]] = []
     if zero_filled is not None:
@@ -47,7 +57,10 @@ def write_png_panel(
     finite = scale_source[np.isfinite(scale_source)]  # one NaN / inf pixel would make the scale NaN: blank panels
     vmax = (float(np.percentile(finite, 99.5)) if finite.size else 0.0) or 1.0
     height, width = np.asarray(reconstruction).shape
-    fig = Figure(figsize=(3.0 * len(panels), 3.0 * pixel_aspect * height / width + 0.6), dpi=100)
+    # PNG pixels per image column: at least one, and at least one per row where rows are drawn thinner than columns
+    per_column = max(1.0, 1.0 / pixel_aspect)
+    panel = min(max(PANEL_INCHES[0], MARGIN * per_column * width / DPI), PANEL_INCHES[1])
+    fig = Figure(figsize=(panel * len(panels), panel * pixel_aspect * height / width + 0.6), dpi=DPI)
     FigureCanvasAgg(fig)
     for i, (name, image) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
