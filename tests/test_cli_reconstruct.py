@@ -895,6 +895,34 @@ def test_ismrmrd_series_lacking_a_slice_keep_the_slice_positions_of_the_others(t
                                                                                        "slice_002.dcm"]
 
 
+def test_ismrmrd_series_get_png_folders_numbered_by_slice(tmp_path, capsys):
+    """Two contrasts, contrast 1 without slice 0: the PNGs are per series and numbered by slice, as the DICOM files
+    are (they were one folder numbered by stacked image, so contrast 1's slice 1 was "raw.h5 slice 3")."""
+    import ismrmrd
+
+    rng = np.random.default_rng(12)
+    write_fastmri_file(tmp_path / "ref.h5", rng, slices=3, coils=2, height=32, width=24, recon=(16, 16))
+    with h5py.File(tmp_path / "ref.h5") as f:
+        kspace, header = f["kspace"][()], f["ismrmrd_header"][()]
+    raw = ismrmrd.Dataset(str(tmp_path / "raw.h5"), "dataset", create_if_needed=True)
+    raw.write_xml_header(header.decode() if isinstance(header, bytes) else header)
+    for contrast, slices in ((0, (0, 1, 2)), (1, (1, 2))):
+        for s in slices:
+            for column in range(24):
+                acquisition = ismrmrd.Acquisition.from_array(np.ascontiguousarray(kspace[s, :, :, column] * (1 + contrast)))
+                acquisition.idx.kspace_encode_step_1 = column
+                acquisition.idx.slice, acquisition.idx.contrast = s, contrast
+                raw.append_acquisition(acquisition)
+    raw.close()
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, str(tmp_path / "raw.h5"), "--model", "zero-filled", "--output", str(out),
+                        "--format", "png")  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "png").iterdir()) == ["raw_contrast0", "raw_contrast1"]
+    names = {c: sorted(p.name for p in (out / "png" / f"raw_contrast{c}").iterdir()) for c in (0, 1)}
+    assert names == {0: ["slice_000.png", "slice_001.png", "slice_002.png"], 1: ["slice_001.png", "slice_002.png"]}
+
+
 def _rewritten(proto, how: str):
     """``proto`` changed as an ONNX optimiser might leave it: node names dropped ("names"), or a weight the size
     branches read moved from the initializers into a Constant node of the main graph ("constant")."""

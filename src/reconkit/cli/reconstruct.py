@@ -105,29 +105,39 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
     geometry = geometry_from_header(volume.info.header, volume.kspace.shape[-2:])
     if "h5" in formats:
         write_fastmri_h5(output / "h5" / path.name, result.reconstruction, attrs)
+    reference = result.target
+    if reference is not None and reference.shape != result.reconstruction.shape:
+        reference = None
     study = new_study()  # the series of one input file share a study and frame of reference
     for number, (suffix, images) in enumerate(image_groups(attrs.get("image_index")), start=1):
         if "nifti" in formats:
             grid = result.reconstruction if images is None else _on_slice_grid(result.reconstruction, images)
             write_nifti(output / "nifti" / f"{stem}{suffix}.nii.gz", grid, geometry)
+        # DICOM and PNG: the images the series has, numbered by their slice
+        present = None if images is None else [(k, i) for k, i in enumerate(images) if i is not None]
+        chosen = slice(None) if present is None else [i for _, i in present]
+        slice_numbers = None if present is None else [k for k, _ in present]
         if "dicom" in formats:
-            present = None if images is None else [(k, i) for k, i in enumerate(images) if i is not None]
             write_dicom_series(
                 output / "dicom" / f"{stem}{suffix}",
-                result.reconstruction if present is None else result.reconstruction[[i for _, i in present]],
+                result.reconstruction[chosen],
                 geometry,
                 patient_id=attrs.get("patient_id", "anonymous"),
                 series_description=f"reconkit {model_name} {path.name}{suffix}",
                 study=study,
                 series_number=number,
-                slice_grid=None if present is None else ([k for k, _ in present], len(images)),
+                slice_grid=None if present is None else (slice_numbers, len(images)),
             )
-    if "png" in formats:
-        reference = result.target
-        if reference is not None and reference.shape != result.reconstruction.shape:
-            reference = None
-        write_png_panels(output / "png" / stem, result.reconstruction, result.zero_filled, reference, name=path.name,
-                         pixel_aspect=geometry.row_spacing_mm / geometry.col_spacing_mm)  # fmt: skip
+        if "png" in formats:
+            write_png_panels(
+                output / "png" / f"{stem}{suffix}",
+                result.reconstruction[chosen],
+                result.zero_filled[chosen],
+                None if reference is None else reference[chosen],
+                name=f"{path.name}{suffix}",
+                pixel_aspect=geometry.row_spacing_mm / geometry.col_spacing_mm,
+                slice_numbers=slice_numbers,
+            )
 
 
 # --------------------------------------------------------------------------------------------------- command

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -84,19 +85,25 @@ def write_png_panels(
     reference: np.ndarray | None = None,
     name: str = "",
     pixel_aspect: float = 1.0,
+    slice_numbers: Sequence[int] | None = None,
 ) -> list[Path]:
     """One panel PNG per slice of ``(slices, rows, cols)`` volumes, as ``directory/slice_NNN.png`` (atomic);
-    ``pixel_aspect`` as in :func:`write_png_panel`."""
+    ``pixel_aspect`` as in :func:`write_png_panel`. ``slice_numbers``: the slice number of each image, for its
+    file name and title (as :func:`reconkit.io.write_dicom_series`'s ``slice_grid`` places a series that lacks
+    some slices of its scan); by default ``0, 1, ...``."""
     final = Path(directory)
-    names = [f"slice_{i:03d}.png" for i in range(reconstruction.shape[0])]
+    numbers = range(reconstruction.shape[0]) if slice_numbers is None else slice_numbers
+    if len(numbers) != reconstruction.shape[0]:
+        raise ValueError(f"{len(numbers)} slice numbers for {reconstruction.shape[0]} slices")
+    names = [f"slice_{k:03d}.png" for k in numbers]
     with atomic_directory(final) as tmp:
-        for i, file_name in enumerate(names):
+        for i, (k, file_name) in enumerate(zip(numbers, names)):
             write_png_panel(
                 tmp / file_name,
                 reconstruction[i],
                 None if zero_filled is None else zero_filled[i],
                 None if reference is None else reference[i],
-                title=f"{name} slice {i}".strip(),
+                title=f"{name} slice {k}".strip(),
                 pixel_aspect=pixel_aspect,
             )
     return [final / n for n in names]
