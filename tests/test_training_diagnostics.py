@@ -19,7 +19,7 @@ from torch import nn
 
 from reconkit.cli.train import main
 from reconkit.metrics.spectral import band_energies, band_index, band_nmse
-from reconkit.training import FastMriDataModule, VarNetModule, VitModule
+from reconkit.training import FastMriDataModule, UnetModule, VarNetModule, VitModule
 from reconkit.training.diagnostics import TrainingDiagnostics, regime_label
 from reconkit.training.regime import (
     empirical_ntk,
@@ -306,6 +306,20 @@ def test_diagnostics_record_bands_and_regime_and_leave_training_unchanged(sim_ro
     logged = {key for row in rows for key, value in row.items() if value}
     assert {"diagnostics/weight_change", "diagnostics/ntk_distance", "diagnostics/linearization_error",
             "diagnostics/band_nmse/b0", "val_band_nmse/b5"} <= logged
+
+
+def test_diagnostics_leave_a_model_with_dropout_unchanged(sim_root, tmp_path):
+    """The probe's first pass (which sizes the NTK projections) runs in eval mode: in training mode its dropout
+    drew from the global RNG and the run with diagnostics trained on other dropout masks."""
+    def unet() -> UnetModule:
+        torch.manual_seed(0)
+        return UnetModule(chans=4, num_pool_layers=1, drop_prob=0.3, lr=3e-3, lr_scheduler="none")
+
+    diagnostics = TrainingDiagnostics(every_n_steps=100, ntk_projections=2, dirpath=str(tmp_path / "diag"))
+    measured = _fit(sim_root, tmp_path / "with", diagnostics, module=unet(), max_epochs=1)
+    plain = _fit(sim_root, tmp_path / "without", None, module=unet(), max_epochs=1)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(measured.state_dict()[name], value), name
 
 
 def test_cli_diagnostics_resume_from_the_same_start(sim_root, tmp_path, tiny_varnet_config, capsys):

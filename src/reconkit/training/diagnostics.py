@@ -206,7 +206,7 @@ class TrainingDiagnostics(Callback):
             rank_zero_warn(f"diagnostics: the {self.probe_split!r} split has {len(dataset)} slice(s); the probe holds "
                            f"{len(probe)} of the {self.probe_slices} asked (diagnostics.json lists them)")
         self._probe = [move_data_to_device(batch, pl_module.device) for batch in probe]
-        size = int(self._probe_outputs(pl_module, grad=False).numel())
+        size = int(self._eval_mode(pl_module, lambda: self._probe_outputs(pl_module, grad=False)).numel())
         generator = torch.Generator().manual_seed(self.seed)
         projections = torch.randn(self.ntk_projections, size, generator=generator) / math.sqrt(size)
         kernel = self._eval_mode(pl_module, lambda: empirical_ntk(
