@@ -322,6 +322,22 @@ def test_diagnostics_leave_a_model_with_dropout_unchanged(sim_root, tmp_path):
         assert torch.equal(measured.state_dict()[name], value), name
 
 
+def test_a_training_probe_comes_from_the_volumes_training_reads(sim_root, tmp_path):
+    """``probe_split="train"`` with a training subset (``fraction`` / ``num_volumes``) probes the subset: the
+    volumes left out are held-out data, which the probe on "train" is meant not to be."""
+    datamodule = FastMriDataModule(sim_root, batch_size=1, num_workers=0, mask_type="equispaced_fraction",
+                                   center_fractions=[0.25], accelerations=[2], num_volumes=1)
+    (trained,) = datamodule.training_volumes()
+    diagnostics = TrainingDiagnostics(every_n_steps=100, probe_split="train", probe_slices=3, ntk_projections=2,
+                                      dirpath=str(tmp_path / "diag"))
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                      logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      default_root_dir=tmp_path, callbacks=[diagnostics])
+    trainer.fit(VarNetModule(**TINY_VARNET), datamodule=datamodule)
+    probe = json.loads((tmp_path / "diag" / "diagnostics.json").read_text())["probe"]
+    assert len(probe) == 3 and {p["fname"] for p in probe} == {trained}  # 3 slices, all of the one trained volume
+
+
 def test_cli_diagnostics_resume_from_the_same_start(sim_root, tmp_path, tiny_varnet_config, capsys):
     config_path = tiny_varnet_config
     args = ["fit", "--config", str(config_path), "--diagnostics.every_n_steps", "5",

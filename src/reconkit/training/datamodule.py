@@ -462,6 +462,14 @@ class FastMriDataModule(LightningDataModule):
             dataset, shape_keys = Subset(dataset, kept), [shape_keys[i] for i in kept]
         return EpochTaggedDataset(dataset, transforms, shape_keys)
 
+    def training_volumes(self) -> set[str]:
+        """Names of the volumes ``fit`` trains on: the ``fraction`` / ``num_volumes`` subset of the training split
+        (and val with ``combine_train_val``), as :meth:`train_dataset` draws it when ``sample_rate`` and
+        ``volume_sample_rate`` are unset (those draw unseeded, as fastmri's)."""
+        splits = ["train", "val"] if self.combine_train_val else ["train"]
+        fnames = [name for split in splits for name in self._slice_fnames(self.slice_dataset(split, None, None, None))]
+        return select_volumes(fnames, self.fraction, self.num_volumes, self.seed)
+
     @staticmethod
     def _slice_fnames(dataset: SliceDataset) -> list[str]:
         """File name of every slice of ``dataset``, in index order."""

@@ -75,7 +75,8 @@ class TrainingDiagnostics(Callback):
             num_bands: concentric rings of the 2D spectrum of the reconstructed (cropped, magnitude) image and its
                 target, DC (0) to the edge; not the acquired k-space, whose phase the magnitude image drops.
             probe_split: the data module's split the probe slices come from (``"val"`` or ``"train"``: fit on
-                held-out or on training data), read with the validation transform (fixed masks).
+                held-out or on training data; ``"train"`` draws from the volumes training reads, e.g. the
+                ``--data.fraction`` subset), read with the validation transform (fixed masks).
             probe_slices: slices in the probe, evenly spread over the split.
             ntk_projections: random projections of the probe's output that sketch its neural tangent kernel.
             dirpath: folder for ``diagnostics.json`` / ``.png`` / ``_init.pt``; ``reconkit train`` sets
@@ -193,10 +194,13 @@ class TrainingDiagnostics(Callback):
     def _start_state(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         """``θ₀``, the probe batches (CPU), the projections and the kernel at ``θ₀``."""
         datamodule = trainer.datamodule
-        if not all(hasattr(datamodule, name) for name in ("slice_dataset", "default_transform")):
+        if not all(hasattr(datamodule, name) for name in ("slice_dataset", "default_transform", "training_volumes")):
             raise ReconkitError("TrainingDiagnostics reads its probe through a FastMriDataModule (reconkit.training)")
         transform = datamodule.transform_overrides.get("val") or datamodule.default_transform("val")
         dataset = datamodule.slice_dataset(self.probe_split, transform, None, None)
+        if self.probe_split == "train":  # the volumes training reads, not the whole split (--data.fraction)
+            trained = datamodule.training_volumes()
+            dataset.raw_samples = [s for s in dataset.raw_samples if Path(s.fname).name in trained]
         if len(dataset) == 0:
             raise ReconkitError(f"TrainingDiagnostics: the {self.probe_split!r} split has no slices for the probe")
         # evenly spread, away from the first and last slice of the split (edge slices hold little signal)
