@@ -467,7 +467,9 @@ class FastMriDataModule(LightningDataModule):
         (and val with ``combine_train_val``), as :meth:`train_dataset` draws it when ``sample_rate`` and
         ``volume_sample_rate`` are unset (those draw unseeded, as fastmri's)."""
         splits = ["train", "val"] if self.combine_train_val else ["train"]
-        fnames = [name for split in splits for name in self._slice_fnames(self.slice_dataset(split, None, None, None))]
+        datasets = [self.slice_dataset(split, None, None, None, require_target=self._needs_target("train", "fit"))
+                    for split in splits]  # the files train_dataset draws from (those without a target left out)
+        fnames = [name for dataset in datasets for name in self._slice_fnames(dataset)]
         return select_volumes(fnames, self.fraction, self.num_volumes, self.seed)
 
     @staticmethod
