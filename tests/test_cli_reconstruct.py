@@ -895,17 +895,19 @@ def test_ismrmrd_series_lacking_a_slice_keep_the_slice_positions_of_the_others(t
                                                                                        "slice_002.dcm"]
 
 
-def test_ismrmrd_series_get_png_folders_numbered_by_slice(tmp_path, capsys):
-    """Two contrasts, contrast 1 without slice 0: the PNGs are per series and numbered by slice, as the DICOM files
-    are (they were one folder numbered by stacked image, so contrast 1's slice 1 was "raw.h5 slice 3")."""
+def _two_contrast_raw(tmp_path: Path, sequence_xml: str = "") -> Path:
+    """An ISMRMRD raw file of 3 slices, contrast 0 on all of them and contrast 1 without slice 0; ``sequence_xml``
+    (system / sequence elements) is added to the header."""
     import ismrmrd
 
     rng = np.random.default_rng(12)
     write_fastmri_file(tmp_path / "ref.h5", rng, slices=3, coils=2, height=32, width=24, recon=(16, 16))
     with h5py.File(tmp_path / "ref.h5") as f:
         kspace, header = f["kspace"][()], f["ismrmrd_header"][()]
+    header = (header.decode() if isinstance(header, bytes) else header).replace("</encoding>",
+                                                                                f"</encoding>{sequence_xml}")
     raw = ismrmrd.Dataset(str(tmp_path / "raw.h5"), "dataset", create_if_needed=True)
-    raw.write_xml_header(header.decode() if isinstance(header, bytes) else header)
+    raw.write_xml_header(header)
     for contrast, slices in ((0, (0, 1, 2)), (1, (1, 2))):
         for s in slices:
             for column in range(24):
@@ -914,13 +916,37 @@ def test_ismrmrd_series_get_png_folders_numbered_by_slice(tmp_path, capsys):
                 acquisition.idx.slice, acquisition.idx.contrast = s, contrast
                 raw.append_acquisition(acquisition)
     raw.close()
+    return tmp_path / "raw.h5"
+
+
+def test_ismrmrd_series_get_png_folders_numbered_by_slice(tmp_path, capsys):
+    """Two contrasts, contrast 1 without slice 0: the PNGs are per series and numbered by slice, as the DICOM files
+    are (they were one folder numbered by stacked image, so contrast 1's slice 1 was "raw.h5 slice 3")."""
     out = tmp_path / "out"
-    code, _, err = _run(capsys, str(tmp_path / "raw.h5"), "--model", "zero-filled", "--output", str(out),
+    code, _, err = _run(capsys, str(_two_contrast_raw(tmp_path)), "--model", "zero-filled", "--output", str(out),
                         "--format", "png")  # fmt: skip
     assert code == 0, err
     assert sorted(p.name for p in (out / "png").iterdir()) == ["raw_contrast0", "raw_contrast1"]
     names = {c: sorted(p.name for p in (out / "png" / f"raw_contrast{c}").iterdir()) for c in (0, 1)}
     assert names == {0: ["slice_000.png", "slice_001.png", "slice_002.png"], 1: ["slice_001.png", "slice_002.png"]}
+
+
+def test_dicom_series_carry_the_headers_tr_te_and_field_strength(tmp_path, capsys):
+    """TR, each contrast's TE and B0 were read from the header but the DICOM files left them empty (a multi-echo
+    scan's series could not be told apart by their echo time)."""
+    raw = _two_contrast_raw(tmp_path, "<sequenceParameters><TR>2500</TR><TE>9.5</TE><TE>19</TE></sequenceParameters>")
+    with h5py.File(raw, "r+") as f:  # the system element comes first in an ISMRMRD header
+        header = f["dataset/xml"][0]
+        header = header.decode() if isinstance(header, bytes) else header
+        f["dataset/xml"][0] = header.replace("<encoding>", "<acquisitionSystemInformation><systemFieldStrength_T>"
+                                             "2.89362</systemFieldStrength_T></acquisitionSystemInformation><encoding>", 1)
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, str(raw), "--model", "zero-filled", "--output", str(out), "--format", "dicom")
+    assert code == 0, err
+    for contrast, echo_time in ((0, 9.5), (1, 19.0)):
+        ds = pydicom.dcmread(next((out / "dicom" / f"raw_contrast{contrast}").iterdir()))
+        assert (float(ds.RepetitionTime), float(ds.EchoTime), float(ds.MagneticFieldStrength)) == pytest.approx(
+            (2500.0, echo_time, 2.89362))
 
 
 def _rewritten(proto, how: str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from reconkit.inference import (
 from reconkit.io import (
     geometry_from_header,
     new_study,
+    sequence_attributes,
     write_dicom_series,
     write_fastmri_h5,
     write_nifti,
@@ -95,6 +97,13 @@ def _on_slice_grid(images: np.ndarray, positions: Sequence[int | None]) -> np.nd
     return series
 
 
+def _contrast_of(suffix: str) -> int | None:
+    """The contrast index a series suffix of :func:`reconkit.data.ismrmrd_raw.image_groups` names
+    (``"_contrast1_repetition0"`` → 1), or None where the file's series do not differ in contrast."""
+    found = re.search(r"_contrast(\d+)", suffix)
+    return None if found is None else int(found.group(1))
+
+
 def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: Sequence[str], model_name: str) -> None:
     """Write ``result`` in each of ``formats`` under ``output/<format>/`` (each write atomic)."""
     path = volume.info.path
@@ -127,6 +136,7 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
                 study=study,
                 series_number=number,
                 slice_grid=None if present is None else (slice_numbers, len(images)),
+                sequence=sequence_attributes(volume.info.header, _contrast_of(suffix)),
             )
         if "png" in formats:
             write_png_panels(

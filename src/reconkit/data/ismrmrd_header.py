@@ -38,6 +38,7 @@ class HeaderInfo:
         slice_thickness_mm: reconstructed field of view along z in mm (the slice thickness of 2D acquisitions).
         repetition_time_ms: first ``sequenceParameters/TR`` in ms, if given.
         echo_time_ms: first ``sequenceParameters/TE`` in ms, if given.
+        echo_times_ms: every ``sequenceParameters/TE`` in ms, in order (a multi-echo scan lists one per contrast).
         field_strength_t: ``acquisitionSystemInformation/systemFieldStrength_T`` in tesla, if given.
         trajectory: ``encoding/trajectory`` (``"cartesian"``, ``"radial"``, ``"epi"``, ...), if given.
         calibration_mode: ``encoding/parallelImaging/calibrationMode`` (``"embedded"``, ``"separate"``, ...), if
@@ -56,6 +57,7 @@ class HeaderInfo:
     slice_thickness_mm: float
     repetition_time_ms: float | None = None
     echo_time_ms: float | None = None
+    echo_times_ms: tuple[float, ...] = ()
     field_strength_t: float | None = None
     trajectory: str | None = None
     calibration_mode: str | None = None
@@ -79,10 +81,22 @@ class _Reader:
         self.namespace = ISMRMRD_NAMESPACE if root.tag.startswith("{") else None
 
     def find(self, path: Sequence[str]) -> ElementTree.Element | None:
+        found = self.find_all(path)
+        return found[0] if found else None
+
+    def find_all(self, path: Sequence[str]) -> list[ElementTree.Element]:
         if self.namespace:
             query = "." + "".join(f"//ism:{name}" for name in path)
-            return self.root.find(query, {"ism": self.namespace})
-        return self.root.find("." + "".join(f"//{name}" for name in path))
+            return self.root.findall(query, {"ism": self.namespace})
+        return self.root.findall("." + "".join(f"//{name}" for name in path))
+
+    def numbers(self, path: Sequence[str], kind: type) -> tuple:
+        """Every element at ``path`` as a number (none: an empty tuple)."""
+        texts = [element.text.strip() for element in self.find_all(path) if element.text is not None]
+        try:
+            return tuple(kind(text) for text in texts)
+        except ValueError:
+            raise DataError(self.source, f"ismrmrd_header: {'/'.join(path)} is {texts!r}, not numbers") from None
 
     def text(self, path: Sequence[str]) -> str | None:
         element = self.find(path)
@@ -173,6 +187,7 @@ def parse_ismrmrd_header(xml: str | bytes, source: os.PathLike | str | None = No
         slice_thickness_mm=recon_fov[2],
         repetition_time_ms=read.number(["sequenceParameters", "TR"], float, required=False),
         echo_time_ms=read.number(["sequenceParameters", "TE"], float, required=False),
+        echo_times_ms=read.numbers(["sequenceParameters", "TE"], float),
         field_strength_t=read.number(["acquisitionSystemInformation", "systemFieldStrength_T"], float, required=False),
         trajectory=read.text(["encoding", "trajectory"]),
         calibration_mode=read.text(["encoding", "parallelImaging", "calibrationMode"]),

@@ -8,7 +8,7 @@ then ``os.replace``).
 * :func:`write_metrics_csv` – per-volume NMSE / PSNR / SSIM (and per-band NMSE) rows
 """
 
-from reconkit.io.dicom import Study, new_study, write_dicom_series
+from reconkit.io.dicom import Study, new_study, sequence_attributes, write_dicom_series
 from reconkit.io.geometry import ImageGeometry, geometry_from_header
 from reconkit.io.hdf5 import write_fastmri_h5
 from reconkit.io.metrics_csv import write_metrics_csv
@@ -21,6 +21,7 @@ __all__ = [
     "geometry_from_header",
     "new_study",
     "nifti_affine",
+    "sequence_attributes",
     "write_dicom_series",
     "write_fastmri_h5",
     "write_metrics_csv",

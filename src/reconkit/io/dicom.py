@@ -12,8 +12,8 @@ Each call makes a new study / series / frame of reference (fresh UIDs). Geometry
 
 Every Type 1 and Type 2 attribute of the MR Image IOD's mandatory modules is present (PS3.3 A.4): what a
 reconstruction does not know is left empty where the standard allows it (Type 2: birth date, sex, accession
-number, echo and repetition times, ...), and the Type 1 ``ScanningSequence`` / ``SequenceVariant`` are ``RM``
-(research mode) / ``NONE``.
+number, echo and repetition times where the scan's header lacks them, ...), and the Type 1 ``ScanningSequence`` /
+``SequenceVariant`` are ``RM`` (research mode) / ``NONE``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,9 +32,10 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import DS
 
 from reconkit.atomic import atomic_directory
+from reconkit.data.ismrmrd_header import HeaderInfo
 from reconkit.io.geometry import ImageGeometry
 
-__all__ = ["Study", "new_study", "write_dicom_series"]
+__all__ = ["Study", "new_study", "sequence_attributes", "write_dicom_series"]
 
 _UINT16_MAX = 65535
 _UNKNOWN_TYPE_2 = (  # Type 2 attributes of the MR Image IOD a reconstruction has no value for: present, empty
@@ -140,6 +141,22 @@ class Study(NamedTuple):
     time: str
 
 
+def sequence_attributes(info: HeaderInfo | None, contrast: int | None = None) -> dict[str, float]:
+    """``RepetitionTime`` / ``EchoTime`` (ms) and ``MagneticFieldStrength`` (T) for :func:`write_dicom_series`, where
+    the ISMRMRD header gives them: the echo time of ``contrast`` (an index into the header's list of TEs, for a
+    multi-echo scan's series), or the one TE of a header that lists one."""
+    if info is None:
+        return {}
+    echo_times = info.echo_times_ms
+    if contrast is not None and 0 <= contrast < len(echo_times):
+        echo_time = echo_times[contrast]
+    else:
+        echo_time = echo_times[0] if len(echo_times) == 1 else None
+    values = {"RepetitionTime": info.repetition_time_ms, "EchoTime": echo_time,
+              "MagneticFieldStrength": info.field_strength_t}
+    return {keyword: value for keyword, value in values.items() if value is not None and np.isfinite(value)}
+
+
 def new_study() -> Study:
     """A fresh :class:`Study` (new UIDs, started now) for :func:`write_dicom_series`'s ``study``."""
     now = datetime.datetime.now()
@@ -155,6 +172,7 @@ def write_dicom_series(
     study: Study | None = None,
     series_number: int = 1,
     slice_grid: tuple[Sequence[int], int] | None = None,
+    sequence: Mapping[str, float] | None = None,
 ) -> list[Path]:
     """Atomically write a ``(slices, rows, cols)`` magnitude volume as ``directory/slice_NNN.dcm``.
 
@@ -173,6 +191,9 @@ def write_dicom_series(
     (its position, ``InstanceNumber`` and file name follow), for a series that lacks some slices of its scan (e.g.
     an interrupted repetition) and must still sit where the scan's other series put them; by default the volume
     is the whole stack.
+
+    ``sequence``: what the scan's header gives of ``RepetitionTime`` / ``EchoTime`` (ms) and
+    ``MagneticFieldStrength`` (T), by DICOM keyword (:func:`sequence_attributes`); left empty (or out) otherwise.
 
     Returns:
         The written file paths, in slice order.
@@ -212,6 +233,7 @@ def write_dicom_series(
         "WindowCenter": f"{(low + high) / 2.0:.6g}",
         "WindowWidth": f"{max(high - low, 1.0):.6g}",
         **dict.fromkeys(_UNKNOWN_TYPE_2, ""),
+        **{keyword: _decimal(value) for keyword, value in (sequence or {}).items()},
     }
     pixels = np.rint(volume / slope).clip(0, _UINT16_MAX).astype(np.uint16)
     final = Path(directory)
