@@ -391,9 +391,14 @@ def test_cache_is_used_on_reopen_and_invalidated_by_changes(multicoil_dir, tmp_p
     assert sum(Path(key[0][0]).name == "file_b.h5" for key in entries) == 1
 
 
-def test_unreadable_cache_is_rebuilt(multicoil_dir, tmp_path, caplog):
+@pytest.mark.parametrize("content", [
+    b"not a pickle",
+    b"cnumpy._core_of_another_numpy\nscalar\n.",  # names a module this Python lacks (numpy 2 -> numpy 1 home cache)
+    b"K\x01)R.",  # damaged: calls an int (TypeError)
+])
+def test_unreadable_cache_is_rebuilt(content, multicoil_dir, tmp_path, caplog):
     cache = tmp_path / "cache.pkl"
-    cache.write_bytes(b"not a pickle")
+    cache.write_bytes(content)
     with caplog.at_level(logging.WARNING):
         ours = SliceDataset(multicoil_dir, dataset_cache_file=cache)
     assert len(ours) == 10 and "unreadable dataset cache" in caplog.text

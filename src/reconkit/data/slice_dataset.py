@@ -217,7 +217,8 @@ class SliceDataset(torch.utils.data.Dataset):
         try:
             with open(path, "rb") as f:
                 content = pickle.load(f)
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 -- unpickling raises any type: TypeError for a damaged file,
+            # ModuleNotFoundError for one written where other modules exist (a numpy 2 cache read under numpy 1)
             logger.warning("ignoring unreadable dataset cache %s (%s); rescanning", path, err)
             return {}
         if not isinstance(content, dict) or content.get("version") != _CACHE_VERSION:
