@@ -30,8 +30,6 @@ from reconkit.metrics.spectral import band_nmse
 
 __all__ = ["VolumeScore", "evaluate_directories", "main", "score_volume", "target_matches"]
 
-METRICS = ("NMSE", "PSNR", "SSIM")
-
 EXAMPLE = """example:
   reconkit reconstruct data/val --model checkpoints/varnet_small.onnx --output out --format h5
   reconkit evaluate --target data/val --predictions out/h5 --csv out/metrics.csv
