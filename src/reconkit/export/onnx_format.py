@@ -92,7 +92,7 @@ def load_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_onnx(path: str | os.PathLike, load_external_data: bool = True):
-    """The ``onnx.ModelProto`` of ``path``; ExportError naming the file when it is missing or not ONNX."""
+    """The ``onnx.ModelProto`` of ``path``; ExportError naming the file when it is missing, unreadable or not ONNX."""
     import onnx
 
     path = Path(path)
@@ -101,8 +101,11 @@ def read_onnx(path: str | os.PathLike, load_external_data: bool = True):
     try:
         return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:
-        with path.open("rb") as f:
-            head = f.read(4)
+        try:
+            with path.open("rb") as f:
+                head = f.read(4)
+        except OSError as err:  # e.g. no read permission: ONNX's own error was the same
+            raise ExportError(f"{path}: cannot read the file: {err.strerror or err}") from None
         if head.startswith(_TORCH_SAVE_MAGIC):
             raise ExportError(f"{path}: looks like a PyTorch checkpoint, not an ONNX model (export it with "
                               "'reconkit export', or name it .ckpt to run it in PyTorch)") from exc
