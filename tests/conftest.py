@@ -5,8 +5,12 @@ Every test starts from the same random state, so a test's random inputs do not d
 
 ``sim_root``: the tiny simulated dataset the training tests fit on, made once per test module.
 ``tiny_varnet_config``: a ``reconkit train`` YAML config of a tiny VarNet on ``sim_root`` (one epoch, CPU).
+``unreadable``: ``unreadable(path)`` makes opening ``path`` fail as a file without read permission does.
 """
 
+import builtins
+import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +75,24 @@ def count_onnx_sessions(monkeypatch):
         return opened
 
     return start
+
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """``unreadable(path)``: from then on, opening ``path`` raises the PermissionError a chmod 000 file gives a
+    user other than root (who runs the tests in containers and could read the file anyway)."""
+    real_open = builtins.open
+    locked = set()
+
+    def guarded(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) in locked:
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(io, "open", guarded)  # Path.open
+
+    def lock(path: Path) -> None:
+        locked.add(str(path))
+
+    return lock

@@ -619,30 +619,13 @@ def test_a_folder_that_cannot_be_listed_is_one_error_and_the_others_are_written(
     assert (tmp_path / "out" / "h5" / "a.h5").is_file()
 
 
-def _unreadable(monkeypatch, path: Path) -> None:
-    """Opening ``path`` fails as a chmod 000 file does for a user other than root (who runs the tests in
-    containers and could read it anyway)."""
-    import builtins
-    import io
-
-    real_open = builtins.open
-
-    def guarded(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(path):
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", guarded)
-    monkeypatch.setattr(io, "open", guarded)  # Path.open
-
-
-def test_an_unreadable_onnx_model_is_one_error_naming_it(tmp_path, capsys, monkeypatch):
+def test_an_unreadable_onnx_model_is_one_error_naming_it(tmp_path, capsys, unreadable):
     """ONNX's PermissionError went to read_onnx's handler, which opened the file again to see whether it is a
     checkpoint: a PermissionError traceback."""
     write_fastmri_file(tmp_path / "a.h5", np.random.default_rng(7))
     model = tmp_path / "locked.onnx"
     model.write_bytes(b"\x08\x08")
-    _unreadable(monkeypatch, model)
+    unreadable(model)
     code, _, err = _run(capsys, str(tmp_path / "a.h5"), "--model", str(model), "--output", str(tmp_path / "out"))
     assert code == 2 and f"reconkit reconstruct: {model}: cannot read the file: Permission denied" in err, err
 

@@ -144,3 +144,12 @@ def test_bad_checkpoints_raise_checkpoint_error_naming_file_and_problem(tmp_path
         assert message.startswith(f"{path}: "), message
         assert problem in message, (path, message)
         assert "\n" not in message, message
+
+
+def test_an_unreadable_checkpoint_raises_checkpoint_error_naming_it(tmp_path, unreadable):
+    """Reading its first bytes raised a bare PermissionError: a traceback from export and reconstruct."""
+    path = tmp_path / "locked.ckpt"
+    save_model(path, build_model("varnet", **KWARGS), "varnet", KWARGS)
+    unreadable(path)
+    with pytest.raises(CheckpointError, match=f"^{path}: cannot read the file: Permission denied$"):
+        load_model(path)

@@ -99,9 +99,13 @@ TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 def _check_file_kind(path: Path) -> bytes:
     """Name what ``path`` is when it cannot be a ``torch.save`` file: empty, an HDF5 scan, an ONNX graph, or
-    anything that starts neither like torch.save's zip archive nor like a pickle; else return its first bytes."""
-    with path.open("rb") as f:
-        head = f.read(8)
+    anything that starts neither like torch.save's zip archive nor like a pickle, or one it cannot read (no read
+    permission); else return its first bytes."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        raise CheckpointError(path, f"cannot read the file: {err.strerror or err}") from None
     if not head:
         raise CheckpointError(path, "empty file (0 bytes)")
     if head.startswith(b"\x89HDF"):
@@ -115,8 +119,9 @@ def _check_file_kind(path: Path) -> bytes:
 
 
 def check_checkpoint_file(path: os.PathLike | str) -> None:
-    """Raise :class:`CheckpointError` naming ``path`` when it is missing, not a ``torch.save`` file, or a zip archive
-    cut short (an interrupted copy or a full disk), without loading it: only the archive's directory is read."""
+    """Raise :class:`CheckpointError` naming ``path`` when it is missing, unreadable, not a ``torch.save`` file, or a
+    zip archive cut short (an interrupted copy or a full disk), without loading it: only the archive's directory is
+    read."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "file not found" if not path.exists() else "is not a regular file")
