@@ -455,6 +455,27 @@ def test_file_locked_by_a_writer_is_not_called_corrupt(tmp_path, monkeypatch):
     assert read_volume_info(path).num_slices == 2
 
 
+def test_an_unreadable_file_is_a_bad_file_named_with_its_problem(multicoil_dir, monkeypatch, caplog):
+    """h5py.is_hdf5 raises PermissionError for a file without read permission: that ended the whole scan in a
+    PermissionError traceback, with skip_bad_files too."""
+    locked = multicoil_dir / "zz_locked.h5"
+    locked.write_bytes((multicoil_dir / "file_a.h5").read_bytes())
+    real_is_hdf5 = h5py.is_hdf5
+
+    def is_hdf5(name):  # what h5py raises for a chmod 000 file (root, running tests in containers, reads it anyway)
+        if Path(name) == locked:
+            raise PermissionError(13, f"Unable to determine if file is accessible as hdf5 (unable to open file: name = "
+                                      f"'{locked}', errno = 13, error message = 'Permission denied', flags = 0)")
+        return real_is_hdf5(name)
+
+    monkeypatch.setattr(h5py, "is_hdf5", is_hdf5)
+    with pytest.raises(DataError, match="zz_locked.h5: cannot read the file: Permission denied; skip_bad_files"):
+        SliceDataset(multicoil_dir, use_dataset_cache=False)
+    with caplog.at_level(logging.WARNING):
+        ours = SliceDataset(multicoil_dir, use_dataset_cache=False, skip_bad_files=True)
+    assert len(ours) == 10 and "zz_locked.h5: cannot read the file: Permission denied" in caplog.text
+
+
 def test_bad_root(tmp_path):
     with pytest.raises(DataError, match="dataset root not found"):
         SliceDataset(tmp_path / "nowhere")

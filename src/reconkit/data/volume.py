@@ -102,8 +102,9 @@ class Volume:
 def open_volume(path: os.PathLike | str) -> Iterator[h5py.File]:
     """Open a fastMRI file read-only, turning every way it can fail to open into a :class:`DataError`.
 
-    Reports: file not found, a directory or other non-regular file (a FIFO), empty file, not an HDF5 file, a file
-    another process holds open for writing (HDF5's file lock), truncated or corrupt HDF5 file.
+    Reports: file not found, a directory or other non-regular file (a FIFO), empty file, a file it cannot read (no
+    read permission), not an HDF5 file, a file another process holds open for writing (HDF5's file lock), truncated
+    or corrupt HDF5 file.
     """
     path = Path(path)
     if not path.exists():
@@ -114,7 +115,12 @@ def open_volume(path: os.PathLike | str) -> Iterator[h5py.File]:
         raise DataError(path, "is not a regular file (a FIFO, socket or device), not an HDF5 file")
     if path.stat().st_size == 0:
         raise DataError(path, "empty file (0 bytes)")
-    if not h5py.is_hdf5(path):
+    try:
+        signature = h5py.is_hdf5(path)
+    except OSError as err:  # e.g. no read permission
+        reason = os.strerror(err.errno) if err.errno else _first_line(err)
+        raise DataError(path, f"cannot read the file: {reason}") from None
+    if not signature:
         raise DataError(path, "not an HDF5 file (no HDF5 signature)")
     try:
         handle = h5py.File(path, "r")
