@@ -100,23 +100,31 @@ def discover_models(repository: Path | str, defaults: BatchingConfig = BatchingC
     """Every ``<name>/<version>/model.onnx`` under ``repository``, sorted by name then version.
 
     Raises ``ReconkitError`` when the directory is missing or holds no servable model, and ``DataError`` for a
-    malformed ``config.pbtxt``. Directories with invalid names are skipped with a warning.
+    malformed ``config.pbtxt`` or a folder it cannot read (permissions). Directories with invalid names are skipped
+    with a warning.
     """
     root = Path(repository)
     if not root.is_dir():
         raise ReconkitError(f"{root}: model repository is not a directory")
     entries = []
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not MODEL_NAME.match(model_dir.name):
-            _log.warning("skipping model directory with an invalid name", extra={"path": str(model_dir)})
-            continue
-        config_path = model_dir / "config.pbtxt"
-        batching = _batching_from_config(config_path, model_dir.name, defaults) if config_path.is_file() else defaults
-        versions = sorted((p for p in model_dir.iterdir() if _VERSION.match(p.name)), key=lambda p: int(p.name))
-        for version_dir in versions:
-            onnx_path = version_dir / "model.onnx"
-            if onnx_path.is_file():
-                entries.append(ModelEntry(model_dir.name, version_dir.name, onnx_path, batching))
+    folder = root
+    try:  # a folder without read (listing) or execute (stat of what is in it) permission
+        for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not MODEL_NAME.match(model_dir.name):
+                _log.warning("skipping model directory with an invalid name", extra={"path": str(model_dir)})
+                continue
+            folder = model_dir
+            config_path = model_dir / "config.pbtxt"
+            has_config = config_path.is_file()
+            batching = _batching_from_config(config_path, model_dir.name, defaults) if has_config else defaults
+            versions = sorted((p for p in model_dir.iterdir() if _VERSION.match(p.name)), key=lambda p: int(p.name))
+            for version_dir in versions:
+                folder, onnx_path = version_dir, version_dir / "model.onnx"
+                if onnx_path.is_file():
+                    entries.append(ModelEntry(model_dir.name, version_dir.name, onnx_path, batching))
+    except OSError as exc:
+        where = "" if exc.filename in (None, str(folder)) else f" ({exc.filename})"
+        raise DataError(folder, f"cannot read the folder: {exc.strerror or exc}{where}") from None
     if not entries:
         raise ReconkitError(f"{root}: no model found; expected the layout <name>/<version>/model.onnx")
     return entries
