@@ -405,6 +405,19 @@ def test_unreadable_cache_is_rebuilt(content, multicoil_dir, tmp_path, caplog):
     assert len(SliceDataset(multicoil_dir, dataset_cache_file=cache)) == 10
 
 
+def test_a_cache_that_cannot_be_pickled_is_not_written(tmp_path, caplog):
+    """An HDF5 object reference among a file's attrs (they go into the cache as the sample metadata) cannot be
+    pickled: the TypeError ended the dataset, though the cache is only a speed-up."""
+    (tmp_path / "data").mkdir()
+    path = write_volume(tmp_path / "data" / "ref.h5", num_slices=2, coils=2)
+    with h5py.File(path, "a") as hf:
+        hf.attrs["source"] = hf["kspace"].ref
+    cache = tmp_path / "cache.pkl"
+    with caplog.at_level(logging.WARNING):
+        ours = SliceDataset(tmp_path / "data", dataset_cache_file=cache)
+    assert len(ours) == 2 and "could not write dataset cache" in caplog.text and not cache.exists()
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_bad_files_raise_or_are_skipped_with_a_warning(use_cache, multicoil_dir, tmp_path, caplog):
     bad = _bad_files(tmp_path / "bad")

@@ -234,7 +234,7 @@ class SliceDataset(torch.utils.data.Dataset):
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 pickle.dump({"version": _CACHE_VERSION, "entries": entries}, f)
             logger.info("saved dataset cache to %s", path)
-        except OSError as err:
+        except (OSError, pickle.PicklingError, TypeError) as err:  # TypeError: an attr pickle refuses (HDF5 reference)
             logger.warning("could not write dataset cache %s (%s)", path, err)
 
     # ----------------------------------------------------------------------------------------- samples
