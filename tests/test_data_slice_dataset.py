@@ -228,6 +228,10 @@ def _bad_files(tmp: Path) -> dict:
     group = tmp / "group.h5"
     with h5py.File(group, "w") as hf:
         hf.create_group("kspace")
+    external, dangling = _rewrite(tmp / "external.h5", kspace=None), _rewrite(tmp / "dangling.h5", kspace=None)
+    with h5py.File(external, "a") as hf, h5py.File(dangling, "a") as hf2:  # k-space kept in a file not copied along
+        hf["kspace"] = h5py.ExternalLink(str(tmp / "elsewhere.h5"), "/kspace")
+        hf2["kspace"] = h5py.SoftLink("/data/kspace")
     return {
         "missing": (tmp / "missing.h5", "file not found"),
         "empty": (tmp / "empty.h5", "empty file"),
@@ -235,6 +239,8 @@ def _bad_files(tmp: Path) -> dict:
         "truncated": (truncated, "truncated or corrupt"),
         "no_kspace": (_rewrite(tmp / "no_kspace.h5", kspace=None), "missing dataset 'kspace'"),
         "group": (group, "'kspace' is a Group"),
+        "external_link": (external, f"'kspace' is a link to {tmp / 'elsewhere.h5'}:/kspace, which cannot be opened"),
+        "dangling_link": (dangling, "'kspace' is a link to /data/kspace, which cannot be opened"),
         "real_kspace": (_rewrite(tmp / "real.h5", kspace=np.zeros((2, 2, 32, 24), np.float32)), "dtype float32"),
         "bad_ndim": (_rewrite(tmp / "ndim.h5", kspace=np.zeros((32, 24), np.complex64)), "expected (slices, coils"),
         "zero_slices": (_rewrite(tmp / "zero.h5", kspace=np.zeros((0, 2, 32, 24), np.complex64)), "is empty"),
@@ -421,7 +427,7 @@ def test_a_cache_that_cannot_be_pickled_is_not_written(tmp_path, caplog):
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_bad_files_raise_or_are_skipped_with_a_warning(use_cache, multicoil_dir, tmp_path, caplog):
     bad = _bad_files(tmp_path / "bad")
-    for name in ("empty", "text", "truncated", "no_kspace", "garbled_header", "target_slices"):
+    for name in ("empty", "text", "truncated", "no_kspace", "garbled_header", "target_slices", "external_link"):
         path, _ = bad[name]
         (multicoil_dir / f"zz_{name}.h5").write_bytes(path.read_bytes())
     cache = tmp_path / "cache.pkl"
@@ -430,8 +436,8 @@ def test_bad_files_raise_or_are_skipped_with_a_warning(use_cache, multicoil_dir,
         SliceDataset(multicoil_dir, dataset_cache_file=cache, use_dataset_cache=use_cache)
     assert Path(err.value.path).name.startswith("zz_")
     # one error names every bad file with its problem, so one run finds them all
-    assert "and 5 more bad file(s)" in str(err.value) and "skip_bad_files" in str(err.value)
-    for name in ("empty", "text", "truncated", "no_kspace", "garbled_header", "target_slices"):
+    assert "and 6 more bad file(s)" in str(err.value) and "skip_bad_files" in str(err.value)
+    for name in ("empty", "text", "truncated", "no_kspace", "garbled_header", "target_slices", "external_link"):
         assert f"zz_{name}.h5: " in str(err.value) and bad[name][1] in str(err.value), name
 
     for _ in range(2):  # second time from the cache when enabled: bad files are still reported
@@ -440,7 +446,7 @@ def test_bad_files_raise_or_are_skipped_with_a_warning(use_cache, multicoil_dir,
             ours = SliceDataset(multicoil_dir, dataset_cache_file=cache, use_dataset_cache=use_cache, skip_bad_files=True)
         assert len(ours) == 10
         assert sorted({s.fname.name for s in ours.raw_samples}) == ["file_a.h5", "file_b.h5", "file_c.h5", "file_d.h5"]
-        for name in ("empty", "text", "truncated", "no_kspace", "garbled_header", "target_slices"):
+        for name in ("empty", "text", "truncated", "no_kspace", "garbled_header", "target_slices", "external_link"):
             assert f"zz_{name}.h5: " in caplog.text and bad[name][1] in caplog.text, name
         with pytest.raises(DataError):
             SliceDataset(multicoil_dir, dataset_cache_file=cache, use_dataset_cache=use_cache)

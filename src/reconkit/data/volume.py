@@ -139,7 +139,13 @@ def _first_line(err: Exception) -> str:
 def _dataset(hf: h5py.File, key: str, path: Path) -> h5py.Dataset | None:
     if key not in hf:
         return None
-    node = hf[key]
+    try:
+        node = hf[key]
+    except KeyError:  # a soft or external link ('in' sees the link) whose file or object is missing
+        link = hf.get(key, getlink=True)
+        target = f"{link.filename}:{link.path}" if isinstance(link, h5py.ExternalLink) else getattr(link, "path", "?")
+        problem = f"'{key}' is a link to {target}, which cannot be opened (missing file or object)"
+        raise DataError(path, problem) from None
     if not isinstance(node, h5py.Dataset):
         raise DataError(path, f"'{key}' is a {type(node).__name__}, expected a dataset")
     return node
@@ -209,7 +215,8 @@ def read_volume_info(path: os.PathLike | str, challenge: str | None = None) -> V
     Raises:
         DataError: the file is missing, empty, not HDF5, truncated or corrupt, or does not follow the schema
             (missing ``kspace``, wrong dtype or number of dimensions, missing or garbled ``ismrmrd_header``,
-            target or mask whose shape does not match ``kspace``).
+            target or mask whose shape does not match ``kspace``, a dataset that is a link to a missing file or
+            object).
     """
     if challenge is not None:
         target_key(challenge)  # validates the name
