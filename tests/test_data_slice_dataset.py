@@ -6,6 +6,7 @@ import fcntl
 import logging
 import pickle
 import random
+import struct
 from pathlib import Path
 
 import h5py
@@ -234,6 +235,9 @@ def _bad_files(tmp: Path) -> dict:
         hf2["kspace"] = h5py.SoftLink("/data/kspace")
     return {
         "missing": (tmp / "missing.h5", "file not found"),
+        "filter_plugin": (
+            _plugin_filter_file(tmp / "plugin.h5"), "'kspace' is compressed with HDF5 filter 32009 (zzz)"
+        ),
         "empty": (tmp / "empty.h5", "empty file"),
         "text": (tmp / "text.h5", "not an HDF5 file"),
         "truncated": (truncated, "truncated or corrupt"),
@@ -255,6 +259,21 @@ def _bad_files(tmp: Path) -> dict:
         ),
         "mask_shape": (_mask_file(tmp / "mask.h5"), "'mask' has shape (23,), expected (24,)"),
     }
+
+
+def _plugin_filter_file(path: Path) -> Path:
+    """A file whose k-space went through a filter plugin this HDF5 lacks (as Blosc / Zstandard files from other
+    sites): written with h5py's LZF, then the filter id (32000) in its pipeline message renamed to 32009 'zzz'."""
+    write_volume(path, num_slices=2, coils=2)
+    with h5py.File(path, "a") as hf:
+        kspace = hf["kspace"][()]
+        del hf["kspace"]
+        hf.create_dataset("kspace", data=kspace, compression="lzf", shuffle=True, chunks=(1, 2, 32, 24))
+    data = bytearray(path.read_bytes())
+    at = data.index(struct.pack("<4H", 32000, 8, 1, 3) + b"lzf\0")  # id, name length, optional flag, 3 values
+    data[at : at + 2], data[at + 8 : at + 11] = struct.pack("<H", 32009), b"zzz"
+    path.write_bytes(bytes(data))
+    return path
 
 
 def _mask_file(path: Path) -> Path:

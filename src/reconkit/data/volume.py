@@ -148,7 +148,33 @@ def _dataset(hf: h5py.File, key: str, path: Path) -> h5py.Dataset | None:
         raise DataError(path, problem) from None
     if not isinstance(node, h5py.Dataset):
         raise DataError(path, f"'{key}' is a {type(node).__name__}, expected a dataset")
+    missing = _missing_filter(node)
+    if missing is not None:
+        raise DataError(path, f"'{key}' is compressed with HDF5 filter {missing}, which this HDF5 library cannot "
+                              "load: install the filter's plugin (e.g. the hdf5plugin package) and point "
+                              "HDF5_PLUGIN_PATH at its folder")  # fmt: skip
     return node
+
+
+def _missing_filter(node: h5py.Dataset) -> str | None:
+    """``"<id> (<name>)"`` of a filter that ``node``'s chunks went through and this HDF5 library cannot load (a
+    compression plugin such as Blosc, Zstandard or Bitshuffle that another site's writer had), else None; without
+    this check reading the data fails with HDF5's "can't open directory (<plugin dir>)". An optional filter (h5py
+    marks every plugin filter so) counts only when the first chunk went through it: a writer that lacked it stores
+    the chunks unfiltered."""
+    if node.chunks is None:  # contiguous or compact storage has no filters
+        return None
+    dcpl = node.id.get_create_plist()
+    for index in range(dcpl.get_nfilters()):
+        code, flags, _, name = dcpl.get_filter(index)
+        if h5py.h5z.filter_avail(code):
+            continue
+        if flags & h5py.h5z.FLAG_OPTIONAL and (
+            node.id.get_num_chunks() == 0 or node.id.get_chunk_info(0).filter_mask & (1 << index)
+        ):
+            continue
+        return f"{code} ({name.decode('ascii', 'replace') or 'unnamed'})"
+    return None
 
 
 def _read_header(hf: h5py.File, path: Path) -> HeaderInfo:
@@ -216,7 +242,7 @@ def read_volume_info(path: os.PathLike | str, challenge: str | None = None) -> V
         DataError: the file is missing, empty, not HDF5, truncated or corrupt, or does not follow the schema
             (missing ``kspace``, wrong dtype or number of dimensions, missing or garbled ``ismrmrd_header``,
             target or mask whose shape does not match ``kspace``, a dataset that is a link to a missing file or
-            object).
+            object or that needs an HDF5 filter plugin this installation lacks).
     """
     if challenge is not None:
         target_key(challenge)  # validates the name
