@@ -143,6 +143,23 @@ def test_an_unexpected_error_fails_one_volume_and_the_others_are_scored(tmp_path
     assert "file1.h5" in out and "scored 1 of 2 volume(s); 1 failed" in err
 
 
+def test_a_prediction_that_is_a_group_or_a_broken_link_is_named_as_such(tmp_path, capsys):
+    """Such a prediction file was reported under the target's name, with h5py's error ("Accessing a group is done
+    with bytes or str" / "can't open file")."""
+    target_dir, pred_dir = _make_dirs(tmp_path, np.random.default_rng(6), [(2, 32, 32, 32, 32)] * 3)
+    with h5py.File(pred_dir / "file0.h5", "w") as f:
+        f.create_group("reconstruction")
+    with h5py.File(pred_dir / "file1.h5", "w") as f:
+        f["reconstruction"] = h5py.ExternalLink("elsewhere.h5", "/reconstruction")
+    assert reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir)]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert lines == [
+        f"error: {pred_dir / 'file0.h5'}: 'reconstruction' is a Group, expected a dataset",
+        f"error: {pred_dir / 'file1.h5'}: 'reconstruction' is a link to elsewhere.h5:/reconstruction, which cannot be "
+        "opened (missing file or object)",
+    ]
+
+
 def test_missing_or_file_folders_are_named_as_such(tmp_path, capsys):
     """A file given as --target / --predictions was reported as 'directory not found'."""
     target_dir, pred_dir = _make_dirs(tmp_path, np.random.default_rng(2), [(1, 16, 16, 16, 16)])

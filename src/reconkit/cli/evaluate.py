@@ -23,6 +23,7 @@ import torch
 
 from reconkit.atomic import folder_problem
 from reconkit.data import center_crop, list_volume_files, open_volume, target_key
+from reconkit.data.volume import checked_dataset
 from reconkit.errors import DataError, ReconkitError
 from reconkit.io.metrics_csv import write_metrics_csv
 from reconkit.metrics import volume_metrics
@@ -52,10 +53,11 @@ class VolumeScore:
 
 def _read_array(path: Path, key: str) -> np.ndarray:
     with open_volume(path) as hf:
-        if key not in hf:
+        node = checked_dataset(hf, key, path)
+        if node is None:
             raise DataError(path, f"missing dataset '{key}'")
         try:
-            data = hf[key][()]
+            data = node[()]
         except OSError as err:
             raise DataError(path, f"cannot read '{key}', file truncated or corrupt ({err})") from None
     if data.ndim != 3 or np.iscomplexobj(data) or not np.issubdtype(data.dtype, np.number):

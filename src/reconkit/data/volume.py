@@ -26,6 +26,7 @@ __all__ = [
     "CHALLENGES",
     "Volume",
     "VolumeInfo",
+    "checked_dataset",
     "non_finite_problem",
     "open_volume",
     "read_volume",
@@ -136,7 +137,13 @@ def _first_line(err: Exception) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def _dataset(hf: h5py.File, key: str, path: Path) -> h5py.Dataset | None:
+def checked_dataset(hf: h5py.File, key: str, path: Path) -> h5py.Dataset | None:
+    """Dataset ``key`` of the open file ``hf`` (found at ``path``), None when absent.
+
+    Raises:
+        DataError: naming ``path``: ``key`` is a group, a link to a missing file or object, or needs an HDF5 filter
+            plugin this installation lacks.
+    """
     if key not in hf:
         return None
     try:
@@ -178,7 +185,7 @@ def _missing_filter(node: h5py.Dataset) -> str | None:
 
 
 def _read_header(hf: h5py.File, path: Path) -> HeaderInfo:
-    node = _dataset(hf, "ismrmrd_header", path)
+    node = checked_dataset(hf, "ismrmrd_header", path)
     if node is None:
         raise DataError(path, "missing dataset 'ismrmrd_header'")
     try:
@@ -191,7 +198,7 @@ def _read_header(hf: h5py.File, path: Path) -> HeaderInfo:
 
 
 def _validate(hf: h5py.File, path: Path, challenge: str | None) -> VolumeInfo:
-    kspace = _dataset(hf, "kspace", path)
+    kspace = checked_dataset(hf, "kspace", path)
     if kspace is None:
         raise DataError(path, "missing dataset 'kspace'")
     if not np.issubdtype(kspace.dtype, np.complexfloating):
@@ -208,7 +215,7 @@ def _validate(hf: h5py.File, path: Path, challenge: str | None) -> VolumeInfo:
     header = _read_header(hf, path)
 
     key = target_key(found)
-    target = _dataset(hf, key, path)
+    target = checked_dataset(hf, key, path)
     if target is not None:
         if not np.issubdtype(target.dtype, np.floating):
             raise DataError(path, f"'{key}' has dtype {target.dtype}, expected float32")
@@ -216,7 +223,7 @@ def _validate(hf: h5py.File, path: Path, challenge: str | None) -> VolumeInfo:
             raise DataError(
                 path, f"'{key}' has shape {target.shape}, expected ({kspace.shape[0]}, h, w) to match 'kspace'"
             )
-    mask = _dataset(hf, "mask", path)
+    mask = checked_dataset(hf, "mask", path)
     if mask is not None and mask.shape != (kspace.shape[-1],):
         raise DataError(path, f"'mask' has shape {mask.shape}, expected ({kspace.shape[-1]},) to match 'kspace'")
     return VolumeInfo(
