@@ -235,6 +235,7 @@ def _bad_files(tmp: Path) -> dict:
         hf2["kspace"] = h5py.SoftLink("/data/kspace")
     return {
         "missing": (tmp / "missing.h5", "file not found"),
+        "virtual_source": (_virtual_file(tmp / "virtual.h5"), "'kspace' is a virtual dataset whose source"),
         "filter_plugin": (
             _plugin_filter_file(tmp / "plugin.h5"), "'kspace' is compressed with HDF5 filter 32009 (zzz)"
         ),
@@ -259,6 +260,23 @@ def _bad_files(tmp: Path) -> dict:
         ),
         "mask_shape": (_mask_file(tmp / "mask.h5"), "'mask' has shape (23,), expected (24,)"),
     }
+
+
+def _virtual_file(path: Path) -> Path:
+    """A file whose k-space is a virtual dataset over another file's, with that file then deleted (HDF5 reads the
+    missing source as zeros, with no error)."""
+    source = write_volume(path.with_name("source.h5"), num_slices=2, coils=2)
+    write_volume(path, num_slices=2, coils=2)
+    with h5py.File(path, "a") as hf:
+        shape, dtype = hf["kspace"].shape, hf["kspace"].dtype
+        del hf["kspace"]
+        layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+        layout[:] = h5py.VirtualSource(source.name, "kspace", shape=shape)
+        hf.create_virtual_dataset("kspace", layout)
+    with h5py.File(source) as hf:  # found beside it
+        np.testing.assert_array_equal(read_volume(path).kspace, hf["kspace"][()])
+    source.unlink()
+    return path
 
 
 def _plugin_filter_file(path: Path) -> Path:

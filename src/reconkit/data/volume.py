@@ -141,8 +141,8 @@ def checked_dataset(hf: h5py.File, key: str, path: Path) -> h5py.Dataset | None:
     """Dataset ``key`` of the open file ``hf`` (found at ``path``), None when absent.
 
     Raises:
-        DataError: naming ``path``: ``key`` is a group, a link to a missing file or object, or needs an HDF5 filter
-            plugin this installation lacks.
+        DataError: naming ``path``: ``key`` is a group, a link to a missing file or object, a virtual dataset with
+            a missing source, or needs an HDF5 filter plugin this installation lacks.
     """
     if key not in hf:
         return None
@@ -155,12 +155,44 @@ def checked_dataset(hf: h5py.File, key: str, path: Path) -> h5py.Dataset | None:
         raise DataError(path, problem) from None
     if not isinstance(node, h5py.Dataset):
         raise DataError(path, f"'{key}' is a {type(node).__name__}, expected a dataset")
+    source = _missing_virtual_source(node, path)
+    if source is not None:  # HDF5 would read the fill value (zeros) in its place, without an error
+        raise DataError(path, f"'{key}' is a virtual dataset whose source {source} cannot be found")
     missing = _missing_filter(node)
     if missing is not None:
         raise DataError(path, f"'{key}' is compressed with HDF5 filter {missing}, which this HDF5 library cannot "
                               "load: install the filter's plugin (e.g. the hdf5plugin package) and point "
                               "HDF5_PLUGIN_PATH at its folder")  # fmt: skip
     return node
+
+
+def _missing_virtual_source(node: h5py.Dataset, path: Path) -> str | None:
+    """``"<file>:<dataset>"`` of the first source of virtual dataset ``node`` (in the file at ``path``) that is
+    missing, else None. A relative source file name counts as found next to ``path``, in the working directory or
+    under ``HDF5_VDS_PREFIX``, where HDF5 looks for it."""
+    if not node.is_virtual:
+        return None
+    for source in node.virtual_sources():
+        if source.file_name == ".":  # a source in the same file
+            found = isinstance(node.file.get(source.dset_name), h5py.Dataset)
+        else:
+            relative = (path.parent, ".", os.environ.get("HDF5_VDS_PREFIX"))
+            folders = ("/",) if os.path.isabs(source.file_name) else relative
+            found = any(_has_dataset(Path(folder, source.file_name), source.dset_name) for folder in folders if folder)
+        if not found:
+            return f"{source.file_name}:{source.dset_name}"
+    return None
+
+
+def _has_dataset(file: Path, key: str) -> bool:
+    """Whether ``file`` is an HDF5 file that holds a dataset ``key``."""
+    if not file.is_file():
+        return False
+    try:
+        with h5py.File(file, "r") as hf:
+            return isinstance(hf.get(key), h5py.Dataset)
+    except OSError:
+        return False
 
 
 def _missing_filter(node: h5py.Dataset) -> str | None:
@@ -249,7 +281,8 @@ def read_volume_info(path: os.PathLike | str, challenge: str | None = None) -> V
         DataError: the file is missing, empty, not HDF5, truncated or corrupt, or does not follow the schema
             (missing ``kspace``, wrong dtype or number of dimensions, missing or garbled ``ismrmrd_header``,
             target or mask whose shape does not match ``kspace``, a dataset that is a link to a missing file or
-            object or that needs an HDF5 filter plugin this installation lacks).
+            object, a virtual dataset with a missing source, or one that needs an HDF5 filter plugin this
+            installation lacks).
     """
     if challenge is not None:
         target_key(challenge)  # validates the name
