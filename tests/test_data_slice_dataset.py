@@ -14,8 +14,9 @@ import ismrmrd.xsd as ismrmrd_xsd
 import numpy as np
 import pytest
 from fastmri.data import SliceDataset as FastmriSliceDataset
+from torch.utils.data import default_collate
 
-from reconkit.data import SliceDataset, parse_ismrmrd_header, read_volume, read_volume_info
+from reconkit.data import SliceDataset, VarNetDataTransform, parse_ismrmrd_header, read_volume, read_volume_info
 from reconkit.data.slice_dataset import list_volume_files
 from reconkit.errors import DataError
 
@@ -569,3 +570,19 @@ def test_slice_with_nan_or_inf_raises_data_error_naming_file_and_slice(tmp_path)
     with pytest.raises(DataError, match=r"slice 2: 'reconstruction_rss' holds 1 NaN / inf values") as err:
         dataset[2]
     assert err.value.path == str(path)
+
+
+def test_one_element_array_attrs_are_scalars(tmp_path):
+    """Attributes stored as one-element arrays (MATLAB's scalars) reached the samples as arrays: a batch mixing such a
+    file with a fastMRI one failed in the collate ('stack expects each tensor to be equal size') with no file name."""
+    write_volume(tmp_path / "a.h5", num_slices=1, coils=2, seed=9)
+    path = write_volume(tmp_path / "b.h5", num_slices=1, coils=2, seed=10)
+    with h5py.File(tmp_path / "a.h5") as first, h5py.File(path, "a") as hf:
+        maxima = [first.attrs["max"], hf.attrs["max"]]
+        for key in ("max", "norm"):
+            hf.attrs[key] = np.array([hf.attrs[key]])
+        hf.attrs["acquisition"] = np.array([b"AXT2"])
+    dataset = SliceDataset(tmp_path, transform=VarNetDataTransform(), use_dataset_cache=False)
+    assert default_collate([dataset[0], dataset[1]]).max_value.tolist() == maxima
+    attrs = SliceDataset(tmp_path, use_dataset_cache=False)[1][3]
+    assert np.ndim(attrs["max"]) == 0 and np.ndim(attrs["norm"]) == 0 and attrs["acquisition"] == b"AXT2"

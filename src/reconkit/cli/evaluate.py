@@ -23,7 +23,7 @@ import torch
 
 from reconkit.atomic import folder_problem
 from reconkit.data import center_crop, list_volume_files, open_volume, target_key
-from reconkit.data.volume import checked_dataset
+from reconkit.data.volume import checked_dataset, file_attrs
 from reconkit.errors import DataError, ReconkitError
 from reconkit.io.metrics_csv import write_metrics_csv
 from reconkit.metrics import volume_metrics
@@ -105,7 +105,7 @@ def target_matches(target_path: Path, acquisition: str | None, acceleration: int
     if acquisition is None and acceleration is None:
         return True
     with open_volume(target_path) as hf:
-        attrs = dict(hf.attrs)
+        attrs = file_attrs(hf)
     stored = attrs.get("acquisition", "")
     if isinstance(stored, bytes):  # fixed-length HDF5 strings come back as bytes
         stored = stored.decode("utf-8", "replace")

@@ -21,14 +21,15 @@ import numpy as np
 import torch
 
 from reconkit.atomic import atomic_path
-from reconkit.data.volume import non_finite_problem, open_volume, read_volume_info, target_key
+from reconkit.data.volume import file_attrs, non_finite_problem, open_volume, read_volume_info, target_key
 from reconkit.errors import DataError, ReconkitWarning
 
 __all__ = ["RawSample", "SliceDataset", "default_cache_file", "list_volume_files"]
 
 logger = logging.getLogger(__name__)
 
-_CACHE_VERSION = 4  # 2: entries carry each file's slice shapes; 4: a target without the 'max' attr gets its maximum
+_CACHE_VERSION = 5  # 2: entries carry each file's slice shapes; 4: a target without the 'max' attr gets its maximum;
+# 5: one-element array attrs are scalars
 _VOLUME_SUFFIXES = (".h5", ".hdf5")
 
 PathLike = str | os.PathLike
@@ -260,7 +261,7 @@ class SliceDataset(torch.utils.data.Dataset):
                     target = np.asarray(target).astype(np.float32, copy=False)
             except (OSError, KeyError, ValueError) as err:
                 raise DataError(fname, f"cannot read slice {slice_ind} ({err})") from None
-            attrs = dict(hf.attrs)
+            attrs = file_attrs(hf)
         # the scan reads no array data, so NaN / inf are found here: passed on, one such slice turns the loss and
         # then every weight into NaN, or a whole predicted slice into NaN
         for key, data in (("kspace", kspace), (self.recons_key, target)):

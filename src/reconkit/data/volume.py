@@ -27,6 +27,7 @@ __all__ = [
     "Volume",
     "VolumeInfo",
     "checked_dataset",
+    "file_attrs",
     "non_finite_problem",
     "open_volume",
     "read_volume",
@@ -56,7 +57,8 @@ class VolumeInfo:
         target_shape: ``(slices, h, w)`` of the target, or None.
         mask_shape: ``(W,)`` of the stored mask (undersampled test files), or None.
         header: parsed ISMRMRD header.
-        attrs: the file's HDF5 attributes (``acquisition``, ``max``, ``norm``, ``patient_id``, ...).
+        attrs: the file's HDF5 attributes (``acquisition``, ``max``, ``norm``, ``patient_id``, ...); see
+            :func:`file_attrs`.
     """
 
     path: Path
@@ -266,8 +268,15 @@ def _validate(hf: h5py.File, path: Path, challenge: str | None) -> VolumeInfo:
         target_shape=None if target is None else tuple(target.shape),
         mask_shape=None if mask is None else tuple(mask.shape),
         header=header,
-        attrs=dict(hf.attrs),
+        attrs=file_attrs(hf),
     )
+
+
+def file_attrs(hf: h5py.File) -> dict:
+    """The file's HDF5 attributes, each one-element array (MATLAB and some converters store scalars so: ``max`` as
+    ``array([0.0004])``) as its scalar, which is how fastMRI's files hold them; other values as stored."""
+    return {key: value.reshape(())[()] if isinstance(value, np.ndarray) and value.size == 1 else value
+            for key, value in hf.attrs.items()}  # fmt: skip
 
 
 def read_volume_info(path: os.PathLike | str, challenge: str | None = None) -> VolumeInfo:
