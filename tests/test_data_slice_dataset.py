@@ -227,6 +227,9 @@ def _bad_files(tmp: Path) -> dict:
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     (tmp / "empty.h5").write_bytes(b"")
     (tmp / "text.h5").write_text("this is not HDF5\n" * 10)
+    heap = bytearray(good.read_bytes())  # opens, then fails at the first lookup (h5py's RuntimeError, was raised as is)
+    heap[heap.index(b"HEAP") : heap.index(b"HEAP") + 4] = b"XXXX"
+    (tmp / "heap.h5").write_bytes(bytes(heap))
     group = tmp / "group.h5"
     with h5py.File(group, "w") as hf:
         hf.create_group("kspace")
@@ -243,6 +246,7 @@ def _bad_files(tmp: Path) -> dict:
         "empty": (tmp / "empty.h5", "empty file"),
         "text": (tmp / "text.h5", "not an HDF5 file"),
         "truncated": (truncated, "truncated or corrupt"),
+        "bad_heap": (tmp / "heap.h5", "truncated or corrupt HDF5 file (Unable to synchronously check link existence"),
         "no_kspace": (_rewrite(tmp / "no_kspace.h5", kspace=None), "missing dataset 'kspace'"),
         "group": (group, "'kspace' is a Group"),
         "external_link": (external, f"'kspace' is a link to {tmp / 'elsewhere.h5'}:/kspace, which cannot be opened"),
@@ -465,7 +469,8 @@ def test_a_cache_that_cannot_be_pickled_is_not_written(tmp_path, caplog):
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_bad_files_raise_or_are_skipped_with_a_warning(use_cache, multicoil_dir, tmp_path, caplog):
     bad = _bad_files(tmp_path / "bad")
-    for name in ("empty", "text", "truncated", "no_kspace", "garbled_header", "target_slices", "external_link"):
+    names = ("empty", "text", "truncated", "no_kspace", "garbled_header", "target_slices", "external_link", "bad_heap")
+    for name in names:
         path, _ = bad[name]
         (multicoil_dir / f"zz_{name}.h5").write_bytes(path.read_bytes())
     cache = tmp_path / "cache.pkl"
@@ -474,8 +479,8 @@ def test_bad_files_raise_or_are_skipped_with_a_warning(use_cache, multicoil_dir,
         SliceDataset(multicoil_dir, dataset_cache_file=cache, use_dataset_cache=use_cache)
     assert Path(err.value.path).name.startswith("zz_")
     # one error names every bad file with its problem, so one run finds them all
-    assert "and 6 more bad file(s)" in str(err.value) and "skip_bad_files" in str(err.value)
-    for name in ("empty", "text", "truncated", "no_kspace", "garbled_header", "target_slices", "external_link"):
+    assert "and 7 more bad file(s)" in str(err.value) and "skip_bad_files" in str(err.value)
+    for name in names:
         assert f"zz_{name}.h5: " in str(err.value) and bad[name][1] in str(err.value), name
 
     for _ in range(2):  # second time from the cache when enabled: bad files are still reported
@@ -484,7 +489,7 @@ def test_bad_files_raise_or_are_skipped_with_a_warning(use_cache, multicoil_dir,
             ours = SliceDataset(multicoil_dir, dataset_cache_file=cache, use_dataset_cache=use_cache, skip_bad_files=True)
         assert len(ours) == 10
         assert sorted({s.fname.name for s in ours.raw_samples}) == ["file_a.h5", "file_b.h5", "file_c.h5", "file_d.h5"]
-        for name in ("empty", "text", "truncated", "no_kspace", "garbled_header", "target_slices", "external_link"):
+        for name in names:
             assert f"zz_{name}.h5: " in caplog.text and bad[name][1] in caplog.text, name
         with pytest.raises(DataError):
             SliceDataset(multicoil_dir, dataset_cache_file=cache, use_dataset_cache=use_cache)

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from reconkit.data.ismrmrd_header import HeaderInfo, parse_ismrmrd_header
-from reconkit.errors import DataError
+from reconkit.errors import DataError, ReconkitError
 
 __all__ = [
     "CHALLENGES",
@@ -107,7 +107,9 @@ def open_volume(path: os.PathLike | str) -> Iterator[h5py.File]:
 
     Reports: file not found, a directory or other non-regular file (a FIFO), empty file, a file it cannot read (no
     read permission), not an HDF5 file, a file another process holds open for writing (HDF5's file lock), truncated
-    or corrupt HDF5 file.
+    or corrupt HDF5 file. The h5py errors that corrupt metadata raises inside the ``with`` block (``RuntimeError``,
+    ``ValueError``, ``TypeError``, ``OSError``, ``KeyError``, e.g. "bad local heap signature" at the first lookup of
+    a file that opened) become a :class:`DataError` too.
     """
     path = Path(path)
     if not path.exists():
@@ -132,7 +134,12 @@ def open_volume(path: os.PathLike | str) -> Iterator[h5py.File]:
             raise DataError(path, f"locked: another process has it open for writing ({_first_line(err)})") from None
         raise DataError(path, f"truncated or corrupt HDF5 file ({_first_line(err)})") from None
     with handle:
-        yield handle
+        try:
+            yield handle
+        except ReconkitError:
+            raise
+        except (RuntimeError, ValueError, TypeError, OSError, KeyError) as err:
+            raise DataError(path, f"truncated or corrupt HDF5 file ({_first_line(err)})") from None
 
 
 def _first_line(err: Exception) -> str:
