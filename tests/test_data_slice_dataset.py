@@ -591,3 +591,19 @@ def test_one_element_array_attrs_are_scalars(tmp_path):
     assert default_collate([dataset[0], dataset[1]]).max_value.tolist() == maxima
     attrs = SliceDataset(tmp_path, use_dataset_cache=False)[1][3]
     assert np.ndim(attrs["max"]) == 0 and np.ndim(attrs["norm"]) == 0 and attrs["acquisition"] == b"AXT2"
+
+
+@pytest.mark.parametrize("value", ["0.25", np.nan, 0.0])
+def test_a_max_attr_that_is_no_positive_number_is_a_bad_file(value, tmp_path):
+    """It is the loss scale and the PSNR / SSIM data range: a string failed in the training step without a file name
+    ("'tuple' object has no attribute 'to'"), NaN or 0 turned the loss and the weights into NaN."""
+    write_volume(tmp_path / "good.h5", num_slices=1, coils=2, seed=11)
+    path = write_volume(tmp_path / "odd_max.h5", num_slices=1, coils=2, seed=12)
+    with h5py.File(path, "a") as hf:
+        hf.attrs["max"] = value
+    with pytest.raises(DataError, match=f"'max' attr is {value!r}; expected") as err:
+        SliceDataset(tmp_path, use_dataset_cache=False)
+    assert err.value.path == str(path)
+    assert {s.fname.name for s in SliceDataset(tmp_path, use_dataset_cache=False, skip_bad_files=True).raw_samples} == {
+        "good.h5"
+    }

@@ -28,8 +28,8 @@ __all__ = ["RawSample", "SliceDataset", "default_cache_file", "list_volume_files
 
 logger = logging.getLogger(__name__)
 
-_CACHE_VERSION = 5  # 2: entries carry each file's slice shapes; 4: a target without the 'max' attr gets its maximum;
-# 5: one-element array attrs are scalars
+_CACHE_VERSION = 6  # 2: entries carry each file's slice shapes; 4: a target without the 'max' attr gets its maximum;
+# 5: one-element array attrs are scalars; 6: a target's 'max' attr is checked
 _VOLUME_SUFFIXES = (".h5", ".hdf5")
 
 PathLike = str | os.PathLike
@@ -86,6 +86,15 @@ def _target_max(fname: Path, key: str) -> float:
     warnings.warn(f"{fname}: no 'max' attr; using the maximum of its '{key}' volume ({value:.6g}) for PSNR / SSIM",
                   ReconkitWarning, stacklevel=2)
     return value
+
+
+def _check_max(fname: Path, value: Any) -> None:
+    """Raise :class:`DataError` unless a file's ``max`` attr is a finite positive number: it is the data range of
+    PSNR / SSIM and the scale of the loss, so a string failed in the training step ("'tuple' object has no attribute
+    'to'", no file name) and NaN, inf or 0 made the loss, then every weight, NaN."""
+    if not (isinstance(value, (int, float, np.integer, np.floating)) and np.isfinite(value) and value > 0):
+        shown = value.item() if isinstance(value, np.generic) else value  # nan, not np.float64(nan)
+        raise DataError(fname, f"'max' attr is {shown!r}; expected the target volume's maximum, a positive number")
 
 
 class SliceDataset(torch.utils.data.Dataset):
@@ -188,6 +197,8 @@ class SliceDataset(torch.utils.data.Dataset):
                     metadata = info.metadata()
                     if info.target_key is not None and "max" not in info.attrs:  # the transforms need it
                         metadata["max"] = _target_max(fname, info.target_key)
+                    elif info.target_key is not None:
+                        _check_max(fname, info.attrs["max"])
                     target_shape = None if info.target_shape is None else info.target_shape[1:]
                     cached = ("ok", (metadata, info.num_slices, (info.kspace_shape[1:], target_shape)))
                 except DataError as err:
