@@ -239,6 +239,7 @@ def _bad_files(tmp: Path) -> dict:
         hf2["kspace"] = h5py.SoftLink("/data/kspace")
     return {
         "missing": (tmp / "missing.h5", "file not found"),
+        "complex_half": (_complex_half_file(tmp / "half.h5"), "'kspace' has an HDF5 datatype numpy cannot hold"),
         "virtual_source": (_virtual_file(tmp / "virtual.h5"), "'kspace' is a virtual dataset whose source"),
         "filter_plugin": (
             _plugin_filter_file(tmp / "plugin.h5"), "'kspace' is compressed with HDF5 filter 32009 (zzz)"
@@ -281,6 +282,19 @@ def _virtual_file(path: Path) -> Path:
     with h5py.File(source) as hf:  # found beside it
         np.testing.assert_array_equal(read_volume(path).kspace, hf["kspace"][()])
     source.unlink()
+    return path
+
+
+def _complex_half_file(path: Path) -> Path:
+    """A file whose k-space is HDF5 2.0's float16 complex type, which numpy has no dtype for."""
+    write_volume(path, num_slices=2, coils=2)
+    with h5py.File(path, "a") as hf:
+        kspace = hf["kspace"][()]
+        del hf["kspace"]
+        half = h5py.h5t.COMPLEX_IEEE_F16LE
+        stored = h5py.h5d.create(hf.id, b"kspace", half, h5py.h5s.create_simple(kspace.shape))
+        pairs = np.ascontiguousarray(np.stack([kspace.real, kspace.imag], axis=-1).astype("<f2"))
+        stored.write(h5py.h5s.ALL, h5py.h5s.ALL, pairs, mtype=half)
     return path
 
 

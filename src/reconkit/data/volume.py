@@ -151,7 +151,7 @@ def checked_dataset(hf: h5py.File, key: str, path: Path) -> h5py.Dataset | None:
 
     Raises:
         DataError: naming ``path``: ``key`` is a group, a link to a missing file or object, a virtual dataset with
-            a missing source, or needs an HDF5 filter plugin this installation lacks.
+            a missing source, has a datatype numpy lacks, or needs an HDF5 filter plugin this installation lacks.
     """
     if key not in hf:
         return None
@@ -164,6 +164,10 @@ def checked_dataset(hf: h5py.File, key: str, path: Path) -> h5py.Dataset | None:
         raise DataError(path, problem) from None
     if not isinstance(node, h5py.Dataset):
         raise DataError(path, f"'{key}' is a {type(node).__name__}, expected a dataset")
+    try:
+        node.dtype  # noqa: B018 - h5py builds it here, and fails for a type numpy lacks
+    except TypeError as err:  # e.g. HDF5 2.0's float16 complex
+        raise DataError(path, f"'{key}' has an HDF5 datatype numpy cannot hold ({_first_line(err)})") from None
     source = _missing_virtual_source(node, path)
     if source is not None:  # HDF5 would read the fill value (zeros) in its place, without an error
         raise DataError(path, f"'{key}' is a virtual dataset whose source {source} cannot be found")
