@@ -21,6 +21,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -1328,6 +1329,46 @@ def test_grpc_raw_contents_checks_and_unknown_models(grpc_server):
         with pytest.raises(grpc.RpcError) as caught:
             grpc_call(address, "ModelInfer", grpc_request(json_request(kspace, mask), model, version))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND and message in caught.value.details()
+
+
+def test_grpc_typed_integer_contents_outside_the_datatype_are_refused_as_over_rest(tmp_path):
+    """int_contents / uint_contents carry INT8, INT16 and UINT8 inputs as 32-bit integers: values beyond the input's
+    datatype were cast with wrap-around (300 as INT8 became 44) and inferred on, where REST refuses them (found by
+    property-based fuzzing of the two decoders with a model of integer inputs)."""
+    from onnx import TensorProto, helper, save
+
+    from reconkit.serve.grpc_api import decode_grpc_request
+    from reconkit.serve.model import OnnxModel
+    from reconkit.serve.protocol import RequestError, decode_infer_request
+
+    types = {"codes": (TensorProto.INT8, "INT8", "int_contents"), "levels": (TensorProto.UINT8, "UINT8", "uint_contents")}
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [name], [f"{name}_out"]) for name in types], "integers",
+        [helper.make_tensor_value_info(name, kind, ["batch", 3]) for name, (kind, _, _) in types.items()],
+        [helper.make_tensor_value_info(f"{name}_out", kind, ["batch", 3]) for name, (kind, _, _) in types.items()])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "integers.onnx"))
+    served = SimpleNamespace(model=OnnxModel(tmp_path / "integers.onnx"))
+
+    def requests(codes: list[int], levels: list[int]) -> tuple:
+        """The same inputs as a gRPC message with typed contents and as a REST JSON header."""
+        message, header = MESSAGES["ModelInferRequest"](model_name="integers"), {"inputs": []}
+        for (name, (_, datatype, field)), values in zip(types.items(), (codes, levels)):
+            getattr(message.inputs.add(name=name, datatype=datatype, shape=[1, 3]).contents, field).extend(values)
+            header["inputs"].append({"name": name, "datatype": datatype, "shape": [1, 3], "data": values})
+        return message, header
+
+    message, header = requests([-128, 0, 127], [0, 7, 255])
+    decoded = decode_grpc_request(message, served).inputs
+    np.testing.assert_array_equal(decoded["codes"], np.array([[-128, 0, 127]], np.int8))
+    for name, array in decode_infer_request(header, memoryview(b""), served.model).inputs.items():
+        np.testing.assert_array_equal(decoded[name], array)
+    for codes, levels, name, field in (([300, 0, 1], [0, 0, 0], "codes", "int_contents"),
+                                       ([0, 0, 0], [256, 1, 2], "levels", "uint_contents")):
+        message, header = requests(codes, levels)
+        with pytest.raises(RequestError, match=re.escape(f"input '{name}': contents.{field} holds values outside")):
+            decode_grpc_request(message, served)
+        with pytest.raises(RequestError, match=re.escape(f"input '{name}': 'data' holds values outside")):
+            decode_infer_request(header, memoryview(b""), served.model)
 
 
 def _triton_descriptor(name: str):

@@ -37,6 +37,7 @@ from reconkit.serve.protocol import (
     InferRequest,
     RequestError,
     check_all_inputs,
+    check_integer_range,
     check_output_name,
     input_spec,
     little_endian_bytes,
@@ -84,6 +85,8 @@ def _tensor(spec: TensorSpec, item, raw: bytes | None) -> np.ndarray:
     if len(values) != count:
         raise _bad(f"input '{spec.name}': contents.{field} holds {len(values)} values, shape {list(shape)} "
                    f"needs {count}")
+    if spec.dtype.kind in "iu":  # int_contents carries INT8 / INT16 as int32: the cast below would wrap 300 to 44
+        check_integer_range(spec, np.asarray(values), f"contents.{field}")
     return np.asarray(values, dtype=spec.dtype).reshape(shape)
 
 

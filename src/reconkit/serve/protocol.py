@@ -21,9 +21,9 @@ import numpy as np
 from reconkit.errors import ReconkitError
 from reconkit.serve.model import V2_DATATYPES, OnnxModel, TensorSpec
 
-__all__ = ["HEADER_LENGTH", "InferRequest", "RequestError", "check_all_inputs", "check_output_name", "decode_infer_request",
-           "encode_infer_response", "header_of", "input_spec", "little_endian_bytes", "parse_header_outcome",
-           "parse_timeout", "split_body", "tensor_shape", "v2_datatype"]
+__all__ = ["HEADER_LENGTH", "InferRequest", "RequestError", "check_all_inputs", "check_integer_range",
+           "check_output_name", "decode_infer_request", "encode_infer_response", "header_of", "input_spec",
+           "little_endian_bytes", "parse_header_outcome", "parse_timeout", "split_body", "tensor_shape", "v2_datatype"]
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -213,10 +213,7 @@ def _json_values(spec: TensorSpec, data: Any) -> np.ndarray:
             values.dtype.kind, f"{values.dtype} values")
         raise _bad(f"input '{spec.name}': 'data' must hold {spec.datatype} values as JSON "
                    f"{'booleans' if spec.dtype.kind == 'b' else 'numbers'}, got {found}")
-    if spec.dtype.kind in "iu" and values.size:
-        info = np.iinfo(spec.dtype)
-        if values.min() < info.min or values.max() > info.max:
-            raise _bad(f"input '{spec.name}': 'data' holds values outside the range of {spec.datatype}")
+    check_integer_range(spec, values, "'data'")
     with np.errstate(over="ignore", invalid="ignore"):
         array = values.astype(spec.dtype)
     if spec.dtype.kind == "f" and values.dtype.kind == "f":
@@ -225,6 +222,15 @@ def _json_values(spec: TensorSpec, data: Any) -> np.ndarray:
             raise _bad(f"input '{spec.name}': {int(beyond.sum())} value(s) are beyond the range of {spec.datatype} "
                        f"(largest magnitude {float(np.finfo(spec.dtype).max):.4g})")
     return array
+
+
+def check_integer_range(spec: TensorSpec, values: np.ndarray, field: str) -> None:
+    """RequestError(400) when an integer input's ``values`` (any shape) do not all fit its datatype, which a cast
+    would wrap (300 as INT8 is 44); ``field`` names where they were sent (``'data'``, ``contents.int_contents``)."""
+    if spec.dtype.kind in "iu" and values.size:
+        info = np.iinfo(spec.dtype)
+        if values.min() < info.min or values.max() > info.max:
+            raise _bad(f"input '{spec.name}': {field} holds values outside the range of {spec.datatype}")
 
 
 def _flag(params: dict, key: str, default: bool, where: str) -> bool:
