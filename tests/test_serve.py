@@ -893,16 +893,23 @@ def test_non_finite_output_is_422_never_nan_in_json(tmp_path):
         assert status == 200 and np.isfinite(json.loads(body)["outputs"][0]["data"]).all()
 
 
-def test_metrics_count_requests_errors_and_batches(repository):
+def test_metrics_count_requests_errors_and_batches(repository, caplog):
+    caplog.set_level("INFO", logger="reconkit.serve")
     with running_server(repository) as (url, _):
         kspace, mask = sample()
         for _ in range(3):
             triton_infer(url, kspace, mask, binary=True)
         post(url, "/v2/models/recon/infer", b"{")
         post(url, "/v2/models/nope/infer", b"{}")
+        get(url, "/v2/nope")  # refused by the router itself: were neither counted nor logged (found by fuzzing)
+        get(url, "/v2/models/recon/infer")
         status, body = get(url, "/metrics")
         text = body.decode()
     assert status == 200
+    assert 'reconkit_serve_errors_total{code="404",endpoint="other"} 1.0' in text
+    assert 'reconkit_serve_errors_total{code="405",endpoint="other"} 1.0' in text
+    logged = [(r.method, r.path, r.status) for r in caplog.records if r.getMessage() == "request" and r.status >= 404]
+    assert ("GET", "/v2/nope", 404) in logged and ("GET", "/v2/models/recon/infer", 405) in logged
     assert 'reconkit_serve_requests_total{code="200",endpoint="infer"} 3.0' in text
     assert 'reconkit_serve_errors_total{code="400",endpoint="infer"} 1.0' in text
     assert 'reconkit_serve_errors_total{code="404",endpoint="infer"} 1.0' in text

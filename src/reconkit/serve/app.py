@@ -263,10 +263,12 @@ def create_app(config: ServerConfig) -> Starlette:
             await state.stop()
 
     async def http_error(request: Request, exc: Exception) -> Response:
-        """Starlette's own refusals (no route, method not allowed) as JSON errors like every other one."""
+        """Starlette's own refusals (no route, method not allowed) as JSON errors like every other one, counted in
+        the metrics (endpoint ``other``; answered at once, so with no latency to speak of) and logged likewise."""
         status = getattr(exc, "status_code", 500)
         where = f"{request.method} {request.url.path[:200]}"
         error = {404: f"no such endpoint: {where}", 405: f"method not allowed: {where}"}.get(status, str(exc))
+        state.record_request("other", status, 0.0, {"method": request.method, "path": request.url.path[:200]}, error)
         return JSONResponse({"error": error}, status, headers=getattr(exc, "headers", None))
 
     app = Starlette(routes=_routes(state), lifespan=lifespan, exception_handlers={HTTPException: http_error})
