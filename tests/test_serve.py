@@ -1338,23 +1338,49 @@ def test_grpc_raw_contents_checks_and_unknown_models(grpc_server):
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND and message in caught.value.details()
 
 
+def identity_model(directory: Path, inputs: dict[str, int]):
+    """An ONNX Runtime model (reconkit.serve.model.OnnxModel) passing each input ``name: onnx TensorProto type``,
+    shape [batch, 3], to output ``{name}_out``: for datatypes other than the contract's FP32."""
+    from onnx import helper, save
+
+    from reconkit.serve.model import OnnxModel
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [name], [f"{name}_out"]) for name in inputs], "identity",
+        [helper.make_tensor_value_info(name, kind, ["batch", 3]) for name, kind in inputs.items()],
+        [helper.make_tensor_value_info(f"{name}_out", kind, ["batch", 3]) for name, kind in inputs.items()])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(directory / "identity.onnx"))
+    return OnnxModel(directory / "identity.onnx")
+
+
+def test_json_integers_beyond_fp16_are_named_as_such(tmp_path):
+    """A JSON integer beyond FP16's range (70000) became inf, refused as "NaN or infinite", which the client never
+    sent; it is refused as beyond the range, as 70000.0 was (found by property-based fuzzing of the REST decoder)."""
+    from onnx import TensorProto
+
+    from reconkit.serve.protocol import RequestError, decode_infer_request
+
+    model = identity_model(tmp_path, {"half": TensorProto.FLOAT16})
+    for values in ([70000, 0, 1], [70000.0, 0, 1], [-1e39, 0, 1]):
+        header = {"inputs": [{"name": "half", "datatype": "FP16", "shape": [1, 3], "data": values}]}
+        with pytest.raises(RequestError, match=re.escape("input 'half': 1 value(s) are beyond the range of FP16")):
+            decode_infer_request(header, memoryview(b""), model)
+    header = {"inputs": [{"name": "half", "datatype": "FP16", "shape": [1, 3], "data": [65504, -2, 0.5]}]}
+    np.testing.assert_array_equal(decode_infer_request(header, memoryview(b""), model).inputs["half"],
+                                  np.array([[65504, -2, 0.5]], np.float16))
+
+
 def test_grpc_typed_integer_contents_outside_the_datatype_are_refused_as_over_rest(tmp_path):
     """int_contents / uint_contents carry INT8, INT16 and UINT8 inputs as 32-bit integers: values beyond the input's
     datatype were cast with wrap-around (300 as INT8 became 44) and inferred on, where REST refuses them (found by
     property-based fuzzing of the two decoders with a model of integer inputs)."""
-    from onnx import TensorProto, helper, save
+    from onnx import TensorProto
 
     from reconkit.serve.grpc_api import decode_grpc_request
-    from reconkit.serve.model import OnnxModel
     from reconkit.serve.protocol import RequestError, decode_infer_request
 
     types = {"codes": (TensorProto.INT8, "INT8", "int_contents"), "levels": (TensorProto.UINT8, "UINT8", "uint_contents")}
-    graph = helper.make_graph(
-        [helper.make_node("Identity", [name], [f"{name}_out"]) for name in types], "integers",
-        [helper.make_tensor_value_info(name, kind, ["batch", 3]) for name, (kind, _, _) in types.items()],
-        [helper.make_tensor_value_info(f"{name}_out", kind, ["batch", 3]) for name, (kind, _, _) in types.items()])
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "integers.onnx"))
-    served = SimpleNamespace(model=OnnxModel(tmp_path / "integers.onnx"))
+    served = SimpleNamespace(model=identity_model(tmp_path, {name: kind for name, (kind, _, _) in types.items()}))
 
     def requests(codes: list[int], levels: list[int]) -> tuple:
         """The same inputs as a gRPC message with typed contents and as a REST JSON header."""
