@@ -893,6 +893,41 @@ def test_non_finite_output_is_422_never_nan_in_json(tmp_path):
         assert status == 200 and np.isfinite(json.loads(body)["outputs"][0]["data"]).all()
 
 
+def test_outputs_a_request_did_not_ask_for_do_not_fail_it_in_a_shared_batch(tmp_path):
+    """Requests batched together are run for the union of their outputs; the NaN / inf check looked at all of them, so
+    a request asking only for a finite output got 422 for another output that a batch neighbour had asked for (alone
+    it got 200; found by reading the batcher while fuzzing output selections)."""
+    from onnx import TensorProto, helper, save
+
+    from reconkit.serve.protocol import InferRequest, RequestError
+    from reconkit.serve.state import ServerState
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 3]) for name in ("same", "log")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["same"]), helper.make_node("Log", ["x"], ["log"])],
+                              "two_outputs", [x], outputs)
+    (tmp_path / "two" / "1").mkdir(parents=True)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "two/1/model.onnx"))
+    state = ServerState(ServerConfig(tmp_path, batching=BatchingConfig(max_queue_delay_s=0.2)))
+    negative = InferRequest(None, {"x": np.array([[-1.0, 2.0, 3.0]], np.float32)}, {"same": False}, None)
+    positive = InferRequest(None, {"x": np.array([[1.0, 2.0, 3.0]], np.float32)}, {"log": False}, None)
+
+    async def both() -> list:
+        await state.start()
+        try:
+            served = state.served("two", None)
+            return await asyncio.gather(state.infer(served, negative), state.infer(served, positive),
+                                        return_exceptions=True)
+        finally:
+            await state.stop()
+
+    results = asyncio.run(both())
+    assert not any(isinstance(result, RequestError) for result in results), results
+    np.testing.assert_array_equal(results[0]["same"], negative.inputs["x"])
+    np.testing.assert_allclose(results[1]["log"], np.log(positive.inputs["x"]))
+    assert state.models["two"]["1"].statistics.execution_count == 1  # one batch of both
+
+
 def test_metrics_count_requests_errors_and_batches(repository, caplog):
     caplog.set_level("INFO", logger="reconkit.serve")
     with running_server(repository) as (url, _):

@@ -54,7 +54,8 @@ def _run_batch(model: OnnxModel, batch: list[_Pending]) -> tuple[list[dict[str, 
     outputs = model.run(feeds, names)
     ran = time.perf_counter_ns()
     bounds = itertools.pairwise(np.cumsum([0] + [p.request.batch_size for p in batch]))
-    results = [{name: out[a:b] for name, out in outputs.items()} for a, b in bounds]  # views, no copies
+    # views, no copies; each request gets only the outputs it asked for (the run computed the batch's union of them)
+    results = [{name: outputs[name][a:b] for name in p.request.outputs} for p, (a, b) in zip(batch, bounds)]
     return results, (fed - start, ran - fed, time.perf_counter_ns() - ran)
 
 
