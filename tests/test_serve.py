@@ -393,6 +393,25 @@ def test_large_json_headers_parsed_in_a_worker_process_give_the_same_answers(ser
         assert status == 400 and message in error, error
 
 
+def test_deeply_nested_large_json_headers_are_400_and_keep_the_parsing_process(server, monkeypatch):
+    """A header nested a few hundred levels deep parses in the worker process, but its result then fails to travel back
+    (pickle: RecursionError, a RuntimeError), which was taken for a dead worker: 503 "retry later" for a request that
+    can never succeed, and a new process spawned for the next large request (found probing nesting depths while
+    fuzzing headers through the worker; a range of depths, since where each step gives up depends on the stack)."""
+    from reconkit.serve import protocol
+
+    url, state = server
+    monkeypatch.setattr(protocol, "JSON_IN_WORKER_BYTES", 0)
+    body = json.dumps(json_request(*sample())).encode()
+    assert post(url, "/v2/models/recon/infer", body)[0] == 200
+    workers = state._json_workers
+    for depth in range(850, 1001, 10):
+        nested = b'{"parameters": {"x": ' + b"[" * depth + b"]" * depth + b'}, "inputs": []}'
+        status, error = error_of(post(url, "/v2/models/recon/infer", nested))
+        assert status == 400, (depth, error)
+    assert state._json_workers is workers and post(url, "/v2/models/recon/infer", body)[0] == 200
+
+
 def test_large_json_headers_beyond_the_parse_bound_are_503(server, monkeypatch):
     """Each large JSON request holds its body while it waits for the one parsing process; with MAX_JSON_PARSES of
     them there, the next is 503 with Retry-After (they once queued without bound), and a slot freed is taken again."""

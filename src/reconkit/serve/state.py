@@ -311,8 +311,9 @@ class ServerState:
         """A request's JSON header (:func:`~reconkit.serve.protocol.parse_header_outcome`); one longer than
         :data:`~reconkit.serve.protocol.JSON_IN_WORKER_BYTES` is parsed in a worker process (spawned on first use,
         one at a time), so that the event loop answers other requests meanwhile. RequestError 400 for what the
-        parse finds, 503 when the worker died (e.g. out of memory; the next request starts a new one) or when
-        :data:`MAX_JSON_PARSES` large headers are already there."""
+        parse finds (or a header too deeply nested to come back from the worker), 503 when the worker died (e.g. out
+        of memory; the next request starts a new one) or when :data:`MAX_JSON_PARSES` large headers are already
+        there."""
         if len(json_part) <= protocol.JSON_IN_WORKER_BYTES:
             return header_of(parse_header_outcome(json_part))
         if self._json_parses >= MAX_JSON_PARSES:
@@ -324,6 +325,8 @@ class ServerState:
         try:
             outcome = await asyncio.get_running_loop().run_in_executor(
                 self._json_workers, parse_header_outcome, json_part)
+        except RecursionError as exc:  # parsed, but nested too deeply for pickle to hand the result back
+            raise RequestError(400, f"request header nests too deeply ({exc})") from None
         except (BrokenProcessPool, OSError, RuntimeError) as exc:  # it died (out of memory?) or could not start
             self._json_workers = None
             raise RequestError(503, f"the JSON parsing process failed ({type(exc).__name__}); send large tensors as "
