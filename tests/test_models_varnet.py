@@ -223,12 +223,12 @@ def test_varnet_traces_to_onnx_with_matmul_fft(tmp_path):
 
 
 def test_varnet_under_torch_compile_matches_eager():
-    """torch.compile takes the batched, plain-op path (as export does); same output and gradients."""
+    """torch.compile takes the batched, plain-op path (as export does) in one graph; same output and gradients."""
     torch.manual_seed(8)
     net = VarNet(**SMALL)
     mask = _line_mask(1, 16, [4], every=3)
     kspace = torch.randn(1, 3, 16, 16, 2) * mask
-    compiled = torch.compile(net, backend="eager")
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
     out = compiled(kspace, mask)
     assert _rel(out, net(kspace, mask)) < 1e-5
     out.sum().backward()

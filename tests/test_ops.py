@@ -435,3 +435,12 @@ def test_cached_centring_signs_first_built_in_inference_mode_still_support_autog
     image.requires_grad_(True)
     sens_expand(image, sens_maps, hybrid=True).square().sum().backward()
     assert image.grad is not None and torch.isfinite(image.grad).all()
+
+
+def test_multicoil_operator_compiles_to_one_graph():
+    """torch.compile(fullgraph=True) of A / Aᴴ: as_complex's storage_offset() check was a Dynamo graph break."""
+    op = random_operator(dtype=torch.float32)
+    x, y = torch.randn(2, 1, 12, 10, 2, generator=gen(45)), torch.randn(2, 4, 12, 10, 2, generator=gen(46))
+    for method, data in ((op.A, x), (op.A_adjoint, y)):
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(method, fullgraph=True, backend="eager")(data), method(data))

@@ -43,9 +43,13 @@ def native_complex_ok(*tensors: torch.Tensor) -> bool:
 
 
 def as_complex(x: torch.Tensor) -> torch.Tensor:
-    """Complex view ``(...)`` of a real ``(..., 2)`` tensor; copies only when its strides forbid a view."""
+    """Complex view ``(...)`` of a real ``(..., 2)`` tensor; copies only when its strides forbid a view.
+
+    Under ``torch.compile`` the tensor is made contiguous without looking at its storage offset (Dynamo cannot
+    trace ``storage_offset()``: a graph break in every coil operator); the compiler drops the no-op copy.
+    """
     _check_layout(x, "as_complex")
-    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(s % 2 for s in x.stride()[:-1]):
+    if torch.compiler.is_compiling() or x.stride(-1) != 1 or x.storage_offset() % 2 or any(s % 2 for s in x.stride()[:-1]):
         x = x.contiguous()
     return torch.view_as_complex(x)
 
