@@ -293,3 +293,16 @@ def test_espirit_warns_when_the_acs_lines_cannot_determine_the_maps():
             estimate_sens_maps_espirit(kspace, mask, acs)
         assert any(issubclass(w.category, ReconkitWarning) and "calibration patches" in str(w.message)
                    for w in caught) == warns
+
+
+def test_maps_that_vanish_everywhere_are_zero_and_cg_sense_stays_finite():
+    """ESPIRiT maps cropped over the whole image (too few ACS patches for the unknowns) and ACS maps of empty
+    k-space were 0/0 = NaN, and so was the CG-SENSE image; the maps docstrings promise 0 where coil images vanish."""
+    mask = equispaced_mask(20, 3, 6).expand(2, -1, -1, -1, -1)
+    kspace = torch.randn(2, 3, 16, 20, 2, generator=torch.Generator().manual_seed(0)) * mask
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the calibration-patch warning: the case this test is about
+        maps = estimate_sens_maps_espirit(kspace, mask)
+        image = CGSense(sens_method="espirit")(kspace, mask)
+    assert torch.equal(maps, torch.zeros_like(maps)) and torch.isfinite(image).all()
+    assert torch.equal(estimate_sens_maps_acs(torch.zeros_like(kspace), mask), torch.zeros_like(kspace))

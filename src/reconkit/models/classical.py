@@ -123,9 +123,11 @@ def _lowpass_acs_kspace(
 
 
 def _divide_by_rss(coil_images: torch.Tensor, eps: float) -> torch.Tensor:
-    """``(B, C, H, W, 2)`` coil images divided by their root-sum-of-squares over coils (``eps`` relative to its max)."""
+    """``(B, C, H, W, 2)`` coil images divided by their root-sum-of-squares over coils (``eps`` relative to its max);
+    an item whose coil images are all zero (ESPIRiT maps cropped everywhere, empty k-space) gets zero maps, not 0/0."""
     rss = rss_complex(coil_images, dim=1)[:, None, :, :, None]
-    return coil_images / pair_factor(rss + eps * rss.amax(dim=(2, 3), keepdim=True))
+    denominator = (rss + eps * rss.amax(dim=(2, 3), keepdim=True)).clamp_min(torch.finfo(rss.dtype).tiny)
+    return coil_images / pair_factor(denominator)
 
 
 def estimate_sens_maps_acs(
