@@ -306,3 +306,19 @@ def test_maps_that_vanish_everywhere_are_zero_and_cg_sense_stays_finite():
         image = CGSense(sens_method="espirit")(kspace, mask)
     assert torch.equal(maps, torch.zeros_like(maps)) and torch.isfinite(image).all()
     assert torch.equal(estimate_sens_maps_acs(torch.zeros_like(kspace), mask), torch.zeros_like(kspace))
+
+
+def test_espirit_poly_constants_first_built_in_inference_mode_still_support_autograd():
+    """Its cached interpolation weights and kernel phases, built first under inference_mode (a Reconstructor, a
+    Lightning validation), were inference tensors: a later gradient with respect to the k-space raised."""
+    from reconkit.models.classical import _linear_interpolation
+    from reconkit.models.espirit_poly import _pair_phases
+
+    _linear_interpolation.cache_clear()
+    _pair_phases.cache_clear()
+    kspace, mask, *_ = simulate(coils=4, height=32, width=24, num_low_frequencies=10)
+    with torch.inference_mode():
+        estimate_sens_maps_espirit_poly(kspace, mask)
+    kspace = kspace.clone().requires_grad_(True)
+    estimate_sens_maps_espirit_poly(kspace, mask).square().sum().backward()
+    assert kspace.grad is not None and torch.isfinite(kspace.grad).all()

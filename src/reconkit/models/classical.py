@@ -174,7 +174,8 @@ def _linear_interpolation(size: int, coarse_size: int) -> torch.Tensor:
     weights = np.zeros((size, coarse_size))
     np.add.at(weights, (np.arange(size), low), 1 - (position - low))
     np.add.at(weights, (np.arange(size), high), position - low)
-    return torch.from_numpy(weights.astype(np.float32))
+    with torch.inference_mode(False):  # cached: built first under inference_mode, it must still serve autograd
+        return torch.from_numpy(weights.astype(np.float32))
 
 
 def _upsample_centred(coarse: torch.Tensor, height: int, width: int) -> torch.Tensor:

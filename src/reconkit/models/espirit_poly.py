@@ -64,7 +64,8 @@ def _pair_phases(grid: int, kernel_size: int) -> tuple[torch.Tensor, torch.Tenso
     k = np.arange(kernel_size)
     offset = (k[:, None] - k[None, :]).reshape(-1)
     phase = 2 * np.pi * np.outer(offset, np.arange(grid) - grid // 2) / grid
-    return torch.from_numpy(np.cos(phase).astype(np.float32)), torch.from_numpy(np.sin(phase).astype(np.float32))
+    with torch.inference_mode(False):  # cached: built first under inference_mode, it must still serve autograd
+        return torch.from_numpy(np.cos(phase).astype(np.float32)), torch.from_numpy(np.sin(phase).astype(np.float32))
 
 
 def estimate_sens_maps_espirit_poly(
