@@ -304,3 +304,19 @@ def test_sampled_lines_graph_serves_any_mask_batch_and_coil_count() -> None:
 def test_sampled_lines_rss_rejects_a_2d_mask() -> None:
     with pytest.raises(ValueError, match="line mask"):
         zero_filled_rss_sampled_lines(torch.zeros(1, 2, 8, 6, 2), torch.ones(1, 1, 8, 6, 1))
+
+
+def test_stage_constants_first_built_in_inference_mode_still_support_autograd():
+    """axis_plan's cached stage matrices, built first under inference_mode, were inference tensors (the device copy
+    of the same device is the tensor itself): a later gradient through the planar transform raised."""
+    from reconkit.ops.dft_matmul import _constants
+
+    axis_plan.cache_clear()
+    _constants.cache_clear()
+    re, im = torch.randn(1, 2, 30, 34), torch.randn(1, 2, 30, 34)
+    with torch.inference_mode():
+        centred_fft_matmul_planar(re, im, True, (-2,))
+    re.requires_grad_(True)
+    out_re, out_im = centred_fft_matmul_planar(re, im, True, (-2,))
+    (out_re.square().sum() + out_im.square().sum()).backward()
+    torch.testing.assert_close(re.grad, 2 * re.detach(), rtol=1e-4, atol=1e-4)  # unitary along H, im independent

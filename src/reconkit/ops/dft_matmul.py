@@ -91,8 +91,10 @@ class AxisPlan:
 
 
 def _as_pair(z: np.ndarray) -> torch.Tensor:
-    """Complex array → float32 tensor with a leading (real, imag) axis of size 2."""
-    return torch.from_numpy(np.stack((z.real, z.imag)).astype(np.float32))
+    """Complex array → float32 tensor with a leading (real, imag) axis of size 2 (a normal tensor even under
+    ``torch.inference_mode()``: :func:`axis_plan` caches it, and a later autograd call may save it for backward)."""
+    with torch.inference_mode(False):
+        return torch.from_numpy(np.stack((z.real, z.imag)).astype(np.float32))
 
 
 @functools.lru_cache(maxsize=64)
