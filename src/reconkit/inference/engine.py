@@ -239,7 +239,9 @@ def load_reconstructor(
             alone) or a reconkit checkpoint (``reconkit.models.load_model``).
         backend: ``"torch"`` / ``"onnx"``; None infers it from the file extension (:func:`default_backend`).
         device: ``"cpu"`` or ``"cuda"``.
-        threads: ONNX Runtime intra-op threads (None: its default); torch models use ``torch.set_num_threads``.
+        threads: ONNX Runtime intra-op threads (None: its default). Not applied to PyTorch models (a checkpoint, the
+            baselines, the ONNX file's PyTorch fallback): their threads are process-wide, set them with
+            ``torch.set_num_threads`` as ``reconkit reconstruct --threads`` does.
         torch_fallback: for an ONNX file exported from a checkpoint, run k-space sizes its graph lacks with the
             file's own weights in PyTorch (:func:`reconkit.export.load_onnx_as_torch`) instead of failing.
 
