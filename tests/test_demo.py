@@ -3,8 +3,10 @@ beats zero-filling on the held-out demo scan and serves fastMRI-sized k-space.""
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
+from fastmri import evaluate as fm_evaluate
 
 from reconkit.cli import demo
 from reconkit.cli.main import main as reconkit_main
@@ -24,15 +26,21 @@ def tiny_onnx(tmp_path_factory):
 
 
 def test_demo_end_to_end(tmp_path, tiny_onnx, capsys):
+    """The printed PSNR / SSIM are fastmri.evaluate's of the written reconstructions against the scan's reference."""
     code = reconkit_main(["demo", "--output", str(tmp_path / "demo"), "--model", str(tiny_onnx)])
     out = capsys.readouterr().out
     assert code == 0
-    for method in ("zero-filled", "CG-SENSE", "VarNet (ONNX)"):
-        assert method in out
+    printed = {cells[0]: cells[1:3] for line in out.splitlines()
+               if len(cells := [cell.strip() for cell in line.split("│")[1:-1]]) == 4}
     assert str(tmp_path / "demo" / "png") in out.replace("\n", "")
     assert len(list((tmp_path / "demo" / "png").glob("slice_*.png"))) == demo.SCAN["slices"]
-    for name in ("zero-filled", "cg-sense", "varnet"):
-        assert (tmp_path / "demo" / name / "h5" / "demo_scan.h5").is_file()
+    with h5py.File(tmp_path / "demo" / "scan" / "demo_scan.h5") as hf:
+        target = hf["reconstruction_rss"][()]
+    for method, name in (("zero-filled", "zero-filled"), ("CG-SENSE", "cg-sense"), ("VarNet (ONNX)", "varnet")):
+        with h5py.File(tmp_path / "demo" / name / "h5" / "demo_scan.h5") as hf:
+            reconstruction = hf["reconstruction"][()]
+        expected = [f"{fm_evaluate.psnr(target, reconstruction):.2f}", f"{fm_evaluate.ssim(target, reconstruction)[0]:.4f}"]
+        assert printed[method] == expected, (method, out)
 
 
 def test_demo_missing_model_is_one_line(tmp_path, capsys):
