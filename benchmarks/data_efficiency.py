@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -152,7 +153,8 @@ def markdown(rows: list[dict], extra: dict, args: argparse.Namespace) -> str:
         SECTION_START,
         "## Data efficiency: augmentation, SSDU self-supervision, low-data subsets (issue 9)",
         "",
-        (f"`benchmarks/data_efficiency.py` (run {extra['date']}, {extra['platform']}, {args.threads} torch thread(s) "
+        (f"`benchmarks/data_efficiency.py` (run {extra['date']} at commit `{extra['commit']}`, {extra['platform']}, "
+         f"{args.threads} torch thread(s) "
         "on a 2-core machine shared with other jobs). Simulated data (`reconkit.data.simulate`, seed "
         f"{DATA['seed']}): {DATA['split'][0]} training and {DATA['split'][2]} held-out test volumes, "
         f"{DATA['slices']} slices each, {'/'.join(map(str, DATA['coils']))} coils, encoded "
@@ -199,6 +201,19 @@ def markdown(rows: list[dict], extra: dict, args: argparse.Namespace) -> str:
                          f"{'met' if met else 'NOT met'}")
     lines += ["", extra["caveat"], SECTION_END]
     return "\n".join(lines) + "\n"
+
+
+def _commit() -> str:
+    """The checkout's short commit (``+dirty`` with uncommitted changes), for the table's record; ``unknown`` outside
+    a git checkout."""
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
 
 
 def write_results_section(section: str, path: Path) -> None:
@@ -273,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "platform": f"{platform.machine()} CPU, torch {torch.__version__}",
+        "commit": _commit(),
         "cg_l2": best_l2, "zero_filled": zero_filled, "seconds": seconds, "slices": slices,
         "caveat": (f"Caveat: one seed per run and a small step budget ({args.steps} steps) on a small simulated set, "
                    "what 2 shared CPU cores allowed; the models are not converged and single runs differ by "
