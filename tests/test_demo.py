@@ -3,6 +3,8 @@ beats zero-filling on the held-out demo scan and serves fastMRI-sized k-space.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -47,6 +49,21 @@ def test_demo_missing_model_is_one_line(tmp_path, capsys):
     assert demo.main(["--output", str(tmp_path), "--model", str(tmp_path / "none.onnx")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "none.onnx" in err and "not found" in err
+
+
+def test_installed_package_without_bundled_model(tmp_path, monkeypatch, capsys):
+    """Installed from a wheel, the default model was looked for at ``<site-packages>/../../checkpoints`` and the
+    error sent the user to data_scripts/, which the package lacks; now the working directory's checkpoints/ is
+    used, or one line says where the model is and to pass --model."""
+    monkeypatch.setattr(demo, "BUNDLED_ONNX", tmp_path / "site" / "checkpoints" / "varnet_small.onnx")
+    monkeypatch.chdir(tmp_path)
+    assert demo.main(["--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "source repository" in err and "--model PATH" in err, err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "varnet_small.onnx").write_bytes(b"")
+    assert demo.bundled_model() == Path("checkpoints/varnet_small.onnx")
 
 
 def test_demo_output_that_cannot_be_written_is_one_line(tmp_path, capsys):

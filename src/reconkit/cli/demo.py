@@ -16,10 +16,11 @@ from pathlib import Path
 
 from reconkit.errors import ReconkitError
 
-__all__ = ["BUNDLED_ONNX", "DemoRow", "main", "run_demo"]
+__all__ = ["BUNDLED_ONNX", "DemoRow", "bundled_model", "main", "run_demo"]
 
 BUNDLED_ONNX = Path(__file__).resolve().parents[3] / "checkpoints" / "varnet_small.onnx"
-"""The bundled model in a source checkout (``checkpoints/`` next to ``src/``)."""
+"""The bundled model in a source checkout (``checkpoints/`` next to ``src/``). An installed package (a wheel) does
+not ship it: :func:`bundled_model` then looks in the working directory's ``checkpoints/``."""
 
 SCAN = {"source": "dipy_b0", "coils": 8, "slices": 4, "encoded_size": (192, 112), "recon_size": (96, 96), "snr_db": 32.0}
 """The demo scan: 4 slices of the held-out subject, 8 coils, 192 × 112 encoded (2× readout oversampling), the
@@ -53,10 +54,7 @@ def run_demo(output: Path, model: Path, seed: int = 0) -> list[DemoRow]:
     from reconkit.metrics import volume_metrics
 
     if not model.is_file():
-        raise ReconkitError(
-            f"{model}: bundled model not found; train it with 'python data_scripts/train_bundled_model.py' "
-            "or pass --model"
-        )
+        raise ReconkitError(f"{model}: ONNX model not found")
     scan_path = write_volume(simulate_volume(seed, **SCAN), output / "scan" / "demo_scan.h5")
     volume = read_volume(scan_path)
     mask, _ = volume_mask(volume, MASK["mask_type"], MASK["acceleration"], MASK["center_fraction"], seed=None)
@@ -71,6 +69,19 @@ def run_demo(output: Path, model: Path, seed: int = 0) -> list[DemoRow]:
     varnet = results["VarNet (ONNX)"]
     write_png_panels(output / "png", varnet.reconstruction, varnet.zero_filled, varnet.target, name="demo_scan")
     return rows
+
+
+def bundled_model() -> Path:
+    """The bundled ONNX model: the source checkout's, else ``checkpoints/varnet_small.onnx`` under the working
+    directory (a checkout installed with ``pip install .``). ReconkitError saying where to get it if neither exists."""
+    for path in (BUNDLED_ONNX, Path("checkpoints") / BUNDLED_ONNX.name):
+        if path.is_file():
+            return path
+    raise ReconkitError(
+        f"bundled model checkpoints/{BUNDLED_ONNX.name} not found: it is part of reconkit's source repository (not "
+        "of the installed package; data_scripts/train_bundled_model.py trains it); run 'reconkit demo' from the "
+        "repository's root or pass --model PATH (an ONNX file from 'reconkit export')"
+    )
 
 
 def print_table(rows: Sequence[DemoRow], output: Path) -> None:
@@ -101,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, default=Path("demo_output"), help="output directory (default demo_output)"
     )
     parser.add_argument(
-        "--model", type=Path, default=BUNDLED_ONNX, help=f"ONNX model (default: {BUNDLED_ONNX.name} bundled)"
+        "--model", type=Path, default=None,
+        help=f"ONNX model (default: the bundled checkpoints/{BUNDLED_ONNX.name} of a source checkout)",
     )
     parser.add_argument("--seed", type=int, default=0, help="simulation seed: which slices / coils / noise (default 0)")
     return parser
@@ -111,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; exit code 1 with one line if the model or scan cannot be used or the output not written."""
     args = build_parser().parse_args(argv)
     try:
-        rows = run_demo(args.output, args.model, args.seed)
+        rows = run_demo(args.output, args.model or bundled_model(), args.seed)
     except (ReconkitError, OSError) as err:  # OSError: an --output that cannot be written (read-only, a file)
         print(f"reconkit demo: {err}", file=sys.stderr)
         return 1
