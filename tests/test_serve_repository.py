@@ -234,3 +234,11 @@ def test_cli_serve_reports_bad_repository_and_options(tmp_path, capsys):
         for value in ("nan", "inf"):
             assert serve_main(["--model-repository", str(tmp_path), option, value]) == 2, (option, value)
             assert "positive finite numbers" in capsys.readouterr().err
+
+
+def test_cli_serve_refuses_port_numbers_beyond_65535(tmp_path, capsys):
+    """--port 70000 was a bind() OverflowError traceback; --grpc-port 70000 served gRPC on port 4464 (modulo 65536)
+    without a word. Both are refused before any model loads (the repository here is empty)."""
+    for option, value in (("--port", "70000"), ("--port", "-1"), ("--grpc-port", "70000"), ("--grpc-port", "-1")):
+        assert serve_main(["--model-repository", str(tmp_path), option, value]) == 2, (option, value)
+        assert "must be port numbers from 0 to 65535" in capsys.readouterr().err

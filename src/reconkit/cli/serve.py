@@ -86,9 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from reconkit.serve.logs import configure_logging
 
     configure_logging(args.log_level)
+    # a port beyond 65535 was a bind() OverflowError traceback for --port, and for --grpc-port grpcio bound it
+    # modulo 65536 without a word (--grpc-port 70000 served on 4464)
+    if not all(0 <= port <= 65535 for port in (args.port, args.grpc_port) if port is not None):
+        print("reconkit serve: --port and --grpc-port must be port numbers from 0 to 65535 (0: any free port)",
+              file=sys.stderr)
+        return 2
     numbers = (args.max_batch_size, args.max_queue_size - 1, args.instances - 1, args.max_queue_delay_ms,
                args.request_timeout_s, args.max_request_mb, args.intra_op_threads, args.grpc_max_concurrency - 1,
-               0 if args.grpc_port is None else args.grpc_port, args.client_timeout_s, args.max_connections - 1)
+               args.client_timeout_s, args.max_connections - 1)
     positive = (args.request_timeout_s, args.max_request_mb, args.client_timeout_s)
     if not all(map(math.isfinite, numbers)) or min(numbers) < 0 or 0 in positive:
         print("reconkit serve: sizes, counts and times must be positive finite numbers (max-batch-size and delays "
