@@ -1129,6 +1129,49 @@ def test_sigterm_mid_load_answers_every_accepted_request(plain_repository, tmp_p
     assert any(entry.get("message") == "request" and entry.get("status") == 200 for entry in lines)
 
 
+
+_SLOW_LOAD = """
+import pathlib, time
+from reconkit.serve import model
+
+_load = model.OnnxModel.__init__
+
+
+def _slow_load(self, *args, **kwargs):  # a model that takes a minute to load
+    pathlib.Path({flag!r}).touch()
+    time.sleep(60)
+    _load(self, *args, **kwargs)
+
+
+model.OnnxModel.__init__ = _slow_load
+"""
+
+
+def test_sigterm_while_models_load_stops_the_server(plain_repository, tmp_path):
+    """While its models loaded, `reconkit serve` had no SIGTERM handler. A plain process died of the signal (return
+    code -15), but as a container's PID 1 (deploy/Dockerfile's exec-form ENTRYPOINT), which ignores the signals it
+    has no handler for, the SIGTERM was lost: the server loaded, served, and was stopped only by SIGKILL at the end
+    of the grace period. Now the CLI's handler ends it at once, exit status 143."""
+    site = tmp_path / "site"
+    site.mkdir()
+    flag = tmp_path / "loading"
+    (site / "sitecustomize.py").write_text(_SLOW_LOAD.format(flag=str(flag)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "reconkit", "serve", "--model-repository", str(plain_repository), "--port",
+           str(free_port())]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not flag.exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 128 + signal.SIGTERM, process.communicate()[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 _BLOCKER = """
 import importlib.abc, sys
 

@@ -90,9 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # commands whose temporary files and folders are removed on the way out of their `with` blocks: SIGTERM (a job
-# scheduler's stop, `kill`) unwinds them as Ctrl-C does. `train` keeps Lightning's own handling (SLURM requeue) and
-# `serve` its graceful drain.
-_CLEAN_EXIT_ON_SIGTERM = ("simulate", "export", "reconstruct", "evaluate", "demo")
+# scheduler's stop, `kill`) unwinds them as Ctrl-C does. `train` keeps Lightning's own handling (SLURM requeue).
+# `serve` needs it while its models load: as a container's PID 1 (deploy/Dockerfile's exec-form ENTRYPOINT) a
+# process ignores signals it has no handler for, so a SIGTERM then was lost and the server went on to serve until
+# SIGKILL; once serving, uvicorn's handler takes over for the graceful drain.
+_CLEAN_EXIT_ON_SIGTERM = ("simulate", "export", "reconstruct", "evaluate", "demo", "serve")
 
 
 # commands with sockets or worker processes keep Python's SIGPIPE handling (an error on the write, not an exit)
