@@ -31,12 +31,14 @@ import torch
 import tritonclient.grpc as tritonclient_grpc
 import tritonclient.http as tritonclient_http
 import trustme
+import yaml
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException
 
+from reconkit.cli.serve import build_parser
 from reconkit.errors import ReconkitError
 from reconkit.export import export_onnx
 from reconkit.export.triton_repository import write_triton_repository
@@ -1261,6 +1263,32 @@ def test_serving_image_packages_are_enough_for_rest_and_grpc(repository, direct,
         if process.poll() is None:
             process.kill()
     assert "Traceback" not in log_path.read_text()
+
+
+
+def test_kserve_manifest_probes_match_the_server_and_allow_for_model_loading():
+    """deploy/kserve/inferenceservice.yaml: its args, after deploy/Dockerfile's ENTRYPOINT (Kubernetes' ``args``
+    replace only the CMD), parse as `reconkit serve` options, and the container port and every probe use the REST
+    port they give. That port opens only once the models are loaded (the bundled model: 39 s on a busy 2-vCPU VM),
+    so a startup probe must hold the liveness probe back: without one, its 3 failures 10 s apart restarted the
+    container before it could serve, for ever. The Dockerfile's HEALTHCHECK likewise needs a start period."""
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    manifest = yaml.safe_load((deploy / "kserve" / "inferenceservice.yaml").read_text())
+    (container,) = manifest["spec"]["predictor"]["containers"]
+    dockerfile = (deploy / "Dockerfile").read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.*)$", dockerfile, re.M).group(1))
+    assert entrypoint[:2] == ["reconkit", "serve"]
+    args = build_parser().parse_args(entrypoint[2:] + container["args"])
+    assert [port["containerPort"] for port in container["ports"]] == [args.port]
+    probes = {kind: container[f"{kind}Probe"] for kind in ("startup", "readiness", "liveness")}
+    assert {kind: (probe["httpGet"]["path"], probe["httpGet"]["port"]) for kind, probe in probes.items()} == {
+        "startup": ("/v2/health/live", args.port), "readiness": ("/v2/health/ready", args.port),
+        "liveness": ("/v2/health/live", args.port)}
+    assert probes["startup"]["periodSeconds"] * probes["startup"]["failureThreshold"] >= 300
+    cmd = json.loads(re.search(r"^CMD (.*)$", dockerfile, re.M).group(1))
+    healthcheck = re.search(r"^HEALTHCHECK (.*)$", dockerfile, re.M).group(1)
+    assert "--start-period=300s" in healthcheck
+    assert f":{build_parser().parse_args(entrypoint[2:] + cmd).port}/v2/health/ready" in healthcheck
 
 
 # ---- gRPC endpoint (ServerConfig.grpc_address / reconkit serve --grpc-port) ----------------------------------------
