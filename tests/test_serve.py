@@ -32,6 +32,7 @@ import tritonclient.grpc as tritonclient_grpc
 import tritonclient.http as tritonclient_http
 import trustme
 import yaml
+from cryptography.hazmat.primitives import serialization
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from prometheus_client.parser import text_string_to_metric_families
@@ -1895,7 +1896,12 @@ def test_mutual_tls_accepts_only_clients_with_a_certificate_from_the_ca(reposito
 def test_bad_tls_files_are_clear_errors_before_models_load(repository, tls_files, tmp_path):
     cert, key, _ = tls_files
     (tmp_path / "junk.pem").write_text("not a certificate")
+    # a passphrase-protected key: OpenSSL prompted for it on the terminal, or without one raised a bare OSError
+    encrypted = serialization.load_pem_private_key(key.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pass"))
+    (tmp_path / "encrypted.key").write_bytes(encrypted)
     cases = [({"tls_cert": cert}, "TLS needs both a certificate"),
+             ({"tls_cert": cert, "tls_key": tmp_path / "encrypted.key"}, "encrypted.key: the private key is encrypted"),
              ({"tls_cert": cert, "tls_key": tmp_path / "missing.key"}, "missing.key: cannot read TLS file"),
              ({"tls_cert": tmp_path / "junk.pem", "tls_key": key}, "not a PEM certificate chain and its private key"),
              ({"tls_client_ca": cert.parent / "ca.pem"}, "mutual TLS .* needs the server's own certificate"),

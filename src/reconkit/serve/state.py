@@ -90,15 +90,21 @@ class ServerConfig:
     def tls_pair(self) -> tuple[bytes, bytes] | None:
         """``(key PEM, certificate chain PEM)`` after checking that they load as a pair; None without TLS.
 
-        Raises ReconkitError naming the file when one of the two is missing, unreadable or they do not match.
+        Raises ReconkitError naming the file when one of the two is missing, unreadable or they do not match, or
+        when the key is encrypted (gRPC takes only a plain key, and no passphrase is asked for).
         """
         if self.tls_cert is None and self.tls_key is None:
             return None
         if self.tls_cert is None or self.tls_key is None:
             raise ReconkitError("TLS needs both a certificate (tls_cert) and its private key (tls_key)")
         pems = [_read_tls_file(path) for path in (self.tls_key, self.tls_cert)]
+
+        def passphrase() -> str:  # without it OpenSSL prompted on the terminal, or failed with a bare EINVAL OSError
+            raise ReconkitError(f"{self.tls_key}: the private key is encrypted; give it without a passphrase "
+                                f"(openssl pkey -in {self.tls_key} -out server.key)")
+
         try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.tls_cert, self.tls_key)
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.tls_cert, self.tls_key, passphrase)
         except ssl.SSLError as exc:
             raise ReconkitError(f"{self.tls_cert}, {self.tls_key}: not a PEM certificate chain and its private key: "
                                 f"{exc.reason or exc}") from None
