@@ -573,3 +573,19 @@ def test_device_cuda_needs_only_onnx_runtimes_cuda_provider_for_an_onnx_model(un
         load_reconstructor(str(checkpoint), device="cuda")
     with pytest.raises(ReconkitError, match="PyTorch sees no CUDA device"):
         load_reconstructor("zero-filled", device="cuda")
+
+
+def test_onnx_file_with_missing_external_data_says_so(tmp_path) -> None:
+    """A file saved with ``save_as_external_data=True`` whose data file was not copied along is an ONNX model:
+    the error names the missing external data instead of calling the file "not an ONNX model"."""
+    import onnx
+
+    proto = read_onnx(export_onnx(build_model("unet", **UNET_KWARGS), tmp_path / "u.onnx", (2, 32, 24)))
+    path = tmp_path / "external" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(proto, str(path), save_as_external_data=True, location="model.data", size_threshold=0)
+    assert load_onnx_metadata(path)["reconkit.model_type"] == "unet"  # read with its data file
+    (path.parent / "model.data").unlink()
+    with pytest.raises(ExportError, match="cannot read the model's external data") as error:
+        read_onnx(path)
+    assert str(path) in str(error.value) and "not an ONNX model" not in str(error.value)

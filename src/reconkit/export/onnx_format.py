@@ -109,7 +109,21 @@ def read_onnx(path: str | os.PathLike, load_external_data: bool = True):
         if head.startswith(_TORCH_SAVE_MAGIC):
             raise ExportError(f"{path}: looks like a PyTorch checkpoint, not an ONNX model (export it with "
                               "'reconkit export', or name it .ckpt to run it in PyTorch)") from exc
+        if load_external_data and _loads_without_external_data(path):  # e.g. its .data file was not copied along
+            raise ExportError(f"{path}: cannot read the model's external data (keep the files that "
+                              f"onnx.save(..., save_as_external_data=True) wrote next to it): {exc}") from exc
         raise ExportError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
+
+
+def _loads_without_external_data(path: Path) -> bool:
+    """Whether ``path`` parses as ONNX when the tensors it stores in other files are not read."""
+    import onnx
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 -- protobuf's and ONNX's own errors: not ONNX after all
+        return False
+    return True
 
 
 def decoded_metadata(proto, path: str | os.PathLike) -> dict[str, Any]:
