@@ -94,6 +94,22 @@ def test_varnet_graph_follows_the_contract(varnet_export) -> None:
                 assert len(tensors) == len(set(tensors))
 
 
+def test_varnet_graph_is_valid_onnx_beyond_onnx_runtime(varnet_export) -> None:
+    """Strict shape inference keeps the contract's output dims, and ONNX's reference implementation gives ONNX
+    Runtime's image, so the graph relies on no ONNX Runtime behaviour outside the spec (docs/export.md)."""
+    from onnx.reference import ReferenceEvaluator
+
+    _, path, session = varnet_export
+    model = onnx.load(str(path))
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    dims = [d.dim_param or d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "height", "width"]
+    feeds = dict(zip(("masked_kspace", "mask"), sample(1, 2, 32, 24, seed=3)))
+    (expected,) = session.run(None, feeds)
+    (image,) = ReferenceEvaluator(model).run(None, feeds)
+    assert np.linalg.norm(image - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
 @pytest.mark.parametrize("step", [{"final_dc_iters": 6}, {"final_dc_iters": 4, "final_dc_maps": "espirit",
                                                            "final_dc_wavelet": 0.3}])
 def test_varnet_with_final_sense_step_exports_with_parity(tmp_path, step) -> None:
