@@ -7,6 +7,9 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import os
+import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -771,3 +774,28 @@ def test_prediction_writer_writes_each_volume_when_its_slices_are_done(tmp_path)
     cli.config = {"predict": config}
     cli.before_instantiate_classes()
     assert config.return_predictions is False
+
+
+def test_dataloader_workers_leave_the_slurm_requeue_signal_to_the_training_process(sim_root, tmp_path):
+    # SLURM's --signal reaches every process of the job step, dataloader workers too; a forked worker inherits
+    # Lightning's SIGUSR1 handler, which would save a stale hpc_ckpt_N.ckpt and request the requeue once more
+    marks = tmp_path / "handled"
+
+    def handler(signum, frame):
+        with open(marks, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    previous = signal.signal(signal.SIGUSR1, handler)  # stands in for Lightning's SLURM handler
+    try:
+        loader = FastMriDataModule(sim_root, center_fractions=[0.25], accelerations=[2],
+                                   num_workers=1).train_dataloader()
+        iterator = iter(loader)
+        next(iterator)
+        (worker,) = iterator._workers
+        os.kill(worker.pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        for _ in iterator:  # the worker runs Python code again: a handler it had would have run by now
+            pass
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert not marks.exists(), f"a dataloader worker ran the requeue handler: {marks.read_text()}"

@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import warnings
 import zlib
 from collections.abc import Callable, Hashable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
@@ -224,6 +228,20 @@ class EpochSampler(DistributedSampler):
         first_batch = self.epoch * self.dataset.batches_per_epoch
         return ((first_batch + position // self.batch_size) * len(self.dataset) + index
                 for position, index in enumerate(indices))
+
+
+def init_worker(worker_id: int, rank: int = 0) -> None:
+    """Start of a dataloader worker: ignore SIGUSR1 and seed the worker as Lightning does for a loader without its
+    own ``worker_init_fn`` (``seed_everything(workers=True)``, which LightningCLI calls).
+
+    SLURM's ``--signal`` reaches every process of a job step, and a forked worker inherits Lightning's SIGUSR1
+    (auto-requeue) handler: each worker would save its stale copy of the trainer as the next ``hpc_ckpt_N.ckpt``
+    (the highest number, which Lightning resumes from without ``--ckpt_path``) and call ``scontrol requeue`` again.
+    The training process handles the signal."""
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank)
 
 
 def _check_training_transform(train_transform: Callable | None, transform: str, data_masks) -> None:
@@ -520,5 +538,7 @@ class FastMriDataModule(LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
         # val/test: Lightning adds a DistributedSampler under DDP; per-volume metrics are gathered across ranks
+        rank = 0 if self.trainer is None else self.trainer.global_rank
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                          num_workers=self.num_workers, persistent_workers=False, collate_fn=collate_slices)
+                          num_workers=self.num_workers, persistent_workers=False, collate_fn=collate_slices,
+                          worker_init_fn=partial(init_worker, rank=rank))
