@@ -177,3 +177,22 @@ def test_slurm_batch_script_trains_with_ddp_and_resubmission_resumes(tmp_path):
     second = submit("--trainer.max_epochs", "2")
     assert f"Restoring states from the checkpoint path at {last}" in second.stderr
     assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 1
+
+
+def test_slurm_batch_script_gives_each_task_its_cpus(tmp_path):
+    """Since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task (nor reads SLURM_CPUS_PER_TASK): without
+    asking for it again, each training task (and its 8 dataloader workers, OMP_NUM_THREADS threads) runs on 1 CPU."""
+    root = Path(__file__).resolve().parents[1]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    (bin_dir / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "6",
+           "SRUN_ARGS": str(tmp_path / "srun_args")}
+    done = subprocess.run(["bash", str(root / "deploy" / "slurm" / "train_multinode.sbatch")], env=env, cwd=tmp_path,
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    args = (tmp_path / "srun_args").read_text().split("\n")
+    launched = args.index(".venv/bin/reconkit")
+    assert "--cpus-per-task=6" in args[:launched]
