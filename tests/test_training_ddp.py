@@ -7,9 +7,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +198,39 @@ def test_slurm_batch_script_gives_each_task_its_cpus(tmp_path):
     args = (tmp_path / "srun_args").read_text().split("\n")
     launched = args.index(".venv/bin/reconkit")
     assert "--cpus-per-task=6" in args[:launched]
+
+
+def test_slurm_batch_script_requeues_itself_on_the_time_limit_signal(tmp_path):
+    """The time-limit signal goes to the batch shell (--signal=B:...), which asks for the requeue, and not to the
+    training tasks: there Lightning's handler saves an hpc checkpoint with a barrier inside the signal handler, which
+    under DDP can deadlock against another rank's gradient all-reduce (Lightning-AI/pytorch-lightning#21406), and
+    then the job is never requeued."""
+    root = Path(__file__).resolve().parents[1]
+    script = root / "deploy" / "slurm" / "train_multinode.sbatch"
+    (directive,) = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH --signal")]
+    assert directive.startswith("#SBATCH --signal=B:USR1@")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", 'echo started > "$LOG.srun"\nexec sleep 30\n'),
+                       ("scontrol", 'echo "$@" > "$LOG.scontrol"\nkill "$(cat "$LOG.pid")"\n')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}")
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "8",
+           "SLURM_CPUS_PER_TASK": "6", "LOG": str(log)}
+    job = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for _ in range(100):  # the training step is running
+            if Path(f"{log}.srun").is_file():
+                break
+            time.sleep(0.05)
+        srun = subprocess.run(["pgrep", "-s", str(job.pid), "sleep"], capture_output=True, text=True).stdout.split()
+        Path(f"{log}.pid").write_text(srun[0])  # scontrol requeue: SLURM ends the step (here: the stand-in's sleep)
+        os.kill(job.pid, signal.SIGUSR1)  # what --signal=B:USR1 sends to the batch shell
+        job.wait(timeout=20)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert Path(f"{log}.scontrol").read_text().split() == ["requeue", "4242"]
