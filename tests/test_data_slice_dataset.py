@@ -6,6 +6,7 @@ import fcntl
 import logging
 import pickle
 import random
+import re
 import struct
 from pathlib import Path
 
@@ -386,6 +387,17 @@ def test_sampling_like_fastmri(kwargs, multicoil_dir, tmp_path):
         assert 0 < len(ours) < 10
     with pytest.raises(ValueError, match="not both"):
         SliceDataset(multicoil_dir, sample_rate=0.5, volume_sample_rate=0.5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"sample_rate": -0.5}, "sample_rate must be in (0, 1], got -0.5"),  # kept all but the last half
+    ({"sample_rate": float("nan")}, "sample_rate must be in (0, 1], got nan"),  # kept everything
+    ({"sample_rate": 0.0}, "sample_rate must be in (0, 1], got 0.0"),
+    ({"volume_sample_rate": 1.5}, "volume_sample_rate must be in (0, 1], got 1.5"),
+])
+def test_sample_rates_that_are_no_fraction_are_refused(kwargs, message, multicoil_dir, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SliceDataset(multicoil_dir, dataset_cache_file=tmp_path / "cache.pkl", **kwargs)
 
 
 def test_num_cols_and_raw_sample_filter_like_fastmri(multicoil_dir, tmp_path):

@@ -26,7 +26,7 @@ from reconkit.cli.reconstruct import main as reconstruct_main
 from reconkit.cli.train import main, one_line
 from reconkit.data import SliceDataset
 from reconkit.data.transforms import VarNetSample, center_crop
-from reconkit.errors import DataError, ReconkitError, ReconkitWarning
+from reconkit.errors import ConfigError, DataError, ReconkitError, ReconkitWarning
 from reconkit.inference import load_reconstructor
 from reconkit.models import load_model
 from reconkit.training import FastMriDataModule, UnetModule, VarNetModule, VitModule
@@ -234,6 +234,7 @@ def test_cli_reports_missing_split_folder_in_one_line(tmp_path, capsys):
     ("--data.accelerations", "[0]", "data mask options: accelerations must be at least 1"),
     ("--data.mask_type", "spiral", "data mask options: spiral not supported"),
     ("--model.lr", "-0.001", "lr and lr_gamma must be positive"),
+    ("--data.sample_rate", "-0.5", "sample_rate must be in (0, 1], got -0.5"),
     ("--model.num_cascades", "0", "VarNetModule: num_cascades, chans, pools, sens_chans and sens_pools must be >= 1"),
 ])
 def test_cli_bad_option_values_are_one_line_errors_before_training(sim_root, tmp_path, capsys, option, value, message):
@@ -705,6 +706,11 @@ def test_datamodule_setup_check_and_the_datasets_read_each_header_once(sim_root,
     datamodule.eval_dataset("val")
     files = sorted((sim_root / "train").glob("*.h5")) + sorted((sim_root / "val").glob("*.h5"))
     assert sorted(reads) == sorted(files)
+
+
+def test_datamodule_refuses_both_val_sample_rates_when_built(sim_root):
+    with pytest.raises(ConfigError, match="either set val_sample_rate .* or val_volume_sample_rate"):
+        _datamodule(sim_root, val_sample_rate=0.5, val_volume_sample_rate=0.5)
 
 
 def test_datamodule_num_volumes_keeps_whole_volumes(sim_root):

@@ -24,7 +24,7 @@ from reconkit.atomic import atomic_path
 from reconkit.data.volume import file_attrs, non_finite_problem, open_volume, read_volume_info, target_key
 from reconkit.errors import DataError, ReconkitWarning
 
-__all__ = ["RawSample", "SliceDataset", "default_cache_file", "list_volume_files"]
+__all__ = ["RawSample", "SliceDataset", "check_sample_rates", "default_cache_file", "list_volume_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,18 @@ def list_volume_files(root: PathLike | Sequence[PathLike]) -> list[Path]:
         except OSError as err:  # e.g. a folder without read permission
             raise DataError(folder, f"cannot list the folder: {err.strerror or err}") from None
     return sorted(Path(p) for p in root)
+
+
+def check_sample_rates(sample_rate: float | None, volume_sample_rate: float | None, prefix: str = "") -> None:
+    """Raise ``ValueError`` unless at most one of the two rates is set and it is a fraction in (0, 1] (a negative
+    rate kept all but that fraction, NaN or a rate above 1 everything). ``prefix`` goes before the names in the
+    message (``"val_"`` for a data module's validation rates)."""
+    if sample_rate is not None and volume_sample_rate is not None:
+        raise ValueError(f"either set {prefix}sample_rate (sample by slices) or {prefix}volume_sample_rate (sample by "
+                         "volumes) but not both")
+    for name, rate in (("sample_rate", sample_rate), ("volume_sample_rate", volume_sample_rate)):
+        if rate is not None and not 0 < rate <= 1:
+            raise ValueError(f"{prefix}{name} must be in (0, 1], got {rate}")
 
 
 def _signature(path: Path) -> tuple[str, int, int]:
@@ -107,8 +119,8 @@ class SliceDataset(torch.utils.data.Dataset):
         transform: called as ``transform(kspace, mask, target, attrs, fname, slice_num)``; None returns that tuple.
         use_dataset_cache: load/save per-file metadata in ``dataset_cache_file``, so re-opening does not re-read
             headers. Entries are keyed by the files' resolved paths and reused only if size and mtime are unchanged.
-        sample_rate: fraction of slices to keep (shuffled with Python's ``random``, as fastmri).
-        volume_sample_rate: fraction of volumes to keep; not together with ``sample_rate``.
+        sample_rate: fraction of slices to keep, in (0, 1] (shuffled with Python's ``random``, as fastmri).
+        volume_sample_rate: fraction of volumes to keep, in (0, 1]; not together with ``sample_rate``.
         dataset_cache_file: the cache file (default :func:`default_cache_file`).
         num_cols: keep only slices whose ``encoding_size[1]`` is in this collection.
         raw_sample_filter: ``filter(raw_sample) -> bool`` applied to each :class:`RawSample`.
@@ -139,10 +151,7 @@ class SliceDataset(torch.utils.data.Dataset):
         scan_memo: dict | None = None,
     ):
         self.recons_key = target_key(challenge)
-        if sample_rate is not None and volume_sample_rate is not None:
-            raise ValueError(
-                "either set sample_rate (sample by slices) or volume_sample_rate (sample by volumes) but not both"
-            )
+        check_sample_rates(sample_rate, volume_sample_rate)
         self.challenge = challenge
         self.transform = transform
         self.skip_bad_files = skip_bad_files

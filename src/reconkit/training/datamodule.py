@@ -42,6 +42,7 @@ from reconkit.data import (
     list_volume_files,
 )
 from reconkit.data.augment import AugmentedVarNetTransform
+from reconkit.data.slice_dataset import check_sample_rates
 from reconkit.data.ssdu import SsduVarNetTransform
 from reconkit.errors import ConfigError, DataError, ReconkitError, ReconkitWarning
 
@@ -343,6 +344,11 @@ class FastMriDataModule(LightningDataModule):
         if len(center_fractions) != len(accelerations):
             raise ConfigError("center_fractions and accelerations must have the same length (paired)")
         select_volumes([], fraction, num_volumes, seed)  # validate early
+        try:
+            check_sample_rates(sample_rate, volume_sample_rate)
+            check_sample_rates(val_sample_rate, val_volume_sample_rate, prefix="val_")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         try:
             data_masks = create_mask_for_mask_type(mask_type, center_fractions, accelerations)
         except ValueError as err:
