@@ -8,6 +8,7 @@ import copy
 import csv
 import math
 import os
+import random
 import signal
 import time
 import warnings
@@ -711,6 +712,23 @@ def test_datamodule_setup_check_and_the_datasets_read_each_header_once(sim_root,
 def test_datamodule_refuses_both_val_sample_rates_when_built(sim_root):
     with pytest.raises(ConfigError, match="either set val_sample_rate .* or val_volume_sample_rate"):
         _datamodule(sim_root, val_sample_rate=0.5, val_volume_sample_rate=0.5)
+
+
+def test_sample_rate_draws_follow_the_data_seed_not_the_global_random_state(sim_root):
+    """DDP ranks (or runs) whose Python random differs must train and validate on the same slices."""
+
+    def drawn(seed: int, global_seed: int) -> list:
+        random.seed(global_seed)
+        state = random.getstate()
+        data = _datamodule(sim_root, sample_rate=0.5, val_sample_rate=0.5, seed=seed)
+        data.trainer = None
+        slices = [(s.fname.name, s.slice_ind) for s in data.train_dataset().dataset.raw_samples]
+        slices += [(s.fname.name, s.slice_ind) for s in data.eval_dataset("val").raw_samples]
+        assert random.getstate() == state  # the global stream is left as it was
+        return slices
+
+    assert drawn(seed=0, global_seed=1) == drawn(seed=0, global_seed=2)
+    assert drawn(seed=0, global_seed=1) != drawn(seed=3, global_seed=1)
 
 
 def test_datamodule_num_volumes_keeps_whole_volumes(sim_root):

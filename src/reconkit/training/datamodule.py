@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import signal
 import warnings
 import zlib
@@ -315,8 +316,8 @@ class FastMriDataModule(LightningDataModule):
                 sizes) each training batch holds slices of one shape (:func:`shape_grouped_batches`) and
                 validation / test / predict use batches of one slice.
             num_workers: dataloader worker processes.
-            sample_rate: fraction of training slices kept (as ``SliceDataset``).
-            volume_sample_rate: fraction of training volumes kept (as ``SliceDataset``).
+            sample_rate: fraction of training slices kept (as ``SliceDataset``; the draw is seeded by ``seed``).
+            volume_sample_rate: fraction of training volumes kept (as ``SliceDataset``; seeded by ``seed``).
             val_sample_rate: fraction of validation / test slices kept.
             val_volume_sample_rate: fraction of validation / test volumes kept.
             use_dataset_cache: cache the per-file slice index (``SliceDataset``'s cache file).
@@ -326,7 +327,7 @@ class FastMriDataModule(LightningDataModule):
             fraction: train on this fraction of the training volumes (a reproducible subset seeded by seed; the
                 data-efficiency curves of docs/results.md); not with num_volumes.
             num_volumes: train on this many training volumes (the same subset rule); not with fraction.
-            seed: seed for the training subset, shuffle order and training masks.
+            seed: seed for the training subset, the sample-rate draws, shuffle order and training masks.
             test_split: subfolder used by ``test`` and ``predict``.
             train_transform: replace the training split's transform (a callable taking SliceDataset's sample
                 tuple), e.g. ``reconkit.data.augment.AugmentedVarNetTransform`` (MRAugment-style augmentation,
@@ -438,17 +439,26 @@ class FastMriDataModule(LightningDataModule):
 
     def slice_dataset(self, split: str, transform: Callable | None, sample_rate: float | None,
                       volume_sample_rate: float | None, require_target: bool = False) -> SliceDataset:
+        """``split``'s :class:`SliceDataset`. Its ``sample_rate`` / ``volume_sample_rate`` draw (Python's ``random``,
+        as fastmri's) is seeded by ``(seed, split)``: every DDP rank must draw the same slices (ranks seeded apart,
+        as with ``--seed_everything false`` under torchrun, split different subsets, so slices were skipped and the
+        ranks' batch counts could differ, a hang), whatever ``seed_everything`` did; the global state is restored."""
         folder = self.split_dir(split)
-        dataset = SliceDataset(
-            root=folder,
-            challenge=self.challenge,
-            transform=transform,
-            use_dataset_cache=self.use_dataset_cache,
-            skip_bad_files=self.skip_bad_files,
-            sample_rate=sample_rate,
-            volume_sample_rate=volume_sample_rate,
-            scan_memo=self._scan_memo,  # setup's check and the datasets built after it read each header once
-        )
+        state = random.getstate()
+        random.seed(f"{self.seed}:{split}")
+        try:
+            dataset = SliceDataset(
+                root=folder,
+                challenge=self.challenge,
+                transform=transform,
+                use_dataset_cache=self.use_dataset_cache,
+                skip_bad_files=self.skip_bad_files,
+                sample_rate=sample_rate,
+                volume_sample_rate=volume_sample_rate,
+                scan_memo=self._scan_memo,  # setup's check and the datasets built after it read each header once
+            )
+        finally:
+            random.setstate(state)
         if require_target:  # found here, before any training, not at the first batch of such a file
             missing = sorted(f for f, shapes in dataset.slice_shapes.items() if shapes[1] is None)
             if missing and not self.skip_bad_files:
@@ -489,7 +499,7 @@ class FastMriDataModule(LightningDataModule):
     def training_volumes(self) -> set[str]:
         """Names of the volumes ``fit`` trains on: the ``fraction`` / ``num_volumes`` subset of the training split
         (and val with ``combine_train_val``), as :meth:`train_dataset` draws it when ``sample_rate`` and
-        ``volume_sample_rate`` are unset (those draw unseeded, as fastmri's)."""
+        ``volume_sample_rate`` are unset (it leaves them out)."""
         splits = ["train", "val"] if self.combine_train_val else ["train"]
         datasets = [self.slice_dataset(split, None, None, None, require_target=self._needs_target("train", "fit"))
                     for split in splits]  # the files train_dataset draws from (those without a target left out)
