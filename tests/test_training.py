@@ -561,6 +561,28 @@ def test_mixed_coil_counts_train_with_batches_of_two(sim_root, tmp_path):
     assert mixed_split.test_dataloader().batch_size == 1
 
 
+def test_predict_batches_only_files_of_one_recon_size(sim_root, tmp_path):
+    """Without targets a batch is cropped to its first slice's recon size: val's two 4-coil files, one with another
+    recon size in its header, must not share a batch (the other file was written cropped to the wrong size)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(sim_root, root, ignore=shutil.ignore_patterns("*.pkl"))
+    files = sorted((root / "val").glob("*.h5"))
+    for path in files:
+        with h5py.File(path, "r+") as f:
+            del f["reconstruction_rss"]
+    data = FastMriDataModule(root, batch_size=2, num_workers=0, test_split="val")
+    assert data.predict_dataloader().batch_size == 2  # one k-space shape and recon size
+    with h5py.File(files[0], "r+") as f:
+        header = f["ismrmrd_header"][()].replace(b"<x>24</x><y>20</y>", b"<x>20</x><y>20</y>")
+        del f["ismrmrd_header"]
+        f["ismrmrd_header"] = header
+    data = FastMriDataModule(root, batch_size=2, num_workers=0, test_split="val")
+    assert data.predict_dataloader().batch_size == 1
+    assert {tuple(int(n) for n in s.crop_size) for s in data.predict_dataloader()} == {(20, 20), (24, 20)}
+
+
 class _UnreadableSlices(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 1

@@ -314,7 +314,7 @@ class FastMriDataModule(LightningDataModule):
             accelerations: undersampling factors, paired with center_fractions (one pair is drawn per sample).
             batch_size: slices per batch (per device under DDP). On data of several shapes (coil counts, matrix
                 sizes) each training batch holds slices of one shape (:func:`shape_grouped_batches`) and
-                validation / test / predict use batches of one slice.
+                validation / test / predict use batches of one slice (so they do on several recon sizes).
             num_workers: dataloader worker processes.
             sample_rate: fraction of training slices kept (as ``SliceDataset``; the draw is seeded by ``seed``).
             volume_sample_rate: fraction of training volumes kept (as ``SliceDataset``; seeded by ``seed``).
@@ -543,13 +543,17 @@ class FastMriDataModule(LightningDataModule):
         return self._eval_loader(self.test_split)
 
     def _eval_loader(self, split: str, require_target: bool = False) -> DataLoader:
-        """``batch_size`` slices per batch when all of the split's slices have one shape, else one (the order and
-        the per-volume metrics stay those of a plain sequential pass)."""
+        """``batch_size`` slices per batch when all of the split's slices have one shape and recon size, else one
+        (the order and the per-volume metrics stay those of a plain sequential pass). The recon size counts for
+        files without a target (predict): a batch is cropped to its first slice's, so a file of another recon size
+        came out at the wrong size."""
         dataset = self.eval_dataset(split, require_target=require_target)
-        shapes = {dataset.shape_key(i) for i in range(len(dataset))}
+        shapes = {(dataset.shape_key(i), tuple(sample.metadata["recon_size"]))
+                  for i, sample in enumerate(dataset.raw_samples)}
         batch_size = self.batch_size if len(shapes) <= 1 else 1
         if batch_size < self.batch_size:
-            logger.info("%s: slices of %d shapes (coil counts / matrix sizes), batch size 1", split, len(shapes))
+            logger.info("%s: slices of %d shapes (coil counts / matrix sizes / recon sizes), batch size 1", split,
+                        len(shapes))
         return self._loader(dataset, batch_size)
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
