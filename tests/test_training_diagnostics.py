@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import types
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch import nn
 from reconkit.cli.train import main
 from reconkit.metrics.spectral import band_energies, band_index, band_nmse
 from reconkit.training import FastMriDataModule, UnetModule, VarNetModule, VitModule
+from reconkit.training.base import Images
 from reconkit.training.diagnostics import TrainingDiagnostics, regime_label
 from reconkit.training.regime import (
     empirical_ntk,
@@ -259,6 +261,25 @@ def test_regime_label_and_callback_arguments():
 
 
 # ------------------------------------------------------------------------------------------------ the callback
+
+
+def test_validation_band_nmse_counts_a_slice_the_ddp_sampler_repeats_once():
+    """Under DDP the validation sampler evens the ranks out by repeating slices; the split's band NMSE must be
+    that of its slices, each once (it summed the repeats in)."""
+    torch.manual_seed(0)
+    output, target = torch.rand(2, 12, 10), torch.rand(2, 12, 10)
+    images = [Images(output[i:i + 1], target[i:i + 1], torch.ones(1), [f"{i}.h5"], torch.tensor([0])) for i in (0, 1)]
+    logged = {}
+    module = types.SimpleNamespace(log=lambda name, value: logged.__setitem__(name, value), device=torch.device("cpu"))
+    single_process = types.SimpleNamespace(reduce=lambda tensor, reduce_op: tensor)
+    trainer = types.SimpleNamespace(sanity_checking=False, is_global_zero=False, strategy=single_process)
+    diagnostics = TrainingDiagnostics(every_n_steps=1, num_bands=3)
+    diagnostics._active = True
+    diagnostics.on_validation_epoch_start(trainer, module)
+    for batch_idx, batch in enumerate([images[0], images[1], images[0]]):  # the last: a padding repeat
+        diagnostics.on_validation_batch_end(trainer, module, batch, None, batch_idx)
+    diagnostics.on_validation_epoch_end(trainer, module)
+    assert [logged[f"val_band_nmse/b{b}"] for b in range(3)] == pytest.approx(band_nmse(output, target, 3).tolist())
 
 
 def _fit(sim_root: Path, root_dir: Path, diagnostics: TrainingDiagnostics | None, module=None,

@@ -14,11 +14,12 @@ through the model in eval mode and records
   of order 0.1 to 1: feature learning.
 
 At every validation it also logs the whole validation split's NMSE per band (``val_band_nmse/b<k>``), summed over
-slices and DDP ranks. Everything goes to the run's loggers (TensorBoard, CSV) under ``diagnostics/…`` and to
-``<dirpath>/diagnostics.json`` (``history``: one record per measurement or validation; ``band_radius_edges``:
-the bands' edges in normalised radius, the last one open) with a plot ``diagnostics.png`` (also TensorBoard's
-``diagnostics`` image); ``diagnostics_init.pt`` keeps ``θ₀``, the first
-kernel and the probe so that a resumed run (``--ckpt_path last``) measures from the same start.
+its slices, each once (gathered from the DDP ranks, whose sampler repeats slices to even them out). Everything
+goes to the run's loggers (TensorBoard, CSV) under ``diagnostics/…`` and to ``<dirpath>/diagnostics.json``
+(``history``: one record per measurement or validation; ``band_radius_edges``: the bands' edges in normalised
+radius, the last one open) with a plot ``diagnostics.png`` (also TensorBoard's ``diagnostics`` image);
+``diagnostics_init.pt`` keeps ``θ₀``, the first kernel and the probe so that a resumed run (``--ckpt_path last``)
+measures from the same start.
 
 ``step`` in the records is the number of optimizer steps taken (``trainer.global_step``). Cost per measurement:
 2 forward passes over the probe (bands and the current output, kernel) and one forward-mode pass, or 5 forward
@@ -33,7 +34,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +54,7 @@ from reconkit.training.regime import (
     relative_weight_change,
     snapshot,
 )
+from reconkit.training.volume_metrics import gather_slice_stats
 
 __all__ = ["TrainingDiagnostics", "measurements", "plot_diagnostics", "regime_label"]
 
@@ -97,7 +99,7 @@ class TrainingDiagnostics(Callback):
         self.seed = seed
         self.history: list[dict[str, Any]] = []
         self._active = False
-        self._val_sums: torch.Tensor | None = None
+        self._val_slices: list[_BandSlice] = []
 
     # --- Lightning hooks -------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -132,23 +134,24 @@ class TrainingDiagnostics(Callback):
             self._measure(trainer, pl_module)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._val_sums = None
+        self._val_slices = []
 
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self._active or trainer.sanity_checking or not isinstance(outputs, Images) or outputs.target is None:
             return
-        error, energy = band_energies(outputs.output, outputs.target, self.num_bands)
-        sums = torch.stack([error, energy])
-        self._val_sums = sums if self._val_sums is None else self._val_sums + sums
+        for i, (fname, slice_num) in enumerate(zip(outputs.fname, outputs.slice_num.tolist())):
+            error, energy = band_energies(outputs.output[i], outputs.target[i], self.num_bands)
+            self._val_slices.append(_BandSlice(str(fname), int(slice_num), error.tolist(), energy.tolist()))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._active or trainer.sanity_checking:
             return
-        sums = self._val_sums if self._val_sums is not None else torch.zeros(2, self.num_bands, dtype=torch.float64,
-                                                                             device=pl_module.device)
-        sums = trainer.strategy.reduce(sums.to(pl_module.device), reduce_op="sum")
-        values = band_ratio(sums[0], sums[1]).tolist()
+        # every rank's slices, each once: under DDP the validation sampler pads the ranks by repeating slices
+        records = gather_slice_stats(self._val_slices)
+        self._val_slices = []
+        sums = torch.tensor([[r.error, r.energy] for r in records], dtype=torch.float64).reshape(-1, 2, self.num_bands)
+        values = band_ratio(sums[:, 0].sum(0), sums[:, 1].sum(0)).tolist()
         for band, value in enumerate(values):
             pl_module.log(f"val_band_nmse/b{band}", value)
         if trainer.is_global_zero:
@@ -294,6 +297,16 @@ class TrainingDiagnostics(Callback):
 
             image = matplotlib.image.imread(self._folder / "diagnostics.png")[..., :3]
             tensorboard.experiment.add_image("diagnostics", image, global_step=trainer.global_step, dataformats="HWC")
+
+
+class _BandSlice(NamedTuple):
+    """One validation slice's error and target energy per band (:func:`band_energies`), keyed like
+    :class:`~reconkit.training.volume_metrics.SliceStats` so that :func:`gather_slice_stats` de-duplicates it."""
+
+    fname: str
+    slice_num: int
+    error: list[float]
+    energy: list[float]
 
 
 def _blocks(names) -> list[str]:

@@ -19,6 +19,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ import torch
 from reconkit.metrics import ssim
 
 METRIC_NAMES = ("nmse", "psnr", "ssim")
+Record = TypeVar("Record")
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,9 @@ def slice_stats(output: torch.Tensor, target: torch.Tensor, max_value: float, fn
     )
 
 
-def gather_slice_stats(local: list[SliceStats]) -> list[SliceStats]:
-    """All ranks' records on every rank (a no-op without an initialised process group), de-duplicated."""
+def gather_slice_stats(local: list[Record]) -> list[Record]:
+    """All ranks' records on every rank (a no-op without an initialised process group), de-duplicated by
+    ``(fname, slice_num)`` and in that order: :class:`SliceStats`, or any record with those two fields."""
     records = local
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gathered: list[list[SliceStats]] = [[] for _ in range(torch.distributed.get_world_size())]
