@@ -422,3 +422,12 @@ def test_diagnostics_without_the_data_module_say_what_they_need(sim_root, tmp_pa
         trainer.fit(module, train_dataloaders=loader)
     assert all(torch.equal(module.state_dict()[name], value) for name, value in before.items())  # not trained
     assert not (tmp_path / "diag").exists()
+
+
+def test_training_volumes_are_the_volumes_of_the_training_dataset(sim_root):
+    """``training_volumes`` (the probe's volumes for ``probe_split="train"``) left out ``volume_sample_rate``, so with
+    it set the probe could come from volumes training never reads."""
+    datamodule = FastMriDataModule(sim_root, batch_size=1, num_workers=0, mask_type="equispaced_fraction",
+                                   center_fractions=[0.25], accelerations=[2], volume_sample_rate=0.5)
+    trained = {Path(fname).name for fname in FastMriDataModule._slice_fnames(datamodule.train_dataset().dataset)}
+    assert datamodule.training_volumes() == trained

@@ -497,11 +497,12 @@ class FastMriDataModule(LightningDataModule):
         return EpochTaggedDataset(dataset, transforms, shape_keys)
 
     def training_volumes(self) -> set[str]:
-        """Names of the volumes ``fit`` trains on: the ``fraction`` / ``num_volumes`` subset of the training split
-        (and val with ``combine_train_val``), as :meth:`train_dataset` draws it when ``sample_rate`` and
-        ``volume_sample_rate`` are unset (it leaves them out)."""
+        """Names of the volumes ``fit`` trains on: the ``sample_rate`` / ``volume_sample_rate`` draw (seeded, see
+        :meth:`slice_dataset`) and the ``fraction`` / ``num_volumes`` subset of the training split (and val with
+        ``combine_train_val``), as :meth:`train_dataset` draws them."""
         splits = ["train", "val"] if self.combine_train_val else ["train"]
-        datasets = [self.slice_dataset(split, None, None, None, require_target=self._needs_target("train", "fit"))
+        datasets = [self.slice_dataset(split, None, self.sample_rate, self.volume_sample_rate,
+                                       require_target=self._needs_target("train", "fit"))
                     for split in splits]  # the files train_dataset draws from (those without a target left out)
         fnames = [name for dataset in datasets for name in self._slice_fnames(dataset)]
         return select_volumes(fnames, self.fraction, self.num_volumes, self.seed)
