@@ -23,3 +23,15 @@ def test_lightning_floor_imports_without_pkg_resources():
     dependencies = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
     (lightning,) = [d for d in dependencies if re.match(r"lightning\b", d)]
     assert _lower_bound(lightning) >= (2, 4), lightning
+
+
+def test_dependencies_name_what_the_code_imports():
+    """The server imports starlette, which only came through the declared (and never imported) fastapi; the version
+    is reconkit.__version__ itself (it was written twice, and the ONNX metadata records the package's)."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    names = {re.match(r"[\w.-]+", d).group(0).lower() for d in project["dependencies"]}
+    assert "starlette" in names and "fastapi" not in names
+    assert "version" in project["dynamic"] and "version" not in project
+    setuptools = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]
+    assert setuptools["dynamic"]["version"] == {"attr": "reconkit.__version__"}
