@@ -1682,6 +1682,9 @@ def test_grpc_address_in_use_is_a_clear_error(repository):
         address = f"127.0.0.1:{busy.getsockname()[1]}"
         with pytest.raises(ReconkitError, match=f"gRPC: cannot bind {address}"):
             serve(ServerConfig(repository, grpc_address=address), "127.0.0.1", free_port())
+    # a port beyond 65535 through the library API (the CLI refuses it): grpcio bound 70000 as 4464, silently
+    with pytest.raises(ReconkitError, match="gRPC: cannot bind 127.0.0.1:70000: the port must be a number"):
+        serve(ServerConfig(repository, grpc_address="127.0.0.1:70000"), "127.0.0.1", free_port())
 
 
 def test_grpc_starts_with_a_request_limit_beyond_2_gib(repository):

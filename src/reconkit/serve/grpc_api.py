@@ -232,6 +232,9 @@ async def start_grpc_server(state: ServerState) -> grpc.aio.Server:
     Raises ReconkitError when the address cannot be bound. Stop it with ``await server.stop(grace_seconds)``.
     """
     config = state.config
+    port_text = config.grpc_address.rpartition(":")[2]
+    if not (port_text.isdigit() and int(port_text) <= 65535):  # grpcio binds port 70000 as 70000 % 65536, silently
+        raise ReconkitError(f"gRPC: cannot bind {config.grpc_address}: the port must be a number from 0 to 65535")
     client_timeout_ms = min(max(1, round(config.client_timeout_s * 1e3)), _GRPC_INT_MAX)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", min(config.max_request_bytes, _GRPC_INT_MAX)),
