@@ -1406,7 +1406,10 @@ def test_long_client_values_are_cut_short_in_error_messages(grpc_server):
     for case in cases:
         status, error = error_of(post(url, "/v2/models/recon/infer", json.dumps(case).encode()))
         assert status == 400 and len(error) < 500, error[:300]
-    for headers in ({"Content-Encoding": long}, {"Inference-Header-Content-Length": long}):
+    # headers of 10 kB: uvicorn's HTTP parser (h11) refuses a header block that arrives in pieces beyond 16 KiB with
+    # its own 400 and closes at once, so 100 kB headers got a connection reset whenever the machine was busy enough
+    # to read the request in two parts
+    for headers in ({"Content-Encoding": long[:10_000]}, {"Inference-Header-Content-Length": long[:10_000]}):
         status, error = error_of(post(url, "/v2/models/recon/infer", b"{}", headers))
         assert status == 400 and len(error) < 500, error[:300]
     message = grpc_request(json_request(kspace, mask))
