@@ -229,6 +229,18 @@ def test_hdf5_targets_and_predictions_are_scored_like_h5(tmp_path, capsys):
     assert [s.name for s in scores] == ["file0.h5", "file1.hdf5"] and errors == []
 
 
+def test_file_names_with_brackets_are_printed_as_they_are(tmp_path, capsys):
+    """A name like ``scan[t2].h5`` is a volume name, not Rich markup: the tables print it whole."""
+    rng = np.random.default_rng(6)
+    target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 16, 16, 16, 16)] * 2)
+    for i, name in enumerate(["scan[t2].h5", "[bold]knee.h5"]):
+        (target_dir / f"file{i}.h5").rename(target_dir / name)
+        (pred_dir / f"file{i}.h5").rename(pred_dir / name)
+    assert reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--bands", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("scan[t2].h5") == 2 and out.count("[bold]knee.h5") == 2
+
+
 def test_band_nmse_columns(tmp_path, capsys):
     """--bands N: per-volume NMSE per k-space band after fastmri's crop; one band is the NMSE column itself, and a
     blurred prediction errs in the high bands far more than in the low ones."""

@@ -182,6 +182,7 @@ def print_table(scores: Sequence[VolumeScore]) -> None:
     """Rich table of per-volume scores and the mean."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     if not console.is_terminal:  # a pipe or a log file: Rich's 80 columns would cut volume names and numbers
@@ -193,7 +194,8 @@ def print_table(scores: Sequence[VolumeScore]) -> None:
     rows = list(scores) + ([mean] if mean else [])
     for s in rows:
         psnr_text = f"{s.psnr:.2f}" if math.isfinite(s.psnr) else str(s.psnr)
-        table.add_row(s.name, str(s.slices), f"{s.nmse:#.4g}", psnr_text, f"{s.ssim:.4f}", end_section=s is scores[-1])
+        # a Text, not a str: Rich would read "[t2]" or "[bold]" in a file name as markup and drop it
+        table.add_row(Text(s.name), str(s.slices), f"{s.nmse:#.4g}", psnr_text, f"{s.ssim:.4f}", end_section=s is scores[-1])
     console.print(table)
     bands = len(scores[0].band_nmse) if scores else 0
     if bands:
@@ -201,7 +203,7 @@ def print_table(scores: Sequence[VolumeScore]) -> None:
         for column in ("volume", *(f"b{b}" for b in range(bands))):
             table.add_column(column, justify="left" if column == "volume" else "right")
         for s in rows:
-            table.add_row(s.name, *(f"{v:#.3g}" for v in s.band_nmse), end_section=s is scores[-1])
+            table.add_row(Text(s.name), *(f"{v:#.3g}" for v in s.band_nmse), end_section=s is scores[-1])
         console.print(table)
 
 
