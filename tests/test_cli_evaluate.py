@@ -229,6 +229,19 @@ def test_hdf5_targets_and_predictions_are_scored_like_h5(tmp_path, capsys):
     assert [s.name for s in scores] == ["file0.h5", "file1.hdf5"] and errors == []
 
 
+def test_a_blank_target_is_that_volume_s_error_not_a_nan_mean(tmp_path, capsys):
+    """A target that is zero in the scored crop has no PSNR data range (fastmri: NMSE inf, PSNR -inf): that volume
+    fails with its name, and the mean over the others stays a number."""
+    rng = np.random.default_rng(7)
+    target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 24, 16, 24, 16)] * 2)
+    with h5py.File(target_dir / "file1.h5", "a") as f:
+        f["reconstruction_rss"][:, 4:20] = 0  # zero where the 16 x 16 crop looks; the rows outside keep a maximum
+    assert reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir)]) == 1
+    out, err = capsys.readouterr()
+    assert "file1.h5: 'reconstruction_rss' is at most 0 in the scored (16, 16) crop" in err
+    assert "scored 1 of 2 volume(s); 1 failed" in err and "nan" not in out and "inf" not in out
+
+
 def test_file_names_with_brackets_are_printed_as_they_are(tmp_path, capsys):
     """A name like ``scan[t2].h5`` is a volume name, not Rich markup: the tables print it whole."""
     rng = np.random.default_rng(6)

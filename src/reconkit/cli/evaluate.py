@@ -71,7 +71,8 @@ def score_volume(target_path: Path, prediction_path: Path, challenge: str = "mul
     """Score one prediction file against one target file (``bands > 0``: also the NMSE in that many k-space bands).
 
     Raises:
-        DataError: a file is missing, unreadable, lacks its dataset, or the shapes cannot be compared.
+        DataError: a file is missing, unreadable, lacks its dataset, the shapes cannot be compared, or the cropped
+            target's maximum (the data range of PSNR and SSIM) is not positive.
     """
     if not prediction_path.exists():
         raise DataError(prediction_path, f"no prediction for target {target_path.name}")
@@ -90,6 +91,10 @@ def score_volume(target_path: Path, prediction_path: Path, challenge: str = "mul
         raise DataError(
             prediction_path, f"shape {prediction.shape} does not fit target {target_path.name}: {err}"
         ) from None
+    peak = float(target.max())
+    if peak <= 0:  # fastmri gives NMSE inf / NaN and PSNR -inf / NaN here, which turn the mean over volumes NaN
+        problem = f"'{target_key(challenge)}' is at most {peak:g} in the scored {crop} crop (a blank target?)"
+        raise DataError(target_path, f"{problem}: PSNR and SSIM need a positive maximum as their data range")
     values = volume_metrics(target, prediction)
     per_band = tuple(band_nmse(torch.from_numpy(prediction), torch.from_numpy(target), bands).tolist()) if bands else ()
     return VolumeScore(target_path.name, target.shape[0], values["NMSE"], values["PSNR"], values["SSIM"], per_band)
