@@ -42,12 +42,14 @@ def nmse(gt: np.ndarray, pred: np.ndarray) -> float:
 
 
 def psnr(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float:
-    """Peak signal-to-noise ratio in dB, ``10 log10(maxval² / MSE)``; ``maxval`` defaults to ``gt.max()``."""
+    """Peak signal-to-noise ratio in dB, ``10 log10(maxval² / MSE)``; ``maxval`` defaults to ``gt.max()``. ``inf``
+    for a prediction equal to the ground truth (as fastmri's, without numpy's divide-by-zero warning)."""
     _check_pair(gt, pred, "psnr")
     gt64, pred64 = np.asarray(gt, np.float64), np.asarray(pred, np.float64)
     peak = gt64.max() if maxval is None else float(maxval)
     mse = np.mean((gt64 - pred64) ** 2)
-    return float(10 * np.log10(peak**2 / mse))
+    with np.errstate(divide="ignore"):
+        return float(10 * np.log10(peak**2 / mse))
 
 
 def ssim(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None, win_size: int = 7) -> float:
