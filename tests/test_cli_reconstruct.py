@@ -450,6 +450,15 @@ def test_names_that_differ_after_a_dot_keep_separate_outputs(tmp_path, capsys):
     assert (out / "nifti" / "a.nii.gz").is_file() and not (out / "h5" / "a.hdf5").exists()
 
 
+def test_summary_prints_file_names_and_errors_as_they_are(tmp_path, capsys):
+    """The summary table read names and error messages as Rich markup: ``s[t2].h5`` printed as ``s.h5``."""
+    write_fastmri_file(tmp_path / "s[t2].h5", np.random.default_rng(8))
+    (tmp_path / "[b]x.h5").write_bytes(b"not hdf5")
+    code, out, _ = _run(capsys, str(tmp_path / "s[t2].h5"), str(tmp_path / "[b]x.h5"), "--model", "zero-filled",
+                        "--output", str(tmp_path / "o"), "--format", "h5")  # fmt: skip
+    assert code == 1 and "s[t2].h5" in out and "[b]x.h5" in out
+
+
 def test_threads_option_sets_torch_and_onnx_runtime_threads(tmp_path, capsys, monkeypatch):
     """--threads N: torch's thread count and ONNX Runtime's intra-op threads (there was no thread option; ONNX
     Runtime took every core whatever OMP_NUM_THREADS said); below 1 it is refused before any file."""

@@ -273,21 +273,23 @@ def _mask_options(args: argparse.Namespace, reconstructor: Reconstructor) -> dic
 def _print_summary(reports: Sequence[FileReport], model_name: str, backend: str) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"reconkit reconstruct — {model_name} ({backend})")
+    table = Table(title=Text(f"reconkit reconstruct — {model_name} ({backend})"))
     for column in ("file", "slices", "seconds", "status"):
         table.add_column(column, justify="right" if column in ("slices", "seconds") else "left")
-    for report in reports:
-        status = report.status if report.ok else f"[red]error[/red]: {report.status}"
+    for report in reports:  # names and messages as plain Text: Rich read "scan[t2].h5" as markup ("scan.h5")
+        status = Text(report.status) if report.ok else Text.assemble(("error", "red"), f": {report.status}")
         if report.ok and report.fell_back:
-            status += " (ran in PyTorch)"
-        table.add_row(report.path.name or str(report.path), str(report.slices), f"{report.seconds:.2f}", status)
+            status.append(" (ran in PyTorch)")
+        table.add_row(Text(report.path.name or str(report.path)), str(report.slices), f"{report.seconds:.2f}", status)
     Console(stderr=False).print(table)
 
 
 def run(args: argparse.Namespace) -> list[FileReport]:
     """Reconstruct every input; returns one report per file (errors are reports, never raised)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if args.threads is not None:
@@ -308,7 +310,7 @@ def run(args: argparse.Namespace) -> list[FileReport]:
         files_task = progress.add_task("files", total=len(files))
         for path in files:
             report = FileReport(path)
-            slices_task = progress.add_task(f"  {path.name}", total=None)
+            slices_task = progress.add_task(f"  {escape(path.name)}", total=None)  # the description is markup
             try:
                 _check_output_is_not_input(path, args.output, args.format)
                 volume = read_ismrmrd_raw(path) if is_ismrmrd_raw(path) else read_volume(path)
