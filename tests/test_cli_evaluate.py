@@ -312,7 +312,8 @@ def test_single_coil_and_wrong_key(tmp_path, capsys):
         == 0
     )
     assert cli_evaluate.main(["--target", str(target_dir), "--predictions", str(pred_dir)]) == 1
-    assert "missing dataset 'reconstruction_rss'" in capsys.readouterr().err
+    assert "missing dataset 'reconstruction_rss' (it has 'reconstruction_esc': --challenge singlecoil?)" in (
+        capsys.readouterr().err)  # the hint: without it, one bare error per volume
 
 
 def test_help_has_example(capsys):

@@ -55,7 +55,10 @@ def _read_array(path: Path, key: str) -> np.ndarray:
     with open_volume(path) as hf:
         node = checked_dataset(hf, key, path)
         if node is None:
-            raise DataError(path, f"missing dataset '{key}'")
+            other = {"reconstruction_rss": ("reconstruction_esc", "singlecoil"),
+                     "reconstruction_esc": ("reconstruction_rss", "multicoil")}.get(key)
+            hint = f" (it has '{other[0]}': --challenge {other[1]}?)" if other and other[0] in hf else ""
+            raise DataError(path, f"missing dataset '{key}'{hint}")
         try:
             data = node[()]
         except OSError as err:
