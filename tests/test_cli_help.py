@@ -46,3 +46,17 @@ def test_train_subcommand_help_has_examples(subcommand: str, capsys: pytest.Capt
     assert main([subcommand, "--help"]) == 0
     out = capsys.readouterr().out
     assert "examples:" in out and "reconkit train fit --config configs/varnet_sim_small.yaml" in out, out[:2000]
+
+
+def test_entry_point_runs_without_sigpipe(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Windows' ``signal`` module has no SIGPIPE: the ``reconkit`` entry point (``main()``, arguments from
+    ``sys.argv``) failed there with an AttributeError before any command ran."""
+    import signal
+    import sys
+
+    from reconkit.cli.main import main
+
+    monkeypatch.delattr(signal, "SIGPIPE")
+    monkeypatch.setattr(sys, "argv", ["reconkit", "--version"])
+    assert main() == 0
+    assert capsys.readouterr().out.startswith("reconkit ")

@@ -63,8 +63,9 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     args = list(sys.argv[1:] if argv is None else argv)
-    if argv is None and (not args or args[0] not in _OWN_SIGPIPE):
+    if argv is None and hasattr(signal, "SIGPIPE") and (not args or args[0] not in _OWN_SIGPIPE):
         # `reconkit ... | head`: end quietly when the reader goes, as Unix tools do, not with a BrokenPipeError
+        # (Windows has no SIGPIPE)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
