@@ -504,3 +504,29 @@ def test_ismrmrd_raw_without_imaging_data_is_a_data_error(tmp_path):
         read_ismrmrd_raw(tmp_path / "noise_only.h5")
     (tmp_path / "junk.h5").write_bytes(b"junk")
     assert not is_ismrmrd_raw(tmp_path / "junk.h5")
+
+
+def test_atomic_writes_flush_through_a_writable_handle_on_windows(tmp_path, monkeypatch):
+    """Windows' ``os.fsync`` (``_commit``, ``FlushFileBuffers``) refuses a descriptor open read-only with EBADF:
+    every atomic write (reconstructions, exports, manifests) failed there. Emulated: ``sys.platform`` is win32 and
+    ``os.fsync`` fails as Windows' does."""
+    import errno
+    import fcntl
+
+    from reconkit import atomic
+
+    real_fsync = os.fsync
+
+    def windows_fsync(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(atomic.sys, "platform", "win32")
+    monkeypatch.setattr(atomic.os, "fsync", windows_fsync)
+    with atomic.atomic_path(tmp_path / "a.json") as tmp:
+        tmp.write_text("{}")
+    with atomic.atomic_directory(tmp_path / "series") as folder:
+        (folder / "slice_000.dcm").write_text("x")
+    assert (tmp_path / "a.json").read_text() == "{}"
+    assert (tmp_path / "series" / "slice_000.dcm").read_text() == "x"

@@ -17,6 +17,7 @@ import itertools
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,8 +133,10 @@ def _move_in(tmp: Path, final: Path, old: Path) -> None:
 
 
 def _fsync(path: Path) -> None:
-    """Flush the data of the file ``path`` to the disk (an error, e.g. ``EIO``, fails the write)."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush the data of the file ``path`` to the disk (an error, e.g. ``EIO``, fails the write). Windows flushes
+    only through a handle open for writing (``FlushFileBuffers``; a read-only one fails with ``EBADF``), POSIX
+    through any (a directory opens only read-only)."""
+    fd = os.open(path, os.O_RDWR if sys.platform == "win32" else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
