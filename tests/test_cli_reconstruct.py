@@ -459,6 +459,19 @@ def test_summary_prints_file_names_and_errors_as_they_are(tmp_path, capsys):
     assert code == 1 and "s[t2].h5" in out and "[b]x.h5" in out
 
 
+def test_names_that_differ_only_in_case_are_a_clash(tmp_path):
+    """``a/Scan.h5`` and ``b/scan.h5`` (or one name in NFC and NFD Unicode) write one output file on macOS's and
+    Windows' case- and normalisation-insensitive file systems: the second one's outputs silently replaced the
+    first one's there. They are reported as the same-name clash they are."""
+    from reconkit.cli.reconstruct import expand_inputs
+
+    names = [("a", "Scan.h5"), ("b", "scan.h5"), ("c", "caf\u00e9.h5"), ("d", "cafe\u0301.h5"), ("e", "other.h5")]
+    files, failures = expand_inputs([str(tmp_path / folder / name) for folder, name in names])
+    assert files == [tmp_path / "a" / "Scan.h5", tmp_path / "c" / "caf\u00e9.h5", tmp_path / "e" / "other.h5"]
+    assert [report.path for report in failures] == [tmp_path / "b" / "scan.h5", tmp_path / "d" / "cafe\u0301.h5"]
+    assert "same output name (scan) as" in failures[0].status
+
+
 def test_threads_option_sets_torch_and_onnx_runtime_threads(tmp_path, capsys, monkeypatch):
     """--threads N: torch's thread count and ONNX Runtime's intra-op threads (there was no thread option; ONNX
     Runtime took every core whatever OMP_NUM_THREADS said); below 1 it is refused before any file."""

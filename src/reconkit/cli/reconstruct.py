@@ -12,6 +12,7 @@ import argparse
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,11 @@ def output_stem(path: Path) -> str:
     """The name of a file's NIfTI / DICOM / PNG outputs: its name without the extension (``sub01.run1.h5`` →
     ``sub01.run1``), so files that differ only after a first dot keep separate outputs."""
     return path.stem
+
+
+def _output_key(path: Path) -> str:
+    """:func:`output_stem` as a case-insensitive, normalisation-insensitive file system (APFS, NTFS) sees it."""
+    return unicodedata.normalize("NFC", output_stem(path)).casefold()
 
 
 def _check_output_is_not_input(path: Path, output: Path, formats: Sequence[str]) -> None:
@@ -173,9 +179,10 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[FileReport]]:
 
     Outputs are named after the input file, so a second input with the same name (from another directory, or the
     same stem with the other extension: ``a.h5`` and ``a.hdf5`` would share ``a.nii.gz``) is reported instead of
-    overwriting the first one's outputs.
+    overwriting the first one's outputs. Names are compared as macOS's and Windows' file systems do, ignoring case
+    and Unicode normalisation (``Scan.h5`` and ``scan.h5`` write one file there), on every platform alike.
     """
-    files: dict[str, Path] = {}
+    files: dict[str, Path] = {}  # by output_key(file)
     failures = []
     for item in inputs:
         path = Path(item)
@@ -187,12 +194,13 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[FileReport]]:
         if path.is_dir() and not found:
             failures.append(FileReport(path, status=f"{path}: directory holds no .h5 / .hdf5 files"))
         for file in found:
-            stem = output_stem(file)
-            if stem in files and files[stem].resolve() != file.resolve():
-                clash = f"{file}: same output name ({stem}) as {files[stem]}; its outputs would overwrite that one's"
+            key = _output_key(file)
+            if key in files and files[key].resolve() != file.resolve():
+                clash = (f"{file}: same output name ({output_stem(file)}) as {files[key]}; its outputs would "
+                         "overwrite that one's")
                 failures.append(FileReport(file, status=clash))
             else:
-                files.setdefault(stem, file)
+                files.setdefault(key, file)
     return list(files.values()), failures
 
 
