@@ -57,3 +57,24 @@ def test_slice_stats_rejects_uncropped_output():
 
 def test_empty_evaluation_gives_nan_not_a_number_from_nowhere():
     assert all(math.isnan(v) for v in mean_over_volumes({}).values())
+
+
+class _MpsLikeTensor(torch.Tensor):
+    """Emulates an Apple-silicon MPS tensor: float64 is refused on the device (as MPS's own error), the CPU copy is
+    a plain tensor."""
+
+    def double(self, *args, **kwargs):
+        raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64")
+
+    def cpu(self, *args, **kwargs):
+        return super().cpu(*args, **kwargs).as_subclass(torch.Tensor)
+
+
+def test_slice_stats_of_a_tensor_on_a_device_without_float64():
+    """Validation converted each slice to float64 on its device before copying it to the CPU: with Lightning's
+    ``accelerator: auto`` on an Apple-silicon Mac (MPS, no float64) every validation step failed."""
+    rng = np.random.default_rng(3)
+    target = torch.from_numpy(rng.random((8, 8), dtype=np.float32))
+    output = target + 0.01
+    stats = slice_stats(output.as_subclass(_MpsLikeTensor), target.as_subclass(_MpsLikeTensor), 1.0, "a.h5", 0)
+    assert stats == slice_stats(output, target, 1.0, "a.h5", 0)

@@ -58,8 +58,8 @@ def slice_stats(output: torch.Tensor, target: torch.Tensor, max_value: float, fn
     if output.shape != target.shape:
         raise ValueError(f"{fname} slice {slice_num}: output shape {tuple(output.shape)} != target shape "
                          f"{tuple(target.shape)}; crop the output to the target's recon size first")
-    out = output.detach().double().cpu().numpy()
-    ref = target.detach().double().cpu().numpy()
+    out = output.detach().cpu().double().numpy()  # float64 on the CPU: MPS has no float64
+    ref = target.detach().cpu().double().numpy()
     return SliceStats(
         fname=str(fname),
         slice_num=int(slice_num),
