@@ -564,6 +564,26 @@ def test_a_sigterm_inside_a_finaliser_still_stops_the_run(monkeypatch):
     assert exit_info.value.code == 143
 
 
+def test_a_file_name_that_stdout_cannot_encode_is_escaped(tmp_path, monkeypatch):
+    """With stdout piped or redirected on Windows, its encoding is the ANSI code page (cp1252): the summary of
+    ``scan_\u03a9.h5`` failed with a UnicodeEncodeError traceback (exit 1) after its outputs were written."""
+    import io
+    import signal
+
+    from reconkit.cli import main as cli_main
+
+    write_fastmri_file(tmp_path / "scan_\u03a9.h5", np.random.default_rng(7))
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "argv", ["reconkit", "reconstruct", str(tmp_path / "scan_\u03a9.h5"), "--model",
+                                      "zero-filled", "--output", str(tmp_path / "out"), "--format", "h5"])
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # the entry point's own settings, undone after
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)
+    assert cli_main.main() == 0
+    stdout.flush()
+    assert "scan_\\u03a9.h5" in stdout.buffer.getvalue().decode("cp1252")
+
+
 def test_a_read_only_output_is_one_error_before_any_file(tmp_path, capsys, monkeypatch):
     """Each file used to be reconstructed and then fail at its write ('PermissionError: ... out/h5')."""
     from reconkit import atomic

@@ -67,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `reconkit ... | head`: end quietly when the reader goes, as Unix tools do, not with a BrokenPipeError
         # (Windows has no SIGPIPE)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if argv is None and hasattr(sys.stdout, "reconfigure"):
+        # a file name that stdout's encoding lacks (Windows' ANSI code page when piped or redirected) is escaped, as
+        # on stderr, instead of a UnicodeEncodeError once the work is done
+        sys.stdout.reconfigure(errors="backslashreplace")
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
