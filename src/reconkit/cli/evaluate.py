@@ -137,13 +137,14 @@ def evaluate_directories(
 ) -> tuple[list[VolumeScore], list[str]]:
     """Score every ``*.h5`` / ``*.hdf5`` in ``target_dir`` that passes the attr filters (see :func:`target_matches`);
     returns ``(scores, error lines)`` (one line per failed volume)."""
+    listed = []
     for folder, role in ((target_dir, "target"), (predictions_dir, "predictions")):
         if not folder.is_dir():
             found = "is not a directory (a folder of .h5 / .hdf5 files)" if folder.exists() else "not found"
             raise ReconkitError(f"{folder}: {role} directory {found}")
-        list_volume_files(folder)  # a folder that cannot be listed (no read permission) fails here, before scoring
+        listed.append(list_volume_files(folder))  # a folder that cannot be listed fails here, before scoring
     scores, errors = [], []
-    for target_path in list_volume_files(target_dir):
+    for target_path in listed[0]:
         try:
             if target_matches(target_path, acquisition, acceleration):
                 scores.append(score_volume(target_path, predictions_dir / target_path.name, challenge, bands))
