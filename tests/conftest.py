@@ -96,3 +96,19 @@ def unreadable(monkeypatch):
         locked.add(str(path))
 
     return lock
+
+
+@pytest.fixture
+def unlistable(monkeypatch):
+    """``unlistable(folder)``: from then on, listing ``folder`` raises the PermissionError a folder without read
+    permission gives a user other than root (who runs the tests in containers and could list it anyway)."""
+    real_iterdir = Path.iterdir
+    locked = set()
+
+    def iterdir(self):
+        if self in locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    return locked.add

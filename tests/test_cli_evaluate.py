@@ -6,7 +6,6 @@ import argparse
 import csv
 import errno
 import os
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -197,18 +196,11 @@ def test_a_csv_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path, caps
     assert err == f"reconkit evaluate: --csv {tmp_path / 'm.csv'}: cannot write it: No space left on device\n"
 
 
-def test_a_predictions_folder_that_cannot_be_listed_is_one_line(tmp_path, capsys, monkeypatch):
+def test_a_predictions_folder_that_cannot_be_listed_is_one_line(tmp_path, capsys, unlistable):
     """A predictions folder without read permission (its files still readable by name) was scored, then listing
     it for the orphan note raised a traceback."""
     target_dir, pred_dir = _make_dirs(tmp_path, np.random.default_rng(7), [(1, 16, 16, 16, 16)])
-    real_iterdir = Path.iterdir
-
-    def iterdir(self):  # a chmod 311 folder, which root (running tests in containers) could list anyway
-        if self == pred_dir:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_iterdir(self)
-
-    monkeypatch.setattr(Path, "iterdir", iterdir)
+    unlistable(pred_dir)  # a chmod 311 folder
     assert reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir)]) == 2
     assert capsys.readouterr().err == f"reconkit evaluate: {pred_dir}: cannot list the folder: Permission denied\n"
 

@@ -643,18 +643,11 @@ def test_an_interrupted_run_says_which_files_are_complete(tmp_path, capsys, monk
         assert ("reconkit reconstruct: interrupted" in err) == isinstance(interrupt, KeyboardInterrupt)
 
 
-def test_a_folder_that_cannot_be_listed_is_one_error_and_the_others_are_written(tmp_path, capsys, monkeypatch):
+def test_a_folder_that_cannot_be_listed_is_one_error_and_the_others_are_written(tmp_path, capsys, unlistable):
     """A folder without read permission ended the whole run in a PermissionError traceback."""
     write_fastmri_file(tmp_path / "a.h5", np.random.default_rng(7))
     (tmp_path / "locked").mkdir()
-    real_iterdir = Path.iterdir
-
-    def iterdir(self):  # what a chmod 000 folder gives (root, running tests in containers, could list it anyway)
-        if self.name == "locked":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_iterdir(self)
-
-    monkeypatch.setattr(Path, "iterdir", iterdir)
+    unlistable(tmp_path / "locked")  # a chmod 000 folder
     code, _, err = _run(capsys, str(tmp_path / "a.h5"), str(tmp_path / "locked"), "--model", "zero-filled",
                         "--output", str(tmp_path / "out"))  # fmt: skip
     assert code == 1 and f"error: {tmp_path / 'locked'}: cannot list the folder: Permission denied" in err

@@ -201,17 +201,10 @@ def test_discover_models_missing_or_empty_repository(tmp_path):
         discover_models(tmp_path)
 
 
-def test_discover_models_unreadable_folder_names_it(tmp_path, monkeypatch, capsys):
+def test_discover_models_unreadable_folder_names_it(tmp_path, unlistable, capsys):
     """A model folder without read permission stopped ``reconkit serve`` with a PermissionError traceback."""
     model_dir = write_triton_repository(contract_graph(tmp_path / "m.onnx"), tmp_path / "repo", "m")
-    real_iterdir = Path.iterdir
-
-    def iterdir(self):  # what a chmod 300 folder gives (root, running tests in containers, could list it anyway)
-        if self == model_dir:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_iterdir(self)
-
-    monkeypatch.setattr(Path, "iterdir", iterdir)
+    unlistable(model_dir)  # a chmod 300 folder
     with pytest.raises(DataError, match="cannot read the folder: Permission denied") as info:
         discover_models(tmp_path / "repo")
     assert info.value.path == str(model_dir)
