@@ -269,6 +269,8 @@ def test_band_nmse_columns(tmp_path, capsys):
     assert bands[1][3] > 100 * bands[1][0]  # blurring: an error of the edge of the spectrum
     assert bands[2] == pytest.approx(list(np.mean(bands[:2], axis=0)), rel=1e-6)
     assert reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--bands", "-1"]) == 2
+    too_many = str(cli_evaluate.MAX_BANDS + 1)
+    assert reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--bands", too_many]) == 2
 
 
 def test_band_mean_leaves_out_volumes_without_the_band():

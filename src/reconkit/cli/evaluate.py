@@ -70,6 +70,11 @@ def _read_array(path: Path, key: str) -> np.ndarray:
     return data
 
 
+MAX_BANDS = 256
+"""``--bands`` limit: a 320 × 320 crop has 160 one-pixel rings from DC to the edge of its spectrum, so many more would be empty
+(NaN) columns, and a typo such as ``--bands 80000000`` would allocate gigabytes per volume."""
+
+
 def score_volume(target_path: Path, prediction_path: Path, challenge: str = "multicoil", bands: int = 0) -> VolumeScore:
     """Score one prediction file against one target file (``bands > 0``: also the NMSE in that many k-space bands).
 
@@ -248,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bands", type=int, default=0, metavar="N",
         help="also report each volume's NMSE in N concentric k-space bands of the cropped image's spectrum, from DC "
         "(b0) to the edge and corners (b<N-1>): low bands = contrast / intensity, high bands = edges and fine "
-        "detail (default 0: off)",
+        f"detail (default 0: off; at most {MAX_BANDS})",
     )
     parser.add_argument("--csv", type=Path, default=None, help="also write per-volume and mean rows to this CSV file")
     return parser
@@ -259,8 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments."""
     args = build_parser().parse_args(argv)
     try:
-        if args.bands < 0:
-            raise ReconkitError(f"--bands must be 0 (off) or positive, got {args.bands}")
+        if not 0 <= args.bands <= MAX_BANDS:
+            raise ReconkitError(f"--bands must be from 0 (off) to {MAX_BANDS}, got {args.bands}")
         if args.csv is not None and args.csv.is_dir():
             raise ReconkitError(f"--csv {args.csv}: is a directory; give the CSV file to write")
         problem = None if args.csv is None else folder_problem(args.csv.parent)
