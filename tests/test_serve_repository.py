@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from reconkit.cli.serve import main as serve_main
 from reconkit.errors import DataError, ReconkitError
 from reconkit.export.triton_repository import write_triton_repository
+from reconkit.serve import ServerConfig
 from reconkit.serve.pbtxt import PbtxtError, parse_pbtxt
 from reconkit.serve.repository import BatchingConfig, discover_models
 
@@ -235,3 +236,25 @@ def test_cli_serve_refuses_port_numbers_beyond_65535(tmp_path, capsys):
     for option, value in (("--port", "70000"), ("--port", "-1"), ("--grpc-port", "70000"), ("--grpc-port", "-1")):
         assert serve_main(["--model-repository", str(tmp_path), option, value]) == 2, (option, value)
         assert "must be port numbers from 0 to 65535" in capsys.readouterr().err
+
+
+def test_cli_serve_port_in_use_fails_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """A REST port already in use was found only when uvicorn bound it, after every model had loaded (minutes for
+    large models), and ended in uvicorn's bare exit status 3. The port is bound first now: exit 1, naming it."""
+    import socket
+
+    import reconkit.serve.server as server_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models loaded although the port is in use")
+
+    monkeypatch.setattr(server_module, "create_app", no_loading)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert serve_main(["--model-repository", str(tmp_path), "--host", "127.0.0.1", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"REST: cannot bind 127.0.0.1:{port}" in err and "in use" in err, err
+    with pytest.raises(ReconkitError, match="REST: cannot bind 127.0.0.1:70000: the port must be a number"):
+        server_module.serve(ServerConfig(tmp_path), "127.0.0.1", 70000)  # the library API (the CLI refuses it)

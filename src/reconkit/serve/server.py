@@ -7,10 +7,12 @@ accepted (queued and running inferences included), then stops the batchers and e
 from __future__ import annotations
 
 import signal
+import socket
 import ssl
 
 import uvicorn
 
+from reconkit.errors import ReconkitError
 from reconkit.serve.app import ServerConfig, create_app
 from reconkit.serve.connections import connection_cap, guarded_protocol
 
@@ -43,13 +45,32 @@ def build_server(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000
     return ReconServer(uv_config)
 
 
-def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until SIGTERM / SIGINT; raises ReconkitError when the gRPC endpoint could not start (e.g. port in use)."""
-    server = build_server(config, host, port)
+def bind_rest_socket(host: str, port: int) -> socket.socket:
+    """The REST port, bound (not yet listening: connections are refused until the server starts) as uvicorn binds it.
+
+    Raises ``ReconkitError`` naming the address when it cannot be bound (in use, no such local address, no
+    permission), so that ``serve`` fails at once rather than after loading every model (minutes for large ones).
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        server.run()
-    except SystemExit:  # uvicorn exits on a failed startup; say why instead
-        error = server.config.app.state.serve.startup_error
-        if error is None:
-            raise
-        raise error from None
+        sock.bind((host, port))
+    except (OSError, OverflowError) as exc:  # OverflowError: a port beyond 65535
+        sock.close()
+        reason = "the port must be a number from 0 to 65535" if isinstance(exc, OverflowError) else exc.strerror
+        raise ReconkitError(f"REST: cannot bind {host}:{port}: {reason or exc}") from None
+    return sock
+
+
+def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve until SIGTERM / SIGINT; raises ReconkitError when the REST port cannot be bound (before any model
+    loads) or the gRPC endpoint could not start (e.g. port in use)."""
+    with bind_rest_socket(host, port) as sock:
+        server = build_server(config, host, port)
+        try:
+            server.run(sockets=[sock])
+        except SystemExit:  # uvicorn exits on a failed startup; say why instead
+            error = server.config.app.state.serve.startup_error
+            if error is None:
+                raise
+            raise error from None
