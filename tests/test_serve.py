@@ -310,6 +310,12 @@ def _bad_requests() -> list[tuple[str, object, str]]:
     numeric_strings["inputs"][1]["data"] = ["1.0"] * WIDTH  # np.asarray(..., float32) would take these
     booleans = json.loads(json.dumps(good))
     booleans["inputs"][1]["data"] = [True] * WIDTH
+    mixed_booleans = json.loads(json.dumps(good))  # numpy read [1.0, true, 0.0, ...] as [1.0, 1.0, 0.0, ...]
+    mixed_booleans["inputs"][1]["data"][1] = True
+    nested_booleans = json.loads(json.dumps(good))
+    nested_booleans["inputs"][0]["data"] = np.asarray(nested_booleans["inputs"][0]["data"]).reshape(
+        nested_booleans["inputs"][0]["shape"]).tolist()
+    nested_booleans["inputs"][0]["data"][0][0][0][0][1] = False
     nulls = json.loads(json.dumps(good))
     nulls["inputs"][1]["data"] = [None] * WIDTH
     beyond_fp32 = json.loads(json.dumps(good))
@@ -337,6 +343,9 @@ def _bad_requests() -> list[tuple[str, object, str]]:
         ("data type", strings, "input 'mask': 'data' must hold FP32 values as JSON numbers, got strings"),
         ("numeric strings", numeric_strings, "input 'mask': 'data' must hold FP32 values as JSON numbers, got strings"),
         ("booleans", booleans, "input 'mask': 'data' must hold FP32 values as JSON numbers, got booleans"),
+        ("mixed booleans", mixed_booleans, "input 'mask': 'data' is not a list of FP32 numbers: JSON booleans among"),
+        ("nested booleans", nested_booleans,
+         "input 'masked_kspace': 'data' is not a list of FP32 numbers: JSON booleans among"),
         ("nulls", nulls, "input 'mask': 'data' must hold FP32 values as JSON numbers, got nulls"),
         ("beyond fp32", beyond_fp32, "input 'mask': 1 value(s) are beyond the range of FP32"),
         ("zero-size shape", huge_empty, "input 'masked_kspace': every dimension of the shape must be between 1 and"),
@@ -1373,6 +1382,7 @@ def test_grpc_typed_contents_equal_rest(grpc_server, direct):
 
 
 _JSON_ONLY = {"not json", "deep json", "5000-digit number", "not an object", "data type", "numeric strings", "booleans", "nulls",
+              "mixed booleans", "nested booleans",
               "beyond fp32", "zero-size shape", "binary flag text", "request flag text",
               "output name not a string", "id not a string", "nan timeout", "huge timeout"}  # no gRPC counterpart
 # (its names and id are strings, its timeout an int64)
