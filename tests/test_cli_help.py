@@ -60,3 +60,12 @@ def test_entry_point_runs_without_sigpipe(monkeypatch: pytest.MonkeyPatch, capsy
     monkeypatch.setattr(sys, "argv", ["reconkit", "--version"])
     assert main() == 0
     assert capsys.readouterr().out.startswith("reconkit ")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_parser_builds_without_docstrings(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -OO`` (or ``PYTHONOPTIMIZE=2``) strips docstrings, so a module's ``__doc__`` is None: four commands
+    built their description from it and failed with an AttributeError before parsing any argument."""
+    module = importlib.import_module(f"reconkit.cli.{command}")
+    monkeypatch.setattr(module, "__doc__", None)
+    assert isinstance(module.build_parser(), argparse.ArgumentParser)

@@ -104,7 +104,7 @@ def print_table(rows: Sequence[DemoRow], output: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reconkit demo",
-        description=__doc__.split(": ", 1)[1],
+        description=__doc__ and __doc__.split(": ", 1)[1],  # None under python -OO
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -224,7 +224,7 @@ def print_table(scores: Sequence[VolumeScore]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reconkit evaluate",
-        description=__doc__.split("\n\n")[0].split(": ", 1)[1]
+        description=__doc__ and __doc__.split("\n\n")[0].split(": ", 1)[1]  # None under python -OO
         + " Targets are fastMRI files (reconstruction_rss / _esc); predictions are fastMRI submission files.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,

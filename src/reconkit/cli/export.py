@@ -24,7 +24,8 @@ input's shape. Batch and coil counts stay dynamic. See docs/export.md.
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="reconkit export", description=__doc__.split("\n")[0].split(": ", 1)[1], epilog=EXAMPLE,
+        prog="reconkit export", epilog=EXAMPLE,
+        description=__doc__ and __doc__.split("\n")[0].split(": ", 1)[1],  # None under python -OO
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint readable by reconkit.models.load_model")
