@@ -12,7 +12,7 @@ Complex tensors use fastMRI's real layout ``(..., 2)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -79,8 +79,12 @@ def _check_crop(shape: tuple[int, int], available: tuple[int, int], what: str) -
         raise ValueError(f"{what}: cannot crop {available[0]}x{available[1]} to {shape[0]}x{shape[1]}")
 
 
-def center_crop(data: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Centre crop of the last two axes of a real image ``(..., H, W)`` to ``shape`` ``(h, w)``."""
+_Image = TypeVar("_Image", torch.Tensor, np.ndarray)
+
+
+def center_crop(data: _Image, shape: tuple[int, int]) -> _Image:
+    """Centre crop of the last two axes of a real image ``(..., H, W)`` (tensor or numpy array: a view of the same
+    type) to ``shape`` ``(h, w)``."""
     height, width = data.shape[-2], data.shape[-1]
     _check_crop(shape, (height, width), "center_crop")
     top, left = (height - shape[0]) // 2, (width - shape[1]) // 2
