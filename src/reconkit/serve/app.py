@@ -153,7 +153,9 @@ async def _infer_while_connected(state: ServerState, served: ServedModel, reques
                                  infer_request: InferRequest) -> dict[str, np.ndarray]:
     """``state.infer``'s outputs, unless the client disconnects first (its body already read): then the inference is
     cancelled, so that a queued request leaves the model's queue as a cancelled gRPC call's does, rather than
-    holding a queue slot and running for nobody, and RequestError(499) is raised."""
+    holding a queue slot and running for nobody, and RequestError(499) is raised. An answer that arrives as the
+    client leaves may still come back (Python 3.11's ``asyncio.wait_for`` returns it despite the cancel): the
+    statistics then count it as answered, and so it is returned, not counted as 499 too."""
     inference = asyncio.ensure_future(state.infer(served, infer_request))
     disconnect = asyncio.ensure_future(_disconnected(request))
     try:
@@ -164,6 +166,7 @@ async def _infer_while_connected(state: ServerState, served: ServedModel, reques
     if not inference.done():
         with contextlib.suppress(asyncio.CancelledError):
             await inference  # lets state.infer count it
+    if inference.cancelled():
         raise RequestError(499, "client disconnected before the answer")
     return inference.result()
 
