@@ -1137,3 +1137,28 @@ def test_finding_the_sampled_columns_holds_one_image_not_the_volume(tmp_path):
     tracemalloc.stop()
     assert retrospective and mask.shape == (1, 1, 1, 96, 1)
     assert peak < volume.kspace.nbytes / 8, (peak, volume.kspace.nbytes)
+
+
+def test_kspace_undersampled_along_the_readout_rows_is_an_error_naming_the_file(tmp_path, capsys):
+    """A file whose sampled lines are rows (phase-encode along H, or a 2D-undersampled file) has data in every
+    column: it was taken as fully sampled, undersampled once more along W and reconstructed into aliased garbage
+    without a word. Empty rows at one edge (an asymmetric echo) stay fine."""
+    rng = np.random.default_rng(8)
+    write_fastmri_file(tmp_path / "full.h5", rng, height=64, width=48)
+    with h5py.File(tmp_path / "full.h5") as src:
+        kspace, header = src["kspace"][()], src["ismrmrd_header"][()]
+    rows = np.zeros(64, bool)
+    rows[::4], rows[28:36] = True, True
+    echo = kspace.copy()
+    echo[..., :12, :] = 0
+    for name, data in (("rows.h5", kspace * rows[:, None]), ("echo.h5", echo)):
+        with h5py.File(tmp_path / name, "w") as f:
+            f.create_dataset("kspace", data=data)
+            f.create_dataset("ismrmrd_header", data=header)
+    code, _, err = _run(capsys, str(tmp_path / "rows.h5"), str(tmp_path / "echo.h5"), "--model", "zero-filled",
+                        "--output", str(tmp_path / "out"))  # fmt: skip
+    assert code == 1
+    (error,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert f"error: {tmp_path / 'rows.h5'}: k-space rows are left empty" in error and "39 of the 61 rows" in error
+    assert "transpose" in error
+    assert not (tmp_path / "out" / "h5" / "rows.h5").exists() and (tmp_path / "out" / "h5" / "echo.h5").exists()

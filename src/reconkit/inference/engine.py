@@ -360,8 +360,9 @@ def volume_mask(
         file, each undersampled with its own lines).
 
     Raises:
-        DataError: the k-space holds no data, or the drawn mask samples none of the acquired columns (tiny widths,
-            where the centre fraction rounds to no line and no other line was drawn).
+        DataError: the k-space holds no data, leaves rows empty between rows that hold data (undersampled along
+            the readout H, which a column mask cannot describe), or the drawn mask samples none of the acquired
+            columns (tiny widths, where the centre fraction rounds to no line and no other line was drawn).
     """
     kspace = _coil_kspace(volume)
     width = kspace.shape[-1]
@@ -371,7 +372,9 @@ def volume_mask(
         per_image[:, :left], per_image[:, right:] = False, False
     else:
         # image by image: np.abs of the whole volume would hold another half of its k-space
-        per_image = np.stack([np.abs(image).reshape(-1, width).max(axis=0) > 0 for image in kspace])  # (slices, W)
+        held = [_held_lines(image) for image in kspace]
+        _refuse_empty_rows(volume, [rows for _, rows in held])
+        per_image = np.stack([columns for columns, _ in held])  # (slices, W)
     with_data = per_image[per_image.any(axis=1)]  # the images that hold data
     if not len(with_data):
         raise DataError(volume.info.path, "k-space holds no data (every column is zero)")
@@ -394,6 +397,32 @@ def volume_mask(
             f"{right - left} acquired k-space columns; use a lower --acceleration or a larger --center-fraction",
         )
     return mask.reshape(1, 1, 1, width, 1).numpy().astype(np.float32), True
+
+
+def _held_lines(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which columns ``(W,)`` and rows ``(H,)`` of one image's k-space ``(coils, H, W)`` hold data (bool)."""
+    held = (image != 0).any(axis=0)  # (H, W)
+    return held.any(axis=0), held.any(axis=1)
+
+
+def _refuse_empty_rows(volume: Volume, rows: list[np.ndarray]) -> None:
+    """Raise when an image leaves k-space rows empty between its first and last row that hold data (``rows``: one
+    ``(H,)`` bool per image): sampled lines along the readout axis H (phase-encode lines stored as rows, or a 2D
+    mask), which a line mask along W cannot describe. Empty rows at the edges (an asymmetric echo, discarded ADC
+    samples) are fine."""
+    for index, held in enumerate(rows):
+        found = np.flatnonzero(held)
+        if not len(found):
+            continue
+        span = int(found[-1] - found[0] + 1)
+        if span > len(found):
+            raise DataError(
+                volume.info.path,
+                f"k-space rows are left empty along the readout (H): {span - len(found)} of the {span} rows between "
+                f"the first and last that hold data (image {index}), so it is undersampled along H, not in "
+                "phase-encode columns (W) as reconstruct takes it; store 'kspace' as (slices, coils, readout H, "
+                "phase-encode W): transpose its last two axes",
+            )
 
 
 def _batches(num_slices: int, batch_size: int) -> Iterator[slice]:
