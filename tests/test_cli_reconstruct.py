@@ -1162,3 +1162,34 @@ def test_kspace_undersampled_along_the_readout_rows_is_an_error_naming_the_file(
     assert f"error: {tmp_path / 'rows.h5'}: k-space rows are left empty" in error and "39 of the 61 rows" in error
     assert "transpose" in error
     assert not (tmp_path / "out" / "h5" / "rows.h5").exists() and (tmp_path / "out" / "h5" / "echo.h5").exists()
+
+
+def test_stored_mask_columns_without_data_are_left_out_with_a_warning(tmp_path):
+    """A stored ``mask`` marking columns that hold no data (an all-ones mask over undersampled k-space, or a mask
+    stored uncentred) was used as it was: the model took those columns' zeros for measured data (the bundled VarNet
+    fell from 36.7 to 20.5 dB PSNR). Columns in the padding, which fastMRI's masks mark, stay silent."""
+    from reconkit.data import read_volume
+    from reconkit.errors import DataError, ReconkitWarning
+    from reconkit.inference import volume_mask
+
+    write_fastmri_file(tmp_path / "full.h5", np.random.default_rng(9), height=32, width=48, lines=40)
+    columns = np.zeros(48, bool)
+    columns[4:44:3], columns[20:28] = True, True
+    with h5py.File(tmp_path / "full.h5", "r+") as f:
+        f["kspace"][...] = f["kspace"][()] * columns
+        f.create_dataset("mask", data=np.ones(48, np.float32))
+    with pytest.warns(ReconkitWarning, match=r"full\.h5: its 'mask' marks 20 column\(s\) .* hold no data") as caught:
+        mask, retrospective = volume_mask(read_volume(tmp_path / "full.h5"), "equispaced_fraction", 4, 0.08, 0)
+    assert len(caught) == 1 and "columns 5, 6, 8, 9, 11, …" in str(caught[0].message)
+    assert not retrospective
+    np.testing.assert_array_equal(mask.reshape(-1), columns.astype(np.float32))
+    with h5py.File(tmp_path / "full.h5", "r+") as f:
+        f["mask"][...] = columns | (np.arange(48) < 4)  # the padding columns [0, 4) hold no data either
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mask, _ = volume_mask(read_volume(tmp_path / "full.h5"), "equispaced_fraction", 4, 0.08, 0)
+    np.testing.assert_array_equal(mask.reshape(-1), columns.astype(np.float32))
+    with h5py.File(tmp_path / "full.h5", "r+") as f:
+        f["mask"][...] = ~columns
+    with pytest.raises(DataError, match=r"full\.h5: its 'mask' marks none of the k-space columns that hold data"):
+        volume_mask(read_volume(tmp_path / "full.h5"), "equispaced_fraction", 4, 0.08, 0)

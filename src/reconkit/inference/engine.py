@@ -348,7 +348,8 @@ def volume_mask(
 ) -> tuple[np.ndarray, bool]:
     """The float32 column mask for ``volume`` and whether it was made here (retrospective).
 
-    A stored ``mask`` dataset wins (zeroed outside the acquired window, as fastMRI's ``VarNetDataTransform`` does);
+    A stored ``mask`` dataset wins (zeroed outside the acquired window, as fastMRI's ``VarNetDataTransform`` does,
+    and, with a :class:`~reconkit.errors.ReconkitWarning`, in the columns no image holds data in);
     otherwise, if some image (slice) holding data leaves a column inside the acquired window
     ``[padding_left, padding_right)`` empty, the file is already undersampled and each image's non-empty columns
     are its mask; otherwise a mask is drawn from ``mask_type`` with the file-name seed (or ``seed``), zeroed
@@ -360,21 +361,24 @@ def volume_mask(
         file, each undersampled with its own lines).
 
     Raises:
-        DataError: the k-space holds no data, leaves rows empty between rows that hold data (undersampled along
-            the readout H, which a column mask cannot describe), or the drawn mask samples none of the acquired
-            columns (tiny widths, where the centre fraction rounds to no line and no other line was drawn).
+        DataError: the k-space holds no data or leaves rows empty between rows that hold data (undersampled along
+            the readout H, which a column mask cannot describe), a stored mask marks none of the columns that hold
+            data, or the drawn mask samples none of the acquired columns (tiny widths, where the centre fraction
+            rounds to no line and no other line was drawn).
     """
     kspace = _coil_kspace(volume)
     width = kspace.shape[-1]
     left, right, _ = acquired_columns(volume)
+    # image by image: np.abs of the whole volume would hold another half of its k-space
+    held = [_held_lines(image) for image in kspace]
+    _refuse_empty_rows(volume, [rows for _, rows in held])
+    held_columns = np.stack([columns for columns, _ in held])  # (slices, W)
     if volume.mask is not None:  # outside the acquired window no column holds data, as fastMRI's transform says
         per_image = (np.asarray(volume.mask, dtype=np.float32) != 0)[None]
         per_image[:, :left], per_image[:, right:] = False, False
+        per_image = _without_empty_columns(volume, per_image, held_columns.any(axis=0))
     else:
-        # image by image: np.abs of the whole volume would hold another half of its k-space
-        held = [_held_lines(image) for image in kspace]
-        _refuse_empty_rows(volume, [rows for _, rows in held])
-        per_image = np.stack([columns for columns, _ in held])  # (slices, W)
+        per_image = held_columns
     with_data = per_image[per_image.any(axis=1)]  # the images that hold data
     if not len(with_data):
         raise DataError(volume.info.path, "k-space holds no data (every column is zero)")
@@ -423,6 +427,25 @@ def _refuse_empty_rows(volume: Volume, rows: list[np.ndarray]) -> None:
                 "phase-encode columns (W) as reconstruct takes it; store 'kspace' as (slices, coils, readout H, "
                 "phase-encode W): transpose its last two axes",
             )
+
+
+def _without_empty_columns(volume: Volume, stored: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """The stored mask ``stored`` ``(1, W)`` bool without the columns that no image holds data in (``held``
+    ``(W,)``), with a warning naming the file where it marks such columns: a model would take their zeros for
+    measured data. Kept as it is when no image holds data (every slice is then written as zeros)."""
+    claimed = stored[0] & ~held
+    if not claimed.any() or not held.any():
+        return stored
+    if not (stored[0] & held).any():
+        raise DataError(volume.info.path, "its 'mask' marks none of the k-space columns that hold data: it does "
+                                          "not describe this k-space (a mask stored uncentred?)")
+    listed = ", ".join(map(str, np.flatnonzero(claimed)[:5])) + (", …" if claimed.sum() > 5 else "")
+    warnings.warn(ReconkitWarning(
+        f"{volume.info.path}: its 'mask' marks {int(claimed.sum())} column(s) as sampled that hold no data in any "
+        f"slice (columns {listed}); they are left out of the mask, as a model would take their zeros for measured "
+        "data (a mask that does not describe the k-space, e.g. one stored uncentred, gives a wrong image)"
+    ), stacklevel=3)
+    return stored & held
 
 
 def _batches(num_slices: int, batch_size: int) -> Iterator[slice]:
