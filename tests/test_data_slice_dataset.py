@@ -266,6 +266,10 @@ def _bad_files(tmp: Path) -> dict:
             _rewrite(tmp / "tdtype.h5", reconstruction_rss=np.zeros((2, 16, 16), np.complex64)), "dtype complex64"
         ),
         "mask_shape": (_mask_file(tmp / "mask.h5"), "'mask' has shape (23,), expected (24,)"),
+        "transposed": (  # phase-encode lines as rows: the header's padding and every mask would cut the readout
+            _rewrite(tmp / "transposed.h5", kspace=np.ones((2, 2, 24, 32), np.complex64)),
+            "'kspace' is 24 x 32 (H x W), the header's encoded matrix 32 x 24 (readout x phase-encode) the other way",
+        ),
     }
 
 

@@ -258,6 +258,11 @@ def _validate(hf: h5py.File, path: Path, challenge: str | None) -> VolumeInfo:
     if 0 in kspace.shape:
         raise DataError(path, f"'kspace' is empty: shape {kspace.shape}")
     header = _read_header(hf, path)
+    (height, width), (encoded_x, encoded_y) = kspace.shape[-2:], header.encoding_size[:2]
+    if (height, width) == (encoded_y, encoded_x) != (encoded_x, encoded_y):  # its padding would cut the readout
+        raise DataError(path, f"'kspace' is {height} x {width} (H x W), the header's encoded matrix {encoded_x} x "
+                              f"{encoded_y} (readout x phase-encode) the other way round: its last two axes are "
+                              "swapped; store it as (..., readout H, phase-encode W), as fastMRI's files")  # fmt: skip
 
     key = target_key(found)
     target = checked_dataset(hf, key, path)
@@ -300,6 +305,8 @@ def read_volume_info(path: os.PathLike | str, challenge: str | None = None) -> V
     Raises:
         DataError: the file is missing, empty, not HDF5, truncated or corrupt, or does not follow the schema
             (missing ``kspace``, wrong dtype or number of dimensions, missing or garbled ``ismrmrd_header``,
+            ``kspace`` whose last two axes are the header's encoded matrix the other way round (readout x
+            phase-encode swapped),
             target or mask whose shape does not match ``kspace``, a dataset that is a link to a missing file or
             object, a virtual dataset with a missing source, or one that needs an HDF5 filter plugin this
             installation lacks).
