@@ -426,6 +426,28 @@ def test_a_stale_image_index_is_ignored_and_an_unexpected_error_fails_one_file(t
     assert (tmp_path / "out" / "nifti" / "c.nii.gz").is_file()
 
 
+def test_an_image_index_in_the_file_cannot_name_outputs_outside_the_output_folder(tmp_path, capsys):
+    """A fastMRI file's own ``acquisition`` / ``image_index`` attrs pass for read_ismrmrd_raw's: a series index
+    ``"/../../../escaped"`` became the output name ``out/nifti/a_contrast/../../../escaped.nii.gz``, and DICOM and
+    PNG replaced whatever directory that named. The file fails alone, naming the attribute."""
+    rng = np.random.default_rng(13)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_fastmri_file(scans / "a.h5", rng, slices=2)
+    write_fastmri_file(scans / "b.h5", rng, slices=2)
+    with h5py.File(scans / "a.h5", "r+") as f:
+        f.attrs["acquisition"] = "ismrmrd_raw"
+        f.attrs["image_index"] = '[{"slice": 0, "contrast": "/../../../escaped"}, {"slice": 0, "contrast": 1}]'
+    out = tmp_path / "run" / "out"
+    code, stdout, err = _run(capsys, str(scans), "--model", "zero-filled", "--output", str(out),
+                             "--format", "nifti", "dicom", "png")  # fmt: skip
+    assert code == 1
+    assert not list(tmp_path.glob("**/escaped*"))
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "a.h5" in line and "image_index: contrast must be an integer from 0 to 65535" in line, line
+    assert "1 of 2 file(s) written" in stdout and (out / "nifti" / "b.nii.gz").is_file()
+
+
 def test_names_that_differ_after_a_dot_keep_separate_outputs(tmp_path, capsys):
     """``sub01.run1.h5`` and ``sub01.run2.h5`` get ``sub01.run1.nii.gz`` and ``sub01.run2.nii.gz``; ``a.h5`` and
     ``a.hdf5``, whose NIfTI / DICOM / PNG outputs would share a name, are a clash reported for the second one."""

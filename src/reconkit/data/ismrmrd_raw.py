@@ -134,6 +134,7 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
 
 
 _IMAGE_INDEX = ("slice", "contrast", "phase", "repetition", "set")
+_UINT16_MAX = 65535  # the ISMRMRD acquisition header's index fields are uint16
 _SEPARATE = ("separate", "external")  # calibration modes whose reference lines come from another scan
 
 
@@ -169,7 +170,7 @@ def image_groups(image_index: str | None) -> list[tuple[str, list[int | None] | 
     """
     if not image_index:
         return [("", None)]
-    index = json.loads(image_index)
+    index = _checked_index(image_index)
     fields = [name for name in _IMAGE_INDEX[1:] if len({image.get(name, 0) for image in index}) > 1]
     lowest = min(image.get("slice", 0) for image in index)
     grid_size = max(image.get("slice", 0) for image in index) - lowest + 1
@@ -180,6 +181,27 @@ def image_groups(image_index: str | None) -> list[tuple[str, list[int | None] | 
     if list(groups) == [""] and groups[""] == list(range(len(index))):
         return [("", None)]
     return list(groups.items())
+
+
+def _checked_index(image_index: str) -> list[dict]:
+    """The decoded ``image_index``: a list of objects whose index fields are ISMRMRD's unsigned 16-bit counters.
+
+    Raises:
+        ValueError: anything else. The attribute may come from the input file itself (any HDF5 file can carry one),
+            and its values name the output series: ``{"contrast": "/../../x"}`` wrote outside ``--output``.
+    """
+    try:
+        index = json.loads(image_index)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"image_index is not JSON ({err})") from None
+    if not isinstance(index, list) or not index or not all(isinstance(image, dict) for image in index):
+        raise ValueError("image_index must be a non-empty JSON list of objects")
+    for image in index:
+        for name in _IMAGE_INDEX:
+            value = image.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _UINT16_MAX:
+                raise ValueError(f"image_index: {name} must be an integer from 0 to {_UINT16_MAX}, got {value!r:.40}")
+    return index
 
 
 def _image_key(acquisition) -> tuple[int, ...]:
