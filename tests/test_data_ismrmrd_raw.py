@@ -332,6 +332,23 @@ def test_a_raw_file_held_open_elsewhere_is_still_read(tmp_path):
         assert read_ismrmrd_raw(tmp_path / "scan.h5").kspace.shape == (1, COILS, SAMPLES, WIDTH)
 
 
+def test_acquisitions_kept_in_an_external_raw_file_are_refused(tmp_path):
+    """``dataset/data`` stored in another file (``external=``): HDF5 reads any file named there as the acquisitions,
+    ``/etc/passwd`` as well as this test's copy of the real ones; only data inside the HDF5 file is read."""
+    import h5py
+
+    rng = np.random.default_rng(9)
+    write_raw(tmp_path / "scan.h5", [line(random_kspace(rng, COILS, SAMPLES), c) for c in range(WIDTH)])
+    with h5py.File(tmp_path / "scan.h5", "a") as f:
+        data = f["dataset/data"][()]
+        del f["dataset/data"]
+        (tmp_path / "outside.bin").write_bytes(data.tobytes())
+        f.create_dataset("dataset/data", shape=data.shape, dtype=data.dtype,
+                         external=[(str(tmp_path / "outside.bin"), 0, data.nbytes)])
+    with pytest.raises(DataError, match="'dataset/data' keeps its data in external raw file"):
+        read_ismrmrd_raw(tmp_path / "scan.h5")
+
+
 def test_acquisitions_are_read_in_blocks_not_one_hdf5_read_per_line(tmp_path, monkeypatch):
     """One HDF5 read per acquisition (``ismrmrd.Dataset.read_acquisition``) cost a few ms per line: minutes for a
     real scan's tens of thousands of lines. The table is read a block of rows at a time."""

@@ -242,6 +242,7 @@ def _bad_files(tmp: Path) -> dict:
         "missing": (tmp / "missing.h5", "file not found"),
         "complex_half": (_complex_half_file(tmp / "half.h5"), "'kspace' has an HDF5 datatype numpy cannot hold"),
         "virtual_source": (_virtual_file(tmp / "virtual.h5"), "'kspace' is a virtual dataset whose source"),
+        "external_raw": (_external_raw_file(tmp / "raw.h5"), "'kspace' keeps its data in external raw file(s) "),
         "filter_plugin": (
             _plugin_filter_file(tmp / "plugin.h5"), "'kspace' is compressed with HDF5 filter 32009 (zzz)"
         ),
@@ -287,6 +288,19 @@ def _virtual_file(path: Path) -> Path:
     with h5py.File(source) as hf:  # found beside it
         np.testing.assert_array_equal(read_volume(path).kspace, hf["kspace"][()])
     source.unlink()
+    return path
+
+
+def _external_raw_file(path: Path) -> Path:
+    """A file whose k-space is stored in another, non-HDF5 file (``external=``, by absolute path): HDF5 read that
+    file's bytes as k-space, so any file the reader can read (``/etc/passwd``) went into the reconstruction."""
+    secret = path.with_name("secret.txt")
+    secret.write_bytes(b"secret " * 1000)
+    write_volume(path, num_slices=2, coils=2)
+    with h5py.File(path, "a") as hf:
+        shape = hf["kspace"].shape
+        del hf["kspace"]
+        hf.create_dataset("kspace", shape=shape, dtype=np.complex64, external=[(str(secret), 0, h5py.h5f.UNLIMITED)])
     return path
 
 

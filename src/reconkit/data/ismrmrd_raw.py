@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from reconkit.data.ismrmrd_header import HeaderInfo, parse_ismrmrd_header
-from reconkit.data.volume import Volume, VolumeInfo
+from reconkit.data.volume import Volume, VolumeInfo, checked_dataset
 from reconkit.errors import DataError
 
 __all__ = ["image_groups", "is_ismrmrd_raw", "read_ismrmrd_raw"]
@@ -78,6 +78,8 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:  # read-only: the input's modification time stays, other readers may hold it
+            for key in ("dataset/xml", "dataset/data"):  # as a fastMRI file's: no external raw files, ...
+                checked_dataset(f, key, path)
             group = f["dataset"]
             header = parse_ismrmrd_header(group["xml"][0], source=path)
             if header.trajectory not in (None, "cartesian"):  # its readouts are no k-space columns

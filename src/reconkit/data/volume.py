@@ -150,8 +150,10 @@ def checked_dataset(hf: h5py.File, key: str, path: Path) -> h5py.Dataset | None:
     """Dataset ``key`` of the open file ``hf`` (found at ``path``), None when absent.
 
     Raises:
-        DataError: naming ``path``: ``key`` is a group, a link to a missing file or object, a virtual dataset with
-            a missing source, has a datatype numpy lacks, or needs an HDF5 filter plugin this installation lacks.
+        DataError: naming ``path``: ``key`` is a group, a link to a missing file or object, a dataset stored in
+            external raw files (``h5py``'s ``external=``: any file, ``/etc/passwd`` too, read as its data), a
+            virtual dataset with a missing source, has a datatype numpy lacks, or needs an HDF5 filter plugin this
+            installation lacks.
     """
     if key not in hf:
         return None
@@ -168,6 +170,10 @@ def checked_dataset(hf: h5py.File, key: str, path: Path) -> h5py.Dataset | None:
         node.dtype  # noqa: B018 - h5py builds it here, and fails for a type numpy lacks
     except TypeError as err:  # e.g. HDF5 2.0's float16 complex
         raise DataError(path, f"'{key}' has an HDF5 datatype numpy cannot hold ({_first_line(err)})") from None
+    if node.external:  # HDF5 reads the bytes of whatever files these name, relative to the working directory
+        files = ", ".join(sorted({os.fsdecode(name) for name, _, _ in node.external}))
+        raise DataError(path, f"'{key}' keeps its data in external raw file(s) {files}, outside the HDF5 file; "
+                              "reconkit reads only data stored in the file itself")
     source = _missing_virtual_source(node, path)
     if source is not None:  # HDF5 would read the fill value (zeros) in its place, without an error
         raise DataError(path, f"'{key}' is a virtual dataset whose source {source} cannot be found")
@@ -308,8 +314,8 @@ def read_volume_info(path: os.PathLike | str, challenge: str | None = None) -> V
             ``kspace`` whose last two axes are the header's encoded matrix the other way round (readout x
             phase-encode swapped),
             target or mask whose shape does not match ``kspace``, a dataset that is a link to a missing file or
-            object, a virtual dataset with a missing source, or one that needs an HDF5 filter plugin this
-            installation lacks).
+            object, one stored in external raw files, a virtual dataset with a missing source, or one that needs an
+            HDF5 filter plugin this installation lacks).
     """
     if challenge is not None:
         target_key(challenge)  # validates the name
