@@ -147,6 +147,34 @@ def test_onnx_of_a_bare_module_runs_with_the_cli_mask_defaults(tmp_path, capsys)
     assert load_reconstructor(str(upper), backend="onnx").backend == "onnx"
 
 
+def test_onnx_metadata_of_the_wrong_shape_is_one_line_naming_file_and_key(tmp_path, capsys):
+    """A model file from elsewhere whose ``reconkit.*`` metadata is JSON of another shape (sizes as a number or as
+    triples, an acceleration as an object or NaN) or arrays nested thousands deep ended reconstruct with a
+    TypeError / ValueError / RecursionError traceback; the error names the file and the key, and quotes at most
+    the first 80 characters of a value that may be megabytes long."""
+    import onnx
+
+    from reconkit.export import export_onnx
+    from reconkit.models import build_model
+
+    write_fastmri_file(tmp_path / "scan.h5", np.random.default_rng(8), slices=1, coils=3, height=32, width=24,
+                       recon=(16, 16))
+    proto = onnx.load(str(export_onnx(build_model("zero_filled"), tmp_path / "zf.onnx", (3, 32, 24))))
+    cases = {"reconkit.spatial_sizes": ("5", "[[32, 24, 1]]", "[" * 100_000 + "]" * 100_000),
+             "reconkit.acceleration": ('{"x": 4}', "[NaN]"), "reconkit.weight_aliases": ("[]",)}
+    for key, values in cases.items():
+        for value in values:
+            bad = onnx.ModelProto()
+            bad.CopyFrom(proto)
+            next(entry for entry in bad.metadata_props if entry.key == key).value = value
+            onnx.save(bad, str(tmp_path / "bad.onnx"))
+            code, _, err = _run(capsys, str(tmp_path / "scan.h5"), "--model", str(tmp_path / "bad.onnx"),
+                                "--output", str(tmp_path / "out"))  # fmt: skip
+            assert code == 2, (value[:20], err)
+            assert err.startswith(f"reconkit reconstruct: {tmp_path / 'bad.onnx'}: metadata {key!r} "), err
+            assert len(err.splitlines()) == 1 and len(err) < 400, err[:400]
+
+
 def test_onnx_file_without_reconkit_metadata_fails_on_other_sizes_file_by_file(tmp_path, capsys):
     """A contract graph without ``reconkit.spatial_sizes`` (an optimiser dropped the metadata, or another tool made
     it) and fixed to one size: a scan of another size is that file's one-line error naming the scan and ONNX

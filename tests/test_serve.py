@@ -918,6 +918,20 @@ def test_bearer_token_auth_401(repository):
         assert result.as_numpy("image").shape == (1, HEIGHT, WIDTH)
 
 
+def test_spatial_sizes_nested_thousands_deep_open_the_whole_file(tmp_path):
+    """``reconkit.spatial_sizes`` of arrays nested 100 000 deep (a model file from elsewhere) stopped the server's
+    start with a RecursionError traceback; like other sizes it cannot use, it opens the file as one session."""
+    import onnx
+
+    from reconkit.serve.model import OnnxModel
+
+    proto = onnx.load(str(export_onnx(ZeroFilled(), tmp_path / "zf.onnx", example_shape=(COILS, 12, 9))))
+    next(entry for entry in proto.metadata_props if entry.key == "reconkit.spatial_sizes").value = (
+        "[" * 100_000 + "]" * 100_000)
+    onnx.save(proto, str(tmp_path / "deep.onnx"))
+    assert OnnxModel(tmp_path / "deep.onnx").graphs == 1
+
+
 def test_onnxruntime_failure_is_500_and_server_carries_on(tmp_path):
     """A graph that fails at run time for some sizes (Reshape to [-1, 10, 7]): 500 naming it, next request works."""
     from onnx import TensorProto, helper, numpy_helper, save

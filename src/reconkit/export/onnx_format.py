@@ -126,17 +126,57 @@ def _loads_without_external_data(path: Path) -> bool:
     return True
 
 
+def _is_number(value: Any) -> bool:
+    """An int or float of magnitude below 1e300 (not JSON's ``NaN`` / ``Infinity``, which Python's decoder takes,
+    nor an integer too large for a float)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -1e300 < value < 1e300
+
+
+def _numbers(value: Any) -> bool:
+    """A number, a list of numbers or null: a mask setting as the export writes it (or ``metadata=`` gives it)."""
+    return value is None or _is_number(value) or isinstance(value, list) and all(map(_is_number, value))
+
+
+def _sizes(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(size, list) and len(size) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                                          for n in size) for size in value)
+
+
+_JSON_SHAPES = {
+    SIZES_KEY: (_sizes, 'a list of [height, width] pairs of positive integers (or "dynamic")'),
+    "reconkit.acceleration": (_numbers, "a number or a list of numbers"),
+    "reconkit.center_fraction": (_numbers, "a number or a list of numbers"),
+    "reconkit.model_kwargs": (lambda value: value is None or isinstance(value, dict), "a JSON object"),
+    "reconkit.weight_aliases": (lambda value: value is None or isinstance(value, dict), "a JSON object"),
+}
+"""What each JSON-valued key must decode to for the readers (reconstruct, serve, ``load_onnx_as_torch``)."""
+
+
+def _quoted(text: str, limit: int = 80) -> str:
+    """``text`` quoted for an error message, cut to its first ``limit`` characters (a metadata value may be huge)."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def decoded_metadata(proto, path: str | os.PathLike) -> dict[str, Any]:
     """:func:`load_onnx_metadata` of an already read ``proto`` (``path``, a file or a description such as
-    ``"ONNX model"``, names it in errors)."""
+    ``"ONNX model"``, names it in errors).
+
+    Raises:
+        ExportError: a JSON-valued key is not JSON (or nested too deeply to decode), or not of its
+            :data:`_JSON_SHAPES` shape.
+    """
     metadata: dict[str, Any] = {}
     for entry in proto.metadata_props:
         value: Any = entry.value
         if entry.key in JSON_KEYS and value != "dynamic":
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ExportError(f"{path}: metadata {entry.key!r} is not JSON: {value!r}") from exc
+            except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: arrays in arrays thousands deep
+                raise ExportError(f"{path}: metadata {entry.key!r} is not JSON: {_quoted(entry.value)}") from exc
+            check, shape = _JSON_SHAPES[entry.key]
+            if not check(value):
+                raise ExportError(f"{path}: metadata {entry.key!r} must be {shape}, got {_quoted(entry.value)}")
         metadata[entry.key] = value
     return metadata
 

@@ -58,7 +58,7 @@ def _spatial_sizes(value: str | None) -> list[tuple[int, int]] | None:
     try:
         sizes = json.loads(value) if value else None
         return [(int(h), int(w)) for h, w in sizes] if isinstance(sizes, list) else None
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # RecursionError: arrays in arrays thousands deep
         return None
 
 
