@@ -186,6 +186,9 @@ def test_discover_models_reads_config_pbtxt(tmp_path):
     ("max_batch_size: 8 dynamic_batching { max_queue_delay_microseconds: true }",
      "max_queue_delay_microseconds must be a non-negative integer, got True"),
     ("max_batch_size: 8 dynamic_batching { default_queue_policy: 3 }", "default_queue_policy must be a message"),
+    # a model folder from elsewhere: a RecursionError traceback that stopped the server's start
+    ("parameters " + "{ a " * 5000 + "}" * 5000, "messages or lists nested too deeply"),
+    ("dims: " + "[" * 5000 + "]" * 5000, "messages or lists nested too deeply"),
 ])
 def test_discover_models_bad_config_names_the_file(tmp_path, text, problem):
     model_dir = write_triton_repository(contract_graph(tmp_path / "m.onnx"), tmp_path / "repo", "m")

@@ -106,7 +106,10 @@ class _Parser:
 
 def parse_pbtxt(text: str) -> Message:
     """Parse protobuf text format into nested dicts of lists (see the module docstring)."""
-    return _Parser(text).message(closing=None)
+    try:
+        return _Parser(text).message(closing=None)
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise PbtxtError("messages or lists nested too deeply") from None
 
 
 def first(message: Message, field: str, default: Any = None) -> Any:
