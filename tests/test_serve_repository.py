@@ -125,6 +125,19 @@ def test_write_triton_repository_copies_external_data(tmp_path):
     onnx.checker.check_model(str(model_dir / "1" / "model.onnx"))
 
 
+def test_write_triton_repository_refuses_external_data_linked_out_of_the_folder(tmp_path):
+    """A model folder from elsewhere whose data file is a link to a file outside it (``/etc/passwd``): the copy in
+    the repository was a plain file, which ONNX Runtime then read as weights (it refuses the link itself)."""
+    (tmp_path / "model").mkdir()
+    onnx_path = contract_graph(tmp_path / "model" / "m.onnx", external_data=True)
+    secret = tmp_path / "secret.bin"
+    (tmp_path / "model" / "weights.bin").rename(secret)
+    (tmp_path / "model" / "weights.bin").symlink_to(secret)
+    with pytest.raises(ReconkitError, match="external data file 'weights.bin' is missing or outside the model's"):
+        write_triton_repository(onnx_path, tmp_path / "repo", "ext")
+    assert not (tmp_path / "repo" / "ext" / "1" / "weights.bin").exists()
+
+
 @pytest.mark.parametrize("name,version", [("../evil", 1), ("a/b", 1), ("", 1), ("ok", 0), ("ok", "1")])
 def test_write_triton_repository_rejects_bad_names_and_versions(tmp_path, name, version):
     onnx_path = contract_graph(tmp_path / "m.onnx")

@@ -109,7 +109,10 @@ def write_triton_repository(onnx_path: os.PathLike | str, repository: os.PathLik
         version_dir.mkdir(parents=True, exist_ok=True)
         for location in sorted(external):
             data_path = source.parent / location
-            if Path(location).is_absolute() or ".." in Path(location).parts or not data_path.is_file():
+            # a link counts where it leads: copied, /etc/passwd behind one became a plain file, and ONNX Runtime
+            # (which refuses links out of the model's folder) read it as the model's weights
+            inside = data_path.resolve().is_relative_to(source.parent.resolve())
+            if Path(location).is_absolute() or ".." in Path(location).parts or not inside or not data_path.is_file():
                 raise ReconkitError(f"{source}: external data file {location!r} is missing or outside the model's "
                                     "folder")
             (version_dir / location).parent.mkdir(parents=True, exist_ok=True)
