@@ -126,6 +126,13 @@ def _bad_checkpoints(tmp_path):
                                                                "model_kwargs": {**KWARGS, "num_cascades": 0}}}), \
         "unexpected weights cascades.0"
     yield _write(tmp_path, "nan.ckpt", {**good, "state_dict": nan_state}), "NaN or Inf"
+    # a mask entry reconstruct's and export's mask defaults cannot read: AttributeError / ValueError tracebacks
+    yield _write(tmp_path, "masklist.ckpt", {**good, "reconkit": {**good["reconkit"], "mask": [4]}}), \
+        "'reconkit' entry's 'mask' must be a dict, got list"
+    for name, value in (("accstr", "x"), ("accnan", [4, float("nan")])):
+        entry = {**good["reconkit"], "mask": {"accelerations": value}}
+        yield _write(tmp_path, f"{name}.ckpt", {**good, "reconkit": entry}), \
+            "'reconkit' entry's mask accelerations must be a number or a list of numbers"
     yield _write(tmp_path, "object.ckpt", {**good, "extra": _NotWeights()}), "refusing to unpickle other objects (Unsupported global"
     plain_pickle = tmp_path / "pickle.ckpt"
     plain_pickle.write_bytes(pickle.dumps({"reconkit": good["reconkit"]}))
@@ -135,7 +142,7 @@ def _bad_checkpoints(tmp_path):
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # from the plain-pickle case
 def test_bad_checkpoints_raise_checkpoint_error_naming_file_and_problem(tmp_path):
     cases = list(_bad_checkpoints(tmp_path))
-    assert len(cases) == 19
+    assert len(cases) == 22
     for path, problem in cases:
         with pytest.raises(CheckpointError) as excinfo:
             load_model(path)

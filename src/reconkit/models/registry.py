@@ -158,6 +158,15 @@ def _check_entry(path: Path, checkpoint: dict) -> dict:
         raise CheckpointError(path, "'reconkit' entry lacks a string 'model_type'")
     if not isinstance(entry.get("model_kwargs"), dict):
         raise CheckpointError(path, "'reconkit' entry lacks a dict 'model_kwargs'")
+    mask = entry.get("mask")
+    if mask is not None and not isinstance(mask, dict):
+        raise CheckpointError(path, f"'reconkit' entry's 'mask' must be a dict, got {type(mask).__name__}")
+    for key in ("accelerations", "center_fractions"):  # reconstruct's and export's mask defaults
+        value = (mask or {}).get(key)
+        values = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and -1e300 < v < 1e300 for v in values):
+            raise CheckpointError(path, f"'reconkit' entry's mask {key} must be a number or a list of numbers, got "
+                                        f"{str(value)[:80]}")
     return entry
 
 
@@ -187,8 +196,9 @@ def load_model(path: os.PathLike | str) -> tuple[nn.Module, dict]:
     ``"epoch"`` / ``"global_step"`` when the checkpoint records them.
 
     Raises:
-        CheckpointError: missing / corrupt file, missing entries, unknown model type, bad hyper-parameters,
-            weights that do not fit the model (names or shapes), non-finite weights. The message names the file.
+        CheckpointError: missing / corrupt file, missing entries, unknown model type, bad hyper-parameters, a
+            ``mask`` that is not a dict or whose accelerations / centre fractions are not numbers, weights that do
+            not fit the model (names or shapes), non-finite weights. The message names the file.
     """
     path = Path(path)
     checkpoint = _read_checkpoint(path)
