@@ -1,5 +1,6 @@
 """reconkit.models.build_model / load_model: the checkpoint contract and clear errors for bad files."""
 
+import os
 import pickle
 
 import h5py
@@ -88,6 +89,13 @@ class _NotWeights:
     pass
 
 
+class _RunsCode:
+    """Unpickled, it would call ``os.getcwd``: what a crafted checkpoint does with ``os.system``."""
+
+    def __reduce__(self):
+        return os.getcwd, ()
+
+
 def _bad_checkpoints(tmp_path):
     torch.manual_seed(2)
     good = _lightning_style(build_model("varnet", **KWARGS))
@@ -134,6 +142,7 @@ def _bad_checkpoints(tmp_path):
         yield _write(tmp_path, f"{name}.ckpt", {**good, "reconkit": entry}), \
             "'reconkit' entry's mask accelerations must be a number or a list of numbers"
     yield _write(tmp_path, "object.ckpt", {**good, "extra": _NotWeights()}), "refusing to unpickle other objects (Unsupported global"
+    yield _write(tmp_path, "code.ckpt", {**good, "extra": _RunsCode()}), f"GLOBAL {os.name}.getcwd"  # what it calls
     plain_pickle = tmp_path / "pickle.ckpt"
     plain_pickle.write_bytes(pickle.dumps({"reconkit": good["reconkit"]}))
     yield str(plain_pickle), "refusing to unpickle"
@@ -142,7 +151,7 @@ def _bad_checkpoints(tmp_path):
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # from the plain-pickle case
 def test_bad_checkpoints_raise_checkpoint_error_naming_file_and_problem(tmp_path):
     cases = list(_bad_checkpoints(tmp_path))
-    assert len(cases) == 22
+    assert len(cases) == 23
     for path, problem in cases:
         with pytest.raises(CheckpointError) as excinfo:
             load_model(path)

@@ -136,8 +136,13 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message: "Weights only load failed. ... WeightsUnpickler error: <reason> ..."
-        reason = " ".join(str(exc).partition("WeightsUnpickler error:")[2].split())[:160]
+        # torch's message: "Weights only load failed. ... WeightsUnpickler error: <reason> ...", or for a module
+        # it blocks outright (os, subprocess, builtins: what a crafted file calls) its own paragraph, "Trying to
+        # load unsupported GLOBAL posix.system whose module posix is blocked."
+        text = str(exc)
+        reason = text.partition("WeightsUnpickler error:")[2] or next(
+            (part for part in text.split("\n\n") if "GLOBAL" in part), "")
+        reason = " ".join(reason.split())[:160]
         detail = f" ({reason})" if reason else ""
         raise CheckpointError(path, "cannot be read as weights and plain data only; refusing to unpickle other "
                                     f"objects{detail}") from exc
