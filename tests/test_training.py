@@ -194,6 +194,22 @@ def test_cli_truncated_checkpoint_is_a_one_line_error_naming_it(ckpt_path, tmp_p
     assert "Traceback" not in err
 
 
+def test_cli_checkpoint_that_pickles_code_is_a_one_line_refusal(tmp_path, tiny_varnet_config, capsys):
+    """A ``--ckpt_path`` file that calls a function when unpickled (a crafted checkpoint from elsewhere): Lightning
+    refuses it weights-only, with torch's UnpicklingError traceback; one line naming it and what it calls."""
+    checkpoint = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "extra": _RunsCode()}, checkpoint)
+    code = main(["test", "--config", str(tiny_varnet_config), "--ckpt_path", str(checkpoint)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"reconkit train: {checkpoint}: cannot be read as weights and plain data only" in err, err
+    assert f"GLOBAL {os.name}.getcwd" in err and "Traceback" not in err
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return os.getcwd, ()
+
+
 def test_cli_ckpt_path_best_is_a_one_line_error_naming_the_checkpoints(tmp_path, tiny_varnet_config, capsys):
     """Was Lightning's traceback saying ModelCheckpoint is 'not configured to save the best model' (it is, but only
     the process that ran the fit knows which file is best)."""

@@ -131,21 +131,27 @@ def check_checkpoint_file(path: os.PathLike | str) -> None:
                                 "end (its central directory is missing)")
 
 
+def weights_only_refusal(path: os.PathLike | str, exc: pickle.UnpicklingError) -> CheckpointError:
+    """The :class:`CheckpointError` for a file that ``torch.load(..., weights_only=True)`` refused with ``exc``
+    (it pickles objects other than tensors and plain data), quoting torch's reason."""
+    # torch's message: "Weights only load failed. ... WeightsUnpickler error: <reason> ...", or for a module it
+    # blocks outright (os, subprocess, builtins: what a crafted file calls) its own paragraph, "Trying to load
+    # unsupported GLOBAL posix.system whose module posix is blocked."
+    text = str(exc)
+    reason = text.partition("WeightsUnpickler error:")[2] or next(
+        (part for part in text.split("\n\n") if "GLOBAL" in part), "")
+    reason = " ".join(reason.split())[:160]
+    detail = f" ({reason})" if reason else ""
+    return CheckpointError(path, f"cannot be read as weights and plain data only; refusing to unpickle other objects"
+                                 f"{detail}")
+
+
 def _read_checkpoint(path: Path) -> dict:
     check_checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message: "Weights only load failed. ... WeightsUnpickler error: <reason> ...", or for a module
-        # it blocks outright (os, subprocess, builtins: what a crafted file calls) its own paragraph, "Trying to
-        # load unsupported GLOBAL posix.system whose module posix is blocked."
-        text = str(exc)
-        reason = text.partition("WeightsUnpickler error:")[2] or next(
-            (part for part in text.split("\n\n") if "GLOBAL" in part), "")
-        reason = " ".join(reason.split())[:160]
-        detail = f" ({reason})" if reason else ""
-        raise CheckpointError(path, "cannot be read as weights and plain data only; refusing to unpickle other "
-                                    f"objects{detail}") from exc
+        raise weights_only_refusal(path, exc) from exc
     except Exception as exc:  # torch.load fails in many ways on damaged files (EOFError, IndexError, ...)
         detail = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise CheckpointError(path, f"not a readable PyTorch checkpoint (corrupt or truncated?): {detail}") from exc

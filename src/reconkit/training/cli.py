@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import pickle
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from reconkit.errors import ConfigError, ReconkitError, ReconkitWarning
 from reconkit.models import check_checkpoint_file
+from reconkit.models.registry import weights_only_refusal
 from reconkit.training.base import ReconModule
 from reconkit.training.datamodule import FastMriDataModule
 from reconkit.training.diagnostics import TrainingDiagnostics
@@ -91,7 +93,10 @@ class ReconLightningCLI(LightningCLI):
         ckpt_path = section.get("ckpt_path") if section is not None else None
         if ckpt_path and Path(ckpt_path).is_file():
             check_checkpoint_file(ckpt_path)  # a cut-short file: one line naming it, not torch's OSError traceback
-        super()._parse_ckpt_path()
+        try:
+            super()._parse_ckpt_path()  # reads the file weights-only
+        except pickle.UnpicklingError as exc:  # a crafted file, or one pickling other objects: one line, no traceback
+            raise weights_only_refusal(ckpt_path, exc) from None
         section = self.config.get(subcommand) if subcommand else None
         after = section.get("model") if section is not None else None
         if before is None or after is None or before == after:
