@@ -322,3 +322,19 @@ def test_espirit_poly_constants_first_built_in_inference_mode_still_support_auto
     kspace = kspace.clone().requires_grad_(True)
     estimate_sens_maps_espirit_poly(kspace, mask).square().sum().backward()
     assert kspace.grad is not None and torch.isfinite(kspace.grad).all()
+
+
+def test_espirit_poly_gradient_is_finite_for_an_item_that_falls_back_to_acs_maps():
+    """An ACS run narrower than the kernel leaves no calibration patch: the discarded ESPIRiT branch of that item
+    then took square roots of exact zeros, and their backward (0 · ∞) made the k-space gradient NaN (found by
+    gradchecking VarNet(final_dc_maps="espirit") with respect to its input)."""
+    kspace, _, _, _, _ = simulate(coils=3, height=32, width=24, batch=2)
+    mask = torch.cat([equispaced_mask(24, 4, 4), equispaced_mask(24, 4, 10)])  # item 0: 4 ACS lines < kernel 6
+    kspace = (kspace * mask).clone().requires_grad_(True)
+    weights = torch.randn(2, 3, 32, 24, 2, generator=torch.Generator().manual_seed(0))
+    (estimate_sens_maps_espirit_poly(kspace, mask) * weights).sum().backward()
+    assert torch.isfinite(kspace.grad).all()
+    fallback = kspace.detach()[:1].clone().requires_grad_(True)
+    (estimate_sens_maps_acs(fallback, mask[:1]) * weights[:1]).sum().backward()
+    scale = fallback.grad.abs().max().item()  # the gradients of scale-invariant maps cancel: float32 round-off
+    torch.testing.assert_close(kspace.grad[:1], fallback.grad, rtol=1e-3, atol=1e-3 * scale)

@@ -57,6 +57,17 @@ def _times_own_adjoint(m_re: torch.Tensor, m_im: torch.Tensor) -> tuple[torch.Te
     return m_re @ m_re.transpose(1, 2) + m_im @ m_im.transpose(1, 2), cross - cross.transpose(1, 2)
 
 
+def _norm(squares: torch.Tensor) -> torch.Tensor:
+    """``sqrt(squares)`` of float32 sums of squares, ``tiny`` where they are 0 (a divisor); any shape.
+
+    Where ``squares`` is 0 (an item whose ACS run is too narrow for a calibration patch: its ESPIRiT branch is all
+    zeros and then discarded) the square root's backward is 0 · ∞ = NaN, which would reach the k-space gradient
+    through that discarded branch; the root is therefore taken of 1 there. (A positive float32 has a square root
+    above ``tiny``, so the values are ``sqrt(squares).clamp_min(tiny)``'s.)"""
+    positive = squares > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, squares, 1.0)), torch.finfo(squares.dtype).tiny)
+
+
 @functools.lru_cache(maxsize=32)
 def _pair_phases(grid: int, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``e^{2πi (p − p') (x − grid // 2) / grid}`` as ``(k², grid)`` (real, imag): rows the kernel index pairs
@@ -138,8 +149,7 @@ def _espirit_poly(
 
     # 2. soft projection onto the signal subspace: P = I − (I − αG)^(2^n)
     squarings = max(1, round(math.log2(math.log(2) / threshold**2)))
-    tiny = torch.finfo(dtype).tiny
-    scale = torch.sqrt((gram[0] * gram[0] + gram[1] * gram[1]).sum(dim=(1, 2), keepdim=True)).clamp_min(tiny)
+    scale = _norm((gram[0] * gram[0] + gram[1] * gram[1]).sum(dim=(1, 2), keepdim=True))
     # iterated on P itself, P ← 2P − P² (= I − (I − P)²), never on Q = I − P: for the weak (noise) eigenvalues Q is
     # within float32 round-off of I, and I − Q^(2^n) would cancel away the small weights P gives them
     p_re, p_im = gram[0] / scale, gram[1] / scale
@@ -170,13 +180,13 @@ def _espirit_poly(
     for iteration in range(power_iters):
         vector = g_real @ vector
         if iteration % 5 == 4 or iteration == power_iters - 1:  # G's eigenvalues are ≤ k²: no overflow in between
-            vector = vector / torch.sqrt((vector * vector).sum(dim=-2, keepdim=True)).clamp_min(tiny)
+            vector = vector / _norm((vector * vector).sum(dim=-2, keepdim=True))
     v_re, v_im = vector[..., :coils, 0], vector[..., coils:, 0]
     ref_re, ref_im = reference[..., :coils, 0], reference[..., coils:, 0]
     # overlap o = Σ conj(ref) v; multiply v by conj(o) / |o|
     o_re = (ref_re * v_re + ref_im * v_im).sum(-1, keepdim=True)
     o_im = (ref_re * v_im - ref_im * v_re).sum(-1, keepdim=True)
-    o_abs = torch.sqrt(o_re * o_re + o_im * o_im).clamp_min(tiny)
+    o_abs = _norm(o_re * o_re + o_im * o_im)
     maps_re, maps_im = (v_re * o_re + v_im * o_im) / o_abs, (v_im * o_re - v_re * o_im) / o_abs
 
     # 4. interpolate to the full image size, unit RSS
