@@ -37,8 +37,10 @@ class InstanceNormLeakyReLU(torch.autograd.Function):
 
     Works in any memory format (channels-last included) without copies. For a batch of one, instance norm is a
     batch norm over the channels and runs as PyTorch's fused batch-norm kernels; larger batches use reductions.
-    Forward-mode AD (``torch.func.jvp``, used by :mod:`reconkit.training.regime`) runs through :meth:`jvp`.
-    Returns ``(out, invstd)``; ``invstd`` ``(N, C, 1, 1)`` is not differentiable.
+    Forward-mode AD (``torch.func.jvp``, used by :mod:`reconkit.training.regime`) runs through :meth:`jvp`; the
+    backward is differentiable itself (double backward: ``create_graph=True``, Hessian-vector products).
+    Returns ``(out, invstd)``; ``invstd`` ``(N, C, 1, 1)`` is differentiable too, so that the double backward
+    follows it (the backward reads it).
     """
 
     @staticmethod
@@ -66,41 +68,57 @@ class InstanceNormLeakyReLU(torch.autograd.Function):
     def setup_context(ctx, inputs: tuple, output: tuple) -> None:
         _, eps, negative_slope = inputs
         out, invstd = output
-        ctx.mark_non_differentiable(invstd)
+        ctx.set_materialize_grads(False)  # invstd's gradient is None unless a double backward asks for it
         ctx.save_for_backward(out, invstd)
         ctx.save_for_forward(out, invstd)
         ctx.negative_slope = negative_slope
         ctx.eps = eps
 
     @staticmethod
-    def jvp(ctx, tangent: torch.Tensor, _eps: None, _negative_slope: None) -> tuple[torch.Tensor, None]:
+    def jvp(ctx, tangent: torch.Tensor, _eps: None, _negative_slope: None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tangent of the output: ``invstd · (t − mean(t) − n · mean(n · t))`` through the norm (``n`` the
-        normalised input), times the LeakyReLU slope where ``n < 0``."""
+        normalised input), times the LeakyReLU slope where ``n < 0``; of ``invstd``: ``−invstd² · mean(n · t)``."""
         out, invstd = ctx.saved_tensors
         slope = ctx.negative_slope
         normed = F.leaky_relu(out, 1.0 / slope)
         centred = tangent - tangent.mean(dim=(2, 3), keepdim=True)
-        tangent_normed = (centred - normed * (normed * tangent).mean(dim=(2, 3), keepdim=True)) * invstd.to(out.dtype)
-        return torch.where(out > 0, tangent_normed, tangent_normed * slope), None
+        mean_normed_tangent = (normed * tangent).mean(dim=(2, 3), keepdim=True)
+        tangent_normed = (centred - normed * mean_normed_tangent) * invstd.to(out.dtype)
+        tangent_invstd = -invstd.square() * mean_normed_tangent.to(invstd.dtype)
+        return torch.where(out > 0, tangent_normed, tangent_normed * slope), tangent_invstd
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor, _grad_invstd: None):
+    def backward(ctx, grad_out: torch.Tensor | None, grad_invstd: torch.Tensor | None):
+        """Plain differentiable ops, in place unless ``create_graph=True`` records them for a double backward."""
         out, invstd = ctx.saved_tensors
         slope = ctx.negative_slope
-        grad_normed = torch.ops.aten.leaky_relu_backward(grad_out, out, slope, True)
         normed = F.leaky_relu(out, 1.0 / slope)  # LeakyReLU is invertible: the normalised input
-        # d/dx of (x - mean) * invstd:  invstd * (g - mean(g) - normed * mean(g * normed))
-        if out.shape[0] == 1:  # batch-norm backward of `normed` with mean 0, invstd 1 gives the bracket
-            unit = torch.ones(out.shape[1], dtype=invstd.dtype, device=out.device)
-            grad_in = torch.ops.aten.native_batch_norm_backward(
-                grad_normed, normed, None, None, None, torch.zeros_like(unit), unit, True, ctx.eps, [True, False, False]
-            )[0]
-        else:
-            mean_grad = grad_normed.mean(dim=(2, 3), keepdim=True)
-            mean_grad_normed = (grad_normed * normed).mean(dim=(2, 3), keepdim=True)
-            grad_in = grad_normed.sub_(mean_grad).addcmul_(normed, mean_grad_normed, value=-1)
-        return grad_in.mul_(invstd.to(grad_in.dtype)), None, None
+        in_place = not torch.is_grad_enabled()
+        grad_in = None
+        if grad_out is not None:
+            grad_normed = torch.ops.aten.leaky_relu_backward(grad_out, out, slope, True)
+            # d/dx of (x - mean) * invstd:  invstd * (g - mean(g) - normed * mean(g * normed))
+            # batch-norm backward of `normed` with mean 0, invstd 1 gives the bracket (not under create_graph: its own
+            # derivative takes that invstd for the statistics of `normed`, whose variance is var / (var + eps))
+            if out.shape[0] == 1 and in_place:
+                unit = torch.ones(out.shape[1], dtype=invstd.dtype, device=out.device)
+                grad_in = torch.ops.aten.native_batch_norm_backward(
+                    grad_normed, normed, None, None, None, torch.zeros_like(unit), unit, True, ctx.eps,
+                    [True, False, False],
+                )[0]
+            else:
+                mean_grad = grad_normed.mean(dim=(2, 3), keepdim=True)
+                mean_grad_normed = (grad_normed * normed).mean(dim=(2, 3), keepdim=True)
+                if in_place:
+                    grad_in = grad_normed.sub_(mean_grad).addcmul_(normed, mean_grad_normed, value=-1)
+                else:
+                    grad_in = (grad_normed - mean_grad).addcmul(normed, mean_grad_normed, value=-1)
+            scale = invstd.to(grad_in.dtype)
+            grad_in = grad_in.mul_(scale) if in_place else grad_in * scale
+        if grad_invstd is not None:  # d invstd / dx = −invstd² · normed / (H·W)
+            term = normed * (grad_invstd * invstd.square() / (out.shape[2] * out.shape[3])).to(normed.dtype)
+            grad_in = -term if grad_in is None else grad_in - term
+        return grad_in, None, None
 
 
 def tracing() -> bool:
