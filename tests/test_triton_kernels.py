@@ -209,6 +209,28 @@ else:
         for ours, expected in zip(cascade("triton"), cascade("torch")):
             torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
+    def test_double_backward_equals_torch_path() -> None:
+        """Hessian-vector products (``create_graph=True``) through all three ops: the kernels' backward was
+        once-differentiable, so ``torch.autograd.functional.hvp`` returned zeros and a second ``autograd.grad``
+        raised (gradient audit)."""
+        f64 = torch.float64
+        image, sens_maps = randn(2, 1, 6, 4, 2, seed=70, dtype=f64), randn(1, 3, 6, 4, 2, seed=71, dtype=f64)
+        ref, mask = randn(2, 3, 6, 4, 2, seed=72, dtype=f64), line_mask(2, 4, 73)
+        weight = torch.tensor([0.3], dtype=f64, device=KERNEL_DEVICE)
+        vectors = [randn(*t.shape, seed=74 + i, dtype=f64) for i, t in enumerate((image, sens_maps, ref, weight))]
+
+        def products(backend: str) -> tuple[torch.Tensor, ...]:
+            def loss(x, s, k0, w):
+                kspace = data_consistency(sens_expand(x, s, backend=backend), k0, mask, w, backend=backend)
+                return sens_reduce(kspace.square(), s, backend=backend).square().sum()
+
+            return torch.autograd.functional.hvp(loss, (image, sens_maps, ref, weight), tuple(vectors))[1]
+
+        expected = products("torch")
+        assert all(p.abs().max() > 0 for p in expected)
+        torch.testing.assert_close(products("triton"), expected)
+
+
     # ------------------------------------------------------------------------------------------------ dispatch
 
     def test_varnet_with_triton_backend_equals_torch_backend(monkeypatch) -> None:

@@ -20,7 +20,8 @@ output of cuFFT is rolled with ``torch.fft.fftshift``.
 
 Backward passes use that the centred orthonormal FFT is unitary: the gradient of ``sens_expand`` with respect to
 the image is ``sens_reduce`` of the output gradient, and vice versa. Forward-mode AD (``torch.func.jvp``,
-``torch.autograd.forward_ad``) is supported; double backward and ``torch.func.vmap`` are not.
+``torch.autograd.forward_ad``) is supported, and so is double backward (``create_graph=True``, Hessian-vector
+products), whose backward runs the torch path's ops so that autograd can differentiate it; ``torch.func.vmap`` is not.
 
 Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 this module is imported), which is how the tests check them on machines without a GPU.
@@ -31,7 +32,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from reconkit.ops.fft import empty_transform
 
@@ -277,6 +277,18 @@ def _mask_for_kernel(mask: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ autograd functions
 
 
+def _recorded_vjp(
+    torch_op, inputs: tuple[torch.Tensor, ...], needs: tuple[bool, ...], grad: torch.Tensor
+) -> tuple[torch.Tensor | None, ...]:
+    """The backward under ``create_graph=True`` (double backward, Hessian-vector products): the vector-Jacobian
+    product of the op's torch path ``torch_op(*inputs)``, recorded so that autograd can differentiate it again (the
+    kernels' backward is not recorded: Hessian-vector products came back as zeros)."""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(torch_op(*inputs), wanted, grad, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs)
+
+
 class _SensExpand(torch.autograd.Function):
     @staticmethod
     def forward(image: torch.Tensor, sens_maps: torch.Tensor) -> torch.Tensor:
@@ -288,9 +300,13 @@ class _SensExpand(torch.autograd.Function):
         ctx.save_for_forward(*inputs)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         image, sens_maps = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            from reconkit.ops.coils import sens_expand as torch_expand
+
+            return _recorded_vjp(lambda x, s: torch_expand(x, s, backend="torch"), (image, sens_maps),
+                                 ctx.needs_input_grad, grad)
         need_image, need_sens = ctx.needs_input_grad
         raw = _raw_coil_images(grad.contiguous())
         grad_image, grad_sens = _reduce(raw, sens_maps, image if need_sens else None, write_image=need_image)
@@ -326,13 +342,17 @@ class _SensReduce(torch.autograd.Function):
         kspace, sens_maps = inputs
         raw = output[1]
         ctx.mark_non_differentiable(raw)
-        ctx.save_for_backward(sens_maps, raw if ctx.needs_input_grad[1] else None)
+        ctx.save_for_backward(kspace, sens_maps, raw if ctx.needs_input_grad[1] else None)
         ctx.save_for_forward(kspace, sens_maps)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor, _grad_raw: torch.Tensor | None):
-        sens_maps, raw = ctx.saved_tensors
+        kspace, sens_maps, raw = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            from reconkit.ops.coils import sens_reduce as torch_reduce
+
+            return _recorded_vjp(lambda k, s: torch_reduce(k, s, backend="torch"), (kspace, sens_maps),
+                                 ctx.needs_input_grad, grad)
         grad = grad.contiguous()
         grad_kspace = torch.view_as_real(_expand(sens_maps, grad)) if ctx.needs_input_grad[0] else None
         grad_sens = _reduce(raw, sens_maps, grad, write_image=False)[1] if ctx.needs_input_grad[1] else None
@@ -373,9 +393,13 @@ class _DataConsistency(torch.autograd.Function):
         ctx.save_for_forward(*inputs)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         kspace, ref_kspace, mask, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            from reconkit.ops.coils import data_consistency as torch_dc
+
+            return _recorded_vjp(lambda k, k0, m, w: torch_dc(k, k0, m, w, backend="torch"),
+                                 (kspace, ref_kspace, mask, weight), ctx.needs_input_grad, grad)
         need_k, need_k0, need_mask, need_weight = ctx.needs_input_grad
         grad = grad.contiguous()
         strides = _mask_strides(mask, kspace.shape)
