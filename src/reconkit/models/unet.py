@@ -43,6 +43,8 @@ class InstanceNormLeakyReLU(torch.autograd.Function):
     follows it (the backward reads it).
     """
 
+    generate_vmap_rule = True  # torch.func.vmap / jacfwd / hessian: forward, backward and jvp are plain ops
+
     @staticmethod
     def forward(x: torch.Tensor, eps: float, negative_slope: float) -> tuple[torch.Tensor, torch.Tensor]:
         channels = x.shape[1]
@@ -124,6 +126,16 @@ class InstanceNormLeakyReLU(torch.autograd.Function):
 def tracing() -> bool:
     """Whether the model is being traced or compiled (ONNX export, ``torch.compile``) rather than run eagerly."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def _vmapped(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is batched by ``torch.func.vmap`` (also ``jacfwd``, ``hessian``) in any of its functorch
+    wrappers: a batched tensor has no channels-last copy (``empty_like`` raises), so the U-Net keeps NCHW there."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        if torch._C._functorch.is_batchedtensor(tensor):
+            return True
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return False
 
 
 def instance_norm_leaky_relu(x: torch.Tensor, eps: float = 1e-5, negative_slope: float = 0.2) -> torch.Tensor:
@@ -275,7 +287,7 @@ class Unet(nn.Module):
             raise ReconkitError(f"image: {height} × {width} is smaller than the U-Net's {smallest} × {smallest} "
                                 f"minimum ({self.num_pool_layers} pooling levels)")  # fmt: skip
         stack = []
-        channels_last = image.device.type == "cpu" and not tracing()
+        channels_last = image.device.type == "cpu" and not tracing() and not _vmapped(image)
         output = image
         if channels_last:  # a copy with channels-last strides (a permuted view may only look channels-last when
             # its batch stride is ambiguous, and convolutions then fall back to NCHW)
