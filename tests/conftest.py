@@ -6,11 +6,13 @@ Every test starts from the same random state, so a test's random inputs do not d
 ``sim_root``: the tiny simulated dataset the training tests fit on, made once per test module.
 ``tiny_varnet_config``: a ``reconkit train`` YAML config of a tiny VarNet on ``sim_root`` (one epoch, CPU).
 ``unreadable``: ``unreadable(path)`` makes opening ``path`` fail as a file without read permission does.
+``narrow_terminal``: Rich sees a 40-column terminal; gives the text of a printed table's first column.
 """
 
 import builtins
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +114,20 @@ def unlistable(monkeypatch):
 
     monkeypatch.setattr(Path, "iterdir", iterdir)
     return locked.add
+
+
+@pytest.fixture
+def narrow_terminal(monkeypatch):
+    """Rich sees a 40-column terminal; yields ``first_column(out)``: the text of the first column of the tables
+    printed in ``out`` (styles removed), its wrapped lines joined."""
+    from rich.console import Console
+
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
+    monkeypatch.setenv("COLUMNS", "40")
+    monkeypatch.delenv("TERM", raising=False)  # a "dumb" terminal is 80 columns to Rich
+
+    def first_column(out: str) -> str:
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", out).splitlines()
+        return "".join(line.split("\u2502")[1].strip() for line in lines if line.startswith("\u2502"))
+
+    return first_column

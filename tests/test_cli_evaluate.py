@@ -246,6 +246,14 @@ def test_file_names_with_brackets_are_printed_as_they_are(tmp_path, capsys):
     assert out.count("scan[t2].h5") == 2 and out.count("[bold]knee.h5") == 2
 
 
+def test_a_narrow_terminal_wraps_volume_names(capsys, narrow_terminal):
+    """A 40-column terminal cut each name to ``file…`` in the first table."""
+    names = ["file_brain_AXFLAIR_200_6002462.h5", "file_brain_AXFLAIR_200_6002471.h5"]
+    cli_evaluate.print_table([cli_evaluate.VolumeScore(name, 2, 0.01, 30.0, 0.9, (0.1, 0.2)) for name in names])
+    volumes = narrow_terminal(capsys.readouterr().out)
+    assert "\u2026" not in volumes and all(volumes.count(name) == 2 for name in names)
+
+
 def test_band_nmse_columns(tmp_path, capsys):
     """--bands N: per-volume NMSE per k-space band after fastmri's crop; one band is the NMSE column itself, and a
     blurred prediction errs in the high bands far more than in the low ones."""

@@ -509,6 +509,33 @@ def test_summary_prints_file_names_and_errors_as_they_are(tmp_path, capsys):
     assert code == 1 and "s[t2].h5" in out and "[b]x.h5" in out
 
 
+def _long_named_scans(tmp_path: Path) -> list[str]:
+    """Two scans and a bad file named as fastMRI's brain files; the arguments that reconstruct them."""
+    for name in ("file_brain_AXFLAIR_200_6002462.h5", "file_brain_AXFLAIR_200_6002471.h5"):
+        write_fastmri_file(tmp_path / name, np.random.default_rng(8))
+    (tmp_path / "file_brain_AXT2_209_2090296.h5").write_bytes(b"not hdf5")
+    return [*map(str, sorted(tmp_path.glob("file_*.h5"))), "--model", "zero-filled", "--output", str(tmp_path / "o"),
+            "--format", "h5"]
+
+
+def test_summary_in_a_log_file_keeps_long_file_names_whole(tmp_path, capsys):
+    """Rich's 80 columns cut fastMRI's brain file names in a log file or a pipe (``file_brain_AXFLAIR_200_600…``
+    for both of two files) and the path in an error message."""
+    code, out, _ = _run(capsys, *_long_named_scans(tmp_path))
+    assert code == 1 and "\u2026" not in out
+    assert "file_brain_AXFLAIR_200_6002462.h5" in out and "file_brain_AXFLAIR_200_6002471.h5" in out
+    assert f"{tmp_path / 'file_brain_AXT2_209_2090296.h5'}: not an HDF5 file" in out
+
+
+def test_summary_in_a_narrow_terminal_wraps_file_names(tmp_path, capsys, narrow_terminal):
+    """A 40-column terminal cut each name to ``file_b…``."""
+    code, out, _ = _run(capsys, *_long_named_scans(tmp_path))
+    names = narrow_terminal(out)
+    assert code == 1 and "\u2026" not in names
+    for name in ("AXFLAIR_200_6002462", "AXFLAIR_200_6002471", "AXT2_209_2090296"):
+        assert f"file_brain_{name}.h5" in names
+
+
 def test_names_that_differ_only_in_case_are_a_clash(tmp_path):
     """``a/Scan.h5`` and ``b/scan.h5`` (or one name in NFC and NFD Unicode) write one output file on macOS's and
     Windows' case- and normalisation-insensitive file systems: the second one's outputs silently replaced the

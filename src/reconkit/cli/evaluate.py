@@ -194,16 +194,16 @@ def write_csv(path: Path, scores: Sequence[VolumeScore]) -> None:
 
 def print_table(scores: Sequence[VolumeScore]) -> None:
     """Rich table of per-volume scores and the mean."""
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    console = Console()
-    if not console.is_terminal:  # a pipe or a log file: Rich's 80 columns would cut volume names and numbers
-        console = Console(width=200)
+    from reconkit.cli.tables import table_console
+
+    console = table_console()
     table = Table(title="fastMRI metrics per volume")
     for column in ("volume", "slices", "NMSE", "PSNR (dB)", "SSIM"):
-        table.add_column(column, justify="left" if column == "volume" else "right")
+        table.add_column(column, justify="left" if column == "volume" else "right",
+                         overflow="fold" if column == "volume" else "ellipsis")  # fmt: skip
     mean = mean_score(scores)
     rows = list(scores) + ([mean] if mean else [])
     for s in rows:
@@ -215,7 +215,8 @@ def print_table(scores: Sequence[VolumeScore]) -> None:
     if bands:
         table = Table(title=f"NMSE per k-space band: b0 = DC … b{bands - 1} = edge of the spectrum")
         for column in ("volume", *(f"b{b}" for b in range(bands))):
-            table.add_column(column, justify="left" if column == "volume" else "right")
+            table.add_column(column, justify="left" if column == "volume" else "right",
+                             overflow="fold" if column == "volume" else "ellipsis")  # fmt: skip
         for s in rows:
             table.add_row(Text(s.name), *(f"{v:#.3g}" for v in s.band_nmse), end_section=s is scores[-1])
         console.print(table)

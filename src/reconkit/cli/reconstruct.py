@@ -280,19 +280,21 @@ def _mask_options(args: argparse.Namespace, reconstructor: Reconstructor) -> dic
 
 
 def _print_summary(reports: Sequence[FileReport], model_name: str, backend: str) -> None:
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
+    from reconkit.cli.tables import table_console
+
     table = Table(title=Text(f"reconkit reconstruct — {model_name} ({backend})"))
     for column in ("file", "slices", "seconds", "status"):
-        table.add_column(column, justify="right" if column in ("slices", "seconds") else "left")
+        numbers = column in ("slices", "seconds")
+        table.add_column(column, justify="right" if numbers else "left", overflow="ellipsis" if numbers else "fold")
     for report in reports:  # names and messages as plain Text: Rich read "scan[t2].h5" as markup ("scan.h5")
         status = Text(report.status) if report.ok else Text.assemble(("error", "red"), f": {report.status}")
         if report.ok and report.fell_back:
             status.append(" (ran in PyTorch)")
         table.add_row(Text(report.path.name or str(report.path)), str(report.slices), f"{report.seconds:.2f}", status)
-    Console(stderr=False).print(table)
+    table_console().print(table)
 
 
 def run(args: argparse.Namespace) -> list[FileReport]:
