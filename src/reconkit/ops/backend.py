@@ -36,7 +36,9 @@ def backend_choice(backend: str | None) -> str:
     """
     choice = backend or os.environ.get("RECONKIT_OPS_BACKEND") or "auto"
     if choice != "auto" and choice not in _BACKENDS:
-        raise ValueError(f"unknown ops backend {choice!r}; expected one of {_BACKENDS} or 'auto'")
+        # named: a value from the environment reaches every command, whose error otherwise gave no clue where from
+        source = "" if backend else " (environment variable RECONKIT_OPS_BACKEND)"
+        raise ValueError(f"unknown ops backend {choice!r}{source}; expected one of {_BACKENDS} or 'auto'")
     return choice
 
 
