@@ -246,6 +246,19 @@ def test_cli_serve_reports_bad_repository_and_options(tmp_path, capsys):
             assert "positive finite numbers" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("token, problem", [("s3cret\n", "ends with whitespace"),
+                                            ("s\u00e9cret", "not printable ASCII"),
+                                            ("s\udcc3\udca9cret", "not printable ASCII")])  # the C locale's é
+def test_cli_serve_refuses_a_token_no_client_can_send(tmp_path, capsys, monkeypatch, token, problem):
+    """A token ending in a newline (a Kubernetes secret made from a file) made every request a 401, a non-ASCII one
+    too (a 500 where the locale could not decode it), with no word at start-up; the error names the variable."""
+    monkeypatch.setenv("MY_TOKEN", token)
+    assert serve_main(["--model-repository", str(tmp_path), "--auth-token-env", "MY_TOKEN"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reconkit serve: environment variable MY_TOKEN: the bearer token ") and problem in err
+    assert token.strip() not in err  # a secret: never printed
+
+
 def test_cli_serve_refuses_port_numbers_beyond_65535(tmp_path, capsys):
     """--port 70000 was a bind() OverflowError traceback; --grpc-port 70000 served gRPC on port 4464 (modulo 65536)
     without a word. Both are refused before any model loads (the repository here is empty)."""

@@ -80,6 +80,18 @@ def _grpc_address(host: str, port: int | None) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 literals need brackets in gRPC
 
 
+def _token_problem(token: str) -> str | None:
+    """Why no client can present ``token`` (never shown: it is a secret), or None. An HTTP header arrives stripped
+    and, beyond ASCII, as Latin-1; gRPC metadata is printable ASCII: a token from a Kubernetes secret made from a file
+    that ends in a newline refused every request (401) without a word at start-up, and a non-ASCII one too (500 where
+    the locale cannot decode it)."""
+    if token != token.strip():
+        return "the bearer token starts or ends with whitespace (a newline at the end of the secret's file?)"
+    if not (token.isascii() and token.isprintable()):
+        return "the bearer token holds a character that is not printable ASCII"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from reconkit.serve import BatchingConfig, ServerConfig, serve
@@ -100,10 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("reconkit serve: sizes, counts and times must be positive finite numbers (max-batch-size and delays "
               "may be 0)", file=sys.stderr)
         return 2
+    token = os.environ.get(args.auth_token_env) or None
+    problem = token and _token_problem(token)
+    if problem:
+        print(f"reconkit serve: environment variable {args.auth_token_env}: {problem}; no client could send it, so "
+              "every request would be refused", file=sys.stderr)
+        return 2
     batching = BatchingConfig(args.max_batch_size, args.max_batch_size > 0, args.max_queue_delay_ms / 1e3,
                               args.max_queue_size, args.instances)
     config = ServerConfig(args.model_repository, batching, args.request_timeout_s,
-                          int(args.max_request_mb * 2**20), os.environ.get(args.auth_token_env) or None,
+                          int(args.max_request_mb * 2**20), token,
                           args.device, args.intra_op_threads,
                           _grpc_address(args.host, args.grpc_port), args.grpc_max_concurrency, args.tls_cert,
                           args.tls_key, args.tls_client_ca, client_timeout_s=args.client_timeout_s,
