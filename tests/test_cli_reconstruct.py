@@ -615,6 +615,19 @@ def test_an_output_path_through_a_file_is_one_error_before_any_file(tmp_path, ca
     assert "a.h5" not in out
 
 
+@pytest.mark.parametrize("output", ["link", "link/out"])
+def test_an_output_through_a_broken_symlink_is_one_error_before_any_file(tmp_path, capsys, output):
+    """A link to a folder that is not there (a network share not mounted) passed the check: each file was
+    reconstructed, then failed with 'FileExistsError: [Errno 17] File exists: ...link'."""
+    write_fastmri_file(tmp_path / "a.h5", np.random.default_rng(7))
+    (tmp_path / "link").symlink_to(tmp_path / "unmounted" / "results")
+    code, out, err = _run(capsys, str(tmp_path / "a.h5"), "--model", "zero-filled", "--output", str(tmp_path / output))
+    assert code == 2 and err.strip() == (f"reconkit reconstruct: --output {tmp_path / output}: {tmp_path / 'link'} is "
+                                         f"a symbolic link to {tmp_path / 'unmounted' / 'results'}, which does not "
+                                         "exist"), err
+    assert "a.h5" not in out
+
+
 def test_a_sigterm_inside_a_finaliser_still_stops_the_run(monkeypatch):
     """A SIGTERM whose handler ran inside a weakref callback (garbage collection) was printed as "Exception ignored"
     and the run went on to its end with exit code 0 (seen once in 14 SIGTERMs to a 40-file run)."""

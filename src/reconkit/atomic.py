@@ -154,10 +154,14 @@ def _fsync_directory(path: Path) -> None:
 def folder_problem(folder: os.PathLike | str) -> str | None:
     """Why nothing can ever be written in ``folder`` (made with its parents where missing), for the commands to say
     before hours of work rather than at the first write: the nearest of it and its parents that exists is a file,
-    or a folder this user cannot write in; None when it can be (a full disk shows only when writing)."""
-    existing = next((path for path in (Path(folder), *Path(folder).parents) if path.exists()), None)
+    or a folder this user cannot write in, or a symbolic link to nothing (``out -> /mnt/nas/results`` with the share
+    unmounted: ``mkdir`` fails there with "File exists"); None when it can be (a full disk shows only when writing)."""
+    existing = next((path for path in (Path(folder), *Path(folder).parents) if path.exists() or path.is_symlink()),
+                    None)  # fmt: skip
     if existing is None:
         return None
+    if not existing.exists():
+        return f"{existing} is a symbolic link to {os.readlink(existing)}, which does not exist"
     if not existing.is_dir():
         return f"{existing} exists and is not a directory"
     return None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
