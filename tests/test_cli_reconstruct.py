@@ -509,6 +509,15 @@ def test_summary_prints_file_names_and_errors_as_they_are(tmp_path, capsys):
     assert code == 1 and "s[t2].h5" in out and "[b]x.h5" in out
 
 
+def test_a_clean_run_into_a_log_file_writes_nothing_on_stderr(tmp_path, capsys):
+    """The progress bars, which show nothing off a terminal, left an empty line on stderr: ``2> errors.log`` was
+    never empty."""
+    write_fastmri_file(tmp_path / "a.h5", np.random.default_rng(7))
+    code, out, err = _run(capsys, str(tmp_path / "a.h5"), "--model", "zero-filled", "--output", str(tmp_path / "o"),
+                          "--format", "h5")  # fmt: skip
+    assert code == 0 and "a.h5" in out and err == ""
+
+
 def _long_named_scans(tmp_path: Path) -> list[str]:
     """Two scans and a bad file named as fastMRI's brain files; the arguments that reconstruct them."""
     for name in ("file_brain_AXFLAIR_200_6002462.h5", "file_brain_AXFLAIR_200_6002471.h5"):

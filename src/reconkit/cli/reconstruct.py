@@ -317,7 +317,8 @@ def run(args: argparse.Namespace) -> list[FileReport]:
     for report in reports:
         print(f"error: {report.status}", file=sys.stderr)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as progress:
+    # off a terminal (a log file) the bars show nothing, and Rich ended them with an empty line on stderr
+    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
         files_task = progress.add_task("files", total=len(files))
         for path in files:
             report = FileReport(path)
