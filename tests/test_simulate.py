@@ -417,7 +417,11 @@ def test_cli_writes_dataset_and_reports_bad_options(tmp_path, capsys):
     assert "even" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("not a folder")
     assert main(["simulate", "--output", str(tmp_path / "a_file"), *args[3:]]) == 2
-    assert "a_file: the output is a file, not a folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"a_file: the output cannot be written: {tmp_path / 'a_file'} exists and is not a directory" in err
+    (tmp_path / "link").symlink_to(tmp_path / "unmounted")  # was "[Errno 17] File exists: '.../link'"
+    assert main(["simulate", "--output", str(tmp_path / "link"), *args[3:]]) == 2
+    assert f"is a symbolic link to {tmp_path / 'unmounted'}, which does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", "--help"])
     assert exit_info.value.code == 0 and "examples:" in capsys.readouterr().out

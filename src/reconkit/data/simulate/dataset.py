@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from reconkit.atomic import atomic_path
+from reconkit.atomic import atomic_path, folder_problem
 from reconkit.data.simulate.anatomy import SOURCES
 from reconkit.data.simulate.volume import _check_options, _check_sizes, json_text, simulate_volume, write_volume
 
@@ -124,11 +124,10 @@ def simulate_dataset(
     _check_sizes(encoded_size, recon_size, min(coil_choices), slices)
     _check_options(source_choices, contrast, orientation, field_strength_t, noise_correlation, random_contrast)
     output = Path(output_dir)
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"{output}: the output is a file, not a folder")
+    problem = folder_problem(output)  # a file, a read-only folder, a link to nothing ("File exists" from mkdir)
+    if problem is not None:
+        raise ValueError(f"{output}: the output cannot be written: {problem}")
     output.mkdir(parents=True, exist_ok=True)  # fails now, not after the first volume, if it cannot be a folder
-    if not os.access(output, os.W_OK | os.X_OK):
-        raise ValueError(f"{output}: the output folder is not writable")
     options = {
         "coils": coil_choices, "snr_db": snr_choices, "slices": slices, "encoded_size": list(encoded_size),
         "recon_size": list(recon_size), "contrast": contrast, "orientation": orientation, "source": source_choices,
