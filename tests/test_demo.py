@@ -34,7 +34,7 @@ def test_demo_end_to_end(tmp_path, tiny_onnx, capsys):
     assert code == 0
     printed = {cells[0]: cells[1:3] for line in out.splitlines()
                if len(cells := [cell.strip() for cell in line.split("│")[1:-1]]) == 4}
-    assert str(tmp_path / "demo" / "png") in out.replace("\n", "")
+    assert str(tmp_path / "demo" / "png") in out
     assert len(list((tmp_path / "demo" / "png").glob("slice_*.png"))) == demo.SCAN["slices"]
     with h5py.File(tmp_path / "demo" / "scan" / "demo_scan.h5") as hf:
         target = hf["reconstruction_rss"][()]
@@ -43,6 +43,17 @@ def test_demo_end_to_end(tmp_path, tiny_onnx, capsys):
             reconstruction = hf["reconstruction"][()]
         expected = [f"{fm_evaluate.psnr(target, reconstruction):.2f}", f"{fm_evaluate.ssim(target, reconstruction)[0]:.4f}"]
         assert printed[method] == expected, (method, out)
+
+
+def test_demo_prints_output_paths_as_they_are(tmp_path, capsys):
+    """Rich read ``[test]`` in the output path as markup (``runs/[test]`` printed as ``runs/``) and wrapped a long
+    path over two lines of a log file."""
+    output = tmp_path / "a_rather_long_folder_name_for_the_demo_outputs" / "[test]"
+    demo.print_table([demo.DemoRow("zero-filled", 25.0, 0.7, 0.01)], output)
+    lines = capsys.readouterr().out.splitlines()
+    assert f"PNG panels (zero-filled | VarNet | reference | error): {output / 'png'}/" in lines
+    scan = output / "scan" / "demo_scan.h5"
+    assert f"scan: {scan}; reconstructions: {output}/{{zero-filled,cg-sense,varnet}}/h5/" in lines
 
 
 def test_demo_missing_model_is_one_line(tmp_path, capsys):

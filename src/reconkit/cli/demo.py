@@ -85,20 +85,19 @@ def bundled_model() -> Path:
 
 
 def print_table(rows: Sequence[DemoRow], output: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from reconkit.cli.tables import table_console
 
     table = Table(title="reconkit demo — held-out subject, 8 coils, 4× equispaced")
     for column in ("method", "PSNR (dB)", "SSIM", "s / slice"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         table.add_row(row.method, f"{row.psnr:.2f}", f"{row.ssim:.4f}", f"{row.seconds_per_slice:.3f}")
-    console = Console()
-    console.print(table)
-    console.print(f"PNG panels (zero-filled | VarNet | reference | error): {output / 'png'}/")
-    console.print(
-        f"scan: {output / 'scan' / 'demo_scan.h5'}; reconstructions: {output}/{{zero-filled,cg-sense,varnet}}/h5/"
-    )
+    table_console().print(table)
+    # plain prints: Rich read "[test]" in a path as markup ("runs/[test]" printed as "runs/") and wrapped the paths
+    print(f"PNG panels (zero-filled | VarNet | reference | error): {output / 'png'}/")
+    print(f"scan: {output / 'scan' / 'demo_scan.h5'}; reconstructions: {output}/{{zero-filled,cg-sense,varnet}}/h5/")
 
 
 def build_parser() -> argparse.ArgumentParser:
