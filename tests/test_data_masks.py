@@ -156,3 +156,45 @@ def test_variable_density_constructor_seed_and_many_coils_shape():
     mask, _ = masks.create_mask_for_mask_type("variable_density", [0.08], [4])((1, 40, 30, 2), seed=0)
     assert mask.shape == (1, 40, 30, 1)
     assert np.isclose(mask.numel() / mask.sum().item(), 4, rtol=0.01)
+
+
+class _UnseededMasks(torch.utils.data.Dataset):
+    """Eight items, each an unseeded draw of one shared mask function (as a transform with ``use_seed=False``)."""
+
+    def __init__(self):
+        self.mask_func = masks.RandomMaskFunc([0.1], [2], seed=7)
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.mask_func((1, 8, 64, 2))[0].flatten()
+
+
+class _SeededInWorker(torch.utils.data.Dataset):
+    """Two items, each the first unseeded draw of a mask function made with seed 7 in ``__getitem__``."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return masks.RandomMaskFunc([0.1], [2], seed=7)((1, 8, 64, 2))[0].flatten()
+
+
+def test_unseeded_masks_in_dataloader_workers_differ_by_worker_and_epoch_and_repeat_by_seed():
+    # every worker starts from a copy of the main process's generator: without a reseed per worker, worker 1 drew
+    # worker 0's masks, and every epoch's new workers drew the first epoch's masks again
+    dataset = _UnseededMasks()
+
+    def epochs(seed: int) -> list[list[tuple]]:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2,
+                                             generator=torch.Generator().manual_seed(seed))
+        return [[tuple(mask.tolist()) for mask in loader] for _ in range(2)]
+
+    first, second = epochs(0)
+    assert len(set(first)) == len(first) and not set(first) & set(second)
+    assert epochs(0) == [first, second]  # reproducible: torch's worker seeds follow the loader's generator
+    assert epochs(1)[0] != first
+    # a function made in the worker keeps its own seed there
+    loader = torch.utils.data.DataLoader(_SeededInWorker(), batch_size=None, num_workers=1)
+    assert [tuple(mask.tolist()) for mask in loader] == [tuple(_SeededInWorker()[0].tolist())] * 2

@@ -9,6 +9,11 @@ readout, or the two phase-encode axes of a 3D acquisition) with a fully sampled 
 Every mask function is called as ``mask_func(shape, offset=None, seed=None) -> (mask, num_low_frequencies)``
 where ``shape`` is the k-space shape ``(..., H, W, 2)``. Line masks have shape ``(1, ..., 1, W, 1)`` (ones except
 the W axis); 2D masks have shape ``(1, ..., H, W, 1)``. Masks are float32 tensors of 0 and 1.
+
+In a ``DataLoader`` worker, the first call without ``seed`` reseeds the generator from the seed torch gives that
+worker (which follows the loader's ``generator``, or torch's seed, and changes with every epoch's workers), so
+workers do not all draw the main process's stream and each epoch draws new masks; fastmri's generators are copied
+unchanged into every worker, which then draw the same masks.
 """
 
 from __future__ import annotations
@@ -72,10 +77,13 @@ class MaskFunc:
         accelerations: undersampling factors, paired with ``center_fractions`` (same length) unless
             ``allow_any_combination`` is True, in which case each is chosen independently.
         allow_any_combination: choose centre fraction and acceleration independently.
-        seed: seed of the internal ``np.random.RandomState``.
+        seed: seed of the internal ``np.random.RandomState`` (in ``DataLoader`` workers replaced by the worker's
+            seed: module docstring).
 
     Subclasses implement :meth:`outer_columns`; the random draws happen in the same order as in fastmri.
     """
+
+    _worker_seed: int | None = None  # the DataLoader worker seed ``rng`` was last seeded in (None: main process)
 
     def __init__(
         self,
@@ -98,7 +106,8 @@ class MaskFunc:
         self.center_fractions = center_fractions
         self.accelerations = accelerations
         self.allow_any_combination = allow_any_combination
-        self.rng = np.random.RandomState(seed)
+        self.rng = np.random.RandomState()
+        self.reseed(seed)  # made in a DataLoader worker: its seed stands there
 
     def __call__(
         self, shape: Sequence[int], offset: int | None = None, seed: Seed = None
@@ -115,9 +124,19 @@ class MaskFunc:
         """
         if len(shape) < 3:
             raise ValueError("Shape should have 3 or more dimensions")
+        worker = torch.utils.data.get_worker_info()
+        if seed is None and worker is not None and worker.seed != self._worker_seed:
+            self.reseed(np.random.SeedSequence(worker.seed).generate_state(4))
         with _seeded(self.rng, seed):
             center, outer, num_low_frequencies = self.sample(shape, offset)
         return torch.max(center, outer), num_low_frequencies
+
+    def reseed(self, seed: Seed | np.ndarray) -> None:
+        """Reseed the generator that later calls without ``seed`` draw from (in a ``DataLoader`` worker too: the
+        worker's own reseed then does not replace it)."""
+        self.rng.seed(seed)
+        worker = torch.utils.data.get_worker_info()
+        self._worker_seed = None if worker is None else worker.seed
 
     def choose_acceleration(self) -> tuple[float, int]:
         """Draw one ``(center_fraction, acceleration)`` pair from the configured lists."""

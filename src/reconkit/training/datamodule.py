@@ -118,7 +118,7 @@ class EpochSeededMasks:
         mask_func = getattr(self.transform, "mask_func", None)
         if mask_func is not None:
             key = f"{self.seed}:{self.epoch}:{fname}:{slice_num}".encode()
-            mask_func.rng.seed(zlib.crc32(key))
+            getattr(mask_func, "reseed", mask_func.rng.seed)(zlib.crc32(key))  # reseed: kept in workers
         return self.transform(kspace, mask, target, attrs, fname, slice_num)
 
 
