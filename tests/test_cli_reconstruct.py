@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -940,6 +941,33 @@ def test_multi_size_onnx_opens_one_session_per_size_on_first_use(tmp_path, count
     assert len(opened) == 2 and all(isinstance(model, bytes) for model in opened)  # one per size, kept
     with pytest.raises(ReconkitError, match="36x28 not exported; this model serves 32x24, 40x30"):
         reconstructor.run(np.ones((1, 3, 36, 28, 2), np.float32), np.ones((1, 1, 1, 28, 1), np.float32))
+
+
+def test_multi_size_onnx_called_from_several_threads_opens_each_size_once(tmp_path, count_onnx_sessions,
+                                                                        monkeypatch):
+    """A user's own server calls one reconstructor from several threads: the first calls of a size open its session
+    once (every thread opened its own, each one more model in memory: on a GPU, more arenas than fit)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import onnxruntime as ort
+
+    onnx_path = _two_size_export(tmp_path)
+    opened = count_onnx_sessions()
+    counted = ort.InferenceSession
+
+    def slow_session(*args, **kwargs):  # opening the bundled model's branch takes a second, not milliseconds
+        time.sleep(0.2)
+        return counted(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", slow_session)
+    reconstructor = load_reconstructor(str(onnx_path))
+    mask = np.ones((1, 1, 1, 30, 1), np.float32)
+    kspace = np.random.default_rng(0).standard_normal((1, 3, 40, 30, 2)).astype(np.float32)
+    with ThreadPoolExecutor(4) as pool:
+        images = list(pool.map(lambda _: reconstructor.run(kspace, mask), range(4)))
+    assert len(opened) == 1
+    for image in images[1:]:
+        np.testing.assert_array_equal(image, images[0])
 
 
 def test_slice_without_data_is_written_as_zeros_and_the_others_as_usual(tmp_path, capsys):

@@ -9,6 +9,7 @@ volume (stored, detected from empty columns, or retrospective and seeded from th
 from __future__ import annotations
 
 import functools
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -127,6 +128,24 @@ def _mask_defaults(mask_type: str | None, accelerations, center_fractions) -> di
     return defaults
 
 
+def _built_once(build: Callable) -> Callable:
+    """``functools.cache`` for the sessions and models an ONNX reconstructor builds on first use, also when several
+    threads (a user's own server) ask at once: ``functools.cache`` runs ``build`` in each of them, one ONNX Runtime
+    session or PyTorch model apiece. A failure is not kept (as with ``functools.cache``)."""
+    built: dict = {}
+    lock = threading.Lock()
+
+    @functools.wraps(build)
+    def get(*args):
+        if args not in built:  # the lock only while building: a call of a size that is open never waits
+            with lock:
+                if args not in built:
+                    built[args] = build(*args)
+        return built[args]
+
+    return get
+
+
 def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fallback: bool) -> Reconstructor:
     import onnxruntime as ort
 
@@ -165,14 +184,14 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
     if sizes is not None and len(sizes) > 1:
         # ONNX Runtime would prepare every size's branch on load (~10 s for the bundled model's eight): open one
         # session per size instead, from that size's branch alone, when a volume of that size first comes
-        @functools.cache
+        @_built_once
         def whole_file() -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray] | None, ReconkitError | None]:
             try:  # a failure is kept too, so that it is not retried (≈ 10 s) for every volume
                 return open_session(str(path)), None
             except ReconkitError as err:
                 return None, err
 
-        @functools.cache
+        @_built_once
         def run_for_size(height: int, width: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
             try:
                 return open_session(single_size_model(proto, height, width).SerializeToString())
@@ -194,7 +213,7 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
     else:
         run = open_session(str(path))
 
-    @functools.cache  # the model is rebuilt once, when a size outside the graph first comes
+    @_built_once  # the model is rebuilt once, when a size outside the graph first comes
     def torch_run() -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         # on the CPU where ONNX Runtime has CUDA but this PyTorch has not (the CUDA image's onnxruntime-gpu alone)
         return _torch_runner(load_onnx_as_torch(path), "cuda" if device == "cuda" and torch.cuda.is_available()
