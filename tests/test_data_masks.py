@@ -198,3 +198,24 @@ def test_unseeded_masks_in_dataloader_workers_differ_by_worker_and_epoch_and_rep
     # a function made in the worker keeps its own seed there
     loader = torch.utils.data.DataLoader(_SeededInWorker(), batch_size=None, num_workers=1)
     assert [tuple(mask.tolist()) for mask in loader] == [tuple(_SeededInWorker()[0].tolist())] * 2
+
+
+def test_seeded_calls_from_several_threads_give_each_seed_its_mask():
+    # a seeded call reseeds the shared generator for its draws: another thread's call in between drew from it
+    from concurrent.futures import ThreadPoolExecutor
+
+    func = masks.create_mask_for_mask_type("random", [0.08], [4])
+    expected = {seed: func((1, 8, 368, 2), seed=seed)[0] for seed in range(20)}
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda seed: (seed, func((1, 8, 368, 2), seed=seed)[0]), list(range(20)) * 20))
+    assert all(torch.equal(mask, expected[seed]) for seed, mask in got)
+
+
+def test_mask_function_pickles_and_copies():
+    import copy
+    import pickle
+
+    func = masks.RandomMaskFunc([0.08], [4], seed=1)
+    for other in (pickle.loads(pickle.dumps(func)), copy.deepcopy(func)):
+        assert torch.equal(other((1, 8, 64, 2))[0], copy.deepcopy(func)((1, 8, 64, 2))[0])
+        assert torch.equal(other((1, 8, 64, 2), seed=3)[0], func((1, 8, 64, 2), seed=3)[0])

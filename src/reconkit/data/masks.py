@@ -19,6 +19,7 @@ unchanged into every worker, which then draw the same masks.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -80,7 +81,8 @@ class MaskFunc:
         seed: seed of the internal ``np.random.RandomState`` (in ``DataLoader`` workers replaced by the worker's
             seed: module docstring).
 
-    Subclasses implement :meth:`outer_columns`; the random draws happen in the same order as in fastmri.
+    Subclasses implement :meth:`outer_columns`; the random draws happen in the same order as in fastmri. A function
+    may be called from several threads: a seeded call gets its seed's mask whatever the other threads draw.
     """
 
     _worker_seed: int | None = None  # the DataLoader worker seed ``rng`` was last seeded in (None: main process)
@@ -108,6 +110,14 @@ class MaskFunc:
         self.allow_any_combination = allow_any_combination
         self.rng = np.random.RandomState()
         self.reseed(seed)  # made in a DataLoader worker: its seed stands there
+        self._lock = threading.Lock()  # a call's draws (and its reseed) are not interleaved with another thread's
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __call__(
         self, shape: Sequence[int], offset: int | None = None, seed: Seed = None
@@ -125,10 +135,11 @@ class MaskFunc:
         if len(shape) < 3:
             raise ValueError("Shape should have 3 or more dimensions")
         worker = torch.utils.data.get_worker_info()
-        if seed is None and worker is not None and worker.seed != self._worker_seed:
-            self.reseed(np.random.SeedSequence(worker.seed).generate_state(4))
-        with _seeded(self.rng, seed):
-            center, outer, num_low_frequencies = self.sample(shape, offset)
+        with self._lock:
+            if seed is None and worker is not None and worker.seed != self._worker_seed:
+                self.reseed(np.random.SeedSequence(worker.seed).generate_state(4))
+            with _seeded(self.rng, seed):
+                center, outer, num_low_frequencies = self.sample(shape, offset)
         return torch.max(center, outer), num_low_frequencies
 
     def reseed(self, seed: Seed | np.ndarray) -> None:
