@@ -970,6 +970,28 @@ def test_multi_size_onnx_called_from_several_threads_opens_each_size_once(tmp_pa
         np.testing.assert_array_equal(image, images[0])
 
 
+def test_models_load_in_their_weights_dtype_whatever_the_callers_default_dtype(tmp_path):
+    """A caller that works in float64 (``torch.set_default_dtype``) got float64 models from float32 weights, which
+    float32 k-space then failed in ("expected scalar type Float but found Double")."""
+    from reconkit.export import export_onnx
+    from reconkit.models import build_model, save_model
+
+    kwargs = {'num_cascades': 1, 'sens_chans': 2, 'sens_pools': 1, 'chans': 2, 'pools': 1}
+    checkpoint = save_model(tmp_path / "tiny.ckpt", build_model("varnet", **kwargs), "varnet", kwargs)
+    onnx_path = export_onnx(checkpoint, tmp_path / "tiny.onnx", (3, 32, 24))
+    mask = np.ones((1, 1, 1, 20, 1), np.float32)
+    kspace = np.random.default_rng(0).standard_normal((1, 3, 32, 20, 2)).astype(np.float32)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        from_checkpoint = load_reconstructor(str(checkpoint)).run(kspace, mask)
+        from_onnx_weights = load_reconstructor(str(onnx_path)).fallback()(kspace, mask)  # 32x20: not in the graph
+    finally:
+        torch.set_default_dtype(previous)
+    assert from_checkpoint.dtype == from_onnx_weights.dtype == np.float32
+    np.testing.assert_array_equal(from_checkpoint, load_reconstructor(str(checkpoint)).run(kspace, mask))
+
+
 def test_slice_without_data_is_written_as_zeros_and_the_others_as_usual(tmp_path, capsys):
     from reconkit.models import build_model, save_model
 

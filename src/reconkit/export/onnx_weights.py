@@ -24,7 +24,7 @@ __all__ = ["load_onnx_as_torch"]
 
 
 def load_onnx_as_torch(path: str | os.PathLike) -> torch.nn.Module:
-    """The exported model as a PyTorch module with the file's weights, in eval mode on the CPU.
+    """The exported model as a PyTorch module with the file's weights (float32), in eval mode on the CPU.
 
     Called like the graph: ``module(masked_kspace (B, C, H, W, 2), mask (B, 1, 1, W, 1)) -> image (B, H, W)``, for
     any spatial size the model itself takes (U-Nets wrapped in the same zero-filled front end as the export).
@@ -68,5 +68,6 @@ def load_onnx_as_torch(path: str | os.PathLike) -> torch.nn.Module:
             [f"shapes differ: {wrong[0]}"] if wrong else [])
         raise ExportError(f"{path}: the graph's initialisers do not fit model_type {model_type!r} with "
                           f"{model_kwargs}: " + "; ".join(problems))
+    module.float()  # the graph's float32 weights, whatever the caller's default dtype (torch.set_default_dtype)
     module.load_state_dict(state)
     return module.eval()

@@ -202,9 +202,9 @@ def _summarise(names: list[str], limit: int = 3) -> str:
 def load_model(path: os.PathLike | str) -> tuple[nn.Module, dict]:
     """Rebuild a model from a checkpoint file without the training code; returns ``(model, info)``.
 
-    ``model`` is on the CPU in eval mode. ``info`` is the checkpoint's ``"reconkit"`` entry (``model_type``,
-    ``model_kwargs``, ``mask``, ``normalization``; the last two ``None`` when absent) plus ``"path"``, and
-    ``"epoch"`` / ``"global_step"`` when the checkpoint records them.
+    ``model`` is on the CPU in eval mode, in its weights' dtype (not torch's default dtype). ``info`` is the
+    checkpoint's ``"reconkit"`` entry (``model_type``, ``model_kwargs``, ``mask``, ``normalization``; the last two
+    ``None`` when absent) plus ``"path"``, and ``"epoch"`` / ``"global_step"`` when the checkpoint records them.
 
     Raises:
         CheckpointError: missing / corrupt file, missing entries, unknown model type, bad hyper-parameters, a
@@ -234,6 +234,8 @@ def load_model(path: os.PathLike | str) -> tuple[nn.Module, dict]:
              if weights[k].shape != v.shape]
     if wrong:
         raise CheckpointError(path, f"weight shapes do not fit the model (checkpoint vs model): {_summarise(wrong)}")
+    # built in the caller's default dtype (float64 after torch.set_default_dtype): give it the weights' own dtype
+    model.to(next((v.dtype for v in weights.values() if v.is_floating_point()), torch.float32))
     model.load_state_dict(weights)
     model.eval()
 
