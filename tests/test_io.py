@@ -162,7 +162,8 @@ MR_IMAGE_TYPE_1 = (
 )  # fmt: skip
 MR_IMAGE_TYPE_2 = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
-    "StudyID", "AccessionNumber", "SeriesNumber", "PatientPosition", "PositionReferenceIndicator", "Manufacturer",
+    "StudyID", "AccessionNumber", "SeriesNumber", "PatientPosition", "Laterality", "PositionReferenceIndicator",
+    "Manufacturer",
     "InstanceNumber", "SliceThickness", "ScanOptions", "MRAcquisitionType", "RepetitionTime", "EchoTime",
     "EchoTrainLength",
 )  # fmt: skip
@@ -176,6 +177,13 @@ def test_dicom_has_every_type_1_and_type_2_attribute_of_the_mr_image_iod(tmp_pat
     assert [k for k in MR_IMAGE_TYPE_1 if k not in ds or ds[k].value in (None, "", [], b"")] == []
     assert [k for k in MR_IMAGE_TYPE_2 if k not in ds] == []
     assert (ds.ScanningSequence, ds.SequenceVariant) == ("RM", "NONE")  # the enumerated "research mode" / none
+
+
+def test_dicom_image_type_has_the_value_3_mr_images_need(tmp_path):
+    """PS3.3 C.8.3.1.1.1: an MR image's ImageType has a value 3 from the defined terms (dciodvfy: "A value is
+    required for value 3 in MR Images"; reconkit wrote DERIVED\\SECONDARY only)."""
+    (path,) = write_dicom_series(tmp_path / "scan", _volume(np.random.default_rng(7), (1, 8, 8)), ImageGeometry())
+    assert list(pydicom.dcmread(path).ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
 
 
 def test_series_of_one_study_share_its_date_and_time(tmp_path, monkeypatch):

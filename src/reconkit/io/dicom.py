@@ -12,8 +12,9 @@ Each call makes a new study / series / frame of reference (fresh UIDs). Geometry
 
 Every Type 1 and Type 2 attribute of the MR Image IOD's mandatory modules is present (PS3.3 A.4): what a
 reconstruction does not know is left empty where the standard allows it (Type 2: birth date, sex, accession
-number, echo and repetition times where the scan's header lacks them, ...), and the Type 1 ``ScanningSequence`` /
-``SequenceVariant`` are ``RM`` (research mode) / ``NONE``.
+number, laterality, echo and repetition times where the scan's header lacks them, ...), the Type 1
+``ScanningSequence`` / ``SequenceVariant`` are ``RM`` (research mode) / ``NONE``, and ``ImageType`` is
+``DERIVED\\SECONDARY\\OTHER`` (MR images need a value 3; ``OTHER`` is its defined term for none of the maps).
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ from reconkit.io.geometry import ImageGeometry
 __all__ = ["Study", "new_study", "sequence_attributes", "write_dicom_series"]
 
 _UINT16_MAX = 65535
-_UNKNOWN_TYPE_2 = (  # Type 2 attributes of the MR Image IOD a reconstruction has no value for: present, empty
+_UNKNOWN_TYPE_2 = (  # Type 2 (2C) attributes of the MR Image IOD a reconstruction has no value for: present, empty
     "PatientBirthDate",
     "PatientSex",
     "ReferringPhysicianName",
     "StudyID",
     "AccessionNumber",
     "PatientPosition",
+    "Laterality",  # 2C, required for a paired body part (a knee): which one, and the body part, are unknown
     "PositionReferenceIndicator",
     "ScanOptions",
     "MRAcquisitionType",
@@ -226,7 +228,7 @@ def write_dicom_series(
         "ContentTime": now.strftime("%H%M%S"),
         "SeriesNumber": int(series_number),
         "SeriesDescription": dicom_text(series_description),
-        "ImageType": ["DERIVED", "SECONDARY"],
+        "ImageType": ["DERIVED", "SECONDARY", "OTHER"],  # MR images need value 3 (PS3.3 C.8.3.1.1.1)
         "Manufacturer": "reconkit",
         "ScanningSequence": "RM",
         "SequenceVariant": "NONE",
