@@ -209,10 +209,13 @@ def test_series_of_one_study_share_its_date_and_time(tmp_path, monkeypatch):
 
 
 def test_dicom_texts_are_valid_for_long_or_odd_patient_ids(tmp_path):
-    """PatientID / PatientName are LO / PN: at most 64 characters, no ``\\``; pydicom warns about neither."""
+    """PatientID / PatientName are LO / PN: at most 64 characters, no ``\\``, and in the name no PN delimiters
+    ``^`` / ``=`` (an ID with three ``=`` was a name of four component groups, which pydicom warns about and its
+    strict reading refuses); pydicom warns about neither."""
     volume = _volume(np.random.default_rng(5), (1, 8, 8))
     ids = {}
-    for name, patient_id in (("a", "p" * 70 + "-run1"), ("b", "p" * 70 + "-run2"), ("c", "Müller\\01")):
+    for name, patient_id in (("a", "p" * 70 + "-run1"), ("b", "p" * 70 + "-run2"), ("c", "Müller\\01"),
+                               ("d", "a=b=c=d^e^f^g^h")):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # pydicom's "exceeds the maximum length" is a UserWarning
             (path,) = write_dicom_series(tmp_path / name, volume, ImageGeometry(), patient_id=patient_id,
@@ -222,6 +225,7 @@ def test_dicom_texts_are_valid_for_long_or_odd_patient_ids(tmp_path):
         ids[name] = ds.PatientID
     assert ids["a"] != ids["b"] and ids["a"].startswith("p" * 55)  # same 64-character prefix, still distinct
     assert ids["c"] == "M_ller_01"
+    assert ids["d"] == "a=b=c=d^e^f^g^h" and str(ds.PatientName) == "a_b_c_d_e_f_g_h"  # the ID (LO) keeps them
     assert dicom_text("a" * 64) == "a" * 64  # fastMRI's IDs (64 hex digits) are kept as they are
 
 

@@ -121,14 +121,16 @@ def _real_world_value_mapping(slope: float) -> pydicom.Dataset:
     return item
 
 
-def dicom_text(value: object, limit: int = 64) -> str:
+def dicom_text(value: object, limit: int = 64, delimiters: str = "\\") -> str:
     """``value`` as a DICOM LO / PN text: printable ASCII without the value delimiter ``\\`` (others become ``_``),
-    at most ``limit`` characters. A longer text keeps its first characters and ends in ``~`` plus 8 hex digits of
+    at most ``limit`` characters. ``delimiters``: the characters that become ``_`` besides non-ASCII ones (a PN also
+    needs its component delimiters ``^`` and ``=``: an ID such as ``a=b=c=d`` would be four component groups of a
+    name, which PN limits to three). A longer text keeps its first characters and ends in ``~`` plus 8 hex digits of
     its SHA-1, so two long identifiers that share a prefix stay distinct. Bytes (an HDF5 fixed-length string
     attribute reads as ``numpy.bytes_``) are decoded as UTF-8 first, not written as their ``b'...'`` repr."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
-    text = "".join(ch if ch.isascii() and ch.isprintable() and ch != "\\" else "_" for ch in str(value))
+    text = "".join(ch if ch.isascii() and ch.isprintable() and ch not in delimiters else "_" for ch in str(value))
     if len(text) <= limit:
         return text
     return text[: limit - 9] + "~" + hashlib.sha1(text.encode()).hexdigest()[:8]
@@ -218,7 +220,7 @@ def write_dicom_series(
     shared: dict[str, object] = {
         "Modality": "MR",
         "PatientID": dicom_text(patient_id),
-        "PatientName": dicom_text(patient_id),
+        "PatientName": dicom_text(patient_id, delimiters="\\^="),
         "StudyInstanceUID": study.instance_uid,
         "SeriesInstanceUID": series_uid,
         "FrameOfReferenceUID": study.frame_of_reference_uid,
