@@ -240,7 +240,7 @@ def test_nifti_shape_spacing_and_affine(tmp_path):
         np.testing.assert_allclose(np.asarray(image.dataobj), volume.transpose(2, 1, 0))
         centre = image.affine @ np.array([8, 11.5, 2, 1])
         np.testing.assert_allclose(centre[:3], 0.0, atol=1e-9)
-        assert nib.aff2axcodes(image.affine) == ("L", "P", "S")  # DICOM's LPS frame, as dcm2niix writes it
+        assert nib.aff2axcodes(image.affine) == ("L", "P", "S")  # DICOM's LPS frame (dcm2niix: L A S, rows reversed)
 
 
 def test_nifti_and_dicom_put_each_pixel_at_the_same_point(tmp_path):

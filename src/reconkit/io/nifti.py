@@ -19,8 +19,9 @@ def nifti_affine(geometry: ImageGeometry, shape: tuple[int, int, int]) -> np.nda
 
     Voxel axis 0 runs along image columns, axis 1 along rows, axis 2 across slices. The frame is the one of
     :func:`reconkit.io.write_dicom_series` (orientation ``[1, 0, 0, 0, 1, 0]`` in DICOM's LPS: columns run to the
-    patient's left, rows to posterior) written in NIfTI's RAS, as ``dcm2niix`` would convert the DICOM series: both
-    files put every pixel at the same point in space.
+    patient's left, rows to posterior) written in NIfTI's RAS: both files put every pixel at the same point in space,
+    where ``dcm2niix``'s conversion of the DICOM series also puts it (``dcm2niix`` stores the rows in the opposite
+    order: axis codes L A S, these L P S).
     """
     spacing = np.array([geometry.col_spacing_mm, geometry.row_spacing_mm, geometry.slice_thickness_mm])
     lps_to_ras = np.array([-1.0, -1.0, 1.0])
