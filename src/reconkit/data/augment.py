@@ -273,6 +273,8 @@ class AugmentedVarNetTransform:
         self.step = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Where the schedule stands (``schedule_unit: epoch``). The data module passes the epoch with every sample
+        index, so DataLoader workers see it; a call in the main process does not reach persistent workers."""
         self.epoch = epoch
 
     def set_step(self, step: int) -> None:

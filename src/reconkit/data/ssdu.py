@@ -174,7 +174,8 @@ class SsduVarNetTransform:
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """New splits every epoch (the data module calls this)."""
+        """New splits every epoch (the data module passes the epoch with every sample index, so DataLoader workers
+        see it; a call in the main process does not reach persistent workers)."""
         self.epoch = epoch
 
     def __call__(self, kspace: np.ndarray, mask: np.ndarray | None, target: np.ndarray | None, attrs: dict,
