@@ -180,7 +180,8 @@ def write_dicom_series(
 ) -> list[Path]:
     """Atomically write a ``(slices, rows, cols)`` magnitude volume as ``directory/slice_NNN.dcm``.
 
-    Pixel values are ``round(volume / slope)`` as uint16 with ``slope = max / 65535``, recorded as the
+    Pixel values are ``round(volume / slope)`` as uint16 with ``slope = max / 65535`` (negative values, which an
+    image-domain model may output, are written as 0; NIfTI and HDF5 keep them), recorded as the
     ``RealWorldValueSlope`` of the ``RealWorldValueMappingSequence``: ``pixel_array * slope`` recovers the
     magnitude to within half a slope. The window (in stored units) spans the 0.5–99.5th
     percentile. The directory appears complete or not at all. ``patient_id`` (``PatientID`` and ``PatientName``)
