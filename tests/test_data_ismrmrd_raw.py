@@ -3,6 +3,7 @@ repetitions, averages, parallel-imaging reference lines, reversed / asymmetric /
 
 from __future__ import annotations
 
+import functools
 import json
 
 import ismrmrd
@@ -399,3 +400,150 @@ def test_slices_undersampled_with_different_lines_keep_their_own_sampling(tmp_pa
         image = fastmri.rss(fastmri.complex_abs(fastmri.ifft2c(transforms.to_tensor(measured))), dim=0)
         expected = transforms.center_crop(image, output.shape[-2:]).numpy()
         np.testing.assert_allclose(output[s], expected, rtol=1e-5, atol=1e-7)
+
+
+def _geometry_header(samples: int, width: int, recon: tuple[int, int], fov_mm: tuple[float, float]) -> str:
+    """A header whose recon field of view over the recon matrix is the k-space's own pixel size (as a scanner's with
+    2x readout oversampling), with a patient position and ID."""
+    def space(size, fov):
+        return x.encodingSpaceType(
+            matrixSize=x.matrixSizeType(x=size[0], y=size[1], z=1),
+            fieldOfView_mm=x.fieldOfViewMm(x=fov[0], y=fov[1], z=3.0),
+        )
+
+    spacing = (fov_mm[0] / samples, fov_mm[1] / width)
+    header = x.ismrmrdHeader(
+        experimentalConditions=x.experimentalConditionsType(H1resonanceFrequency_Hz=63_870_000),
+        measurementInformation=x.measurementInformationType(patientPosition=x.patientPositionType("FFS")),
+        subjectInformation=x.subjectInformationType(patientID="subj^07"),
+    )
+    header.encoding.append(
+        x.encodingType(
+            encodedSpace=space((samples, width), fov_mm),
+            reconSpace=space(recon, (recon[0] * spacing[0], recon[1] * spacing[1])),
+            encodingLimits=x.encodingLimitsType(
+                kspace_encoding_step_1=x.limitType(minimum=0, maximum=width - 1, center=width // 2)
+            ),
+            trajectory=x.trajectoryType("cartesian"),
+        )
+    )
+    return x.ToXML(header)
+
+
+def _spot_kspace(shape: tuple[int, int], spot: tuple[int, int]) -> np.ndarray:
+    """``(COILS, H, W)`` k-space (centred orthonormal FFT, fastMRI's and Gadgetron's convention) of an image that is
+    one bright pixel at ``spot`` and faint noise elsewhere."""
+    image = np.random.default_rng(8).uniform(0.0, 0.01, shape).astype(np.complex64)
+    image[spot] = 1.0
+    kspace = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(image), norm="ortho"))
+    return np.repeat(kspace[None], COILS, axis=0).astype(np.complex64)
+
+
+def _reconstruct(tmp_path, name: str, *formats: str) -> None:
+    from reconkit.cli.main import main as reconkit_main
+
+    out = ["--output", str(tmp_path / "out"), "--format", *formats]
+    assert reconkit_main(["reconstruct", str(tmp_path / name), "--model", "zero-filled", *out]) == 0
+
+
+def _dicom_point(ds, i: int, j: int) -> np.ndarray:
+    """The LPS point of a DICOM image's pixel (row i, column j) (PS3.3 C.7.6.2.1.1)."""
+    origin, orientation = (np.array([float(v) for v in values]) for values in (ds.ImagePositionPatient,
+                                                                                ds.ImageOrientationPatient))
+    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    return origin + j * col_spacing * orientation[:3] + i * row_spacing * orientation[3:]
+
+
+def _rotation(angles: tuple[float, float, float]) -> np.ndarray:
+    """A rotation matrix (columns: read, phase, slice direction) from angles about x, y, z in degrees."""
+    a, b, c = np.radians(angles)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+@pytest.mark.parametrize(
+    ("directions", "samples", "width", "recon"),
+    [
+        # sagittal: readout head to feet (-z), phase encoding anterior to posterior (+y), slices right to left (+x)
+        (np.array([[0, 0, 1], [0, 1, 0], [-1, 0, 0]]).T @ np.diag([-1, 1, -1]), 16, 12, (8, 12)),
+        (_rotation((20.0, -35.0, 50.0)), 16, 11, (7, 11)),  # oblique; odd matrix sizes (fftshift's centre N // 2)
+    ],
+    ids=["sagittal", "oblique"],
+)
+def test_raw_slices_are_placed_where_the_acquisitions_say(tmp_path, directions, samples, width, recon):
+    """Orientation, positions and slice spacing come from the acquisitions' position / read_dir / phase_dir /
+    slice_dir (DICOM LPS), for DICOM and NIfTI alike, with a slice gap.
+    A bright pixel placed 2 rows and -3 columns from the image centre shows the in-plane signs: it must land at
+    position + 2 row spacings along read_dir - 3 column spacings along phase_dir."""
+    import nibabel as nib
+    import pydicom
+
+    read, phase, normal = directions.T
+    assert np.allclose(np.cross(read, phase), normal)
+    centre = np.array([12.5, -40.0, 31.0])
+    slice_positions = [centre + offset * normal for offset in (-10.0, 0.0, 10.0)]  # 3 mm slices, 10 mm apart
+    kspace = _spot_kspace((samples, width), (samples // 2 + 2, width // 2 - 3))
+    acquisitions = []
+    for s, position in enumerate(slice_positions):
+        for col in range(width):
+            acquisition = line(kspace[..., col], col, slice=s)
+            for name, value in zip(("position", "read_dir", "phase_dir", "slice_dir"), (position, *directions.T)):
+                setattr(acquisition, name, tuple(float(v) for v in value))
+            acquisitions.append(acquisition)
+    raw = ismrmrd.Dataset(str(tmp_path / "raw.h5"), "dataset", create_if_needed=True)
+    raw.write_xml_header(_geometry_header(samples, width, recon, (100.0, 75.0)))
+    for acquisition in acquisitions:
+        raw.append_acquisition(acquisition)
+    raw.close()
+    _reconstruct(tmp_path, "raw.h5", "dicom", "nifti")
+
+    slices = [pydicom.dcmread(p) for p in sorted((tmp_path / "out" / "dicom" / "raw").glob("*.dcm"))]
+    nifti = nib.load(tmp_path / "out" / "nifti" / "raw.nii.gz")
+    lps_to_ras = np.array([-1.0, -1.0, 1.0])
+    for k, (ds, position) in enumerate(zip(slices, slice_positions)):
+        orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+        np.testing.assert_allclose(orientation, [*phase, *read], atol=1e-6)  # rows: readout, columns: phase
+        row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+        assert (row_spacing, col_spacing) == pytest.approx((100.0 / samples, 75.0 / width))
+
+        patient = functools.partial(_dicom_point, ds)
+        centre_pixel = (samples // 2 - (samples - recon[0]) // 2, width // 2 - (width - recon[1]) // 2)
+        np.testing.assert_allclose(patient(*centre_pixel), position, atol=1e-3)
+        spot = np.unravel_index(np.argmax(ds.pixel_array), ds.pixel_array.shape)
+        expected_spot = position + 2 * row_spacing * read - 3 * col_spacing * phase
+        np.testing.assert_allclose(patient(*spot), expected_spot, atol=1e-3)
+        for i, j in [centre_pixel, spot, (0, 0), (recon[0] - 1, recon[1] - 1)]:  # NIfTI: voxel (col, row, slice)
+            ras = nifti.affine @ [j, i, k, 1]
+            np.testing.assert_allclose(ras[:3], lps_to_ras * patient(i, j), atol=1e-3)
+        assert float(ds.SliceLocation) == pytest.approx(float(np.dot(position, normal)), abs=1e-3)
+        assert float(ds.SpacingBetweenSlices) == pytest.approx(10.0)
+        assert float(ds.SliceThickness) == pytest.approx(3.0)
+    assert np.argmax(nifti.get_fdata()[..., 1]) == np.ravel_multi_index(spot[::-1], nifti.shape[:2])
+
+
+def test_raw_files_without_usable_geometry_keep_the_fixed_frame(tmp_path):
+    """Acquisitions that leave position and directions zero (or give directions that are not orthonormal) get the
+    fixed axial frame centred on the volume, as fastMRI files do."""
+    import pydicom
+
+    from reconkit.io import geometry_from_header, nifti_affine
+    from reconkit.io.geometry import fixed_frame
+
+    rng = np.random.default_rng(9)
+    kspace = [random_kspace(rng, COILS, SAMPLES, WIDTH) for _ in range(2)]
+    for name, read_dir in [("zeros.h5", (0.0, 0.0, 0.0)), ("skewed.h5", (1.0, 0.5, 0.0))]:
+        acquisitions = [line(k[..., col], col, slice=s) for s, k in enumerate(kspace) for col in range(WIDTH)]
+        for acquisition in acquisitions:
+            acquisition.read_dir, acquisition.phase_dir, acquisition.slice_dir = read_dir, (0, 1, 0), (0, 0, 1)
+        write_raw(tmp_path / name, acquisitions)
+        _reconstruct(tmp_path, name, "dicom")
+        geometry = geometry_from_header(read_ismrmrd_raw(tmp_path / name).info.header, (SAMPLES, WIDTH))
+        frame = fixed_frame(geometry, SAMPLES // 2, WIDTH, 2)
+        for k in range(2):
+            ds = pydicom.dcmread(tmp_path / "out" / "dicom" / name[:-3] / f"slice_{k:03d}.dcm")
+            assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+            np.testing.assert_allclose([float(v) for v in ds.ImagePositionPatient], frame.origins[k])
+    affine = nifti_affine(geometry, (WIDTH, SAMPLES // 2, 2))
+    np.testing.assert_allclose(affine[:3, 3], [-1, -1, 1] * np.array(frame.origins[0]))

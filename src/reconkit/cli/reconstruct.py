@@ -37,6 +37,7 @@ from reconkit.inference import (
     volume_mask,
 )
 from reconkit.io import (
+    acquisition_frame,
     geometry_from_header,
     new_study,
     sequence_attributes,
@@ -103,6 +104,18 @@ def _on_slice_grid(images: np.ndarray, positions: Sequence[int | None]) -> np.nd
     return series
 
 
+_IMAGE_ATTRS = ("image_index", "image_geometry")  # read_ismrmrd_raw's per-image attributes
+
+
+def _stack_images(groups: Sequence[tuple[str, Sequence[int | None] | None]], count: int) -> list[int | None]:
+    """Per slice of the series' common stack (:func:`reconkit.data.ismrmrd_raw.image_groups`), an image of any
+    series at that slice (None: no series has one), so every series gets the scan's slice positions; ``count``
+    images in one series: the images themselves."""
+    if groups[0][1] is None:
+        return list(range(count))
+    return [next((images[k] for _, images in groups if images[k] is not None), None) for k in range(len(groups[0][1]))]
+
+
 def _contrast_of(suffix: str) -> int | None:
     """The contrast index a series suffix of :func:`reconkit.data.ismrmrd_raw.image_groups` names
     (``"_contrast1_repetition0"`` → 1), or None where the file's series do not differ in contrast."""
@@ -114,20 +127,29 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
     """Write ``result`` in each of ``formats`` under ``output/<format>/`` (each write atomic)."""
     path = volume.info.path
     stem = output_stem(path)
-    attrs = {k: volume.info.attrs[k] for k in ("acquisition", "patient_id", "image_index") if k in volume.info.attrs}
+    attrs = {k: volume.info.attrs[k] for k in ("acquisition", "patient_id", *_IMAGE_ATTRS) if k in volume.info.attrs}
     if attrs.get("acquisition") != "ismrmrd_raw":  # only read_ismrmrd_raw's own index describes the images
-        attrs.pop("image_index", None)
+        for key in _IMAGE_ATTRS:
+            attrs.pop(key, None)
     geometry = geometry_from_header(volume.info.header, volume.kspace.shape[-2:])
+    groups = image_groups(attrs.get("image_index"))
+    frame = acquisition_frame(
+        attrs.get("image_geometry"),
+        _stack_images(groups, result.reconstruction.shape[0]),
+        geometry,
+        volume.kspace.shape[-2:],
+        result.reconstruction.shape[-2:],
+    )
     if "h5" in formats:
         write_fastmri_h5(output / "h5" / path.name, result.reconstruction, attrs)
     reference = result.target
     if reference is not None and reference.shape != result.reconstruction.shape:
         reference = None
     study = new_study()  # the series of one input file share a study and frame of reference
-    for number, (suffix, images) in enumerate(image_groups(attrs.get("image_index")), start=1):
+    for number, (suffix, images) in enumerate(groups, start=1):
         if "nifti" in formats:
             grid = result.reconstruction if images is None else _on_slice_grid(result.reconstruction, images)
-            write_nifti(output / "nifti" / f"{stem}{suffix}.nii.gz", grid, geometry)
+            write_nifti(output / "nifti" / f"{stem}{suffix}.nii.gz", grid, geometry, frame)
         # DICOM and PNG: the images the series has, numbered by their slice
         present = None if images is None else [(k, i) for k, i in enumerate(images) if i is not None]
         chosen = slice(None) if present is None else [i for _, i in present]
@@ -143,6 +165,7 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
                 series_number=number,
                 slice_grid=None if present is None else (slice_numbers, len(images)),
                 sequence=sequence_attributes(volume.info.header, _contrast_of(suffix)),
+                frame=frame,
             )
         if "png" in formats:
             write_png_panels(

@@ -8,6 +8,9 @@ centre line lands at ``W // 2``). What else the reader does with a scanner's acq
 * Images: one per distinct ``(slice, contrast, phase, repetition, set)`` index, in that order of precedence
   (slices vary fastest), stacked along the volume's slice axis; the file attribute ``image_index`` (JSON) lists
   each image's index. Repeated lines of one image (``average``, ``segment``) are averaged.
+* Geometry: the file attribute ``image_geometry`` (JSON) gives each image's ``position`` (slice centre, mm) and
+  ``read_dir`` / ``phase_dir`` / ``slice_dir`` (ISMRMRD's LPS patient coordinates), from its imaging line nearest
+  the k-space centre.
 * Readout: ``discard_pre`` / ``discard_post`` samples are dropped; ``ACQ_IS_REVERSE`` lines are flipped; an
   asymmetric echo (``center_sample`` set and not ``samples // 2``) is zero-padded so the echo lands at ``H // 2``.
 * Parallel-imaging reference lines (``ACQ_IS_PARALLEL_CALIBRATION`` without ``_AND_IMAGING``) fill only columns
@@ -118,10 +121,13 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
     row = {key: i for i, key in enumerate(images)}
     kspace = np.zeros((len(images), coils, samples, width), np.complex64)
     counts = np.zeros((len(images), width), np.int64)
+    central: dict[int, tuple[int, object]] = {}  # per image: (distance from the centre column, its acquisition)
     for acquisition, line in zip(imaging, lines):
         image, column = row[_image_key(acquisition)], _column(path, acquisition, header.padding_left, width)
         kspace[image, :, :, column] += line
         counts[image, column] += 1
+        if abs(column - width // 2) < central.get(image, (width + 1,))[0]:
+            central[image] = (abs(column - width // 2), acquisition)
     for acquisition in reference:
         line, key = _readout(acquisition, ismrmrd), _image_key(acquisition)
         if key not in row or line.shape != (coils, samples):  # e.g. a separate reference scan, numbered its own way
@@ -132,7 +138,7 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
             counts[row[key], column] -= 1  # negative: reference lines only
     kspace /= np.maximum(np.abs(counts), 1)[:, None, None, :]
     index = [dict(zip(_IMAGE_INDEX, key)) for key in images]
-    return _volume(path, kspace, header, index)
+    return _volume(path, kspace, header, index, [_geometry(central[image][1]) for image in range(len(images))])
 
 
 _IMAGE_INDEX = ("slice", "contrast", "phase", "repetition", "set")
@@ -245,7 +251,17 @@ def _column(path: Path, acquisition, padding_left: int, width: int) -> int:
     return column
 
 
-def _volume(path: Path, kspace: np.ndarray, header: HeaderInfo, index: list[dict[str, int]]) -> Volume:
+def _geometry(acquisition) -> dict[str, list[float]]:
+    """An acquisition's slice centre and directions (all zeros where the writer left them unset)."""
+    return {name: [float(v) for v in getattr(acquisition, name)[:]] for name in _GEOMETRY}
+
+
+_GEOMETRY = ("position", "read_dir", "phase_dir", "slice_dir")
+
+
+def _volume(
+    path: Path, kspace: np.ndarray, header: HeaderInfo, index: list[dict[str, int]], geometry: list[dict]
+) -> Volume:
     info = VolumeInfo(
         path=path,
         challenge="multicoil",
@@ -254,6 +270,10 @@ def _volume(path: Path, kspace: np.ndarray, header: HeaderInfo, index: list[dict
         target_shape=None,
         mask_shape=None,
         header=header,
-        attrs={"acquisition": "ismrmrd_raw", "image_index": json.dumps(index)},
+        attrs={
+            "acquisition": "ismrmrd_raw",
+            "image_index": json.dumps(index),
+            "image_geometry": json.dumps(geometry),
+        },
     )
     return Volume(kspace=kspace, target=None, mask=None, info=info)

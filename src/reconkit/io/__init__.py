@@ -9,7 +9,7 @@ then ``os.replace``).
 """
 
 from reconkit.io.dicom import Study, new_study, sequence_attributes, write_dicom_series
-from reconkit.io.geometry import ImageGeometry, geometry_from_header
+from reconkit.io.geometry import ImageGeometry, PatientFrame, acquisition_frame, fixed_frame, geometry_from_header
 from reconkit.io.hdf5 import write_fastmri_h5
 from reconkit.io.metrics_csv import write_metrics_csv
 from reconkit.io.nifti import nifti_affine, write_nifti
@@ -17,7 +17,10 @@ from reconkit.io.png import write_png_panel, write_png_panels
 
 __all__ = [
     "ImageGeometry",
+    "PatientFrame",
     "Study",
+    "acquisition_frame",
+    "fixed_frame",
     "geometry_from_header",
     "new_study",
     "nifti_affine",

@@ -6,9 +6,10 @@ The MR Image IOD has no Modality LUT (rescale): viewers apply the window to the 
 from the ``RealWorldValueMappingSequence`` (PS3.3 C.7.6.16.2.11), as quantitative MR scanners record it:
 ``magnitude = stored · RealWorldValueSlope``.
 
-Each call makes a new study / series / frame of reference (fresh UIDs). Geometry: axial-style orientation
-``[1, 0, 0, 0, 1, 0]``, ``PixelSpacing = [row spacing, column spacing]`` in mm, contiguous slices
-``SliceThickness`` apart, positions centred on the volume (the same frame as :func:`reconkit.io.nifti_affine`).
+Each call makes a new study / series / frame of reference (fresh UIDs). Geometry: ``PixelSpacing = [row spacing,
+column spacing]`` in mm, orientation and positions from a :class:`reconkit.io.geometry.PatientFrame` (the same frame
+as :func:`reconkit.io.nifti_affine`): where the scan gives none, axial-style orientation ``[1, 0, 0, 0, 1, 0]``,
+contiguous slices ``SliceThickness`` apart, positions centred on the volume.
 
 Every Type 1 and Type 2 attribute of the MR Image IOD's mandatory modules is present (PS3.3 A.4): what a
 reconstruction does not know is left empty where the standard allows it (Type 2: birth date, sex, accession
@@ -34,7 +35,7 @@ from pydicom.valuerep import DS
 
 from reconkit.atomic import atomic_directory
 from reconkit.data.ismrmrd_header import HeaderInfo
-from reconkit.io.geometry import ImageGeometry
+from reconkit.io.geometry import ImageGeometry, PatientFrame, fixed_frame
 
 __all__ = ["Study", "new_study", "sequence_attributes", "write_dicom_series"]
 
@@ -66,7 +67,7 @@ def _decimal(value: float) -> DS:
 def _slice_dataset(
     pixels: np.ndarray,
     index: int,
-    num_slices: int,
+    frame: PatientFrame,
     slope: float,
     geometry: ImageGeometry,
     shared: dict[str, object],
@@ -83,16 +84,12 @@ def _slice_dataset(
     ds.SOPClassUID = MRImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.InstanceNumber = index + 1
-    location = (index - (num_slices - 1) / 2.0) * geometry.slice_thickness_mm
-    ds.ImagePositionPatient = [
-        _decimal(-(cols - 1) / 2.0 * geometry.col_spacing_mm),
-        _decimal(-(rows - 1) / 2.0 * geometry.row_spacing_mm),
-        _decimal(location),
-    ]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.SliceLocation = _decimal(location)
+    origin = frame.origins[index]
+    ds.ImagePositionPatient = [_decimal(value) for value in origin]
+    ds.ImageOrientationPatient = [_decimal(value) for value in (*frame.row_cosines, *frame.col_cosines)]
+    ds.SliceLocation = _decimal(np.dot(origin, frame.slice_dir))
     ds.SliceThickness = _decimal(geometry.slice_thickness_mm)
-    ds.SpacingBetweenSlices = _decimal(geometry.slice_thickness_mm)
+    ds.SpacingBetweenSlices = _decimal(frame.slice_spacing_mm(geometry))
     ds.PixelSpacing = [_decimal(geometry.row_spacing_mm), _decimal(geometry.col_spacing_mm)]
     ds.Rows, ds.Columns = rows, cols
     ds.SamplesPerPixel = 1
@@ -177,6 +174,7 @@ def write_dicom_series(
     series_number: int = 1,
     slice_grid: tuple[Sequence[int], int] | None = None,
     sequence: Mapping[str, float] | None = None,
+    frame: PatientFrame | None = None,
 ) -> list[Path]:
     """Atomically write a ``(slices, rows, cols)`` magnitude volume as ``directory/slice_NNN.dcm``.
 
@@ -200,6 +198,10 @@ def write_dicom_series(
     ``sequence``: what the scan's header gives of ``RepetitionTime`` / ``EchoTime`` (ms) and
     ``MagneticFieldStrength`` (T), by DICOM keyword (:func:`sequence_attributes`); left empty (or out) otherwise.
 
+    ``frame``: where the ``size`` slices of the stack lie in the patient (``ImageOrientationPatient``,
+    ``ImagePositionPatient``, ``SliceLocation``, ``SpacingBetweenSlices``;
+    :func:`reconkit.io.geometry.acquisition_frame`); by default :func:`reconkit.io.geometry.fixed_frame`.
+
     Returns:
         The written file paths, in slice order.
     """
@@ -214,6 +216,9 @@ def write_dicom_series(
     indices, size = slice_grid if slice_grid is not None else (range(volume.shape[0]), volume.shape[0])
     if len(indices) != volume.shape[0] or not all(0 <= k < size for k in indices):
         raise ValueError(f"slice_grid {slice_grid} does not place the volume's {volume.shape[0]} slices")
+    frame = frame if frame is not None else fixed_frame(geometry, volume.shape[1], volume.shape[2], size)
+    if len(frame.origins) != size:
+        raise ValueError(f"frame places {len(frame.origins)} slices, the stack has {size}")
     low, high = np.percentile(volume, [0.5, 99.5]) / slope  # the window, in stored units
     now = datetime.datetime.now()
     study = study if study is not None else new_study()
@@ -245,6 +250,6 @@ def write_dicom_series(
     names = [f"slice_{k:03d}.dcm" for k in indices]
     with atomic_directory(final) as tmp:
         for i, (k, name) in enumerate(zip(indices, names)):
-            ds = _slice_dataset(pixels[i], k, size, slope, geometry, shared)
+            ds = _slice_dataset(pixels[i], k, frame, slope, geometry, shared)
             ds.save_as(tmp / name, enforce_file_format=True)
     return [final / name for name in names]
