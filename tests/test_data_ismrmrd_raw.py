@@ -474,7 +474,7 @@ def _rotation(angles: tuple[float, float, float]) -> np.ndarray:
 )
 def test_raw_slices_are_placed_where_the_acquisitions_say(tmp_path, directions, samples, width, recon):
     """Orientation, positions and slice spacing come from the acquisitions' position / read_dir / phase_dir /
-    slice_dir (DICOM LPS), for DICOM and NIfTI alike, with a slice gap.
+    slice_dir (DICOM LPS), for DICOM and NIfTI alike, with a slice gap; PatientPosition / PatientID from the header.
     A bright pixel placed 2 rows and -3 columns from the image centre shows the in-plane signs: it must land at
     position + 2 row spacings along read_dir - 3 column spacings along phase_dir."""
     import nibabel as nib
@@ -520,6 +520,7 @@ def test_raw_slices_are_placed_where_the_acquisitions_say(tmp_path, directions, 
         assert float(ds.SliceLocation) == pytest.approx(float(np.dot(position, normal)), abs=1e-3)
         assert float(ds.SpacingBetweenSlices) == pytest.approx(10.0)
         assert float(ds.SliceThickness) == pytest.approx(3.0)
+        assert (ds.PatientPosition, ds.PatientID, str(ds.PatientName)) == ("FFS", "subj^07", "subj_07")
     assert np.argmax(nifti.get_fdata()[..., 1]) == np.ravel_multi_index(spot[::-1], nifti.shape[:2])
 
 
@@ -545,5 +546,6 @@ def test_raw_files_without_usable_geometry_keep_the_fixed_frame(tmp_path):
             ds = pydicom.dcmread(tmp_path / "out" / "dicom" / name[:-3] / f"slice_{k:03d}.dcm")
             assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
             np.testing.assert_allclose([float(v) for v in ds.ImagePositionPatient], frame.origins[k])
+            assert ds.PatientPosition == "" and ds.PatientID == "anonymous"
     affine = nifti_affine(geometry, (WIDTH, SAMPLES // 2, 2))
     np.testing.assert_allclose(affine[:3, 3], [-1, -1, 1] * np.array(frame.origins[0]))

@@ -186,6 +186,16 @@ def test_dicom_image_type_has_the_value_3_mr_images_need(tmp_path):
     assert list(pydicom.dcmread(path).ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
 
 
+@pytest.mark.parametrize(("given", "written"), [("HFS", "HFS"), (" FFP ", "FFP"), (None, ""), ("hfs", ""),
+                                               ("HFS\\FFS", ""), ("HEAD FIRST SUPINE X", "")])
+def test_dicom_patient_position_is_the_header_code_where_it_is_a_valid_code_string(tmp_path, given, written):
+    """PatientPosition (CS: upper-case letters, digits, space, _, at most 16 characters) is the header's
+    patientPosition; a value that is no valid code string stays empty (Type 2: unknown) rather than rewritten."""
+    (path,) = write_dicom_series(tmp_path / "scan", _volume(np.random.default_rng(7), (1, 8, 8)), ImageGeometry(),
+                                 patient_position=given)
+    assert pydicom.dcmread(path).PatientPosition == written
+
+
 def test_series_of_one_study_share_its_date_and_time(tmp_path, monkeypatch):
     """Two series written a second apart into one study (an ISMRMRD file's contrasts): the same StudyDate /
     StudyTime, as one StudyInstanceUID must have, and each its own ContentTime."""

@@ -166,6 +166,7 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
                 slice_grid=None if present is None else (slice_numbers, len(images)),
                 sequence=sequence_attributes(volume.info.header, _contrast_of(suffix)),
                 frame=frame,
+                patient_position=volume.info.header.patient_position,
             )
         if "png" in formats:
             write_png_panels(

@@ -43,6 +43,8 @@ class HeaderInfo:
         trajectory: ``encoding/trajectory`` (``"cartesian"``, ``"radial"``, ``"epi"``, ...), if given.
         calibration_mode: ``encoding/parallelImaging/calibrationMode`` (``"embedded"``, ``"separate"``, ...), if
             given.
+        patient_position: ``measurementInformation/patientPosition`` (``"HFS"``, ``"FFS"``, ...), if given.
+        patient_id: ``subjectInformation/patientID``, if given.
     """
 
     encoding_size: tuple[int, int, int]
@@ -61,6 +63,8 @@ class HeaderInfo:
     field_strength_t: float | None = None
     trajectory: str | None = None
     calibration_mode: str | None = None
+    patient_position: str | None = None
+    patient_id: str | None = None
 
     def metadata(self) -> dict:
         """The entries fastmri's ``SliceDataset`` puts in each sample's metadata."""
@@ -191,4 +195,6 @@ def parse_ismrmrd_header(xml: str | bytes, source: os.PathLike | str | None = No
         field_strength_t=read.number(["acquisitionSystemInformation", "systemFieldStrength_T"], float, required=False),
         trajectory=read.text(["encoding", "trajectory"]),
         calibration_mode=read.text(["encoding", "parallelImaging", "calibrationMode"]),
+        patient_position=read.text(["measurementInformation", "patientPosition"]),
+        patient_id=read.text(["subjectInformation", "patientID"]),
     )

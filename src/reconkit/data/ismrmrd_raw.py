@@ -10,7 +10,7 @@ centre line lands at ``W // 2``). What else the reader does with a scanner's acq
   each image's index. Repeated lines of one image (``average``, ``segment``) are averaged.
 * Geometry: the file attribute ``image_geometry`` (JSON) gives each image's ``position`` (slice centre, mm) and
   ``read_dir`` / ``phase_dir`` / ``slice_dir`` (ISMRMRD's LPS patient coordinates), from its imaging line nearest
-  the k-space centre.
+  the k-space centre; the header's ``subjectInformation/patientID`` becomes the ``patient_id`` attribute.
 * Readout: ``discard_pre`` / ``discard_post`` samples are dropped; ``ACQ_IS_REVERSE`` lines are flipped; an
   asymmetric echo (``center_sample`` set and not ``samples // 2``) is zero-padded so the echo lands at ``H // 2``.
 * Parallel-imaging reference lines (``ACQ_IS_PARALLEL_CALIBRATION`` without ``_AND_IMAGING``) fill only columns
@@ -274,6 +274,7 @@ def _volume(
             "acquisition": "ismrmrd_raw",
             "image_index": json.dumps(index),
             "image_geometry": json.dumps(geometry),
+            **({"patient_id": header.patient_id} if header.patient_id else {}),
         },
     )
     return Volume(kspace=kspace, target=None, mask=None, info=info)

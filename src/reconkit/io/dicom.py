@@ -46,7 +46,6 @@ _UNKNOWN_TYPE_2 = (  # Type 2 (2C) attributes of the MR Image IOD a reconstructi
     "ReferringPhysicianName",
     "StudyID",
     "AccessionNumber",
-    "PatientPosition",
     "Laterality",  # 2C, required for a paired body part (a knee): which one, and the body part, are unknown
     "PositionReferenceIndicator",
     "ScanOptions",
@@ -133,6 +132,16 @@ def dicom_text(value: object, limit: int = 64, delimiters: str = "\\") -> str:
     return text[: limit - 9] + "~" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
+def _code_string(value: str | None) -> str:
+    """``value`` as a DICOM CS (upper-case letters, digits, space, ``_``; at most 16 characters), or ``""`` (Type 2:
+    unknown) where it is none: the header's text is not rewritten into another code."""
+    text = (value or "").strip()
+    return text if len(text) <= 16 and all(ch in _CS_CHARACTERS for ch in text) else ""
+
+
+_CS_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _")
+
+
 class Study(NamedTuple):
     """What the series of one study share: its UIDs and its ``StudyDate`` / ``StudyTime`` (DICOM DA / TM text)."""
 
@@ -175,6 +184,7 @@ def write_dicom_series(
     slice_grid: tuple[Sequence[int], int] | None = None,
     sequence: Mapping[str, float] | None = None,
     frame: PatientFrame | None = None,
+    patient_position: str | None = None,
 ) -> list[Path]:
     """Atomically write a ``(slices, rows, cols)`` magnitude volume as ``directory/slice_NNN.dcm``.
 
@@ -201,6 +211,8 @@ def write_dicom_series(
     ``frame``: where the ``size`` slices of the stack lie in the patient (``ImageOrientationPatient``,
     ``ImagePositionPatient``, ``SliceLocation``, ``SpacingBetweenSlices``;
     :func:`reconkit.io.geometry.acquisition_frame`); by default :func:`reconkit.io.geometry.fixed_frame`.
+    ``patient_position``: the header's ``patientPosition`` (e.g. ``HFS``), written where it is a valid DICOM code
+    string; ``PatientPosition`` is left empty otherwise.
 
     Returns:
         The written file paths, in slice order.
@@ -243,6 +255,7 @@ def write_dicom_series(
         "WindowCenter": f"{(low + high) / 2.0:.6g}",
         "WindowWidth": f"{max(high - low, 1.0):.6g}",
         **dict.fromkeys(_UNKNOWN_TYPE_2, ""),
+        "PatientPosition": _code_string(patient_position),
         **{keyword: _decimal(value) for keyword, value in (sequence or {}).items()},
     }
     pixels = np.rint(volume / slope).clip(0, _UINT16_MAX).astype(np.uint16)
