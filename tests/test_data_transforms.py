@@ -133,11 +133,14 @@ def test_varnet_transform_fully_sampled_without_any_mask():
     assert torch.equal(sample.masked_kspace, transforms.to_tensor(kspace))
 
 
-def test_varnet_transform_needs_max_with_target():
+@pytest.mark.parametrize("transform", [transforms.VarNetDataTransform(), transforms.UnetDataTransform("multicoil")])
+def test_transforms_need_max_with_target(transform):
+    """The U-Net transform took a missing 'max' as 0.0 (as fastmri's): PSNR -inf and an SSIM of constants 0 (NaN
+    on flat windows) in validation, for a converted dataset without the attr, instead of an error naming the file."""
     attrs = _attrs(16, 12, recon=(8, 8))
     del attrs["max"]
     with pytest.raises(DataError, match="f.h5: file attrs lack 'max'"):
-        transforms.VarNetDataTransform()(_kspace((2, 16, 12)), None, np.zeros((8, 8), np.float32), attrs, "f.h5", 0)
+        transform(_kspace((2, 16, 12)), None, np.zeros((8, 8), np.float32), attrs, "f.h5", 0)
 
 
 def _assert_same_unet(got, want):

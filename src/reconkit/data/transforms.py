@@ -229,7 +229,7 @@ class UnetSample(NamedTuple):
         target: ``(h, w)`` target normalised with the input's mean / std, or ``tensor([0])`` without target.
         mean, std: 0-dim tensors used for the normalisation.
         fname, slice_num: as the dataset.
-        max_value: the volume's ``max`` attr, 0.0 if absent.
+        max_value: the volume's ``max`` attr, 0.0 if absent (with a target its absence is a ``DataError``).
     """
 
     image: torch.Tensor
@@ -271,7 +271,8 @@ class UnetDataTransform:
         slice_num: int,
     ) -> UnetSample:
         kspace_torch = to_tensor(kspace)
-        max_value = attrs.get("max", 0.0)
+        # fastmri takes a missing 'max' as 0.0, with a target too: PSNR -inf, SSIM NaN
+        max_value = attrs.get("max", 0.0) if target is None else _require_max(attrs, fname)
         if self.mask_func is not None and not (self.stored_mask_first and mask is not None):
             seed = filename_seed(fname) if self.use_seed else None
             kspace_torch = apply_mask(kspace_torch, self.mask_func, seed=seed)[0]
