@@ -427,6 +427,16 @@ def test_cli_writes_dataset_and_reports_bad_options(tmp_path, capsys):
     assert exit_info.value.code == 0 and "examples:" in capsys.readouterr().out
 
 
+def test_cli_shows_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    """tqdm's bar went into CI logs and pipes (one line per update) unless --no-progress was given, where
+    reconstruct's bar is off there."""
+    from reconkit.cli.main import main
+
+    assert main(["simulate", "--output", str(tmp_path), "--num-volumes", "1", "--coils", "2", "--encoded-size", "48",
+                 "40", "--recon-size", "24", "24", "--slices", "1"]) == 0  # fmt: skip
+    assert capsys.readouterr().err == ""
+
+
 def test_a_second_run_into_the_same_folder_cannot_put_a_volume_in_two_splits(tmp_path):
     options = {"snr_db": 25.0, "seed": 3, "progress": False, "slices": 1, "encoded_size": (48, 32),
                "recon_size": (24, 20)}

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="fractions of volumes per split (default: 0.7 0.15 0.15)",
     )
     parser.add_argument("--seed", type=int, default=0, help="dataset seed; same seed, same files (default: 0)")
-    parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="do not show a progress bar (none is shown when stderr is not a terminal, e.g. a log)")
     return parser
 
 
@@ -146,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             orientation=args.orientation, source=args.source, split=args.split,
             noise_correlation=args.noise_correlation, field_strength_t=args.field_strength,
             random_contrast=args.random_contrast, seed=args.seed,
-            progress=not args.no_progress,
+            progress=not args.no_progress and sys.stderr.isatty(),  # as reconstruct's: no bars in a CI log
         )  # fmt: skip
     except (ValueError, OSError, ReconkitError) as error:
         print(f"reconkit simulate: error: {error}", file=sys.stderr)
