@@ -69,3 +69,13 @@ def test_parser_builds_without_docstrings(command: str, monkeypatch: pytest.Monk
     module = importlib.import_module(f"reconkit.cli.{command}")
     monkeypatch.setattr(module, "__doc__", None)
     assert isinstance(module.build_parser(), argparse.ArgumentParser)
+
+
+def test_help_command_shows_the_named_commands_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """``reconkit help evaluate`` printed the top-level usage and ignored the command it named."""
+    from reconkit.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["help", "evaluate"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: reconkit evaluate ")
+    assert main(["help", "nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err

@@ -43,7 +43,7 @@ def _usage() -> str:
     lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
     lines += [
         "",
-        "Run 'reconkit <command> --help' for the options of a command, with an example.",
+        "Run 'reconkit <command> --help' (or 'reconkit help <command>') for the options of a command, with an example.",
         "",
         "examples:",
         "  reconkit simulate --output data/sim --num-volumes 8 --coils 8",
@@ -71,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a file name that stdout's encoding lacks (Windows' ANSI code page when piped or redirected) is escaped, as
         # on stderr, instead of a UnicodeEncodeError once the work is done
         sys.stdout.reconfigure(errors="backslashreplace")
+    if args[:1] == ["help"] and len(args) > 1:  # `reconkit help <command> [sub-command]`: its --help, as git's
+        args = [*args[1:], "--help"]
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
