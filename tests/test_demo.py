@@ -57,7 +57,7 @@ def test_demo_prints_output_paths_as_they_are(tmp_path, capsys):
 
 
 def test_demo_missing_model_is_one_line(tmp_path, capsys):
-    assert demo.main(["--output", str(tmp_path), "--model", str(tmp_path / "none.onnx")]) == 1
+    assert demo.main(["--output", str(tmp_path), "--model", str(tmp_path / "none.onnx")]) == 2  # as reconstruct's
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "none.onnx" in err and "not found" in err
 
@@ -68,7 +68,7 @@ def test_installed_package_without_bundled_model(tmp_path, monkeypatch, capsys):
     used, or one line says where the model is and to pass --model."""
     monkeypatch.setattr(demo, "BUNDLED_ONNX", tmp_path / "site" / "checkpoints" / "varnet_small.onnx")
     monkeypatch.chdir(tmp_path)
-    assert demo.main(["--output", str(tmp_path / "out")]) == 1
+    assert demo.main(["--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "source repository" in err and "--model PATH" in err, err
     assert not (tmp_path / "out").exists()
@@ -79,11 +79,13 @@ def test_installed_package_without_bundled_model(tmp_path, monkeypatch, capsys):
 
 def test_demo_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
     """An --output below a file (or in a read-only folder) ended in a NotADirectoryError / PermissionError
-    traceback."""
+    traceback; then it was exit 1 and an errno line, found after simulating the scan. Now exit 2 before any work,
+    naming the option, as reconstruct, evaluate and simulate do."""
     (tmp_path / "a_file").write_text("")
-    assert demo.main(["--output", str(tmp_path / "a_file" / "demo"), "--model", str(demo.BUNDLED_ONNX)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("reconkit demo: ") and "Not a directory" in err, err
+    output = tmp_path / "a_file" / "demo"
+    assert demo.main(["--output", str(output), "--model", str(demo.BUNDLED_ONNX)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"reconkit demo: --output {output}: {tmp_path / 'a_file'} exists and is not a directory\n"
 
 
 def test_bundled_model_beats_zero_filled(tmp_path):

@@ -393,7 +393,8 @@ def test_cli_export_with_triton_repository(unet_checkpoint, tmp_path, capsys) ->
 
 
 def test_cli_export_refuses_bad_options_and_outputs_before_exporting(unet_checkpoint, tmp_path, capsys) -> None:
-    """One line naming the option or path, exit 1, nothing written (not even a folder made for the output)."""
+    """One line naming the option or path, exit 2 (1 before: unlike every other command's refusals before any work,
+    and argparse's own for a value that is not a number), nothing written (not even a folder made for the output)."""
     _, checkpoint = unet_checkpoint
     (tmp_path / "afile").write_text("x")
     (tmp_path / "adir").mkdir()
@@ -407,14 +408,14 @@ def test_cli_export_refuses_bad_options_and_outputs_before_exporting(unet_checkp
          "invalid model version 1765000000: must be an integer from 1 to 999999999"),
         (["--output", str(tmp_path / "adir")], "adir: is a directory"),
         (["--output", str(checkpoint)], "the output would overwrite the checkpoint"),
-        (["--output", str(tmp_path / "afile" / "x.onnx")], "afile/x.onnx: cannot create its folder"),
+        (["--output", str(tmp_path / "afile" / "x.onnx")], "afile/x.onnx: " + str(tmp_path / "afile") + " exists and"),
         (["--output", str(tmp_path / "new" / "deeper" / "x.onnx"), "--opset", "99"], "opset must be between"),
     ]
     for extra, message in cases:
         args = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out" / "x.onnx"), "--size", "32", "24"]
         code = export_main(args + extra)
         err = capsys.readouterr().err
-        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # no out/, new/, repo/ or .export-*
     assert checkpoint.stat().st_size > 0 and load_checkpoint_model(checkpoint)
 
@@ -422,7 +423,8 @@ def test_cli_export_refuses_bad_options_and_outputs_before_exporting(unet_checkp
 def test_cli_export_reports_outputs_it_cannot_write_in_one_line(unet_checkpoint, tmp_path, capsys,
                                                                 monkeypatch) -> None:
     """A FIFO (or device, or /dev/stdout) as --output is refused, not replaced by the final rename; a folder that
-    refuses files and a Triton repository path that cannot be written are one line naming the path, exit 1."""
+    refuses files and a Triton repository path that cannot be written are one line naming the path: exit 2 where
+    found before the export, 1 where the export or the repository's write fails."""
     _, checkpoint = unet_checkpoint
     fifo = tmp_path / "fifo.onnx"
     os.mkfifo(fifo)
@@ -435,19 +437,19 @@ def test_cli_export_reports_outputs_it_cannot_write_in_one_line(unet_checkpoint,
         raise PermissionError(errno.EACCES, "Permission denied", str(locked))
 
     cases = [
-        (["--output", str(fifo)], "fifo.onnx: is not a regular file"),
+        (["--output", str(fifo)], "fifo.onnx: is not a regular file", 2),
         (["--output", str(tmp_path / "x.onnx"), "--triton-repository", str(tmp_path / "afile")],
-         "--triton-repository " + str(tmp_path / "afile") + ": is not a directory"),
+         "--triton-repository " + str(tmp_path / "afile") + ": is not a directory", 2),
         (["--output", str(tmp_path / "m.onnx"), "--triton-repository", str(tmp_path / "repo")],
-         "m/1/model.onnx: cannot write the Triton model repository there: Is a directory"),
-        (["--output", str(locked / "x.onnx")], "locked/x.onnx: cannot write it: Permission denied"),
+         "m/1/model.onnx: cannot write the Triton model repository there: Is a directory", 1),
+        (["--output", str(locked / "x.onnx")], "locked/x.onnx: cannot write it: Permission denied", 1),
     ]
-    for extra, message in cases:
+    for extra, message, expected in cases:
         if locked in Path(extra[1]).parents:
             monkeypatch.setattr("reconkit.export.onnx_export.tempfile.TemporaryDirectory", refuse)
         code = export_main(["--checkpoint", str(checkpoint), "--size", "32", "24", *extra])
         err = capsys.readouterr().err
-        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert code == expected and message in err and len(err.strip().splitlines()) == 1, (extra, err)
     assert stat.S_ISFIFO(fifo.stat().st_mode)
     assert not (tmp_path / "x.onnx").exists() and list(locked.iterdir()) == []
 
@@ -470,7 +472,7 @@ def test_cli_export_refuses_a_triton_repository_it_cannot_write_before_exporting
     repository = tmp_path / "ro" / "models"
     code = export_main(["--checkpoint", "any.ckpt", "--output", str(tmp_path / "x.onnx"), "--triton-repository",
                         str(repository)])  # fmt: skip
-    assert code == 1
+    assert code == 2
     assert capsys.readouterr().err == (f"reconkit export: error: --triton-repository {repository}: {tmp_path / 'ro'} "
                                        "is not writable\n")  # fmt: skip
 
@@ -530,10 +532,12 @@ def test_bad_checkpoints_give_clear_errors(tmp_path) -> None:
 
 
 def test_cli_reports_bad_checkpoint(tmp_path, capsys) -> None:
-    checkpoint = _bad_checkpoints(tmp_path)["garbage"]
-    code = export_main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "x.onnx"), "--size", "32", "24"])
-    err = capsys.readouterr().err
-    assert code == 1 and str(checkpoint) in err and len(err.strip().splitlines()) == 1
+    """Exit 2, as reconstruct's for the same file given to --model (export's was 1)."""
+    for checkpoint in (tmp_path / "missing.ckpt", _bad_checkpoints(tmp_path)["garbage"]):
+        code = export_main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "x.onnx"), "--size", "32",
+                            "24"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and str(checkpoint) in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.onnx").exists()
 
 

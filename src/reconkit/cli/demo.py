@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconkit.atomic import folder_problem
 from reconkit.errors import ReconkitError
 
-__all__ = ["BUNDLED_ONNX", "DemoRow", "bundled_model", "main", "run_demo"]
+__all__ = ["BUNDLED_ONNX", "DemoRow", "bundled_model", "check_paths", "main", "run_demo"]
 
 BUNDLED_ONNX = Path(__file__).resolve().parents[3] / "checkpoints" / "varnet_small.onnx"
 """The bundled model in a source checkout (``checkpoints/`` next to ``src/``). An installed package (a wheel) does
@@ -44,6 +45,16 @@ class DemoRow:
     seconds_per_slice: float
 
 
+def check_paths(output: Path, model: Path) -> None:
+    """ReconkitError naming the path when ``model`` is missing or ``output`` can never be written (a file on its
+    way, a read-only folder): what the demo refuses before any work."""
+    if not model.is_file():
+        raise ReconkitError(f"{model}: ONNX model not found")
+    problem = folder_problem(output)
+    if problem:
+        raise ReconkitError(f"--output {output}: {problem}")
+
+
 def run_demo(output: Path, model: Path, seed: int = 0) -> list[DemoRow]:
     """Simulate, reconstruct and write everything under ``output``; returns the table rows."""
     from reconkit.cli.reconstruct import write_outputs
@@ -53,8 +64,7 @@ def run_demo(output: Path, model: Path, seed: int = 0) -> list[DemoRow]:
     from reconkit.io import write_png_panels
     from reconkit.metrics import volume_metrics
 
-    if not model.is_file():
-        raise ReconkitError(f"{model}: ONNX model not found")
+    check_paths(output, model)
     scan_path = write_volume(simulate_volume(seed, **SCAN), output / "scan" / "demo_scan.h5")
     volume = read_volume(scan_path)
     mask, _ = volume_mask(volume, MASK["mask_type"], MASK["acceleration"], MASK["center_fraction"], seed=None)
@@ -119,11 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo; exit code 1 with one line if the model or scan cannot be used or the output not written."""
+    """Run the demo; exit code 2 with one line if the model is missing or the output folder cannot be written (found
+    before any work), 1 if the model or scan fails or a write fails during the run."""
     args = build_parser().parse_args(argv)
     try:
-        rows = run_demo(args.output, args.model or bundled_model(), args.seed)
-    except (ReconkitError, OSError) as err:  # OSError: an --output that cannot be written (read-only, a file)
+        model = args.model or bundled_model()
+        check_paths(args.output, model)
+    except ReconkitError as err:  # exit 2, as every command refuses what cannot work before any work
+        print(f"reconkit demo: {err}", file=sys.stderr)
+        return 2
+    try:
+        rows = run_demo(args.output, model, args.seed)
+    except (ReconkitError, OSError) as err:  # OSError: a write that fails during the run (a full disk)
         print(f"reconkit demo: {err}", file=sys.stderr)
         return 1
     print_table(rows, args.output)

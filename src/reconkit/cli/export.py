@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_arguments(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> None:
-    """ReconkitError naming the option for values that cannot work."""
+    """ReconkitError / ValueError naming the option, path or checkpoint for what cannot work, before any export."""
+    from reconkit.export.onnx_export import check_export_options, load_checkpoint_model
+
     bad = [f"{h} {w}" for h, w in sizes if min(h, w) < 2]
     if bad:
         raise ReconkitError(f"--size {bad[0]}: height and width must be at least 2")
@@ -59,6 +61,11 @@ def _check_arguments(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> 
         if problem:
             raise ReconkitError(f"--triton-repository {args.triton_repository}: {problem}")
         check_triton_options(args.model_name or args.output.stem, args.version, args.max_batch_size)
+    check_export_options(args.output, args.checkpoint, args.opset)
+    problem = folder_problem(args.output.parent)
+    if problem:
+        raise ReconkitError(f"--output {args.output}: {problem}")
+    load_checkpoint_model(args.checkpoint)  # and again by export_onnx: a bad checkpoint is refused before any export
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = [tuple(s) for s in (args.size or [(640, 368)])]
     try:
         _check_arguments(args, sizes)  # all of them before the (minutes-long) export
+    except (ReconkitError, ValueError) as exc:  # exit 2, as every command refuses what cannot work before any work
+        print(f"reconkit export: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         path = export_onnx(args.checkpoint, args.output, [(args.coils, h, w) for h, w in sizes], opset=args.opset)
         meta = load_onnx_metadata(path)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {meta['reconkit.model_type']}, "

@@ -44,6 +44,8 @@ def _usage() -> str:
     lines += [
         "",
         "Run 'reconkit <command> --help' (or 'reconkit help <command>') for the options of a command, with an example.",
+        "Exit codes: 0 done, 1 the work failed (in part: the other files were done), 2 bad arguments, a missing",
+        "model or an unusable folder (nothing done), 130 / 143 interrupted (README.md).",
         "",
         "examples:",
         "  reconkit simulate --output data/sim --num-volumes 8 --coils 8",

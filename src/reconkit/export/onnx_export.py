@@ -43,6 +43,7 @@ from reconkit.ops import fft_impl
 __all__ = [
     "DEFAULT_OPSET",
     "ExportError",
+    "check_export_options",
     "decoded_metadata",
     "export_onnx",
     "format_sizes",
@@ -369,6 +370,20 @@ def _metadata(model: torch.nn.Module, info: Any, sizes: list[tuple[int, int]], e
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
 
 
+def check_export_options(output_path: Path, checkpoint: str | os.PathLike | None, opset: int) -> None:
+    """What :func:`export_onnx` refuses before any work: an opset outside 17 to :data:`MAX_OPSET` (ValueError), an
+    ``output_path`` that is a directory, a device / FIFO / socket or ``checkpoint`` itself (ExportError)."""
+    if not 17 <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be between 17 and {MAX_OPSET} (what this PyTorch exports); got {opset}")
+    if output_path.is_dir():
+        raise ExportError(f"{output_path}: is a directory; give the .onnx file to write")
+    if output_path.exists() and not output_path.is_file():  # the rename at the end would replace the node itself
+        raise ExportError(f"{output_path}: is not a regular file (a device, FIFO or socket); give the .onnx file "
+                          "to write")
+    if checkpoint is not None and output_path.resolve() == Path(checkpoint).resolve():
+        raise ExportError(f"{output_path}: the output would overwrite the checkpoint it is exported from")
+
+
 def export_onnx(
     model_or_checkpoint: torch.nn.Module | str | os.PathLike,
     output_path: str | os.PathLike,
@@ -400,18 +415,10 @@ def export_onnx(
     """
     import onnx
 
-    if not 17 <= opset <= MAX_OPSET:
-        raise ValueError(f"opset must be between 17 and {MAX_OPSET} (what this PyTorch exports); got {opset}")
     coils, sizes = normalise_sizes(example_shape)
     output_path = Path(output_path)
-    if output_path.is_dir():
-        raise ExportError(f"{output_path}: is a directory; give the .onnx file to write")
-    if output_path.exists() and not output_path.is_file():  # the rename at the end would replace the node itself
-        raise ExportError(f"{output_path}: is not a regular file (a device, FIFO or socket); give the .onnx file "
-                          "to write")
-    if not isinstance(model_or_checkpoint, torch.nn.Module) and output_path.resolve() == Path(
-            model_or_checkpoint).resolve():
-        raise ExportError(f"{output_path}: the output would overwrite the checkpoint it is exported from")
+    check_export_options(output_path, None if isinstance(model_or_checkpoint, torch.nn.Module) else model_or_checkpoint,
+                         opset)  # fmt: skip
     extra_metadata = _checked_metadata(metadata)
     if isinstance(model_or_checkpoint, torch.nn.Module):
         model, info, source = model_or_checkpoint, None, type(model_or_checkpoint).__name__
