@@ -88,6 +88,14 @@ def test_demo_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
     assert err == f"reconkit demo: --output {output}: {tmp_path / 'a_file'} exists and is not a directory\n"
 
 
+def test_demo_negative_seed_is_one_line_before_any_work(tmp_path, capsys):
+    """``--seed -1`` ended in numpy's ValueError traceback (exit 1) after the demo had begun writing; reconstruct and
+    simulate refuse it in one line, exit 2."""
+    assert demo.main(["--output", str(tmp_path / "out"), "--model", str(demo.BUNDLED_ONNX), "--seed", "-1"]) == 2
+    assert capsys.readouterr().err == "reconkit demo: --seed must be a non-negative integer, got -1\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_bundled_model_beats_zero_filled(tmp_path):
     assert demo.BUNDLED_ONNX.is_file(), f"bundled model missing: {demo.BUNDLED_ONNX}"
     rows = {row.method: row for row in demo.run_demo(tmp_path, demo.BUNDLED_ONNX)}

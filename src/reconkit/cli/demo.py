@@ -124,15 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", type=Path, default=None,
         help=f"ONNX model (default: the bundled checkpoints/{BUNDLED_ONNX.name} of a source checkout)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="simulation seed: which slices / coils / noise (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="simulation seed, 0 or more: which slices / coils / noise (default 0)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo; exit code 2 with one line if the model is missing or the output folder cannot be written (found
-    before any work), 1 if the model or scan fails or a write fails during the run."""
+    """Run the demo; exit code 2 with one line if the seed is negative, the model missing or the output folder cannot
+    be written (found before any work), 1 if the model or scan fails or a write fails during the run."""
     args = build_parser().parse_args(argv)
     try:
+        if args.seed < 0:  # numpy's seeds: a negative one was a ValueError traceback once the simulation began
+            raise ReconkitError(f"--seed must be a non-negative integer, got {args.seed}")
         model = args.model or bundled_model()
         check_paths(args.output, model)
     except ReconkitError as err:  # exit 2, as every command refuses what cannot work before any work
