@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -435,6 +436,26 @@ def test_cli_shows_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsy
     assert main(["simulate", "--output", str(tmp_path), "--num-volumes", "1", "--coils", "2", "--encoded-size", "48",
                  "40", "--recon-size", "24", "24", "--slices", "1"]) == 0  # fmt: skip
     assert capsys.readouterr().err == ""
+
+
+def test_cli_exit_code_tells_a_failed_write_from_bad_arguments(tmp_path, capsys, monkeypatch):
+    """Every OSError was exit 2 (bad arguments): a disk that filled during the run read as a usage error. An output
+    below a file is still refused before any work with 2, naming --output, as reconstruct and demo do."""
+    from reconkit.cli.main import main
+
+    args = ["simulate", "--num-volumes", "1", "--coils", "2", "--encoded-size", "48", "40", "--recon-size", "24", "24",
+            "--slices", "1"]  # fmt: skip
+    (tmp_path / "a_file").write_text("")
+    assert main([*args, "--output", str(tmp_path / "a_file" / "sim")]) == 2
+    assert capsys.readouterr().err == (f"reconkit simulate: error: --output {tmp_path / 'a_file' / 'sim'}: "
+                                       f"{tmp_path / 'a_file'} exists and is not a directory\n")
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("reconkit.data.simulate.dataset.write_volume", disk_full)
+    assert main([*args, "--output", str(tmp_path / "sim")]) == 1
+    assert capsys.readouterr().err == "reconkit simulate: error: [Errno 28] No space left on device\n"
 
 
 def test_a_second_run_into_the_same_folder_cannot_put_a_volume_in_two_splits(tmp_path):

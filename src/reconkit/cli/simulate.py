@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from reconkit.atomic import folder_problem
 from reconkit.errors import ReconkitError
 
 EXAMPLES = """\
@@ -140,6 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     from reconkit.data.simulate import simulate_dataset
 
+    # a missing output's nearest existing parent (an existing output: simulate_dataset's checks)
+    problem = None if Path(args.output).exists() else folder_problem(args.output)
+    if problem:  # before any work, as the checks below; an OSError after it is a write that failed during the run
+        print(f"reconkit simulate: error: --output {args.output}: {problem}", file=sys.stderr)
+        return 2
     try:
         manifest = simulate_dataset(
             args.output, args.num_volumes, args.coils, snr_db=args.snr_db, slices=args.slices,
@@ -149,9 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             random_contrast=args.random_contrast, seed=args.seed,
             progress=not args.no_progress and sys.stderr.isatty(),  # as reconstruct's: no bars in a CI log
         )  # fmt: skip
-    except (ValueError, OSError, ReconkitError) as error:
+    except (ValueError, ReconkitError) as error:  # option values and the output folder, checked before any volume
         print(f"reconkit simulate: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a write that failed during the run (a full disk): the work failed, exit 1
+        print(f"reconkit simulate: error: {error}", file=sys.stderr)
+        return 1
     fewer = {v["params"]["source"]: v["params"]["slices"] for v in manifest["volumes"]
              if v["params"]["slices"] < args.slices}
     for source, slices in fewer.items():
