@@ -21,7 +21,7 @@ from reconkit.models.classical import (
     zero_filled,
 )
 from reconkit.models.espirit_poly import _espirit_poly, estimate_sens_maps_espirit_poly
-from reconkit.ops import complex_abs, fft2c, rss_complex
+from reconkit.ops import complex_abs, fft2c, power_of_two_scale, rss_complex
 
 
 def phantom(height: int, width: int) -> torch.Tensor:
@@ -196,6 +196,20 @@ def test_classical_baselines_are_equivariant_to_the_kspace_scale(scale):
     for model in (ZeroFilled(), CGSense(), CGSense(sens_method="espirit")):
         image = model(kspace, mask)
         torch.testing.assert_close(model(kspace * scale, mask) / scale, image, rtol=1e-4, atol=1e-4 * image.max())
+
+
+def test_float64_classical_baselines_keep_float64_peaks_and_all_zero_items():
+    """float64 k-space: the power-of-two scale of a peak outside float32's range, or of an all-zero item, was
+    taken through float32 (inf / 0), so the image was NaN where the float32 baseline gives one."""
+    kspace, mask, *_ = simulate(coils=4, height=32, width=24, num_low_frequencies=8)
+    kspace = torch.cat((kspace, torch.zeros_like(kspace))).double()
+    mask = mask.expand(2, -1, -1, -1, -1)
+    assert power_of_two_scale(kspace[1:]).item() == torch.finfo(torch.float64).tiny
+    for model in (ZeroFilled(), CGSense()):
+        image = model(kspace, mask)
+        assert image.dtype == torch.float64 and not image[1].any()
+        for scale in (1e-50, 1e50):
+            torch.testing.assert_close(model(kspace * scale, mask) / scale, image)
 
 
 # ---- ESPIRiT from MatMuls (reconkit.models.espirit_poly) ----

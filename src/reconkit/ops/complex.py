@@ -112,9 +112,11 @@ def power_of_two_scale(x: torch.Tensor) -> torch.Tensor:
     Dividing by it and multiplying back is exact in floating point, so a reconstruction that is equivariant to the
     scale of its input (``f(a·y) = a·f(y)``) can compute on values of magnitude ~1 whatever the scanner's or
     converter's units (k-space from 1e-20 to 1e20), away from float32 underflow and overflow. An all-zero item
-    gets the dtype's smallest normal number (``2^-126`` in float32), so the division stays finite. Exports to ONNX
+    gets the dtype's smallest normal number (``2^-126`` in float32), so the division stays finite. The exponent is
+    taken in float32, or float64 for float64 input (whose peaks float32 would round to 0 or inf). Exports to ONNX
     (Abs, ReduceMax, Log, Floor, Pow).
     """
     peak = x.detach().abs().amax(dim=tuple(range(1, x.dim())), keepdim=True)
-    exponent = torch.floor(torch.log2(peak.clamp_min(torch.finfo(x.dtype).tiny).float()))
+    peak = peak.clamp_min(torch.finfo(x.dtype).tiny).to(torch.promote_types(x.dtype, torch.float32))
+    exponent = torch.floor(torch.log2(peak))
     return torch.pow(2.0, exponent).to(x.dtype)
