@@ -253,6 +253,17 @@ def test_nifti_shape_spacing_and_affine(tmp_path):
         assert nib.aff2axcodes(image.affine) == ("L", "P", "S")  # DICOM's LPS frame (dcm2niix: L A S, rows reversed)
 
 
+def test_nifti_and_dicom_refuse_complex_images(tmp_path):
+    """A complex volume (e.g. a SENSE image before its magnitude) was cast to its real part with only numpy's
+    ComplexWarning: negative real parts, clipped to 0 in DICOM. It is refused, as write_fastmri_h5 refuses it."""
+    volume = np.ones((2, 4, 5), np.complex64) * (1 - 1j)
+    with pytest.raises(ValueError, match=r"real \(slices, rows, cols\).*complex64"):
+        write_nifti(tmp_path / "vol.nii", volume, ImageGeometry())
+    with pytest.raises(ValueError, match=r"real \(slices, rows, cols\).*complex64"):
+        write_dicom_series(tmp_path / "dicom", volume, ImageGeometry())
+    assert _files_in(tmp_path) == []
+
+
 def test_nifti_and_dicom_put_each_pixel_at_the_same_point(tmp_path):
     """Pixel (row r, column c) of slice k: DICOM's position (LPS, from ImagePositionPatient + orientation) turned to
     RAS equals the NIfTI affine's position of voxel (c, r, k)."""

@@ -217,9 +217,11 @@ def write_dicom_series(
     Returns:
         The written file paths, in slice order.
     """
-    volume = np.asarray(volume, dtype=np.float64)
-    if volume.ndim != 3 or volume.shape[0] == 0:
-        raise ValueError(f"volume must be (slices, rows, cols) with at least one slice; got shape {volume.shape}")
+    volume = np.asarray(volume)
+    if volume.ndim != 3 or volume.shape[0] == 0 or np.iscomplexobj(volume):  # a cast would keep the real part
+        raise ValueError(f"volume must be a real (slices, rows, cols) array with at least one slice; got "
+                         f"{volume.dtype} {volume.shape}")
+    volume = volume.astype(np.float64, copy=False)
     if not np.isfinite(volume).all():
         raise ValueError("volume holds NaN or infinite values")
     volume = np.clip(volume, 0.0, None)

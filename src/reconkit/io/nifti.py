@@ -45,9 +45,10 @@ def write_nifti(
     ``(col_spacing_mm, row_spacing_mm, slice spacing)``: the slice thickness in the fixed frame, the distance between
     slice positions in an acquisition's. ``path`` should end in ``.nii`` or ``.nii.gz``.
     """
-    volume = np.asarray(volume, dtype=np.float32)
-    if volume.ndim != 3:
-        raise ValueError(f"volume must be (slices, rows, cols); got shape {volume.shape}")
+    volume = np.asarray(volume)
+    if volume.ndim != 3 or np.iscomplexobj(volume):  # a cast would keep the real part of complex images
+        raise ValueError(f"volume must be a real (slices, rows, cols) array; got {volume.dtype} {volume.shape}")
+    volume = volume.astype(np.float32, copy=False)
     data = np.ascontiguousarray(volume.transpose(2, 1, 0))
     image = nib.Nifti1Image(data, nifti_affine(geometry, data.shape, frame))
     image.header.set_xyzt_units("mm")
