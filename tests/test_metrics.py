@@ -78,6 +78,18 @@ def test_metrics_reject_bad_shapes():
         ssim(gt[:, :5, :5], gt[:, :5, :5])
 
 
+def test_complex_images_nmse_equals_fastmri_psnr_ssim_refuse_them():
+    """A float64 cast kept the real parts of complex images alone, with only numpy's ComplexWarning: NMSE differed
+    from fastmri's (which takes |error|), PSNR / SSIM (which fastmri refuses for complex input) gave a number."""
+    rng = np.random.default_rng(7)
+    gt = smooth_volume((2, 16, 16), seed=6) * np.exp(1j * rng.uniform(0, 2 * np.pi, (2, 16, 16)))
+    pred = gt + 1e-5 * (rng.standard_normal(gt.shape) + 1j * rng.standard_normal(gt.shape))
+    assert nmse(gt, pred) == pytest.approx(float(fm_evaluate.nmse(gt, pred)), rel=1e-12)
+    for metric in (psnr, ssim):
+        with pytest.raises(ValueError, match="complex images; pass magnitudes"):
+            metric(gt, pred)
+
+
 @pytest.mark.parametrize("shape", [(2, 1, 32, 32), (3, 1, 37, 29)])
 def test_ssim_loss_equals_fastmri_and_gradients(shape):
     gen = torch.Generator().manual_seed(0)

@@ -24,7 +24,9 @@ from reconkit.metrics.losses import ssim_map, uniform_window
 __all__ = ["MetricTable", "nmse", "psnr", "psnr_torch", "ssim", "ssim_torch", "volume_metrics"]
 
 
-def _check_pair(gt: np.ndarray, pred: np.ndarray, metric: str, ndim: int | None = None) -> None:
+def _check_pair(gt: np.ndarray, pred: np.ndarray, metric: str, ndim: int | None = None, real: bool = True) -> None:
+    if real and (np.iscomplexobj(gt) or np.iscomplexobj(pred)):  # a float64 cast would keep the real parts alone
+        raise ValueError(f"{metric}: complex images; pass magnitudes (np.abs), as fastmri.evaluate needs")
     if gt.shape != pred.shape:
         raise ValueError(f"{metric}: ground truth {gt.shape} and prediction {pred.shape} differ in shape")
     if ndim is not None and gt.ndim != ndim:
@@ -34,11 +36,13 @@ def _check_pair(gt: np.ndarray, pred: np.ndarray, metric: str, ndim: int | None 
 
 
 def nmse(gt: np.ndarray, pred: np.ndarray) -> float:
-    """Normalised mean squared error ``‖gt − pred‖² / ‖gt‖²`` of two arrays of one shape."""
-    _check_pair(gt, pred, "nmse")
-    gt64 = np.asarray(gt, np.float64).ravel()
-    error = gt64 - np.asarray(pred, np.float64).ravel()
-    return float(np.dot(error, error) / np.dot(gt64, gt64))  # BLAS dot products, as fastmri's norms
+    """Normalised mean squared error ``‖gt − pred‖² / ‖gt‖²`` of two arrays of one shape (complex ones too, as
+    fastmri's)."""
+    _check_pair(gt, pred, "nmse", real=False)
+    dtype = np.complex128 if np.iscomplexobj(gt) or np.iscomplexobj(pred) else np.float64
+    gt64 = np.asarray(gt, dtype).ravel()
+    error = gt64 - np.asarray(pred, dtype).ravel()
+    return float(np.vdot(error, error).real / np.vdot(gt64, gt64).real)  # BLAS dot products, as fastmri's norms
 
 
 def psnr(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float:
