@@ -11,7 +11,7 @@ from fastmri import evaluate as fm_evaluate
 from fastmri.losses import SSIMLoss as FastmriSSIMLoss
 from scipy.ndimage import gaussian_filter
 
-from reconkit.metrics import MetricTable, SSIMLoss, nmse, psnr, psnr_torch, ssim, ssim_torch, volume_metrics
+from reconkit.metrics import MetricTable, SSIMLoss, band_nmse, nmse, psnr, psnr_torch, ssim, ssim_torch, volume_metrics
 
 SIZES = [(3, 32, 32), (2, 41, 27), (4, 64, 48), (1, 7, 9)]
 
@@ -88,6 +88,19 @@ def test_complex_images_nmse_equals_fastmri_psnr_ssim_refuse_them():
     for metric in (psnr, ssim):
         with pytest.raises(ValueError, match="complex images; pass magnitudes"):
             metric(gt, pred)
+
+
+def test_torch_metrics_refuse_complex_images():
+    """psnr_torch, ssim_torch and SSIMLoss returned complex numbers for complex images, band_nmse scored their real
+    parts alone (with torch's cast warning)."""
+    gt = torch.randn(2, 16, 16, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    calls = [("psnr_torch", lambda: psnr_torch(gt, 1.1 * gt, maxval=1.0)),
+             ("ssim", lambda: ssim_torch(gt, 1.1 * gt, maxval=1.0)),
+             ("ssim", lambda: SSIMLoss()(gt[:, None], 1.1 * gt[:, None], torch.ones(2))),
+             ("band_energies", lambda: band_nmse(1.1 * gt, gt, num_bands=2))]
+    for name, call in calls:
+        with pytest.raises(ValueError, match=f"{name}: complex images; pass magnitudes"):
+            call()
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 32, 32), (3, 1, 37, 29)])

@@ -81,6 +81,8 @@ def psnr_torch(gt: torch.Tensor, pred: torch.Tensor, maxval: torch.Tensor | floa
     """
     if gt.shape != pred.shape:
         raise ValueError(f"psnr_torch: shapes {tuple(gt.shape)} and {tuple(pred.shape)} differ")
+    if gt.is_complex() or pred.is_complex():
+        raise ValueError("psnr_torch: complex images; pass magnitudes (abs)")
     mse = ((gt - pred) ** 2).flatten(1).mean(dim=1)
     return 10 * torch.log10(_per_image_peak(gt, maxval) ** 2 / mse)
 

@@ -46,6 +46,8 @@ def ssim_map(
         raise ValueError(
             f"ssim: expected two (B, 1, H, W) images of one shape; got {tuple(x.shape)} and {tuple(y.shape)}"
         )
+    if x.is_complex() or y.is_complex():
+        raise ValueError("ssim: complex images; pass magnitudes (abs)")
     if min(x.shape[-2:]) < win_size:
         raise ValueError(f"ssim: images {tuple(x.shape[-2:])} are smaller than the {win_size}x{win_size} window")
     num_px = win_size**2

@@ -72,6 +72,8 @@ def band_energies(output: torch.Tensor, target: torch.Tensor, num_bands: int) ->
         raise ValueError(f"band_energies: output {tuple(output.shape)} and target {tuple(target.shape)} differ")
     if output.ndim not in (2, 3):
         raise ValueError(f"band_energies: expected (B, h, w) or (h, w) images, got shape {tuple(output.shape)}")
+    if output.is_complex() or target.is_complex():  # .double() would keep the real parts alone
+        raise ValueError("band_energies: complex images; pass magnitudes (abs)")
     output64, target64 = output.detach().double(), target.detach().double()
     bands = band_index(tuple(output.shape[-2:]), num_bands, device=output.device).flatten()
 
