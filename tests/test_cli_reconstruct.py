@@ -1270,6 +1270,21 @@ def test_memory_held_while_reconstructing_does_not_grow_with_the_slice_count(tmp
     assert peaks[32] - peaks[4] < 2 * slice_image, peaks
 
 
+def test_reconstruct_volume_refuses_a_mask_not_of_the_documented_shape(tmp_path):
+    """A column mask ``(W,)`` passed the slice-count check when W equals the number of slices, and each slice was
+    then multiplied by one of its values (a scalar): slices kept whole or zeroed, no error."""
+    from reconkit.data import read_volume
+    from reconkit.inference import reconstruct_volume, volume_mask
+
+    path = tmp_path / "square.h5"
+    write_fastmri_file(path, np.random.default_rng(0), slices=8, height=8, width=8, recon=(8, 8), single_coil=True)
+    volume = read_volume(path)
+    mask, _ = volume_mask(volume, "equispaced_fraction", 4, 0.25, 0)
+    for wrong in (mask.reshape(-1), mask.reshape(1, -1), mask[..., 0]):
+        with pytest.raises(ValueError, match=r"mask must be \(1, 1, 1, 8, 1\) or \(8, 1, 1, 8, 1\)"):
+            reconstruct_volume(volume, load_reconstructor("zero-filled"), wrong, batch_size=1)
+
+
 def test_finding_the_sampled_columns_holds_one_image_not_the_volume(tmp_path):
     """``volume_mask`` took ``np.abs`` of the whole volume at once: another half of the k-space's size in memory
     (0.78 GB for a 16-slice 20-coil 768 × 396 brain volume); now one image (slice) at a time."""

@@ -499,8 +499,9 @@ def reconstruct_volume(
     outputs = np.zeros((num_slices, *crop), dtype=np.float32)
     zero_filled = np.zeros((num_slices, *crop), dtype=np.float32)
     seconds, empty_slices = 0.0, []
-    if mask.shape[0] not in (1, num_slices):
-        raise ValueError(f"mask has {mask.shape[0]} slices; expected 1 or {num_slices}")
+    if mask.ndim != 5 or mask.shape[0] not in (1, num_slices) or tuple(mask.shape[1:]) != (1, 1, width, 1):
+        raise ValueError(f"mask must be (1, 1, 1, {width}, 1) or ({num_slices}, 1, 1, {width}, 1) (one, or one per "
+                         f"slice, of (slices, 1, 1, W, 1)); got {tuple(mask.shape)}")
     for batch in _batches(num_slices, max(1, batch_size)):
         stacked = np.stack((kspace[batch].real, kspace[batch].imag), axis=-1).astype(np.float32)
         batch_mask = np.broadcast_to(mask if mask.shape[0] == 1 else mask[batch], (stacked.shape[0], *mask.shape[1:]))
