@@ -387,6 +387,10 @@ def test_multicoil_operator_refuses_layouts_that_would_broadcast_into_wrong_answ
     with pytest.raises(ValueError, match=r"sens_maps must be \(B, C, H, W, 2\)"):
         MultiCoilMRI(torch.ones(1), torch.randn(3, 8, 6, 2))
     assert op.A(torch.randn(1, 1, 8, 6, 2)).shape == (3, 3, 8, 6, 2)  # a batch of one still broadcasts
+    # a (B, 1, W, 1) line mask (no readout axis) broadcast its batch of 3 onto the 3 coils: coil c got item c's mask
+    for mask in (torch.ones(3, 1, 6, 1), torch.ones(6), torch.ones(3, 1, 8, 6)):
+        with pytest.raises(ValueError, match=r"mask must broadcast against k-space \(B, 3, 8, 6, 2\) axis by axis"):
+            MultiCoilMRI(mask, torch.randn(3, 3, 8, 6, 2))
 
 
 def test_a_dagger_recovers_image_from_consistent_data():

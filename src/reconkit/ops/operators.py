@@ -122,6 +122,11 @@ class MultiCoilMRI:
     def __post_init__(self) -> None:
         if self.sens_maps.ndim != 5 or self.sens_maps.shape[-1] != 2:
             raise ValueError(f"MultiCoilMRI: sens_maps must be (B, C, H, W, 2); got {tuple(self.sens_maps.shape)}")
+        _, coils, height, width, _ = self.sens_maps.shape
+        # a mask without the coil or readout axis, e.g. (B, 1, W, 1), would broadcast its batch onto the coils
+        if self.mask.ndim != 5 or any(m not in (1, n) for m, n in zip(self.mask.shape[1:], (coils, height, width, 2))):
+            raise ValueError(f"MultiCoilMRI: mask must broadcast against k-space (B, {coils}, {height}, {width}, 2) "
+                             f"axis by axis, e.g. (B, 1, 1, {width}, 1); got {tuple(self.mask.shape)}")
 
     def _check(self, tensor: torch.Tensor, coils: int, what: str) -> None:
         """ValueError naming the expected shape, for a layout that would otherwise broadcast into a wrong answer."""
