@@ -303,6 +303,19 @@ def test_data_consistency_scalar_mask_and_integer_kspace():
         data_consistency(current.long(), ref.long(), torch.ones(1, 1, 1, 6, 1), 0.3)  # η would have become 0
 
 
+def test_data_consistency_refuses_a_batched_mask_with_fewer_axes_than_kspace():
+    """A (B, 1, W, 1) mask (fastMRI's single-coil layout, batched) on multi-coil k-space put its batch on the coil
+    axis when B equals the coil count; masks of fewer axes without a batch still broadcast as before."""
+    current, ref = torch.randn(2, 2, 4, 6, 2, generator=gen(28)), torch.randn(2, 2, 4, 6, 2, generator=gen(29))
+    lines = torch.rand(2, 1, 6, 1, generator=gen(30)) > 0.5
+    with pytest.raises(ValueError, match=r"mask \(2, 1, 6, 1\) has fewer axes than kspace \(2, 2, 4, 6, 2\)"):
+        data_consistency(current, ref, lines, 0.5)
+    torch.testing.assert_close(data_consistency(current, ref, lines[0, 0], 0.5),
+                               data_consistency(current, ref, lines[:1, None], 0.5))
+    torch.testing.assert_close(data_consistency(current[:, 0], ref[:, 0], lines, 0.5),  # single-coil batch: fine
+                               data_consistency(current[:, :1], ref[:, :1], lines[:, None], 0.5)[:, 0])
+
+
 def test_data_consistency_weight_gets_gradient():
     current, ref = torch.randn(1, 2, 4, 6, 2, generator=gen(24)), torch.randn(1, 2, 4, 6, 2, generator=gen(25))
     mask = torch.zeros(1, 1, 1, 6, 1)

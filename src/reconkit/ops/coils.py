@@ -161,6 +161,10 @@ def data_consistency(
     """
     if not kspace.is_floating_point():  # η would be cast to the integer dtype (0.3 → 0)
         raise ValueError(f"data_consistency: kspace must be a floating-point tensor; got {kspace.dtype}")
+    if 0 < mask.ndim < kspace.ndim and any(size != 1 for size in mask.shape[:-3]):
+        raise ValueError(f"data_consistency: mask {tuple(mask.shape)} has fewer axes than kspace {tuple(kspace.shape)},"
+                         f" so its batch axis would broadcast onto another one; give it kspace's {kspace.ndim} axes, "
+                         "e.g. (B, 1, 1, W, 1)")
     weight_t = torch.as_tensor(weight, dtype=kspace.dtype, device=kspace.device)
     backend_choice(backend)
     if current_fft_impl() != "matmul" and resolve_backend(backend, kspace, ref_kspace) == "triton":
