@@ -198,6 +198,18 @@ def test_classical_baselines_are_equivariant_to_the_kspace_scale(scale):
         torch.testing.assert_close(model(kspace * scale, mask) / scale, image, rtol=1e-4, atol=1e-4 * image.max())
 
 
+def test_acs_lines_of_a_mask_expanded_over_real_imag_or_coils_and_of_an_empty_batch():
+    """The ACS lines were read off ``mask.reshape(B, -1, W)``: a mask expanded over (real, imag) had its columns
+    interleaved two per row, so the ACS lines were others (here none: an error; a CG-SENSE image 90 % off on
+    another mask), and an empty batch failed."""
+    kspace, mask, *_ = simulate(coils=4, height=32, width=24, num_low_frequencies=8)
+    expected = acs_lines(mask)
+    for expanded in (mask.expand(1, 1, 1, 24, 2), mask.expand(1, 4, 32, 24, 2)):
+        assert torch.equal(acs_lines(expanded), expected)
+    torch.testing.assert_close(CGSense()(kspace, mask.expand(1, 1, 1, 24, 2)), CGSense()(kspace, mask))
+    assert CGSense()(kspace[:0], mask[:0]).shape == (0, 32, 24)
+
+
 def test_float64_classical_baselines_keep_float64_peaks_and_all_zero_items():
     """float64 k-space: the power-of-two scale of a peak outside float32's range, or of an all-zero item, was
     taken through float32 (inf / 0), so the image was NaN where the float32 baseline gives one."""

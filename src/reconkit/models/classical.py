@@ -67,7 +67,8 @@ def acs_lines(mask: torch.Tensor, num_low_frequencies: int | None = None) -> tor
     centre is fully sampled). Computed with cumulative sums, no loop over the data, so it exports to ONNX.
 
     Args:
-        mask: ``(B, 1, 1, W, 1)`` or ``(B, 1, H, W, 1)`` sampling mask (bool or 0/1 float).
+        mask: ``(B, 1, 1, W, 1)`` or ``(B, 1, H, W, 1)`` sampling mask (bool or 0/1 float), or one of these
+            expanded over coils or (real, imag).
         num_low_frequencies: if given, use exactly this many centre lines instead of reading them off the mask
             (fastmri's centre convention: lines ``[(W − n + 1) // 2, (W − n + 1) // 2 + n)``).
 
@@ -82,7 +83,8 @@ def acs_lines(mask: torch.Tensor, num_low_frequencies: int | None = None) -> tor
     if num_low_frequencies is not None:
         start = (width - num_low_frequencies + 1) // 2
         return ((index >= start) & (index < start + num_low_frequencies)).expand(batch, width)
-    sampled = (mask != 0).reshape(batch, -1, width).all(dim=1).to(torch.int32)
+    # per column over every other axis: a mask expanded over (real, imag) or coils is the same mask
+    sampled = (mask[..., 0] != 0).flatten(1, -2).all(dim=1).to(torch.int32)
     centre = width // 2
     # run lengths of sampled lines from the centre rightwards and leftwards, centre included: the leading ones, as
     # the count of positions before the first zero (cumulative sums export to ONNX, cumulative products do not)
