@@ -89,8 +89,9 @@ class Volume:
     """A whole fastMRI file in memory.
 
     Attributes:
-        kspace: complex64 ``(slices, coils, H, W)`` or ``(slices, H, W)``.
-        target: float32 ``(slices, h, w)`` or None.
+        kspace: complex ``(slices, coils, H, W)`` or ``(slices, H, W)``, in the file's dtype (complex64 in fastMRI's
+            files; :class:`reconkit.data.SliceDataset` casts to complex64, :func:`read_volume` does not).
+        target: real ``(slices, h, w)`` in the file's dtype (float32 in fastMRI's files), or None.
         mask: ``(W,)`` stored mask or None.
         info: :class:`VolumeInfo`.
     """
