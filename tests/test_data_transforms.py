@@ -47,6 +47,16 @@ def test_to_tensor_and_apply_mask():
             assert not torch.signbit(got[0][..., got[1][0, 0, :, 0] == 0, :]).any()  # no -0.0 left
 
 
+def test_apply_mask_refuses_complex_or_numpy_kspace():
+    """A complex (C, H, W) tensor was masked along H (its W read as the (real, imag) axis): 12 of 16 readout rows
+    zeroed, every phase-encode column kept, no error."""
+    kspace = torch.randn(3, 16, 12, dtype=torch.complex64)
+    for data, got in ((kspace, r"torch.complex64 \(3, 16, 12\)"), (torch.view_as_real(kspace).numpy(), "ndarray"),
+                      (kspace.real, r"torch.float32 \(3, 16, 12\)")):
+        with pytest.raises(ValueError, match=rf"apply_mask: data must be a real tensor \(\.\.\., H, W, 2\).*got {got}"):
+            transforms.apply_mask(data, masks.RandomMaskFunc([0.25], [4]), seed=1)
+
+
 def test_crops_and_normalisation():
     image = torch.randn(3, 17, 12)
     complex_image = torch.randn(3, 17, 12, 2)

@@ -65,6 +65,11 @@ def apply_mask(
         ``(masked_kspace, mask, num_low_frequencies)``; mask of shape ``(1, ..., 1, W, 1)`` (or ``(1, ..., H, W,
         1)`` for 2D masks), float32.
     """
+    if not isinstance(data, torch.Tensor) or data.is_complex() or data.ndim < 3 or data.shape[-1] != 2:
+        # a complex (C, H, W) tensor would be masked along H, its W taken for the (real, imag) axis
+        got = f"{data.dtype} {tuple(data.shape)}" if isinstance(data, torch.Tensor) else type(data).__name__
+        raise ValueError(f"apply_mask: data must be a real tensor (..., H, W, 2), real and imaginary parts last "
+                         f"(torch.view_as_real of complex k-space); got {got}")
     shape = (1,) * len(data.shape[:-3]) + tuple(data.shape[-3:])
     mask, num_low_frequencies = mask_func(shape, offset, seed)
     if padding is not None:
