@@ -11,6 +11,7 @@ from reconkit.ops import (
     MultiCoilMRI,
     as_complex,
     centering_modulation,
+    centering_signs,
     complex_abs,
     complex_abs_sq,
     complex_conj,
@@ -377,6 +378,19 @@ def test_multicoil_adjoint_identity(size):
     z = torch.randn_like(x)
     torch.testing.assert_close(real_inner(op.normal(x), z), real_inner(x, op.normal(z)), rtol=1e-12, atol=1e-12)
     assert (real_inner(op.normal(x), x) >= 0).all()
+
+
+def test_centering_sign_patterns_of_odd_lengths_are_refused():
+    """For odd lengths the patterns were returned all the same, and post · FFT(pre · x) is not the centred FFT
+    (2.7 off for a 5 × 7 image); a length that is not transformed may be odd."""
+    for call in (lambda: centering_modulation(5, 7, None, torch.complex64),
+                 lambda: centering_modulation(6, 7, None, torch.complex64, dims=(-1,)),
+                 lambda: centering_signs(6, 5)):
+        with pytest.raises(ValueError, match="centring sign patterns exist for even lengths only"):
+            call()
+    x = torch.randn(5, 8, dtype=torch.complex64, generator=gen(40))
+    pre, post = centering_modulation(5, 8, None, torch.complex64, dims=(-1,))
+    torch.testing.assert_close(post * torch.fft.fft(pre * x, norm="ortho"), fftc(x, (-1,)))
 
 
 def test_centering_modulation_hands_out_copies_that_do_not_change_later_ffts():

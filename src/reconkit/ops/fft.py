@@ -68,6 +68,7 @@ def current_fft_impl() -> str:
 
 def centering_signs(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Checkerboard ``(-1)^(x+y)`` of shape ``(height, width)``; both sizes must be even."""
+    _check_even((height, width), "centering_signs")
     y = torch.arange(height, device=device).unsqueeze(1)
     x = torch.arange(width, device=device).unsqueeze(0)
     return (1 - 2 * ((x + y) % 2)).to(dtype)
@@ -83,9 +84,16 @@ def _cached_signs(
         return _sign_patterns(height, width, device, dtype, dims)
 
 
+def _check_even(lengths: tuple[int, ...], name: str) -> None:
+    """ValueError for an odd length: ``(-1)^n`` modulation centres a FFT of even length only (odd sizes roll)."""
+    if any(length % 2 for length in lengths):
+        raise ValueError(f"{name}: the centring sign patterns exist for even lengths only; got {tuple(lengths)}")
+
+
 def _sign_patterns(
     height: int, width: int, device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_even(tuple((height, width)[d] for d in dims), "centering_modulation")
     if dims == SPATIAL_DIMS:
         pre = centering_signs(height, width, device=device, dtype=dtype)
     else:  # one axis: (-1)^y as (H, 1) or (-1)^x as (W,)
