@@ -299,6 +299,23 @@ def _drawn_box(path: Path) -> tuple[int, int]:
     return int((per_row > 0.9 * per_row.max()).sum()), int((per_col > 0.9 * per_col.max()).sum())
 
 
+def test_png_error_panel_of_unsigned_images_does_not_wrap(tmp_path, monkeypatch):
+    """uint8 images (8-bit PNGs): reconstruction − reference wrapped around (2 − 3 = 255), an error panel showing
+    the largest error where the reconstruction was 1 below the reference."""
+    import matplotlib.axes
+
+    drawn, imshow = [], matplotlib.axes.Axes.imshow
+
+    def recording_imshow(ax, image, **kwargs):
+        drawn.append(np.asarray(image))
+        return imshow(ax, image, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", recording_imshow)
+    reference = np.full((8, 8), 3, np.uint8)
+    write_png_panel(tmp_path / "u8.png", reference - 1, reference=reference)
+    np.testing.assert_array_equal(drawn[-1], np.full((8, 8), 5.0))  # ERROR_GAIN × |2 − 3|
+
+
 def test_png_draws_anisotropic_pixels_at_their_aspect(tmp_path):
     """A 24 × 24 slice of 2 mm rows and 1 mm columns covers 48 × 24 mm: drawn twice as tall as wide."""
     image = np.zeros((24, 24), np.float32)

@@ -53,7 +53,9 @@ def write_png_panel(
     panels.append(("reconstruction", reconstruction))
     if reference is not None:
         panels.append(("reference", reference))
-        panels.append(("error", ERROR_GAIN * np.abs(reconstruction - reference)))
+        # in float64: the difference of unsigned images (8-bit PNGs) would wrap around below zero
+        error = np.abs(np.asarray(reconstruction, np.float64) - np.asarray(reference, np.float64))
+        panels.append(("error", ERROR_GAIN * error))
     scale_source = np.asarray(reference if reference is not None else reconstruction)
     finite = scale_source[np.isfinite(scale_source)]  # one NaN / inf pixel would make the scale NaN: blank panels
     vmax = (float(np.percentile(finite, 99.5)) if finite.size else 0.0) or 1.0
