@@ -199,6 +199,12 @@ def test_varnet_rejects_bad_shapes():
         net(torch.randn(1, 3, 16, 16), torch.ones(1, 1, 1, 16, 1))
     with pytest.raises(ValueError, match="mask"):
         net(torch.randn(1, 3, 16, 16, 2), torch.ones(16))
+    # a one-column "all sampled" mask broadcast in the data consistency, while the ACS window was measured on it as
+    # column 0 of k-space: a 37 % different image, no error (fastmri fails on it)
+    for mask in (torch.ones(1, 1, 1, 1, 1), torch.ones(1, 1, 1, 12, 1), torch.ones(1, 1, 8, 16, 1),
+                 torch.ones(2, 1, 1, 16, 1)):
+        with pytest.raises(ValueError, match=r"mask must be .* with \(H, W\) = \(16, 16\) of masked_kspace; got"):
+            net(torch.randn(1, 3, 16, 16, 2), mask)
 
 
 def test_varnet_traces_to_onnx_with_matmul_fft(tmp_path):

@@ -189,8 +189,12 @@ class SensitivityModel(nn.Module):
 def _check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor) -> None:
     if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
         raise ValueError(f"VarNet: masked_kspace must be (B, C, H, W, 2); got shape {tuple(masked_kspace.shape)}")
-    if mask.ndim != 5:
-        raise ValueError(f"VarNet: mask must be (B, 1, 1, W, 1) or (B, 1, H, W, 1); got shape {tuple(mask.shape)}")
+    batch, _, height, width, _ = masked_kspace.shape
+    # a mask of one column, e.g. (B, 1, 1, 1, 1) for "all sampled", broadcasts in the data consistency, but the
+    # ACS window measured on it is column 0 of k-space (fastmri fails on it)
+    if mask.ndim != 5 or mask.shape[-2] != width or mask.shape[-3] not in (1, height) or mask.shape[0] not in (1, batch):
+        raise ValueError(f"VarNet: mask must be (B, 1, 1, W, 1) or (B, 1, H, W, 1) with (H, W) = ({height}, {width}) "
+                         f"of masked_kspace; got shape {tuple(mask.shape)}")
 
 
 class VarNetBlock(nn.Module):
