@@ -1757,6 +1757,28 @@ def test_grpc_address_in_use_is_a_clear_error(repository):
         serve(ServerConfig(repository, grpc_address="127.0.0.1:70000"), "127.0.0.1", free_port())
 
 
+def test_grpc_address_in_use_is_a_clear_error_with_uvicorn_before_0_50(repository, monkeypatch):
+    """uvicorn < 0.50 (pyproject allows 0.29) logs a failed startup and returns from ``Server.run`` where newer
+    releases exit: serve() returned as if stopped, so ``reconkit serve`` with its gRPC port taken exited 0."""
+    import uvicorn
+
+    newer_startup = uvicorn.Server.startup
+
+    async def startup_as_before_0_50(self, sockets=None):
+        try:
+            await newer_startup(self, sockets)
+        except SystemExit:
+            self.should_exit = True
+
+    monkeypatch.setattr(uvicorn.Server, "startup", startup_as_before_0_50)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        with pytest.raises(ReconkitError, match=f"gRPC: cannot bind {address}"):
+            serve(ServerConfig(repository, grpc_address=address), "127.0.0.1", free_port())
+
+
 def test_grpc_starts_with_a_request_limit_beyond_2_gib(repository):
     """--max-request-mb 4096: grpcio's message limit is a C int, so gRPC gets 2 GiB - 1 (it had failed to start with
     OverflowError); REST keeps the whole limit. Likewise a client timeout beyond 2**31 - 1 ms (25 days)."""

@@ -68,9 +68,10 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> No
     with bind_rest_socket(host, port) as sock:
         server = build_server(config, host, port)
         try:
-            server.run(sockets=[sock])
-        except SystemExit:  # uvicorn exits on a failed startup; say why instead
-            error = server.config.app.state.serve.startup_error
-            if error is None:
+            server.run(sockets=[sock])  # after a failed startup uvicorn >= 0.50 exits, older releases return
+        except SystemExit:
+            if server.config.app.state.serve.startup_error is None:
                 raise
-            raise error from None
+    error = server.config.app.state.serve.startup_error
+    if error is not None:  # say why instead
+        raise error from None
