@@ -1611,6 +1611,14 @@ def _triton_descriptor(name: str):
     return descriptor
 
 
+def _repeated(field) -> bool:
+    """Whether a protobuf field is repeated: ``is_repeated`` since protobuf 6.31, ``label`` before it (pyproject
+    allows 4.25; 7 removed ``label``)."""
+    if hasattr(field, "is_repeated"):
+        return field.is_repeated
+    return field.label == field.LABEL_REPEATED
+
+
 def test_grpc_schema_matches_tritons_generated_messages():
     """Every field of reconkit's hand-written schema has Triton's number, type and label, enums their numbers, and
     every rpc Triton's request and response types: what makes the wire format the same."""
@@ -1620,7 +1628,7 @@ def test_grpc_schema_matches_tritons_generated_messages():
         for field in message.DESCRIPTOR.fields:
             other = theirs.fields_by_name.get(field.name)
             assert other is not None, f"{name}.{field.name}: not in Triton's message"
-            assert (field.number, field.type, field.is_repeated) == (other.number, other.type, other.is_repeated), \
+            assert (field.number, field.type, _repeated(field)) == (other.number, other.type, _repeated(other)), \
                 f"{name}.{field.name}"
             if field.message_type is not None:
                 assert field.message_type.name == other.message_type.name, f"{name}.{field.name}"
