@@ -123,6 +123,20 @@ def test_cli_table_csv_and_bad_files(tmp_path, capsys):
     assert float(rows[1]["psnr_db"]) == pytest.approx(score.psnr, rel=1e-6)
 
 
+def test_control_characters_in_file_names_are_printed_escaped(tmp_path, capsys):
+    """ESC sequences in file names (a target scored, one without a prediction, a prediction without a target)
+    reached the terminal as they were in the table, the error line and the note; they are printed escaped."""
+    target_dir, pred_dir = _make_dirs(tmp_path, np.random.default_rng(2), [(2, 32, 32, 32, 32)])
+    for folder in (target_dir, pred_dir):
+        (folder / "file0.h5").rename(folder / "a\x1b[2J.h5")
+    (target_dir / "b\x1b]8;;x\x07.h5").write_bytes((target_dir / "a\x1b[2J.h5").read_bytes())
+    (pred_dir / "c\r.h5").write_bytes((pred_dir / "a\x1b[2J.h5").read_bytes())
+    assert reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir)]) == 1
+    out, err = capsys.readouterr()
+    assert not any(c in out + err for c in "\x1b\r\x07")
+    assert "a\\x1b[2J.h5" in out and "no prediction for target b\\x1b]8;;x\\x07.h5" in err and "c\\r.h5" in err
+
+
 def test_an_unexpected_error_fails_one_volume_and_the_others_are_scored(tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(5)
     target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 32, 32, 32, 32), (2, 32, 32, 32, 32)])

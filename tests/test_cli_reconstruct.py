@@ -546,6 +546,18 @@ def test_summary_in_a_narrow_terminal_wraps_file_names(tmp_path, capsys, narrow_
         assert f"file_brain_{name}.h5" in names
 
 
+def test_control_characters_in_file_names_are_printed_escaped(tmp_path, capsys):
+    """A file name from elsewhere with ESC sequences (clear the screen, an OSC 8 link), a carriage return or a bell
+    reached the terminal as they were, in the error line and the summary table: the terminal obeyed them. They are
+    printed escaped, as Python writes them (``\\x1b``)."""
+    good, bad = "ok\x1b[2J\x1b]8;;http:x\x07link\x1b]8;;\x07.h5", "bad\x1b[31m\rX\x07.h5"
+    write_fastmri_file(tmp_path / good, np.random.default_rng(9))
+    (tmp_path / bad).write_bytes(b"not hdf5")
+    code, out, err = _run(capsys, str(tmp_path), "--model", "zero-filled", "--output", str(tmp_path / "o"))
+    assert code == 1 and not any(c in out + err for c in "\x1b\r\x07")
+    assert "bad\\x1b[31m\\rX\\x07.h5: not an HDF5 file" in err and "ok\\x1b[2J" in out
+
+
 def test_names_that_differ_only_in_case_are_a_clash(tmp_path):
     """``a/Scan.h5`` and ``b/scan.h5`` (or one name in NFC and NFD Unicode) write one output file on macOS's and
     Windows' case- and normalisation-insensitive file systems: the second one's outputs silently replaced the

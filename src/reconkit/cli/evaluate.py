@@ -24,7 +24,7 @@ import torch
 from reconkit.atomic import folder_problem
 from reconkit.data import center_crop, list_volume_files, open_volume, target_key
 from reconkit.data.volume import checked_dataset, file_attrs
-from reconkit.errors import DataError, ReconkitError
+from reconkit.errors import DataError, ReconkitError, printable
 from reconkit.io.metrics_csv import write_metrics_csv
 from reconkit.metrics import volume_metrics
 from reconkit.metrics.spectral import band_nmse
@@ -209,7 +209,7 @@ def print_table(scores: Sequence[VolumeScore]) -> None:
     for s in rows:
         psnr_text = f"{s.psnr:.2f}" if math.isfinite(s.psnr) else str(s.psnr)
         # a Text, not a str: Rich would read "[t2]" or "[bold]" in a file name as markup and drop it
-        table.add_row(Text(s.name), str(s.slices), f"{s.nmse:#.4g}", psnr_text, f"{s.ssim:.4f}", end_section=s is scores[-1])
+        table.add_row(Text(printable(s.name)), str(s.slices), f"{s.nmse:#.4g}", psnr_text, f"{s.ssim:.4f}", end_section=s is scores[-1])
     console.print(table)
     bands = len(scores[0].band_nmse) if scores else 0
     if bands:
@@ -218,7 +218,7 @@ def print_table(scores: Sequence[VolumeScore]) -> None:
             table.add_column(column, justify="left" if column == "volume" else "right",
                              overflow="fold" if column == "volume" else "ellipsis")  # fmt: skip
         for s in rows:
-            table.add_row(Text(s.name), *(f"{v:#.3g}" for v in s.band_nmse), end_section=s is scores[-1])
+            table.add_row(Text(printable(s.name)), *(f"{v:#.3g}" for v in s.band_nmse), end_section=s is scores[-1])
         console.print(table)
 
 
@@ -276,16 +276,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.target, args.predictions, args.challenge, args.acquisition, args.acceleration, args.bands
         )
     except ReconkitError as err:
-        print(f"reconkit evaluate: {err}", file=sys.stderr)
+        print(f"reconkit evaluate: {printable(err)}", file=sys.stderr)
         return 2
     for line in errors:
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {printable(line)}", file=sys.stderr)
     if errors:
         print(f"scored {len(scores)} of {len(scores) + len(errors)} volume(s); {len(errors)} failed", file=sys.stderr)
     orphans = sorted({p.name for p in list_volume_files(args.predictions)} - {p.name for p in list_volume_files(args.target)})
     if orphans:
         shown = ", ".join(orphans[:5]) + (", ..." if len(orphans) > 5 else "")
-        print(f"note: {len(orphans)} prediction file(s) without a target, not scored: {shown}", file=sys.stderr)
+        print(printable(f"note: {len(orphans)} prediction file(s) without a target, not scored: {shown}"), file=sys.stderr)
     if not scores and not errors:
         filters = args.acquisition is not None or args.acceleration is not None
         print(f"reconkit evaluate: {args.target}: no .h5 / .hdf5 target files" + (" match the filters" if filters else ""),

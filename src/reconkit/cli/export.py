@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reconkit.atomic import folder_problem
-from reconkit.errors import ReconkitError
+from reconkit.errors import ReconkitError, printable
 
 __all__ = ["build_parser", "main"]
 
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                               max_batch_size=args.max_batch_size)
             print(f"wrote Triton model {name!r} version {args.version} under {written}")
     except (ReconkitError, ValueError) as exc:
-        print(f"reconkit export: error: {exc}", file=sys.stderr)
+        print(f"reconkit export: error: {printable(exc)}", file=sys.stderr)
         return 1
     return 0
 

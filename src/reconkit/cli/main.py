@@ -15,7 +15,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 
-from reconkit.errors import ReconkitWarning
+from reconkit.errors import ReconkitWarning, printable
 
 _python_format_warning = warnings.formatwarning
 
@@ -56,10 +56,11 @@ def _usage() -> str:
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """reconkit's own warnings in one line, as the CLI's other notes; others as Python formats them."""
+    """reconkit's own warnings in one line, as the CLI's other notes; others as Python formats them. Control
+    characters (from a file name, an attribute, a model's metadata) are escaped: :func:`reconkit.errors.printable`."""
     if issubclass(category, ReconkitWarning):
-        return f"warning: {message}\n"
-    return _python_format_warning(message, category, filename, lineno, line)
+        return f"warning: {printable(message)}\n"
+    return printable(_python_format_warning(message, category, filename, lineno, line))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

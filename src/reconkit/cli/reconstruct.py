@@ -24,7 +24,7 @@ from reconkit.data import Volume, create_mask_for_mask_type, read_volume
 from reconkit.data.ismrmrd_raw import image_groups, is_ismrmrd_raw, read_ismrmrd_raw
 from reconkit.data.masks import LINE_MASK_TYPES
 from reconkit.data.slice_dataset import list_volume_files
-from reconkit.errors import DataError, ReconkitError
+from reconkit.errors import DataError, ReconkitError, printable
 from reconkit.inference import (
     DEFAULT_MASK,
     Reconstructor,
@@ -309,15 +309,17 @@ def _print_summary(reports: Sequence[FileReport], model_name: str, backend: str)
 
     from reconkit.cli.tables import table_console
 
-    table = Table(title=Text(f"reconkit reconstruct — {model_name} ({backend})"))
+    table = Table(title=Text(printable(f"reconkit reconstruct — {model_name} ({backend})")))
     for column in ("file", "slices", "seconds", "status"):
         numbers = column in ("slices", "seconds")
         table.add_column(column, justify="right" if numbers else "left", overflow="ellipsis" if numbers else "fold")
-    for report in reports:  # names and messages as plain Text: Rich read "scan[t2].h5" as markup ("scan.h5")
-        status = Text(report.status) if report.ok else Text.assemble(("error", "red"), f": {report.status}")
+    for report in reports:  # names and messages as plain Text: Rich read "scan[t2].h5" as markup ("scan.h5"), with
+        # control characters escaped (reconkit.errors.printable)
+        status = Text(report.status) if report.ok else Text.assemble(("error", "red"), f": {printable(report.status)}")
         if report.ok and report.fell_back:
             status.append(" (ran in PyTorch)")
-        table.add_row(Text(report.path.name or str(report.path)), str(report.slices), f"{report.seconds:.2f}", status)
+        name = Text(printable(report.path.name or report.path))
+        table.add_row(name, str(report.slices), f"{report.seconds:.2f}", status)
     table_console().print(table)
 
 
@@ -339,21 +341,22 @@ def run(args: argparse.Namespace) -> list[FileReport]:
     files, reports = expand_inputs(args.inputs)
     err_console = Console(stderr=True)
     for report in reports:
-        print(f"error: {report.status}", file=sys.stderr)
+        print(f"error: {printable(report.status)}", file=sys.stderr)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     # off a terminal (a log file) the bars show nothing, and Rich ended them with an empty line on stderr
     with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
         files_task = progress.add_task("files", total=len(files))
         for path in files:
             report = FileReport(path)
-            slices_task = progress.add_task(f"  {escape(path.name)}", total=None)  # the description is markup
+            # the description is markup
+            slices_task = progress.add_task(f"  {escape(printable(path.name))}", total=None)
             try:
                 _check_output_is_not_input(path, args.output, args.format)
                 volume = read_ismrmrd_raw(path) if is_ismrmrd_raw(path) else read_volume(path)
                 progress.update(slices_task, total=volume.kspace.shape[0])
                 for header_note in (acquired_columns(volume)[2], recon_crop(volume)[1]):
                     if header_note:
-                        print(f"note: {path}: {header_note}", file=sys.stderr)
+                        print(printable(f"note: {path}: {header_note}"), file=sys.stderr)
                 mask, retrospective = volume_mask(
                     volume,
                     mask_options["mask_type"],
@@ -366,8 +369,8 @@ def run(args: argparse.Namespace) -> list[FileReport]:
                     # say so even when no mask option was given (a header wider than its data looks the same)
                     how = "its 'mask' dataset" if volume.mask is not None else "k-space columns left empty"
                     what = f"{asked_for_mask} not applied" if asked_for_mask else "no retrospective mask applied"
-                    print(f"note: {path}: already undersampled ({how}); {what}, the file's own sampling is used",
-                          file=sys.stderr)  # fmt: skip
+                    print(printable(f"note: {path}: already undersampled ({how}); {what}, the file's own sampling is "
+                                    "used"), file=sys.stderr)  # fmt: skip
                 result = reconstruct_volume(
                     volume,
                     reconstructor,
@@ -379,11 +382,11 @@ def run(args: argparse.Namespace) -> list[FileReport]:
                 report.slices, report.seconds = result.reconstruction.shape[0], result.seconds
                 report.fell_back = result.note is not None
                 if result.note:
-                    print(f"note: {path}: {result.note}", file=sys.stderr)
+                    print(printable(f"note: {path}: {result.note}"), file=sys.stderr)
                 if result.empty_slices:
                     print(
-                        f"note: {path}: slice(s) {', '.join(map(str, result.empty_slices))} hold no k-space data; "
-                        "written as zeros",
+                        printable(f"note: {path}: slice(s) {', '.join(map(str, result.empty_slices))} hold no k-space "
+                                  "data; written as zeros"),
                         file=sys.stderr,
                     )
             except ReconkitError as err:
@@ -391,10 +394,10 @@ def run(args: argparse.Namespace) -> list[FileReport]:
             except Exception as err:  # noqa: BLE001 - any failure of one file is that file's error; the batch goes on
                 report.status = f"{path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (reconkit.cli.main): say what is complete
-                print(f"note: {_interrupted(files, path, reports, args.output)}", file=sys.stderr)
+                print(printable(f"note: {_interrupted(files, path, reports, args.output)}"), file=sys.stderr)
                 raise
             if not report.ok:
-                print(f"error: {report.status}", file=sys.stderr)
+                print(f"error: {printable(report.status)}", file=sys.stderr)
             reports.append(report)
             progress.remove_task(slices_task)
             progress.advance(files_task)
@@ -429,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         reports = run(args)
     except ReconkitError as err:
-        print(f"reconkit reconstruct: {err}", file=sys.stderr)
+        print(f"reconkit reconstruct: {printable(err)}", file=sys.stderr)
         return 2
     _print_summary(reports, args.model, args.backend or default_backend(args.model))
     written = sum(r.ok for r in reports)

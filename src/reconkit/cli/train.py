@@ -6,7 +6,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from reconkit.errors import ReconkitError
+from reconkit.errors import ReconkitError, printable
 
 
 def main(argv: Sequence[str]) -> int:
@@ -45,9 +45,10 @@ def _reconkit_cause(err: BaseException) -> ReconkitError | None:
 
 
 def one_line(err: ReconkitError) -> str:
-    """The message of ``err``; for one raised in a DataLoader worker process, which the loader re-raises with the
-    worker's whole traceback in the message, the original one-line message at its end."""
-    text = str(err)
+    """The message of ``err``, control characters escaped (:func:`reconkit.errors.printable`); for one raised in a
+    DataLoader worker process, which the loader re-raises with the worker's whole traceback in the message, the
+    original one-line message at its end."""
+    text = printable(err)
     if "Original Traceback" not in text:
         return text
     return re.sub(r"^[\w.]*(Error|Exception): ", "", text.strip().splitlines()[-1])

@@ -22,7 +22,7 @@ import torch
 
 from reconkit.atomic import atomic_path
 from reconkit.data.volume import file_attrs, non_finite_problem, open_volume, read_volume_info, target_key
-from reconkit.errors import DataError, ReconkitWarning
+from reconkit.errors import DataError, ReconkitWarning, printable
 
 __all__ = ["RawSample", "SliceDataset", "check_sample_rates", "default_cache_file", "list_volume_files"]
 
@@ -218,7 +218,7 @@ class SliceDataset(torch.utils.data.Dataset):
             if status == "ok":
                 entries[fname] = value
             elif self.skip_bad_files:
-                logger.warning("skipping %s: %s", fname, value)
+                logger.warning("skipping %s: %s", printable(fname), printable(value))
             else:
                 bad.append((fname, value))
         if memo is not None:

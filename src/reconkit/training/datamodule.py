@@ -45,7 +45,7 @@ from reconkit.data import (
 from reconkit.data.augment import AugmentedVarNetTransform
 from reconkit.data.slice_dataset import check_sample_rates
 from reconkit.data.ssdu import SsduVarNetTransform
-from reconkit.errors import ConfigError, DataError, ReconkitError, ReconkitWarning
+from reconkit.errors import ConfigError, DataError, ReconkitError, ReconkitWarning, printable
 
 TRANSFORMS = ("varnet", "unet")
 
@@ -468,7 +468,7 @@ class FastMriDataModule(LightningDataModule):
                     "(`reconkit train predict` reconstructs files without them); skip_bad_files leaves such files "
                     "out with a warning")
             for name in missing:
-                logger.warning("skipping %s: no target ('%s') in the %r split", name, dataset.recons_key, split)
+                logger.warning("skipping %s: no target ('%s') in the %r split", printable(name), dataset.recons_key, split)
             left_out = set(missing)
             dataset.raw_samples = [s for s in dataset.raw_samples if s.fname not in left_out]
         if not dataset.raw_samples:
