@@ -134,6 +134,10 @@ def _bad_checkpoints(tmp_path):
                                                                "model_kwargs": {**KWARGS, "num_cascades": 0}}}), \
         "unexpected weights cascades.0"
     yield _write(tmp_path, "nan.ckpt", {**good, "state_dict": nan_state}), "NaN or Inf"
+    # model_kwargs asking for terabytes ended in a RuntimeError traceback from torch's allocator (less, in filling memory)
+    for chans, problem in ((10**6, "weight shapes do not fit"), (10**13, "cannot be built: Storage size")):
+        entry = {**good["reconkit"], "model_kwargs": {**KWARGS, "chans": chans}}
+        yield _write(tmp_path, f"chans{chans}.ckpt", {**good, "reconkit": entry}), problem
     # a mask entry reconstruct's and export's mask defaults cannot read: AttributeError / ValueError tracebacks
     yield _write(tmp_path, "masklist.ckpt", {**good, "reconkit": {**good["reconkit"], "mask": [4]}}), \
         "'reconkit' entry's 'mask' must be a dict, got list"
@@ -151,7 +155,7 @@ def _bad_checkpoints(tmp_path):
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # from the plain-pickle case
 def test_bad_checkpoints_raise_checkpoint_error_naming_file_and_problem(tmp_path):
     cases = list(_bad_checkpoints(tmp_path))
-    assert len(cases) == 23
+    assert len(cases) == 25
     for path, problem in cases:
         with pytest.raises(CheckpointError) as excinfo:
             load_model(path)

@@ -215,12 +215,15 @@ def load_model(path: os.PathLike | str) -> tuple[nn.Module, dict]:
     checkpoint = _read_checkpoint(path)
     entry = _check_entry(path, checkpoint)
     weights = _model_state(path, checkpoint)
-    try:
-        model = build_model(entry["model_type"], **entry["model_kwargs"])
+    try:  # on the meta device first: model_kwargs asking for a huge model (chans=10**6) allocate nothing there
+        with torch.device("meta"):
+            expected = build_model(entry["model_type"], **entry["model_kwargs"]).state_dict()
     except ModelConfigError as exc:
         raise CheckpointError(path, str(exc)) from exc
+    except RuntimeError as exc:  # e.g. "Storage size calculation overflowed" for chans=10**10
+        raise CheckpointError(path, f"model_type {entry['model_type']!r} with {entry['model_kwargs']} cannot be "
+                                    f"built: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
 
-    expected = model.state_dict()
     if expected and not weights:
         raise CheckpointError(path, f"'state_dict' has no weights under the prefix {_STATE_PREFIX!r}")
     missing = sorted(set(expected) - set(weights))
@@ -234,6 +237,7 @@ def load_model(path: os.PathLike | str) -> tuple[nn.Module, dict]:
              if weights[k].shape != v.shape]
     if wrong:
         raise CheckpointError(path, f"weight shapes do not fit the model (checkpoint vs model): {_summarise(wrong)}")
+    model = build_model(entry["model_type"], **entry["model_kwargs"])  # as large as the checkpoint's own weights
     # built in the caller's default dtype (float64 after torch.set_default_dtype): give it the weights' own dtype
     model.to(next((v.dtype for v in weights.values() if v.is_floating_point()), torch.float32))
     model.load_state_dict(weights)
