@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import stat
@@ -358,10 +359,15 @@ def test_onnx_file_that_cannot_be_rebuilt_says_why(varnet_export, tmp_path) -> N
         "wrong_kwargs": lambda p: _set_metadata(p, "reconkit.model_kwargs", '{"num_cascades": 2, "chans": 6, '
                                                 '"sens_chans": 2, "sens_pools": 1, "pools": 2}'),
         "unknown_type": lambda p: _set_metadata(p, "reconkit.model_type", "transformer9000"),
+        # a model of terabytes: torch's allocator RuntimeError (with less, gigabytes filled before the weight check)
+        "huge_kwargs": lambda p: _set_metadata(p, "reconkit.model_kwargs", json.dumps({**VARNET_KWARGS, "chans": 10**6})),
+        "overflow_kwargs": lambda p: _set_metadata(p, "reconkit.model_kwargs",
+                                                   json.dumps({**VARNET_KWARGS, "chans": 10**13})),
         "missing_weight": lambda p: p.graph.initializer.remove(
             next(i for i in p.graph.initializer if i.name == "model.sens_net.norm_unet.unet.conv.layers.0.weight")),
     }
     messages = {"wrong_kwargs": r"shapes differ: cascades\.0\.model\.unet", "unknown_type": "unknown model_type",
+                "huge_kwargs": r"shapes differ: .* \(1000000, ", "overflow_kwargs": "cannot be built: Storage size",
                 "missing_weight": r"1 weights missing \(e\.g\. sens_net\.norm_unet\.unet\.conv"}
     for name, edit in edits.items():
         broken = onnx.ModelProto()

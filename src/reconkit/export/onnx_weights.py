@@ -31,8 +31,9 @@ def load_onnx_as_torch(path: str | os.PathLike) -> torch.nn.Module:
 
     Raises:
         ExportError: the file lacks ``reconkit.model_kwargs`` (exported from a bare module, or by reconkit before
-            this key existed), names an unknown model type, or its initialisers do not hold every weight of that
-            model with the right shape. The message names the file.
+            this key existed), names an unknown model type or ``model_kwargs`` too large to build, or its
+            initialisers do not hold every weight of that model with the right shape (checked before the model is
+            allocated). The message names the file.
     """
     from onnx import numpy_helper
 
@@ -46,14 +47,18 @@ def load_onnx_as_torch(path: str | os.PathLike) -> torch.nn.Module:
     if not isinstance(model_kwargs, dict):
         raise ExportError(f"{path}: no 'reconkit.model_kwargs' metadata, so its weights cannot be rebuilt in PyTorch "
                           "(re-export it from the checkpoint with 'reconkit export')")
-    try:
-        module = contract_model(build_model(str(model_type), **model_kwargs))
+    try:  # on the meta device first: model_kwargs asking for a huge model (chans=10**6) allocate nothing there
+        with torch.device("meta"):
+            expected_state = contract_model(build_model(str(model_type), **model_kwargs)).state_dict()
     except ModelConfigError as exc:
         raise ExportError(f"{path}: {exc}") from exc
+    except RuntimeError as exc:  # e.g. "Storage size calculation overflowed" for chans=10**10
+        raise ExportError(f"{path}: model_type {model_type!r} with {model_kwargs} cannot be built: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     aliases = metadata.get("reconkit.weight_aliases") or {}
     initialisers = {init.name: init for init in proto.graph.initializer}
     state, missing, wrong = {}, [], []
-    for key, expected in module.state_dict().items():
+    for key, expected in expected_state.items():
         init = initialisers.get(WEIGHT_PREFIX + str(aliases.get(key, key)))
         if init is None:
             missing.append(key)
@@ -68,6 +73,7 @@ def load_onnx_as_torch(path: str | os.PathLike) -> torch.nn.Module:
             [f"shapes differ: {wrong[0]}"] if wrong else [])
         raise ExportError(f"{path}: the graph's initialisers do not fit model_type {model_type!r} with "
                           f"{model_kwargs}: " + "; ".join(problems))
+    module = contract_model(build_model(str(model_type), **model_kwargs))  # as large as the file's own weights
     module.float()  # the graph's float32 weights, whatever the caller's default dtype (torch.set_default_dtype)
     module.load_state_dict(state)
     return module.eval()
