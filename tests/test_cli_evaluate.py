@@ -137,6 +137,19 @@ def test_control_characters_in_file_names_are_printed_escaped(tmp_path, capsys):
     assert "a\\x1b[2J.h5" in out and "no prediction for target b\\x1b]8;;x\\x07.h5" in err and "c\\r.h5" in err
 
 
+def test_a_prediction_declaring_more_than_the_memory_is_one_error_line(tmp_path, capsys):
+    """A prediction file of a few KB declaring petabytes (chunks never written) was allocated as declared; it is
+    refused before reading, naming the file and sizes, and the other volumes are scored."""
+    target_dir, pred_dir = _make_dirs(tmp_path, np.random.default_rng(3), [(2, 32, 32, 32, 32)] * 2)
+    (pred_dir / "file1.h5").unlink()
+    with h5py.File(pred_dir / "file1.h5", "w") as f:
+        f.create_dataset("reconstruction", shape=(2, 2**24, 2**24), dtype=np.float32, chunks=(1, 64, 64))
+    assert reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "file1.h5: reading 'reconstruction' (2, 16777216, 16777216) float32 takes 2.1e+06 GiB, more than" in err
+    assert "scored 1 of 2 volume(s)" in err
+
+
 def test_an_unexpected_error_fails_one_volume_and_the_others_are_scored(tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(5)
     target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 32, 32, 32, 32), (2, 32, 32, 32, 32)])

@@ -605,6 +605,27 @@ def test_complex128_kspace_and_float64_target_are_cast(tmp_path):
     np.testing.assert_array_equal(sample[0], kspace[1])
 
 
+def test_a_small_file_declaring_more_than_the_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    """A file of a few KB can declare petabytes of k-space (chunks never written, which HDF5 reads as zeros, or
+    compressed zeros): read_volume and SliceDataset allocated what it declared, a MemoryError or, where it fit in
+    the machine's memory, gigabytes filled with zeros. They refuse it before reading, naming the file and sizes."""
+    path = write_volume(tmp_path / "bomb.h5", num_slices=2, with_target=False)
+    with h5py.File(path, "a") as hf:
+        del hf["kspace"]
+        hf.create_dataset("kspace", shape=(2, 2**16, 2**16, 2**16), dtype=np.complex64, chunks=(1, 1, 64, 64))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(DataError, match=r"bomb\.h5: reading 'kspace' \(2, 65536, 65536, 65536\) complex64 takes "
+                                        r"4\.19e\+06 GiB, more than the .* GiB of memory available"):
+        read_volume(path)
+    with pytest.raises(DataError, match=r"bomb\.h5: reading one slice of 'kspace' .* takes 2\.1e\+06 GiB"):
+        SliceDataset(tmp_path, use_dataset_cache=False)[0]
+    small = write_volume(tmp_path / "small.h5")  # 3 x 4 x 32 x 24 complex64 + 3 x 16 x 16 float32: 76,800 bytes
+    monkeypatch.setattr("reconkit.data.volume.available_memory", lambda: 50_000)
+    with pytest.raises(DataError, match=r"small\.h5: reading 'kspace' .* \+ 'reconstruction_rss' \(3, 16, 16\) "
+                                        r"float32 takes 7\.15e-05 GiB, more than the 4\.66e-05 GiB"):
+        read_volume(small)
+
+
 def test_slice_with_nan_or_inf_raises_data_error_naming_file_and_slice(tmp_path):
     """The scan reads no array data, so a NaN / inf value used to reach the transform unnoticed (a NaN loss and NaN
     weights in training, a NaN volume written by ``reconkit train predict``); clean slices still read normally."""

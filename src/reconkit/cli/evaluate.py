@@ -23,7 +23,7 @@ import torch
 
 from reconkit.atomic import folder_problem
 from reconkit.data import center_crop, list_volume_files, open_volume, target_key
-from reconkit.data.volume import checked_dataset, file_attrs
+from reconkit.data.volume import check_fits_in_memory, checked_dataset, file_attrs
 from reconkit.errors import DataError, ReconkitError, printable
 from reconkit.io.metrics_csv import write_metrics_csv
 from reconkit.metrics import volume_metrics
@@ -59,6 +59,7 @@ def _read_array(path: Path, key: str) -> np.ndarray:
                      "reconstruction_esc": ("reconstruction_rss", "multicoil")}.get(key)
             hint = f" (it has '{other[0]}': --challenge {other[1]}?)" if other and other[0] in hf else ""
             raise DataError(path, f"missing dataset '{key}'{hint}")
+        check_fits_in_memory(path, [(key, node)])
         try:
             data = node[()]
         except OSError as err:

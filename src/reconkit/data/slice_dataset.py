@@ -21,7 +21,14 @@ import numpy as np
 import torch
 
 from reconkit.atomic import atomic_path
-from reconkit.data.volume import file_attrs, non_finite_problem, open_volume, read_volume_info, target_key
+from reconkit.data.volume import (
+    check_fits_in_memory,
+    file_attrs,
+    non_finite_problem,
+    open_volume,
+    read_volume_info,
+    target_key,
+)
 from reconkit.errors import DataError, ReconkitWarning, printable
 
 __all__ = ["RawSample", "SliceDataset", "check_sample_rates", "default_cache_file", "list_volume_files"]
@@ -271,6 +278,8 @@ class SliceDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         fname, slice_ind, metadata = self.raw_samples[i]
         with open_volume(fname) as hf:
+            keys = ["kspace"] + ([self.recons_key] if self.recons_key in hf else [])
+            check_fits_in_memory(fname, [(key, hf[key]) for key in keys], per_slice=True)
             try:
                 # complex128 k-space / float64 targets (valid HDF5, e.g. from MATLAB or numpy defaults) are cast
                 # to the dtypes the class promises: float64 tensors would reach float32 model weights

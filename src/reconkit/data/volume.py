@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,8 @@ __all__ = [
     "CHALLENGES",
     "Volume",
     "VolumeInfo",
+    "available_memory",
+    "check_fits_in_memory",
     "checked_dataset",
     "file_attrs",
     "non_finite_problem",
@@ -236,6 +238,43 @@ def _missing_filter(node: h5py.Dataset) -> str | None:
     return None
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system says a process can still take without swapping: Linux's ``MemAvailable``, or the
+    room a cgroup v2 limit (a container's) leaves beside its processes' own memory (``anon``; page cache counts as
+    free, as the kernel reclaims it) where that is less; the physical memory where there is no ``/proc/meminfo``
+    (macOS); None where neither is known (Windows)."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, OSError, ValueError):
+            return None
+    found = [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            usage = dict(line.split() for line in Path("/sys/fs/cgroup/memory.stat").read_text().splitlines())
+            found.append(int(limit) - int(usage["anon"]))
+    except (OSError, ValueError, KeyError):
+        pass
+    return min(found) if found else None
+
+
+def check_fits_in_memory(path: Path, datasets: Sequence[tuple[str, h5py.Dataset]], per_slice: bool = False) -> None:
+    """Raise :class:`DataError` naming ``path`` when reading ``datasets`` (``(key, dataset)`` pairs; each whole, or
+    one index of its first axis with ``per_slice``) needs more memory than :func:`available_memory`. A file of a
+    few KB can declare terabytes (compressed chunks of zeros, or chunks never written, which HDF5 reads as zeros):
+    numpy allocated what it declared and HDF5 filled it, or the allocation failed with a MemoryError."""
+    needed = sum(node.size // (node.shape[0] if per_slice and node.shape else 1) * node.dtype.itemsize
+                 for _, node in datasets)  # fmt: skip
+    available = available_memory()
+    if available is not None and needed > available:
+        arrays = " + ".join(f"'{key}' {node.shape} {node.dtype}" for key, node in datasets)
+        raise DataError(path, f"reading {'one slice of ' if per_slice else ''}{arrays} takes {needed / 2**30:.3g} "
+                              f"GiB, more than the {available / 2**30:.3g} GiB of memory available")  # fmt: skip
+
+
 def _read_header(hf: h5py.File, path: Path) -> HeaderInfo:
     node = checked_dataset(hf, "ismrmrd_header", path)
     if node is None:
@@ -328,11 +367,14 @@ def read_volume(path: os.PathLike | str, challenge: str | None = None) -> Volume
     """Read a whole fastMRI file (k-space, target, mask) after validating it; see :func:`read_volume_info`.
 
     Raises:
-        DataError: as :func:`read_volume_info`, or the data cannot be read, or ``kspace`` holds NaN / inf values.
+        DataError: as :func:`read_volume_info`, or the arrays need more memory than is available
+            (:func:`check_fits_in_memory`), or the data cannot be read, or ``kspace`` holds NaN / inf values.
     """
     path = Path(path)
     with open_volume(path) as hf:
         info = _validate(hf, path, challenge)
+        keys = ["kspace"] + ([info.target_key] if info.target_key else []) + (["mask"] if info.mask_shape else [])
+        check_fits_in_memory(path, [(key, hf[key]) for key in keys])
         try:
             kspace = hf["kspace"][()]
             target = None if info.target_key is None else hf[info.target_key][()]
