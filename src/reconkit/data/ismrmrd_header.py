@@ -14,9 +14,22 @@ from xml.etree import ElementTree
 
 from reconkit.errors import DataError
 
-__all__ = ["ISMRMRD_NAMESPACE", "HeaderInfo", "parse_ismrmrd_header"]
+__all__ = ["ISMRMRD_NAMESPACE", "MAX_HEADER_BYTES", "HeaderInfo", "check_header_size", "parse_ismrmrd_header"]
 
 ISMRMRD_NAMESPACE = "http://www.ismrm.org/ISMRMRD"
+
+MAX_HEADER_BYTES = 4 * 2**20
+"""Largest ISMRMRD XML header read (fastMRI's are 10-20 KB). A few KB of compressed HDF5 can hold a header of
+gigabytes, and ElementTree takes about 50 times a header's size to build it (``<x/>`` repeated: a 25 KB file, 20 MB of
+XML, took 0.9 GB and 8 s)."""
+
+
+def check_header_size(size: int, source: os.PathLike | str | None) -> None:
+    """Raise :class:`DataError` naming ``source`` when a header of ``size`` bytes (characters) exceeds
+    :data:`MAX_HEADER_BYTES`."""
+    if size > MAX_HEADER_BYTES:
+        raise DataError(None if source is None else str(source),
+                        f"ismrmrd_header is {size} bytes, more than the {MAX_HEADER_BYTES} (4 MiB) a header may be")
 
 
 @dataclass(frozen=True)
@@ -132,7 +145,7 @@ def parse_ismrmrd_header(xml: str | bytes, source: os.PathLike | str | None = No
         :class:`HeaderInfo`.
 
     Raises:
-        DataError: the XML is malformed, or lacks the encoded / recon matrix sizes, the fields of view or the
+        DataError: the XML is longer than :data:`MAX_HEADER_BYTES`, malformed, or lacks the encoded / recon matrix sizes, the fields of view or the
             ``kspace_encoding_step_1`` centre or maximum (a header without that element, which the ISMRMRD schema
             allows, gets ``center = y // 2`` and ``maximum = y − 1`` of the encoded matrix: all lines acquired),
             or its recon matrix x or y is not positive.
@@ -157,6 +170,7 @@ def parse_ismrmrd_header(xml: str | bytes, source: os.PathLike | str | None = No
         raise DataError(source_str, f"ismrmrd_header must be an XML string, got {type(xml).__name__}")
     elif not xml.strip():
         raise DataError(source_str, "ismrmrd_header is empty")
+    check_header_size(len(xml), source_str)
     try:
         root = ElementTree.fromstring(xml)
     except ElementTree.ParseError as err:

@@ -35,7 +35,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from reconkit.data.ismrmrd_header import HeaderInfo, parse_ismrmrd_header
+from reconkit.data.ismrmrd_header import HeaderInfo, check_header_size, parse_ismrmrd_header
 from reconkit.data.volume import Volume, VolumeInfo, checked_dataset
 from reconkit.errors import DataError
 
@@ -84,6 +84,7 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
             for key in ("dataset/xml", "dataset/data"):  # as a fastMRI file's: no external raw files, ...
                 checked_dataset(f, key, path)
             group = f["dataset"]
+            check_header_size(group["xml"].dtype.itemsize, path)  # a fixed-length string: before it is allocated
             header = parse_ismrmrd_header(group["xml"][0], source=path)
             if header.trajectory not in (None, "cartesian"):  # its readouts are no k-space columns
                 raise DataError(

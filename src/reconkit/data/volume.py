@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from reconkit.data.ismrmrd_header import HeaderInfo, parse_ismrmrd_header
+from reconkit.data.ismrmrd_header import HeaderInfo, check_header_size, parse_ismrmrd_header
 from reconkit.errors import DataError, ReconkitError
 
 __all__ = [
@@ -279,6 +279,7 @@ def _read_header(hf: h5py.File, path: Path) -> HeaderInfo:
     node = checked_dataset(hf, "ismrmrd_header", path)
     if node is None:
         raise DataError(path, "missing dataset 'ismrmrd_header'")
+    check_header_size(node.dtype.itemsize * node.size, path)  # fixed-length strings: before they are allocated
     try:
         xml = node[()]
     except (OSError, TypeError) as err:
