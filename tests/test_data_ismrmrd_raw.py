@@ -217,6 +217,22 @@ def test_a_header_without_the_optional_step_1_limits_takes_every_encoded_line(tm
     assert (volume.info.header.padding_left, volume.info.header.padding_right) == (0, WIDTH)
 
 
+def test_an_encoded_matrix_larger_than_the_memory_is_refused_before_it_is_allocated(tmp_path):
+    """The k-space is as wide as the header's encoded matrix y: a header of a few bytes declaring 2**40 lines had
+    numpy allocate it (a MemoryError, or, within the machine's memory, gigabytes filled as the lines were averaged).
+    It is refused before the allocation, naming the file and sizes."""
+    rng = np.random.default_rng(12)
+    kspace = random_kspace(rng, COILS, SAMPLES, WIDTH)
+    raw = ismrmrd.Dataset(str(tmp_path / "wide.h5"), "dataset", create_if_needed=True)
+    raw.write_xml_header(header_xml().replace(f"<y>{WIDTH}</y>", f"<y>{2**40}</y>", 1))
+    for c in range(WIDTH):
+        raw.append_acquisition(line(kspace[..., c], c))
+    raw.close()
+    with pytest.raises(DataError, match=rf"wide\.h5: reading k-space \(header's encoded matrix y\) \(1, {COILS}, "
+                                        rf"{SAMPLES}, {2**40}\) complex64 takes .* GiB, more than the"):
+        read_ismrmrd_raw(tmp_path / "wide.h5")
+
+
 def test_partial_fourier_lines_numbered_in_the_full_kspace_are_acquired_from_the_minimum_on(tmp_path):
     """A fully sampled partial-Fourier scan whose lines keep their full k-space numbers (minimum 4, maximum 11,
     centre 6): its acquired window starts at the minimum, so it is fully sampled there (a retrospective mask is

@@ -59,7 +59,7 @@ def _read_array(path: Path, key: str) -> np.ndarray:
                      "reconstruction_esc": ("reconstruction_rss", "multicoil")}.get(key)
             hint = f" (it has '{other[0]}': --challenge {other[1]}?)" if other and other[0] in hf else ""
             raise DataError(path, f"missing dataset '{key}'{hint}")
-        check_fits_in_memory(path, [(key, node)])
+        check_fits_in_memory(path, [(f"'{key}'", node.shape, node.dtype)])
         try:
             data = node[()]
         except OSError as err:

@@ -36,7 +36,7 @@ import h5py
 import numpy as np
 
 from reconkit.data.ismrmrd_header import HeaderInfo, check_header_size, parse_ismrmrd_header
-from reconkit.data.volume import Volume, VolumeInfo, checked_dataset
+from reconkit.data.volume import Volume, VolumeInfo, check_fits_in_memory, checked_dataset
 from reconkit.errors import DataError
 
 __all__ = ["image_groups", "is_ismrmrd_raw", "read_ismrmrd_raw"]
@@ -120,6 +120,8 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
     width = header.encoding_size[1]
     images = sorted({_image_key(a) for a in imaging}, key=lambda key: key[::-1])
     row = {key: i for i, key in enumerate(images)}
+    check_fits_in_memory(path, [("k-space (header's encoded matrix y)", (len(images), coils, samples, width),
+                                 np.complex64)])  # fmt: skip
     kspace = np.zeros((len(images), coils, samples, width), np.complex64)
     counts = np.zeros((len(images), width), np.int64)
     central: dict[int, tuple[int, object]] = {}  # per image: (distance from the centre column, its acquisition)

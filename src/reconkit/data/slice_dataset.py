@@ -279,7 +279,8 @@ class SliceDataset(torch.utils.data.Dataset):
         fname, slice_ind, metadata = self.raw_samples[i]
         with open_volume(fname) as hf:
             keys = ["kspace"] + ([self.recons_key] if self.recons_key in hf else [])
-            check_fits_in_memory(fname, [(key, hf[key]) for key in keys], per_slice=True)
+            slices = [(f"one slice of '{key}'", hf[key].shape[1:], hf[key].dtype) for key in keys]
+            check_fits_in_memory(fname, slices)
             try:
                 # complex128 k-space / float64 targets (valid HDF5, e.g. from MATLAB or numpy defaults) are cast
                 # to the dtypes the class promises: float64 tensors would reach float32 model weights

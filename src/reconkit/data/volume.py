@@ -11,6 +11,7 @@ attrs and the header, never the k-space itself.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -261,18 +262,17 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-def check_fits_in_memory(path: Path, datasets: Sequence[tuple[str, h5py.Dataset]], per_slice: bool = False) -> None:
-    """Raise :class:`DataError` naming ``path`` when reading ``datasets`` (``(key, dataset)`` pairs; each whole, or
-    one index of its first axis with ``per_slice``) needs more memory than :func:`available_memory`. A file of a
-    few KB can declare terabytes (compressed chunks of zeros, or chunks never written, which HDF5 reads as zeros):
-    numpy allocated what it declared and HDF5 filled it, or the allocation failed with a MemoryError."""
-    needed = sum(node.size // (node.shape[0] if per_slice and node.shape else 1) * node.dtype.itemsize
-                 for _, node in datasets)  # fmt: skip
+def check_fits_in_memory(path: Path, arrays: Sequence[tuple[str, Sequence[int], np.dtype]]) -> None:
+    """Raise :class:`DataError` naming ``path`` when building ``arrays`` (``(name, shape, dtype)`` each) needs more
+    memory than :func:`available_memory`. A file of a few KB can declare terabytes (HDF5 datasets of compressed
+    zeros, or of chunks never written, which HDF5 reads as zeros; an ISMRMRD header's encoded matrix): numpy
+    allocated what it declared and HDF5 filled it, or the allocation failed with a MemoryError."""
+    needed = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in arrays)
     available = available_memory()
     if available is not None and needed > available:
-        arrays = " + ".join(f"'{key}' {node.shape} {node.dtype}" for key, node in datasets)
-        raise DataError(path, f"reading {'one slice of ' if per_slice else ''}{arrays} takes {needed / 2**30:.3g} "
-                              f"GiB, more than the {available / 2**30:.3g} GiB of memory available")  # fmt: skip
+        listed = " + ".join(f"{name} {tuple(shape)} {np.dtype(dtype)}" for name, shape, dtype in arrays)
+        raise DataError(path, f"reading {listed} takes {needed / 2**30:.3g} GiB, more than the "
+                              f"{available / 2**30:.3g} GiB of memory available")  # fmt: skip
 
 
 def _read_header(hf: h5py.File, path: Path) -> HeaderInfo:
@@ -375,7 +375,7 @@ def read_volume(path: os.PathLike | str, challenge: str | None = None) -> Volume
     with open_volume(path) as hf:
         info = _validate(hf, path, challenge)
         keys = ["kspace"] + ([info.target_key] if info.target_key else []) + (["mask"] if info.mask_shape else [])
-        check_fits_in_memory(path, [(key, hf[key]) for key in keys])
+        check_fits_in_memory(path, [(f"'{key}'", hf[key].shape, hf[key].dtype) for key in keys])
         try:
             kspace = hf["kspace"][()]
             target = None if info.target_key is None else hf[info.target_key][()]
