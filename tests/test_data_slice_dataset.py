@@ -635,6 +635,14 @@ def test_a_small_file_declaring_more_than_the_memory_is_refused_before_reading(t
         read_volume(path)
     with pytest.raises(DataError, match=r"bomb\.h5: reading one slice of 'kspace' .* takes 2\.1e\+06 GiB"):
         SliceDataset(tmp_path, use_dataset_cache=False)[0]
+    # a target without the 'max' attr: the scan reads its slices for their maximum
+    (tmp_path / "scan").mkdir()
+    scan = write_volume(tmp_path / "scan" / "target_bomb.h5", num_slices=2)
+    with h5py.File(scan, "a") as hf:
+        del hf["reconstruction_rss"], hf.attrs["max"]
+        hf.create_dataset("reconstruction_rss", shape=(2, 2**24, 2**24), dtype=np.float32, chunks=(1, 64, 64))
+    with pytest.raises(DataError, match=r"target_bomb\.h5: reading one slice of 'reconstruction_rss' "):
+        SliceDataset(scan.parent, use_dataset_cache=False)
     small = write_volume(tmp_path / "small.h5")  # 3 x 4 x 32 x 24 complex64 + 3 x 16 x 16 float32: 76,800 bytes
     monkeypatch.setattr("reconkit.data.volume.available_memory", lambda: 50_000)
     with pytest.raises(DataError, match=r"small\.h5: reading 'kspace' .* \+ 'reconstruction_rss' \(3, 16, 16\) "

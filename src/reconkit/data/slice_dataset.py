@@ -99,6 +99,7 @@ def _target_max(fname: Path, key: str) -> float:
     with open_volume(fname) as hf:
         try:
             target = hf[key]
+            check_fits_in_memory(fname, [(f"one slice of '{key}'", target.shape[1:], target.dtype)])
             value = max(float(np.max(target[i])) for i in range(target.shape[0]))
         except (OSError, KeyError, ValueError) as err:
             raise DataError(fname, f"cannot read '{key}' ({err})") from None
