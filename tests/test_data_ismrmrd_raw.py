@@ -233,6 +233,21 @@ def test_an_encoded_matrix_larger_than_the_memory_is_refused_before_it_is_alloca
         read_ismrmrd_raw(tmp_path / "wide.h5")
 
 
+def test_more_acquisition_rows_than_the_memory_holds_are_refused_before_reading(tmp_path, monkeypatch):
+    """A file of KB can declare millions of acquisition rows (chunks never written): each was read into an
+    ismrmrd.Acquisition of about 3 KB (200,000 rows: 0.7 GB, 6 s). Rows that would not fit are refused first."""
+    import h5py
+
+    rng = np.random.default_rng(13)
+    write_raw(tmp_path / "rows.h5", [line(random_kspace(rng, COILS, SAMPLES), c) for c in range(WIDTH)])
+    with h5py.File(tmp_path / "rows.h5", "a") as f:
+        f["dataset/data"].resize((100,))
+    monkeypatch.setattr("reconkit.data.volume.available_memory", lambda: 200_000)
+    with pytest.raises(DataError, match=r"rows\.h5: reading 100 ISMRMRD acquisitions \(without their samples\) "
+                                        r"\(100, 3072\) uint8 takes .* GiB, more than the"):
+        read_ismrmrd_raw(tmp_path / "rows.h5")
+
+
 def test_partial_fourier_lines_numbered_in_the_full_kspace_are_acquired_from_the_minimum_on(tmp_path):
     """A fully sampled partial-Fourier scan whose lines keep their full k-space numbers (minimum 4, maximum 11,
     centre 6): its acquired window starts at the minimum, so it is fully sampled there (a retrospective mask is
