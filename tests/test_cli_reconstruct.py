@@ -558,6 +558,25 @@ def test_control_characters_in_file_names_are_printed_escaped(tmp_path, capsys):
     assert "bad\\x1b[31m\\rX\\x07.h5: not an HDF5 file" in err and "ok\\x1b[2J" in out
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs (Windows)")
+def test_an_external_link_to_a_fifo_is_refused_not_waited_on(tmp_path, capsys):
+    """A file's 'kspace' (or ISMRMRD 'dataset' group) may be an HDF5 external link, which HDF5 opens: to a FIFO it
+    waited for a writer for ever, and SIGTERM could not stop it. The link is named and the batch goes on."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    os.mkfifo(scans / "pipe")
+    for name, key in (("fastmri.h5", "kspace"), ("raw.h5", "dataset")):
+        write_fastmri_file(scans / name, np.random.default_rng(10))
+        with h5py.File(scans / name, "a") as f:
+            del f["kspace"]
+            f[key] = h5py.ExternalLink("pipe", "/kspace")  # relative: next to the file
+    write_fastmri_file(scans / "good.h5", np.random.default_rng(11))
+    code, _, err = _run(capsys, str(scans), "--model", "zero-filled", "--output", str(tmp_path / "o"))
+    assert code == 1 and (tmp_path / "o" / "h5" / "good.h5").exists()
+    for name, key in (("fastmri.h5", "kspace"), ("raw.h5", "dataset/xml")):
+        assert f"{name}: '{key}' is a link to pipe:/kspace, which is not a regular file (a FIFO" in err
+
+
 def test_names_that_differ_only_in_case_are_a_clash(tmp_path):
     """``a/Scan.h5`` and ``b/scan.h5`` (or one name in NFC and NFD Unicode) write one output file on macOS's and
     Windows' case- and normalisation-insensitive file systems: the second one's outputs silently replaced the

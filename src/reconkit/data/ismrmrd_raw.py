@@ -60,6 +60,8 @@ def is_ismrmrd_raw(path: os.PathLike | str) -> bool:
         return False
     try:
         with h5py.File(path, "r") as f:
+            if isinstance(f.get("dataset", getlink=True), h5py.ExternalLink):  # not followed here: it may lead to a
+                return True  # FIFO, which would block; read_ismrmrd_raw's checks report where it leads
             group = f.get("dataset")
             return isinstance(group, h5py.Group) and "xml" in group  # (no "data": a file without acquisitions)
     except (OSError, ValueError):

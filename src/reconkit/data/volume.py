@@ -154,11 +154,15 @@ def checked_dataset(hf: h5py.File, key: str, path: Path) -> h5py.Dataset | None:
     """Dataset ``key`` of the open file ``hf`` (found at ``path``), None when absent.
 
     Raises:
-        DataError: naming ``path``: ``key`` is a group, a link to a missing file or object, a dataset stored in
+        DataError: naming ``path``: ``key`` is a group, a link to a missing file or object or to a FIFO, socket or
+            device (which HDF5 would wait on), a dataset stored in
             external raw files (``h5py``'s ``external=``: any file, ``/etc/passwd`` too, read as its data), a
             virtual dataset with a missing source, has a datatype numpy lacks, or needs an HDF5 filter plugin this
             installation lacks.
     """
+    device = _external_link_to_device(hf, key, path)
+    if device is not None:  # HDF5 would open it: a FIFO waits for a writer for ever, a terminal for a keystroke
+        raise DataError(path, f"'{key}' is a link to {device}, which is not a regular file (a FIFO, socket or device)")
     if key not in hf:
         return None
     try:
@@ -187,6 +191,23 @@ def checked_dataset(hf: h5py.File, key: str, path: Path) -> h5py.Dataset | None:
                               "load: install the filter's plugin (e.g. the hdf5plugin package) and point "
                               "HDF5_PLUGIN_PATH at its folder")  # fmt: skip
     return node
+
+
+def _external_link_to_device(hf: h5py.File, key: str, path: Path) -> str | None:
+    """``"<file>:<object>"`` of the first external link on the way to ``key`` (``"dataset/xml"``: the links
+    ``dataset`` and ``dataset/xml``) whose file exists and is not a regular file, else None. A relative file name
+    counts next to ``path``, in the working directory or under ``HDF5_EXT_PREFIX``, where HDF5 looks for it."""
+    parts = key.split("/")
+    for depth in range(1, len(parts) + 1):
+        link = hf.get("/".join(parts[:depth]), getlink=True)
+        if not isinstance(link, h5py.ExternalLink):
+            continue
+        relative = (path.parent, ".", os.environ.get("HDF5_EXT_PREFIX"))
+        folders = ("/",) if os.path.isabs(link.filename) else relative
+        for file in (Path(folder, link.filename) for folder in folders if folder):
+            if file.exists() and not file.is_file():
+                return f"{link.filename}:{link.path}"
+    return None
 
 
 def _missing_virtual_source(node: h5py.Dataset, path: Path) -> str | None:
