@@ -14,12 +14,14 @@ def interleaved_medians(
     repeats: int,
     warmup: int = 1,
     sync: Callable[[], object] | None = None,
+    self_timed: bool = False,
 ) -> dict[str, float]:
     """Median seconds per step. Within each repeat every step runs once, so machine load hits all alike. With two
     steps they alternate; with more, each repeat takes them in a new random order (seeded), so that no step always
     runs right after the same one: a step timed after torch pays for what torch's run leaves behind (freed pages,
     evicted caches), 5–8 ms on a 30 ms ONNX Runtime FFT (2026-12-06, docs/benchmarks.md). ``sync`` (e.g.
-    ``torch.cuda.synchronize``) runs before and after each timed call."""
+    ``torch.cuda.synchronize``) runs before and after each timed call. With ``self_timed`` each step returns its own
+    seconds (e.g. the model calls alone of a pass that also prepares data), taken instead of the wall time around it."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -31,10 +33,10 @@ def interleaved_medians(
             if sync is not None:
                 sync()
             start = time.perf_counter()
-            steps[name]()
+            seconds = steps[name]()
             if sync is not None:
                 sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(seconds if self_timed else time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

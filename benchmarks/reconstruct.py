@@ -7,7 +7,8 @@ never saw), 8 coils, 192 × 112 k-space by default (``--size H W`` for another e
 fastMRI knee k-space; the recon size is ``H/2 × H/2``), 4× equispaced with an 8 % centre, one mask per volume
 seeded by the file name. Metrics are fastMRI's per-volume NMSE / PSNR / SSIM against the fully sampled RSS
 image, averaged over volumes. Seconds per slice: every method runs with the same thread count (torch, ONNX
-Runtime and BART's OpenMP); median over ``--repeats`` passes over all slices (BART too).
+Runtime and BART's OpenMP); median over ``--repeats`` passes over all slices (BART too), the methods' passes
+interleaved (every repeat runs each method once, as ``benchmarks/_timing.py``), so machine load hits all alike.
 
 BART (``bart`` on PATH, e.g. Debian's package) runs ``ecalib -m1 -c 0`` (ESPIRiT maps, not cropped: the default
 0.8 eigenvalue crop cut into the object on these scans and cost BART ~5 dB) then
@@ -20,15 +21,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 from reconkit.data import Volume, center_crop, read_volume
 from reconkit.data.simulate import simulate_volume, write_volume
@@ -85,6 +87,38 @@ def tune_bart(tuning: Volume, threads: int) -> tuple[float, dict[float, float]]:
     return max(scores, key=scores.get), scores
 
 
+def model_pass(reconstructor, volumes: list[Volume], masks: list[np.ndarray], metrics: list[dict]) -> Callable[[], float]:
+    """One pass of a reconkit method over all slices: returns seconds per slice (model calls); the first pass
+    appends each volume's metrics to ``metrics``."""
+
+    def run() -> float:
+        seconds = slices = 0
+        for volume, mask in zip(volumes, masks):
+            result = reconstruct_volume(volume, reconstructor, mask, batch_size=1)
+            seconds, slices = seconds + result.seconds, slices + len(result.reconstruction)
+            if len(metrics) < len(volumes):
+                metrics.append(volume_metrics(result.target, result.reconstruction))
+        return seconds / slices
+
+    return run
+
+
+def bart_pass(volumes: list[Volume], masks: list[np.ndarray], lam: float, threads: int,
+              metrics: list[dict]) -> Callable[[], float]:
+    """One BART pass over all slices, as :func:`model_pass`: seconds per slice; metrics on the first pass."""
+
+    def run() -> float:
+        seconds = []
+        for volume, mask in zip(volumes, masks):
+            image, per_slice = bart_volume(volume, mask, lam, threads)
+            if len(metrics) < len(volumes):
+                metrics.append(volume_metrics(volume.target, image))
+            seconds.append(per_slice)
+        return float(np.mean(seconds))
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--volumes", type=int, default=1, help="held-out volumes (10 slices each)")
@@ -112,40 +146,23 @@ def main(argv: list[str] | None = None) -> int:
         "VarNet, torch": str(args.checkpoints / "varnet_small.ckpt"),
         "VarNet, ONNX Runtime": str(args.checkpoints / "varnet_small.onnx"),
     }
-    rows = {}
+    passes: dict[str, Callable[[], float]] = {}
+    metrics: dict[str, list[dict]] = {}
     for label, model in methods.items():
         reconstructor = load_reconstructor(model, threads=args.threads, torch_fallback=False)
-        metrics, times = [], []
-        for repeat in range(args.repeats):
-            seconds = slices = 0
-            for volume, mask in zip(volumes, masks):
-                result = reconstruct_volume(volume, reconstructor, mask, batch_size=1)
-                seconds, slices = seconds + result.seconds, slices + len(result.reconstruction)
-                if repeat == 0:
-                    metrics.append(volume_metrics(result.target, result.reconstruction))
-            times.append(seconds / slices)
-        rows[label] = ({k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}, statistics.median(times))
-        print(f"{label}: done", file=sys.stderr)
+        passes[label] = model_pass(reconstructor, volumes, masks, metrics.setdefault(label, []))
 
     bart_note = "BART not installed (`bart` not on PATH): not measured"
     if shutil.which("bart") and not args.no_bart:
         lam, scores = tune_bart(tuning, args.threads)
-        metrics, times = [], []
-        for repeat in range(args.repeats):  # as many timing passes as the other methods (median)
-            seconds = []
-            for volume, mask in zip(volumes, masks):
-                image, per_slice = bart_volume(volume, mask, lam, args.threads)
-                if repeat == 0:
-                    metrics.append(volume_metrics(volume.target, image))
-                seconds.append(per_slice)
-            times.append(float(np.mean(seconds)))
-        rows[f"BART pics (ESPIRiT + L1-wavelet, λ={lam:g})"] = (
-            {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]},
-            statistics.median(times),
-        )
+        label = f"BART pics (ESPIRiT + L1-wavelet, λ={lam:g})"
+        passes[label] = bart_pass(volumes, masks, lam, args.threads, metrics.setdefault(label, []))
         bart_note = "BART λ tuned on a separate scan (PSNR): " + ", ".join(
             f"{k:g} → {v:.2f} dB" for k, v in scores.items()
         )
+    seconds = interleaved_medians(passes, args.repeats, warmup=0, self_timed=True)
+    rows = {label: ({k: float(np.mean([m[k] for m in metrics[label]])) for k in metrics[label][0]}, seconds[label])
+            for label in passes}
 
     print(
         f"\nheld-out dipy_b0, {args.volumes} volume(s) × {scan['slices']} slices, {scan['coils']} coils, "

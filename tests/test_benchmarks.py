@@ -3,6 +3,7 @@ its tables, serve.py a load table without errors, kernels.py --check-only its in
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -26,6 +27,33 @@ def _tables(text: str) -> list[tuple[str, list[list[str]]]]:
         elif not set(line) <= set("|-: "):  # not the separator row
             tables[-1][1].append([cell.strip() for cell in line.strip().strip("|").split("|")])
     return tables
+
+
+def _benchmark_module(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_interleaved_medians_of_self_timed_steps_are_the_seconds_they_report() -> None:
+    """benchmarks/reconstruct.py times each method's pass by its model calls alone and runs the passes interleaved:
+    every repeat runs each method once (they ran one method's repeats after another's before)."""
+    timing = _benchmark_module("_timing")
+    reported = {"a": iter([3.0, 1.0, 2.0]), "b": iter([10.0, 30.0, 20.0]), "c": iter([5.0, 4.0, 6.0])}
+    calls: list[str] = []
+
+    def step(name: str):
+        def run() -> float:
+            calls.append(name)
+            return next(reported[name])
+
+        return run
+
+    medians = timing.interleaved_medians({name: step(name) for name in reported}, 3, warmup=0, self_timed=True)
+    assert medians == {"a": 2.0, "b": 20.0, "c": 5.0}
+    assert [sorted(calls[i:i + 3]) for i in (0, 3, 6)] == [["a", "b", "c"]] * 3
 
 
 def test_export_benchmark_small_run_reports_parity(tmp_path) -> None:
