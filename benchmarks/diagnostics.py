@@ -60,7 +60,9 @@ def halved_by(records: list[dict], band: int) -> int | None:
 
 
 def last_val_ssim(folder: Path) -> float:
-    (metrics,) = sorted(folder.glob("csv/version_*/metrics.csv"))[-1:]
+    """The last ``val_ssim`` of the run's newest CSV log (``csv/version_N``: a rerun into ``folder`` adds one; by
+    number, as version_10 sorts before version_9 as text)."""
+    (metrics,) = sorted(folder.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))[-1:]
     with open(metrics) as f:
         values = [float(row["val_ssim"]) for row in csv.DictReader(f) if row.get("val_ssim")]
     return values[-1] if values else math.nan

@@ -147,6 +147,17 @@ def test_export_benchmark_small_run_reports_parity(tmp_path) -> None:
     assert all(float(row[5]) <= 1e-5 for row in opening), opening  # a size's branch alone gives the file's output
 
 
+def test_diagnostics_table_takes_val_ssim_from_the_newest_csv_log(tmp_path) -> None:
+    """A rerun of benchmarks/diagnostics.py into the same run folder adds csv/version_N; the table printed the
+    val SSIM of version_9 next to version_10's diagnostics (text order)."""
+    diagnostics = _benchmark_module("diagnostics")
+    for version, ssim in ((2, 0.5), (9, 0.6), (10, 0.9)):
+        log = tmp_path / "csv" / f"version_{version}"
+        log.mkdir(parents=True)
+        (log / "metrics.csv").write_text(f"epoch,val_ssim\n0,{ssim}\n")
+    assert diagnostics.last_val_ssim(tmp_path) == 0.9
+
+
 def test_diagnostics_benchmark_small_run_prints_its_tables(tmp_path) -> None:
     run = subprocess.run(
         [sys.executable, "benchmarks/diagnostics.py", "--small", "--output", str(tmp_path / "runs"), "--plot",
