@@ -20,6 +20,7 @@ from reconkit.models.classical import (
     estimate_sens_maps_espirit,
     zero_filled,
 )
+from reconkit.models.contract import ZeroFilledFrontEnd
 from reconkit.models.espirit_poly import _espirit_poly, estimate_sens_maps_espirit_poly
 from reconkit.ops import complex_abs, fft2c, power_of_two_scale, rss_complex
 
@@ -177,6 +178,17 @@ def test_zero_filled_fully_sampled_is_target():
     kspace, _, target, *_ = simulate(coils=4, height=20, width=17, acceleration=1)
     torch.testing.assert_close(zero_filled(kspace), target, rtol=1e-5, atol=1e-6)
     assert not list(ZeroFilled().parameters()) and not list(CGSense().parameters())
+
+
+def test_integer_masks_mark_every_nonzero_line_sampled():
+    """A 0/255 mask (uint8 from a PNG) weighted the data: zero_filled and the U-Net's front end 255× too bright,
+    CG-SENSE 255× too dark; every nonzero line is sampled, as in fastmri."""
+    kspace, mask, *_ = simulate(coils=4, height=32, width=24, num_low_frequencies=8)
+    front_end = ZeroFilledFrontEnd(torch.nn.Identity())
+    for given in ((mask * 255).to(torch.uint8), mask.long() * 3):
+        torch.testing.assert_close(zero_filled(kspace, given), zero_filled(kspace, mask))
+        torch.testing.assert_close(front_end(kspace, given), front_end(kspace, mask))
+        torch.testing.assert_close(CGSense()(kspace, given), CGSense()(kspace, mask))
 
 
 def test_maps_per_batch_item_with_different_acs_widths():

@@ -1316,6 +1316,23 @@ def test_reconstruct_volume_refuses_a_mask_not_of_the_documented_shape(tmp_path)
             reconstruct_volume(volume, load_reconstructor("zero-filled"), wrong, batch_size=1)
 
 
+def test_reconstruct_volume_takes_every_nonzero_mask_value_as_sampled(tmp_path):
+    """A 0/255 mask (uint8 from a PNG) multiplied the k-space by 255: images 255× too bright, acceleration 255× too
+    small, no error."""
+    from reconkit.data import read_volume
+    from reconkit.inference import reconstruct_volume, volume_mask
+
+    path = tmp_path / "png_mask.h5"
+    write_fastmri_file(path, np.random.default_rng(0), slices=2, height=8, width=8, recon=(8, 8), single_coil=True)
+    volume = read_volume(path)
+    mask, _ = volume_mask(volume, "equispaced_fraction", 4, 0.25, 0)
+    expected = reconstruct_volume(volume, load_reconstructor("zero-filled"), mask)
+    result = reconstruct_volume(volume, load_reconstructor("zero-filled"), (mask * 255).astype(np.uint8))
+    np.testing.assert_array_equal(result.reconstruction, expected.reconstruction)
+    np.testing.assert_array_equal(result.zero_filled, expected.zero_filled)
+    assert result.acceleration == expected.acceleration
+
+
 def test_finding_the_sampled_columns_holds_one_image_not_the_volume(tmp_path):
     """``volume_mask`` took ``np.abs`` of the whole volume at once: another half of the k-space's size in memory
     (0.78 GB for a 16-slice 20-coil 768 × 396 brain volume); now one image (slice) at a time."""

@@ -118,6 +118,20 @@ def test_bool_and_float_masks_agree():
     assert torch.allclose(ours(kspace, mask.bool()), ours(kspace, mask), atol=1e-6)
 
 
+def test_masks_of_any_dtype_mark_every_nonzero_line_sampled_as_fastmri_does():
+    """A 0/255 mask (uint8 from a PNG) went into the data consistency as 255 × the data: a 42× wrong image, no
+    error; fastmri's ``torch.where(mask, ...)`` takes every nonzero line as sampled (as the ACS window here did)."""
+    ref, ours = _pair()
+    mask = _line_mask(1, 24, [6], every=4)
+    kspace = torch.randn(1, 3, 16, 24, 2) * mask
+    expected = ref(kspace, mask.bool())
+    for given in ((mask * 255).to(torch.uint8), mask.long() * 3, mask * 255):
+        assert _rel(ours(kspace, given), expected) < 1e-4
+        assert _rel(ours.predict_kspace(kspace, given), ours.predict_kspace(kspace, mask)) < 1e-6
+        with fft_impl("matmul"):
+            assert _rel(ours(kspace, given), expected) < 1e-4
+
+
 @pytest.mark.parametrize("width", [16, 17, 24])
 def test_low_frequency_window_matches_fastmri(width):
     gen = torch.Generator().manual_seed(width)

@@ -317,6 +317,25 @@ def test_data_consistency_refuses_a_batched_mask_with_fewer_axes_than_kspace():
                                data_consistency(current[:, :1], ref[:, :1], lines[:, None], 0.5)[:, 0])
 
 
+def test_nonzero_integer_mask_values_mark_sampled_locations_not_weights():
+    """A 0/255 (uint8 from a PNG) or integer mask weighted the data by its values: 255 × the data consistency step,
+    and A / Aᴴ 255 × too large (CG-SENSE 1/255 × too dark); fastmri takes every nonzero location as sampled. A float
+    mask still weights the data, differentiably (soft masks of learned sampling)."""
+    current, ref = torch.randn(2, 3, 8, 10, 2, generator=gen(24)), torch.randn(2, 3, 8, 10, 2, generator=gen(25))
+    sens_maps, image = torch.randn(2, 3, 8, 10, 2, generator=gen(31)), torch.randn(2, 1, 8, 10, 2, generator=gen(32))
+    mask = torch.rand(2, 1, 1, 10, 1, generator=gen(33)) > 0.5
+    expected = MultiCoilMRI(mask.float(), sens_maps)
+    for given in ((mask * 255).to(torch.uint8), mask.long() * 3):
+        torch.testing.assert_close(data_consistency(current, ref, given, 0.37),
+                                   data_consistency(current, ref, mask, 0.37))
+        op = MultiCoilMRI(given, sens_maps)
+        torch.testing.assert_close(op.A(image), expected.A(image))
+        torch.testing.assert_close(op.A_adjoint(current), expected.A_adjoint(current))
+    soft = (mask * 0.5).requires_grad_()
+    data_consistency(current, ref, soft, 0.37).sum().backward()
+    assert soft.grad is not None and bool(soft.grad.any())
+
+
 def test_data_consistency_weight_gets_gradient():
     current, ref = torch.randn(1, 2, 4, 6, 2, generator=gen(24)), torch.randn(1, 2, 4, 6, 2, generator=gen(25))
     mask = torch.zeros(1, 1, 1, 6, 1)

@@ -480,7 +480,7 @@ def reconstruct_volume(
     on_slices: Callable[[int], None] | None = None,
 ) -> VolumeResult:
     """Run ``reconstructor`` over all slices of ``volume`` with column ``mask`` ``(1, 1, 1, W, 1)`` (every slice) or
-    ``(slices, 1, 1, W, 1)`` (one per slice), as :func:`volume_mask` gives.
+    ``(slices, 1, 1, W, 1)`` (one per slice), as :func:`volume_mask` gives; of any dtype, nonzero = sampled.
 
     ``on_slices(n)`` is called after every batch of ``n`` slices (progress bars).
 
@@ -502,6 +502,7 @@ def reconstruct_volume(
     if mask.ndim != 5 or mask.shape[0] not in (1, num_slices) or tuple(mask.shape[1:]) != (1, 1, width, 1):
         raise ValueError(f"mask must be (1, 1, 1, {width}, 1) or ({num_slices}, 1, 1, {width}, 1) (one, or one per "
                          f"slice, of (slices, 1, 1, W, 1)); got {tuple(mask.shape)}")
+    mask = (np.asarray(mask) != 0).astype(np.float32)  # nonzero = sampled: a 0/255 mask would scale the k-space by 255
     for batch in _batches(num_slices, max(1, batch_size)):
         stacked = np.stack((kspace[batch].real, kspace[batch].imag), axis=-1).astype(np.float32)
         batch_mask = np.broadcast_to(mask if mask.shape[0] == 1 else mask[batch], (stacked.shape[0], *mask.shape[1:]))

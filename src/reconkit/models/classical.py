@@ -33,6 +33,7 @@ from reconkit.ops import (
     pair_factor,
     power_of_two_scale,
     rss_complex,
+    sampling_mask,
     zero_filled_rss_sampled_lines,
 )
 
@@ -293,13 +294,15 @@ def estimate_sens_maps_espirit(
 def zero_filled(masked_kspace: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """RSS of the coil images of zero-filled k-space: ``(B, C, H, W, 2)`` → ``(B, H, W)``.
 
-    With ``mask`` the k-space is multiplied by it first. On the export path (``fft_impl("matmul")``) a line mask
-    ``(B, 1, 1, W, 1)`` then selects :func:`reconkit.ops.zero_filled_rss_sampled_lines`, which transforms only the
-    sampled lines (same result, about half the cost in ONNX Runtime at 4× acceleration).
+    With ``mask`` the k-space is multiplied by it first (an integer mask's nonzero values count as 1). On the export
+    path (``fft_impl("matmul")``) a line mask ``(B, 1, 1, W, 1)`` then selects
+    :func:`reconkit.ops.zero_filled_rss_sampled_lines`, which transforms only the sampled lines (same result, about
+    half the cost in ONNX Runtime at 4× acceleration).
     """
     _check_inputs(masked_kspace, mask)
     if mask is None:
         return rss_complex(ifft2c(masked_kspace), dim=1)
+    mask = sampling_mask(mask)
     if current_fft_impl() == "matmul" and mask.shape[-3] == 1:
         return zero_filled_rss_sampled_lines(masked_kspace, mask)
     return rss_complex(ifft2c(masked_kspace * mask), dim=1)

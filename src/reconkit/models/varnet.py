@@ -291,7 +291,8 @@ class VarNet(nn.Module):
             ``final_dc_iters`` FISTA iterations instead of CG. 0 (the default): no such term.
 
     ``forward(masked_kspace (B, C, H, W, 2), mask (B, 1, 1, W, 1), num_low_frequencies=None) -> (B, H, W)``:
-    root-sum-of-squares magnitude at the full encoded size. ``mask`` may be bool or float 0/1.
+    root-sum-of-squares magnitude at the full encoded size. ``mask`` may be of any dtype: nonzero = sampled (as
+    fastmri's), so a 0/255 mask acts as 0/1.
 
     Example:
         >>> net = VarNet(num_cascades=2, sens_chans=2, sens_pools=2, chans=2, pools=2)
@@ -348,6 +349,7 @@ class VarNet(nn.Module):
         exactly, for k-space in any units; at the raw scale float32 sums of squares over- or underflow outside
         about 1e-9 ... 1e12 (NaN images)."""
         _check_inputs(masked_kspace, mask)
+        mask = mask != 0  # every nonzero value sampled, as fastmri's torch.where(mask, ...) and the ACS window
         scale = power_of_two_scale(masked_kspace)
         masked_kspace = masked_kspace / scale
         if current_fft_impl() == "matmul":
@@ -372,6 +374,7 @@ class VarNet(nn.Module):
         of, before any ``final_dc_iters`` step); self-supervised losses score it directly in k-space. Arguments as
         :meth:`forward`, and run at the same power-of-two scale (k-space in any units)."""
         _check_inputs(masked_kspace, mask)
+        mask = mask != 0  # every nonzero value sampled, as fastmri's torch.where(mask, ...) and the ACS window
         scale = power_of_two_scale(masked_kspace).view(-1, 1, 1, 1, 1)
         prediction, hybrid, _ = self._cascades(masked_kspace / scale, mask, num_low_frequencies)
         return (fftc(prediction, (-2,)) if hybrid else prediction) * scale

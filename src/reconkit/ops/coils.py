@@ -22,6 +22,7 @@ __all__ = [
     "data_consistency",
     "planar_sens_expand",
     "planar_sens_reduce",
+    "sampling_mask",
     "sens_expand",
     "sens_reduce",
     "stacked_sens_expand",
@@ -30,6 +31,14 @@ __all__ = [
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def sampling_mask(mask: torch.Tensor) -> torch.Tensor:
+    """An integer mask as bool, True wherever it is nonzero: a 0/255 uint8 mask read from a PNG marks the sampled
+    locations, as in fastmri's ``torch.where(mask, ...)``, instead of weighting the data by 255. Bool and floating
+    masks are returned as they are: a float mask weights the data (0/1 samples; soft values, e.g. of learned
+    sampling, stay differentiable)."""
+    return mask if mask.dtype == torch.bool or mask.is_floating_point() else mask != 0
 
 
 def _fft_dims(hybrid: bool) -> tuple[int, ...]:
@@ -153,7 +162,8 @@ def data_consistency(
     Args:
         kspace: ``(B, C, H, W, 2)`` current k-space estimate ``k``.
         ref_kspace: ``(B, C, H, W, 2)`` measured k-space ``k₀`` (zero where not sampled).
-        mask: sampling mask broadcasting against ``kspace`` (bool or 0/1 float).
+        mask: sampling mask broadcasting against ``kspace``: bool, float (0/1, or weights) or integer (nonzero =
+            sampled, :func:`sampling_mask`).
         weight: DC weight ``η`` (scalar tensor, learnable in VarNet).
 
     Returns:
@@ -165,6 +175,7 @@ def data_consistency(
         raise ValueError(f"data_consistency: mask {tuple(mask.shape)} has fewer axes than kspace {tuple(kspace.shape)},"
                          f" so its batch axis would broadcast onto another one; give it kspace's {kspace.ndim} axes, "
                          "e.g. (B, 1, 1, W, 1)")
+    mask = sampling_mask(mask)
     weight_t = torch.as_tensor(weight, dtype=kspace.dtype, device=kspace.device)
     backend_choice(backend)
     if current_fft_impl() != "matmul" and resolve_backend(backend, kspace, ref_kspace) == "triton":

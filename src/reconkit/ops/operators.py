@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reconkit.ops.coils import sens_expand, sens_reduce
+from reconkit.ops.coils import sampling_mask, sens_expand, sens_reduce
 
 __all__ = ["MultiCoilMRI", "accurate_sum", "conjugate_gradient", "fista", "real_inner"]
 
@@ -102,7 +102,8 @@ class MultiCoilMRI:
     sampled k-space locations. The adjoint is :math:`A^H y = \sum_c \overline{S_c} F^{-1} (M y)_c`.
 
     Args:
-        mask: sampling mask broadcasting against k-space ``(B, C, H, W, 2)``, e.g. ``(B, 1, 1, W, 1)``.
+        mask: sampling mask broadcasting against k-space ``(B, C, H, W, 2)``, e.g. ``(B, 1, 1, W, 1)``; an integer
+            mask's nonzero values are sampled (:func:`reconkit.ops.coils.sampling_mask`).
         sens_maps: ``(B, C, H, W, 2)`` coil sensitivities.
 
     Example:
@@ -140,12 +141,12 @@ class MultiCoilMRI:
     def A(self, image: torch.Tensor) -> torch.Tensor:
         """Forward: ``(B, 1, H, W, 2)`` image → ``(B, C, H, W, 2)`` masked coil k-space."""
         self._check(image, 1, "image")
-        return sens_expand(image, self.sens_maps) * self.mask.to(image.dtype)
+        return sens_expand(image, self.sens_maps) * sampling_mask(self.mask).to(image.dtype)
 
     def A_adjoint(self, kspace: torch.Tensor) -> torch.Tensor:
         """Adjoint: ``(B, C, H, W, 2)`` k-space → ``(B, 1, H, W, 2)`` coil-combined image."""
         self._check(kspace, self.sens_maps.shape[1], "kspace")
-        return sens_reduce(kspace * self.mask.to(kspace.dtype), self.sens_maps)
+        return sens_reduce(kspace * sampling_mask(self.mask).to(kspace.dtype), self.sens_maps)
 
     def normal(self, image: torch.Tensor) -> torch.Tensor:
         """Normal operator ``AᴴA`` on ``(B, 1, H, W, 2)`` images."""
