@@ -7,7 +7,7 @@ import pytest
 import torch
 from fastmri.models.varnet import SensitivityModel as FastmriSensitivityModel
 
-from reconkit.models import VarNet, low_frequency_window
+from reconkit.models import SensitivityModel, VarNet, low_frequency_window
 from reconkit.ops import fft_impl
 
 SMALL = {"num_cascades": 2, "sens_chans": 3, "sens_pools": 2, "chans": 4, "pools": 2}
@@ -219,6 +219,17 @@ def test_varnet_rejects_bad_shapes():
                  torch.ones(2, 1, 1, 16, 1)):
         with pytest.raises(ValueError, match=r"mask must be .* with \(H, W\) = \(16, 16\) of masked_kspace; got"):
             net(torch.randn(1, 3, 16, 16, 2), mask)
+
+
+def test_sensitivity_model_called_directly_rejects_a_mask_of_another_width():
+    """A mask 12 or 30 lines wide on 24-column k-space gave (1, 3, 16, 24, 2) maps from an ACS window measured on
+    the wrong lines, no error (as fastmri's); VarNet's own input check now runs there too."""
+    net = SensitivityModel(2, 2)
+    kspace = torch.randn(1, 3, 16, 24, 2)
+    for mask in (torch.ones(1, 1, 1, 12, 1), torch.ones(1, 1, 1, 30, 1), torch.ones(1, 1, 1, 1, 1)):
+        with pytest.raises(ValueError, match=r"SensitivityModel: mask must be .* \(H, W\) = \(16, 24\)"):
+            net(kspace, mask)
+    assert net(kspace, torch.ones(1, 1, 1, 24, 1)).shape == kspace.shape
 
 
 def test_varnet_traces_to_onnx_with_matmul_fft(tmp_path):

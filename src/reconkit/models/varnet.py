@@ -133,6 +133,7 @@ class SensitivityModel(nn.Module):
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
     ) -> torch.Tensor:
         """``(B, C, H, W, 2)`` k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, C, H, W, 2)`` maps with unit RSS."""
+        _check_inputs(masked_kspace, mask, "SensitivityModel")
         if self.mask_center:
             keep = self._acs_window(mask, num_low_frequencies, masked_kspace.shape[-2])
             masked_kspace = masked_kspace * pair_factor(keep[:, None, None, :, None].to(masked_kspace.dtype))
@@ -186,14 +187,15 @@ class SensitivityModel(nn.Module):
         return maps, torch.stack((-maps[1], maps[0]))
 
 
-def _check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor) -> None:
+def _check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor, name: str = "VarNet") -> None:
+    """ValueError naming ``name`` (the model called) for k-space not ``(B, C, H, W, 2)`` or a mask not of its size."""
     if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
-        raise ValueError(f"VarNet: masked_kspace must be (B, C, H, W, 2); got shape {tuple(masked_kspace.shape)}")
+        raise ValueError(f"{name}: masked_kspace must be (B, C, H, W, 2); got shape {tuple(masked_kspace.shape)}")
     batch, _, height, width, _ = masked_kspace.shape
     # a mask of one column, e.g. (B, 1, 1, 1, 1) for "all sampled", broadcasts in the data consistency, but the
     # ACS window measured on it is column 0 of k-space (fastmri fails on it)
     if mask.ndim != 5 or mask.shape[-2] != width or mask.shape[-3] not in (1, height) or mask.shape[0] not in (1, batch):
-        raise ValueError(f"VarNet: mask must be (B, 1, 1, W, 1) or (B, 1, H, W, 1) with (H, W) = ({height}, {width}) "
+        raise ValueError(f"{name}: mask must be (B, 1, 1, W, 1) or (B, 1, H, W, 1) with (H, W) = ({height}, {width}) "
                          f"of masked_kspace; got shape {tuple(mask.shape)}")
 
 
