@@ -120,6 +120,17 @@ def test_bad_shapes_name_the_tensor():
         CGSense()(kspace, mask[..., :-1, :])
 
 
+def test_numpy_arrays_are_refused_with_a_type_error_naming_the_function():
+    """A numpy array failed deep inside with AttributeError ("'numpy.ndarray' object has no attribute 'detach'")."""
+    kspace, mask, *_ = simulate(coils=2, height=16, width=12)
+    for name, call in (("ZeroFilled", lambda: ZeroFilled()(kspace.numpy(), mask)),
+                       ("CGSense", lambda: CGSense()(kspace, mask.numpy())),
+                       ("zero_filled", lambda: zero_filled(kspace.numpy(), mask)),
+                       ("estimate_sens_maps_acs", lambda: estimate_sens_maps_acs(kspace.numpy(), mask))):
+        with pytest.raises(TypeError, match=rf"^{name}: expected torch tensors .* got numpy\.ndarray"):
+            call()
+
+
 @pytest.mark.parametrize("size", [(64, 48), (63, 45)])
 def test_acs_maps_close_to_truth_in_object(size):
     kspace, mask, _, maps, support = simulate(coils=8, height=size[0], width=size[1], num_low_frequencies=16)

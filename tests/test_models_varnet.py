@@ -232,6 +232,16 @@ def test_sensitivity_model_called_directly_rejects_a_mask_of_another_width():
     assert net(kspace, torch.ones(1, 1, 1, 24, 1)).shape == kspace.shape
 
 
+def test_numpy_arrays_are_refused_with_a_type_error_naming_the_model():
+    """A numpy array failed deep inside with AttributeError ("'numpy.ndarray' object has no attribute 'detach'")."""
+    kspace, mask = torch.randn(1, 3, 16, 16, 2), torch.ones(1, 1, 1, 16, 1)
+    for name, call in (("VarNet", lambda: VarNet(**SMALL)(kspace.numpy(), mask)),
+                       ("VarNet", lambda: VarNet(**SMALL).predict_kspace(kspace, mask.numpy())),
+                       ("SensitivityModel", lambda: SensitivityModel(2, 2)(kspace, mask.numpy()))):
+        with pytest.raises(TypeError, match=rf"^{name}: expected torch tensors .* got numpy\.ndarray"):
+            call()
+
+
 def test_varnet_traces_to_onnx_with_matmul_fft(tmp_path):
     """The model is traceable (no data-dependent control flow, no complex dtypes with the MatMul FFT)."""
     torch.manual_seed(6)

@@ -421,6 +421,25 @@ def test_centering_modulation_hands_out_copies_that_do_not_change_later_ffts():
     torch.testing.assert_close(fft2c(x), before, rtol=0, atol=0)
 
 
+def test_numpy_arrays_are_refused_with_a_type_error_naming_the_function():
+    """A numpy array failed deep inside with AttributeError ("'numpy.ndarray' object has no attribute
+    'is_complex'" / "'is_floating_point'" / "'is_cuda'")."""
+    kspace, image = torch.randn(1, 2, 8, 6, 2).numpy(), torch.randn(1, 1, 8, 6, 2)
+    mask = torch.ones(1, 1, 1, 6, 1)
+    op = MultiCoilMRI(mask, torch.randn(1, 2, 8, 6, 2))
+    for name, call in (("fft2c", lambda: fft2c(kspace)), ("ifft2c", lambda: ifft2c(kspace)),
+                       ("fftc", lambda: fftc(kspace, (-1,))), ("ifftc", lambda: ifftc(kspace, (-2,))),
+                       ("data_consistency", lambda: data_consistency(kspace, kspace, mask, 0.5)),
+                       ("data_consistency", lambda: data_consistency(image, image, mask.numpy(), 0.5)),
+                       ("sens_expand", lambda: sens_expand(image, kspace)),
+                       ("sens_reduce", lambda: sens_reduce(kspace, kspace)),
+                       ("MultiCoilMRI", lambda: MultiCoilMRI(mask.numpy(), op.sens_maps)),
+                       ("MultiCoilMRI: kspace", lambda: op.A_adjoint(kspace))):
+        with pytest.raises(TypeError, match=rf"^{name}: expected torch tensors in fastMRI's real layout \(\.\.\., 2\)"
+                                            r".*got numpy\.ndarray \(torch\.from_numpy"):
+            call()
+
+
 def test_multicoil_operator_refuses_layouts_that_would_broadcast_into_wrong_answers():
     """Batch 3 with 3 coils: an image without its coil axis, or coil k-space as the image, broadcast silently."""
     op = MultiCoilMRI(torch.ones(3, 1, 1, 6, 1), torch.randn(3, 3, 8, 6, 2))

@@ -36,6 +36,7 @@ from reconkit.ops import (
     sampling_mask,
     zero_filled_rss_sampled_lines,
 )
+from reconkit.ops.fft import check_tensors
 
 __all__ = [
     "CGSense",
@@ -48,7 +49,8 @@ __all__ = [
 ]
 
 
-def _check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+def _check_inputs(name: str, masked_kspace: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    check_tensors(name, masked_kspace, *(() if mask is None else (mask,)))
     if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
         raise ReconkitError(f"masked_kspace: expected shape (B, C, H, W, 2); got {tuple(masked_kspace.shape)}")
     if mask is None:
@@ -155,7 +157,7 @@ def estimate_sens_maps_acs(
     Returns:
         ``(B, C, H, W, 2)`` maps with unit root-sum-of-squares over coils (0 where the coil images vanish).
     """
-    _check_inputs(masked_kspace, mask)
+    _check_inputs("estimate_sens_maps_acs", masked_kspace, mask)
     return _divide_by_rss(ifft2c(_lowpass_acs_kspace(masked_kspace, mask, num_low_frequencies)), eps)
 
 
@@ -243,7 +245,7 @@ def estimate_sens_maps_espirit(
     Returns:
         ``(B, C, H, W, 2)`` maps, unit norm over coils where not cropped.
     """
-    _check_inputs(masked_kspace, mask)
+    _check_inputs("estimate_sens_maps_espirit", masked_kspace, mask)
     batch, coils, height, width, _ = masked_kspace.shape
     calib = _calibration_region(masked_kspace, mask, num_low_frequencies)
     if min(calib.shape[-2:]) < kernel_size:
@@ -299,7 +301,7 @@ def zero_filled(masked_kspace: torch.Tensor, mask: torch.Tensor | None = None) -
     :func:`reconkit.ops.zero_filled_rss_sampled_lines`, which transforms only the sampled lines (same result, about
     half the cost in ONNX Runtime at 4× acceleration).
     """
-    _check_inputs(masked_kspace, mask)
+    _check_inputs("zero_filled", masked_kspace, mask)
     if mask is None:
         return rss_complex(ifft2c(masked_kspace), dim=1)
     mask = sampling_mask(mask)
@@ -320,7 +322,7 @@ def cg_sense(
     ``λ = l2_reg`` is relative to the largest eigenvalue of ``AᴴA`` for unit-RSS maps (1 at full sampling), so
     it does not depend on the k-space scale.
     """
-    _check_inputs(masked_kspace, mask)
+    _check_inputs("cg_sense", masked_kspace, mask)
     image = MultiCoilMRI(mask, sens_maps).A_dagger(masked_kspace, max_iter=num_iters, l2_reg=l2_reg)
     return complex_abs(image[:, 0])
 
@@ -331,6 +333,7 @@ class ZeroFilled(nn.Module):
     def forward(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None = None
     ) -> torch.Tensor:
+        _check_inputs("ZeroFilled", masked_kspace, mask)
         scale = power_of_two_scale(masked_kspace)  # exact; the RSS's squares stay within float32 in any units
         return zero_filled(masked_kspace / scale) * scale.view(-1, 1, 1)
 
@@ -361,6 +364,7 @@ class CGSense(nn.Module):
     def forward(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None = None
     ) -> torch.Tensor:
+        _check_inputs("CGSense", masked_kspace, mask)
         estimate = estimate_sens_maps_espirit if self.sens_method == "espirit" else estimate_sens_maps_acs
         # CG-SENSE is equivariant to the k-space's scale: run at peak ~1, away from float32 under- / overflow of the
         # maps' RSS and the CG inner products (k-space peaks below ~1e-17 gave NaN or wrong images)

@@ -110,7 +110,7 @@ def estimate_sens_maps_espirit_poly(
         in any units: it is divided by the power of two at its peak first (the Gram matrix's norm, a sum of 4th
         powers, under- / overflows float32 for k-space peaks below about 1e-13 or above 1e10).
     """
-    _check_inputs(masked_kspace, mask)
+    _check_inputs("estimate_sens_maps_espirit_poly", masked_kspace, mask)
     with torch.autocast(device_type=masked_kspace.device.type, enabled=False):
         masked_kspace = masked_kspace.float()  # the maps do not depend on the k-space's scale: computed at peak ~1
         return _espirit_poly(masked_kspace / power_of_two_scale(masked_kspace), mask.float(), num_low_frequencies,

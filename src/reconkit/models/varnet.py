@@ -44,6 +44,7 @@ from reconkit.ops.dft_matmul import (
     stacked_ifft_w,
     to_stacked_kspace,
 )
+from reconkit.ops.fft import check_tensors
 
 __all__ = ["STEP_MAPS", "SensitivityModel", "VarNet", "VarNetBlock", "low_frequency_window"]
 
@@ -188,7 +189,9 @@ class SensitivityModel(nn.Module):
 
 
 def _check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor, name: str = "VarNet") -> None:
-    """ValueError naming ``name`` (the model called) for k-space not ``(B, C, H, W, 2)`` or a mask not of its size."""
+    """ValueError naming ``name`` (the model called) for k-space not ``(B, C, H, W, 2)`` or a mask not of its size
+    (TypeError for arguments that are not tensors)."""
+    check_tensors(name, masked_kspace, mask)
     if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
         raise ValueError(f"{name}: masked_kspace must be (B, C, H, W, 2); got shape {tuple(masked_kspace.shape)}")
     batch, _, height, width, _ = masked_kspace.shape

@@ -16,7 +16,7 @@ import torch
 from reconkit.ops.backend import backend_choice, resolve_backend
 from reconkit.ops.complex import as_complex, complex_conj, complex_mul, native_complex_ok, pair_factor
 from reconkit.ops.dft_matmul import centred_fft_matmul_planar, planar_mul, stacked_fft_w, stacked_ifft_w
-from reconkit.ops.fft import current_fft_impl, fftc, ifftc, shared_centering_modulation
+from reconkit.ops.fft import check_tensors, current_fft_impl, fftc, ifftc, shared_centering_modulation
 
 __all__ = [
     "data_consistency",
@@ -61,6 +61,7 @@ def sens_expand(
     Returns:
         ``(B, C, H, W, 2)`` coil k-space (hybrid space with ``hybrid=True``).
     """
+    check_tensors("sens_expand", image, sens_maps)
     dims = _fft_dims(hybrid)
     backend_choice(backend)  # a misspelt name fails here too, where the path below does not depend on it
     if current_fft_impl() == "matmul":  # the export path wins over any ops backend
@@ -96,6 +97,7 @@ def sens_reduce(
     Returns:
         ``(B, 1, H, W, 2)`` combined complex image.
     """
+    check_tensors("sens_reduce", kspace, sens_maps)
     dims = _fft_dims(hybrid)
     backend_choice(backend)  # a misspelt name fails here too, where the path below does not depend on it
     if current_fft_impl() == "matmul":  # the export path wins over any ops backend
@@ -169,6 +171,7 @@ def data_consistency(
     Returns:
         ``(B, C, H, W, 2)`` updated k-space.
     """
+    check_tensors("data_consistency", kspace, ref_kspace, mask)
     if not kspace.is_floating_point():  # η would be cast to the integer dtype (0.3 → 0)
         raise ValueError(f"data_consistency: kspace must be a floating-point tensor; got {kspace.dtype}")
     if 0 < mask.ndim < kspace.ndim and any(size != 1 for size in mask.shape[:-3]):

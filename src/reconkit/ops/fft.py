@@ -66,6 +66,16 @@ def current_fft_impl() -> str:
     return _FFT_IMPL.get()
 
 
+def check_tensors(name: str, *values: object) -> None:
+    """TypeError naming the public function ``name`` for an argument that is not a torch tensor (a numpy array
+    fails deep inside with an AttributeError otherwise)."""
+    for value in values:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected torch tensors in fastMRI's real layout (..., 2) (last axis real, imag); "
+                            f"got {type(value).__module__}.{type(value).__qualname__} (torch.from_numpy converts a "
+                            "numpy array, torch.view_as_real a complex tensor)")
+
+
 def centering_signs(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Checkerboard ``(-1)^(x+y)`` of shape ``(height, width)``; both sizes must be even."""
     _check_even((height, width), "centering_signs")
@@ -197,11 +207,13 @@ def fft2c(data: torch.Tensor) -> torch.Tensor:
         >>> torch.allclose(fft2c(x), fastmri.fft2c(x), atol=1e-6)
         True
     """
+    check_tensors("fft2c", data)
     return _centred_fft(data, inverse=False)
 
 
 def ifft2c(data: torch.Tensor) -> torch.Tensor:
     """Centred orthonormal 2D inverse FFT; layout as :func:`fft2c`."""
+    check_tensors("ifft2c", data)
     return _centred_fft(data, inverse=True)
 
 
@@ -215,9 +227,11 @@ def fftc(data: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         >>> torch.allclose(fftc(fftc(x, (-2,)), (-1,)), fft2c(x), atol=1e-5)
         True
     """
+    check_tensors("fftc", data)
     return _centred_fft(data, inverse=False, dims=dims)
 
 
 def ifftc(data: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Centred orthonormal inverse FFT along ``dims``; see :func:`fftc`."""
+    check_tensors("ifftc", data)
     return _centred_fft(data, inverse=True, dims=dims)

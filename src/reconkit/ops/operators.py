@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from reconkit.ops.coils import sampling_mask, sens_expand, sens_reduce
+from reconkit.ops.fft import check_tensors
 
 __all__ = ["MultiCoilMRI", "accurate_sum", "conjugate_gradient", "fista", "real_inner"]
 
@@ -121,6 +122,7 @@ class MultiCoilMRI:
     sens_maps: torch.Tensor
 
     def __post_init__(self) -> None:
+        check_tensors("MultiCoilMRI", self.mask, self.sens_maps)
         if self.sens_maps.ndim != 5 or self.sens_maps.shape[-1] != 2:
             raise ValueError(f"MultiCoilMRI: sens_maps must be (B, C, H, W, 2); got {tuple(self.sens_maps.shape)}")
         _, coils, height, width, _ = self.sens_maps.shape
@@ -131,6 +133,7 @@ class MultiCoilMRI:
 
     def _check(self, tensor: torch.Tensor, coils: int, what: str) -> None:
         """ValueError naming the expected shape, for a layout that would otherwise broadcast into a wrong answer."""
+        check_tensors(f"MultiCoilMRI: {what}", tensor)
         batch, _, height, width, _ = self.sens_maps.shape
         ok = (tensor.ndim == 5 and tensor.shape[1] == coils and tuple(tensor.shape[2:]) == (height, width, 2)
               and (tensor.shape[0] == batch or 1 in (batch, tensor.shape[0])))  # batch may broadcast
