@@ -304,6 +304,13 @@ def test_data_consistency_scalar_mask_and_integer_kspace():
         data_consistency(current.long(), ref.long(), torch.ones(1, 1, 1, 6, 1), 0.3)  # η would have become 0
 
 
+def test_data_consistency_says_how_to_pass_complex_kspace():
+    """Complex k-space was told "must be a floating-point tensor" only, as if another real dtype were wanted."""
+    current, ref = torch.randn(1, 2, 4, 6, 2, generator=gen(26)), torch.randn(1, 2, 4, 6, 2, generator=gen(27))
+    with pytest.raises(ValueError, match=r"got torch.complex64 \(complex tensors: torch.view_as_real gives fastMRI's "):
+        data_consistency(as_complex(current), as_complex(ref), torch.ones(1, 1, 1, 6), 0.3)
+
+
 def test_data_consistency_refuses_a_batched_mask_with_fewer_axes_than_kspace():
     """A (B, 1, W, 1) mask (fastMRI's single-coil layout, batched) on multi-coil k-space put its batch on the coil
     axis when B equals the coil count; masks of fewer axes without a batch still broadcast as before."""

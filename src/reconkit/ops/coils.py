@@ -173,7 +173,9 @@ def data_consistency(
     """
     check_tensors("data_consistency", kspace, ref_kspace, mask)
     if not kspace.is_floating_point():  # η would be cast to the integer dtype (0.3 → 0)
-        raise ValueError(f"data_consistency: kspace must be a floating-point tensor; got {kspace.dtype}")
+        complex_hint = " (complex tensors: torch.view_as_real gives fastMRI's real layout (..., 2))"
+        hint = complex_hint if kspace.is_complex() else ""
+        raise ValueError(f"data_consistency: kspace must be a floating-point tensor; got {kspace.dtype}{hint}")
     if 0 < mask.ndim < kspace.ndim and any(size != 1 for size in mask.shape[:-3]):
         raise ValueError(f"data_consistency: mask {tuple(mask.shape)} has fewer axes than kspace {tuple(kspace.shape)},"
                          f" so its batch axis would broadcast onto another one; give it kspace's {kspace.ndim} axes, "
