@@ -120,6 +120,15 @@ def test_bad_shapes_name_the_tensor():
         CGSense()(kspace, mask[..., :-1, :])
 
 
+def test_kspace_without_coils_is_refused_clearly():
+    """C = 0 failed inside the power-of-two scaling with "IndexError: amax(): Expected reduction dim 1 to have
+    non-zero size"."""
+    kspace, mask, *_ = simulate(coils=2, height=16, width=12)
+    for model in (ZeroFilled(), CGSense(), ZeroFilledFrontEnd(torch.nn.Identity())):
+        with pytest.raises(ReconkitError, match=r"masked_kspace: no coils \(C = 0 in .* = \(1, 0, 16, 12, 2\)"):
+            model(kspace[:, :0], mask)
+
+
 def test_numpy_arrays_are_refused_with_a_type_error_naming_the_function():
     """A numpy array failed deep inside with AttributeError ("'numpy.ndarray' object has no attribute 'detach'")."""
     kspace, mask, *_ = simulate(coils=2, height=16, width=12)

@@ -232,6 +232,13 @@ def test_sensitivity_model_called_directly_rejects_a_mask_of_another_width():
     assert net(kspace, torch.ones(1, 1, 1, 24, 1)).shape == kspace.shape
 
 
+def test_kspace_without_coils_is_refused_clearly():
+    """C = 0 failed inside the power-of-two scaling with "IndexError: amax(): Expected reduction dim 1 to have
+    non-zero size"."""
+    with pytest.raises(ValueError, match=r"VarNet: masked_kspace has no coils \(C = 0 in \(B, C, H, W, 2\)"):
+        VarNet(**SMALL)(torch.zeros(1, 0, 16, 16, 2), torch.ones(1, 1, 1, 16, 1))
+
+
 def test_numpy_arrays_are_refused_with_a_type_error_naming_the_model():
     """A numpy array failed deep inside with AttributeError ("'numpy.ndarray' object has no attribute 'detach'")."""
     kspace, mask = torch.randn(1, 3, 16, 16, 2), torch.ones(1, 1, 1, 16, 1)

@@ -53,6 +53,8 @@ def _check_inputs(name: str, masked_kspace: torch.Tensor, mask: torch.Tensor | N
     check_tensors(name, masked_kspace, *(() if mask is None else (mask,)))
     if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
         raise ReconkitError(f"masked_kspace: expected shape (B, C, H, W, 2); got {tuple(masked_kspace.shape)}")
+    if masked_kspace.shape[1] == 0:
+        raise ReconkitError(f"masked_kspace: no coils (C = 0 in (B, C, H, W, 2) = {tuple(masked_kspace.shape)})")
     if mask is None:
         return
     batch, _, height, width, _ = masked_kspace.shape

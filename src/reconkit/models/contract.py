@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from reconkit.models.classical import zero_filled
+from reconkit.models.classical import _check_inputs, zero_filled
 from reconkit.ops import power_of_two_scale
 
 __all__ = ["ZeroFilledFrontEnd", "contract_model"]
@@ -36,6 +36,7 @@ class ZeroFilledFrontEnd(torch.nn.Module):
         self.model = model
 
     def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        _check_inputs("ZeroFilledFrontEnd", masked_kspace, mask)
         scale = power_of_two_scale(masked_kspace).view(-1, 1, 1)
         image = zero_filled(masked_kspace / scale[..., None, None], mask)
         mean = image.mean(dim=(1, 2), keepdim=True)

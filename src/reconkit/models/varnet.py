@@ -194,7 +194,10 @@ def _check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor, name: str = "
     check_tensors(name, masked_kspace, mask)
     if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
         raise ValueError(f"{name}: masked_kspace must be (B, C, H, W, 2); got shape {tuple(masked_kspace.shape)}")
-    batch, _, height, width, _ = masked_kspace.shape
+    batch, coils, height, width, _ = masked_kspace.shape
+    if coils == 0:
+        raise ValueError(f"{name}: masked_kspace has no coils (C = 0 in (B, C, H, W, 2) = "
+                         f"{tuple(masked_kspace.shape)})")
     # a mask of one column, e.g. (B, 1, 1, 1, 1) for "all sampled", broadcasts in the data consistency, but the
     # ACS window measured on it is column 0 of k-space (fastmri fails on it)
     if mask.ndim != 5 or mask.shape[-2] != width or mask.shape[-3] not in (1, height) or mask.shape[0] not in (1, batch):
