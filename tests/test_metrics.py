@@ -151,6 +151,20 @@ def test_batch_metrics_match_volume_metrics():
     )
 
 
+def test_batch_metrics_take_one_peak_per_image_in_any_shape_and_refuse_other_counts():
+    """A ``(B, 1)`` peak (or ``(B, 1, 1)`` from ``amax(keepdim=True)``) failed in ``expand`` with a RuntimeError."""
+    gt = torch.from_numpy(smooth_volume((2, 16, 16), seed=9))
+    pred = torch.from_numpy(degraded(gt.numpy(), seed=10, noise=0.05))
+    peaks = torch.tensor([1.0, 2.0], dtype=gt.dtype)
+    for metric in (psnr_torch, ssim_torch):
+        expected = metric(gt, pred, peaks)
+        for shaped in (peaks[:, None], peaks[:, None, None], peaks.numpy()):
+            torch.testing.assert_close(metric(gt, pred, shaped), expected)
+        with pytest.raises(ValueError, match=rf"{metric.__name__}: maxval must be a scalar or one value per image "
+                                             r"\(2\); got shape \(3,\)"):
+            metric(gt, pred, torch.ones(3))
+
+
 def test_metric_table_aggregates_volumes():
     table = MetricTable()
     gts = [smooth_volume((2, 24, 24), seed=s) for s in (10, 11, 12)]

@@ -68,29 +68,37 @@ def ssim(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None, win_size
     return float(torch.stack(per_slice).mean())
 
 
-def _per_image_peak(gt: torch.Tensor, maxval: torch.Tensor | float | None) -> torch.Tensor:
+def _per_image_peak(gt: torch.Tensor, maxval: torch.Tensor | float | None, name: str) -> torch.Tensor:
+    """``(B,)`` peaks: ``maxval`` as a scalar or one value per image of any shape (``(B,)``, ``(B, 1)``,
+    ``(B, 1, 1)`` from ``amax(keepdim=True)``), by default each ground-truth image's maximum."""
     if maxval is None:
         return gt.flatten(1).amax(dim=1)
-    return torch.as_tensor(maxval, dtype=gt.dtype, device=gt.device).expand(gt.shape[0])
+    peak = torch.as_tensor(maxval, dtype=gt.dtype, device=gt.device)
+    if peak.numel() not in (1, gt.shape[0]):
+        raise ValueError(f"{name}: maxval must be a scalar or one value per image ({gt.shape[0]}); got shape "
+                         f"{tuple(peak.shape)}")
+    return peak.reshape(-1).expand(gt.shape[0])
 
 
 def psnr_torch(gt: torch.Tensor, pred: torch.Tensor, maxval: torch.Tensor | float | None = None) -> torch.Tensor:
     """PSNR in dB per image of ``(B, H, W)`` batches → ``(B,)``.
 
-    ``maxval`` is a scalar or ``(B,)``; by default each ground-truth image's maximum.
+    ``maxval`` is a scalar or one value per image (``(B,)``, ``(B, 1)``, ...); by default each ground-truth image's
+    maximum.
     """
     if gt.shape != pred.shape:
         raise ValueError(f"psnr_torch: shapes {tuple(gt.shape)} and {tuple(pred.shape)} differ")
     if gt.is_complex() or pred.is_complex():
         raise ValueError("psnr_torch: complex images; pass magnitudes (abs)")
     mse = ((gt - pred) ** 2).flatten(1).mean(dim=1)
-    return 10 * torch.log10(_per_image_peak(gt, maxval) ** 2 / mse)
+    return 10 * torch.log10(_per_image_peak(gt, maxval, "psnr_torch") ** 2 / mse)
 
 
 def ssim_torch(
     gt: torch.Tensor, pred: torch.Tensor, maxval: torch.Tensor | float | None = None, win_size: int = 7
 ) -> torch.Tensor:
-    """SSIM per image of ``(B, H, W)`` batches → ``(B,)``; data range scalar or ``(B,)``, default per-image max.
+    """SSIM per image of ``(B, H, W)`` batches → ``(B,)``; data range scalar or one per image (``(B,)``, ``(B, 1)``,
+    ...), default per-image max.
 
     With ``maxval`` set to the volume's maximum for every slice, the mean of this over a volume's slices is
     :func:`ssim` of the volume (up to float32 rounding).
@@ -100,7 +108,7 @@ def ssim_torch(
             f"ssim_torch: expected two (B, H, W) batches of one shape; got {tuple(gt.shape)}, {tuple(pred.shape)}"
         )
     window = uniform_window(win_size, gt.dtype, gt.device)
-    data_range = _per_image_peak(gt, maxval)
+    data_range = _per_image_peak(gt, maxval, "ssim_torch")
     return ssim_map(gt.unsqueeze(1), pred.unsqueeze(1), data_range, window).mean(dim=(1, 2, 3))
 
 
