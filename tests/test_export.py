@@ -28,7 +28,7 @@ from reconkit.export import (
     read_onnx,
     single_size_model,
 )
-from reconkit.export.onnx_export import _subgraphs, load_checkpoint_model
+from reconkit.export.onnx_export import _subgraphs, load_checkpoint_model, normalise_sizes
 from reconkit.models import ZeroFilledFrontEnd, build_model, contract_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -559,6 +559,14 @@ def test_load_onnx_metadata_errors(tmp_path) -> None:
 def test_bad_example_shape() -> None:
     with pytest.raises(ValueError, match="example_shape"):
         export_onnx(torch.nn.Identity(), "unused.onnx", [(32,)])
+
+
+def test_example_shape_may_be_any_integer_sequence(tmp_path) -> None:
+    """A numpy array (coils, H, W) failed with "TypeError: 'numpy.int64' object is not iterable"."""
+    assert normalise_sizes(np.array([3, 32, 24])) == normalise_sizes((np.int64(3), 32, 24)) == (3, [(32, 24)])
+    assert normalise_sizes(np.array([[32, 24], [40, 28]])) == (4, [(32, 24), (40, 28)])
+    export_onnx(build_model("zero_filled"), tmp_path / "zf.onnx", np.array([2, 16, 12]))
+    assert load_onnx_metadata(tmp_path / "zf.onnx")["reconkit.spatial_sizes"] == [[16, 12]]
 
 
 def test_odd_sizes_with_the_sense_step_keep_parity(tmp_path) -> None:

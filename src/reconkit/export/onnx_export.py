@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
 import tempfile
 import warnings
@@ -72,7 +73,7 @@ def normalise_sizes(example_shape: Sequence[int] | Sequence[Sequence[int]]) -> t
     (4, [(32, 24), (40, 28)])
     """
     items = list(example_shape)
-    if items and all(isinstance(v, int) for v in items):
+    if items and all(isinstance(v, numbers.Integral) for v in items):  # numpy's integers too (a np.array shape)
         items = [tuple(items)]
     coils, sizes = 4, []
     for item in items:
