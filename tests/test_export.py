@@ -29,6 +29,7 @@ from reconkit.export import (
     single_size_model,
 )
 from reconkit.export.onnx_export import _subgraphs, load_checkpoint_model, normalise_sizes
+from reconkit.inference import load_reconstructor
 from reconkit.models import ZeroFilledFrontEnd, build_model, contract_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,6 +248,23 @@ def unet_checkpoint(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     path = tmp_path_factory.mktemp("unet") / "unet.ckpt"
     save_model(path, model, "unet", UNET_KWARGS, mask=MASK_INFO, normalization="instance")
     return model, path
+
+
+def test_float64_checkpoint_exports_in_float32_and_reconstructs_in_float64(tmp_path) -> None:
+    """A float64 checkpoint (e.g. ``--trainer.precision 64-true``; ``load_model`` keeps its dtype) failed
+    ``export`` with "Input type (torch.FloatTensor) and weight type (torch.DoubleTensor) should be the same" and
+    ``reconstruct``'s PyTorch backend with "expected scalar type Float but found Double"."""
+    torch.manual_seed(0)
+    model = build_model("varnet", **VARNET_KWARGS).double().eval()
+    checkpoint = tmp_path / "float64.ckpt"
+    save_model(checkpoint, model, "varnet", VARNET_KWARGS)
+    kspace, mask = sample(1, 2, 16, 12, seed=0)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(kspace).double(), torch.from_numpy(mask).double()).float()
+    torch.testing.assert_close(torch.from_numpy(load_reconstructor(str(checkpoint)).run(kspace, mask)), expected)
+    export_onnx(checkpoint, tmp_path / "float64.onnx", (2, 16, 12))
+    (image,) = ort.InferenceSession(str(tmp_path / "float64.onnx")).run(None, {"masked_kspace": kspace, "mask": mask})
+    torch.testing.assert_close(torch.from_numpy(image), expected, rtol=1e-4, atol=1e-4 * float(expected.max()))
 
 
 def test_unet_checkpoint_export_parity_and_metadata(unet_checkpoint, tmp_path) -> None:

@@ -397,7 +397,8 @@ def export_onnx(
 
     Args:
         model_or_checkpoint: a ``torch.nn.Module`` called as ``model(masked_kspace, mask) -> image`` (every
-            reconkit k-space model), or the path of a checkpoint for ``reconkit.models.load_model``.
+            reconkit k-space model), or the path of a checkpoint for ``reconkit.models.load_model`` (its weights
+            are exported in float32, the contract's dtype, also from a float64 checkpoint).
         output_path: ``.onnx`` file to write (atomically: temporary file, then rename).
         example_shape: ``(coils, H, W)``, or a list of ``(H, W)`` (or ``(coils, H, W)``) spatial sizes the graph
             serves. Batch and coil counts stay dynamic; each size gets its own specialised branch.
@@ -425,7 +426,7 @@ def export_onnx(
         model, info, source = model_or_checkpoint, None, type(model_or_checkpoint).__name__
     else:
         model, info = load_checkpoint_model(model_or_checkpoint)
-        source = str(model_or_checkpoint)
+        model, source = model.float(), str(model_or_checkpoint)
     problem = model.export_problem() if callable(getattr(model, "export_problem", None)) else None
     if problem:
         raise ExportError(f"{source}: {problem}")

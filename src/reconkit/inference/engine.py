@@ -107,10 +107,12 @@ def _torch_device(device: str) -> str:
 
 def _torch_runner(model: torch.nn.Module, device: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     model = model.to(device).eval()
+    # the float32 inputs in the weights' dtype: a float64 checkpoint (e.g. --trainer.precision 64-true) runs in float64
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
     def run(masked_kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            image = model(torch.from_numpy(masked_kspace).to(device), torch.from_numpy(mask).to(device))
+            image = model(torch.from_numpy(masked_kspace).to(device, dtype), torch.from_numpy(mask).to(device, dtype))
         return image.float().cpu().numpy()
 
     return run
