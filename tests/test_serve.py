@@ -1753,7 +1753,23 @@ def test_grpc_call_cancelled_while_queued_leaves_the_queue_and_is_counted(plain_
     assert 'reconkit_serve_errors_total{code="499",endpoint="grpc_infer"} 1.0' in text
 
 
-def test_grpc_address_in_use_is_a_clear_error(repository):
+@pytest.mark.parametrize("uvicorn_before_0_50", [False, True])
+def test_grpc_address_in_use_is_a_clear_error(repository, monkeypatch, uvicorn_before_0_50):
+    """Also as uvicorn < 0.50 (pyproject allows 0.29) behaves: it logs a failed startup and returns from
+    ``Server.run`` where newer releases exit, so serve() returned as if stopped and ``reconkit serve`` with its
+    gRPC port taken exited 0."""
+    if uvicorn_before_0_50:
+        import uvicorn
+
+        newer_startup = uvicorn.Server.startup
+
+        async def startup_as_before_0_50(self, sockets=None):
+            try:
+                await newer_startup(self, sockets)
+            except SystemExit:
+                self.should_exit = True
+
+        monkeypatch.setattr(uvicorn.Server, "startup", startup_as_before_0_50)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -1763,28 +1779,6 @@ def test_grpc_address_in_use_is_a_clear_error(repository):
     # a port beyond 65535 through the library API (the CLI refuses it): grpcio bound 70000 as 4464, silently
     with pytest.raises(ReconkitError, match="gRPC: cannot bind 127.0.0.1:70000: the port must be a number"):
         serve(ServerConfig(repository, grpc_address="127.0.0.1:70000"), "127.0.0.1", free_port())
-
-
-def test_grpc_address_in_use_is_a_clear_error_with_uvicorn_before_0_50(repository, monkeypatch):
-    """uvicorn < 0.50 (pyproject allows 0.29) logs a failed startup and returns from ``Server.run`` where newer
-    releases exit: serve() returned as if stopped, so ``reconkit serve`` with its gRPC port taken exited 0."""
-    import uvicorn
-
-    newer_startup = uvicorn.Server.startup
-
-    async def startup_as_before_0_50(self, sockets=None):
-        try:
-            await newer_startup(self, sockets)
-        except SystemExit:
-            self.should_exit = True
-
-    monkeypatch.setattr(uvicorn.Server, "startup", startup_as_before_0_50)
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        address = f"127.0.0.1:{busy.getsockname()[1]}"
-        with pytest.raises(ReconkitError, match=f"gRPC: cannot bind {address}"):
-            serve(ServerConfig(repository, grpc_address=address), "127.0.0.1", free_port())
 
 
 def test_grpc_starts_with_a_request_limit_beyond_2_gib(repository):
