@@ -50,3 +50,24 @@ def test_every_package_is_placed() -> None:
     packages = {p.name.removesuffix(".py") for p in PACKAGE.iterdir()
                 if (p.is_dir() and (p / "__init__.py").exists()) or (p.suffix == ".py" and not p.name.startswith("_"))}
     assert packages == set(ORDER), f"packages missing from the import order: {packages ^ set(ORDER)}"
+
+
+def test_importing_every_module_keeps_lightnings_int_or_float_limits_int_first() -> None:
+    """Importing ``rich.console`` at the top of a module (pytest collects every module under src/) before Lightning
+    left ``typing``'s cache holding ``Union[float, int]``: Lightning's ``limit_train_batches: Optional[Union[int,
+    float]]`` came out float-first and jsonargparse read ``--trainer.limit_train_batches 1`` as 1.0, the whole epoch
+    (two training tests failed only in the full ``make test``). Importing reconkit must leave that order alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, reconkit\n"
+        "for m in pkgutil.walk_packages(reconkit.__path__, 'reconkit.'):\n"
+        "    if not m.name.endswith('__main__'):\n"
+        "        importlib.import_module(m.name)\n"
+        "import inspect\n"
+        "from lightning.pytorch import Trainer\n"
+        "print(inspect.signature(Trainer).parameters['limit_train_batches'].annotation.__args__[0].__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.split()[-1] == "int", result.stdout + result.stderr
