@@ -37,12 +37,15 @@ class ReconkitWarning(UserWarning):
     """Input reconkit could handle, but not in the usual way (e.g. a slower path); the CLI prints it in one line."""
 
 
+_BIDI = (*range(0x202A, 0x202F), *range(0x2066, 0x206A))  # embeddings, overrides, isolates: reorder what follows
 _ESCAPED = str.maketrans({chr(code): chr(code).encode("unicode_escape").decode("ascii")
-                          for code in (*range(0x20), *range(0x7F, 0xA0)) if chr(code) not in "\n\t"})  # fmt: skip
+                          for code in (*range(0x20), *range(0x7F, 0xA0), *_BIDI)
+                          if chr(code) not in "\n\t"})  # fmt: skip
 
 
 def printable(text: object) -> str:
-    """``str(text)`` with its control characters (C0 but newline and tab, DEL, C1) written as Python escapes
+    """``str(text)`` with its control characters (C0 but newline and tab, DEL, C1, and Unicode's bidirectional
+    embeddings / overrides / isolates, which reorder the text after them) written as Python escapes
     (``"\\x1b"``, ``"\\r"``, ``"\\x07"``): what the CLI prints of a file name, an attribute or a model's metadata
     shows them instead of the terminal obeying them (an ESC sequence that clears the screen or hides a line, an OSC 8
     link, a carriage return that writes over the message).
@@ -50,5 +53,7 @@ def printable(text: object) -> str:
     Example:
         >>> printable("scan\\x1b[2J.h5: not an HDF5 file")
         'scan\\\\x1b[2J.h5: not an HDF5 file'
+        >>> printable("scan_\\u202egpj.h5")  # a right-to-left override would show it as "scan_5h.jpg"
+        'scan_\\\\u202egpj.h5'
     """
     return str(text).translate(_ESCAPED)
