@@ -248,6 +248,52 @@ def test_more_acquisition_rows_than_the_memory_holds_are_refused_before_reading(
         read_ismrmrd_raw(tmp_path / "rows.h5")
 
 
+def test_a_row_declaring_more_samples_than_it_stores_is_refused_before_they_are_allocated(tmp_path):
+    """``ismrmrd.Acquisition`` allocates what a row's header declares: 65535 channels x 65535 samples (32 GiB), or a
+    65535-dimensional trajectory of 65535 samples (16 GiB, never read, so a 0-channel row passed), in a file of KB.
+    Each row's declared sizes must match what it stores; read under a 4 GB address-space limit, so that an
+    allocation fails here rather than filling the machine."""
+    import resource
+    import subprocess
+    import sys
+
+    import h5py
+
+    rng = np.random.default_rng(14)
+    declared = {  # row 5's header fields
+        "samples": {"active_channels": 65535, "number_of_samples": 65535},
+        "trajectory": {"active_channels": 0, "number_of_samples": 65535, "trajectory_dimensions": 65535},
+    }
+    for name, head in declared.items():
+        write_raw(tmp_path / f"{name}.h5", [line(random_kspace(rng, COILS, SAMPLES), c) for c in range(WIDTH)])
+        with h5py.File(tmp_path / f"{name}.h5", "a") as f:
+            row = f["dataset/data"][5]
+            for field, value in head.items():
+                row["head"][field] = value
+            if not head["active_channels"]:
+                row["data"] = np.zeros(0, np.float32)
+            f["dataset/data"][5] = row
+    code = (
+        "import sys\nfrom reconkit.data.ismrmrd_raw import read_ismrmrd_raw\nfrom reconkit.errors import DataError\n"
+        "for path in sys.argv[1:]:\n    try:\n        read_ismrmrd_raw(path)\n    except DataError as err:\n"
+        "        print(err)\n"
+    )
+
+    def limit_address_space() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4_000_000_000, 4_000_000_000))
+
+    result = subprocess.run([sys.executable, "-c", code, *(str(tmp_path / f"{name}.h5") for name in declared)],
+                            capture_output=True, text=True, timeout=60, preexec_fn=limit_address_space)  # fmt: skip
+    messages = result.stdout.splitlines()
+    assert result.returncode == 0 and len(messages) == 2, result.stdout + result.stderr
+    assert messages[0].endswith(f"samples.h5: ISMRMRD acquisition 5 declares 65535 channels x 65535 samples and a "
+                                f"0-dimensional trajectory (32 GiB) but stores {COILS * SAMPLES} complex samples "
+                                f"and 0 trajectory values"), messages[0]  # fmt: skip
+    assert messages[1].endswith("trajectory.h5: ISMRMRD acquisition 5 declares 0 channels x 65535 samples and a "
+                                "65535-dimensional trajectory (16 GiB) but stores 0 complex samples and 0 trajectory "
+                                "values"), messages[1]  # fmt: skip
+
+
 def test_partial_fourier_lines_numbered_in_the_full_kspace_are_acquired_from_the_minimum_on(tmp_path):
     """A fully sampled partial-Fourier scan whose lines keep their full k-space numbers (minimum 4, maximum 11,
     centre 6): its acquired window starts at the minimum, so it is fully sampled there (a retrospective mask is

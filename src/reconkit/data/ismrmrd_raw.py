@@ -75,8 +75,9 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
     readout length after discarded samples are dropped and an asymmetric echo is centred.
 
     Raises:
-        DataError: unreadable file or header, a non-Cartesian trajectory, no imaging acquisitions, 3D encoding,
-            imaging lines that differ in coil / sample counts, or phase-encode indices outside the encoded matrix.
+        DataError: unreadable file or header, an acquisition whose header declares other sizes than its row
+            stores, a non-Cartesian trajectory, no imaging acquisitions, 3D encoding, imaging lines that differ in
+            coil / sample counts, or phase-encode indices outside the encoded matrix.
     """
     import ismrmrd
 
@@ -96,7 +97,7 @@ def read_ismrmrd_raw(path: os.PathLike | str) -> Volume:
             rows = len(group["data"]) if "data" in group else 0
             check_fits_in_memory(path, [(f"{rows} ISMRMRD acquisitions (without their samples)",
                                          (rows, _ACQUISITION_BYTES), np.uint8)])  # fmt: skip
-            acquisitions = _read_acquisitions(ismrmrd, group["data"]) if rows else []
+            acquisitions = _read_acquisitions(path, ismrmrd, group["data"]) if rows else []
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 -- h5py and the ismrmrd package raise assorted types for damaged files
@@ -158,17 +159,41 @@ _UINT16_MAX = 65535  # the ISMRMRD acquisition header's index fields are uint16
 _SEPARATE = ("separate", "external")  # calibration modes whose reference lines come from another scan
 
 
-def _read_acquisitions(ismrmrd, data: h5py.Dataset, block: int = 4096) -> list:
+def _read_acquisitions(path: Path, ismrmrd, data: h5py.Dataset, block: int = 4096) -> list:
     """Every acquisition of the ISMRMRD ``dataset/data`` table (rows of ``head``, ``traj``, ``data``), read
     ``block`` rows per HDF5 call: ``ismrmrd.Dataset.read_acquisition`` reads one row per call, a few ms each, which
-    took minutes for a scan's tens of thousands of lines. The trajectory is not read (Cartesian data has none)."""
+    took minutes for a scan's tens of thousands of lines. The trajectory is not read (Cartesian data has none).
+
+    Raises:
+        DataError: a row whose header declares other sizes than it stores (:func:`_check_row_sizes`).
+    """
     acquisitions = []
     for start in range(0, len(data), block):
-        for row in data[start : start + block]:
+        for number, row in enumerate(data[start : start + block], start):
+            _check_row_sizes(path, number, row)
             acquisition = ismrmrd.Acquisition(row["head"])
             acquisition.data[:] = row["data"].view(np.complex64).reshape(acquisition.data.shape)
             acquisitions.append(acquisition)
     return acquisitions
+
+
+def _check_row_sizes(path: Path, number: int, row: np.void) -> None:
+    """Raise :class:`DataError` unless acquisition ``number``'s header declares the sizes its row stores:
+    ``active_channels * number_of_samples`` complex samples and ``number_of_samples * trajectory_dimensions``
+    trajectory values (as ``ismrmrd.Dataset.read_acquisition`` requires). ``ismrmrd.Acquisition`` allocates what
+    the header declares, up to 65535 channels x 65535 samples (32 GiB) and a 16 GiB trajectory, for a row of a file
+    of KB; checked first, a row takes no more memory than its stored values."""
+    head = row["head"]
+    channels, samples, dims = (int(head[name]) for name in ("active_channels", "number_of_samples",
+                                                             "trajectory_dimensions"))  # fmt: skip
+    if row["data"].size != 2 * channels * samples or row["traj"].size != samples * dims:
+        declared = (2 * channels + dims) * samples * 4
+        raise DataError(
+            path,
+            f"ISMRMRD acquisition {number} declares {channels} channels x {samples} samples and a {dims}-dimensional "
+            f"trajectory ({declared / 2**30:.3g} GiB) but stores {row['data'].size // 2} complex samples and "
+            f"{row['traj'].size} trajectory values",
+        )
 
 
 def image_groups(image_index: str | None) -> list[tuple[str, list[int | None] | None]]:
