@@ -641,3 +641,34 @@ def test_onnx_file_with_missing_external_data_says_so(tmp_path) -> None:
     with pytest.raises(ExportError, match="cannot read the model's external data") as error:
         read_onnx(path)
     assert str(path) in str(error.value) and "not an ONNX model" not in str(error.value)
+
+
+_OPEN_UNDER_C_LOCALE = """
+import os, sys
+import numpy as np
+from reconkit.inference import load_reconstructor
+from reconkit.serve.model import OnnxModel
+assert sys.getfilesystemencoding() == "ascii", sys.getfilesystemencoding()
+kspace, mask = np.zeros((1, 2, 32, 24, 2), np.float32), np.ones((1, 1, 1, 24, 1), np.float32)
+for folder in sys.argv[1:]:
+    path = os.path.join(os.fsdecode(bytes.fromhex(folder)), "zf.onnx")  # surrogates: the name is not ASCII
+    assert load_reconstructor(path).run(kspace, mask).shape == (1, 32, 24), path
+    assert OnnxModel(path).run({"masked_kspace": kspace, "mask": mask})["image"].shape == (1, 32, 24), path
+"""
+
+
+def test_model_in_a_non_ascii_folder_opens_under_the_c_locale(tmp_path) -> None:
+    """Under ``LC_ALL=C`` Python holds a file name's non-ASCII bytes as surrogates, which ONNX Runtime's constructor
+    refused ("incompatible constructor arguments"): ``reconkit reconstruct`` and ``reconkit serve`` could not open a
+    model in ``modèles/``. A UTF-8 name is passed as its own bytes; a Latin-1 one (not UTF-8) as the model itself."""
+    model = export_onnx(build_model("zero_filled"), tmp_path / "zf.onnx", (2, 32, 24)).read_bytes()
+    folders = [os.fsencode(tmp_path) + b"/mod\xc3\xa8les", os.fsencode(tmp_path) + b"/mod\xe8les"]
+    for folder in folders:
+        os.mkdir(folder)
+        with open(folder + b"/zf.onnx", "wb") as f:
+            f.write(model)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("LC_", "LANG"))}
+    env.update(LC_ALL="C", PYTHONUTF8="0", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", _OPEN_UNDER_C_LOCALE, *(folder.hex() for folder in folders)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr

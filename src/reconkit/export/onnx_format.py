@@ -27,6 +27,7 @@ __all__ = [
     "format_sizes",
     "load_onnx_metadata",
     "read_onnx",
+    "session_source",
     "single_size_model",
 ]
 
@@ -113,6 +114,29 @@ def read_onnx(path: str | os.PathLike, load_external_data: bool = True):
             raise ExportError(f"{path}: cannot read the model's external data (keep the files that "
                               f"onnx.save(..., save_as_external_data=True) wrote next to it): {exc}") from exc
         raise ExportError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
+
+
+def session_source(path: Path, proto) -> str | bytes:
+    """What ONNX Runtime opens ``path``'s model from: its name, or ``proto`` (:func:`read_onnx`'s, external data read
+    in) serialized where ONNX Runtime cannot take the name.
+
+    ONNX Runtime takes a name as a str it encodes as UTF-8 and opens those bytes. Python holds a name's bytes that
+    its file-system encoding cannot decode (``modèles`` under ``LC_ALL=C``: ASCII) as surrogates, which cannot be
+    encoded: the name's own bytes are passed, as UTF-8; where they are not UTF-8 (e.g. Latin-1), the model itself.
+
+    Raises:
+        ExportError: the name is not UTF-8 (no locale helps then) and ``proto`` is None (the file did not read as
+            ONNX) or over protobuf's 2 GiB limit.
+    """
+    try:
+        return os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    if proto is None or proto.ByteSize() >= 2**31:
+        reason = "it does not read as ONNX" if proto is None else "the model is too large (over 2 GiB) to pass in memory"
+        raise ExportError(f"{path}: ONNX Runtime cannot open a file whose name is not UTF-8, and {reason}: "
+                          "move or rename it to a UTF-8 (e.g. ASCII) path")
+    return proto.SerializeToString()
 
 
 def _loads_without_external_data(path: Path) -> bool:

@@ -153,6 +153,7 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
 
     from reconkit.export import load_onnx_as_torch, read_onnx, single_size_model
     from reconkit.export.onnx_export import UNKNOWN_MASK_FAMILY, decoded_metadata
+    from reconkit.export.onnx_format import session_source
 
     proto = read_onnx(path)  # read once: the metadata, and the size branches of a multi-size file
     metadata = decoded_metadata(proto, path)
@@ -189,7 +190,7 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
         @_built_once
         def whole_file() -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray] | None, ReconkitError | None]:
             try:  # a failure is kept too, so that it is not retried (≈ 10 s) for every volume
-                return open_session(str(path)), None
+                return open_session(session_source(path, proto)), None
             except ReconkitError as err:
                 return None, err
 
@@ -213,7 +214,7 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
                                     f"this model serves {format_sizes(sizes)}")
             return run_for_size(height, width)(masked_kspace, mask)
     else:
-        run = open_session(str(path))
+        run = open_session(session_source(path, proto))
 
     @_built_once  # the model is rebuilt once, when a size outside the graph first comes
     def torch_run() -> Callable[[np.ndarray, np.ndarray], np.ndarray]:

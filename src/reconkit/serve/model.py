@@ -94,7 +94,7 @@ class OnnxModel:
     def __init__(self, path: Path | str, providers: Sequence[str] = ("CPUExecutionProvider",), intra_op_threads: int = 0):
         import onnxruntime as ort
 
-        from reconkit.export.onnx_format import SIZES_KEY, read_onnx, single_size_model
+        from reconkit.export.onnx_format import SIZES_KEY, read_onnx, session_source, single_size_model
 
         self.path = Path(path)
         options = ort.SessionOptions()
@@ -125,9 +125,10 @@ class OnnxModel:
                 _log.warning("opening the whole file (slower to start): a size's branch cannot be opened alone",
                              extra={"path": str(self.path), "reason": str(err)})
                 self._sessions.clear()
+        whole = None if self._sessions else session_source(self.path, proto)
         del proto
-        if not self._sessions:
-            self._sessions[None] = open_session(str(self.path))
+        if whole is not None:
+            self._sessions[None] = open_session(whole)
         sessions = list(self._sessions.values())
         self.inputs = _merged_specs([session.get_inputs() for session in sessions])
         self.outputs = _merged_specs([session.get_outputs() for session in sessions])
