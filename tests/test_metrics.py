@@ -178,6 +178,16 @@ def test_metric_table_aggregates_volumes():
     assert "3 volumes" in table.format()
 
 
+def test_metric_table_counts_the_volumes_of_each_metric():
+    """``format`` printed the count of all rows on every line: a metric two of three volumes have read
+    "(3 volumes)", though its mean and std (``summary``) are over those two (docaudit)."""
+    table = MetricTable()
+    table.add("file0", {"PSNR": 30.0, "SSIM": 0.8})
+    table.add("file1", {"PSNR": 32.0, "SSIM": 0.9})
+    table.add("file2", {"PSNR": 34.0})
+    assert table.format().splitlines() == ["PSNR = 32 +/- 2 (3 volumes)", "SSIM = 0.85 +/- 0.07071 (2 volumes)"]
+
+
 def _ssim_under_memory_limit(gt: np.ndarray, pred: np.ndarray, extra_bytes: int) -> float | str:
     """:func:`ssim` in a forked child whose address space may grow by at most ``extra_bytes``: the value, or the
     error's type name when it ran out."""

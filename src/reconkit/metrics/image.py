@@ -151,7 +151,18 @@ class MetricTable:
         return out
 
     def format(self) -> str:
-        """One line per metric: ``NAME = mean +/- std`` over ``n`` volumes."""
-        n = len(self.rows)
-        lines = (f"{key} = {mean:.4g} +/- {std:.4g} ({n} volumes)" for key, (mean, std) in self.summary().items())
+        """One line per metric: ``NAME = mean +/- std (n volumes)``, ``n`` the volumes that have that metric.
+
+        Example:
+            >>> table = MetricTable()
+            >>> table.add("file1", {"PSNR": 30.0, "SSIM": 0.8})
+            >>> table.add("file2", {"PSNR": 32.0})
+            >>> print(table.format())
+            PSNR = 31 +/- 1.414 (2 volumes)
+            SSIM = 0.8 +/- 0 (1 volume)
+        """
+        lines = []
+        for key, (mean, std) in self.summary().items():
+            count = sum(key in row for row in self.rows.values())
+            lines.append(f"{key} = {mean:.4g} +/- {std:.4g} ({count} volume{'' if count == 1 else 's'})")
         return "\n".join(lines)
