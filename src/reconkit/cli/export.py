@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", nargs=2, type=int, action="append", metavar=("H", "W"),
                         help="spatial size the graph serves; repeat for several (default: 640 368)")
     parser.add_argument("--coils", type=int, default=4, help="coil count used for tracing (the graph accepts any; default 4)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17: ONNX Runtime 1.15 and later run it; a newer opset needs a newer runtime, e.g. 23 needs 1.23 or later)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 up to the newest this PyTorch exports, 23 with PyTorch 2.14 (default 17: ONNX Runtime 1.15 and later run it; a newer opset needs a newer runtime, e.g. 23 needs 1.23 or later)")
     parser.add_argument("--triton-repository", type=Path, help="also write a Triton model repository here")
     parser.add_argument("--model-name", "--name", dest="model_name",
                         help="model name in the Triton repository (default: the output file's stem)")

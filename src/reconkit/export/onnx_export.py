@@ -402,7 +402,7 @@ def export_onnx(
         output_path: ``.onnx`` file to write (atomically: temporary file, then rename).
         example_shape: ``(coils, H, W)``, or a list of ``(H, W)`` (or ``(coils, H, W)``) spatial sizes the graph
             serves. Batch and coil counts stay dynamic; each size gets its own specialised branch.
-        opset: ONNX opset (17 or newer).
+        opset: ONNX opset, 17 (the default) to :data:`MAX_OPSET` (the newest this PyTorch exports: 23 with 2.14).
         metadata: extra or overriding ``reconkit.*`` metadata (keys with or without the ``reconkit.`` prefix;
             non-string values are stored as JSON), e.g. ``{"mask_family": "equispaced_fraction"}``.
         check: run ``onnx.checker`` on the result.
@@ -411,9 +411,13 @@ def export_onnx(
         the written path.
 
     Raises:
-        ExportError: unreadable / incompatible checkpoint, a model that does not trace, a graph the checker
-            rejects, or an output that cannot be written (a folder, a device or FIFO, no write permission); the
-            message names the file.
+        ValueError: before any work: an ``opset`` outside 17 to :data:`MAX_OPSET`, an ``example_shape`` that is
+            neither ``(coils, H, W)`` nor a list of sizes, or ``metadata`` that sets a key derived from the graph or
+            a value JSON cannot encode.
+        ExportError: unreadable / incompatible checkpoint, a model that cannot be exported (e.g. ``cg_sense`` with
+            ESPIRiT maps), a model that does not trace, a graph the checker rejects, or an output that cannot be
+            written (a folder, a device or FIFO, the checkpoint itself, no write permission); the message names the
+            file.
     """
     import onnx
 
