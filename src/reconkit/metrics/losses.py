@@ -104,6 +104,9 @@ class SSIMLoss(nn.Module):
         self.register_buffer("w", uniform_window(win_size, torch.float32))
 
     def forward(self, X: torch.Tensor, Y: torch.Tensor, data_range: torch.Tensor, reduced: bool = True) -> torch.Tensor:
+        """``1 − SSIM`` of ``(B, 1, H, W)`` images ``X``, ``Y`` with dynamic range ``data_range`` ``(B,)`` (fastMRI:
+        each slice's volume maximum): the mean, a scalar (``reduced``), or the ``(B, 1, H − w + 1, W − w + 1)`` map
+        (:func:`ssim_map`)."""
         window = self.w.to(X.dtype)
         loss = 1 - ssim_map(X, Y, data_range, window, self.k1, self.k2)
         return loss.mean() if reduced else loss

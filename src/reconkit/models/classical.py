@@ -323,6 +323,20 @@ def cg_sense(
 
     ``λ = l2_reg`` is relative to the largest eigenvalue of ``AᴴA`` for unit-RSS maps (1 at full sampling), so
     it does not depend on the k-space scale.
+
+    Args:
+        masked_kspace: ``y``, ``(B, C, H, W, 2)`` undersampled k-space.
+        mask: ``M``, ``(B, 1, 1, W, 1)`` line mask or ``(B, 1, H, W, 1)`` 2D mask (nonzero = sampled).
+        sens_maps: ``S``, ``(B, C, H, W, 2)`` coil sensitivities (e.g. :func:`estimate_sens_maps_acs`).
+        num_iters: conjugate-gradient iterations, starting from ``x = 0``.
+        l2_reg: ``λ``.
+
+    Returns:
+        ``(B, H, W)`` magnitude image at the full encoded size, in the k-space's units and dtype.
+
+    Raises:
+        ReconkitError: ``masked_kspace`` or ``mask`` of another shape.
+        ValueError: ``sens_maps`` not of ``masked_kspace``'s shape (:class:`reconkit.ops.MultiCoilMRI`).
     """
     _check_inputs("cg_sense", masked_kspace, mask)
     image = MultiCoilMRI(mask, sens_maps).A_dagger(masked_kspace, max_iter=num_iters, l2_reg=l2_reg)
@@ -330,11 +344,21 @@ def cg_sense(
 
 
 class ZeroFilled(nn.Module):
-    """Zero-filled RSS reconstruction (the classical lower baseline); see :func:`zero_filled`."""
+    """Zero-filled RSS reconstruction (the classical lower baseline); see :func:`zero_filled`.
+
+    The contract call ``(masked_kspace (B, C, H, W, 2), mask (B, 1, 1, W, 1) or (B, 1, H, W, 1)) -> (B, H, W)``, as
+    :class:`reconkit.models.VarNet`; no weights.
+    """
 
     def forward(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None = None
     ) -> torch.Tensor:
+        """``(B, C, H, W, 2)`` k-space, ``(B, 1, 1, W, 1)`` or ``(B, 1, H, W, 1)`` mask → ``(B, H, W)`` RSS magnitude.
+
+        ``num_low_frequencies`` is accepted for the common call and not used. Computed on the k-space divided by
+        the power of two at its peak (:func:`reconkit.ops.power_of_two_scale`), so any units work in float32.
+        Raises ReconkitError for inputs of another shape.
+        """
         _check_inputs("ZeroFilled", masked_kspace, mask)
         scale = power_of_two_scale(masked_kspace)  # exact; the RSS's squares stay within float32 in any units
         return zero_filled(masked_kspace / scale) * scale.view(-1, 1, 1)
@@ -343,10 +367,16 @@ class ZeroFilled(nn.Module):
 class CGSense(nn.Module):
     """CG-SENSE with sensitivity maps estimated from the ACS lines of the input itself.
 
+    The contract call ``(masked_kspace (B, C, H, W, 2), mask (B, 1, 1, W, 1), num_low_frequencies=None) ->
+    (B, H, W)`` magnitude, as :class:`reconkit.models.VarNet`; no weights.
+
     Args:
         num_iters: conjugate-gradient iterations.
         l2_reg: Tikhonov weight ``λ`` (see :func:`cg_sense`).
         sens_method: ``"acs"`` (:func:`estimate_sens_maps_acs`) or ``"espirit"`` (:func:`estimate_sens_maps_espirit`).
+
+    Raises:
+        ValueError: an unknown ``sens_method``.
     """
 
     def __init__(self, num_iters: int = 10, l2_reg: float = 0.0, sens_method: Literal["acs", "espirit"] = "acs"):
@@ -366,6 +396,11 @@ class CGSense(nn.Module):
     def forward(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | None = None
     ) -> torch.Tensor:
+        """``(B, C, H, W, 2)`` k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, H, W)`` CG-SENSE magnitude.
+
+        ``num_low_frequencies``: the ACS width for the map estimate (None: measured from the mask). Raises
+        ReconkitError for inputs of another shape, or (ESPIRiT) fewer ACS lines than its kernel size.
+        """
         _check_inputs("CGSense", masked_kspace, mask)
         estimate = estimate_sens_maps_espirit if self.sens_method == "espirit" else estimate_sens_maps_acs
         # CG-SENSE is equivariant to the k-space's scale: run at peak ~1, away from float32 under- / overflow of the

@@ -36,6 +36,8 @@ class ZeroFilledFrontEnd(torch.nn.Module):
         self.model = model
 
     def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W, 2)`` k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, H, W)`` image in the zero-filled image's
+        units (the model's output de-normalised); ReconkitError for inputs of another shape."""
         _check_inputs("ZeroFilledFrontEnd", masked_kspace, mask)
         scale = power_of_two_scale(masked_kspace).view(-1, 1, 1)
         image = zero_filled(masked_kspace / scale[..., None, None], mask)

@@ -139,6 +139,8 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.head.weight)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, in_chans, h, w)`` → ``(B, out_chans, h, w)``; ``h, w`` are padded up to multiples of the patch size
+        (reflected; replicated when a side is no longer than a patch) and the output cropped back."""
         height, width = image.shape[-2:]
         p = self.patch_size
         pad_bottom, pad_right = -height % p, -width % p
