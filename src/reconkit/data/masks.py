@@ -83,6 +83,10 @@ class MaskFunc:
 
     Subclasses implement :meth:`outer_columns`; the random draws happen in the same order as in fastmri. A function
     may be called from several threads: a seeded call gets its seed's mask whatever the other threads draw.
+
+    Raises:
+        ValueError: a centre fraction outside ``[0, 1)``, an acceleration below 1, an empty list, or lists of
+            different lengths without ``allow_any_combination``.
     """
 
     _worker_seed: int | None = None  # the DataLoader worker seed ``rng`` was last seeded in (None: main process)
@@ -130,7 +134,12 @@ class MaskFunc:
             seed: reseeds the generator for this call only (int or tuple of ints), for reproducible masks.
 
         Returns:
-            ``(mask, num_low_frequencies)``: float32 mask of 0/1 and the number of fully sampled centre lines.
+            ``(mask, num_low_frequencies)``: float32 mask of 0/1 with as many axes as ``shape``, all of size 1 but
+            the columns, e.g. ``(1, 1, W, 1)`` for multi-coil k-space ``(C, H, W, 2)`` (2D masks:
+            ``(1, ..., H, W, 1)``), and the number of fully sampled centre lines.
+
+        Raises:
+            ValueError: ``shape`` has fewer than 3 axes.
         """
         if len(shape) < 3:
             raise ValueError("Shape should have 3 or more dimensions")

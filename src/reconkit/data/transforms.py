@@ -138,7 +138,7 @@ class VarNetSample(NamedTuple):
 
     Attributes:
         masked_kspace: ``(C, H, W, 2)`` undersampled k-space (``(H, W, 2)`` for single-coil).
-        mask: ``(1, 1, W, 1)`` bool sampling mask (``(1, H, W, 1)`` for 2D masks).
+        mask: ``(1, 1, W, 1)`` bool sampling mask (``(1, H, W, 1)`` for 2D masks; one axis fewer for single-coil).
         num_low_frequencies: fully sampled centre lines (0 when the mask came from the file).
         target: ``(h, w)`` target image, or a 0-dim tensor when there is none.
         fname: file name.
@@ -191,6 +191,12 @@ class VarNetDataTransform:
         fname: str,
         slice_num: int,
     ) -> VarNetSample:
+        """One slice of :class:`reconkit.data.SliceDataset`'s tuple → :class:`VarNetSample`.
+
+        ``kspace`` complex ``(C, H, W)`` (single-coil ``(H, W)``); ``mask`` the file's stored ``(W,)`` mask or
+        None; ``target`` real ``(h, w)`` or None. Raises :class:`~reconkit.errors.DataError` naming ``fname`` for a
+        target whose ``attrs`` lack ``max``.
+        """
         if target is not None:
             target_torch, max_value = to_tensor(target), _require_max(attrs, fname)
         else:
@@ -275,6 +281,12 @@ class UnetDataTransform:
         fname: str,
         slice_num: int,
     ) -> UnetSample:
+        """One slice of :class:`reconkit.data.SliceDataset`'s tuple → :class:`UnetSample`.
+
+        ``kspace`` complex ``(C, H, W)`` (single-coil ``(H, W)``); ``mask`` the file's stored ``(W,)`` mask or
+        None; ``target`` real ``(h, w)`` or None; ``attrs`` needs ``recon_size`` when there is no target. Raises
+        :class:`~reconkit.errors.DataError` naming ``fname`` for a target whose ``attrs`` lack ``max``.
+        """
         kspace_torch = to_tensor(kspace)
         # fastmri takes a missing 'max' as 0.0, with a target too: PSNR -inf, SSIM NaN
         max_value = attrs.get("max", 0.0) if target is None else _require_max(attrs, fname)

@@ -75,6 +75,7 @@ class VolumeInfo:
 
     @property
     def num_slices(self) -> int:
+        """Slice count: the first axis of ``kspace_shape``."""
         return self.kspace_shape[0]
 
     @property
