@@ -43,7 +43,13 @@ def backend_choice(backend: str | None) -> str:
 
 
 def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
-    """Return ``"torch"`` or ``"triton"`` for an op on ``tensors``."""
+    """Return ``"torch"`` or ``"triton"`` for an op on ``tensors``: the one named by ``backend`` or
+    ``RECONKIT_OPS_BACKEND``, else (``None`` / ``"auto"``) Triton when every tensor is on CUDA and Triton imports.
+
+    Raises:
+        ValueError: an unknown backend name.
+        RuntimeError: ``"triton"`` asked for where Triton is not available.
+    """
     choice = backend_choice(backend)
     if choice == "auto":
         on_cuda = all(t.is_cuda for t in tensors)

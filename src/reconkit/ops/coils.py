@@ -167,9 +167,14 @@ def data_consistency(
         mask: sampling mask broadcasting against ``kspace``: bool, float (0/1, or weights) or integer (nonzero =
             sampled, :func:`sampling_mask`).
         weight: DC weight ``η`` (scalar tensor, learnable in VarNet).
+        backend: as :func:`sens_expand`.
 
     Returns:
         ``(B, C, H, W, 2)`` updated k-space.
+
+    Raises:
+        ValueError: ``kspace`` not floating point (e.g. a complex tensor), or a mask with fewer axes than
+            ``kspace`` whose batch axis would broadcast onto another axis.
     """
     check_tensors("data_consistency", kspace, ref_kspace, mask)
     if not kspace.is_floating_point():  # η would be cast to the integer dtype (0.3 → 0)

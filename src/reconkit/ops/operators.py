@@ -44,7 +44,10 @@ def conjugate_gradient(
         rhs: right-hand side ``(B, ..., 2)``.
         x0: initial guess (zeros if None).
         max_iter: iteration count (fixed; no data-dependent early exit, so the loop is traceable).
-        tol: relative residual below which a batch item stops moving.
+        tol: relative residual ``‖rhs − normal_op(x)‖ / ‖rhs‖`` below which a batch item stops moving.
+
+    Returns:
+        ``x`` of ``rhs``'s shape.
     """
     x = torch.zeros_like(rhs) if x0 is None else x0.clone()
     r = rhs - normal_op(x)
@@ -107,6 +110,10 @@ class MultiCoilMRI:
             mask's nonzero values are sampled (:func:`reconkit.ops.coils.sampling_mask`).
         sens_maps: ``(B, C, H, W, 2)`` coil sensitivities.
 
+    Raises:
+        ValueError: ``sens_maps`` not ``(B, C, H, W, 2)``, a mask that does not broadcast against that k-space axis
+            by axis, or (in the methods) an image or k-space of another shape.
+
     Example:
         >>> import torch
         >>> sens = torch.randn(1, 4, 8, 8, 2)
@@ -160,7 +167,9 @@ class MultiCoilMRI:
     ) -> torch.Tensor:
         """Regularised least squares ``argmin ||Ax − y||² + λ||x||²`` by conjugate gradient (CG-SENSE).
 
-        Returns the ``(B, 1, H, W, 2)`` image; ``l2_reg`` is λ.
+        Solves ``(AᴴA + λI) x = Aᴴ y`` for ``(B, C, H, W, 2)`` k-space ``y`` from ``x = 0`` (see
+        :func:`conjugate_gradient` for ``max_iter`` and ``tol``) and returns the ``(B, 1, H, W, 2)`` image;
+        ``l2_reg`` is λ.
         """
 
         def normal_op(x: torch.Tensor) -> torch.Tensor:
