@@ -313,7 +313,7 @@ class VolumeResult:
         reconstruction: the model's output.
         zero_filled: RSS of the inverse FFT of the masked k-space (the input the model saw).
         target: the file's reference image, cropped alike, or None.
-        acceleration: acquired columns / sampled columns.
+        acceleration: acquired columns / sampled columns (their mean over the slices with a mask per slice).
         seconds: wall time of the model calls.
         note: set when the volume ran on another backend than the model's own (a size the ONNX graph lacks).
         empty_slices: indices of slices whose masked k-space is all zero: not run through the model (a VarNet's
@@ -491,6 +491,8 @@ def reconstruct_volume(
         DataError: naming the volume's file: a size the model does not take, a model call that fails with a
             ``ReconkitError`` (an ONNX Runtime error, e.g. a graph fixed to another size whose file lacks
             reconkit's size metadata), or an output of the wrong shape or with NaN / inf.
+        ReconkitError: ONNX Runtime cannot open the graph of this size (:meth:`Reconstructor.runner_for`).
+        ValueError: ``mask`` of neither shape.
     """
     kspace = _coil_kspace(volume)
     num_slices, _, height, width = kspace.shape
