@@ -423,6 +423,8 @@ class FastMriDataModule(LightningDataModule):
         return UnetDataTransform(self.challenge, mask_func=mask_func, use_seed=use_seed, stored_mask_first=True)
 
     def split_dir(self, split: str) -> Path:
+        """``data_path / split``; :class:`DataError` naming it when it is missing or holds no ``.h5`` / ``.hdf5``
+        file."""
         folder = self.data_path / split
         if not folder.is_dir():
             raise DataError(folder, f"missing the {split!r} folder (expected {self.data_path}/{{train,val,test}})")
@@ -513,6 +515,9 @@ class FastMriDataModule(LightningDataModule):
         return [Path(sample.fname).name for sample in dataset.raw_samples]
 
     def eval_dataset(self, split: str, require_target: bool = False) -> SliceDataset:
+        """``split``'s dataset for validation, test or predict: its transform override (``val_transform`` for ``"val"``,
+        ``test_transform`` for any other) or :meth:`default_transform`, and ``val_sample_rate`` /
+        ``val_volume_sample_rate``."""
         transform = self.transform_overrides[split if split in ("val", "test") else "test"]
         return self.slice_dataset(split, transform or self.default_transform(split), self.val_sample_rate,
                                   self.val_volume_sample_rate, require_target=require_target)

@@ -60,7 +60,8 @@ class KspaceModule(ReconModule):
         return self.model(masked_kspace, mask, num_low_frequencies)
 
     def images(self, batch: Any) -> Images:
-        """Single-coil data runs as one coil (the VarNet's sensitivity map is then a phase map)."""
+        """Run the model on a :class:`~reconkit.data.VarNetSample` batch and return cropped magnitude images in
+        target units; single-coil data runs as one coil (the VarNet's sensitivity map is then a phase map)."""
         output = self(*with_coil_axis(batch.masked_kspace, batch.mask),
                       batch_num_low_frequencies(batch.num_low_frequencies))
         return cropped_images(output, batch)
