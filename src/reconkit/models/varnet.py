@@ -225,7 +225,8 @@ class VarNetBlock(nn.Module):
         sens_maps: torch.Tensor,
         hybrid: bool = False,
     ) -> torch.Tensor:
-        """All k-space / maps ``(B, C, H, W, 2)``, mask ``(B, 1, 1, W, 1)`` → updated ``(B, C, H, W, 2)``.
+        """All k-space / maps ``(B, C, H, W, 2)``, mask ``(B, 1, 1, W, 1)`` (or 2D ``(B, 1, H, W, 1)``) → updated
+        ``(B, C, H, W, 2)``.
 
         ``hybrid=True``: ``current_kspace`` / ``ref_kspace`` / the result are in hybrid space (line masks only).
         """
@@ -300,7 +301,8 @@ class VarNet(nn.Module):
 
     ``forward(masked_kspace (B, C, H, W, 2), mask (B, 1, 1, W, 1), num_low_frequencies=None) -> (B, H, W)``:
     root-sum-of-squares magnitude at the full encoded size. ``mask`` may be of any dtype: nonzero = sampled (as
-    fastmri's), so a 0/255 mask acts as 0/1.
+    fastmri's), so a 0/255 mask acts as 0/1; a 2D mask ``(B, 1, H, W, 1)`` works too (the cascades then run in
+    k-space instead of hybrid space).
 
     Example:
         >>> net = VarNet(num_cascades=2, sens_chans=2, sens_pools=2, chans=2, pools=2)
@@ -349,7 +351,8 @@ class VarNet(nn.Module):
     def forward(
         self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: int | torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``(B, C, H, W, 2)`` undersampled k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, H, W)`` image.
+        """``(B, C, H, W, 2)`` undersampled k-space, ``(B, 1, 1, W, 1)`` line mask (or 2D ``(B, 1, H, W, 1)``) →
+        ``(B, H, W)`` image.
 
         The network is equivariant to the k-space's scale (every U-Net input is normalised by its mean / std, the
         sensitivities have unit RSS, the SENSE step's weights are ratios), so each item runs divided by the power of
