@@ -93,7 +93,12 @@ def load_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_onnx(path: str | os.PathLike, load_external_data: bool = True):
-    """The ``onnx.ModelProto`` of ``path``; ExportError naming the file when it is missing, unreadable or not ONNX."""
+    """The ``onnx.ModelProto`` of ``path``; ExportError naming the file when it is missing, unreadable or not ONNX
+    (or, with ``load_external_data``, its external weight files cannot be read).
+
+    ``load_external_data=False`` leaves the weights of a model saved with external data in their files (the
+    initialisers then hold only their locations): enough for the metadata and the graph's inputs and outputs.
+    """
     import onnx
 
     path = Path(path)
