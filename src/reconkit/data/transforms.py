@@ -64,6 +64,14 @@ def apply_mask(
     Returns:
         ``(masked_kspace, mask, num_low_frequencies)``; mask of shape ``(1, ..., 1, W, 1)`` (or ``(1, ..., H, W,
         1)`` for 2D masks), float32.
+
+    Example:
+        >>> from reconkit.data import create_mask_for_mask_type
+        >>> mask_func = create_mask_for_mask_type("equispaced_fraction", [0.08], [4])
+        >>> kspace = torch.randn(8, 640, 368, 2)  # (coils, H, W, 2)
+        >>> masked, mask, num_low = apply_mask(kspace, mask_func, seed=0, padding=(4, 364))
+        >>> masked.shape, mask.shape, num_low, int(mask.sum())
+        (torch.Size([8, 640, 368, 2]), torch.Size([1, 1, 368, 1]), 29, 90)
     """
     if not isinstance(data, torch.Tensor) or data.is_complex() or data.ndim < 3 or data.shape[-1] != 2:
         # a complex (C, H, W) tensor would be masked along H, its W taken for the (real, imag) axis

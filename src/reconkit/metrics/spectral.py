@@ -94,7 +94,17 @@ def band_nmse(output: torch.Tensor, target: torch.Tensor, num_bands: int = 8) ->
 
     Returns:
         ``(num_bands,)`` float64: each band's NMSE over the whole batch (energy-weighted, like fastMRI's volume
-        NMSE). A band where the target has no energy gives ``nan``. With ``num_bands=1`` it is the image's NMSE.
+        NMSE). A band where the target has no energy (at most :data:`EMPTY_BAND` of its total) gives ``nan``. With
+        ``num_bands=1`` it is the image's NMSE.
+
+    Example:
+        >>> target = torch.rand(2, 16, 16, dtype=torch.float64)
+        >>> output = target + 0.01 * torch.randn(2, 16, 16, dtype=torch.float64)
+        >>> band_nmse(output, target, num_bands=4).shape
+        torch.Size([4])
+        >>> nmse = ((output - target) ** 2).sum() / (target**2).sum()
+        >>> bool(torch.allclose(band_nmse(output, target, num_bands=1), nmse))
+        True
     """
     return band_ratio(*band_energies(output, target, num_bands))
 

@@ -60,6 +60,17 @@ def sens_expand(
 
     Returns:
         ``(B, C, H, W, 2)`` coil k-space (hybrid space with ``hybrid=True``).
+
+    Example:
+        >>> from reconkit.ops import real_inner
+        >>> image, sens_maps = torch.randn(1, 1, 8, 6, 2), torch.randn(1, 4, 8, 6, 2)
+        >>> kspace = sens_expand(image, sens_maps)
+        >>> kspace.shape
+        torch.Size([1, 4, 8, 6, 2])
+        >>> y = torch.randn(1, 4, 8, 6, 2)  # sens_reduce is the adjoint: <E x, y> = <x, Eᴴ y>
+        >>> lhs, rhs = real_inner(kspace, y), real_inner(image, sens_reduce(y, sens_maps))
+        >>> bool((lhs - rhs).abs() <= 1e-5 * kspace.norm() * y.norm())  # float32 error scales with the norms
+        True
     """
     check_tensors("sens_expand", image, sens_maps)
     dims = _fft_dims(hybrid)
@@ -171,6 +182,15 @@ def data_consistency(
 
     Returns:
         ``(B, C, H, W, 2)`` updated k-space.
+
+    Example:
+        >>> kspace, measured = torch.randn(1, 2, 4, 6, 2), torch.randn(1, 2, 4, 6, 2)
+        >>> mask = torch.zeros(1, 1, 1, 6, 1); mask[..., 2:4, :] = 1
+        >>> out = data_consistency(kspace, measured * mask, mask, weight=1.0)  # η = 1: measured lines replace k
+        >>> bool(torch.allclose(out[..., 2:4, :], measured[..., 2:4, :], atol=1e-6))  # sampled columns of W
+        True
+        >>> bool(torch.equal(out[..., 4:, :], kspace[..., 4:, :]))  # the others are kept
+        True
 
     Raises:
         ValueError: ``kspace`` not floating point (e.g. a complex tensor), or a mask with fewer axes than
