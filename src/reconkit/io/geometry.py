@@ -126,8 +126,9 @@ def acquisition_frame(
     """The frame the ISMRMRD acquisitions give a stack of images, or None where they give none.
 
     Args:
-        image_geometry: the ``image_geometry`` attribute of :func:`reconkit.data.read_ismrmrd_raw` (JSON): per image,
-            ``position`` (the slice centre) and ``read_dir`` / ``phase_dir`` / ``slice_dir`` in LPS.
+        image_geometry: the ``image_geometry`` attribute of :func:`reconkit.data.ismrmrd_raw.read_ismrmrd_raw`
+            (JSON): per image, ``position`` (the slice centre) and ``read_dir`` / ``phase_dir`` / ``slice_dir`` in
+            LPS.
         images: per slice of the stack, the image whose geometry it has (None: a slice no image has, placed on the
             line through the others).
         geometry: the pixel spacing.

@@ -18,9 +18,10 @@ ONNX Runtime (plain float32 arithmetic, no complex dtypes: real and imaginary pa
 3. **Per-pixel maps.** ``P`` in the image domain is one ``C × C`` matrix per pixel,
    ``G(x) = Σ_{p, p'} e^{2πi (p − p')·x} P[(c, p), (c', p')]`` (one small complex MatMul per axis). Its
    top eigenvector (the coil sensitivities) comes from power iteration, started from the low-resolution ACS coil
-   images, whose phase it is also aligned to (the convention of :func:`estimate_sens_maps_acs`). As in the
-   eigen-decomposition version, this runs on a coarse grid of the full field of view and the maps are
-   interpolated bilinearly to ``H × W``; no eigenvalue crop (the SENSE step needs maps in the background too).
+   images, whose phase it is also aligned to (the convention of
+   :func:`reconkit.models.classical.estimate_sens_maps_acs`). As in the eigen-decomposition version, this runs on a
+   coarse grid of the full field of view and the maps are interpolated bilinearly to ``H × W``; no eigenvalue crop
+   (the SENSE step needs maps in the background too).
 
 Cost per slice: mostly ``n`` products of ``(C·k²)²`` matrices (3 real GEMMs each), so it grows as ``C³``. Measured
 (2026-12-03, 2-core Intel VM, whole function): 0.07 s at 8 coils (192 × 112, 1 thread), 0.34 s at 15 coils and
