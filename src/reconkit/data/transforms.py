@@ -97,7 +97,7 @@ _Image = TypeVar("_Image", torch.Tensor, np.ndarray)
 
 def center_crop(data: _Image, shape: tuple[int, int]) -> _Image:
     """Centre crop of the last two axes of a real image ``(..., H, W)`` (tensor or numpy array: a view of the same
-    type) to ``shape`` ``(h, w)``."""
+    type) to ``shape`` ``(h, w)``; ValueError unless ``0 < h ≤ H`` and ``0 < w ≤ W``."""
     height, width = data.shape[-2], data.shape[-1]
     _check_crop(shape, (height, width), "center_crop")
     top, left = (height - shape[0]) // 2, (width - shape[1]) // 2
@@ -105,7 +105,8 @@ def center_crop(data: _Image, shape: tuple[int, int]) -> _Image:
 
 
 def complex_center_crop(data: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Centre crop of axes -3, -2 of a complex image ``(..., H, W, 2)`` to ``shape`` ``(h, w)``."""
+    """Centre crop of axes -3, -2 of a complex image ``(..., H, W, 2)`` to ``shape`` ``(h, w)``; ValueError unless
+    ``0 < h ≤ H`` and ``0 < w ≤ W``."""
     height, width = data.shape[-3], data.shape[-2]
     _check_crop(shape, (height, width), "complex_center_crop")
     top, left = (height - shape[0]) // 2, (width - shape[1]) // 2

@@ -42,7 +42,8 @@ CHALLENGES = ("multicoil", "singlecoil")
 
 
 def target_key(challenge: str) -> str:
-    """Name of the target dataset for ``challenge``: ``reconstruction_rss`` or ``reconstruction_esc``."""
+    """Name of the target dataset for ``challenge``: ``reconstruction_rss`` (``"multicoil"``) or
+    ``reconstruction_esc`` (``"singlecoil"``); ValueError for any other challenge."""
     if challenge not in CHALLENGES:
         raise ValueError(f'challenge should be either "singlecoil" or "multicoil", got {challenge!r}')
     return "reconstruction_esc" if challenge == "singlecoil" else "reconstruction_rss"

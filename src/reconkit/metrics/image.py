@@ -37,7 +37,7 @@ def _check_pair(gt: np.ndarray, pred: np.ndarray, metric: str, ndim: int | None 
 
 def nmse(gt: np.ndarray, pred: np.ndarray) -> float:
     """Normalised mean squared error ``‖gt − pred‖² / ‖gt‖²`` of two arrays of one shape (complex ones too, as
-    fastmri's)."""
+    fastmri's). ValueError for arrays of different shapes (fastmri broadcasts them) or empty ones."""
     _check_pair(gt, pred, "nmse", real=False)
     dtype = np.complex128 if np.iscomplexobj(gt) or np.iscomplexobj(pred) else np.float64
     gt64 = np.asarray(gt, dtype).ravel()
@@ -47,7 +47,8 @@ def nmse(gt: np.ndarray, pred: np.ndarray) -> float:
 
 def psnr(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float:
     """Peak signal-to-noise ratio in dB, ``10 log10(maxval² / MSE)``; ``maxval`` defaults to ``gt.max()``. ``inf``
-    for a prediction equal to the ground truth (as fastmri's, without numpy's divide-by-zero warning)."""
+    for a prediction equal to the ground truth (as fastmri's, without numpy's divide-by-zero warning). ValueError
+    for arrays of different shapes, complex or empty ones."""
     _check_pair(gt, pred, "psnr")
     gt64, pred64 = np.asarray(gt, np.float64), np.asarray(pred, np.float64)
     peak = gt64.max() if maxval is None else float(maxval)
@@ -57,7 +58,8 @@ def psnr(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float
 
 
 def ssim(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None, win_size: int = 7) -> float:
-    """Mean over slices of the SSIM of ``(slices, H, W)`` volumes; data range ``maxval`` (default ``gt.max()``)."""
+    """Mean over slices of the SSIM of ``(slices, H, W)`` volumes; data range ``maxval`` (default ``gt.max()``).
+    ValueError for volumes of different shapes, not 3D, complex or empty."""
     _check_pair(gt, pred, "ssim", ndim=3)
     x = torch.from_numpy(np.asarray(gt, np.float64)).unsqueeze(1)
     y = torch.from_numpy(np.asarray(pred, np.float64)).unsqueeze(1)
@@ -113,7 +115,8 @@ def ssim_torch(
 
 
 def volume_metrics(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> dict[str, float]:
-    """``{"NMSE", "PSNR", "SSIM"}`` of one ``(slices, H, W)`` volume, as ``fastmri.evaluate`` computes them."""
+    """``{"NMSE", "PSNR", "SSIM"}`` of one ``(slices, H, W)`` volume, as ``fastmri.evaluate`` computes them;
+    ValueError as :func:`ssim`."""
     return {"NMSE": nmse(gt, pred), "PSNR": psnr(gt, pred, maxval), "SSIM": ssim(gt, pred, maxval)}
 
 
