@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 import types
 import warnings
 from pathlib import Path
@@ -580,3 +581,43 @@ def test_atomic_writes_flush_through_a_writable_handle_on_windows(tmp_path, monk
         (folder / "slice_000.dcm").write_text("x")
     assert (tmp_path / "a.json").read_text() == "{}"
     assert (tmp_path / "series" / "slice_000.dcm").read_text() == "x"
+
+
+def test_a_killed_writers_temporaries_are_removed_by_the_next_write_only_when_provably_dead(tmp_path):
+    """A writer killed with SIGKILL (the OOM killer) during a write left its ``.tmp-*`` file, and during a series swap
+    its ``.tmp-*`` / ``.old-*`` folders, in the output folder for ever. The next write there removes a dead writer's
+    (its PID not running on this host, untouched for an hour), never a live one's, a recent one or another form."""
+    from reconkit import atomic
+
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from reconkit import atomic\n"
+        "with atomic.atomic_path(Path(sys.argv[1]) / 'vol.h5') as tmp:\n"
+        "    tmp.write_text('half')\n"
+        "    os.kill(os.getpid(), 9)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", code, str(tmp_path)]) as killed:
+        assert killed.wait() == -9
+    [dead_file] = list(tmp_path.iterdir())
+    dead_pid = killed.pid
+    tag = atomic._host_tag()
+    dead_folder = tmp_path / f".old-{tag}.{dead_pid}-abcd1234-scan"
+    (dead_folder / "0").mkdir(parents=True)
+    (dead_folder / "0" / "slice_000.dcm").write_text("first run")
+    (tmp_path / "scan").mkdir()  # the series that dead_folder's writer had put in place
+    kept = [
+        tmp_path / f".old-{tag}.{dead_pid}-abcd1234-gone",  # killed between its renames: "gone" is only here
+        tmp_path / f".tmp-{tag}.{os.getpid()}-abcd1234-live.h5",  # a live writer (this process)
+        tmp_path / f".tmp-{tag}.{dead_pid}-abcd1234-recent.h5",  # dead, but touched recently
+        tmp_path / f".tmp-00000000.{dead_pid}-abcd1234-other-host.h5",  # another host's
+        tmp_path / ".tmp-abcd1234-old-form.h5",  # no PID in the name
+    ]
+    for path in kept:
+        path.write_text("x")
+    hours_ago = time.time() - 2 * atomic.STALE_AFTER_S
+    for path in [dead_file, dead_folder, *kept]:
+        if "recent" not in path.name:
+            os.utime(path, (hours_ago, hours_ago))
+    write_fastmri_h5(tmp_path / "vol.h5", _volume(np.random.default_rng(3)))
+    assert sorted(os.listdir(tmp_path)) == sorted(["scan", "vol.h5", *(path.name for path in kept)])

@@ -7,35 +7,57 @@ gets the permissions a plain ``open(path, "w")`` / ``mkdir`` would give (``0o666
 umask) or, when it replaces an existing file, that file's: the temporary names come from ``tempfile``, which
 creates them readable by their owner only, and a reconstruction, an exported model or a DICOM series must stay
 readable by the group or the service account (Triton's container user, a PACS uploader) that reads it.
+
+A process killed outright (SIGKILL, the OOM killer, a power loss) cannot delete its temporary file or folder. Their
+names say which process made them, ``.tmp-<host>.<pid>-…`` / ``.old-<host>.<pid>-…`` (``<host>``: 8 hex digits of
+the host name and PID namespace), so the next write into that folder removes them (:func:`remove_stale_temporaries`)
+where that is provably safe: made on this host and PID namespace, by a process that is no longer running, and
+untouched for :data:`STALE_AFTER_S`. A concurrent writer's are never removed, nor names of another form.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import hashlib
 import itertools
 import os
+import re
 import shutil
+import socket
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 
-__all__ = ["atomic_directory", "atomic_hdf5", "atomic_path", "folder_problem"]
+__all__ = ["STALE_AFTER_S", "atomic_directory", "atomic_hdf5", "atomic_path", "folder_problem",
+           "remove_stale_temporaries"]
 
 _NAME_MAX = 255
 """The longest file name, in bytes, of Linux file systems (ext4, XFS, Btrfs, tmpfs) and macOS's APFS."""
+
+STALE_AFTER_S = 3600.0
+"""Seconds a dead process's temporary file or folder is left untouched before :func:`remove_stale_temporaries`
+removes it: a guard for what the PID check cannot see (two machines of one host name sharing a folder)."""
+
+_OWNED = re.compile(r"\.(tmp|old)-([0-9a-f]{8})\.([0-9]+)-")
+"""A temporary name this module makes: ``.tmp-`` or ``.old-``, the host tag and the writer's PID."""
+
+_swept: set[str] = set()
+"""The folders this process has already cleared of dead writers' temporaries (once per folder and process)."""
 
 
 @contextlib.contextmanager
 def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error deleted.
 
-    The temporary file is ``.tmp-<random>-<name>`` (the end of a long name) in the same directory (so
-    ``os.replace`` is atomic).
+    The temporary file is ``.tmp-<host>.<pid>-<random>-<name>`` (the end of a long name) in the same directory
+    (so ``os.replace`` is atomic); a dead writer's ones there are removed first (:func:`remove_stale_temporaries`).
 
     Example:
         >>> import tempfile, pathlib
@@ -47,8 +69,9 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_once(final.parent)
     # hidden, and ending in the destination's own name so writers that pick a format by suffix still work
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=_suffix(final), dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_prefix("tmp"), suffix=_suffix(final), dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -86,11 +109,13 @@ def atomic_directory(path: os.PathLike | str) -> Iterator[Path]:
 
     Used for outputs made of many files (one DICOM per slice). An existing ``path`` is moved aside first and
     removed only after the new directory is in place. Two writers of one ``path`` at once (two runs into one
-    output folder) both succeed and the last rename wins, as with :func:`atomic_path`.
+    output folder) both succeed and the last rename wins, as with :func:`atomic_path`. The temporary folders are
+    ``.tmp-<host>.<pid>-…`` and ``.old-<host>.<pid>-…`` beside ``path`` (:func:`remove_stale_temporaries`).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", suffix=_suffix(final), dir=final.parent))
+    _sweep_once(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix("tmp"), suffix=_suffix(final), dir=final.parent))
     old = None
     try:
         yield tmp
@@ -99,7 +124,7 @@ def atomic_directory(path: os.PathLike | str) -> Iterator[Path]:
                 _fsync(Path(folder, name))
             _fsync_directory(Path(folder))
         os.chmod(tmp, _final_mode(final, 0o777))
-        old = Path(tempfile.mkdtemp(prefix=".old-", suffix=_suffix(final), dir=final.parent))
+        old = Path(tempfile.mkdtemp(prefix=_prefix("old"), suffix=_suffix(final), dir=final.parent))
         _move_in(tmp, final, old)
         _fsync_directory(final.parent)
     except BaseException:
@@ -167,11 +192,85 @@ def folder_problem(folder: os.PathLike | str) -> str | None:
     return None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
 
 
+def remove_stale_temporaries(folder: os.PathLike | str, now: float | None = None) -> list[Path]:
+    """Remove the temporary files and folders that killed writers left in ``folder``; returns what was removed.
+
+    An entry is removed only when its name is one this module makes (``.tmp-<host>.<pid>-…``, ``.old-<host>.<pid>-…``)
+    with this host's tag (host name and PID namespace), its PID is not a running process, and it was last modified
+    :data:`STALE_AFTER_S` or more before ``now`` (default: the clock). A live writer's entries (this process's, a
+    concurrent run's, a PID reused since), another host's and names of another form (earlier versions' temporaries,
+    a user's own files) are left alone, and so is an ``.old-`` folder whose output is missing (its writer was
+    killed between moving the earlier output aside and moving the new one in: that folder holds the earlier output,
+    ``<name>/0``). Nothing is removed on Windows, where no PID check is available.
+    """
+    if sys.platform == "win32":
+        return []
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        owner = _OWNED.match(entry.name)
+        if owner is None or owner.group(2) != _host_tag() or _running(int(owner.group(3))):
+            continue
+        if owner.group(1) == "old" and not os.path.lexists(os.path.join(folder, entry.name[owner.end() + 9 :])):
+            continue  # killed between its two renames: the earlier output it moved aside is the only one left
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < STALE_AFTER_S:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:  # gone meanwhile (another run's sweep), or not ours to remove
+            continue
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _sweep_once(folder: Path) -> None:
+    """:func:`remove_stale_temporaries` of ``folder``, the first time this process writes there."""
+    key = os.path.abspath(folder)
+    if key not in _swept:
+        _swept.add(key)
+        remove_stale_temporaries(folder)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts: it may be a writer)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a number no PID can be
+        return True
+    return True
+
+
+@functools.cache
+def _host_tag() -> str:
+    """8 hex digits naming this host and PID namespace, so that a PID in a temporary name is checked only where it
+    means the same process: not on another machine sharing the folder, nor in another container of one host name."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # macOS, or no /proc
+        namespace = 0
+    return hashlib.sha256(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:8]
+
+
+def _prefix(kind: str) -> str:
+    """A temporary name's start, ``.<kind>-<host>.<pid>-`` (``tempfile`` appends 8 random characters)."""
+    return f".{kind}-{_host_tag()}.{os.getpid()}-"
+
+
 def _suffix(final: Path) -> str:
-    """The temporary names' ending, ``-<final's name>``, cut at its start so that ``.tmp-`` + 8 random characters +
-    it fit the 255 bytes of a file name (a name close to that limit failed with "File name too long"); the end, with
-    the extension writers pick a format by (``.nii.gz``), is kept."""
-    return "-" + os.fsdecode(os.fsencode(final.name)[-(_NAME_MAX - 14) :])
+    """The temporary names' ending, ``-<final's name>``, cut at its start so that :func:`_prefix` (at most 22
+    characters: a Linux PID has at most 7 digits) + 8 random characters + it fit the 255 bytes of a file name (a name
+    close to that limit failed with "File name too long"); the end, with the extension writers pick a format by
+    (``.nii.gz``), is kept."""
+    return "-" + os.fsdecode(os.fsencode(final.name)[-(_NAME_MAX - 31) :])
 
 
 def _final_mode(final: Path, created: int) -> int:

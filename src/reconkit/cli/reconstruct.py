@@ -69,6 +69,8 @@ EXAMPLE = """examples:
 outputs (one per input volume): OUTPUT/h5/<name>.h5 (fastMRI submission layout, 'reconstruction' cropped to the
 recon size), OUTPUT/nifti/<stem>.nii.gz, OUTPUT/dicom/<stem>/slice_NNN.dcm, OUTPUT/png/<stem>/slice_NNN.png
 (zero-filled | reconstruction | reference | error). Exit code 1 if any file failed (the others are still written).
+A run killed outright leaves hidden .tmp-<host>.<pid>-* files (.old-* folders); the next run into the same folder
+removes them once that process is gone and they are an hour old.
 """
 
 
