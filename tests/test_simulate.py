@@ -467,6 +467,7 @@ def test_a_second_run_into_the_same_folder_cannot_put_a_volume_in_two_splits(tmp
     fewer = split_assignment(2, (0.7, 0.15, 0.15), 3)
     moved = [i for i in range(2) if fewer[i] != first["volumes"][i]["split"]]
     assert moved  # with 2 volumes, one of the 4-volume run's files changes split
+    (tmp_path / "manifest.json").unlink()  # as after an interrupted run: the earlier volumes are not known as such
     with pytest.raises(ValueError, match="already exists .* the volume would be in two splits"):
         simulate_dataset(tmp_path, 2, 2, **options)
     with pytest.raises(ValueError, match="snr_db must be numbers"):
@@ -476,6 +477,32 @@ def test_a_second_run_into_the_same_folder_cannot_put_a_volume_in_two_splits(tmp
     with pytest.raises(ValueError, match="encoded_size must be two even numbers"):
         simulate_dataset(tmp_path / "odd", 1, 2, **{**options, "encoded_size": (97, 61)})
     assert not (tmp_path / "odd").exists()  # a bad size leaves no empty folder behind
+
+
+def test_a_rerun_replaces_the_earlier_runs_dataset_and_warns_of_other_files(tmp_path, capsys):
+    """A second run with fewer volumes (or another seed) kept the first run's other volumes next to its own: the
+    folder mixed two datasets, which training read as one, while manifest.json listed only the second. The volumes
+    the earlier manifest lists are now replaced as a whole; files it does not list are kept, with a warning."""
+    from reconkit.cli.main import main
+
+    args = ["simulate", "--output", str(tmp_path), "--coils", "2", "--encoded-size", "48", "40", "--recon-size", "24",
+            "24", "--slices", "1", "--split", "1", "1", "1"]  # fmt: skip
+    assert main([*args, "--num-volumes", "4", "--seed", "0"]) == 0
+    assert len(list(tmp_path.glob("*/*.h5"))) == 4
+    (tmp_path / "train" / "mine.h5").write_text("a user's own file")
+    (tmp_path / "keep.h5").write_text("outside the split folders")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["volumes"] += [{"file": "train/../keep.h5"}, {"file": "train/nul\0.h5"}]  # hand-edited entries that
+    # name a file outside the split folders or no file at all are left out
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main([*args, "--num-volumes", "3", "--seed", "1"]) == 0
+    second = json.loads((tmp_path / "manifest.json").read_text())
+    volumes = sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.glob("*/*.h5"))
+    assert volumes == sorted([*(volume["file"] for volume in second["volumes"]), "train/mine.h5"])
+    assert (tmp_path / "keep.h5").exists()
+    assert capsys.readouterr().err == (f"warning: {tmp_path} also holds 1 volume file(s) this run did not write (the "
+                                       f"first: {tmp_path / 'train' / 'mine.h5'}); training on it reads them too\n")
 
 
 def test_a_rerun_stopped_part_way_leaves_no_manifest_of_the_earlier_run(tmp_path, monkeypatch):

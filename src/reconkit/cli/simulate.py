@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reconkit.atomic import folder_problem
-from reconkit.errors import ReconkitError
+from reconkit.errors import ReconkitError, printable
 
 EXAMPLES = """\
 examples:
@@ -36,9 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output", required=True,
-                        help="destination folder (created). Re-running into it replaces files of the same names and "
-                             "keeps others; a volume that an earlier run put in another split is refused (it would "
-                             "be in two splits), so use an empty folder for a different volume count or split")
+                        help="destination folder (created). Re-running into it replaces the dataset its manifest.json "
+                             "lists: files of the same names are rewritten and the earlier run's other volumes "
+                             "deleted (fewer volumes, another seed or split), so the folder never mixes two "
+                             "datasets. Other files are kept, with a warning (training would read them too); one "
+                             "of them in another split than this run puts it is refused (it would be in two "
+                             "splits)")
     parser.add_argument("--num-volumes", type=int, required=True, help="number of volumes (files) to write")
     parser.add_argument(
         "--coils",
@@ -137,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warn_of_other_volumes(output: Path, manifest: dict) -> None:
+    """A ``warning:`` line for the volume files in ``output``'s split folders that this run did not write (not in an
+    earlier run's manifest: an interrupted run's, or a user's own), which training would read with the dataset."""
+    from reconkit.data.simulate.dataset import SPLITS
+    from reconkit.data.slice_dataset import list_volume_files
+
+    written = {output / volume["file"] for volume in manifest["volumes"]}
+    others = [file for split in SPLITS if (output / split).is_dir()
+              for file in list_volume_files(output / split) if file not in written]  # fmt: skip
+    if others:
+        print(printable(f"warning: {output} also holds {len(others)} volume file(s) this run did not write (the first: "
+                        f"{others[0]}); training on it reads them too"), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -167,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for source, slices in fewer.items():
         print(f"note: source {source} holds {slices} slice(s) in this orientation; its volumes have {slices}, "
               f"not --slices {args.slices}", file=sys.stderr)
+    _warn_of_other_volumes(Path(args.output), manifest)
     counts = {name: sum(v["split"] == name for v in manifest["volumes"]) for name in ("train", "val", "test")}
     print(
         f"wrote {len(manifest['volumes'])} volume(s) to {args.output} "

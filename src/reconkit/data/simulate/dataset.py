@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from reconkit.data.simulate.volume import _check_options, _check_sizes, json_tex
 __all__ = ["simulate_dataset", "split_assignment", "volume_seed"]
 
 SPLITS = ("train", "val", "test")
+
+_VOLUME_FILE = re.compile(r"(?:train|val|test)/[^/\\\x00]+\.h5")
+"""A manifest's ``file`` entry: a split folder and a plain ``.h5`` file name in it."""
 
 
 def volume_seed(seed: int, index: int) -> int:
@@ -51,6 +56,18 @@ def split_assignment(num_volumes: int, fractions: Sequence[float], seed: int) ->
 def _choices(value: object) -> list:
     """A list / tuple of per-volume choices as a list; one value (a number or a name) as a one-item list."""
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _earlier_volumes(output: Path) -> list[str]:
+    """The volumes (``split/name.h5``) that ``output/manifest.json``, an earlier run's, lists; none where there is
+    no manifest or it cannot be read. Entries of another form (a hand-edited manifest) are left out, so that no
+    name in it can reach a file outside the split folders."""
+    try:
+        manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
+        files = [volume["file"] for volume in manifest["volumes"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [file for file in files if isinstance(file, str) and _VOLUME_FILE.fullmatch(file)]
 
 
 def _check_no_split_leak(output: Path, names: list[str]) -> None:
@@ -91,8 +108,11 @@ def simulate_dataset(
     ``<source>_s<seed>_<i:04d>.h5`` and written atomically.
 
     Args:
-        output_dir: destination folder (created); files of the same names are replaced, others kept, and a volume
-            an earlier run put in another split folder is a ValueError (it would be in two splits).
+        output_dir: destination folder (created). It is made to hold this dataset: files of the same names are
+            replaced, and the volumes that an earlier run's ``manifest.json`` there lists and this run does not
+            write (a larger ``num_volumes``, another seed, split or source) are deleted first, so the folder never
+            mixes two datasets. Other files are kept; a volume of those (an interrupted earlier run's, which left
+            no manifest) in another split folder than this run puts it is a ValueError (it would be in two splits).
         num_volumes: number of volumes ``N ≥ 1``.
         coils: coil count, or a sequence of counts to draw from per volume.
         snr_db: SNR in dB (``inf`` for none), or a sequence to draw from per volume.
@@ -143,7 +163,10 @@ def simulate_dataset(
         volume_source = source_choices[int(pick.integers(len(source_choices))) if len(source_choices) > 1 else 0]
         plan.append((index, vseed, coil_index, snr_index, volume_source,
                      f"{labels[index]}/{volume_source}_s{seed}_{index:04d}.h5"))
-    _check_no_split_leak(output, [name for *_, name in plan])
+    names = [name for *_, name in plan]
+    for earlier in set(_earlier_volumes(output)) - set(names):  # the dataset this run replaces, not to be mixed in
+        (output / earlier).unlink(missing_ok=True)
+    _check_no_split_leak(output, names)
     # an earlier run's manifest would describe the volumes this run replaces: a run stopped part-way (Ctrl-C, a
     # full disk) leaves none, rather than one whose parameters are no longer those of the files
     (output / "manifest.json").unlink(missing_ok=True)
