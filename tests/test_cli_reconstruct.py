@@ -455,6 +455,39 @@ def test_a_stale_image_index_is_ignored_and_an_unexpected_error_fails_one_file(t
     assert (tmp_path / "out" / "nifti" / "c.nii.gz").is_file()
 
 
+def test_a_rerun_replaces_each_series_whole_and_names_the_earlier_outputs_a_failed_file_leaves(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    """A second run into one --output: a scan with fewer slices replaces its DICOM / PNG series whole (no slice of
+    the first run stays in the folder a viewer loads as one series). A scan that now fails left its first-run
+    outputs without a word, and ``reconkit evaluate`` scored that h5 as this run's: a note: line names what was not
+    replaced, and only that (not what this run wrote before the failure)."""
+    import reconkit.cli.reconstruct as cli
+
+    scan, out = tmp_path / "scan.h5", tmp_path / "out"
+    write_fastmri_file(scan, np.random.default_rng(4), slices=3)
+    options = ["--model", "zero-filled", "--output", str(out), "--format", "h5", "dicom", "png"]
+    assert _run(capsys, str(scan), *options)[0] == 0
+    write_fastmri_file(scan, np.random.default_rng(5), slices=2)
+    assert _run(capsys, str(scan), *options)[0] == 0
+    for series in (out / "dicom" / "scan", out / "png" / "scan"):
+        assert sorted(p.stem for p in series.iterdir()) == ["slice_000", "slice_001"]
+    assert len({pydicom.dcmread(p).SeriesInstanceUID for p in (out / "dicom" / "scan").iterdir()}) == 1
+
+    real_dicom = cli.write_dicom_series
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "write_dicom_series", disk_full)  # after the h5 output is written
+    code, _, err = _run(capsys, str(scan), *options)
+    assert code == 1 and f"note: {scan}: not replaced, from an earlier run: {out / 'dicom' / 'scan'}, " \
+                         f"{out / 'png' / 'scan'}\n" in err
+    monkeypatch.setattr(cli, "write_dicom_series", real_dicom)
+    scan.write_bytes(b"no longer a scan")
+    code, _, err = _run(capsys, str(scan), "--model", "zero-filled", "--output", str(out), "--format", "h5", "nifti")
+    assert code == 1 and err.endswith(f"note: {scan}: not replaced, from an earlier run: {out / 'h5' / 'scan.h5'}\n")
+
+
 def test_an_image_index_in_the_file_cannot_name_outputs_outside_the_output_folder(tmp_path, capsys):
     """A fastMRI file's own ``acquisition`` / ``image_index`` attrs pass for read_ismrmrd_raw's: a series index
     ``"/../../../escaped"`` became the output name ``out/nifti/a_contrast/../../../escaped.nii.gz``, and DICOM and

@@ -69,6 +69,9 @@ EXAMPLE = """examples:
 outputs (one per input volume): OUTPUT/h5/<name>.h5 (fastMRI submission layout, 'reconstruction' cropped to the
 recon size), OUTPUT/nifti/<stem>.nii.gz, OUTPUT/dicom/<stem>/slice_NNN.dcm, OUTPUT/png/<stem>/slice_NNN.png
 (zero-filled | reconstruction | reference | error). Exit code 1 if any file failed (the others are still written).
+Each output replaces the one of an earlier run whole (a DICOM / PNG series folder is swapped in, never mixed with
+an earlier run's slices); formats not asked for are left as they were, and so are a failed file's earlier outputs,
+which a note: line names.
 A run killed outright leaves hidden .tmp-<host>.<pid>-* files (.old-* folders); the next run into the same folder
 removes them once that process is gone and they are an hour old.
 """
@@ -350,6 +353,7 @@ def run(args: argparse.Namespace) -> list[FileReport]:
         files_task = progress.add_task("files", total=len(files))
         for path in files:
             report = FileReport(path)
+            earlier = _output_inodes(path, args.output, args.format)
             # the description is markup
             slices_task = progress.add_task(f"  {escape(printable(path.name))}", total=None)
             try:
@@ -400,10 +404,35 @@ def run(args: argparse.Namespace) -> list[FileReport]:
                 raise
             if not report.ok:
                 print(f"error: {printable(report.status)}", file=sys.stderr)
+                left = [output for output, inode in earlier.items() if _inode(output) == inode]
+                if left:  # `reconkit evaluate` would score an earlier h5 output as this run's
+                    print(printable(f"note: {path}: not replaced, from an earlier run: {', '.join(map(str, left))}"),
+                          file=sys.stderr)
             reports.append(report)
             progress.remove_task(slices_task)
             progress.advance(files_task)
     return reports
+
+
+def _output_inodes(path: Path, output: Path, formats: Sequence[str]) -> dict[Path, tuple[int, int]]:
+    """The outputs of ``formats`` under ``output`` that exist for ``path`` (the single-series names: ``h5/<name>``,
+    ``nifti/<stem>.nii.gz``, ``dicom/<stem>/``, ``png/<stem>/``), with their device and inode numbers: an atomic
+    write gives a new inode, so an output still of the same numbers after ``path`` failed is an earlier run's, left
+    as it was. The input itself (an ``--output`` around it) is none."""
+    stem = output_stem(path)
+    names = {"h5": f"h5/{path.name}", "nifti": f"nifti/{stem}.nii.gz", "dicom": f"dicom/{stem}", "png": f"png/{stem}"}
+    inodes = {output / names[name]: _inode(output / names[name]) for name in dict.fromkeys(formats)}
+    input_inode = _inode(path)
+    return {found: inode for found, inode in inodes.items() if inode is not None and inode != input_inode}
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """``path``'s device and inode numbers, None where it does not exist or cannot be read."""
+    try:
+        found = path.stat()
+        return found.st_dev, found.st_ino
+    except OSError:
+        return None
 
 
 def _interrupted(files: Sequence[Path], current: Path, reports: Sequence[FileReport], output: Path) -> str:
