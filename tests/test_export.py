@@ -440,7 +440,7 @@ def test_cli_export_refuses_bad_options_and_outputs_before_exporting(unet_checkp
         code = export_main(args + extra)
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # no out/, new/, repo/ or .export-*
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # no out/, new/, repo/ or .tmp-*
     assert checkpoint.stat().st_size > 0 and load_checkpoint_model(checkpoint)
 
 
@@ -502,20 +502,40 @@ def test_cli_export_refuses_a_triton_repository_it_cannot_write_before_exporting
 
 
 def test_sigterm_during_an_export_leaves_no_temporary_folder(tmp_path) -> None:
-    """A scheduler's or ``kill``'s SIGTERM unwinds the export as Ctrl-C does: no ``.export-*`` folder, no file."""
+    """A scheduler's or ``kill``'s SIGTERM unwinds the export as Ctrl-C does: no ``.tmp-*`` folder, no file."""
     out = tmp_path / "out"
     out.mkdir()
     command = [sys.executable, "-m", "reconkit.cli.main", "export", "--checkpoint",
                str(ROOT / "checkpoints" / "varnet_small.ckpt"), "--output", str(out / "x.onnx"), "--size", "640", "368"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not list(out.glob(".export-*")) and time.monotonic() < deadline and process.poll() is None:
+    while not list(out.glob(".tmp-*")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)  # until the export has made its temporary folder
     assert process.poll() is None, "the export ended before it could be stopped"
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM
     assert list(out.iterdir()) == []
+
+
+def test_a_folder_left_by_an_export_killed_outright_is_removed_by_the_next_export(unet_checkpoint, tmp_path) -> None:
+    """An export killed with SIGKILL (the OOM killer, while tracing a large model) left its ``.export-*`` folder of
+    traced graphs beside the output for ever. It is named as the atomic writes' temporaries now, so the next export
+    into that folder removes it once its process is gone and it is an hour old."""
+    from reconkit import atomic
+
+    _, checkpoint = unet_checkpoint
+    code = ("import os, sys\n"
+            "from reconkit.export import onnx_export\n"
+            "onnx_export._trace_one = lambda *args: os.kill(os.getpid(), 9)\n"
+            "onnx_export.export_onnx(sys.argv[1], sys.argv[2], [(2, 32, 24)])\n")  # fmt: skip
+    with subprocess.Popen([sys.executable, "-c", code, str(checkpoint), str(tmp_path / "unet.onnx")]) as killed:
+        assert killed.wait() == -signal.SIGKILL
+    [left] = list(tmp_path.iterdir())
+    hours_ago = time.time() - 2 * atomic.STALE_AFTER_S
+    os.utime(left, (hours_ago, hours_ago))
+    export_onnx(checkpoint, tmp_path / "unet.onnx", [(2, 32, 24)])
+    assert [p.name for p in tmp_path.iterdir()] == ["unet.onnx"]
 
 
 def test_export_replacing_a_file_keeps_its_permissions_and_checks_metadata(unet_checkpoint, tmp_path) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import h5py
 
 __all__ = ["STALE_AFTER_S", "atomic_directory", "atomic_hdf5", "atomic_path", "folder_problem",
-           "remove_stale_temporaries"]
+           "remove_stale_temporaries", "temporary_prefix"]
 
 _NAME_MAX = 255
 """The longest file name, in bytes, of Linux file systems (ext4, XFS, Btrfs, tmpfs) and macOS's APFS."""
@@ -71,7 +71,7 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     _sweep_once(final.parent)
     # hidden, and ending in the destination's own name so writers that pick a format by suffix still work
-    fd, tmp_name = tempfile.mkstemp(prefix=_prefix("tmp"), suffix=_suffix(final), dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(), suffix=_suffix(final), dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -115,7 +115,7 @@ def atomic_directory(path: os.PathLike | str) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     _sweep_once(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=_prefix("tmp"), suffix=_suffix(final), dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(), suffix=_suffix(final), dir=final.parent))
     old = None
     try:
         yield tmp
@@ -124,7 +124,7 @@ def atomic_directory(path: os.PathLike | str) -> Iterator[Path]:
                 _fsync(Path(folder, name))
             _fsync_directory(Path(folder))
         os.chmod(tmp, _final_mode(final, 0o777))
-        old = Path(tempfile.mkdtemp(prefix=_prefix("old"), suffix=_suffix(final), dir=final.parent))
+        old = Path(tempfile.mkdtemp(prefix=temporary_prefix("old"), suffix=_suffix(final), dir=final.parent))
         _move_in(tmp, final, old)
         _fsync_directory(final.parent)
     except BaseException:
@@ -260,13 +260,15 @@ def _host_tag() -> str:
     return hashlib.sha256(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:8]
 
 
-def _prefix(kind: str) -> str:
-    """A temporary name's start, ``.<kind>-<host>.<pid>-`` (``tempfile`` appends 8 random characters)."""
+def temporary_prefix(kind: str = "tmp") -> str:
+    """A temporary name's start, ``.<kind>-<host>.<pid>-`` (``tempfile`` appends 8 random characters): give it to
+    ``tempfile`` for a temporary file or folder beside an output that :func:`remove_stale_temporaries` is to
+    remove if this process is killed before it can (``kind`` ``tmp`` or ``old``)."""
     return f".{kind}-{_host_tag()}.{os.getpid()}-"
 
 
 def _suffix(final: Path) -> str:
-    """The temporary names' ending, ``-<final's name>``, cut at its start so that :func:`_prefix` (at most 22
+    """The temporary names' ending, ``-<final's name>``, cut at its start so that :func:`temporary_prefix` (at most 22
     characters: a Linux PID has at most 7 digits) + 8 random characters + it fit the 255 bytes of a file name (a name
     close to that limit failed with "File name too long"); the end, with the extension writers pick a format by
     (``.nii.gz``), is kept."""

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from reconkit.atomic import atomic_path
+from reconkit.atomic import atomic_path, temporary_prefix
 from reconkit.errors import ReconkitError
 from reconkit.export.onnx_format import (
     INPUT_NAMES,
@@ -442,7 +442,8 @@ def export_onnx(
     except OSError as exc:
         raise ExportError(f"{output_path}: cannot create its folder: {exc.strerror or exc}") from None
     try:
-        with tempfile.TemporaryDirectory(dir=output_path.parent, prefix=".export-") as tmp:
+        # named as atomic_path's: the next write there removes it if this process is killed (SIGKILL) mid-export
+        with tempfile.TemporaryDirectory(dir=output_path.parent, prefix=temporary_prefix(), suffix="-export") as tmp:
             graphs = []
             for height, width in sizes:
                 traced = Path(tmp) / f"{height}x{width}.onnx"
