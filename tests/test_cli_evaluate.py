@@ -89,9 +89,15 @@ def test_acquisition_and_acceleration_filters_match_fastmri(tmp_path, capsys):
         f.attrs["acquisition"] = np.bytes_("CORPD_FBK")
     scores, errors = cli_evaluate.evaluate_directories(target_dir, pred_dir, acquisition="CORPD_FBK")
     assert errors == [] and {s.name for s in scores} == {"file0.h5", "file2.h5"}
+    # an earlier run's CSV stayed when nothing matched (exit 1): a script reading it got the earlier run's scores
+    csv_path = tmp_path / "metrics.csv"
+    assert reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir),
+                          "--acquisition", "CORPD_FBK", "--csv", str(csv_path)]) == 0  # fmt: skip
     code = reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir),
-                          "--acquisition", "AXFLAIR"])  # fmt: skip
+                          "--acquisition", "AXFLAIR", "--csv", str(csv_path)])  # fmt: skip
     assert code == 1 and "no .h5 / .hdf5 target files match the filters" in capsys.readouterr().err
+    with open(csv_path) as handle:
+        assert list(csv.DictReader(handle)) == []
     assert reconkit_main(["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir),
                           "--acquisition", "CORPD_FBK", "--acceleration", "4"]) == 0  # fmt: skip
 

@@ -257,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(b0) to the edge and corners (b<N-1>): low bands = contrast / intensity, high bands = edges and fine "
         f"detail (default 0: off; at most {MAX_BANDS})",
     )
-    parser.add_argument("--csv", type=Path, default=None, help="also write per-volume and mean rows to this CSV file")
+    parser.add_argument("--csv", type=Path, default=None,
+                        help="also write per-volume and mean rows to this CSV file (replaced by every run that gets to "
+                             "scoring, with no rows where nothing was scored: never an earlier run's rows)")
     return parser
 
 
@@ -291,10 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         filters = args.acquisition is not None or args.acceleration is not None
         print(f"reconkit evaluate: {args.target}: no .h5 / .hdf5 target files" + (" match the filters" if filters else ""),
               file=sys.stderr)  # fmt: skip
-        return 1
     if scores:
         print_table(scores)
-    if args.csv is not None:
+    if args.csv is not None:  # whatever was scored, so that an earlier run's rows are never read as this run's
         try:
             write_csv(args.csv, scores)
         except OSError as err:  # what the check before scoring cannot see: a full disk, a folder made meanwhile
