@@ -40,6 +40,20 @@ def interleaved_medians(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """Refuse ``--device`` in one line (argparse's exit code 2) when it names CUDA on a machine without it: the GPU
+    timings are then not measured, and the script says so rather than failing with a traceback from inside torch
+    (``benchmarks/ops.py``, ``benchmarks/train.py``; ``benchmarks/kernels.py`` runs its correctness checks instead)."""
+    import torch  # here, not at the top: the timing helpers themselves need no torch
+
+    try:
+        is_cuda = torch.device(device).type == "cuda"
+    except RuntimeError as error:  # e.g. "cuda0": "Expected one of cpu, cuda, ... device type"
+        parser.error(f"--device {device}: {error}")
+    if is_cuda and not torch.cuda.is_available():
+        parser.error(f"--device {device}: no CUDA device on this machine, so no GPU timing is measured")
+
+
 def add_problem_options(parser: argparse.ArgumentParser, repeats: int, warmup: int) -> None:
     """The options of the ops and kernel benchmarks: the k-space problem ``(batch, coils, H, W)`` and the loop."""
     parser.add_argument("--coils", type=int, default=15, help="receive coils (default: %(default)s)")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from _timing import (  # benchmarks/_timing.py (the script's folder is on sys.path)
     add_problem_options,
+    check_device,
     interleaved_medians,
 )
 from fastmri import evaluate as fastmri_evaluate
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -26,6 +26,7 @@ import sys
 import time
 
 import torch
+from _timing import check_device  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 CONFIGS = {
     "fastmri": "fastmri.models.VarNet",
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     parser.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     if args.small:
         args.cascades, args.coils, args.height, args.width = 4, 8, 160, 96
         argv = [a for a in argv if a != "--small"] + ["--cascades", "4", "--coils", "8", "--height", "160",

@@ -200,3 +200,19 @@ def test_kernels_benchmark_check_only_runs_the_interpreter_itself() -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     rows = next(rows for header, rows in _tables(run.stdout) if header.startswith("| shape (B, C, H, W) |"))
     assert len(rows) == 4, rows
+
+
+@pytest.mark.parametrize("name", ["ops", "train"])
+def test_gpu_benchmark_on_a_machine_without_cuda_says_no_gpu_timing_is_measured(name, monkeypatch, capsys) -> None:
+    """docs/benchmarks.md says the GPU benchmark scripts say so when run on a CPU-only machine; ``--device cuda``
+    there ended ops.py in torch's "Found no NVIDIA driver" traceback and train.py in a RuntimeError quoting its
+    worker's (numaudit). Now one line, exit code 2, before any work."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    module = _benchmark_module(name)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA device on this machine, so no GPU timing is measured" in err, err
