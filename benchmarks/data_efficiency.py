@@ -134,14 +134,20 @@ def evaluate(model: torch.nn.Module, batches: list) -> dict[str, float]:
             "psnr": statistics.fmean(v["PSNR"] for v in per_volume)}  # fmt: skip
 
 
-def gap_recovered(rows: list[dict], fraction: float) -> float | None:
-    """Share of the SSIM gap (supervised at ``fraction`` → supervised at 100 %) that augmentation closes."""
+def gap_verdict(rows: list[dict], fraction: float) -> str:
+    """The augmentation target at ``fraction``: the share of the SSIM gap (supervised at ``fraction`` → supervised at
+    100 %) that augmentation closes; "no gap" only where the three runs it compares were made, else which of them
+    is missing (e.g. a run without ``--fractions 1.0``)."""
     score = {(r["method"], r["fraction"]): r["ssim"] for r in rows}
-    low, full = score.get(("supervised", fraction)), score.get(("supervised", 1.0))
-    aug = score.get(("augmented", fraction))
-    if None in (low, full, aug) or full <= low:
-        return None
-    return (aug - low) / (full - low)
+    needed = (("supervised", fraction), ("augmented", fraction), ("supervised", 1.0))
+    missing = [f"{method} at {f:.0%}" for method, f in needed if (method, f) not in score]
+    if missing:
+        return f"not measured (no {' / '.join(missing)} run)"
+    low, aug, full = (score[key] for key in needed)
+    if full <= low:
+        return "n/a (no gap: the low-data model is not worse)"
+    share = (aug - low) / (full - low)
+    return f"{share:.0%} of the gap recovered: {'met' if share >= 0.5 else 'NOT met'}"
 
 
 def markdown(rows: list[dict], extra: dict, args: argparse.Namespace) -> str:
@@ -189,10 +195,8 @@ def markdown(rows: list[dict], extra: dict, args: argparse.Namespace) -> str:
         for m in METHODS for f in fractions if (m, f) in extra["seconds"]),
         "", "![SSIM vs training fraction](images/data_efficiency.png)", "", "Targets:"]
     for f in (x for x in fractions if x <= 0.2):
-        share = gap_recovered(rows, f)
-        verdict = "n/a (no gap: the low-data model is not worse)" if share is None else (
-            f"{share:.0%} of the gap recovered: {'met' if share >= 0.5 else 'NOT met'}")
-        lines.append(f"- augmentation at {f:.0%} of the volumes recovers ≥ 50 % of the SSIM gap to 100 %: {verdict}")
+        lines.append(f"- augmentation at {f:.0%} of the volumes recovers ≥ 50 % of the SSIM gap to 100 %: "
+                     f"{gap_verdict(rows, f)}")
     for f in fractions:
         r = score.get(("self_supervised", f))
         if r:

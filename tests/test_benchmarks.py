@@ -216,3 +216,15 @@ def test_gpu_benchmark_on_a_machine_without_cuda_says_no_gpu_timing_is_measured(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--device cuda: no CUDA device on this machine, so no GPU timing is measured" in err, err
+
+
+def test_data_efficiency_target_without_the_full_data_run_is_not_measured_rather_than_no_gap() -> None:
+    """A run without the 100 % fraction (its help's smoke run, ``--fractions 0.05``) printed "n/a (no gap: the
+    low-data model is not worse)" for the augmentation target, a finding nothing had measured (numaudit)."""
+    data_efficiency = _benchmark_module("data_efficiency")
+    low_data = [{"method": "supervised", "fraction": 0.05, "ssim": 0.70},
+                {"method": "augmented", "fraction": 0.05, "ssim": 0.78}]
+    assert data_efficiency.gap_verdict(low_data, 0.05) == "not measured (no supervised at 100% run)"
+    full = {"method": "supervised", "fraction": 1.0, "ssim": 0.86}
+    assert data_efficiency.gap_verdict([*low_data, full], 0.05) == "50% of the gap recovered: met"
+    assert data_efficiency.gap_verdict([*low_data, {**full, "ssim": 0.69}], 0.05).startswith("n/a (no gap")
