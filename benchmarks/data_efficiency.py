@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -150,6 +151,18 @@ def gap_verdict(rows: list[dict], fraction: float) -> str:
     return f"{share:.0%} of the gap recovered: {'met' if share >= 0.5 else 'NOT met'}"
 
 
+def machine() -> str:
+    """The machine as the results section records it: CPU, CPU count, load average at the end of the run, torch
+    (the section said "a 2-core machine shared with other jobs" whatever the machine was)."""
+    import platform
+
+    try:
+        load = f", load average {os.getloadavg()[0]:.1f} at the end"
+    except OSError:  # no load average (Windows)
+        load = ""
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} CPUs{load}, torch {torch.__version__}"
+
+
 def markdown(rows: list[dict], extra: dict, args: argparse.Namespace) -> str:
     """The results.md section: setup, table, targets."""
     fractions = sorted({r["fraction"] for r in rows if r["method"] != "cg_sense"})
@@ -160,8 +173,7 @@ def markdown(rows: list[dict], extra: dict, args: argparse.Namespace) -> str:
         "## Data efficiency: augmentation, SSDU self-supervision, low-data subsets (issue 9)",
         "",
         (f"`benchmarks/data_efficiency.py` (run {extra['date']} at commit `{extra['commit']}`, {extra['platform']}, "
-         f"{args.threads} torch thread(s) "
-        "on a 2-core machine shared with other jobs). Simulated data (`reconkit.data.simulate`, seed "
+         f"{args.threads} torch thread(s)). Simulated data (`reconkit.data.simulate`, seed "
         f"{DATA['seed']}): {DATA['split'][0]} training and {DATA['split'][2]} held-out test volumes, "
         f"{DATA['slices']} slices each, {'/'.join(map(str, DATA['coils']))} coils, encoded "
         f"{DATA['encoded_size'][0]}×{DATA['encoded_size'][1]}, recon {DATA['recon_size'][0]}×{DATA['recon_size'][1]}, "
@@ -287,15 +299,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"PSNR {scores['psnr']:.2f}  [{took:.0f} s]", flush=True)
     rows.append({"method": "cg_sense", "fraction": 1.0, **cg_scores[best_l2]})  # needs no training data
 
-    import platform
-
     extra = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "platform": f"{platform.machine()} CPU, torch {torch.__version__}",
+        "platform": machine(),
         "commit": _commit(),
         "cg_l2": best_l2, "zero_filled": zero_filled, "seconds": seconds, "slices": slices,
         "caveat": (f"Caveat: one seed per run and a small step budget ({args.steps} steps) on a small simulated set, "
-                   "what 2 shared CPU cores allowed; the models are not converged and single runs differ by "
+                   "a budget for a CPU; the models are not converged and single runs differ by "
                    "several 0.01 SSIM for reasons other than the "
                    "method (compare neighbouring rows, e.g. augmented at 20 % vs 100 %, before reading a "
                    "difference as real)."),

@@ -228,3 +228,19 @@ def test_data_efficiency_target_without_the_full_data_run_is_not_measured_rather
     full = {"method": "supervised", "fraction": 1.0, "ssim": 0.86}
     assert data_efficiency.gap_verdict([*low_data, full], 0.05) == "50% of the gap recovered: met"
     assert data_efficiency.gap_verdict([*low_data, {**full, "ssim": 0.69}], 0.05).startswith("n/a (no gap")
+
+
+def test_data_efficiency_section_records_the_machine_it_ran_on() -> None:
+    """The results section said "on a 2-core machine shared with other jobs" (and its caveat "what 2 shared CPU
+    cores allowed") whatever machine ran it; it now records the CPU count and load average measured (numaudit)."""
+    import argparse
+    import os
+
+    data_efficiency = _benchmark_module("data_efficiency")
+    rows = [{"method": "supervised", "fraction": 0.05, "ssim": 0.70, "psnr": 24.0},
+            {"method": "cg_sense", "fraction": 1.0, "ssim": 0.75, "psnr": 25.0}]
+    extra = {"date": "2026-12-08", "commit": "abc1234", "platform": data_efficiency.machine(), "cg_l2": 0.05,
+             "zero_filled": {"ssim": 0.69, "psnr": 23.0}, "seconds": {("supervised", 0.05): 5.0},
+             "slices": {0.05: 4}, "caveat": "Caveat."}
+    section = data_efficiency.markdown(rows, extra, argparse.Namespace(threads=1, lr=1e-3, steps=5, seed=0))
+    assert "2-core" not in section and f"{os.cpu_count()} CPUs" in section, section
