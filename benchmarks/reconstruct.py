@@ -119,6 +119,19 @@ def bart_pass(volumes: list[Volume], masks: list[np.ndarray], lam: float, thread
     return run
 
 
+def table_header(args: argparse.Namespace, scan: dict) -> str:
+    """The line above the table: the scans, the thread count, the repeats, and the machine and library versions the
+    times belong to (the table alone once left them to be written down by hand)."""
+    import platform
+
+    import onnxruntime
+
+    return (f"held-out dipy_b0, {args.volumes} volume(s) × {scan['slices']} slices, {scan['coils']} coils, "
+            f"{scan['encoded_size'][0]}×{scan['encoded_size'][1]} k-space, 4× equispaced, {args.threads} thread(s), "
+            f"median of {args.repeats} interleaved passes; {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--volumes", type=int, default=1, help="held-out volumes (10 slices each)")
@@ -164,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {label: ({k: float(np.mean([m[k] for m in metrics[label]])) for k in metrics[label][0]}, seconds[label])
             for label in passes}
 
-    print(
-        f"\nheld-out dipy_b0, {args.volumes} volume(s) × {scan['slices']} slices, {scan['coils']} coils, "
-        f"{scan['encoded_size'][0]}×{scan['encoded_size'][1]} k-space, 4× equispaced, {args.threads} thread(s)\n"
-    )
+    print(f"\n{table_header(args, scan)}\n")
     print("| method | NMSE | PSNR (dB) | SSIM | s / slice |")
     print("|---|---:|---:|---:|---:|")
     for label, (m, seconds) in rows.items():

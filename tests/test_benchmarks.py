@@ -244,3 +244,21 @@ def test_data_efficiency_section_records_the_machine_it_ran_on() -> None:
              "slices": {0.05: 4}, "caveat": "Caveat."}
     section = data_efficiency.markdown(rows, extra, argparse.Namespace(threads=1, lr=1e-3, steps=5, seed=0))
     assert "2-core" not in section and f"{os.cpu_count()} CPUs" in section, section
+
+
+def test_reconstruct_benchmark_table_names_the_machine_and_versions() -> None:
+    """benchmarks/reconstruct.py printed its table under the scans and thread count only, unlike the other benchmark
+    scripts: the machine, library versions and repeats of its seconds per slice were left to be written by hand
+    (numaudit)."""
+    import argparse
+    import platform
+
+    import onnxruntime
+    import torch
+
+    reconstruct = _benchmark_module("reconstruct")
+    args = argparse.Namespace(volumes=2, repeats=3, threads=1)
+    header = reconstruct.table_header(args, reconstruct.SCAN)
+    for expected in (platform.processor() or platform.machine(), f"{os.cpu_count()} CPUs", torch.__version__,
+                     onnxruntime.__version__, "median of 3 interleaved passes", "1 thread(s)"):
+        assert expected in header, (expected, header)
