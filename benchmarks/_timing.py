@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import random
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def interleaved_medians(
@@ -38,6 +41,26 @@ def interleaved_medians(
                 sync()
             times[name].append(seconds if self_timed else time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The machine a table was measured on, as the benchmark scripts print it, e.g. ``AMD EPYC (family 25 model 17),
+    x86_64, 2 CPUs``: the CPU's model name and its family / model numbers from ``cpuinfo`` where the file exists (a
+    VM often names its CPU only "AMD EPYC", and ``platform.processor()`` gives only "x86_64" on Linux, so the
+    numbers are what tells the kinds apart), the architecture and the CPU count."""
+    fields: dict[str, str] = {}
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():  # the first CPU's block is enough
+                break
+    except OSError:  # not Linux
+        pass
+    name = fields.get("model name") or platform.processor() or "CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return f"{name}, {platform.machine()}, {os.cpu_count()} CPUs"
 
 
 def check_device(parser: argparse.ArgumentParser, device: str) -> None:

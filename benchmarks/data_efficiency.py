@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import machine  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 from reconkit.data.augment import AugmentConfig, AugmentedVarNetTransform
 from reconkit.data.simulate import simulate_dataset
@@ -151,16 +152,14 @@ def gap_verdict(rows: list[dict], fraction: float) -> str:
     return f"{share:.0%} of the gap recovered: {'met' if share >= 0.5 else 'NOT met'}"
 
 
-def machine() -> str:
-    """The machine as the results section records it: CPU, CPU count, load average at the end of the run, torch
-    (the section said "a 2-core machine shared with other jobs" whatever the machine was)."""
-    import platform
-
+def machine_and_load() -> str:
+    """The machine as the results section records it (``_timing.machine``), the load average at the end of the run
+    and torch (the section said "a 2-core machine shared with other jobs" whatever the machine was)."""
     try:
         load = f", load average {os.getloadavg()[0]:.1f} at the end"
     except OSError:  # no load average (Windows)
         load = ""
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} CPUs{load}, torch {torch.__version__}"
+    return f"{machine()}{load}, torch {torch.__version__}"
 
 
 def markdown(rows: list[dict], extra: dict, args: argparse.Namespace) -> str:
@@ -301,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 
     extra = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "platform": machine(),
+        "platform": machine_and_load(),
         "commit": _commit(),
         "cg_l2": best_l2, "zero_filled": zero_filled, "seconds": seconds, "slices": slices,
         "caveat": (f"Caveat: one seed per run and a small step budget ({args.steps} steps) on a small simulated set, "

@@ -16,7 +16,6 @@ result against torch eager (max |diff| / max |ref| and relative L2).
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
+from _timing import interleaved_medians, machine  # benchmarks/_timing.py (the script's folder is on sys.path)
 from onnx import TensorProto, helper
 
 from reconkit.export import export_onnx, load_onnx_metadata, read_onnx, single_size_model
@@ -520,7 +519,7 @@ def main() -> None:
     if args.chans:
         kwargs["chans"] = args.chans
 
-    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads; torch {torch.__version__}, "
+    print(f"machine: {machine()}, {args.threads} threads; torch {torch.__version__}, "
           f"onnxruntime {ort.__version__} (CPUExecutionProvider), onnx {onnx.__version__}\n")
     if not args.skip_fft:
         fft_h, fft_w = sizes[0]

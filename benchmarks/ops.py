@@ -13,7 +13,6 @@ fastmri / ours (> 1 means ours is faster) and the maximum relative error of ours
 from __future__ import annotations
 
 import argparse
-import platform
 from collections.abc import Callable
 
 import fastmri
@@ -23,6 +22,7 @@ from _timing import (  # benchmarks/_timing.py (the script's folder is on sys.pa
     add_problem_options,
     check_device,
     interleaved_medians,
+    machine,
 )
 from fastmri import evaluate as fastmri_evaluate
 from fastmri.models.varnet import VarNetBlock
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         f"shape {tuple(shape)} float32, device {device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, {machine()}, "
         f"median of {args.repeats} interleaved repeats"
     )
     print()

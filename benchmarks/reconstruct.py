@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _timing import interleaved_medians  # benchmarks/_timing.py (the script's folder is on sys.path)
+from _timing import interleaved_medians, machine  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 from reconkit.data import Volume, center_crop, read_volume
 from reconkit.data.simulate import simulate_volume, write_volume
@@ -122,14 +122,12 @@ def bart_pass(volumes: list[Volume], masks: list[np.ndarray], lam: float, thread
 def table_header(args: argparse.Namespace, scan: dict) -> str:
     """The line above the table: the scans, the thread count, the repeats, and the machine and library versions the
     times belong to (the table alone once left them to be written down by hand)."""
-    import platform
-
     import onnxruntime
 
     return (f"held-out dipy_b0, {args.volumes} volume(s) × {scan['slices']} slices, {scan['coils']} coils, "
             f"{scan['encoded_size'][0]}×{scan['encoded_size'][1]} k-space, 4× equispaced, {args.threads} thread(s), "
-            f"median of {args.repeats} interleaved passes; {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
+            f"median of {args.repeats} interleaved passes; {machine()}, "
+            f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,6 @@ import contextlib
 import http.client
 import json
 import os
-import platform
 import re
 import signal
 import socket
@@ -37,6 +36,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import torch
+from _timing import machine  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 from reconkit.export import export_onnx
 from reconkit.export.triton_repository import write_triton_repository
@@ -262,8 +262,8 @@ def main(argv=None) -> int:
     direct_p50 = float(np.median(direct))
     print(f"\nmodel {args.model}, input {args.coils}x{args.height}x{args.width} ({kspace.nbytes / 2**20:.1f} MiB / "
           f"request), {args.requests} requests per level, median of {args.repeats} repeats, max_batch_size "
-          f"{args.max_batch_size}, max_queue_delay {args.max_queue_delay_us} us; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end, onnxruntime {ort.__version__} "
+          f"{args.max_batch_size}, max_queue_delay {args.max_queue_delay_us} us; {machine()}, "
+          f"load average {os.getloadavg()[0]:.1f} at the end, onnxruntime {ort.__version__} "
           f"CPU EP, intra-op threads {args.threads or 'default'}\n")
     batched_s = float(np.median(direct_batched))
     print(f"direct session.run, batch 1: p50 {direct_p50 * 1e3:.2f} ms, {1 / direct_p50:.1f} req/s; "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -26,7 +25,7 @@ import sys
 import time
 
 import torch
-from _timing import check_device  # benchmarks/_timing.py (the script's folder is on sys.path)
+from _timing import check_device, machine  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 CONFIGS = {
     "fastmri": "fastmri.models.VarNet",
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [_run_config(c, [a for a in argv if a not in ("--configs", args.configs)]) for c in configs]
     print(f"VarNet training step (forward + backward), {args.cascades} cascades, chans {args.chans}, sens_chans "
           f"{args.sens_chans}, {args.coils} coils, {args.height} × {args.width}, batch 1, device {args.device}, "
-          f"{results[0]['threads']} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}; "
+          f"{results[0]['threads']} threads, torch {torch.__version__}, {machine()}; "
           f"median of {args.repeats} steps after {args.warmup} warm-up; process base RSS "
           f"{results[0]['base_bytes'] / 1e9:.2f} GB; load average before / after: {load_before} / {_load()}")
     print()
