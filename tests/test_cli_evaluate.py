@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import csv
 import errno
+import io
 import os
+import sys
 
 import h5py
 import numpy as np
@@ -127,6 +129,28 @@ def test_cli_table_csv_and_bad_files(tmp_path, capsys):
     score = cli_evaluate.score_volume(target_dir / "file0.h5", pred_dir / "file0.h5")
     assert float(rows[0]["ssim"]) == pytest.approx(score.ssim, rel=1e-6)
     assert float(rows[1]["psnr_db"]) == pytest.approx(score.psnr, rel=1e-6)
+
+
+def test_csv_dash_is_stdout_alone(tmp_path, capsys, monkeypatch):
+    """``--csv -`` wrote a file named ``-`` (gapfix audit): ``-`` is now stdout, holding the CSV alone (no table), the
+    same bytes as the file; errors stay on stderr, and ``./-`` is still a file of that name."""
+    rng = np.random.default_rng(1)
+    target_dir, pred_dir = _make_dirs(tmp_path, rng, [(2, 32, 32, 32, 32), (2, 32, 32, 32, 32)])
+    (pred_dir / "file1.h5").unlink()
+    monkeypatch.chdir(tmp_path)
+    args = ["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--csv"]
+    assert reconkit_main([*args, "-"]) == 1
+    stdout_csv, err = capsys.readouterr()
+    assert not (tmp_path / "-").exists()
+    assert [row["volume"] for row in csv.DictReader(stdout_csv.splitlines())] == ["file0.h5", "mean"]
+    assert "file1.h5" in err and "no prediction" in err
+    assert reconkit_main([*args, "./-"]) == 1
+    out, _ = capsys.readouterr()
+    assert "fastMRI metrics per volume" in out and (tmp_path / "-").read_bytes() == stdout_csv.encode()
+    text_only = io.StringIO()  # a notebook's stdout has no bytes underneath
+    monkeypatch.setattr(sys, "stdout", text_only)
+    assert reconkit_main([*args, "-"]) == 1
+    assert text_only.getvalue() == stdout_csv
 
 
 def test_control_characters_in_file_names_are_printed_escaped(tmp_path, capsys):

@@ -12,6 +12,7 @@ frequency the error sits, e.g. blurred edges (high bands) against intensity erro
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from reconkit.atomic import folder_problem
 from reconkit.data import center_crop, list_volume_files, open_volume, target_key
 from reconkit.data.volume import check_fits_in_memory, checked_dataset, file_attrs
 from reconkit.errors import DataError, ReconkitError, printable
-from reconkit.io.metrics_csv import write_metrics_csv
+from reconkit.io.metrics_csv import write_metrics_csv, write_metrics_rows
 from reconkit.metrics import volume_metrics
 from reconkit.metrics.spectral import band_nmse
 
@@ -35,6 +36,7 @@ EXAMPLE = """example:
   reconkit reconstruct data/val --model checkpoints/varnet_small.onnx --output out --format h5
   reconkit evaluate --target data/val --predictions out/h5 --csv out/metrics.csv
   reconkit evaluate --target data/val --predictions out/h5 --bands 8      # + NMSE per k-space band
+  reconkit evaluate --target data/val --predictions out/h5 --csv - > metrics.csv   # the CSV alone on stdout
 """
 
 
@@ -186,11 +188,33 @@ def _mean_over_defined(rows: Sequence[Sequence[float]]) -> tuple[float, ...]:
     return tuple(np.where(count > 0, means, np.nan).tolist())
 
 
-def write_csv(path: Path, scores: Sequence[VolumeScore]) -> None:
-    """Atomically write one row per volume plus a ``mean`` row: name, slices, nmse, psnr_db, ssim (and
-    nmse_band0 … when the scores have band values)."""
+STDOUT = "-"
+"""``--csv -``: the CSV goes to stdout (and the table is left out, so that stdout is the CSV alone)."""
+
+
+def _csv_rows(scores: Sequence[VolumeScore]) -> list[tuple]:
+    """One row per volume plus a ``mean`` row: name, slices, nmse, psnr_db, ssim (and nmse_band0 … when the scores
+    have band values)."""
     rows = list(scores) + ([mean_score(scores)] if scores else [])
-    write_metrics_csv(path, [(s.name, s.slices, s.nmse, s.psnr, s.ssim, *s.band_nmse) for s in rows])
+    return [(s.name, s.slices, s.nmse, s.psnr, s.ssim, *s.band_nmse) for s in rows]
+
+
+def write_csv(path: Path, scores: Sequence[VolumeScore]) -> None:
+    """Atomically write the CSV of ``scores`` (see :func:`_csv_rows`) to ``path``."""
+    write_metrics_csv(path, _csv_rows(scores))
+
+
+def print_csv(scores: Sequence[VolumeScore]) -> None:
+    """The bytes :func:`write_csv` would write (UTF-8 whatever the locale, CRLF rows), on stdout; on a stdout
+    without bytes underneath (a notebook's), the same text."""
+    if not hasattr(sys.stdout, "buffer"):
+        write_metrics_rows(sys.stdout, _csv_rows(scores))
+        return
+    sys.stdout.flush()
+    stream = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", errors="surrogateescape", newline="")
+    write_metrics_rows(stream, _csv_rows(scores))
+    stream.flush()
+    stream.detach()  # leaves sys.stdout's buffer open
 
 
 def print_table(scores: Sequence[VolumeScore]) -> None:
@@ -257,9 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(b0) to the edge and corners (b<N-1>): low bands = contrast / intensity, high bands = edges and fine "
         f"detail (default 0: off; at most {MAX_BANDS})",
     )
-    parser.add_argument("--csv", type=Path, default=None,
-                        help="also write per-volume and mean rows to this CSV file (replaced by every run that gets to "
-                             "scoring, with no rows where nothing was scored: never an earlier run's rows)")
+    parser.add_argument(
+        "--csv", default=None, metavar="FILE",
+        help=f"also write per-volume and mean rows to this CSV file, replaced by every run that gets to scoring (with "
+        f"no rows where nothing was scored: never an earlier run's rows); '{STDOUT}': write the CSV to stdout instead "
+        f"of the table (errors and notes stay on stderr; ./{STDOUT} is a file named {STDOUT})",
+    )
     return parser
 
 
@@ -267,12 +294,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``reconkit evaluate``; exit code 1 when any volume could not be scored or the CSV not written, 2 on bad
     arguments."""
     args = build_parser().parse_args(argv)
+    csv_stdout = args.csv == STDOUT
+    csv_path = None if args.csv is None or csv_stdout else Path(args.csv)
     try:
         if not 0 <= args.bands <= MAX_BANDS:
             raise ReconkitError(f"--bands must be from 0 (off) to {MAX_BANDS}, got {args.bands}")
-        if args.csv is not None and args.csv.is_dir():
+        if csv_path is not None and csv_path.is_dir():
             raise ReconkitError(f"--csv {args.csv}: is a directory; give the CSV file to write")
-        problem = None if args.csv is None else folder_problem(args.csv.parent)
+        problem = None if csv_path is None else folder_problem(csv_path.parent)
         if problem:  # before any volume is scored
             raise ReconkitError(f"--csv {args.csv}: {problem}")
         scores, errors = evaluate_directories(
@@ -293,11 +322,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         filters = args.acquisition is not None or args.acceleration is not None
         print(f"reconkit evaluate: {args.target}: no .h5 / .hdf5 target files" + (" match the filters" if filters else ""),
               file=sys.stderr)  # fmt: skip
-    if scores:
+    if csv_stdout:
+        print_csv(scores)
+    elif scores:
         print_table(scores)
-    if args.csv is not None:  # whatever was scored, so that an earlier run's rows are never read as this run's
+    if csv_path is not None:  # whatever was scored, so that an earlier run's rows are never read as this run's
         try:
-            write_csv(args.csv, scores)
+            write_csv(csv_path, scores)
         except OSError as err:  # what the check before scoring cannot see: a full disk, a folder made meanwhile
             print(f"reconkit evaluate: --csv {args.csv}: cannot write it: {err.strerror or err}", file=sys.stderr)
             return 1
