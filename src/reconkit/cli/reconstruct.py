@@ -328,6 +328,12 @@ def _print_summary(reports: Sequence[FileReport], model_name: str, backend: str)
     table_console().print(table)
 
 
+def _say(kind: str, message: object) -> None:
+    """One ``<kind>: <message>`` line (``note`` / ``error``) on stderr, its control characters escaped
+    (:func:`reconkit.errors.printable`): a file name or a header field cannot drive the terminal."""
+    print(printable(f"{kind}: {message}"), file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> list[FileReport]:
     """Reconstruct every input; returns one report per file (errors are reports, never raised)."""
     from rich.console import Console
@@ -346,7 +352,7 @@ def run(args: argparse.Namespace) -> list[FileReport]:
     files, reports = expand_inputs(args.inputs)
     err_console = Console(stderr=True)
     for report in reports:
-        print(f"error: {printable(report.status)}", file=sys.stderr)
+        _say("error", report.status)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     # off a terminal (a log file) the bars show nothing, and Rich ended them with an empty line on stderr
     with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
@@ -362,7 +368,7 @@ def run(args: argparse.Namespace) -> list[FileReport]:
                 progress.update(slices_task, total=volume.kspace.shape[0])
                 for header_note in (acquired_columns(volume)[2], recon_crop(volume)[1]):
                     if header_note:
-                        print(printable(f"note: {path}: {header_note}"), file=sys.stderr)
+                        _say("note", f"{path}: {header_note}")
                 mask, retrospective = volume_mask(
                     volume,
                     mask_options["mask_type"],
@@ -375,8 +381,7 @@ def run(args: argparse.Namespace) -> list[FileReport]:
                     # say so even when no mask option was given (a header wider than its data looks the same)
                     how = "its 'mask' dataset" if volume.mask is not None else "k-space columns left empty"
                     what = f"{asked_for_mask} not applied" if asked_for_mask else "no retrospective mask applied"
-                    print(printable(f"note: {path}: already undersampled ({how}); {what}, the file's own sampling is "
-                                    "used"), file=sys.stderr)  # fmt: skip
+                    _say("note", f"{path}: already undersampled ({how}); {what}, the file's own sampling is used")
                 result = reconstruct_volume(
                     volume,
                     reconstructor,
@@ -388,26 +393,22 @@ def run(args: argparse.Namespace) -> list[FileReport]:
                 report.slices, report.seconds = result.reconstruction.shape[0], result.seconds
                 report.fell_back = result.note is not None
                 if result.note:
-                    print(printable(f"note: {path}: {result.note}"), file=sys.stderr)
+                    _say("note", f"{path}: {result.note}")
                 if result.empty_slices:
-                    print(
-                        printable(f"note: {path}: slice(s) {', '.join(map(str, result.empty_slices))} hold no k-space "
-                                  "data; written as zeros"),
-                        file=sys.stderr,
-                    )
+                    empty = ", ".join(map(str, result.empty_slices))
+                    _say("note", f"{path}: slice(s) {empty} hold no k-space data; written as zeros")
             except ReconkitError as err:
                 report.status = str(err)
             except Exception as err:  # noqa: BLE001 - any failure of one file is that file's error; the batch goes on
                 report.status = f"{path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (reconkit.cli.main): say what is complete
-                print(printable(f"note: {_interrupted(files, path, reports, args.output)}"), file=sys.stderr)
+                _say("note", _interrupted(files, path, reports, args.output))
                 raise
             if not report.ok:
-                print(f"error: {printable(report.status)}", file=sys.stderr)
+                _say("error", report.status)
                 left = [output for output, inode in earlier.items() if _inode(output) == inode]
                 if left:  # `reconkit evaluate` would score an earlier h5 output as this run's
-                    print(printable(f"note: {path}: not replaced, from an earlier run: {', '.join(map(str, left))}"),
-                          file=sys.stderr)
+                    _say("note", f"{path}: not replaced, from an earlier run: {', '.join(map(str, left))}")
             reports.append(report)
             progress.remove_task(slices_task)
             progress.advance(files_task)
