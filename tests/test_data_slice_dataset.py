@@ -8,6 +8,8 @@ import pickle
 import random
 import re
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -17,7 +19,14 @@ import pytest
 from fastmri.data import SliceDataset as FastmriSliceDataset
 from torch.utils.data import default_collate
 
-from reconkit.data import SliceDataset, VarNetDataTransform, parse_ismrmrd_header, read_volume, read_volume_info
+from reconkit.data import (
+    SliceDataset,
+    VarNetDataTransform,
+    parse_ismrmrd_header,
+    read_volume,
+    read_volume_info,
+    slice_dataset,
+)
 from reconkit.data.slice_dataset import list_volume_files
 from reconkit.errors import DataError
 
@@ -501,18 +510,46 @@ def test_cache_is_used_on_reopen_and_invalidated_by_changes(multicoil_dir, tmp_p
     assert sum(Path(key[0][0]).name == "file_b.h5" for key in entries) == 1
 
 
-@pytest.mark.parametrize("content", [
-    b"not a pickle",
-    b"cnumpy._core_of_another_numpy\nscalar\n.",  # names a module this Python lacks (numpy 2 -> numpy 1 home cache)
-    b"K\x01)R.",  # damaged: calls an int (TypeError)
+@pytest.mark.parametrize(("content", "message"), [
+    (b"not a pickle", "unreadable dataset cache"),
+    # names a module this Python lacks (numpy 2 -> numpy 1 home cache)
+    (b"cnumpy._core_of_another_numpy\nscalar\n.", "unreadable dataset cache"),
+    (b"K\x01)R.", "unreadable dataset cache"),  # damaged: calls an int (TypeError)
+    # truncated (a write cut short, e.g. by a full disk, by a writer that was not atomic)
+    (pickle.dumps({"version": 6, "entries": {"a": 1}})[:-5], "unreadable dataset cache"),
+    (pickle.dumps({"version": 6, "entries": ["not", "a", "dict"]}), "dataset cache .* of another format"),
 ])
-def test_unreadable_cache_is_rebuilt(content, multicoil_dir, tmp_path, caplog):
+def test_unreadable_cache_is_rebuilt(content, message, multicoil_dir, tmp_path, caplog):
     cache = tmp_path / "cache.pkl"
     cache.write_bytes(content)
     with caplog.at_level(logging.WARNING):
         ours = SliceDataset(multicoil_dir, dataset_cache_file=cache)
-    assert len(ours) == 10 and "unreadable dataset cache" in caplog.text
+    assert len(ours) == 10 and re.search(message, caplog.text)
     assert len(SliceDataset(multicoil_dir, dataset_cache_file=cache)) == 10
+
+
+def test_datasets_scanning_at_once_keep_each_others_cache_entries(tmp_path, monkeypatch):
+    """Two datasets scanning other files into one cache file at once (DDP ranks, two training runs) each read the
+    cache, scanned and wrote back what they had read plus their own files: the last writer dropped the other's
+    entries, rescanned next time (gapfix audit). The write now merges into the file on disk under a lock file."""
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        write_volume(tmp_path / split / f"{split}.h5", num_slices=2, coils=2)
+    cache = tmp_path / "cache.pkl"
+    both_read_the_cache = threading.Barrier(2, timeout=30)
+    real_read_volume_info = slice_dataset.read_volume_info
+
+    def read_volume_info(*args, **kwargs):
+        both_read_the_cache.wait()
+        return real_read_volume_info(*args, **kwargs)
+
+    monkeypatch.setattr(slice_dataset, "read_volume_info", read_volume_info)
+    with ThreadPoolExecutor(2) as pool:
+        datasets = list(pool.map(lambda split: SliceDataset(tmp_path / split, dataset_cache_file=cache), ("train", "val")))
+    assert [len(dataset) for dataset in datasets] == [2, 2]
+    with open(cache, "rb") as f:
+        entries = pickle.load(f)["entries"]
+    assert sorted(Path(key[0][0]).name for key in entries) == ["train.h5", "val.h5"]
 
 
 def test_a_cache_that_cannot_be_pickled_is_not_written(tmp_path, caplog):

@@ -3,17 +3,20 @@
 Behaves like ``fastmri.data.SliceDataset`` (same samples in the same order, same ``sample_rate`` /
 ``volume_sample_rate`` / ``num_cols`` / ``raw_sample_filter`` semantics), and adds: validation of every file while
 scanning (:mod:`reconkit.data.volume`), optional skipping of bad files, and a metadata cache that is invalidated
-when files are added, removed or changed (size or modification time).
+when files are added, removed or changed (size or modification time). Several processes may share the cache file
+(DDP ranks, DataLoader workers, two training runs): each write merges its entries into the file as it is on disk,
+under a lock file next to it, and replaces it atomically; an unreadable cache file is ignored with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import random
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,6 +33,11 @@ from reconkit.data.volume import (
     target_key,
 )
 from reconkit.errors import DataError, ReconkitWarning, printable
+
+try:
+    import fcntl
+except ImportError:  # Windows: the cache is merged on write without the lock
+    fcntl = None
 
 __all__ = ["RawSample", "SliceDataset", "check_sample_rates", "default_cache_file", "list_volume_files"]
 
@@ -91,6 +99,24 @@ def _signature(path: Path) -> tuple[str, int, int]:
     except OSError:
         return (str(path.resolve()), -1, -1)
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def _stale_keys(cache: dict, current: Collection[tuple]) -> list[tuple]:
+    """The keys of ``cache`` for older versions (other size or mtime) of the files that the ``current`` keys
+    ``((path, size, mtime_ns), challenge)`` are for."""
+    paths = {(signature[0], challenge) for signature, challenge in current}
+    return [key for key in cache if (key[0][0], key[1]) in paths and key not in current]
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_file: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<cache_file>.lock`` (created if missing, left in place: removing it would
+    let two processes lock two different files) while the cache is read, merged and replaced."""
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_file.with_name(cache_file.name + ".lock"), "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def _target_max(fname: Path, key: str) -> float:
@@ -197,14 +223,9 @@ class SliceDataset(torch.utils.data.Dataset):
         see :meth:`shape_key`); cache file and ``memo`` read and updated."""
         cache = {**(memo or {}), **(self._load_cache() if use_cache else {})}
         keys = {fname: (_signature(fname), self.challenge) for fname in files}
-        current = set(keys.values())
-        scanned_paths = {signature[0] for signature, _ in current}
-        stale = [k for k in cache if k[0][0] in scanned_paths and k[1] == self.challenge and k not in current]
-        for k in stale:  # older versions of the files being scanned
-            del cache[k]
         entries: dict[Path, tuple[dict, int, tuple]] = {}
         bad: list[tuple[Path, str]] = []
-        changed = bool(stale)
+        changed = bool(_stale_keys(cache, set(keys.values())))  # older versions of the files being scanned
         for fname in files:
             key = keys[fname]
             cached = cache.get(key)
@@ -232,7 +253,7 @@ class SliceDataset(torch.utils.data.Dataset):
         if memo is not None:
             memo.update({key: cache[key] for key in keys.values()})
         if use_cache and changed:
-            self._save_cache(cache)
+            self._save_cache({key: cache[key] for key in keys.values()})
         if bad:  # every bad file in one error, so one run finds them all
             more = "; ".join(f"{path}: {problem}" for path, problem in bad[1:])
             raise DataError(bad[0][0], bad[0][1] + (f" (and {len(bad) - 1} more bad file(s): {more})" if more else "")
@@ -250,18 +271,25 @@ class SliceDataset(torch.utils.data.Dataset):
             # ModuleNotFoundError for one written where other modules exist (a numpy 2 cache read under numpy 1)
             logger.warning("ignoring unreadable dataset cache %s (%s); rescanning", path, err)
             return {}
-        if not isinstance(content, dict) or content.get("version") != _CACHE_VERSION:
+        if (not isinstance(content, dict) or content.get("version") != _CACHE_VERSION
+                or not isinstance(content.get("entries"), dict)):
             logger.warning("ignoring dataset cache %s of another format; rescanning", path)
             return {}
         logger.info("using dataset cache %s", path)
         return content["entries"]
 
-    def _save_cache(self, entries: dict) -> None:
-        """Write the cache atomically (temp file then ``os.replace``); failure only logs a warning."""
+    def _save_cache(self, scanned: dict) -> None:
+        """Merge the ``scanned`` entries into the cache file: under :func:`_cache_lock`, read the file as it is now
+        (another process may have added entries since this one read it), add ``scanned``, drop the older versions
+        of those files, write it atomically (temp file then ``os.replace``). Failure only logs a warning."""
         path = self.dataset_cache_file
         try:
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                pickle.dump({"version": _CACHE_VERSION, "entries": entries}, f)
+            with _cache_lock(path):
+                entries = {**self._load_cache(), **scanned}
+                for key in _stale_keys(entries, scanned.keys()):
+                    del entries[key]
+                with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                    pickle.dump({"version": _CACHE_VERSION, "entries": entries}, f)
             logger.info("saved dataset cache to %s", path)
         except (OSError, pickle.PicklingError, TypeError) as err:  # TypeError: an attr pickle refuses (HDF5 reference)
             logger.warning("could not write dataset cache %s (%s)", path, err)
