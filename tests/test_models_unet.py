@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from reconkit.errors import ReconkitError
 from reconkit.models import NormUnet, Unet, instance_norm_leaky_relu
+from reconkit.models.unet import unet_weights
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -198,3 +199,16 @@ def test_unet_bf16_autocast_runs_and_is_close():
     assert torch.isfinite(y.float()).all()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
     assert _rel(y.float(), net(x).detach()) < 0.05
+
+
+@pytest.mark.parametrize("sizes", [(2, 2, 18, 4), (1, 1, 32, 4), (3, 5, 7, 1), (2, 2, 9, 3)])
+def test_unet_weights_counts_the_weights_it_checks(sizes):
+    """The count that the size check (reconkit.models.sizes) compares with the free memory is exact."""
+    assert unet_weights(*sizes) == sum(p.numel() for p in Unet(*sizes).parameters())
+
+
+def test_a_unet_too_large_for_the_memory_is_refused_by_name():
+    """``Unet(1, 1, chans=10**6)`` asked the allocator for 36 TB (gapfix audit); refused before, naming its sizes."""
+    with pytest.raises(ValueError, match=r"Unet\(in_chans=1, out_chans=1, chans=1000000, num_pool_layers=4\): 7\.57e\+15 "
+                                         r"weights take .* GiB in torch\.float32, more than the .* GiB of memory free"):
+        Unet(1, 1, chans=10**6)

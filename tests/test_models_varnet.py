@@ -7,7 +7,7 @@ import pytest
 import torch
 from fastmri.models.varnet import SensitivityModel as FastmriSensitivityModel
 
-from reconkit.models import SensitivityModel, VarNet, low_frequency_window
+from reconkit.models import SensitivityModel, VarNet, low_frequency_window, sizes
 from reconkit.ops import fft_impl
 
 SMALL = {"num_cascades": 2, "sens_chans": 3, "sens_pools": 2, "chans": 4, "pools": 2}
@@ -397,3 +397,19 @@ def test_final_dc_step_with_espirit_maps_and_wavelets_beats_acs_maps_on_a_sharp_
         with torch.no_grad():
             errors.append(_rel(refined(kspace * mask, mask), target))
     assert errors[1] < errors[0] and errors[2] < errors[1], errors
+
+
+def test_impossible_sizes_are_refused_before_anything_is_built(monkeypatch):
+    """``VarNet(num_cascades=10**5)`` built cascades for 18 s before an allocation failed, ``VarNet(chans=10**5)``
+    asked for 360 GB (gapfix audit): sizes whose weights cannot fit in the free memory, more cascades than
+    ``MAX_REPEATS`` or more pooling levels than ``MAX_POOLS`` are refused first, naming the parameters."""
+    monkeypatch.setattr(sizes, "available_memory", lambda: 2**20)  # 1 MiB free: fastMRI's VarNet needs 0.11 GiB
+    with pytest.raises(ValueError, match=r"VarNet\(num_cascades=12, chans=18, pools=4, sens_chans=8, sens_pools=4\): "
+                                         r"2\.99e\+07 weights take 0\.112 GiB in torch\.float32, more than the "
+                                         r"0\.000977 GiB of memory free on cpu"):
+        VarNet()
+    VarNet(num_cascades=2, chans=2, pools=1, sens_chans=2, sens_pools=1)  # a few KiB
+    with pytest.raises(ValueError, match=r"VarNet: num_cascades=100000 is more than 1000 "):
+        VarNet(num_cascades=10**5, chans=1, pools=1, sens_chans=1, sens_pools=1)
+    with pytest.raises(ValueError, match=r"VarNet: sens_pools=40 is more than 24 "):
+        VarNet(sens_pools=40)

@@ -94,3 +94,12 @@ def test_bad_hyper_parameters_are_refused():
     with pytest.raises(ValueError, match="patch_size and depth must be ≥ 1"):
         VisionTransformer(patch_size=0)
     assert isinstance(build_model("vit", **TINY), VisionTransformer)
+
+
+def test_impossible_sizes_are_refused_by_name():
+    """``VisionTransformer(depth=10**5)`` built blocks for 15 s, ``embed_dim=2**20`` asked for 13 TB at once (gapfix
+    audit); both are refused before anything is built."""
+    with pytest.raises(ValueError, match=r"VisionTransformer: depth=100000 is more than 1000 "):
+        VisionTransformer(depth=10**5)
+    with pytest.raises(ValueError, match=r"VisionTransformer\(.*embed_dim=1048576.*\): 7\.92e\+13 weights take"):
+        VisionTransformer(embed_dim=2**20, num_heads=1)

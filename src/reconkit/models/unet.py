@@ -28,8 +28,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from reconkit.errors import ReconkitError
+from reconkit.models.sizes import check_model_size
 
-__all__ = ["ConvBlock", "NormUnet", "TransposeConvBlock", "Unet", "instance_norm_leaky_relu"]
+__all__ = ["ConvBlock", "NormUnet", "TransposeConvBlock", "Unet", "instance_norm_leaky_relu", "unet_weights"]
 
 
 class InstanceNormLeakyReLU(torch.autograd.Function):
@@ -248,6 +249,9 @@ class Unet(nn.Module):
     def __init__(
         self, in_chans: int, out_chans: int, chans: int = 32, num_pool_layers: int = 4, drop_prob: float = 0.0
     ):
+        check_model_size("Unet", {"in_chans": in_chans, "out_chans": out_chans, "chans": chans,
+                                  "num_pool_layers": num_pool_layers},
+                         lambda: unet_weights(in_chans, out_chans, chans, num_pool_layers), pools=("num_pool_layers",))
         super().__init__()
         self.in_chans = in_chans
         self.out_chans = out_chans
@@ -310,6 +314,29 @@ class Unet(nn.Module):
             else:  # last level: ConvBlock then the 1×1 output convolution
                 output = conv[1](conv[0](output, skip))
         return output.contiguous() if channels_last else output
+
+
+def unet_weights(in_chans: int, out_chans: int, chans: int, num_pool_layers: int) -> int:
+    """The number of weights of ``Unet(in_chans, out_chans, chans, num_pool_layers)`` (and of the ``NormUnet``
+    around it), from its layer sizes alone: what :mod:`reconkit.models.sizes` checks before building one.
+
+    Example:
+        >>> unet_weights(2, 2, 18, 4) == sum(p.numel() for p in Unet(2, 2, 18, 4).parameters())
+        True
+    """
+    def conv_block(c_in: int, c_out: int) -> int:  # two 3 × 3 convolutions without bias
+        return 9 * c_in * c_out + 9 * c_out * c_out
+
+    def up_block(ch: int) -> int:  # a 2 × 2 transposed convolution without bias (2·ch → ch), then a conv block
+        return 4 * 2 * ch * ch + conv_block(2 * ch, ch)
+
+    weights, ch = conv_block(in_chans, chans), chans
+    for _ in range(num_pool_layers - 1):
+        weights, ch = weights + conv_block(ch, 2 * ch), 2 * ch
+    weights += conv_block(ch, 2 * ch)
+    for _ in range(num_pool_layers - 1):
+        weights, ch = weights + up_block(ch), ch // 2
+    return weights + up_block(ch) + ch * out_chans + out_chans  # the last with the final 1 × 1 convolution (bias)
 
 
 class NormUnet(nn.Module):

@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from reconkit.models.classical import estimate_sens_maps_acs
 from reconkit.models.espirit_poly import estimate_sens_maps_espirit_poly
 from reconkit.models.sense_refine import refine_kspace, refine_planar, refine_stacked
-from reconkit.models.unet import NormUnet, tracing
+from reconkit.models.sizes import check_model_size
+from reconkit.models.unet import NormUnet, tracing, unet_weights
 from reconkit.ops import (
     current_fft_impl,
     data_consistency,
@@ -333,6 +334,10 @@ class VarNet(nn.Module):
                              f"got {final_dc_iters}, {final_dc_prior}, {final_dc_wavelet}")
         if final_dc_maps not in STEP_MAPS:
             raise ValueError(f"VarNet: final_dc_maps must be one of {sorted(STEP_MAPS)}; got {final_dc_maps!r}")
+        check_model_size("VarNet", {"num_cascades": num_cascades, "chans": chans, "pools": pools,
+                                    "sens_chans": sens_chans, "sens_pools": sens_pools},
+                         lambda: unet_weights(2, 2, sens_chans, sens_pools) + num_cascades * (unet_weights(2, 2, chans, pools) + 1),
+                         repeats=("num_cascades",), pools=("pools", "sens_pools"))
         self.checkpoint_cascades = checkpoint_cascades
         self.final_dc_iters, self.final_dc_prior = int(final_dc_iters), float(final_dc_prior)
         self.final_dc_maps, self.final_dc_wavelet = final_dc_maps, float(final_dc_wavelet)

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from reconkit.models.sizes import check_model_size, meta_weights
+
 __all__ = ["TransformerBlock", "VisionTransformer", "self_attention"]
 
 
@@ -127,6 +129,16 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"residual=True needs in_chans == out_chans, got {in_chans} and {out_chans}")
         if patch_size < 1 or depth < 1:
             raise ValueError(f"patch_size and depth must be ≥ 1, got {patch_size} and {depth}")
+        check_model_size(
+            "VisionTransformer",
+            {"in_chans": in_chans, "out_chans": out_chans, "patch_size": patch_size, "embed_dim": embed_dim,
+             "depth": depth, "mlp_ratio": mlp_ratio},
+            lambda: meta_weights(
+                (1, lambda: VisionTransformer(in_chans, out_chans, patch_size, embed_dim, 1, num_heads, mlp_ratio, residual)),
+                (depth - 1, lambda: TransformerBlock(embed_dim, num_heads, mlp_ratio)),
+            ),
+            repeats=("depth",),
+        )
         self.out_chans, self.patch_size = out_chans, patch_size
         self.residual = residual
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
