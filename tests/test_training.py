@@ -30,7 +30,7 @@ from reconkit.data.transforms import VarNetSample, center_crop
 from reconkit.errors import ConfigError, DataError, ReconkitError, ReconkitWarning
 from reconkit.inference import load_reconstructor
 from reconkit.models import load_model
-from reconkit.training import FastMriDataModule, UnetModule, VarNetModule, VitModule
+from reconkit.training import FastMriDataModule, TrainingDiagnostics, UnetModule, VarNetModule, VitModule
 from reconkit.training.datamodule import EpochSampler, collate_slices, select_volumes, shape_grouped_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -485,6 +485,29 @@ def test_shipped_image_model_configs_train_from_the_cli(model_type, sim_root, tm
 
 
 # ----------------------------------------------------------------------------------------------- data module
+
+
+@pytest.fixture
+def float64_default_dtype():
+    """``torch.set_default_dtype(torch.float64)``, as a caller's script may set it, for one test."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+def test_a_module_made_under_a_float64_default_dtype_trains_in_float64(sim_root, tmp_path, float64_default_dtype):
+    """After a caller's ``torch.set_default_dtype(torch.float64)`` the module's weights were float64 and the first
+    training step failed on the data's float32 tensors ("expected scalar type Float but found Double"), as did the
+    diagnostics' probe (gapfix audit): batches now come in the weights' dtype, as with precision 64-true."""
+    module = VarNetModule(**TINY_VARNET)
+    diagnostics = TrainingDiagnostics(every_n_steps=1, probe_slices=1, ntk_projections=2, dirpath=str(tmp_path))
+    trainer = _trainer(tmp_path, 1, [diagnostics], limit_train_batches=2, limit_val_batches=1,
+                       enable_checkpointing=False)
+    trainer.fit(module, _datamodule(sim_root, mask_type="equispaced_fraction", center_fractions=[0.25],
+                                    accelerations=[2]))
+    assert {p.dtype for p in module.parameters()} == {torch.float64}
+    assert math.isfinite(float(trainer.callback_metrics["val_ssim"])) and diagnostics.history
 
 
 def test_batches_of_mixed_coil_counts_fail_with_a_clear_error():

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from reconkit.data.ssdu import SsduSample
 from reconkit.errors import ConfigError, ReconkitError, ReconkitWarning
@@ -120,13 +121,25 @@ class ReconModule(LightningModule):
         scale = max_value.view(-1, 1, 1)
         return torch.nn.functional.l1_loss(images.output / scale, images.target / scale)
 
+    # --- batches ---------------------------------------------------------------------------------------------
+    def in_weights_dtype(self, batch: Any) -> Any:
+        """``batch`` with its floating-point tensors in the weights' dtype, as every step (and the diagnostics'
+        probe) gives it to the model. The data come as float32 (fastMRI's transforms); a module made after
+        ``torch.set_default_dtype(torch.float64)`` has float64 weights, which refused them ("expected scalar type
+        Float but found Double"): it trains, validates and predicts in float64, as with
+        ``Trainer(precision="64-true")``. Masks (bool), slice numbers and ``num_low_frequencies`` (integers) are
+        left as they are. Not Lightning's ``on_after_batch_transfer``, which warns whenever a data module is passed
+        that does not override it too."""
+        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), self.dtype)
+        return apply_to_collection(batch, torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
     # --- loops -----------------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         if isinstance(batch, SsduSample):
             raise ConfigError(f"{type(self).__name__} got an SSDU training batch (data.train_transform "
                               "SsduVarNetTransform, which holds no target): train it with --model "
                               "reconkit.training.SsduVarNetModule (configs/varnet_sim_small_ssdu.yaml)")
-        images = self.images(batch)
+        images = self.images(self.in_weights_dtype(batch))
         loss = self.compute_loss(images)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(images.fname))
         return loss
@@ -140,7 +153,7 @@ class ReconModule(LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         """Reconstructions ``(B, h, w)`` with their ``fname`` and ``slice_num`` (targets not needed)."""
-        images = self.images(batch)
+        images = self.images(self.in_weights_dtype(batch))
         return {"fname": list(images.fname), "slice_num": images.slice_num.cpu(), "output": images.output.cpu()}
 
     def on_validation_epoch_start(self) -> None:
@@ -168,7 +181,7 @@ class ReconModule(LightningModule):
         write_metrics_csv(path, rows)
 
     def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> Images:
-        images = self.images(batch)
+        images = self.images(self.in_weights_dtype(batch))
         if images.target is None:
             raise ReconkitError(f"the {stage} split has no target images; use `reconkit train predict` for "
                                 "undersampled test files")

@@ -121,7 +121,7 @@ class TrainingDiagnostics(Callback):
                 torch.save(state, tmp)
         device = pl_module.device
         self._initial = {name: value.to(device) for name, value in state["initial"].items()}
-        self._probe = [move_data_to_device(batch, device) for batch in state["probe"]]
+        self._probe = [self._as_steps_get_it(pl_module, batch) for batch in state["probe"]]
         self._projections = state["projections"].to(device)
         self._initial_kernel = state["kernel"]
         if trainer.global_step != self._last_step():  # a resumed run measured its resume step already
@@ -212,7 +212,7 @@ class TrainingDiagnostics(Callback):
         if len(probe) < self.probe_slices:
             rank_zero_warn(f"diagnostics: the {self.probe_split!r} split has {len(dataset)} slice(s); the probe holds "
                            f"{len(probe)} of the {self.probe_slices} asked (diagnostics.json lists them)")
-        self._probe = [move_data_to_device(batch, pl_module.device) for batch in probe]
+        self._probe = [self._as_steps_get_it(pl_module, batch) for batch in probe]
         size = int(self._eval_mode(pl_module, lambda: self._probe_outputs(pl_module, grad=False)).numel())
         generator = torch.Generator().manual_seed(self.seed)
         projections = torch.randn(self.ntk_projections, size, generator=generator) / math.sqrt(size)
@@ -220,6 +220,13 @@ class TrainingDiagnostics(Callback):
             pl_module, lambda: self._probe_outputs(pl_module, grad=True), projections.to(pl_module.device)))
         return {"initial": {k: v.cpu() for k, v in snapshot(pl_module).items()}, "probe": probe,
                 "projections": projections, "kernel": kernel.cpu()}
+
+    @staticmethod
+    def _as_steps_get_it(pl_module: LightningModule, batch: Any) -> Any:
+        """A probe batch on the module's device and as its steps give it to the model: floating-point tensors in
+        the weights' dtype (:meth:`reconkit.training.ReconModule.in_weights_dtype`; float64 for a module made under
+        ``torch.set_default_dtype(torch.float64)``)."""
+        return pl_module.in_weights_dtype(move_data_to_device(batch, pl_module.device))
 
     def _probe_outputs(self, pl_module: LightningModule, grad: bool) -> torch.Tensor:
         with torch.set_grad_enabled(grad):

@@ -70,6 +70,6 @@ class SsduVarNetModule(VarNetModule):
         if not isinstance(batch, SsduSample):
             raise ConfigError(f"SsduVarNetModule trains on SSDU batches: set data.train_transform to "
                               f"reconkit.data.ssdu.SsduVarNetTransform (got {type(batch).__name__} batches)")
-        loss = ssdu_loss(self.model, batch)
+        loss = ssdu_loss(self.model, self.in_weights_dtype(batch))
         self.log("train_loss", loss, prog_bar=True, batch_size=batch.masked_kspace.shape[0])
         return loss
