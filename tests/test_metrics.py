@@ -131,6 +131,33 @@ def test_ssim_loss_other_window():
         )
 
 
+def test_ssim_loss_and_batch_ssim_stay_float32_under_bf16_autocast_and_for_bf16_images():
+    """Under autocast (--trainer.precision bf16-mixed) the window convolutions ran in bfloat16: E[x²] − E[x]²
+    cancelled to noise, SSIM came out above 1 and the SSIM loss negative (-0.02 here instead of 0.006); bfloat16
+    images (a U-Net's output under autocast) met the float32 window: a dtype error. Under float16 autocast the
+    squares of raw-scale images underflowed: a loss of 0."""
+    gen = torch.Generator().manual_seed(3)
+    target = 1 + 0.3 * torch.rand(2, 1, 32, 32, generator=gen)  # an offset, as the bright tissue of an MR image
+    output = target + 0.01 * torch.randn(target.shape, generator=gen)
+    data_range = target.flatten(1).amax(dim=1)
+    expected_loss = SSIMLoss()(output, target, data_range)
+    expected_ssim = ssim_torch(target[:, 0], output[:, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = SSIMLoss()(output, target, data_range)
+        batch_ssim = ssim_torch(target[:, 0], output[:, 0])
+    assert loss.dtype == batch_ssim.dtype == torch.float32
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(batch_ssim, expected_ssim, rtol=1e-6, atol=1e-7)
+    rounded = output.bfloat16()
+    torch.testing.assert_close(SSIMLoss()(rounded, target, data_range),
+                               SSIMLoss()(rounded.float(), target, data_range), rtol=1e-6, atol=1e-7)
+    # float16 autocast (16-mixed on a GPU) at fastMRI's raw scale: the squares (~1e-9) underflowed, the loss was 0
+    raw = 1e-4
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = SSIMLoss()(output * raw, target * raw, data_range * raw)
+    torch.testing.assert_close(loss, SSIMLoss()(output * raw, target * raw, data_range * raw), rtol=1e-5, atol=1e-7)
+
+
 def test_batch_metrics_match_volume_metrics():
     gt = smooth_volume((3, 40, 36), seed=7)
     pred = degraded(gt, seed=8, noise=0.05)

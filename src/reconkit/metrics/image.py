@@ -109,7 +109,7 @@ def ssim_torch(
         raise ValueError(
             f"ssim_torch: expected two (B, H, W) batches of one shape; got {tuple(gt.shape)}, {tuple(pred.shape)}"
         )
-    window = uniform_window(win_size, gt.dtype, gt.device)
+    window = uniform_window(win_size, torch.promote_types(gt.dtype, torch.float32), gt.device)
     data_range = _per_image_peak(gt, maxval, "ssim_torch")
     return ssim_map(gt.unsqueeze(1), pred.unsqueeze(1), data_range, window).mean(dim=(1, 2, 3))
 

@@ -30,8 +30,12 @@ def ssim_map(
 ) -> torch.Tensor:
     """Local SSIM at every window position fully inside the images.
 
+    Computed in float32 (float64 stays float64), also for half-precision inputs and under ``torch.autocast``: in
+    bfloat16 / float16 the variances ``E[x²] − E[x]²`` cancel to noise (SSIM above 1) and float16 squares of
+    raw-scale MRI magnitudes (~1e-4) underflow.
+
     Args:
-        x, y: images ``(B, 1, H, W)``, same dtype (x and y enter symmetrically).
+        x, y: images ``(B, 1, H, W)`` (x and y enter symmetrically).
         data_range: ``(B,)`` dynamic range ``L`` per image (fastMRI uses the target volume's maximum).
         window: ``(1, 1, w, w)`` averaging kernel summing to 1, or ``w`` for the uniform ``w × w`` window computed
             from running sums (the same values up to rounding; in float64 on the CPU ~20× faster than a
@@ -39,7 +43,7 @@ def ssim_map(
         k1, k2: SSIM stabilisation constants.
 
     Returns:
-        ``(B, 1, H − w + 1, W − w + 1)`` SSIM values (1 where ``x == y``).
+        ``(B, 1, H − w + 1, W − w + 1)`` SSIM values (1 where ``x == y``), float32 or float64.
     """
     win_size = window if isinstance(window, int) else window.shape[-1]
     if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 1:
@@ -52,15 +56,18 @@ def ssim_map(
         raise ValueError(f"ssim: images {tuple(x.shape[-2:])} are smaller than the {win_size}x{win_size} window")
     num_px = win_size**2
     cov_norm = num_px / (num_px - 1)
-    data_range = data_range.to(x.dtype).reshape(-1, 1, 1, 1)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    x, y = x.to(dtype), y.to(dtype)
+    data_range = data_range.to(dtype).reshape(-1, 1, 1, 1)
     c1 = (k1 * data_range) ** 2
     c2 = (k2 * data_range) ** 2
 
     def local_mean(image: torch.Tensor) -> torch.Tensor:
-        return _box_mean(image, win_size) if isinstance(window, int) else F.conv2d(image, window)
+        return _box_mean(image, win_size) if isinstance(window, int) else F.conv2d(image, window.to(dtype))
 
-    ux, uy = local_mean(x), local_mean(y)
-    uxx, uyy, uxy = local_mean(x * x), local_mean(y * y), local_mean(x * y)
+    with torch.autocast(x.device.type, enabled=False):  # autocast would run the convolutions in half precision
+        ux, uy = local_mean(x), local_mean(y)
+        uxx, uyy, uxy = local_mean(x * x), local_mean(y * y), local_mean(x * y)
     vx = cov_norm * (uxx - ux * ux)
     vy = cov_norm * (uyy - uy * uy)
     vxy = cov_norm * (uxy - ux * uy)
@@ -107,6 +114,5 @@ class SSIMLoss(nn.Module):
         """``1 − SSIM`` of ``(B, 1, H, W)`` images ``X``, ``Y`` with dynamic range ``data_range`` ``(B,)`` (fastMRI:
         each slice's volume maximum): the mean, a scalar (``reduced``), or the ``(B, 1, H − w + 1, W − w + 1)`` map
         (:func:`ssim_map`)."""
-        window = self.w.to(X.dtype)
-        loss = 1 - ssim_map(X, Y, data_range, window, self.k1, self.k2)
+        loss = 1 - ssim_map(X, Y, data_range, self.w, self.k1, self.k2)
         return loss.mean() if reduced else loss
