@@ -79,6 +79,29 @@ def test_save_model_round_trip(tmp_path):
         assert torch.equal(loaded(x), model.eval()(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoint_loads_as_float32_and_reconstructs(tmp_path, dtype):
+    """A U-Net trained with --trainer.precision bf16-true (data.transform unet allows it) saved bfloat16 weights;
+    reconstruct failed on every file: 'Input type (torch.FloatTensor) and weight type (CPUBFloat16Type) should be
+    the same', the zero-filled front end's FFTs giving float32 images."""
+    from reconkit.inference import load_reconstructor
+    from reconkit.models import contract_model
+
+    torch.manual_seed(3)
+    kwargs = {"in_chans": 1, "out_chans": 1, "chans": 4, "num_pool_layers": 2}
+    half = build_model("unet", **kwargs).to(dtype)
+    path = save_model(tmp_path / "unet.ckpt", half, "unet", kwargs)
+    loaded, _ = load_model(path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    for name, value in half.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value.float()), name  # upcast exactly
+    kspace, mask = _inputs()
+    image = load_reconstructor(str(path)).run(kspace.numpy(), mask.numpy())
+    with torch.no_grad():
+        expected = contract_model(half.float().eval())(kspace, mask)
+    np.testing.assert_array_equal(image, expected.numpy())
+
+
 def _write(tmp_path, name, payload) -> str:
     path = tmp_path / name
     torch.save(payload, path)

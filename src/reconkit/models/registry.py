@@ -202,7 +202,9 @@ def _summarise(names: list[str], limit: int = 3) -> str:
 def load_model(path: os.PathLike | str) -> tuple[nn.Module, dict]:
     """Rebuild a model from a checkpoint file without the training code; returns ``(model, info)``.
 
-    ``model`` is on the CPU in eval mode, in its weights' dtype (not torch's default dtype). ``info`` is the
+    ``model`` is on the CPU in eval mode, in its weights' dtype (not torch's default dtype), except that float16 /
+    bfloat16 weights (``--trainer.precision bf16-true`` / ``16-true``) load into a float32 model, exactly: every
+    reconkit model takes float32 k-space and runs its FFTs in float32. ``info`` is the
     checkpoint's ``"reconkit"`` entry (``model_type``, ``model_kwargs``, ``mask``, ``normalization``; the last two
     ``None`` when absent) plus ``"path"``, and ``"epoch"`` / ``"global_step"`` when the checkpoint records them.
 
@@ -238,8 +240,10 @@ def load_model(path: os.PathLike | str) -> tuple[nn.Module, dict]:
     if wrong:
         raise CheckpointError(path, f"weight shapes do not fit the model (checkpoint vs model): {_summarise(wrong)}")
     model = build_model(entry["model_type"], **entry["model_kwargs"])  # as large as the checkpoint's own weights
-    # built in the caller's default dtype (float64 after torch.set_default_dtype): give it the weights' own dtype
-    model.to(next((v.dtype for v in weights.values() if v.is_floating_point()), torch.float32))
+    # built in the caller's default dtype (float64 after torch.set_default_dtype): give it the weights' own dtype,
+    # float32 for half-precision weights (their model would meet the float32 FFTs' activations: a dtype error)
+    dtype = next((v.dtype for v in weights.values() if v.is_floating_point()), torch.float32)
+    model.to(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
     model.load_state_dict(weights)
     model.eval()
 
