@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from reconkit.errors import ReconkitError
-from reconkit.models import NormUnet, Unet, instance_norm_leaky_relu
+from reconkit.models import NormUnet, Unet, contract_model, instance_norm_leaky_relu
 from reconkit.models.unet import unet_weights
 
 
@@ -212,3 +212,14 @@ def test_a_unet_too_large_for_the_memory_is_refused_by_name():
     with pytest.raises(ValueError, match=r"Unet\(in_chans=1, out_chans=1, chans=1000000, num_pool_layers=4\): 7\.57e\+15 "
                                          r"weights take .* GiB in torch\.float32, more than the .* GiB of memory free"):
         Unet(1, 1, chans=10**6)
+
+
+def test_half_precision_unet_behind_the_zero_filled_front_end_is_a_clear_type_error():
+    """contract_model(Unet(...).half()), as reconstruct and export call it, failed with 'expected scalar type Float
+    but found Half' (the front end's FFTs give float32 images); the bare U-Net takes half-precision images."""
+    net = Unet(1, 1, chans=4, num_pool_layers=2).half()
+    assert net(torch.randn(1, 1, 16, 16).half()).dtype == torch.float16
+    mask = torch.zeros(1, 1, 1, 16, 1)
+    mask[..., 6:10, :] = 1
+    with pytest.raises(TypeError, match=r"ZeroFilledFrontEnd\(Unet\): its weights are torch.float16"):
+        contract_model(net)(torch.randn(1, 2, 16, 16, 2) * mask, mask)

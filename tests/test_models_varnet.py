@@ -194,6 +194,18 @@ def test_bf16_autocast_forward_backward():
     assert _rel(out, reference) < 0.05
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_are_a_clear_type_error(dtype):
+    """VarNet().half() failed deep in the first U-Net with 'expected scalar type Float but found Half' (its FFTs
+    give float32 activations)."""
+    net = VarNet(**SMALL).to(dtype)
+    mask = _line_mask(1, 32, [8], every=4)
+    kspace = torch.randn(1, 3, 32, 32, 2) * mask
+    for call in (net, net.predict_kspace):
+        with pytest.raises(TypeError, match=rf"VarNet: its weights are {dtype}.*model.float\(\).*torch.autocast"):
+            call(kspace.to(dtype), mask)
+
+
 def test_init_scale_scales_final_convolution_only():
     torch.manual_seed(5)
     base = VarNet(**SMALL)

@@ -12,7 +12,18 @@ import torch
 from reconkit.models.classical import _check_inputs, zero_filled
 from reconkit.ops import power_of_two_scale
 
-__all__ = ["ZeroFilledFrontEnd", "contract_model"]
+__all__ = ["ZeroFilledFrontEnd", "check_float_weights", "contract_model"]
+
+
+def check_float_weights(model: torch.nn.Module, name: str) -> None:
+    """TypeError naming ``name`` for a model with float16 / bfloat16 weights (``model.half()``): its FFTs give
+    float32 activations, which half-precision weights cannot take ('expected scalar type Float but found
+    BFloat16' from deep inside otherwise). Mixed precision keeps float32 weights under ``torch.autocast``."""
+    dtype = next((p.dtype for p in model.parameters()), None)
+    if dtype in (torch.float16, torch.bfloat16):
+        raise TypeError(f"{name}: its weights are {dtype}, but its FFTs run in float32 and give float32 activations; "
+                        "keep the weights float32 (model.float()) and run it under torch.autocast for mixed "
+                        "precision")
 
 
 class ZeroFilledFrontEnd(torch.nn.Module):
@@ -39,6 +50,7 @@ class ZeroFilledFrontEnd(torch.nn.Module):
         """``(B, C, H, W, 2)`` k-space, ``(B, 1, 1, W, 1)`` mask → ``(B, H, W)`` image in the zero-filled image's
         units (the model's output de-normalised); ReconkitError for inputs of another shape."""
         _check_inputs("ZeroFilledFrontEnd", masked_kspace, mask)
+        check_float_weights(self.model, f"ZeroFilledFrontEnd({type(self.model).__name__})")
         scale = power_of_two_scale(masked_kspace).view(-1, 1, 1)
         image = zero_filled(masked_kspace / scale[..., None, None], mask)
         mean = image.mean(dim=(1, 2), keepdim=True)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from reconkit.models.classical import estimate_sens_maps_acs
+from reconkit.models.contract import check_float_weights
 from reconkit.models.espirit_poly import estimate_sens_maps_espirit_poly
 from reconkit.models.sense_refine import refine_kspace, refine_planar, refine_stacked
 from reconkit.models.sizes import check_model_size
@@ -363,8 +364,10 @@ class VarNet(nn.Module):
         sensitivities have unit RSS, the SENSE step's weights are ratios), so each item runs divided by the power of
         two at its peak (:func:`reconkit.ops.power_of_two_scale`) and its image is multiplied back: the same image,
         exactly, for k-space in any units; at the raw scale float32 sums of squares over- or underflow outside
-        about 1e-9 ... 1e12 (NaN images)."""
+        about 1e-9 ... 1e12 (NaN images). Weights float32 or float64 (TypeError for half precision; mixed precision
+        is ``torch.autocast``)."""
         _check_inputs(masked_kspace, mask)
+        check_float_weights(self, "VarNet")
         mask = mask != 0  # every nonzero value sampled, as fastmri's torch.where(mask, ...) and the ACS window
         scale = power_of_two_scale(masked_kspace)
         masked_kspace = masked_kspace / scale
@@ -390,6 +393,7 @@ class VarNet(nn.Module):
         of, before any ``final_dc_iters`` step); self-supervised losses score it directly in k-space. Arguments as
         :meth:`forward`, and run at the same power-of-two scale (k-space in any units)."""
         _check_inputs(masked_kspace, mask)
+        check_float_weights(self, "VarNet")
         mask = mask != 0  # every nonzero value sampled, as fastmri's torch.where(mask, ...) and the ACS window
         scale = power_of_two_scale(masked_kspace).view(-1, 1, 1, 1, 1)
         prediction, hybrid, _ = self._cascades(masked_kspace / scale, mask, num_low_frequencies)
