@@ -373,6 +373,18 @@ def test_a_file_name_that_is_not_utf8_reaches_the_png_and_csv_outputs(tmp_path):
     assert (tmp_path / "m.csv").read_bytes().splitlines()[1] == b"scan\xff1.h5,3,0.01,30,0.9"
 
 
+def test_dollar_signs_and_control_characters_in_a_name_reach_the_png_title(tmp_path):
+    """matplotlib read ``$...$`` in a title as mathtext: ``reconkit reconstruct --format png`` failed for a file
+    named ``x$$.h5`` or ``scan$x_{$.h5`` (ParseException) and garbled ``a$b$.h5``; a control character in a name
+    drew a missing glyph and printed a UserWarning per character. The title shows the name as it is, escaped."""
+    volume = _volume(np.random.default_rng(7))[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i, name in enumerate(["x$$.h5", "scan$x_{$.h5", "a$\\frac$b.h5", "c\x1b[2J\r.h5"]):
+            (png,) = write_png_panels(tmp_path / f"png{i}", volume, name=name)
+            assert matplotlib.image.imread(png).ndim == 3
+
+
 def test_png_grey_scale_ignores_nan_in_the_reference(tmp_path):
     """One NaN pixel in a file's reference image made the grey scale NaN and every panel of the slice blank."""
     reconstruction = np.full((40, 40), 0.5, np.float32)

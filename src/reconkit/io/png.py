@@ -11,8 +11,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from reconkit.atomic import atomic_directory, atomic_path
+from reconkit.errors import printable
 
-__all__ = ["write_png_panel", "write_png_panels"]
+__all__ = ["figure_text", "write_png_panel", "write_png_panels"]
 
 ERROR_GAIN = 5.0
 """The error map shows ``|reconstruction − reference|`` multiplied by this gain on the same grey scale."""
@@ -23,6 +24,21 @@ PANEL_INCHES = (3.0, 30.0)
 a PNG pixel (the largest keeps a header with an absurd pixel aspect from asking for a gigapixel PNG)."""
 MARGIN = 1.15
 """Room for the headings and paddings around a panel's image, as a factor on the image's own size."""
+
+
+def figure_text(text: str) -> str:
+    """``text`` (a file or folder name) as matplotlib can draw it: a name that is not UTF-8 holds lone surrogates
+    (PEP 383), which matplotlib refuses, so they become U+FFFD, and control characters are escaped
+    (:func:`reconkit.errors.printable`). Draw it with ``parse_math=False``: ``$`` in a name (``scan$1$.h5``) would
+    otherwise start mathtext, which fails on most names (``x$$.h5``) and renders the others garbled.
+
+    Example:
+        >>> figure_text("scan\\udcff1.h5") == "scan\\ufffd1.h5"
+        True
+        >>> figure_text("a\\x1b[2J.h5")
+        'a\\\\x1b[2J.h5'
+    """
+    return printable(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
 
 
 def write_png_panel(
@@ -70,10 +86,10 @@ def write_png_panel(
         ax.imshow(np.asarray(image), cmap="gray", vmin=0.0, vmax=vmax, interpolation="nearest", aspect=pixel_aspect)
         heading = f"|error| × {ERROR_GAIN:g}" if name == "error" else name
         extra = (labels or {}).get(name, "")
-        ax.set_title(f"{heading}\n{extra}" if extra else heading, fontsize=9)
+        ax.set_title(f"{heading}\n{extra}" if extra else heading, fontsize=9, parse_math=False)
         ax.axis("off")
-    if title:  # a file name that is not UTF-8 holds lone surrogates (PEP 383), which matplotlib refuses
-        fig.suptitle(title.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), fontsize=10)
+    if title:
+        fig.suptitle(figure_text(title), fontsize=10, parse_math=False)
     fig.tight_layout()
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         fig.savefig(handle, format="png")
