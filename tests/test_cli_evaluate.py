@@ -7,6 +7,7 @@ import csv
 import errno
 import io
 import os
+import subprocess
 import sys
 
 import h5py
@@ -151,6 +152,17 @@ def test_csv_dash_is_stdout_alone(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdout", text_only)
     assert reconkit_main([*args, "-"]) == 1
     assert text_only.getvalue() == stdout_csv
+
+
+def test_csv_dash_with_a_plot_keeps_stdout_the_csv_alone(tmp_path, capsys):
+    """With ``--csv - --plot FILE.png`` the figure's 'wrote' line goes to stderr: stdout stays the CSV alone."""
+    target_dir, pred_dir = _make_dirs(tmp_path, np.random.default_rng(1), [(2, 32, 32, 32, 32)])
+    figure = tmp_path / "scores.png"
+    args = ["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--csv", "-", "--plot", str(figure)]
+    assert reconkit_main(args) == 0
+    out, err = capsys.readouterr()
+    assert [row["volume"] for row in csv.DictReader(out.splitlines())] == ["file0.h5", "mean"]
+    assert f"wrote {figure}" in err and figure.stat().st_size > 0
 
 
 def test_control_characters_in_file_names_are_printed_escaped(tmp_path, capsys):
@@ -393,3 +405,125 @@ def test_target_wider_than_tall_is_scored_whole(tmp_path):
     with h5py.File(target_dir / "file0.h5") as t, h5py.File(pred_dir / "file0.h5") as p:
         gt, pred = t["reconstruction_rss"][()].astype(np.float64), p["reconstruction"][()].astype(np.float64)
     assert scores[0].psnr == pytest.approx(float(fastmri_evaluate.psnr(gt, pred)), rel=1e-5)
+
+
+def _figure_texts(monkeypatch) -> list[list[str]]:
+    """Records the texts of every figure ``write_metrics_plot`` saves (one list per figure)."""
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    saved, savefig = [], Figure.savefig
+
+    def recording(fig, *args, **kwargs):
+        saved.append([t.get_text() for t in fig.findobj(Text) if t.get_text()])
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
+    return saved
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_plot_draws_the_scores_and_says_which_are_not_finite(tmp_path, capsys, monkeypatch):
+    """--plot FILE.png: one PNG (2 panels, 3 with --bands) of a fixed size; a prediction equal to its target (PSNR
+    inf, band NMSE 0) is not drawn and the figure says so; the title names both folders and the counts."""
+    import matplotlib.image
+
+    from reconkit.io.metrics_plot import DPI, PANEL_INCHES
+
+    target_dir, pred_dir = _make_dirs(tmp_path, np.random.default_rng(4), [(2, 24, 24, 24, 24)] * 3)
+    with h5py.File(target_dir / "file1.h5") as f:
+        write_fastmri_h5(pred_dir / "file1.h5", f["reconstruction_rss"][()])
+    (pred_dir / "file2.h5").unlink()  # one volume fails: counted in the title
+    texts = _figure_texts(monkeypatch)
+    plot = tmp_path / "figures" / "metrics.png"
+    args = ["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--plot", str(plot)]
+    assert reconkit_main([*args, "--bands", "3"]) == 1
+    assert f"wrote {plot}" in capsys.readouterr().out
+    assert _png_size(plot) == (round(3 * PANEL_INCHES[0] * DPI), round(PANEL_INCHES[1] * DPI))
+    assert matplotlib.image.imread(plot).shape[:2] == (round(PANEL_INCHES[1] * DPI), round(3 * PANEL_INCHES[0] * DPI))
+    drawn = "\n".join(texts[-1])
+    assert f"predictions {pred_dir}" in drawn and f"against target {target_dir}" in drawn
+    assert "2 volume(s), 4 slices scored; 1 failed, not drawn; mean PSNR inf" in drawn
+    assert "PSNR inf (no error: prediction equals target): 1 volume(s), not drawn:\n    file1.h5" in drawn
+    assert "not drawn (log scale): 3 value(s) 0 (no error)" in drawn  # file1's three bands
+    assert [p.name for p in plot.parent.iterdir()] == ["metrics.png"]  # atomic: no temporary file left
+    assert reconkit_main(args) == 1  # without --bands: two panels
+    assert _png_size(plot) == (round(2 * PANEL_INCHES[0] * DPI), round(PANEL_INCHES[1] * DPI))
+
+
+def test_plot_of_one_or_many_volumes_keeps_its_size_and_a_short_legend(tmp_path, monkeypatch):
+    """One volume, or hundreds: the same figure size, the band legend names at most HIGHLIGHTED volumes (+ the grey
+    'others' and the mean), and names with '$' are drawn as they are (no mathtext)."""
+    from reconkit.io import metrics_plot
+
+    texts = _figure_texts(monkeypatch)
+    rng = np.random.default_rng(0)
+    rows = [(f"scan${i}$.h5", 2, 0.01, 30 + rng.standard_normal(), 0.9, *rng.uniform(1e-3, 1e-1, 4)) for i in range(200)]
+    sizes = set()
+    for count in (1, 200):
+        path = metrics_plot.write_metrics_plot(tmp_path / f"{count}.png", rows[:count], ("mean", 1, 0.01, 30.0, 0.9,
+                                               0.01, 0.02, 0.03, 0.04), "title")  # fmt: skip
+        sizes.add(_png_size(path))
+    assert len(sizes) == 1
+    one, many = ("\n".join(t) for t in texts)
+    assert "scan$0$.h5" in one and "mean of 1" in one
+    assert "195 other volumes" in many and "mean of 200" in many
+    assert sum(f"scan${i}$.h5" == t for t in texts[1] for i in range(200)) == metrics_plot.HIGHLIGHTED
+    empty = metrics_plot.write_metrics_plot(tmp_path / "none.png", [], None, "no volume scored")
+    assert _png_size(empty) == (round(2 * metrics_plot.PANEL_INCHES[0] * metrics_plot.DPI),
+                                round(metrics_plot.PANEL_INCHES[1] * metrics_plot.DPI))  # fmt: skip
+
+
+def test_a_plot_that_cannot_be_written_is_refused_before_scoring(tmp_path, capsys, monkeypatch):
+    """--plot naming a folder, a file below a file, another format or the --csv file is refused (exit code 2) before
+    any volume is scored; a write that fails anyway is one line and exit code 1, the CSV still written."""
+    target_dir, pred_dir = _make_dirs(tmp_path, np.random.default_rng(6), [(1, 16, 16, 16, 16)])
+    (tmp_path / "a_file").write_text("")
+    args = ["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir)]
+
+    def not_called(*_args, **_kwargs):
+        raise AssertionError("a volume was scored")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli_evaluate, "score_volume", not_called)
+        for extra, problem in (
+            (["--plot", str(tmp_path)], f"--plot {tmp_path}: is a directory; give the PNG file to write"),
+            (["--plot", str(tmp_path / "a_file" / "m.png")], f"--plot {tmp_path / 'a_file' / 'm.png'}: "
+             f"{tmp_path / 'a_file'} exists and is not a directory"),
+            (["--plot", str(tmp_path / "m.pdf")], f"--plot {tmp_path / 'm.pdf'}: writes a PNG file; give a name "
+             "ending in .png"),
+            (["--csv", str(tmp_path / "m.png"), "--plot", str(tmp_path / "m.png")], f"--csv and --plot name one "
+             f"file, {tmp_path / 'm.png'}: the figure would replace the table"),
+        ):  # fmt: skip
+            assert reconkit_main([*args, *extra]) == 2
+            assert capsys.readouterr().err == f"reconkit evaluate: {problem}\n"
+
+    def disk_full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cli_evaluate, "write_metrics_plot", disk_full)
+    csv_path, plot = tmp_path / "m.csv", tmp_path / "m.png"
+    assert reconkit_main([*args, "--csv", str(csv_path), "--plot", str(plot)]) == 1
+    out, err = capsys.readouterr()
+    assert f"wrote {csv_path}" in out and csv_path.exists() and not plot.exists()
+    assert err == f"reconkit evaluate: --plot {plot}: cannot write it: No space left on device\n"
+
+
+def test_help_shows_the_plot_option_and_its_example(capsys):
+    with pytest.raises(SystemExit):
+        reconkit_main(["evaluate", "--help"])
+    text = capsys.readouterr().out
+    assert "--plot FILE.png" in text and "--bands 8 --plot out/metrics.png" in text
+
+
+def test_evaluate_imports_matplotlib_only_to_draw():
+    """matplotlib (about a second to import) came with reconkit.io's PNG writer on every ``reconkit evaluate``
+    run, --help included; it is imported when a figure is drawn."""
+    code = "import sys, reconkit.cli.evaluate; print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -6,7 +6,8 @@ width (a target wider than tall is scored whole), then NMSE, PSNR (data range = 
 computed per volume and averaged over volumes. ``--acquisition`` / ``--acceleration`` keep only the targets whose
 ``acquisition`` / ``acceleration`` attrs match, as fastmri's evaluation script does. ``--bands N`` adds each volume's
 NMSE in N rings of the image spectrum (:func:`reconkit.metrics.spectral.band_nmse`, band 0 = DC): where in
-frequency the error sits, e.g. blurred edges (high bands) against intensity errors (low bands).
+frequency the error sits, e.g. blurred edges (high bands) against intensity errors (low bands). ``--csv`` writes the
+numbers, ``--plot`` a PNG figure of them (:func:`reconkit.io.metrics_plot.write_metrics_plot`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from reconkit.data import center_crop, list_volume_files, open_volume, target_ke
 from reconkit.data.volume import check_fits_in_memory, checked_dataset, file_attrs
 from reconkit.errors import DataError, ReconkitError, printable
 from reconkit.io.metrics_csv import write_metrics_csv, write_metrics_rows
+from reconkit.io.metrics_plot import write_metrics_plot
 from reconkit.metrics import volume_metrics
 from reconkit.metrics.spectral import band_nmse
 
@@ -37,6 +39,7 @@ EXAMPLE = """example:
   reconkit evaluate --target data/val --predictions out/h5 --csv out/metrics.csv
   reconkit evaluate --target data/val --predictions out/h5 --bands 8      # + NMSE per k-space band
   reconkit evaluate --target data/val --predictions out/h5 --csv - > metrics.csv   # the CSV alone on stdout
+  reconkit evaluate --target data/val --predictions out/h5 --bands 8 --plot out/metrics.png   # + a figure
 """
 
 
@@ -192,11 +195,17 @@ STDOUT = "-"
 """``--csv -``: the CSV goes to stdout (and the table is left out, so that stdout is the CSV alone)."""
 
 
+def _row(score: VolumeScore) -> tuple:
+    """``(name, slices, nmse, psnr, ssim, *band_nmse)``: a row of :func:`reconkit.io.write_metrics_csv` and
+    :func:`reconkit.io.metrics_plot.write_metrics_plot`."""
+    return (score.name, score.slices, score.nmse, score.psnr, score.ssim, *score.band_nmse)
+
+
 def _csv_rows(scores: Sequence[VolumeScore]) -> list[tuple]:
     """One row per volume plus a ``mean`` row: name, slices, nmse, psnr_db, ssim (and nmse_band0 … when the scores
     have band values)."""
     rows = list(scores) + ([mean_score(scores)] if scores else [])
-    return [(s.name, s.slices, s.nmse, s.psnr, s.ssim, *s.band_nmse) for s in rows]
+    return [_row(s) for s in rows]
 
 
 def write_csv(path: Path, scores: Sequence[VolumeScore]) -> None:
@@ -215,6 +224,20 @@ def print_csv(scores: Sequence[VolumeScore]) -> None:
     write_metrics_rows(stream, _csv_rows(scores))
     stream.flush()
     stream.detach()  # leaves sys.stdout's buffer open
+
+
+def write_plot(path: Path, scores: Sequence[VolumeScore], target_dir: Path, predictions_dir: Path, failed: int = 0) -> None:
+    """Atomically write the PNG figure of ``scores`` (PSNR and SSIM per volume, and the NMSE per band when the scores
+    have band values), titled with the folders, the counts (``failed``: volumes that could not be scored) and the
+    means."""
+    mean = mean_score(scores)
+    counts = f"{len(scores)} volume(s), {sum(s.slices for s in scores)} slices scored"
+    counts += f"; {failed} failed, not drawn" if failed else ""
+    if mean is not None:
+        psnr = f"{mean.psnr:.2f} dB" if math.isfinite(mean.psnr) else str(mean.psnr)
+        counts += f"; mean PSNR {psnr}, SSIM {mean.ssim:.4f}, NMSE {mean.nmse:#.4g}"
+    title = f"predictions {predictions_dir}\nagainst target {target_dir}\n{counts}"
+    write_metrics_plot(path, [_row(s) for s in scores], None if mean is None else _row(mean), title)
 
 
 def print_table(scores: Sequence[VolumeScore]) -> None:
@@ -287,23 +310,42 @@ def build_parser() -> argparse.ArgumentParser:
         f"no rows where nothing was scored: never an earlier run's rows); '{STDOUT}': write the CSV to stdout instead "
         f"of the table (errors and notes stay on stderr; ./{STDOUT} is a file named {STDOUT})",
     )
+    parser.add_argument(
+        "--plot", type=Path, default=None, metavar="FILE.png",
+        help="also draw the scores in this PNG: PSNR and SSIM per volume (the lowest named), and with --bands the "
+        "NMSE per band (log scale), a line per volume and the mean",
+    )
     return parser
 
 
+def _output_problem(option: str, path: Path | None, kind: str, suffix: str | None = None) -> str | None:
+    """Why ``option``'s ``kind`` file ``path`` can never be written (a folder, a suffix other than ``suffix``, a
+    parent that is a file or not writable: :func:`reconkit.atomic.folder_problem`), said before any volume is
+    scored."""
+    if path is None:
+        return None
+    if path.is_dir():
+        return f"{option} {path}: is a directory; give the {kind} file to write"
+    if suffix is not None and path.suffix.lower() != suffix:
+        return f"{option} {path}: writes a {kind} file; give a name ending in {suffix}"
+    problem = folder_problem(path.parent)
+    return f"{option} {path}: {problem}" if problem else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``reconkit evaluate``; exit code 1 when any volume could not be scored or the CSV not written, 2 on bad
-    arguments."""
+    """Run ``reconkit evaluate``; exit code 1 when any volume could not be scored or the CSV or the figure not
+    written, 2 on bad arguments."""
     args = build_parser().parse_args(argv)
     csv_stdout = args.csv == STDOUT
     csv_path = None if args.csv is None or csv_stdout else Path(args.csv)
     try:
         if not 0 <= args.bands <= MAX_BANDS:
             raise ReconkitError(f"--bands must be from 0 (off) to {MAX_BANDS}, got {args.bands}")
-        if csv_path is not None and csv_path.is_dir():
-            raise ReconkitError(f"--csv {args.csv}: is a directory; give the CSV file to write")
-        problem = None if csv_path is None else folder_problem(csv_path.parent)
+        problem = _output_problem("--csv", csv_path, "CSV") or _output_problem("--plot", args.plot, "PNG", ".png")
         if problem:  # before any volume is scored
-            raise ReconkitError(f"--csv {args.csv}: {problem}")
+            raise ReconkitError(problem)
+        if csv_path is not None and args.plot is not None and csv_path.resolve() == args.plot.resolve():
+            raise ReconkitError(f"--csv and --plot name one file, {args.csv}: the figure would replace the table")
         scores, errors = evaluate_directories(
             args.target, args.predictions, args.challenge, args.acquisition, args.acceleration, args.bands
         )
@@ -326,11 +368,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_csv(scores)
     elif scores:
         print_table(scores)
-    if csv_path is not None:  # whatever was scored, so that an earlier run's rows are never read as this run's
+    written = True
+    for option, path, write in (("--csv", csv_path, lambda: write_csv(csv_path, scores)),
+                                ("--plot", args.plot, lambda: write_plot(args.plot, scores, args.target,
+                                                                         args.predictions, len(errors)))):  # fmt: skip
+        if path is None:  # the CSV: whatever was scored, so that an earlier run's rows are never read as this run's
+            continue
         try:
-            write_csv(csv_path, scores)
+            write()
         except OSError as err:  # what the check before scoring cannot see: a full disk, a folder made meanwhile
-            print(f"reconkit evaluate: --csv {args.csv}: cannot write it: {err.strerror or err}", file=sys.stderr)
-            return 1
-        print(f"wrote {args.csv}")
-    return 1 if errors or not scores else 0
+            print(f"reconkit evaluate: {option} {path}: cannot write it: {err.strerror or err}", file=sys.stderr)
+            written = False
+            continue
+        print(f"wrote {printable(path)}", file=sys.stderr if csv_stdout else sys.stdout)  # stdout: the CSV alone
+    return 1 if errors or not scores or not written else 0

@@ -1,4 +1,5 @@
-"""PNG panels for a slice: zero-filled | reconstruction | reference | error map (matplotlib, no GUI)."""
+"""PNG panels for a slice: zero-filled | reconstruction | reference | error map (matplotlib, no GUI, imported when a
+panel is drawn)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from reconkit.atomic import atomic_directory, atomic_path
 from reconkit.errors import printable
@@ -63,6 +62,9 @@ def write_png_panel(
     every row and column gets at least one PNG pixel (a 320 × 320 fastMRI slice in a 3-inch panel would lose one
     row and column in eight, and with them thin structures and aliasing lines).
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here, not with reconkit.io: about a second
+    from matplotlib.figure import Figure
+
     panels: list[tuple[str, np.ndarray]] = []
     if zero_filled is not None:
         panels.append(("zero-filled", zero_filled))
