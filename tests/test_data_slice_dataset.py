@@ -552,17 +552,40 @@ def test_datasets_scanning_at_once_keep_each_others_cache_entries(tmp_path, monk
     assert sorted(Path(key[0][0]).name for key in entries) == ["train.h5", "val.h5"]
 
 
-def test_a_cache_that_cannot_be_pickled_is_not_written(tmp_path, caplog):
-    """An HDF5 object reference among a file's attrs (they go into the cache as the sample metadata) cannot be
-    pickled: the TypeError ended the dataset, though the cache is only a speed-up."""
+def test_a_cache_that_cannot_be_pickled_is_not_written(tmp_path, caplog, monkeypatch):
+    """A value pickle refuses among the sample metadata (an HDF5 reference attr did, before file_attrs left them
+    out): the TypeError ended the dataset, though the cache is only a speed-up."""
     (tmp_path / "data").mkdir()
-    path = write_volume(tmp_path / "data" / "ref.h5", num_slices=2, coils=2)
-    with h5py.File(path, "a") as hf:
-        hf.attrs["source"] = hf["kspace"].ref
+    write_volume(tmp_path / "data" / "a.h5", num_slices=2, coils=2)
+
+    def refuse(obj, file):
+        raise TypeError("cannot pickle 'h5py.h5r.Reference' object")
+
+    monkeypatch.setattr(pickle, "dump", refuse)
     cache = tmp_path / "cache.pkl"
     with caplog.at_level(logging.WARNING):
         ours = SliceDataset(tmp_path / "data", dataset_cache_file=cache)
     assert len(ours) == 2 and "could not write dataset cache" in caplog.text and not cache.exists()
+
+
+def test_hdf5_reference_attrs_are_left_out_so_the_dataset_pickles_for_spawned_workers(tmp_path):
+    """HDF5 object / region references among a file's attrs (alone or in an array) mean nothing without the open
+    file, and pickle refuses them: a DataLoader whose workers start by spawn or forkserver (macOS, Windows, Python
+    3.14's Linux default), which pickles the dataset into each worker, failed at its first batch ("no default
+    __reduce__"), a sample tuple holding them could not come back from any worker, and the cache was not written."""
+    (tmp_path / "data").mkdir()
+    path = write_volume(tmp_path / "data" / "ref.h5", num_slices=2, coils=2)
+    with h5py.File(path, "a") as hf:
+        hf.attrs["source"] = hf["kspace"].ref
+        hf.attrs["region"] = hf["kspace"].regionref[0:1]
+        hf.attrs.create("sources", [hf["kspace"].ref] * 2, dtype=h5py.ref_dtype)
+    cache = tmp_path / "cache.pkl"
+    dataset = SliceDataset(tmp_path / "data", dataset_cache_file=cache)
+    assert cache.exists()
+    in_worker = pickle.loads(pickle.dumps(dataset))  # what a spawned worker receives
+    sample = pickle.loads(pickle.dumps(in_worker[1]))  # and what it sends back
+    assert not {"source", "region", "sources"} & set(sample[3]) and sample[3]["max"] == dataset[1][3]["max"]
+    assert np.array_equal(sample[0], dataset[1][0])
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

@@ -166,7 +166,9 @@ class SliceDataset(torch.utils.data.Dataset):
 
     Each item is ``(kspace, mask, target, attrs, fname, slice_num)``: ``kspace`` complex64 ``(C, H, W)`` or
     ``(H, W)``, ``mask`` the stored ``(W,)`` mask or None, ``target`` float32 ``(h, w)`` or None, ``attrs`` the file
-    attrs plus ``padding_left``, ``padding_right``, ``encoding_size``, ``recon_size``, ``fname`` the file name.
+    attrs (HDF5 references left out: :func:`~reconkit.data.volume.file_attrs`) plus ``padding_left``,
+    ``padding_right``, ``encoding_size``, ``recon_size``, ``fname`` the file name. The dataset (with a picklable
+    ``transform``) pickles, as a ``DataLoader`` whose workers start by ``spawn`` or ``forkserver`` needs.
     Reading a slice whose k-space or target holds NaN / inf raises :class:`DataError` naming the file and slice.
     """
 
@@ -291,7 +293,7 @@ class SliceDataset(torch.utils.data.Dataset):
                 with atomic_path(path) as tmp, open(tmp, "wb") as f:
                     pickle.dump({"version": _CACHE_VERSION, "entries": entries}, f)
             logger.info("saved dataset cache to %s", path)
-        except (OSError, pickle.PicklingError, TypeError) as err:  # TypeError: an attr pickle refuses (HDF5 reference)
+        except (OSError, pickle.PicklingError, TypeError) as err:  # TypeError: a value pickle refuses
             logger.warning("could not write dataset cache %s (%s)", path, err)
 
     # ----------------------------------------------------------------------------------------- samples

@@ -360,9 +360,20 @@ def _validate(hf: h5py.File, path: Path, challenge: str | None) -> VolumeInfo:
 
 def file_attrs(hf: h5py.File) -> dict:
     """The file's HDF5 attributes, each one-element array (MATLAB and some converters store scalars so: ``max`` as
-    ``array([0.0004])``) as its scalar, which is how fastMRI's files hold them; other values as stored."""
-    return {key: value.reshape(())[()] if isinstance(value, np.ndarray) and value.size == 1 else value
-            for key, value in hf.attrs.items()}  # fmt: skip
+    ``array([0.0004])``) as its scalar, which is how fastMRI's files hold them; other values as stored, except HDF5
+    object and region references (alone or in an array), which are left out: they mean something only while their
+    file is open, and pickle refuses them, so a dataset holding one could not be sent to a ``DataLoader`` worker
+    started by ``spawn`` or ``forkserver`` (macOS, Windows, Python 3.14's Linux default) nor cached."""
+    attrs = {key: value.reshape(())[()] if isinstance(value, np.ndarray) and value.size == 1 else value
+             for key, value in hf.attrs.items()}  # fmt: skip
+    return {key: value for key, value in attrs.items() if not _holds_reference(value)}
+
+
+def _holds_reference(value: object) -> bool:
+    """Whether an attribute value is an HDF5 object / region reference or an object array holding one."""
+    if isinstance(value, (h5py.Reference, h5py.RegionReference)):
+        return True
+    return isinstance(value, np.ndarray) and value.dtype == object and any(map(_holds_reference, value.flat))
 
 
 def read_volume_info(path: os.PathLike | str, challenge: str | None = None) -> VolumeInfo:
