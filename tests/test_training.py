@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import yaml
 from fastmri import evaluate
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.multiprocessing import ProcessRaisedException
 
 from reconkit.cli.reconstruct import main as reconstruct_main
 from reconkit.cli.train import main, one_line
@@ -635,6 +637,31 @@ def test_data_error_in_a_dataloader_worker_stays_a_data_error():
     with pytest.raises(DataError) as err:
         next(iter(loader))
     assert one_line(err.value) == "/data/file1.h5: cannot read slice 0 (corrupt chunk)"
+
+
+def _raised_in_a_spawned_rank(error: Exception):
+    """A ``run_cli`` stand-in raising what Lightning's ddp_spawn launcher raises when a rank failed with ``error``:
+    torch.multiprocessing's ProcessRaisedException carrying the rank's traceback as text."""
+    def run_cli(argv):
+        try:
+            raise error
+        except Exception:  # noqa: BLE001 -- as torch.multiprocessing.spawn's _wrap does
+            raise ProcessRaisedException(f"\n\n-- Process 1 terminated with the following error:\n"
+                                         f"{traceback.format_exc()}", 1, 4242) from None
+    return run_cli
+
+
+def test_cli_error_of_a_ddp_spawn_rank_is_one_line(monkeypatch, capsys):
+    """--trainer.strategy ddp_spawn runs the ranks in processes started by torch.multiprocessing.spawn, which hands an
+    exception back as its traceback's text: a bad slice a rank read (NaN k-space in a validation file) ended the
+    command with 80 lines of traceback instead of the CLI's one line (spawnaudit); other errors stay tracebacks."""
+    problem = "slice 1: 'kspace' holds 4 NaN / inf values (first at index (0, 0, 0))"
+    monkeypatch.setattr("reconkit.training.cli.run_cli", _raised_in_a_spawned_rank(DataError("val/a.h5", problem)))
+    assert main(["validate"]) == 1
+    assert capsys.readouterr().err == f"reconkit train: val/a.h5: {problem}\n"
+    monkeypatch.setattr("reconkit.training.cli.run_cli", _raised_in_a_spawned_rank(RuntimeError("a: b")))
+    with pytest.raises(ProcessRaisedException, match="RuntimeError: a: b"):
+        main(["validate"])
 
 
 def test_volume_subsets_are_reproducible_nested_and_sized():

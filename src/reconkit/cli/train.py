@@ -14,12 +14,20 @@ def main(argv: Sequence[str]) -> int:
 
     Example: ``reconkit train fit --config configs/varnet_sim_small.yaml --data.data_path data/sim_small``.
     """
-    from reconkit.training.cli import run_cli  # Lightning is imported only when training runs
+    from torch.multiprocessing import ProcessRaisedException  # torch and Lightning only when training runs
+
+    from reconkit.training.cli import run_cli
 
     try:
         run_cli(list(argv))
     except ReconkitError as err:
         print(f"reconkit train: {one_line(err)}", file=sys.stderr)
+        return 1
+    except ProcessRaisedException as err:  # --trainer.strategy ddp_spawn: a rank's error comes back as its traceback
+        message = _spawned_reconkit_error(str(err))
+        if message is None:
+            raise
+        print(f"reconkit train: {message}", file=sys.stderr)
         return 1
     except ValueError as err:  # jsonargparse wraps an error raised while building the model or data module
         cause = _reconkit_cause(err)
@@ -42,6 +50,18 @@ def _reconkit_cause(err: BaseException) -> ReconkitError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def _spawned_reconkit_error(traceback_text: str) -> str | None:
+    """The one-line message of the :class:`ReconkitError` whose traceback ``traceback_text`` is (what a process that
+    ``torch.multiprocessing.spawn`` started hands back, as text: the exception object stays in that process), or
+    None when its last line is another exception's."""
+    found = re.match(r"([\w.]+)\.(\w+): (.*)", traceback_text.strip().splitlines()[-1])
+    if found is None:
+        return None
+    module, name, message = found.groups()
+    cls = getattr(sys.modules.get(module), name, None)
+    return printable(message) if isinstance(cls, type) and issubclass(cls, ReconkitError) else None
 
 
 def one_line(err: ReconkitError) -> str:
