@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from reconkit.cli.serve import main as serve_main
-from reconkit.errors import DataError, ReconkitError
+from reconkit.errors import ConfigError, DataError, ReconkitError
 from reconkit.export.triton_repository import write_triton_repository
 from reconkit.serve import ServerConfig
 from reconkit.serve.pbtxt import PbtxtError, parse_pbtxt
@@ -240,10 +240,40 @@ def test_cli_serve_reports_bad_repository_and_options(tmp_path, capsys):
     assert serve_main(["--model-repository", str(tmp_path), "--max-queue-size", "0"]) == 2
     assert serve_main(["--model-repository", str(tmp_path), "--device", "cpu", "--request-timeout-s", "0"]) == 2
     # NaN passed every comparison: a NaN size was a ValueError traceback, a NaN timeout made every request time out
-    for option in ("--max-request-mb", "--request-timeout-s", "--client-timeout-s", "--max-queue-delay-ms"):
+    for option, field in (("--max-request-mb", "--max-request-mb"), ("--request-timeout-s", "request_timeout_s"),
+                          ("--client-timeout-s", "client_timeout_s"), ("--max-queue-delay-ms", "max_queue_delay_s")):
         for value in ("nan", "inf"):
             assert serve_main(["--model-repository", str(tmp_path), option, value]) == 2, (option, value)
-            assert "positive finite numbers" in capsys.readouterr().err
+            err = capsys.readouterr().err
+            assert field in err and "must be a finite number" in err, (option, err)
+
+
+@pytest.mark.parametrize("make, problem", [
+    # instances=0 was ValueError("max_workers must be greater than 0") from the thread pool when the server started
+    (lambda: BatchingConfig(instances=0), r"BatchingConfig.instances must be an integer >= 1, got 0"),
+    (lambda: BatchingConfig(max_batch_size=-1), r"BatchingConfig.max_batch_size must be an integer >= 0, got -1"),
+    (lambda: BatchingConfig(max_batch_size=2.5), r"max_batch_size must be an integer >= 0, got 2.5"),
+    (lambda: BatchingConfig(max_queue_delay_s=-0.1), r"max_queue_delay_s must be a finite number >= 0, got -0.1"),
+    (lambda: BatchingConfig(max_queue_delay_s=float("nan")), r"max_queue_delay_s must be a finite number >= 0"),
+    (lambda: BatchingConfig(max_queue_size=0), r"BatchingConfig.max_queue_size must be an integer >= 1, got 0"),
+    (lambda: ServerConfig(Path("m"), request_timeout_s=0), r"ServerConfig.request_timeout_s must be a finite number > 0"),
+    (lambda: ServerConfig(Path("m"), client_timeout_s=float("inf")), r"client_timeout_s must be a finite number > 0"),
+    (lambda: ServerConfig(Path("m"), max_request_bytes=0), r"max_request_bytes must be an integer >= 1, got 0"),
+    (lambda: ServerConfig(Path("m"), intra_op_threads=-1), r"intra_op_threads must be an integer >= 0, got -1"),
+    (lambda: ServerConfig(Path("m"), grpc_max_concurrent_rpcs=0), r"grpc_max_concurrent_rpcs must be an integer >= 1"),
+    (lambda: ServerConfig(Path("m"), max_connections=0), r"max_connections must be an integer >= 1, got 0"),
+    # an unknown device was served on the CPU without a word (select_providers took it for "auto")
+    (lambda: ServerConfig(Path("m"), device="tpu"), r"ServerConfig.device must be one of \('auto', 'cpu', 'cuda'\), got 'tpu'"),
+])
+def test_serve_configs_refuse_values_that_cannot_work(make, problem):
+    """Only the CLI checked these; the library API took them and failed when the server started (or served on)."""
+    with pytest.raises(ConfigError, match=problem):
+        make()
+
+
+def test_cli_serve_refuses_zero_instances_naming_the_field(tmp_path, capsys):
+    assert serve_main(["--model-repository", str(tmp_path), "--instances", "0"]) == 2
+    assert "reconkit serve: BatchingConfig.instances must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("token, problem", [("s3cret\n", "ends with whitespace"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 
@@ -31,6 +33,26 @@ class DataError(ReconkitError):
 class ConfigError(ReconkitError, ValueError):
     """An argument or option value that cannot work (e.g. a centre fraction of 1.5); raised when the object is built,
     before any work starts, and printed by the CLI in one line."""
+
+
+def check_number(name: str, value: object, minimum: float, *, integer: bool = False, strict: bool = False) -> None:
+    """Raise :class:`ConfigError` naming ``name`` and the allowed range unless ``value`` is a finite number
+    ``>= minimum`` (``> minimum`` when ``strict``), and an integer (not a bool) when ``integer``.
+
+    What a configuration dataclass's ``__post_init__`` calls for each numeric field, so that a value nothing could
+    use is refused where it is given, not deep in the code that uses it.
+
+    Example:
+        >>> check_number("BatchingConfig.instances", 0, 1, integer=True)
+        Traceback (most recent call last):
+        ...
+        reconkit.errors.ConfigError: BatchingConfig.instances must be an integer >= 1, got 0
+    """
+    kind = "an integer" if integer else "a finite number"
+    allowed = f"{kind} {'>' if strict else '>='} {minimum:g}"
+    number = not isinstance(value, bool) and isinstance(value, numbers.Integral if integer else numbers.Real)
+    if not (number and math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
 
 
 class ReconkitWarning(UserWarning):

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from reconkit.errors import ReconkitError
+from reconkit.errors import ConfigError, ReconkitError
 
 _EXAMPLE = """example:
   reconkit export --checkpoint checkpoints/varnet_small.ckpt --output varnet.onnx --size 640 368 \\
@@ -104,13 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("reconkit serve: --port and --grpc-port must be port numbers from 0 to 65535 (0: any free port)",
               file=sys.stderr)
         return 2
-    numbers = (args.max_batch_size, args.max_queue_size - 1, args.instances - 1, args.max_queue_delay_ms,
-               args.request_timeout_s, args.max_request_mb, args.intra_op_threads, args.grpc_max_concurrency - 1,
-               args.client_timeout_s, args.max_connections - 1)
-    positive = (args.request_timeout_s, args.max_request_mb, args.client_timeout_s)
-    if not all(map(math.isfinite, numbers)) or min(numbers) < 0 or 0 in positive:
-        print("reconkit serve: sizes, counts and times must be positive finite numbers (max-batch-size and delays "
-              "may be 0)", file=sys.stderr)
+    if not (math.isfinite(args.max_request_mb) and args.max_request_mb > 0):  # int() below cannot take NaN or inf
+        print(f"reconkit serve: --max-request-mb must be a finite number > 0, got {args.max_request_mb}",
+              file=sys.stderr)
         return 2
     token = os.environ.get(args.auth_token_env) or None
     problem = token and _token_problem(token)
@@ -118,14 +114,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reconkit serve: environment variable {args.auth_token_env}: {problem}; no client could send it, so "
               "every request would be refused", file=sys.stderr)
         return 2
-    batching = BatchingConfig(args.max_batch_size, args.max_batch_size > 0, args.max_queue_delay_ms / 1e3,
-                              args.max_queue_size, args.instances)
-    config = ServerConfig(args.model_repository, batching, args.request_timeout_s,
-                          int(args.max_request_mb * 2**20), token,
-                          args.device, args.intra_op_threads,
-                          _grpc_address(args.host, args.grpc_port), args.grpc_max_concurrency, args.tls_cert,
-                          args.tls_key, args.tls_client_ca, client_timeout_s=args.client_timeout_s,
-                          max_connections=args.max_connections)
+    try:  # the dataclasses check every value (ConfigError naming the field: --max-queue-delay-ms is in seconds there)
+        batching = BatchingConfig(args.max_batch_size, args.max_batch_size > 0, args.max_queue_delay_ms / 1e3,
+                                  args.max_queue_size, args.instances)
+        config = ServerConfig(args.model_repository, batching, args.request_timeout_s,
+                              int(args.max_request_mb * 2**20), token,
+                              args.device, args.intra_op_threads,
+                              _grpc_address(args.host, args.grpc_port), args.grpc_max_concurrency, args.tls_cert,
+                              args.tls_key, args.tls_client_ca, client_timeout_s=args.client_timeout_s,
+                              max_connections=args.max_connections)
+    except ConfigError as exc:
+        print(f"reconkit serve: {exc}", file=sys.stderr)
+        return 2
     try:
         serve(config, args.host, args.port)
     except ReconkitError as exc:

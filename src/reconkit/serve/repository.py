@@ -19,7 +19,7 @@ import logging
 import re
 from pathlib import Path
 
-from reconkit.errors import DataError, ReconkitError
+from reconkit.errors import DataError, ReconkitError, check_number
 from reconkit.serve.pbtxt import PbtxtError, first, parse_pbtxt
 
 __all__ = ["MODEL_NAME", "BatchingConfig", "ModelEntry", "discover_models"]
@@ -38,6 +38,9 @@ class BatchingConfig:
     max_queue_delay_s: how long the first queued request may wait for others to join its batch (seconds).
     max_queue_size: requests waiting at most; more are refused with 503.
     instances: executions of the model that may run at the same time.
+
+    Raises :class:`~reconkit.errors.ConfigError` naming the field unless ``max_batch_size`` is an integer >= 0,
+    ``max_queue_delay_s`` a finite number >= 0, and ``max_queue_size`` and ``instances`` integers >= 1.
     """
 
     max_batch_size: int = 8
@@ -45,6 +48,12 @@ class BatchingConfig:
     max_queue_delay_s: float = 0.0
     max_queue_size: int = 64
     instances: int = 1
+
+    def __post_init__(self) -> None:
+        check_number("BatchingConfig.max_batch_size", self.max_batch_size, 0, integer=True)
+        check_number("BatchingConfig.max_queue_delay_s", self.max_queue_delay_s, 0)
+        check_number("BatchingConfig.max_queue_size", self.max_queue_size, 1, integer=True)
+        check_number("BatchingConfig.instances", self.instances, 1, integer=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reconkit.errors import ReconkitError
+from reconkit.errors import ConfigError, ReconkitError, check_number
 from reconkit.serve import protocol
 from reconkit.serve.batcher import DynamicBatcher
 from reconkit.serve.metrics import ServeMetrics, TritonModelMetrics
@@ -31,10 +31,12 @@ from reconkit.serve.repository import BatchingConfig, ModelEntry, discover_model
 from reconkit.serve.statistics import ModelStatistics
 from reconkit.serve.validation import check_inputs, check_outputs
 
-__all__ = ["EXTENSIONS", "ServedModel", "ServerConfig", "ServerState", "bearer_token_ok"]
+__all__ = ["DEVICES", "EXTENSIONS", "ServedModel", "ServerConfig", "ServerState", "bearer_token_ok"]
 
 # protocol extensions served over both REST and gRPC (REST adds binary_tensor_data), named as Triton names them
 EXTENSIONS = ["model_configuration", "statistics"]
+DEVICES = ("auto", "cpu", "cuda")
+"""What :attr:`ServerConfig.device` may be (``reconkit serve --device``)."""
 MAX_JSON_PARSES = 4
 """JSON headers over :data:`~reconkit.serve.protocol.JSON_IN_WORKER_BYTES` in the worker process or waiting for it
 at once: each holds its body (up to ``--max-request-mb``) while it waits, so more are answered 503 (``Retry-After``)."""
@@ -70,6 +72,10 @@ class ServerConfig:
     max_connections: REST connections open at once (at most half the process's file-descriptor limit); with more,
         the one waiting longest for a request is closed, or the new one when every connection has a request in
         flight. The gRPC endpoint keeps as many at most (grpcio closes the new ones beyond).
+
+    Raises :class:`~reconkit.errors.ConfigError` naming the field unless ``request_timeout_s`` and
+    ``client_timeout_s`` are finite numbers > 0, ``max_request_bytes``, ``grpc_max_concurrent_rpcs`` and
+    ``max_connections`` integers >= 1, ``intra_op_threads`` an integer >= 0 and ``device`` one of :data:`DEVICES`.
     """
 
     model_repository: Path
@@ -86,6 +92,16 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     client_timeout_s: float = 30.0
     max_connections: int = 1000
+
+    def __post_init__(self) -> None:
+        check_number("ServerConfig.request_timeout_s", self.request_timeout_s, 0, strict=True)
+        check_number("ServerConfig.max_request_bytes", self.max_request_bytes, 1, integer=True)
+        if self.device not in DEVICES:
+            raise ConfigError(f"ServerConfig.device must be one of {DEVICES}, got {self.device!r}")
+        check_number("ServerConfig.intra_op_threads", self.intra_op_threads, 0, integer=True)
+        check_number("ServerConfig.grpc_max_concurrent_rpcs", self.grpc_max_concurrent_rpcs, 1, integer=True)
+        check_number("ServerConfig.client_timeout_s", self.client_timeout_s, 0, strict=True)
+        check_number("ServerConfig.max_connections", self.max_connections, 1, integer=True)
 
     def tls_pair(self) -> tuple[bytes, bytes] | None:
         """``(key PEM, certificate chain PEM)`` after checking that they load as a pair; None without TLS.
