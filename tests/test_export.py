@@ -647,6 +647,38 @@ def test_device_cuda_needs_only_onnx_runtimes_cuda_provider_for_an_onnx_model(un
         load_reconstructor("zero-filled", device="cuda")
 
 
+def test_bad_device_is_a_reconkit_error_naming_it_for_every_model_kind(unet_checkpoint, tmp_path,
+                                                                       monkeypatch) -> None:
+    """``load_reconstructor(..., device="tpu")`` was torch's RuntimeError listing its backends for the baselines and
+    checkpoints, and an ONNX model ran on the CPU without a word (for ``"cuda:0"`` too); ``"cuda:7"`` on a machine
+    with one GPU was torch's error at the first run. Each is a ReconkitError naming the device now, and an ONNX
+    model's ``"cuda:N"`` opens the CUDA provider on GPU N."""
+    from reconkit.inference import load_reconstructor
+
+    _, checkpoint = unet_checkpoint
+    path = export_onnx(checkpoint, tmp_path / "unet.onnx", (3, 32, 24))
+    models = ["zero-filled", "cg-sense", str(checkpoint), str(path)]
+    for model in models:
+        with pytest.raises(ReconkitError, match=r"device 'tpu': reconkit runs models on 'cpu' or 'cuda'"):
+            load_reconstructor(model, device="tpu")
+    real_session, opened = ort.InferenceSession, []
+
+    def session(model, options, providers):
+        opened.append(providers[0])
+        return real_session(model, options, providers=providers[1:])
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for model in models:
+        with pytest.raises(ReconkitError, match=r"device 'cuda:7', but PyTorch sees 2 CUDA device\(s\): cuda:0 to "
+                                                r"cuda:1"):
+            load_reconstructor(model, device="cuda:7")
+    assert load_reconstructor(str(path), device="cuda:1").backend == "onnx"
+    assert opened == [("CUDAExecutionProvider", {"device_id": 1})]
+
+
 def test_onnx_file_with_missing_external_data_says_so(tmp_path) -> None:
     """A file saved with ``save_as_external_data=True`` whose data file was not copied along is an ONNX model:
     the error names the missing external data instead of calling the file "not an ONNX model"."""

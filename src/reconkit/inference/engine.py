@@ -97,15 +97,37 @@ class Reconstructor:
         )
 
 
-def _torch_device(device: str) -> str:
+def _parse_device(device: str) -> torch.device:
+    """``device`` (``"cpu"``, ``"cuda"`` or ``"cuda:N"``) as a ``torch.device``; ReconkitError naming it otherwise
+    (torch's own error listed every backend it knows, and ONNX Runtime ran an unknown name on the CPU)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ReconkitError(f"device {device!r}: reconkit runs models on 'cpu' or 'cuda' ('cuda:N': the N-th GPU)")
+    return parsed
+
+
+def _check_cuda_index(device: str, parsed: torch.device) -> None:
+    """ReconkitError naming ``device`` when PyTorch sees no GPU of its index (``cuda`` is ``cuda:0``)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ReconkitError(f"device {device!r}, but PyTorch sees no CUDA device (a CPU build, or no GPU)")
+    if (parsed.index or 0) >= count:
+        raise ReconkitError(f"device {device!r}, but PyTorch sees {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
+
+
+def _torch_device(device: str) -> torch.device:
     """``device`` for a PyTorch model, checked: an ONNX model needs only ONNX Runtime's CUDA provider (checked where
     its session opens), so ``--device cuda`` with a CPU build of PyTorch fails for PyTorch models only."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ReconkitError("--device cuda, but PyTorch sees no CUDA device (a CPU build, or no GPU)")
-    return device
+    parsed = _parse_device(device)
+    if parsed.type == "cuda":
+        _check_cuda_index(device, parsed)
+    return parsed
 
 
-def _torch_runner(model: torch.nn.Module, device: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def _torch_runner(model: torch.nn.Module, device: torch.device) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     model = model.to(device).eval()
     # the float32 inputs in the weights' dtype: a float64 checkpoint (e.g. --trainer.precision 64-true) runs in float64
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -155,13 +177,16 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
     from reconkit.export.onnx_export import UNKNOWN_MASK_FAMILY, decoded_metadata
     from reconkit.export.onnx_format import session_source
 
+    parsed = _parse_device(device)
     proto = read_onnx(path)  # read once: the metadata, and the size branches of a multi-size file
     metadata = decoded_metadata(proto, path)
-    providers = ["CPUExecutionProvider"]
-    if device == "cuda":
+    providers: list = ["CPUExecutionProvider"]
+    if parsed.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ReconkitError(f"{path}: --device cuda, but this onnxruntime has no CUDAExecutionProvider")
-        providers.insert(0, "CUDAExecutionProvider")
+            raise ReconkitError(f"{path}: device {device!r}, but this onnxruntime has no CUDAExecutionProvider")
+        if torch.cuda.is_available():  # else (a CPU build of PyTorch) ONNX Runtime says so when a session opens
+            _check_cuda_index(device, parsed)
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": parsed.index or 0}))
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
@@ -219,8 +244,7 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
     @_built_once  # the model is rebuilt once, when a size outside the graph first comes
     def torch_run() -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         # on the CPU where ONNX Runtime has CUDA but this PyTorch has not (the CUDA image's onnxruntime-gpu alone)
-        return _torch_runner(load_onnx_as_torch(path), "cuda" if device == "cuda" and torch.cuda.is_available()
-                             else "cpu")
+        return _torch_runner(load_onnx_as_torch(path), parsed if torch.cuda.is_available() else torch.device("cpu"))
 
     rebuildable = torch_fallback and sizes is not None and "reconkit.model_kwargs" in metadata
 
@@ -260,7 +284,7 @@ def load_reconstructor(
             whole file's session, with a :class:`~reconkit.errors.ReconkitWarning`, where a branch cannot be opened
             alone) or a reconkit checkpoint (``reconkit.models.load_model``).
         backend: ``"torch"`` / ``"onnx"``; None infers it from the file extension (:func:`default_backend`).
-        device: ``"cpu"`` or ``"cuda"``.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (the N-th GPU; ``"cuda"`` is ``"cuda:0"``).
         threads: ONNX Runtime intra-op threads (None: its default). Not applied to PyTorch models (a checkpoint, the
             baselines, the ONNX file's PyTorch fallback): their threads are process-wide, set them with
             ``torch.set_num_threads`` as ``reconkit reconstruct --threads`` does.
@@ -268,7 +292,8 @@ def load_reconstructor(
             file's own weights in PyTorch (:func:`reconkit.export.load_onnx_as_torch`) instead of failing.
 
     Raises:
-        ReconkitError: unknown name, missing or unreadable model file, unavailable device or backend mismatch.
+        ReconkitError: unknown name, missing or unreadable model file, an unknown or unavailable device (named),
+            or backend mismatch.
     """
     from reconkit.models import contract_model, load_model
     from reconkit.models.classical import CGSense, ZeroFilled
@@ -288,14 +313,14 @@ def load_reconstructor(
         return _onnx_reconstructor(path, device, threads, torch_fallback)
     if named_onnx:
         raise ReconkitError(f"{path}: an ONNX file runs with --backend onnx, not torch")
-    device = _torch_device(device)
+    torch_device = _torch_device(device)
     net, info = load_model(path)
     net = contract_model(net)  # image-domain models (U-Net, ViT) get the zero-filled front end, as on export
     mask_info = (info.get("mask") if isinstance(info, dict) else None) or {}  # None: saved without a mask
     return Reconstructor(
         name=path.name,
         backend="torch",
-        run=_torch_runner(net, device),
+        run=_torch_runner(net, torch_device),
         mask_defaults=_mask_defaults(
             mask_info.get("mask_type"), mask_info.get("accelerations"), mask_info.get("center_fractions")
         ),
