@@ -81,6 +81,17 @@ def test_norm_unet_rejects_real_input():
         NormUnet(2, 1)(torch.randn(1, 1, 16, 16, 3))
 
 
+def test_norm_unet_names_expected_and_actual_channels():
+    """Three complex channels into a NormUnet built for one was a convolution's RuntimeError deep in the U-Net,
+    counting the stacked real channels (6 against 2)."""
+    net = NormUnet(2, 1)
+    with pytest.raises(ValueError, match=r"NormUnet was built for in_chans=2 real channels \(1 complex\); got 6 "
+                                         r"\(3 complex\)"):
+        net(torch.randn(1, 3, 16, 16, 2))
+    with pytest.raises(ValueError, match=r"in_chans=2 real channels \(1 complex\); got 3 \(1.5 complex\)"):
+        net.forward_channels(torch.randn(1, 3, 16, 16))
+
+
 def test_unet_names_its_minimum_size_for_too_small_images():
     net = Unet(1, 1, chans=2, num_pool_layers=3)
     assert net(torch.randn(1, 1, 8, 9)).shape == (1, 1, 8, 9)  # 2**3 runs

@@ -364,7 +364,11 @@ class NormUnet(nn.Module):
         return math.floor(total / 2), math.ceil(total / 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W, 2)`` complex images → same shape."""
+        """``(B, C, H, W, 2)`` complex images, ``2·C == in_chans`` → same shape.
+
+        Raises:
+            ValueError: ``x`` is not ``(B, C, H, W, 2)``, or ``2·C != in_chans`` (naming both counts).
+        """
         if x.ndim != 5 or x.shape[-1] != 2:
             raise ValueError(f"NormUnet: expected (B, C, H, W, 2) complex images; got shape {tuple(x.shape)}")
         b, c, h, w, _ = x.shape
@@ -373,8 +377,15 @@ class NormUnet(nn.Module):
 
     def forward_channels(self, x: torch.Tensor) -> torch.Tensor:
         """The same on the channel layout ``(B, 2·C, H, W)`` (C real channels, then C imaginary ones) → same shape;
-        for callers that hold real and imaginary parts apart (the export path)."""
+        for callers that hold real and imaginary parts apart (the export path).
+
+        Raises:
+            ValueError: ``2·C != in_chans`` (naming both counts).
+        """
         b, channels, h, w = x.shape
+        if channels != self.unet.in_chans:  # else a convolution's RuntimeError deep in the U-Net (or a bad reshape)
+            raise ValueError(f"NormUnet was built for in_chans={self.unet.in_chans} real channels "
+                             f"({self.unet.in_chans / 2:g} complex); got {channels} ({channels / 2:g} complex)")
         grouped = x.reshape(b, 2, channels // 2 * h * w)
         std, mean = torch.std_mean(grouped, dim=2)
         mean, std = mean.view(b, 2, 1, 1, 1), std.view(b, 2, 1, 1, 1)
