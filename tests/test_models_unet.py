@@ -92,6 +92,16 @@ def test_norm_unet_names_expected_and_actual_channels():
         net.forward_channels(torch.randn(1, 3, 16, 16))
 
 
+@pytest.mark.parametrize("in_chans, out_chans", [(2, 4), (4, 2), (3, 3), (0, 0)])
+def test_norm_unet_refuses_channel_counts_its_forward_cannot_use(in_chans, out_chans):
+    """NormUnet(in_chans=2, out_chans=4) was built and then failed in forward (a reshape's RuntimeError), as fastmri's
+    does: the output is de-normalised with the input's real / imaginary statistics, so both counts must be equal
+    and even; odd ones could take no complex input at all."""
+    with pytest.raises(ValueError, match=rf"in_chans and out_chans must be equal, even and >= 2 .*got "
+                                         rf"in_chans={in_chans}, out_chans={out_chans}"):
+        NormUnet(2, 1, in_chans=in_chans, out_chans=out_chans)
+
+
 def test_unet_names_its_minimum_size_for_too_small_images():
     net = Unet(1, 1, chans=2, num_pool_layers=3)
     assert net(torch.randn(1, 1, 8, 9)).shape == (1, 1, 8, 9)  # 2**3 runs

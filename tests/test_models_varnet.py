@@ -233,6 +233,14 @@ def test_varnet_rejects_bad_shapes():
             net(torch.randn(1, 3, 16, 16, 2), mask)
 
 
+def test_sensitivity_model_refuses_channel_counts_other_than_one_complex_image():
+    """SensitivityModel(in_chans=4, out_chans=4) was built and then failed in forward with a convolution's
+    RuntimeError (as fastmri's does): its NormUnet runs coil by coil on one complex image."""
+    with pytest.raises(ValueError, match=r"SensitivityModel runs its NormUnet coil by coil.*got in_chans=4, "
+                                         r"out_chans=4"):
+        SensitivityModel(2, 1, in_chans=4, out_chans=4)
+
+
 def test_sensitivity_model_called_directly_rejects_a_mask_of_another_width():
     """A mask 12 or 30 lines wide on 24-column k-space gave (1, 3, 16, 24, 2) maps from an ACS window measured on
     the wrong lines, no error (as fastmri's); VarNet's own input check now runs there too."""

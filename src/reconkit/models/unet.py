@@ -353,6 +353,12 @@ class NormUnet(nn.Module):
     """
 
     def __init__(self, chans: int, num_pools: int, in_chans: int = 2, out_chans: int = 2, drop_prob: float = 0.0):
+        """Raises ValueError unless ``in_chans == out_chans`` and both are even: they count the real and imaginary
+        channels of the same complex images (the output is de-normalised with the input's statistics)."""
+        if in_chans != out_chans or in_chans < 2 or in_chans % 2:
+            raise ValueError("NormUnet: in_chans and out_chans must be equal, even and >= 2 (the real and imaginary "
+                             f"channels of C complex images, in and out); got in_chans={in_chans}, "
+                             f"out_chans={out_chans}")
         super().__init__()
         self.unet = Unet(in_chans=in_chans, out_chans=out_chans, chans=chans, num_pool_layers=num_pools,
                          drop_prob=drop_prob)

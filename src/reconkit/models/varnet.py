@@ -109,7 +109,9 @@ class SensitivityModel(nn.Module):
     """Learned coil sensitivities: centre of k-space → per-coil image → :class:`NormUnet` → divide by RSS.
 
     Args:
-        chans, num_pools, in_chans, out_chans, drop_prob: of the :class:`NormUnet` (applied coil by coil).
+        chans, num_pools, in_chans, out_chans, drop_prob: of the :class:`NormUnet` (applied coil by coil, so
+            ``in_chans`` and ``out_chans`` must be 2, one complex image: as fastmri's, whose other values fail in
+            forward; ValueError otherwise).
         mask_center: keep only the low-frequency window of k-space before estimating (fastmri's default).
     """
 
@@ -122,6 +124,9 @@ class SensitivityModel(nn.Module):
         drop_prob: float = 0.0,
         mask_center: bool = True,
     ):
+        if (in_chans, out_chans) != (2, 2):
+            raise ValueError(f"SensitivityModel runs its NormUnet coil by coil, one complex image (2 channels) in and "
+                             f"out; got in_chans={in_chans}, out_chans={out_chans}")
         super().__init__()
         self.mask_center = mask_center
         self.norm_unet = NormUnet(chans, num_pools, in_chans=in_chans, out_chans=out_chans, drop_prob=drop_prob)
