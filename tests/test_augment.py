@@ -19,7 +19,7 @@ from reconkit.data.augment import (
 )
 from reconkit.data.simulate import simulate_dataset
 from reconkit.data.transforms import center_crop, to_tensor
-from reconkit.errors import DataError
+from reconkit.errors import ConfigError, DataError
 from reconkit.ops import fft2c, ifft2c, rss_complex
 from reconkit.training import FastMriDataModule
 
@@ -172,6 +172,20 @@ def test_bad_configuration_is_rejected():
         AugmentConfig(weights={"elastic": 1.0})
     with pytest.raises(ValueError, match="images must be"):
         augment_coil_images(torch.zeros(4, 4, 2), AugmentParams())
+    # each was taken: exp_rate 0 divided by zero at the first sample, a NaN ramp or weight switched augmentation off
+    # without a word, a NaN angle was numpy's OverflowError, a one-number translation an IndexError, max_scaling 1
+    # drew scale factors near 0 (a collapsed image)
+    for options, problem in (({"exp_rate": 0.0}, r"exp_rate must be a finite number other than 0.*got 0.0"),
+                             ({"ramp_length": math.nan}, r"ramp_length must be a finite number > 0, got nan"),
+                             ({"weights": {"rotation": math.nan}}, r"weights\['rotation'\] must be a finite number"),
+                             ({"max_rotation": math.nan}, r"max_rotation must be a finite number >= 0, got nan"),
+                             ({"max_shearing": math.inf}, r"max_shearing must be a finite number >= 0, got inf"),
+                             ({"max_translation": (0.1,)}, r"max_translation must be \(y, x\) fractions"),
+                             ({"max_translation": (0.1, -0.1)}, r"max_translation must be a finite number >= 0"),
+                             ({"max_scaling": 1.0}, r"max_scaling must be below 1.*got 1.0")):
+        with pytest.raises(ConfigError, match=problem):
+            AugmentConfig(**options)
+    assert AugmentConfig(schedule="linear", exp_rate=0.0).exp_rate == 0.0  # only the exp schedule divides by it
     kspace, _, target, _, fname, slice_num = fake_slice()
     with pytest.raises(DataError, match=r"vol_a.h5: augmentation needs \(C, H, W\) or single-coil \(H, W\)"):
         AugmentedVarNetTransform(config=ALWAYS).augment(kspace[None], target, fname, slice_num, 1.0)

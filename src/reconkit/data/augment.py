@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from reconkit.data.masks import MaskFunc, create_mask_for_mask_type
 from reconkit.data.transforms import VarNetDataTransform, VarNetSample, to_tensor
-from reconkit.errors import DataError
+from reconkit.errors import ConfigError, DataError, check_number
 from reconkit.ops import fft2c, ifft2c, rss_complex
 
 __all__ = [
@@ -72,6 +72,11 @@ class AugmentConfig:
         max_shearing: degrees, shear angles (x and y) drawn from ``U(−max, max)``.
         interpolation: ``"bilinear"`` or ``"bicubic"``.
         padding: ``"reflection"`` or ``"zeros"`` (what fills the field of view outside the moved image).
+
+    Raises ValueError (:class:`~reconkit.errors.ConfigError` for the numbers) naming the field for a value that
+    cannot work: a probability outside [0, 1], an unknown name, a negative or non-finite weight, ``max_rotation``,
+    ``max_translation`` or ``max_shearing``, a ``max_scaling`` outside [0, 1), a ``ramp_length`` that is not a
+    finite number > 0, or (``"exp"`` schedule) an ``exp_rate`` of 0 or not finite.
     """
 
     probability: float = 0.55
@@ -102,10 +107,24 @@ class AugmentConfig:
         unknown = set(self.weights) - set(AugmentParams.KINDS)
         if unknown:
             raise ValueError(f"unknown augmentation weights {sorted(unknown)}; known: {list(AugmentParams.KINDS)}")
-        if any(w < 0 for w in self.weights.values()):
-            raise ValueError(f"augmentation weights must be >= 0, got {self.weights}")
-        if self.ramp_length <= 0:
-            raise ValueError(f"ramp_length must be > 0, got {self.ramp_length}")
+        for kind, weight in self.weights.items():  # NaN switched the kind off without a word
+            check_number(f"augmentation weights[{kind!r}]", weight, 0)
+        check_number("augmentation ramp_length", self.ramp_length, 0, strict=True)  # NaN: p = NaN, nothing applied
+        if self.schedule == "exp" and not (math.isfinite(self.exp_rate) and self.exp_rate != 0):
+            raise ConfigError(f"augmentation exp_rate must be a finite number other than 0 (the exp schedule divides "
+                              f"by 1 − e^(−exp_rate)), got {self.exp_rate!r}")
+        # NaN made numpy's draw an OverflowError, a scale beyond [0, 2] a flipped or collapsed image
+        check_number("augmentation max_rotation", self.max_rotation, 0)
+        check_number("augmentation max_shearing", self.max_shearing, 0)
+        check_number("augmentation max_scaling", self.max_scaling, 0)
+        if self.max_scaling >= 1:
+            raise ConfigError(f"augmentation max_scaling must be below 1 (scale factors from U(1 − max, 1 + max) must "
+                              f"stay positive), got {self.max_scaling!r}")
+        if np.ndim(self.max_translation) != 1 or len(self.max_translation) != 2:
+            raise ConfigError(f"augmentation max_translation must be (y, x) fractions of the image height / width, "
+                              f"got {self.max_translation!r}")
+        for fraction in self.max_translation:
+            check_number("augmentation max_translation", fraction, 0)
 
 
 @dataclass
