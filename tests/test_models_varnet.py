@@ -1,5 +1,7 @@
 """reconkit.models.VarNet against fastmri.models.VarNet (the oracle), plus checkpointing, AMP and tracing."""
 
+import math
+
 import fastmri.models
 import numpy as np
 import onnxruntime
@@ -401,6 +403,10 @@ def test_final_dc_settings_are_checked():
         VarNet(**SMALL, final_dc_iters=5, final_dc_wavelet=-0.1)
     with pytest.raises(ValueError, match="final_dc_maps must be one of"):
         VarNet(**SMALL, final_dc_iters=5, final_dc_maps="walsh")
+    # NaN passed the comparisons: a NaN prior or wavelet weight made every image NaN without a word
+    for options in ({"final_dc_prior": math.nan}, {"final_dc_wavelet": math.nan}, {"final_dc_prior": math.inf}):
+        with pytest.raises(ValueError, match=r"final_dc_prior > 0 and final_dc_wavelet >= 0 \(finite numbers\)"):
+            VarNet(**SMALL, final_dc_iters=5, **options)
 
 
 def test_final_dc_step_with_espirit_maps_and_wavelets_beats_acs_maps_on_a_sharp_object():

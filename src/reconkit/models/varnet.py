@@ -14,6 +14,8 @@ work in k-space), keep the k-space form. Both give the same result up to float r
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -335,8 +337,10 @@ class VarNet(nn.Module):
         final_dc_wavelet: float = 0.0,
     ):
         super().__init__()
-        if final_dc_iters < 0 or final_dc_prior <= 0 or final_dc_wavelet < 0:
-            raise ValueError(f"VarNet: final_dc_iters must be >= 0, final_dc_prior > 0 and final_dc_wavelet >= 0; "
+        # NaN passed the plain comparisons (a NaN prior or wavelet weight made every image NaN)
+        if not (final_dc_iters >= 0 and 0 < final_dc_prior < math.inf and 0 <= final_dc_wavelet < math.inf):
+            raise ValueError(f"VarNet: final_dc_iters must be >= 0, final_dc_prior > 0 and final_dc_wavelet >= 0 "
+                             f"(finite numbers); "
                              f"got {final_dc_iters}, {final_dc_prior}, {final_dc_wavelet}")
         if final_dc_maps not in STEP_MAPS:
             raise ValueError(f"VarNet: final_dc_maps must be one of {sorted(STEP_MAPS)}; got {final_dc_maps!r}")
