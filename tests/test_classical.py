@@ -129,6 +129,17 @@ def test_kspace_without_coils_is_refused_clearly():
             model(kspace[:, :0], mask)
 
 
+@pytest.mark.parametrize("options, problem", [({"l2_reg": -0.5}, r"CGSense l2_reg must be a finite number >= 0"),
+                                              ({"l2_reg": math.nan}, r"CGSense l2_reg must be a finite number >= 0"),
+                                              ({"num_iters": 0}, r"CGSense num_iters must be an integer >= 1, got 0"),
+                                              ({"num_iters": 2.5}, r"num_iters must be an integer >= 1, got 2.5")])
+def test_cg_sense_refuses_settings_that_cannot_give_an_image(options, problem):
+    """A negative or NaN λ made every CG-SENSE image NaN and 0 iterations an image of zeros, without a word; 2.5
+    iterations failed in forward (range() of a float)."""
+    with pytest.raises(ValueError, match=problem):
+        CGSense(**options)
+
+
 def test_numpy_arrays_are_refused_with_a_type_error_naming_the_function():
     """A numpy array failed deep inside with AttributeError ("'numpy.ndarray' object has no attribute 'detach'")."""
     kspace, mask, *_ = simulate(coils=2, height=16, width=12)

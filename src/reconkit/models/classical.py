@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reconkit.errors import ReconkitError, ReconkitWarning
+from reconkit.errors import ReconkitError, ReconkitWarning, check_number
 from reconkit.ops import (
     MultiCoilMRI,
     as_complex,
@@ -378,13 +378,17 @@ class CGSense(nn.Module):
         sens_method: ``"acs"`` (:func:`estimate_sens_maps_acs`) or ``"espirit"`` (:func:`estimate_sens_maps_espirit`).
 
     Raises:
-        ValueError: an unknown ``sens_method``.
+        ValueError: an unknown ``sens_method``; ``num_iters`` not an integer >= 1 or ``l2_reg`` not a finite number
+            >= 0 (:class:`~reconkit.errors.ConfigError`: a negative or NaN λ made every image NaN, 0 iterations
+            a zero image).
     """
 
     def __init__(self, num_iters: int = 10, l2_reg: float = 0.0, sens_method: Literal["acs", "espirit"] = "acs"):
         super().__init__()
         if sens_method not in ("acs", "espirit"):
             raise ValueError(f"unknown sens_method {sens_method!r}; expected 'acs' or 'espirit'")
+        check_number("CGSense num_iters", num_iters, 1, integer=True)
+        check_number("CGSense l2_reg", l2_reg, 0)
         self.num_iters, self.l2_reg, self.sens_method = num_iters, l2_reg, sens_method
 
     def export_problem(self) -> str | None:
