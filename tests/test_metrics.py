@@ -170,6 +170,17 @@ def test_ssim_loss_cast_to_bfloat16_keeps_an_exact_window():
                                SSIMLoss()(output, target, data_range), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("win_size", [1, 0, -3, 2.5])
+def test_ssim_window_sizes_that_cannot_work_are_refused(win_size):
+    """win_size 1 was a ZeroDivisionError (the covariances divide by w² − 1), 0 a shape RuntimeError or (SSIMLoss)
+    ZeroDivisionError, -3 gave ssim 1.0 for any two volumes, 2.5 an AttributeError or TypeError."""
+    x = np.random.default_rng(0).random((2, 16, 16))
+    for call in (lambda: ssim(x, 0.5 * x, win_size=win_size), lambda: SSIMLoss(win_size),
+                 lambda: ssim_torch(torch.from_numpy(x), torch.from_numpy(0.5 * x), win_size=win_size)):
+        with pytest.raises(ValueError, match=rf"ssim win_size must be an integer >= 2, got {win_size}"):
+            call()
+
+
 def test_batch_metrics_match_volume_metrics():
     gt = smooth_volume((3, 40, 36), seed=7)
     pred = degraded(gt, seed=8, noise=0.05)

@@ -12,11 +12,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reconkit.errors import check_number
+
 __all__ = ["SSIMLoss", "ssim_map", "uniform_window"]
 
 
+def _check_win_size(win_size: object) -> None:
+    """ConfigError (a ValueError) unless ``win_size`` is an integer >= 2: the sample covariances divide by
+    ``win_size² − 1`` (1 was a ZeroDivisionError, 0 a shape error, a negative size gave SSIM 1 for any images)."""
+    check_number("ssim win_size", win_size, 2, integer=True)
+
+
 def uniform_window(win_size: int, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
-    """``(1, 1, win_size, win_size)`` averaging kernel (all entries ``1 / win_size²``)."""
+    """``(1, 1, win_size, win_size)`` averaging kernel (all entries ``1 / win_size²``); ValueError unless
+    ``win_size`` is an integer >= 2."""
+    _check_win_size(win_size)
     return torch.full((1, 1, win_size, win_size), 1.0 / win_size**2, dtype=dtype, device=device)
 
 
@@ -37,15 +47,19 @@ def ssim_map(
     Args:
         x, y: images ``(B, 1, H, W)`` (x and y enter symmetrically).
         data_range: ``(B,)`` dynamic range ``L`` per image (fastMRI uses the target volume's maximum).
-        window: ``(1, 1, w, w)`` averaging kernel summing to 1, or ``w`` for the uniform ``w × w`` window computed
-            from running sums (the same values up to rounding; in float64 on the CPU ~20× faster than a
-            convolution, which unfolds every window).
+        window: ``(1, 1, w, w)`` averaging kernel summing to 1, or ``w`` (an integer >= 2, else ValueError) for
+            the uniform ``w × w`` window computed from running sums (the same values up to rounding; in float64 on
+            the CPU ~20× faster than a convolution, which unfolds every window).
         k1, k2: SSIM stabilisation constants.
 
     Returns:
         ``(B, 1, H − w + 1, W − w + 1)`` SSIM values (1 where ``x == y``), float32 or float64.
     """
-    win_size = window if isinstance(window, int) else window.shape[-1]
+    if isinstance(window, torch.Tensor):
+        win_size = window.shape[-1]
+    else:
+        _check_win_size(window)
+        win_size = window
     if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 1:
         raise ValueError(
             f"ssim: expected two (B, 1, H, W) images of one shape; got {tuple(x.shape)} and {tuple(y.shape)}"
@@ -63,7 +77,7 @@ def ssim_map(
     c2 = (k2 * data_range) ** 2
 
     def local_mean(image: torch.Tensor) -> torch.Tensor:
-        return _box_mean(image, win_size) if isinstance(window, int) else F.conv2d(image, window.to(dtype))
+        return F.conv2d(image, window.to(dtype)) if isinstance(window, torch.Tensor) else _box_mean(image, win_size)
 
     with torch.autocast(x.device.type, enabled=False):  # autocast would run the convolutions in half precision
         ux, uy = local_mean(x), local_mean(y)
