@@ -102,6 +102,15 @@ def test_norm_unet_refuses_channel_counts_its_forward_cannot_use(in_chans, out_c
         NormUnet(2, 1, in_chans=in_chans, out_chans=out_chans)
 
 
+@pytest.mark.parametrize("in_chans, out_chans, chans, pools", [(0, 1, 4, 2), (1, 0, 4, 2), (1, 1, 0, 2), (1, 1, 4, -1)])
+def test_unet_refuses_counts_it_cannot_run(in_chans, out_chans, chans, pools):
+    """Zero channels were built (PyTorch warning of zero-element tensors) and failed in forward with a convolution's
+    RuntimeError; -1 pooling levels ran as 0."""
+    with pytest.raises(ValueError, match=rf"Unet: in_chans, out_chans and chans must be >= 1 and num_pool_layers "
+                                         rf">= 0; got {in_chans}, {out_chans}, {chans} and {pools}"):
+        Unet(in_chans, out_chans, chans=chans, num_pool_layers=pools)
+
+
 def test_unet_names_its_minimum_size_for_too_small_images():
     net = Unet(1, 1, chans=2, num_pool_layers=3)
     assert net(torch.randn(1, 1, 8, 9)).shape == (1, 1, 8, 9)  # 2**3 runs

@@ -233,6 +233,8 @@ class Unet(nn.Module):
         num_pool_layers: number of 2× down-/up-sampling levels.
         drop_prob: Dropout2d probability.
 
+    Raises ValueError for a count below 1 (``num_pool_layers`` below 0).
+
     H, W ≥ 2**num_pool_layers run; keep them ≥ 2**(num_pool_layers + 1): at exactly 2**num_pool_layers the
     bottleneck is one pixel, which instance norm sets to zero, so it carries nothing (fastmri 0.3.0 refuses that
     size, in training and in eval mode); smaller ones raise ReconkitError. Odd sizes are handled as fastmri does (reflect pad of the upsampled features by one pixel on
@@ -249,6 +251,9 @@ class Unet(nn.Module):
     def __init__(
         self, in_chans: int, out_chans: int, chans: int = 32, num_pool_layers: int = 4, drop_prob: float = 0.0
     ):
+        if min(in_chans, out_chans, chans) < 1 or num_pool_layers < 0:  # else built, and failed in forward
+            raise ValueError(f"Unet: in_chans, out_chans and chans must be >= 1 and num_pool_layers >= 0; got "
+                             f"{in_chans}, {out_chans}, {chans} and {num_pool_layers}")
         check_model_size("Unet", {"in_chans": in_chans, "out_chans": out_chans, "chans": chans,
                                   "num_pool_layers": num_pool_layers},
                          lambda: unet_weights(in_chans, out_chans, chans, num_pool_layers), pools=("num_pool_layers",))
