@@ -93,6 +93,11 @@ def test_bad_hyper_parameters_are_refused():
         VisionTransformer(in_chans=2, out_chans=1)
     with pytest.raises(ValueError, match="patch_size and depth must be ≥ 1"):
         VisionTransformer(patch_size=0)
+    # num_heads 0 was a ZeroDivisionError, in_chans 0 was built and failed in forward with a convolution's RuntimeError
+    for options, got in (({"num_heads": 0}, "1, 1, 128 and 0"), ({"in_chans": 0, "out_chans": 0}, "0, 0, 128 and 8"),
+                         ({"embed_dim": 0, "num_heads": 1}, "1, 1, 0 and 1")):
+        with pytest.raises(ValueError, match=f"in_chans, out_chans, embed_dim and num_heads must be ≥ 1, got {got}"):
+            VisionTransformer(**options)
     assert isinstance(build_model("vit", **TINY), VisionTransformer)
 
 

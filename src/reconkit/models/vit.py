@@ -129,6 +129,9 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"residual=True needs in_chans == out_chans, got {in_chans} and {out_chans}")
         if patch_size < 1 or depth < 1:
             raise ValueError(f"patch_size and depth must be ≥ 1, got {patch_size} and {depth}")
+        if min(in_chans, out_chans, embed_dim, num_heads) < 1:  # else a ZeroDivisionError, or a RuntimeError in forward
+            raise ValueError(f"in_chans, out_chans, embed_dim and num_heads must be ≥ 1, got {in_chans}, {out_chans}, "
+                             f"{embed_dim} and {num_heads}")
         check_model_size(
             "VisionTransformer",
             {"in_chans": in_chans, "out_chans": out_chans, "patch_size": patch_size, "embed_dim": embed_dim,
