@@ -802,6 +802,19 @@ def test_datamodule_refuses_both_val_sample_rates_when_built(sim_root):
         _datamodule(sim_root, val_sample_rate=0.5, val_volume_sample_rate=0.5)
 
 
+@pytest.mark.parametrize("options, problem", [
+    ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
+    ({"batch_size": 2.5}, r"batch_size must be an integer >= 1, got 2.5"),
+    ({"num_workers": -1}, r"num_workers must be an integer >= 0, got -1"),
+    ({"challenge": "knee"}, r"challenge should be either \"singlecoil\" or \"multicoil\", got 'knee'"),
+])
+def test_datamodule_refuses_loader_settings_when_built(tmp_path, options, problem):
+    """Each was found only after the data scan: batch_size 0 a ZeroDivisionError in the sampler (2.5 a TypeError),
+    num_workers -1 the DataLoader's ValueError, an unknown challenge SliceDataset's ValueError at setup."""
+    with pytest.raises(ConfigError, match=problem):
+        FastMriDataModule(tmp_path, **{"num_workers": 0, **options})
+
+
 def test_sample_rate_draws_follow_the_data_seed_not_the_global_random_state(sim_root):
     """DDP ranks (or runs) whose Python random differs must train and validate on the same slices."""
 

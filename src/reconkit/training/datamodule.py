@@ -41,11 +41,12 @@ from reconkit.data import (
     VarNetDataTransform,
     create_mask_for_mask_type,
     list_volume_files,
+    target_key,
 )
 from reconkit.data.augment import AugmentedVarNetTransform
 from reconkit.data.slice_dataset import check_sample_rates
 from reconkit.data.ssdu import SsduVarNetTransform
-from reconkit.errors import ConfigError, DataError, ReconkitError, ReconkitWarning, printable
+from reconkit.errors import ConfigError, DataError, ReconkitError, ReconkitWarning, check_number, printable
 
 TRANSFORMS = ("varnet", "unet")
 
@@ -345,7 +346,12 @@ class FastMriDataModule(LightningDataModule):
         if len(center_fractions) != len(accelerations):
             raise ConfigError("center_fractions and accelerations must have the same length (paired)")
         select_volumes([], fraction, num_volumes, seed)  # validate early
+        # each was found only after the data scan: batch_size 0 a ZeroDivisionError in the sampler, num_workers -1
+        # the DataLoader's ValueError, an unknown challenge SliceDataset's
+        check_number("batch_size", batch_size, 1, integer=True)
+        check_number("num_workers", num_workers, 0, integer=True)
         try:
+            target_key(challenge)
             check_sample_rates(sample_rate, volume_sample_rate)
             check_sample_rates(val_sample_rate, val_volume_sample_rate, prefix="val_")
         except ValueError as err:
