@@ -265,6 +265,17 @@ def test_cli_bad_option_values_are_one_line_errors_before_training(sim_root, tmp
     assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("options", [{"weight_decay": math.nan}, {"weight_decay": math.inf}, {"lr": math.inf},
+                                     {"lr_gamma": math.nan}])
+def test_module_refuses_nan_or_infinite_optimiser_settings(options):
+    """NaN and inf passed the comparisons: an infinite weight_decay or lr made every weight NaN or infinite after the
+    first optimiser step, a NaN lr_gamma the learning rate NaN at the first decay, and a NaN weight_decay was Adam's
+    ValueError traceback when fit started (after the data scan)."""
+    with pytest.raises(ConfigError, match=r"lr and lr_gamma must be positive, weight_decay >= 0 and lr_step_size "
+                                          r">= 1 \(finite numbers\)"):
+        VarNetModule(**TINY_VARNET, **options)
+
+
 @pytest.mark.parametrize("accelerator,message", [
     pytest.param("cuda", "`CUDAAccelerator` can not run on your system",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),

@@ -97,8 +97,10 @@ class ReconModule(LightningModule):
             raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
         if lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {lr_scheduler!r}")
-        if not lr > 0 or weight_decay < 0 or lr_step_size < 1 or not lr_gamma > 0:
-            raise ConfigError(f"lr and lr_gamma must be positive, weight_decay >= 0 and lr_step_size >= 1; got lr={lr}, "
+        # NaN and inf passed (an infinite lr or weight_decay made every weight NaN or infinite after the first step)
+        if not (0 < lr < math.inf and 0 <= weight_decay < math.inf and lr_step_size >= 1 and 0 < lr_gamma < math.inf):
+            raise ConfigError(f"lr and lr_gamma must be positive, weight_decay >= 0 and lr_step_size >= 1 (finite "
+                              f"numbers); got lr={lr}, "
                               f"lr_gamma={lr_gamma}, weight_decay={weight_decay}, lr_step_size={lr_step_size}")
         self.save_hyperparameters(ignore=list(self.derived_hparams))
         self.ssim_loss = SSIMLoss()
