@@ -70,6 +70,12 @@ def test_ratio_capped_by_the_points_outside_the_acs_and_bad_arguments():
         ssdu_split(np.ones((4, 4), bool), np.zeros(4, bool), selection="poisson")
     with pytest.raises(ValueError, match="num_splits"):
         SsduVarNetTransform(num_splits=0)
+    # a Gaussian std_scale of 0 was a ZeroDivisionError at the first sample, NaN numpy's "probabilities contain NaN"
+    for std_scale in (0.0, math.nan, -4.0):
+        with pytest.raises(ValueError, match=rf"SSDU std_scale must be a finite number > 0, got {std_scale}"):
+            SsduVarNetTransform(selection="gaussian", std_scale=std_scale)
+        with pytest.raises(ValueError, match=rf"SSDU std_scale must be a finite number > 0, got {std_scale}"):
+            ssdu_split(np.ones((4, 4), bool), np.zeros(4, bool), selection="gaussian", std_scale=std_scale)
 
 
 def fake_slice(coils: int = 3, height: int = 24, width: int = 33, seed: int = 0):

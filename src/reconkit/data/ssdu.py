@@ -20,6 +20,7 @@ import torch
 
 from reconkit.data.masks import MaskFunc, create_mask_for_mask_type
 from reconkit.data.transforms import VarNetDataTransform, to_tensor
+from reconkit.errors import check_number
 
 __all__ = ["SELECTIONS", "SsduSample", "SsduVarNetTransform", "acs_region", "ssdu_split"]
 
@@ -78,7 +79,7 @@ def ssdu_split(
             outside the ACS); the paper's default 0.4.
         selection: ``"uniform"`` or ``"gaussian"`` (density ∝ Gaussian centred on k-space, std ``size / std_scale``).
         rng: generator (a fresh unseeded one when None).
-        std_scale: the Gaussian's ``(H, W) / std`` ratio.
+        std_scale: the Gaussian's ``(H, W) / std`` ratio, a finite number > 0.
 
     Returns:
         ``(theta, lam)``: disjoint, ``theta | lam == acquired``, ACS ⊂ theta.
@@ -87,6 +88,7 @@ def ssdu_split(
         raise ValueError(f"SSDU selection must be one of {SELECTIONS}, got {selection!r}")
     if not 0.0 < rho < 1.0:
         raise ValueError(f"SSDU rho must be in (0, 1), got {rho}")
+    check_number("SSDU std_scale", std_scale, 0, strict=True)  # gaussian: 0 divided by zero, NaN made NaN weights
     rng = rng if rng is not None else np.random.default_rng()
     acquired = acquired.astype(bool)
     acs = np.broadcast_to(acs.astype(bool), acquired.shape)
@@ -165,7 +167,7 @@ class SsduVarNetTransform:
     ):
         if num_splits < 1:
             raise ValueError(f"SSDU num_splits must be >= 1, got {num_splits}")
-        ssdu_split(np.ones((2, 2), dtype=bool), np.zeros(2, dtype=bool), rho, selection)  # validate early
+        ssdu_split(np.ones((2, 2), dtype=bool), np.zeros(2, dtype=bool), rho, selection, None, std_scale)  # validate
         self.mask_func: MaskFunc = create_mask_for_mask_type(mask_type, list(center_fractions), list(accelerations))
         # a file with a stored mask is an undersampled scan already: split its acquired lines, draw no mask over it
         self.plain = VarNetDataTransform(mask_func=self.mask_func, use_seed=use_seed, stored_mask_first=True)
