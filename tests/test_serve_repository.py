@@ -271,6 +271,16 @@ def test_serve_configs_refuse_values_that_cannot_work(make, problem):
         make()
 
 
+@pytest.mark.parametrize("token, problem", [("s3cret\n", "starts or ends with whitespace"),
+                                            ("s\u00e9cret", "not printable ASCII")])
+def test_server_config_refuses_a_token_no_client_can_send(token, problem):
+    """Only the CLI checked the token: through the Python API a token ending in a newline made every request a 401
+    without a word. The message never shows the secret."""
+    with pytest.raises(ConfigError, match=f"ServerConfig.auth_token: the bearer token .*{problem}") as info:
+        ServerConfig(Path("m"), auth_token=token)
+    assert token.strip() not in str(info.value)
+
+
 def test_cli_serve_refuses_zero_instances_naming_the_field(tmp_path, capsys):
     assert serve_main(["--model-repository", str(tmp_path), "--instances", "0"]) == 2
     assert "reconkit serve: BatchingConfig.instances must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -80,22 +80,11 @@ def _grpc_address(host: str, port: int | None) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 literals need brackets in gRPC
 
 
-def _token_problem(token: str) -> str | None:
-    """Why no client can present ``token`` (never shown: it is a secret), or None. An HTTP header arrives stripped
-    and, beyond ASCII, as Latin-1; gRPC metadata is printable ASCII: a token from a Kubernetes secret made from a file
-    that ends in a newline refused every request (401) without a word at start-up, and a non-ASCII one too (500 where
-    the locale cannot decode it)."""
-    if token != token.strip():
-        return "the bearer token starts or ends with whitespace (a newline at the end of the secret's file?)"
-    if not (token.isascii() and token.isprintable()):
-        return "the bearer token holds a character that is not printable ASCII"
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from reconkit.serve import BatchingConfig, ServerConfig, serve
     from reconkit.serve.logs import configure_logging
+    from reconkit.serve.state import bearer_token_problem
 
     configure_logging(args.log_level)
     # a port beyond 65535 was a bind() OverflowError traceback for --port, and for --grpc-port grpcio bound it
@@ -109,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     token = os.environ.get(args.auth_token_env) or None
-    problem = token and _token_problem(token)
-    if problem:
+    problem = token and bearer_token_problem(token)
+    if problem:  # said here to name the variable; ServerConfig refuses the token too
         print(f"reconkit serve: environment variable {args.auth_token_env}: {problem}; no client could send it, so "
               "every request would be refused", file=sys.stderr)
         return 2

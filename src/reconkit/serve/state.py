@@ -31,7 +31,8 @@ from reconkit.serve.repository import BatchingConfig, ModelEntry, discover_model
 from reconkit.serve.statistics import ModelStatistics
 from reconkit.serve.validation import check_inputs, check_outputs
 
-__all__ = ["DEVICES", "EXTENSIONS", "ServedModel", "ServerConfig", "ServerState", "bearer_token_ok"]
+__all__ = ["DEVICES", "EXTENSIONS", "ServedModel", "ServerConfig", "ServerState", "bearer_token_ok",
+           "bearer_token_problem"]
 
 # protocol extensions served over both REST and gRPC (REST adds binary_tensor_data), named as Triton names them
 EXTENSIONS = ["model_configuration", "statistics"]
@@ -75,7 +76,8 @@ class ServerConfig:
 
     Raises :class:`~reconkit.errors.ConfigError` naming the field unless ``request_timeout_s`` and
     ``client_timeout_s`` are finite numbers > 0, ``max_request_bytes``, ``grpc_max_concurrent_rpcs`` and
-    ``max_connections`` integers >= 1, ``intra_op_threads`` an integer >= 0 and ``device`` one of :data:`DEVICES`.
+    ``max_connections`` integers >= 1, ``intra_op_threads`` an integer >= 0, ``device`` one of :data:`DEVICES`, and
+    for an ``auth_token`` no client could send (:func:`bearer_token_problem`).
     """
 
     model_repository: Path
@@ -102,6 +104,10 @@ class ServerConfig:
         check_number("ServerConfig.grpc_max_concurrent_rpcs", self.grpc_max_concurrent_rpcs, 1, integer=True)
         check_number("ServerConfig.client_timeout_s", self.client_timeout_s, 0, strict=True)
         check_number("ServerConfig.max_connections", self.max_connections, 1, integer=True)
+        problem = self.auth_token and bearer_token_problem(self.auth_token)
+        if problem:
+            raise ConfigError(f"ServerConfig.auth_token: {problem}; no client could send it, so every request would "
+                              "be refused")
 
     def tls_pair(self) -> tuple[bytes, bytes] | None:
         """``(key PEM, certificate chain PEM)`` after checking that they load as a pair; None without TLS.
@@ -152,6 +158,18 @@ def _read_tls_file(path: Path | str) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise ReconkitError(f"{path}: cannot read TLS file: {exc.strerror or exc}") from None
+
+
+def bearer_token_problem(token: str) -> str | None:
+    """Why no client can present ``token`` (never shown: it is a secret), or None. An HTTP header arrives stripped
+    and, beyond ASCII, as Latin-1; gRPC metadata is printable ASCII: a token from a Kubernetes secret made from a file
+    that ends in a newline refused every request (401) without a word at start-up, and a non-ASCII one too (500 where
+    the locale cannot decode it)."""
+    if token != token.strip():
+        return "the bearer token starts or ends with whitespace (a newline at the end of the secret's file?)"
+    if not (token.isascii() and token.isprintable()):
+        return "the bearer token holds a character that is not printable ASCII"
+    return None
 
 
 def bearer_token_ok(authorization: str, token: str) -> bool:
