@@ -292,6 +292,33 @@ def test_png_panels(tmp_path):
     assert with_ref.ndim == 3 and with_ref.shape[1] > 3 * only.shape[1]  # four panels vs one
 
 
+def test_png_panel_is_drawn_once_and_lays_out_no_ticks(tmp_path, monkeypatch):
+    """Each panel's figure is rendered once (savefig drew a whole dry run first while the placeholder layout engine
+    that fig.tight_layout() leaves was set) and no tick is laid out (hidden by axis("off"), ticks were still built
+    at every layout and draw), for the same image."""
+    import matplotlib.axis
+    from matplotlib.figure import Figure
+
+    draws, ticks = [], []
+    figure_draw, update_ticks = Figure.draw, matplotlib.axis.Axis._update_ticks
+
+    def counted_draw(self, renderer):
+        draws.append(self)
+        return figure_draw(self, renderer)
+
+    def counted_ticks(self):
+        laid_out = update_ticks(self)
+        ticks.extend(laid_out)
+        return laid_out
+
+    monkeypatch.setattr(Figure, "draw", counted_draw)
+    monkeypatch.setattr(matplotlib.axis.Axis, "_update_ticks", counted_ticks)
+    image = _volume(np.random.default_rng(4), (1, 24, 20))[0]
+    write_png_panels(tmp_path / "png", image[None], zero_filled=0.5 * image[None], reference=1.1 * image[None])
+    write_png_panel(tmp_path / "one.png", image, title="scan.h5", pixel_aspect=2.0)
+    assert len(draws) == 2 and ticks == []
+
+
 def _drawn_box(path: Path) -> tuple[int, int]:
     """Height and width in PNG pixels of the black (all-zero) image drawn on the white figure: the rows and columns
     that are black almost all the way across (the panel heading's black text is not)."""

@@ -64,6 +64,7 @@ def write_png_panel(
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # here, not with reconkit.io: about a second
     from matplotlib.figure import Figure
+    from matplotlib.layout_engine import TightLayoutEngine
 
     panels: list[tuple[str, np.ndarray]] = []
     if zero_filled is not None:
@@ -81,7 +82,8 @@ def write_png_panel(
     # PNG pixels per image column: at least one, and at least one per row where rows are drawn thinner than columns
     per_column = max(1.0, 1.0 / pixel_aspect)
     panel = min(max(PANEL_INCHES[0], MARGIN * per_column * width / DPI), PANEL_INCHES[1])
-    fig = Figure(figsize=(panel * len(panels), panel * pixel_aspect * height / width + 0.6), dpi=DPI)
+    # no layout engine (whatever matplotlibrc says): savefig then draws the figure once, not a dry run first
+    fig = Figure(figsize=(panel * len(panels), panel * pixel_aspect * height / width + 0.6), dpi=DPI, layout="none")
     FigureCanvasAgg(fig)
     for i, (name, image) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
@@ -89,10 +91,12 @@ def write_png_panel(
         heading = f"|error| × {ERROR_GAIN:g}" if name == "error" else name
         extra = (labels or {}).get(name, "")
         ax.set_title(f"{heading}\n{extra}" if extra else heading, fontsize=9, parse_math=False)
-        ax.axis("off")
+        ax.axis("off")  # and no tick positions: hidden ticks were still laid out at each layout and draw
+        ax.set_xticks([])
+        ax.set_yticks([])
     if title:
         fig.suptitle(figure_text(title), fontsize=10, parse_math=False)
-    fig.tight_layout()
+    TightLayoutEngine().execute(fig)  # fig.tight_layout()'s layout, without the placeholder engine it leaves behind
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         fig.savefig(handle, format="png")
     return Path(path)
