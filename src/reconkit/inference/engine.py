@@ -534,16 +534,20 @@ def reconstruct_volume(
                          f"slice, of (slices, 1, 1, W, 1)); got {tuple(mask.shape)}")
     mask = (np.asarray(mask) != 0).astype(np.float32)  # nonzero = sampled: a 0/255 mask would scale the k-space by 255
     for batch in _batches(num_slices, max(1, batch_size)):
-        stacked = np.stack((kspace[batch].real, kspace[batch].imag), axis=-1).astype(np.float32)
-        batch_mask = np.broadcast_to(mask if mask.shape[0] == 1 else mask[batch], (stacked.shape[0], *mask.shape[1:]))
-        masked = (stacked * batch_mask + 0.0).astype(np.float32)
+        # one batch-sized float32 array, masked in place: each astype / `+ 0.0` / boolean selection was another copy
+        masked = np.stack((kspace[batch].real, kspace[batch].imag), axis=-1).astype(np.float32, copy=False)
+        batch_mask = np.broadcast_to(mask if mask.shape[0] == 1 else mask[batch], (masked.shape[0], *mask.shape[1:]))
+        masked *= batch_mask
+        masked += 0.0  # -0.0 becomes 0.0
+        # before the model call, which gets `masked` itself: a model that changed its input cannot change this
+        zero_filled[batch] = center_crop(zero_filled_image(torch.from_numpy(masked)).numpy(), crop)
         holds_data = masked.reshape(masked.shape[0], -1).any(axis=1)
         empty_slices += [batch.start + i for i in np.flatnonzero(~holds_data)]
         image = np.zeros((masked.shape[0], height, width), dtype=np.float32)
         if holds_data.any():
             start = time.perf_counter()
-            try:
-                ran = run(np.ascontiguousarray(masked[holds_data]), np.ascontiguousarray(batch_mask[holds_data]))
+            try:  # the mask's selection is a small writable copy (torch warns on the read-only broadcast view)
+                ran = run(masked if holds_data.all() else masked[holds_data], batch_mask[holds_data])
             except ReconkitError as err:  # e.g. a graph without reconkit's size metadata, fixed to another size
                 raise DataError(volume.info.path, f"model {reconstructor.name}: {err}") from err
             seconds += time.perf_counter() - start
@@ -556,7 +560,6 @@ def reconstruct_volume(
                 )
             image[holds_data] = ran
         outputs[batch] = center_crop(image, crop)
-        zero_filled[batch] = center_crop(zero_filled_image(torch.from_numpy(masked)).numpy(), crop)
         if on_slices is not None:
             on_slices(masked.shape[0])
     target = volume.target
