@@ -47,6 +47,18 @@ def test_to_tensor_and_apply_mask():
             assert not torch.signbit(got[0][..., got[1][0, 0, :, 0] == 0, :]).any()  # no -0.0 left
 
 
+def test_apply_mask_allocates_one_kspace_sized_tensor():
+    """The masked k-space is the one new tensor: ``data * mask + 0.0`` made a second, k-space-sized one for the sum
+    (per training sample; ``torch.profiler`` counts the allocations), for the same values (fastmri's above)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kspace = torch.randn(4, 32, 24, 2)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        transforms.apply_mask(kspace, masks.EquispacedMaskFractionFunc([0.08], [4]), seed=0)
+    allocated = sum(event.cpu_memory_usage for event in prof.events() if event.cpu_memory_usage > 0)
+    assert kspace.nbytes <= allocated < 2 * kspace.nbytes, allocated / kspace.nbytes
+
+
 def test_apply_mask_refuses_complex_or_numpy_kspace():
     """A complex (C, H, W) tensor was masked along H (its W read as the (real, imag) axis): 12 of 16 readout rows
     zeroed, every phase-encode column kept, no error."""
