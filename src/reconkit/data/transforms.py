@@ -83,7 +83,8 @@ def apply_mask(
     if padding is not None:
         mask[..., : padding[0], :] = 0
         mask[..., padding[1] :, :] = 0
-    masked = data * mask
+    # the mask repeated along (real, imag): broadcast along that axis of 2, the product was not vectorised (3x slower)
+    masked = data * mask.expand(*mask.shape[:-1], data.shape[-1]).contiguous()
     masked += 0.0  # turns -0.0 into 0.0; in place, where `+ 0.0` made a second k-space-sized tensor
     return masked, mask, num_low_frequencies
 
