@@ -38,3 +38,14 @@ def test_bundled_onnx_is_the_checkpoints_export(height: int, width: int, coils: 
     assert np.linalg.norm(image - expected) <= 1e-4 * np.linalg.norm(expected)
     meta = load_onnx_metadata(ONNX)
     assert meta["reconkit.model_type"] == "varnet" and [height, width] in meta["reconkit.spatial_sizes"]
+
+
+def test_bundled_onnx_records_the_checkpoints_training_masks() -> None:
+    """The ONNX file recorded 4× with 8 % centre alone (``reconkit.acceleration`` ``[4]``), though the checkpoint was
+    trained with 8× and a 4 % centre too: the ONNX model claimed a narrower training mask than the same weights as a
+    checkpoint."""
+    _, info = load_model(CKPT)
+    meta = load_onnx_metadata(ONNX)
+    assert meta["reconkit.mask_family"] == info["mask"]["mask_type"]
+    assert meta["reconkit.acceleration"] == info["mask"]["accelerations"]
+    assert meta["reconkit.center_fraction"] == info["mask"]["center_fractions"]
