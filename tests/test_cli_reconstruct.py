@@ -1466,3 +1466,121 @@ def test_stored_mask_columns_without_data_are_left_out_with_a_warning(tmp_path):
         f["mask"][...] = ~columns
     with pytest.raises(DataError, match=r"full\.h5: its 'mask' marks none of the k-space columns that hold data"):
         volume_mask(read_volume(tmp_path / "full.h5"), "equispaced_fraction", 4, 0.08, 0)
+
+
+TRAINED_4X = {"mask_type": "equispaced_fraction", "center_fractions": [0.08], "accelerations": [4]}
+
+
+def _model_trained_at(tmp_path: Path, mask: dict | None) -> str:
+    """A zero-filled checkpoint that records ``mask`` as its training mask (None: records none)."""
+    from reconkit.models import build_model, save_model
+
+    return str(save_model(tmp_path / "zf.ckpt", build_model("zero_filled"), "zero_filled", {}, mask))
+
+
+def _scan_sampled_with(tmp_path: Path, name: str, columns: np.ndarray, lines: int | None = None) -> Path:
+    """A 2-slice, 2-coil scan of ``len(columns)`` k-space columns (``lines`` of them acquired, centred: zero padding
+    around), already undersampled: its k-space times ``columns``, which its ``mask`` dataset stores."""
+    full = tmp_path / f"full_{name}"
+    write_fastmri_file(full, np.random.default_rng(3), coils=2, height=16, width=len(columns), recon=(16, 16),
+                       lines=lines)
+    with h5py.File(full) as src, h5py.File(tmp_path / name, "w") as dst:
+        dst.create_dataset("kspace", data=src["kspace"][()] * columns)
+        dst.create_dataset("ismrmrd_header", data=src["ismrmrd_header"][()])
+        dst.create_dataset("mask", data=columns)
+        dst.attrs.update(dict(src.attrs))
+    return tmp_path / name
+
+
+def _line_mask(mask_type: str, acceleration: int, center_fraction: float, width: int, seed: int = 0) -> np.ndarray:
+    from reconkit.data import create_mask_for_mask_type
+
+    mask, _ = create_mask_for_mask_type(mask_type, [center_fraction], [acceleration])((1, 16, width, 2), seed=seed)
+    return mask.numpy().reshape(width)
+
+
+def _mismatch_notes(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("note:") and "expect lower quality" in line]
+
+
+def test_a_scan_sampled_beyond_the_training_acceleration_gets_one_note(tmp_path, capsys):
+    """8× (8 % centre) on a model trained at 4×: one note naming the file, what was measured and the training mask;
+    at 4× none, and none from a model that records no training mask (a classical baseline, an old checkpoint)."""
+    columns = _line_mask("equispaced_fraction", 8, 0.08, 64)
+    scan = _scan_sampled_with(tmp_path, "scan8x.h5", columns)
+    model = _model_trained_at(tmp_path, TRAINED_4X)
+    code, _, err = _run(capsys, str(scan), "--model", model, "--output", str(tmp_path / "out"))
+    (note,) = _mismatch_notes(err)
+    assert code == 0 and note == (f"note: {scan}: sampled at {64 / columns.sum():.1f}x with 5 centre lines; the model "
+                                  "was trained at 4x with 8 % centre (5 lines at this width): expect lower quality"), err
+    scan4x = _scan_sampled_with(tmp_path, "scan4x.h5", _line_mask("equispaced_fraction", 4, 0.08, 64))
+    code, _, err = _run(capsys, str(scan4x), "--model", model, "--output", str(tmp_path / "out"))
+    assert code == 0 and "note:" not in err, err
+    for untrained in ("zero-filled", _model_trained_at(tmp_path, None)):
+        code, _, err = _run(capsys, str(scan), "--model", untrained, "--output", str(tmp_path / "out"))
+        assert code == 0 and "note:" not in err, err
+
+
+def test_a_narrower_centre_than_trained_is_noted_and_zero_padding_is_not_unsampled(tmp_path, capsys):
+    """4× with a 2 % centre (1 line) on a model trained with 8 % (5 lines at 64 columns): noted. A 4× scan whose 64
+    columns hold 24 of zero padding (fastMRI brain files) is 4× of its 40 acquired columns, not 6×: no note."""
+    model = _model_trained_at(tmp_path, TRAINED_4X)
+    narrow = _scan_sampled_with(tmp_path, "narrow.h5", _line_mask("equispaced_fraction", 4, 0.02, 64))
+    code, _, err = _run(capsys, str(narrow), "--model", model, "--output", str(tmp_path / "out"))
+    (note,) = _mismatch_notes(err)
+    assert code == 0 and "narrow.h5: sampled at 4.0x with 1 centre line;" in note and "(5 lines" in note, err
+    columns = _line_mask("equispaced_fraction", 4, 0.08, 64)
+    columns[:12] = columns[-12:] = 0  # as volume_mask zeroes a mask outside the acquired window
+    padded = _scan_sampled_with(tmp_path, "padded.h5", columns, lines=40)
+    assert 64 / columns.sum() > 1.25 * 4  # taken over the whole width, it would be noted
+    code, _, err = _run(capsys, str(padded), "--model", model, "--output", str(tmp_path / "out"))
+    assert code == 0 and "note:" not in err, err
+
+
+def test_a_retrospective_mask_is_not_noted_even_beyond_the_training_mask(tmp_path, capsys):
+    """Fully sampled input undersampled here at --acceleration 8: the mask asked for, not the scan's own."""
+    write_fastmri_file(tmp_path / "full.h5", np.random.default_rng(4), coils=2, height=16, width=64, recon=(16, 16))
+    model = _model_trained_at(tmp_path, TRAINED_4X)
+    code, _, err = _run(capsys, str(tmp_path / "full.h5"), "--model", model, "--output", str(tmp_path / "out"),
+                        "--acceleration", "8", "--center-fraction", "0.02")
+    assert code == 0 and "note:" not in err, err
+
+
+def test_random_lines_on_a_model_trained_with_equispaced_masks_are_noted(tmp_path, capsys):
+    """Same acceleration and centre, but random lines where the model saw regular ones (and the reverse)."""
+    random_scan = _scan_sampled_with(tmp_path, "random.h5", _line_mask("random", 4, 0.08, 128, seed=1))
+    regular_scan = _scan_sampled_with(tmp_path, "regular.h5", _line_mask("equispaced_fraction", 4, 0.08, 128))
+    equispaced_model = _model_trained_at(tmp_path, TRAINED_4X)
+    code, _, err = _run(capsys, str(random_scan), "--model", equispaced_model, "--output", str(tmp_path / "out"))
+    (note,) = _mismatch_notes(err)
+    assert code == 0 and "centre lines, random lines;" in note and "on equispaced_fraction masks" in note, err
+    random_model = _model_trained_at(tmp_path, {**TRAINED_4X, "mask_type": "random"})
+    code, _, err = _run(capsys, str(regular_scan), "--model", random_model, "--output", str(tmp_path / "out"))
+    (note,) = _mismatch_notes(err)
+    assert code == 0 and "equispaced lines;" in note and "on random masks" in note, err
+    code, _, err = _run(capsys, str(random_scan), "--model", random_model, "--output", str(tmp_path / "out"))
+    assert code == 0 and "note:" not in err, err
+
+
+def test_training_mask_of_checkpoint_and_onnx_and_the_measured_sampling_in_the_api(tmp_path):
+    """Every training pair is kept (the CLI defaults are the first); ``VolumeResult.sampling`` is the measurement."""
+    from reconkit.data import read_volume
+    from reconkit.data.masks import LineSampling
+    from reconkit.export import export_onnx
+    from reconkit.inference import TrainingMask, reconstruct_volume, training_mask_mismatch, volume_mask
+    from reconkit.models import build_model
+
+    onnx_path = export_onnx(build_model("zero_filled"), tmp_path / "zf.onnx", (2, 16, 64), metadata={
+        "mask_family": "random", "acceleration": [4, 8], "center_fraction": [0.08, 0.04]})
+    onnx_model = load_reconstructor(str(onnx_path))
+    assert onnx_model.training_mask == TrainingMask("random", (4.0, 8.0), (0.08, 0.04))
+    assert onnx_model.mask_defaults == {"mask_type": "random", "acceleration": 4, "center_fraction": 0.08}
+    checkpoint = load_reconstructor(_model_trained_at(tmp_path, TRAINED_4X))
+    assert checkpoint.training_mask == TrainingMask("equispaced_fraction", (4.0,), (0.08,))
+    assert load_reconstructor("cg-sense").training_mask == TrainingMask()
+    columns = _line_mask("equispaced_fraction", 8, 0.04, 64)
+    volume = read_volume(_scan_sampled_with(tmp_path, "scan.h5", columns))
+    result = reconstruct_volume(volume, onnx_model, volume_mask(volume, "random", 4, 0.08, None)[0])
+    assert result.sampling == LineSampling(64 / columns.sum(), 3, None) and result.acceleration == 64 / columns.sum()
+    assert training_mask_mismatch(onnx_model.training_mask, result.sampling, 64) is None  # 8x and 4 % trained
+    assert "(3-5 lines at this width)" in training_mask_mismatch(onnx_model.training_mask, LineSampling(11, 1, None), 64)

@@ -219,3 +219,27 @@ def test_mask_function_pickles_and_copies():
     for other in (pickle.loads(pickle.dumps(func)), copy.deepcopy(func)):
         assert torch.equal(other((1, 8, 64, 2))[0], copy.deepcopy(func)((1, 8, 64, 2))[0])
         assert torch.equal(other((1, 8, 64, 2), seed=3)[0], func((1, 8, 64, 2), seed=3)[0])
+
+
+@pytest.mark.parametrize("family", ["random", "equispaced", "equispaced_fraction", "magic", "magic_fraction"])
+def test_line_sampling_tells_fastmri_masks_apart_and_measures_their_centre(family):
+    """fastmri's own masks at fastMRI knee / brain widths: regular families measure "equispaced", random ones
+    "random", never the other; the centre is at least the mask's fully sampled centre."""
+    expected = "random" if family == "random" else "equispaced"
+    for width, (acceleration, fraction), seed in itertools.product((368, 320), ((4, 0.08), (8, 0.04)), range(10)):
+        mask_func = fastmri_subsample.create_mask_for_mask_type(family, [fraction], [acceleration])
+        mask, num_low = mask_func((1, 640, width, 2), seed=seed)
+        sampling = masks.line_sampling(mask.numpy().reshape(width))
+        assert sampling.pattern == expected and sampling.center_lines >= num_low
+        assert sampling.acceleration == width / mask.sum().item()
+
+
+def test_line_sampling_leaves_out_padding_and_images_without_lines():
+    """Zero padding outside the acquired columns is neither sampled nor skipped; an image with no line (a slice
+    without data) does not count in the mean; too few outer lines name no pattern; no line at all is inf."""
+    columns = np.zeros((3, 40))
+    columns[0, 10:30:3] = columns[0, 19:22] = 1  # 9 of the 20 acquired columns, 4 through the centre (20)
+    columns[1, 10:30:5] = 1  # 4 columns, the centre column alone
+    sampling = masks.line_sampling(columns, (10, 30))
+    assert sampling == masks.LineSampling(20 / ((9 + 4) / 2), 1, None)
+    assert masks.line_sampling(np.zeros(8)) == masks.LineSampling(float("inf"), 0, None)

@@ -2,8 +2,11 @@
 
 Fully sampled input is undersampled retrospectively with the mask options (one mask per volume, seeded from the
 file name as fastMRI does unless ``--seed`` is given); input that is already undersampled (a ``mask`` dataset, or
-k-space columns that are all zero inside the acquired window) is used as is. Every file is handled on its own: a bad
-file prints one line naming it and the problem, the others are still written, and the exit code is 1.
+k-space columns that are all zero inside the acquired window) is used as is; where its sampling lies outside the
+model's recorded training masks (an acceleration over 1.25x the highest trained, a fully sampled centre under 80 %
+of the narrowest trained, random vs regular lines), a note: line names the file, what was measured and what the
+model was trained with. Every file is handled on its own: a bad file prints one line naming it and the problem, the
+others are still written, and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from reconkit.inference import (
     load_reconstructor,
     recon_crop,
     reconstruct_volume,
+    training_mask_mismatch,
     volume_mask,
 )
 from reconkit.io import (
@@ -397,6 +401,10 @@ def run(args: argparse.Namespace) -> list[FileReport]:
                 if result.empty_slices:
                     empty = ", ".join(map(str, result.empty_slices))
                     _say("note", f"{path}: slice(s) {empty} hold no k-space data; written as zeros")
+                mismatch = None if retrospective else training_mask_mismatch(
+                    reconstructor.training_mask, result.sampling, volume.kspace.shape[-1])
+                if mismatch:
+                    _say("note", f"{path}: {mismatch}")
             except ReconkitError as err:
                 report.status = str(err)
             except Exception as err:  # noqa: BLE001 - any failure of one file is that file's error; the batch goes on

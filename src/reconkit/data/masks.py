@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,12 +31,14 @@ __all__ = [
     "MASK_TYPES",
     "EquiSpacedMaskFunc",
     "EquispacedMaskFractionFunc",
+    "LineSampling",
     "MagicMaskFractionFunc",
     "MagicMaskFunc",
     "MaskFunc",
     "RandomMaskFunc",
     "VariableDensityMaskFunc",
     "create_mask_for_mask_type",
+    "line_sampling",
 ]
 
 Seed = int | tuple[int, ...] | None
@@ -434,3 +437,91 @@ def create_mask_for_mask_type(
     if mask_type_str not in MASK_TYPES:
         raise ValueError(f"{mask_type_str} not supported; expected one of {sorted(MASK_TYPES)}")
     return MASK_TYPES[mask_type_str](center_fractions, accelerations)
+
+
+@dataclass(frozen=True)
+class LineSampling:
+    """How a Cartesian line mask samples k-space, as :func:`line_sampling` measures it.
+
+    Attributes:
+        acceleration: acquired columns / sampled columns (with a mask per image, the sampled columns' mean over the
+            images that sample any).
+        center_lines: the fully sampled centre (ACS): consecutive sampled columns through the k-space centre column
+            ``W // 2`` (fastMRI's, and the ISMRMRD header's ``padding_left + center``); the narrowest over the images.
+        pattern: ``"equispaced"`` (on each side of the centre the outer lines lie at one spacing, within a column:
+            ``equispaced``, ``equispaced_fraction``, ``magic`` masks, a scanner's parallel-imaging lines),
+            ``"random"`` (the spacing takes at least three values on each side), or None where that cannot be told
+            (fewer than :data:`PATTERN_MIN_GAPS` gaps between outer lines on a side, a few lines missing from a
+            regular pattern, images that disagree).
+    """
+
+    acceleration: float
+    center_lines: int
+    pattern: str | None
+
+
+PATTERN_MIN_GAPS = 4
+"""Gaps between outer lines each side of the centre needs before :func:`line_sampling` names a pattern."""
+
+
+def _side_pattern(outer: np.ndarray) -> str | None:
+    """``"equispaced"`` / ``"random"`` / None for the sorted outer column indices on one side of the centre."""
+    gaps = np.diff(outer)
+    if len(gaps) < PATTERN_MIN_GAPS:
+        return None
+    if gaps.max() - gaps.min() <= 1:
+        return "equispaced"
+    return "random" if len(np.unique(gaps)) >= 3 else None
+
+
+def _center_run(image: np.ndarray, center: int) -> tuple[int, int]:
+    """The run ``[start, stop)`` of sampled columns of ``image`` ``(W,)`` bool through column ``center`` (empty, at
+    ``center`` clipped to the image, where that column is not sampled)."""
+    if not 0 <= center < len(image) or not image[center]:
+        center = min(max(center, 0), len(image))
+        return center, center
+    start, stop = center, center + 1
+    while start > 0 and image[start - 1]:
+        start -= 1
+    while stop < len(image) and image[stop]:
+        stop += 1
+    return start, stop
+
+
+def line_sampling(columns: np.ndarray, acquired: tuple[int, int] | None = None) -> LineSampling:
+    """Measure a column mask: its acceleration, its fully sampled centre and whether its lines are regular.
+
+    Columns outside the acquired window ``[left, right)`` (fastMRI's ``padding_left`` / ``padding_right``: the
+    zero padding of e.g. brain files, never acquired) count neither as sampled nor as skipped.
+
+    Args:
+        columns: ``(W,)`` or ``(images, W)`` mask, nonzero = sampled; images that sample no column (slices without
+            data) are left out.
+        acquired: the acquired columns ``[left, right)``; None: all ``W``.
+
+    A mask that samples no column inside the window measures ``acceleration`` inf, no centre and no pattern.
+
+    Example:
+        >>> mask = np.zeros(368)
+        >>> mask[30:338:8] = 1              # every 8th acquired column, 30 columns of padding each side
+        >>> mask[179:189] = 1               # 10 centre lines
+        >>> sampling = line_sampling(mask, (30, 338))
+        >>> round(sampling.acceleration, 2), sampling.center_lines, sampling.pattern
+        (6.42, 10, 'equispaced')
+    """
+    sampled = np.atleast_2d(np.asarray(columns) != 0)
+    width = sampled.shape[-1]
+    left, right = (0, width) if acquired is None else acquired
+    sampled = sampled[:, left:right]
+    sampled = sampled[sampled.any(axis=1)]
+    if not len(sampled):
+        return LineSampling(float("inf"), 0, None)
+    narrowest, patterns = right - left, set()
+    for image in sampled:
+        start, stop = _center_run(image, width // 2 - left)
+        narrowest = min(narrowest, stop - start)
+        outer = np.flatnonzero(image)
+        sides = {_side_pattern(outer[outer < start]), _side_pattern(outer[outer >= stop])}
+        patterns.add(sides.pop() if len(sides) == 1 else None)
+    acceleration = (right - left) / float(sampled.sum(axis=1).mean())
+    return LineSampling(acceleration, int(narrowest), patterns.pop() if len(patterns) == 1 else None)

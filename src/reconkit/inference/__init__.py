@@ -4,12 +4,14 @@ from reconkit.inference.engine import (
     CLASSICAL,
     DEFAULT_MASK,
     Reconstructor,
+    TrainingMask,
     VolumeResult,
     acquired_columns,
     default_backend,
     load_reconstructor,
     recon_crop,
     reconstruct_volume,
+    training_mask_mismatch,
     volume_mask,
 )
 
@@ -17,11 +19,13 @@ __all__ = [
     "CLASSICAL",
     "DEFAULT_MASK",
     "Reconstructor",
+    "TrainingMask",
     "VolumeResult",
     "acquired_columns",
     "default_backend",
     "load_reconstructor",
     "recon_crop",
     "reconstruct_volume",
+    "training_mask_mismatch",
     "volume_mask",
 ]

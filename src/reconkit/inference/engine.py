@@ -3,7 +3,8 @@
 :func:`load_reconstructor` turns a model reference (a reconkit checkpoint, an exported ONNX file, or the classical
 baselines ``zero-filled`` / ``cg-sense``) into a :class:`Reconstructor`; :func:`volume_mask` picks the mask of a
 volume (stored, detected from empty columns, or retrospective and seeded from the file name as fastMRI does);
-:func:`reconstruct_volume` runs a volume through it slice batch by slice batch and crops to the recon size.
+:func:`reconstruct_volume` runs a volume through it slice batch by slice batch and crops to the recon size;
+:func:`training_mask_mismatch` says where a volume's own sampling lies outside the model's training mask.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from reconkit.data import Volume, apply_mask, center_crop, create_mask_for_mask_type, filename_seed
+from reconkit.data.masks import LineSampling, line_sampling
 from reconkit.errors import DataError, ReconkitError, ReconkitWarning
 from reconkit.export.onnx_format import format_sizes
 from reconkit.models.classical import zero_filled as zero_filled_image
@@ -28,19 +30,59 @@ __all__ = [
     "CLASSICAL",
     "DEFAULT_MASK",
     "Reconstructor",
+    "TrainingMask",
     "VolumeResult",
     "acquired_columns",
     "default_backend",
     "load_reconstructor",
     "reconstruct_volume",
+    "training_mask_mismatch",
     "volume_mask",
 ]
 
 CLASSICAL = ("zero-filled", "cg-sense")
 DEFAULT_MASK = {"mask_type": "equispaced_fraction", "acceleration": 4, "center_fraction": 0.08}
+MATERIAL = 1.25
+"""How far a volume's sampling may lie outside the training mask before :func:`training_mask_mismatch` speaks: an
+acceleration above 1.25 × the highest trained, a centre of fewer than 1 / 1.25 = 80 % of the narrowest trained."""
 
 
 # --------------------------------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class TrainingMask:
+    """The masks a model was trained with, as its checkpoint (``mask``) or ONNX metadata (``reconkit.mask_family``,
+    ``reconkit.acceleration``, ``reconkit.center_fraction``) records them; empty where not recorded.
+
+    Attributes:
+        mask_type: the mask family (``equispaced_fraction``, ``random``, ...), or None.
+        accelerations: every acceleration trained at (e.g. ``(4.0, 8.0)``).
+        center_fractions: every centre fraction trained with (share of the k-space width ``W``).
+    """
+
+    mask_type: str | None = None
+    accelerations: tuple[float, ...] = ()
+    center_fractions: tuple[float, ...] = ()
+
+    @classmethod
+    def recorded(cls, mask_type: str | None, accelerations, center_fractions) -> TrainingMask:
+        """From the recorded values: a name or None, and numbers, lists of numbers or None."""
+        def numbers(values) -> tuple[float, ...]:
+            return () if values is None else tuple(float(v) for v in np.atleast_1d(values))
+
+        return cls(str(mask_type) if mask_type else None, numbers(accelerations), numbers(center_fractions))
+
+    def mask_defaults(self) -> dict:
+        """The training mask as CLI defaults (first acceleration / centre fraction)."""
+        defaults = {}
+        if self.mask_type:
+            defaults["mask_type"] = self.mask_type
+        if self.accelerations:
+            defaults["acceleration"] = int(self.accelerations[0])
+        if self.center_fractions:
+            defaults["center_fraction"] = self.center_fractions[0]
+        return defaults
 
 
 @dataclass
@@ -55,6 +97,8 @@ class Reconstructor:
         name: what the summary prints (file name or baseline name).
         backend: ``"torch"`` or ``"onnx"``.
         mask_defaults: ``mask_type`` / ``acceleration`` / ``center_fraction`` the model was trained with, if known.
+        training_mask: all the masks the model was trained with, as recorded (empty for the classical baselines and
+            files that record none).
         spatial_sizes: k-space ``(H, W)`` an ONNX graph was specialised for; None when any size works.
         fallback: returns the same model's PyTorch ``run`` for the sizes outside ``spatial_sizes`` (from the ONNX
             file's own weights, built on the first call and cached); None when there is none (then those sizes
@@ -69,6 +113,7 @@ class Reconstructor:
     backend: str
     run: Callable[[np.ndarray, np.ndarray], np.ndarray]
     mask_defaults: dict = field(default_factory=dict)
+    training_mask: TrainingMask = field(default_factory=TrainingMask)
     spatial_sizes: list[tuple[int, int]] | None = None
     fallback: Callable[[], Callable[[np.ndarray, np.ndarray], np.ndarray]] | None = None
     run_for_size: Callable[[int, int], Callable[[np.ndarray, np.ndarray], np.ndarray]] | None = None
@@ -138,18 +183,6 @@ def _torch_runner(model: torch.nn.Module, device: torch.device) -> Callable[[np.
         return image.float().cpu().numpy()
 
     return run
-
-
-def _mask_defaults(mask_type: str | None, accelerations, center_fractions) -> dict:
-    """The model's training mask as CLI defaults (first acceleration / centre fraction)."""
-    defaults = {}
-    if mask_type:
-        defaults["mask_type"] = str(mask_type)
-    if accelerations:
-        defaults["acceleration"] = int(float(np.atleast_1d(accelerations)[0]))
-    if center_fractions:
-        defaults["center_fraction"] = float(np.atleast_1d(center_fractions)[0])
-    return defaults
 
 
 def _built_once(build: Callable) -> Callable:
@@ -249,15 +282,17 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
     rebuildable = torch_fallback and sizes is not None and "reconkit.model_kwargs" in metadata
 
     family = metadata.get("reconkit.mask_family")
+    training = TrainingMask.recorded(  # a bare module's file knows no mask family: the CLI's default applies
+        None if family == UNKNOWN_MASK_FAMILY else family,
+        metadata.get("reconkit.acceleration"),
+        metadata.get("reconkit.center_fraction"),
+    )
     return Reconstructor(
         name=path.name,
         backend="onnx",
         run=run,
-        mask_defaults=_mask_defaults(  # a bare module's file knows no mask family: the CLI's default applies
-            None if family == UNKNOWN_MASK_FAMILY else family,
-            metadata.get("reconkit.acceleration"),
-            metadata.get("reconkit.center_fraction"),
-        ),
+        mask_defaults=training.mask_defaults(),
+        training_mask=training,
         spatial_sizes=sizes,
         fallback=torch_run if rebuildable else None,
         run_for_size=run_for_size,
@@ -317,13 +352,15 @@ def load_reconstructor(
     net, info = load_model(path)
     net = contract_model(net)  # image-domain models (U-Net, ViT) get the zero-filled front end, as on export
     mask_info = (info.get("mask") if isinstance(info, dict) else None) or {}  # None: saved without a mask
+    training = TrainingMask.recorded(
+        mask_info.get("mask_type"), mask_info.get("accelerations"), mask_info.get("center_fractions")
+    )
     return Reconstructor(
         name=path.name,
         backend="torch",
         run=_torch_runner(net, torch_device),
-        mask_defaults=_mask_defaults(
-            mask_info.get("mask_type"), mask_info.get("accelerations"), mask_info.get("center_fractions")
-        ),
+        mask_defaults=training.mask_defaults(),
+        training_mask=training,
     )
 
 
@@ -338,11 +375,15 @@ class VolumeResult:
         reconstruction: the model's output.
         zero_filled: RSS of the inverse FFT of the masked k-space (the input the model saw).
         target: the file's reference image, cropped alike, or None.
-        acceleration: acquired columns / sampled columns (their mean over the slices with a mask per slice).
+        acceleration: acquired columns / sampled columns (their mean over the slices with a mask per slice), as
+            ``sampling.acceleration``.
         seconds: wall time of the model calls.
         note: set when the volume ran on another backend than the model's own (a size the ONNX graph lacks).
         empty_slices: indices of slices whose masked k-space is all zero: not run through the model (a VarNet's
             normalisation would divide by zero), their reconstruction is zero like their zero-filled image.
+        sampling: the mask measured inside the acquired columns (:func:`reconkit.data.masks.line_sampling`):
+            acceleration, fully sampled centre lines, regular or random lines; :func:`training_mask_mismatch`
+            compares it with the model's training mask.
     """
 
     reconstruction: np.ndarray
@@ -352,6 +393,7 @@ class VolumeResult:
     seconds: float
     note: str | None = None
     empty_slices: list[int] = field(default_factory=list)
+    sampling: LineSampling | None = None
 
 
 def _coil_kspace(volume: Volume) -> np.ndarray:
@@ -565,14 +607,68 @@ def reconstruct_volume(
     target = volume.target
     if target is not None:
         target = center_crop(target, (min(crop[0], target.shape[-2]), min(crop[1], target.shape[-1])))
-    left, right, _ = acquired_columns(volume)
-    acquired = right - left
+    sampling = line_sampling(mask.reshape(mask.shape[0], width), acquired_columns(volume)[:2])
     return VolumeResult(
         reconstruction=outputs,
         zero_filled=zero_filled,
         target=None if target is None else np.asarray(target, dtype=np.float32),
-        acceleration=min(width, acquired) / max(1.0, float(mask.sum()) / mask.shape[0]),
+        acceleration=sampling.acceleration,
         seconds=seconds,
         note=note,
         empty_slices=empty_slices,
+        sampling=sampling,
     )
+
+
+_PATTERN_OF_FAMILY = {"random": "random", "equispaced": "equispaced", "equispaced_fraction": "equispaced",
+                      "magic": "equispaced", "magic_fraction": "equispaced"}
+"""What :func:`reconkit.data.masks.line_sampling` measures for a mask of each line family."""
+
+
+def _counted(count: int, noun: str, shown: str | None = None) -> str:
+    """``"1 line"``, ``"26 lines"`` (``shown`` in place of the number, e.g. a range)."""
+    return f"{count if shown is None else shown} {noun}{'' if count == 1 else 's'}"
+
+
+def training_mask_mismatch(training: TrainingMask, sampling: LineSampling, width: int) -> str | None:
+    """Where a volume's own sampling lies materially outside the model's training mask, in one sentence; None where
+    it lies within, or where the model records no training mask (the classical baselines, older files).
+
+    Told: an acceleration above :data:`MATERIAL` × the highest trained; a fully sampled centre of fewer lines than
+    the narrowest trained centre fraction gives at this width, divided by :data:`MATERIAL`; lines of the other
+    pattern (regular vs random) than the training family's, where ``sampling`` could tell. Meant for masks the
+    scan came with: a retrospective mask is the one asked for.
+
+    Args:
+        training: the model's :attr:`Reconstructor.training_mask`.
+        sampling: the volume's mask measured (:attr:`VolumeResult.sampling`).
+        width: the k-space width ``W``, zero padding included: the width the training masks' centre fraction was
+            taken of.
+
+    Example:
+        >>> training = TrainingMask("equispaced_fraction", (4.0,), (0.08,))
+        >>> training_mask_mismatch(training, LineSampling(7.9, 10, "equispaced"), 320)
+        'sampled at 7.9x with 10 centre lines; the model was trained at 4x with 8 % centre (26 lines at this width): expect lower quality'
+        >>> training_mask_mismatch(training, LineSampling(4.2, 26, "equispaced"), 320) is None
+        True
+    """
+    accelerations, fractions = sorted(set(training.accelerations)), sorted(set(training.center_fractions))
+    centre_lines = [round(width * fraction) for fraction in fractions]
+    trained_pattern = _PATTERN_OF_FAMILY.get(training.mask_type or "")
+    faster = bool(accelerations) and sampling.acceleration > MATERIAL * accelerations[-1]
+    narrower = bool(fractions) and sampling.center_lines * MATERIAL < centre_lines[0]
+    other_pattern = None not in (trained_pattern, sampling.pattern) and sampling.pattern != trained_pattern
+    if not (faster or narrower or other_pattern):
+        return None
+    measured = f"sampled at {sampling.acceleration:.1f}x with {_counted(sampling.center_lines, 'centre line')}"
+    trained = []
+    if accelerations:
+        trained.append("at " + "/".join(f"{acceleration:g}x" for acceleration in accelerations))
+    if fractions:
+        percent = "-".join(dict.fromkeys(f"{100 * fraction:g}" for fraction in (fractions[0], fractions[-1])))
+        counts = "-".join(dict.fromkeys(str(count) for count in (centre_lines[0], centre_lines[-1])))
+        trained.append(f"with {percent} % centre ({_counted(centre_lines[-1], 'line', counts)} at this width)")
+    if other_pattern:
+        measured += f", {sampling.pattern} lines"
+        trained.append(f"on {training.mask_type} masks")
+    return f"{measured}; the model was trained {' '.join(trained)}: expect lower quality"
