@@ -115,6 +115,14 @@ def test_bad_arguments():
         masks.VariableDensityMaskFunc([0.08], [4], pattern="radial")
 
 
+@pytest.mark.parametrize("name", sorted(masks.MASK_TYPES))
+@pytest.mark.parametrize("acceleration", [float("inf"), float("nan")])
+def test_non_finite_acceleration_is_refused(name, acceleration):
+    # an infinite acceleration gave a mask of the centre lines only
+    with pytest.raises(ValueError, match="accelerations must be at least 1 and finite"):
+        masks.create_mask_for_mask_type(name, [0.08], [acceleration])
+
+
 @pytest.mark.parametrize("pattern", ["gaussian", "poisson"])
 @pytest.mark.parametrize("height,width,acceleration", [(64, 48, 4), (45, 33, 6), (32, 96, 8)])
 def test_variable_density(pattern, height, width, acceleration):

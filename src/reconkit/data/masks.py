@@ -19,6 +19,7 @@ unchanged into every worker, which then draw the same masks.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -88,8 +89,8 @@ class MaskFunc:
     may be called from several threads: a seeded call gets its seed's mask whatever the other threads draw.
 
     Raises:
-        ValueError: a centre fraction outside ``[0, 1)``, an acceleration below 1, an empty list, or lists of
-            different lengths without ``allow_any_combination``.
+        ValueError: a centre fraction outside ``[0, 1)``, an acceleration below 1 or not finite, an empty list, or
+            lists of different lengths without ``allow_any_combination``.
     """
 
     _worker_seed: int | None = None  # the DataLoader worker seed ``rng`` was last seeded in (None: main process)
@@ -110,8 +111,10 @@ class MaskFunc:
         if len(center_fractions) == 0 or not all(0 <= float(f) < 1 for f in center_fractions):
             raise ValueError(f"center fractions must lie in [0, 1) (a share of the k-space columns); got "
                              f"{list(center_fractions)}")
-        if len(accelerations) == 0 or not all(float(a) >= 1 for a in accelerations):
-            raise ValueError(f"accelerations must be at least 1 (1 = fully sampled); got {list(accelerations)}")
+        # 1 <= a < inf: an infinite one gave a mask of the centre lines only (and NaN fails every comparison)
+        if len(accelerations) == 0 or not all(1 <= float(a) < math.inf for a in accelerations):
+            raise ValueError(f"accelerations must be at least 1 and finite (1 = fully sampled); got "
+                             f"{list(accelerations)}")
         self.center_fractions = center_fractions
         self.accelerations = accelerations
         self.allow_any_combination = allow_any_combination
