@@ -651,6 +651,18 @@ def test_threads_option_sets_torch_and_onnx_runtime_threads(tmp_path, capsys, mo
     assert code == 2 and "--threads must be at least 1" in err
 
 
+@pytest.mark.parametrize("model", ["zero-filled", "varnet_small.ckpt", "varnet_small.onnx"])
+@pytest.mark.parametrize("threads", [-1, 0, 2.5, True])
+def test_load_reconstructor_refuses_threads_below_1_for_every_model(model, threads):
+    """ONNX Runtime took threads=-1 without a word, and PyTorch models never looked at it: every kind now refuses
+    a value that is not an integer >= 1 before loading anything."""
+    from reconkit.errors import ConfigError
+
+    name = model if model == "zero-filled" else str(Path(__file__).parents[1] / "checkpoints" / model)
+    with pytest.raises(ConfigError, match=r"threads must be an integer >= 1, got "):
+        load_reconstructor(name, threads=threads)
+
+
 @pytest.mark.parametrize("option,value,message", [("--center-fraction", "1.5", "center fractions must lie in [0, 1)"),
                                                    ("--acceleration", "0", "accelerations must be at least 1"),
                                                    ("--mask-type", "spiral", "spiral not supported"),

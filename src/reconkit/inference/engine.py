@@ -22,7 +22,7 @@ import torch
 
 from reconkit.data import Volume, apply_mask, center_crop, create_mask_for_mask_type, filename_seed
 from reconkit.data.masks import LineSampling, line_sampling
-from reconkit.errors import DataError, ReconkitError, ReconkitWarning
+from reconkit.errors import DataError, ReconkitError, ReconkitWarning, check_number
 from reconkit.export.onnx_format import format_sizes
 from reconkit.models.classical import zero_filled as zero_filled_image
 
@@ -320,18 +320,23 @@ def load_reconstructor(
             alone) or a reconkit checkpoint (``reconkit.models.load_model``).
         backend: ``"torch"`` / ``"onnx"``; None infers it from the file extension (:func:`default_backend`).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (the N-th GPU; ``"cuda"`` is ``"cuda:0"``).
-        threads: ONNX Runtime intra-op threads (None: its default). Not applied to PyTorch models (a checkpoint, the
-            baselines, the ONNX file's PyTorch fallback): their threads are process-wide, set them with
-            ``torch.set_num_threads`` as ``reconkit reconstruct --threads`` does.
+        threads: ONNX Runtime intra-op threads, an integer >= 1 (None: its default), checked for every model.
+            Not applied to PyTorch models (a checkpoint, the baselines, the ONNX file's PyTorch fallback): their
+            threads are process-wide, set them with ``torch.set_num_threads`` as ``reconkit reconstruct --threads``
+            does.
         torch_fallback: for an ONNX file exported from a checkpoint, run k-space sizes its graph lacks with the
             file's own weights in PyTorch (:func:`reconkit.export.load_onnx_as_torch`) instead of failing.
 
     Raises:
         ReconkitError: unknown name, missing or unreadable model file, an unknown or unavailable device (named),
             or backend mismatch.
+        ConfigError: ``threads`` not None and not an integer >= 1 (ONNX Runtime took -1 without a word).
     """
     from reconkit.models import contract_model, load_model
     from reconkit.models.classical import CGSense, ZeroFilled
+
+    if threads is not None:
+        check_number("threads", threads, 1, integer=True)
 
     if model in CLASSICAL:
         if backend == "onnx":
