@@ -483,6 +483,21 @@ def test_a_dagger_with_l2_reg_solves_regularised_normal_equations():
     assert (residual.abs().max() / op.A_adjoint(kspace).abs().max()).item() < 1e-8
 
 
+def test_iterative_solvers_refuse_a_negative_max_iter():
+    """A negative max_iter ran no iteration and returned the start point without a word."""
+    from reconkit.ops.operators import conjugate_gradient, fista
+
+    op = random_operator(acceleration=2, coils=2)
+    kspace = op.A(torch.randn(2, 1, 12, 10, 2, dtype=torch.float64, generator=gen(36)))
+    rhs = op.A_adjoint(kspace)
+    for solve, name in ((lambda n: op.A_dagger(kspace, max_iter=n), "conjugate_gradient"),
+                        (lambda n: conjugate_gradient(op.normal, rhs, max_iter=n), "conjugate_gradient"),
+                        (lambda n: fista(op.normal, rhs, rhs, 0.1, lambda v, _: v, max_iter=n), "fista")):
+        with pytest.raises(ValueError, match=rf"{name}: max_iter must be an integer >= 0, got -1"):
+            solve(-1)
+        assert solve(0).shape == rhs.shape  # no iteration: the start point, as before
+
+
 def test_coil_ops_under_fake_tensor_mode_leave_the_shared_signs_real():
     """Shape / memory estimation under FakeTensorMode: a size already cached failed there ('Please convert all
     Tensors to FakeTensors first'), and a new one left fake signs in the cache that broke every later real call."""

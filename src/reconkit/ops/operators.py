@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from reconkit.errors import check_number
 from reconkit.ops.coils import sampling_mask, sens_expand, sens_reduce
 from reconkit.ops.fft import check_tensors
 
@@ -43,12 +44,16 @@ def conjugate_gradient(
         normal_op: callable mapping ``(B, ...)`` to ``(B, ...)``.
         rhs: right-hand side ``(B, ..., 2)``.
         x0: initial guess (zeros if None).
-        max_iter: iteration count (fixed; no data-dependent early exit, so the loop is traceable).
+        max_iter: iteration count, an integer >= 0 (fixed; no data-dependent early exit, so the loop is traceable).
         tol: relative residual ``‖rhs − normal_op(x)‖ / ‖rhs‖`` below which a batch item stops moving.
 
     Returns:
         ``x`` of ``rhs``'s shape.
+
+    Raises:
+        ConfigError: ``max_iter`` not an integer >= 0 (a negative one returned the start point without a word).
     """
+    check_number("conjugate_gradient: max_iter", max_iter, 0, integer=True)
     x = torch.zeros_like(rhs) if x0 is None else x0.clone()
     r = rhs - normal_op(x)
     p = r.clone()
@@ -86,8 +91,12 @@ def fista(
         step: gradient step per batch item, broadcastable (e.g. ``(B, 1, ...)``); at most ``1 / ‖N‖``.
         prox: ``prox(v, iteration)``, the proximal step of ``step · g`` at ``v`` (it may vary with the iteration,
             e.g. a cyclic shift of a wavelet).
-        max_iter: iteration count (fixed, so the loop is traceable).
+        max_iter: iteration count, an integer >= 0 (fixed, so the loop is traceable).
+
+    Raises:
+        ConfigError: ``max_iter`` not an integer >= 0 (a negative one returned ``x0`` without a word).
     """
+    check_number("fista: max_iter", max_iter, 0, integer=True)
     x = z = x0
     momentum = 1.0
     for iteration in range(max_iter):
