@@ -189,6 +189,18 @@ def test_bad_checkpoints_raise_checkpoint_error_naming_file_and_problem(tmp_path
         assert "\n" not in message, message
 
 
+def test_a_model_larger_than_free_memory_raises_checkpoint_error_naming_the_file(tmp_path, monkeypatch):
+    """The memory check runs when the real model is built, after the checks on meta: its error was a
+    ModelConfigError that did not name the checkpoint."""
+    from reconkit.models import sizes
+
+    path = tmp_path / "varnet.ckpt"
+    save_model(path, build_model("varnet", **KWARGS), "varnet", KWARGS)
+    monkeypatch.setattr(sizes, "available_memory", lambda: 1)  # sizes imported it by name: patched where it looks
+    with pytest.raises(CheckpointError, match=f"^{path}: .*more than the .* GiB of memory free on cpu$"):
+        load_model(path)
+
+
 def test_an_unreadable_checkpoint_raises_checkpoint_error_naming_it(tmp_path, unreadable):
     """Reading its first bytes raised a bare PermissionError: a traceback from export and reconstruct."""
     path = tmp_path / "locked.ckpt"

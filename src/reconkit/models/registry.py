@@ -199,6 +199,15 @@ def _summarise(names: list[str], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _build_checkpoint_model(path: Path, entry: dict) -> nn.Module:
+    """``build_model`` of a checkpoint's ``"reconkit"`` entry; its :class:`ModelConfigError` (bad hyper-parameters,
+    or a model larger than the memory free) as a :class:`CheckpointError` naming the file."""
+    try:
+        return build_model(entry["model_type"], **entry["model_kwargs"])
+    except ModelConfigError as exc:
+        raise CheckpointError(path, str(exc)) from exc
+
+
 def load_model(path: os.PathLike | str) -> tuple[nn.Module, dict]:
     """Rebuild a model from a checkpoint file without the training code; returns ``(model, info)``.
 
@@ -211,7 +220,8 @@ def load_model(path: os.PathLike | str) -> tuple[nn.Module, dict]:
     Raises:
         CheckpointError: missing / corrupt file, missing entries, unknown model type, bad hyper-parameters, a
             ``mask`` that is not a dict or whose accelerations / centre fractions are not numbers, weights that do
-            not fit the model (names or shapes), non-finite weights. The message names the file.
+            not fit the model (names or shapes), non-finite weights, a model larger than the memory free. The message
+            names the file.
     """
     path = Path(path)
     checkpoint = _read_checkpoint(path)
@@ -219,9 +229,7 @@ def load_model(path: os.PathLike | str) -> tuple[nn.Module, dict]:
     weights = _model_state(path, checkpoint)
     try:  # on the meta device first: model_kwargs asking for a huge model (chans=10**6) allocate nothing there
         with torch.device("meta"):
-            expected = build_model(entry["model_type"], **entry["model_kwargs"]).state_dict()
-    except ModelConfigError as exc:
-        raise CheckpointError(path, str(exc)) from exc
+            expected = _build_checkpoint_model(path, entry).state_dict()
     except RuntimeError as exc:  # e.g. "Storage size calculation overflowed" for chans=10**10
         raise CheckpointError(path, f"model_type {entry['model_type']!r} with {entry['model_kwargs']} cannot be "
                                     f"built: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
@@ -239,7 +247,8 @@ def load_model(path: os.PathLike | str) -> tuple[nn.Module, dict]:
              if weights[k].shape != v.shape]
     if wrong:
         raise CheckpointError(path, f"weight shapes do not fit the model (checkpoint vs model): {_summarise(wrong)}")
-    model = build_model(entry["model_type"], **entry["model_kwargs"])  # as large as the checkpoint's own weights
+    # as large as the checkpoint's own weights; here (not on meta) the model checks that it fits in free memory
+    model = _build_checkpoint_model(path, entry)
     # built in the caller's default dtype (float64 after torch.set_default_dtype): give it the weights' own dtype,
     # float32 for half-precision weights (their model would meet the float32 FFTs' activations: a dtype error)
     dtype = next((v.dtype for v in weights.values() if v.is_floating_point()), torch.float32)
