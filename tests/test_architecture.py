@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import reconkit
 
 ORDER = ("errors", "atomic", "ops", "metrics", "data", "models", "io", "training", "export", "inference", "serve",
@@ -71,3 +73,54 @@ def test_importing_every_module_keeps_lightnings_int_or_float_limits_int_first()
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.split()[-1] == "int", result.stdout + result.stderr
+
+
+def _exception_classes_defined() -> set[str]:
+    """``module.Class`` of every exception class defined under src/reconkit (a base named ``...Error``,
+    ``...Exception``, ``...Warning``, ``SystemExit`` or one of these classes), found without importing anything."""
+    classes: dict[str, tuple[str, list[str]]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(["reconkit", *path.relative_to(PACKAGE).with_suffix("").parts])
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef):
+                bases = [b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases]
+                classes[node.name] = (module, bases)
+    found: set[str] = set()
+    while True:
+        more = {name for name, (_, bases) in classes.items()
+                if any(b.endswith(("Error", "Exception", "Warning")) or b == "SystemExit" or b in found for b in bases)}
+        if more <= found:
+            return {f"{classes[name][0]}.{name}" for name in found}
+        found |= more
+
+
+def _exception_examples() -> list:
+    """One instance of every exception class reconkit defines, with its attributes set."""
+    from reconkit.cli.main import _Terminated
+    from reconkit.errors import ConfigError, DataError, ReconkitError, ReconkitWarning
+    from reconkit.export.onnx_format import ExportError
+    from reconkit.models.registry import CheckpointError, ModelConfigError
+    from reconkit.serve.pbtxt import PbtxtError
+    from reconkit.serve.protocol import RequestError
+
+    return [ReconkitError("bad input"), DataError("/data/file1.h5", "missing dataset 'kspace'"),
+            DataError("a whole message"), ConfigError("lr must be > 0"), ReconkitWarning("slower path"),
+            PbtxtError("unexpected character"), RequestError(400, "bad shape", {"Retry-After": "1"}),
+            ExportError("x.ckpt: cannot export"), ModelConfigError("unknown model_type"),
+            CheckpointError("/c/model.ckpt", "missing 'state_dict'"), _Terminated(143)]
+
+
+def test_every_exception_class_has_a_pickle_example() -> None:
+    shown = {f"{type(error).__module__}.{type(error).__qualname__}" for error in _exception_examples()}
+    assert shown == _exception_classes_defined()
+
+
+@pytest.mark.parametrize("error", _exception_examples(), ids=lambda error: type(error).__name__)
+def test_exceptions_survive_a_pickle_round_trip(error: BaseException) -> None:
+    """A process pool or DataLoader worker sends its exception back pickled: RequestError(400, "m") and
+    CheckpointError(path, problem) raised TypeError when unpickled (Exception rebuilds from ``args``, the message)."""
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error) and copy.args == error.args
+    assert vars(copy) == vars(error)

@@ -54,6 +54,10 @@ class CheckpointError(ReconkitError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self) -> tuple:
+        # Exception pickles as cls(*args), and args is ("<path>: <problem>",): a TypeError when unpickled
+        return type(self), (self.path, self.problem), self.__dict__
+
 
 def build_model(model_type: str, **model_kwargs: Any) -> nn.Module:
     """Instantiate a registered model type (``"varnet"``, ``"unet"``, ``"vit"``, ``"zero_filled"``, ``"cg_sense"``).

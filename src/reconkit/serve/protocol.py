@@ -37,6 +37,10 @@ class RequestError(ReconkitError):
         self.message = message
         self.headers = dict(headers or {})
 
+    def __reduce__(self) -> tuple:
+        # Exception pickles as cls(*args), and args is (message,): a TypeError when unpickled (a process pool)
+        return type(self), (self.status, self.message, self.headers), self.__dict__
+
 
 @dataclasses.dataclass
 class InferRequest:
