@@ -1596,3 +1596,13 @@ def test_training_mask_of_checkpoint_and_onnx_and_the_measured_sampling_in_the_a
     assert result.sampling == LineSampling(64 / columns.sum(), 3, None) and result.acceleration == 64 / columns.sum()
     assert training_mask_mismatch(onnx_model.training_mask, result.sampling, 64) is None  # 8x and 4 % trained
     assert "(3-5 lines at this width)" in training_mask_mismatch(onnx_model.training_mask, LineSampling(11, 1, None), 64)
+
+
+def test_summary_shows_each_files_sampling(tmp_path, capsys):
+    """The summary table gave file, slices, seconds and status only: a file's acceleration and centre lines (what
+    the reconstruction worked from) were not shown anywhere unless they lay outside the model's training mask."""
+    columns = _line_mask("equispaced_fraction", 8, 0.08, 64)
+    scan = _scan_sampled_with(tmp_path, "scan8x.h5", columns)
+    code, out, _ = _run(capsys, str(scan), "--model", "zero-filled", "--output", str(tmp_path / "out"), "--format", "h5")
+    (row,) = [line for line in out.splitlines() if "scan8x.h5" in line]
+    assert code == 0 and f"{64 / columns.sum():.1f}x, 5 centre" in row, out

@@ -194,11 +194,13 @@ def write_outputs(volume: Volume, result: VolumeResult, output: Path, formats: S
 
 @dataclass
 class FileReport:
-    """One row of the summary table (``fell_back``: an ONNX model ran this file's size in PyTorch)."""
+    """One row of the summary table (``fell_back``: an ONNX model ran this file's size in PyTorch; ``sampling``: the
+    mask reconstructed with, e.g. ``4.0x, 26 centre``, from :attr:`reconkit.inference.VolumeResult.sampling`)."""
 
     path: Path
     slices: int = 0
     seconds: float = 0.0
+    sampling: str = ""
     status: str = "ok"
     fell_back: bool = False
 
@@ -319,8 +321,8 @@ def _print_summary(reports: Sequence[FileReport], model_name: str, backend: str)
     from reconkit.cli.tables import table_console
 
     table = Table(title=Text(printable(f"reconkit reconstruct — {model_name} ({backend})")))
-    for column in ("file", "slices", "seconds", "status"):
-        numbers = column in ("slices", "seconds")
+    for column in ("file", "slices", "sampling", "seconds", "status"):
+        numbers = column in ("slices", "sampling", "seconds")
         table.add_column(column, justify="right" if numbers else "left", overflow="ellipsis" if numbers else "fold")
     for report in reports:  # names and messages as plain Text: Rich read "scan[t2].h5" as markup ("scan.h5"), with
         # control characters escaped (reconkit.errors.printable)
@@ -328,7 +330,7 @@ def _print_summary(reports: Sequence[FileReport], model_name: str, backend: str)
         if report.ok and report.fell_back:
             status.append(" (ran in PyTorch)")
         name = Text(printable(report.path.name or report.path))
-        table.add_row(name, str(report.slices), f"{report.seconds:.2f}", status)
+        table.add_row(name, str(report.slices), report.sampling, f"{report.seconds:.2f}", status)
     table_console().print(table)
 
 
@@ -395,6 +397,8 @@ def run(args: argparse.Namespace) -> list[FileReport]:
                 )
                 write_outputs(volume, result, args.output, args.format, reconstructor.name)
                 report.slices, report.seconds = result.reconstruction.shape[0], result.seconds
+                if result.sampling is not None:
+                    report.sampling = f"{result.sampling.acceleration:.1f}x, {result.sampling.center_lines} centre"
                 report.fell_back = result.note is not None
                 if result.note:
                     _say("note", f"{path}: {result.note}")
