@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
+import os
 import pickle
 import random
 import re
@@ -11,6 +13,7 @@ import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import ismrmrd.xsd as ismrmrd_xsd
@@ -550,6 +553,26 @@ def test_datasets_scanning_at_once_keep_each_others_cache_entries(tmp_path, monk
     with open(cache, "rb") as f:
         entries = pickle.load(f)["entries"]
     assert sorted(Path(key[0][0]).name for key in entries) == ["train.h5", "val.h5"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.ENOSYS])
+def test_cache_is_written_where_the_file_system_has_no_locks(code, tmp_path, caplog, monkeypatch):
+    """flock fails with "No locks available" on NFSv3 without lockd and "Function not implemented" on Lustre
+    mounted noflock: the cache, written without a lock before the merge under flock, was never written there,
+    each run rescanning with a warning (review41). It is now merged without the lock."""
+    (tmp_path / "data").mkdir()
+    write_volume(tmp_path / "data" / "a.h5", num_slices=2, coils=2)
+
+    def flock(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(slice_dataset, "fcntl", SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX))
+    cache = tmp_path / "cache.pkl"
+    with caplog.at_level(logging.WARNING):
+        assert len(SliceDataset(tmp_path / "data", dataset_cache_file=cache)) == 2
+    assert "could not write dataset cache" not in caplog.text
+    with open(cache, "rb") as f:
+        assert [Path(key[0][0]).name for key in pickle.load(f)["entries"]] == ["a.h5"]
 
 
 def test_a_cache_that_cannot_be_pickled_is_not_written(tmp_path, caplog, monkeypatch):

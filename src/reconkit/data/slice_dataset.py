@@ -11,6 +11,7 @@ under a lock file next to it, and replaces it atomically; an unreadable cache fi
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import pickle
@@ -108,14 +109,25 @@ def _stale_keys(cache: dict, current: Collection[tuple]) -> list[tuple]:
     return [key for key in cache if (key[0][0], key[1]) in paths and key not in current]
 
 
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+"""``flock``'s errors on a file system that offers no locks, where :func:`_cache_lock` goes on without one."""
+
+
 @contextlib.contextmanager
 def _cache_lock(cache_file: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``<cache_file>.lock`` (created if missing, left in place: removing it would
-    let two processes lock two different files) while the cache is read, merged and replaced."""
+    let two processes lock two different files) while the cache is read, merged and replaced. Where the file
+    system has no locks (:data:`_NO_LOCKS`: NFSv3 without ``lockd``, "No locks available"; Lustre mounted
+    ``noflock``) the cache is merged without one, as on Windows: the cache only saves a rescan."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     with open(cache_file.with_name(cache_file.name + ".lock"), "a") as lock:
         if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            except OSError as err:
+                if err.errno not in _NO_LOCKS:
+                    raise
+                logger.info("no lock on %s (%s); merging the dataset cache without one", lock.name, err)
         yield
 
 
