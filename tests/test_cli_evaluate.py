@@ -154,6 +154,24 @@ def test_csv_dash_is_stdout_alone(tmp_path, capsys, monkeypatch):
     assert text_only.getvalue() == stdout_csv
 
 
+def test_csv_without_scored_volumes_keeps_the_band_columns_asked_for(tmp_path, capsys):
+    """With --bands, a CSV of a run that scored nothing (no target matched, every volume failed) had the header
+    without its nmse_band* columns, so a script reading them failed on a missing column rather than finding no rows
+    (review41). The header now has the columns --bands asks for, in the file and on stdout."""
+    target_dir, pred_dir = _make_dirs(tmp_path, np.random.default_rng(1), [(2, 32, 32, 32, 32)])
+    csv_path = tmp_path / "metrics.csv"
+    args = ["evaluate", "--target", str(target_dir), "--predictions", str(pred_dir), "--bands", "3"]
+    assert reconkit_main([*args, "--csv", str(csv_path)]) == 0
+    header = csv_path.read_text(encoding="utf-8").splitlines()[0]
+    assert header.endswith("nmse_band0,nmse_band1,nmse_band2")
+    capsys.readouterr()
+    assert reconkit_main([*args, "--acquisition", "AXFLAIR", "--csv", str(csv_path)]) == 1
+    assert csv_path.read_text(encoding="utf-8").splitlines() == [header]
+    capsys.readouterr()
+    assert reconkit_main([*args, "--acquisition", "AXFLAIR", "--csv", "-"]) == 1
+    assert capsys.readouterr().out.splitlines() == [header]
+
+
 def test_csv_dash_with_a_plot_keeps_stdout_the_csv_alone(tmp_path, capsys):
     """With ``--csv - --plot FILE.png`` the figure's 'wrote' line goes to stderr: stdout stays the CSV alone."""
     target_dir, pred_dir = _make_dirs(tmp_path, np.random.default_rng(1), [(2, 32, 32, 32, 32)])

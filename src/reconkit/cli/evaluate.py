@@ -208,20 +208,21 @@ def _csv_rows(scores: Sequence[VolumeScore]) -> list[tuple]:
     return [_row(s) for s in rows]
 
 
-def write_csv(path: Path, scores: Sequence[VolumeScore]) -> None:
-    """Atomically write the CSV of ``scores`` (see :func:`_csv_rows`) to ``path``."""
-    write_metrics_csv(path, _csv_rows(scores))
+def write_csv(path: Path, scores: Sequence[VolumeScore], bands: int = 0) -> None:
+    """Atomically write the CSV of ``scores`` (see :func:`_csv_rows`) to ``path``, with ``bands`` band columns (those
+    of ``--bands``: in the header even when no volume was scored)."""
+    write_metrics_csv(path, _csv_rows(scores), bands)
 
 
-def print_csv(scores: Sequence[VolumeScore]) -> None:
+def print_csv(scores: Sequence[VolumeScore], bands: int = 0) -> None:
     """The bytes :func:`write_csv` would write (UTF-8 whatever the locale, CRLF rows), on stdout; on a stdout
     without bytes underneath (a notebook's), the same text."""
     if not hasattr(sys.stdout, "buffer"):
-        write_metrics_rows(sys.stdout, _csv_rows(scores))
+        write_metrics_rows(sys.stdout, _csv_rows(scores), bands)
         return
     sys.stdout.flush()
     stream = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", errors="surrogateescape", newline="")
-    write_metrics_rows(stream, _csv_rows(scores))
+    write_metrics_rows(stream, _csv_rows(scores), bands)
     stream.flush()
     stream.detach()  # leaves sys.stdout's buffer open
 
@@ -365,11 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reconkit evaluate: {args.target}: no .h5 / .hdf5 target files" + (" match the filters" if filters else ""),
               file=sys.stderr)  # fmt: skip
     if csv_stdout:
-        print_csv(scores)
+        print_csv(scores, args.bands)
     elif scores:
         print_table(scores)
     written = True
-    for option, path, write in (("--csv", csv_path, lambda: write_csv(csv_path, scores)),
+    for option, path, write in (("--csv", csv_path, lambda: write_csv(csv_path, scores, args.bands)),
                                 ("--plot", args.plot, lambda: write_plot(args.plot, scores, args.target,
                                                                          args.predictions, len(errors)))):  # fmt: skip
         if path is None:  # the CSV: whatever was scored, so that an earlier run's rows are never read as this run's
