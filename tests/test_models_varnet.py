@@ -425,6 +425,19 @@ def test_final_dc_step_with_espirit_maps_and_wavelets_beats_acs_maps_on_a_sharp_
     assert errors[1] < errors[0] and errors[2] < errors[1], errors
 
 
+def test_size_check_under_cuda_counts_the_memory_pytorch_has_cached(monkeypatch):
+    """Under a CUDA default device the free memory was the driver's alone (torch.cuda.mem_get_info), while PyTorch's
+    caching allocator keeps freed tensors' memory reserved for reuse: after a training run filled the cache, a model
+    that fits in it was refused (review41). Mocked CUDA: 1 MiB free for the driver, 1 GiB cached and unused."""
+    monkeypatch.setattr(torch, "get_default_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2**30 + 2**20)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2**20)
+    sizes.check_model_size("VarNet", {"chans": 18}, lambda: 2**27)  # 0.5 GiB of float32 weights
+    with pytest.raises(ValueError, match=r"more than the 1 GiB of memory free on cuda"):
+        sizes.check_model_size("VarNet", {"chans": 18}, lambda: 2**28 + 2**20)
+
+
 def test_impossible_sizes_are_refused_before_anything_is_built(monkeypatch):
     """``VarNet(num_cascades=10**5)`` built cascades for 18 s before an allocation failed, ``VarNet(chans=10**5)``
     asked for 360 GB (gapfix audit): sizes whose weights cannot fit in the free memory, more cascades than

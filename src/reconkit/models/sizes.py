@@ -8,8 +8,9 @@
   :data:`MAX_POOLS`. ``VarNet(num_cascades=10**5)`` spent 18 s building cascades before it failed.
 * the weights: their number (from the layer sizes, :func:`reconkit.models.unet.unet_weights`, or counted on the
   ``meta`` device, which allocates nothing: :func:`meta_weights`) times the bytes of torch's default dtype must fit in the memory free where they are built: :func:`reconkit.data.volume.available_memory`
-  on the CPU (Linux's ``MemAvailable`` or a container's cgroup limit), ``torch.cuda.mem_get_info`` under a CUDA
-  default device; not checked elsewhere. ``VarNet(chans=10**5)`` asked for 360 GB; ``Unet(chans=10**6)`` for 36 TB.
+  on the CPU (Linux's ``MemAvailable`` or a container's cgroup limit), ``torch.cuda.mem_get_info`` plus the blocks
+  PyTorch's caching allocator holds unused (freed tensors' memory, which it reuses) under a CUDA default device;
+  not checked elsewhere. ``VarNet(chans=10**5)`` asked for 360 GB; ``Unet(chans=10**6)`` for 36 TB.
 
 Neither touches real research models: fastMRI's VarNet (12 cascades, chans 18, pools 4) has 30 M weights (0.12 GB
 in float32), and 48 cascades of chans 64 have 1.5 G (6 GB). Training needs more than the weights (gradients,
@@ -40,8 +41,9 @@ def _free_memory(device: torch.device) -> int | None:
     """Bytes free for new tensors on ``device``; None where not known or not a memory (``meta``)."""
     if device.type == "cpu":
         return available_memory()
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # the driver's free memory and what PyTorch's caching allocator holds unused
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     return None
 
 
