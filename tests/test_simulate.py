@@ -505,6 +505,25 @@ def test_a_rerun_replaces_the_earlier_runs_dataset_and_warns_of_other_files(tmp_
                                        f"first: {tmp_path / 'train' / 'mine.h5'}); training on it reads them too\n")
 
 
+def test_a_rerun_refused_for_a_split_leak_deletes_nothing(tmp_path, capsys):
+    """A rerun deleted the earlier run's volumes before checking that none of its own already lay in another split
+    folder: refused there (exit 2, 'use an empty output folder'), it had deleted the earlier dataset and left its
+    manifest.json listing the deleted files (review41). The check now comes first."""
+    from reconkit.cli.main import main
+
+    args = ["simulate", "--output", str(tmp_path), "--coils", "2", "--encoded-size", "48", "40", "--recon-size", "24",
+            "24", "--slices", "1"]  # fmt: skip
+    assert main([*args, "--num-volumes", "2", "--seed", "0", "--split", "1", "1", "0"]) == 0
+    first = sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.glob("*/*.h5"))
+    (tmp_path / "val" / "mni152_s1_0000.h5").write_text("a file this rerun would also write, in train")
+    capsys.readouterr()
+    assert main([*args, "--num-volumes", "1", "--seed", "1", "--split", "1", "0", "0"]) == 2
+    assert "would be in two splits" in capsys.readouterr().err
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.glob("*/*.h5")) == sorted(
+        [*first, "val/mni152_s1_0000.h5"])
+    assert sorted(v["file"] for v in json.loads((tmp_path / "manifest.json").read_text())["volumes"]) == first
+
+
 def test_a_rerun_stopped_part_way_leaves_no_manifest_of_the_earlier_run(tmp_path, monkeypatch):
     """The earlier run's manifest.json stayed and gave the files the stopped rerun had replaced their old
     parameters (here 2 coils for a 4-coil file)."""

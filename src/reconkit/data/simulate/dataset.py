@@ -6,7 +6,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +70,14 @@ def _earlier_volumes(output: Path) -> list[str]:
     return [file for file in files if isinstance(file, str) and _VOLUME_FILE.fullmatch(file)]
 
 
-def _check_no_split_leak(output: Path, names: list[str]) -> None:
+def _check_no_split_leak(output: Path, names: list[str], replaced: Collection[str] = ()) -> None:
     """ValueError when a volume about to be written already exists in another split folder of ``output`` (an earlier
-    run with another volume count or split): the same volume would then be in two splits, e.g. train and val."""
+    run with another volume count or split), other than as one of the ``replaced`` volumes (``split/name.h5``, an
+    earlier run's that this run deletes): the same volume would then be in two splits, e.g. train and val."""
     for name in names:
         split, file = name.split("/")
-        elsewhere = [other for other in SPLITS if other != split and (output / other / file).exists()]
+        elsewhere = [other for other in SPLITS if other != split and f"{other}/{file}" not in replaced
+                     and (output / other / file).exists()]  # fmt: skip
         if elsewhere:
             raise ValueError(f"{output / name}: {elsewhere[0]}/{file} already exists (an earlier run into this "
                              f"folder?): the volume would be in two splits; use an empty output folder")
@@ -164,9 +166,10 @@ def simulate_dataset(
         plan.append((index, vseed, coil_index, snr_index, volume_source,
                      f"{labels[index]}/{volume_source}_s{seed}_{index:04d}.h5"))
     names = [name for *_, name in plan]
-    for earlier in set(_earlier_volumes(output)) - set(names):  # the dataset this run replaces, not to be mixed in
+    replaced = set(_earlier_volumes(output)) - set(names)  # the dataset this run replaces, not to be mixed in
+    _check_no_split_leak(output, names, replaced)  # first: a refused run deletes nothing
+    for earlier in replaced:
         (output / earlier).unlink(missing_ok=True)
-    _check_no_split_leak(output, names)
     # an earlier run's manifest would describe the volumes this run replaces: a run stopped part-way (Ctrl-C, a
     # full disk) leaves none, rather than one whose parameters are no longer those of the files
     (output / "manifest.json").unlink(missing_ok=True)
