@@ -622,6 +622,19 @@ def test_atomic_writes_flush_through_a_writable_handle_on_windows(tmp_path, monk
     assert (tmp_path / "series" / "slice_000.dcm").read_text() == "x"
 
 
+def test_two_machines_of_one_host_name_get_different_temporary_tags(monkeypatch):
+    """The host tag hashed the host name and the PID namespace only; outside containers every Linux host's root PID
+    namespace is the same number, so two machines of one name sharing a folder had one tag and only the age guard
+    kept one from removing the other's live temporaries (review audit). Their machine IDs now tell them apart."""
+    from reconkit import atomic
+
+    def tag_on(machine_id: str) -> str:
+        monkeypatch.setattr(Path, "read_text", lambda self, *args, **kwargs: machine_id + "\n")
+        return atomic._host_tag.__wrapped__()
+
+    assert tag_on("3d1219c7c4c5404aaa1f6d2a48adfda4") != tag_on("0f5e8a1b2c3d4e5f60718293a4b5c6d7")
+
+
 def test_a_killed_writers_temporaries_are_removed_by_the_next_write_only_when_provably_dead(tmp_path):
     """A writer killed with SIGKILL (the OOM killer) during a write left its ``.tmp-*`` file, and during a series swap
     its ``.tmp-*`` / ``.old-*`` folders, in the output folder for ever. The next write there removes a dead writer's

@@ -251,13 +251,22 @@ def _running(pid: int) -> bool:
 
 @functools.cache
 def _host_tag() -> str:
-    """8 hex digits naming this host and PID namespace, so that a PID in a temporary name is checked only where it
-    means the same process: not on another machine sharing the folder, nor in another container of one host name."""
+    """8 hex digits naming this host (its name and, where there is one, its machine ID) and PID namespace, so that a
+    PID in a temporary name is checked only where it means the same process: not on another machine sharing the
+    folder (two machines of one host name have different machine IDs; their root PID namespaces are the same
+    number), nor in another container of one host name."""
     try:
         namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:  # macOS, or no /proc
         namespace = 0
-    return hashlib.sha256(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:8]
+    machine = ""
+    for source in ("/etc/machine-id", "/var/lib/dbus/machine-id"):  # systemd / D-Bus; absent in many containers
+        try:
+            machine = Path(source).read_text(encoding="ascii", errors="replace").strip()
+            break
+        except OSError:
+            continue
+    return hashlib.sha256(f"{socket.gethostname()}/{machine}/{namespace}".encode()).hexdigest()[:8]
 
 
 def temporary_prefix(kind: str = "tmp") -> str:
