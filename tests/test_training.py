@@ -850,6 +850,18 @@ def test_datamodule_num_volumes_keeps_whole_volumes(sim_root):
     assert len({subset[i].fname for i in range(len(subset))}) == 1
 
 
+def test_datamodule_fraction_subset_is_training_volumes_in_dataset_order(sim_root):
+    """train_dataset's fraction subset keeps exactly training_volumes()' slices, in the SliceDataset's order (both
+    select by _slice_fnames' per-slice file names)."""
+    data = _datamodule(sim_root, fraction=0.5, seed=2)
+    subset = data.train_dataset().dataset
+    kept = data.training_volumes()
+    every = [(s.fname.name, s.slice_ind) for s in data.slice_dataset("train", None, None, None).raw_samples]
+    assert len(kept) == 2 and subset.indices == [i for i, (name, _) in enumerate(every) if name in kept]
+    assert [(subset[i].fname, subset[i].slice_num) for i in range(len(subset))] == [
+        every[i] for i in subset.indices]
+
+
 def test_training_masks_change_with_epoch_but_repeat_for_the_same_epoch(sim_root):
     dataset = _datamodule(sim_root, mask_type="random", center_fractions=[0.1], accelerations=[4]).train_dataset()
     n = len(dataset)
