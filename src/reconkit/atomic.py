@@ -21,6 +21,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import io
 import itertools
 import os
 import re
@@ -30,7 +31,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
@@ -85,18 +86,74 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     _fsync_directory(final.parent)
 
 
+class _KeptErrorFile:
+    """An unbuffered file for h5py's ``fileobj`` driver that keeps the first ``OSError`` instead of raising it.
+
+    HDF5 goes on calling the driver after a call failed (the truncate, flush and metadata writes of its close), and
+    h5py's driver then calls Python with the first exception still set: on Python 3.13 that came out as a
+    ``SystemError`` (``'seekable' ... returned a result with an exception set``) instead of the ``OSError``, and
+    without a buffer as an ``AttributeError`` already on 3.11. So once a call fails, writes, truncates and flushes
+    do nothing and reads return nothing (HDF5 fails with an error of its own), and :attr:`error` is raised after
+    the file is closed. Unbuffered, so that closing it cannot fail again (HDF5 seeks before each write anyway).
+    """
+
+    def __init__(self, handle: io.FileIO) -> None:
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def _kept(self, call: Callable[..., object], *args: object, failed: object = None) -> object:
+        if self.error is None:
+            try:
+                return call(*args)
+            except OSError as err:
+                self.error = err
+        return failed
+
+    def _write_all(self, data: bytes | bytearray) -> int:
+        view = memoryview(data)
+        while view:  # a raw write may write only part of it
+            view = view[self._handle.write(view):]
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> object:
+        return self._kept(self._handle.seek, offset, whence, failed=0)
+
+    def tell(self) -> object:
+        return self._kept(self._handle.tell, failed=0)
+
+    def read(self, size: int) -> object:
+        return self._kept(self._handle.read, size, failed=b"")
+
+    def write(self, data: bytes | bytearray) -> object:
+        return self._kept(self._write_all, data, failed=len(data))
+
+    def truncate(self, size: int) -> object:
+        return self._kept(self._handle.truncate, size, failed=size)
+
+    def flush(self) -> None:
+        self._kept(self._handle.flush)
+
+
 @contextlib.contextmanager
 def atomic_hdf5(path: os.PathLike | str) -> Iterator[h5py.File]:
     """:func:`atomic_path` for an HDF5 file: yields it as an ``h5py.File`` open for writing.
 
-    HDF5 writes through a Python file object, so a failed write (a full disk) is a plain ``OSError`` ("No space
-    left on device"), which names ``path`` (a write through a file object names no file). With HDF5's own file
-    driver it left the file half closed and, with HDF5 2.0, the interpreter crashed when it exited (a segmentation
-    fault closing that file's datasets).
+    HDF5 writes through a Python file object (:class:`_KeptErrorFile`), so a failed write (a full disk) is a plain
+    ``OSError`` ("No space left on device"), which names ``path`` (a write through a file object names no file).
+    With HDF5's own file driver it left the file half closed and, with HDF5 2.0, the interpreter crashed when it
+    exited (a segmentation fault closing that file's datasets).
     """
     try:
-        with atomic_path(path) as tmp, open(tmp, "w+b") as handle, h5py.File(handle, "w") as file:
-            yield file
+        with atomic_path(path) as tmp, open(tmp, "w+b", buffering=0) as handle:
+            target = _KeptErrorFile(handle)
+            try:
+                with h5py.File(target, "w") as file:
+                    yield file
+            except Exception:
+                if target.error is None:
+                    raise
+            if target.error is not None:
+                raise target.error
     except OSError as err:
         if err.filename is not None:
             raise
