@@ -8,6 +8,7 @@ import copy
 import csv
 import math
 import os
+import pickle
 import random
 import signal
 import time
@@ -673,6 +674,23 @@ def test_cli_error_of_a_ddp_spawn_rank_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr("reconkit.training.cli.run_cli", _raised_in_a_spawned_rank(RuntimeError("a: b")))
     with pytest.raises(ProcessRaisedException, match="RuntimeError: a: b"):
         main(["validate"])
+
+
+def test_cli_warning_format_reaches_ddp_spawn_ranks(tiny_varnet_config, monkeypatch):
+    """``--trainer.strategy ddp_spawn`` ranks are new interpreters that kept Python's warning format: a ReconkitWarning
+    naming a file printed in two lines with its control characters raw (an ESC sequence the terminal obeyed).
+    ``reconkit train``'s trainer carries a callback that installs the CLI's format where it is unpickled, as a rank
+    unpickles the trainer (nbaudit)."""
+    from reconkit.training.cli import CliWarningFormat, run_cli
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    python_format = warnings.formatwarning
+    callbacks = run_cli(["--config", str(tiny_varnet_config)], run=False).trainer.callbacks
+    assert warnings.formatwarning is python_format  # building it installs nothing in this process
+    [callback] = [c for c in callbacks if isinstance(c, CliWarningFormat)]
+    assert isinstance(pickle.loads(pickle.dumps(callback)), CliWarningFormat)  # what a spawned rank does
+    text = warnings.formatwarning(ReconkitWarning("val/a\x1b[31mb.h5: no 'max' attr"), ReconkitWarning, "x.py", 1)
+    assert text == "warning: val/a\\x1b[31mb.h5: no 'max' attr\n"
 
 
 def test_volume_subsets_are_reproducible_nested_and_sized():

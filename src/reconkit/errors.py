@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 
 
 class ReconkitError(Exception):
@@ -56,7 +57,8 @@ def check_number(name: str, value: object, minimum: float, *, integer: bool = Fa
 
 
 class ReconkitWarning(UserWarning):
-    """Input reconkit could handle, but not in the usual way (e.g. a slower path); the CLI prints it in one line."""
+    """Input reconkit could handle, but not in the usual way (e.g. a slower path); the CLI prints it in one line
+    (:func:`format_warning`)."""
 
 
 _BIDI = (*range(0x202A, 0x202F), *range(0x2066, 0x206A))  # embeddings, overrides, isolates: reorder what follows
@@ -79,3 +81,21 @@ def printable(text: object) -> str:
         'scan_\\\\u202egpj.h5'
     """
     return str(text).translate(_ESCAPED)
+
+
+_python_format_warning = warnings.formatwarning
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning`` of the ``reconkit`` command (in its main process and, through ``reconkit train``,
+    its DDP ranks): reconkit's own warnings in one line, ``"warning: <message>\\n"``, as the CLI's other notes; others
+    as Python formats them. Control characters (from a file name, an attribute, a model's metadata) are escaped
+    (:func:`printable`). The Python API leaves ``warnings.formatwarning`` as it is.
+
+    Example:
+        >>> format_warning(ReconkitWarning("scan\\x1b[2J.h5: no 'max' attr"), ReconkitWarning, "x.py", 1)
+        "warning: scan\\\\x1b[2J.h5: no 'max' attr\\n"
+    """
+    if issubclass(category, ReconkitWarning):
+        return f"warning: {printable(message)}\n"
+    return printable(_python_format_warning(message, category, filename, lineno, line))

@@ -15,9 +15,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 
-from reconkit.errors import ReconkitWarning, printable
-
-_python_format_warning = warnings.formatwarning
+from reconkit.errors import format_warning
 
 # name -> (module, one-line summary). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -55,16 +53,8 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """reconkit's own warnings in one line, as the CLI's other notes; others as Python formats them. Control
-    characters (from a file name, an attribute, a model's metadata) are escaped: :func:`reconkit.errors.printable`."""
-    if issubclass(category, ReconkitWarning):
-        return f"warning: {printable(message)}\n"
-    return printable(_python_format_warning(message, category, filename, lineno, line))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    warnings.formatwarning = _format_warning
+    warnings.formatwarning = format_warning
     args = list(sys.argv[1:] if argv is None else argv)
     if argv is None and hasattr(signal, "SIGPIPE") and (not args or args[0] not in _OWN_SIGPIPE):
         # `reconkit ... | head`: end quietly when the reader goes, as Unix tools do, not with a BrokenPipeError

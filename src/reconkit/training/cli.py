@@ -7,7 +7,8 @@ model by per-volume validation SSIM plus ``last.ckpt``, which ``--ckpt_path last
 :class:`~reconkit.training.diagnostics.TrainingDiagnostics` (``diagnostics.*``, off until
 ``--diagnostics.every_n_steps N``) writing ``<root>/diagnostics/``, and
 :class:`~reconkit.training.predictions.PredictionWriter` (``predictions.*``): ``predict`` writes one fastMRI
-submission file per volume to ``<root>/predictions/``.
+submission file per volume to ``<root>/predictions/``, and :class:`CliWarningFormat`: warnings of the ranks
+``--trainer.strategy ddp_spawn`` starts in the command's one-line format.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from reconkit.errors import ConfigError, ReconkitError, ReconkitWarning
+from reconkit.errors import ConfigError, ReconkitError, ReconkitWarning, format_warning
 from reconkit.models import check_checkpoint_file
 from reconkit.models.registry import weights_only_refusal
 from reconkit.training.base import ReconModule
@@ -53,6 +54,27 @@ examples:
 
 # logger class -> folder under default_root_dir (separate folders, so both number their versions alike)
 LOGGERS = {"lightning.pytorch.loggers.TensorBoardLogger": "tensorboard", "lightning.pytorch.loggers.CSVLogger": "csv"}
+
+
+class CliWarningFormat(Callback):
+    """Prints warnings in the ranks that ``--trainer.strategy ddp_spawn`` starts as the ``reconkit`` command does
+    (:func:`reconkit.errors.format_warning`: reconkit's own in one line, control characters escaped).
+
+    Those ranks are new interpreters, which kept Python's ``warnings.formatwarning`` (a ReconkitWarning naming a file
+    printed as two lines with the file name's control characters raw). They receive the trainer, this callback
+    included, pickled: unpickling it installs the format there, before the data module's ``prepare_data`` /
+    ``setup`` (whose warnings name files) run. The ``ddp`` strategy re-runs the command and a forked rank inherits
+    the format, so both already have it. Only ``reconkit train`` adds this callback: ``Trainer`` users keep theirs.
+    """
+
+    def __reduce__(self) -> tuple:
+        return _cli_warning_format, ()
+
+
+def _cli_warning_format() -> CliWarningFormat:
+    """A :class:`CliWarningFormat` unpickled in a process: installs the CLI's warning format there."""
+    warnings.formatwarning = format_warning
+    return CliWarningFormat()
 
 
 class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -194,8 +216,10 @@ def run_cli(args: Sequence[str] | None = None, run: bool = True) -> ReconLightni
         FastMriDataModule,
         subclass_mode_model=True,
         seed_everything_default=0,
-        # progress bar (off with --trainer.enable_progress_bar false) and learning-rate logging
-        trainer_defaults={"callbacks": [RichProgressBar(), LearningRateMonitor(logging_interval="step")]},
+        # progress bar (off with --trainer.enable_progress_bar false), learning-rate logging, the CLI's warnings in
+        # ddp_spawn's ranks
+        trainer_defaults={"callbacks": [RichProgressBar(), LearningRateMonitor(logging_interval="step"),
+                                        CliWarningFormat()]},
         # `reconkit train fit --help` (what the README points to) shows the examples too, not only Lightning's
         # one-line "Runs the full optimization routine."
         parser_kwargs={"description": DESCRIPTION, "prog": "reconkit train", "formatter_class": _HelpFormatter,
