@@ -22,7 +22,7 @@ from reconkit.cli.train import main
 from reconkit.metrics.spectral import band_energies, band_index, band_nmse
 from reconkit.training import FastMriDataModule, UnetModule, VarNetModule, VitModule
 from reconkit.training.base import Images
-from reconkit.training.diagnostics import TrainingDiagnostics, regime_label
+from reconkit.training.diagnostics import TrainingDiagnostics, plot_diagnostics, regime_label
 from reconkit.training.regime import (
     empirical_ntk,
     kernel_distance,
@@ -431,3 +431,25 @@ def test_training_volumes_are_the_volumes_of_the_training_dataset(sim_root):
                                    center_fractions=[0.25], accelerations=[2], volume_sample_rate=0.5)
     trained = {Path(fname).name for fname in FastMriDataModule._slice_fnames(datamodule.train_dataset().dataset)}
     assert datamodule.training_volumes() == trained
+
+
+def test_plotting_diagnostics_leaves_pyplot_alone(tmp_path):
+    """``plot_diagnostics`` called ``matplotlib.use("Agg")``: in a Jupyter notebook (inline backend) a
+    TrainingDiagnostics callback switched the whole process's pyplot to Agg (matplotlib.get_backend() "Agg"), and
+    later ``plt.show()`` displayed nothing (nbaudit). It now draws on its own Agg canvas."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend = matplotlib.get_backend()
+    plt.switch_backend("svg")  # a backend other than Agg, as the notebook's inline one
+    try:
+        figure = plt.figure()
+        record = {"step": 1, "band_nmse": [0.1, 0.2], "weight_change": 0.01, "ntk_distance": 0.02,
+                  "linearization_error": 0.03, "regime": "lazy"}
+        document = {"num_bands": 2, "probe_split": "train", "history": [record, {"step": 1, "val_band_nmse": [0.1, 0.3]}]}
+        plot_diagnostics(document, tmp_path / "diagnostics.png")
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [figure.number]
+        assert (tmp_path / "diagnostics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        plt.close("all")
+        plt.switch_backend(backend)

@@ -345,17 +345,19 @@ def measurements(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot_diagnostics(document: dict[str, Any], path: Path) -> None:
     """Three panels from ``diagnostics.json``'s content: the probe's NMSE per band over the steps, the regime
-    measures over the steps, and the validation split's NMSE per band at each validation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    measures over the steps, and the validation split's NMSE per band at each validation. Drawn on a figure of its
+    own Agg canvas: pyplot's backend and figures (a notebook's inline plots) are left as they are."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     records = measurements(document["history"])
     validations = [r for r in document["history"] if "val_band_nmse" in r]
     num_bands = document["num_bands"]
-    colors = plt.cm.viridis(np.linspace(0, 0.9, num_bands))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = colormaps["viridis"](np.linspace(0, 0.9, num_bands))
+    fig = Figure(figsize=(16, 4.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
     steps = [r["step"] for r in records]
     for band in range(num_bands):
         values = [np.nan if r["band_nmse"] is None or r["band_nmse"][band] is None else r["band_nmse"][band]
@@ -372,7 +374,7 @@ def plot_diagnostics(document: dict[str, Any], path: Path) -> None:
         title += f": {records[-1]['regime']} at step {records[-1]['step']}"
     axes[1].set(xlabel="optimizer step", title=title)
     axes[1].legend(fontsize=8)
-    shades = plt.cm.plasma(np.linspace(0, 0.85, max(len(validations), 1)))
+    shades = colormaps["plasma"](np.linspace(0, 0.85, max(len(validations), 1)))
     for shade, r in zip(shades, validations):
         values = [np.nan if v is None else v for v in r["val_band_nmse"]]
         axes[2].plot(range(num_bands), values, color=shade, marker="o", label=f"step {r['step']}")
@@ -382,4 +384,3 @@ def plot_diagnostics(document: dict[str, Any], path: Path) -> None:
         axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=90)
-    plt.close(fig)
