@@ -826,6 +826,54 @@ def test_datamodule_setup_check_and_the_datasets_read_each_header_once(sim_root,
     assert sorted(reads) == sorted(files)
 
 
+def test_datamodule_prepare_data_warms_the_dataset_cache_so_setup_reads_no_header(sim_root, tmp_path, monkeypatch):
+    """Under DDP, Lightning runs prepare_data on local rank 0 alone before every rank's setup: it scans the splits
+    into the dataset cache, so the other ranks (data modules of their own here) read no header (every rank had
+    scanned every file at once). Bad files are cached as bad and still reported by setup; without prepare_data, or
+    with the cache off, nothing changes."""
+    import shutil
+
+    from reconkit.data import slice_dataset
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    reads = []
+    read = slice_dataset.read_volume_info
+    monkeypatch.setattr(slice_dataset, "read_volume_info", lambda path, *a, **k: reads.append(path) or read(path, *a, **k))
+    root = tmp_path / "data"
+    shutil.copytree(sim_root, root, ignore=shutil.ignore_patterns("*.pkl"))
+    files = {split: sorted((root / split).glob("*.h5")) for split in ("train", "val", "test")}
+
+    _datamodule(root).prepare_data()  # cache off (the default): nothing to warm
+    assert reads == [] and not (tmp_path / "cache").exists()
+    _datamodule(root, use_dataset_cache=True).setup("fit")  # no prepare_data: setup scans as before
+    assert sorted(reads) == files["train"] + files["val"]
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cold"))
+    (root / "train" / "broken.h5").write_bytes(b"")
+    reads.clear()
+    _datamodule(root, use_dataset_cache=True).prepare_data()  # no trainer: every split; the bad file not raised
+    assert sorted(reads) == sorted([*files["train"], root / "train" / "broken.h5", *files["val"], *files["test"]])
+    reads.clear()
+    other_rank = _datamodule(root, use_dataset_cache=True)
+    with pytest.raises(DataError, match=r"broken\.h5: empty file"):  # as without prepare_data, from the cache
+        other_rank.setup("fit")
+    other_rank.setup("test")
+    assert reads == []
+    (root / "train" / "broken.h5").unlink()
+
+    class Rank0(FastMriDataModule):  # the reads left when Lightning calls setup
+        def setup(self, stage):
+            reads.clear()
+            super().setup(stage)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "trainer"))
+    datamodule = Rank0(root, batch_size=1, num_workers=0, use_dataset_cache=True)
+    _trainer(tmp_path / "run", 1, limit_val_batches=1).validate(VarNetModule(**TINY_VARNET), datamodule=datamodule)
+    assert reads == [] and len(SliceDataset(root / "val", use_dataset_cache=True).raw_samples) == 6
+    assert reads == [] and len(SliceDataset(root / "train", use_dataset_cache=True).raw_samples) == 9
+    assert sorted(reads) == files["train"]  # validate's prepare_data scanned the val split alone
+
+
 def test_datamodule_refuses_both_val_sample_rates_when_built(sim_root):
     with pytest.raises(ConfigError, match="either set val_sample_rate .* or val_volume_sample_rate"):
         _datamodule(sim_root, val_sample_rate=0.5, val_volume_sample_rate=0.5)

@@ -18,6 +18,7 @@ training volumes (data-efficiency studies).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -321,7 +322,8 @@ class FastMriDataModule(LightningDataModule):
             volume_sample_rate: fraction of training volumes kept (as ``SliceDataset``; seeded by ``seed``).
             val_sample_rate: fraction of validation / test slices kept.
             val_volume_sample_rate: fraction of validation / test volumes kept.
-            use_dataset_cache: cache the per-file slice index (``SliceDataset``'s cache file).
+            use_dataset_cache: cache the per-file slice index (``SliceDataset``'s cache file), filled once per
+                node by :meth:`prepare_data` before the DDP ranks' ``setup`` reads it.
             skip_bad_files: leave out files that fail validation (corrupt, truncated, wrong schema) with a warning
                 naming each; default: stop with an error listing them.
             combine_train_val: train on train + val (for a final model); validation still runs on val.
@@ -397,17 +399,38 @@ class FastMriDataModule(LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_epochs = int(state_dict.get("epochs_processed", 0))
 
-    def setup(self, stage: str) -> None:
-        """Check every split the stage reads before any of it runs, so that one error lists the bad files (and
-        missing or empty folders) of all of them: ``fit`` reads train and val (train alone with
-        ``limit_val_batches=0``), the others one split each."""
-        if self.skip_bad_files:  # they are left out, with a warning each, when the datasets are built
-            return
+    def _stage_splits(self, stage: str) -> list[str]:
+        """The splits ``stage`` reads: ``fit`` train and val (train alone with ``limit_val_batches=0``), the others
+        one split each."""
         splits = {"fit": ["train", "val"], "validate": ["val"]}.get(stage, [self.test_split])
         if stage == "fit" and self.trainer is not None and self.trainer.limit_val_batches == 0:
             splits = ["train"]  # a fit without validation (limit_val_batches 0) never reads the val folder
+        return splits
+
+    def prepare_data(self) -> None:
+        """With ``use_dataset_cache``, scan the splits the trainer's stage reads (all three without a trainer) into
+        the dataset cache file, so that :meth:`setup` and the datasets read it instead of every file's header.
+
+        Lightning calls this once per node (local rank 0; once in all with ``prepare_data_per_node = False``, for a
+        cache file every node shares) before ``setup`` on every rank, the other ranks waiting: under DDP, every rank
+        had scanned every file at once (fastMRI brain: 4,500 headers × 8 ranks on a shared file system). Nothing is
+        reported here: bad files and missing folders are cached as bad or found again, and :meth:`setup` (or, with
+        ``skip_bad_files``, the datasets) reports them as without this step. Without the cache this does nothing."""
+        if not self.use_dataset_cache:
+            return
+        stage = None if self.trainer is None else self.trainer.state.fn  # what Lightning then passes to setup
+        splits = ["train", "val", self.test_split] if stage is None else self._stage_splits(stage.value)
+        for split in dict.fromkeys(splits):
+            with contextlib.suppress(DataError):
+                SliceDataset(self.split_dir(split), challenge=self.challenge, scan_memo=self._scan_memo)
+
+    def setup(self, stage: str) -> None:
+        """Check every split the stage reads (:meth:`_stage_splits`) before any of it runs, so that one error lists
+        the bad files (and missing or empty folders) of all of them."""
+        if self.skip_bad_files:  # they are left out, with a warning each, when the datasets are built
+            return
         problems = []
-        for split in splits:
+        for split in self._stage_splits(stage):
             try:
                 self.slice_dataset(split, transform=None, sample_rate=None, volume_sample_rate=None,
                                    require_target=self._needs_target(split, stage))
