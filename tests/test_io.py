@@ -673,3 +673,29 @@ def test_a_killed_writers_temporaries_are_removed_by_the_next_write_only_when_pr
             os.utime(path, (hours_ago, hours_ago))
     write_fastmri_h5(tmp_path / "vol.h5", _volume(np.random.default_rng(3)))
     assert sorted(os.listdir(tmp_path)) == sorted(["scan", "vol.h5", *(path.name for path in kept)])
+
+
+def test_temporary_names_of_long_outputs_are_cut_between_characters(tmp_path, monkeypatch):
+    """The temporary name kept the last 224 bytes of a long output's name, which could cut a multi-byte UTF-8
+    character in two: the name then held a lone byte (not UTF-8), which APFS refuses (namefix audit)."""
+    from reconkit import atomic
+
+    renamed = []
+    real_replace = atomic.os.replace
+
+    def recording_replace(source, destination):
+        renamed.extend(Path(path).relative_to(tmp_path).parts[0] for path in (source, destination))
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(atomic.os, "replace", recording_replace)
+    stem = "s" + "\u00fc" * 119 + "s"  # 240 bytes in UTF-8: byte 224 from the end falls inside a character
+    with atomic.atomic_path(tmp_path / f"{stem}.h5") as tmp:
+        tmp.write_text("x")
+    with atomic.atomic_directory(tmp_path / stem) as folder:
+        (folder / "slice_000.dcm").write_text("x")
+    with atomic.atomic_directory(tmp_path / stem) as folder:  # replaces it: an .old- folder too
+        (folder / "slice_000.dcm").write_text("y")
+    assert {name[:5] for name in renamed} >= {".tmp-", ".old-"}
+    for name in renamed:
+        os.fsencode(name).decode("utf-8")  # a lone surrogate encodes to a byte that is not UTF-8
+    assert sorted(os.listdir(tmp_path)) == sorted([stem, f"{stem}.h5"])

@@ -337,8 +337,12 @@ def _suffix(final: Path) -> str:
     """The temporary names' ending, ``-<final's name>``, cut at its start so that :func:`temporary_prefix` (at most 22
     characters: a Linux PID has at most 7 digits) + 8 random characters + it fit the 255 bytes of a file name (a name
     close to that limit failed with "File name too long"); the end, with the extension writers pick a format by
-    (``.nii.gz``), is kept."""
-    return "-" + os.fsdecode(os.fsencode(final.name)[-(_NAME_MAX - 31) :])
+    (``.nii.gz``), is kept. It is cut between characters: a cut inside a multi-byte UTF-8 one left a lone byte
+    (a surrogate in the name), a name that APFS (valid UTF-8 only) refuses."""
+    name = final.name
+    while len(os.fsencode(name)) > _NAME_MAX - 31:
+        name = name[1:]
+    return "-" + name
 
 
 def _final_mode(final: Path, created: int) -> int:
