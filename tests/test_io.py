@@ -699,3 +699,33 @@ def test_temporary_names_of_long_outputs_are_cut_between_characters(tmp_path, mo
     for name in renamed:
         os.fsencode(name).decode("utf-8")  # a lone surrogate encodes to a byte that is not UTF-8
     assert sorted(os.listdir(tmp_path)) == sorted([stem, f"{stem}.h5"])
+
+
+def test_a_killed_writers_old_folder_of_a_long_name_is_removed_only_when_its_output_exists(tmp_path, monkeypatch):
+    """An ``.old-`` folder was kept while its output was missing by looking for the output under the name at the end
+    of the folder's name, which for a long output is cut: that name never existed, so a dead writer's ``.old-``
+    folders of long names were kept for ever (namefix audit). The folder now records its output's full name; one
+    whose output is missing stays, though another output ends with the same cut name."""
+    from reconkit import atomic
+
+    with subprocess.Popen([sys.executable, "-c", "pass"]) as finished:
+        assert finished.wait() == 0
+    tail = "\u00fc" * 119 + "s"  # 239 bytes: the .old- folders' names end with a cut of it
+    for keep_old in (False, True):  # the second write moves the first's series aside into an .old- folder
+        if keep_old:
+            monkeypatch.setattr(atomic.shutil, "rmtree", lambda path, **kwargs: None)
+        for name in ("a" + tail, "b" + tail):
+            with atomic.atomic_directory(tmp_path / name) as folder:
+                (folder / "slice_000.dcm").write_text(name[0])
+    monkeypatch.undo()
+    hours_ago = time.time() - 2 * atomic.STALE_AFTER_S
+    old = {}
+    for path in tmp_path.iterdir():
+        if path.name.startswith(".old-"):
+            dead = tmp_path / path.name.replace(f".{os.getpid()}-", f".{finished.pid}-", 1)
+            path.rename(dead)  # as left by a writer killed between its renames
+            os.utime(dead, (hours_ago, hours_ago))
+            old[(dead / "0" / "slice_000.dcm").read_text()] = dead
+    shutil.rmtree(tmp_path / ("a" + tail))  # "a"'s writer was killed before moving its new series in
+    assert atomic.remove_stale_temporaries(tmp_path) == [old["b"]]
+    assert (old["a"] / "0" / "slice_000.dcm").read_text() == "a"

@@ -49,6 +49,10 @@ removes it: a guard for what the PID check cannot see (two machines of one host 
 _OWNED = re.compile(r"\.(tmp|old)-([0-9a-f]{8})\.([0-9]+)-")
 """A temporary name this module makes: ``.tmp-`` or ``.old-``, the host tag and the writer's PID."""
 
+_OUTPUT_NAME = "output-name"
+"""The file in an ``.old-`` folder that holds the full name of the output it belongs to (``os.fsencode`` bytes): the
+folder's own name ends with only the last bytes of a long one (:func:`_suffix`)."""
+
 _swept: set[str] = set()
 """The folders this process has already cleared of dead writers' temporaries (once per folder and process)."""
 
@@ -182,6 +186,8 @@ def atomic_directory(path: os.PathLike | str) -> Iterator[Path]:
             _fsync_directory(Path(folder))
         os.chmod(tmp, _final_mode(final, 0o777))
         old = Path(tempfile.mkdtemp(prefix=temporary_prefix("old"), suffix=_suffix(final), dir=final.parent))
+        (old / _OUTPUT_NAME).write_bytes(os.fsencode(final.name))
+        _fsync(old / _OUTPUT_NAME)  # on the disk before anything is moved in beside it
         _move_in(tmp, final, old)
         _fsync_directory(final.parent)
     except BaseException:
@@ -258,7 +264,8 @@ def remove_stale_temporaries(folder: os.PathLike | str, now: float | None = None
     concurrent run's, a PID reused since), another host's and names of another form (earlier versions' temporaries,
     a user's own files) are left alone, and so is an ``.old-`` folder whose output is missing (its writer was
     killed between moving the earlier output aside and moving the new one in: that folder holds the earlier output,
-    ``<name>/0``). Nothing is removed on Windows, where no PID check is available.
+    ``<name>/0``), or whose output cannot be told (an earlier version's, made for a name long enough to be cut).
+    Nothing is removed on Windows, where no PID check is available.
     """
     if sys.platform == "win32":
         return []
@@ -272,8 +279,10 @@ def remove_stale_temporaries(folder: os.PathLike | str, now: float | None = None
         owner = _OWNED.match(entry.name)
         if owner is None or owner.group(2) != _host_tag() or _running(int(owner.group(3))):
             continue
-        if owner.group(1) == "old" and not os.path.lexists(os.path.join(folder, entry.name[owner.end() + 9 :])):
-            continue  # killed between its two renames: the earlier output it moved aside is the only one left
+        if owner.group(1) == "old":
+            output = _output_of_old(entry, entry.name[owner.end() + 9 :])
+            if output is None or not os.path.lexists(os.path.join(folder, output)):
+                continue  # killed between its two renames: the earlier output it moved aside is the only one left
         try:
             if now - entry.stat(follow_symlinks=False).st_mtime < STALE_AFTER_S:
                 continue
@@ -285,6 +294,20 @@ def remove_stale_temporaries(folder: os.PathLike | str, now: float | None = None
             continue
         removed.append(Path(entry.path))
     return removed
+
+
+def _output_of_old(entry: os.DirEntry, suffix: str) -> str | None:
+    """The name of the output that the ``.old-`` folder ``entry`` (whose name ends with ``suffix``) belongs to: the
+    one recorded in it (:data:`_OUTPUT_NAME`), else ``suffix`` where :func:`_suffix` cannot have cut it (a cut one is
+    at least ``_NAME_MAX - 34`` bytes: a character has at most 4); None where it cannot be told."""
+    try:
+        with open(os.path.join(entry.path, _OUTPUT_NAME), "rb") as record:
+            recorded = record.read()
+    except OSError:  # an earlier version's folder, or one whose writer was killed before recording the name
+        recorded = b""
+    if recorded:
+        return os.fsdecode(recorded)
+    return suffix if len(os.fsencode(suffix)) < _NAME_MAX - 34 else None
 
 
 def _sweep_once(folder: Path) -> None:
