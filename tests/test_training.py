@@ -693,6 +693,21 @@ def test_cli_warning_format_reaches_ddp_spawn_ranks(tiny_varnet_config, monkeypa
     assert text == "warning: val/a\\x1b[31mb.h5: no 'max' attr\n"
 
 
+def test_run_cli_mutes_lightnings_args_warning_without_leaving_a_filter(tiny_varnet_config, monkeypatch):
+    """``run_cli`` muted Lightning's warning about ``args`` given beside command-line arguments with a global
+    ``warnings.filterwarnings`` that stayed: a notebook calling it kept the filter for the rest of the session
+    (namefix audit). The warning is still muted, only while the arguments are parsed."""
+    from reconkit.training.cli import run_cli
+
+    monkeypatch.setattr("sys.argv", ["reconkit", "train", "fit", "--config", str(tiny_varnet_config)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        run_cli(["--config", str(tiny_varnet_config)], run=False)
+        assert warnings.filters == filters
+    assert not [w for w in caught if "args parameter" in str(w.message)]
+
+
 def test_volume_subsets_are_reproducible_nested_and_sized():
     names = [f"file{i:02d}.h5" for i in range(20)]
     quarter, half = select_volumes(names, 0.25, None, seed=3), select_volumes(names, 0.5, None, seed=3)

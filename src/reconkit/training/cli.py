@@ -26,7 +26,7 @@ from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from reconkit.errors import ConfigError, ReconkitError, ReconkitWarning, format_warning
 from reconkit.models import check_checkpoint_file
@@ -103,6 +103,16 @@ class ReconLightningCLI(LightningCLI):
             "last_checkpoint.save_top_k": 1,
             "last_checkpoint.enable_version_counter": False,
         })
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Lightning's parsing, without its warning about ``args`` given while ``sys.argv`` has arguments too:
+        ``reconkit train ...`` passes its own arguments while ``sys.argv`` still holds the whole command line, which
+        DDP's launcher re-runs in the child processes (each parses there again), so ``sys.argv`` stays as it is. The
+        warning filter lasts for the parsing only: one left in place muted the message for the rest of the process
+        (a notebook that called :func:`run_cli`)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
+            super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's LightningCLI replaces the model's configuration by the hyperparameters stored in a
@@ -208,9 +218,6 @@ class ReconLightningCLI(LightningCLI):
 
 def run_cli(args: Sequence[str] | None = None, run: bool = True) -> ReconLightningCLI:
     """Build (and with ``run`` execute) the CLI on ``args`` (``sys.argv`` when ``None``)."""
-    # `reconkit train ...` passes its own arguments while sys.argv still holds the whole command line, which DDP's
-    # launcher re-runs in the child processes, so sys.argv stays as it is and Lightning's warning about it is muted
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     cli = ReconLightningCLI(
         ReconModule,
         FastMriDataModule,
