@@ -79,3 +79,27 @@ def test_help_command_shows_the_named_commands_help(capsys: pytest.CaptureFixtur
         main(["help", "evaluate"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: reconkit evaluate ")
     assert main(["help", "nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
+
+
+def test_main_called_from_python_leaves_the_warning_format_as_it_was(monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``reconkit.cli.main.main([...])`` installed the CLI's ``warnings.formatwarning`` for the rest of the process (a
+    notebook's later warnings printed as ``warning: ...`` lines); called with ``argv`` it now puts the caller's back
+    (namefix audit). The ``reconkit`` command (``main()``) keeps the CLI's format to its end."""
+    import sys
+    import warnings
+
+    from reconkit.cli.main import main
+    from reconkit.errors import format_warning
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    caller_format = warnings.formatwarning
+    assert main(["--version"]) == 0
+    assert warnings.formatwarning is caller_format
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    assert warnings.formatwarning is caller_format
+    monkeypatch.setattr(sys, "argv", ["reconkit", "--version"])
+    assert main() == 0
+    assert warnings.formatwarning is format_warning
+    capsys.readouterr()

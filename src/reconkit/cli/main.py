@@ -54,7 +54,23 @@ def _usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``reconkit <command> ...`` on ``argv`` (``sys.argv[1:]`` when None); returns the exit status.
+
+    Warnings print in the CLI's format (:func:`reconkit.errors.format_warning`) while it runs; called from Python
+    (``argv`` given) it leaves the caller's ``warnings.formatwarning`` as it found it, as it leaves signal handlers
+    and stdout alone. The ``reconkit`` command keeps the CLI's format to the end (warnings at interpreter exit).
+    """
+    caller_format = warnings.formatwarning
     warnings.formatwarning = format_warning
+    try:
+        return _run(argv)
+    finally:
+        if argv is not None:
+            warnings.formatwarning = caller_format
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    """:func:`main` after installing the CLI's warning format."""
     args = list(sys.argv[1:] if argv is None else argv)
     if argv is None and hasattr(signal, "SIGPIPE") and (not args or args[0] not in _OWN_SIGPIPE):
         # `reconkit ... | head`: end quietly when the reader goes, as Unix tools do, not with a BrokenPipeError
