@@ -283,6 +283,11 @@ def _bad_files(tmp: Path) -> dict:
         "dangling_link": (dangling, "'kspace' is a link to /data/kspace, which cannot be opened"),
         "real_kspace": (_rewrite(tmp / "real.h5", kspace=np.zeros((2, 2, 32, 24), np.float32)), "dtype float32"),
         "bad_ndim": (_rewrite(tmp / "ndim.h5", kspace=np.zeros((32, 24), np.complex64)), "expected (slices, coils"),
+        "prostate": (  # fastMRI prostate T2 raw k-space: (averages, slices, coils, readout, phase)
+            _rewrite(tmp / "prostate.h5", kspace=np.zeros((3, 2, 2, 32, 24), np.complex64)),
+            "'kspace' has shape (3, 2, 2, 32, 24), expected (slices, coils, H, W) or (slices, H, W); 5 axes are the "
+            "fastMRI prostate layout (averages, slices, coils, readout, phase), which reconkit does not read",
+        ),
         "zero_slices": (_rewrite(tmp / "zero.h5", kspace=np.zeros((0, 2, 32, 24), np.complex64)), "is empty"),
         "no_header": (_rewrite(tmp / "nohdr.h5", ismrmrd_header=None), "missing dataset 'ismrmrd_header'"),
         "garbled_header": (_rewrite(tmp / "garbled.h5", ismrmrd_header=b"<ismrmrdHeader><enc"), "not valid XML"),

@@ -312,6 +312,13 @@ def _read_header(hf: h5py.File, path: Path) -> HeaderInfo:
     return parse_ismrmrd_header(xml, source=path)
 
 
+_PROSTATE_LAYOUT = (  # https://github.com/cai2r/fastMRI_prostate: t2_reconstruction, dwi_reconstruction
+    "; 5 axes are the fastMRI prostate layout (averages, slices, coils, readout, phase), which reconkit does not "
+    "read: its averages are each undersampled and its reference images are GRAPPA reconstructions "
+    "(see docs/data.md)"
+)
+
+
 def _validate(hf: h5py.File, path: Path, challenge: str | None) -> VolumeInfo:
     kspace = checked_dataset(hf, "kspace", path)
     if kspace is None:
@@ -319,9 +326,8 @@ def _validate(hf: h5py.File, path: Path, challenge: str | None) -> VolumeInfo:
     if not np.issubdtype(kspace.dtype, np.complexfloating):
         raise DataError(path, f"'kspace' has dtype {kspace.dtype}, expected complex64")
     if kspace.ndim not in (3, 4):
-        raise DataError(
-            path, f"'kspace' has shape {kspace.shape}, expected (slices, coils, H, W) or (slices, H, W)"
-        )
+        problem = f"'kspace' has shape {kspace.shape}, expected (slices, coils, H, W) or (slices, H, W)"
+        raise DataError(path, problem + (_PROSTATE_LAYOUT if kspace.ndim == 5 else ""))
     found = "multicoil" if kspace.ndim == 4 else "singlecoil"
     if challenge is not None and challenge != found:
         raise DataError(path, f"'kspace' has shape {kspace.shape}: a {found} file, but challenge is {challenge!r}")
