@@ -9,6 +9,7 @@ import gzip
 import http.client
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import signal
@@ -1751,6 +1752,52 @@ def test_grpc_call_cancelled_while_queued_leaves_the_queue_and_is_counted(plain_
         text = get(url, "/metrics")[1].decode()
     assert (stats["success"]["count"], stats["fail"]["count"], stats["queue"]["count"]) == (0, 1, 0)
     assert 'reconkit_serve_errors_total{code="499",endpoint="grpc_infer"} 1.0' in text
+
+
+class _EndedCall:
+    """A gRPC servicer context whose call has already ended in gRPC's core (its deadline passed while the server
+    answered): sending the status fails as in grpcio, with an ExecuteBatchError."""
+
+    def __init__(self, message: bytes):
+        self.message = message
+
+    def invocation_metadata(self):
+        return ()
+
+    async def read(self):
+        return self.message
+
+    def time_remaining(self):
+        return 0.0
+
+    async def abort(self, code, details):
+        from grpc._cython import cygrpc
+
+        raise cygrpc.ExecuteBatchError('Failed "execute_batch": (SendInitialMetadataOperation, SendStatusFromServer)')
+
+
+def test_grpc_answer_to_a_call_past_its_deadline_ends_quietly(plain_repository, caplog):
+    """A client whose deadline expires as the server answers (504 at that same deadline, under load): the status can
+    no longer be sent. The handler used to let grpcio's ExecuteBatchError through, which grpcio logged with a
+    traceback at error level; now it ends as a call its client left (CancelledError, which grpcio takes quietly),
+    counted and logged once with the status it was to get."""
+    from reconkit.serve.grpc_api import _wrap
+    from reconkit.serve.protocol import RequestError
+    from reconkit.serve.state import ServerState
+
+    async def past_deadline(request, context):
+        raise RequestError(504, "model 'recon': no result within 0.05 s")
+
+    caplog.set_level("INFO")
+    state = ServerState(ServerConfig(plain_repository))
+    wrapped = _wrap(state, "ModelInfer", past_deadline)
+    message = grpc_request(json_request(*sample())).SerializeToString()
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(wrapped(None, _EndedCall(message)))
+    assert [(r.rpc, r.status) for r in caplog.records if r.getMessage() == "request"] == [("ModelInfer", 504)]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert state.metrics.registry.get_sample_value("reconkit_serve_requests_total",
+                                                   {"endpoint": "grpc_infer", "code": "504"}) == 1
 
 
 @pytest.mark.parametrize("uvicorn_before_0_50", [False, True])

@@ -182,6 +182,21 @@ async def _read_message(context, timeout_s: float) -> bytes:
     return raw
 
 
+async def _abort(context, code: grpc.StatusCode, details: str) -> None:
+    """End the call with ``code`` and ``details`` (raises grpcio's AbortError, as ``context.abort`` does).
+
+    When the call has already ended in gRPC's core, the status cannot be sent: its deadline passed or its client
+    cancelled it while the server was answering (e.g. a 504 at the client's own deadline, the same instant), and
+    grpcio's ExecuteBatchError (an ``InternalError``) comes out of ``abort``. Let through, grpcio logged it with a
+    traceback at error level although nothing was wrong; CancelledError instead ends the handler as grpcio ends a
+    call its client has left, quietly. The call was already counted and logged with the status it was to get.
+    """
+    try:
+        await context.abort(code, details)
+    except grpc.aio.InternalError:
+        raise asyncio.CancelledError from None
+
+
 def _wrap(state: ServerState, rpc: str, handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
     """Auth, reading the message within the client timeout (:func:`_read_message`), decoding (a message that does
     not parse is INVALID_ARGUMENT), RequestError -> gRPC status, metrics (endpoint ``grpc_<kind>``, the REST status)
@@ -219,7 +234,7 @@ def _wrap(state: ServerState, rpc: str, handler: Callable[..., Awaitable]) -> Ca
         state.record_request(f"grpc_{kind}", status, time.perf_counter() - start, {"rpc": rpc}, error,
                              log_success=kind != "health")
         if error is not None:
-            await context.abort(_CODES.get(status, grpc.StatusCode.UNKNOWN), error)
+            await _abort(context, _CODES.get(status, grpc.StatusCode.UNKNOWN), error)
         return response
 
     return wrapped
