@@ -804,6 +804,23 @@ def test_fit_without_validation_needs_no_val_folder(sim_root, tmp_path):
     assert code == 0
 
 
+def test_fit_without_validation_that_trains_on_val_checks_it_at_setup(sim_root, tmp_path):
+    """With ``combine_train_val`` and ``limit_val_batches=0`` training still reads val: a bad val file is reported
+    by setup with the other splits' problems (it surfaced only when the train loader was built, on every rank)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(sim_root, root, ignore=shutil.ignore_patterns("*.pkl"))
+    (root / "val" / "broken.h5").write_bytes(b"")
+    datamodule = _datamodule(root, combine_train_val=True)
+    datamodule.trainer = _trainer(tmp_path / "run", 1, limit_val_batches=0)
+    with pytest.raises(DataError, match=r"broken\.h5: empty file"):
+        datamodule.setup("fit")
+    plain = _datamodule(root)
+    plain.trainer = _trainer(tmp_path / "run", 1, limit_val_batches=0)
+    plain.setup("fit")  # without combine_train_val, val is not read
+
+
 def test_varnet_trains_on_single_coil_data_as_one_coil(sim_root, tmp_path):
     """fastMRI's single-coil layout (``kspace`` (slices, H, W), ``reconstruction_esc``): the VarNet runs it as one
     coil (it failed with a shape error in its first step)."""

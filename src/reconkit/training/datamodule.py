@@ -401,12 +401,16 @@ class FastMriDataModule(LightningDataModule):
         self._restored_epochs = int(state_dict.get("epochs_processed", 0))
 
     def _stage_splits(self, stage: str) -> list[str]:
-        """The splits ``stage`` reads: ``fit`` train and val (train alone with ``limit_val_batches=0``), the others
-        one split each."""
+        """The splits ``stage`` reads: ``fit`` train and val (train alone with ``limit_val_batches=0``, unless
+        ``combine_train_val`` trains on val), the others one split each."""
         splits = {"fit": ["train", "val"], "validate": ["val"]}.get(stage, [self.test_split])
-        if stage == "fit" and self.trainer is not None and self.trainer.limit_val_batches == 0:
-            splits = ["train"]  # a fit without validation (limit_val_batches 0) never reads the val folder
+        if stage == "fit" and not self._fit_validates():
+            splits = self._train_splits()  # without validation, fit reads val only to train on it
         return splits
+
+    def _fit_validates(self) -> bool:
+        """Whether ``fit`` validates: not with ``limit_val_batches=0``."""
+        return self.trainer is None or self.trainer.limit_val_batches != 0
 
     def prepare_data(self) -> None:
         """With ``use_dataset_cache``, scan the splits the trainer's stage reads (all three without a trainer) into
@@ -476,9 +480,12 @@ class FastMriDataModule(LightningDataModule):
 
     def _needs_target(self, split: str, stage: str) -> bool:
         """Whether ``stage`` needs ``split``'s fully sampled targets: not for predict, nor for a training split
-        whose transform says ``needs_target = False`` (SSDU trains without targets; augmentation needs them)."""
+        whose transform says ``needs_target = False`` (SSDU trains without targets; augmentation needs them), nor
+        for val read by a fit without validation only to train on (``combine_train_val``)."""
         if stage == "predict":
             return False
+        if stage == "fit" and split == "val" and not self._fit_validates():
+            split = "train"
         return split != "train" or getattr(self.transform_overrides["train"], "needs_target", True)
 
     def slice_dataset(self, split: str, transform: Callable | None, sample_rate: float | None,
