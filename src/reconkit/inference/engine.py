@@ -96,9 +96,8 @@ class Reconstructor:
     Attributes:
         name: what the summary prints (file name or baseline name).
         backend: ``"torch"`` or ``"onnx"``.
-        mask_defaults: ``mask_type`` / ``acceleration`` / ``center_fraction`` the model was trained with, if known.
         training_mask: all the masks the model was trained with, as recorded (empty for the classical baselines and
-            files that record none).
+            files that record none); :attr:`mask_defaults` is its first one.
         spatial_sizes: k-space ``(H, W)`` an ONNX graph was specialised for; None when any size works.
         fallback: returns the same model's PyTorch ``run`` for the sizes outside ``spatial_sizes`` (from the ONNX
             file's own weights, built on the first call and cached); None when there is none (then those sizes
@@ -112,11 +111,16 @@ class Reconstructor:
     name: str
     backend: str
     run: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    mask_defaults: dict = field(default_factory=dict)
     training_mask: TrainingMask = field(default_factory=TrainingMask)
     spatial_sizes: list[tuple[int, int]] | None = None
     fallback: Callable[[], Callable[[np.ndarray, np.ndarray], np.ndarray]] | None = None
     run_for_size: Callable[[int, int], Callable[[np.ndarray, np.ndarray], np.ndarray]] | None = None
+
+    @property
+    def mask_defaults(self) -> dict:
+        """``mask_type`` / ``acceleration`` / ``center_fraction`` the model was trained with, where recorded (the
+        first of :attr:`training_mask`'s): the CLI's mask defaults."""
+        return self.training_mask.mask_defaults()
 
     def runner_for(
         self, path: Path, height: int, width: int
@@ -291,7 +295,6 @@ def _onnx_reconstructor(path: Path, device: str, threads: int | None, torch_fall
         name=path.name,
         backend="onnx",
         run=run,
-        mask_defaults=training.mask_defaults(),
         training_mask=training,
         spatial_sizes=sizes,
         fallback=torch_run if rebuildable else None,
@@ -364,7 +367,6 @@ def load_reconstructor(
         name=path.name,
         backend="torch",
         run=_torch_runner(net, torch_device),
-        mask_defaults=training.mask_defaults(),
         training_mask=training,
     )
 
