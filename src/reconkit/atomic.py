@@ -259,7 +259,7 @@ def remove_stale_temporaries(folder: os.PathLike | str, now: float | None = None
     """Remove the temporary files and folders that killed writers left in ``folder``; returns what was removed.
 
     An entry is removed only when its name is one this module makes (``.tmp-<host>.<pid>-…``, ``.old-<host>.<pid>-…``)
-    with this host's tag (host name and PID namespace), its PID is not a running process, and it was last modified
+    with this host's tag (host name, machine ID and PID namespace), its PID is not a running process, and it was last modified
     :data:`STALE_AFTER_S` or more before ``now`` (default: the clock). A live writer's entries (this process's, a
     concurrent run's, a PID reused since), another host's and names of another form (earlier versions' temporaries,
     a user's own files) are left alone, and so is an ``.old-`` folder whose output is missing (its writer was
